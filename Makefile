@@ -1,0 +1,34 @@
+# Two commands on a fresh clone: `make demo` and `make test`.  Each creates and
+# fills .venv when it is missing or older than the files that define it.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# On these machines a bare `torch` requirement makes pip fetch a multi-GB CUDA
+# build; the CPU wheel of this exact release lies on disk.  Override for other
+# machines: `make test TORCH_SPEC='torch>=2.1'`.
+TORCH_SPEC ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+export MPLBACKEND := agg
+export PYTHONHASHSEED := 0
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]" "$(TORCH_SPEC)"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/signalprop demo --out demo-out
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py --out benchmarks/results
+
+clean:
+	rm -rf $(VENV) demo-out benchmarks/results .pytest_cache

@@ -1,0 +1,54 @@
+"""signalprop: keep deep networks numerically stable.
+
+``signalprop.init`` initializes, ``signalprop.theory`` predicts,
+``signalprop.check`` diagnoses, ``signalprop.lab`` demonstrates.
+
+Submodules load on first use, so ``import signalprop.theory`` stays free of
+torch (theory is numpy/scipy only).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> (module, attribute or None for the module itself)
+_LAZY: dict[str, tuple[str, str | None]] = {
+    "activations": ("signalprop.activations", None),
+    "init": ("signalprop.init", None),
+    "theory": ("signalprop.theory", None),
+    "probe": ("signalprop.probe", None),
+    "monitor": ("signalprop.monitor", None),
+    "lab": ("signalprop.lab", None),
+    "report": ("signalprop.report", None),
+    "check": ("signalprop.probe.check", "check"),
+    "Report": ("signalprop.probe.check", "Report"),
+    "InitSummary": ("signalprop.records", "InitSummary"),
+    "LayerStats": ("signalprop.records", "LayerStats"),
+    "Problem": ("signalprop.records", "Problem"),
+}
+
+__all__ = ["InitSummary", "LayerStats", "Problem", "Report", "__version__", "activations", "check",
+           "init", "lab", "monitor", "probe", "report", "theory"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from . import activations, init, lab, monitor, probe, report, theory
+    from .probe.check import Report, check
+    from .records import InitSummary, LayerStats, Problem
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'signalprop' has no attribute {name!r}")
+    mod, attr = _LAZY[name]
+    value = importlib.import_module(mod)
+    if attr is not None:
+        value = getattr(value, attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

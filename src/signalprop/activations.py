@@ -1,0 +1,415 @@
+"""Activation registry shared by ``theory``, ``init`` and ``probe``.
+
+Each entry carries phi and phi' as vectorized numpy functions (closed forms),
+the points where phi' jumps (so quadrature can split the integral there), and
+what kind of activation it is (bounded ones can saturate, rectifiers can die).
+Importing this module never imports torch: the torch counterparts are built
+lazily by :meth:`Activation.torch_fn`.
+
+Adding an activation touches one place: :data:`REGISTRY` (and, for torch
+modules that should be recognised, :func:`from_module`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+from scipy import special
+
+Array = np.ndarray
+NumpyFn = Callable[[Array], Array]
+
+__all__ = [
+    "Activation",
+    "REGISTRY",
+    "names",
+    "get",
+    "resolve",
+    "from_callable",
+    "from_module",
+    "detect_kinks",
+]
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An elementwise activation with what theory needs to integrate it.
+
+    ``kinks`` are the pre-activation values where phi' is discontinuous
+    (ReLU: 0; hardtanh: -1 and 1).  ``bounded`` marks saturating activations,
+    ``rectifier`` those whose output is exactly zero on a half-line (units can
+    die).  ``torch_name`` with ``torch_kwargs`` names the ``torch.nn.functional``
+    function (or a key of :data:`_TORCH_EXTRA`) that computes the same map.
+    """
+
+    name: str
+    phi: NumpyFn
+    dphi: NumpyFn
+    kinks: tuple[float, ...] = ()
+    bounded: bool = False
+    rectifier: bool = False
+    torch_name: str | None = None
+    torch_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Optional closed forms of E[phi(sqrt(q) z)^2] and E[phi'(sqrt(q) z)^2],
+    # z ~ N(0, 1); quadrature is used where these are None.
+    second_moment: Callable[[Array], Array] | None = None
+    deriv_second_moment: Callable[[Array], Array] | None = None
+    # Some callers need the torch form of a user's own callable.
+    torch_callable: Callable[[Any], Any] | None = None
+
+    def __call__(self, x: Array) -> Array:
+        return self.phi(np.asarray(x, dtype=float))
+
+    def torch_fn(self) -> Callable[[Any], Any]:
+        """The same function on torch tensors (imports torch lazily)."""
+        if self.torch_callable is not None:
+            return self.torch_callable
+        if self.torch_name is None:
+            raise ValueError(f"activation {self.name!r} has no torch counterpart")
+        import torch
+        import torch.nn.functional as F
+
+        kwargs = dict(self.torch_kwargs)
+        if self.torch_name in _TORCH_EXTRA:
+            return _TORCH_EXTRA[self.torch_name](**kwargs)
+        fn = getattr(torch, self.torch_name, None) or getattr(F, self.torch_name)
+        return (lambda x: fn(x, **kwargs)) if kwargs else fn
+
+
+def _sigmoid(x: Array) -> Array:
+    return special.expit(x)
+
+
+def _dsigmoid(x: Array) -> Array:
+    s = special.expit(x)
+    return s * (1.0 - s)
+
+
+def _leaky(slope: float) -> tuple[NumpyFn, NumpyFn]:
+    return (lambda x: np.where(x > 0, x, slope * x), lambda x: np.where(x > 0, 1.0, slope))
+
+
+def _elu(alpha: float, scale: float = 1.0) -> tuple[NumpyFn, NumpyFn]:
+    def phi(x: Array) -> Array:
+        return scale * np.where(x > 0, x, alpha * np.expm1(np.minimum(x, 0.0)))
+
+    def dphi(x: Array) -> Array:
+        return scale * np.where(x > 0, 1.0, alpha * np.exp(np.minimum(x, 0.0)))
+
+    return phi, dphi
+
+
+_SQRT2 = math.sqrt(2.0)
+_SQRT_2_PI = math.sqrt(2.0 / math.pi)
+# SELU constants, Klambauer et al. (2017), eq. 14 (as in torch.nn.SELU).
+_SELU_ALPHA = 1.6732632423543772848170429916717
+_SELU_SCALE = 1.0507009873554804934193349852946
+
+
+def _gelu(x: Array) -> Array:
+    return x * special.ndtr(x)
+
+
+def _dgelu(x: Array) -> Array:
+    return special.ndtr(x) + x * np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+
+
+def _gelu_tanh(x: Array) -> Array:
+    # Hendrycks & Gimpel (2016), tanh approximation (torch approximate="tanh").
+    return 0.5 * x * (1.0 + np.tanh(_SQRT_2_PI * (x + 0.044715 * x**3)))
+
+
+def _dgelu_tanh(x: Array) -> Array:
+    u = _SQRT_2_PI * (x + 0.044715 * x**3)
+    t = np.tanh(u)
+    du = _SQRT_2_PI * (1.0 + 3 * 0.044715 * x * x)
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
+
+
+def _silu(x: Array) -> Array:
+    return x * special.expit(x)
+
+
+def _dsilu(x: Array) -> Array:
+    s = special.expit(x)
+    return s * (1.0 + x * (1.0 - s))
+
+
+def _softplus(x: Array) -> Array:
+    return np.logaddexp(0.0, x)
+
+
+def _mish(x: Array) -> Array:
+    return x * np.tanh(np.logaddexp(0.0, x))
+
+
+def _dmish(x: Array) -> Array:
+    t = np.tanh(np.logaddexp(0.0, x))
+    return t + x * (1.0 - t * t) * special.expit(x)
+
+
+def _hardtanh(x: Array) -> Array:
+    return np.clip(x, -1.0, 1.0)
+
+
+def _dhardtanh(x: Array) -> Array:
+    return np.where(np.abs(x) < 1.0, 1.0, 0.0)
+
+
+# Closed forms of second moments, z ~ N(0, 1), x = sqrt(q) z.
+def _erf_m2(q: Array) -> Array:
+    return (2.0 / math.pi) * np.arcsin(2.0 * q / (1.0 + 2.0 * q))
+
+
+def _erf_dm2(q: Array) -> Array:
+    # phi' = 2/sqrt(pi) exp(-x^2)  ->  E[phi'^2] = (4/pi) E[exp(-2 q z^2)].
+    return (4.0 / math.pi) / np.sqrt(1.0 + 4.0 * q)
+
+
+def _hardtanh_m2(q: Array) -> Array:
+    q = np.asarray(q, dtype=float)
+    t = 1.0 / np.sqrt(np.maximum(q, 1e-300))
+    inside = 2.0 * special.ndtr(t) - 1.0
+    pdf = np.exp(-0.5 * t * t) / math.sqrt(2 * math.pi)
+    return q * (inside - 2.0 * t * pdf) + (1.0 - inside)
+
+
+def _hardtanh_dm2(q: Array) -> Array:
+    t = 1.0 / np.sqrt(np.maximum(np.asarray(q, dtype=float), 1e-300))
+    return 2.0 * special.ndtr(t) - 1.0
+
+
+def _make_leaky_relu(slope: float = 0.01) -> Activation:
+    phi, dphi = _leaky(slope)
+    s2 = (1.0 + slope * slope) / 2.0
+    return Activation(
+        f"leaky_relu({slope:g})", phi, dphi, kinks=(0.0,), rectifier=False,
+        torch_name="leaky_relu", torch_kwargs={"negative_slope": slope},
+        second_moment=lambda q: s2 * np.asarray(q, dtype=float),
+        deriv_second_moment=lambda q: s2 + 0.0 * np.asarray(q, dtype=float),
+    )
+
+
+def _make_elu(alpha: float = 1.0) -> Activation:
+    phi, dphi = _elu(alpha)
+    return Activation(f"elu({alpha:g})", phi, dphi, kinks=(0.0,) if alpha != 1.0 else (),
+                      torch_name="elu", torch_kwargs={"alpha": alpha})
+
+
+_relu_phi, _relu_dphi = _leaky(0.0)
+_selu_phi, _selu_dphi = _elu(_SELU_ALPHA, _SELU_SCALE)
+
+REGISTRY: dict[str, Activation] = {
+    a.name: a
+    for a in [
+        Activation("linear", lambda x: np.asarray(x, dtype=float) * 1.0,
+                   lambda x: np.ones_like(np.asarray(x, dtype=float)),
+                   torch_name="_identity",
+                   second_moment=lambda q: np.asarray(q, dtype=float),
+                   deriv_second_moment=lambda q: np.ones_like(np.asarray(q, dtype=float))),
+        Activation("tanh", np.tanh, lambda x: 1.0 - np.tanh(x) ** 2, bounded=True,
+                   torch_name="tanh"),
+        Activation("sigmoid", _sigmoid, _dsigmoid, bounded=True, torch_name="sigmoid"),
+        Activation("relu", _relu_phi, _relu_dphi, kinks=(0.0,), rectifier=True,
+                   torch_name="relu",
+                   second_moment=lambda q: 0.5 * np.asarray(q, dtype=float),
+                   deriv_second_moment=lambda q: 0.5 + 0.0 * np.asarray(q, dtype=float)),
+        _make_leaky_relu(0.01),
+        _make_elu(1.0),
+        # SELU's derivative jumps at 0 (scale vs scale*alpha).
+        Activation("selu", _selu_phi, _selu_dphi, kinks=(0.0,), torch_name="selu"),
+        Activation("gelu", _gelu, _dgelu, torch_name="gelu"),
+        Activation("gelu_tanh", _gelu_tanh, _dgelu_tanh, torch_name="gelu",
+                   torch_kwargs={"approximate": "tanh"}),
+        Activation("silu", _silu, _dsilu, torch_name="silu"),
+        Activation("softplus", _softplus, _sigmoid, torch_name="softplus"),
+        Activation("erf", special.erf, lambda x: (2.0 / math.sqrt(math.pi)) * np.exp(-x * x),
+                   bounded=True, torch_name="erf",
+                   second_moment=_erf_m2, deriv_second_moment=_erf_dm2),
+        Activation("hardtanh", _hardtanh, _dhardtanh, kinks=(-1.0, 1.0), bounded=True,
+                   torch_name="hardtanh",
+                   second_moment=_hardtanh_m2, deriv_second_moment=_hardtanh_dm2),
+        Activation("mish", _mish, _dmish, torch_name="mish"),
+        Activation("softsign", lambda x: x / (1.0 + np.abs(x)),
+                   lambda x: 1.0 / (1.0 + np.abs(x)) ** 2, kinks=(0.0,), bounded=True,
+                   torch_name="softsign"),
+    ]
+}
+# Parametrised families: name -> factory(param).
+_FAMILIES: dict[str, Callable[[float], Activation]] = {
+    "leaky_relu": _make_leaky_relu,
+    "elu": _make_elu,
+}
+_ALIASES = {"identity": "linear", "swish": "silu", "leaky_relu": "leaky_relu(0.01)",
+            "elu": "elu(1)", "gelu_exact": "gelu"}
+
+
+def _torch_identity() -> Callable[[Any], Any]:
+    return lambda x: x
+
+
+_TORCH_EXTRA: dict[str, Callable[..., Callable[[Any], Any]]] = {"_identity": _torch_identity}
+
+
+def names() -> list[str]:
+    """Registered activation names (parametrised families with their default)."""
+    return sorted(REGISTRY)
+
+
+def get(name: str, param: float | None = None) -> Activation:
+    """Look up an activation by name, e.g. ``"tanh"``, ``"leaky_relu(0.2)"``
+    or ``get("leaky_relu", 0.2)``."""
+    key = name.strip().lower()
+    if "(" in key and key.endswith(")"):
+        base, arg = key[:-1].split("(", 1)
+        return get(base, float(arg))
+    if param is not None:
+        if key not in _FAMILIES:
+            raise ValueError(
+                f"activation {name!r} takes no parameter; parametrised ones are "
+                f"{sorted(_FAMILIES)}"
+            )
+        return _FAMILIES[key](float(param))
+    key = _ALIASES.get(key, key)
+    if key in REGISTRY:
+        return REGISTRY[key]
+    if "(" in key:
+        return get(key)
+    raise ValueError(
+        f"unknown activation {name!r}; known: {', '.join(names())} "
+        f"(or pass an Activation, an nn.Module or a callable)"
+    )
+
+
+def detect_kinks(dphi: NumpyFn, lo: float = -30.0, hi: float = 30.0, h: float = 1e-3) -> tuple[float, ...]:
+    """Points in [lo, hi] where phi' jumps, so quadrature can split there.
+
+    Scans phi' on a grid of step h: a jump shows as one grid difference far
+    larger (x 20) than both neighbours' and above 1e-6; each is then located
+    to ~1e-12 by bisection on which side's derivative value the midpoint
+    matches.  Smooth parts change phi' by O(h phi'') per step, so they do not
+    trigger; a kink of derivative jump below 1e-6 is not worth splitting for.
+    """
+    x = np.arange(lo, hi + h, h)
+    d = np.asarray(dphi(x), dtype=float)
+    if not np.all(np.isfinite(d)):
+        return ()
+    dd = np.abs(np.diff(d))
+    # A finite-difference phi' smears a jump over up to two grid steps, so a
+    # step is compared with the steps two away on each side.
+    pad = np.concatenate([[0.0, 0.0], dd, [0.0, 0.0]])
+    near = np.maximum(pad[:-4], pad[4:])
+    spikes = np.flatnonzero((dd > 1e-6) & (dd > 20 * near))
+    groups = np.split(spikes, np.flatnonzero(np.diff(spikes) > 2) + 1) if spikes.size else []
+    kinks = []
+    for grp in groups:
+        i, j = int(grp[0]), int(grp[-1]) + 1
+        a, b = x[i], x[j]
+        da, db = d[i], d[j]
+        for _ in range(45):
+            m = 0.5 * (a + b)
+            dm = float(np.asarray(dphi(np.array([m])))[0])
+            if abs(dm - da) < abs(dm - db):
+                a = m
+            else:
+                b = m
+        kinks.append(float(round(0.5 * (a + b), 9)))
+    return tuple(kinks)
+
+
+def from_callable(fn: Callable[[Array], Array], name: str | None = None,
+                  kinks: tuple[float, ...] | None = None, eps: float = 1e-5) -> Activation:
+    """Wrap a plain numpy callable; phi' by a fourth-order central difference.
+
+    The derivative's truncation error is O(eps^4 phi^(5)) and its rounding
+    error O(1e-16 / eps): about 1e-11 for eps = 1e-5 on smooth functions.
+    Quadrature splits at ``kinks``, found by :func:`detect_kinks` unless given.
+    """
+
+    def phi(x: Array) -> Array:
+        return np.asarray(fn(np.asarray(x, dtype=float)), dtype=float)
+
+    def dphi(x: Array) -> Array:
+        x = np.asarray(x, dtype=float)
+        return (-phi(x + 2 * eps) + 8 * phi(x + eps) - 8 * phi(x - eps) + phi(x - 2 * eps)) / (
+            12 * eps
+        )
+
+    found = detect_kinks(dphi) if kinks is None else tuple(kinks)
+    return Activation(name or getattr(fn, "__name__", "callable"), phi, dphi, kinks=found)
+
+
+def from_module(module: Any) -> Activation | None:
+    """The registry entry equal to a torch activation module, or None.
+
+    Recognises the ``torch.nn`` activation classes by type and reads their
+    parameters (LeakyReLU's slope, ELU's alpha, GELU's ``approximate``).
+    """
+    cls = type(module).__name__
+    simple = {"ReLU": "relu", "ReLU6": None, "Tanh": "tanh", "Sigmoid": "sigmoid",
+              "SELU": "selu", "SiLU": "silu", "Mish": "mish", "Softsign": "softsign",
+              "Identity": "linear"}
+    if cls in simple:
+        return REGISTRY[simple[cls]] if simple[cls] else None
+    if cls == "LeakyReLU":
+        return _make_leaky_relu(float(module.negative_slope))
+    if cls == "ELU":
+        return _make_elu(float(module.alpha))
+    if cls == "GELU":
+        return REGISTRY["gelu_tanh" if module.approximate == "tanh" else "gelu"]
+    if cls == "Hardtanh" and (module.min_val, module.max_val) == (-1.0, 1.0):
+        return REGISTRY["hardtanh"]
+    if cls == "Softplus" and module.beta == 1 and module.threshold >= 20:
+        return REGISTRY["softplus"]
+    return None
+
+
+def _from_torch_callable(fn: Any, name: str) -> Activation:
+    """Wrap a torch module or function: phi in float64, phi' by autograd."""
+    import torch
+
+    def phi(x: Array) -> Array:
+        with torch.no_grad():
+            return fn(torch.as_tensor(np.asarray(x, dtype=float))).numpy().copy()
+
+    def dphi(x: Array) -> Array:
+        t = torch.as_tensor(np.asarray(x, dtype=float)).clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(fn(t).sum(), t)
+        return g.numpy().copy()
+
+    return Activation(name, phi, dphi, kinks=detect_kinks(dphi), torch_callable=fn)
+
+
+def resolve(act: Any, param: float | None = None) -> Activation:
+    """Turn what a user passed into an :class:`Activation`.
+
+    Accepts an :class:`Activation`, a registry name, a ``torch.nn`` activation
+    module (known classes map to exact registry entries; others are evaluated
+    through torch), or a plain callable on numpy arrays (torch functions such
+    as ``torch.tanh`` also work).
+    """
+    if isinstance(act, Activation):
+        return act
+    if isinstance(act, str):
+        return get(act, param)
+    if act is None:
+        raise ValueError("activation is None; pass a name such as 'tanh', a module or a callable")
+    if not callable(act):
+        raise ValueError(f"cannot interpret {act!r} as an activation: expected a name, "
+                         "an Activation, an nn.Module or a callable")
+    mod = type(act).__module__ or ""
+    if mod.startswith("torch"):
+        known = from_module(act)
+        if known is not None:
+            return known
+        return _from_torch_callable(act, type(act).__name__)
+    # Plain callables: try numpy first, fall back to torch for torch-only functions.
+    try:
+        out = act(np.linspace(-1.0, 1.0, 3))
+        np.asarray(out, dtype=float)
+    except Exception:  # noqa: BLE001 - any failure means "not a numpy function"
+        return _from_torch_callable(act, getattr(act, "__name__", "callable"))
+    return from_callable(act)

@@ -1,0 +1,149 @@
+"""``apply_``: one scheme over a whole model, with each layer's real fans."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..records import InitSummary, ParamInit
+from .defaults import torch_default_
+from .fans import ParamSpec, param_specs
+from .gains import gain as _gain
+from .orthogonal import delta_orthogonal_
+from .schemes import variance_scaling_
+
+
+@dataclass(frozen=True)
+class _Scheme:
+    mode: str
+    distribution: str
+    default_gain: float  # used when no activation is given
+    uses_activation: bool = True
+
+
+# Every named scheme is variance scaling with a fixed mode and distribution.
+SCHEMES: dict[str, _Scheme] = {
+    "xavier_normal": _Scheme("fan_avg", "normal", 1.0),
+    "xavier_uniform": _Scheme("fan_avg", "uniform", 1.0),
+    "kaiming_normal": _Scheme("fan_in", "normal", math.sqrt(2.0)),
+    "kaiming_uniform": _Scheme("fan_in", "uniform", math.sqrt(2.0)),
+    "lecun_normal": _Scheme("fan_in", "truncated_normal", 1.0, uses_activation=False),
+    "lecun_uniform": _Scheme("fan_in", "uniform", 1.0, uses_activation=False),
+    "orthogonal": _Scheme("fan_in", "orthogonal", 1.0),
+    "delta_orthogonal": _Scheme("fan_in", "orthogonal", 1.0),
+}
+_SPECIAL = ("normal", "normal(STD)", "torch_default", "critical")
+_NORMAL_RE = re.compile(r"^normal(?:\(([0-9.eE+-]+)\))?$")
+
+
+def scheme_names() -> list[str]:
+    return sorted(SCHEMES) + list(_SPECIAL)
+
+
+def _parse(scheme: str) -> tuple[str, float | None]:
+    m = _NORMAL_RE.match(scheme)
+    if m:
+        return "normal", float(m.group(1)) if m.group(1) else 1.0
+    if scheme in SCHEMES or scheme in ("torch_default", "critical"):
+        return scheme, None
+    raise ValueError(f"unknown scheme {scheme!r}; choose one of {scheme_names()}")
+
+
+def _plan_param(full: str, spec: ParamSpec, scheme: str, std_naive: float | None, g: float,
+                owner: nn.Module) -> tuple[Callable[[torch.Generator | None], None], list[ParamInit]]:
+    """What to do with one parameter; raises before anything is written."""
+    t = spec.tensor
+    if spec.role in ("bias", "norm_bias"):
+        return (lambda gen: t.zero_()), [ParamInit(full, tuple(t.shape), None, None, 0.0, "zeros")]
+    if spec.role == "norm_weight":
+        return (lambda gen: t.fill_(1.0)), [ParamInit(full, tuple(t.shape), None, None, 0.0, "ones")]
+    fans = (spec.fan_in, spec.fan_out)
+    blocks = t.chunk(spec.blocks, 0) if spec.blocks > 1 else (t,)
+    note = f"{spec.blocks} blocks" if spec.blocks > 1 else ""
+    if spec.role == "embedding":
+        g = 1.0  # no activation acts on an embedding lookup directly
+    if scheme == "normal":
+        return ((lambda gen: t.normal_(0.0, std_naive, generator=gen)),
+                [ParamInit(full, tuple(t.shape), *fans, float(std_naive or 0.0), "normal")])
+    s = SCHEMES[scheme]
+    fan = {"fan_in": fans[0], "fan_out": fans[1], "fan_avg": (fans[0] + fans[1]) / 2}[s.mode]
+    std = g / math.sqrt(fan)
+    if scheme == "delta_orthogonal" and t.dim() >= 3 and isinstance(owner, nn.modules.conv._ConvNd) \
+            and not owner.transposed:
+        if t.shape[1] > t.shape[0]:
+            raise ValueError(f"{full}: delta_orthogonal needs out_channels >= in_channels, got shape "
+                             f"{tuple(t.shape)}; use 'orthogonal' for this model")
+        # Centre tap Q (orthonormal columns) scaled so per-unit second moments keep g^2.
+        dg = g * math.sqrt(t.shape[0] / t.shape[1])
+        return ((lambda gen: delta_orthogonal_(t, dg, gen)),
+                [ParamInit(full, tuple(t.shape), *fans, std, "delta_orthogonal", note)])
+    dist = s.distribution
+    if dist == "orthogonal" and t.dim() < 2:
+        dist = "normal"
+
+    def run(gen: torch.Generator | None) -> None:
+        for b in blocks:
+            variance_scaling_(b, g * g, s.mode, dist, gen, fans)  # type: ignore[arg-type]
+
+    return run, [ParamInit(full, tuple(t.shape), *fans, std, dist, note)]
+
+
+def apply_(model: nn.Module, scheme: str, *, activation: Any = None,
+           generator: torch.Generator | None = None) -> InitSummary:
+    """Initialize every parameter of ``model`` with ``scheme`` and per-layer fans.
+
+    Schemes: ``xavier_normal``, ``xavier_uniform``, ``kaiming_normal``,
+    ``kaiming_uniform``, ``lecun_normal``, ``lecun_uniform``, ``orthogonal``,
+    ``delta_orthogonal`` (convolutions; other layers orthogonal), ``normal``
+    or ``normal(STD)`` (the seed's naive N(0, STD^2), STD = 1 by default),
+    ``torch_default`` and ``critical`` (see :func:`critical_`).
+
+    Gains: with ``activation`` given, :func:`gain` of it (exact
+    second-moment preservation); otherwise 1 for Xavier and orthogonal, and
+    sqrt(2) for Kaiming (torch's default, ReLU).  LeCun schemes have gain 1.
+    Weights of Linear, Bilinear, ConvNd, ConvTransposeNd, Embedding, RNN/LSTM/GRU
+    (per gate) and MultiheadAttention (per q/k/v block) are drawn; biases are
+    zero; norm layers get weight 1 and bias 0.  Parameters of other modules
+    are left untouched and listed in ``summary.skipped``.  Everything is
+    validated before the first write, so a bad argument changes nothing.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"apply_ takes an nn.Module, got {type(model).__name__}")
+    if not isinstance(scheme, str):
+        raise ValueError(f"scheme must be a string, one of {scheme_names()}; got {scheme!r}")
+    name, std_naive = _parse(scheme)
+    if name == "critical":
+        from .critical import critical_
+
+        return critical_(model, activation=activation, generator=generator)
+    if name == "torch_default":
+        skipped = torch_default_(model, generator)
+        return InitSummary("torch_default", skipped=tuple(skipped))
+    sch = SCHEMES.get(name)
+    if sch is None:  # "normal": its std is the scheme's own
+        g = 1.0
+    elif activation is not None and sch.uses_activation:
+        g = _gain(activation)
+    else:
+        g = sch.default_gain
+    owners = {f"{mn}." if mn else "": m for mn, m in model.named_modules()}
+    specs, skipped = param_specs(model)
+    plan: list[Callable[[torch.Generator | None], None]] = []
+    records: list[ParamInit] = []
+    for full, spec in specs:
+        owner = owners.get(full[: len(full) - len(spec.name)], model)
+        run, recs = _plan_param(full, spec, name, std_naive, g, owner)
+        plan.append(run)
+        records += recs
+    with torch.no_grad():
+        for run in plan:
+            run(generator)
+    notes = []
+    if activation is not None and name in SCHEMES and SCHEMES[name].uses_activation:
+        notes.append(f"gain {g:.6g} = signalprop.init.gain({activation!r})")
+    return InitSummary(scheme, tuple(records), tuple(skipped), notes=tuple(notes))

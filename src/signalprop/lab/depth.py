@@ -1,0 +1,1 @@
+"""Depth sweeps (filled in by the critical-initialization work)."""

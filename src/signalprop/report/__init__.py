@@ -1,0 +1,1 @@
+"""Presentation: terminal tables, JSON, HTML and PNG figures from records."""

@@ -1,0 +1,93 @@
+"""Layer-by-layer predictions for a concrete stack of (possibly non-square) layers.
+
+The seed's variance argument made layer-specific: with weights of variance
+gamma^2 = sigma_w2 / n_in, the forward second moment is multiplied by
+n_in gamma^2 = sigma_w2 (times E[phi^2] / q through the activation) and the
+backward one by n_out gamma^2 = sigma_w2 n_out / n_in (times E[phi'^2]).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from .. import activations as _act
+from .maps import _deriv_second_moment, _second_moment, covmap
+
+
+@dataclass(frozen=True)
+class Propagation:
+    """Predictions for layers l = 1..L, each ``h_l = W_l x_{l-1} + b_l``, ``x_l = phi(h_l)``.
+
+    All statistics are second moments per unit (mean of squares over units),
+    gradients for a cotangent of unit second moment at the last layer's output
+    x_L.  ``c`` holds the correlation of two inputs' pre-activations when
+    ``c0`` was given.
+    """
+
+    widths: tuple[int, ...]
+    activation: str
+    q: np.ndarray  # E[h_l^2]
+    post: np.ndarray  # E[x_l^2] = E[phi(h_l)^2]
+    grad_pre: np.ndarray  # E[(dL/dh_l)^2]
+    grad_post: np.ndarray  # E[(dL/dx_l)^2]; the last entry is 1
+    forward_gain: np.ndarray  # q_l / q_{l-1} (q_0: the input's second moment)
+    backward_gain: np.ndarray  # grad_pre_l / grad_pre_{l+1}: sigma_w2 n_{l+1}/n_l E[phi'^2]
+    input_grad: float  # E[(dL/dx_0)^2]
+    c: np.ndarray | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in d.items()}
+
+
+def _per_layer(x: float | Sequence[float], n: int, what: str) -> np.ndarray:
+    arr = np.broadcast_to(np.asarray(x, dtype=float), (n,)) if np.ndim(x) == 0 else np.asarray(x, dtype=float)
+    if arr.shape != (n,):
+        raise ValueError(f"{what} must be a scalar or have one entry per layer ({n}), got {arr.shape}")
+    return arr
+
+
+def propagate(widths: Sequence[int], act: Any, sigma_w2: float | Sequence[float],
+              sigma_b2: float | Sequence[float] = 0.0, q0: float = 1.0,
+              c0: float | None = None) -> Propagation:
+    """Predict forward and backward second moments layer by layer.
+
+    ``widths = [n_0, n_1, ..., n_L]`` (n_0 the input size); ``sigma_w2`` and
+    ``sigma_b2`` may be per-layer sequences; ``q0`` is the input's second
+    moment per unit; ``c0`` an optional correlation between two inputs.
+    """
+    widths = tuple(int(w) for w in widths)
+    if len(widths) < 2 or min(widths) < 1:
+        raise ValueError(f"widths needs at least two positive entries [n_in, ..., n_out], got {widths}")
+    a = _act.resolve(act)
+    L = len(widths) - 1
+    sw2, sb2 = _per_layer(sigma_w2, L, "sigma_w2"), _per_layer(sigma_b2, L, "sigma_b2")
+    q = np.empty(L)
+    post = np.empty(L)
+    cs = np.empty(L) if c0 is not None else None
+    m_in, c_in, q_in = float(q0), c0, float(q0)
+    for l in range(L):
+        q[l] = sw2[l] * m_in + sb2[l]
+        if cs is not None:
+            # correlation of pre-activations from the correlation of the inputs
+            cs[l] = (sw2[l] * c_in * m_in + sb2[l]) / q[l] if l == 0 else c_in
+        post[l] = _second_moment(a, q[l])
+        if cs is not None and l + 1 < L:
+            _, _, c_in = covmap(a, q[l], q[l], cs[l], sw2[l + 1], sb2[l + 1])
+            c_in = float(c_in)
+        m_in = post[l]
+    dphi2 = _deriv_second_moment(a, q)
+    grad_post = np.empty(L)
+    grad_pre = np.empty(L)
+    grad_post[-1] = 1.0
+    for l in range(L - 1, -1, -1):
+        grad_pre[l] = dphi2[l] * grad_post[l]
+        if l:
+            grad_post[l - 1] = sw2[l] * widths[l + 1] / widths[l] * grad_pre[l]
+    input_grad = float(sw2[0] * widths[1] / widths[0] * grad_pre[0])
+    fwd = q / np.concatenate([[q_in], q[:-1]])
+    bwd = np.append(grad_pre[:-1] / grad_pre[1:], np.nan)
+    return Propagation(widths, a.name, q, post, grad_pre, grad_post, fwd, bwd, input_grad, cs)

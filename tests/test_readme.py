@@ -1,0 +1,23 @@
+"""The README's Python examples run, and its set-up commands are the Makefile's."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_python_blocks_run(capsys):
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    out = capsys.readouterr().out
+    assert "(18, 36)" in out and "1.5925 1.5335" in out
+
+
+def test_readme_commands_exist_in_makefile():
+    text = (ROOT / "README.md").read_text()
+    make = (ROOT / "Makefile").read_text()
+    assert "make demo" in text and "make test" in text
+    assert re.search(r"^demo:", make, re.M) and re.search(r"^test:", make, re.M)
