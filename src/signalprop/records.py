@@ -161,5 +161,58 @@ def field_names(cls: type) -> list[str]:
     return [f.name for f in fields(cls)]
 
 
-__all__ = ["InitSummary", "LayerInit", "LayerStats", "ParamInit", "Problem", "VERDICTS",
+__all__ = ["InitSummary", "LayerInit", "LayerStats", "ParamInit", "Problem", "Report", "VERDICTS",
            "text_table", "field_names"]
+
+
+@dataclass(frozen=True)
+class Report:
+    """The result of :func:`signalprop.check`.
+
+    ``verdict`` is one of :data:`VERDICTS`; ``layers`` has one
+    :class:`LayerStats` per module call in execution order; ``problems`` the
+    findings, worst first; ``summary`` the model-level numbers (first/last
+    gradient ratio, mean backward gain per layer, bounds, what was
+    backpropagated); ``spectrum`` the Jacobian reading when asked for.
+    """
+
+    verdict: str
+    layers: tuple[LayerStats, ...]
+    problems: tuple[Problem, ...]
+    summary: dict[str, Any]
+    spectrum: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return _clean({
+            "verdict": self.verdict,
+            "summary": self.summary,
+            "problems": [p.to_dict() for p in self.problems],
+            "layers": [l.to_dict() for l in self.layers],
+            "spectrum": self.spectrum,
+        })
+
+    def to_json(self, path: Any = None, indent: int = 2) -> str:
+        import json
+
+        text = json.dumps(self.to_dict(), indent=indent)
+        if path is not None:
+            from pathlib import Path
+
+            Path(path).write_text(text)
+        return text
+
+    def save_html(self, path: Any) -> Any:
+        """One self-contained HTML file with the tables and embedded plots."""
+        from .report.html import save_html
+
+        return save_html(self, path)
+
+    def _repr_html_(self) -> str:
+        from .report.html import render_html
+
+        return render_html(self, standalone=False)
+
+    def __str__(self) -> str:
+        from .report.terminal import render_text
+
+        return render_text(self)

@@ -55,15 +55,21 @@ def propagate(widths: Sequence[int], act: Any, sigma_w2: float | Sequence[float]
               c0: float | None = None) -> Propagation:
     """Predict forward and backward second moments layer by layer.
 
-    ``widths = [n_0, n_1, ..., n_L]`` (n_0 the input size); ``sigma_w2`` and
-    ``sigma_b2`` may be per-layer sequences; ``q0`` is the input's second
-    moment per unit; ``c0`` an optional correlation between two inputs.
+    ``widths = [n_0, n_1, ..., n_L]`` (n_0 the input size); ``act``,
+    ``sigma_w2`` and ``sigma_b2`` may be per-layer sequences (e.g. a final
+    ``"linear"`` read-out); ``q0`` is the input's second moment per unit;
+    ``c0`` an optional correlation between two inputs.
     """
     widths = tuple(int(w) for w in widths)
     if len(widths) < 2 or min(widths) < 1:
         raise ValueError(f"widths needs at least two positive entries [n_in, ..., n_out], got {widths}")
-    a = _act.resolve(act)
     L = len(widths) - 1
+    if isinstance(act, (list, tuple)):
+        if len(act) != L:
+            raise ValueError(f"act must be one activation or one per layer ({L}), got {len(act)}")
+        acts = [_act.resolve(x) for x in act]
+    else:
+        acts = [_act.resolve(act)] * L
     sw2, sb2 = _per_layer(sigma_w2, L, "sigma_w2"), _per_layer(sigma_b2, L, "sigma_b2")
     q = np.empty(L)
     post = np.empty(L)
@@ -74,12 +80,12 @@ def propagate(widths: Sequence[int], act: Any, sigma_w2: float | Sequence[float]
         if cs is not None:
             # correlation of pre-activations from the correlation of the inputs
             cs[l] = (sw2[l] * c_in * m_in + sb2[l]) / q[l] if l == 0 else c_in
-        post[l] = _second_moment(a, q[l])
+        post[l] = _second_moment(acts[l], q[l])
         if cs is not None and l + 1 < L:
-            _, _, c_in = covmap(a, q[l], q[l], cs[l], sw2[l + 1], sb2[l + 1])
+            _, _, c_in = covmap(acts[l], q[l], q[l], cs[l], sw2[l + 1], sb2[l + 1])
             c_in = float(c_in)
         m_in = post[l]
-    dphi2 = _deriv_second_moment(a, q)
+    dphi2 = np.array([_deriv_second_moment(a, ql) for a, ql in zip(acts, q)], dtype=float)
     grad_post = np.empty(L)
     grad_pre = np.empty(L)
     grad_post[-1] = 1.0
@@ -90,4 +96,5 @@ def propagate(widths: Sequence[int], act: Any, sigma_w2: float | Sequence[float]
     input_grad = float(sw2[0] * widths[1] / widths[0] * grad_pre[0])
     fwd = q / np.concatenate([[q_in], q[:-1]])
     bwd = np.append(grad_pre[:-1] / grad_pre[1:], np.nan)
-    return Propagation(widths, a.name, q, post, grad_pre, grad_post, fwd, bwd, input_grad, cs)
+    name = acts[0].name if len({a.name for a in acts}) == 1 else ",".join(a.name for a in acts)
+    return Propagation(widths, name, q, post, grad_pre, grad_post, fwd, bwd, input_grad, cs)

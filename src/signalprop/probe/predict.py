@@ -1,0 +1,87 @@
+"""Theory beside measurement, for stacks that mean-field theory covers:
+Linear/Conv layers, each optionally followed by one elementwise activation."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..records import LayerStats
+from ..theory import propagate
+from .recorder import Row
+
+_WEIGHT = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _chain(rows: list[Row]) -> list[tuple[Row, Row | None]] | None:
+    """[(weight row, activation row or None)], or None if rows are not such a chain."""
+    out: list[tuple[Row, Row | None]] = []
+    i = 0
+    while i < len(rows):
+        r = rows[i]
+        if not isinstance(r.module, _WEIGHT) or getattr(r.module, "groups", 1) != 1:
+            return None
+        nxt = rows[i + 1] if i + 1 < len(rows) else None
+        if nxt is not None and nxt.activation is not None:
+            out.append((r, nxt))
+            i += 2
+        else:
+            out.append((r, None))
+            i += 1
+    return out or None
+
+
+def _width(m: nn.Module, which: str) -> int:
+    if isinstance(m, nn.Linear):
+        return m.in_features if which == "in" else m.out_features
+    return m.in_channels if which == "in" else m.out_channels  # type: ignore[return-value]
+
+
+def predictions(rows: list[Row], layers: list[LayerStats], inp: dict[str, Any]) -> list[LayerStats] | None:
+    """Layers with ``predicted_second_moment`` and ``predicted_grad_rms`` filled,
+    using each layer's measured weight scale sigma_w2 = fan_in * mean(W^2) and
+    sigma_b2 = mean(b^2); None when the model is not a plain chain."""
+    chain = _chain(rows)
+    if chain is None or "second_moment" not in inp:
+        return None
+    widths = [_width(chain[0][0].module, "in")]  # type: ignore[arg-type]
+    sw2, sb2 = [], []
+    with torch.no_grad():
+        for w, a in chain:
+            m = w.module
+            if _width(m, "in") != widths[-1]:  # type: ignore[arg-type]
+                return None
+            widths.append(_width(m, "out"))  # type: ignore[arg-type]
+            W = m.weight.detach().double()  # type: ignore[union-attr]
+            fan_in = W[0].numel()
+            sw2.append(float(fan_in * W.pow(2).mean()))
+            b = getattr(m, "bias", None)
+            sb2.append(float(b.detach().double().pow(2).mean()) if b is not None else 0.0)
+    try:
+        p = propagate(widths, [_exact(r) for r in chain], sw2, sb2, q0=inp["second_moment"])
+    except ValueError:
+        return None
+    last = layers[-1]
+    cot_ms = (last.grad_rms or 0.0) ** 2
+    out = list(layers)
+    for l_idx, (w, a) in enumerate(chain):
+        out[w.index] = replace(out[w.index], predicted_second_moment=float(p.q[l_idx]),
+                               predicted_grad_rms=math.sqrt(p.grad_pre[l_idx] * cot_ms) if a is not None
+                               else math.sqrt(p.grad_post[l_idx] * cot_ms))
+        if a is not None:
+            out[a.index] = replace(out[a.index], predicted_second_moment=float(p.post[l_idx]),
+                                   predicted_grad_rms=math.sqrt(p.grad_post[l_idx] * cot_ms))
+    return out
+
+
+def _exact(pair: tuple[Row, Row | None]) -> Any:
+    """The activation object for theory: the module itself when it carries
+    parameters (LeakyReLU's slope), else the registry name."""
+    _, a = pair
+    if a is None:
+        return "linear"
+    return a.module if a.module is not None else a.activation

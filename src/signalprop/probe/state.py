@@ -1,0 +1,40 @@
+"""Leave a model exactly as it was: buffers, grads, requires_grad, mode, RNG."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+@contextmanager
+def preserved(model: nn.Module) -> Iterator[None]:
+    """Restore everything a diagnostic pass could touch, also on exceptions.
+
+    Parameters' values are not copied: a pass never writes them (gradients
+    are taken with ``torch.autograd.grad``, which leaves ``.grad`` alone).
+    Buffers are (BatchNorm running statistics change in train mode), and so
+    are the ``.grad`` references, ``requires_grad`` flags, each module's
+    ``training`` flag and the global RNG states (dropout draws from them).
+    """
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    params = list(model.parameters())
+    grads = [p.grad for p in params]
+    flags = [p.requires_grad for p in params]
+    modes = [(m, m.training) for m in model.modules()]
+    devices = sorted({b.device.index for b in [*params, *model.buffers()]
+                      if b.device.type == "cuda" and b.device.index is not None})
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+            for p, g, f in zip(params, grads, flags):
+                p.grad = g
+                p.requires_grad_(f)
+            for m, t in modes:
+                m.training = t
