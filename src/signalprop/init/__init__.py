@@ -2,10 +2,13 @@
 trailing underscore, ``generator=``, no autograd)."""
 
 from .apply import SCHEMES, apply_, scheme_names
+from .critical import critical_
 from .defaults import torch_default_
 from .fans import fans
 from .gains import calculate_gain, gain
+from .lsuv import lsuv_
 from .orthogonal import delta_orthogonal_, orthogonal_
+from .residual import ScaledResidual, mark_residual, residual_branches, scale_residual_
 from .schemes import (
     kaiming_normal_,
     kaiming_uniform_,
@@ -20,8 +23,10 @@ from .schemes import (
 
 __all__ = [
     "SCHEMES",
+    "ScaledResidual",
     "apply_",
     "calculate_gain",
+    "critical_",
     "delta_orthogonal_",
     "fans",
     "gain",
@@ -29,7 +34,11 @@ __all__ = [
     "kaiming_uniform_",
     "lecun_normal_",
     "lecun_uniform_",
+    "lsuv_",
+    "mark_residual",
     "orthogonal_",
+    "residual_branches",
+    "scale_residual_",
     "scheme_names",
     "torch_default_",
     "trunc_normal_",

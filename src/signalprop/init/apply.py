@@ -94,7 +94,7 @@ def _plan_param(full: str, spec: ParamSpec, scheme: str, std_naive: float | None
 
 
 def apply_(model: nn.Module, scheme: str, *, activation: Any = None,
-           generator: torch.Generator | None = None) -> InitSummary:
+           generator: torch.Generator | None = None, residual: str | None = None) -> InitSummary:
     """Initialize every parameter of ``model`` with ``scheme`` and per-layer fans.
 
     Schemes: ``xavier_normal``, ``xavier_uniform``, ``kaiming_normal``,
@@ -111,19 +111,30 @@ def apply_(model: nn.Module, scheme: str, *, activation: Any = None,
     zero; norm layers get weight 1 and bias 0.  Parameters of other modules
     are left untouched and listed in ``summary.skipped``.  Everything is
     validated before the first write, so a bad argument changes nothing.
+
+    ``residual``: ``"fixup"`` or ``"skipinit"`` rescales the residual branches
+    afterwards (see :func:`signalprop.init.scale_residual_`).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply_ takes an nn.Module, got {type(model).__name__}")
     if not isinstance(scheme, str):
         raise ValueError(f"scheme must be a string, one of {scheme_names()}; got {scheme!r}")
     name, std_naive = _parse(scheme)
+    if residual is not None:
+        from .residual import _MODES, residual_branches
+
+        if residual not in _MODES:
+            raise ValueError(f"residual must be one of {_MODES} or None, got {residual!r}")
+        if not residual_branches(model):
+            raise ValueError("residual=... given but no residual branches found: mark them with "
+                             "signalprop.init.mark_residual(module) or name the submodule 'branch'")
     if name == "critical":
         from .critical import critical_
 
-        return critical_(model, activation=activation, generator=generator)
+        return critical_(model, activation=activation, generator=generator, residual=residual)
     if name == "torch_default":
         skipped = torch_default_(model, generator)
-        return InitSummary("torch_default", skipped=tuple(skipped))
+        return _with_residual(InitSummary("torch_default", skipped=tuple(skipped)), model, residual)
     sch = SCHEMES.get(name)
     if sch is None:  # "normal": its std is the scheme's own
         g = 1.0
@@ -146,4 +157,14 @@ def apply_(model: nn.Module, scheme: str, *, activation: Any = None,
     notes = []
     if activation is not None and name in SCHEMES and SCHEMES[name].uses_activation:
         notes.append(f"gain {g:.6g} = signalprop.init.gain({activation!r})")
-    return InitSummary(scheme, tuple(records), tuple(skipped), notes=tuple(notes))
+    return _with_residual(InitSummary(scheme, tuple(records), tuple(skipped), notes=tuple(notes)), model, residual)
+
+
+def _with_residual(summary: InitSummary, model: nn.Module, residual: str | None) -> InitSummary:
+    if residual is None:
+        return summary
+    from dataclasses import replace
+
+    from .residual import scale_residual_
+
+    return replace(summary, notes=summary.notes + tuple(scale_residual_(model, residual)))  # type: ignore[arg-type]

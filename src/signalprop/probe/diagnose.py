@@ -14,19 +14,44 @@ DEAD_SHARE = 0.5  # a ReLU layer is "dead" when over half its units never fire
 _ORDER = ("non-finite", "exploding", "vanishing", "saturated", "dead", "healthy")
 
 
-def _row_verdict(l: LayerStats, lo: float, hi: float) -> str:
+def _grads(l: LayerStats) -> list[float]:
+    return [g for g in (l.grad_rms, l.param_grad_rms) if g is not None and math.isfinite(g) and g > 0]
+
+
+def _flags(layers: list[LayerStats], lo: float, hi: float) -> list[set[str]]:
+    """Every condition each row shows (its verdict is only the worst of them).
+
+    A row whose gradient is exactly zero takes the gradient flags of the next
+    row with a non-zero one: an underflow to 0 continues a vanishing trend,
+    while a zero-initialized layer (Fixup, SkipInit) leaves the rows behind
+    it at 0 with healthy rows downstream, which is no vanishing.
+    """
+    out: list[set[str]] = []
+    for l in layers:
+        gs = _grads(l)
+        f = set()
+        if any(g > hi for g in gs):
+            f.add("exploding")
+        if any(g < lo for g in gs):
+            f.add("vanishing")
+        if (l.saturation or 0) > SATURATED_SHARE:
+            f.add("saturated")
+        if (l.dead_fraction or 0) > DEAD_SHARE:
+            f.add("dead")
+        out.append(f)
+    carry: set[str] = set()
+    for i in range(len(layers) - 1, -1, -1):
+        if _grads(layers[i]):
+            carry = out[i] & {"vanishing", "exploding"}
+        elif layers[i].grad_rms == 0:
+            out[i] |= carry
+    return out
+
+
+def _row_verdict(l: LayerStats, flags: set[str]) -> str:
     if l.nonfinite_fraction > 0 or (l.grad_nonfinite_fraction or 0) > 0:
         return "non-finite"
-    gs = [g for g in (l.grad_rms, l.param_grad_rms) if g is not None]
-    if any(g > hi for g in gs):
-        return "exploding"
-    if any(g < lo for g in gs):
-        return "vanishing"
-    if (l.saturation or 0) > SATURATED_SHARE:
-        return "saturated"
-    if (l.dead_fraction or 0) > DEAD_SHARE:
-        return "dead"
-    return "healthy"
+    return next((k for k in _ORDER[1:-1] if k in flags), "healthy")
 
 
 def _span(rows: list[LayerStats]) -> str:
@@ -34,27 +59,12 @@ def _span(rows: list[LayerStats]) -> str:
     return a.name if a is b else f"{a.name} .. {b.name}"
 
 
-def _flags(l: LayerStats, lo: float, hi: float) -> set[str]:
-    """Every condition a row shows (its verdict is only the worst of them)."""
-    gs = [g for g in (l.grad_rms, l.param_grad_rms) if g is not None and math.isfinite(g)]
-    f = set()
-    if any(g > hi for g in gs):
-        f.add("exploding")
-    if any(g < lo for g in gs):
-        f.add("vanishing")
-    if (l.saturation or 0) > SATURATED_SHARE:
-        f.add("saturated")
-    if (l.dead_fraction or 0) > DEAD_SHARE:
-        f.add("dead")
-    return f
-
-
-def _runs(layers: list[LayerStats], kind: str, lo: float, hi: float, gap: int = 2) -> list[list[LayerStats]]:
+def _runs(layers: list[LayerStats], flags: list[set[str]], kind: str, gap: int = 2) -> list[list[LayerStats]]:
     """Rows showing ``kind``, grouped into runs; runs closer than ``gap`` rows
     merge (a Linear/activation pair can differ in which rows cross a bound)."""
     runs: list[list[LayerStats]] = []
-    for l in layers:
-        if kind in _flags(l, lo, hi):
+    for l, f in zip(layers, flags):
+        if kind in f:
             if runs and l.index - runs[-1][-1].index <= gap + 1:
                 runs[-1].append(l)
             else:
@@ -134,31 +144,37 @@ def _nonfinite_problem(layers: list[LayerStats], inp: dict[str, Any]) -> Problem
 
 
 def _trend(layers: list[LayerStats]) -> dict[str, Any]:
-    """First/last gradient ratio over parametrised rows, and the geometric-mean
-    backward gain per such row (in RMS)."""
+    """Gradient RMS at the first parametrised row over that at the last
+    parametrised row before the read-out (the final parametrised row, whose
+    width change -- 128 -> 10, say -- would scale per-unit gradients with no
+    vanishing involved), and the geometric-mean backward gain per row between.
+    Both rows are outputs of weight layers, so like is compared with like."""
     pr = [l for l in layers if l.param_grad_rms is not None and l.grad_rms is not None and l.grad_rms > 0]
     if len(pr) < 2:
         return {}
-    first, last = pr[0], pr[-1]
-    ratio = first.grad_rms / last.grad_rms  # type: ignore[operator]
-    per = ratio ** (1.0 / (len(pr) - 1)) if ratio > 0 and math.isfinite(ratio) else float("nan")
-    return {"first_last_grad_ratio": ratio, "first_layer": first.name, "last_layer": last.name,
+    first, end = pr[0], (pr[-2] if len(pr) >= 3 else pr[-1])
+    ratio = first.grad_rms / end.grad_rms  # type: ignore[operator]
+    steps = max(1, pr.index(end))
+    per = ratio ** (1.0 / steps) if ratio > 0 and math.isfinite(ratio) else float("nan")
+    return {"first_last_grad_ratio": ratio, "first_layer": first.name, "last_layer": end.name,
             "param_layers": len(pr), "geometric_mean_backward_gain": per}
 
 
 def diagnose(layers: list[LayerStats], inp: dict[str, Any], bounds: tuple[float, float],
              trend: float) -> tuple[str, list[Problem], dict[str, Any]]:
     lo, hi = bounds
-    layers[:] = [replace(l, verdict=_row_verdict(l, lo, hi)) for l in layers]
+    flags = _flags(layers, lo, hi)
+    layers[:] = [replace(l, verdict=_row_verdict(l, f)) for l, f in zip(layers, flags)]
     act = _dominant_activation(layers)
     summary: dict[str, Any] = {"bounds": list(bounds), "trend_limit": trend, "activation": act,
-                               "input": inp, **_trend(layers)}
+                               "input": inp, **_trend(layers),
+                               "zero_gradient_rows": sum(1 for l in layers if l.grad_rms == 0)}
     problems: list[Problem] = []
     nf = _nonfinite_problem(layers, inp)
     if nf is not None:
         problems.append(nf)
     for kind in ("exploding", "vanishing", "saturated", "dead"):
-        problems += [_problem_for_run(kind, run, act, bounds) for run in _runs(layers, kind, lo, hi)]
+        problems += [_problem_for_run(kind, run, act, bounds) for run in _runs(layers, flags, kind)]
     ratio = summary.get("first_last_grad_ratio")
     if ratio is not None and nf is None and math.isfinite(ratio):
         per = summary["geometric_mean_backward_gain"]

@@ -26,7 +26,7 @@ def _chain(rows: list[Row]) -> list[tuple[Row, Row | None]] | None:
         if not isinstance(r.module, _WEIGHT) or getattr(r.module, "groups", 1) != 1:
             return None
         nxt = rows[i + 1] if i + 1 < len(rows) else None
-        if nxt is not None and nxt.activation is not None:
+        if nxt is not None and nxt.act is not None:
             out.append((r, nxt))
             i += 2
         else:
@@ -79,9 +79,8 @@ def predictions(rows: list[Row], layers: list[LayerStats], inp: dict[str, Any]) 
 
 
 def _exact(pair: tuple[Row, Row | None]) -> Any:
-    """The activation object for theory: the module itself when it carries
-    parameters (LeakyReLU's slope), else the registry name."""
+    """The exact activation (with parameters such as LeakyReLU's slope) for theory."""
     _, a = pair
     if a is None:
         return "linear"
-    return a.module if a.module is not None else a.activation
+    return a.act

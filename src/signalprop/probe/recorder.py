@@ -20,6 +20,8 @@ from torch.overrides import TorchFunctionMode
 from .. import activations as _act
 from . import stats as S
 
+_WEIGHT_LAYERS = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd)
+
 # Functions recognised as activations when called inside a forward: name per function.
 _FUNCTIONAL: dict[Callable[..., Any], str] = {}
 for _name, _fns in {
@@ -34,12 +36,9 @@ for _name, _fns in {
         _FUNCTIONAL[_f] = _name
 
 
-def activation_of_module(m: nn.Module) -> str | None:
-    """Registry base name ("tanh", "relu", ...) of an activation module, else None."""
-    a = _act.from_module(m)
-    if a is None:
-        return None
-    return a.name.split("(")[0]
+def base_name(a: _act.Activation | None) -> str | None:
+    """Registry base name ("tanh", "leaky_relu", ...) of an activation, else None."""
+    return None if a is None else a.name.split("(")[0]
 
 
 def functional_activation(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _act.Activation | None:
@@ -94,7 +93,8 @@ class Row:
     depth: int
     shape: tuple[int, ...]
     module: nn.Module | None
-    activation: str | None
+    act: _act.Activation | None  # the exact activation this row computes, if it is one
+    input_second_moment: float | None = None
     fwd: dict[str, torch.Tensor] = field(default_factory=dict)
     bwd: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -111,16 +111,20 @@ class _FunctionalCapture(TorchFunctionMode):
             act = functional_activation(func, args, kwargs)
             name = _FUNCTIONAL[func]
             parent = self.r.stack[-1] if self.r.stack else ""
-            self.r.record(f"{parent}.{name}" if parent else name, f"F.{name}", None,
-                          act.name.split("(")[0] if act else None, out)
+            self.r.record(f"{parent}.{name}" if parent else name, f"F.{name}", None, act, out)
         return out
 
 
 class Recorder:
     """Attach to a model; ``with recorder.active(): model(...)``; read ``rows``."""
 
-    def __init__(self, model: nn.Module, *, capture_functional: bool = True) -> None:
+    def __init__(self, model: nn.Module, *, capture_functional: bool = True, stats: bool = True,
+                 track_inputs: bool = False) -> None:
+        """``stats=False`` records only the call sequence (activation detection);
+        ``track_inputs`` also records each weight layer's input second moment."""
         self.model = model
+        self.stats = stats
+        self.track_inputs = track_inputs
         self.rows: list[Row] = []
         self.stack: list[str] = []  # names of modules currently inside forward
         self.leaf_depth = 0
@@ -141,12 +145,21 @@ class Recorder:
             self.leaf_depth -= 1
             t = first_float_tensor(out)
             if t is not None:
-                self.record(self._names.get(m, "?"), type(m).__name__, m, activation_of_module(m), t)
+                row = self.record(self._names.get(m, "?"), type(m).__name__, m, _act.from_module(m), t)
+                if self.track_inputs and isinstance(m, _WEIGHT_LAYERS):
+                    x = first_float_tensor(args)
+                    if x is not None:
+                        with torch.no_grad():
+                            row.input_second_moment = float(x.detach().float().pow(2).mean())
 
-    def record(self, name: str, kind: str, module: nn.Module | None, activation: str | None,
-               t: torch.Tensor) -> None:
+    def record(self, name: str, kind: str, module: nn.Module | None, act: _act.Activation | None,
+               t: torch.Tensor) -> Row:
         depth = name.count(".") + 1 if name else 0
-        row = Row(len(self.rows), name, kind, depth, tuple(t.shape), module, activation)
+        row = Row(len(self.rows), name, kind, depth, tuple(t.shape), module, act)
+        activation = base_name(act)
+        if not self.stats:
+            self.rows.append(row)
+            return row
         with torch.no_grad():
             y = t.detach().float()
             row.fwd.update(S.forward_moments(y))
@@ -159,6 +172,7 @@ class Recorder:
         self.rows.append(row)
         if t.requires_grad:
             t.register_hook(lambda g, row=row: self._grad(row, g))
+        return row
 
     @staticmethod
     def _grad(row: Row, g: torch.Tensor) -> None:

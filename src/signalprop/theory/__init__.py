@@ -5,6 +5,7 @@ Poole et al. (2016) and Schoenholz et al. (2017); Jacobian spectra of
 Pennington et al. (2017); layer-by-layer predictions for concrete stacks.
 """
 
+from .critical import CriticalPoint, critical_point
 from .gaussian import expect, expect2
 from .maps import (
     FixedPointError,
@@ -24,6 +25,7 @@ from .spectrum import JacobianSpectrum, jacobian_spectrum
 from .summary import summarize
 
 __all__ = [
+    "CriticalPoint",
     "FixedPointError",
     "JacobianSpectrum",
     "NoCriticalPointError",
@@ -32,6 +34,7 @@ __all__ = [
     "chi1",
     "cmap",
     "covmap",
+    "critical_point",
     "critical_sigma_w2",
     "depth_scales",
     "expect",

@@ -94,7 +94,8 @@ def propagate(widths: Sequence[int], act: Any, sigma_w2: float | Sequence[float]
         if l:
             grad_post[l - 1] = sw2[l] * widths[l + 1] / widths[l] * grad_pre[l]
     input_grad = float(sw2[0] * widths[1] / widths[0] * grad_pre[0])
-    fwd = q / np.concatenate([[q_in], q[:-1]])
-    bwd = np.append(grad_pre[:-1] / grad_pre[1:], np.nan)
+    with np.errstate(divide="ignore", invalid="ignore"):  # a collapsed layer gives 0/0 = nan, on purpose
+        fwd = q / np.concatenate([[q_in], q[:-1]])
+        bwd = np.append(grad_pre[:-1] / grad_pre[1:], np.nan)
     name = acts[0].name if len({a.name for a in acts}) == 1 else ",".join(a.name for a in acts)
     return Propagation(widths, name, q, post, grad_pre, grad_post, fwd, bwd, input_grad, cs)

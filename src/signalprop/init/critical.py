@@ -1,0 +1,172 @@
+"""``critical_``: orthogonal weights at the edge of chaos, scales from theory."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import activations as _act
+from ..records import InitSummary, LayerInit, ParamInit
+from ..theory.critical import CriticalPoint, critical_point
+from .detect import WeightLayer, weight_layers
+from .fans import param_specs
+from .orthogonal import _orthogonal_fill
+
+
+def _centered_orthogonal(rows: int, cols: int, centered: bool, dtype: torch.dtype, device: torch.device,
+                         generator: torch.Generator | None) -> torch.Tensor:
+    """A (rows x cols) semi-orthogonal Q, times P = I - 11^T/cols when centered:
+    orthogonal on the complement of the all-ones input direction, which it
+    maps to zero (W 1 = 0)."""
+    q = torch.empty(rows, cols, dtype=torch.float64, device=device)
+    _orthogonal_fill(q, 1.0, generator)
+    if centered and cols > 1:
+        q = q - q.mean(dim=1, keepdim=True)  # Q P
+    return q.to(dtype)
+
+
+def _draw(layer: WeightLayer, sigma_w2: float, sigma_b2: float, mean: float | None,
+          generator: torch.Generator | None) -> str:
+    """Write weights of entry variance sigma_w2 / fan_in, orthogonal (delta-
+    orthogonal for convolutions that do not shrink channels); biases N(0, sigma_b2).
+
+    ``mean``: the input activation's Gaussian mean mu, to be removed.  With a
+    bias, the weights stay fully orthogonal and the bias absorbs it
+    (b -= mu W 1), so W (phi(h) - mu 1) is what the layer computes and the
+    Jacobian keeps every direction; without a bias the weights annihilate
+    the all-ones direction instead (orthogonal on its complement).
+    """
+    m = layer.module
+    w: torch.Tensor = m.weight  # type: ignore[assignment]
+    has_bias = getattr(m, "bias", None) is not None
+    centered = mean is not None and not has_bias
+    out_ch, in_ch = w.shape[0], w.shape[1]
+    fan_in = w[0].numel()
+    transposed = isinstance(m, nn.modules.conv._ConvNd) and m.transposed
+    with torch.no_grad():
+        if w.dim() > 2 and not transposed and out_ch >= in_ch and getattr(m, "groups", 1) == 1:
+            # Xiao et al. (2018): orthogonal centre tap; per-unit second moment scales by g^2 in/out
+            tap = _centered_orthogonal(out_ch, in_ch, centered, w.dtype, w.device, generator)
+            g = math.sqrt(sigma_w2 * out_ch / in_ch)
+            w.zero_()
+            centre = tuple((k - 1) // 2 for k in w.shape[2:])
+            w[(slice(None), slice(None)) + centre] = g * tap
+            kind = "delta_orthogonal"
+        else:
+            rows, cols = w.shape[0], w[0].numel()
+            q = _centered_orthogonal(rows, cols, centered and not transposed, w.dtype, w.device, generator)
+            # semi-orthogonal entries have mean square 1/max(rows, cols)
+            g = math.sqrt(sigma_w2 / fan_in * max(rows, cols))
+            w.copy_((g * q).reshape(w.shape))
+            kind = "orthogonal"
+        b = getattr(m, "bias", None)
+        if b is not None:
+            if sigma_b2 > 0:
+                b.normal_(0.0, math.sqrt(sigma_b2), generator=generator)
+            else:
+                b.zero_()
+            if mean is not None:
+                b.sub_(mean * w.sum(dim=tuple(range(1, w.dim()))) if not transposed else
+                       mean * w.sum(dim=(0,) + tuple(range(2, w.dim()))))
+                kind += " (mean removed through the bias)"
+    return kind + (" (mean-annihilating)" if centered else "")
+
+
+def _mean(a: _act.Activation, c: CriticalPoint) -> float | None:
+    """E[phi(sqrt(q*) z)] when the critical point was taken for the centered map."""
+    if not c.centered:
+        return None
+    from ..theory.gaussian import expect
+
+    return float(expect(a.phi, c.q_star, a.kinks))
+
+
+def critical_(model: nn.Module, inputs: Any = None, *, activation: Any = None,
+              generator: torch.Generator | None = None, isometry: float = 0.25,
+              q_star: float | None = None, residual: str | None = None) -> InitSummary:
+    """Initialize every Linear/Conv layer at the edge of chaos, with orthogonal weights.
+
+    For each weight layer the activation that follows it is detected (see
+    :func:`signalprop.init.detect.weight_layers`: an example forward pass with
+    ``inputs`` captures modules and functional calls), or taken from
+    ``activation`` (one for all, or ``{module_name: act}``).  Theory
+    (:func:`signalprop.theory.critical_point`) picks q* -- small enough that
+    the Jacobian's squared singular values spread by at most ``isometry`` at
+    this depth -- and the (sigma_w2, sigma_b2) on the critical line chi1 = 1.
+
+    * A layer fed by an activation gets that activation's critical point;
+      when the activation has a non-zero Gaussian mean mu (sigmoid, softplus,
+      GELU, ReLU family) the layer's bias removes it (b -= mu W 1) while the
+      weights stay fully orthogonal, so the layer computes W (phi(h) - mu) + b
+      -- a sigmoid stack becomes a scaled tanh stack (see
+      :mod:`signalprop.theory.critical`).  Layers without a bias annihilate
+      the all-ones direction instead.
+    * The first layer (fed by the data) brings pre-activations straight to
+      q*: sigma_w2 = (q* - sigma_b2) / E[x^2], with E[x^2] measured on
+      ``inputs`` (assumed 1 without them) -- the transient from the input's
+      scale to q* would otherwise cost gradient.
+    * A layer whose input comes from an unrecognised module (a norm, an
+      attention block) is treated like a first layer, using its measured
+      input second moment.
+
+    ``residual``: ``"fixup"`` or ``"skipinit"`` then rescales residual
+    branches (see :func:`signalprop.init.scale_residual_`).
+
+    Convolutions that do not shrink channels get delta-orthogonal kernels
+    (Xiao et al. 2018).  Other parametrised modules are left untouched and
+    listed.  Returns an :class:`InitSummary` with, per layer, the activation
+    detected and (sigma_w2, sigma_b2, q*, chi1).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"critical_ takes an nn.Module, got {type(model).__name__}")
+    layers, notes = weight_layers(model, inputs, activation)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no Linear or Conv layers to initialize")
+    depth = len(layers)
+    cache: dict[str, CriticalPoint] = {}
+
+    def cp(a: _act.Activation) -> CriticalPoint:
+        if a.name not in cache:
+            cache[a.name] = critical_point(a, depth=depth, isometry=isometry, q_star=q_star)
+        return cache[a.name]
+
+    plan = []
+    for l in layers:
+        out_cp = cp(l.out_act) if l.out_act is not None else None
+        if l.in_act is not None:  # fed by an activation: its critical point
+            c = cp(l.in_act)
+            plan.append((l, c.sigma_w2, c.sigma_b2, _mean(l.in_act, c), c, "critical line of the input activation"))
+        else:  # fed by data or an unknown module: land on the next activation's q*
+            m2 = l.input_second_moment if l.input_second_moment else 1.0
+            target = out_cp.q_star if out_cp is not None else m2
+            sb2 = out_cp.sigma_b2 if out_cp is not None else 0.0
+            sw2 = max(target - sb2, 1e-12) / m2
+            plan.append((l, sw2, sb2, None, out_cp, f"brings E[h^2] from {m2:.3g} to q* = {target:.3g}"))
+    records, layer_recs = [], []
+    for l, sw2, sb2, mean, c, why in plan:
+        kind = _draw(l, sw2, sb2, mean, generator)
+        w = l.module.weight  # type: ignore[union-attr]
+        records.append(ParamInit(f"{l.name}.weight", tuple(w.shape), int(w[0].numel()), None,
+                                 math.sqrt(sw2 / w[0].numel()), kind))
+        act_name = l.out_act.name if l.out_act is not None else "linear (none detected)"
+        chi = c.chi1 if (c is not None and l.in_act is not None) else None
+        layer_recs.append(LayerInit(l.name, type(l.module).__name__, act_name, sw2, sb2,
+                                    c.q_star if c is not None else None, chi, None, why))
+    for name, c in cache.items():
+        if c.centered:
+            notes.append(f"{name}: E[phi] != 0 at q*; layers after it remove the mean through their bias "
+                         "(b -= mu W 1; without a bias, weights annihilate the all-ones direction); "
+                         "theory uses Var[phi]")
+        if c.note:
+            notes.append(c.note)
+    done = {id(p) for l in layers for p in l.module.parameters(recurse=False)}
+    specs, unknown = param_specs(model)
+    skipped = unknown + [n for n, s in specs if id(s.tensor) not in done]
+    if residual is not None:
+        from .residual import scale_residual_
+
+        notes += scale_residual_(model, residual)  # type: ignore[arg-type]
+    return InitSummary("critical", tuple(records), tuple(skipped), tuple(layer_recs), tuple(notes))

@@ -1,0 +1,103 @@
+"""Which activation follows (and precedes) each weight layer.
+
+From an example forward pass when inputs are given -- modules *and*
+functional calls (``F.gelu``, ``torch.tanh``) in execution order -- and
+otherwise from the order of registration (right for ``nn.Sequential``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import activations as _act
+
+WEIGHT_LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
+# Modules that pass the signal through unchanged at initialization, as far
+# as the choice of scale is concerned.
+NEUTRAL = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
+           nn.Flatten, nn.Unflatten)
+
+
+@dataclass
+class WeightLayer:
+    name: str
+    module: nn.Module
+    out_act: _act.Activation | None  # the activation applied to its output (None: none/unknown)
+    in_act: _act.Activation | None  # the activation that produced its input
+    input_second_moment: float | None = None
+    first: bool = False  # nothing but neutral modules before it: it sees the data
+
+
+def _sequence_from_pass(model: nn.Module, inputs: Any) -> list[tuple[str, nn.Module | None, _act.Activation | None, float | None]]:
+    from ..probe.check import _call
+    from ..probe.recorder import Recorder
+    from ..probe.state import preserved
+
+    rec = Recorder(model, stats=False, track_inputs=True)
+    with preserved(model), torch.no_grad():
+        rec.attach()
+        try:
+            mode = rec.functional_mode()
+            with mode:  # type: ignore[union-attr]
+                _call(model, inputs)
+        finally:
+            rec.detach()
+    return [(r.name, r.module, r.act, r.input_second_moment) for r in rec.rows]
+
+
+def _sequence_from_registration(model: nn.Module) -> list[tuple[str, nn.Module | None, _act.Activation | None, float | None]]:
+    out = []
+    for name, m in model.named_modules():
+        if any(True for _ in m.children()):
+            continue
+        out.append((name, m, _act.from_module(m), None))
+    return out
+
+
+def weight_layers(model: nn.Module, inputs: Any = None,
+                  activation: Any = None) -> tuple[list[WeightLayer], list[str]]:
+    """The weight layers in execution order with their activations, and notes.
+
+    ``activation``: one activation for every layer, or a mapping from module
+    name to activation, overriding what is detected.
+    """
+    seq = _sequence_from_pass(model, inputs) if inputs is not None else _sequence_from_registration(model)
+    notes = ["activations detected from an example forward pass" if inputs is not None
+             else "no inputs: activations read from the order of registration (right for nn.Sequential)"]
+    layers: list[WeightLayer] = []
+    seen: set[int] = set()
+    prev_act: _act.Activation | None = None
+    prev_is_data = True
+    for i, (name, m, act, m2) in enumerate(seq):
+        if isinstance(m, WEIGHT_LAYERS):
+            out_act = None
+            for _, m2_, a2, _ in seq[i + 1:]:
+                if a2 is not None:
+                    out_act = a2
+                    break
+                if not isinstance(m2_, NEUTRAL):
+                    break
+            if id(m) not in seen:  # a module called twice is initialized once
+                layers.append(WeightLayer(name, m, out_act, prev_act, m2, prev_is_data))
+                seen.add(id(m))
+            prev_act, prev_is_data = None, False
+        elif act is not None:
+            prev_act = act
+            prev_is_data = False
+        elif not isinstance(m, NEUTRAL):
+            prev_act, prev_is_data = None, False
+    if activation is not None:
+        mapping = activation if isinstance(activation, dict) else None
+        for l in layers:
+            a = mapping.get(l.name) if mapping is not None else activation
+            if a is not None:
+                l.out_act = _act.resolve(a)
+        for prev, cur in zip(layers, layers[1:]):  # in a chain, a layer's input is its predecessor's output
+            if mapping is None or prev.name in mapping:
+                cur.in_act = prev.out_act
+        notes.append("activations given explicitly")
+    return layers, notes

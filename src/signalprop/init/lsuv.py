@@ -1,0 +1,152 @@
+"""``lsuv_``: layer-sequential unit variance (Mishkin & Matas 2016), in one pass.
+
+The original runs one forward pass per layer per iteration, in registration
+order.  Here each layer is rescaled inside its own forward hook, and the
+hook hands the corrected output on, so every later layer already sees
+calibrated inputs: one pass calibrates the whole network, in *execution*
+order, and a second pass verifies it.  Further passes happen only where the
+tolerance is still missed (dropout, batch statistics, shared modules).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..records import InitSummary, LayerInit
+from .orthogonal import _orthogonal_fill
+
+_LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
+
+
+def _channel_dim(m: nn.Module) -> int:
+    return -1 if isinstance(m, nn.Linear) else 1
+
+
+def _per_channel(y: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    dims = [d for d in range(y.dim()) if d != dim % y.dim()]
+    var, mean = torch.var_mean(y, dim=dims, unbiased=False)
+    return var, mean
+
+
+def _view(v: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:
+    shape = [1] * y.dim()
+    shape[dim] = -1
+    return v.reshape(shape)
+
+
+def lsuv_(model: nn.Module, inputs: Any, *, target: float = 1.0, tol: float = 0.05, max_iter: int = 10,
+          per_channel: bool = False, mean_correction: bool = False, orthogonal: bool = True,
+          generator: torch.Generator | None = None) -> InitSummary:
+    """Scale every Linear/Conv layer so its output variance on ``inputs`` is ``target``.
+
+    ``tol``: relative tolerance, |Var - target| <= tol * target.
+    ``per_channel``: one scale per output channel/feature instead of per layer.
+    ``mean_correction``: also shift each layer's bias so its output has zero
+    mean (per channel).  ``orthogonal``: start from orthogonal weights (the
+    paper's first step) drawn from ``generator``.
+
+    Layers are calibrated in execution order; in-place activations and
+    modules called more than once work.  Buffers (BatchNorm statistics), the
+    train/eval mode, gradients and RNG states come back as they were; only the
+    weights (and biases) change -- and those too are restored if a pass fails.
+    Returns an :class:`InitSummary` with each layer's final scale and the
+    forward passes used.
+    """
+    from ..probe.check import _call
+    from ..probe.state import preserved
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"lsuv_ takes an nn.Module, got {type(model).__name__}")
+    if not (target > 0 and 0 < tol < 1 and max_iter >= 1):
+        raise ValueError(f"need target > 0, 0 < tol < 1 and max_iter >= 1; got target={target}, tol={tol}, "
+                         f"max_iter={max_iter}")
+    if mean_correction and per_channel is None:
+        raise ValueError("per_channel must be a bool")
+    names = {m: n for n, m in model.named_modules()}
+    layers = [m for m in model.modules() if isinstance(m, _LAYERS)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no Linear or Conv layers for LSUV")
+    saved = [(p, p.detach().clone()) for m in layers for p in m.parameters(recurse=False)]
+    scale = {m: 1.0 for m in layers}
+    order: list[nn.Module] = []
+    status: dict[nn.Module, str] = {}
+
+    def hook(m: nn.Module, args: Any, out: Any) -> Any:
+        if not isinstance(out, torch.Tensor) or m in seen:
+            return None  # a shared module is calibrated on its first call of each pass
+        seen.add(m)
+        if m not in order:
+            order.append(m)
+        y = out.detach().float()
+        dim = _channel_dim(m)
+        if per_channel:
+            var, mean = _per_channel(y, dim)
+        else:
+            var, mean = torch.var_mean(y, unbiased=False)
+        if bool((var <= 0).any()):
+            status[m] = "zero output variance: left as is"
+            return None
+        ok = bool(((var - target).abs() <= tol * target).all())
+        if ok and not (mean_correction and bool((mean.abs() > math.sqrt(tol * target)).any())):
+            status[m] = "ok"
+            return None
+        changed.append(m)
+        s = torch.sqrt(target / var)
+        w: torch.Tensor = m.weight  # type: ignore[assignment]
+        b = getattr(m, "bias", None)
+        with torch.no_grad():
+            out_dim = 1 if (isinstance(m, nn.modules.conv._ConvNd) and m.transposed) else 0
+            sw = _view(s, w, out_dim) if per_channel else s
+            w.mul_(sw.to(w.dtype))
+            sy = _view(s, out, dim) if per_channel else s
+            if b is not None:
+                bv = _view(b.detach().float(), out, dim)
+                new = (out.float() - bv) * sy + bv
+            else:
+                new = out.float() * sy
+            if mean_correction and b is not None:
+                mu = _per_channel(new, dim)[1]
+                b.sub_(mu.to(b.dtype))
+                new = new - _view(mu, new, dim)
+        scale[m] *= float(s.mean())
+        status[m] = "rescaled"
+        return new.to(out.dtype)
+
+    passes = 0
+    with preserved(model):
+        try:
+            if orthogonal:
+                with torch.no_grad():
+                    for m in layers:
+                        w = m.weight
+                        _orthogonal_fill(w, 1.0, generator)
+                        if getattr(m, "bias", None) is not None:
+                            m.bias.zero_()  # type: ignore[union-attr]
+            handles = [m.register_forward_hook(hook) for m in layers]
+            try:
+                for _ in range(max_iter + 1):
+                    seen: set[nn.Module] = set()
+                    changed: list[nn.Module] = []
+                    with torch.no_grad():
+                        _call(model, inputs)
+                    passes += 1
+                    if not changed:
+                        break
+            finally:
+                for h in handles:
+                    h.remove()
+        except Exception:
+            with torch.no_grad():
+                for p, v in saved:
+                    p.copy_(v)
+            raise
+    recs = tuple(LayerInit(names.get(m, "?"), type(m).__name__, None, scale=scale[m], note=status.get(m, "not run"))
+                 for m in order)
+    notes = [] if not changed else [f"tolerance still missed after {passes} passes in "
+                                    f"{', '.join(names.get(m, '?') for m in changed)}"]
+    skipped = tuple(names.get(m, "?") for m in layers if m not in order)
+    return InitSummary("lsuv", layers=recs, skipped=skipped, notes=tuple(notes), forward_passes=passes)
