@@ -22,9 +22,9 @@ class UsageError(Exception):
     """Bad input from the command line: reported on stderr, exit code 2."""
 
 
-def _fmt(v: Any) -> str:
+def _fmt(v: Any, digits: int = 6) -> str:
     if isinstance(v, float):
-        return "inf" if math.isinf(v) else f"{v:.6g}"
+        return "inf" if math.isinf(v) else f"{v:.{digits}g}"
     return "-" if v is None else str(v)
 
 
@@ -99,20 +99,74 @@ def cmd_lab(args: argparse.Namespace, out: Console) -> int:
     return EXIT_OK
 
 
+# ---- check ------------------------------------------------------------------
+
+DEFAULT_MODEL = "mlp:depth=50,width=256,act=sigmoid,init=normal"
+
+
+def _shape(text: str | None) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        return tuple(int(v) for v in text.replace("x", ",").split(",") if v)
+    except ValueError as e:
+        raise UsageError(f"--input-shape expects integers like 3,32,32, got {text!r}") from e
+
+
+def cmd_check(args: argparse.Namespace, out: Console) -> int:
+    from . import check
+    from .lab.models import build
+    from .report.terminal import renderable
+
+    built = build(args.model, batch=args.batch, seed=args.seed, init=args.init, input_shape=_shape(args.input_shape))
+    report = check(built.model, built.inputs, bounds=(args.low, args.high), spectrum=args.spectrum)
+    out.print(f"[bold]signalprop check[/bold] {built.spec}" + (f" (init: {args.init})" if args.init else ""))
+    out.print(renderable(report))
+    if args.json:
+        report.to_json(args.json)
+        out.print(f"JSON: {args.json}")
+    if args.html:
+        report.save_html(args.html)
+        out.print(f"HTML report: {args.html}")
+    return EXIT_OK if report.verdict == "healthy" else EXIT_PROBLEMS
+
+
 # ---- demo -------------------------------------------------------------------
 
 def cmd_demo(args: argparse.Namespace, out: Console) -> int:
-    from .lab import run_experiment
+    from .lab.demo import DemoConfig, run_demo
+    from .report.progress import progress_bar
 
+    cfg = DemoConfig(steps=args.steps)
     dest = Path(args.out)
-    r = run_experiment("sigmoid", dest / "sigmoid")
-    s = r["activations"]["sigmoid"]
-    out.print(f"sigmoid: largest gradient {s['max_grad']:.3g} at x = {s['argmax_x']:.2g}; "
-              f"{s['grad_at_start']:.2g} at x = -8 -> vanishing through depth")
-    r = run_experiment("explode", dest / "explode")["products"]
-    for name, row in r.items():
-        out.print(f"product of 100 4x4 {name:<12} max |entry| = {row['max_abs_entry']:.3g}")
-    out.print(f"figures and numbers in {dest}/")
+    out.rule("[bold]signalprop demo[/bold]: why a deep sigmoid network will not train, and the fix")
+    out.print("The seed's two demonstrations first (figures in the output folder):")
+    with progress_bar(out) as bar:
+        res = run_demo(cfg, dest, bar)
+    s = res["seed"]
+    out.print(f"  sigmoid'(x) peaks at {s['sigmoid_max_grad']:.3g} (x = 0) and is {s['sigmoid_grad_at_-8']:.2g} "
+              f"at x = -8: through 50 layers at best 0.25^50 = {0.25 ** 50:.1g}")
+    out.print(f"  100 random 4x4 N(0,1) matrices multiply to entries of {s['normal_product']:.2g}; "
+              f"orthogonal factors keep norm {s['orthogonal_product_norm']:.3g}")
+    out.print(f"\nModel: {res['model']} on scikit-learn's digits ({res['data']}).")
+    t = Table(title="at initialization: signalprop.check", header_style="bold")
+    for c in ("init", "verdict", "grad RMS layer 1", "grad RMS last hidden", "max saturation", "problems"):
+        t.add_column(c)
+    for r in res["rows"]:
+        t.add_row(r["init"], r["verdict"], _fmt(r["grad_first"], 3), _fmt(r["grad_last"], 3),
+                  f"{r['max_saturation']:.0%}", ", ".join(r["problems"]) or "-")
+    out.print(t)
+    worst = res["rows"][0]
+    if worst["problem"]:
+        out.print(f"[bold]{worst['init']}[/bold]: {worst['problem']}\n  [bold]fix:[/bold] {worst['suggestion']}")
+    t2 = Table(title=f"after {cfg.steps} steps of SGD (lr {cfg.lr}, momentum {cfg.momentum})", header_style="bold")
+    for c in ("init", "final train loss", "test accuracy", "verdict after training"):
+        t2.add_column(c)
+    for r in res["rows"]:
+        t2.add_row(r["init"], _fmt(r["final_loss"], 3), f"{r['test_acc']:.1%}", r["verdict_after"])
+    out.print(t2)
+    out.print(f"HTML reports: {', '.join(res['html'])}")
+    out.print(f"all numbers: {dest / 'demo.json'}")
     return EXIT_OK
 
 
@@ -126,9 +180,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    d = sub.add_parser("demo", help="the main job on built-in defaults")
+    d = sub.add_parser("demo", help="the main job on built-in defaults: diagnose and fix a deep sigmoid MLP")
     d.add_argument("--out", default="demo-out", help="folder for figures, JSON and HTML (default: demo-out)")
+    d.add_argument("--steps", type=int, default=200, help="training steps per initialization (default 200)")
     d.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser("check", help="diagnose a model layer by layer (exit 1 when problems are found)")
+    c.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help="built-in spec (mlp:..., cnn:..., resmlp:..., transformer:...) or package.module:factory "
+                        f"(default: {DEFAULT_MODEL})")
+    c.add_argument("--input-shape", help="shape of one example, e.g. 3,32,32 (factories without inputs)")
+    c.add_argument("--batch", type=int, default=64, help="batch size of the random example inputs (default 64)")
+    c.add_argument("--seed", type=int, default=0, help="seed for inputs and initialization (default 0)")
+    c.add_argument("--init", help="re-initialize first: an apply_ scheme, critical, lsuv or default")
+    c.add_argument("--json", metavar="PATH", help="write the full report as JSON")
+    c.add_argument("--html", metavar="PATH", help="write a self-contained HTML report")
+    c.add_argument("--spectrum", action="store_true", help="also read the input-output Jacobian's singular values")
+    c.add_argument("--low", type=float, default=1e-6, help="lowest healthy gradient RMS (default 1e-6)")
+    c.add_argument("--high", type=float, default=1e3, help="highest healthy gradient RMS (default 1e3)")
+    c.set_defaults(func=cmd_check)
 
     t = sub.add_parser("theory", help="mean-field numbers for an activation")
     t.add_argument("act", help="activation name, e.g. tanh, relu, sigmoid, gelu, leaky_relu(0.2)")

@@ -1,0 +1,208 @@
+"""Built-in model specs (``mlp:depth=50,width=256,act=sigmoid,init=normal``) and user factories."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+_ACTS: dict[str, Callable[[], nn.Module]] = {
+    "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU,
+    "elu": nn.ELU, "selu": nn.SELU, "leaky_relu": nn.LeakyReLU, "softplus": nn.Softplus, "linear": nn.Identity,
+    "hardtanh": nn.Hardtanh, "softsign": nn.Softsign, "mish": nn.Mish,
+}
+
+
+class DeepMLP(nn.Sequential):
+    """``depth`` blocks of Linear + activation, then a Linear read-out; no skips, no norms.
+
+    ``fast_forward`` runs the same computation without per-module calls (no
+    hooks fire): 10,000-layer training is dominated by Python overhead otherwise.
+    """
+
+    def __init__(self, depth: int, width: int, act: str, n_in: int, n_out: int) -> None:
+        layers: list[nn.Module] = []
+        for i in range(depth):
+            layers += [nn.Linear(n_in if i == 0 else width, width), _ACTS[act]()]
+        layers.append(nn.Linear(width if depth else n_in, n_out))
+        super().__init__(*layers)
+        self.act_name = act
+
+    def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
+        mods = list(self)
+        f = _fast_act(mods[1]) if len(mods) > 1 else None
+        for i in range(0, len(mods) - 1, 2):
+            x = f(nn.functional.linear(x, mods[i].weight, mods[i].bias))  # type: ignore[misc, arg-type]
+        last = mods[-1]
+        return nn.functional.linear(x, last.weight, last.bias)  # type: ignore[arg-type]
+
+
+def _fast_act(m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    return {nn.Tanh: torch.tanh, nn.Sigmoid: torch.sigmoid, nn.ReLU: torch.relu}.get(type(m), m)  # type: ignore[return-value]
+
+
+class ResBlock(nn.Module):
+    def __init__(self, width: int, act: str) -> None:
+        super().__init__()
+        self.branch = nn.Sequential(nn.Linear(width, width), _ACTS[act](), nn.Linear(width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.branch(x)
+
+
+class ResMLP(nn.Module):
+    """Residual MLP without normalization: input Linear, ``blocks`` x (x + branch(x)), read-out."""
+
+    def __init__(self, blocks: int, width: int, act: str, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.inp = nn.Linear(n_in, width)
+        self.blocks = nn.Sequential(*[ResBlock(width, act) for _ in range(blocks)])
+        self.out = nn.Linear(width, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.blocks(self.inp(x)))
+
+
+class SmallCNN(nn.Module):
+    def __init__(self, depth: int, channels: int, act: str, in_channels: int, n_out: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i in range(depth):
+            layers += [nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1), _ACTS[act]()]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(channels, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self, layers: int, d_model: int, heads: int, vocab: int, seq: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d_model)
+        self.pos = nn.Embedding(seq, d_model)
+        layer = nn.TransformerEncoderLayer(d_model, heads, 4 * d_model, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        return self.head(self.encoder(self.embed(ids) + self.pos(pos)))
+
+
+@dataclass
+class Built:
+    model: nn.Module
+    inputs: torch.Tensor | tuple[Any, ...] | dict[str, Any]
+    spec: str
+    init_summary: Any = None
+
+
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mlp": {"depth": 50, "width": 256, "act": "sigmoid", "init": "default", "in": None, "out": 10},
+    "resmlp": {"blocks": 20, "width": 128, "act": "relu", "init": "kaiming_normal", "residual": "fixup",
+               "in": None, "out": 10},
+    "cnn": {"depth": 10, "channels": 32, "act": "relu", "init": "default", "size": 16, "in_channels": 3,
+            "out": 10},
+    "transformer": {"layers": 2, "d_model": 64, "heads": 4, "vocab": 100, "seq": 32, "init": "default"},
+}
+
+
+def _parse_value(v: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    kind, _, rest = spec.partition(":")
+    if kind not in _DEFAULTS:
+        raise ValueError(f"unknown model kind {kind!r}; built-in: {sorted(_DEFAULTS)} "
+                         "(or package.module:factory)")
+    opts = dict(_DEFAULTS[kind])
+    for item in filter(None, rest.split(",")):
+        k, sep, v = item.partition("=")
+        if not sep:
+            raise ValueError(f"model option {item!r} is not KEY=VALUE")
+        if k not in opts:
+            raise ValueError(f"{kind} has no option {k!r}; options: {sorted(opts)}")
+        opts[k] = _parse_value(v)
+    if "act" in opts and opts["act"] not in _ACTS:
+        raise ValueError(f"unknown act {opts['act']!r}; choose from {sorted(_ACTS)}")
+    return kind, opts
+
+
+def _initialize(model: nn.Module, init: str, inputs: Any, generator: torch.Generator,
+                act: str | None, residual: str | None = None) -> Any:
+    from .. import init as spi
+
+    res = None if residual in (None, "none") else residual
+    if init == "default":
+        return spi.scale_residual_(model, res) if res else None
+    if init == "critical":
+        return spi.critical_(model, inputs, generator=generator, residual=res)
+    if init == "lsuv":
+        s = spi.lsuv_(model, inputs, generator=generator)
+        if res:
+            spi.scale_residual_(model, res)
+        return s
+    return spi.apply_(model, init, activation=act if init in ("xavier_normal", "xavier_uniform") and act else None,
+                      generator=generator, residual=res)
+
+
+def build(spec: str, *, batch: int = 64, seed: int = 0, init: str | None = None,
+          input_shape: tuple[int, ...] | None = None) -> Built:
+    """A built-in model from its spec, or ``package.module:factory`` from the
+    user's code (the factory returns a model, or ``(model, inputs)``), with
+    example inputs drawn from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    kind = spec.partition(":")[0]
+    if kind not in _DEFAULTS and ":" in spec:
+        return _factory(spec, batch, g, input_shape, init)
+    kind, o = parse_spec(spec)
+    init = init or o.get("init", "default")
+    if kind == "mlp":
+        n_in = o["in"] or o["width"]
+        model: nn.Module = DeepMLP(o["depth"], o["width"], o["act"], n_in, o["out"])
+        x: Any = torch.randn(batch, *(input_shape or (n_in,)), generator=g)
+    elif kind == "resmlp":
+        n_in = o["in"] or o["width"]
+        model = ResMLP(o["blocks"], o["width"], o["act"], n_in, o["out"])
+        x = torch.randn(batch, *(input_shape or (n_in,)), generator=g)
+    elif kind == "cnn":
+        model = SmallCNN(o["depth"], o["channels"], o["act"], o["in_channels"], o["out"])
+        x = torch.randn(batch, *(input_shape or (o["in_channels"], o["size"], o["size"])), generator=g)
+    else:
+        model = TinyTransformer(o["layers"], o["d_model"], o["heads"], o["vocab"], o["seq"])
+        x = torch.randint(0, o["vocab"], (batch, o["seq"]), generator=g)
+    s = _initialize(model, init, x, g, o.get("act"), o.get("residual"))
+    return Built(model, x, spec, s)
+
+
+def _factory(spec: str, batch: int, g: torch.Generator, input_shape: tuple[int, ...] | None,
+             init: str | None) -> Built:
+    mod_name, _, attr = spec.partition(":")
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        fn = getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot load {spec!r}: {e}") from e
+    out = fn()
+    model, inputs = (out if isinstance(out, tuple) and len(out) == 2 else (out, None))
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{spec} returned {type(model).__name__}, not an nn.Module (or (model, inputs))")
+    if inputs is None:
+        if input_shape is None:
+            raise ValueError(f"{spec} returned no example inputs: pass --input-shape, e.g. 3,32,32")
+        inputs = torch.randn(batch, *input_shape, generator=g)
+    s = _initialize(model, init, inputs, g, None) if init else None
+    return Built(model, inputs, spec, s)
