@@ -92,7 +92,7 @@ def lsuv_(model: nn.Module, inputs: Any, *, target: float = 1.0, tol: float = 0.
             return None
         ok = bool(((var - target).abs() <= tol * target).all())
         if ok and not (mean_correction and bool((mean.abs() > math.sqrt(tol * target)).any())):
-            status[m] = "ok"
+            status[m] = "rescaled, verified" if status.get(m, "").startswith("rescaled") else "ok"
             return None
         changed.append(m)
         s = torch.sqrt(target / var)

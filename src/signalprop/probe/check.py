@@ -207,7 +207,7 @@ def _run(model: nn.Module, inputs: Any, rec: Recorder, loss_fn: Any, targets: An
     if loss_fn is not None:
         loss = loss_fn(out, targets) if targets is not None else loss_fn(out)
         root, cot = loss, None
-        backprop = f"loss {getattr(loss_fn, '__name__', type(loss_fn).__name__)} = {float(loss):.6g}"
+        backprop = f"loss {getattr(loss_fn, '__name__', type(loss_fn).__name__)} = {float(loss.detach()):.6g}"
     else:
         root, cot = y, _cotangent(y)
         backprop = "random unit-variance cotangent on the output"

@@ -99,6 +99,17 @@ class Row:
     bwd: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+# Modules that compute their children functionally (MultiheadAttention never
+# calls its out_proj as a module): recorded as one row, their children not.
+FUSED = (nn.MultiheadAttention,)
+
+
+def leaf_modules(model: nn.Module) -> list[nn.Module]:
+    fused_children = {id(c) for m in model.modules() if isinstance(m, FUSED) for c in m.modules() if c is not m}
+    return [m for m in model.modules() if id(m) not in fused_children
+            and (isinstance(m, FUSED) or not any(True for _ in m.children()))]
+
+
 class _FunctionalCapture(TorchFunctionMode):
     def __init__(self, recorder: "Recorder") -> None:
         super().__init__()
@@ -131,7 +142,7 @@ class Recorder:
         self.capture_functional = capture_functional
         self._handles: list[Any] = []
         self._names = {m: n for n, m in model.named_modules()}
-        self._leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+        self._leaves = leaf_modules(model)
 
     # -- hooks ----------------------------------------------------------------
     def _pre(self, m: nn.Module, args: Any) -> None:
@@ -139,10 +150,16 @@ class Recorder:
         if m in self._leafset:
             self.leaf_depth += 1
 
-    def _post(self, m: nn.Module, args: Any, out: Any) -> None:
+    def _post(self, m: nn.Module, args: Any, out: Any) -> Any:
         self.stack.pop()
         if m in self._leafset:
             self.leaf_depth -= 1
+            replaced = None
+            if self.stats and isinstance(out, torch.Tensor) and out.requires_grad and out._is_view():
+                # An in-place op on a view (ReLU(inplace=True) after a Linear on
+                # 3-D input) rebases the view's history, and a gradient hook on
+                # it would never fire; a non-view copy of the output keeps it.
+                out = replaced = out.clone()
             t = first_float_tensor(out)
             if t is not None:
                 row = self.record(self._names.get(m, "?"), type(m).__name__, m, _act.from_module(m), t)
@@ -151,6 +168,8 @@ class Recorder:
                     if x is not None:
                         with torch.no_grad():
                             row.input_second_moment = float(x.detach().float().pow(2).mean())
+            return replaced
+        return None
 
     def record(self, name: str, kind: str, module: nn.Module | None, act: _act.Activation | None,
                t: torch.Tensor) -> Row:

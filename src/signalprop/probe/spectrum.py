@@ -60,19 +60,32 @@ def _exact(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor) -> torch
 
 
 def _lanczos(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ritz values of J^T J and their weights (stochastic Lanczos quadrature, one probe)."""
+    """Ritz values of J^T J (or of J J^T when the output is the smaller side, so
+    no structural zeros enter) and their weights (stochastic Lanczos
+    quadrature, one probe).  J v comes from differentiating J^T u with respect
+    to u (the double-vjp trick), so only reverse mode is needed."""
     x0 = x0.detach().requires_grad_(True)
     with torch.enable_grad():
         y = f(x0)
         u = torch.zeros_like(y, requires_grad=True)
         (vjp_u,) = torch.autograd.grad(y, x0, u, create_graph=True)  # linear in u: J^T u
 
-        def jtj(v: torch.Tensor) -> torch.Tensor:
-            (jv,) = torch.autograd.grad(vjp_u, u, v.reshape(x0.shape).to(x0.dtype), retain_graph=True)
-            (out,) = torch.autograd.grad(y, x0, jv, retain_graph=True)
-            return out.reshape(-1).double()
+        def jv(v: torch.Tensor) -> torch.Tensor:
+            (out,) = torch.autograd.grad(vjp_u, u, v.reshape(x0.shape).to(x0.dtype), retain_graph=True)
+            return out
 
-        n = x0.numel()
+        def jtv(w: torch.Tensor) -> torch.Tensor:
+            (out,) = torch.autograd.grad(y, x0, w.reshape(y.shape).to(y.dtype), retain_graph=True)
+            return out
+
+        if y.numel() < x0.numel():
+            def op(w: torch.Tensor) -> torch.Tensor:
+                return jv(jtv(w)).reshape(-1).double()
+            n = y.numel()
+        else:
+            def op(w: torch.Tensor) -> torch.Tensor:
+                return jtv(jv(w)).reshape(-1).double()
+            n = x0.numel()
         k = min(steps, n)
         g = torch.Generator(device="cpu").manual_seed(0)
         q = torch.randn(n, generator=g, dtype=torch.float64).to(x0.device)
@@ -80,7 +93,7 @@ def _lanczos(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, steps:
         Q = [q]
         alpha, beta = [], []
         for j in range(k):
-            w = jtj(Q[-1])
+            w = op(Q[-1])
             a = float(w @ Q[-1])
             alpha.append(a)
             # Full re-orthogonalisation, two passes ("twice is enough", Parlett):
@@ -119,7 +132,7 @@ def jacobian_reading(model: torch.nn.Module, inputs: Any) -> dict[str, Any]:
         out = {"method": f"lanczos ({len(theta)} steps, Jacobian-vector products)",
                "ritz_singular_values": s.tolist(), "ritz_weights": w.tolist(),
                "min_singular_value": float(s.min()), "max_singular_value": float(s.max()),
-               # one-probe SLQ estimate of tr(J^T J) / n_in
+               # one-probe SLQ estimate of the mean squared singular value
                "mean_squared_singular_value": float((w * theta).sum()),
                "fraction_within_2x": float((w * ((s > 0.5) & (s < 2.0)).double()).sum())}
     out.update({"n_in": n_in, "n_out": n_out})

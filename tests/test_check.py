@@ -1,0 +1,327 @@
+"""signalprop.check: known pathologies, theory beside measurement, guarantees, module kinds."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import signalprop as sp
+from signalprop.lab.models import DeepMLP
+
+
+def mlp(depth, width, act, init, n_in=None, gen=0):
+    torch.manual_seed(gen)
+    m = DeepMLP(depth, width, act, n_in or width, 10)
+    if init != "default":
+        sp.init.apply_(m, init, generator=torch.Generator().manual_seed(gen))
+    return m
+
+
+def x_of(n, d, seed=1):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+
+
+# ---- known cases --------------------------------------------------------------
+
+def test_sigmoid_naive_normal_explodes_and_saturates():
+    r = sp.check(mlp(50, 256, "sigmoid", "normal"), x_of(64, 256))
+    kinds = {p.kind for p in r.problems}
+    assert r.verdict == "exploding" and {"exploding", "saturated"} <= kinds
+    sat = next(p for p in r.problems if p.kind == "saturated")
+    assert "Sigmoid" in sat.message and sat.suggestion
+
+
+def test_relu_xavier_vanishes_like_two_to_the_minus_depth():
+    """Xavier on square ReLU layers halves the gradient's mean square per layer:
+    the first/last ratio of gradient RMS is ~ 2^(-(L-2)/2); within a factor 10."""
+    r = sp.check(mlp(50, 256, "relu", "xavier_normal"), x_of(64, 256))
+    assert r.verdict == "vanishing"
+    ratio = r.summary["first_last_grad_ratio"]
+    expected = 2 ** (-(49 - 1) / 2)  # 48 hidden-to-hidden steps between the first and last hidden layer
+    assert expected / 10 < ratio < expected * 10
+    assert "kaiming_normal_" in r.problems[0].suggestion
+
+
+def test_tanh_xavier_is_healthy():
+    r = sp.check(mlp(50, 256, "tanh", "xavier_normal"), x_of(64, 256))
+    assert r.verdict == "healthy" and not r.problems
+    assert all(l.verdict == "healthy" for l in r.layers)
+
+
+def test_trend_catches_vanishing_within_bounds():
+    # 20 ReLU layers with Xavier: ~2^-9 between first and last, inside [1e-6, 1e3] everywhere
+    r = sp.check(mlp(20, 256, "relu", "xavier_normal"), x_of(64, 256))
+    assert r.verdict == "vanishing"
+    assert any("vanishing with depth" in p.message for p in r.problems)
+
+
+class NaNAt(nn.Module):
+    def forward(self, x):
+        return x * float("nan")
+
+
+def test_nan_origin_is_named():
+    m = mlp(10, 32, "tanh", "xavier_normal")
+    m[7] = nn.Sequential(m[7], NaNAt())  # layer "7.1" produces NaN
+    r = sp.check(m, x_of(16, 32))
+    assert r.verdict == "non-finite"
+    assert r.problems[0].layer == "7.1" and "7.1 (NaNAt)" in r.problems[0].message
+
+
+def test_nan_in_input_is_named():
+    x = x_of(16, 32)
+    x[3, 5] = float("inf")
+    r = sp.check(mlp(4, 32, "tanh", "xavier_normal"), x)
+    assert r.problems[0].layer == "input" and r.verdict == "non-finite"
+
+
+class SqrtAtZero(nn.Module):
+    def forward(self, x):
+        return torch.sqrt(x.abs() * 0)  # finite forward, infinite derivative
+
+
+def test_backward_nan_origin():
+    m = nn.Sequential(nn.Linear(8, 8), SqrtAtZero(), nn.Linear(8, 8))
+    r = sp.check(m, x_of(4, 8))
+    assert r.verdict == "non-finite"
+    assert "gradient first turns non-finite" in r.problems[0].message
+
+
+def test_dead_relu_from_negative_bias():
+    m = mlp(6, 64, "relu", "kaiming_normal")
+    with torch.no_grad():
+        m[4].bias.fill_(-100.0)
+    r = sp.check(m, x_of(32, 64))
+    dead = [p for p in r.problems if p.kind == "dead"]
+    assert dead and dead[0].layer.startswith("5")
+    assert r.layers[5].dead_fraction == 1.0
+
+
+def test_measured_second_moments_match_theory():
+    """Wide random tanh MLP (width 1024): each Linear row's measured E[h^2]
+    within 15% of theory.propagate (finite-width noise ~ sqrt(2/n) per
+    layer, carried along; one net)."""
+    m = mlp(10, 1024, "tanh", "kaiming_normal")
+    r = sp.check(m, x_of(128, 1024))
+    assert r.summary["theory"]
+    rows = [l for l in r.layers if l.predicted_second_moment is not None]
+    assert len(rows) == len(r.layers)
+    for l in rows:
+        assert l.forward_second_moment == pytest.approx(l.predicted_second_moment, rel=0.15), l.name
+    for l in rows[:-1]:
+        assert l.grad_rms == pytest.approx(l.predicted_grad_rms, rel=0.25), l.name
+
+
+# ---- guarantees -----------------------------------------------------------------
+
+class Messy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 32)
+        self.bn = nn.BatchNorm1d(32)
+        self.drop = nn.Dropout(0.3)
+        self.frozen = nn.Linear(32, 32)
+        self.frozen.requires_grad_(False)
+        self.out = nn.Linear(32, 4)
+        self.fail = False
+
+    def forward(self, x):
+        h = self.drop(torch.relu(self.bn(self.fc(x))))
+        h = self.frozen(h)
+        if self.fail:
+            h = h @ torch.ones(5, 5)  # shape mismatch, halfway through
+        return self.out(h)
+
+
+def _snapshot(m):
+    return ({k: v.clone() for k, v in m.state_dict().items()},
+            {n: (None if p.grad is None else p.grad.clone()) for n, p in m.named_parameters()},
+            {n: p.requires_grad for n, p in m.named_parameters()},
+            {n: mod.training for n, mod in m.named_modules()},
+            torch.get_rng_state().clone())
+
+
+def _same(a, b):
+    sa, ga, ra, ma, rng_a = a
+    sb, gb, rb, mb, rng_b = b
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert all((ga[k] is None and gb[k] is None) or torch.equal(ga[k], gb[k]) for k in ga)
+    assert ra == rb and ma == mb and torch.equal(rng_a, rng_b)
+
+
+def _no_hooks(m):
+    for mod in m.modules():
+        assert not mod._forward_hooks and not mod._forward_pre_hooks
+
+
+def test_model_comes_back_bit_for_bit():
+    m = Messy()
+    m.out.weight.grad = torch.full_like(m.out.weight, 7.0)  # an existing .grad must survive
+    m.train()
+    m.drop.eval()  # mixed modes
+    before = _snapshot(m)
+    sp.check(m, x_of(8, 16), spectrum=True)
+    _same(before, _snapshot(m))
+    _no_hooks(m)
+
+
+def test_model_comes_back_on_exception():
+    m = Messy()
+    m.fail = True
+    before = _snapshot(m)
+    with pytest.raises(sp.probe.ModelError, match=r"forward failed in module '\(root\)' \(\?\)|forward failed"):
+        sp.check(m, x_of(8, 16))
+    _same(before, _snapshot(m))
+    _no_hooks(m)
+
+
+def test_shape_mismatch_names_module_and_shapes():
+    m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(30, 4))
+    with pytest.raises(sp.probe.ModelError, match=r"module '2' \(Linear\) on inputs of shape \(8, 16\).*32.*30"):
+        sp.check(m, x_of(8, 16))
+    _no_hooks(m)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="has no parameters"):
+        sp.check(nn.ReLU(), x_of(2, 3))
+    with pytest.raises(ValueError, match="empty batch"):
+        sp.check(nn.Linear(3, 3), torch.empty(0, 3))
+
+    class NoTensor(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return "nothing"
+
+    with pytest.raises(ValueError, match="no floating-point tensor"):
+        sp.check(NoTensor(), x_of(2, 3))
+    with pytest.raises(ValueError, match="bounds must satisfy"):
+        sp.check(nn.Linear(3, 3), x_of(2, 3), bounds=(1.0, 0.1))
+
+
+# ---- what users have -------------------------------------------------------------
+
+class Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + torch.tanh(self.fc(x))  # functional activation inside forward
+
+
+@dataclasses.dataclass
+class Out:
+    logits: torch.Tensor
+    extra: int = 0
+
+
+class Zoo(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.conv = nn.Conv1d(16, 16, 3, padding=1)
+        self.ln = nn.LayerNorm(16)
+        self.lstm = nn.LSTM(16, 16, batch_first=True)
+        self.gru = nn.GRU(16, 16, batch_first=True)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+        enc = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(enc, 2, enable_nested_tensor=False)
+        self.block = Block(16)
+        self.shared = nn.Linear(16, 16)
+        self.act = nn.ReLU(inplace=True)
+        self.bn = nn.BatchNorm1d(16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        h = self.conv(h.transpose(1, 2)).transpose(1, 2)
+        h = self.ln(h)
+        h, _ = self.lstm(h)
+        h, _ = self.gru(h)
+        h, _ = self.attn(h, h, h)
+        h = self.enc(h)
+        h = self.block(h)
+        h = self.act(self.shared(self.shared(h)))  # shared module: two rows
+        h = self.bn(h.mean(1))
+        return {"out": Out(self.head(F.gelu(h)))}
+
+
+def test_every_module_kind_runs():
+    m = Zoo()
+    m.emb.requires_grad_(False)  # frozen parameters
+    ids = torch.randint(0, 50, (6, 7), generator=torch.Generator().manual_seed(0))
+    r = sp.check(m, ids)
+    names = [l.name for l in r.layers]
+    assert names.count("shared") == 2
+    assert "block.tanh" in names and "gelu" in names
+    kinds = {l.kind for l in r.layers}
+    assert {"Embedding", "Conv1d", "LayerNorm", "LSTM", "GRU", "MultiheadAttention", "BatchNorm1d",
+            "F.tanh", "F.gelu", "ReLU"} <= kinds
+    emb = r.layers[names.index("emb")]
+    assert emb.param_grad_rms is None  # frozen
+    assert all(l.grad_rms is not None for l in r.layers if l.name not in ("emb",))
+    json.dumps(r.to_dict())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_models(dtype):
+    m = mlp(6, 32, "tanh", "xavier_normal").to(dtype)
+    r = sp.check(m, x_of(8, 32).to(dtype))
+    assert r.verdict == "healthy" and len(r.layers) == 13
+
+
+def test_loss_fn_and_targets():
+    m = mlp(4, 32, "tanh", "xavier_normal")
+    y = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(0))
+    r = sp.check(m, x_of(16, 32), loss_fn=F.cross_entropy, targets=y)
+    assert r.summary["backprop"].startswith("loss cross_entropy")
+
+
+def test_ten_thousand_layers_memory_is_per_layer_scalars():
+    m = mlp(5000, 8, "tanh", "orthogonal")
+    r = sp.check(m, x_of(2, 8))
+    assert len(r.layers) == 10001
+
+
+def test_report_outputs(tmp_path):
+    r = sp.check(mlp(20, 64, "relu", "xavier_normal"), x_of(16, 64))
+    text = str(r)
+    assert text.index("vanishing") < text.index("layers (execution order)")  # problems first
+    p = r.save_html(tmp_path / "r.html")
+    html = p.read_text()
+    assert "data:image/png;base64," in html and "<table" in html
+    assert "<div>" in r._repr_html_()
+    d = json.loads(r.to_json(tmp_path / "r.json"))
+    assert d["verdict"] == "vanishing" and len(d["layers"]) == 41
+
+
+def test_spectrum_exact_and_lanczos_agree(monkeypatch):
+    m = mlp(8, 48, "tanh", "orthogonal")
+    x = x_of(4, 48) * 0.1
+    exact = sp.check(m, x, spectrum=True).spectrum
+    from signalprop.probe import spectrum as S
+
+    monkeypatch.setattr(S, "EXACT_MAX_ENTRIES", 10)
+    lan = sp.check(m, x, spectrum=True).spectrum
+    assert exact["method"] == "exact" and lan["method"].startswith("lanczos")
+    # Lanczos with 48 steps on a 48-dim input is exact up to rounding
+    assert lan["max_singular_value"] == pytest.approx(exact["max_singular_value"], rel=1e-4)
+    assert lan["min_singular_value"] == pytest.approx(exact["min_singular_value"], rel=1e-3)
+
+
+def test_spectrum_of_orthogonal_linear_net_is_isometric():
+    m = nn.Sequential(*[nn.Linear(32, 32, bias=False) for _ in range(10)]).double()
+    sp.init.apply_(m, "orthogonal", generator=torch.Generator().manual_seed(0))
+    s = sp.check(m, x_of(4, 32).double(), spectrum=True).spectrum
+    assert s["min_singular_value"] == pytest.approx(1.0, abs=1e-9)
+    assert s["max_singular_value"] == pytest.approx(1.0, abs=1e-9)
+    assert "dynamical isometry" in s["reading"]
+    _ = math
