@@ -69,3 +69,41 @@ def plot_phase_diagram(pd: Any, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def plot_depth_sweep(cells: list[dict[str, Any]], path: Path, chance: float) -> Path:
+    """Heat maps of test accuracy and log10 gradient ratio (rows act/init,
+    columns depth), and the loss curves at the largest depth per activation."""
+    plt = _plt()
+    rows = sorted({(c["act"], c["init"]) for c in cells})
+    depths = sorted({c["depth"] for c in cells})
+    acc = np.full((len(rows), len(depths)), np.nan)
+    ratio = np.full_like(acc, np.nan)
+    for c in cells:
+        i, j = rows.index((c["act"], c["init"])), depths.index(c["depth"])
+        acc[i, j] = c["test_acc"]
+        r = c.get("grad_ratio")
+        ratio[i, j] = np.log10(r) if r not in (None, 0) and np.isfinite(r) and r > 0 else np.nan
+    acts = sorted({a for a, _ in rows})
+    fig, axes = plt.subplots(1, 2 + len(acts), figsize=(6 + 4.2 * (1 + len(acts)), 0.35 * len(rows) + 2.5))
+    labels = [f"{a} / {i}" for a, i in rows]
+    for ax, m, title, cmap, lim in ((axes[0], acc, "test accuracy", "viridis", (chance, 1.0)),
+                                    (axes[1], ratio, "log10 grad ratio first/last at init", "coolwarm", (-6, 6))):
+        im = ax.imshow(m, aspect="auto", cmap=cmap, vmin=lim[0], vmax=lim[1])
+        ax.set(xticks=range(len(depths)), xticklabels=depths, yticks=range(len(rows)), yticklabels=labels,
+               xlabel="depth", title=title)
+        for (i, j), v in np.ndenumerate(m):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.2f}" if m is acc else f"{v:.1f}", ha="center", va="center", fontsize=7)
+        fig.colorbar(im, ax=ax, fraction=0.04)
+    for ax, act in zip(axes[2:], acts):
+        deepest = max(c["depth"] for c in cells if c["act"] == act)
+        for c in cells:
+            if c["act"] == act and c["depth"] == deepest and c.get("losses"):
+                ax.plot(np.arange(len(c["losses"])), c["losses"], label=c["init"])
+        ax.set(title=f"{act}, depth {deepest}: training loss", xlabel="logged step (x25)", yscale="log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
