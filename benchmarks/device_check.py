@@ -1,0 +1,53 @@
+"""Short checks of the GPU paths (dtype, device placement), run on a CUDA machine.
+
+Not part of ``make test`` (CI has no GPU).  Usage: ``PYTHONPATH=src python
+benchmarks/device_check.py OUT_DIR``; writes ``device_check.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import signalprop as sp
+from signalprop.lab.models import DeepMLP
+
+
+def main(out: Path) -> dict:
+    assert torch.cuda.is_available(), "needs a CUDA device"
+    dev = torch.device("cuda")
+    res: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "checks": {}}
+    g = torch.Generator(device=dev).manual_seed(0)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        t = torch.empty(256, 128, dtype=dtype, device=dev)
+        for name in ("xavier_normal_", "kaiming_uniform_", "lecun_normal_", "trunc_normal_", "orthogonal_"):
+            getattr(sp.init, name)(t, generator=g)
+            assert t.dtype == dtype and t.device.type == "cuda" and torch.isfinite(t).all(), (name, dtype)
+        res["checks"][f"init {dtype}"] = "ok"
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        torch.manual_seed(0)
+        m = DeepMLP(200, 256, "tanh", 64, 10).to(dev)
+        x = torch.rand(128, 64, device=dev)
+        s = sp.init.critical_(m, x)
+        m = m.to(dtype)
+        t0 = time.perf_counter()
+        r = sp.check(m, x.to(dtype), spectrum=dtype == torch.float32)
+        res["checks"][f"check {dtype}"] = {"verdict": r.verdict, "ratio": r.summary["first_last_grad_ratio"],
+                                           "seconds": time.perf_counter() - t0, "q_star": s.layers[1].q_star,
+                                           "spectrum": None if r.spectrum is None else r.spectrum["reading"]}
+        assert all(p.device.type == "cuda" and p.dtype == dtype for p in m.parameters())
+    m = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(inplace=True), nn.Conv2d(16, 16, 3)).to(dev)
+    s = sp.init.lsuv_(m, torch.randn(32, 3, 16, 16, device=dev), generator=torch.Generator(device=dev).manual_seed(0))
+    res["checks"]["lsuv cuda"] = {"passes": s.forward_passes, "notes": [l.note for l in s.layers]}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "device_check.json").write_text(json.dumps(res, indent=2, default=str))
+    return res
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(Path(sys.argv[1] if len(sys.argv) > 1 else ".")), indent=1, default=str))
