@@ -56,8 +56,9 @@ QUICK = {"depths": (10, 100), "inits": ("default", "xavier_normal", "critical"),
 
 
 def _key(cfg: DepthConfig) -> dict[str, Any]:
+    """What a cached cell must match, in its JSON form (tuples become lists)."""
     keep = ("width", "steps", "lr_scale", "lr_max", "momentum", "batch", "seed")
-    return {k: v for k, v in asdict(cfg).items() if k in keep}
+    return json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k in keep}))
 
 
 def _lrs(cfg: DepthConfig, depth: int) -> list[float]:
@@ -143,12 +144,14 @@ def run_depth(cfg: DepthConfig, out: Path, progress: Any = None) -> dict[str, An
         total += (2 * cfg.residual_steps * len(cfg.residual_lrs)) if cfg.residual_blocks else 0
         progress.start(total, "depth sweep")
     cells = []
+    cached_cells = 0
     for act, init, depth in todo:
         path = cells_dir / f"{act}-{init}-d{depth}.json"
         if path.exists():
             cached = json.loads(path.read_text())
             if cached.get("key") == key:
                 cells.append(cached["cell"])
+                cached_cells += 1
                 if progress is not None:
                     progress.advance(cfg.steps * len(_lrs(cfg, depth)))
                 continue
@@ -167,7 +170,8 @@ def run_depth(cfg: DepthConfig, out: Path, progress: Any = None) -> dict[str, An
     plot_depth_sweep(cells, out / "depth.png", chance)
     return {"data": f"{data.source}: {len(data.y_train)} train / {len(data.y_val)} val / {len(data.y_test)} test, "
                     f"split seed {data.seed}",
-            "chance": chance, "cells": cells, "residual": residual, "headline": headline,
+            "chance": chance, "cells": cells, "cached_cells": cached_cells, "residual": residual,
+            "headline": headline,
             "figure": "depth.png"}
 
 

@@ -141,7 +141,7 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
 
 
 def _initialize(model: nn.Module, init: str, inputs: Any, generator: torch.Generator,
-                act: str | None, residual: str | None = None) -> Any:
+                act: str | None = None, residual: str | None = None) -> Any:
     from .. import init as spi
 
     res = None if residual in (None, "none") else residual
@@ -154,8 +154,9 @@ def _initialize(model: nn.Module, init: str, inputs: Any, generator: torch.Gener
         if res:
             spi.scale_residual_(model, res)
         return s
-    return spi.apply_(model, init, activation=act if init in ("xavier_normal", "xavier_uniform") and act else None,
-                      generator=generator, residual=res)
+    # Named schemes as their papers define them (Xavier: gain 1; Kaiming: sqrt(2)), so
+    # comparisons show what each scheme itself buys; critical_ is where the activation enters.
+    return spi.apply_(model, init, generator=generator, residual=res)
 
 
 def build(spec: str, *, batch: int = 64, seed: int = 0, init: str | None = None,

@@ -82,7 +82,7 @@ def _finalise(rows: list[Row]) -> list[dict[str, Any]]:
         for part, d in (("fwd", r.fwd), ("bwd", r.bwd)):
             for k, v in d.items():
                 keys.append((i, part, k))
-                vals.append(v.detach().float().reshape(()).cpu())
+                vals.append(v.detach().double().reshape(()).cpu())  # float32 would overflow ms > 3e38
     out: list[dict[str, Any]] = [{} for _ in rows]
     if vals:
         flat = torch.stack(vals).tolist()
@@ -92,21 +92,29 @@ def _finalise(rows: list[Row]) -> list[dict[str, Any]]:
 
 
 def _param_grads(rows: list[Row], grads: dict[nn.Parameter, torch.Tensor | None]) -> dict[nn.Module, tuple[float, float]]:
-    """RMS of each module's own parameter gradients and ||grad|| / ||weight||."""
-    out: dict[nn.Module, tuple[float, float]] = {}
+    """RMS of each module's own parameter gradients and ||grad|| / ||weight||
+    (norms stay on the device until one transfer at the end)."""
+    mods, g2s, w2s, ns = [], [], [], []
+    seen: set[int] = set()
     for r in rows:
         m = r.module
-        if m is None or m in out:
+        if m is None or id(m) in seen:
             continue
+        seen.add(id(m))
         ps = [p for p in m.parameters(recurse=False) if grads.get(p) is not None]
         if not ps:
             continue
         with torch.no_grad():
-            g2 = sum(float(grads[p].float().pow(2).sum()) for p in ps)  # type: ignore[union-attr]
-            w2 = sum(float(p.float().pow(2).sum()) for p in ps)
-            n = sum(p.numel() for p in ps)
-        out[m] = (math.sqrt(g2 / n), math.sqrt(g2) / math.sqrt(w2) if w2 > 0 else math.inf)
-    return out
+            g2s.append(sum(torch.linalg.vector_norm(grads[p].detach().float()).square() for p in ps))  # type: ignore[union-attr]
+            w2s.append(sum(torch.linalg.vector_norm(p.detach().float()).square() for p in ps))
+        mods.append(m)
+        ns.append(sum(p.numel() for p in ps))
+    if not mods:
+        return {}
+    g2 = torch.stack([t.reshape(()) for t in g2s]).double().cpu().tolist()
+    w2 = torch.stack([t.reshape(()) for t in w2s]).double().cpu().tolist()
+    return {m: (math.sqrt(a / n), math.sqrt(a) / math.sqrt(b) if b > 0 else math.inf)
+            for m, a, b, n in zip(mods, g2, w2, ns)}
 
 
 def _layer_stats(rows: list[Row], vals: list[dict[str, Any]],

@@ -56,11 +56,10 @@ def predictions(rows: list[Row], layers: list[LayerStats], inp: dict[str, Any]) 
             if _width(m, "in") != widths[-1]:  # type: ignore[arg-type]
                 return None
             widths.append(_width(m, "out"))  # type: ignore[arg-type]
-            W = m.weight.detach().double()  # type: ignore[union-attr]
-            fan_in = W[0].numel()
-            sw2.append(float(fan_in * W.pow(2).mean()))
+            W = m.weight.detach()  # type: ignore[union-attr]
+            sw2.append(float(torch.linalg.vector_norm(W.float()) ** 2) / W.shape[0])  # fan_in * mean(W^2)
             b = getattr(m, "bias", None)
-            sb2.append(float(b.detach().double().pow(2).mean()) if b is not None else 0.0)
+            sb2.append(float(torch.linalg.vector_norm(b.detach().float()) ** 2) / b.numel() if b is not None else 0.0)
     try:
         p = propagate(widths, [_exact(r) for r in chain], sw2, sb2, q0=inp["second_moment"])
     except ValueError:

@@ -139,12 +139,19 @@ def jacobian_reading(model: torch.nn.Module, inputs: Any) -> dict[str, Any]:
     lo, hi = out["min_singular_value"], out["max_singular_value"]
     cond = hi / lo if lo > 0 else math.inf
     out["condition_number"] = cond
+    scale = math.sqrt(out["mean_squared_singular_value"])
+    out["rms_singular_value"] = scale
     if out["fraction_within_2x"] > 0.9 and cond < 10:
         out["reading"] = "dynamical isometry: singular values concentrated around 1"
     elif hi < 1e-3:
         out["reading"] = "the Jacobian is nearly zero: signals and gradients vanish end to end"
     elif lo > 1e3:
         out["reading"] = "every direction is amplified > 1e3: signals and gradients explode end to end"
+    elif cond < 10:
+        # a global scale (a first layer that brings the data to a small q*, say) is one
+        # factor, not a product of ill-conditioned ones
+        out["reading"] = (f"well conditioned (condition number {cond:.3g}): isometric up to an overall "
+                          f"scale of {scale:.3g}")
     else:
         out["reading"] = (f"far from isometry: condition number {cond:.3g}, "
                           f"{out['fraction_within_2x']:.0%} of singular values within a factor 2 of 1")

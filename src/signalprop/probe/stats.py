@@ -8,6 +8,7 @@ device until the end of the pass (one transfer, no per-layer sync).
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -25,37 +26,71 @@ def _finite_part(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def forward_moments(y: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Mean, variance and second moment over the finite entries; non-finite share."""
-    yf, finite = _finite_part(y)
+    """Mean, variance and second moment over the finite entries; non-finite share.
+
+    Fast path: a mean and a vector norm (both vectorized; ``torch.var_mean``
+    is ~100x slower on CPU), finite exactly when every entry is (and no
+    square overflows).  Only otherwise are the entries masked, in float64 --
+    the rare case, so its cost does not matter.
+    """
+    mean = y.mean()
+    m2 = torch.linalg.vector_norm(y).square() / max(y.numel(), 1)
+    if bool(torch.isfinite(m2 + mean)):
+        return {"forward_mean": mean, "forward_second_moment": m2, "forward_var": (m2 - mean * mean).clamp_min(0),
+                "nonfinite_fraction": torch.zeros((), device=y.device)}
+    yf, finite = _finite_part(y.double())
     n = finite.sum().clamp_min(1)
     mean = yf.sum() / n
     m2 = (yf * yf).sum() / n
     return {"forward_mean": mean, "forward_second_moment": m2, "forward_var": (m2 - mean * mean).clamp_min(0),
-            "nonfinite_fraction": 1.0 - finite.float().mean()}
+            "nonfinite_fraction": 1.0 - finite.double().mean()}
 
 
 def grad_moments(g: torch.Tensor) -> dict[str, torch.Tensor]:
-    gf, finite = _finite_part(g)
+    """Mean square of a gradient over its finite entries, and the non-finite share."""
+    ms = torch.linalg.vector_norm(g).square() / max(g.numel(), 1)
+    if bool(torch.isfinite(ms)):
+        return {"grad_ms": ms, "grad_nonfinite_fraction": torch.zeros((), device=g.device)}
+    gf, finite = _finite_part(g.double())
     n = finite.sum().clamp_min(1)
-    return {"grad_ms": (gf * gf).sum() / n, "grad_nonfinite_fraction": 1.0 - finite.float().mean()}
+    return {"grad_ms": (gf * gf).sum() / n, "grad_nonfinite_fraction": 1.0 - finite.double().mean()}
 
 
-# Derivative of a bounded activation written in terms of its output y, divided
-# by the derivative's maximum.
-_RELATIVE_DERIV: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "tanh": lambda y: 1.0 - y * y,
-    "sigmoid": lambda y: 4.0 * y * (1.0 - y),
-    "softsign": lambda y: (1.0 - y.abs()) ** 2,
-    "hardtanh": lambda y: (y.abs() < 1.0).float(),
+# Shares (saturation) are estimated on at most this many evenly strided
+# entries: standard error <= 0.5 / sqrt(16384) = 0.4%, and the cost of a
+# share stops growing with the layer's size.
+SHARE_SAMPLE = 16384
+
+
+def _subsample(y: torch.Tensor) -> torch.Tensor:
+    flat = y.reshape(-1)
+    step = -(-flat.numel() // SHARE_SAMPLE)
+    return flat[::step] if step > 1 else flat
+
+
+# A bounded activation's relative derivative phi'(x) / max phi' falls below the
+# threshold exactly where its output is far enough from the centre c:
+# |y - c| > t.  Written on the output so that one comparison decides it.
+_SATURATED_BEYOND: dict[str, tuple[float, float]] = {
+    "tanh": (0.0, math.sqrt(1.0 - SATURATION_THRESHOLD)),  # 1 - y^2 < thr
+    "sigmoid": (0.5, 0.5 * math.sqrt(1.0 - SATURATION_THRESHOLD)),  # 4 y (1 - y) < thr
+    "softsign": (0.0, 1.0 - math.sqrt(SATURATION_THRESHOLD)),  # (1 - |y|)^2 < thr
+    "hardtanh": (0.0, 1.0 - 1e-7),  # derivative 0 where the output is clipped to +-1
 }
 
 
 def saturation(kind: str) -> Stat | None:
     """Share of units whose activation derivative is below the threshold."""
-    d = _RELATIVE_DERIV.get(kind)
-    if d is None:
+    if kind not in _SATURATED_BEYOND:
         return None
-    return lambda y: {"saturation": (d(y) < SATURATION_THRESHOLD).float().mean()}
+    c, t = _SATURATED_BEYOND[kind]
+
+    def stat(y: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = _subsample(y)
+        z = z if c == 0.0 else z - c
+        return {"saturation": torch.count_nonzero(z.abs() > t) / max(z.numel(), 1)}
+
+    return stat
 
 
 def dead_units(y: torch.Tensor) -> dict[str, torch.Tensor]:

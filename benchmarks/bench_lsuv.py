@@ -1,0 +1,67 @@
+"""signalprop.init.lsuv_ vs the PyPI ``lsuv`` package on a 50-layer net: forward
+passes and time, plus each layer's output variance on the calibration batch."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import signalprop as sp
+from _util import write
+from signalprop.lab.models import DeepMLP
+
+
+def _count_passes(model: nn.Module) -> list[int]:
+    n = [0]
+    model.register_forward_pre_hook(lambda *a: n.__setitem__(0, n[0] + 1))
+    return n
+
+
+def _worst_var(model: nn.Module, x: torch.Tensor) -> float:
+    vs = []
+    hs = [m.register_forward_hook(lambda mod, a, o: vs.append(float(o.var(unbiased=False))))
+          for m in model.modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        model(x)
+    for h in hs:
+        h.remove()
+    return max(abs(v - 1.0) for v in vs)
+
+
+def main(out: Path, repeat: int) -> dict:
+    from lsuv.lsuvinit import LSUVinit
+
+    x = torch.randn(256, 128, generator=torch.Generator().manual_seed(0))
+    rows = {}
+    for name in ("signalprop", "pypi_lsuv"):
+        times, passes, worst = [], 0, 0.0
+        for r in range(repeat):
+            torch.manual_seed(r)
+            m = DeepMLP(50, 128, "relu", 128, 10)
+            n = _count_passes(m)
+            t = time.perf_counter()
+            if name == "signalprop":
+                sp.init.lsuv_(m, x, tol=0.05, generator=torch.Generator().manual_seed(r))
+            else:
+                LSUVinit(m, x, needed_std=1.0, std_tol=0.05, max_attempts=10, do_orthonorm=True, verbose=False)
+            times.append(time.perf_counter() - t)
+            passes, worst = n[0], _worst_var(m, x)
+        times.sort()
+        rows[name] = {"median_s": times[len(times) // 2], "forward_passes": passes,
+                      "worst_abs_var_error": worst}
+    rows["time_ratio"] = rows["signalprop"]["median_s"] / rows["pypi_lsuv"]["median_s"]
+    rows["passes_ratio"] = rows["signalprop"]["forward_passes"] / rows["pypi_lsuv"]["forward_passes"]
+    write(out, "bench_lsuv", rows)
+    return rows
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--repeat", type=int, default=5)
+    a = ap.parse_args()
+    print(main(a.out, a.repeat))
