@@ -39,3 +39,14 @@ def write(out: Path, name: str, rows: dict[str, Any]) -> Path:
     path = out / f"{name}.json"
     path.write_text(json.dumps(rows, indent=2))
     return path
+
+
+def run_cli(main: Callable[[Path, int], dict], repeat: int = 5) -> None:
+    """The command line every benchmark shares: --out DIR, --repeat N; prints the rows."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--repeat", type=int, default=repeat)
+    a = ap.parse_args()
+    print(json.dumps(main(a.out, a.repeat), indent=1))

@@ -3,14 +3,13 @@ Target: ratio <= 1.3 without spectrum (Cockpit's cheapest configuration costs 1.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
+from _util import interleaved, run_cli, write
 from torch import nn
 
 import signalprop as sp
-from _util import interleaved, write
 from signalprop.lab.models import DeepMLP
 
 
@@ -53,8 +52,4 @@ def main(out: Path, repeat: int) -> dict:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    ap.add_argument("--repeat", type=int, default=5)
-    a = ap.parse_args()
-    print(main(a.out, a.repeat))
+    run_cli(main, 5)

@@ -3,14 +3,13 @@ and orthogonal_ on 4096 x 4096 vs torch's.  Target ratio <= 1.1."""
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
+from _util import interleaved, run_cli, write
 from torch import nn
 
 import signalprop as sp
-from _util import interleaved, write
 
 
 def big_model() -> nn.Module:
@@ -44,9 +43,4 @@ def main(out: Path, repeat: int) -> dict:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    ap.add_argument("--repeat", type=int, default=5)
-    a = ap.parse_args()
-    r = main(a.out, a.repeat)
-    print({k: (round(v["ratio"], 3) if isinstance(v, dict) else v) for k, v in r.items()})
+    run_cli(main, 5)

@@ -3,15 +3,14 @@ passes and time, plus each layer's output variance on the calibration batch."""
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 import torch
+from _util import run_cli, write
 from torch import nn
 
 import signalprop as sp
-from _util import write
 from signalprop.lab.models import DeepMLP
 
 
@@ -60,8 +59,4 @@ def main(out: Path, repeat: int) -> dict:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    ap.add_argument("--repeat", type=int, default=5)
-    a = ap.parse_args()
-    print(main(a.out, a.repeat))
+    run_cli(main, 5)

@@ -3,12 +3,11 @@ Targets: one solve <= 20 ms; the grid <= 2 s."""
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
+from _util import median_time, run_cli, write
 
-from _util import median_time, write
 from signalprop import theory
 
 
@@ -34,8 +33,4 @@ def main(out: Path, repeat: int) -> dict:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    ap.add_argument("--repeat", type=int, default=7)
-    a = ap.parse_args()
-    print(main(a.out, a.repeat))
+    run_cli(main, 7)

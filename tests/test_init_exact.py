@@ -1,7 +1,6 @@
 """Exact properties, reproducibility, dtype/device preservation, edge cases and errors."""
 
 import math
-import warnings
 
 import pytest
 import torch

@@ -160,7 +160,17 @@ def run_depth(cfg: DepthConfig, out: Path, progress: Any = None) -> dict[str, An
         cell = _cell(cfg, data, act, init, depth, progress)
         path.write_text(json.dumps(_clean({"key": key, "cell": cell})))
         cells.append(cell)
-    residual = _residual_cells(cfg, data, progress) if cfg.residual_blocks else []
+    residual: list[dict[str, Any]] = []
+    if cfg.residual_blocks:
+        path = cells_dir / f"residual-b{cfg.residual_blocks}.json"
+        rkey = {**key, "residual": json.loads(json.dumps([cfg.residual_blocks, cfg.residual_steps,
+                                                            cfg.residual_lrs]))}
+        cached = json.loads(path.read_text()) if path.exists() else {}
+        if cached.get("key") == rkey:
+            residual = cached["cells"]
+        else:
+            residual = _residual_cells(cfg, data, progress)
+            path.write_text(json.dumps(_clean({"key": rkey, "cells": residual})))
     chance = 1.0 / data.n_classes
     headline = [f"{c['act']:<8} {c['init']:<15} depth {c['depth']:>5}: test {c['test_acc']:.1%} "
                 f"(lr {c['best_lr']:.2g}), grad ratio at init {_g(c['grad_ratio'])}" for c in cells]
@@ -176,7 +186,11 @@ def run_depth(cfg: DepthConfig, out: Path, progress: Any = None) -> dict[str, An
 
 
 def _g(v: Any) -> str:
-    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.3g}"
+    """Format a ratio; cached cells store non-finite floats as strings ("inf")."""
+    if v is None:
+        return "-"
+    v = float(v)
+    return f"{v:.3g}" if math.isfinite(v) else str(v)
 
 
 register(Experiment("depth", "plain MLPs 10 to 10,000 layers deep on digits: which initialization trains "

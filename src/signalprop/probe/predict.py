@@ -51,7 +51,7 @@ def predictions(rows: list[Row], layers: list[LayerStats], inp: dict[str, Any]) 
     widths = [_width(chain[0][0].module, "in")]  # type: ignore[arg-type]
     sw2, sb2 = [], []
     with torch.no_grad():
-        for w, a in chain:
+        for w, _ in chain:
             m = w.module
             if _width(m, "in") != widths[-1]:  # type: ignore[arg-type]
                 return None

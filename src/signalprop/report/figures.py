@@ -83,7 +83,8 @@ def plot_depth_sweep(cells: list[dict[str, Any]], path: Path, chance: float) -> 
         i, j = rows.index((c["act"], c["init"])), depths.index(c["depth"])
         acc[i, j] = c["test_acc"]
         r = c.get("grad_ratio")
-        ratio[i, j] = np.log10(r) if r not in (None, 0) and np.isfinite(r) and r > 0 else np.nan
+        r = float(r) if r is not None else np.nan  # cached cells keep "inf" as a string
+        ratio[i, j] = np.log10(r) if np.isfinite(r) and r > 0 else np.nan
     acts = sorted({a for a, _ in rows})
     fig, axes = plt.subplots(1, 2 + len(acts), figsize=(6 + 4.2 * (1 + len(acts)), 0.35 * len(rows) + 2.5))
     labels = [f"{a} / {i}" for a, i in rows]
