@@ -20,7 +20,6 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "init": ("signalprop.init", None),
     "theory": ("signalprop.theory", None),
     "probe": ("signalprop.probe", None),
-    "monitor": ("signalprop.monitor", None),
     "lab": ("signalprop.lab", None),
     "report": ("signalprop.report", None),
     "check": ("signalprop.probe.check", "check"),
@@ -31,10 +30,10 @@ _LAZY: dict[str, tuple[str, str | None]] = {
 }
 
 __all__ = ["InitSummary", "LayerStats", "Problem", "Report", "__version__", "activations", "check",
-           "init", "lab", "monitor", "probe", "report", "theory"]
+           "init", "lab", "probe", "report", "theory"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import activations, init, lab, monitor, probe, report, theory
+    from . import activations, init, lab, probe, report, theory
     from .probe.check import Report, check
     from .records import InitSummary, LayerStats, Problem
 
