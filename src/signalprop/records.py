@@ -7,7 +7,7 @@ them.  Each has ``to_dict()`` so that JSON output is one ``json.dumps`` away.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 
@@ -157,12 +157,8 @@ class Problem:
 VERDICTS = ("healthy", "vanishing", "exploding", "saturated", "dead", "non-finite")
 
 
-def field_names(cls: type) -> list[str]:
-    return [f.name for f in fields(cls)]
-
-
 __all__ = ["InitSummary", "LayerInit", "LayerStats", "ParamInit", "Problem", "Report", "VERDICTS",
-           "text_table", "field_names"]
+           "text_table"]
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..records import InitSummary, ParamInit
 from .defaults import torch_default_
-from .fans import ParamSpec, param_specs
+from .fans import _CONV, ParamSpec, param_specs
 from .gains import gain as _gain
 from .orthogonal import delta_orthogonal_
 from .schemes import variance_scaling_
@@ -73,8 +73,7 @@ def _plan_param(full: str, spec: ParamSpec, scheme: str, std_naive: float | None
     s = SCHEMES[scheme]
     fan = {"fan_in": fans[0], "fan_out": fans[1], "fan_avg": (fans[0] + fans[1]) / 2}[s.mode]
     std = g / math.sqrt(fan)
-    if scheme == "delta_orthogonal" and t.dim() >= 3 and isinstance(owner, nn.modules.conv._ConvNd) \
-            and not owner.transposed:
+    if scheme == "delta_orthogonal" and t.dim() >= 3 and isinstance(owner, _CONV):
         if t.shape[1] > t.shape[0]:
             raise ValueError(f"{full}: delta_orthogonal needs out_channels >= in_channels, got shape "
                              f"{tuple(t.shape)}; use 'orthogonal' for this model")

@@ -12,7 +12,7 @@ from .. import activations as _act
 from ..records import InitSummary, LayerInit, ParamInit
 from ..theory.critical import CriticalPoint, critical_point
 from .detect import WeightLayer, weight_layers
-from .fans import param_specs
+from .fans import _CONVT, param_specs
 from .orthogonal import _orthogonal_fill
 
 
@@ -45,7 +45,7 @@ def _draw(layer: WeightLayer, sigma_w2: float, sigma_b2: float, mean: float | No
     centered = mean is not None and not has_bias
     out_ch, in_ch = w.shape[0], w.shape[1]
     fan_in = w[0].numel()
-    transposed = isinstance(m, nn.modules.conv._ConvNd) and m.transposed
+    transposed = isinstance(m, _CONVT)
     with torch.no_grad():
         if w.dim() > 2 and not transposed and out_ch >= in_ch and getattr(m, "groups", 1) == 1:
             # Xiao et al. (2018): orthogonal centre tap; per-unit second moment scales by g^2 in/out

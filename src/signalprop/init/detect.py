@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from .. import activations as _act
+from .fans import WEIGHT_LAYERS
 
-WEIGHT_LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
 # Modules that pass the signal through unchanged at initialization, as far
 # as the choice of scale is concerned.
 NEUTRAL = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
@@ -29,7 +29,6 @@ class WeightLayer:
     out_act: _act.Activation | None  # the activation applied to its output (None: none/unknown)
     in_act: _act.Activation | None  # the activation that produced its input
     input_second_moment: float | None = None
-    first: bool = False  # nothing but neutral modules before it: it sees the data
 
 
 def _sequence_from_pass(model: nn.Module, inputs: Any) -> list[tuple[str, nn.Module | None, _act.Activation | None, float | None]]:
@@ -71,7 +70,6 @@ def weight_layers(model: nn.Module, inputs: Any = None,
     layers: list[WeightLayer] = []
     seen: set[int] = set()
     prev_act: _act.Activation | None = None
-    prev_is_data = True
     for i, (name, m, act, m2) in enumerate(seq):
         if isinstance(m, WEIGHT_LAYERS):
             out_act = None
@@ -82,14 +80,13 @@ def weight_layers(model: nn.Module, inputs: Any = None,
                 if not isinstance(m2_, NEUTRAL):
                     break
             if id(m) not in seen:  # a module called twice is initialized once
-                layers.append(WeightLayer(name, m, out_act, prev_act, m2, prev_is_data))
+                layers.append(WeightLayer(name, m, out_act, prev_act, m2))
                 seen.add(id(m))
-            prev_act, prev_is_data = None, False
+            prev_act = None
         elif act is not None:
             prev_act = act
-            prev_is_data = False
         elif not isinstance(m, NEUTRAL):
-            prev_act, prev_is_data = None, False
+            prev_act = None
     if activation is not None:
         mapping = activation if isinstance(activation, dict) else None
         for l in layers:

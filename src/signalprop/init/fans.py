@@ -67,6 +67,8 @@ def tensor_fans(t: torch.Tensor) -> tuple[int, int]:
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+CONVS = _CONV + _CONVT  # every convolution, named by its public classes
+WEIGHT_LAYERS = (nn.Linear,) + CONVS
 _NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm,
          nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.RMSNorm)
 _RNN_GATES = {"LSTM": 4, "GRU": 3}

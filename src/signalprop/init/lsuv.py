@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from ..records import InitSummary, LayerInit
+from .fans import _CONVT, WEIGHT_LAYERS
 from .orthogonal import _orthogonal_fill
 
-_LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
+_LAYERS = WEIGHT_LAYERS
 
 
 def _channel_dim(m: nn.Module) -> int:
@@ -99,7 +100,7 @@ def lsuv_(model: nn.Module, inputs: Any, *, target: float = 1.0, tol: float = 0.
         w: torch.Tensor = m.weight  # type: ignore[assignment]
         b = getattr(m, "bias", None)
         with torch.no_grad():
-            out_dim = 1 if (isinstance(m, nn.modules.conv._ConvNd) and m.transposed) else 0
+            out_dim = 1 if isinstance(m, _CONVT) else 0
             sw = _view(s, w, out_dim) if per_channel else s
             w.mul_(sw.to(w.dtype))
             sy = _view(s, out, dim) if per_channel else s

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import torch
 
 from ._checks import check_tensor

@@ -13,9 +13,11 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .fans import WEIGHT_LAYERS
+
 ResidualMode = Literal["fixup", "skipinit"]
 _MODES = ("fixup", "skipinit")
-_WEIGHTS = (nn.Linear, nn.modules.conv._ConvNd)
+_WEIGHTS = WEIGHT_LAYERS
 
 
 def mark_residual(module: nn.Module) -> nn.Module:

@@ -53,8 +53,9 @@ def run_demo(cfg: DemoConfig, out: Path, progress: Any = None) -> dict[str, Any]
             progress.advance(0, description=f"training ({_LABEL.get(init, init)})")
         b = build(spec, init=init, seed=cfg.seed, batch=cfg.batch)
         if init == "critical":  # calibrate on real inputs, not on the builder's random ones
-            from ..init import critical_
             import torch
+
+            from ..init import critical_
 
             critical_(b.model, probe_batch, generator=torch.Generator().manual_seed(cfg.seed))
         before = check(b.model, probe_batch)

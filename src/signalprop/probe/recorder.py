@@ -20,7 +20,8 @@ from torch.overrides import TorchFunctionMode
 from .. import activations as _act
 from . import stats as S
 
-_WEIGHT_LAYERS = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd)
+_WEIGHT_LAYERS = (nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
+                  nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 # Functions recognised as activations when called inside a forward: name per function.
 _FUNCTIONAL: dict[Callable[..., Any], str] = {}

@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-
 from .. import activations as _act
 from .gaussian import expect
 from .maps import Q_MIN, fixed_point
