@@ -75,19 +75,29 @@ def _cotangent(t: torch.Tensor) -> torch.Tensor:
 
 
 def _finalise(rows: list[Row]) -> list[dict[str, Any]]:
-    """Move all 0-d statistics to Python floats in one transfer."""
-    keys: list[tuple[int, str, str]] = []
-    vals: list[torch.Tensor] = []
-    for i, r in enumerate(rows):
-        for part, d in (("fwd", r.fwd), ("bwd", r.bwd)):
-            for k, v in d.items():
-                keys.append((i, part, k))
-                vals.append(v.detach().double().reshape(()).cpu())  # float32 would overflow ms > 3e38
+    """All statistics as Python floats: 0-d tensors are stacked per device and
+    dtype and moved in one transfer each (no per-layer sync); then the
+    derived moments are formed in float64, where squares cannot overflow."""
     out: list[dict[str, Any]] = [{} for _ in rows]
-    if vals:
-        flat = torch.stack(vals).tolist()
-        for (i, _, k), v in zip(keys, flat):
+    groups: dict[tuple[Any, Any], list[tuple[int, str, torch.Tensor]]] = {}
+    for i, r in enumerate(rows):
+        for d in (r.fwd, r.bwd):
+            for k, v in d.items():
+                if isinstance(v, torch.Tensor):
+                    groups.setdefault((v.device, v.dtype), []).append((i, k, v))
+                else:
+                    out[i][k] = float(v)
+    for items in groups.values():
+        flat = torch.stack([v for _, _, v in items]).double().cpu().tolist()  # 0-d, made under no_grad
+        for (i, k, _), v in zip(items, flat):
             out[i][k] = v
+    for d in out:
+        if "forward_norm" in d:
+            m2 = d.pop("forward_norm") ** 2 / d.pop("forward_n")
+            d["forward_second_moment"] = m2
+            d["forward_var"] = max(m2 - d["forward_mean"] ** 2, 0.0)
+        if "grad_norm" in d:
+            d["grad_ms"] = d.pop("grad_norm") ** 2 / d.pop("grad_n")
     return out
 
 

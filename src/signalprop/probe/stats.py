@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-Stat = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+Stat = Callable[[torch.Tensor], dict[str, torch.Tensor | float]]
 
 # A unit is saturated where its activation's derivative is below 1% of the
 # derivative's maximum: tanh |x| > 2.99, sigmoid |x| > 5.99, softsign |x| > 9.
@@ -25,35 +25,34 @@ def _finite_part(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device)), finite
 
 
-def forward_moments(y: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Mean, variance and second moment over the finite entries; non-finite share.
+def forward_moments(y: torch.Tensor) -> dict[str, torch.Tensor | float]:
+    """Mean and norm (second moment = norm^2 / n, formed later in float64) over
+    the finite entries, and the non-finite share.
 
-    Fast path: a mean and a vector norm (both vectorized; ``torch.var_mean``
-    is ~100x slower on CPU), finite exactly when every entry is (and no
-    square overflows).  Only otherwise are the entries masked, in float64 --
-    the rare case, so its cost does not matter.
+    Fast path: a mean and a vector norm, both vectorized (``torch.var_mean``
+    is ~100x slower on CPU) and finite exactly when every entry is.  Only
+    otherwise are the entries masked, in float64 -- the rare case.
     """
     mean = y.mean()
-    m2 = torch.linalg.vector_norm(y).square() / max(y.numel(), 1)
-    if bool(torch.isfinite(m2 + mean)):
-        return {"forward_mean": mean, "forward_second_moment": m2, "forward_var": (m2 - mean * mean).clamp_min(0),
-                "nonfinite_fraction": torch.zeros((), device=y.device)}
+    norm = torch.linalg.vector_norm(y)
+    if bool(torch.isfinite(norm + mean)):
+        return {"forward_mean": mean, "forward_norm": norm, "forward_n": float(max(y.numel(), 1)),
+                "nonfinite_fraction": 0.0}
     yf, finite = _finite_part(y.double())
     n = finite.sum().clamp_min(1)
-    mean = yf.sum() / n
-    m2 = (yf * yf).sum() / n
-    return {"forward_mean": mean, "forward_second_moment": m2, "forward_var": (m2 - mean * mean).clamp_min(0),
+    return {"forward_mean": yf.sum() / n, "forward_norm": torch.linalg.vector_norm(yf), "forward_n": n,
             "nonfinite_fraction": 1.0 - finite.double().mean()}
 
 
-def grad_moments(g: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Mean square of a gradient over its finite entries, and the non-finite share."""
-    ms = torch.linalg.vector_norm(g).square() / max(g.numel(), 1)
-    if bool(torch.isfinite(ms)):
-        return {"grad_ms": ms, "grad_nonfinite_fraction": torch.zeros((), device=g.device)}
+def grad_moments(g: torch.Tensor) -> dict[str, torch.Tensor | float]:
+    """Norm of a gradient over its finite entries (mean square = norm^2 / n),
+    and the non-finite share."""
+    norm = torch.linalg.vector_norm(g)
+    if bool(torch.isfinite(norm)):
+        return {"grad_norm": norm, "grad_n": float(max(g.numel(), 1)), "grad_nonfinite_fraction": 0.0}
     gf, finite = _finite_part(g.double())
-    n = finite.sum().clamp_min(1)
-    return {"grad_ms": (gf * gf).sum() / n, "grad_nonfinite_fraction": 1.0 - finite.double().mean()}
+    return {"grad_norm": torch.linalg.vector_norm(gf), "grad_n": finite.sum().clamp_min(1),
+            "grad_nonfinite_fraction": 1.0 - finite.double().mean()}
 
 
 # Shares (saturation) are estimated on at most this many evenly strided
