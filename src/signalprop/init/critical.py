@@ -75,15 +75,6 @@ def _draw(layer: WeightLayer, sigma_w2: float, sigma_b2: float, mean: float | No
     return kind + (" (mean-annihilating)" if centered else "")
 
 
-def _mean(a: _act.Activation, c: CriticalPoint) -> float | None:
-    """E[phi(sqrt(q*) z)] when the critical point was taken for the centered map."""
-    if not c.centered:
-        return None
-    from ..theory.gaussian import expect
-
-    return float(expect(a.phi, c.q_star, a.kinks))
-
-
 def critical_(model: nn.Module, inputs: Any = None, *, activation: Any = None,
               generator: torch.Generator | None = None, isometry: float = 0.25,
               q_star: float | None = None, residual: str | None = None) -> InitSummary:
@@ -138,7 +129,8 @@ def critical_(model: nn.Module, inputs: Any = None, *, activation: Any = None,
         out_cp = cp(l.out_act) if l.out_act is not None else None
         if l.in_act is not None:  # fed by an activation: its critical point
             c = cp(l.in_act)
-            plan.append((l, c.sigma_w2, c.sigma_b2, _mean(l.in_act, c), c, "critical line of the input activation"))
+            mean = c.mean if c.centered else None
+            plan.append((l, c.sigma_w2, c.sigma_b2, mean, c, "critical line of the input activation"))
         else:  # fed by data or an unknown module: land on the next activation's q*
             m2 = l.input_second_moment if l.input_second_moment else 1.0
             target = out_cp.q_star if out_cp is not None else m2

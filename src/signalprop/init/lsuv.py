@@ -20,7 +20,6 @@ from ..records import InitSummary, LayerInit
 from .fans import _CONVT, WEIGHT_LAYERS
 from .orthogonal import _orthogonal_fill
 
-_LAYERS = WEIGHT_LAYERS
 
 
 def _channel_dim(m: nn.Module) -> int:
@@ -65,10 +64,8 @@ def lsuv_(model: nn.Module, inputs: Any, *, target: float = 1.0, tol: float = 0.
     if not (target > 0 and 0 < tol < 1 and max_iter >= 1):
         raise ValueError(f"need target > 0, 0 < tol < 1 and max_iter >= 1; got target={target}, tol={tol}, "
                          f"max_iter={max_iter}")
-    if mean_correction and per_channel is None:
-        raise ValueError("per_channel must be a bool")
     names = {m: n for n, m in model.named_modules()}
-    layers = [m for m in model.modules() if isinstance(m, _LAYERS)]
+    layers = [m for m in model.modules() if isinstance(m, WEIGHT_LAYERS)]
     if not layers:
         raise ValueError(f"{type(model).__name__} has no Linear or Conv layers for LSUV")
     saved = [(p, p.detach().clone()) for m in layers for p in m.parameters(recurse=False)]

@@ -17,7 +17,6 @@ from .fans import WEIGHT_LAYERS
 
 ResidualMode = Literal["fixup", "skipinit"]
 _MODES = ("fixup", "skipinit")
-_WEIGHTS = WEIGHT_LAYERS
 
 
 def mark_residual(module: nn.Module) -> nn.Module:
@@ -73,9 +72,11 @@ def scale_residual_(model: nn.Module, mode: ResidualMode = "fixup") -> list[str]
                          "wrap them in ScaledResidual, or name the submodule 'branch'")
     L = len(branches)
     notes = []
+    m_counts: set[int] = set()
     with torch.no_grad():
         for name, br, parent in branches:
-            ws = [m for m in br.modules() if isinstance(m, _WEIGHTS)]
+            ws = [m for m in br.modules() if isinstance(m, WEIGHT_LAYERS)]
+            m_counts.add(len(ws))
             if mode == "skipinit" and parent is not None:
                 parent.alpha.zero_()  # type: ignore[union-attr, operator]
                 continue
@@ -90,9 +91,8 @@ def scale_residual_(model: nn.Module, mode: ResidualMode = "fixup") -> list[str]
                 f = L ** (-1.0 / (2 * len(ws) - 2))
                 for m in ws[:-1]:
                     m.weight.mul_(f)
-    m_counts = sorted({len([m for m in b.modules() if isinstance(m, _WEIGHTS)]) for _, b, _ in branches})
     notes.insert(0, f"{mode}: {L} residual branches" + (
-        f", inner weights x L^(-1/(2m-2)) with m in {m_counts}, last layer zero" if mode == "fixup" else ""))
+        f", inner weights x L^(-1/(2m-2)) with m in {sorted(m_counts)}, last layer zero" if mode == "fixup" else ""))
     return notes
 
 

@@ -49,6 +49,7 @@ class CriticalPoint:
     centered: bool
     slope: float  # d qmap / dq at q*: < 1 means q* attracts
     spread: float  # predicted variance of J J^T's eigenvalues at the depth asked (orthogonal weights)
+    mean: float = 0.0  # E[phi(sqrt(q*) z)]: what the next layer removes when centered
     note: str = ""
 
 
@@ -58,6 +59,8 @@ def _stats(a: _act.Activation, q: np.ndarray) -> dict[str, np.ndarray]:
     p, d = a.phi(x), a.dphi(x)
     d2 = d * d
     return {"m1": np.sum(w * p, -1), "m2": np.sum(w * p * p, -1), "d2": np.sum(w * d2, -1),
+            # d E[phi] / dq = E[phi'(x) x] / (2q) (Stein)
+            "dm1": np.sum(w * d * x, -1) / (2.0 * q),
             "d4": np.sum(w * d2 * d2, -1), "pdx": np.sum(w * p * d * x, -1) / q}
 
 
@@ -78,8 +81,7 @@ def critical_point(act: Any, *, depth: int = 1, isometry: float = 0.25, q_star: 
     sw2 = 1.0 / s["d2"]
     sb2 = qs - sw2 * m
     # d/dq of the (centered) length map: sigma_w2 (E[phi phi' x]/q - [2 E[phi] E[phi' x]/(2q)])
-    dm1 = _mean_slope(a, qs)
-    slope = sw2 * (s["pdx"] - np.where(cen, 2.0 * s["m1"] * dm1, 0.0))
+    slope = sw2 * (s["pdx"] - np.where(cen, 2.0 * s["m1"] * s["dm1"], 0.0))
     spread = depth * (s["d4"] / s["d2"] ** 2 - 1.0)
     ok = (sb2 >= -1e-12 * qs) & (slope < 1.0 + 1e-9) & np.isfinite(sw2)
     if not ok.any():
@@ -98,14 +100,7 @@ def critical_point(act: Any, *, depth: int = 1, isometry: float = 0.25, q_star: 
                 f"at every q*, so the Jacobian spread grows as {float(np.min(spread[ok]) / depth):.3g} x depth")
     chi = float(sw2[i] * s["d2"][i])
     return CriticalPoint(a.name, float(qs[i]), float(sw2[i]), float(max(sb2[i], 0.0)), chi, bool(cen[i]),
-                         float(slope[i]), float(spread[i]), note)
-
-
-def _mean_slope(a: _act.Activation, q: np.ndarray) -> np.ndarray:
-    """d E[phi(sqrt(q) z)] / dq = E[phi'(x) x] / (2q) (Stein)."""
-    q = np.maximum(q, Q_MIN)
-    x, w = nodes_1d(q, a.kinks, N_1D)
-    return np.sum(w * a.dphi(x) * x, -1) / (2.0 * q)
+                         float(slope[i]), float(spread[i]), float(s["m1"][i]), note)
 
 
 __all__ = ["CriticalPoint", "critical_point"]
