@@ -37,9 +37,9 @@ def main(out: Path) -> dict:
         m = m.to(dtype)
         t0 = time.perf_counter()
         r = sp.check(m, x.to(dtype), spectrum=dtype == torch.float32)
-        res["checks"][f"check {dtype}"] = {"verdict": r.verdict, "ratio": r.summary["first_last_grad_ratio"],
+        res["checks"][f"check {dtype}"] = {"verdict": r.verdict, "ratio": r.summary.first_last_grad_ratio,
                                            "seconds": time.perf_counter() - t0, "q_star": s.layers[1].q_star,
-                                           "spectrum": None if r.spectrum is None else r.spectrum["reading"]}
+                                           "spectrum": None if r.spectrum is None else r.spectrum.reading}
         assert all(p.device.type == "cuda" and p.dtype == dtype for p in m.parameters())
     m = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(inplace=True), nn.Conv2d(16, 16, 3)).to(dev)
     s = sp.init.lsuv_(m, torch.randn(32, 3, 16, 16, device=dev), generator=torch.Generator(device=dev).manual_seed(0))

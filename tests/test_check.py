@@ -40,7 +40,7 @@ def test_relu_xavier_vanishes_like_two_to_the_minus_depth():
     the first/last ratio of gradient RMS is ~ 2^(-(L-2)/2); within a factor 10."""
     r = sp.check(mlp(50, 256, "relu", "xavier_normal"), x_of(64, 256))
     assert r.verdict == "vanishing"
-    ratio = r.summary["first_last_grad_ratio"]
+    ratio = r.summary.first_last_grad_ratio
     expected = 2 ** (-(49 - 1) / 2)  # 48 hidden-to-hidden steps between the first and last hidden layer
     assert expected / 10 < ratio < expected * 10
     assert "kaiming_normal_" in r.problems[0].suggestion
@@ -107,7 +107,7 @@ def test_measured_second_moments_match_theory():
     layer, carried along; one net)."""
     m = mlp(10, 1024, "tanh", "kaiming_normal")
     r = sp.check(m, x_of(128, 1024))
-    assert r.summary["theory"]
+    assert r.summary.theory
     rows = [l for l in r.layers if l.predicted_second_moment is not None]
     assert len(rows) == len(r.layers)
     for l in rows:
@@ -282,7 +282,7 @@ def test_loss_fn_and_targets():
     m = mlp(4, 32, "tanh", "xavier_normal")
     y = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(0))
     r = sp.check(m, x_of(16, 32), loss_fn=F.cross_entropy, targets=y)
-    assert r.summary["backprop"].startswith("loss cross_entropy")
+    assert r.summary.backprop.startswith("loss cross_entropy")
 
 
 def test_ten_thousand_layers_memory_is_per_layer_scalars():
@@ -311,17 +311,17 @@ def test_spectrum_exact_and_lanczos_agree(monkeypatch):
 
     monkeypatch.setattr(S, "EXACT_MAX_ENTRIES", 10)
     lan = sp.check(m, x, spectrum=True).spectrum
-    assert exact["method"] == "exact" and lan["method"].startswith("lanczos")
+    assert exact.method == "exact" and lan.method.startswith("lanczos")
     # Lanczos with 48 steps on a 48-dim input is exact up to rounding
-    assert lan["max_singular_value"] == pytest.approx(exact["max_singular_value"], rel=1e-4)
-    assert lan["min_singular_value"] == pytest.approx(exact["min_singular_value"], rel=1e-3)
+    assert lan.max_singular_value == pytest.approx(exact.max_singular_value, rel=1e-4)
+    assert lan.min_singular_value == pytest.approx(exact.min_singular_value, rel=1e-3)
 
 
 def test_spectrum_of_orthogonal_linear_net_is_isometric():
     m = nn.Sequential(*[nn.Linear(32, 32, bias=False) for _ in range(10)]).double()
     sp.init.apply_(m, "orthogonal", generator=torch.Generator().manual_seed(0))
     s = sp.check(m, x_of(4, 32).double(), spectrum=True).spectrum
-    assert s["min_singular_value"] == pytest.approx(1.0, abs=1e-9)
-    assert s["max_singular_value"] == pytest.approx(1.0, abs=1e-9)
-    assert "dynamical isometry" in s["reading"]
+    assert s.min_singular_value == pytest.approx(1.0, abs=1e-9)
+    assert s.max_singular_value == pytest.approx(1.0, abs=1e-9)
+    assert "dynamical isometry" in s.reading
     _ = math

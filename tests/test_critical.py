@@ -24,7 +24,7 @@ def test_thousand_layers_healthy_with_flat_gradients(act):
     s = sp.init.critical_(m, x, generator=torch.Generator().manual_seed(0))
     r = sp.check(m, x)
     assert r.verdict == "healthy", [p.message for p in r.problems]
-    assert 0.5 <= r.summary["first_last_grad_ratio"] <= 2.0
+    assert 0.5 <= r.summary.first_last_grad_ratio <= 2.0
     assert s.layers[1].q_star == pytest.approx(s.layers[-2].q_star)
 
 

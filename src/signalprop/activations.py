@@ -6,8 +6,12 @@ what kind of activation it is (bounded ones can saturate, rectifiers can die).
 Importing this module never imports torch: the torch counterparts are built
 lazily by :meth:`Activation.torch_fn`.
 
-Adding an activation touches one place: :data:`REGISTRY` (and, for torch
-modules that should be recognised, :func:`from_module`).
+This is the one table of activation facts: the function and its derivative,
+the ``torch.nn`` module class and the functional aliases that compute it
+(how ``probe`` recognises it in a forward pass), whether it is bounded (can
+saturate; the output band where it does is derived here from phi', see
+:func:`saturation_band`) or a rectifier (units can die).  Adding an activation
+touches one place: :data:`REGISTRY`.
 """
 
 from __future__ import annotations
@@ -31,7 +35,15 @@ __all__ = [
     "from_callable",
     "from_module",
     "detect_kinks",
+    "from_call",
+    "saturation_band",
+    "torch_functions",
+    "SATURATION_THRESHOLD",
 ]
+
+# A unit is saturated where its activation's derivative is below this share
+# of the derivative's maximum (tanh |x| > 2.99, sigmoid |x| > 5.99).
+SATURATION_THRESHOLD = 0.01
 
 
 @dataclass(frozen=True)
@@ -43,6 +55,9 @@ class Activation:
     ``rectifier`` those whose output is exactly zero on a half-line (units can
     die).  ``torch_name`` with ``torch_kwargs`` names the ``torch.nn.functional``
     function (or a key of :data:`_TORCH_EXTRA`) that computes the same map.
+    ``module`` (with ``module_kwargs``) is the ``torch.nn`` class computing it,
+    ``functional`` the dotted names of torch callables that do (their
+    parameters are read by :func:`from_call`).
     """
 
     name: str
@@ -59,6 +74,22 @@ class Activation:
     deriv_second_moment: Callable[[Array], Array] | None = None
     # Some callers need the torch form of a user's own callable.
     torch_callable: Callable[[Any], Any] | None = None
+    module: str | None = None
+    module_kwargs: dict[str, Any] = field(default_factory=dict)
+    functional: tuple[str, ...] = ()
+
+    @property
+    def base(self) -> str:
+        """The family name without parameters ("leaky_relu" for "leaky_relu(0.2)")."""
+        return self.name.split("(")[0]
+
+    def torch_module(self) -> Any:
+        """A fresh ``torch.nn`` module computing this activation."""
+        if self.module is None:
+            raise ValueError(f"activation {self.name!r} has no torch.nn module class")
+        from torch import nn
+
+        return getattr(nn, self.module)(**self.module_kwargs)
 
     def __call__(self, x: Array) -> Array:
         return self.phi(np.asarray(x, dtype=float))
@@ -182,12 +213,22 @@ def _hardtanh_dm2(q: Array) -> Array:
     return 2.0 * special.ndtr(t) - 1.0
 
 
+_F = "torch.nn.functional."
+
+
+def _fns(name: str, torch_too: bool = True, inplace: bool = False) -> tuple[str, ...]:
+    """Dotted names of the torch callables computing ``name``."""
+    out = [_F + name] + ([f"torch.{name}", f"torch.Tensor.{name}"] if torch_too else [])
+    return tuple(out + ([f"torch.{name}_", f"torch.Tensor.{name}_"] if inplace else []))
+
+
 def _make_leaky_relu(slope: float = 0.01) -> Activation:
     phi, dphi = _leaky(slope)
     s2 = (1.0 + slope * slope) / 2.0
     return Activation(
         f"leaky_relu({slope:g})", phi, dphi, kinks=(0.0,), rectifier=False,
         torch_name="leaky_relu", torch_kwargs={"negative_slope": slope},
+        module="LeakyReLU", module_kwargs={"negative_slope": slope}, functional=(_F + "leaky_relu",),
         second_moment=lambda q: s2 * np.asarray(q, dtype=float),
         deriv_second_moment=lambda q: s2 + 0.0 * np.asarray(q, dtype=float),
     )
@@ -196,7 +237,8 @@ def _make_leaky_relu(slope: float = 0.01) -> Activation:
 def _make_elu(alpha: float = 1.0) -> Activation:
     phi, dphi = _elu(alpha)
     return Activation(f"elu({alpha:g})", phi, dphi, kinks=(0.0,) if alpha != 1.0 else (),
-                      torch_name="elu", torch_kwargs={"alpha": alpha})
+                      torch_name="elu", torch_kwargs={"alpha": alpha},
+                      module="ELU", module_kwargs={"alpha": alpha}, functional=(_F + "elu",))
 
 
 _relu_phi, _relu_dphi = _leaky(0.0)
@@ -207,35 +249,39 @@ REGISTRY: dict[str, Activation] = {
     for a in [
         Activation("linear", lambda x: np.asarray(x, dtype=float) * 1.0,
                    lambda x: np.ones_like(np.asarray(x, dtype=float)),
-                   torch_name="_identity",
+                   torch_name="_identity", module="Identity",
                    second_moment=lambda q: np.asarray(q, dtype=float),
                    deriv_second_moment=lambda q: np.ones_like(np.asarray(q, dtype=float))),
         Activation("tanh", np.tanh, lambda x: 1.0 - np.tanh(x) ** 2, bounded=True,
-                   torch_name="tanh"),
-        Activation("sigmoid", _sigmoid, _dsigmoid, bounded=True, torch_name="sigmoid"),
+                   torch_name="tanh", module="Tanh", functional=_fns("tanh")),
+        Activation("sigmoid", _sigmoid, _dsigmoid, bounded=True, torch_name="sigmoid",
+                   module="Sigmoid", functional=_fns("sigmoid")),
         Activation("relu", _relu_phi, _relu_dphi, kinks=(0.0,), rectifier=True,
-                   torch_name="relu",
+                   torch_name="relu", module="ReLU", functional=_fns("relu", inplace=True),
                    second_moment=lambda q: 0.5 * np.asarray(q, dtype=float),
                    deriv_second_moment=lambda q: 0.5 + 0.0 * np.asarray(q, dtype=float)),
         _make_leaky_relu(0.01),
         _make_elu(1.0),
         # SELU's derivative jumps at 0 (scale vs scale*alpha).
-        Activation("selu", _selu_phi, _selu_dphi, kinks=(0.0,), torch_name="selu"),
-        Activation("gelu", _gelu, _dgelu, torch_name="gelu"),
+        Activation("selu", _selu_phi, _selu_dphi, kinks=(0.0,), torch_name="selu", module="SELU",
+                   functional=(_F + "selu", "torch.selu")),
+        Activation("gelu", _gelu, _dgelu, torch_name="gelu", module="GELU", functional=(_F + "gelu",)),
         Activation("gelu_tanh", _gelu_tanh, _dgelu_tanh, torch_name="gelu",
-                   torch_kwargs={"approximate": "tanh"}),
-        Activation("silu", _silu, _dsilu, torch_name="silu"),
-        Activation("softplus", _softplus, _sigmoid, torch_name="softplus"),
+                   torch_kwargs={"approximate": "tanh"}, module="GELU",
+                   module_kwargs={"approximate": "tanh"}),
+        Activation("silu", _silu, _dsilu, torch_name="silu", module="SiLU", functional=(_F + "silu",)),
+        Activation("softplus", _softplus, _sigmoid, torch_name="softplus", module="Softplus",
+                   functional=(_F + "softplus",)),
         Activation("erf", special.erf, lambda x: (2.0 / math.sqrt(math.pi)) * np.exp(-x * x),
-                   bounded=True, torch_name="erf",
+                   bounded=True, torch_name="erf", functional=("torch.erf", "torch.Tensor.erf"),
                    second_moment=_erf_m2, deriv_second_moment=_erf_dm2),
         Activation("hardtanh", _hardtanh, _dhardtanh, kinks=(-1.0, 1.0), bounded=True,
-                   torch_name="hardtanh",
+                   torch_name="hardtanh", module="Hardtanh", functional=(_F + "hardtanh",),
                    second_moment=_hardtanh_m2, deriv_second_moment=_hardtanh_dm2),
-        Activation("mish", _mish, _dmish, torch_name="mish"),
+        Activation("mish", _mish, _dmish, torch_name="mish", module="Mish", functional=(_F + "mish",)),
         Activation("softsign", lambda x: x / (1.0 + np.abs(x)),
                    lambda x: 1.0 / (1.0 + np.abs(x)) ** 2, kinks=(0.0,), bounded=True,
-                   torch_name="softsign"),
+                   torch_name="softsign", module="Softsign", functional=(_F + "softsign",)),
     ]
 }
 # Parametrised families: name -> factory(param).
@@ -342,6 +388,18 @@ def from_callable(fn: Callable[[Array], Array], name: str | None = None,
     return Activation(name or getattr(fn, "__name__", "callable"), phi, dphi, kinks=found)
 
 
+# Module classes whose parameters select the entry; every other class maps
+# through REGISTRY's ``module`` field (the default-parameter entry).
+_MODULE_READERS: dict[str, Callable[[Any], Activation | None]] = {
+    "LeakyReLU": lambda m: _make_leaky_relu(float(m.negative_slope)),
+    "ELU": lambda m: _make_elu(float(m.alpha)),
+    "GELU": lambda m: REGISTRY["gelu_tanh" if m.approximate == "tanh" else "gelu"],
+    "Hardtanh": lambda m: REGISTRY["hardtanh"] if (m.min_val, m.max_val) == (-1.0, 1.0) else None,
+    "Softplus": lambda m: REGISTRY["softplus"] if m.beta == 1 and m.threshold >= 20 else None,
+}
+_BY_MODULE = {a.module: a for a in REGISTRY.values() if a.module and a.module not in _MODULE_READERS}
+
+
 def from_module(module: Any) -> Activation | None:
     """The registry entry equal to a torch activation module, or None.
 
@@ -349,22 +407,87 @@ def from_module(module: Any) -> Activation | None:
     parameters (LeakyReLU's slope, ELU's alpha, GELU's ``approximate``).
     """
     cls = type(module).__name__
-    simple = {"ReLU": "relu", "ReLU6": None, "Tanh": "tanh", "Sigmoid": "sigmoid",
-              "SELU": "selu", "SiLU": "silu", "Mish": "mish", "Softsign": "softsign",
-              "Identity": "linear"}
-    if cls in simple:
-        return REGISTRY[simple[cls]] if simple[cls] else None
-    if cls == "LeakyReLU":
-        return _make_leaky_relu(float(module.negative_slope))
-    if cls == "ELU":
-        return _make_elu(float(module.alpha))
-    if cls == "GELU":
-        return REGISTRY["gelu_tanh" if module.approximate == "tanh" else "gelu"]
-    if cls == "Hardtanh" and (module.min_val, module.max_val) == (-1.0, 1.0):
-        return REGISTRY["hardtanh"]
-    if cls == "Softplus" and module.beta == 1 and module.threshold >= 20:
-        return REGISTRY["softplus"]
-    return None
+    if not (type(module).__module__ or "").startswith("torch.nn"):
+        return None
+    if cls in _MODULE_READERS:
+        return _MODULE_READERS[cls](module)
+    return _BY_MODULE.get(cls)
+
+
+def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], i: int, key: str, default: Any) -> Any:
+    return args[i] if len(args) > i else kwargs.get(key, default)
+
+
+# Functional calls whose arguments select the entry (None: not one we model).
+_CALL_READERS: dict[str, Callable[[tuple[Any, ...], dict[str, Any]], Activation | None]] = {
+    "leaky_relu": lambda a, k: _make_leaky_relu(float(_arg(a, k, 1, "negative_slope", 0.01))),
+    "elu": lambda a, k: _make_elu(float(_arg(a, k, 1, "alpha", 1.0))),
+    "gelu": lambda a, k: REGISTRY["gelu_tanh" if k.get("approximate", "none") == "tanh" else "gelu"],
+    "hardtanh": lambda a, k: REGISTRY["hardtanh"] if (float(_arg(a, k, 1, "min_val", -1.0)),
+                                                      float(_arg(a, k, 2, "max_val", 1.0))) == (-1.0, 1.0)
+    else None,
+    "softplus": lambda a, k: REGISTRY["softplus"] if (_arg(a, k, 1, "beta", 1) == 1
+                                                      and _arg(a, k, 2, "threshold", 20) >= 20) else None,
+}
+
+
+def from_call(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Activation | None:
+    """The exact entry a functional call computes, e.g. ``F.leaky_relu(x, 0.2)``;
+    ``name`` is the base name :func:`torch_functions` gave the callable."""
+    reader = _CALL_READERS.get(name)
+    return reader(args, kwargs) if reader is not None else get(name)
+
+
+_TORCH_FUNCTIONS: dict[Any, str] = {}
+
+
+def torch_functions() -> dict[Any, str]:
+    """Every torch callable listed in the table's ``functional`` names -> base
+    name (imports torch on first use; names missing in this torch are skipped)."""
+    if not _TORCH_FUNCTIONS:
+        import importlib
+
+        for a in [*REGISTRY.values()]:
+            for dotted in a.functional:
+                mod, _, attr = dotted.rpartition(".")
+                owner: Any = importlib.import_module("torch") if mod == "torch" else None
+                if owner is None:
+                    head, _, cls = mod.rpartition(".")
+                    owner = (getattr(importlib.import_module(head), cls) if mod == "torch.Tensor"
+                             else importlib.import_module(mod))
+                fn = getattr(owner, attr, None)
+                if fn is not None:
+                    _TORCH_FUNCTIONS[fn] = a.base
+    return _TORCH_FUNCTIONS
+
+
+_BANDS: dict[tuple[str, float], tuple[float, float] | None] = {}
+
+
+def saturation_band(act: Activation, threshold: float = SATURATION_THRESHOLD) -> tuple[float, float] | None:
+    """``(c, t)`` such that a unit is saturated exactly where its output y has
+    ``|y - c| > t``: where phi'(x) < threshold * phi'(0), phi' being largest
+    at 0 and falling monotonically on each side for every bounded entry.
+
+    Derived from phi and phi' (bisection to 1e-12 on x, then t = phi(x) - c,
+    lowered by a relative 1e-6 so that a clipped output of hardtanh, which is
+    exactly +-1, counts); None for unbounded activations, which do not saturate.
+    """
+    key = (act.name, threshold)
+    if key not in _BANDS:
+        band = None
+        if act.bounded:
+            d0 = float(act.dphi(np.array([0.0]))[0])
+            lo, hi = 0.0, 1.0
+            while float(act.dphi(np.array([hi]))[0]) >= threshold * d0 and hi < 1e6:
+                lo, hi = hi, 2 * hi
+            for _ in range(80):
+                mid = 0.5 * (lo + hi)
+                lo, hi = (mid, hi) if float(act.dphi(np.array([mid]))[0]) >= threshold * d0 else (lo, mid)
+            c = float(act.phi(np.array([0.0]))[0])
+            band = (c, (float(act.phi(np.array([hi]))[0]) - c) * (1 - 1e-6))
+        _BANDS[key] = band
+    return _BANDS[key]
 
 
 def _from_torch_callable(fn: Any, name: str) -> Activation:

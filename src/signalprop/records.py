@@ -7,8 +7,14 @@ them.  Each has ``to_dict()`` so that JSON output is one ``json.dumps`` away.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, get_args
+
+Verdict = Literal["healthy", "vanishing", "exploding", "saturated", "dead", "non-finite"]
+"""Every verdict a row, a problem or a report can carry, worst first in
+:data:`SEVERITY` order."""
+VERDICTS: tuple[str, ...] = get_args(Verdict)
+SEVERITY: tuple[str, ...] = ("non-finite", "exploding", "vanishing", "saturated", "dead", "healthy")
 
 
 def _clean(v: Any) -> Any:
@@ -20,26 +26,6 @@ def _clean(v: Any) -> Any:
     if isinstance(v, (list, tuple)):
         return [_clean(x) for x in v]
     return v
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.3g}"
-    if isinstance(v, tuple):
-        return "x".join(str(x) for x in v) if all(isinstance(x, int) for x in v) else str(v)
-    return str(v)
-
-
-def text_table(header: list[str], rows: list[list[Any]]) -> str:
-    """A plain fixed-width table (records stay free of rich; ``report`` renders richly)."""
-    cells = [[_fmt(c) for c in r] for r in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(header)]
-    line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
-    out = [line, "  ".join("-" * w for w in widths)]
-    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
-    return "\n".join(out)
 
 
 @dataclass(frozen=True)
@@ -85,23 +71,9 @@ class InitSummary:
         return _clean(asdict(self))
 
     def __str__(self) -> str:
-        parts = [f"InitSummary(scheme={self.scheme!r})"]
-        if self.layers:
-            parts.append(text_table(
-                ["layer", "kind", "activation", "sigma_w2", "sigma_b2", "q*", "chi1", "scale", "note"],
-                [[l.name, l.kind, l.activation, l.sigma_w2, l.sigma_b2, l.q_star, l.chi1, l.scale, l.note]
-                 for l in self.layers]))
-        if self.params:
-            parts.append(text_table(
-                ["parameter", "shape", "fan_in", "fan_out", "std", "distribution", "note"],
-                [[p.name, p.shape, p.fan_in, p.fan_out, p.std, p.distribution, p.note]
-                 for p in self.params]))
-        if self.forward_passes:
-            parts.append(f"forward passes: {self.forward_passes}")
-        if self.skipped:
-            parts.append("left untouched: " + ", ".join(self.skipped))
-        parts += [f"note: {n}" for n in self.notes]
-        return "\n".join(parts)
+        from .report.text import init_summary_text
+
+        return init_summary_text(self)
 
 
 @dataclass(frozen=True)
@@ -109,9 +81,19 @@ class LayerStats:
     """One module call's measurements from one forward and backward pass.
 
     Forward statistics are over all elements of the module's (first floating)
-    output; ``grad_rms`` is the RMS of d loss / d output.  Gains are ratios of
-    second moments (forward) and of gradient mean squares (backward) to the
-    previous row that has them, so they multiply along depth.
+    output; ``grad_rms`` is the RMS of d loss / d output and
+    ``relative_grad_rms`` the same divided by the RMS of the gradient at the
+    model's output (what the verdict's bounds apply to: it does not change with
+    batch size, sequence length, loss reduction or dtype).  ``param_grad_rms``
+    is the RMS of the module's own parameter gradients as measured (sums over
+    the batch scale it with the batch; it is reported, not judged).  Gains
+    are ratios of second moments (forward) and of gradient mean squares
+    (backward) to the previous row that has them, so they multiply along
+    depth.  ``role`` names the row's position in a repeated block (the name
+    with block numbers as ``#``, its class and parameter shapes): rows of one
+    role are compared with each other across depth.  ``saturation`` and
+    ``dead_fraction`` are None where they do not apply or where the batch is
+    too small to tell (see the report's notes).
     """
 
     index: int
@@ -133,7 +115,10 @@ class LayerStats:
     backward_gain: float | None = None
     predicted_second_moment: float | None = None
     predicted_grad_rms: float | None = None
-    verdict: str = "healthy"
+    verdict: Verdict = "healthy"
+    relative_grad_rms: float | None = None
+    activation: str | None = None
+    role: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return _clean(asdict(self))
@@ -144,7 +129,7 @@ class Problem:
     """A finding: which layer(s), what kind, why in one line, and what to do."""
 
     layer: str
-    kind: str
+    kind: Verdict
     message: str
     suggestion: str
     first: int = -1
@@ -154,11 +139,92 @@ class Problem:
         return asdict(self)
 
 
-VERDICTS = ("healthy", "vanishing", "exploding", "saturated", "dead", "non-finite")
+@dataclass(frozen=True)
+class InputStats:
+    """The (first floating) input tensor: second moment per element over its
+    finite entries, non-finite share, last-dimension width, gradient RMS."""
+
+    second_moment: float
+    mean: float
+    nonfinite_fraction: float
+    width: int
+    grad_rms: float | None = None
 
 
-__all__ = ["InitSummary", "LayerInit", "LayerStats", "ParamInit", "Problem", "Report", "VERDICTS",
-           "text_table"]
+@dataclass(frozen=True)
+class SeriesTrend:
+    """One role's rows across repeated blocks: how much the relative
+    gradient RMS changes between its first and last row (``ratio`` = first /
+    last, < 1 when it shrinks toward the input) and the largest change between
+    any earlier and later row (``max_drop``: how many times smaller an earlier
+    row's gradient is than a later one's; ``max_growth``: the reverse)."""
+
+    role: str
+    rows: tuple[int, ...]
+    first: str
+    last: str
+    ratio: float
+    max_drop: float
+    max_growth: float
+    forward_ratio: float
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Model-level numbers of a :class:`Report`.
+
+    ``output_grad_rms``: RMS of the gradient at the model's output, the unit of
+    every ``relative_grad_rms``.  ``first_last_grad_ratio``: relative gradient
+    RMS at the first over the last row of the longest repeated series of
+    weight layers (``first_layer`` .. ``last_layer``, ``param_layers`` rows),
+    and ``geometric_mean_backward_gain`` its per-row factor.  ``series``: every
+    repeated role's trend.  ``notes``: what was not judged and why.
+    """
+
+    model: str
+    rows: int
+    backprop: str
+    output_grad_rms: float
+    bounds: tuple[float, float]
+    trend_limit: float
+    training_mode: bool
+    theory: bool
+    activation: str | None = None
+    input: InputStats | None = None
+    first_last_grad_ratio: float | None = None
+    geometric_mean_backward_gain: float | None = None
+    first_layer: str | None = None
+    last_layer: str | None = None
+    param_layers: int = 0
+    zero_gradient_rows: int = 0
+    series: tuple[SeriesTrend, ...] = ()
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class JacobianReading:
+    """Singular values of the input-output Jacobian of one example, and what they say.
+
+    ``singular_values`` are exact (``method == "exact"``) or Ritz values with
+    ``weights`` from stochastic Lanczos quadrature.
+    """
+
+    method: str
+    n_in: int
+    n_out: int
+    min_singular_value: float
+    max_singular_value: float
+    mean_squared_singular_value: float
+    rms_singular_value: float
+    fraction_within_2x: float
+    condition_number: float
+    reading: str
+    singular_values: tuple[float, ...] = ()
+    weights: tuple[float, ...] | None = None
+
+
+__all__ = ["InitSummary", "InputStats", "JacobianReading", "LayerInit", "LayerStats", "ParamInit", "Problem",
+           "Report", "SEVERITY", "SeriesTrend", "Summary", "VERDICTS", "Verdict"]
 
 
 @dataclass(frozen=True)
@@ -167,24 +233,23 @@ class Report:
 
     ``verdict`` is one of :data:`VERDICTS`; ``layers`` has one
     :class:`LayerStats` per module call in execution order; ``problems`` the
-    findings, worst first; ``summary`` the model-level numbers (first/last
-    gradient ratio, mean backward gain per layer, bounds, what was
-    backpropagated); ``spectrum`` the Jacobian reading when asked for.
+    findings, worst first; ``summary`` the model-level numbers
+    (:class:`Summary`); ``spectrum`` the Jacobian reading when asked for.
     """
 
-    verdict: str
+    verdict: Verdict
     layers: tuple[LayerStats, ...]
     problems: tuple[Problem, ...]
-    summary: dict[str, Any]
-    spectrum: dict[str, Any] | None = None
+    summary: Summary
+    spectrum: JacobianReading | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return _clean({
             "verdict": self.verdict,
-            "summary": self.summary,
+            "summary": asdict(self.summary),
             "problems": [p.to_dict() for p in self.problems],
             "layers": [l.to_dict() for l in self.layers],
-            "spectrum": self.spectrum,
+            "spectrum": None if self.spectrum is None else asdict(self.spectrum),
         })
 
     def to_json(self, path: Any = None, indent: int = 2) -> str:

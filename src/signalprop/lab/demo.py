@@ -73,7 +73,7 @@ def run_demo(cfg: DemoConfig, out: Path, progress: Any = None) -> dict[str, Any]
             "grad_first": before.layers[0].grad_rms,
             "grad_last": next((l.grad_rms for l in reversed(before.layers[:-1]) if l.param_grad_rms is not None),
                               None),
-            "first_last_grad_ratio": s.get("first_last_grad_ratio"), "max_saturation": sat,
+            "first_last_grad_ratio": s.first_last_grad_ratio, "max_saturation": sat,
             "problem": before.problems[0].message if before.problems else "",
             "problems": [f"{p.kind} ({p.layer})" for p in before.problems],
             "suggestion": before.problems[0].suggestion if before.problems else "",

@@ -93,7 +93,7 @@ def _cell(cfg: DepthConfig, data: Split, act: str, init: str, depth: int, progre
         model.cpu()
     assert best is not None
     return {"act": act, "init": init, "depth": depth, "verdict": rep.verdict,
-            "grad_ratio": rep.summary.get("first_last_grad_ratio"), "check_seconds": check_s,
+            "grad_ratio": rep.summary.first_last_grad_ratio, "check_seconds": check_s,
             "best_lr": best["lr"], "val_acc": best["val_acc"], "test_acc": best["test_acc"],
             "losses": best["losses"], "runs": runs,
             "init_notes": list(getattr(summary, "notes", ()) or ())}
@@ -124,7 +124,7 @@ def _residual_cells(cfg: DepthConfig, data: Split, progress: Any) -> list[dict[s
                 best = res
         assert best is not None
         out.append({"model": f"resmlp blocks={cfg.residual_blocks} relu kaiming_normal", "residual": scaling,
-                    "verdict": rep.verdict, "grad_ratio": rep.summary.get("first_last_grad_ratio"),
+                    "verdict": rep.verdict, "grad_ratio": rep.summary.first_last_grad_ratio,
                     "best_lr": best.lr, "val_acc": best.val_acc, "test_acc": best.test_acc,
                     "diverged": best.diverged, "losses": best.losses})
     return out

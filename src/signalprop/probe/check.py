@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from ..records import LayerStats, Report
+from ..records import InputStats, LayerStats, Report, Summary
 from .diagnose import diagnose
 from .predict import predictions
 from .recorder import Recorder, Row, first_float_tensor
 from .state import preserved
+from .stats import acc
 
 
 class ModelError(ValueError):
     """The model failed on the given inputs; the message names the module."""
 
 
-COTANGENT_SEED = 0  # the random unit-variance cotangent is the same on every call
+COTANGENT_SEED = 0  # the random unit-variance cotangent is the same on every call on a device
 
 
 def _call(model: nn.Module, inputs: Any) -> Any:
@@ -31,13 +34,35 @@ def _call(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
+def _tensors_of(inputs: Any) -> list[torch.Tensor]:
+    if isinstance(inputs, torch.Tensor):
+        return [inputs]
+    values = inputs.values() if isinstance(inputs, dict) else inputs if isinstance(inputs, (tuple, list)) else ()
+    return [v for v in values if isinstance(v, torch.Tensor)]
+
+
 def _batch_size(inputs: Any) -> int | None:
-    t = inputs if isinstance(inputs, torch.Tensor) else None
-    if isinstance(inputs, dict):
-        t = next((v for v in inputs.values() if isinstance(v, torch.Tensor)), None)
-    elif isinstance(inputs, (tuple, list)):
-        t = next((v for v in inputs if isinstance(v, torch.Tensor)), None)
+    t = next(iter(_tensors_of(inputs)), None)
     return None if t is None or t.dim() == 0 else int(t.shape[0])
+
+
+def _without_cache(model: nn.Module, inputs: Any) -> Any:
+    """A diagnostic pass never needs a key/value cache, and a cache updated in
+    place (HF RWKV's state in eval mode, say) breaks the backward pass: models
+    whose forward takes ``use_cache`` get ``use_cache=False`` unless the
+    caller set it."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return inputs
+    if "use_cache" not in params:
+        return inputs
+    if isinstance(inputs, dict):
+        return inputs if "use_cache" in inputs else {**inputs, "use_cache": False}
+    names = list(params)
+    if isinstance(inputs, torch.Tensor) and names:
+        return {names[0]: inputs, "use_cache": False}
+    return inputs
 
 
 def _prepare_inputs(inputs: Any) -> tuple[Any, list[torch.Tensor]]:
@@ -70,65 +95,128 @@ def _shapes(inputs: Any) -> str:
 
 
 def _cotangent(t: torch.Tensor) -> torch.Tensor:
-    g = torch.Generator(device="cpu").manual_seed(COTANGENT_SEED)
-    return torch.randn(t.shape, generator=g, dtype=torch.float32).to(device=t.device, dtype=t.dtype)
+    """Unit-variance Gaussian noise drawn on the output's own device and in its
+    dtype (no host draw and copy), from a generator seeded the same way on
+    every call."""
+    g = torch.Generator(device=t.device).manual_seed(COTANGENT_SEED)
+    return torch.randn(t.shape, generator=g, device=t.device, dtype=t.dtype)
 
 
-def _finalise(rows: list[Row]) -> list[dict[str, Any]]:
-    """All statistics as Python floats: 0-d tensors are stacked per device and
-    dtype and moved in one transfer each (no per-layer sync); then the
-    derived moments are formed in float64, where squares cannot overflow."""
+def _gather(scalars: list[torch.Tensor]) -> list[float]:
+    """0-d tensors as Python floats: one stack and one transfer per device
+    and dtype -- the only host synchronisation of the pass."""
+    groups: dict[tuple[Any, Any], list[int]] = {}
+    for i, v in enumerate(scalars):
+        groups.setdefault((v.device, v.dtype), []).append(i)
+    out = [0.0] * len(scalars)
+    for idx in groups.values():
+        vals = torch.stack([scalars[i] for i in idx]).double().cpu().tolist()
+        for i, v in zip(idx, vals):
+            out[i] = v
+    return out
+
+
+def _finalise(rows: list[Row], extra: list[torch.Tensor]) -> tuple[list[dict[str, Any]], list[float]]:
+    """Every row's statistics as floats, and the ``extra`` scalars, gathered
+    together; derived moments formed in float64, where squares cannot overflow."""
+    keys: list[tuple[int, str]] = []
+    scalars: list[torch.Tensor] = []
     out: list[dict[str, Any]] = [{} for _ in rows]
-    groups: dict[tuple[Any, Any], list[tuple[int, str, torch.Tensor]]] = {}
     for i, r in enumerate(rows):
         for d in (r.fwd, r.bwd):
             for k, v in d.items():
                 if isinstance(v, torch.Tensor):
-                    groups.setdefault((v.device, v.dtype), []).append((i, k, v))
+                    keys.append((i, k))
+                    scalars.append(v.reshape(()))
                 else:
                     out[i][k] = float(v)
-    for items in groups.values():
-        flat = torch.stack([v for _, _, v in items]).double().cpu().tolist()  # 0-d, made under no_grad
-        for (i, k, _), v in zip(items, flat):
-            out[i][k] = v
+    vals = _gather(scalars + [e.reshape(()) for e in extra])
+    for (i, k), v in zip(keys, vals):
+        out[i][k] = v
     for d in out:
         if "forward_norm" in d:
-            m2 = d.pop("forward_norm") ** 2 / d.pop("forward_n")
-            d["forward_second_moment"] = m2
-            d["forward_var"] = max(m2 - d["forward_mean"] ** 2, 0.0)
+            n = d.pop("forward_n")
+            d["forward_mean"] = d.pop("forward_sum") / n
+            d["forward_second_moment"] = d.pop("forward_norm") ** 2 / n
+            d["forward_var"] = max(d["forward_second_moment"] - d["forward_mean"] ** 2, 0.0)
+            d["nonfinite_fraction"] = d.pop("forward_nonfinite", 0.0)
         if "grad_norm" in d:
             d["grad_ms"] = d.pop("grad_norm") ** 2 / d.pop("grad_n")
-    return out
+            d["grad_nonfinite_fraction"] = d.pop("grad_nonfinite", 0.0)
+        if "saturated_count" in d:
+            d["saturation"] = d.pop("saturated_count") / d.pop("saturated_n")
+        if "alive_count" in d:
+            d["dead_fraction"] = 1.0 - d.pop("alive_count") / d.pop("units")
+    return out, vals[len(scalars):]
 
 
-def _param_grads(rows: list[Row], grads: dict[nn.Parameter, torch.Tensor | None]) -> dict[nn.Module, tuple[float, float]]:
-    """RMS of each module's own parameter gradients and ||grad|| / ||weight||
-    (norms stay on the device until one transfer at the end)."""
-    mods, g2s, w2s, ns = [], [], [], []
+def _nonfinite(vals: list[dict[str, Any]], extra: list[float]) -> bool:
+    return not all(math.isfinite(v) for d in vals for v in d.values() if isinstance(v, float)) or \
+        not all(math.isfinite(v) for v in extra)
+
+
+def _module_params(rows: list[Row]) -> list[tuple[nn.Module, list[nn.Parameter]]]:
     seen: set[int] = set()
+    out = []
     for r in rows:
         m = r.module
         if m is None or id(m) in seen:
             continue
         seen.add(id(m))
-        ps = [p for p in m.parameters(recurse=False) if grads.get(p) is not None]
-        if not ps:
-            continue
+        ps = list(m.parameters(recurse=False))
+        if ps:
+            out.append((m, ps))
+    return out
+
+
+def _norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Euclidean norms of many tensors in one fused kernel per device and dtype
+    (``torch._foreach_norm``, the op ``clip_grad_norm_`` uses)."""
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    groups: dict[tuple[Any, Any], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    for idx in groups.values():
+        for i, n in zip(idx, torch._foreach_norm([tensors[i] for i in idx])):
+            out[i] = n
+    return out  # type: ignore[return-value]
+
+
+@dataclass
+class _ParamNorms:
+    """Per module: parameter and gradient norms, still on the device."""
+
+    modules: list[tuple[nn.Module, int, list[int]]]  # module, numel, indices into the scalars
+    scalars: list[torch.Tensor]  # [||g_0||, ||w_0||, ||g_1||, ...]
+
+    @staticmethod
+    def of(rows: list[Row], grads: dict[nn.Parameter, torch.Tensor | None]) -> "_ParamNorms":
+        mods: list[tuple[nn.Module, int, list[int]]] = []
+        tensors: list[torch.Tensor] = []
+        for m, ps in _module_params(rows):
+            have = [p for p in ps if grads.get(p) is not None]
+            if not have:
+                continue
+            idx = []
+            for p in have:
+                idx.append(len(tensors))
+                tensors += [grads[p].detach(), p.detach()]  # type: ignore[union-attr]
+            mods.append((m, sum(p.numel() for p in have), idx))
         with torch.no_grad():
-            g2s.append(sum(torch.linalg.vector_norm(grads[p].detach().float()).square() for p in ps))  # type: ignore[union-attr]
-            w2s.append(sum(torch.linalg.vector_norm(p.detach().float()).square() for p in ps))
-        mods.append(m)
-        ns.append(sum(p.numel() for p in ps))
-    if not mods:
-        return {}
-    g2 = torch.stack([t.reshape(()) for t in g2s]).double().cpu().tolist()
-    w2 = torch.stack([t.reshape(()) for t in w2s]).double().cpu().tolist()
-    return {m: (math.sqrt(a / n), math.sqrt(a) / math.sqrt(b) if b > 0 else math.inf)
-            for m, a, b, n in zip(mods, g2, w2, ns)}
+            return _ParamNorms(mods, _norms(tensors) if tensors else [])
+
+    def values(self, vals: list[float]) -> dict[nn.Module, tuple[float, float]]:
+        """RMS of each module's own parameter gradients and ||grad|| / ||weight||."""
+        out = {}
+        for m, n, idx in self.modules:
+            g2 = sum(vals[i] ** 2 for i in idx)
+            w2 = sum(vals[i + 1] ** 2 for i in idx)
+            out[m] = (math.sqrt(g2 / n), math.sqrt(g2 / w2) if w2 > 0 else math.inf)
+        return out
 
 
-def _layer_stats(rows: list[Row], vals: list[dict[str, Any]],
-                 pgrads: dict[nn.Module, tuple[float, float]]) -> list[LayerStats]:
+def _layer_stats(rows: list[Row], vals: list[dict[str, Any]], pgrads: dict[nn.Module, tuple[float, float]],
+                 out_rms: float) -> list[LayerStats]:
     layers = []
     prev_m2: float | None = None
     prev_g2: float | None = None
@@ -136,17 +224,19 @@ def _layer_stats(rows: list[Row], vals: list[dict[str, Any]],
         m2 = v["forward_second_moment"]
         g2 = v.get("grad_ms")
         pg = pgrads.get(r.module) if r.module is not None else None
+        g = None if g2 is None else math.sqrt(g2)
         layers.append(LayerStats(
             index=r.index, name=r.name, kind=r.kind, depth=r.depth, shape=r.shape,
             forward_mean=v["forward_mean"], forward_var=v["forward_var"], forward_second_moment=m2,
-            nonfinite_fraction=v["nonfinite_fraction"],
-            grad_rms=None if g2 is None else math.sqrt(g2),
+            nonfinite_fraction=v["nonfinite_fraction"], grad_rms=g,
             grad_nonfinite_fraction=v.get("grad_nonfinite_fraction"),
             param_grad_rms=pg[0] if pg else None, grad_to_weight=pg[1] if pg else None,
             saturation=v.get("saturation"), dead_fraction=v.get("dead_fraction"),
             forward_gain=m2 / prev_m2 if prev_m2 else None,
             # how much the gradient's mean square grows passing back through this row
             backward_gain=prev_g2 / g2 if (prev_g2 is not None and g2) else None,
+            relative_grad_rms=None if g is None else (g / out_rms if out_rms > 0 else math.inf),
+            activation=r.act.name if r.act is not None else None, role=r.role,
         ))
         prev_m2 = m2 if m2 > 0 else None
         prev_g2 = g2
@@ -160,41 +250,45 @@ def check(model: nn.Module, inputs: Any, *, loss_fn: Callable[..., torch.Tensor]
 
     One forward and one backward pass.  Without ``loss_fn`` the backward pass
     starts from a fixed random cotangent of unit variance on the first
-    floating-point tensor of the output (the seed's
+    floating-point tensor of the output (the digest's
     ``y.backward(gradient=...)``), so gradients describe the network rather
     than a loss; with ``loss_fn`` it is ``loss_fn(output, targets)`` (or
     ``loss_fn(output)`` when ``targets`` is None).
 
     ``inputs``: a tensor, a tuple of positional arguments or a dict of keyword
-    arguments.  ``bounds``: the healthy range of gradient RMS values (the
-    seed's example [1e-6, 1e3]).  ``trend``: the largest tolerated factor
-    between the gradient RMS of the first and the last parametrised layer.
-    ``spectrum``: also read the input-output Jacobian's singular values.
+    arguments.  ``bounds``: the healthy range of each row's gradient RMS
+    *relative to the gradient RMS at the model's output* (the digest's example
+    [1e-6, 1e3]); relative, so that neither batch size, sequence length, a
+    loss's mean reduction nor the dtype moves a verdict.  ``trend``: the
+    largest tolerated factor by which rows of one role (the same module
+    position in repeated blocks) may differ across depth.  ``spectrum``: also
+    read the input-output Jacobian's singular values.
 
-    The model comes back exactly as it was (parameters, buffers, ``.grad``,
-    ``requires_grad``, train/eval mode, global RNG state), also on errors; the
-    pass runs in the model's current mode.
+    Models whose ``forward`` takes ``use_cache`` run with ``use_cache=False``
+    unless ``inputs`` sets it.  The model comes back exactly as it was
+    (parameters, buffers, ``.grad``, ``requires_grad``, train/eval mode,
+    global RNG state), also on errors; the pass runs in the model's current mode.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"check() takes an nn.Module, got {type(model).__name__}")
     lo, hi = bounds
     if not (0 < lo < hi):
         raise ValueError(f"bounds must satisfy 0 < low < high, got {bounds}")
-    if trend <= 1:
+    if not trend > 1:
         raise ValueError(f"trend must be > 1, got {trend}")
-    params = [p for p in model.parameters()]
-    if not params:
+    if not any(True for _ in model.parameters()):
         raise ValueError(f"{type(model).__name__} has no parameters: nothing to diagnose")
     if _batch_size(inputs) == 0:
         raise ValueError(f"empty batch: inputs have shape {_shapes(inputs)}; pass at least one example")
 
-    rec = Recorder(model)
+    call_inputs = _without_cache(model, inputs)
     with preserved(model):
-        rec.attach()
-        try:
-            report = _run(model, inputs, rec, loss_fn, targets, bounds, trend)
-        finally:
-            rec.detach()
+        rng = _rng_states(model)
+        report = _run(model, call_inputs, loss_fn, targets, bounds, trend, exact=False)
+        if report is None:  # a NaN/Inf somewhere: the same pass again, masking and locating it
+            _set_rng_states(rng)
+            report = _run(model, call_inputs, loss_fn, targets, bounds, trend, exact=True)
+        assert report is not None
         if spectrum:
             from .spectrum import jacobian_reading
 
@@ -203,13 +297,23 @@ def check(model: nn.Module, inputs: Any, *, loss_fn: Callable[..., torch.Tensor]
     return report
 
 
-def _run(model: nn.Module, inputs: Any, rec: Recorder, loss_fn: Any, targets: Any,
-         bounds: tuple[float, float], trend: float) -> Report:
-    x, leaves = _prepare_inputs(inputs)
+def _rng_states(model: nn.Module) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
+    devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"
+                      and p.device.index is not None})
+    return torch.get_rng_state(), [(d, torch.cuda.get_rng_state(d)) for d in devices]
+
+
+def _set_rng_states(states: tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]) -> None:
+    torch.set_rng_state(states[0])
+    for d, s in states[1]:
+        torch.cuda.set_rng_state(s, d)
+
+
+def _forward(model: nn.Module, x: Any, inputs: Any, rec: Recorder) -> Any:
     mode = rec.functional_mode()
     try:
         with torch.enable_grad(), (mode if mode is not None else contextlib.nullcontext()):
-            out = _call(model, x)
+            return _call(model, x)
     except Exception as e:  # name the module where it failed, keep the original as cause
         where = rec.stack[-1] if rec.stack else "(model)"
         mod = dict(model.named_modules()).get(where)
@@ -218,46 +322,110 @@ def _run(model: nn.Module, inputs: Any, rec: Recorder, loss_fn: Any, targets: An
             f"forward failed in module '{where or '(root)'}' ({kind}) on inputs of shape "
             f"{_shapes(inputs)}: {type(e).__name__}: {e}"
         ) from e
-    y = first_float_tensor(out)
-    if y is None:
-        raise ValueError(f"{type(model).__name__} returned {type(out).__name__} with no floating-point "
-                         "tensor: nothing to backpropagate")
+
+
+def _run(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: tuple[float, float],
+         trend: float, exact: bool) -> Report | None:
+    """One diagnosed pass; None when the fast pass met a non-finite value
+    (the caller repeats it with ``exact=True``)."""
+    rec = Recorder(model, exact=exact)
+    rec.attach()
+    try:
+        x, leaves = _prepare_inputs(inputs)
+        out = _forward(model, x, inputs, rec)
+        y = first_float_tensor(out)
+        if y is None:
+            raise ValueError(f"{type(model).__name__} returned {type(out).__name__} with no floating-point "
+                             "tensor: nothing to backpropagate")
+        if loss_fn is not None:
+            loss = loss_fn(out, targets) if targets is not None else loss_fn(out)
+            root, cot = loss, None
+            backprop = f"loss {getattr(loss_fn, '__name__', type(loss_fn).__name__)}"
+        else:
+            root, cot = y, _cotangent(y)
+            backprop = "random unit-variance cotangent on the output"
+        params = [p for p in model.parameters() if p.requires_grad]
+        wrt = params + leaves + ([y] if loss_fn is not None and y.requires_grad else [])
+        if not root.requires_grad or not (params or leaves):
+            raise ValueError("nothing in the model requires grad (all parameters frozen and no floating input): "
+                             "no gradient to measure")
+        try:
+            grads = torch.autograd.grad(root, wrt, grad_outputs=cot, allow_unused=True)
+        except RuntimeError as e:
+            raise ModelError(f"backward failed on inputs of shape {_shapes(inputs)}: {e}") from e
+    finally:
+        rec.detach()
+    n_p, n_l = len(params), len(leaves)
+    pnorms = _ParamNorms.of(rec.rows, dict(zip(params, grads[:n_p])))
+    input_grads = [g for g in grads[n_p:n_p + n_l] if g is not None]
+    out_grad = cot if cot is not None else (grads[-1] if len(grads) > n_p + n_l else None)
+    with torch.no_grad():
+        extra = pnorms.scalars + _input_scalars(leaves, input_grads) + [
+            torch.linalg.vector_norm(out_grad, dtype=acc(out_grad)) if out_grad is not None
+            else torch.zeros((), device=y.device),
+            root.detach().float().sum() if loss_fn is not None else torch.zeros((), device=y.device)]
+    vals, ex = _finalise(rec.rows, extra)
+    if not exact and _nonfinite(vals, ex):
+        return None
+    k = len(pnorms.scalars)
+    inp = _input_stats(leaves, input_grads, ex[k:-2])
+    out_rms = ex[-2] / math.sqrt(max(out_grad.numel(), 1)) if out_grad is not None else 0.0
     if loss_fn is not None:
-        loss = loss_fn(out, targets) if targets is not None else loss_fn(out)
-        root, cot = loss, None
-        backprop = f"loss {getattr(loss_fn, '__name__', type(loss_fn).__name__)} = {float(loss.detach()):.6g}"
-    else:
-        root, cot = y, _cotangent(y)
-        backprop = "random unit-variance cotangent on the output"
-    wrt = [p for p in model.parameters() if p.requires_grad] + leaves
-    if not root.requires_grad or not wrt:
-        raise ValueError("nothing in the model requires grad (all parameters frozen and no floating input): "
-                         "no gradient to measure")
-    grads = torch.autograd.grad(root, wrt, grad_outputs=cot, allow_unused=True)
-    pgrads = dict(zip(wrt, grads))
-    input_grad = [g for g in grads[len(wrt) - len(leaves):] if g is not None]
-    rows = rec.rows
-    vals = _finalise(rows)
-    layers = _layer_stats(rows, vals, _param_grads(rows, pgrads))
-    input_stats = _input_stats(leaves, input_grad)
-    pred = predictions(rows, layers, input_stats)
+        backprop += f" = {ex[-1]:.6g}"
+    layers = _layer_stats(rec.rows, vals, pnorms.values(ex[:k]), out_rms)
+    if out_grad is None or out_rms == 0:  # the loss does not reach the first output tensor
+        last = next((l.grad_rms for l in reversed(layers) if l.grad_rms), None)
+        out_rms = last or 1.0
+        layers = _layer_stats(rec.rows, vals, pnorms.values(ex[:k]), out_rms)
+    pred = predictions(rec.rows, layers, inp)
     if pred is not None:
         layers = pred
-    verdict, problems, summary = diagnose(layers, input_stats, bounds, trend)
-    summary.update({"backprop": backprop, "rows": len(layers), "theory": pred is not None,
-                    "model": type(model).__name__, "training_mode": model.training})
+    notes = sorted({n for r in rec.rows for n in r.notes})
+    origin = _backward_origin(rec.rows, layers) if exact else None
+    verdict, problems, layers, judged = diagnose(layers, inp, bounds, trend, backward_origin=origin)
+    summary = Summary(model=type(model).__name__, rows=len(layers), backprop=backprop, output_grad_rms=out_rms,
+                      bounds=(float(bounds[0]), float(bounds[1])), trend_limit=float(trend),
+                      training_mode=model.training, theory=pred is not None, input=inp,
+                      notes=tuple(notes), **judged)
     return Report(verdict, tuple(layers), tuple(problems), summary)
 
 
-def _input_stats(leaves: list[torch.Tensor], grads: list[torch.Tensor]) -> dict[str, Any]:
+def _backward_origin(rows: list[Row], layers: list[LayerStats]) -> int | None:
+    """The row whose backward turned a finite incoming gradient into a
+    non-finite outgoing one: a consumer of the output of the latest row (in
+    execution order) whose gradient is non-finite, itself with a finite
+    gradient -- or, when no recorded row read that output directly, the next
+    row executed after it."""
+    bad = [l.index for l in layers if (l.grad_nonfinite_fraction or 0) > 0]
+    if not bad or any(l.nonfinite_fraction > 0 for l in layers):
+        return None
+    r = rows[bad[-1]]
+    produced = r.output() if r.output is not None else None
+    finite = [s for s in rows[r.index + 1:] if not (layers[s.index].grad_nonfinite_fraction or 0) > 0]
+    for s in finite:
+        if produced is not None and any(ref() is produced for ref in s.inputs):
+            return s.index
+    return finite[0].index if finite else r.index
+
+
+def _input_scalars(leaves: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
     if not leaves:
-        return {}
-    with torch.no_grad():
-        x = leaves[0].detach().float()
-        finite = torch.isfinite(x)
-        d: dict[str, Any] = {"second_moment": float((torch.where(finite, x, 0.0) ** 2).mean()),
-                             "nonfinite_fraction": float(1 - finite.float().mean()),
-                             "width": int(x.shape[-1]) if x.dim() > 1 else 1}
-        if grads:
-            d["grad_rms"] = float(grads[0].float().pow(2).mean().sqrt())
-    return d
+        return []
+    x = leaves[0].detach()
+    finite = torch.isfinite(x)
+    xf = torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    a = acc(x)
+    out = [torch.linalg.vector_norm(xf, dtype=a), xf.sum(dtype=a), finite.sum(dtype=a)]
+    if grads:
+        out.append(torch.linalg.vector_norm(grads[0], dtype=acc(grads[0])))
+    return out
+
+
+def _input_stats(leaves: list[torch.Tensor], grads: list[torch.Tensor], v: list[float]) -> InputStats | None:
+    if not leaves:
+        return None
+    x = leaves[0]
+    n, finite = max(x.numel(), 1), max(v[2], 1.0)
+    return InputStats(second_moment=v[0] ** 2 / finite, mean=v[1] / finite, nonfinite_fraction=1.0 - v[2] / n,
+                      width=int(x.shape[-1]) if x.dim() > 1 else 1,
+                      grad_rms=v[3] / math.sqrt(max(grads[0].numel(), 1)) if grads else None)

@@ -1,86 +1,262 @@
-"""From measurements to verdicts, reasons and concrete fixes."""
+"""From measurements to verdicts, reasons and concrete fixes.
+
+How a verdict is decided (the README's "How the verdict is decided" says the
+same for users):
+
+* Gradients are judged *relative to the gradient at the model's output*
+  (``LayerStats.relative_grad_rms``): a per-element RMS divided by a
+  per-element RMS, so batch size, sequence length, a loss's mean reduction
+  and the dtype cancel.  Parameter gradients, which sum over the batch, are
+  reported but never judged.
+* **Exploding**: a row's relative gradient above the upper bound.  A row
+  that feeds a normalisation layer is judged by gradient times its signal
+  RMS over the norm's output RMS: a normalisation is scale-invariant, so a
+  small input gets a proportionally large gradient with the same effect.
+* **Vanishing** (bound): a row's relative gradient below the lower bound
+  (or exactly zero) *and no row executed before it has one above it*: the
+  backward signal never reaches the input side again.  A small gradient
+  behind a healthy one upstream is a branch scaled down by design (layer
+  scale, zero-initialised residual branches, attention logits), not a long
+  product of Jacobians.
+* **Vanishing / exploding** (depth trend): rows of one *role* -- the same
+  module position in repeated blocks -- are compared with each other only.
+  If an earlier row's gradient is ``trend`` times smaller (larger) than a
+  later row's, the gradient shrinks (grows) across blocks; the same for the
+  forward second moment with ``trend**2``.  One-off hops between different
+  roles (embedding -> first norm, a read-out's width change) never count.
+* **Saturated**: over half of a bounded activation's outputs where its slope
+  is below 1% of its maximum.  **Dead**: over half of a rectifier's units
+  zero for every example and position (judged only with >= 8 samples per
+  unit), unless the row is already vanishing (then the signal died first).
+* **Non-finite**: NaN/Inf in the input, the forward signal, or the gradient,
+  located where it starts.
+"""
 
 from __future__ import annotations
 
 import math
-from collections import Counter
-from dataclasses import replace
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, replace
 from typing import Any
 
-from ..records import LayerStats, Problem
+from ..records import SEVERITY, InputStats, LayerStats, Problem, SeriesTrend, Verdict
 
 SATURATED_SHARE = 0.5  # a layer is "saturated" when over half its units are
-DEAD_SHARE = 0.5  # a ReLU layer is "dead" when over half its units never fire
-_ORDER = ("non-finite", "exploding", "vanishing", "saturated", "dead", "healthy")
+DEAD_SHARE = 0.5  # a rectifier layer is "dead" when over half its units never fire
+MIN_SERIES = 3  # rows of one role needed before a change across them is a trend
 
 
-def _grads(l: LayerStats) -> list[float]:
-    return [g for g in (l.grad_rms, l.param_grad_rms) if g is not None and math.isfinite(g) and g > 0]
+def _g(l: LayerStats) -> float | None:
+    g = l.relative_grad_rms
+    return g if g is not None and not math.isnan(g) else None
 
 
-def _flags(layers: list[LayerStats], lo: float, hi: float) -> list[set[str]]:
-    """Every condition each row shows (its verdict is only the worst of them).
+@dataclass
+class _Evidence:
+    """Why some rows carry a flag: which rule, with the numbers it judged."""
 
-    A row whose gradient is exactly zero takes the gradient flags of the next
-    row with a non-zero one: an underflow to 0 continues a vanishing trend,
-    while a zero-initialized layer (Fixup, SkipInit) leaves the rows behind
-    it at 0 with healthy rows downstream, which is no vanishing.
-    """
-    out: list[set[str]] = []
-    for l in layers:
-        gs = _grads(l)
-        f = set()
-        if any(g > hi for g in gs):
-            f.add("exploding")
-        if any(g < lo for g in gs):
-            f.add("vanishing")
-        if (l.saturation or 0) > SATURATED_SHARE:
-            f.add("saturated")
-        if (l.dead_fraction or 0) > DEAD_SHARE:
-            f.add("dead")
-        out.append(f)
-    carry: set[str] = set()
+    kind: Verdict
+    rule: str  # "bound" | "series" | "forward"
+    rows: set[int]
+    message: str
+    strength: float  # how far past the limit (for choosing what to quote)
+
+
+_NORM = re.compile(r"Norm(\d+d)?$")  # LayerNorm, RMSNorm, LlamaRMSNorm, GroupNorm, BatchNorm2d, ...
+_PASS_THROUGH = ("Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "Identity")
+
+
+def _effective(layers: list[LayerStats]) -> list[float | None]:
+    """Relative gradient RMS, corrected where a row feeds a normalisation layer.
+
+    A normalisation is scale-invariant: an input ``s`` times smaller gets a
+    gradient ``s`` times larger, with the same effect on the loss (the
+    small-init embedding of RWKV, embeddings brought to a small scale by
+    ``critical_`` before an RMSNorm).  What is invariant is gradient times
+    signal, so such a row is judged by ``g * rms(row) / rms(norm output)``,
+    the next row with a gradient (dropout skipped) being the norm."""
+    out = [_g(l) for l in layers]
+    nxt: LayerStats | None = None
     for i in range(len(layers) - 1, -1, -1):
-        if _grads(layers[i]):
-            carry = out[i] & {"vanishing", "exploding"}
-        elif layers[i].grad_rms == 0:
-            out[i] |= carry
+        l = layers[i]
+        g = out[i]
+        if g is not None and nxt is not None and _NORM.search(nxt.kind) and nxt.forward_second_moment > 0:
+            out[i] = g * math.sqrt(l.forward_second_moment / nxt.forward_second_moment)
+        if g is not None and l.kind not in _PASS_THROUGH:
+            nxt = l
     return out
 
 
-def _row_verdict(l: LayerStats, flags: set[str]) -> str:
+def _bound_evidence(layers: list[LayerStats], lo: float, hi: float) -> list[_Evidence]:
+    out = []
+    eff = _effective(layers)
+    big = {l.index: g for l, g in zip(layers, eff) if g is not None and g > hi}
+    if big:
+        out.append(_Evidence("exploding", "bound", set(big),
+                             f"gradient RMS relative to the output's reaches {max(big.values()):.3g}, above {hi:g}",
+                             max(big.values()) / hi))
+    small: dict[int, float] = {}
+    best_before = 0.0
+    for l, g in zip(layers, eff):
+        if g is None:
+            continue
+        if g < lo and best_before < lo:
+            small[l.index] = g
+        best_before = max(best_before, g)
+    if small:
+        m = min(small.values())
+        out.append(_Evidence("vanishing", "bound", set(small),
+                             f"gradient RMS relative to the output's falls to {m:.3g}"
+                             f"{' (underflow)' if m == 0 else ''} (below {lo:g}) and no row "
+                             "closer to the input recovers: the backward signal does not reach the input",
+                             lo / m if m > 0 else math.inf))
+    return out
+
+
+def _extremes(v: list[float]) -> tuple[float, float, int, int]:
+    """max over i < j of v[j] / v[i] and of v[i] / v[j], with the j of each."""
+    drop = growth = 1.0
+    jd = jg = 0
+    lo_before, hi_before = v[0], v[0]
+    for j in range(1, len(v)):
+        if v[j] / lo_before > drop:
+            drop, jd = v[j] / lo_before, j
+        if hi_before / v[j] > growth:
+            growth, jg = hi_before / v[j], j
+        lo_before, hi_before = min(lo_before, v[j]), max(hi_before, v[j])
+    return drop, growth, jd, jg
+
+
+def _prefix(v: list[float], f: Any) -> list[float]:
+    """Running f (max or min) over v[:j + 1]."""
+    out, acc = [], v[0]
+    for x in v:
+        acc = f(acc, x)
+        out.append(acc)
+    return out
+
+
+def _suffix(v: list[float], f: Any) -> list[float]:
+    """Running f over v[i:]."""
+    return _prefix(v[::-1], f)[::-1]
+
+
+def _series(layers: list[LayerStats]) -> list[tuple[str, list[LayerStats]]]:
+    by_role: dict[str, list[LayerStats]] = defaultdict(list)
+    for l in layers:
+        g = _g(l)
+        if l.role and g is not None and 0 < g < math.inf and 0 < l.forward_second_moment < math.inf:
+            by_role[l.role].append(l)
+    return [(r, rows) for r, rows in by_role.items() if len(rows) >= MIN_SERIES]
+
+
+def _role_label(role: str) -> str:
+    name, kind, _ = role.split("|")
+    return f"{name or '(root)'} ({kind})"
+
+
+def _series_evidence(series: list[tuple[str, list[LayerStats]]], trend: float) -> tuple[list[_Evidence], list[SeriesTrend]]:
+    out: list[_Evidence] = []
+    trends = []
+    for role, rows in series:
+        g = [_g(l) or 0.0 for l in rows]
+        m = [l.forward_second_moment for l in rows]
+        drop, growth, _, _ = _extremes(g)
+        fdrop, fgrowth, _, _ = _extremes(m)  # fdrop: a later row larger; fgrowth: a later row smaller
+        trends.append(SeriesTrend(role, tuple(l.index for l in rows), rows[0].name, rows[-1].name,
+                                  g[0] / g[-1], drop, growth, m[-1] / m[0]))
+        label, n = _role_label(role), len(rows)
+        per = (g[0] / g[-1]) ** (1 / (n - 1))
+        g_after, g_low_after = _suffix(g, max), _suffix(g, min)
+        m_before, m_low_before = _prefix(m, max), _prefix(m, min)
+        if drop > trend:
+            hit = {rows[i].index for i in range(n) if g_after[i] / g[i] > trend}
+            out.append(_Evidence("vanishing", "series", hit,
+                                 f"vanishing with depth: across {n} repeated {label} rows the gradient RMS is "
+                                 f"{drop:.3g}x smaller nearer the input ({rows[0].name} .. {rows[-1].name}, "
+                                 f"{per:.3g}x per block): a long product of Jacobians with singular values < 1",
+                                 drop / trend))
+        if growth > trend:
+            hit = {rows[i].index for i in range(n) if g[i] / g_low_after[i] > trend}
+            out.append(_Evidence("exploding", "series", hit,
+                                 f"exploding with depth: across {n} repeated {label} rows the gradient RMS grows "
+                                 f"{growth:.3g}x toward the input ({rows[0].name} .. {rows[-1].name}, "
+                                 f"{per:.3g}x per block): a long product of Jacobians with singular values > 1",
+                                 growth / trend))
+        t2 = trend * trend
+        if fgrowth > t2:
+            hit = {rows[j].index for j in range(n) if m_before[j] / m[j] > t2}
+            out.append(_Evidence("vanishing", "forward", hit,
+                                 f"the forward signal vanishes with depth: E[y^2] of {n} repeated {label} rows "
+                                 f"falls {fgrowth:.3g}x from {rows[0].name} to {rows[-1].name}", fgrowth / t2))
+        if fdrop > t2:
+            hit = {rows[j].index for j in range(n) if m[j] / m_low_before[j] > t2}
+            out.append(_Evidence("exploding", "forward", hit,
+                                 f"the forward signal explodes with depth: E[y^2] of {n} repeated {label} rows "
+                                 f"grows {fdrop:.3g}x from {rows[0].name} to {rows[-1].name}", fdrop / t2))
+    return out, trends
+
+
+def _producer(layers: list[LayerStats], i: int) -> LayerStats | None:
+    return layers[i - 1] if i > 0 else None
+
+
+def _share_evidence(layers: list[LayerStats], vanishing: set[int],
+                    forward_vanishing: set[int]) -> tuple[list[_Evidence], set[int]]:
+    """Saturated and dead rows, and the zero-gradient rows a dead row explains.
+
+    A rectifier row is dead -- the cause, not a symptom -- only where the row
+    feeding it still carries a signal (a non-zero second moment, not vanishing
+    with depth): a unit fed nothing outputs 0 because the signal vanished
+    upstream.  All units dead stop every gradient, so the exactly-zero
+    gradients of the rows before such a row are its doing, not a vanishing
+    product of Jacobians."""
+    out = []
+    sat = {l.index: l.saturation for l in layers if (l.saturation or 0) > SATURATED_SHARE}
+    if sat:
+        out.append(_Evidence("saturated", "share", set(sat), "", max(sat.values())))  # type: ignore[arg-type]
+    dead: dict[int, float] = {}
+    for l in layers:
+        p = _producer(layers, l.index)
+        if (l.dead_fraction or 0) > DEAD_SHARE and p is not None and p.forward_second_moment > 0 \
+                and p.index not in forward_vanishing and l.index not in forward_vanishing:
+            dead[l.index] = l.dead_fraction  # type: ignore[assignment]
+    explained: set[int] = set()
+    full = [l.index for l in layers if (l.dead_fraction or 0) >= 1.0]
+    if any(d >= 1.0 for d in dead.values()):  # a dead cause, maybe followed by rows it starved
+        explained = {l.index for l in layers[:max(full)] if l.grad_rms == 0}
+    dead = {i: d for i, d in dead.items() if i not in vanishing - explained}
+    if dead:
+        out.append(_Evidence("dead", "share", set(dead), "", max(dead.values())))
+    return out, explained
+
+
+def _row_verdict(l: LayerStats, flags: set[str]) -> Verdict:
     if l.nonfinite_fraction > 0 or (l.grad_nonfinite_fraction or 0) > 0:
         return "non-finite"
-    return next((k for k in _ORDER[1:-1] if k in flags), "healthy")
+    return next((k for k in SEVERITY[1:-1] if k in flags), "healthy")  # type: ignore[return-value]
 
 
-def _span(rows: list[LayerStats]) -> str:
-    a, b = rows[0], rows[-1]
-    return a.name if a is b else f"{a.name} .. {b.name}"
-
-
-def _runs(layers: list[LayerStats], flags: list[set[str]], kind: str, gap: int = 2) -> list[list[LayerStats]]:
-    """Rows showing ``kind``, grouped into runs; runs closer than ``gap`` rows
-    merge (a Linear/activation pair can differ in which rows cross a bound)."""
-    runs: list[list[LayerStats]] = []
-    for l, f in zip(layers, flags):
-        if kind in f:
-            if runs and l.index - runs[-1][-1].index <= gap + 1:
-                runs[-1].append(l)
-            else:
-                runs.append([l])
+def _runs(rows: list[int], gap: int = 2) -> list[list[int]]:
+    """Row indices grouped into runs; runs closer than ``gap`` rows merge (a
+    Linear/activation pair can differ in which rows cross a limit)."""
+    runs: list[list[int]] = []
+    for i in sorted(rows):
+        if runs and i - runs[-1][-1] <= gap + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
     return runs
 
 
 def _dominant_activation(layers: list[LayerStats]) -> str | None:
-    acts = [l.kind.replace("F.", "").lower() for l in layers
-            if l.kind in ("Tanh", "Sigmoid", "ReLU", "GELU", "SiLU", "LeakyReLU", "ELU", "Softsign", "Hardtanh")
-            or l.kind.startswith("F.")]
+    acts = [l.activation.split("(")[0] for l in layers if l.activation and l.activation != "linear"]
     return Counter(acts).most_common(1)[0][0] if acts else None
 
 
 def _init_advice(act: str | None) -> str:
-    if act in ("relu", "leakyrelu"):
+    if act in ("relu", "leaky_relu"):
         return ("use kaiming_normal_ (sigma_w2 = 2, where chi1 = 1 for ReLU): Xavier-style weights halve the "
                 "gradient's mean square at every ReLU layer")
     if act == "sigmoid":
@@ -92,38 +268,40 @@ def _init_advice(act: str | None) -> str:
     return "initialize with signalprop.init.critical_(model, inputs) or add residual connections / normalization"
 
 
-def _problem_for_run(kind: str, run: list[LayerStats], act: str | None, bounds: tuple[float, float]) -> Problem:
-    span = _span(run)
-    lo, hi = bounds
-    kinds = ", ".join(sorted({l.kind for l in run}))
+def _span(layers: list[LayerStats], run: list[int]) -> str:
+    a, b = layers[run[0]], layers[run[-1]]
+    return a.name if a is b else f"{a.name} .. {b.name}"
+
+
+def _problem(kind: Verdict, run: list[int], ev: list[_Evidence], layers: list[LayerStats], act: str | None) -> Problem:
+    span = _span(layers, run)
+    rows = [layers[i] for i in run]
+    kinds = ", ".join(sorted({l.kind for l in rows}))
     if kind == "saturated":
-        sat = max(l.saturation or 0 for l in run)
-        msg = (f"{len(run)} {kinds} layer(s) {span} saturated: up to {sat:.0%} of units sit where the "
-               f"activation's slope is < 1% of its maximum, so gradients through them nearly vanish")
+        sat = max(l.saturation or 0 for l in rows)
+        msg = (f"{len(run)} {kinds} row(s) {span} saturated: up to {sat:.0%} of outputs sit where the "
+               "activation's slope is < 1% of its maximum, so gradients through them nearly vanish")
         fix = ("pre-activations are too large: lower the weight scale (apply_(model, 'xavier_uniform', "
                f"activation=...)) or normalize; {_init_advice(act)}")
     elif kind == "dead":
-        dead = max(l.dead_fraction or 0 for l in run)
-        msg = f"{len(run)} {kinds} layer(s) {span} dead: up to {dead:.0%} of units output 0 for the whole batch"
+        dead = max(l.dead_fraction or 0 for l in rows)
+        msg = (f"{len(run)} {kinds} row(s) {span} dead: up to {dead:.0%} of units output 0 for every example "
+               "and position" + (", so no gradient reaches the rows before it" if dead >= 1.0 else ""))
         fix = ("zero or shrink negative biases, use kaiming_normal_, lower the learning rate, or use "
                "LeakyReLU/GELU")
-    elif kind == "vanishing":
-        g = min((l.grad_rms if l.grad_rms is not None else math.inf) for l in run)
-        msg = (f"gradients vanish in {span} ({len(run)} row(s)): RMS down to {g:.2g}, below {lo:g}; "
-               "a long product of Jacobians with singular values < 1")
-        fix = _init_advice(act)
-    else:  # exploding
-        g = max((l.grad_rms or 0) for l in run)
-        msg = (f"gradients explode in {span} ({len(run)} row(s)): RMS up to {g:.2g}, above {hi:g}; "
-               "a long product of Jacobians with singular values > 1")
-        fix = ("weights are too large: rescale them (apply_(model, 'xavier_uniform', activation=...) or "
-               "signalprop.init.critical_), and clip gradients (torch.nn.utils.clip_grad_norm_)")
-    return Problem(span, kind, msg, fix, run[0].index, run[-1].index)
+    else:
+        mine = sorted((e for e in ev if e.kind == kind and e.rows & set(run)), key=lambda e: -e.strength)
+        why = "; ".join(dict.fromkeys(e.message for e in mine[:2]))
+        msg = f"{kind} in {span} ({len(run)} row(s)): {why}"
+        fix = _init_advice(act) if kind == "vanishing" else (
+            "weights are too large: rescale them (apply_(model, 'xavier_uniform', activation=...) or "
+            "signalprop.init.critical_), and clip gradients (torch.nn.utils.clip_grad_norm_)")
+    return Problem(span, kind, msg, fix, run[0], run[-1])
 
 
-def _nonfinite_problem(layers: list[LayerStats], inp: dict[str, Any]) -> Problem | None:
-    if inp.get("nonfinite_fraction", 0) > 0:
-        return Problem("input", "non-finite", f"the input itself has {inp['nonfinite_fraction']:.1%} "
+def _nonfinite_problem(layers: list[LayerStats], inp: InputStats | None, origin: int | None) -> Problem | None:
+    if inp is not None and inp.nonfinite_fraction > 0:
+        return Problem("input", "non-finite", f"the input itself has {inp.nonfinite_fraction:.1%} "
                        "non-finite values", "clean the data (torch.nan_to_num, check the loader)", -1, -1)
     fwd = next((l for l in layers if l.nonfinite_fraction > 0), None)
     if fwd is not None:
@@ -132,63 +310,63 @@ def _nonfinite_problem(layers: list[LayerStats], inp: dict[str, Any]) -> Problem
                        f"{fwd.nonfinite_fraction:.1%} of its outputs are NaN/Inf",
                        "look at that module's arithmetic (log/div/sqrt of bad values, overflow in low "
                        "precision); torch.autograd.detect_anomaly helps", fwd.index, fwd.index)
-    bwd = [l for l in layers if (l.grad_nonfinite_fraction or 0) > 0]
-    if bwd:
-        origin = bwd[-1]  # backward runs in reverse: the latest row is where it started
-        return Problem(origin.name, "non-finite",
-                       f"the forward pass is finite but the gradient first turns non-finite at "
-                       f"{origin.name} ({origin.kind})",
-                       "a derivative there is infinite (sqrt/pow/log at 0, division by a tiny value): add an "
-                       "epsilon, or clip gradients", origin.index, origin.index)
+    bad = [l for l in layers if (l.grad_nonfinite_fraction or 0) > 0]
+    if bad:
+        o = layers[origin] if origin is not None else bad[-1]
+        return Problem(o.name, "non-finite",
+                       f"the forward pass is finite but the backward of {o.name} ({o.kind}) turns a finite "
+                       f"incoming gradient into a non-finite one: the gradient first turns non-finite there "
+                       f"({len(bad)} row(s) upstream carry it)",
+                       "a derivative there is infinite (sqrt/pow/log at 0, division by a tiny value, also in the "
+                       "branch torch.where does not select): add an epsilon, or clamp the argument",
+                       o.index, o.index)
     return None
 
 
-def _trend(layers: list[LayerStats]) -> dict[str, Any]:
-    """Gradient RMS at the first parametrised row over that at the last
-    parametrised row before the read-out (the final parametrised row, whose
-    width change -- 128 -> 10, say -- would scale per-unit gradients with no
-    vanishing involved), and the geometric-mean backward gain per row between.
-    Both rows are outputs of weight layers, so like is compared with like."""
-    pr = [l for l in layers if l.param_grad_rms is not None and l.grad_rms is not None and l.grad_rms > 0]
-    if len(pr) < 2:
+def _main_trend(trends: list[SeriesTrend], layers: list[LayerStats]) -> dict[str, Any]:
+    """The longest repeated series of weight layers: its first/last ratio."""
+    cands = [t for t in trends if layers[t.rows[0]].param_grad_rms is not None]
+    if not cands:
         return {}
-    first, end = pr[0], (pr[-2] if len(pr) >= 3 else pr[-1])
-    ratio = first.grad_rms / end.grad_rms  # type: ignore[operator]
-    steps = max(1, pr.index(end))
-    per = ratio ** (1.0 / steps) if ratio > 0 and math.isfinite(ratio) else float("nan")
-    return {"first_last_grad_ratio": ratio, "first_layer": first.name, "last_layer": end.name,
-            "param_layers": len(pr), "geometric_mean_backward_gain": per}
+    t = max(cands, key=lambda t: (len(t.rows), -t.rows[0]))
+    per = t.ratio ** (1.0 / (len(t.rows) - 1)) if t.ratio > 0 and math.isfinite(t.ratio) else float("nan")
+    return {"first_last_grad_ratio": t.ratio, "geometric_mean_backward_gain": per, "first_layer": t.first,
+            "last_layer": t.last, "param_layers": len(t.rows)}
 
 
-def diagnose(layers: list[LayerStats], inp: dict[str, Any], bounds: tuple[float, float],
-             trend: float) -> tuple[str, list[Problem], dict[str, Any]]:
+def diagnose(layers: list[LayerStats], inp: InputStats | None, bounds: tuple[float, float], trend: float,
+             backward_origin: int | None = None
+             ) -> tuple[Verdict, list[Problem], list[LayerStats], dict[str, Any]]:
+    """The verdict, the problems (worst first), the rows with their own
+    verdicts, and the model-level numbers for :class:`~signalprop.records.Summary`.
+    Pure: ``layers`` is not modified."""
     lo, hi = bounds
-    flags = _flags(layers, lo, hi)
-    layers[:] = [replace(l, verdict=_row_verdict(l, f)) for l, f in zip(layers, flags)]
     act = _dominant_activation(layers)
-    summary: dict[str, Any] = {"bounds": list(bounds), "trend_limit": trend, "activation": act,
-                               "input": inp, **_trend(layers),
-                               "zero_gradient_rows": sum(1 for l in layers if l.grad_rms == 0)}
+    series = _series(layers)
+    ev_series, trends = _series_evidence(series, trend)
+    ev = _bound_evidence(layers, lo, hi) + ev_series
+    vanishing = set().union(*(e.rows for e in ev if e.kind == "vanishing"))
+    fwd_vanishing = set().union(*(e.rows for e in ev if e.kind == "vanishing" and e.rule == "forward"))
+    shares, explained = _share_evidence(layers, vanishing, fwd_vanishing)
+    for e in ev:
+        if e.kind == "vanishing":
+            e.rows -= explained
+    ev += shares
+    flags: list[set[str]] = [set() for _ in layers]
+    for e in ev:
+        for i in e.rows:
+            flags[i].add(e.kind)
+    out = [replace(l, verdict=_row_verdict(l, f)) for l, f in zip(layers, flags)]
     problems: list[Problem] = []
-    nf = _nonfinite_problem(layers, inp)
+    nf = _nonfinite_problem(out, inp, backward_origin)
     if nf is not None:
         problems.append(nf)
-    for kind in ("exploding", "vanishing", "saturated", "dead"):
-        problems += [_problem_for_run(kind, run, act, bounds) for run in _runs(layers, flags, kind)]
-    ratio = summary.get("first_last_grad_ratio")
-    if ratio is not None and nf is None and math.isfinite(ratio):
-        per = summary["geometric_mean_backward_gain"]
-        where = f"{summary['first_layer']} .. {summary['last_layer']}"
-        if ratio < 1 / trend and not any(p.kind == "vanishing" for p in problems):
-            problems.append(Problem(where, "vanishing",
-                                    f"gradient RMS falls by {1 / ratio:.3g}x from the last to the first "
-                                    f"parametrised layer ({per:.3g}x per layer): within bounds now, but "
-                                    "vanishing with depth", _init_advice(act)))
-        elif ratio > trend and not any(p.kind == "exploding" for p in problems):
-            problems.append(Problem(where, "exploding",
-                                    f"gradient RMS grows by {ratio:.3g}x from the last to the first "
-                                    f"parametrised layer ({per:.3g}x per layer): exploding with depth",
-                                    "rescale the weights (critical_ or Xavier with gain) and clip gradients"))
-    problems.sort(key=lambda p: (_ORDER.index(p.kind), p.first))
-    verdict = problems[0].kind if problems else "healthy"
-    return verdict, problems, summary
+    else:  # with NaN/Inf about, bounds and trends would only repeat it
+        for kind in ("exploding", "vanishing", "saturated", "dead"):
+            rows = [i for i, f in enumerate(flags) if kind in f]
+            problems += [_problem(kind, run, ev, out, act) for run in _runs(rows)]  # type: ignore[arg-type]
+    problems.sort(key=lambda p: (SEVERITY.index(p.kind), p.first))
+    verdict: Verdict = problems[0].kind if problems else "healthy"
+    judged = {"activation": act, "series": tuple(trends),
+              "zero_gradient_rows": sum(1 for l in layers if l.grad_rms == 0), **_main_trend(trends, layers)}
+    return verdict, problems, out, judged

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..records import LayerStats
+from ..records import InputStats, LayerStats
 from ..theory import propagate
 from .recorder import Row
 
@@ -41,27 +41,40 @@ def _width(m: nn.Module, which: str) -> int:
     return m.in_channels if which == "in" else m.out_channels  # type: ignore[return-value]
 
 
-def predictions(rows: list[Row], layers: list[LayerStats], inp: dict[str, Any]) -> list[LayerStats] | None:
+def _weight_terms(m: nn.Module) -> torch.Tensor:
+    """[sigma_w2, sigma_b2, BS, S2] of one layer, on its device: sigma_w2 =
+    fan_in * mean(W^2), sigma_b2 = mean(b^2), and the mean coupling of
+    :func:`signalprop.theory.propagate` from the row sums s_i of W."""
+    W = m.weight.detach().double()  # type: ignore[union-attr]
+    rows = W.reshape(W.shape[0], -1)
+    s = rows.sum(dim=1)
+    b = getattr(m, "bias", None)
+    b = b.detach().double() if b is not None else torch.zeros_like(s)
+    return torch.stack([rows.square().sum() / rows.shape[0], b.square().mean(), (b * s).mean(), s.square().mean()])
+
+
+def predictions(rows: list[Row], layers: list[LayerStats], inp: InputStats | None) -> list[LayerStats] | None:
     """Layers with ``predicted_second_moment`` and ``predicted_grad_rms`` filled,
-    using each layer's measured weight scale sigma_w2 = fan_in * mean(W^2) and
-    sigma_b2 = mean(b^2); None when the model is not a plain chain."""
+    from each layer's measured weights (sigma_w2, sigma_b2 and the coupling
+    of the input's mean through the row sums, so a bias that cancels
+    sigmoid's mean is predicted as such); None when the model is not a plain
+    chain of Linear/Conv layers and elementwise activations -- normalisation,
+    attention, residual branches and pooling are outside what the theory
+    predicts, and no number is shown there."""
     chain = _chain(rows)
-    if chain is None or "second_moment" not in inp:
+    if chain is None or inp is None:
         return None
     widths = [_width(chain[0][0].module, "in")]  # type: ignore[arg-type]
-    sw2, sb2 = [], []
+    for w, _ in chain:
+        if _width(w.module, "in") != widths[-1]:  # type: ignore[arg-type]
+            return None
+        widths.append(_width(w.module, "out"))  # type: ignore[arg-type]
     with torch.no_grad():
-        for w, _ in chain:
-            m = w.module
-            if _width(m, "in") != widths[-1]:  # type: ignore[arg-type]
-                return None
-            widths.append(_width(m, "out"))  # type: ignore[arg-type]
-            W = m.weight.detach()  # type: ignore[union-attr]
-            sw2.append(float(torch.linalg.vector_norm(W.float()) ** 2) / W.shape[0])  # fan_in * mean(W^2)
-            b = getattr(m, "bias", None)
-            sb2.append(float(torch.linalg.vector_norm(b.detach().float()) ** 2) / b.numel() if b is not None else 0.0)
+        terms = torch.stack([_weight_terms(w.module) for w, _ in chain]).cpu().tolist()  # type: ignore[arg-type]
+    sw2, sb2 = [t[0] for t in terms], [t[1] for t in terms]
     try:
-        p = propagate(widths, [_exact(r) for r in chain], sw2, sb2, q0=inp["second_moment"])
+        p = propagate(widths, [_exact(r) for r in chain], sw2, sb2, q0=inp.second_moment,
+                      mean_coupling=[(t[2], t[3]) for t in terms], m0=inp.mean)
     except ValueError:
         return None
     last = layers[-1]

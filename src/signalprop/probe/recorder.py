@@ -9,11 +9,12 @@ twice gives two rows).  Activations called as functions inside a forward
 from __future__ import annotations
 
 import dataclasses
+import re
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -22,44 +23,17 @@ from . import stats as S
 
 _WEIGHT_LAYERS = (nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
                   nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-
-# Functions recognised as activations when called inside a forward: name per function.
-_FUNCTIONAL: dict[Callable[..., Any], str] = {}
-for _name, _fns in {
-    "tanh": (torch.tanh, torch.Tensor.tanh, F.tanh),
-    "sigmoid": (torch.sigmoid, torch.Tensor.sigmoid, F.sigmoid),
-    "relu": (torch.relu, torch.Tensor.relu, F.relu, torch.relu_, torch.Tensor.relu_),
-    "gelu": (F.gelu,), "silu": (F.silu,), "leaky_relu": (F.leaky_relu,), "elu": (F.elu,),
-    "selu": (F.selu, torch.selu), "softplus": (F.softplus,), "mish": (F.mish,),
-    "hardtanh": (F.hardtanh,), "softsign": (F.softsign,), "erf": (torch.erf, torch.Tensor.erf),
-}.items():
-    for _f in _fns:
-        _FUNCTIONAL[_f] = _name
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
-def base_name(a: _act.Activation | None) -> str | None:
-    """Registry base name ("tanh", "leaky_relu", ...) of an activation, else None."""
-    return None if a is None else a.name.split("(")[0]
-
-
-def functional_activation(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _act.Activation | None:
-    """The exact activation a recognised functional call computes, with its parameters."""
-    name = _FUNCTIONAL.get(func)
-    if name is None:
-        return None
-    if name == "leaky_relu":
-        slope = args[1] if len(args) > 1 else kwargs.get("negative_slope", 0.01)
-        return _act.get("leaky_relu", float(slope))
-    if name == "elu":
-        return _act.get("elu", float(args[1] if len(args) > 1 else kwargs.get("alpha", 1.0)))
-    if name == "gelu":
-        return _act.get("gelu_tanh" if kwargs.get("approximate", "none") == "tanh" else "gelu")
-    if name == "hardtanh" and (args[1:3] or (kwargs.get("min_val", -1.0), kwargs.get("max_val", 1.0))) not in \
-            ((-1.0, 1.0), (-1, 1)):
-        return None
-    if name == "softplus" and (len(args) > 1 or kwargs.get("beta", 1) != 1):
-        return None
-    return _act.get(name)
+def role_of(name: str, kind: str, module: nn.Module | None, shape: tuple[int, ...]) -> str:
+    """A row's position in a repeated block: its name with every number as
+    ``#`` (``layers.#.self_attn.q_proj``), its class and its parameter shapes
+    (or, without parameters, its output's shape past the batch dimension), so
+    that rows of one role differ only by which block they are in."""
+    ps = [tuple(p.shape) for p in module.parameters(recurse=False)] if module is not None else []
+    sig = ";".join("x".join(map(str, p)) for p in ps) if ps else "x".join(map(str, shape[1:]))
+    return f"{re.sub(r'[0-9]+', '#', name)}|{kind}|{sig}"
 
 
 def first_float_tensor(obj: Any, _depth: int = 0) -> torch.Tensor | None:
@@ -95,9 +69,15 @@ class Row:
     shape: tuple[int, ...]
     module: nn.Module | None
     act: _act.Activation | None  # the exact activation this row computes, if it is one
+    role: str = ""
     input_second_moment: float | None = None
-    fwd: dict[str, torch.Tensor] = field(default_factory=dict)
-    bwd: dict[str, torch.Tensor] = field(default_factory=dict)
+    fwd: dict[str, torch.Tensor | float] = field(default_factory=dict)
+    bwd: dict[str, torch.Tensor | float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    # exact mode only: which tensors the call read and wrote (to find the
+    # module whose backward turned a finite gradient non-finite)
+    inputs: list[Any] = field(default_factory=list)
+    output: Any = None
 
 
 # Modules that compute their children functionally (MultiheadAttention never
@@ -111,19 +91,26 @@ def leaf_modules(model: nn.Module) -> list[nn.Module]:
             and (isinstance(m, FUSED) or not any(True for _ in m.children()))]
 
 
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    """Floating tensors among a call's positional arguments (one level deep)."""
+    items = obj if isinstance(obj, (tuple, list)) else (obj,)
+    return [a for a in items if isinstance(a, torch.Tensor) and a.is_floating_point()]
+
+
 class _FunctionalCapture(TorchFunctionMode):
     def __init__(self, recorder: "Recorder") -> None:
         super().__init__()
         self.r = recorder
+        self.fns = _act.torch_functions()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if self.r.leaf_depth == 0 and func in _FUNCTIONAL and isinstance(out, torch.Tensor):
-            act = functional_activation(func, args, kwargs)
-            name = _FUNCTIONAL[func]
+        name = self.fns.get(func) if self.r.leaf_depth == 0 else None
+        if name is not None and isinstance(out, torch.Tensor):
             parent = self.r.stack[-1] if self.r.stack else ""
-            self.r.record(f"{parent}.{name}" if parent else name, f"F.{name}", None, act, out)
+            self.r.record(f"{parent}.{name}" if parent else name, f"F.{name}", None,
+                          _act.from_call(name, args, kwargs), out, args)
         return out
 
 
@@ -131,11 +118,15 @@ class Recorder:
     """Attach to a model; ``with recorder.active(): model(...)``; read ``rows``."""
 
     def __init__(self, model: nn.Module, *, capture_functional: bool = True, stats: bool = True,
-                 track_inputs: bool = False) -> None:
+                 track_inputs: bool = False, exact: bool = False) -> None:
         """``stats=False`` records only the call sequence (activation detection);
-        ``track_inputs`` also records each weight layer's input second moment."""
+        ``track_inputs`` also records each weight layer's input second moment;
+        ``exact`` masks non-finite entries and counts them, and remembers which
+        tensors each call read and wrote (the slow path after a NaN/Inf)."""
         self.model = model
         self.stats = stats
+        self.exact = exact
+        self._feature_dim = -1  # units along the last dim after Linear, dim 1 after a convolution
         self.track_inputs = track_inputs
         self.rows: list[Row] = []
         self.stack: list[str] = []  # names of modules currently inside forward
@@ -161,9 +152,11 @@ class Recorder:
                 # 3-D input) rebases the view's history, and a gradient hook on
                 # it would never fire; a non-view copy of the output keeps it.
                 out = replaced = out.clone()
+            if isinstance(m, _WEIGHT_LAYERS):
+                self._feature_dim = 1 if isinstance(m, _CONV) else -1
             t = first_float_tensor(out)
             if t is not None:
-                row = self.record(self._names.get(m, "?"), type(m).__name__, m, _act.from_module(m), t)
+                row = self.record(self._names.get(m, "?"), type(m).__name__, m, _act.from_module(m), t, args)
                 if self.track_inputs and isinstance(m, _WEIGHT_LAYERS):
                     x = first_float_tensor(args)
                     if x is not None:
@@ -173,31 +166,36 @@ class Recorder:
         return None
 
     def record(self, name: str, kind: str, module: nn.Module | None, act: _act.Activation | None,
-               t: torch.Tensor) -> Row:
+               t: torch.Tensor, args: Any = ()) -> Row:
         depth = name.count(".") + 1 if name else 0
-        row = Row(len(self.rows), name, kind, depth, tuple(t.shape), module, act)
-        activation = base_name(act)
+        shape = tuple(t.shape)
+        row = Row(len(self.rows), name, kind, depth, shape, module, act, role_of(name, kind, module, shape))
+        self.rows.append(row)
         if not self.stats:
-            self.rows.append(row)
             return row
         with torch.no_grad():
-            y = t.detach().float()
-            row.fwd.update(S.forward_moments(y))
-            if activation is not None:
-                sat = S.saturation(activation)
-                if sat is not None:
-                    row.fwd.update(sat(y))
-                if activation == "relu":
-                    row.fwd.update(S.dead_units(y))
-        self.rows.append(row)
+            y = t.detach()
+            row.fwd.update(S.exact_moments(y, "forward") if self.exact else S.forward_moments(y))
+            band = _act.saturation_band(act) if act is not None else None
+            if band is not None:
+                row.fwd.update(S.saturation(y, band))
+            if act is not None and act.rectifier:
+                dead = S.dead_units(y, self._feature_dim)
+                if dead is None:
+                    row.notes.append("dead units not judged: fewer than "
+                                     f"{S.MIN_SAMPLES_PER_UNIT} examples x positions per unit")
+                else:
+                    row.fwd.update(dead)
+        if self.exact:
+            row.output = weakref.ref(t)
+            row.inputs = [weakref.ref(a) for a in _tensors(args)]
         if t.requires_grad:
             t.register_hook(lambda g, row=row: self._grad(row, g))
         return row
 
-    @staticmethod
-    def _grad(row: Row, g: torch.Tensor) -> None:
+    def _grad(self, row: Row, g: torch.Tensor) -> None:
         with torch.no_grad():
-            row.bwd.update(S.grad_moments(g.detach().float()))
+            row.bwd.update(S.exact_moments(g, "grad") if self.exact else S.grad_moments(g.detach()))
 
     # -- lifecycle --------------------------------------------------------------
     def attach(self) -> None:

@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 import torch
 
+from ..records import JacobianReading
+
 EXACT_MAX_ENTRIES = 1 << 21  # n_in * n_out up to ~2M entries: exact
 EXACT_MAX_OUT = 1024  # ...and at most this many reverse passes
 LANCZOS_STEPS = 48
@@ -115,44 +117,41 @@ def _lanczos(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, steps:
     return theta.clamp_min(0), vecs[0] ** 2
 
 
-def jacobian_reading(model: torch.nn.Module, inputs: Any) -> dict[str, Any]:
+def _reading(lo: float, hi: float, within: float, scale: float) -> str:
+    cond = hi / lo if lo > 0 else math.inf
+    if within > 0.9 and cond < 10:
+        return "dynamical isometry: singular values concentrated around 1"
+    if hi < 1e-3:
+        return "the Jacobian is nearly zero: signals and gradients vanish end to end"
+    if lo > 1e3:
+        return "every direction is amplified > 1e3: signals and gradients explode end to end"
+    if cond < 10:
+        # a global scale (a first layer that brings the data to a small q*, say) is one
+        # factor, not a product of ill-conditioned ones
+        return f"well conditioned (condition number {cond:.3g}): isometric up to an overall scale of {scale:.3g}"
+    return f"far from isometry: condition number {cond:.3g}, {within:.0%} of singular values within a factor 2 of 1"
+
+
+def jacobian_reading(model: torch.nn.Module, inputs: Any) -> JacobianReading:
     f, x0 = _example_map(model, inputs)
     with torch.no_grad():
         n_out = f(x0).numel()
     n_in = x0.numel()
+    weights: torch.Tensor | None = None
     if n_in * n_out <= EXACT_MAX_ENTRIES and n_out <= EXACT_MAX_OUT:
         s = _exact(f, x0)
-        s2 = s**2
-        out = {"method": "exact", "singular_values": s.tolist(), "min_singular_value": float(s.min()),
-               "max_singular_value": float(s.max()), "mean_squared_singular_value": float(s2.mean()),
-               "fraction_within_2x": float(((s > 0.5) & (s < 2.0)).double().mean())}
+        method = "exact"
+        ms = float((s**2).mean())
+        within = float(((s > 0.5) & (s < 2.0)).double().mean())
     else:
-        theta, w = _lanczos(f, x0, LANCZOS_STEPS)
+        theta, weights = _lanczos(f, x0, LANCZOS_STEPS)
         s = theta.sqrt()
-        out = {"method": f"lanczos ({len(theta)} steps, Jacobian-vector products)",
-               "ritz_singular_values": s.tolist(), "ritz_weights": w.tolist(),
-               "min_singular_value": float(s.min()), "max_singular_value": float(s.max()),
-               # one-probe SLQ estimate of the mean squared singular value
-               "mean_squared_singular_value": float((w * theta).sum()),
-               "fraction_within_2x": float((w * ((s > 0.5) & (s < 2.0)).double()).sum())}
-    out.update({"n_in": n_in, "n_out": n_out})
-    lo, hi = out["min_singular_value"], out["max_singular_value"]
-    cond = hi / lo if lo > 0 else math.inf
-    out["condition_number"] = cond
-    scale = math.sqrt(out["mean_squared_singular_value"])
-    out["rms_singular_value"] = scale
-    if out["fraction_within_2x"] > 0.9 and cond < 10:
-        out["reading"] = "dynamical isometry: singular values concentrated around 1"
-    elif hi < 1e-3:
-        out["reading"] = "the Jacobian is nearly zero: signals and gradients vanish end to end"
-    elif lo > 1e3:
-        out["reading"] = "every direction is amplified > 1e3: signals and gradients explode end to end"
-    elif cond < 10:
-        # a global scale (a first layer that brings the data to a small q*, say) is one
-        # factor, not a product of ill-conditioned ones
-        out["reading"] = (f"well conditioned (condition number {cond:.3g}): isometric up to an overall "
-                          f"scale of {scale:.3g}")
-    else:
-        out["reading"] = (f"far from isometry: condition number {cond:.3g}, "
-                          f"{out['fraction_within_2x']:.0%} of singular values within a factor 2 of 1")
-    return out
+        method = f"lanczos ({len(theta)} steps, Jacobian-vector products)"
+        ms = float((weights * theta).sum())  # one-probe SLQ estimate of the mean squared singular value
+        within = float((weights * ((s > 0.5) & (s < 2.0)).double()).sum())
+    lo, hi = float(s.min()), float(s.max())
+    return JacobianReading(
+        method=method, n_in=n_in, n_out=n_out, min_singular_value=lo, max_singular_value=hi,
+        mean_squared_singular_value=ms, rms_singular_value=math.sqrt(ms), fraction_within_2x=within,
+        condition_number=hi / lo if lo > 0 else math.inf, reading=_reading(lo, hi, within, math.sqrt(ms)),
+        singular_values=tuple(s.tolist()), weights=None if weights is None else tuple(weights.tolist()))

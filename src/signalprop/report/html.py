@@ -31,7 +31,7 @@ def signal_figure(report: Any) -> bytes:
         a.semilogy(x, pm2, "k--", lw=1, label="theory")
     a.set_ylabel("forward second moment")
     a.legend(fontsize=8)
-    lo, hi = report.summary.get("bounds", [1e-6, 1e3])
+    lo, hi = report.summary.bounds
     b.axhspan(lo, hi, color="green", alpha=0.08, label=f"bounds [{lo:g}, {hi:g}]")
     b.semilogy(x, np.where(g > 0, g, np.nan), ".-", c="C1", label="measured grad RMS")
     if np.isfinite(pg).any():
@@ -64,7 +64,7 @@ def render_html(report: Any, standalone: bool = True) -> str:
     rows = "".join("<tr>" + "".join(f"<td>{_cell(getattr(l, c))}</td>" for c in cols) + "</tr>"
                    for l in report.layers)
     body = (f"<h2>signalprop check: {html.escape(report.verdict)}</h2>"
-            f"<p>{html.escape(str(report.summary.get('backprop', '')))}</p>"
+            f"<p>{html.escape(report.summary.backprop)}</p>"
             f"<h3>Problems</h3><ul>{probs}</ul>"
             f"<img alt='signal propagation' src='data:image/png;base64,{img}'/>"
             f"<h3>Layers</h3><table border=1 cellspacing=0 cellpadding=3><tr>{head}</tr>{rows}</table>")

@@ -26,25 +26,27 @@ def _pct(v: Any) -> str:
 def renderable(report: Any) -> Group:
     head = Text.assemble(("verdict: ", "bold"), (report.verdict, _STYLE.get(report.verdict, "")))
     s = report.summary
-    facts = [f"{s.get('rows', len(report.layers))} rows", s.get("backprop", "")]
-    if s.get("first_last_grad_ratio") is not None:
-        facts.append(f"grad RMS first/last parametrised layer = {s['first_last_grad_ratio']:.3g} "
-                     f"({s['geometric_mean_backward_gain']:.3g}x per layer)")
+    facts = [f"{s.rows} rows", s.backprop]
+    if s.first_last_grad_ratio is not None:
+        facts.append(f"relative grad RMS first/last of {s.param_layers} repeated {s.first_layer} .. "
+                     f"{s.last_layer} = {s.first_last_grad_ratio:.3g} "
+                     f"({s.geometric_mean_backward_gain:.3g}x per layer)")
     parts: list[Any] = [head, Text("; ".join(f for f in facts if f), style="dim")]
+    parts += [Text(f"note: {n}", style="dim") for n in s.notes]
     for p in report.problems:
         parts.append(Panel(Text.assemble((p.message, ""), ("\nfix: ", "bold"), (p.suggestion, "")),
                            title=p.kind, border_style=_STYLE.get(p.kind, "")))
     parts.append(layer_table(report))
     if report.spectrum:
         sp = report.spectrum
-        parts.append(Text(f"Jacobian ({sp['method']}): singular values {sp['min_singular_value']:.3g} .. "
-                          f"{sp['max_singular_value']:.3g}, mean square {sp['mean_squared_singular_value']:.3g}; "
-                          f"{sp['reading']}"))
+        parts.append(Text(f"Jacobian ({sp.method}): singular values {sp.min_singular_value:.3g} .. "
+                          f"{sp.max_singular_value:.3g}, mean square {sp.mean_squared_singular_value:.3g}; "
+                          f"{sp.reading}"))
     return Group(*parts)
 
 
 def layer_table(report: Any) -> Table:
-    theory = report.summary.get("theory")
+    theory = report.summary.theory
     t = Table(title="layers (execution order)", show_lines=False, header_style="bold")
     cols = ["#", "name", "kind", "E\\[y^2]", *(["theory"] if theory else []), "grad RMS",
             *(["theory"] if theory else []), "param grad", "sat", "dead", "verdict"]

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .. import activations as _act
+from .gaussian import expect
 from .maps import _deriv_second_moment, _second_moment, covmap
 
 
@@ -52,13 +53,24 @@ def _per_layer(x: float | Sequence[float], n: int, what: str) -> np.ndarray:
 
 def propagate(widths: Sequence[int], act: Any, sigma_w2: float | Sequence[float],
               sigma_b2: float | Sequence[float] = 0.0, q0: float = 1.0,
-              c0: float | None = None) -> Propagation:
+              c0: float | None = None, *, mean_coupling: Sequence[tuple[float, float]] | None = None,
+              m0: float = 0.0) -> Propagation:
     """Predict forward and backward second moments layer by layer.
 
     ``widths = [n_0, n_1, ..., n_L]`` (n_0 the input size); ``act``,
     ``sigma_w2`` and ``sigma_b2`` may be per-layer sequences (e.g. a final
     ``"linear"`` read-out); ``q0`` is the input's second moment per unit;
     ``c0`` an optional correlation between two inputs.
+
+    ``mean_coupling``: for concrete weights, per layer ``(BS, S2)`` with
+    ``s_i = sum_j W_ij`` the row sums, ``S2 = mean_i s_i^2`` and
+    ``BS = mean_i b_i s_i``.  A layer input of mean m and centred second
+    moment v then gives ``q = sigma_w2 v + sigma_b2 + 2 m BS + m^2 S2``
+    (each unit's mean m s_i + b_i enters squared).  For i.i.d. weights
+    ``S2 ~ sigma_w2`` and ``BS ~ 0``, which is the usual
+    ``sigma_w2 E[x^2] + sigma_b2``; when the bias cancels the mean
+    (``b = -m W 1``, as ``critical_`` does for sigmoid) the terms cancel too.
+    ``m0`` is the input's mean.  Without ``mean_coupling`` the usual formula.
     """
     widths = tuple(int(w) for w in widths)
     if len(widths) < 2 or min(widths) < 1:
@@ -75,8 +87,14 @@ def propagate(widths: Sequence[int], act: Any, sigma_w2: float | Sequence[float]
     post = np.empty(L)
     cs = np.empty(L) if c0 is not None else None
     m_in, c_in, q_in = float(q0), c0, float(q0)
+    mean_in = float(m0)
     for l in range(L):
-        q[l] = sw2[l] * m_in + sb2[l]
+        if mean_coupling is None:
+            q[l] = sw2[l] * m_in + sb2[l]
+        else:
+            bs, s2 = mean_coupling[l]
+            q[l] = sw2[l] * max(m_in - mean_in**2, 0.0) + sb2[l] + 2 * mean_in * bs + mean_in**2 * s2
+            mean_in = float(expect(acts[l].phi, q[l], acts[l].kinks))
         if cs is not None:
             # correlation of pre-activations from the correlation of the inputs
             cs[l] = (sw2[l] * c_in * m_in + sb2[l]) / q[l] if l == 0 else c_in
