@@ -406,12 +406,11 @@ def from_module(module: Any) -> Activation | None:
     Recognises the ``torch.nn`` activation classes by type and reads their
     parameters (LeakyReLU's slope, ELU's alpha, GELU's ``approximate``).
     """
-    cls = type(module).__name__
-    if not (type(module).__module__ or "").startswith("torch.nn"):
-        return None
+    # the nearest torch.nn class in the MRO, so subclasses of nn.ReLU count too
+    cls = next((c.__name__ for c in type(module).__mro__ if (c.__module__ or "").startswith("torch.nn.")), None)
     if cls in _MODULE_READERS:
         return _MODULE_READERS[cls](module)
-    return _BY_MODULE.get(cls)
+    return _BY_MODULE.get(cls)  # type: ignore[arg-type]
 
 
 def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], i: int, key: str, default: Any) -> Any:

@@ -93,6 +93,13 @@ def cmd_lab(args: argparse.Namespace, out: Console) -> int:
 
     with progress_bar(out) as bar:
         results = run_experiment(args.name, dest, quick=args.quick, progress=bar, **_parse_sets(args.set))
+    if "table" in results:
+        t = Table(title=args.name)
+        for c in results["table"]["columns"]:
+            t.add_column(c)
+        for row in results["table"]["rows"]:
+            t.add_row(*("-" if v is None else str(v) for v in row))
+        out.print(t)
     out.print(f"[bold]{args.name}[/bold]: results in {dest}/results.json")
     for line in results.get("headline", []):
         out.print(f"  {line}")

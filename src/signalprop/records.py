@@ -119,6 +119,7 @@ class LayerStats:
     relative_grad_rms: float | None = None
     activation: str | None = None
     role: str = ""
+    dead_samples: int | None = None  # examples x positions per unit behind dead_fraction
 
     def to_dict(self) -> dict[str, Any]:
         return _clean(asdict(self))

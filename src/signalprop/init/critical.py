@@ -12,7 +12,7 @@ from .. import activations as _act
 from ..records import InitSummary, LayerInit, ParamInit
 from ..theory.critical import CriticalPoint, critical_point
 from .detect import WeightLayer, weight_layers
-from .fans import _CONVT, param_specs
+from .fans import _CONVT, fans, param_specs
 from .orthogonal import _orthogonal_fill
 
 
@@ -44,7 +44,7 @@ def _draw(layer: WeightLayer, sigma_w2: float, sigma_b2: float, mean: float | No
     has_bias = getattr(m, "bias", None) is not None
     centered = mean is not None and not has_bias
     out_ch, in_ch = w.shape[0], w.shape[1]
-    fan_in = w[0].numel()
+    fan_in = fans(m)[0]  # the module's real wiring (ConvTranspose: input channels per group x taps / stride)
     transposed = isinstance(m, _CONVT)
     with torch.no_grad():
         if w.dim() > 2 and not transposed and out_ch >= in_ch and getattr(m, "groups", 1) == 1:
@@ -141,8 +141,8 @@ def critical_(model: nn.Module, inputs: Any = None, *, activation: Any = None,
     for l, sw2, sb2, mean, c, why in plan:
         kind = _draw(l, sw2, sb2, mean, generator)
         w = l.module.weight  # type: ignore[union-attr]
-        records.append(ParamInit(f"{l.name}.weight", tuple(w.shape), int(w[0].numel()), None,
-                                 math.sqrt(sw2 / w[0].numel()), kind))
+        fan_in, fan_out = fans(l.module)
+        records.append(ParamInit(f"{l.name}.weight", tuple(w.shape), fan_in, fan_out, math.sqrt(sw2 / fan_in), kind))
         act_name = l.out_act.name if l.out_act is not None else "linear (none detected)"
         chi = c.chi1 if (c is not None and l.in_act is not None) else None
         layer_recs.append(LayerInit(l.name, type(l.module).__name__, act_name, sw2, sb2,

@@ -11,11 +11,15 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-_ACTS: dict[str, Callable[[], nn.Module]] = {
-    "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU,
-    "elu": nn.ELU, "selu": nn.SELU, "leaky_relu": nn.LeakyReLU, "softplus": nn.Softplus, "linear": nn.Identity,
-    "hardtanh": nn.Hardtanh, "softsign": nn.Softsign, "mish": nn.Mish,
-}
+from .. import activations as _act
+
+# Activation names a spec may use: every registry entry with a torch.nn module
+# (signalprop.activations is the one table), by its base name and aliases.
+_ACT_NAMES = sorted({a.base for a in _act.REGISTRY.values() if a.module} | {"swish", "identity"})
+
+
+def _act_module(name: str) -> nn.Module:
+    return _act.get(name).torch_module()
 
 
 class DeepMLP(nn.Sequential):
@@ -28,7 +32,7 @@ class DeepMLP(nn.Sequential):
     def __init__(self, depth: int, width: int, act: str, n_in: int, n_out: int) -> None:
         layers: list[nn.Module] = []
         for i in range(depth):
-            layers += [nn.Linear(n_in if i == 0 else width, width), _ACTS[act]()]
+            layers += [nn.Linear(n_in if i == 0 else width, width), _act_module(act)]
         layers.append(nn.Linear(width if depth else n_in, n_out))
         super().__init__(*layers)
         self.act_name = act
@@ -49,7 +53,7 @@ def _fast_act(m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 class ResBlock(nn.Module):
     def __init__(self, width: int, act: str) -> None:
         super().__init__()
-        self.branch = nn.Sequential(nn.Linear(width, width), _ACTS[act](), nn.Linear(width, width))
+        self.branch = nn.Sequential(nn.Linear(width, width), _act_module(act), nn.Linear(width, width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.branch(x)
@@ -73,7 +77,7 @@ class SmallCNN(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         for i in range(depth):
-            layers += [nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1), _ACTS[act]()]
+            layers += [nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1), _act_module(act)]
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(channels, n_out)
 
@@ -135,8 +139,8 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
         if k not in opts:
             raise ValueError(f"{kind} has no option {k!r}; options: {sorted(opts)}")
         opts[k] = _parse_value(v)
-    if "act" in opts and opts["act"] not in _ACTS:
-        raise ValueError(f"unknown act {opts['act']!r}; choose from {sorted(_ACTS)}")
+    if "act" in opts and opts["act"] not in _ACT_NAMES:
+        raise ValueError(f"unknown act {opts['act']!r}; choose from {_ACT_NAMES}")
     return kind, opts
 
 

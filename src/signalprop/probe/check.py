@@ -232,6 +232,7 @@ def _layer_stats(rows: list[Row], vals: list[dict[str, Any]], pgrads: dict[nn.Mo
             grad_nonfinite_fraction=v.get("grad_nonfinite_fraction"),
             param_grad_rms=pg[0] if pg else None, grad_to_weight=pg[1] if pg else None,
             saturation=v.get("saturation"), dead_fraction=v.get("dead_fraction"),
+            dead_samples=int(v["dead_samples"]) if "dead_samples" in v else None,
             forward_gain=m2 / prev_m2 if prev_m2 else None,
             # how much the gradient's mean square grows passing back through this row
             backward_gain=prev_g2 / g2 if (prev_g2 is not None and g2) else None,
@@ -380,14 +381,32 @@ def _run(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: tupl
     pred = predictions(rec.rows, layers, inp)
     if pred is not None:
         layers = pred
-    notes = sorted({n for r in rec.rows for n in r.notes})
     origin = _backward_origin(rec.rows, layers) if exact else None
-    verdict, problems, layers, judged = diagnose(layers, inp, bounds, trend, backward_origin=origin)
+    stale = _stale_batchnorm(rec.rows)
+    verdict, problems, layers, judged = diagnose(layers, inp, bounds, trend, backward_origin=origin,
+                                                 dead_unjudged_from=stale[0].index if stale else None)
+    notes = judged.pop("notes")
+    if stale:
+        notes.append(f"{len(stale)} BatchNorm layer(s) in eval mode with running statistics never updated "
+                     f"(first: {stale[0].name}) pass the signal unnormalised, as neither training nor a trained "
+                     "model would: dead units after them are not judged; check in train mode (model.train()) "
+                     "to see what training sees")
     summary = Summary(model=type(model).__name__, rows=len(layers), backprop=backprop, output_grad_rms=out_rms,
                       bounds=(float(bounds[0]), float(bounds[1])), trend_limit=float(trend),
                       training_mode=model.training, theory=pred is not None, input=inp,
                       notes=tuple(notes), **judged)
     return Report(verdict, tuple(layers), tuple(problems), summary)
+
+
+_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def _stale_batchnorm(rows: list[Row]) -> list[Row]:
+    """Rows of BatchNorm layers in eval mode whose running statistics were
+    never updated (still mean 0, variance 1)."""
+    return [r for r in rows if isinstance(r.module, _BATCHNORM)
+            and not r.module.training and r.module.track_running_stats
+            and r.module.num_batches_tracked is not None and int(r.module.num_batches_tracked) == 0]
 
 
 def _backward_origin(rows: list[Row], layers: list[LayerStats]) -> int | None:

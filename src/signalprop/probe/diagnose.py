@@ -41,6 +41,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..records import SEVERITY, InputStats, LayerStats, Problem, SeriesTrend, Verdict
+from .stats import MIN_SAMPLES_PER_UNIT
 
 SATURATED_SHARE = 0.5  # a layer is "saturated" when over half its units are
 DEAD_SHARE = 0.5  # a rectifier layer is "dead" when over half its units never fire
@@ -198,12 +199,42 @@ def _series_evidence(series: list[tuple[str, list[LayerStats]]], trend: float) -
     return out, trends
 
 
+def _judge_dead(layers: list[LayerStats], unjudged_from: int | None) -> tuple[list[LayerStats], list[str]]:
+    """Keep a dead share only where the data can tell: each unit seen on at
+    least MIN_SAMPLES_PER_UNIT examples x positions (a healthy unit is zero
+    on about half of them), or every unit zero while the pre-activation sits
+    entirely below zero (its mean more than 3 standard deviations under 0:
+    dead whatever the batch)."""
+    out, unjudged = [], []
+    for l in layers:
+        if unjudged_from is not None and l.index > unjudged_from and l.dead_fraction is not None:
+            out.append(replace(l, dead_fraction=None))
+            continue
+        if l.dead_fraction is None or (l.dead_samples or 0) >= MIN_SAMPLES_PER_UNIT:
+            out.append(l)
+            continue
+        p = _producer(layers, l.index)
+        certain = l.dead_fraction >= 1.0 and p is not None and \
+            p.forward_mean + 3 * math.sqrt(p.forward_var) < 0
+        if not certain:
+            unjudged.append(l)
+            l = replace(l, dead_fraction=None)
+        out.append(l)
+    notes = []
+    if unjudged:
+        k = min(l.dead_samples or 0 for l in unjudged)
+        notes.append(f"dead units not judged in {len(unjudged)} rectifier row(s): {k} example(s) x positions per "
+                     f"unit, and a healthy unit is zero on about half of them; {MIN_SAMPLES_PER_UNIT} or more "
+                     "are needed to tell dead from alive")
+    return out, notes
+
+
 def _producer(layers: list[LayerStats], i: int) -> LayerStats | None:
     return layers[i - 1] if i > 0 else None
 
 
-def _share_evidence(layers: list[LayerStats], vanishing: set[int],
-                    forward_vanishing: set[int]) -> tuple[list[_Evidence], set[int]]:
+def _share_evidence(layers: list[LayerStats], vanishing: set[int], forward_vanishing: set[int],
+                    all_zero: list[int]) -> tuple[list[_Evidence], set[int]]:
     """Saturated and dead rows, and the zero-gradient rows a dead row explains.
 
     A rectifier row is dead -- the cause, not a symptom -- only where the row
@@ -223,9 +254,8 @@ def _share_evidence(layers: list[LayerStats], vanishing: set[int],
                 and p.index not in forward_vanishing and l.index not in forward_vanishing:
             dead[l.index] = l.dead_fraction  # type: ignore[assignment]
     explained: set[int] = set()
-    full = [l.index for l in layers if (l.dead_fraction or 0) >= 1.0]
     if any(d >= 1.0 for d in dead.values()):  # a dead cause, maybe followed by rows it starved
-        explained = {l.index for l in layers[:max(full)] if l.grad_rms == 0}
+        explained = {l.index for l in layers[:max(all_zero)] if l.grad_rms == 0}
     dead = {i: d for i, d in dead.items() if i not in vanishing - explained}
     if dead:
         out.append(_Evidence("dead", "share", set(dead), "", max(dead.values())))
@@ -335,19 +365,24 @@ def _main_trend(trends: list[SeriesTrend], layers: list[LayerStats]) -> dict[str
 
 
 def diagnose(layers: list[LayerStats], inp: InputStats | None, bounds: tuple[float, float], trend: float,
-             backward_origin: int | None = None
+             backward_origin: int | None = None, dead_unjudged_from: int | None = None
              ) -> tuple[Verdict, list[Problem], list[LayerStats], dict[str, Any]]:
     """The verdict, the problems (worst first), the rows with their own
     verdicts, and the model-level numbers for :class:`~signalprop.records.Summary`.
+    ``dead_unjudged_from``: rows after this index carry statistics that
+    training would not see (see ``check``), so their dead shares are not judged.
     Pure: ``layers`` is not modified."""
     lo, hi = bounds
+    # rectifier rows whose every output is 0 (a fact at any batch size): nothing passes back through them
+    all_zero = [l.index for l in layers if (l.dead_fraction or 0) >= 1.0]
+    layers, notes = _judge_dead(layers, dead_unjudged_from)
     act = _dominant_activation(layers)
     series = _series(layers)
     ev_series, trends = _series_evidence(series, trend)
     ev = _bound_evidence(layers, lo, hi) + ev_series
     vanishing = set().union(*(e.rows for e in ev if e.kind == "vanishing"))
     fwd_vanishing = set().union(*(e.rows for e in ev if e.kind == "vanishing" and e.rule == "forward"))
-    shares, explained = _share_evidence(layers, vanishing, fwd_vanishing)
+    shares, explained = _share_evidence(layers, vanishing, fwd_vanishing, all_zero)
     for e in ev:
         if e.kind == "vanishing":
             e.rows -= explained
@@ -367,6 +402,6 @@ def diagnose(layers: list[LayerStats], inp: InputStats | None, bounds: tuple[flo
             problems += [_problem(kind, run, ev, out, act) for run in _runs(rows)]  # type: ignore[arg-type]
     problems.sort(key=lambda p: (SEVERITY.index(p.kind), p.first))
     verdict: Verdict = problems[0].kind if problems else "healthy"
-    judged = {"activation": act, "series": tuple(trends),
+    judged = {"activation": act, "series": tuple(trends), "notes": notes,
               "zero_gradient_rows": sum(1 for l in layers if l.grad_rms == 0), **_main_trend(trends, layers)}
     return verdict, problems, out, judged

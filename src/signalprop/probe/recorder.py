@@ -73,7 +73,6 @@ class Row:
     input_second_moment: float | None = None
     fwd: dict[str, torch.Tensor | float] = field(default_factory=dict)
     bwd: dict[str, torch.Tensor | float] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
     # exact mode only: which tensors the call read and wrote (to find the
     # module whose backward turned a finite gradient non-finite)
     inputs: list[Any] = field(default_factory=list)
@@ -181,10 +180,7 @@ class Recorder:
                 row.fwd.update(S.saturation(y, band))
             if act is not None and act.rectifier:
                 dead = S.dead_units(y, self._feature_dim)
-                if dead is None:
-                    row.notes.append("dead units not judged: fewer than "
-                                     f"{S.MIN_SAMPLES_PER_UNIT} examples x positions per unit")
-                else:
+                if dead is not None:
                     row.fwd.update(dead)
         if self.exact:
             row.output = weakref.ref(t)

@@ -61,23 +61,25 @@ def saturation(y: torch.Tensor, band: tuple[float, float]) -> dict[str, torch.Te
     return {"saturated_count": (z.abs() > t).sum(dtype=torch.float32), "saturated_n": float(max(y.numel(), 1))}
 
 
-# A healthy rectifier unit is zero on a given example with probability about
-# 1/2, so on k examples and positions it looks dead by chance with
-# probability ~2^-k; below k = 8 (0.4%) the data cannot tell dead from alive.
-MIN_SAMPLES_PER_UNIT = 8
+# A unit that fires on a share p of the inputs looks dead on k examples and
+# positions with probability (1 - p)^k: 2^-k for a symmetric unit, but in real
+# nets many units fire rarely (ReLU after a convolution of non-negative inputs,
+# BatchNorm at its default running statistics in eval mode).  From k = 32 on,
+# a unit firing on 10% of inputs looks dead with probability 3.4% (0.9^32), far
+# from the 50% share that makes a row "dead"; below that the data cannot tell.
+MIN_SAMPLES_PER_UNIT = 32
 
 
 def dead_units(y: torch.Tensor, feature_dim: int) -> dict[str, torch.Tensor | float] | None:
     """Number of units (entries along ``feature_dim``: the last dimension for
     Linear outputs, dimension 1 for convolutions) that are exactly zero for
-    every example *and* position; None when each unit has fewer than
-    :data:`MIN_SAMPLES_PER_UNIT` samples."""
-    if y.dim() == 0:
+    every example *and* position, and how many samples each unit had (the
+    verdict judges the share only from :data:`MIN_SAMPLES_PER_UNIT` on)."""
+    if y.dim() == 0 or y.numel() == 0:
         return None
     fd = feature_dim % y.dim()
     units = y.shape[fd]
-    if units == 0 or y.numel() // units < MIN_SAMPLES_PER_UNIT:
-        return None
     others = tuple(d for d in range(y.dim()) if d != fd)
     alive = torch.any(y != 0, dim=others) if others else (y != 0)
-    return {"alive_count": alive.sum(dtype=torch.float32), "units": float(units)}
+    return {"alive_count": alive.sum(dtype=torch.float32), "units": float(units),
+            "dead_samples": float(y.numel() // units)}
