@@ -127,10 +127,10 @@ def _finalise(rows: list[Row], extra: list[torch.Tensor]) -> tuple[list[dict[str
             for k, v in d.items():
                 if isinstance(v, torch.Tensor):
                     keys.append((i, k))
-                    scalars.append(v.reshape(()))
+                    scalars.append(v)
                 else:
                     out[i][k] = float(v)
-    vals = _gather(scalars + [e.reshape(()) for e in extra])
+    vals = _gather(scalars + [e if e.dim() == 0 else e.reshape(()) for e in extra])
     for (i, k), v in zip(keys, vals):
         out[i][k] = v
     for d in out:
@@ -200,7 +200,7 @@ class _ParamNorms:
             idx = []
             for p in have:
                 idx.append(len(tensors))
-                tensors += [grads[p].detach(), p.detach()]  # type: ignore[union-attr]
+                tensors += [grads[p], p]  # type: ignore[list-item]
             mods.append((m, sum(p.numel() for p in have), idx))
         with torch.no_grad():
             return _ParamNorms(mods, _norms(tensors) if tensors else [])

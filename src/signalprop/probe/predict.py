@@ -45,12 +45,17 @@ def _weight_terms(m: nn.Module) -> torch.Tensor:
     """[sigma_w2, sigma_b2, BS, S2] of one layer, on its device: sigma_w2 =
     fan_in * mean(W^2), sigma_b2 = mean(b^2), and the mean coupling of
     :func:`signalprop.theory.propagate` from the row sums s_i of W."""
-    W = m.weight.detach().double()  # type: ignore[union-attr]
+    W = m.weight  # type: ignore[union-attr]
     rows = W.reshape(W.shape[0], -1)
-    s = rows.sum(dim=1)
+    s = rows.sum(dim=1, dtype=torch.float64)  # row sums, in float64 (no copy of W)
+    n = rows.shape[0]
     b = getattr(m, "bias", None)
-    b = b.detach().double() if b is not None else torch.zeros_like(s)
-    return torch.stack([rows.square().sum() / rows.shape[0], b.square().mean(), (b * s).mean(), s.square().mean()])
+    w2 = torch.linalg.vector_norm(rows, dtype=torch.float64).square() / n
+    if b is None:
+        zero = torch.zeros((), dtype=torch.float64, device=W.device)
+        return torch.stack([w2, zero, zero, s.square().mean()])
+    b = b.double()
+    return torch.stack([w2, b.square().mean(), torch.dot(b, s) / n, s.square().mean()])
 
 
 def predictions(rows: list[Row], layers: list[LayerStats], inp: InputStats | None) -> list[LayerStats] | None:

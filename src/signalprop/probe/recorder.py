@@ -172,8 +172,8 @@ class Recorder:
         self.rows.append(row)
         if not self.stats:
             return row
-        with torch.no_grad():
-            y = t.detach()
+        with torch.no_grad():  # no graph is recorded, so no detach() copy of the handle is needed
+            y = t
             row.fwd.update(S.exact_moments(y, "forward") if self.exact else S.forward_moments(y))
             band = _act.saturation_band(act) if act is not None else None
             if band is not None:
@@ -191,7 +191,7 @@ class Recorder:
 
     def _grad(self, row: Row, g: torch.Tensor) -> None:
         with torch.no_grad():
-            row.bwd.update(S.exact_moments(g, "grad") if self.exact else S.grad_moments(g.detach()))
+            row.bwd.update(S.exact_moments(g, "grad") if self.exact else S.grad_moments(g))
 
     # -- lifecycle --------------------------------------------------------------
     def attach(self) -> None:

@@ -17,9 +17,13 @@ from __future__ import annotations
 
 import torch
 
+_LOW = (torch.float16, torch.bfloat16)
+
+
 def acc(t: torch.Tensor) -> torch.dtype:
-    """Accumulation dtype: float32 for half precision, the tensor's own above."""
-    return torch.promote_types(t.dtype, torch.float32) if t.is_floating_point() else torch.float32
+    """Accumulation dtype: float32 for half precision, the tensor's own above
+    (decided in Python: no dispatched op)."""
+    return torch.float32 if t.dtype in _LOW or not t.is_floating_point() else t.dtype
 
 
 def forward_moments(y: torch.Tensor) -> dict[str, torch.Tensor | float]:

@@ -1,0 +1,73 @@
+"""check's cost, counted not timed: dispatched ops per recorded row, host
+synchronisations per call, and no full-size float32 copies of low-precision
+tensors. Dispatch counting is deterministic, so these bounds are exact tests."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import signalprop as sp
+from signalprop.lab.models import DeepMLP
+
+SYNC_OPS = {"aten._local_scalar_dense.default", "aten.item.default", "aten.is_nonzero.default"}
+
+
+class Count(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+        self.syncs = 0
+        self.copies = []  # (numel, dtype) of every _to_copy output
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops += 1
+        name = str(func)
+        if name in SYNC_OPS:
+            self.syncs += 1
+        if name.startswith("aten._to_copy") and isinstance(out, torch.Tensor):
+            self.copies.append((out.numel(), out.dtype))
+        return out
+
+
+def _counts(depth, dtype, batch=32, width=64):
+    torch.manual_seed(0)
+    m = DeepMLP(depth, width, "tanh", width, 10).to(dtype)
+    x = torch.randn(batch, width).to(dtype)
+    plain = Count()
+    with plain:
+        y = m(x)
+        y.backward(torch.randn_like(y))
+    m.zero_grad(set_to_none=True)
+    c = Count()
+    with c:
+        r = sp.check(m, x)
+    return plain, c, r
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_at_most_twelve_extra_ops_per_row(dtype):
+    plain, c, r = _counts(50, dtype)
+    assert (c.ops - plain.ops) / len(r.layers) <= 12
+
+
+def test_host_syncs_do_not_grow_with_depth():
+    _, shallow, _ = _counts(5, torch.float32)
+    _, deep, _ = _counts(100, torch.float32)
+    assert deep.syncs == shallow.syncs <= 8
+
+
+def test_no_float32_copies_of_bf16_activations():
+    _, c, _ = _counts(20, torch.bfloat16, batch=64, width=64)
+    full = 64 * 64
+    assert not [n for n, d in c.copies if d == torch.float32 and n >= full]
+
+
+def test_cotangent_is_drawn_on_the_output_device_and_dtype():
+    import importlib
+
+    C = importlib.import_module("signalprop.probe.check")
+
+    y = torch.zeros(3, 4, dtype=torch.bfloat16)
+    a, b = C._cotangent(y), C._cotangent(y)
+    assert a.dtype == torch.bfloat16 and torch.equal(a, b)
