@@ -20,9 +20,11 @@ same for users):
   product of Jacobians.
 * **Vanishing / exploding** (depth trend): rows of one *role* -- the same
   module position in repeated blocks -- are compared with each other only.
-  If an earlier row's gradient is ``trend`` times smaller (larger) than a
-  later row's, the gradient shrinks (grows) across blocks; the same for the
-  forward second moment with ``trend**2``.  One-off hops between different
+  If the gradient changes by more than ``trend`` from the last to the first
+  block -- measured as the median step between neighbouring blocks to the
+  power of the number of steps, so one odd block is no trend -- it shrinks
+  (grows) across blocks; the same for the forward second moment with
+  ``trend**2``.  One-off hops between different
   roles (embedding -> first norm, a read-out's width change) never count.
 * **Saturated**: over half of a bounded activation's outputs where its slope
   is below 1% of its maximum.  **Dead**: over half of a rectifier's units
@@ -129,18 +131,13 @@ def _extremes(v: list[float]) -> tuple[float, float, int, int]:
     return drop, growth, jd, jg
 
 
-def _prefix(v: list[float], f: Any) -> list[float]:
-    """Running f (max or min) over v[:j + 1]."""
-    out, acc = [], v[0]
-    for x in v:
-        acc = f(acc, x)
-        out.append(acc)
-    return out
-
-
-def _suffix(v: list[float], f: Any) -> list[float]:
-    """Running f over v[i:]."""
-    return _prefix(v[::-1], f)[::-1]
+def _median_trend(v: list[float]) -> float:
+    """First-to-last change of v as the median step ratio to the power of the
+    number of steps: exp(median(log v[k] - log v[k+1]) * (n - 1))."""
+    steps = sorted(math.log(a / b) for a, b in zip(v, v[1:]))
+    k = len(steps)
+    med = steps[k // 2] if k % 2 else 0.5 * (steps[k // 2 - 1] + steps[k // 2])
+    return math.exp(min(700.0, max(-700.0, med * k)))
 
 
 def _series(layers: list[LayerStats]) -> list[tuple[str, list[LayerStats]]]:
@@ -164,38 +161,37 @@ def _series_evidence(series: list[tuple[str, list[LayerStats]]], trend: float) -
         g = [_g(l) or 0.0 for l in rows]
         m = [l.forward_second_moment for l in rows]
         drop, growth, _, _ = _extremes(g)
-        fdrop, fgrowth, _, _ = _extremes(m)  # fdrop: a later row larger; fgrowth: a later row smaller
         trends.append(SeriesTrend(role, tuple(l.index for l in rows), rows[0].name, rows[-1].name,
                                   g[0] / g[-1], drop, growth, m[-1] / m[0]))
         label, n = _role_label(role), len(rows)
         per = (g[0] / g[-1]) ** (1 / (n - 1))
-        g_after, g_low_after = _suffix(g, max), _suffix(g, min)
-        m_before, m_low_before = _prefix(m, max), _prefix(m, min)
-        if drop > trend:
-            hit = {rows[i].index for i in range(n) if g_after[i] / g[i] > trend}
-            out.append(_Evidence("vanishing", "series", hit,
+        # A long product of Jacobians changes the gradient a little at every block; the
+        # median step across blocks measures that, and one odd block (the first block of a
+        # pre-norm transformer sees the embedding-scale stream) does not move it.
+        up = _median_trend(g)  # > 1: larger toward the input
+        fup = _median_trend(m)  # > 1: forward signal smaller deeper (m is in execution order)
+        rows_all = {l.index for l in rows}
+        if up < 1 / trend:
+            out.append(_Evidence("vanishing", "series", rows_all,
                                  f"vanishing with depth: across {n} repeated {label} rows the gradient RMS is "
-                                 f"{drop:.3g}x smaller nearer the input ({rows[0].name} .. {rows[-1].name}, "
+                                 f"{1 / up:.3g}x smaller nearer the input ({rows[0].name} .. {rows[-1].name}, "
                                  f"{per:.3g}x per block): a long product of Jacobians with singular values < 1",
-                                 drop / trend))
-        if growth > trend:
-            hit = {rows[i].index for i in range(n) if g[i] / g_low_after[i] > trend}
-            out.append(_Evidence("exploding", "series", hit,
+                                 1 / (up * trend)))
+        if up > trend:
+            out.append(_Evidence("exploding", "series", rows_all,
                                  f"exploding with depth: across {n} repeated {label} rows the gradient RMS grows "
-                                 f"{growth:.3g}x toward the input ({rows[0].name} .. {rows[-1].name}, "
+                                 f"{up:.3g}x toward the input ({rows[0].name} .. {rows[-1].name}, "
                                  f"{per:.3g}x per block): a long product of Jacobians with singular values > 1",
-                                 growth / trend))
+                                 up / trend))
         t2 = trend * trend
-        if fgrowth > t2:
-            hit = {rows[j].index for j in range(n) if m_before[j] / m[j] > t2}
-            out.append(_Evidence("vanishing", "forward", hit,
-                                 f"the forward signal vanishes with depth: E[y^2] of {n} repeated {label} rows "
-                                 f"falls {fgrowth:.3g}x from {rows[0].name} to {rows[-1].name}", fgrowth / t2))
-        if fdrop > t2:
-            hit = {rows[j].index for j in range(n) if m[j] / m_low_before[j] > t2}
-            out.append(_Evidence("exploding", "forward", hit,
-                                 f"the forward signal explodes with depth: E[y^2] of {n} repeated {label} rows "
-                                 f"grows {fdrop:.3g}x from {rows[0].name} to {rows[-1].name}", fdrop / t2))
+        if fup > t2:
+            out.append(_Evidence("vanishing", "forward", rows_all,
+                                 f"vanishing with depth (forward signal): E[y^2] of {n} repeated {label} rows "
+                                 f"falls {fup:.3g}x from {rows[0].name} to {rows[-1].name}", fup / t2))
+        if fup < 1 / t2:
+            out.append(_Evidence("exploding", "forward", rows_all,
+                                 f"exploding with depth (forward signal): E[y^2] of {n} repeated {label} rows "
+                                 f"grows {1 / fup:.3g}x from {rows[0].name} to {rows[-1].name}", 1 / (fup * t2)))
     return out, trends
 
 

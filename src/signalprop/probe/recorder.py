@@ -27,13 +27,14 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d
 
 
 def role_of(name: str, kind: str, module: nn.Module | None, shape: tuple[int, ...]) -> str:
-    """A row's position in a repeated block: its name with every number as
-    ``#`` (``layers.#.self_attn.q_proj``), its class and its parameter shapes
+    """A row's position in a repeated block: its name with every numeric path
+    component as ``#`` (``layers.#.self_attn.q_proj``; ``ln_1`` and ``ln_2``
+    stay apart), its class and its parameter shapes
     (or, without parameters, its output's shape past the batch dimension), so
     that rows of one role differ only by which block they are in."""
     ps = [tuple(p.shape) for p in module.parameters(recurse=False)] if module is not None else []
     sig = ";".join("x".join(map(str, p)) for p in ps) if ps else "x".join(map(str, shape[1:]))
-    return f"{re.sub(r'[0-9]+', '#', name)}|{kind}|{sig}"
+    return f"{re.sub(r'(?<![^.])[0-9]+(?![^.])', '#', name)}|{kind}|{sig}"
 
 
 def first_float_tensor(obj: Any, _depth: int = 0) -> torch.Tensor | None:
@@ -125,6 +126,7 @@ class Recorder:
         self.model = model
         self.stats = stats
         self.exact = exact
+        self._calls: dict[str, int] = {}
         self._feature_dim = -1  # units along the last dim after Linear, dim 1 after a convolution
         self.track_inputs = track_inputs
         self.rows: list[Row] = []
@@ -168,7 +170,12 @@ class Recorder:
                t: torch.Tensor, args: Any = ()) -> Row:
         depth = name.count(".") + 1 if name else 0
         shape = tuple(t.shape)
-        row = Row(len(self.rows), name, kind, depth, shape, module, act, role_of(name, kind, module, shape))
+        # a module called at several places of a block (one dropout after attention and after
+        # the MLP) has one role per call site: its k-th call in this pass
+        k = self._calls.get(name, 0)
+        self._calls[name] = k + 1
+        role = role_of(name, kind, module, shape) + (f"@{k}" if k else "")
+        row = Row(len(self.rows), name, kind, depth, shape, module, act, role)
         self.rows.append(row)
         if not self.stats:
             return row
