@@ -117,18 +117,14 @@ def _bound_evidence(layers: list[LayerStats], lo: float, hi: float) -> list[_Evi
     return out
 
 
-def _extremes(v: list[float]) -> tuple[float, float, int, int]:
-    """max over i < j of v[j] / v[i] and of v[i] / v[j], with the j of each."""
+def _extremes(v: list[float]) -> tuple[float, float]:
+    """max over i < j of v[j] / v[i] and of v[i] / v[j]."""
     drop = growth = 1.0
-    jd = jg = 0
     lo_before, hi_before = v[0], v[0]
-    for j in range(1, len(v)):
-        if v[j] / lo_before > drop:
-            drop, jd = v[j] / lo_before, j
-        if hi_before / v[j] > growth:
-            growth, jg = hi_before / v[j], j
-        lo_before, hi_before = min(lo_before, v[j]), max(hi_before, v[j])
-    return drop, growth, jd, jg
+    for x in v[1:]:
+        drop, growth = max(drop, x / lo_before), max(growth, hi_before / x)
+        lo_before, hi_before = min(lo_before, x), max(hi_before, x)
+    return drop, growth
 
 
 def _median_trend(v: list[float]) -> float:
@@ -160,7 +156,7 @@ def _series_evidence(series: list[tuple[str, list[LayerStats]]], trend: float) -
     for role, rows in series:
         g = [_g(l) or 0.0 for l in rows]
         m = [l.forward_second_moment for l in rows]
-        drop, growth, _, _ = _extremes(g)
+        drop, growth = _extremes(g)
         trends.append(SeriesTrend(role, tuple(l.index for l in rows), rows[0].name, rows[-1].name,
                                   g[0] / g[-1], drop, growth, m[-1] / m[0]))
         label, n = _role_label(role), len(rows)
