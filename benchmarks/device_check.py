@@ -1,7 +1,9 @@
 """Short checks of the GPU paths (dtype, device placement), run on a CUDA machine.
 
 Not part of ``make test`` (CI has no GPU).  Usage: ``PYTHONPATH=src python
-benchmarks/device_check.py OUT_DIR``; writes ``device_check.json``.
+benchmarks/device_check.py OUT_DIR [--no-cost]``; writes ``device_check.json``,
+and (unless ``--no-cost``) times check against a plain step on the four rows of
+:mod:`device_check_cost` (``device_check_cost.json``, profiler tables).
 """
 
 from __future__ import annotations
@@ -50,4 +52,11 @@ def main(out: Path) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(Path(sys.argv[1] if len(sys.argv) > 1 else ".")), indent=1, default=str))
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    out = Path(args[0] if args else ".")
+    print(json.dumps(main(out), indent=1, default=str))
+    if "--no-cost" not in sys.argv:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import device_check_cost
+
+        device_check_cost.main(out, None, 5)

@@ -325,3 +325,77 @@ def test_spectrum_of_orthogonal_linear_net_is_isometric():
     assert s.max_singular_value == pytest.approx(1.0, abs=1e-9)
     assert "dynamical isometry" in s.reading
     _ = math
+
+
+class _Attention(nn.Module):
+    """Self-attention through F.scaled_dot_product_attention (the fused CPU
+    kernel has neither forward-mode nor double-backward formulas) followed by
+    Hardsigmoid (no double backward either); keyword argument ``scale``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+        self.out = nn.Sequential(nn.Linear(16, 16), nn.Hardsigmoid())
+
+    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        q, k, v = self.qkv(x).unsqueeze(1).chunk(3, -1)
+        return self.out(F.scaled_dot_product_attention(q, k, v).squeeze(1) * scale)
+
+
+@pytest.mark.parametrize("form", ["tensor", "tuple", "dict"])
+def test_spectrum_without_double_backward_and_with_any_input_form(monkeypatch, form):
+    """Lanczos forms J v in forward mode: the model above raised in the old
+    double-vjp path.  Every input form check() takes is accepted, and Lanczos
+    (all 16*8 = 128 input directions in 48 steps: exact for the largest
+    singular value up to rounding, 1e-4) agrees with the exact Jacobian."""
+    from signalprop.probe import spectrum as S
+
+    torch.manual_seed(0)
+    m = _Attention().double()
+    x = torch.randn(2, 8, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    inputs = {"tensor": x, "tuple": (x, 2.0), "dict": {"x": x, "scale": 2.0}}[form]
+    exact = sp.check(m, inputs, spectrum=True).spectrum
+    monkeypatch.setattr(S, "EXACT_MAX_ENTRIES", 10)
+    lan = sp.check(m, inputs, spectrum=True).spectrum
+    assert exact.method == "exact" and "forward mode" in lan.method
+    assert lan.max_singular_value == pytest.approx(exact.max_singular_value, rel=1e-4)
+
+
+def test_spectrum_falls_back_in_order_and_explains_when_nothing_works(monkeypatch):
+    from signalprop.probe import spectrum as S
+
+    def no_linearize(*a, **k):
+        raise NotImplementedError("linearize unavailable")
+
+    monkeypatch.setattr(torch.func, "linearize", no_linearize)
+    m = mlp(4, 16, "tanh", "orthogonal")
+    jv, _, _, how = S._products(lambda v: m(v.unsqueeze(0))[0], x_of(1, 16)[0])
+    assert how == "forward mode, torch.func.jvp"
+    monkeypatch.setattr(torch.func, "jvp", no_linearize)
+    assert S._products(lambda v: m(v.unsqueeze(0))[0], x_of(1, 16)[0])[3] == "double backward"
+
+    class NoGrad(torch.autograd.Function):  # neither forward mode nor double backward
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, g):
+            return g * 2
+
+    with pytest.raises(ValueError, match="no way to form Jacobian-vector products"):
+        S._products(lambda v: NoGrad.apply(v), x_of(1, 16)[0])
+
+
+def test_spectrum_of_token_model_is_taken_from_its_embeddings():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    m = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    s = sp.check(m, {"input_ids": ids}, spectrum=True).spectrum
+    assert (s.n_in, s.n_out) == (8 * 32, 8 * 64) and math.isfinite(s.max_singular_value)
+    assert sp.check(m, ids, spectrum=True).spectrum.max_singular_value == pytest.approx(s.max_singular_value)
+    with pytest.raises(ValueError, match="floating-point input"):
+        sp.check(nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4)), torch.tensor([[1, 2]]), spectrum=True)

@@ -71,3 +71,49 @@ def test_cotangent_is_drawn_on_the_output_device_and_dtype():
     y = torch.zeros(3, 4, dtype=torch.bfloat16)
     a, b = C._cotangent(y), C._cotangent(y)
     assert a.dtype == torch.bfloat16 and torch.equal(a, b)
+
+
+def test_functional_capture_only_where_a_forward_can_call_an_activation():
+    """The TorchFunctionMode that records ``torch.tanh(x)`` costs a Python call
+    per torch op: models built from modules (DeepMLP, GPT-2) run without it;
+    a forward calling an activation directly, through a module-level helper,
+    or through a function stored on the module runs with it, and records it."""
+    from torch import nn
+
+    from signalprop.probe.recorder import calls_functional_activations
+
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, bos_token_id=0, eos_token_id=0)
+    assert not calls_functional_activations(DeepMLP(3, 8, "tanh", 8, 8))
+    assert not calls_functional_activations(transformers.GPT2LMHeadModel(cfg))
+
+    class Direct(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.fc(x).tanh()
+
+    class Helper(Direct):
+        def forward(self, x):
+            return _gelu_helper(self.fc(x))
+
+    class Stored(Direct):
+        def __init__(self):
+            super().__init__()
+            self.act = torch.sigmoid
+
+        def forward(self, x):
+            return self.act(self.fc(x))
+
+    x = torch.randn(4, 8)
+    for cls, kind in ((Direct, "F.tanh"), (Helper, "F.gelu"), (Stored, "F.sigmoid")):
+        assert calls_functional_activations(cls())
+        assert [l.kind for l in sp.check(cls(), x).layers] == ["Linear", kind]
+
+
+def _gelu_helper(x):
+    import torch.nn.functional as F
+
+    return F.gelu(x)

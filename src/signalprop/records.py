@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeVar, get_args
+
+T = TypeVar("T")
 
 Verdict = Literal["healthy", "vanishing", "exploding", "saturated", "dead", "non-finite"]
 """Every verdict a row, a problem or a report can carry, worst first in
@@ -26,6 +28,18 @@ def _clean(v: Any) -> Any:
     if isinstance(v, (list, tuple)):
         return [_clean(x) for x in v]
     return v
+
+
+def evolve(obj: T, **changes: Any) -> T:
+    """``dataclasses.replace`` for the frozen records here, without re-running
+    ``__init__`` (thousands of rows per pass; the fields were checked once)."""
+    unknown = changes.keys() - obj.__dataclass_fields__.keys()  # type: ignore[attr-defined]
+    if unknown:
+        raise TypeError(f"{type(obj).__name__} has no field(s) {sorted(unknown)}")
+    new = object.__new__(type(obj))
+    new.__dict__.update(obj.__dict__)
+    new.__dict__.update(changes)
+    return new
 
 
 @dataclass(frozen=True)

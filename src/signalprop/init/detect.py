@@ -7,6 +7,8 @@ otherwise from the order of registration (right for ``nn.Sequential``).
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +43,7 @@ def _sequence_from_pass(model: nn.Module, inputs: Any) -> list[tuple[str, nn.Mod
         rec.attach()
         try:
             mode = rec.functional_mode()
-            with mode:  # type: ignore[union-attr]
+            with mode if mode is not None else contextlib.nullcontext():
                 _call(model, inputs)
         finally:
             rec.detach()

@@ -163,7 +163,7 @@ def _module_params(rows: list[Row]) -> list[tuple[nn.Module, list[nn.Parameter]]
         if m is None or id(m) in seen:
             continue
         seen.add(id(m))
-        ps = list(m.parameters(recurse=False))
+        ps = [p for p in m._parameters.values() if p is not None]
         if ps:
             out.append((m, ps))
     return out
@@ -294,7 +294,7 @@ def check(model: nn.Module, inputs: Any, *, loss_fn: Callable[..., torch.Tensor]
             from .spectrum import jacobian_reading
 
             report = Report(report.verdict, report.layers, report.problems, report.summary,
-                            jacobian_reading(model, inputs))
+                            jacobian_reading(model, call_inputs))
     return report
 
 

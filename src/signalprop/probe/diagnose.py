@@ -39,10 +39,10 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter, defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
-from ..records import SEVERITY, InputStats, LayerStats, Problem, SeriesTrend, Verdict
+from ..records import SEVERITY, InputStats, LayerStats, Problem, SeriesTrend, Verdict, evolve
 from .stats import MIN_SAMPLES_PER_UNIT
 
 SATURATED_SHARE = 0.5  # a layer is "saturated" when over half its units are
@@ -200,7 +200,7 @@ def _judge_dead(layers: list[LayerStats], unjudged_from: int | None) -> tuple[li
     out, unjudged = [], []
     for l in layers:
         if unjudged_from is not None and l.index > unjudged_from and l.dead_fraction is not None:
-            out.append(replace(l, dead_fraction=None))
+            out.append(evolve(l, dead_fraction=None))
             continue
         if l.dead_fraction is None or (l.dead_samples or 0) >= MIN_SAMPLES_PER_UNIT:
             out.append(l)
@@ -210,7 +210,7 @@ def _judge_dead(layers: list[LayerStats], unjudged_from: int | None) -> tuple[li
             p.forward_mean + 3 * math.sqrt(p.forward_var) < 0
         if not certain:
             unjudged.append(l)
-            l = replace(l, dead_fraction=None)
+            l = evolve(l, dead_fraction=None)
         out.append(l)
     notes = []
     if unjudged:
@@ -383,7 +383,7 @@ def diagnose(layers: list[LayerStats], inp: InputStats | None, bounds: tuple[flo
     for e in ev:
         for i in e.rows:
             flags[i].add(e.kind)
-    out = [replace(l, verdict=_row_verdict(l, f)) for l, f in zip(layers, flags)]
+    out = [evolve(l, verdict=_row_verdict(l, f)) for l, f in zip(layers, flags)]
     problems: list[Problem] = []
     nf = _nonfinite_problem(out, inp, backward_origin)
     if nf is not None:

@@ -4,13 +4,12 @@ Linear/Conv layers, each optionally followed by one elementwise activation."""
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..records import InputStats, LayerStats
+from ..records import InputStats, LayerStats, evolve
 from ..theory import propagate
 from .recorder import Row
 
@@ -86,11 +85,11 @@ def predictions(rows: list[Row], layers: list[LayerStats], inp: InputStats | Non
     cot_ms = (last.grad_rms or 0.0) ** 2
     out = list(layers)
     for l_idx, (w, a) in enumerate(chain):
-        out[w.index] = replace(out[w.index], predicted_second_moment=float(p.q[l_idx]),
+        out[w.index] = evolve(out[w.index], predicted_second_moment=float(p.q[l_idx]),
                                predicted_grad_rms=math.sqrt(p.grad_pre[l_idx] * cot_ms) if a is not None
                                else math.sqrt(p.grad_post[l_idx] * cot_ms))
         if a is not None:
-            out[a.index] = replace(out[a.index], predicted_second_moment=float(p.post[l_idx]),
+            out[a.index] = evolve(out[a.index], predicted_second_moment=float(p.post[l_idx]),
                                    predicted_grad_rms=math.sqrt(p.grad_post[l_idx] * cot_ms))
     return out
 

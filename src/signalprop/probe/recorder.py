@@ -8,8 +8,11 @@ twice gives two rows).  Activations called as functions inside a forward
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import re
+import types
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -32,7 +35,7 @@ def role_of(name: str, kind: str, module: nn.Module | None, shape: tuple[int, ..
     stay apart), its class and its parameter shapes
     (or, without parameters, its output's shape past the batch dimension), so
     that rows of one role differ only by which block they are in."""
-    ps = [tuple(p.shape) for p in module.parameters(recurse=False)] if module is not None else []
+    ps = [tuple(p.shape) for p in module._parameters.values() if p is not None] if module is not None else []
     sig = ";".join("x".join(map(str, p)) for p in ps) if ps else "x".join(map(str, shape[1:]))
     return f"{re.sub(r'(?<![^.])[0-9]+(?![^.])', '#', name)}|{kind}|{sig}"
 
@@ -95,6 +98,65 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
     """Floating tensors among a call's positional arguments (one level deep)."""
     items = obj if isinstance(obj, (tuple, list)) else (obj,)
     return [a for a in items if isinstance(a, torch.Tensor) and a.is_floating_point()]
+
+
+_FUNCTION_NAMES: frozenset[str] = frozenset()
+
+
+def _function_names() -> frozenset[str]:
+    """The attribute names under which the table's activations are called as
+    functions (``tanh``, ``gelu``, ``relu_``, ...)."""
+    global _FUNCTION_NAMES
+    if not _FUNCTION_NAMES:
+        _FUNCTION_NAMES = frozenset(d.rpartition(".")[2] for a in _act.REGISTRY.values() for d in a.functional)
+    return _FUNCTION_NAMES
+
+
+_CALLS: dict[types.CodeType, bool] = {}  # per code object: may it call an activation function?
+
+
+def _code_calls_activation(code: types.CodeType, glb: dict[str, Any], depth: int = 0) -> bool:
+    hit = _CALLS.get(code)
+    if hit is None:
+        hit = bool(_function_names() & set(code.co_names)) or any(
+            _code_calls_activation(c, glb, depth) for c in code.co_consts if isinstance(c, types.CodeType))
+        if not hit and depth < 2:  # module-level helpers the forward calls, two levels down
+            for n in code.co_names:
+                f = glb.get(n)
+                if isinstance(f, types.FunctionType) and not f.__module__.startswith("torch") and \
+                        _code_calls_activation(f.__code__, f.__globals__, depth + 1):
+                    hit = True
+                    break
+        _CALLS[code] = hit
+    return hit
+
+
+def calls_functional_activations(model: nn.Module) -> bool:
+    """Whether any non-leaf module's ``forward`` may call an activation as a
+    function (``torch.tanh(x)``, ``F.gelu(x)``, ``x.relu()``): read off the
+    names its code (and the module-level helpers it calls) refers to, and
+    the functions stored on the module (``self.act = torch.tanh``).  When none
+    does, the pass runs without the ``TorchFunctionMode`` that records such
+    calls, which costs a Python call per torch op.  Conservative: forwards
+    without Python code count as calling one."""
+    fns = _act.torch_functions()
+    leaves = set(map(id, leaf_modules(model)))
+    for m in model.modules():
+        if id(m) in leaves:
+            continue
+        fwd = getattr(type(m).forward, "__code__", None)
+        if fwd is None:
+            return True
+        if _code_calls_activation(fwd, type(m).forward.__globals__):
+            return True
+        for v in vars(m).values():
+            target = v.func if isinstance(v, functools.partial) else v
+            try:
+                if target in fns:
+                    return True
+            except TypeError:  # unhashable attribute
+                continue
+    return False
 
 
 class _FunctionalCapture(TorchFunctionMode):
@@ -179,16 +241,22 @@ class Recorder:
         self.rows.append(row)
         if not self.stats:
             return row
-        with torch.no_grad():  # no graph is recorded, so no detach() copy of the handle is needed
-            y = t
-            row.fwd.update(S.exact_moments(y, "forward") if self.exact else S.forward_moments(y))
-            band = _act.saturation_band(act) if act is not None else None
-            if band is not None:
-                row.fwd.update(S.saturation(y, band))
-            if act is not None and act.rectifier:
-                dead = S.dead_units(y, self._feature_dim)
-                if dead is not None:
-                    row.fwd.update(dead)
+        # no graph is recorded for the statistics, so no detach() copy of the handle is needed
+        # (grad mode switched directly: torch.no_grad() costs more than the reductions on small rows)
+        prev = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+                y = t
+                row.fwd.update(S.exact_moments(y, "forward") if self.exact else S.forward_moments(y))
+                band = _act.saturation_band(act) if act is not None else None
+                if band is not None:
+                    row.fwd.update(S.saturation(y, band))
+                if act is not None and act.rectifier:
+                    dead = S.dead_units(y, self._feature_dim)
+                    if dead is not None:
+                        row.fwd.update(dead)
+        finally:
+            torch._C._set_grad_enabled(prev)
         if self.exact:
             row.output = weakref.ref(t)
             row.inputs = [weakref.ref(a) for a in _tensors(args)]
@@ -197,7 +265,8 @@ class Recorder:
         return row
 
     def _grad(self, row: Row, g: torch.Tensor) -> None:
-        with torch.no_grad():
+        # hooks run without grad mode unless the backward builds a graph (create_graph=True)
+        with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
             row.bwd.update(S.exact_moments(g, "grad") if self.exact else S.grad_moments(g))
 
     # -- lifecycle --------------------------------------------------------------
@@ -213,4 +282,8 @@ class Recorder:
         self._handles.clear()
 
     def functional_mode(self) -> TorchFunctionMode | None:
-        return _FunctionalCapture(self) if self.capture_functional else None
+        """The mode that records functional activation calls, or None when the
+        model cannot make any (see :func:`calls_functional_activations`)."""
+        if not self.capture_functional or not calls_functional_activations(self.model):
+            return None
+        return _FunctionalCapture(self)

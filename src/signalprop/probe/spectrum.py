@@ -10,7 +10,10 @@ Jacobian-vector products, never forming J.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -22,23 +25,59 @@ EXACT_MAX_OUT = 1024  # ...and at most this many reverse passes
 LANCZOS_STEPS = 48
 
 
-def _split_input(inputs: Any) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
-    """The floating input tensor and a function rebuilding the call's arguments."""
-    if isinstance(inputs, torch.Tensor) and inputs.is_floating_point():
-        return inputs, lambda x: (x,)
-    if isinstance(inputs, (tuple, list)):
+def _embedded(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor | None:
+    """Token ids as the model's own input embeddings, when its forward takes
+    ``inputs_embeds`` (HuggingFace models): the Jacobian is then taken from the
+    embedding output, the first continuous quantity."""
+    emb = getattr(model, "get_input_embeddings", None)
+    try:
+        takes = "inputs_embeds" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        takes = False
+    if emb is None or not takes:
+        return None
+    layer = emb()
+    if layer is None:
+        return None
+    with torch.no_grad():
+        return layer(ids).detach()
+
+
+def _split_input(model: torch.nn.Module, inputs: Any) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
+    """The floating input tensor the Jacobian is taken with respect to, and a
+    function rebuilding the call's arguments (a tensor, a tuple/list of
+    positional arguments or a dict of keyword arguments, as :func:`check`
+    takes them) with it replaced."""
+    if isinstance(inputs, torch.Tensor):
+        if inputs.is_floating_point():
+            return inputs, lambda x: x
+        e = _embedded(model, inputs)
+        if e is not None:
+            return e, lambda x: {"inputs_embeds": x}
+    elif isinstance(inputs, (tuple, list)):
         for i, v in enumerate(inputs):
             if isinstance(v, torch.Tensor) and v.is_floating_point():
-                return v, lambda x, i=i: tuple(x if j == i else a for j, a in enumerate(inputs))
+                return v, lambda x, i=i: type(inputs)(x if j == i else a for j, a in enumerate(inputs))
+    elif isinstance(inputs, dict):
+        for k, v in inputs.items():
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                return v, lambda x, k=k: {**inputs, k: x}
+        ids = inputs.get("input_ids")
+        if isinstance(ids, torch.Tensor):
+            e = _embedded(model, ids)
+            if e is not None:
+                rest = {k: v for k, v in inputs.items() if k != "input_ids"}
+                return e, lambda x: {**rest, "inputs_embeds": x}
     raise ValueError("spectrum=True needs a floating-point input tensor (the Jacobian is taken with respect "
-                     "to it); for token inputs, check the model from its embedding output instead")
+                     "to it), or token ids for a model whose forward takes inputs_embeds; for other token "
+                     "models, check the model from its embedding output instead")
 
 
 def _example_map(model: torch.nn.Module, inputs: Any) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
     from .check import _call
     from .recorder import first_float_tensor
 
-    x, rebuild = _split_input(inputs)
+    x, rebuild = _split_input(model, inputs)
     x = x.detach()
 
     def f(x0: torch.Tensor) -> torch.Tensor:
@@ -61,60 +100,96 @@ def _exact(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor) -> torch
     return torch.linalg.svdvals(J)
 
 
-def _lanczos(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ritz values of J^T J (or of J J^T when the output is the smaller side, so
-    no structural zeros enter) and their weights (stochastic Lanczos
-    quadrature, one probe).  J v comes from differentiating J^T u with respect
-    to u (the double-vjp trick), so only reverse mode is needed."""
-    x0 = x0.detach().requires_grad_(True)
+def _products(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor
+              ) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor], torch.Tensor, str]:
+    """``v -> J v``, ``w -> J^T w``, the output and how ``J v`` is formed.
+
+    ``J^T w`` is a reverse pass through one retained graph.  ``J v`` is
+    forward mode, which needs no double backward (CPU flash attention,
+    Hardsigmoid and others have none): ``torch.func.linearize`` (traced once,
+    each product replays the linearised graph), else ``torch.func.jvp`` (a
+    dual forward per product), else -- for ops without forward-mode formulas
+    -- differentiating ``J^T u`` with respect to ``u`` (double backward)."""
+    x = x0.detach().requires_grad_(True)
     with torch.enable_grad():
-        y = f(x0)
-        u = torch.zeros_like(y, requires_grad=True)
-        (vjp_u,) = torch.autograd.grad(y, x0, u, create_graph=True)  # linear in u: J^T u
+        y = f(x)
 
-        def jv(v: torch.Tensor) -> torch.Tensor:
-            (out,) = torch.autograd.grad(vjp_u, u, v.reshape(x0.shape).to(x0.dtype), retain_graph=True)
-            return out
+    def jtv(w: torch.Tensor) -> torch.Tensor:
+        (out,) = torch.autograd.grad(y, x, w.reshape(y.shape).to(y.dtype), retain_graph=True)
+        return out
 
-        def jtv(w: torch.Tensor) -> torch.Tensor:
-            (out,) = torch.autograd.grad(y, x0, w.reshape(y.shape).to(y.dtype), retain_graph=True)
-            return out
+    def as_input(v: torch.Tensor) -> torch.Tensor:
+        return v.reshape(x0.shape).to(x0.dtype)
 
-        if y.numel() < x0.numel():
-            def op(w: torch.Tensor) -> torch.Tensor:
-                return jv(jtv(w)).reshape(-1).double()
-            n = y.numel()
-        else:
-            def op(w: torch.Tensor) -> torch.Tensor:
-                return jtv(jv(w)).reshape(-1).double()
-            n = x0.numel()
-        k = min(steps, n)
-        g = torch.Generator(device="cpu").manual_seed(0)
-        q = torch.randn(n, generator=g, dtype=torch.float64).to(x0.device)
-        q /= q.norm()
-        Q = [q]
-        alpha, beta = [], []
-        for j in range(k):
-            w = op(Q[-1])
-            a = float(w @ Q[-1])
-            alpha.append(a)
-            # Full re-orthogonalisation, two passes ("twice is enough", Parlett):
-            # one pass leaves components of relative size eps / beta, which
-            # compound when J^T J has tight clusters of eigenvalues.
-            for _ in range(2):
-                for qq in Q:
-                    w = w - (w @ qq) * qq
-            b = float(w.norm())
-            if j == k - 1 or b < 1e-8 * max(1e-30, max(abs(x) for x in alpha)):
-                break
-            beta.append(b)
-            Q.append(w / b)
+    def linearized() -> Callable[[torch.Tensor], torch.Tensor]:
+        with warnings.catch_warnings():  # tracing notes about constant folding, not the user's concern
+            warnings.simplefilter("ignore")
+            _, fn = torch.func.linearize(f, x0.detach())
+        return lambda v: fn(as_input(v))
+
+    def dual() -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda v: torch.func.jvp(f, (x0.detach(),), (as_input(v),))[1]
+
+    def double_vjp() -> Callable[[torch.Tensor], torch.Tensor]:
+        with torch.enable_grad():
+            u = torch.zeros_like(y, requires_grad=True)
+            (vjp_u,) = torch.autograd.grad(y, x, u, create_graph=True)  # linear in u: J^T u
+        return lambda v: torch.autograd.grad(vjp_u, u, as_input(v), retain_graph=True)[0]
+
+    failures = []
+    probe = torch.zeros_like(x0)
+    for how, make in (("forward mode, torch.func.linearize", linearized), ("forward mode, torch.func.jvp", dual),
+                      ("double backward", double_vjp)):
+        try:
+            jv = make()
+            jv(probe)
+            return jv, jtv, y, how
+        except (RuntimeError, NotImplementedError, TypeError, ValueError) as e:
+            failures.append(f"{how}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    raise ValueError("no way to form Jacobian-vector products through this model: " + "; ".join(failures))
+
+
+def _lanczos(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, steps: int
+             ) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Ritz values of J^T J (or of J J^T when the output is the smaller side, so
+    no structural zeros enter), their weights (stochastic Lanczos
+    quadrature, one probe) and how J v was formed (:func:`_products`)."""
+    jv, jtv, y, how = _products(f, x0)
+    if y.numel() < x0.numel():
+        def op(w: torch.Tensor) -> torch.Tensor:
+            return jv(jtv(w)).detach().reshape(-1).double()
+        n = y.numel()
+    else:
+        def op(w: torch.Tensor) -> torch.Tensor:
+            return jtv(jv(w)).detach().reshape(-1).double()
+        n = x0.numel()
+    k = min(steps, n)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q = torch.randn(n, generator=g, dtype=torch.float64).to(x0.device)
+    q /= q.norm()
+    Q = [q]
+    alpha, beta = [], []
+    for j in range(k):
+        w = op(Q[-1])
+        a = float(w @ Q[-1])
+        alpha.append(a)
+        # Full re-orthogonalisation, two passes ("twice is enough", Parlett):
+        # one pass leaves components of relative size eps / beta, which
+        # compound when J^T J has tight clusters of eigenvalues.
+        for _ in range(2):
+            for qq in Q:
+                w = w - (w @ qq) * qq
+        b = float(w.norm())
+        if j == k - 1 or b < 1e-8 * max(1e-30, max(abs(x) for x in alpha)):
+            break
+        beta.append(b)
+        Q.append(w / b)
     T = torch.diag(torch.tensor(alpha, dtype=torch.float64))
     if beta:
         off = torch.tensor(beta[: len(alpha) - 1], dtype=torch.float64)
         T += torch.diag(off, 1) + torch.diag(off, -1)
     theta, vecs = torch.linalg.eigh(T)
-    return theta.clamp_min(0), vecs[0] ** 2
+    return theta.clamp_min(0), vecs[0] ** 2, how
 
 
 def _reading(lo: float, hi: float, within: float, scale: float) -> str:
@@ -132,7 +207,23 @@ def _reading(lo: float, hi: float, within: float, scale: float) -> str:
     return f"far from isometry: condition number {cond:.3g}, {within:.0%} of singular values within a factor 2 of 1"
 
 
+def _reference_attention() -> contextlib.AbstractContextManager[Any]:
+    """Scaled dot-product attention by its reference (math) kernel: the fused
+    CPU/GPU kernels have neither forward-mode nor double-backward formulas; the
+    function, and so the Jacobian, is the same."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # older torch
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 def jacobian_reading(model: torch.nn.Module, inputs: Any) -> JacobianReading:
+    with _reference_attention():
+        return _jacobian_reading(model, inputs)
+
+
+def _jacobian_reading(model: torch.nn.Module, inputs: Any) -> JacobianReading:
     f, x0 = _example_map(model, inputs)
     with torch.no_grad():
         n_out = f(x0).numel()
@@ -144,9 +235,9 @@ def jacobian_reading(model: torch.nn.Module, inputs: Any) -> JacobianReading:
         ms = float((s**2).mean())
         within = float(((s > 0.5) & (s < 2.0)).double().mean())
     else:
-        theta, weights = _lanczos(f, x0, LANCZOS_STEPS)
+        theta, weights, how = _lanczos(f, x0, LANCZOS_STEPS)
         s = theta.sqrt()
-        method = f"lanczos ({len(theta)} steps, Jacobian-vector products)"
+        method = f"lanczos ({len(theta)} steps; J v by {how})"
         ms = float((weights * theta).sum())  # one-probe SLQ estimate of the mean squared singular value
         within = float((weights * ((s > 0.5) & (s < 2.0)).double()).sum())
     lo, hi = float(s.min()), float(s.max())

@@ -70,8 +70,20 @@ def nodes_1d(q: Array | float, kinks: tuple[float, ...] = (), n: int = N_1D) -> 
     """
     q = np.asarray(q, dtype=float)
     s = np.sqrt(np.maximum(q, 0.0))
+    if all(k == 0.0 for k in kinks):  # breaks at z = 0 whatever q is: the same rule, scaled
+        z0, w0 = _standard_pieces(n)
+        return s[..., None] * z0, np.broadcast_to(w0, s.shape + w0.shape)
     z, w = _pieces(_kink_breaks(kinks, np.zeros_like(s), s), n)
     return s[..., None] * z, w
+
+
+@functools.lru_cache(maxsize=16)
+def _standard_pieces(n: int) -> tuple[Array, Array]:
+    """The rule of :func:`nodes_1d` for q = 1 split only at 0 (no kink elsewhere)."""
+    z, w = _pieces(np.zeros(1), n)
+    z.setflags(write=False)
+    w.setflags(write=False)
+    return z, w
 
 
 def expect(f: Callable[[Array], Array], q: Array | float, kinks: tuple[float, ...] = (),
