@@ -12,6 +12,7 @@ from torch import nn
 from ..records import InputStats, LayerStats, evolve
 from ..theory import propagate
 from .recorder import Row
+from .stats import acc
 
 _WEIGHT = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -46,15 +47,16 @@ def _weight_terms(m: nn.Module) -> torch.Tensor:
     :func:`signalprop.theory.propagate` from the row sums s_i of W."""
     W = m.weight  # type: ignore[union-attr]
     rows = W.reshape(W.shape[0], -1)
-    s = rows.sum(dim=1, dtype=torch.float64)  # row sums, in float64 (no copy of W)
+    a = acc(W)  # float32 accumulation for half precision, no copy of W
+    s = rows.sum(dim=1, dtype=a)  # row sums
     n = rows.shape[0]
     b = getattr(m, "bias", None)
-    w2 = torch.linalg.vector_norm(rows, dtype=torch.float64).square() / n
+    w2 = torch.linalg.vector_norm(rows, dtype=a).square() / n
     if b is None:
-        zero = torch.zeros((), dtype=torch.float64, device=W.device)
-        return torch.stack([w2, zero, zero, s.square().mean()])
-    b = b.double()
-    return torch.stack([w2, b.square().mean(), torch.dot(b, s) / n, s.square().mean()])
+        zero = torch.zeros((), dtype=a, device=W.device)
+        return torch.stack([w2, zero, zero, s.square().mean()]).double()
+    b = b.to(a)
+    return torch.stack([w2, b.square().mean(), torch.dot(b, s) / n, s.square().mean()]).double()
 
 
 def predictions(rows: list[Row], layers: list[LayerStats], inp: InputStats | None) -> list[LayerStats] | None:
