@@ -23,17 +23,22 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "lab": ("signalprop.lab", None),
     "report": ("signalprop.report", None),
     "check": ("signalprop.probe.check", "check"),
+    "monitor": ("signalprop.monitor", None),  # callable: sp.monitor(model, every=50)
+    "Monitor": ("signalprop.monitor.core", "Monitor"),
+    "clip": ("signalprop.clip", None),
     "Report": ("signalprop.probe.check", "Report"),
     "InitSummary": ("signalprop.records", "InitSummary"),
     "LayerStats": ("signalprop.records", "LayerStats"),
     "Problem": ("signalprop.records", "Problem"),
 }
 
-__all__ = ["InitSummary", "LayerStats", "Problem", "Report", "__version__", "activations", "check",
-           "init", "lab", "probe", "report", "theory"]
+__all__ = ["InitSummary", "LayerStats", "Monitor", "Problem", "Report", "__version__", "activations", "check",
+           "clip", "init", "lab", "monitor", "probe", "report", "theory"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import activations, init, lab, probe, report, theory
+    from . import activations, clip, init, lab, probe, report, theory
+    from .monitor import monitor
+    from .monitor.core import Monitor
     from .probe.check import Report, check
     from .records import InitSummary, LayerStats, Problem
 

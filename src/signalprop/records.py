@@ -238,8 +238,9 @@ class JacobianReading:
     weights: tuple[float, ...] | None = None
 
 
-__all__ = ["InitSummary", "InputStats", "JacobianReading", "LayerInit", "LayerStats", "ParamInit", "Problem",
-           "Report", "SEVERITY", "SeriesTrend", "Summary", "VERDICTS", "Verdict"]
+__all__ = ["Alert", "InitSummary", "InputStats", "JacobianReading", "LayerInit", "LayerStats", "MonitorReport",
+           "MonitorStep", "ParamInit", "Problem", "Report", "SEVERITY", "SeriesTrend", "Summary", "VERDICTS",
+           "Verdict"]
 
 
 @dataclass(frozen=True)
@@ -292,3 +293,97 @@ class Report:
         from .report.terminal import render_text
 
         return render_text(self)
+
+
+AlertKind = Literal["non-finite", "exploding", "vanishing", "saturated", "dead", "loss-spike", "grad-surge",
+                    "update-too-large", "update-too-small"]
+
+
+@dataclass(frozen=True)
+class Alert:
+    """Something went wrong during training: at which step, what, where
+    (module name; "(loss)" or "(model)" when no single module), why in one
+    line and what to do.  ``phase`` is "forward", "backward" or "" when it
+    does not apply."""
+
+    step: int
+    kind: AlertKind
+    layer: str
+    message: str
+    suggestion: str
+    phase: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return _clean(asdict(self))
+
+    def __str__(self) -> str:
+        return f"step {self.step} [{self.kind}] {self.layer}: {self.message} -- {self.suggestion}"
+
+
+@dataclass(frozen=True)
+class MonitorStep:
+    """One sampled training step: the same per-layer statistics as
+    :func:`signalprop.check` (forward and backward of the step's first
+    forward pass; parameter-gradient RMS of the accumulated ``.grad``), its
+    verdict and problems, the loss and the global gradient norm.
+    ``update_ratios``: per module with parameters, ||w after - w before|| /
+    ||w before|| of the optimizer step that followed (filled in at the next
+    ``step``; empty until then or when not measured)."""
+
+    step: int
+    loss: float | None
+    verdict: Verdict
+    layers: tuple[LayerStats, ...]
+    problems: tuple[Problem, ...]
+    grad_norm: float | None
+    output_grad_rms: float | None = None
+    update_ratios: tuple[tuple[str, float], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return _clean({"step": self.step, "loss": self.loss, "verdict": self.verdict, "grad_norm": self.grad_norm,
+                       "output_grad_rms": self.output_grad_rms, "update_ratios": dict(self.update_ratios),
+                       "problems": [p.to_dict() for p in self.problems],
+                       "layers": [l.to_dict() for l in self.layers]})
+
+
+@dataclass(frozen=True)
+class MonitorReport:
+    """What a :class:`signalprop.monitor.Monitor` saw: every step's loss and
+    global gradient norm (``steps``, ``losses``, ``grad_norms``), the sampled
+    steps in full (``history``) and the alerts, in order."""
+
+    model: str
+    every: int
+    steps: tuple[int, ...]
+    losses: tuple[float | None, ...]
+    grad_norms: tuple[float | None, ...]
+    history: tuple[MonitorStep, ...]
+    alerts: tuple[Alert, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return _clean({"model": self.model, "every": self.every, "steps": list(self.steps),
+                       "losses": list(self.losses), "grad_norms": list(self.grad_norms),
+                       "alerts": [a.to_dict() for a in self.alerts],
+                       "history": [h.to_dict() for h in self.history]})
+
+    def to_json(self, path: Any = None, indent: int = 2) -> str:
+        import json
+
+        text = json.dumps(self.to_dict(), indent=indent)
+        if path is not None:
+            from pathlib import Path
+
+            Path(path).write_text(text)
+        return text
+
+    def save_html(self, path: Any) -> Any:
+        """One self-contained HTML file: loss and gradient-norm curves, per-layer
+        time series (gradient RMS, second moment, saturation) and the alerts."""
+        from .report.monitor_html import save_monitor_html
+
+        return save_monitor_html(self, path)
+
+    def __str__(self) -> str:
+        from .report.text import monitor_text
+
+        return monitor_text(self)

@@ -26,7 +26,18 @@ class ModelError(ValueError):
 COTANGENT_SEED = 0  # the random unit-variance cotangent is the same on every call on a device
 
 
+@dataclass(frozen=True)
+class CallArgs:
+    """Positional and keyword arguments of one model call, as captured by a
+    forward pre-hook (the monitor replays a call with them)."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
 def _call(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, CallArgs):
+        return model(*inputs.args, **inputs.kwargs)
     if isinstance(inputs, dict):
         return model(**inputs)
     if isinstance(inputs, (tuple, list)):
@@ -35,6 +46,8 @@ def _call(model: nn.Module, inputs: Any) -> Any:
 
 
 def _tensors_of(inputs: Any) -> list[torch.Tensor]:
+    if isinstance(inputs, CallArgs):
+        return _tensors_of(inputs.args) + _tensors_of(inputs.kwargs)
     if isinstance(inputs, torch.Tensor):
         return [inputs]
     values = inputs.values() if isinstance(inputs, dict) else inputs if isinstance(inputs, (tuple, list)) else ()
@@ -77,6 +90,8 @@ def _prepare_inputs(inputs: Any) -> tuple[Any, list[torch.Tensor]]:
             return leaf
         return v
 
+    if isinstance(inputs, CallArgs):
+        return CallArgs(tuple(conv(v) for v in inputs.args), {k: conv(v) for k, v in inputs.kwargs.items()}), leaves
     if isinstance(inputs, dict):
         return {k: conv(v) for k, v in inputs.items()}, leaves
     if isinstance(inputs, (tuple, list)):
@@ -85,6 +100,8 @@ def _prepare_inputs(inputs: Any) -> tuple[Any, list[torch.Tensor]]:
 
 
 def _shapes(inputs: Any) -> str:
+    if isinstance(inputs, CallArgs):
+        return ", ".join(x for x in (_shapes(inputs.args), _shapes(inputs.kwargs)) if x)
     if isinstance(inputs, torch.Tensor):
         return str(tuple(inputs.shape))
     if isinstance(inputs, dict):

@@ -43,3 +43,20 @@ def init_summary_text(s: Any) -> str:
         parts.append("left untouched: " + ", ".join(s.skipped))
     parts += [f"note: {n}" for n in s.notes]
     return "\n".join(parts)
+
+
+def monitor_text(r: Any) -> str:
+    """What ``print(MonitorReport)`` shows: steps seen, the alerts, and the
+    sampled steps' verdicts."""
+    finite = [v for v in r.losses if v is not None]
+    parts = [f"MonitorReport(model={r.model}, steps={len(r.steps)}, every={r.every}, sampled={len(r.history)}, "
+             f"last loss={_fmt(finite[-1]) if finite else '-'})"]
+    if r.alerts:
+        parts.append(text_table(["step", "kind", "layer", "message", "suggestion"],
+                                [[a.step, a.kind, a.layer, a.message, a.suggestion] for a in r.alerts]))
+    else:
+        parts.append("no alerts")
+    if r.history:
+        parts.append(text_table(["sampled step", "loss", "grad norm", "verdict", "problems"],
+                                [[h.step, h.loss, h.grad_norm, h.verdict, len(h.problems)] for h in r.history]))
+    return "\n\n".join(parts)

@@ -1,0 +1,197 @@
+"""Alert rules over time: pure functions of what the monitor measured.
+
+Two clocks.  Every step gives the loss and the global gradient norm (read in
+the one host transfer the non-finite watch needs anyway); the rules on them
+compare the latest value with the median of a trailing window, so a slow
+drift of a healthy run is never a spike.  Sampled steps give the per-layer
+statistics of :func:`signalprop.check`; their rules compare a layer with its
+own baseline (the median of its first few samples), so a layer that was
+always small is not "vanishing" over time.
+
+The thresholds and the reasons for them:
+
+* ``SURGE = 10``: the global gradient norm above 10x its trailing median
+  *and* above 3x its median over the first steps.  A diverging run's gradient
+  norm grows geometrically for tens of steps before the loss turns
+  non-finite; late in a healthy run the norm is small and a hard batch can
+  be 10x the trailing median, but not 3x the norms training started with
+  (measured in ``benchmarks/bench_early_warning.py``).
+* ``SPIKE = 3``: the loss above 3x its trailing median, above median + 8
+  robust standard deviations (1.4826 MAD) *and* above the loss training
+  started with: a run that is learning and meets a hard batch never
+  un-learns everything in a step; a diverging one does.
+* ``WINDOW = 32`` trailing steps, ``WARMUP = 16`` steps before either rule
+  speaks (the first steps of training move fast by design).
+* ``DRIFT = 100``: a layer's gradient RMS changing by two orders of magnitude
+  from its baseline (check's trend limit).
+* saturated / dead shares: above ``CREEP_LIMIT = 0.9`` and up by ``CREEP``
+  from the baseline.  Check's 50% is a verdict on an initialization; in
+  training, ReLU units specialise and a share of them legitimately stays
+  silent on one batch, so only a layer that has almost entirely stopped is news.
+* update/weight ratio: the usual band is 1e-4 to 1e-2 per step; above
+  ``UPDATE_HIGH = 0.1`` an optimizer step rewrites a tenth of a layer's
+  weights, which no stable run does for long.  Below the band is common and
+  intended (fine-tuning at small learning rates), so it is only alerted when
+  the median weight layer moves less than ``UPDATE_LOW = 1e-7``.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Sequence
+
+from ..records import Alert, LayerStats, MonitorStep
+
+SURGE = 10.0
+SPIKE = 3.0
+SPIKE_SIGMAS = 8.0
+WINDOW = 32
+WARMUP = 16
+DRIFT = 100.0
+BASELINE_SAMPLES = 3
+UPDATE_HIGH = 0.1
+UPDATE_LOW = 1e-7
+CREEP = 0.3  # a saturated/dead share must rise by this much from its baseline to be news
+CREEP_LIMIT = 0.9
+SURGE_INITIAL = 3.0
+
+
+def _trailing(values: Sequence[float | None]) -> list[float]:
+    return [v for v in values[-WINDOW:] if v is not None and math.isfinite(v)]
+
+
+def _start(values: Sequence[float | None]) -> float | None:
+    """Median of the first WARMUP finite values: the level training started at."""
+    v = [x for x in values[:WARMUP] if x is not None and math.isfinite(x)]
+    return statistics.median(v) if v else None
+
+
+def scalar_alerts(step: int, loss: float | None, grad_norm: float | None, losses: Sequence[float | None],
+                  grad_norms: Sequence[float | None], worst_param: str | None) -> list[Alert]:
+    """Loss spike and gradient-norm surge at ``step`` against the previous
+    steps' values (``losses``/``grad_norms`` exclude the current step)."""
+    out: list[Alert] = []
+    if len(losses) < WARMUP:
+        return out
+    gn = _trailing(grad_norms)
+    start_g = _start(grad_norms)
+    if grad_norm is not None and math.isfinite(grad_norm) and len(gn) >= WARMUP and start_g is not None:
+        med = statistics.median(gn)
+        if med > 0 and grad_norm > SURGE * med and grad_norm > SURGE_INITIAL * start_g:
+            where = worst_param or "(model)"
+            out.append(Alert(step, "grad-surge", where,
+                             f"global gradient norm {grad_norm:.3g} is {grad_norm / med:.3g}x its median over the "
+                             f"last {len(gn)} steps ({med:.3g}); largest growth in {where}",
+                             "lower the learning rate (for this layer's group first), or clip: "
+                             "torch.nn.utils.clip_grad_norm_ or sp.clip.agc_ (monitor(..., agc=0.01))", "backward"))
+    ls = _trailing(losses)
+    start_l = _start(losses)
+    if loss is not None and math.isfinite(loss) and len(ls) >= WARMUP and start_l is not None:
+        med = statistics.median(ls)
+        mad = statistics.median(abs(v - med) for v in ls) * 1.4826
+        if loss > SPIKE * abs(med) and loss > med + SPIKE_SIGMAS * mad and loss > start_l:
+            out.append(Alert(step, "loss-spike", "(loss)",
+                             f"loss {loss:.4g} is {loss / med:.3g}x its median over the last {len(ls)} steps "
+                             f"({med:.4g})" if med > 0 else f"loss {loss:.4g} far above its recent median {med:.4g}",
+                             "lower the learning rate or add warm-up; clip gradients (sp.clip.agc_); "
+                             "check the batch for bad data", "forward"))
+    return out
+
+
+def _baseline(history: Sequence[MonitorStep], name: str, attr: str) -> float | None:
+    vals = []
+    for h in history[:BASELINE_SAMPLES]:
+        for l in h.layers:
+            if l.name == name:
+                v = getattr(l, attr)
+                if v is not None and math.isfinite(v) and v > 0:
+                    vals.append(v)
+                break
+    return statistics.median(vals) if vals else None
+
+
+def _by_name(layers: Sequence[LayerStats]) -> dict[str, LayerStats]:
+    out: dict[str, LayerStats] = {}
+    for l in layers:
+        out.setdefault(l.name, l)  # a module called twice: its first call
+    return out
+
+
+def sampled_alerts(current: MonitorStep, history: Sequence[MonitorStep]) -> list[Alert]:
+    """Per-layer drift of gradient RMS, creeping saturation and dead shares,
+    comparing ``current`` with the first samples of ``history`` (which does
+    not contain ``current``).  One alert per kind per sample, naming the layer
+    that moved most and how many moved."""
+    out: list[Alert] = []
+    if len(history) < 1:
+        return out
+    base_hist = history[:BASELINE_SAMPLES]
+    grew: list[tuple[float, str]] = []
+    shrank: list[tuple[float, str]] = []
+    for name, l in _by_name(current.layers).items():
+        for attr in ("param_grad_rms",):
+            v = getattr(l, attr)
+            b = _baseline(base_hist, name, attr)
+            if v is None or b is None or not math.isfinite(v):
+                continue
+            if v > DRIFT * b:
+                grew.append((v / b, name))
+            elif v < b / DRIFT:
+                shrank.append((b / v if v > 0 else math.inf, name))
+    if grew:
+        f, name = max(grew)
+        out.append(Alert(current.step, "exploding", name,
+                         f"parameter-gradient RMS of {name} grew {f:.3g}x since the first samples "
+                         f"({len(grew)} layer(s) grew > {DRIFT:g}x)",
+                         "lower the learning rate for this layer's group, clip (sp.clip.agc_), or add "
+                         "normalisation / a residual path", "backward"))
+    if shrank:
+        f, name = max(shrank)
+        out.append(Alert(current.step, "vanishing", name,
+                         f"parameter-gradient RMS of {name} fell {f:.3g}x since the first samples "
+                         f"({len(shrank)} layer(s) fell > {DRIFT:g}x)",
+                         "look for saturating or dying units upstream (this report's saturation/dead columns); "
+                         "a smaller learning rate or a different initialization (sp.init.critical_)", "backward"))
+    for kind, attr, limit in (("saturated", "saturation", CREEP_LIMIT), ("dead", "dead_fraction", CREEP_LIMIT)):
+        moved: list[tuple[float, str, float, float]] = []
+        for name, l in _by_name(current.layers).items():
+            v = getattr(l, attr)
+            base = [getattr(bl, attr) for h in base_hist for bl in h.layers if bl.name == name]
+            base = [b for b in base if b is not None]
+            if v is None or not base:
+                continue
+            b = statistics.median(base)
+            if v > limit and v - b > CREEP:
+                moved.append((v - b, name, b, v))
+        if moved:
+            _, name, b, v = max(moved)
+            out.append(Alert(current.step, kind, name,
+                             f"{attr.replace('_', ' ')} of {name} rose from {b:.0%} to {v:.0%} "
+                             f"({len(moved)} layer(s) crossed {limit:.0%})",
+                             "lower the learning rate; for saturation, normalise the pre-activations or use "
+                             "a non-saturating activation; for dead units, a leaky activation or smaller steps",
+                             "forward"))
+    return out
+
+
+def update_alerts(step: int, ratios: Sequence[tuple[str, float]], weight_layers: set[str]) -> list[Alert]:
+    """The update/weight ratio of the optimizer step taken at ``step``."""
+    out: list[Alert] = []
+    finite = [(r, n) for n, r in ratios if math.isfinite(r)]
+    if not finite:
+        return out
+    high = [(r, n) for r, n in finite if r > UPDATE_HIGH]
+    if high:
+        r, n = max(high)
+        out.append(Alert(step, "update-too-large", n,
+                         f"the optimizer step changed {n}'s weights by {r:.3g} of their norm "
+                         f"({len(high)} module(s) above {UPDATE_HIGH:g}; the usual band is 1e-4 to 1e-2)",
+                         "lower the learning rate for this group (or use warm-up); clip (sp.clip.agc_)", "update"))
+    weights = [r for r, n in finite if n in weight_layers]
+    if weights and statistics.median(weights) < UPDATE_LOW:
+        med = statistics.median(weights)
+        out.append(Alert(step, "update-too-small", "(model)",
+                         f"the median weight layer moved {med:.3g} of its norm in one step (usual: 1e-4 to 1e-2)",
+                         "raise the learning rate, or check that the optimizer holds these parameters", "update"))
+    return out

@@ -1,0 +1,472 @@
+"""``signalprop.monitor``: check's diagnosis during training, on sampled steps.
+
+What runs when:
+
+* **Every step** (one forward pre-hook and one forward hook on the root
+  module, one tensor hook on its output): the call's arguments are kept by
+  reference (so a failing step can be replayed), the RNG state and autocast
+  state are noted, and ``step(loss)`` reads the loss, the norm of every
+  parameter's gradient (``torch._foreach_norm``, one fused kernel per device
+  and dtype) and the gradient norm at the output in **one** host transfer.
+  That is the non-finite watch and the loss/gradient-norm series.
+* **Sampled steps** (``every``): check's :class:`~signalprop.probe.recorder.Recorder`
+  is attached before the step's first forward and removed after it, so the
+  forward and backward of that pass are measured layer by layer exactly as
+  :func:`signalprop.check` measures them (same statistics, same verdict
+  rules), with the real loss's gradient.  Between samples no module hook
+  but the root's is installed.
+* **The step after a sample**: when ``update_ratio`` is on, the weights
+  saved at the sample (one copy, held until then) give each module's
+  ||w after - w before|| / ||w before|| of the optimizer step in between.
+
+When the loss or a gradient first turns non-finite, the step is replayed
+from its saved arguments, RNG and autocast state with check's exact pass, so
+the alert names the module where the NaN/Inf started and whether in the
+forward or the backward pass -- whether or not the step was sampled.
+
+The monitor never changes training: no random numbers are drawn from the
+global generators (the replay restores them), gradients are read, not
+written (unless ``agc`` is set, which is its job), modes are left alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from ..probe.check import (CallArgs, ModelError, _finalise, _gather, _layer_stats, _norms, _ParamNorms, _run)
+from ..probe.diagnose import diagnose
+from ..probe.recorder import Recorder, first_float_tensor
+from ..probe.state import preserved
+from ..records import Alert, MonitorReport, MonitorStep, evolve
+from . import alerts as A
+
+MAX_REPLAY_CALLS = 64  # forward calls per step kept for replay (gradient accumulation)
+
+
+class _Call:
+    """One forward call of the root module during the current step."""
+
+    __slots__ = ("args", "rng", "cuda_rng", "autocast", "out_norm", "out_numel")
+
+    def __init__(self, args: CallArgs, rng: torch.Tensor, cuda_rng: list[tuple[int, torch.Tensor]],
+                 autocast: list[tuple[str, torch.dtype]]) -> None:
+        self.args = args
+        self.rng = rng
+        self.cuda_rng = cuda_rng
+        self.autocast = autocast
+        self.out_norm: torch.Tensor | None = None
+        self.out_numel = 0
+
+
+def _autocast_state() -> list[tuple[str, torch.dtype]]:
+    out = []
+    for dev in ("cpu", "cuda"):
+        try:
+            if torch.is_autocast_enabled(dev):
+                out.append((dev, torch.get_autocast_dtype(dev)))
+        except (RuntimeError, TypeError):  # device type unknown to this build
+            continue
+    return out
+
+
+@contextlib.contextmanager
+def _autocast(state: list[tuple[str, torch.dtype]]) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for dev, dtype in state:
+            stack.enter_context(torch.autocast(dev, dtype=dtype))
+        yield
+
+
+class Monitor:
+    """Watches a model during training; see :func:`monitor` and the module docstring."""
+
+    def __init__(self, model: nn.Module, every: int = 50, *, writer: Any = None, agc: float | None = None,
+                 bounds: tuple[float, float] = (1e-6, 1e3), trend: float = 100.0, update_ratio: bool = True,
+                 max_history: int | None = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"monitor() takes an nn.Module, got {type(model).__name__}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive integer (sample one step in `every`), got {every!r}")
+        if agc is not None and not (isinstance(agc, (int, float)) and agc > 0 and math.isfinite(agc)):
+            raise ValueError(f"agc must be a positive clipping factor such as 0.01, or None; got {agc!r}")
+        lo, hi = bounds
+        if not (0 < lo < hi):
+            raise ValueError(f"bounds must satisfy 0 < low < high, got {bounds}")
+        if not trend > 1:
+            raise ValueError(f"trend must be > 1, got {trend}")
+        if not any(True for _ in model.parameters()):
+            raise ValueError(f"{type(model).__name__} has no parameters: nothing to monitor")
+        self.model = model
+        self.every = every
+        self.writer = writer
+        self.agc = agc
+        self.bounds = (float(lo), float(hi))
+        self.trend = float(trend)
+        self.update_ratio = update_ratio
+        self.max_history = max_history
+        self.history: list[MonitorStep] = []
+        self.alerts: list[Alert] = []
+        self.steps: list[int] = []
+        self.losses: list[float | None] = []
+        self.grad_norms: list[float | None] = []
+        self._step = 0
+        self._calls: list[_Call] = []
+        self._rec: Recorder | None = None
+        self._recording = False
+        self._snapshot: tuple[int, list[tuple[str, list[nn.Parameter], list[torch.Tensor]]]] | None = None
+        self._nonfinite_seen = False
+        self._paused = False
+        self._closed = False
+        self._alerted: set[tuple[str, str]] = set()
+        self._last_scalar_alert: dict[str, int] = {}
+        self._prev_gvals: dict[nn.Parameter, float] = {}
+        self._cuda_devices: list[int] = []
+        self._param_names = {p: n for n, p in model.named_parameters()}
+        self._owner = {p: mn for mn, m in model.named_modules() for p in m.parameters(recurse=False)}
+        self._handles = [model.register_forward_pre_hook(self._root_pre, with_kwargs=True),
+                         model.register_forward_hook(self._root_post)]
+        self._arm()
+
+    # -- context manager -------------------------------------------------------
+    def __enter__(self) -> "Monitor":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove every hook and drop every saved reference; history and alerts stay."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if self._rec is not None:
+            self._rec.detach()
+        self._rec = None
+        self._calls.clear()
+        self._snapshot = None
+        self._closed = True
+
+    @property
+    def sampled(self) -> bool:
+        """Whether the step in progress is a sampled one."""
+        return self._step % self.every == 0
+
+    # -- hooks -----------------------------------------------------------------
+    def _arm(self) -> None:
+        if self.sampled:
+            self._rec = Recorder(self.model, capture_functional=False)
+            self._rec.attach()
+            self._recording = True
+
+    def _root_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not torch.is_grad_enabled():  # an evaluation pass between training steps: not this step's
+            if self._recording:
+                self._rec.detach()  # type: ignore[union-attr]
+                self._rec, self._paused = None, True
+            return
+        if len(self._calls) >= MAX_REPLAY_CALLS:
+            return
+        self._calls.append(_Call(CallArgs(tuple(args), dict(kwargs)), torch.get_rng_state(),
+                                 [(d, torch.cuda.get_rng_state(d)) for d in self._cuda_devices],
+                                 _autocast_state()))
+
+    def _root_post(self, module: nn.Module, args: Any, out: Any) -> None:
+        if self._paused:  # after an evaluation pass: measure the next training forward instead
+            self._paused = False
+            self._arm()
+            return
+        if not torch.is_grad_enabled():
+            return
+        if self._recording and self._rec is not None:
+            self._rec.detach()  # the step's first forward is the sampled one; its tensor hooks stay
+            self._recording = False
+        if not self._calls:
+            return
+        call = self._calls[-1]
+        y = first_float_tensor(out)
+        if y is not None and y.requires_grad and call.out_norm is None:
+            call.out_numel = y.numel()
+
+            def hook(g: torch.Tensor, call: _Call = call) -> None:
+                with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
+                    call.out_norm = torch.linalg.vector_norm(g, dtype=torch.float32 if g.dtype in (
+                        torch.float16, torch.bfloat16) else g.dtype)
+
+            y.register_hook(hook)
+
+    # -- the step --------------------------------------------------------------
+    def step(self, loss: Any = None) -> list[Alert]:
+        """Close the step in progress: call after ``loss.backward()`` (all of
+        them, with gradient accumulation) and before ``optimizer.step()``.
+        Returns the alerts raised at this step (also appended to ``alerts``)."""
+        if self._closed:
+            raise RuntimeError("this monitor is closed; create a new one with sp.monitor(model)")
+        k = self._step
+        params = [p for p in self._param_names if p.grad is not None]
+        self._cuda_devices = sorted({p.device.index for p in self._param_names
+                                     if p.device.type == "cuda" and p.device.index is not None})
+        with torch.no_grad():
+            gnorms = _norms([p.grad for p in params]) if params else []  # type: ignore[misc]
+            loss_t = self._loss_scalar(loss)
+            outs = [c.out_norm for c in self._calls if c.out_norm is not None]
+            extra = gnorms + ([loss_t] if loss_t is not None else []) + outs[:1]
+            sampled = self._rec is not None and self._rec.rows
+            pn = _ParamNorms.of(self._rec.rows, {p: p.grad for p in params}) if sampled else None  # type: ignore[union-attr]
+            upd = self._update_scalars() if self._snapshot is not None else None
+            more = (pn.scalars if pn is not None else []) + (upd[1] if upd is not None else [])
+            if sampled:
+                vals, ex = _finalise(self._rec.rows, extra + more)  # type: ignore[union-attr]
+            else:
+                vals, ex = [], _gather(extra + more) if extra or more else []
+        n = len(gnorms)
+        gvals = ex[:n]
+        loss_v = ex[n] if loss_t is not None else (float(loss) if isinstance(loss, (int, float)) else None)
+        i = n + (1 if loss_t is not None else 0)
+        out_v = ex[i] if outs else None
+        rest = ex[i + (1 if outs else 0):]
+        grad_norm = math.sqrt(sum(v * v for v in gvals)) if gvals else None
+        new: list[Alert] = []
+
+        # 1. the update of the previous sampled step's optimizer step
+        if upd is not None:
+            m = len(pn.scalars) if pn is not None else 0
+            new += self._finish_update(upd[0], rest[m:])
+        # 2. non-finite watch (every step)
+        finite = (loss_v is None or math.isfinite(loss_v)) and all(math.isfinite(v) for v in gvals)
+        if not finite and not self._nonfinite_seen:
+            self._nonfinite_seen = True
+            new.append(self._locate(k, loss_v, gvals, params, out_v))
+        elif finite:
+            self._nonfinite_seen = False
+        # 3. loss and gradient-norm rules (every step)
+        if finite:
+            worst = self._worst_growth(params, gvals)
+            new += A.scalar_alerts(k, loss_v, grad_norm, self.losses, self.grad_norms, worst)
+        self.steps.append(k)
+        self.losses.append(loss_v)
+        self.grad_norms.append(grad_norm)
+        # 4. the sampled step in full
+        if sampled:
+            out_rms = out_v / math.sqrt(max(self._calls[0].out_numel, 1)) if out_v else None
+            rec = self._sample(k, loss_v, grad_norm, vals, pn, rest, out_rms)  # type: ignore[arg-type]
+            if finite:
+                new += A.sampled_alerts(rec, self.history)
+            self.history.append(rec)
+            if self.max_history is not None and len(self.history) > self.max_history:
+                del self.history[A.BASELINE_SAMPLES]  # the baseline samples stay
+            if self.update_ratio and finite:
+                self._take_snapshot(k)
+        self._prev_gvals = dict(zip(params, gvals))
+        if self.agc is not None:
+            from ..clip import agc_
+
+            agc_(self.model.parameters(), clipping=self.agc)
+        new = self._fresh(new)
+        self.alerts += new
+        if self.writer is not None:
+            from ..integrations.tensorboard import write_step
+
+            write_step(self.writer, self, k, new)
+        # next step
+        if self._rec is not None:
+            self._rec.detach()
+        self._rec = None
+        self._recording = False
+        self._calls = []
+        self._step += 1
+        self._arm()
+        return new
+
+    def _fresh(self, new: list[Alert]) -> list[Alert]:
+        """Drop repeats: a (kind, layer) already alerted stays quiet (per-layer
+        drift, saturation, dead, update ratios); loss spikes and gradient
+        surges once per WINDOW steps.  Non-finite alerts come once per
+        episode (again only after the values were finite in between)."""
+        out = []
+        for a in new:
+            if a.kind in ("loss-spike", "grad-surge"):
+                last = self._last_scalar_alert.get(a.kind)
+                if last is not None and a.step - last < A.WINDOW:
+                    continue
+                self._last_scalar_alert[a.kind] = a.step
+            elif a.kind != "non-finite":
+                if (a.kind, a.layer) in self._alerted:
+                    continue
+                self._alerted.add((a.kind, a.layer))
+            out.append(a)
+        return out
+
+    def _loss_scalar(self, loss: Any) -> torch.Tensor | None:
+        if isinstance(loss, torch.Tensor):
+            if loss.numel() != 1:
+                raise ValueError(f"step() takes the scalar loss, got a tensor of shape {tuple(loss.shape)}")
+            return loss.detach().reshape(()).float() if loss.dtype != torch.float64 else loss.detach().reshape(())
+        if loss is None or isinstance(loss, (int, float)):
+            return None
+        raise TypeError(f"step() takes the loss as a tensor, a float or None, got {type(loss).__name__}")
+
+    def _worst_growth(self, params: list[nn.Parameter], gvals: list[float]) -> str | None:
+        """The parameter whose gradient norm grew most since the previous step."""
+        prev = self._prev_gvals
+        if not prev:
+            return None
+        best, where = 0.0, None
+        for p, v in zip(params, gvals):
+            b = prev.get(p)
+            if b and b > 0 and v / b > best:
+                best, where = v / b, self._param_names.get(p)
+        return where
+
+    def _sample(self, k: int, loss: float | None, grad_norm: float | None, vals: list[dict[str, Any]],
+                pn: _ParamNorms, rest: list[float], out_rms: float | None) -> MonitorStep:
+        rows = self._rec.rows  # type: ignore[union-attr]
+        m = len(pn.scalars)
+        rms = out_rms if out_rms else 1.0
+        layers = _layer_stats(rows, vals, pn.values(rest[:m]), rms)
+        verdict, problems, layers, _ = diagnose(layers, None, self.bounds, self.trend)
+        return MonitorStep(k, loss, verdict, tuple(layers), tuple(problems), grad_norm, out_rms)
+
+    # -- update / weight ratio -------------------------------------------------
+    def _take_snapshot(self, k: int) -> None:
+        mods = []
+        for name, m in self.model.named_modules():
+            ps = [p for p in m._parameters.values() if p is not None and p.requires_grad]
+            if ps:
+                mods.append((name, ps, [p.detach().clone() for p in ps]))
+        self._snapshot = (k, mods)
+
+    def _update_scalars(self) -> tuple[int, list[torch.Tensor]]:
+        k, mods = self._snapshot  # type: ignore[misc]
+        before = [b for _, _, bs in mods for b in bs]
+        now = [p.detach() for _, ps, _ in mods for p in ps]
+        diffs = torch._foreach_sub(now, before)
+        return k, _norms(diffs) + _norms(before)
+
+    def _finish_update(self, k: int, vals: list[float]) -> list[Alert]:
+        _, mods = self._snapshot  # type: ignore[misc]
+        self._snapshot = None
+        n = sum(len(ps) for _, ps, _ in mods)
+        d, w = vals[:n], vals[n:2 * n]
+        ratios: list[tuple[str, float]] = []
+        i = 0
+        weight_layers = set()
+        for name, ps, _ in mods:
+            dd = math.sqrt(sum(x * x for x in d[i:i + len(ps)]))
+            ww = math.sqrt(sum(x * x for x in w[i:i + len(ps)]))
+            i += len(ps)
+            ratios.append((name, dd / ww if ww > 0 else (0.0 if dd == 0 else math.inf)))
+            if any(p.dim() >= 2 for p in ps):
+                weight_layers.add(name)
+        for j in range(len(self.history) - 1, -1, -1):
+            if self.history[j].step == k:
+                self.history[j] = evolve(self.history[j], update_ratios=tuple(ratios))
+                break
+        return A.update_alerts(k, ratios, weight_layers)
+
+    # -- the non-finite origin -------------------------------------------------
+    def _locate(self, k: int, loss: float | None, gvals: list[float], params: list[nn.Parameter],
+                out_v: float | None) -> Alert:
+        """Replay the step's forward calls with check's exact pass to find
+        where the first NaN/Inf appeared."""
+        fix = ("lower the learning rate or clip gradients (sp.clip.agc_, monitor(..., agc=0.01)); "
+               "with mixed precision, use a GradScaler or bfloat16")
+        with torch.no_grad():
+            named = [(n, p) for n, p in self.model.named_parameters()]
+            pvals = _gather(_norms([p.detach() for _, p in named])) if named else []
+        bad_w = [n for (n, _), v in zip(named, pvals) if not math.isfinite(v)]
+        if bad_w:
+            return Alert(k, "non-finite", bad_w[0].rpartition(".")[0] or bad_w[0],
+                         f"step {k}: the weights themselves are non-finite ({len(bad_w)} tensor(s), first "
+                         f"{bad_w[0]}): an earlier optimizer step overflowed them", fix, "update")
+        for call in self._calls:
+            try:
+                report = self._replay(call)
+            except (ModelError, ValueError, RuntimeError):
+                continue
+            p = next((p for p in report.problems if p.kind == "non-finite"), None)
+            if p is None:
+                continue
+            forward = p.layer == "input" or any(l.nonfinite_fraction > 0 for l in report.layers)
+            if not forward and out_v is not None and not math.isfinite(out_v):
+                break  # the loss's own gradient was already non-finite: said below
+            return Alert(k, "non-finite", p.layer, f"step {k}: {p.message}", f"{p.suggestion}; {fix}",
+                         "forward" if forward else "backward")
+        if loss is not None and not math.isfinite(loss):
+            if out_v is None or math.isfinite(out_v):
+                return Alert(k, "non-finite", "(loss)", f"step {k}: the loss is {loss} while the model's output is "
+                             "finite: the loss function turned it non-finite (log of 0, division by 0)",
+                             f"clamp the loss's argument (e.g. log(p + eps)) or use a fused loss; {fix}", "forward")
+        if out_v is not None and not math.isfinite(out_v):
+            return Alert(k, "non-finite", "(loss)", f"step {k}: the gradient of the loss at the model's output is "
+                         "non-finite while the forward pass is finite", f"look at the loss function; {fix}",
+                         "backward")
+        bad = [p for p, v in zip(params, gvals) if not math.isfinite(v)]
+        # the last module in execution order is where the backward pass reaches first
+        order = {n: i for i, (n, _) in enumerate(self.model.named_modules())}
+        worst = max(bad, key=lambda p: order.get(self._owner.get(p, ""), -1)) if bad else None
+        where = self._owner.get(worst, "(model)") if worst is not None else "(model)"
+        return Alert(k, "non-finite", where or "(root)",
+                     f"step {k}: non-finite gradients in {len(bad)} parameter tensor(s), the output-nearest in "
+                     f"{where or '(root)'}" + (f" ({self._param_names.get(worst)})" if worst is not None else "")
+                     + (f"; loss {loss}" if loss is not None else ""), fix, "backward")
+
+    def _replay(self, call: _Call) -> Any:
+        with preserved(self.model):
+            torch.set_rng_state(call.rng)
+            for d, s in call.cuda_rng:
+                torch.cuda.set_rng_state(s, d)
+            with _autocast(call.autocast):
+                return _run(self.model, call.args, None, None, self.bounds, self.trend, exact=True)
+
+    # -- results ---------------------------------------------------------------
+    def report(self) -> MonitorReport:
+        """Everything seen so far, as a record with ``save_html``, ``to_json``, ``to_dict``."""
+        return MonitorReport(type(self.model).__name__, self.every, tuple(self.steps), tuple(self.losses),
+                             tuple(self.grad_norms), tuple(self.history), tuple(self.alerts))
+
+    def layer_series(self, attr: str = "grad_rms") -> dict[str, list[tuple[int, float | None]]]:
+        """Per layer name: (step, value) over the sampled steps."""
+        out: dict[str, list[tuple[int, float | None]]] = {}
+        for h in self.history:
+            for l in h.layers:
+                out.setdefault(l.name, []).append((h.step, getattr(l, attr)))
+        return out
+
+
+def monitor(model: nn.Module, every: int = 50, *, writer: Any = None, agc: float | None = None,
+            bounds: tuple[float, float] = (1e-6, 1e3), trend: float = 100.0, update_ratio: bool = True,
+            max_history: int | None = None) -> Monitor:
+    """Watch ``model`` during training.
+
+    ::
+
+        mon = sp.monitor(model, every=50)       # or: with sp.monitor(model) as mon:
+        for x, y in loader:
+            loss = loss_fn(model(x), y)
+            opt.zero_grad(); loss.backward()
+            mon.step(loss)                      # after backward, before opt.step()
+            opt.step()
+        mon.close()
+
+    ``every``: one step in ``every`` (the first included) is measured layer by
+    layer as :func:`signalprop.check` does; every step's loss and gradient
+    norms are read for the non-finite watch and the loss/gradient-norm
+    alerts.  ``agc``: apply :func:`signalprop.clip.agc_` with this clipping
+    factor after the measurements of each step (before the optimizer).
+    ``writer``: a TensorBoard ``SummaryWriter`` (scalars per layer and alerts as
+    text).  ``update_ratio``: measure ||dw|| / ||w|| of the optimizer step
+    after each sample (keeps one copy of the trainable weights from the
+    sample to the next step).  ``max_history``: keep at most this many
+    sampled steps (the first ones, the baseline, always stay).  ``bounds`` and
+    ``trend`` as in :func:`signalprop.check`.
+    """
+    return Monitor(model, every, writer=writer, agc=agc, bounds=bounds, trend=trend, update_ratio=update_ratio,
+                   max_history=max_history)
+
+
+__all__ = ["Monitor", "monitor"]
