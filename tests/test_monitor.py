@@ -118,7 +118,7 @@ def test_a_planted_nan_is_named_with_its_step_and_module(phase):
     m = _planted(phase)
     opt = torch.optim.SGD(m.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(0)
-    with sp.monitor(m, every=50) as mon:
+    with sp.monitor(m, every=50, grad_every=1) as mon:
         for step in range(10):
             x = torch.randn(16, 4, generator=g)
             if step == 7:
@@ -302,3 +302,51 @@ def test_monitor_agc_clips_before_the_optimizer():
         limit = unitwise_norm(p.detach()).clamp_min(1e-3) * 1e-4
         assert (unitwise_norm(p.grad) <= limit * (1 + 1e-5)).all()
     assert sum(not torch.equal(p.grad, g) for p, g in zip(m.parameters(), raw)) >= 4
+
+
+def test_lab_monitor_quick_run(tmp_path):
+    """`lab run monitor --quick`: the ReLU MLP at learning rate 0.3 diverges,
+    an alert comes first, AGC (0.01) keeps the same run finite; files saved."""
+    from signalprop.lab.registry import run_experiment
+
+    res = run_experiment("monitor", tmp_path, quick=True)
+    run = res["runs"]["mlp"]
+    bad, fixed = run["diverging"], run["agc"]
+    assert bad["first_nonfinite"] is not None and bad["first_alert"] is not None
+    assert bad["first_alert"] < bad["first_nonfinite"]
+    assert fixed["first_nonfinite"] is None and math.isfinite(fixed["losses"][-1])
+    assert (tmp_path / "monitor.png").stat().st_size > 10_000
+    assert (tmp_path / "monitor-mlp.html").exists() and (tmp_path / "results.json").exists()
+
+
+class _Writer:
+    """Records what a SummaryWriter would be asked to write."""
+
+    def __init__(self):
+        self.scalars, self.texts = [], []
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, value, step))
+
+    def add_text(self, tag, text, step):
+        self.texts.append((tag, text, step))
+
+
+def test_writer_gets_stable_tags_per_layer_and_alerts():
+    m = _net()
+    w = _Writer()
+    x, y = _data()
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    with sp.monitor(m, every=2, writer=w, grad_every=1) as mon:
+        for _ in range(4):
+            loss = F.cross_entropy(m(x), y)
+            opt.zero_grad()
+            loss.backward()
+            mon.step(loss)
+            opt.step()
+    tags = {t for t, _, _ in w.scalars}
+    assert {"signalprop/loss", "signalprop/grad_norm", "signalprop/grad_rms/0", "signalprop/saturation/2",
+            "signalprop/forward_second_moment/6", "signalprop/update_ratio/0"} <= tags
+    assert sorted({s for t, _, s in w.scalars if t == "signalprop/grad_rms/0"}) == [0, 2]
+    assert sorted(s for t, _, s in w.scalars if t == "signalprop/loss") == [0, 1, 2, 3]
+    assert w.texts == []

@@ -22,8 +22,10 @@ The thresholds and the reasons for them:
   un-learns everything in a step; a diverging one does.
 * ``WINDOW = 32`` trailing steps, ``WARMUP = 16`` steps before either rule
   speaks (the first steps of training move fast by design).
-* ``DRIFT = 100``: a layer's gradient RMS changing by two orders of magnitude
-  from its baseline (check's trend limit).
+* ``DRIFT = 100``: a layer's gradient RMS relative to the output's (as
+  check judges it) changing by two orders of magnitude from its baseline
+  (check's trend limit); relative, because a converging run's gradients
+  all shrink with its loss.
 * saturated / dead shares: above ``CREEP_LIMIT = 0.9`` and up by ``CREEP``
   from the baseline.  Check's 50% is a verdict on an initialization; in
   training, ReLU units specialise and a share of them legitimately stays
@@ -58,12 +60,13 @@ SURGE_INITIAL = 3.0
 
 
 def _trailing(values: Sequence[float | None]) -> list[float]:
-    return [v for v in values[-WINDOW:] if v is not None and math.isfinite(v)]
+    """The last WINDOW values that were read (steps that skipped the reading hold None)."""
+    return [v for v in values if v is not None and math.isfinite(v)][-WINDOW:]
 
 
 def _start(values: Sequence[float | None]) -> float | None:
     """Median of the first WARMUP finite values: the level training started at."""
-    v = [x for x in values[:WARMUP] if x is not None and math.isfinite(x)]
+    v = [x for x in values if x is not None and math.isfinite(x)][:WARMUP]
     return statistics.median(v) if v else None
 
 
@@ -72,8 +75,6 @@ def scalar_alerts(step: int, loss: float | None, grad_norm: float | None, losses
     """Loss spike and gradient-norm surge at ``step`` against the previous
     steps' values (``losses``/``grad_norms`` exclude the current step)."""
     out: list[Alert] = []
-    if len(losses) < WARMUP:
-        return out
     gn = _trailing(grad_norms)
     start_g = _start(grad_norms)
     if grad_norm is not None and math.isfinite(grad_norm) and len(gn) >= WARMUP and start_g is not None:
@@ -130,7 +131,9 @@ def sampled_alerts(current: MonitorStep, history: Sequence[MonitorStep]) -> list
     grew: list[tuple[float, str]] = []
     shrank: list[tuple[float, str]] = []
     for name, l in _by_name(current.layers).items():
-        for attr in ("param_grad_rms",):
+        # relative to the output's gradient: a converging run's gradients all shrink with
+        # its loss, which is no vanishing; a layer falling behind the output's is
+        for attr in ("relative_grad_rms",):
             v = getattr(l, attr)
             b = _baseline(base_hist, name, attr)
             if v is None or b is None or not math.isfinite(v):
@@ -142,14 +145,14 @@ def sampled_alerts(current: MonitorStep, history: Sequence[MonitorStep]) -> list
     if grew:
         f, name = max(grew)
         out.append(Alert(current.step, "exploding", name,
-                         f"parameter-gradient RMS of {name} grew {f:.3g}x since the first samples "
+                         f"gradient RMS of {name} (relative to the output's) grew {f:.3g}x since the first samples "
                          f"({len(grew)} layer(s) grew > {DRIFT:g}x)",
                          "lower the learning rate for this layer's group, clip (sp.clip.agc_), or add "
                          "normalisation / a residual path", "backward"))
     if shrank:
         f, name = max(shrank)
         out.append(Alert(current.step, "vanishing", name,
-                         f"parameter-gradient RMS of {name} fell {f:.3g}x since the first samples "
+                         f"gradient RMS of {name} (relative to the output's) fell {f:.3g}x since the first samples "
                          f"({len(shrank)} layer(s) fell > {DRIFT:g}x)",
                          "look for saturating or dying units upstream (this report's saturation/dead columns); "
                          "a smaller learning rate or a different initialization (sp.init.critical_)", "backward"))

@@ -207,7 +207,10 @@ class _ParamNorms:
     scalars: list[torch.Tensor]  # [||g_0||, ||w_0||, ||g_1||, ...]
 
     @staticmethod
-    def of(rows: list[Row], grads: dict[nn.Parameter, torch.Tensor | None]) -> "_ParamNorms":
+    def of(rows: list[Row], grads: dict[nn.Parameter, torch.Tensor | None],
+           known: dict[int, torch.Tensor] | None = None) -> "_ParamNorms":
+        """``known``: norms already computed, by ``id`` of the tensor (the
+        monitor's per-step gradient norms), so no tensor is read twice."""
         mods: list[tuple[nn.Module, int, list[int]]] = []
         tensors: list[torch.Tensor] = []
         for m, ps in _module_params(rows):
@@ -219,8 +222,13 @@ class _ParamNorms:
                 idx.append(len(tensors))
                 tensors += [grads[p], p]  # type: ignore[list-item]
             mods.append((m, sum(p.numel() for p in have), idx))
+        known = known or {}
+        todo = [i for i, t in enumerate(tensors) if id(t) not in known]
+        out: list[torch.Tensor | None] = [known.get(id(t)) for t in tensors]
         with torch.no_grad():
-            return _ParamNorms(mods, _norms(tensors) if tensors else [])
+            for i, n in zip(todo, _norms([tensors[i] for i in todo]) if todo else []):
+                out[i] = n
+        return _ParamNorms(mods, out)  # type: ignore[arg-type]
 
     def values(self, vals: list[float]) -> dict[nn.Module, tuple[float, float]]:
         """RMS of each module's own parameter gradients and ||grad|| / ||weight||."""

@@ -1,0 +1,1 @@
+"""Where users already are: TensorBoard writers (and, as optional extras, framework callbacks)."""
