@@ -199,7 +199,7 @@ def _run(cfg: MonitorConfig, out: Path, progress: Any) -> dict[str, Any]:
             bad["first_alert"] is not None else None
         headline.append(f"{kind}: lr {bad['lr']:g} loss non-finite at step {bad['first_nonfinite']}, first alert at "
                         f"step {bad['first_alert']}" + (f" ({lead} steps earlier)" if lead is not None else "")
-                        + (f": [{first['kind']}] {first['layer']}" if first else "")
+                        + (f": {first['kind']} at {first['layer']}" if first else "")
                         + f"; with AGC the loss ends at {fixed['losses'][-1]:.3g} after {fixed['steps']} steps"
                         + ("" if fixed["first_nonfinite"] is None else f" (non-finite at {fixed['first_nonfinite']})"))
         bad["report"].save_html(out / f"monitor-{kind}.html")
