@@ -30,6 +30,18 @@ def _clean(v: Any) -> Any:
     return v
 
 
+def _to_json(d: dict[str, Any], path: Any, indent: int) -> str:
+    """A record's ``to_dict()`` as JSON text, also written to ``path`` when given."""
+    import json
+
+    text = json.dumps(d, indent=indent)
+    if path is not None:
+        from pathlib import Path
+
+        Path(path).write_text(text)
+    return text
+
+
 def evolve(obj: T, **changes: Any) -> T:
     """``dataclasses.replace`` for the frozen records here, without re-running
     ``__init__`` (thousands of rows per pass; the fields were checked once)."""
@@ -269,14 +281,7 @@ class Report:
         })
 
     def to_json(self, path: Any = None, indent: int = 2) -> str:
-        import json
-
-        text = json.dumps(self.to_dict(), indent=indent)
-        if path is not None:
-            from pathlib import Path
-
-            Path(path).write_text(text)
-        return text
+        return _to_json(self.to_dict(), path, indent)
 
     def save_html(self, path: Any) -> Any:
         """One self-contained HTML file with the tables and embedded plots."""
@@ -367,14 +372,7 @@ class MonitorReport:
                        "history": [h.to_dict() for h in self.history]})
 
     def to_json(self, path: Any = None, indent: int = 2) -> str:
-        import json
-
-        text = json.dumps(self.to_dict(), indent=indent)
-        if path is not None:
-            from pathlib import Path
-
-            Path(path).write_text(text)
-        return text
+        return _to_json(self.to_dict(), path, indent)
 
     def save_html(self, path: Any) -> Any:
         """One self-contained HTML file: loss and gradient-norm curves, per-layer

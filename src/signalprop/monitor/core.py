@@ -38,7 +38,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..probe.check import (CallArgs, ModelError, _finalise, _gather, _layer_stats, _norms, _ParamNorms, _run)
+from ..probe.check import (CallArgs, ModelError, _finalise, _gather, _layer_stats, _norms, _ParamNorms, _run,
+                           check_limits)
 from ..probe.diagnose import diagnose
 from ..probe.recorder import Recorder, first_float_tensor
 from ..probe.state import preserved
@@ -102,18 +103,14 @@ class Monitor:
             raise ValueError(f"grad_every must be a positive integer or None, got {grad_every!r}")
         if agc is not None and not (isinstance(agc, (int, float)) and agc > 0 and math.isfinite(agc)):
             raise ValueError(f"agc must be a positive clipping factor such as 0.01, or None; got {agc!r}")
-        lo, hi = bounds
-        if not (0 < lo < hi):
-            raise ValueError(f"bounds must satisfy 0 < low < high, got {bounds}")
-        if not trend > 1:
-            raise ValueError(f"trend must be > 1, got {trend}")
+        check_limits(bounds, trend)
         if not any(True for _ in model.parameters()):
             raise ValueError(f"{type(model).__name__} has no parameters: nothing to monitor")
         self.model = model
         self.every = every
         self.writer = writer
         self.agc = agc
-        self.bounds = (float(lo), float(hi))
+        self.bounds = (float(bounds[0]), float(bounds[1]))
         self.trend = float(trend)
         self.update_ratio = update_ratio
         self.max_history = max_history

@@ -269,6 +269,15 @@ def _layer_stats(rows: list[Row], vals: list[dict[str, Any]], pgrads: dict[nn.Mo
     return layers
 
 
+def check_limits(bounds: tuple[float, float], trend: float) -> None:
+    """The verdict's limits, as check and monitor take them: 0 < low < high, trend > 1."""
+    lo, hi = bounds
+    if not (0 < lo < hi):
+        raise ValueError(f"bounds must satisfy 0 < low < high, got {bounds}")
+    if not trend > 1:
+        raise ValueError(f"trend must be > 1, got {trend}")
+
+
 def check(model: nn.Module, inputs: Any, *, loss_fn: Callable[..., torch.Tensor] | None = None,
           targets: Any = None, bounds: tuple[float, float] = (1e-6, 1e3), trend: float = 100.0,
           spectrum: bool = False) -> Report:
@@ -297,11 +306,7 @@ def check(model: nn.Module, inputs: Any, *, loss_fn: Callable[..., torch.Tensor]
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"check() takes an nn.Module, got {type(model).__name__}")
-    lo, hi = bounds
-    if not (0 < lo < hi):
-        raise ValueError(f"bounds must satisfy 0 < low < high, got {bounds}")
-    if not trend > 1:
-        raise ValueError(f"trend must be > 1, got {trend}")
+    check_limits(bounds, trend)
     if not any(True for _ in model.parameters()):
         raise ValueError(f"{type(model).__name__} has no parameters: nothing to diagnose")
     if _batch_size(inputs) == 0:

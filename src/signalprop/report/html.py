@@ -75,8 +75,13 @@ def render_html(report: Any, standalone: bool = True) -> str:
             f"<body>{body}</body></html>")
 
 
-def save_html(report: Any, path: Any) -> Path:
+def write_html(path: Any, text: str) -> Path:
+    """Write a page, creating its folder."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(render_html(report))
+    p.write_text(text)
     return p
+
+
+def save_html(report: Any, path: Any) -> Path:
+    return write_html(path, render_html(report))

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from .figures import _plt
+from .html import write_html
 
 _SERIES = (("grad_rms", "gradient RMS (d loss / d output)", True),
            ("forward_second_moment", "forward second moment E[y^2]", True),
@@ -90,7 +91,4 @@ def render_monitor_html(r: Any) -> str:
 
 
 def save_monitor_html(r: Any, path: Any) -> Path:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(render_monitor_html(r))
-    return p
+    return write_html(path, render_monitor_html(r))
