@@ -3,11 +3,15 @@ in one process, interleaved; and sp.clip.agc_ against the per-parameter loop.
 
 Targets: <= 1.05x amortised over 50 steps, <= 1.3x on a sampled step (100-layer x
 512 MLP, batch 256; a GPT-2-sized model at sequence 128); agc_ <= 0.5x the loop's
-time on a model with >= 200 parameter tensors.
+time on a model with >= 200 parameter tensors.  The same targets with each
+integration: a TensorBoard ``SummaryWriter`` attached (its writes queue to a
+background thread), and DDP over 2 gloo ranks on this CPU (one all-reduce
+per step).
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from pathlib import Path
@@ -44,10 +48,10 @@ def _gpt2(layers: int) -> tuple[nn.Module, Callable[[nn.Module], torch.Tensor], 
 
 
 def _steps(model: nn.Module, loss_of: Callable[[nn.Module], torch.Tensor], n: int, every: int | None,
-           sampled_only: bool = False) -> list[float]:
+           writer: Any = None) -> list[float]:
     """Per-step times of n SGD steps (lr 0: the weights stay, so every run sees the same model)."""
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    mon = sp.monitor(model, every=every, update_ratio=True) if every else None
+    mon = sp.monitor(model, every=every, update_ratio=True, writer=writer) if every else None
     times = []
     try:
         for i in range(n):
@@ -65,7 +69,8 @@ def _steps(model: nn.Module, loss_of: Callable[[nn.Module], torch.Tensor], n: in
     return times
 
 
-def case(build: Callable[[], tuple[nn.Module, Any, str]], rounds: int, every: int = 50) -> dict[str, Any]:
+def case(build: Callable[[], tuple[nn.Module, Any, str]], rounds: int, every: int = 50,
+         writer: Any = None) -> dict[str, Any]:
     model, loss_of, name = build()
     _steps(model, loss_of, 2, None)  # warm-up
     plain_steps: list[float] = []
@@ -75,14 +80,14 @@ def case(build: Callable[[], tuple[nn.Module, Any, str]], rounds: int, every: in
     amort_mon: list[float] = []
     for _ in range(rounds):  # interleaved: one plain block, one monitored block
         p = _steps(model, loss_of, every, None)
-        m = _steps(model, loss_of, every, every)
+        m = _steps(model, loss_of, every, every, writer)
         plain_steps += p
         mon_sampled.append(m[0])
         mon_other += m[1:]
         amort_plain.append(sum(p))
         amort_mon.append(sum(m))
     plain_med = statistics.median(plain_steps)
-    return {"model": name, "every": every, "rounds": rounds, "plain_step_median_s": plain_med,
+    return {"model": name + (" + TensorBoard writer" if writer is not None else ""), "every": every, "rounds": rounds, "plain_step_median_s": plain_med,
             "sampled_step_ratio": statistics.median(mon_sampled) / plain_med,
             "unsampled_step_ratio": statistics.median(mon_other) / plain_med,
             "amortised_ratio": statistics.median(amort_mon) / statistics.median(amort_plain),
@@ -107,8 +112,64 @@ def case_agc(repeat: int) -> dict[str, Any]:
             "ratio": statistics.median(a) / statistics.median(b), "target_ratio": 0.5}
 
 
+def _ddp_worker(rank: int, port: int, rounds: int, every: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    m = nn.parallel.DistributedDataParallel(DeepMLP(50, 256, "tanh", 256, 10))
+    g = torch.Generator().manual_seed(rank)
+    x, y = torch.randn(128, 256, generator=g), torch.randint(0, 10, (128,), generator=g)
+    loss_of = lambda mod: F.cross_entropy(mod(x), y)  # noqa: E731
+    _steps(m, loss_of, 2, None)
+    plain, mon, sampled = [], [], []
+    for _ in range(rounds):
+        p = _steps(m, loss_of, every, None)
+        q = _steps(m, loss_of, every, every)
+        plain.append(sum(p))
+        mon.append(sum(q))
+        sampled.append(q[0] / statistics.median(p))
+    if rank == 0:
+        Path(out).write_text(json.dumps({"plain": plain, "mon": mon, "sampled": sampled}))
+    dist.destroy_process_group()
+
+
+def case_ddp(rounds: int, every: int = 50) -> dict[str, Any]:
+    """DDP over 2 gloo ranks (1 thread each) on this CPU: the monitor's
+    statistics combined across ranks in one all-reduce per step."""
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as d:
+        path = str(Path(d) / "ddp.json")
+        mp.spawn(_ddp_worker, args=(port, rounds, every, path), nprocs=2, join=True)
+        r = json.loads(Path(path).read_text())
+    return {"model": "DDP, 2 gloo ranks x 1 thread, MLP 50 x 256, batch 128 per rank", "every": every,
+            "rounds": rounds, "amortised_ratio": statistics.median(r["mon"]) / statistics.median(r["plain"]),
+            "sampled_step_ratio": statistics.median(r["sampled"]), "targets": {"amortised": 1.05, "sampled": 1.3}}
+
+
 def main(out: Path, repeat: int) -> dict[str, Any]:
-    rows = {"mlp_100x512": case(_mlp, max(3, repeat)), "gpt2_small_seq128": case(lambda: _gpt2(12), 2, 10),
+    import tempfile
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    with tempfile.TemporaryDirectory() as d:
+        writer = SummaryWriter(d)
+        tb = case(_mlp, max(3, repeat), writer=writer)
+        writer.close()
+    rows = {"mlp_100x512": case(_mlp, max(3, repeat)), "mlp_100x512_tensorboard": tb,
+            "ddp_2_ranks": case_ddp(max(3, repeat)),
+            "gpt2_small_seq128": case(lambda: _gpt2(12), 2, 10),
             "agc": case_agc(max(5, repeat * 4)), "threads": torch.get_num_threads()}
     write(out, "bench_monitor", rows)
     return rows

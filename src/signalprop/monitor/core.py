@@ -41,6 +41,7 @@ from torch import nn
 from ..probe.check import (CallArgs, ModelError, _finalise, _gather, _layer_stats, _norms, _ParamNorms, _run,
                            check_limits)
 from ..probe.diagnose import diagnose
+from ..probe.distributed import GRAD_NORM, MEAN, SUM, Reduction, local, norm_kind, resolve_group, unwrap
 from ..probe.recorder import Recorder, first_float_tensor
 from ..probe.state import preserved
 from ..records import Alert, MonitorReport, MonitorStep, evolve
@@ -93,7 +94,7 @@ class Monitor:
 
     def __init__(self, model: nn.Module, every: int = 50, *, writer: Any = None, agc: float | None = None,
                  bounds: tuple[float, float] = (1e-6, 1e3), trend: float = 100.0, update_ratio: bool = True,
-                 max_history: int | None = None, grad_every: int | None = None) -> None:
+                 max_history: int | None = None, grad_every: int | None = None, group: Any = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"monitor() takes an nn.Module, got {type(model).__name__}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
@@ -106,7 +107,10 @@ class Monitor:
         check_limits(bounds, trend)
         if not any(True for _ in model.parameters()):
             raise ValueError(f"{type(model).__name__} has no parameters: nothing to monitor")
+        model = unwrap(model)  # DDP calls the module it wraps: its hooks fire, its names are the model's
         self.model = model
+        g = resolve_group(group)
+        self.red = Reduction(g) if g is not None else None
         self.every = every
         self.writer = writer
         self.agc = agc
@@ -167,7 +171,7 @@ class Monitor:
     # -- hooks -----------------------------------------------------------------
     def _arm(self) -> None:
         if self.sampled:
-            self._rec = Recorder(self.model, capture_functional=False)
+            self._rec = Recorder(self.model, capture_functional=False, unit_vectors=self.red is not None)
             self._rec.attach()
             self._recording = True
 
@@ -223,22 +227,27 @@ class Monitor:
         with torch.no_grad():
             gnorms = _norms([p.grad for p in params]) if params else []  # type: ignore[misc]
             loss_t = self._loss_scalar(loss)
-            outs = [c.out_norm for c in self._calls if c.out_norm is not None]
-            extra = gnorms + ([loss_t] if loss_t is not None else []) + outs[:1]
+            outs = [c for c in self._calls if c.out_norm is not None][:1]
+            extra: list[torch.Tensor | float] = [*gnorms, *([loss_t] if loss_t is not None else []),
+                                                 *[x for c in outs for x in (c.out_norm, float(c.out_numel))]]
+            kinds = ([norm_kind(p.grad) for p in params] + ([MEAN] if loss_t is not None else [])  # type: ignore[arg-type]
+                     + [GRAD_NORM, SUM] * len(outs))
             pn = _ParamNorms.of(self._rec.rows, {p: p.grad for p in params},  # type: ignore[union-attr]
                                 known={id(p.grad): n for p, n in zip(params, gnorms)}) if sampled else None
             upd = self._update_scalars() if self._snapshot is not None else None
             more = (pn.scalars if pn is not None else []) + (upd[1] if upd is not None else [])
+            kinds += (pn.kinds if pn is not None else []) + (upd[2] if upd is not None else [])
             if sampled:
-                vals, ex = _finalise(self._rec.rows, extra + more)  # type: ignore[union-attr]
+                vals, ex = _finalise(self._rec.rows, extra + more, self.red, kinds)  # type: ignore[union-attr]
             else:
-                vals, ex = [], _gather(extra + more) if extra or more else []
+                vals, ex = [], _gather(extra + more, kinds, self.red) if extra or more else []
         n = len(gnorms)
         gvals = ex[:n]
         loss_v = ex[n] if loss_t is not None else (float(loss) if isinstance(loss, (int, float)) else None)
         i = n + (1 if loss_t is not None else 0)
         out_v = ex[i] if outs else None
-        rest = ex[i + (1 if outs else 0):]
+        out_numel = ex[i + 1] if outs else 0.0
+        rest = ex[i + (2 if outs else 0):]
         grad_norm = math.sqrt(sum(v * v for v in gvals)) if read_grads and gvals else None
         new: list[Alert] = []
 
@@ -262,7 +271,7 @@ class Monitor:
         self.grad_norms.append(grad_norm)
         # 4. the sampled step in full
         if sampled:
-            out_rms = out_v / math.sqrt(max(self._calls[0].out_numel, 1)) if out_v else None
+            out_rms = out_v / math.sqrt(max(out_numel, 1.0)) if out_v else None
             rec = self._sample(k, loss_v, grad_norm, vals, pn, rest, out_rms)  # type: ignore[arg-type]
             if finite:
                 new += A.sampled_alerts(rec, self.history)
@@ -348,15 +357,16 @@ class Monitor:
         for name, m in self.model.named_modules():
             ps = [p for p in m._parameters.values() if p is not None and p.requires_grad]
             if ps:
-                mods.append((name, ps, [p.detach().clone() for p in ps]))
+                mods.append((name, ps, [local(p.detach()).clone() for p in ps]))
         self._snapshot = (k, mods)
 
-    def _update_scalars(self) -> tuple[int, list[torch.Tensor]]:
+    def _update_scalars(self) -> tuple[int, list[torch.Tensor], list[str]]:
         k, mods = self._snapshot  # type: ignore[misc]
         before = [b for _, _, bs in mods for b in bs]
-        now = [p.detach() for _, ps, _ in mods for p in ps]
+        now = [local(p.detach()) for _, ps, _ in mods for p in ps]
         diffs = torch._foreach_sub(now, before)
-        return k, _norms(diffs) + _norms(before)
+        kinds = [norm_kind(p) for _, ps, _ in mods for p in ps]
+        return k, _norms(diffs) + _norms(before), kinds + kinds
 
     def _finish_update(self, k: int, vals: list[float]) -> list[Alert]:
         _, mods = self._snapshot  # type: ignore[misc]
@@ -383,12 +393,16 @@ class Monitor:
     def _locate(self, k: int, loss: float | None, gvals: list[float], params: list[nn.Parameter],
                 out_v: float | None) -> Alert:
         """Replay the step's forward calls with check's exact pass to find
-        where the first NaN/Inf appeared."""
+        where the first NaN/Inf appeared.  Under ``torch.distributed`` every
+        rank replays its own calls together and the replay's statistics are
+        combined as the step's were, so all ranks name the same module even
+        when only one rank's data turned non-finite."""
         fix = ("lower the learning rate or clip gradients (sp.clip.agc_, monitor(..., agc=0.01)); "
                "with mixed precision, use a GradScaler or bfloat16")
         with torch.no_grad():
             named = [(n, p) for n, p in self.model.named_parameters()]
-            pvals = _gather(_norms([p.detach() for _, p in named])) if named else []
+            pvals = _gather(_norms([p.detach() for _, p in named]),  # type: ignore[arg-type]
+                            [norm_kind(p) for _, p in named], self.red) if named else []
         bad_w = [n for (n, _), v in zip(named, pvals) if not math.isfinite(v)]
         if bad_w:
             return Alert(k, "non-finite", bad_w[0].rpartition(".")[0] or bad_w[0],
@@ -411,7 +425,8 @@ class Monitor:
             if out_v is None or math.isfinite(out_v):
                 return Alert(k, "non-finite", "(loss)", f"step {k}: the loss is {loss} while the model's output is "
                              "finite: the loss function turned it non-finite (log of 0, division by 0)",
-                             f"clamp the loss's argument (e.g. log(p + eps)) or use a fused loss; {fix}", "forward")
+                             f"clamp the loss's argument (e.g. log(p + eps)) or use a fused loss; {fix}",
+                             "forward")
         if out_v is not None and not math.isfinite(out_v):
             return Alert(k, "non-finite", "(loss)", f"step {k}: the gradient of the loss at the model's output is "
                          "non-finite while the forward pass is finite", f"look at the loss function; {fix}",
@@ -432,7 +447,7 @@ class Monitor:
             for d, s in call.cuda_rng:
                 torch.cuda.set_rng_state(s, d)
             with _autocast(call.autocast):
-                return _run(self.model, call.args, None, None, self.bounds, self.trend, exact=True)
+                return _run(self.model, call.args, None, None, self.bounds, self.trend, True, self.red)
 
     # -- results ---------------------------------------------------------------
     def report(self) -> MonitorReport:
@@ -451,7 +466,7 @@ class Monitor:
 
 def monitor(model: nn.Module, every: int = 50, *, writer: Any = None, agc: float | None = None,
             bounds: tuple[float, float] = (1e-6, 1e3), trend: float = 100.0, update_ratio: bool = True,
-            max_history: int | None = None, grad_every: int | None = None) -> Monitor:
+            max_history: int | None = None, grad_every: int | None = None, group: Any = None) -> Monitor:
     """Watch ``model`` during training.
 
     ::
@@ -479,9 +494,16 @@ def monitor(model: nn.Module, every: int = 50, *, writer: Any = None, agc: float
     sample to the next step).  ``max_history``: keep at most this many
     sampled steps (the first ones, the baseline, always stay).  ``bounds`` and
     ``trend`` as in :func:`signalprop.check`.
+
+    Under ``torch.distributed`` (DDP -- pass the wrapper or the module --, or
+    FSDP2's ``fully_shard``), every statistic is combined over ``group``
+    (default: the world) in one all-reduce per step, so every rank holds the
+    same history and alerts, equal to what one process would measure on the
+    concatenated batch; every rank must call ``step`` (and ``grad_every``
+    must agree, as it does by default when all ranks use the same device type).
     """
     return Monitor(model, every, writer=writer, agc=agc, bounds=bounds, trend=trend, update_ratio=update_ratio,
-                   max_history=max_history, grad_every=grad_every)
+                   max_history=max_history, grad_every=grad_every, group=group)
 
 
 __all__ = ["Monitor", "monitor"]

@@ -13,6 +13,8 @@ from torch import nn
 
 from ..records import InputStats, LayerStats, Report, Summary
 from .diagnose import diagnose
+from .distributed import GRAD_NORM, MEAN, NORM, ROW_KINDS, SUM, Reduction, is_ddp, is_sharded, local, norm_kind, \
+    resolve_group, unwrap
 from .predict import predictions
 from .recorder import Recorder, Row, first_float_tensor
 from .state import preserved
@@ -119,38 +121,55 @@ def _cotangent(t: torch.Tensor) -> torch.Tensor:
     return torch.randn(t.shape, generator=g, device=t.device, dtype=t.dtype)
 
 
-def _gather(scalars: list[torch.Tensor]) -> list[float]:
-    """0-d tensors as Python floats: one stack and one transfer per device
-    and dtype -- the only host synchronisation of the pass."""
+def _gather(scalars: list[torch.Tensor | float], kinds: list[str] | None = None,
+            red: Reduction | None = None) -> list[float]:
+    """0-d tensors (and floats) as Python floats: one stack and one transfer
+    per device and dtype -- the only host synchronisation of the pass.  With
+    ``red``, combined across the process group instead, each by its kind
+    (one all-reduce)."""
+    if red is not None:
+        assert kinds is not None
+        return red.gather(scalars, kinds)
     groups: dict[tuple[Any, Any], list[int]] = {}
-    for i, v in enumerate(scalars):
-        groups.setdefault((v.device, v.dtype), []).append(i)
     out = [0.0] * len(scalars)
+    for i, v in enumerate(scalars):
+        if isinstance(v, torch.Tensor):
+            groups.setdefault((v.device, v.dtype), []).append(i)
+        else:
+            out[i] = float(v)
     for idx in groups.values():
-        vals = torch.stack([scalars[i] for i in idx]).double().cpu().tolist()
+        vals = torch.stack([scalars[i] for i in idx]).double().cpu().tolist()  # type: ignore[misc]
         for i, v in zip(idx, vals):
             out[i] = v
     return out
 
 
-def _finalise(rows: list[Row], extra: list[torch.Tensor]) -> tuple[list[dict[str, Any]], list[float]]:
+def _finalise(rows: list[Row], extra: list[torch.Tensor | float], red: Reduction | None = None,
+              extra_kinds: list[str] | None = None) -> tuple[list[dict[str, Any]], list[float]]:
     """Every row's statistics as floats, and the ``extra`` scalars, gathered
-    together; derived moments formed in float64, where squares cannot overflow."""
+    together; derived moments formed in float64, where squares cannot overflow.
+    With ``red``, every statistic is combined across the process group (one
+    all-reduce; ``extra_kinds`` says how each extra scalar combines)."""
     keys: list[tuple[int, str]] = []
-    scalars: list[torch.Tensor] = []
+    scalars: list[torch.Tensor | float] = []
+    kinds: list[str] = []
     out: list[dict[str, Any]] = [{} for _ in rows]
     for i, r in enumerate(rows):
         for d in (r.fwd, r.bwd):
             for k, v in d.items():
-                if isinstance(v, torch.Tensor):
+                if isinstance(v, torch.Tensor) or (red is not None and k in ROW_KINDS):
                     keys.append((i, k))
                     scalars.append(v)
+                    kinds.append(ROW_KINDS.get(k, SUM))
                 else:
                     out[i][k] = float(v)
-    vals = _gather(scalars + [e if e.dim() == 0 else e.reshape(()) for e in extra])
+    ex = [e if not isinstance(e, torch.Tensor) or e.dim() == 0 else e.reshape(()) for e in extra]
+    vals = _gather(scalars + ex, kinds + list(extra_kinds or []) if red is not None else None, red)
     for (i, k), v in zip(keys, vals):
         out[i][k] = v
     for d in out:
+        if "alive" in d:
+            d["alive_count"] = d.pop("alive")
         if "forward_norm" in d:
             n = d.pop("forward_n")
             d["forward_mean"] = d.pop("forward_sum") / n
@@ -191,6 +210,7 @@ def _norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     (``torch._foreach_norm``, the op ``clip_grad_norm_`` uses)."""
     out: list[torch.Tensor | None] = [None] * len(tensors)
     groups: dict[tuple[Any, Any], list[int]] = {}
+    tensors = [local(t) for t in tensors]  # a DTensor's own shard (FSDP2): combined across ranks later
     for i, t in enumerate(tensors):
         groups.setdefault((t.device, t.dtype), []).append(i)
     for idx in groups.values():
@@ -205,6 +225,7 @@ class _ParamNorms:
 
     modules: list[tuple[nn.Module, int, list[int]]]  # module, numel, indices into the scalars
     scalars: list[torch.Tensor]  # [||g_0||, ||w_0||, ||g_1||, ...]
+    kinds: list[str]  # how each combines across ranks (sharded or replicated)
 
     @staticmethod
     def of(rows: list[Row], grads: dict[nn.Parameter, torch.Tensor | None],
@@ -228,7 +249,7 @@ class _ParamNorms:
         with torch.no_grad():
             for i, n in zip(todo, _norms([tensors[i] for i in todo]) if todo else []):
                 out[i] = n
-        return _ParamNorms(mods, out)  # type: ignore[arg-type]
+        return _ParamNorms(mods, out, [norm_kind(t) for t in tensors])  # type: ignore[arg-type]
 
     def values(self, vals: list[float]) -> dict[nn.Module, tuple[float, float]]:
         """RMS of each module's own parameter gradients and ||grad|| / ||weight||."""
@@ -280,7 +301,7 @@ def check_limits(bounds: tuple[float, float], trend: float) -> None:
 
 def check(model: nn.Module, inputs: Any, *, loss_fn: Callable[..., torch.Tensor] | None = None,
           targets: Any = None, bounds: tuple[float, float] = (1e-6, 1e3), trend: float = 100.0,
-          spectrum: bool = False) -> Report:
+          spectrum: bool = False, group: Any = None) -> Report:
     """Diagnose ``model`` on ``inputs`` layer by layer.
 
     One forward and one backward pass.  Without ``loss_fn`` the backward pass
@@ -297,7 +318,16 @@ def check(model: nn.Module, inputs: Any, *, loss_fn: Callable[..., torch.Tensor]
     loss's mean reduction nor the dtype moves a verdict.  ``trend``: the
     largest tolerated factor by which rows of one role (the same module
     position in repeated blocks) may differ across depth.  ``spectrum``: also
-    read the input-output Jacobian's singular values.
+    read the input-output Jacobian's singular values (of this process's
+    batch).  ``group``: under ``torch.distributed`` (default: the world, when
+    a process group with several ranks is initialised) every statistic is
+    combined over the group's ranks in one all-reduce, so each rank gets the
+    report one process would compute on the concatenated batch (with the
+    global objective the mean of the ranks' losses, as DDP and FSDP2 define
+    it); the backward pass then runs through the model's own gradient
+    reduction (a ``DistributedDataParallel`` wrapper, FSDP2's sharded
+    parameters), or averages the gradients itself for a plain replica.
+    Every rank must call ``check`` together.
 
     Models whose ``forward`` takes ``use_cache`` run with ``use_cache=False``
     unless ``inputs`` sets it.  The model comes back exactly as it was
@@ -312,19 +342,23 @@ def check(model: nn.Module, inputs: Any, *, loss_fn: Callable[..., torch.Tensor]
     if _batch_size(inputs) == 0:
         raise ValueError(f"empty batch: inputs have shape {_shapes(inputs)}; pass at least one example")
 
-    call_inputs = _without_cache(model, inputs)
+    g = resolve_group(group)
+    red = Reduction(g) if g is not None else None
+    inner = unwrap(model)
+    caller = model if red is not None and inner is not model else None
+    call_inputs = _without_cache(inner, inputs)
     with preserved(model):
         rng = _rng_states(model)
-        report = _run(model, call_inputs, loss_fn, targets, bounds, trend, exact=False)
+        report = _run(inner, call_inputs, loss_fn, targets, bounds, trend, False, red, caller)
         if report is None:  # a NaN/Inf somewhere: the same pass again, masking and locating it
             _set_rng_states(rng)
-            report = _run(model, call_inputs, loss_fn, targets, bounds, trend, exact=True)
+            report = _run(inner, call_inputs, loss_fn, targets, bounds, trend, True, red, caller)
         assert report is not None
         if spectrum:
             from .spectrum import jacobian_reading
 
             report = Report(report.verdict, report.layers, report.problems, report.summary,
-                            jacobian_reading(model, call_inputs))
+                            jacobian_reading(inner, call_inputs))
     return report
 
 
@@ -356,14 +390,18 @@ def _forward(model: nn.Module, x: Any, inputs: Any, rec: Recorder) -> Any:
 
 
 def _run(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: tuple[float, float],
-         trend: float, exact: bool) -> Report | None:
+         trend: float, exact: bool, red: Reduction | None = None, caller: nn.Module | None = None) -> Report | None:
     """One diagnosed pass; None when the fast pass met a non-finite value
-    (the caller repeats it with ``exact=True``)."""
-    rec = Recorder(model, exact=exact)
+    (the caller repeats it with ``exact=True``).  ``red``: combine every
+    statistic across the process group; the backward pass then runs as
+    training's does (``backward()``, so DDP and FSDP reduce the parameter
+    gradients; the saved ``.grad`` comes back afterwards), through ``caller``
+    (the DDP wrapper of ``model``) when given."""
+    rec = Recorder(model, exact=exact, unit_vectors=red is not None)
     rec.attach()
     try:
         x, leaves = _prepare_inputs(inputs)
-        out = _forward(model, x, inputs, rec)
+        out = _forward(caller if caller is not None else model, x, inputs, rec)
         y = first_float_tensor(out)
         if y is None:
             raise ValueError(f"{type(model).__name__} returned {type(out).__name__} with no floating-point "
@@ -381,7 +419,11 @@ def _run(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: tupl
             raise ValueError("nothing in the model requires grad (all parameters frozen and no floating input): "
                              "no gradient to measure")
         try:
-            grads = torch.autograd.grad(root, wrt, grad_outputs=cot, allow_unused=True)
+            if red is None:
+                grads = torch.autograd.grad(root, wrt, grad_outputs=cot, allow_unused=True)
+            else:
+                grads = _backward_synced(root, cot, params, leaves, y if loss_fn is not None else None,
+                                         red, caller is not None and is_ddp(caller) or is_sharded(model))
         except RuntimeError as e:
             raise ModelError(f"backward failed on inputs of shape {_shapes(inputs)}: {e}") from e
     finally:
@@ -391,18 +433,20 @@ def _run(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: tupl
     input_grads = [g for g in grads[n_p:n_p + n_l] if g is not None]
     out_grad = cot if cot is not None else (grads[-1] if len(grads) > n_p + n_l else None)
     with torch.no_grad():
-        extra = pnorms.scalars + _input_scalars(leaves, input_grads) + [
+        extra: list[torch.Tensor | float] = [*pnorms.scalars, *_input_scalars(leaves, input_grads),
             torch.linalg.vector_norm(out_grad, dtype=acc(out_grad)) if out_grad is not None
             else torch.zeros((), device=y.device),
-            root.detach().float().sum() if loss_fn is not None else torch.zeros((), device=y.device)]
-    vals, ex = _finalise(rec.rows, extra)
+            root.detach().float().sum() if loss_fn is not None else torch.zeros((), device=y.device),
+            float(out_grad.numel()) if out_grad is not None else 0.0]
+    kinds = pnorms.kinds + _INPUT_KINDS[:len(extra) - len(pnorms.scalars) - 3] + [GRAD_NORM, MEAN, SUM]
+    vals, ex = _finalise(rec.rows, extra, red, kinds)
     if not exact and _nonfinite(vals, ex):
         return None
     k = len(pnorms.scalars)
-    inp = _input_stats(leaves, input_grads, ex[k:-2])
-    out_rms = ex[-2] / math.sqrt(max(out_grad.numel(), 1)) if out_grad is not None else 0.0
+    inp = _input_stats(leaves, input_grads, ex[k:-3])
+    out_rms = ex[-3] / math.sqrt(max(ex[-1], 1.0)) if out_grad is not None else 0.0
     if loss_fn is not None:
-        backprop += f" = {ex[-1]:.6g}"
+        backprop += f" = {ex[-2]:.6g}"
     layers = _layer_stats(rec.rows, vals, pnorms.values(ex[:k]), out_rms)
     if out_grad is None or out_rms == 0:  # the loss does not reach the first output tensor
         last = next((l.grad_rms for l in reversed(layers) if l.grad_rms), None)
@@ -457,16 +501,40 @@ def _backward_origin(rows: list[Row], layers: list[LayerStats]) -> int | None:
     return finite[0].index if finite else r.index
 
 
-def _input_scalars(leaves: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+def _backward_synced(root: torch.Tensor, cot: torch.Tensor | None, params: list[nn.Parameter],
+                     leaves: list[torch.Tensor], y: torch.Tensor | None, red: Reduction,
+                     framework_reduces: bool) -> tuple[torch.Tensor | None, ...]:
+    """The backward pass as distributed training runs it: ``backward()``
+    into ``.grad`` (the caller's :func:`preserved` puts the saved gradients
+    back), so DDP all-reduces and FSDP2 reduce-scatters the parameter
+    gradients; a model replicated without a wrapper gets them averaged here."""
+    for p in params:
+        p.grad = None
+    if y is not None and not y.is_leaf:
+        y.retain_grad()
+    torch.autograd.backward(root, grad_tensors=cot)
+    pg = [p.grad for p in params]
+    if not framework_reduces:
+        red.average_grads([g for g in pg if g is not None])
+    return (*pg, *[x.grad for x in leaves], *([y.grad] if y is not None else []))
+
+
+# how the input's scalars combine across ranks: norm, sum and count of the
+# finite entries, their number, the gradient's norm and number of entries
+_INPUT_KINDS = [NORM, SUM, SUM, SUM, GRAD_NORM, SUM]
+
+
+def _input_scalars(leaves: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor | float]:
     if not leaves:
         return []
     x = leaves[0].detach()
     finite = torch.isfinite(x)
     xf = torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device))
     a = acc(x)
-    out = [torch.linalg.vector_norm(xf, dtype=a), xf.sum(dtype=a), finite.sum(dtype=a)]
+    out: list[torch.Tensor | float] = [torch.linalg.vector_norm(xf, dtype=a), xf.sum(dtype=a),
+                                       finite.sum(dtype=a), float(x.numel())]
     if grads:
-        out.append(torch.linalg.vector_norm(grads[0], dtype=acc(grads[0])))
+        out += [torch.linalg.vector_norm(grads[0], dtype=acc(grads[0])), float(grads[0].numel())]
     return out
 
 
@@ -474,7 +542,7 @@ def _input_stats(leaves: list[torch.Tensor], grads: list[torch.Tensor], v: list[
     if not leaves:
         return None
     x = leaves[0]
-    n, finite = max(x.numel(), 1), max(v[2], 1.0)
+    n, finite = max(v[3], 1.0), max(v[2], 1.0)
     return InputStats(second_moment=v[0] ** 2 / finite, mean=v[1] / finite, nonfinite_fraction=1.0 - v[2] / n,
                       width=int(x.shape[-1]) if x.dim() > 1 else 1,
-                      grad_rms=v[3] / math.sqrt(max(grads[0].numel(), 1)) if grads else None)
+                      grad_rms=v[4] / math.sqrt(max(v[5], 1.0)) if grads else None)

@@ -41,16 +41,22 @@ def _width(m: nn.Module, which: str) -> int:
     return m.in_channels if which == "in" else m.out_channels  # type: ignore[return-value]
 
 
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A sharded parameter (FSDP2's ``DTensor``) gathered whole; others as they are."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def _weight_terms(m: nn.Module) -> torch.Tensor:
     """[sigma_w2, sigma_b2, BS, S2] of one layer, on its device: sigma_w2 =
     fan_in * mean(W^2), sigma_b2 = mean(b^2), and the mean coupling of
     :func:`signalprop.theory.propagate` from the row sums s_i of W."""
-    W = m.weight  # type: ignore[union-attr]
+    W = _whole(m.weight)  # type: ignore[union-attr]
     rows = W.reshape(W.shape[0], -1)
     a = acc(W)  # float32 accumulation for half precision, no copy of W
     s = rows.sum(dim=1, dtype=a)  # row sums
     n = rows.shape[0]
     b = getattr(m, "bias", None)
+    b = _whole(b) if b is not None else None
     w2 = torch.linalg.vector_norm(rows, dtype=a).square() / n
     if b is None:
         zero = torch.zeros((), dtype=a, device=W.device)

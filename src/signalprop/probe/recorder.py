@@ -180,14 +180,17 @@ class Recorder:
     """Attach to a model; ``with recorder.active(): model(...)``; read ``rows``."""
 
     def __init__(self, model: nn.Module, *, capture_functional: bool = True, stats: bool = True,
-                 track_inputs: bool = False, exact: bool = False) -> None:
+                 track_inputs: bool = False, exact: bool = False, unit_vectors: bool = False) -> None:
         """``stats=False`` records only the call sequence (activation detection);
         ``track_inputs`` also records each weight layer's input second moment;
         ``exact`` masks non-finite entries and counts them, and remembers which
-        tensors each call read and wrote (the slow path after a NaN/Inf)."""
+        tensors each call read and wrote (the slow path after a NaN/Inf);
+        ``unit_vectors`` keeps each rectifier row's per-unit alive flags rather
+        than their count (to be combined across ranks)."""
         self.model = model
         self.stats = stats
         self.exact = exact
+        self.unit_vectors = unit_vectors
         self._calls: dict[str, int] = {}
         self._feature_dim = -1  # units along the last dim after Linear, dim 1 after a convolution
         self.track_inputs = track_inputs
@@ -252,7 +255,7 @@ class Recorder:
                 if band is not None:
                     row.fwd.update(S.saturation(y, band))
                 if act is not None and act.rectifier:
-                    dead = S.dead_units(y, self._feature_dim)
+                    dead = S.dead_units(y, self._feature_dim, self.unit_vectors)
                     if dead is not None:
                         row.fwd.update(dead)
         finally:

@@ -78,16 +78,20 @@ def saturation(y: torch.Tensor, band: tuple[float, float]) -> dict[str, torch.Te
 MIN_SAMPLES_PER_UNIT = 32
 
 
-def dead_units(y: torch.Tensor, feature_dim: int) -> dict[str, torch.Tensor | float] | None:
+def dead_units(y: torch.Tensor, feature_dim: int, vector: bool = False) -> dict[str, torch.Tensor | float] | None:
     """Number of units (entries along ``feature_dim``: the last dimension for
     Linear outputs, dimension 1 for convolutions) that are exactly zero for
     every example *and* position, and how many samples each unit had (the
-    verdict judges the share only from :data:`MIN_SAMPLES_PER_UNIT` on)."""
+    verdict judges the share only from :data:`MIN_SAMPLES_PER_UNIT` on).
+    ``vector``: the per-unit alive flags instead of their count (under
+    ``torch.distributed`` a unit is dead only if it is dead on every rank)."""
     if y.dim() == 0 or y.numel() == 0:
         return None
     fd = feature_dim % y.dim()
     units = y.shape[fd]
     others = tuple(d for d in range(y.dim()) if d != fd)
     alive = torch.any(y != 0, dim=others) if others else (y != 0)
+    if vector:
+        return {"alive": alive, "units": float(units), "dead_samples": float(y.numel() // units)}
     return {"alive_count": alive.sum(dtype=torch.float32), "units": float(units),
             "dead_samples": float(y.numel() // units)}

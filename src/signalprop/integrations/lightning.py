@@ -1,0 +1,149 @@
+"""``SignalpropCallback`` for Lightning: ``sp.monitor`` driven by the Trainer.
+
+::
+
+    from signalprop.integrations.lightning import SignalpropCallback
+
+    cb = SignalpropCallback(every=50)
+    trainer = lightning.Trainer(max_steps=1000, callbacks=[cb])
+    trainer.fit(model, loader)
+    cb.monitor.report().save_html("monitor.html")
+
+Hook points: the monitor is created when training starts (after the
+sanity check, on the module's final device) and closed when it ends; each
+micro-batch's loss is taken in ``on_before_backward`` and the step is closed
+in ``on_before_optimizer_step`` -- after every backward of the step
+(gradient accumulation) and after a precision plugin's ``GradScaler`` has
+unscaled the gradients, before the optimizer.  With ``agc`` the gradients are
+clipped there, before the optimizer uses them.  Scalars go to the trainer's
+logger (a TensorBoard logger's ``SummaryWriter`` directly, any other logger
+through ``log_metrics``); alerts are logged as warnings on the
+``lightning.pytorch.callbacks.signalprop`` logger of rank zero.
+
+Requires ``lightning`` (``pip install 'signalprop[lightning]'``), imported
+when this module is.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+try:
+    import lightning.pytorch as pl
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError("signalprop.integrations.lightning needs Lightning: pip install 'signalprop[lightning]'") from e
+
+import torch
+
+from ..monitor import Monitor
+from ..records import Alert
+
+log = logging.getLogger("lightning.pytorch.callbacks.signalprop")
+
+
+class _LoggerWriter:
+    """``add_scalar``/``add_text`` onto a Lightning logger that has no
+    ``SummaryWriter`` (CSV, W&B, MLflow ...): scalars of one step go out in
+    one ``log_metrics`` call; text goes to the Python log."""
+
+    def __init__(self, logger: Any) -> None:
+        self.logger = logger
+        self._step: int | None = None
+        self._pending: dict[str, float] = {}
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        if self._step is not None and step != self._step:
+            self.flush()
+        self._step = step
+        self._pending[tag] = float(value)
+
+    def add_text(self, tag: str, text: str, step: int) -> None:
+        log.info("%s (step %d): %s", tag, step, text)
+
+    def flush(self) -> None:
+        if self._pending:
+            self.logger.log_metrics(self._pending, step=self._step)
+        self._pending = {}
+
+
+class SignalpropCallback(pl.Callback):
+    """Watch a LightningModule during ``fit`` with :func:`signalprop.monitor`.
+
+    ``every``, ``agc`` and the other keywords are the monitor's.  ``module``:
+    the name of the submodule to watch (``"net"``) when ``training_step``
+    does not call the LightningModule itself (``self(x)``) -- the monitor
+    replays and measures the module whose ``forward`` runs.  ``log_scalars``:
+    write the per-layer scalars to the trainer's logger.  After ``fit``,
+    ``.monitor`` holds the history, the alerts and ``report()``.
+    """
+
+    def __init__(self, every: int = 50, *, agc: float | None = None, module: str | None = None,
+                 log_scalars: bool = True, **monitor_kwargs: Any) -> None:
+        if "writer" in monitor_kwargs:
+            raise TypeError("SignalpropCallback writes to the trainer's logger; pass log_scalars=False to turn it off")
+        self.every = every
+        self.agc = agc
+        self.module = module
+        self.log_scalars = log_scalars
+        self.monitor_kwargs = monitor_kwargs
+        self.monitor: Monitor | None = None
+        self._losses: list[torch.Tensor] = []
+        self._stepped = False
+        self._writer: Any = None
+
+    def _target(self, pl_module: pl.LightningModule) -> torch.nn.Module:
+        return pl_module.get_submodule(self.module) if self.module else pl_module
+
+    def _make_writer(self, trainer: pl.Trainer) -> Any:
+        if not self.log_scalars or trainer.logger is None:
+            return None
+        exp = getattr(trainer.logger, "experiment", None)
+        if hasattr(exp, "add_scalar") and hasattr(exp, "add_text"):
+            return exp  # TensorBoardLogger's SummaryWriter (a dummy on ranks other than zero)
+        return _LoggerWriter(trainer.logger)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._writer = self._make_writer(trainer)
+        self.monitor = Monitor(self._target(pl_module), self.every, writer=self._writer, agc=self.agc,
+                               **self.monitor_kwargs)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._stepped = False
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        loss = loss.detach()
+        if scaler is not None and scaler.is_enabled():  # the loss arrives multiplied by the GradScaler's scale
+            loss = loss / scaler.get_scale()
+        self._losses.append(loss)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if self.monitor is None or self._stepped:
+            return  # a second optimizer of the same batch: the step is already closed
+        self._stepped = True
+        # losses arrive divided by accumulate_grad_batches: their sum is the step's mean loss
+        loss = torch.stack(self._losses).sum() if self._losses else None
+        self._losses = []
+        new = self.monitor.step(loss)
+        if isinstance(self._writer, _LoggerWriter):
+            self._writer.flush()
+        if trainer.is_global_zero:
+            for a in new:
+                _log_alert(a)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
+
+
+def _log_alert(a: Alert) -> None:
+    log.warning("signalprop: %s", a)
+
+
+__all__ = ["SignalpropCallback"]

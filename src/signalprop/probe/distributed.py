@@ -1,0 +1,170 @@
+"""Statistics reduced over a ``torch.distributed`` process group.
+
+Under data parallelism (DDP, FSDP2) every rank sees its own slice of the
+batch.  The training objective is the *mean* of the ranks' losses (both
+average the parameter gradients), so one process on the concatenated batch
+would see:
+
+* forward sums, sums of squares and counts: the ranks' sums added;
+* activation gradients: each rank's own divided by the world size (the
+  gradient of the mean of the losses), so their squared norms add and are
+  divided by ``world**2``;
+* parameter gradients and weights: already identical on every rank (DDP,
+  or a replicated placement) -- averaged, which changes nothing -- or sharded
+  (FSDP2's ``DTensor`` shards), whose squared norms add;
+* the loss: the ranks' mean;
+* a unit is dead only when it is zero on every rank (per-unit "alive" flags
+  added; a unit is alive where the sum is positive).
+
+:class:`Reduction` does all of that with **one** ``all_reduce`` of one
+float64 buffer per call, whatever the depth.  Every rank must measure the
+same modules in the same order (as DDP and FSDP already require).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+# How each scalar combines across ranks (see the module docstring).
+SUM = "sum"          # additive: sums, counts
+NORM = "norm"        # Euclidean norm over batch-split data: sqrt(sum of squares)
+GRAD_NORM = "gnorm"  # norm of an activation gradient: sqrt(sum of squares) / world
+REPLICA_NORM = "rep"  # norm of a tensor every rank holds: sqrt(mean of squares)
+SHARD_NORM = "shard"  # norm of one shard of a sharded tensor: sqrt(sum of squares)
+MEAN = "mean"        # a per-rank value whose mean is wanted (the loss, shares)
+ANY = "any"          # a vector of per-unit flags: how many are set on some rank
+
+_SQUARED = (NORM, GRAD_NORM, REPLICA_NORM, SHARD_NORM)
+
+
+def _dtensor_type() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed support
+        return None
+    return DTensor
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The local part of a tensor (a ``DTensor``'s shard), else the tensor."""
+    dt = _dtensor_type()
+    return t.to_local() if dt is not None and isinstance(t, dt) else t
+
+
+def norm_kind(t: torch.Tensor) -> str:
+    """How the norm of this parameter (or gradient) combines across ranks:
+    sharded ``DTensor`` pieces add, anything else is a replica."""
+    dt = _dtensor_type()
+    if dt is not None and isinstance(t, dt):
+        from torch.distributed.tensor import Shard
+
+        if any(isinstance(p, Shard) for p in t.placements):
+            return SHARD_NORM
+    return REPLICA_NORM
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether any parameter is a sharded ``DTensor`` (FSDP2, tensor parallel)."""
+    return any(norm_kind(p) == SHARD_NORM for p in model.parameters())
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module a ``DistributedDataParallel`` wrapper holds (its names are
+    the model's own, without ``module.``); anything else as it is."""
+    try:
+        from torch.nn.parallel import DistributedDataParallel
+    except ImportError:
+        return model
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def is_ddp(model: nn.Module) -> bool:
+    return unwrap(model) is not model
+
+
+def resolve_group(group: Any) -> Any:
+    """``group`` as given; None means the default (world) group when a process
+    group is initialised with more than one rank, otherwise no reduction."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        if group is not None:
+            raise ValueError("group= was given but torch.distributed is not initialised "
+                             "(call torch.distributed.init_process_group first)")
+        return None
+    if group is None:
+        group = torch.distributed.group.WORLD
+    return group if torch.distributed.get_world_size(group) > 1 else None
+
+
+class Reduction:
+    """Combine per-rank scalars over ``group`` in one all-reduce per call."""
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+        self.world = torch.distributed.get_world_size(group)
+        backend = str(torch.distributed.get_backend(group)).lower()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+    def gather(self, values: Sequence[torch.Tensor | float], kinds: Sequence[str]) -> list[float]:
+        """Each value combined across ranks according to its kind, as floats."""
+        if len(values) != len(kinds):
+            raise ValueError(f"{len(values)} values but {len(kinds)} kinds")
+        parts = []
+        for v, k in zip(values, kinds):
+            t = local(v).detach() if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=torch.float64)
+            t = t.to(self.device, torch.float64).reshape(-1)
+            if k in _SQUARED:
+                t = t * t
+            elif k == ANY:
+                t = (t != 0).to(torch.float64)
+            parts.append(t)
+        sizes = [p.numel() for p in parts]
+        buf = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(buf, group=self.group)
+        flat = buf.cpu().tolist()
+        out: list[float] = []
+        i = 0
+        w = float(self.world)
+        for k, n in zip(kinds, sizes):
+            seg = flat[i:i + n]
+            i += n
+            s = seg[0] if seg else 0.0
+            if k in (NORM, SHARD_NORM):
+                out.append(math.sqrt(s) if s >= 0 else math.nan)
+            elif k == GRAD_NORM:
+                out.append(math.sqrt(s) / w if s >= 0 else math.nan)
+            elif k == REPLICA_NORM:
+                out.append(math.sqrt(s / w) if s >= 0 else math.nan)
+            elif k == MEAN:
+                out.append(s / w)
+            elif k == ANY:
+                out.append(float(sum(1 for x in seg if x > 0)))
+            elif k == SUM:
+                out.append(s)
+            else:
+                raise ValueError(f"unknown reduction kind {k!r}")
+        return out
+
+    def average_grads(self, tensors: list[torch.Tensor]) -> None:
+        """Average plain (unsharded) gradients over the group in place, in one
+        flattened all-reduce: what DDP's backward does, for a model checked
+        without a DDP wrapper."""
+        if not tensors:
+            return
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        torch.distributed.all_reduce(flat, group=self.group)
+        flat.div_(self.world)
+        i = 0
+        for t in tensors:
+            n = t.numel()
+            t.copy_(flat[i:i + n].view_as(t))
+            i += n
+
+
+# Row statistics (probe.stats) and how each combines.
+ROW_KINDS = {"forward_sum": SUM, "forward_norm": NORM, "forward_n": SUM, "forward_nonfinite": MEAN,
+             "grad_norm": GRAD_NORM, "grad_n": SUM, "grad_nonfinite": MEAN,
+             "saturated_count": SUM, "saturated_n": SUM, "alive": ANY, "dead_samples": SUM}

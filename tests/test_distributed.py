@@ -1,0 +1,271 @@
+"""check and monitor under torch.distributed: 2 CPU ranks on gloo, DDP and FSDP2.
+
+The oracle is one process on the concatenated batch (the training objective
+of DDP and FSDP2 is the mean of the ranks' losses, which with equal halves
+and a mean-reduced loss is the loss on the whole batch).  Forward second
+moments, saturation, dead shares and gradient RMS (activations and
+parameters, sharded ones included) must agree within 1e-4 relative: the
+sums are the same numbers added in another order in float32 (~1e-7
+relative), so 1e-4 leaves room for that and nothing else -- an unscaled
+activation gradient is off by 2x, a per-rank dead share by 50%.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+import signalprop as sp
+
+WORLD = 2
+BATCH = 64  # 32 per rank: dead shares are reported from 32 samples per unit on
+STEPS = 5
+EVERY = 2
+REL = 1e-4
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3))
+    with torch.no_grad():
+        # unit 0 reads only feature 0, which is positive in the second half of
+        # the batch only: dead on rank 0's half, alive on rank 1's -- alive overall
+        m[0].weight[0].zero_()
+        m[0].weight[0, 0] = 1.0
+        m[0].bias[0] = 0.0
+        m[0].bias[1:4] = -50.0  # dead everywhere
+        m[2].weight.mul_(4.0)  # push the tanh into saturation
+    return m
+
+
+def _data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(BATCH, 6, generator=g)
+    x[:, 0] = x[:, 0].abs() * torch.where(torch.arange(BATCH) < BATCH // 2, -1.0, 1.0)
+    return x, torch.randn(BATCH, 3, generator=g)
+
+
+LAYER_FIELDS = ("forward_second_moment", "grad_rms", "param_grad_rms", "saturation", "dead_fraction")
+
+
+def _layers(layers) -> list[dict]:
+    return [{"name": l.name, **{f: getattr(l, f) for f in LAYER_FIELDS}} for l in layers]
+
+
+def _history(mon) -> dict:
+    return {"steps": [h.step for h in mon.history], "losses": mon.losses, "grad_norms": mon.grad_norms,
+            "layers": [_layers(h.layers) for h in mon.history],
+            "updates": [list(h.update_ratios or ()) for h in mon.history],
+            "alerts": [str(a) for a in mon.alerts]}
+
+
+def _train(model: nn.Module, mon, shard: slice) -> list[int]:
+    """STEPS steps of SGD; returns the number of all-reduce calls made by
+    each ``mon.step``."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    counts = []
+    for k in range(STEPS):
+        x, y = _data(k)
+        loss = nn.functional.mse_loss(model(x[shard]), y[shard])
+        opt.zero_grad()
+        loss.backward()
+        before = _CALLS["all_reduce"]
+        mon.step(loss)
+        counts.append(_CALLS["all_reduce"] - before)
+        opt.step()
+    mon.close()
+    return counts
+
+
+_CALLS = {"all_reduce": 0}
+
+
+class _NaNOnOneRank(nn.Module):
+    """Identity, except that it turns rank 1's activations to NaN when armed."""
+
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.rank, self.armed = rank, False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * float("nan") if self.armed and self.rank == 1 else x
+
+
+def _planted_nan(model: nn.Module, boom: _NaNOnOneRank, shard: slice) -> list[str]:
+    mon = sp.monitor(model, every=EVERY, grad_every=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for k in range(4):
+        boom.armed = k == 3
+        x, y = _data(k)
+        loss = nn.functional.mse_loss(model(x[shard]), y[shard])
+        opt.zero_grad()
+        loss.backward()
+        mon.step(loss)
+        opt.step()
+    mon.close()
+    return [f"{a.step}|{a.layer}|{a.phase}" for a in mon.alerts if a.kind == "non-finite"]
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    real = dist.all_reduce
+
+    def counting(*a, **k):  # signalprop's own collectives (DDP's reducer calls C++ directly)
+        _CALLS["all_reduce"] += 1
+        return real(*a, **k)
+
+    dist.all_reduce = counting
+    torch.set_num_threads(1)
+    half = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
+    res: dict = {}
+    try:
+        # check: a DDP wrapper, a plain replica, an FSDP2-sharded model
+        x, y = _data(0)
+        ddp = DDP(_model())
+        res["check_ddp"] = _layers(sp.check(ddp, x[half], loss_fn=nn.functional.mse_loss, targets=y[half]).layers)
+        res["check_ddp_grads_none"] = all(p.grad is None for p in ddp.parameters())
+        res["check_plain"] = _layers(sp.check(_model(), x[half], loss_fn=nn.functional.mse_loss,
+                                              targets=y[half]).layers)
+        fs = _model()
+        for m in fs:
+            if isinstance(m, nn.Linear):
+                fully_shard(m)
+        fully_shard(fs)
+        res["check_fsdp"] = _layers(sp.check(fs, x[half], loss_fn=nn.functional.mse_loss, targets=y[half]).layers)
+        before = _CALLS["all_reduce"]
+        sp.check(_model(), x[half])  # random cotangent, plain replica: one for the gradients, one for the stats
+        res["check_calls"] = _CALLS["all_reduce"] - before
+        # monitor: DDP and FSDP2 training
+        ddp = DDP(_model())
+        mon = sp.monitor(ddp, every=EVERY, grad_every=1)
+        res["mon_ddp_calls"] = _train(ddp, mon, half)
+        res["mon_ddp"] = _history(mon)
+        fs = _model()
+        for m in fs:
+            if isinstance(m, nn.Linear):
+                fully_shard(m)
+        fully_shard(fs)
+        mon = sp.monitor(fs, every=EVERY, grad_every=1)
+        res["mon_fsdp_calls"] = _train(fs, mon, half)
+        res["mon_fsdp"] = _history(mon)
+        # a NaN from rank 1's data only: both ranks name the same step, module and phase
+        for key in ("nan_ddp", "nan_fsdp"):
+            m = _model()
+            boom = _NaNOnOneRank(rank)
+            m.insert(3, boom)
+            if key == "nan_ddp":
+                model: nn.Module = DDP(m)
+            else:
+                for sub in m:
+                    if isinstance(sub, nn.Linear):
+                        fully_shard(sub)
+                model = fully_shard(m)
+            res[key] = _planted_nan(model, boom, half)
+    finally:
+        dist.destroy_process_group()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(res))
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("dist")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(port, str(out)), nprocs=WORLD, join=True)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+def _close(a, b, what: str) -> None:
+    if a is None or b is None:
+        assert a is None and b is None, f"{what}: {a} vs {b}"
+        return
+    assert math.isclose(a, b, rel_tol=REL, abs_tol=1e-12), f"{what}: {a} vs {b} (one process)"
+
+
+def _same_layers(got: list[dict], want: list[dict], what: str) -> None:
+    assert [l["name"] for l in got] == [l["name"] for l in want], what
+    for g, w in zip(got, want):
+        for f in LAYER_FIELDS:
+            _close(g[f], w[f], f"{what} {g['name']} {f}")
+
+
+def _reference_check() -> list[dict]:
+    x, y = _data(0)
+    return _layers(sp.check(_model(), x, loss_fn=nn.functional.mse_loss, targets=y).layers)
+
+
+def test_check_equals_one_process_on_the_whole_batch(ranks):
+    want = _reference_check()
+    dead = next(l for l in want if l["name"] == "1")["dead_fraction"]
+    assert dead == pytest.approx(3 / 32)  # units 1-3 dead, unit 0 alive thanks to rank 1's half only
+    for r, res in enumerate(ranks):
+        for key in ("check_ddp", "check_plain", "check_fsdp"):
+            _same_layers(res[key], want, f"rank {r} {key}")
+    assert all(res["check_ddp_grads_none"] for res in ranks)  # .grad left as it was
+    assert all(res["check_calls"] == 2 for res in ranks)
+
+
+def test_monitor_history_equals_one_process_and_every_rank_agrees(ranks):
+    ref_model = _model()
+    mon = sp.monitor(ref_model, every=EVERY, grad_every=1)
+    _CALLS["all_reduce"] = 0
+    _train(ref_model, mon, slice(None))
+    want = _history(mon)
+    for key in ("mon_ddp", "mon_fsdp"):
+        got = [res[key] for res in ranks]
+        assert got[0] == got[1], f"{key}: ranks disagree"  # identical, not merely close
+        h = got[0]
+        assert h["steps"] == want["steps"] == [0, 2, 4]
+        for k, (a, b) in enumerate(zip(h["losses"], want["losses"])):
+            _close(a, b, f"{key} loss at step {k}")
+        for k, (a, b) in enumerate(zip(h["grad_norms"], want["grad_norms"])):
+            _close(a, b, f"{key} gradient norm at step {k}")
+        for s, (g, w) in enumerate(zip(h["layers"], want["layers"])):
+            _same_layers(g, w, f"{key} sample {s}")
+        for g, w in zip(h["updates"], want["updates"]):
+            assert [n for n, _ in g] == [n for n, _ in w]
+            for (n, a), (_, b) in zip(g, w):
+                _close(a, b, f"{key} update ratio {n}")
+
+
+def test_nan_on_one_rank_is_named_alike_on_every_rank(ranks):
+    for key in ("nan_ddp", "nan_fsdp"):
+        assert [res[key] for res in ranks] == [["3|3|forward"]] * WORLD, key
+
+
+def test_one_all_reduce_per_step(ranks):
+    for res in ranks:
+        assert res["mon_ddp_calls"] == [1] * STEPS
+        assert res["mon_fsdp_calls"] == [1] * STEPS
+
+
+def test_readme_torchrun_example_runs_on_two_ranks(tmp_path):
+    import re
+    import subprocess
+    import sys
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    script = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if b.startswith("# train_ddp.py"))
+    (tmp_path / "train_ddp.py").write_text(script)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(port), "train_ddp.py"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "rank 0: healthy" in run.stdout and "rank 1: healthy" in run.stdout

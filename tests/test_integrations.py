@@ -1,0 +1,198 @@
+"""TensorBoard, Lightning and HF Trainer integrations, each against the real framework.
+
+Every framework here is a test dependency (``make test`` installs the
+extras), so none of these tests is skipped in CI.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import signalprop as sp
+
+EVERY = 2
+
+
+def _mlp(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))
+
+
+def _batches(n: int, batch: int = 16, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 8, generator=g), torch.randint(0, 2, (batch,), generator=g)) for _ in range(n)]
+
+
+# -- TensorBoard ---------------------------------------------------------------
+
+def test_tensorboard_scalars_and_alerts_read_back_with_tensorboards_reader(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    model = _mlp()
+    writer = SummaryWriter(str(tmp_path))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with sp.monitor(model, every=EVERY, writer=writer, grad_every=1) as mon:
+        for k, (x, y) in enumerate(_batches(6, batch=32)):  # 32 samples per unit: dead shares reported
+            if k == 5:
+                x = x * float("nan")  # a non-finite step: an alert, written as text
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            mon.step(loss)
+            opt.step()
+    writer.close()
+
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for q in ("grad_rms", "relative_grad_rms", "forward_second_moment"):
+        for layer in ("0", "1", "2", "3", "4"):
+            assert f"signalprop/{q}/{layer}" in tags
+    assert "signalprop/saturation/1" in tags and "signalprop/dead_fraction/3" in tags
+    assert "signalprop/update_ratio/0" in tags
+    # values and steps as the monitor holds them (TensorBoard stores float32)
+    got = [(e.step, e.value) for e in acc.Scalars("signalprop/grad_rms/2")]
+    want = [(h.step, h.layers[2].grad_rms) for h in mon.history]
+    assert [s for s, _ in got] == [s for s, _ in want] == [0, 2, 4]
+    for (_, a), (_, b) in zip(got, want):
+        assert a == pytest.approx(b, rel=1e-6)
+    losses = [(e.step, e.value) for e in acc.Scalars("signalprop/loss")]
+    assert [s for s, _ in losses] == [0, 1, 2, 3, 4]  # step 5's loss is NaN: not written
+    assert losses[3][1] == pytest.approx(mon.losses[3], rel=1e-6)
+    texts = acc.Tensors("signalprop/alerts/text_summary")
+    assert any(t.step == 5 and b"non-finite" in t.tensor_proto.string_val[0] for t in texts)
+
+
+# -- Lightning -------------------------------------------------------------------
+
+PossibleUserWarning = pytest.importorskip("lightning.fabric.utilities.warnings").PossibleUserWarning
+
+
+def _lightning_warnings(f):
+    """Lightning's own advice (few dataloader workers, small log interval) and its
+    use of torch's deprecated ``LeafSpec`` (torch 2.13): not about signalprop."""
+    f = pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning")(f)
+    return pytest.mark.filterwarnings("ignore:.*LeafSpec.*is deprecated:FutureWarning")(f)
+
+
+class _LitMLP(__import__("lightning.pytorch", fromlist=["LightningModule"]).LightningModule):
+    def __init__(self, lr: float) -> None:
+        super().__init__()
+        self.net = _mlp()
+        self.lr = lr
+        self.seen: list[float] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.seen.append(float(loss.detach()))
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def _fit(tmp_path, lr: float, logger, accumulate: int = 2, precision: str = "32-true", steps: int = 6,
+         **cb_kwargs):
+    import lightning.pytorch as pl
+
+    from signalprop.integrations.lightning import SignalpropCallback
+
+    data = torch.utils.data.TensorDataset(*map(torch.cat, zip(*_batches(steps * accumulate))))
+    loader = torch.utils.data.DataLoader(data, batch_size=16, shuffle=False)
+    cb = SignalpropCallback(every=EVERY, grad_every=1, **cb_kwargs)
+    module = _LitMLP(lr)
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=logger, callbacks=[cb],
+                         accumulate_grad_batches=accumulate, precision=precision, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1,
+                         default_root_dir=str(tmp_path))
+    trainer.fit(module, loader)
+    return cb, module, trainer
+
+
+@_lightning_warnings
+def test_lightning_callback_steps_once_per_optimizer_step_with_accumulation(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    cb, module, trainer = _fit(tmp_path, 0.05, CSVLogger(str(tmp_path)), accumulate=2)
+    mon = cb.monitor
+    assert trainer.global_step == 6 and mon.steps == list(range(6))
+    assert [h.step for h in mon.history] == [0, 2, 4]
+    # the loss of a step is the mean of its two micro-batches' losses
+    for k in range(6):
+        assert mon.losses[k] == pytest.approx((module.seen[2 * k] + module.seen[2 * k + 1]) / 2, rel=1e-6)
+    # the sampled forward is the step's first micro-batch: the rows are the net's layers, measured once
+    assert [l.name for l in mon.history[0].layers] == ["net.0", "net.1", "net.2", "net.3", "net.4"]
+    assert mon._handles == []  # closed after fit
+    # the scalars went to the trainer's logger (CSV)
+    metrics = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
+    assert "signalprop/grad_rms/net.2" in metrics and "signalprop/loss" in metrics
+
+
+@_lightning_warnings
+def test_lightning_callback_under_bf16_mixed_precision_and_tensorboard_logger(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    cb, module, trainer = _fit(tmp_path, 0.05, TensorBoardLogger(str(tmp_path)), accumulate=1,
+                               precision="bf16-mixed", steps=4)
+    mon = cb.monitor
+    assert mon.steps == [0, 1, 2, 3] and all(math.isfinite(v) for v in mon.losses)
+    assert mon.history[0].verdict == "healthy" and len(mon.history[0].layers) == 5
+    assert mon.losses[0] == pytest.approx(module.seen[0], rel=1e-6)
+
+
+@_lightning_warnings
+def test_lightning_callback_logs_alerts_and_applies_agc(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="lightning.pytorch.callbacks.signalprop"):
+        cb, _, _ = _fit(tmp_path, 60.0, False, accumulate=1, steps=12, agc=None)
+    assert cb.monitor.alerts, "a learning rate of 60 must alert"
+    logged = [r.getMessage() for r in caplog.records if r.name == "lightning.pytorch.callbacks.signalprop"]
+    assert logged and logged[0] == f"signalprop: {cb.monitor.alerts[0]}"
+
+
+# -- HF Trainer ------------------------------------------------------------------
+
+class _Tokens(torch.utils.data.Dataset):
+    def __init__(self, n: int, seq: int = 16, vocab: int = 64) -> None:
+        g = torch.Generator().manual_seed(3)
+        self.ids = torch.randint(0, vocab, (n, seq), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def test_hf_trainer_callback_on_tiny_gpt2(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+    from signalprop.integrations.transformers import SignalpropCallback
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2))
+    cb = SignalpropCallback(every=EVERY, grad_every=1)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4,
+                             gradient_accumulation_steps=2, learning_rate=1e-3, logging_steps=1, report_to=[],
+                             save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
+    trainer = Trainer(model=model, args=args, train_dataset=_Tokens(48), callbacks=[cb])
+    trainer.train()
+    mon = cb.monitor
+    assert mon.steps == list(range(6)) and [h.step for h in mon.history] == [0, 2, 4]
+    logged = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(logged) == 6
+    for a, b in zip(mon.losses, logged):  # the Trainer rounds its logged loss to 4 decimals
+        assert a == pytest.approx(b, abs=1e-4)
+    names = [l.name for l in mon.history[0].layers]
+    assert "transformer.h.0.attn.c_attn" in names and "lm_head" in names
+    assert mon.history[0].verdict == "healthy"
+    assert mon._handles == [] and cb._hook is None
