@@ -82,8 +82,8 @@ def test_lecun_uniform():
 
 
 @pytest.mark.parametrize("bound", [1.0, 2.0, 3.0])
-def test_trunc_normal_result_has_requested_std(bound):
-    x = _draw(sp.init.trunc_normal_, (400, 250), std=0.3, bound=bound)
+def test_scaled_trunc_normal_result_has_requested_std(bound):
+    x = _draw(sp.init.scaled_trunc_normal_, (400, 250), std=0.3, bound=bound)
     s = 0.3 / math.sqrt(stats.truncnorm.var(-bound, bound))
     assert stats.kstest(x, stats.truncnorm(-bound, bound, scale=s).cdf).pvalue > P_MIN
     _var_ok(x, 0.09)
@@ -115,8 +115,15 @@ TORCH_PAIRS = [
      lambda t, g: torch.nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=g)),
     (lambda t, g: sp.init.orthogonal_(t, 0.8, generator=g), lambda t, g: torch.nn.init.orthogonal_(t, 0.8, generator=g)),
     # torch's std is before truncation and its bounds are absolute.
-    (lambda t, g: sp.init.trunc_normal_(t, std=0.5 * 0.87962566103423978, bound=2.0, generator=g),
+    (lambda t, g: sp.init.scaled_trunc_normal_(t, std=0.5 * 0.87962566103423978, bound=2.0, generator=g),
      lambda t, g: torch.nn.init.trunc_normal_(t, std=0.5, a=-1.0, b=1.0, generator=g)),
+    # and with torch's meaning under torch's name
+    (lambda t, g: sp.init.trunc_normal_(t, mean=0.2, std=0.5, a=-0.3, b=1.1, generator=g),
+     lambda t, g: torch.nn.init.trunc_normal_(t, mean=0.2, std=0.5, a=-0.3, b=1.1, generator=g)),
+    (lambda t, g: sp.init.sparse_(t, 0.3, std=0.1, generator=g) if t.dim() == 2 else sp.init.normal_(t, 0, 0.1, g),
+     lambda t, g: torch.nn.init.sparse_(t, 0.3, std=0.1, generator=g) if t.dim() == 2 else
+     torch.nn.init.normal_(t, 0, 0.1, g)),
+    (lambda t, g: sp.init.uniform_(t, -0.4, 0.9, generator=g), lambda t, g: torch.nn.init.uniform_(t, -0.4, 0.9, g)),
 ]
 
 

@@ -17,6 +17,7 @@ ALL = [
     lambda t, g: sp.init.lecun_normal_(t, generator=g),
     lambda t, g: sp.init.lecun_uniform_(t, generator=g),
     lambda t, g: sp.init.trunc_normal_(t, generator=g),
+    lambda t, g: sp.init.scaled_trunc_normal_(t, generator=g),
     lambda t, g: sp.init.orthogonal_(t, generator=g),
     lambda t, g: sp.init.delta_orthogonal_(t, generator=g),
 ]
@@ -83,7 +84,7 @@ def test_dtype_and_device_kept(fn, dtype, device):
 @pytest.mark.parametrize("fn", range(len(ALL) - 1))
 def test_zero_element_warns_and_does_nothing(fn):
     t = torch.empty(0, 5)
-    with pytest.warns(UserWarning, match="has no elements"):
+    with pytest.warns(UserWarning, match="zero-element tensors is a no-op"):
         ALL[fn](t, None)
 
 

@@ -396,6 +396,9 @@ _MODULE_READERS: dict[str, Callable[[Any], Activation | None]] = {
     "GELU": lambda m: REGISTRY["gelu_tanh" if m.approximate == "tanh" else "gelu"],
     "Hardtanh": lambda m: REGISTRY["hardtanh"] if (m.min_val, m.max_val) == (-1.0, 1.0) else None,
     "Softplus": lambda m: REGISTRY["softplus"] if m.beta == 1 and m.threshold >= 20 else None,
+    # PReLU with one shared slope is a leaky ReLU at its current slope
+    "PReLU": lambda m: _make_leaky_relu(float(m.weight.detach().reshape(-1)[0]))
+    if m.weight.numel() == 1 else None,
 }
 _BY_MODULE = {a.module: a for a in REGISTRY.values() if a.module and a.module not in _MODULE_READERS}
 
@@ -489,9 +492,36 @@ def saturation_band(act: Activation, threshold: float = SATURATION_THRESHOLD) ->
     return _BANDS[key]
 
 
+def _check_elementwise(fn: Any, name: str) -> None:
+    """Refuse what is not a deterministic elementwise function: theory and
+    gains treat an activation as phi applied to each entry alone."""
+    import torch
+
+    if isinstance(fn, torch.nn.Module) and type(fn).__name__ == "PReLU":
+        raise ValueError(f"{name} has {fn.weight.numel()} slopes (one per channel): no single activation; "
+                         "use nn.PReLU() with one shared slope, or pass 'leaky_relu(SLOPE)'")
+    x = torch.linspace(-3.0, 3.0, 13, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            y1, y2, part = fn(x.clone()), fn(x.clone()), fn(x[:5].clone())
+    except Exception as e:  # noqa: BLE001 - any failure here means "not usable as phi(x)"
+        raise ValueError(f"{name} cannot be evaluated as an elementwise activation: {type(e).__name__}: {e}") from e
+    if not (isinstance(y1, torch.Tensor) and y1.shape == x.shape):
+        raise ValueError(f"{name} does not map each entry to one entry (shape {tuple(x.shape)} became "
+                         f"{tuple(getattr(y1, 'shape', ()))}): not an elementwise activation")
+    if not torch.equal(y1, y2):
+        raise ValueError(f"{name} gives different outputs on the same input (random, e.g. RReLU in training "
+                         "mode): no fixed activation to compute a gain for; call .eval() or pass a name")
+    if not torch.allclose(part, y1[:5], rtol=1e-12, atol=1e-12):
+        raise ValueError(f"{name} is not elementwise (each output depends on other entries, e.g. softmax or "
+                         "a normalisation): theory and gains need phi applied entry by entry")
+
+
 def _from_torch_callable(fn: Any, name: str) -> Activation:
     """Wrap a torch module or function: phi in float64, phi' by autograd."""
     import torch
+
+    _check_elementwise(fn, name)
 
     def phi(x: Array) -> Array:
         with torch.no_grad():

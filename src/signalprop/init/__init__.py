@@ -1,5 +1,17 @@
 """Principled initializers for every layer type (torch conventions: in place,
-trailing underscore, ``generator=``, no autograd)."""
+trailing underscore, ``generator=``, no autograd).
+
+A drop-in superset of :mod:`torch.nn.init`: every function there exists
+here with torch's signature and meaning (``import signalprop.init as init``
+runs torch code unchanged), plus ``fans=``, any-activation gains
+(:func:`gain`), critical, LSUV, delta-orthogonal and residual scaling.
+
+Two gains, two questions: :func:`calculate_gain` is torch's table of
+recommended gains (tanh 5/3, sigmoid 1: heuristics, kept for
+compatibility); :func:`gain` is the value that preserves the signal's
+second moment for that activation under Gaussian inputs (tanh ~1.59,
+relu sqrt(2)), computed from the activation itself.
+"""
 
 from .apply import SCHEMES, apply_, scheme_names
 from .critical import critical_
@@ -14,20 +26,46 @@ from .schemes import (
     kaiming_uniform_,
     lecun_normal_,
     lecun_uniform_,
-    trunc_normal_,
+    scaled_trunc_normal_,
     truncation_std,
     variance_scaling_,
     xavier_normal_,
     xavier_uniform_,
 )
+from .torch_compat import (
+    _deprecated,
+    constant_,
+    dirac_,
+    eye_,
+    normal_,
+    ones_,
+    sparse_,
+    trunc_normal_,
+    uniform_,
+    zeros_,
+)
+
+# torch.nn.init's deprecated names without the underscore (FutureWarning, as there)
+uniform = _deprecated(uniform_)
+normal = _deprecated(normal_)
+constant = _deprecated(constant_)
+xavier_uniform = _deprecated(xavier_uniform_)
+xavier_normal = _deprecated(xavier_normal_)
+kaiming_uniform = _deprecated(kaiming_uniform_)
+kaiming_normal = _deprecated(kaiming_normal_)
+orthogonal = _deprecated(orthogonal_)
+sparse = _deprecated(sparse_)
 
 __all__ = [
     "SCHEMES",
     "ScaledResidual",
     "apply_",
     "calculate_gain",
+    "constant_",
     "critical_",
     "delta_orthogonal_",
+    "dirac_",
+    "eye_",
     "fans",
     "gain",
     "kaiming_normal_",
@@ -36,14 +74,20 @@ __all__ = [
     "lecun_uniform_",
     "lsuv_",
     "mark_residual",
+    "normal_",
+    "ones_",
     "orthogonal_",
     "residual_branches",
     "scale_residual_",
+    "scaled_trunc_normal_",
     "scheme_names",
+    "sparse_",
     "torch_default_",
     "trunc_normal_",
     "truncation_std",
+    "uniform_",
     "variance_scaling_",
     "xavier_normal_",
     "xavier_uniform_",
+    "zeros_",
 ]

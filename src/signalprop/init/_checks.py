@@ -23,10 +23,17 @@ def check_tensor(t: Any, fn: str) -> bool:
     if t.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"{fn}() needs a floating tensor (float16/bfloat16/float32/float64), got {t.dtype}")
     if t.numel() == 0:
-        warnings.warn(f"{fn}(): tensor of shape {tuple(t.shape)} has no elements; nothing to initialize",
+        warnings.warn(f"{fn}(): Initializing zero-element tensors is a no-op (shape {tuple(t.shape)})",
                       UserWarning, stacklevel=3)
         return False
     return True
+
+
+def check_2d(t: Any, fn: str) -> None:
+    """torch's rule for fan-based initializers: fans need a tensor of >= 2 dims."""
+    if isinstance(t, torch.Tensor) and t.dim() < 2:
+        raise ValueError(f"{fn}(): Fan in and fan out can not be computed for tensor with fewer than 2 dimensions "
+                         f"(shape {tuple(t.shape)}); pass fans=(fan_in, fan_out) to variance_scaling_ for a bias")
 
 
 def work_dtype(t: torch.Tensor) -> torch.dtype:

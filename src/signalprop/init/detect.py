@@ -33,6 +33,36 @@ class WeightLayer:
     input_second_moment: float | None = None
 
 
+_RESOLVED: dict[tuple[type, str], _act.Activation | None] = {}
+
+
+def _unknown_activation(m: nn.Module | None) -> _act.Activation | None:
+    """A parameter-free leaf module the activation table does not name
+    (``nn.Hardswish``, ``nn.ReLU6``, HF's ``GELUActivation``...): the exact
+    function it computes when it is deterministic and elementwise (theory
+    then works from the function itself), else None."""
+    if m is None or isinstance(m, WEIGHT_LAYERS + NEUTRAL) or any(True for _ in m.parameters()) \
+            or any(True for _ in m.children()):
+        return None
+    key = (type(m), m.extra_repr())
+    if key not in _RESOLVED:
+        try:
+            _RESOLVED[key] = _act.resolve(m)
+        except (ValueError, TypeError, RuntimeError):
+            _RESOLVED[key] = None
+    return _RESOLVED[key]
+
+
+def looks_like_activation(m: nn.Module | None) -> bool:
+    """Whether an unrecognised module is probably an activation (its class
+    lives in torch's activation module or is named like one)."""
+    if m is None:
+        return False
+    cls = type(m)
+    return cls.__module__.endswith("activation") or cls.__module__.endswith("activations") or \
+        cls.__name__.endswith(("Activation", "LU", "Swish", "Tanh", "Sigmoid", "Mish", "Shrink"))
+
+
 def _sequence_from_pass(model: nn.Module, inputs: Any) -> list[tuple[str, nn.Module | None, _act.Activation | None, float | None]]:
     from ..probe.check import _call
     from ..probe.recorder import Recorder
@@ -47,7 +77,8 @@ def _sequence_from_pass(model: nn.Module, inputs: Any) -> list[tuple[str, nn.Mod
                 _call(model, inputs)
         finally:
             rec.detach()
-    return [(r.name, r.module, r.act, r.input_second_moment) for r in rec.rows]
+    return [(r.name, r.module, r.act if r.act is not None else _unknown_activation(r.module), r.input_second_moment)
+            for r in rec.rows]
 
 
 def _sequence_from_registration(model: nn.Module) -> list[tuple[str, nn.Module | None, _act.Activation | None, float | None]]:
@@ -55,7 +86,8 @@ def _sequence_from_registration(model: nn.Module) -> list[tuple[str, nn.Module |
     for name, m in model.named_modules():
         if any(True for _ in m.children()):
             continue
-        out.append((name, m, _act.from_module(m), None))
+        known = _act.from_module(m)
+        out.append((name, m, known if known is not None else _unknown_activation(m), None))
     return out
 
 
@@ -69,6 +101,11 @@ def weight_layers(model: nn.Module, inputs: Any = None,
     seq = _sequence_from_pass(model, inputs) if inputs is not None else _sequence_from_registration(model)
     notes = ["activations detected from an example forward pass" if inputs is not None
              else "no inputs: activations read from the order of registration (right for nn.Sequential)"]
+    unknown = sorted({type(m).__name__ for _, m, a, _ in seq if a is None and looks_like_activation(m)
+                      and not isinstance(m, WEIGHT_LAYERS + NEUTRAL)})
+    if unknown:
+        notes.append(f"unknown activation(s) {', '.join(unknown)} (not elementwise or not deterministic): "
+                     "treated as linear; pass activation= to say what they compute")
     layers: list[WeightLayer] = []
     seen: set[int] = set()
     prev_act: _act.Activation | None = None

@@ -27,23 +27,23 @@ def _orthogonal_fill(t: torch.Tensor, gain: float, generator: torch.Generator | 
     t.copy_(q.mul_(gain).reshape(t.shape))
 
 
-def orthogonal_(t: torch.Tensor, gain: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Fill ``t`` with a scaled (semi-)orthogonal matrix, Saxe et al. (2014).
+def orthogonal_(tensor: torch.Tensor, gain: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Fill ``tensor`` with a scaled (semi-)orthogonal matrix, Saxe et al. (2014).
 
-    ``t`` is flattened to ``(shape[0], prod(shape[1:]))``.  Wide or square
+    ``tensor`` is flattened to ``(shape[0], prod(shape[1:]))``.  Wide or square
     (rows <= cols): W W^T = gain^2 I; tall: W^T W = gain^2 I.  Same
     distribution as :func:`torch.nn.init.orthogonal_`.
     """
-    if t.dim() < 2:
-        raise ValueError(f"orthogonal_ needs a tensor with at least 2 dimensions, got shape {tuple(t.shape)}")
-    if not check_tensor(t, "orthogonal_"):
-        return t
+    if tensor.dim() < 2:
+        raise ValueError(f"orthogonal_ needs a tensor with at least 2 dimensions, got shape {tuple(tensor.shape)}")
+    if not check_tensor(tensor, "orthogonal_"):
+        return tensor
     with torch.no_grad():
-        _orthogonal_fill(t, float(gain), generator)
-    return t
+        _orthogonal_fill(tensor, float(gain), generator)
+    return tensor
 
 
-def delta_orthogonal_(t: torch.Tensor, gain: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+def delta_orthogonal_(tensor: torch.Tensor, gain: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """Delta-orthogonal convolution kernel, Xiao et al. (2018), Algorithm 1.
 
     For a ``Conv1d/2d/3d`` weight ``(out, in, *k)``: all taps zero except the
@@ -53,26 +53,26 @@ def delta_orthogonal_(t: torch.Tensor, gain: float = 1.0, generator: torch.Gener
     ``||conv(x)|| = gain * ||x||`` away from borders.  Needs out >= in (a map
     to fewer channels cannot be norm-preserving).
     """
-    if t.dim() not in (3, 4, 5):
+    if tensor.dim() not in (3, 4, 5):
         raise ValueError(
-            f"delta_orthogonal_ needs a Conv1d/2d/3d weight (3 to 5 dims), got shape {tuple(t.shape)}"
+            f"delta_orthogonal_ needs a Conv1d/2d/3d weight (3 to 5 dims), got shape {tuple(tensor.shape)}"
         )
-    out_ch, in_ch = t.shape[0], t.shape[1]
+    out_ch, in_ch = tensor.shape[0], tensor.shape[1]
     if in_ch > out_ch:
         raise ValueError(
             f"delta_orthogonal_ needs out_channels >= in_channels, got {out_ch} < {in_ch}: "
             "an orthogonal centre tap cannot map more channels to fewer without losing signal; "
             "use orthogonal_ or variance_scaling_ for this layer"
         )
-    if not check_tensor(t, "delta_orthogonal_"):
-        return t
-    centre = tuple((k - 1) // 2 for k in t.shape[2:])
+    if not check_tensor(tensor, "delta_orthogonal_"):
+        return tensor
+    centre = tuple((k - 1) // 2 for k in tensor.shape[2:])
     with torch.no_grad():
-        t.zero_()
-        tap = torch.empty(out_ch, in_ch, dtype=t.dtype, device=t.device)
+        tensor.zero_()
+        tap = torch.empty(out_ch, in_ch, dtype=tensor.dtype, device=tensor.device)
         _orthogonal_fill(tap, float(gain), generator)
-        t[(slice(None), slice(None)) + centre] = tap
-    return t
+        tensor[(slice(None), slice(None)) + centre] = tap
+    return tensor
 
 
 __all__ = ["delta_orthogonal_", "orthogonal_"]

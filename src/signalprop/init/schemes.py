@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from scipy import special, stats
 
-from ._checks import check_choice, check_tensor, work_dtype
+from ._checks import check_2d, check_choice, check_tensor, work_dtype
 from .fans import tensor_fans
 from .gains import calculate_gain
 
@@ -66,7 +66,7 @@ def _fill(t: torch.Tensor, std: float, distribution: str, generator: torch.Gener
         _orthogonal_fill(t, std * math.sqrt(max(rows, cols)), generator)
 
 
-def variance_scaling_(t: torch.Tensor, scale: float = 1.0, mode: FanMode = "fan_in",
+def variance_scaling_(tensor: torch.Tensor, scale: float = 1.0, mode: FanMode = "fan_in",
                       distribution: Distribution = "truncated_normal",
                       generator: torch.Generator | None = None,
                       fans: tuple[int, int] | None = None) -> torch.Tensor:
@@ -94,73 +94,85 @@ def variance_scaling_(t: torch.Tensor, scale: float = 1.0, mode: FanMode = "fan_
     check_choice(distribution, _DISTS, "distribution")
     if not (isinstance(scale, (int, float)) and scale > 0 and math.isfinite(scale)):
         raise ValueError(f"scale must be a positive finite number, got {scale!r}")
-    if not check_tensor(t, "variance_scaling_"):
-        return t
-    if distribution == "orthogonal" and t.dim() < 2:
-        raise ValueError(f"orthogonal distribution needs a tensor with >= 2 dims, got shape {tuple(t.shape)}")
-    fi, fo = fans if fans is not None else tensor_fans(t)
+    if fans is not None and not (isinstance(fans, (tuple, list)) and len(fans) == 2 and all(
+            isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 and math.isfinite(f) for f in fans)):
+        raise ValueError(f"fans must be two positive numbers (fan_in, fan_out), got {fans!r}")
+    if not check_tensor(tensor, "variance_scaling_"):
+        return tensor
+    if distribution == "orthogonal" and tensor.dim() < 2:
+        raise ValueError(f"orthogonal distribution needs a tensor with >= 2 dims, got shape {tuple(tensor.shape)}")
+    fi, fo = fans if fans is not None else tensor_fans(tensor)
     std = math.sqrt(scale / _fan(fi, fo, mode))
     with torch.no_grad():
-        _fill(t, std, distribution, generator)
-    return t
+        _fill(tensor, std, distribution, generator)
+    return tensor
 
 
-def xavier_normal_(t: torch.Tensor, gain: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+def xavier_normal_(tensor: torch.Tensor, gain: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """Glorot & Bengio (2010): N(0, gain^2 * 2 / (fan_in + fan_out)).
 
     The seed's derivation: forward needs n_in sigma^2 = 1, backward
     n_out sigma^2 = 1; Xavier takes their average.
     (``variance_scaling_(scale=gain**2, mode="fan_avg", distribution="normal")``.)
     """
-    return variance_scaling_(t, gain**2, "fan_avg", "normal", generator)
+    check_2d(tensor, "xavier_normal_")
+    return variance_scaling_(tensor, gain**2, "fan_avg", "normal", generator)
 
 
-def xavier_uniform_(t: torch.Tensor, gain: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+def xavier_uniform_(tensor: torch.Tensor, gain: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """Glorot & Bengio (2010): U(-a, a), a = gain * sqrt(6 / (fan_in + fan_out)).
     (``variance_scaling_(scale=gain**2, mode="fan_avg", distribution="uniform")``.)"""
-    return variance_scaling_(t, gain**2, "fan_avg", "uniform", generator)
+    check_2d(tensor, "xavier_uniform_")
+    return variance_scaling_(tensor, gain**2, "fan_avg", "uniform", generator)
 
 
-def kaiming_normal_(t: torch.Tensor, a: float = 0.0, mode: FanMode = "fan_in",
+def kaiming_normal_(tensor: torch.Tensor, a: float = 0.0, mode: FanMode = "fan_in",
                     nonlinearity: str = "leaky_relu", generator: torch.Generator | None = None) -> torch.Tensor:
     """He et al. (2015): N(0, gain^2 / fan), gain = calculate_gain(nonlinearity, a).
     Same signature and values as :func:`torch.nn.init.kaiming_normal_`."""
     g = calculate_gain(nonlinearity, a)
-    return variance_scaling_(t, g**2, mode, "normal", generator)
+    check_2d(tensor, "kaiming_normal_")
+    return variance_scaling_(tensor, g**2, mode, "normal", generator)
 
 
-def kaiming_uniform_(t: torch.Tensor, a: float = 0.0, mode: FanMode = "fan_in",
+def kaiming_uniform_(tensor: torch.Tensor, a: float = 0.0, mode: FanMode = "fan_in",
                      nonlinearity: str = "leaky_relu", generator: torch.Generator | None = None) -> torch.Tensor:
     """He et al. (2015): U(-b, b), b = gain * sqrt(3 / fan).
     Same signature and values as :func:`torch.nn.init.kaiming_uniform_`."""
     g = calculate_gain(nonlinearity, a)
-    return variance_scaling_(t, g**2, mode, "uniform", generator)
+    check_2d(tensor, "kaiming_uniform_")
+    return variance_scaling_(tensor, g**2, mode, "uniform", generator)
 
 
-def lecun_normal_(t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def lecun_normal_(tensor: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """LeCun et al. (1998): variance 1 / fan_in, truncated normal (as in JAX and
     Klambauer et al. 2017 for SELU)."""
-    return variance_scaling_(t, 1.0, "fan_in", "truncated_normal", generator)
+    return variance_scaling_(tensor, 1.0, "fan_in", "truncated_normal", generator)
 
 
-def lecun_uniform_(t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def lecun_uniform_(tensor: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """LeCun et al. (1998): U(-a, a), a = sqrt(3 / fan_in)."""
-    return variance_scaling_(t, 1.0, "fan_in", "uniform", generator)
+    return variance_scaling_(tensor, 1.0, "fan_in", "uniform", generator)
 
 
-def trunc_normal_(t: torch.Tensor, std: float = 1.0, bound: float = 2.0,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """Zero-mean truncated normal whose *result* has standard deviation ``std``.
+def scaled_trunc_normal_(tensor: torch.Tensor, std: float = 1.0, bound: float = 2.0,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+    """Zero-mean truncated normal whose *result* has standard deviation ``std``
+    (the convention of JAX's and TensorFlow's variance scaling).
 
     Draws N(0, s^2) truncated to (-bound s, bound s) with
-    s = std / sd(N(0,1) | |z| < bound).  Unlike :func:`torch.nn.init.trunc_normal_`,
-    whose ``std`` is that of the normal before truncation (the result's is
-    0.88 std for bound 2), and whose bounds are absolute.
+    s = std / sd(N(0,1) | |z| < bound).  :func:`trunc_normal_` is torch's
+    instead: its ``std`` is that of the normal before truncation (the
+    result's is 0.88 std for bounds at 2 std) and its bounds are absolute.
     """
-    if not (std > 0 and bound > 0):
-        raise ValueError(f"std and bound must be positive, got std={std!r}, bound={bound!r}")
-    if not check_tensor(t, "trunc_normal_"):
-        return t
+    if not (isinstance(std, (int, float)) and isinstance(bound, (int, float)) and std > 0 and bound > 0
+            and math.isfinite(std) and math.isfinite(bound)):
+        raise ValueError(f"std and bound must be positive finite numbers, got std={std!r}, bound={bound!r}")
+    if bound < 1e-3:
+        raise ValueError(f"bound={bound!r} (in units of the normal's std) leaves an interval too narrow to sample: "
+                         "use bound >= 1e-3 (2 is the usual value)")
+    if not check_tensor(tensor, "scaled_trunc_normal_"):
+        return tensor
     with torch.no_grad():
-        _trunc_normal_fill(t, float(std), float(bound), generator)
-    return t
+        _trunc_normal_fill(tensor, float(std), float(bound), generator)
+    return tensor
