@@ -24,11 +24,11 @@ def test_gain_refuses_what_is_not_an_elementwise_function(module, message):
 
 def test_gain_of_prelu_uses_its_current_slope():
     m = nn.PReLU(init=0.3)
-    slope = float(m.weight)  # 0.3 in float32
+    slope = float(m.weight.detach())  # 0.3 in float32
     assert sp.init.gain(m) == pytest.approx(math.sqrt(2 / (1 + slope**2)), rel=1e-12)
     with torch.no_grad():
         m.weight.fill_(0.1)
-    slope = float(m.weight)
+    slope = float(m.weight.detach())
     assert sp.init.gain(m) == pytest.approx(math.sqrt(2 / (1 + slope**2)), rel=1e-12)
     assert sp.init.gain(nn.RReLU().eval()) > 1  # deterministic in eval mode: a leaky ReLU
 
