@@ -55,8 +55,8 @@ def test_check_exit_codes_and_files(tmp_path, capsys):
 def test_check_builtin_kinds(capsys):
     for spec in ("cnn:depth=4,channels=8,size=8", "resmlp:blocks=10,width=32",
                  "transformer:layers=1,d_model=32,heads=2,seq=8,vocab=20"):
-        assert main(["check", spec, "--batch", "4"]) in (0, 1), spec
-    assert main(["check", "mlp:depth=5,width=16,act=tanh", "--spectrum", "--init", "orthogonal"]) in (0, 1)
+        assert main(["check", spec, "--batch", "4"]) == 0, spec  # stock inits of shallow models: healthy
+    assert main(["check", "mlp:depth=5,width=16,act=tanh", "--spectrum", "--init", "orthogonal"]) == 0
     assert "Jacobian (exact)" in capsys.readouterr().out
 
 
@@ -66,7 +66,7 @@ def test_check_user_factory(tmp_path, monkeypatch, capsys):
         "def make():\n"
         "    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten())\n")
     monkeypatch.chdir(tmp_path)
-    assert main(["check", "mymodels:make", "--input-shape", "3,8,8", "--init", "kaiming_normal"]) in (0, 1)
+    assert main(["check", "mymodels:make", "--input-shape", "3,8,8", "--init", "kaiming_normal"]) == 0
     assert "Conv2d" in capsys.readouterr().out
     assert main(["check", "mymodels:make"]) == 2
     assert "--input-shape" in capsys.readouterr().err
@@ -82,3 +82,104 @@ def test_demo_runs_quickly(tmp_path, capsys):
     assert verdicts["normal"] in ("exploding", "saturated")
     assert (tmp_path / "report-critical.html").exists()
     assert "after 3 steps of SGD" in capsys.readouterr().out
+
+
+BAD = [
+    (["check", "mlp:width=-4"], "width=-4 must be at least 1"),
+    (["check", "mlp:width=0"], "width=0 must be at least 1"),
+    (["check", "mlp:depth=-3"], "depth=-3 must be at least 1"),
+    (["check", "mlp:depth=abc"], "depth='abc' must be a whole number"),
+    (["check", "mlp:depth=100000"], "GiB"),
+    (["check", "transformer:d_model=30,heads=4"], "not divisible by heads=4"),
+    (["check", "--batch", "-1"], "positive whole number"),
+    (["check", "--input-shape", "-5"], "positive integers"),
+    (["check", "--input-shape", "3,x"], "positive integers"),
+    (["theory", "tanh", "--sigma-w2", "nan"], "finite number"),
+    (["theory", "tanh", "--sigma-b2", "-1"], ">= 0"),
+    (["demo", "--steps", "-1"], "positive whole number"),
+    (["lab", "run", "explode", "--set", "n=abc"], "n='abc' must be a whole number"),
+]
+
+
+def _run_cli(args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "signalprop.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_bad_input_exits_2_with_one_clear_line(tmp_path, capsys):
+    for args, msg in BAD:
+        assert main(args + (["--out", str(tmp_path / "lab")] if args[0] == "lab" else [])) == 2, args
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err, (args, err)
+    assert not (tmp_path / "lab").exists()  # a rejected --set leaves no config behind
+
+
+def test_bad_output_paths_are_refused_before_any_work(tmp_path, capsys):
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    for args in (["check", "mlp:depth=2,width=8", "--html", str(f / "r.html")],
+                 ["check", "mlp:depth=2,width=8", "--html", str(tmp_path)],
+                 ["check", "mlp:depth=2,width=8", "--json", str(f / "r.json")],
+                 ["theory", "tanh", "--plot", str(f / "p.png")],
+                 ["demo", "--out", str(f)]):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert ("is a file" in err or "is a directory" in err) and "Traceback" not in err
+
+
+def test_user_modules_that_fail_are_named(tmp_path, capsys):
+    (tmp_path / "raises.py").write_text("raise RuntimeError('boom at import')\n")
+    (tmp_path / "syntax.py").write_text("def f(:\n")
+    (tmp_path / "names.py").write_text("x = undefined_name\n")
+    (tmp_path / "facs.py").write_text("import torch\ndef bad():\n    raise NameError('inside')\n"
+                                      "def good(width=4):\n    return torch.nn.Linear(width, 3), torch.randn(5, width)\n")
+    for spec, msg in (("raises:f", "RuntimeError: boom at import"), ("syntax:f", "SyntaxError"),
+                      ("names:f", "NameError"), ("facs:bad", "raised NameError: inside"),
+                      ("facs:good:width", "KEY=VALUE"), ("facs:nothing", "no callable 'nothing'")):
+        r = _run_cli(["check", spec], cwd=tmp_path)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, (spec, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = _run_cli(["check", "facs:good:width=6"], cwd=tmp_path)
+    assert r.returncode == 0 and "Linear" in r.stdout
+
+
+def test_seed_seeds_the_model_too(capsys):
+    outs = []
+    for _ in range(2):
+        assert main(["check", "mlp:depth=3,width=16,act=tanh", "--seed", "5", "--json", "/dev/stdout"]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1]
+
+
+def test_errors_keep_square_brackets_and_version(capsys):
+    assert main(["lab", "run", "explode", "--set", "factors=[1]"]) == 2
+    assert "[1]" in capsys.readouterr().err
+    r = _run_cli(["--version"])
+    assert r.returncode == 0 and r.stdout.startswith("signalprop ")
+
+
+def test_theory_always_shows_numbers_and_explains_both_critical_points(capsys):
+    assert main(["theory", "silu"]) == 0
+    out = capsys.readouterr().out
+    assert "critical_init_sigma_w2" in out and "gain_forward" in out and "E[phi]" in out
+
+
+def test_terminal_output_wraps_instead_of_cropping_and_elides_once():
+    import signalprop as sp
+    from signalprop.lab.models import build
+    from signalprop.report.terminal import render_text
+
+    b = build("mlp:depth=50,width=32,act=sigmoid", batch=16)
+    report = sp.check(b.model, b.inputs)
+    assert len(report.layers) == 101
+    for width in (80, 120):
+        text = render_text(report, width)
+        lines = text.splitlines()
+        assert max(len(line) for line in lines) <= width, width
+        assert "…" not in "".join(line for line in lines if "Linear" in line or "Sigmoid" in line)  # no cropped cell
+        rows = [line.split()[0] for line in lines
+                if line.strip() and line.split()[0].isdigit() and ("Linear" in line or "Sigmoid" in line)]
+        assert rows[0] == "0" and rows[-1] == "100"  # first and last rows always shown
+        assert sum(1 for line in lines if line.strip().startswith("…")) == 1  # one line for the elided middle
+        assert "rows not shown: 10 .. 90 (81 rows" in text.replace("\n", " ")
+        # the fix line wraps at word boundaries: the suggestion's words survive intact
+        assert "signalprop.init.critical_(model," in text

@@ -8,11 +8,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
@@ -29,12 +31,60 @@ def _fmt(v: Any, digits: int = 6) -> str:
 
 
 def _kv_table(title: str, d: dict[str, Any]) -> Table:
-    t = Table(title=title, show_header=False)
+    t = Table(title=escape(title), show_header=False)
     t.add_column("quantity", style="bold")
     t.add_column("value")
     for k, v in d.items():
-        t.add_row(k, _fmt(v))
+        t.add_row(escape(k), escape(_fmt(v)))
     return t
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {v}")
+    return v
+
+
+def _finite_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return v
+
+
+def _out_file(path: str | None, what: str) -> Path | None:
+    """An output file path that can be written: refused before any work
+    when it is a directory or lies under a regular file."""
+    if not path:
+        return None
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{what} {path!r} is a directory; give a file name, e.g. {Path(path) / 'report'}")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"{what} {path!r}: {str(parent)!r} is a file, not a folder")
+            break
+    return p
+
+
+def _out_dir(path: str, what: str) -> Path:
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"{what} {path!r} is a file, not a folder")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"{what} {path!r}: {str(parent)!r} is a file, not a folder")
+            break
+    return p
 
 
 # ---- theory -----------------------------------------------------------------
@@ -42,8 +92,13 @@ def _kv_table(title: str, d: dict[str, Any]) -> Table:
 def cmd_theory(args: argparse.Namespace, out: Console) -> int:
     from . import theory
 
+    if args.sigma_b2 < 0:
+        raise UsageError(f"--sigma-b2 must be >= 0, got {args.sigma_b2}")
+    if args.sigma_w2 is not None and args.sigma_w2 <= 0:
+        raise UsageError(f"--sigma-w2 must be > 0, got {args.sigma_w2}")
+    plot = _out_file(args.plot, "--plot")
     summary = theory.summarize(args.act, args.sigma_b2, args.sigma_w2)
-    if args.plot:
+    if plot is not None:
         import numpy as np
 
         from .report.figures import plot_phase_diagram
@@ -51,14 +106,17 @@ def cmd_theory(args: argparse.Namespace, out: Console) -> int:
         w = np.linspace(0.25, 4.0 if summary["critical_sigma_w2"] is None else
                         max(4.0, 2.5 * summary["critical_sigma_w2"]), 100)
         b = np.linspace(0.0, 0.5, 100)
-        plot_phase_diagram(theory.phase_diagram(args.act, w, b), Path(args.plot))
+        plot_phase_diagram(theory.phase_diagram(args.act, w, b), plot)
         summary["plot"] = args.plot
     if args.json:
         from .records import _clean
 
         out.print_json(json.dumps(_clean(summary)))
     else:
+        about = summary.pop("about", None)
         out.print(_kv_table(f"mean-field theory: {summary['activation']}", summary))
+        if about:
+            out.print(escape(about), highlight=False)
     return EXIT_OK
 
 
@@ -70,6 +128,8 @@ def _parse_sets(items: Sequence[str]) -> dict[str, Any]:
         if "=" not in item:
             raise UsageError(f"--set expects KEY=VALUE, got {item!r}")
         k, v = item.split("=", 1)
+        if not k.isidentifier():
+            raise UsageError(f"--set expects KEY=VALUE with a field name as KEY, got {item!r}")
         try:
             out[k] = json.loads(v)
         except json.JSONDecodeError:
@@ -88,7 +148,7 @@ def cmd_lab(args: argparse.Namespace, out: Console) -> int:
             t.add_row(name, exp.summary)
         out.print(t)
         return EXIT_OK
-    dest = Path(args.out or f"lab-out/{args.name}")
+    dest = _out_dir(args.out or f"lab-out/{args.name}", "--out")
     from .report.progress import progress_bar
 
     with progress_bar(out) as bar:
@@ -100,9 +160,9 @@ def cmd_lab(args: argparse.Namespace, out: Console) -> int:
         for row in results["table"]["rows"]:
             t.add_row(*("-" if v is None else str(v) for v in row))
         out.print(t)
-    out.print(f"[bold]{args.name}[/bold]: results in {dest}/results.json")
+    out.print(f"[bold]{escape(args.name)}[/bold]: results in {escape(str(dest))}/results.json")
     for line in results.get("headline", []):
-        out.print(f"  {line}")
+        out.print(f"  {escape(str(line))}", highlight=False)
     return EXIT_OK
 
 
@@ -114,10 +174,14 @@ DEFAULT_MODEL = "mlp:depth=50,width=256,act=sigmoid,init=normal"
 def _shape(text: str | None) -> tuple[int, ...] | None:
     if not text:
         return None
+    parts = text.replace("x", ",").split(",")
     try:
-        return tuple(int(v) for v in text.replace("x", ",").split(",") if v)
-    except ValueError as e:
-        raise UsageError(f"--input-shape expects integers like 3,32,32, got {text!r}") from e
+        dims = tuple(int(v) for v in parts)
+    except ValueError:
+        raise UsageError(f"--input-shape expects positive integers like 3,32,32, got {text!r}") from None
+    if any(d < 1 for d in dims):
+        raise UsageError(f"--input-shape expects positive integers like 3,32,32, got {text!r}")
+    return dims
 
 
 def cmd_check(args: argparse.Namespace, out: Console) -> int:
@@ -125,16 +189,20 @@ def cmd_check(args: argparse.Namespace, out: Console) -> int:
     from .lab.models import build
     from .report.terminal import renderable
 
+    json_path, html_path = _out_file(args.json, "--json"), _out_file(args.html, "--html")
+    if not 0 < args.low < args.high:
+        raise UsageError(f"--low and --high must satisfy 0 < low < high, got {args.low} and {args.high}")
     built = build(args.model, batch=args.batch, seed=args.seed, init=args.init, input_shape=_shape(args.input_shape))
     report = check(built.model, built.inputs, bounds=(args.low, args.high), spectrum=args.spectrum)
-    out.print(f"[bold]signalprop check[/bold] {built.spec}" + (f" (init: {args.init})" if args.init else ""))
-    out.print(renderable(report))
-    if args.json:
-        report.to_json(args.json)
-        out.print(f"JSON: {args.json}")
-    if args.html:
-        report.save_html(args.html)
-        out.print(f"HTML report: {args.html}")
+    out.print(f"[bold]signalprop check[/bold] {escape(built.spec)}" +
+              (f" (init: {escape(args.init)})" if args.init else ""))
+    out.print(renderable(report, out.width))
+    if json_path is not None:
+        report.to_json(json_path)
+        out.print(f"JSON: {escape(str(json_path))}")
+    if html_path is not None:
+        report.save_html(html_path)
+        out.print(f"HTML report: {escape(str(html_path))}")
     return EXIT_OK if report.verdict == "healthy" else EXIT_PROBLEMS
 
 
@@ -145,7 +213,7 @@ def cmd_demo(args: argparse.Namespace, out: Console) -> int:
     from .report.progress import progress_bar
 
     cfg = DemoConfig(steps=args.steps)
-    dest = Path(args.out)
+    dest = _out_dir(args.out, "--out")
     out.rule("[bold]signalprop demo[/bold]: why a deep sigmoid network will not train, and the fix")
     out.print("The seed's two demonstrations first (figures in the output folder):")
     with progress_bar(out) as bar:
@@ -179,38 +247,48 @@ def cmd_demo(args: argparse.Namespace, out: Console) -> int:
 
 # ---- parser -----------------------------------------------------------------
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("signalprop")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="signalprop",
         description="Keep deep networks numerically stable: diagnose, initialize, predict.",
         epilog="Exit codes: 0 healthy/success, 1 problems found, 2 usage or input error.",
     )
+    p.add_argument("--version", action="version", version=f"signalprop {_version()}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     d = sub.add_parser("demo", help="the main job on built-in defaults: diagnose and fix a deep sigmoid MLP")
     d.add_argument("--out", default="demo-out", help="folder for figures, JSON and HTML (default: demo-out)")
-    d.add_argument("--steps", type=int, default=200, help="training steps per initialization (default 200)")
+    d.add_argument("--steps", type=_positive_int, default=200, help="training steps per initialization (default 200)")
     d.set_defaults(func=cmd_demo)
 
     c = sub.add_parser("check", help="diagnose a model layer by layer (exit 1 when problems are found)")
     c.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help="built-in spec (mlp:..., cnn:..., resmlp:..., transformer:...) or package.module:factory "
-                        f"(default: {DEFAULT_MODEL})")
+                        f"[:key=value,...] (default: {DEFAULT_MODEL})")
     c.add_argument("--input-shape", help="shape of one example, e.g. 3,32,32 (factories without inputs)")
-    c.add_argument("--batch", type=int, default=64, help="batch size of the random example inputs (default 64)")
+    c.add_argument("--batch", type=_positive_int, default=64, help="batch size of the random example inputs (default 64)")
     c.add_argument("--seed", type=int, default=0, help="seed for inputs and initialization (default 0)")
     c.add_argument("--init", help="re-initialize first: an apply_ scheme, critical, lsuv or default")
     c.add_argument("--json", metavar="PATH", help="write the full report as JSON")
     c.add_argument("--html", metavar="PATH", help="write a self-contained HTML report")
     c.add_argument("--spectrum", action="store_true", help="also read the input-output Jacobian's singular values")
-    c.add_argument("--low", type=float, default=1e-6, help="lowest healthy gradient RMS (default 1e-6)")
-    c.add_argument("--high", type=float, default=1e3, help="highest healthy gradient RMS (default 1e3)")
+    c.add_argument("--low", type=_finite_float, default=1e-6, help="lowest healthy gradient RMS (default 1e-6)")
+    c.add_argument("--high", type=_finite_float, default=1e3, help="highest healthy gradient RMS (default 1e3)")
     c.set_defaults(func=cmd_check)
 
     t = sub.add_parser("theory", help="mean-field numbers for an activation")
     t.add_argument("act", help="activation name, e.g. tanh, relu, sigmoid, gelu, leaky_relu(0.2)")
-    t.add_argument("--sigma-b2", type=float, default=0.0, help="bias variance sigma_b^2 (default 0)")
-    t.add_argument("--sigma-w2", type=float, default=None,
+    t.add_argument("--sigma-b2", type=_finite_float, default=0.0, help="bias variance sigma_b^2 (default 0)")
+    t.add_argument("--sigma-w2", type=_finite_float, default=None,
                    help="weight variance sigma_w^2 (default: the critical value at --sigma-b2)")
     t.add_argument("--json", action="store_true", help="print JSON instead of a table")
     t.add_argument("--plot", metavar="PATH", help="write the order-to-chaos phase diagram as a PNG")
@@ -231,13 +309,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    out = Console(soft_wrap=True)
-    err = Console(stderr=True)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse's own errors (exit 2), --help and --version (exit 0)
+        return int(e.code) if isinstance(e.code, int) else EXIT_USAGE
+    from .report.terminal import terminal_width
+
+    out = Console(width=None if sys.stdout.isatty() and "COLUMNS" not in os.environ else terminal_width())
+    err = Console(stderr=True, soft_wrap=True)  # one line per error, however long
     try:
         return int(args.func(args, out))
-    except (UsageError, ValueError, TypeError, FileNotFoundError, ImportError) as e:
-        err.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
+    except (UsageError, ValueError, FileNotFoundError, ImportError) as e:
+        # bad input; anything else (TypeError included) is a bug and keeps its traceback
+        err.print(f"[red]error:[/red] {escape(str(e))}", markup=True, highlight=False)
         return EXIT_USAGE
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +127,57 @@ def _parse_value(v: str) -> Any:
     return v
 
 
+# options that count something: positive integers (``in``: None means "= width")
+_COUNTS = {"depth", "width", "blocks", "channels", "size", "in_channels", "out", "layers", "d_model", "heads",
+           "vocab", "seq", "in"}
+_RESIDUALS = ("none", "fixup", "skipinit")
+MEMORY_FRACTION = 0.5  # refuse a model whose estimated footprint exceeds this share of the machine's memory
+
+
+def _machine_memory() -> int:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # not POSIX: assume a modest machine
+        return 16 << 30
+
+
+def estimate_bytes(kind: str, o: dict[str, Any], batch: int) -> int:
+    """A float32 estimate of what check needs: parameters (and their
+    gradients) plus every layer's output and its gradient for the batch."""
+    if kind == "mlp":
+        n_in = o["in"] or o["width"]
+        params = o["depth"] * o["width"] * (o["width"] + 1) + n_in * o["width"]
+        acts = 2 * o["depth"] * batch * o["width"]
+    elif kind == "resmlp":
+        params = o["blocks"] * 2 * o["width"] * (o["width"] + 1)
+        acts = 5 * o["blocks"] * batch * o["width"]
+    elif kind == "cnn":
+        params = o["depth"] * o["channels"] * (o["channels"] * 9 + 1)
+        acts = 2 * o["depth"] * batch * o["channels"] * o["size"] ** 2
+    else:
+        params = o["layers"] * 12 * o["d_model"] ** 2 + o["vocab"] * o["d_model"]
+        acts = o["layers"] * batch * o["seq"] * (16 * o["d_model"] + 2 * o["heads"] * o["seq"])
+    return 4 * (2 * params + 2 * acts)
+
+
+def _check_options(kind: str, o: dict[str, Any]) -> None:
+    for k in sorted(_COUNTS & set(o)):
+        v = o[k]
+        if k == "in" and v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"{kind} option {k}={v!r} must be a whole number")
+        if v < 1:
+            raise ValueError(f"{kind} option {k}={v} must be at least 1")
+    if "act" in o and o["act"] not in _ACT_NAMES:
+        raise ValueError(f"unknown act {o['act']!r}; choose from {_ACT_NAMES}")
+    if "residual" in o and o["residual"] not in _RESIDUALS:
+        raise ValueError(f"unknown residual {o['residual']!r}; choose from {list(_RESIDUALS)}")
+    if kind == "transformer" and o["d_model"] % o["heads"]:
+        raise ValueError(f"transformer: d_model={o['d_model']} is not divisible by heads={o['heads']} "
+                         "(each head gets d_model / heads dimensions)")
+
+
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     kind, _, rest = spec.partition(":")
     if kind not in _DEFAULTS:
@@ -139,8 +191,7 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
         if k not in opts:
             raise ValueError(f"{kind} has no option {k!r}; options: {sorted(opts)}")
         opts[k] = _parse_value(v)
-    if "act" in opts and opts["act"] not in _ACT_NAMES:
-        raise ValueError(f"unknown act {opts['act']!r}; choose from {_ACT_NAMES}")
+    _check_options(kind, opts)
     return kind, opts
 
 
@@ -166,13 +217,33 @@ def _initialize(model: nn.Module, init: str, inputs: Any, generator: torch.Gener
 def build(spec: str, *, batch: int = 64, seed: int = 0, init: str | None = None,
           input_shape: tuple[int, ...] | None = None) -> Built:
     """A built-in model from its spec, or ``package.module:factory`` from the
-    user's code (the factory returns a model, or ``(model, inputs)``), with
-    example inputs drawn from ``seed``."""
+    user's code (the factory returns a model, or ``(model, inputs)``; keyword
+    arguments as ``package.module:factory:key=value,key=value``), with
+    example inputs drawn from ``seed``; the model is built under
+    ``torch.manual_seed(seed)`` too (the global RNG is restored after), so
+    one seed gives one model."""
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive whole number, got {batch!r}")
+    if input_shape is not None and any(isinstance(d, bool) or not isinstance(d, int) or d < 1
+                                       for d in input_shape):
+        raise ValueError(f"input shape must be positive whole numbers, got {input_shape}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _build(spec, batch, seed, init, input_shape)
+
+
+def _build(spec: str, batch: int, seed: int, init: str | None, input_shape: tuple[int, ...] | None) -> Built:
     g = torch.Generator().manual_seed(seed)
     kind = spec.partition(":")[0]
     if kind not in _DEFAULTS and ":" in spec:
         return _factory(spec, batch, g, input_shape, init)
     kind, o = parse_spec(spec)
+    need = estimate_bytes(kind, o, batch)
+    have = _machine_memory()
+    if need > MEMORY_FRACTION * have:
+        raise ValueError(f"{spec} at batch {batch} needs about {need / 2**30:.1f} GiB (parameters, outputs and "
+                         f"their gradients in float32), more than half of this machine's {have / 2**30:.1f} GiB: "
+                         "make it smaller")
     init = init or o.get("init", "default")
     if kind == "mlp":
         n_in = o["in"] or o["width"]
@@ -194,14 +265,27 @@ def build(spec: str, *, batch: int = 64, seed: int = 0, init: str | None = None,
 
 def _factory(spec: str, batch: int, g: torch.Generator, input_shape: tuple[int, ...] | None,
              init: str | None) -> Built:
-    mod_name, _, attr = spec.partition(":")
+    mod_name, _, rest = spec.partition(":")
+    attr, _, arg_text = rest.partition(":")
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, arg_text.split(",")):
+        k, sep, v = item.partition("=")
+        if not sep or not k.isidentifier():
+            raise ValueError(f"factory argument {item!r} in {spec!r} is not KEY=VALUE")
+        kwargs[k] = _parse_value(v)
     if str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
     try:
-        fn = getattr(importlib.import_module(mod_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"cannot load {spec!r}: {e}") from e
-    out = fn()
+        module = importlib.import_module(mod_name)
+    except Exception as e:  # noqa: BLE001 - the user's module failed to import: say so, whatever it raised
+        raise ValueError(f"cannot import {mod_name!r} for {spec!r}: {type(e).__name__}: {e}") from e
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"{mod_name!r} has no callable {attr!r} (from {spec!r})")
+    try:
+        out = fn(**kwargs)
+    except Exception as e:  # noqa: BLE001 - the user's factory failed: name it and what it raised
+        raise ValueError(f"the factory {spec!r} raised {type(e).__name__}: {e}") from e
     model, inputs = (out if isinstance(out, tuple) and len(out) == 2 else (out, None))
     if not isinstance(model, nn.Module):
         raise ValueError(f"{spec} returned {type(model).__name__}, not an nn.Module (or (model, inputs))")

@@ -49,6 +49,31 @@ def environment() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+def _check_type(exp: str, key: str, value: Any, default: Any) -> None:
+    """An override must have its field's type (an int where the default is
+    one, a number for floats, a list for sequences): checked before anything
+    is written or run."""
+    def bad(what: str) -> ValueError:
+        return ValueError(f"experiment {exp!r}: {key}={value!r} must be {what} (default {default!r})")
+
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise bad("true or false")
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("a whole number")
+        if default > 0 and value < 1:
+            raise bad("a positive whole number")
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise bad("a number")
+    elif isinstance(default, (list, tuple)):
+        if not isinstance(value, (list, tuple)):
+            raise bad("a JSON list, e.g. [1, 2]")
+    elif isinstance(default, str) and not isinstance(value, str):
+        raise bad("a string")
+
+
 def run_experiment(name: str, out: str | Path, *, quick: bool = False, progress: Any = None,
                    **overrides: Any) -> dict[str, Any]:
     """Run experiment ``name`` and save config, results and figures under ``out``."""
@@ -61,12 +86,20 @@ def run_experiment(name: str, out: str | Path, *, quick: bool = False, progress:
     bad = sorted(set(kwargs) - valid)
     if bad:
         raise ValueError(f"experiment {name!r} has no option(s) {bad}; options: {sorted(valid)}")
+    defaults = exp.config_cls()
+    for k, v in overrides.items():
+        _check_type(name, k, v, getattr(defaults, k))
     config = exp.config_cls(**kwargs)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"experiment": name, "quick": quick, "config": dataclasses.asdict(config),
             "environment": environment()}
-    (out_dir / "config.json").write_text(json.dumps(_clean(meta), indent=2))
-    results = exp.run(config, out_dir, progress)
+    cfg_path = out_dir / "config.json"
+    cfg_path.write_text(json.dumps(_clean(meta), indent=2))
+    try:
+        results = exp.run(config, out_dir, progress)
+    except BaseException:  # a failed or interrupted run leaves no config claiming results
+        cfg_path.unlink(missing_ok=True)
+        raise
     (out_dir / "results.json").write_text(json.dumps(_clean(results), indent=2))
     return results
