@@ -55,3 +55,92 @@ def test_critical_says_when_an_activation_is_unknown():
     model = nn.Sequential(nn.Linear(16, 16), nn.Softmax(dim=-1), nn.Linear(16, 4))
     s = sp.init.critical_(model, torch.randn(32, 16))
     assert any("unknown activation(s) Softmax" in n for n in s.notes)
+
+
+def _snapshot(model: nn.Module) -> list[torch.Tensor]:
+    return [t.detach().clone() for t in [*model.parameters(), *model.buffers()]]
+
+
+def _same(model: nn.Module, snap: list[torch.Tensor]) -> bool:
+    return all(torch.equal(a, b) for a, b in zip([*model.parameters(), *model.buffers()], snap))
+
+
+def test_grouped_conv_transpose_gets_a_critical_init():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.Sigmoid(), nn.ConvTranspose2d(8, 8, 3, groups=2, padding=1),
+                      nn.Sigmoid(), nn.Conv2d(8, 4, 3, padding=1))
+    x = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    sp.init.critical_(m, x, generator=torch.Generator().manual_seed(0))  # used to crash halfway
+    assert sp.check(m, x).verdict == "healthy"
+
+
+def test_whole_model_initializers_are_all_or_nothing(monkeypatch):
+    import signalprop.init.critical as crit
+
+    m = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+    snap = _snapshot(m)
+    real, calls = crit._draw, []
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected failure in the second layer")
+        return real(*a, **k)
+
+    monkeypatch.setattr(crit, "_draw", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        sp.init.critical_(m, torch.randn(4, 8))
+    assert len(calls) == 2 and _same(m, snap)  # the first layer's draw was undone
+
+
+def test_lsuv_interrupted_restores_everything():
+    m = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).train()
+    snap = _snapshot(m)
+
+    def interrupt(*a):
+        raise KeyboardInterrupt
+
+    h = m[2].register_forward_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        sp.init.lsuv_(m, torch.randn(32, 8))
+    h.remove()
+    assert _same(m, snap) and m.training
+
+
+def test_lsuv_refuses_non_finite_inputs_and_writes_nothing():
+    m = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    snap = _snapshot(m)
+    x = torch.randn(32, 8)
+    x[3, 5] = float("nan")
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        sp.init.lsuv_(m, x)
+    assert _same(m, snap) and all(torch.isfinite(p).all() for p in m.parameters())
+
+
+@pytest.mark.parametrize("how", ["weight_norm", "spectral_norm"])
+def test_parametrised_weights_are_initialised_through_their_parametrisation(how):
+    from torch.nn.utils import parametrizations as P
+
+    wrap = getattr(P, how)
+    torch.manual_seed(0)
+    m = nn.Sequential(*[wrap(nn.Linear(32, 32)) if i % 2 == 0 else nn.Tanh() for i in range(8)])
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(1))
+    s = sp.init.apply_(m, "orthogonal", generator=torch.Generator().manual_seed(0))
+    w = m[0].weight.detach()
+    if how == "weight_norm":  # the computed weight is exactly the orthogonal draw
+        torch.testing.assert_close(w @ w.T, torch.eye(32), atol=1e-5, rtol=0)
+    assert "set through its parametrisation" in s.params[0].note and not s.skipped
+    before = m[0].weight.detach().clone()
+    sp.init.critical_(m, x, generator=torch.Generator().manual_seed(2))
+    assert not torch.equal(before, m[0].weight.detach())  # it changed the weight the layer computes with
+    assert sp.check(m, x).verdict == "healthy" and len(sp.check(m, x).layers) == 8
+
+
+def test_tied_weights_are_initialised_once_and_said():
+    transformers = pytest.importorskip("transformers")
+    g = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100,
+                                                             bos_token_id=0, eos_token_id=0))
+    s = sp.init.apply_(g, "xavier_normal", generator=torch.Generator().manual_seed(0))
+    names = [r.name for r in s.params]
+    assert "transformer.wte.weight" in names and "lm_head.weight" not in names
+    assert any("lm_head.weight is the same tensor as transformer.wte.weight" in n for n in s.notes)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from ..records import InitSummary, ParamInit
+from ._transaction import check_generator, is_parametrized, transactional, writable
 from .defaults import torch_default_
 from .fans import _CONV, ParamSpec, param_specs
 from .gains import gain as _gain
@@ -48,7 +49,10 @@ def scheme_names() -> list[str]:
 def _parse(scheme: str) -> tuple[str, float | None]:
     m = _NORMAL_RE.match(scheme)
     if m:
-        return "normal", float(m.group(1)) if m.group(1) else 1.0
+        std = float(m.group(1)) if m.group(1) else 1.0
+        if not 0 < std < math.inf:
+            raise ValueError(f"{scheme!r}: the standard deviation must be a positive finite number, got {std}")
+        return "normal", std
     if scheme in SCHEMES or scheme in ("torch_default", "critical"):
         return scheme, None
     raise ValueError(f"unknown scheme {scheme!r}; choose one of {scheme_names()}")
@@ -56,7 +60,24 @@ def _parse(scheme: str) -> tuple[str, float | None]:
 
 def _plan_param(full: str, spec: ParamSpec, scheme: str, std_naive: float | None, g: float,
                 owner: nn.Module) -> tuple[Callable[[torch.Generator | None], None], list[ParamInit]]:
-    """What to do with one parameter; raises before anything is written."""
+    """What to do with one parameter; raises before anything is written.  A
+    parametrised weight (weight_norm, spectral_norm) is drawn into a copy and
+    assigned back through its parametrisation."""
+    if not is_parametrized(owner, spec.name):
+        return _plan_plain(full, spec, scheme, std_naive, g, owner)
+    _, recs = _plan_plain(full, replace(spec, tensor=getattr(owner, spec.name).detach().clone()), scheme,
+                          std_naive, g, owner)
+
+    def through(gen: torch.Generator | None) -> None:
+        with writable(owner, spec.name) as buf:
+            _plan_plain(full, replace(spec, tensor=buf), scheme, std_naive, g, owner)[0](gen)
+
+    return through, [replace(r, note=(r.note + "; " if r.note else "") + "set through its parametrisation")
+                     for r in recs]
+
+
+def _plan_plain(full: str, spec: ParamSpec, scheme: str, std_naive: float | None, g: float,
+                owner: nn.Module) -> tuple[Callable[[torch.Generator | None], None], list[ParamInit]]:
     t = spec.tensor
     if spec.role in ("bias", "norm_bias"):
         return (lambda gen: t.zero_()), [ParamInit(full, tuple(t.shape), None, None, 0.0, "zeros")]
@@ -92,6 +113,7 @@ def _plan_param(full: str, spec: ParamSpec, scheme: str, std_naive: float | None
     return run, [ParamInit(full, tuple(t.shape), *fans, std, dist, note)]
 
 
+@transactional
 def apply_(model: nn.Module, scheme: str, *, activation: Any = None,
            generator: torch.Generator | None = None, residual: str | None = None) -> InitSummary:
     """Initialize every parameter of ``model`` with ``scheme`` and per-layer fans.
@@ -119,6 +141,7 @@ def apply_(model: nn.Module, scheme: str, *, activation: Any = None,
     if not isinstance(scheme, str):
         raise ValueError(f"scheme must be a string, one of {scheme_names()}; got {scheme!r}")
     name, std_naive = _parse(scheme)
+    check_generator(model, generator)
     if residual is not None:
         from .residual import _MODES, residual_branches
 
@@ -145,15 +168,21 @@ def apply_(model: nn.Module, scheme: str, *, activation: Any = None,
     specs, skipped = param_specs(model)
     plan: list[Callable[[torch.Generator | None], None]] = []
     records: list[ParamInit] = []
+    first: dict[int, str] = {}
+    notes = []
     for full, spec in specs:
         owner = owners.get(full[: len(full) - len(spec.name)], model)
+        key = id(spec.tensor) if not is_parametrized(owner, spec.name) else id(owner)
+        if key in first:  # a tied tensor (GPT-2's lm_head and wte): drawn once, by its first user
+            notes.append(f"{full} is the same tensor as {first[key]} (tied): initialised once, as {first[key]}")
+            continue
+        first[key] = full
         run, recs = _plan_param(full, spec, name, std_naive, g, owner)
         plan.append(run)
         records += recs
     with torch.no_grad():
         for run in plan:
             run(generator)
-    notes = []
     if activation is not None and name in SCHEMES and SCHEMES[name].uses_activation:
         notes.append(f"gain {g:.6g} = signalprop.init.gain({activation!r})")
     return _with_residual(InitSummary(scheme, tuple(records), tuple(skipped), notes=tuple(notes)), model, residual)

@@ -11,6 +11,7 @@ from torch import nn
 from .. import activations as _act
 from ..records import InitSummary, LayerInit, ParamInit
 from ..theory.critical import CriticalPoint, critical_point
+from ._transaction import check_generator, is_parametrized, transactional, writable
 from .detect import WeightLayer, weight_layers
 from .fans import _CONVT, fans, param_specs
 from .orthogonal import _orthogonal_fill
@@ -39,8 +40,13 @@ def _draw(layer: WeightLayer, sigma_w2: float, sigma_b2: float, mean: float | No
     Jacobian keeps every direction; without a bias the weights annihilate
     the all-ones direction instead (orthogonal on its complement).
     """
+    with writable(layer.module, "weight") as w:  # through a parametrisation (weight_norm ...) when there is one
+        return _draw_into(layer, w, sigma_w2, sigma_b2, mean, generator)
+
+
+def _draw_into(layer: WeightLayer, w: torch.Tensor, sigma_w2: float, sigma_b2: float, mean: float | None,
+               generator: torch.Generator | None) -> str:
     m = layer.module
-    w: torch.Tensor = m.weight  # type: ignore[assignment]
     has_bias = getattr(m, "bias", None) is not None
     centered = mean is not None and not has_bias
     out_ch, in_ch = w.shape[0], w.shape[1]
@@ -69,12 +75,17 @@ def _draw(layer: WeightLayer, sigma_w2: float, sigma_b2: float, mean: float | No
             else:
                 b.zero_()
             if mean is not None:
-                b.sub_(mean * w.sum(dim=tuple(range(1, w.dim()))) if not transposed else
-                       mean * w.sum(dim=(0,) + tuple(range(2, w.dim()))))
+                if transposed:  # weight (in, out / groups, *k): output channel g * (out / groups) + j
+                    groups = getattr(m, "groups", 1)
+                    per_group = w.reshape(groups, w.shape[0] // groups, *w.shape[1:])
+                    b.sub_(mean * per_group.sum(dim=(1,) + tuple(range(3, per_group.dim()))).reshape(-1))
+                else:
+                    b.sub_(mean * w.sum(dim=tuple(range(1, w.dim()))))
                 kind += " (mean removed through the bias)"
     return kind + (" (mean-annihilating)" if centered else "")
 
 
+@transactional
 def critical_(model: nn.Module, inputs: Any = None, *, activation: Any = None,
               generator: torch.Generator | None = None, isometry: float = 0.25,
               q_star: float | None = None, residual: str | None = None) -> InitSummary:
@@ -113,6 +124,13 @@ def critical_(model: nn.Module, inputs: Any = None, *, activation: Any = None,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"critical_ takes an nn.Module, got {type(model).__name__}")
+    if isinstance(isometry, bool) or not isinstance(isometry, (int, float)) or not 0 < isometry < math.inf:
+        raise ValueError(f"isometry must be a positive number (the tolerated spread of the Jacobian's squared "
+                         f"singular values, e.g. 0.25), got {isometry!r}")
+    if q_star is not None and (isinstance(q_star, bool) or not isinstance(q_star, (int, float))
+                               or not 0 < q_star < math.inf):
+        raise ValueError(f"q_star must be a positive number or None, got {q_star!r}")
+    check_generator(model, generator)
     layers, notes = weight_layers(model, inputs, activation)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no Linear or Conv layers to initialize")
@@ -137,8 +155,20 @@ def critical_(model: nn.Module, inputs: Any = None, *, activation: Any = None,
             sb2 = out_cp.sigma_b2 if out_cp is not None else 0.0
             sw2 = max(target - sb2, 1e-12) / m2
             plan.append((l, sw2, sb2, None, out_cp, f"brings E[h^2] from {m2:.3g} to q* = {target:.3g}"))
+    names_of: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(n)
     records, layer_recs = [], []
+    drawn_ids: dict[int, str] = {}
     for l, sw2, sb2, mean, c, why in plan:
+        wid = id(l.module.weight) if not is_parametrized(l.module) else id(l.module)
+        if wid in drawn_ids:  # two layers share one weight: drawn once, by the first
+            notes.append(f"{l.name}.weight is tied to {drawn_ids[wid]}: initialised once, as {drawn_ids[wid]}")
+            continue
+        drawn_ids[wid] = f"{l.name}.weight"
+        others = [n for n in names_of.get(id(l.module.weight), []) if n != f"{l.name}.weight"]
+        if others:
+            notes.append(f"{l.name}.weight is tied to {', '.join(others)}: drawing it sets those too")
         kind = _draw(l, sw2, sb2, mean, generator)
         w = l.module.weight  # type: ignore[union-attr]
         fan_in, fan_out = fans(l.module)
@@ -156,7 +186,8 @@ def critical_(model: nn.Module, inputs: Any = None, *, activation: Any = None,
             notes.append(c.note)
     done = {id(p) for l in layers for p in l.module.parameters(recurse=False)}
     specs, unknown = param_specs(model)
-    skipped = unknown + [n for n, s in specs if id(s.tensor) not in done]
+    drawn = {f"{l.name}.{p}" if l.name else p for l in layers for p in ("weight", "bias")}  # parametrised too
+    skipped = unknown + [n for n, s in specs if id(s.tensor) not in done and n not in drawn]
     if residual is not None:
         from .residual import scale_residual_
 

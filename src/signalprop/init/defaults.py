@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from ._transaction import transactional
 from .fans import _CONV, _CONVT, _NORM, tensor_fans
 
 
@@ -63,6 +64,7 @@ def _reset(m: nn.Module, g: torch.Generator | None) -> bool:
     return True
 
 
+@transactional
 def torch_default_(module: nn.Module, generator: torch.Generator | None = None) -> list[str]:
     """Re-initialize ``module`` (recursively) exactly as torch's constructors do,
     drawing from ``generator``: Linear/Conv U(-1/sqrt(fan_in), 1/sqrt(fan_in))

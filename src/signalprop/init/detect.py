@@ -42,7 +42,7 @@ def _unknown_activation(m: nn.Module | None) -> _act.Activation | None:
     function it computes when it is deterministic and elementwise (theory
     then works from the function itself), else None."""
     if m is None or isinstance(m, WEIGHT_LAYERS + NEUTRAL) or any(True for _ in m.parameters()) \
-            or any(True for _ in m.children()):
+            or any(True for n, _ in m.named_children() if n != "parametrizations"):
         return None
     key = (type(m), m.extra_repr())
     if key not in _RESOLVED:
@@ -82,9 +82,12 @@ def _sequence_from_pass(model: nn.Module, inputs: Any) -> list[tuple[str, nn.Mod
 
 
 def _sequence_from_registration(model: nn.Module) -> list[tuple[str, nn.Module | None, _act.Activation | None, float | None]]:
+    from ..probe.recorder import leaf_modules
+
+    leaves = set(map(id, leaf_modules(model)))
     out = []
     for name, m in model.named_modules():
-        if any(True for _ in m.children()):
+        if id(m) not in leaves:
             continue
         known = _act.from_module(m)
         out.append((name, m, known if known is not None else _unknown_activation(m), None))

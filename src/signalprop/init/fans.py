@@ -139,7 +139,11 @@ def param_specs(model: nn.Module) -> tuple[list[tuple[str, ParamSpec]], list[str
     parameters owned by modules signalprop does not know."""
     known: list[tuple[str, ParamSpec]] = []
     unknown: list[str] = []
+    from torch.nn.utils.parametrize import ParametrizationList
+
     for mname, m in model.named_modules():
+        if isinstance(m, ParametrizationList):  # its owner's parametrised weight stands for it
+            continue
         specs = _module_specs(m)
         prefix = f"{mname}." if mname else ""
         if specs is None:

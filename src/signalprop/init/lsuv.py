@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..records import InitSummary, LayerInit
+from ._transaction import check_generator, transactional, writable
 from .fans import _CONVT, WEIGHT_LAYERS
 from .orthogonal import _orthogonal_fill
 
@@ -38,6 +39,7 @@ def _view(v: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:
     return v.reshape(shape)
 
 
+@transactional
 def lsuv_(model: nn.Module, inputs: Any, *, target: float = 1.0, tol: float = 0.05, max_iter: int = 10,
           per_channel: bool = False, mean_correction: bool = False, orthogonal: bool = True,
           generator: torch.Generator | None = None) -> InitSummary:
@@ -64,6 +66,14 @@ def lsuv_(model: nn.Module, inputs: Any, *, target: float = 1.0, tol: float = 0.
     if not (target > 0 and 0 < tol < 1 and max_iter >= 1):
         raise ValueError(f"need target > 0, 0 < tol < 1 and max_iter >= 1; got target={target}, tol={tol}, "
                          f"max_iter={max_iter}")
+    from ..probe.check import _tensors_of
+
+    check_generator(model, generator)
+
+    bad = [t for t in _tensors_of(inputs) if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"lsuv_: the calibration inputs contain NaN/Inf ({int((~torch.isfinite(bad[0])).sum())} "
+                         f"entries of a tensor of shape {tuple(bad[0].shape)}): LSUV would scale the weights by them")
     names = {m: n for n, m in model.named_modules()}
     layers = [m for m in model.modules() if isinstance(m, WEIGHT_LAYERS)]
     if not layers:
@@ -85,6 +95,9 @@ def lsuv_(model: nn.Module, inputs: Any, *, target: float = 1.0, tol: float = 0.
             var, mean = _per_channel(y, dim)
         else:
             var, mean = torch.var_mean(y, unbiased=False)
+        if not bool(torch.isfinite(var).all()):
+            raise ValueError(f"lsuv_: the output of {names.get(m, '?')} ({type(m).__name__}) on the calibration "
+                             "inputs is non-finite, so no finite scale exists; the model is left unchanged")
         if bool((var <= 0).any()):
             status[m] = "zero output variance: left as is"
             return None
@@ -94,9 +107,8 @@ def lsuv_(model: nn.Module, inputs: Any, *, target: float = 1.0, tol: float = 0.
             return None
         changed.append(m)
         s = torch.sqrt(target / var)
-        w: torch.Tensor = m.weight  # type: ignore[assignment]
         b = getattr(m, "bias", None)
-        with torch.no_grad():
+        with torch.no_grad(), writable(m, "weight") as w:  # through a parametrisation when there is one
             out_dim = 1 if isinstance(m, _CONVT) else 0
             sw = _view(s, w, out_dim) if per_channel else s
             w.mul_(sw.to(w.dtype))
@@ -120,8 +132,8 @@ def lsuv_(model: nn.Module, inputs: Any, *, target: float = 1.0, tol: float = 0.
             if orthogonal:
                 with torch.no_grad():
                     for m in layers:
-                        w = m.weight
-                        _orthogonal_fill(w, 1.0, generator)
+                        with writable(m, "weight") as w:
+                            _orthogonal_fill(w, 1.0, generator)
                         if getattr(m, "bias", None) is not None:
                             m.bias.zero_()  # type: ignore[union-attr]
             handles = [m.register_forward_hook(hook) for m in layers]
@@ -137,7 +149,7 @@ def lsuv_(model: nn.Module, inputs: Any, *, target: float = 1.0, tol: float = 0.
             finally:
                 for h in handles:
                     h.remove()
-        except Exception:
+        except BaseException:  # KeyboardInterrupt too
             with torch.no_grad():
                 for p, v in saved:
                     p.copy_(v)

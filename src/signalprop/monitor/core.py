@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ..probe.check import (CallArgs, ModelError, _finalise, _gather, _layer_stats, _norms, _ParamNorms, _run,
-                           check_limits)
+                           check_limits, check_model)
 from ..probe.diagnose import diagnose
 from ..probe.distributed import GRAD_NORM, MEAN, SUM, Reduction, local, norm_kind, resolve_group, unwrap
 from ..probe.recorder import Recorder, first_float_tensor
@@ -95,8 +95,7 @@ class Monitor:
     def __init__(self, model: nn.Module, every: int = 50, *, writer: Any = None, agc: float | None = None,
                  bounds: tuple[float, float] = (1e-6, 1e3), trend: float = 100.0, update_ratio: bool = True,
                  max_history: int | None = None, grad_every: int | None = None, group: Any = None) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"monitor() takes an nn.Module, got {type(model).__name__}")
+        check_model(unwrap(model) if isinstance(model, nn.Module) else model, "monitor")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer (sample one step in `every`), got {every!r}")
         if grad_every is not None and (isinstance(grad_every, bool) or not isinstance(grad_every, int)

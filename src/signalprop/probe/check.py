@@ -290,12 +290,30 @@ def _layer_stats(rows: list[Row], vals: list[dict[str, Any]], pgrads: dict[nn.Mo
     return layers
 
 
+def check_model(model: Any, fn: str) -> None:
+    """What check and monitor can hook: a plain ``nn.Module`` (TorchScript and
+    ``torch.compile`` wrappers run their forward outside module hooks)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fn}() takes an nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ValueError(f"{fn}() needs the Python module: a TorchScript module ({type(model).__name__}, from "
+                         "torch.jit.trace/script) runs its graph without module hooks, so no layer could be "
+                         "measured; pass the model you traced")
+    if type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
+        raise ValueError(f"{fn}() needs the Python module: torch.compile's wrapper runs compiled code without "
+                         f"module hooks; pass model._orig_mod (the {type(model._orig_mod).__name__} it wraps)")
+    if torch.is_inference_mode_enabled():
+        raise ValueError(f"{fn}() cannot measure gradients under torch.inference_mode(): call it outside that block")
+
+
 def check_limits(bounds: tuple[float, float], trend: float) -> None:
     """The verdict's limits, as check and monitor take them: 0 < low < high, trend > 1."""
+    if not (isinstance(bounds, (tuple, list)) and len(bounds) == 2):
+        raise ValueError(f"bounds must be (low, high), got {bounds!r}")
     lo, hi = bounds
-    if not (0 < lo < hi):
+    if not (0 < lo < hi < math.inf):
         raise ValueError(f"bounds must satisfy 0 < low < high, got {bounds}")
-    if not trend > 1:
+    if not 1 < trend < math.inf:
         raise ValueError(f"trend must be > 1, got {trend}")
 
 
@@ -334,9 +352,10 @@ def check(model: nn.Module, inputs: Any, *, loss_fn: Callable[..., torch.Tensor]
     (parameters, buffers, ``.grad``, ``requires_grad``, train/eval mode,
     global RNG state), also on errors; the pass runs in the model's current mode.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"check() takes an nn.Module, got {type(model).__name__}")
+    check_model(model, "check")
     check_limits(bounds, trend)
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     if not any(True for _ in model.parameters()):
         raise ValueError(f"{type(model).__name__} has no parameters: nothing to diagnose")
     if _batch_size(inputs) == 0:
@@ -408,6 +427,11 @@ def _run(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: tupl
                              "tensor: nothing to backpropagate")
         if loss_fn is not None:
             loss = loss_fn(out, targets) if targets is not None else loss_fn(out)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                what = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else \
+                    f"{type(loss).__name__} {loss!r}"[:80]
+                raise ValueError(f"loss_fn must return a scalar tensor that depends on the output (the loss to "
+                                 f"backpropagate), got {what}; reduce it (e.g. .mean()) and keep it a tensor")
             root, cot = loss, None
             backprop = f"loss {getattr(loss_fn, '__name__', type(loss_fn).__name__)}"
         else:
@@ -415,9 +439,13 @@ def _run(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: tupl
             backprop = "random unit-variance cotangent on the output"
         params = [p for p in model.parameters() if p.requires_grad]
         wrt = params + leaves + ([y] if loss_fn is not None and y.requires_grad else [])
-        if not root.requires_grad or not (params or leaves):
+        if not (params or leaves):
             raise ValueError("nothing in the model requires grad (all parameters frozen and no floating input): "
-                             "no gradient to measure")
+                             "no gradient to measure; set requires_grad=True on the parameters to diagnose")
+        if not root.requires_grad:
+            raise ValueError(f"the {'loss' if loss_fn is not None else 'output'} does not depend on any parameter "
+                             "or floating input (a constant output, or computed under torch.no_grad()/detach() "
+                             "inside forward): no gradient flows back to measure")
         try:
             if red is None:
                 grads = torch.autograd.grad(root, wrt, grad_outputs=cot, allow_unused=True)

@@ -88,10 +88,19 @@ class Row:
 FUSED = (nn.MultiheadAttention,)
 
 
+def _own_children(m: nn.Module) -> list[nn.Module]:
+    """Children other than the ``parametrizations`` container that
+    ``torch.nn.utils.parametrize`` adds (weight_norm, spectral_norm): a
+    parametrised Linear is still one layer."""
+    return [c for n, c in m.named_children() if n != "parametrizations"]
+
+
 def leaf_modules(model: nn.Module) -> list[nn.Module]:
-    fused_children = {id(c) for m in model.modules() if isinstance(m, FUSED) for c in m.modules() if c is not m}
-    return [m for m in model.modules() if id(m) not in fused_children
-            and (isinstance(m, FUSED) or not any(True for _ in m.children()))]
+    hidden = {id(c) for m in model.modules() if isinstance(m, FUSED) for c in m.modules() if c is not m}
+    hidden |= {id(c) for m in model.modules() if hasattr(m, "parametrizations")
+               for c in m.parametrizations.modules()}  # weight computations, not layers of the network
+    return [m for m in model.modules() if id(m) not in hidden
+            and (isinstance(m, FUSED) or not _own_children(m))]
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:

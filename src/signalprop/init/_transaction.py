@@ -1,0 +1,84 @@
+"""All or nothing: a whole-model initializer that fails halfway leaves the model as it was."""
+
+from __future__ import annotations
+
+import functools
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, TypeVar
+
+import torch
+from torch import nn
+
+T = TypeVar("T")
+
+
+@contextmanager
+def all_or_nothing(model: nn.Module) -> Iterator[None]:
+    """Snapshot every parameter and buffer (a shared tensor once); on any
+    exception -- KeyboardInterrupt included -- copy them back and re-raise."""
+    seen: set[int] = set()
+    saved = []
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            saved.append((t, t.detach().clone()))
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for t, s in saved:
+                t.copy_(s)
+        raise
+
+
+def transactional(fn: Callable[..., T]) -> Callable[..., T]:
+    """Run a whole-model initializer ``fn(model, ...)`` under :func:`all_or_nothing`."""
+
+    @functools.wraps(fn)
+    def wrapper(model: Any, *args: Any, **kwargs: Any) -> T:
+        if not isinstance(model, nn.Module):
+            return fn(model, *args, **kwargs)  # fn raises its own clear TypeError
+        with all_or_nothing(model):
+            return fn(model, *args, **kwargs)
+
+    return wrapper
+
+
+def is_parametrized(module: nn.Module, name: str = "weight") -> bool:
+    """Whether ``module.<name>`` is computed by ``torch.nn.utils.parametrize``
+    (``weight_norm``, ``spectral_norm``, orthogonal ...): writing into it in
+    place would change a temporary, not the model."""
+    from torch.nn.utils import parametrize
+
+    return parametrize.is_parametrized(module, name)
+
+
+@contextmanager
+def writable(module: nn.Module, name: str = "weight") -> Iterator[torch.Tensor]:
+    """The tensor to write ``module.<name>``'s new values into.  A plain
+    parameter is itself; a parametrised one is a copy that is then assigned
+    back, so the parametrisation's ``right_inverse`` sets its underlying
+    parameters (weight_norm's g and v, spectral_norm's original)."""
+    if not is_parametrized(module, name):
+        yield getattr(module, name)
+        return
+    buf = getattr(module, name).detach().clone()
+    yield buf
+    try:
+        with torch.no_grad():
+            setattr(module, name, buf)
+    except NotImplementedError as e:
+        raise ValueError(f"{type(module).__name__}.{name} is parametrised by a parametrisation without "
+                         "right_inverse: its underlying parameters cannot be set from a weight; initialise them "
+                         "directly") from e
+
+
+def check_generator(model: nn.Module, generator: torch.Generator | None) -> None:
+    """A generator draws on its own device: one for another device than the
+    model's parameters cannot fill them."""
+    if generator is None:
+        return
+    devices = {p.device.type for p in model.parameters()}
+    if devices and generator.device.type not in devices:
+        raise ValueError(f"generator= is a {generator.device.type} generator but the model's parameters are on "
+                         f"{', '.join(sorted(devices))}: create it there, e.g. torch.Generator(device='cuda')")
