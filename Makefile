@@ -11,6 +11,8 @@ STAMP  := $(VENV)/.installed
 
 export MPLBACKEND := agg
 export PYTHONHASHSEED := 0
+# the build test (tests/test_build.py) installs the wheel next to the same torch
+export TORCH_SPEC
 
 .PHONY: demo test bench clean
 
@@ -25,9 +27,12 @@ demo: $(STAMP)
 	$(VENV)/bin/signalprop demo --out demo-out
 
 test: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m mypy
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
+	$(PY) -m pip install -q -e ".[bench]" "$(TORCH_SPEC)"
 	$(PY) benchmarks/run_all.py --out benchmarks/results
 
 clean:

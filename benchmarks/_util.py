@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 def median_time(fn: Callable[[], Any], repeat: int = 7, warmup: int = 1) -> float:
@@ -46,7 +47,7 @@ def run_cli(main: Callable[[Path, int], dict], repeat: int = 5) -> None:
     import argparse
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     ap.add_argument("--repeat", type=int, default=repeat)
     a = ap.parse_args()
     print(json.dumps(main(a.out, a.repeat), indent=1))

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from _util import run_cli, write
-
 from signalprop.lab.training_runs import train
 
 DIVERGING = {"mlp": (0.1, 0.2, 0.3), "resmlp": (0.1, 0.3), "transformer": (0.5, 1.0)}

@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from _util import interleaved, run_cli, write
 from torch import nn
 
 import signalprop as sp
+from _util import interleaved, run_cli, write
 
 
 def big_model() -> nn.Module:

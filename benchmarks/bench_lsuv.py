@@ -7,10 +7,10 @@ import time
 from pathlib import Path
 
 import torch
-from _util import run_cli, write
 from torch import nn
 
 import signalprop as sp
+from _util import run_cli, write
 from signalprop.lab.models import DeepMLP
 
 

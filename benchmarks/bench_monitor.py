@@ -14,15 +14,16 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _util import run_cli, write
 from torch import nn
 
 import signalprop as sp
+from _util import run_cli, write
 from signalprop.clip import agc_, agc_reference_
 from signalprop.lab.models import DeepMLP
 
@@ -54,7 +55,7 @@ def _steps(model: nn.Module, loss_of: Callable[[nn.Module], torch.Tensor], n: in
     mon = sp.monitor(model, every=every, update_ratio=True, writer=writer) if every else None
     times = []
     try:
-        for i in range(n):
+        for _i in range(n):
             t = time.perf_counter()
             loss = loss_of(model)
             opt.zero_grad()
@@ -87,7 +88,8 @@ def case(build: Callable[[], tuple[nn.Module, Any, str]], rounds: int, every: in
         amort_plain.append(sum(p))
         amort_mon.append(sum(m))
     plain_med = statistics.median(plain_steps)
-    return {"model": name + (" + TensorBoard writer" if writer is not None else ""), "every": every, "rounds": rounds, "plain_step_median_s": plain_med,
+    return {"model": name + (" + TensorBoard writer" if writer is not None else ""), "every": every, "rounds": rounds,
+            "plain_step_median_s": plain_med,
             "sampled_step_ratio": statistics.median(mon_sampled) / plain_med,
             "unsampled_step_ratio": statistics.median(mon_other) / plain_med,
             "amortised_ratio": statistics.median(amort_mon) / statistics.median(amort_plain),
@@ -135,6 +137,7 @@ def _ddp_worker(rank: int, port: int, rounds: int, every: int, out: str) -> None
         sampled.append(q[0] / statistics.median(p))
     if rank == 0:
         Path(out).write_text(json.dumps({"plain": plain, "mon": mon, "sampled": sampled}))
+    dist.barrier()  # rank 0 hosts the store: leave together
     dist.destroy_process_group()
 
 

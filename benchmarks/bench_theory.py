@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from _util import median_time, run_cli, write
 
+from _util import median_time, run_cli, write
 from signalprop import theory
 
 

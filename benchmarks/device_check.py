@@ -45,7 +45,7 @@ def main(out: Path) -> dict:
         assert all(p.device.type == "cuda" and p.dtype == dtype for p in m.parameters())
     m = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(inplace=True), nn.Conv2d(16, 16, 3)).to(dev)
     s = sp.init.lsuv_(m, torch.randn(32, 3, 16, 16, device=dev), generator=torch.Generator(device=dev).manual_seed(0))
-    res["checks"]["lsuv cuda"] = {"passes": s.forward_passes, "notes": [l.note for l in s.layers]}
+    res["checks"]["lsuv cuda"] = {"passes": s.forward_passes, "notes": [layer.note for layer in s.layers]}
     out.mkdir(parents=True, exist_ok=True)
     (out / "device_check.json").write_text(json.dumps(res, indent=2, default=str))
     return res

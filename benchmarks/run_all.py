@@ -11,7 +11,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-BENCHES = ["bench_init", "bench_theory", "bench_check", "bench_lsuv", "bench_monitor", "bench_early_warning"]
+BENCHES = ["bench_init", "bench_theory", "bench_check", "bench_lsuv", "bench_monitor", "bench_early_warning",
+           "lab_depth_quick"]
 
 
 def main() -> None:

@@ -110,7 +110,7 @@ def test_functional_capture_only_where_a_forward_can_call_an_activation():
     x = torch.randn(4, 8)
     for cls, kind in ((Direct, "F.tanh"), (Helper, "F.gelu"), (Stored, "F.sigmoid")):
         assert calls_functional_activations(cls())
-        assert [l.kind for l in sp.check(cls(), x).layers] == ["Linear", kind]
+        assert [layer.kind for layer in sp.check(cls(), x).layers] == ["Linear", kind]
 
 
 def _gelu_helper(x):

@@ -183,3 +183,31 @@ def test_terminal_output_wraps_instead_of_cropping_and_elides_once():
         assert "rows not shown: 10 .. 90 (81 rows" in text.replace("\n", " ")
         # the fix line wraps at word boundaries: the suggestion's words survive intact
         assert "signalprop.init.critical_(model," in text
+
+
+def test_progress_lines_when_not_a_terminal(tmp_path):
+    """A log file (stdout not a terminal) gets progress lines with the time left, not silence."""
+    r = _run_cli(["lab", "run", "depth", "--out", str(tmp_path / "d"), "--set", "depths=[6]", "--set", 'acts=["tanh"]',
+                  "--set", 'inits=["default","critical"]', "--set", "steps=5", "--set", "lr_scale=[1.0]",
+                  "--set", "residual_blocks=0"])
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stdout.splitlines() if "/" in line and "%" in line]
+    assert lines and lines[-1].split(":")[1].strip().startswith("10/10 (100%)"), r.stdout
+
+
+def test_line_bar_reports_time_left():
+    import io
+
+    from rich.console import Console
+
+    from signalprop.report.progress import LineBar
+
+    buf = io.StringIO()
+    bar = LineBar(Console(file=buf, width=200), interval=0.0)
+    bar.start(4, "work")
+    bar.advance(1)
+    bar.advance(3, "work done")
+    out = buf.getvalue().splitlines()
+    assert out[0] == "work: started, 4 units of work"
+    assert out[1].startswith("work: 1/4 (25%)") and "left" in out[1]
+    assert out[2].startswith("work done: 4/4 (100%)") and "left" not in out[2]

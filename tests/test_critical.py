@@ -12,6 +12,12 @@ from signalprop.lab.models import DeepMLP
 from signalprop.theory.gaussian import expect
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Inputs drawn with torch.randn below come from a fixed global seed."""
+    torch.manual_seed(0)
+
+
 def data(n=128, d=64, seed=1):
     return torch.rand(n, d, generator=torch.Generator().manual_seed(seed))  # non-zero mean, like pixels
 
@@ -34,15 +40,15 @@ def test_every_layer_on_the_critical_line(act):
     m = DeepMLP(30, 64, act if act != "erf" else "tanh", 64, 10)
     s = sp.init.critical_(m, data(), activation=act, generator=torch.Generator().manual_seed(0))
     a = sp.activations.resolve(act)
-    for l in s.layers[1:]:  # layer 0 maps the data to q*; the rest sit on the line
-        assert theory.chi1(a, l.sigma_w2, l.sigma_b2, q=l.q_star) == pytest.approx(1.0, abs=1e-6)
+    for layer in s.layers[1:]:  # layer 0 maps the data to q*; the rest sit on the line
+        assert theory.chi1(a, layer.sigma_w2, layer.sigma_b2, q=layer.q_star) == pytest.approx(1.0, abs=1e-6)
         # q* is a fixed point of the length map (centered when the activation has a mean)
-        m2 = float(expect(lambda x: a.phi(x) ** 2, l.q_star, a.kinks))
-        mu = float(expect(a.phi, l.q_star, a.kinks))
+        m2 = float(expect(lambda x: a.phi(x) ** 2, layer.q_star, a.kinks))
+        mu = float(expect(a.phi, layer.q_star, a.kinks))
         centered = any("E[phi] != 0" in n for n in s.notes)
-        qn = l.sigma_w2 * (m2 - (mu * mu if centered else 0.0)) + l.sigma_b2
-        if l.activation != "linear (none detected)":
-            assert qn == pytest.approx(l.q_star, rel=1e-6, abs=1e-12)
+        qn = layer.sigma_w2 * (m2 - (mu * mu if centered else 0.0)) + layer.sigma_b2
+        if layer.activation != "linear (none detected)":
+            assert qn == pytest.approx(layer.q_star, rel=1e-6, abs=1e-12)
 
 
 def test_sigmoid_mean_removed_signal_stays_at_q_star():
@@ -55,9 +61,9 @@ def test_sigmoid_mean_removed_signal_stays_at_q_star():
     s = sp.init.critical_(m, x, generator=torch.Generator().manual_seed(0))
     q = s.layers[1].q_star
     r = sp.check(m, x)
-    lin = [l for l in r.layers if l.kind == "Linear"][:-1]
-    for l in lin[::20]:
-        assert l.forward_second_moment == pytest.approx(q, rel=0.15)
+    lin = [layer for layer in r.layers if layer.kind == "Linear"][:-1]
+    for layer in lin[::20]:
+        assert layer.forward_second_moment == pytest.approx(q, rel=0.15)
     assert any("remove the mean through their bias" in n for n in s.notes)
 
 
@@ -94,9 +100,9 @@ class Res(nn.Module):
 
 def test_activation_detection():
     s = sp.init.critical_(Functional(), torch.randn(8, 16))
-    assert [l.activation for l in s.layers] == ["gelu", "tanh", "linear (none detected)"]
+    assert [layer.activation for layer in s.layers] == ["gelu", "tanh", "linear (none detected)"]
     s = sp.init.critical_(Res(), torch.randn(8, 16))
-    acts = {l.name: l.activation for l in s.layers}
+    acts = {layer.name: layer.activation for layer in s.layers}
     assert acts == {"inp": "linear (none detected)", "branch.0": "relu", "branch.2": "sigmoid",
                     "out": "linear (none detected)"}
     # explicit per-module mapping overrides detection
@@ -107,7 +113,7 @@ def test_activation_detection():
 def test_without_inputs_uses_registration_order():
     m = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
     s = sp.init.critical_(m)
-    assert [l.activation for l in s.layers] == ["tanh", "tanh", "linear (none detected)"]
+    assert [layer.activation for layer in s.layers] == ["tanh", "tanh", "linear (none detected)"]
     assert "registration" in s.notes[0]
 
 

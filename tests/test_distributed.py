@@ -57,7 +57,7 @@ LAYER_FIELDS = ("forward_second_moment", "grad_rms", "param_grad_rms", "saturati
 
 
 def _layers(layers) -> list[dict]:
-    return [{"name": l.name, **{f: getattr(l, f) for f in LAYER_FIELDS}} for l in layers]
+    return [{"name": layer.name, **{f: getattr(layer, f) for f in LAYER_FIELDS}} for layer in layers]
 
 
 def _history(mon) -> dict:
@@ -175,8 +175,10 @@ def _worker(rank: int, port: int, out: str) -> None:
                 model = fully_shard(m)
             res[key] = _planted_nan(model, boom, half)
     finally:
+        Path(out, f"rank{rank}.json").write_text(json.dumps(res))
+        # rank 0 hosts the rendezvous store: nobody leaves before everyone has finished with it
+        dist.barrier()
         dist.destroy_process_group()
-    Path(out, f"rank{rank}.json").write_text(json.dumps(res))
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +199,7 @@ def _close(a, b, what: str) -> None:
 
 
 def _same_layers(got: list[dict], want: list[dict], what: str) -> None:
-    assert [l["name"] for l in got] == [l["name"] for l in want], what
+    assert [layer["name"] for layer in got] == [layer["name"] for layer in want], what
     for g, w in zip(got, want):
         for f in LAYER_FIELDS:
             _close(g[f], w[f], f"{what} {g['name']} {f}")
@@ -210,7 +212,7 @@ def _reference_check() -> list[dict]:
 
 def test_check_equals_one_process_on_the_whole_batch(ranks):
     want = _reference_check()
-    dead = next(l for l in want if l["name"] == "1")["dead_fraction"]
+    dead = next(layer for layer in want if layer["name"] == "1")["dead_fraction"]
     assert dead == pytest.approx(3 / 32)  # units 1-3 dead, unit 0 alive thanks to rank 1's half only
     for r, res in enumerate(ranks):
         for key in ("check_ddp", "check_plain", "check_fsdp"):

@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")  # installed by `make test` (
 
 
 def _blocks(report, pattern):
-    return {int(m.group(1)) for l in report.layers if (m := re.search(pattern, l.name))}
+    return {int(m.group(1)) for layer in report.layers if (m := re.search(pattern, layer.name))}
 
 
 def test_gpt2_from_config():
@@ -22,7 +22,7 @@ def test_gpt2_from_config():
     ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(0))
     r = sp.check(model, {"input_ids": ids})
     assert _blocks(r, r"\.h\.(\d+)\.") == {0, 1, 2}
-    assert all(l.grad_rms is not None for l in r.layers if ".h." in l.name and "drop" not in l.name)
+    assert all(layer.grad_rms is not None for layer in r.layers if ".h." in layer.name and "drop" not in layer.name)
     assert r.verdict == "healthy", [p.message for p in r.problems]
 
 
@@ -36,6 +36,6 @@ def test_bert_from_config():
     ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
     r = sp.check(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     assert _blocks(r, r"encoder\.layer\.(\d+)\.") == {0, 1}
-    assert any(l.kind == "LayerNorm" for l in r.layers)
+    assert any(layer.kind == "LayerNorm" for layer in r.layers)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)

@@ -138,8 +138,10 @@ def test_two_sample_against_torch(pair, shape):
 
 
 def test_calculate_gain_is_torch_table():
-    for nl, p in [("linear", None), ("conv2d", None), ("sigmoid", None), ("tanh", None), ("relu", None),
-                  ("leaky_relu", None), ("leaky_relu", 0.2), ("selu", None)]:
-        assert sp.init.calculate_gain(nl, p) == torch.nn.init.calculate_gain(nl, p)
+    """torch's documented values, written out (not read back from torch)."""
+    for nl, p, want in [("linear", None, 1.0), ("conv2d", None, 1.0), ("sigmoid", None, 1.0), ("tanh", None, 5 / 3),
+                        ("relu", None, math.sqrt(2)), ("leaky_relu", None, math.sqrt(2 / (1 + 0.01**2))),
+                        ("leaky_relu", 0.2, math.sqrt(2 / (1 + 0.2**2))), ("selu", None, 0.75)]:
+        assert sp.init.calculate_gain(nl, p) == pytest.approx(want, rel=1e-15)
     with pytest.raises(ValueError, match="Unsupported nonlinearity"):
         sp.init.calculate_gain("bogus")

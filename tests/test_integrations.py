@@ -131,7 +131,7 @@ def test_lightning_callback_steps_once_per_optimizer_step_with_accumulation(tmp_
     for k in range(6):
         assert mon.losses[k] == pytest.approx((module.seen[2 * k] + module.seen[2 * k + 1]) / 2, rel=1e-6)
     # the sampled forward is the step's first micro-batch: the rows are the net's layers, measured once
-    assert [l.name for l in mon.history[0].layers] == ["net.0", "net.1", "net.2", "net.3", "net.4"]
+    assert [layer.name for layer in mon.history[0].layers] == ["net.0", "net.1", "net.2", "net.3", "net.4"]
     assert mon._handles == []  # closed after fit
     # the scalars went to the trainer's logger (CSV)
     metrics = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
@@ -192,7 +192,7 @@ def test_hf_trainer_callback_on_tiny_gpt2(tmp_path):
     assert len(logged) == 6
     for a, b in zip(mon.losses, logged):  # the Trainer rounds its logged loss to 4 decimals
         assert a == pytest.approx(b, abs=1e-4)
-    names = [l.name for l in mon.history[0].layers]
+    names = [layer.name for layer in mon.history[0].layers]
     assert "transformer.h.0.attn.c_attn" in names and "lm_head" in names
     assert mon.history[0].verdict == "healthy"
     assert mon._handles == [] and cb._hook is None

@@ -8,6 +8,12 @@ import signalprop as sp
 from signalprop.lab.models import DeepMLP, ResMLP
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Inputs drawn with torch.randn below come from a fixed global seed."""
+    torch.manual_seed(0)
+
+
 def batch(n, d=64, seed=0):
     return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
 
@@ -31,7 +37,7 @@ def test_lsuv_two_passes_and_held_out_variance():
     m = DeepMLP(30, 128, "relu", 64, 10)
     s = sp.init.lsuv_(m, batch(1024), tol=0.1, generator=torch.Generator().manual_seed(0))
     assert s.forward_passes == 2
-    assert [l.note for l in s.layers].count("rescaled, verified") == 31
+    assert [layer.note for layer in s.layers].count("rescaled, verified") == 31
     for v in layer_vars(m, batch(1024, seed=9)):
         assert abs(v - 1.0) <= 0.1
 
@@ -55,7 +61,7 @@ def test_lsuv_execution_order_and_modes():
     m.train()
     m.act.eval()
     s = sp.init.lsuv_(m, batch(512), target=2.0, tol=0.02)
-    assert [l.name for l in s.layers] == ["a", "b", "c"]
+    assert [layer.name for layer in s.layers] == ["a", "b", "c"]
     for v in layer_vars(m, batch(512)):
         assert v == pytest.approx(2.0, rel=0.02)
     assert m.training and not m.act.training

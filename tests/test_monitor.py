@@ -87,8 +87,8 @@ def test_sampled_steps_measure_the_first_training_forward_only():
             mon.step()
             opt.step()
     h = mon.history[-1]
-    assert [l.name for l in h.layers] == ["0", "1", "2", "3", "4", "5", "6"]
-    assert all(l.grad_rms is not None and l.shape[0] == 32 for l in h.layers)
+    assert [layer.name for layer in h.layers] == ["0", "1", "2", "3", "4", "5", "6"]
+    assert all(layer.grad_rms is not None and layer.shape[0] == 32 for layer in h.layers)
 
 
 class _LogOf(nn.Module):

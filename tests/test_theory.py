@@ -10,7 +10,8 @@ import pytest
 import torch
 from scipy import integrate
 
-from signalprop import activations, theory as T
+from signalprop import activations
+from signalprop import theory as T
 
 
 def test_theory_does_not_import_torch():
@@ -146,9 +147,9 @@ def _q_tolerance(p, act, sw2, sb2, n, nets):
     slope = np.array([(T.qmap(act, q + eps, sw2, sb2) - T.qmap(act, q - eps, sw2, sb2)) / (2 * eps) for q in p.q])
     var = np.zeros(len(p.q))
     acc = 0.0
-    for l in range(len(p.q)):
-        acc = acc * (slope[l - 1] ** 2 if l else 0.0) + 2.0 / n
-        var[l] = acc
+    for layer in range(len(p.q)):
+        acc = acc * (slope[layer - 1] ** 2 if layer else 0.0) + 2.0 / n
+        var[layer] = acc
     return 4 * np.sqrt(var / nets)
 
 

@@ -51,7 +51,8 @@ def test_batch_size_does_not_move_the_verdict_of_a_summed_gradient():
     big = sp.check(m, torch.randn(20000, 32, generator=gen(1)))
     assert big.layers[0].param_grad_rms > 10 * small.layers[0].param_grad_rms  # it does grow
     assert small.verdict == big.verdict == "healthy"
-    assert big.layers[0].relative_grad_rms == pytest.approx(small.layers[0].relative_grad_rms, rel=0.3)  # 16 x 32 samples: ~10% noise
+    # 16 x 32 samples: ~10% noise
+    assert big.layers[0].relative_grad_rms == pytest.approx(small.layers[0].relative_grad_rms, rel=0.3)
 
 
 def test_saturation_share_is_exact_not_aliased():
@@ -83,7 +84,7 @@ def test_dead_needs_enough_samples_per_unit_and_counts_every_position():
     m = mlp(8, "relu", "kaiming_normal")
     one = sp.check(m, torch.randn(1, 64, generator=gen(1)))
     assert one.verdict == "healthy"
-    assert all(l.dead_fraction is None for l in one.layers)
+    assert all(layer.dead_fraction is None for layer in one.layers)
     assert any("dead units not judged" in n for n in one.summary.notes)
     # a conv net at batch 1: units are channels, samples are positions (16 x 16)
     conv = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU())
@@ -118,8 +119,8 @@ def test_layer_scale_branches_and_norm_hops_are_not_trends():
     x = torch.randn(16, 32, generator=gen(1))
     ok = sp.check(net(1.0), x)
     assert ok.verdict == "healthy", [p.message for p in ok.problems]
-    fc1 = [l for l in ok.layers if l.name.endswith("fc1")]
-    assert all(l.relative_grad_rms < 1e-4 for l in fc1)  # small by design
+    fc1 = [layer for layer in ok.layers if layer.name.endswith("fc1")]
+    assert all(layer.relative_grad_rms < 1e-4 for layer in fc1)  # small by design
     bad = sp.check(net(0.01), x)  # the stream itself shrinks 100x per block going back
     assert bad.verdict == "vanishing"
 
@@ -127,11 +128,11 @@ def test_layer_scale_branches_and_norm_hops_are_not_trends():
 def test_diagnose_is_pure():
     m = mlp(20, "relu", "xavier_normal")
     r = sp.check(m, torch.randn(64, 64, generator=gen(1)))
-    layers = [l.__class__(**{**l.__dict__, "verdict": "healthy"}) for l in r.layers]
+    layers = [layer.__class__(**{**layer.__dict__, "verdict": "healthy"}) for layer in r.layers]
     before = list(layers)
     verdict, _, out, _ = diagnose(layers, r.summary.input, (1e-6, 1e3), 100.0)
     assert layers == before and verdict == "vanishing"
-    assert any(l.verdict == "vanishing" for l in out)
+    assert any(layer.verdict == "vanishing" for layer in out)
 
 
 def test_trend_rows_carry_the_verdict():
@@ -150,15 +151,15 @@ def test_theory_agrees_with_measurement_after_critical_sigmoid():
     sp.init.critical_(m, x, generator=gen(0))
     r = sp.check(m, x)
     assert r.summary.theory and r.verdict == "healthy"
-    for l in r.layers:
-        assert 0.5 < l.forward_second_moment / l.predicted_second_moment < 2, l.name
-        assert 0.5 < l.grad_rms / l.predicted_grad_rms < 2, l.name
+    for layer in r.layers:
+        assert 0.5 < layer.forward_second_moment / layer.predicted_second_moment < 2, layer.name
+        assert 0.5 < layer.grad_rms / layer.predicted_grad_rms < 2, layer.name
 
 
 def test_no_theory_where_it_does_not_apply():
     m = nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16), nn.Tanh(), nn.Linear(16, 4))
     r = sp.check(m, torch.randn(8, 16, generator=gen(1)))
-    assert not r.summary.theory and all(l.predicted_grad_rms is None for l in r.layers)
+    assert not r.summary.theory and all(layer.predicted_grad_rms is None for layer in r.layers)
 
 
 def test_use_cache_is_switched_off_for_the_pass():

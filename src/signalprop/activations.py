@@ -17,8 +17,9 @@ touches one place: :data:`REGISTRY`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from scipy import special
@@ -385,7 +386,7 @@ def from_callable(fn: Callable[[Array], Array], name: str | None = None,
         )
 
     found = detect_kinks(dphi) if kinks is None else tuple(kinks)
-    return Activation(name or getattr(fn, "__name__", "callable"), phi, dphi, kinks=found)
+    return Activation(str(name or getattr(fn, "__name__", "callable")), phi, dphi, kinks=found)
 
 
 # Module classes whose parameters select the entry; every other class maps
@@ -498,13 +499,14 @@ def _check_elementwise(fn: Any, name: str) -> None:
     import torch
 
     if isinstance(fn, torch.nn.Module) and type(fn).__name__ == "PReLU":
-        raise ValueError(f"{name} has {fn.weight.numel()} slopes (one per channel): no single activation; "
+        slopes = int(getattr(fn, "weight").numel())  # noqa: B009 - a Module attribute mypy types as Tensor | Module
+        raise ValueError(f"{name} has {slopes} slopes (one per channel): no single activation; "
                          "use nn.PReLU() with one shared slope, or pass 'leaky_relu(SLOPE)'")
     x = torch.linspace(-3.0, 3.0, 13, dtype=torch.float64)
     try:
         with torch.no_grad():
             y1, y2, part = fn(x.clone()), fn(x.clone()), fn(x[:5].clone())
-    except Exception as e:  # noqa: BLE001 - any failure here means "not usable as phi(x)"
+    except Exception as e:
         raise ValueError(f"{name} cannot be evaluated as an elementwise activation: {type(e).__name__}: {e}") from e
     if not (isinstance(y1, torch.Tensor) and y1.shape == x.shape):
         raise ValueError(f"{name} does not map each entry to one entry (shape {tuple(x.shape)} became "
@@ -562,6 +564,6 @@ def resolve(act: Any, param: float | None = None) -> Activation:
     try:
         out = act(np.linspace(-1.0, 1.0, 3))
         np.asarray(out, dtype=float)
-    except Exception:  # noqa: BLE001 - any failure means "not a numpy function"
+    except Exception:
         return _from_torch_callable(act, getattr(act, "__name__", "callable"))
     return from_callable(act)

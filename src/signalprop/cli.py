@@ -10,8 +10,9 @@ import json
 import math
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -106,7 +107,9 @@ def cmd_theory(args: argparse.Namespace, out: Console) -> int:
         w = np.linspace(0.25, 4.0 if summary["critical_sigma_w2"] is None else
                         max(4.0, 2.5 * summary["critical_sigma_w2"]), 100)
         b = np.linspace(0.0, 0.5, 100)
-        plot_phase_diagram(theory.phase_diagram(args.act, w, b), plot)
+        point = (float(args.sigma_w2 if args.sigma_w2 is not None else summary["critical_sigma_w2"] or np.nan),
+                 float(args.sigma_b2))
+        plot_phase_diagram(theory.phase_diagram(args.act, w, b), plot, point if math.isfinite(point[0]) else None)
         summary["plot"] = args.plot
     if args.json:
         from .records import _clean
@@ -215,7 +218,8 @@ def cmd_demo(args: argparse.Namespace, out: Console) -> int:
     cfg = DemoConfig(steps=args.steps)
     dest = _out_dir(args.out, "--out")
     out.rule("[bold]signalprop demo[/bold]: why a deep sigmoid network will not train, and the fix")
-    out.print("The seed's two demonstrations first (figures in the output folder):")
+    out.print("First the two demonstrations of Dive into Deep Learning's chapter on numerical stability and "
+              "initialization (figures in the output folder):")
     with progress_bar(out) as bar:
         res = run_demo(cfg, dest, bar)
     s = res["seed"]
@@ -248,12 +252,9 @@ def cmd_demo(args: argparse.Namespace, out: Console) -> int:
 # ---- parser -----------------------------------------------------------------
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+    from . import __version__
 
-    try:
-        return version("signalprop")
-    except PackageNotFoundError:  # running from a source tree that was never installed
-        return "unknown"
+    return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,7 +15,8 @@ equally shaped tensors instead of several per tensor.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -56,6 +57,7 @@ def agc_reference_(parameters: Iterable[torch.Tensor] | torch.Tensor, clipping: 
     _check(clipping, eps)
     for p in _with_grads(parameters):
         g = p.grad
+        assert g is not None  # _with_grads keeps only parameters with a gradient
         max_norm = unitwise_norm(p).clamp_min(eps) * clipping
         g_norm = unitwise_norm(g)
         clipped = g * (max_norm / g_norm.clamp_min(_MIN_GRAD_NORM))

@@ -226,6 +226,8 @@ class Summary:
     zero_gradient_rows: int = 0
     series: tuple[SeriesTrend, ...] = ()
     notes: tuple[str, ...] = field(default_factory=tuple)
+    inputs: str = ""  # the inputs' shapes, as passed
+    cotangent_seed: int | None = None  # the seed of the random cotangent (None: a loss was given)
 
 
 @dataclass(frozen=True)
@@ -276,7 +278,7 @@ class Report:
             "verdict": self.verdict,
             "summary": asdict(self.summary),
             "problems": [p.to_dict() for p in self.problems],
-            "layers": [l.to_dict() for l in self.layers],
+            "layers": [layer.to_dict() for layer in self.layers],
             "spectrum": None if self.spectrum is None else asdict(self.spectrum),
         })
 
@@ -348,7 +350,7 @@ class MonitorStep:
         return _clean({"step": self.step, "loss": self.loss, "verdict": self.verdict, "grad_norm": self.grad_norm,
                        "output_grad_rms": self.output_grad_rms, "update_ratios": dict(self.update_ratios),
                        "problems": [p.to_dict() for p in self.problems],
-                       "layers": [l.to_dict() for l in self.layers]})
+                       "layers": [layer.to_dict() for layer in self.layers]})
 
 
 @dataclass(frozen=True)

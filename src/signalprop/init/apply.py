@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -59,7 +60,7 @@ def _parse(scheme: str) -> tuple[str, float | None]:
 
 
 def _plan_param(full: str, spec: ParamSpec, scheme: str, std_naive: float | None, g: float,
-                owner: nn.Module) -> tuple[Callable[[torch.Generator | None], None], list[ParamInit]]:
+                owner: nn.Module) -> tuple[Callable[[torch.Generator | None], object], list[ParamInit]]:
     """What to do with one parameter; raises before anything is written.  A
     parametrised weight (weight_norm, spectral_norm) is drawn into a copy and
     assigned back through its parametrisation."""
@@ -77,7 +78,7 @@ def _plan_param(full: str, spec: ParamSpec, scheme: str, std_naive: float | None
 
 
 def _plan_plain(full: str, spec: ParamSpec, scheme: str, std_naive: float | None, g: float,
-                owner: nn.Module) -> tuple[Callable[[torch.Generator | None], None], list[ParamInit]]:
+                owner: nn.Module) -> tuple[Callable[[torch.Generator | None], object], list[ParamInit]]:
     t = spec.tensor
     if spec.role in ("bias", "norm_bias"):
         return (lambda gen: t.zero_()), [ParamInit(full, tuple(t.shape), None, None, 0.0, "zeros")]
@@ -89,7 +90,8 @@ def _plan_plain(full: str, spec: ParamSpec, scheme: str, std_naive: float | None
     if spec.role == "embedding":
         g = 1.0  # no activation acts on an embedding lookup directly
     if scheme == "normal":
-        return ((lambda gen: t.normal_(0.0, std_naive, generator=gen)),
+        std = float(std_naive or 1.0)
+        return ((lambda gen: t.normal_(0.0, std, generator=gen)),
                 [ParamInit(full, tuple(t.shape), *fans, float(std_naive or 0.0), "normal")])
     s = SCHEMES[scheme]
     fan = {"fan_in": fans[0], "fan_out": fans[1], "fan_avg": (fans[0] + fans[1]) / 2}[s.mode]
@@ -121,7 +123,7 @@ def apply_(model: nn.Module, scheme: str, *, activation: Any = None,
     Schemes: ``xavier_normal``, ``xavier_uniform``, ``kaiming_normal``,
     ``kaiming_uniform``, ``lecun_normal``, ``lecun_uniform``, ``orthogonal``,
     ``delta_orthogonal`` (convolutions; other layers orthogonal), ``normal``
-    or ``normal(STD)`` (the seed's naive N(0, STD^2), STD = 1 by default),
+    or ``normal(STD)`` (the naive N(0, STD^2) of Dive into Deep Learning's example, STD = 1 by default),
     ``torch_default`` and ``critical`` (see :func:`critical_`).
 
     Gains: with ``activation`` given, :func:`gain` of it (exact
@@ -166,7 +168,7 @@ def apply_(model: nn.Module, scheme: str, *, activation: Any = None,
         g = sch.default_gain
     owners = {f"{mn}." if mn else "": m for mn, m in model.named_modules()}
     specs, skipped = param_specs(model)
-    plan: list[Callable[[torch.Generator | None], None]] = []
+    plan: list[Callable[[torch.Generator | None], object]] = []
     records: list[ParamInit] = []
     first: dict[int, str] = {}
     notes = []

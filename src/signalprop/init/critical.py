@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -142,41 +142,41 @@ def critical_(model: nn.Module, inputs: Any = None, *, activation: Any = None,
             cache[a.name] = critical_point(a, depth=depth, isometry=isometry, q_star=q_star)
         return cache[a.name]
 
-    plan = []
-    for l in layers:
-        out_cp = cp(l.out_act) if l.out_act is not None else None
-        if l.in_act is not None:  # fed by an activation: its critical point
-            c = cp(l.in_act)
+    plan: list[tuple[WeightLayer, float, float, float | None, CriticalPoint | None, str]] = []
+    for layer in layers:
+        out_cp = cp(layer.out_act) if layer.out_act is not None else None
+        if layer.in_act is not None:  # fed by an activation: its critical point
+            c = cp(layer.in_act)
             mean = c.mean if c.centered else None
-            plan.append((l, c.sigma_w2, c.sigma_b2, mean, c, "critical line of the input activation"))
+            plan.append((layer, c.sigma_w2, c.sigma_b2, mean, c, "critical line of the input activation"))
         else:  # fed by data or an unknown module: land on the next activation's q*
-            m2 = l.input_second_moment if l.input_second_moment else 1.0
+            m2 = layer.input_second_moment if layer.input_second_moment else 1.0
             target = out_cp.q_star if out_cp is not None else m2
             sb2 = out_cp.sigma_b2 if out_cp is not None else 0.0
             sw2 = max(target - sb2, 1e-12) / m2
-            plan.append((l, sw2, sb2, None, out_cp, f"brings E[h^2] from {m2:.3g} to q* = {target:.3g}"))
+            plan.append((layer, sw2, sb2, None, out_cp, f"brings E[h^2] from {m2:.3g} to q* = {target:.3g}"))
     names_of: dict[int, list[str]] = {}
     for n, p in model.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(p), []).append(n)
     records, layer_recs = [], []
     drawn_ids: dict[int, str] = {}
-    for l, sw2, sb2, mean, c, why in plan:
-        wid = id(l.module.weight) if not is_parametrized(l.module) else id(l.module)
+    for layer, sw2, sb2, mean, point, why in plan:
+        wid = id(layer.module.weight) if not is_parametrized(layer.module) else id(layer.module)
         if wid in drawn_ids:  # two layers share one weight: drawn once, by the first
-            notes.append(f"{l.name}.weight is tied to {drawn_ids[wid]}: initialised once, as {drawn_ids[wid]}")
+            notes.append(f"{layer.name}.weight is tied to {drawn_ids[wid]}: initialised once, as {drawn_ids[wid]}")
             continue
-        drawn_ids[wid] = f"{l.name}.weight"
-        others = [n for n in names_of.get(id(l.module.weight), []) if n != f"{l.name}.weight"]
+        drawn_ids[wid] = f"{layer.name}.weight"
+        others = [n for n in names_of.get(id(layer.module.weight), []) if n != f"{layer.name}.weight"]
         if others:
-            notes.append(f"{l.name}.weight is tied to {', '.join(others)}: drawing it sets those too")
-        kind = _draw(l, sw2, sb2, mean, generator)
-        w = l.module.weight  # type: ignore[union-attr]
-        fan_in, fan_out = fans(l.module)
-        records.append(ParamInit(f"{l.name}.weight", tuple(w.shape), fan_in, fan_out, math.sqrt(sw2 / fan_in), kind))
-        act_name = l.out_act.name if l.out_act is not None else "linear (none detected)"
-        chi = c.chi1 if (c is not None and l.in_act is not None) else None
-        layer_recs.append(LayerInit(l.name, type(l.module).__name__, act_name, sw2, sb2,
-                                    c.q_star if c is not None else None, chi, None, why))
+            notes.append(f"{layer.name}.weight is tied to {', '.join(others)}: drawing it sets those too")
+        kind = _draw(layer, sw2, sb2, mean, generator)
+        w = cast(torch.Tensor, layer.module.weight)
+        fan_in, fan_out = fans(layer.module)
+        records.append(ParamInit(f"{layer.name}.weight", tuple(w.shape), fan_in, fan_out, math.sqrt(sw2 / fan_in), kind))
+        act_name = layer.out_act.name if layer.out_act is not None else "linear (none detected)"
+        chi = point.chi1 if (point is not None and layer.in_act is not None) else None
+        layer_recs.append(LayerInit(layer.name, type(layer.module).__name__, act_name, sw2, sb2,
+                                    point.q_star if point is not None else None, chi, None, why))
     for name, c in cache.items():
         if c.centered:
             notes.append(f"{name}: E[phi] != 0 at q*; layers after it remove the mean through their bias "
@@ -184,9 +184,9 @@ def critical_(model: nn.Module, inputs: Any = None, *, activation: Any = None,
                          "theory uses Var[phi]")
         if c.note:
             notes.append(c.note)
-    done = {id(p) for l in layers for p in l.module.parameters(recurse=False)}
+    done = {id(p) for layer in layers for p in layer.module.parameters(recurse=False)}
     specs, unknown = param_specs(model)
-    drawn = {f"{l.name}.{p}" if l.name else p for l in layers for p in ("weight", "bias")}  # parametrised too
+    drawn = {f"{layer.name}.{p}" if layer.name else p for layer in layers for p in ("weight", "bias")}  # parametrised too
     skipped = unknown + [n for n, s in specs if id(s.tensor) not in done and n not in drawn]
     if residual is not None:
         from .residual import scale_residual_

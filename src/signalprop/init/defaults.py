@@ -38,27 +38,27 @@ def _reset(m: nn.Module, g: torch.Generator | None) -> bool:
         if getattr(m, "padding_idx", None) is not None:
             m.weight[m.padding_idx].zero_()
     elif isinstance(m, _NORM):
-        if getattr(m, "weight", None) is not None:
-            m.weight.fill_(1.0)
-        if getattr(m, "bias", None) is not None:
-            m.bias.zero_()
+        for pname, value in (("weight", 1.0), ("bias", 0.0)):
+            t = getattr(m, pname, None)
+            if isinstance(t, torch.Tensor):
+                t.fill_(value)
     elif isinstance(m, nn.RNNBase):
         bound = 1.0 / math.sqrt(m.hidden_size)
         for p in m.parameters(recurse=False):
             _uniform(p, bound, g)
     elif isinstance(m, nn.MultiheadAttention):
         for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
-            p = getattr(m, name, None)
-            if p is not None:
-                _xavier_uniform_torch(p, g)
+            w = getattr(m, name, None)
+            if w is not None:
+                _xavier_uniform_torch(w, g)
         if m.in_proj_bias is not None:
             m.in_proj_bias.zero_()
             m.out_proj.bias.zero_()
         for name in ("bias_k", "bias_v"):
-            p = getattr(m, name, None)
-            if p is not None:
-                fi, fo = tensor_fans(p)
-                p.normal_(0.0, math.sqrt(2.0 / (fi + fo)), generator=g)
+            kv = getattr(m, name, None)
+            if kv is not None:
+                fi, fo = tensor_fans(kv)
+                kv.normal_(0.0, math.sqrt(2.0 / (fi + fo)), generator=g)
     else:
         return not any(True for _ in m.parameters(recurse=False))
     return True

@@ -8,7 +8,6 @@ otherwise from the order of registration (right for ``nn.Sequential``).
 from __future__ import annotations
 
 import contextlib
-
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,7 +62,10 @@ def looks_like_activation(m: nn.Module | None) -> bool:
         cls.__name__.endswith(("Activation", "LU", "Swish", "Tanh", "Sigmoid", "Mish", "Shrink"))
 
 
-def _sequence_from_pass(model: nn.Module, inputs: Any) -> list[tuple[str, nn.Module | None, _act.Activation | None, float | None]]:
+_Step = tuple[str, nn.Module | None, _act.Activation | None, float | None]  # name, module, activation, input E[x^2]
+
+
+def _sequence_from_pass(model: nn.Module, inputs: Any) -> list[_Step]:
     from ..probe.check import _call
     from ..probe.recorder import Recorder
     from ..probe.state import preserved
@@ -81,11 +83,11 @@ def _sequence_from_pass(model: nn.Module, inputs: Any) -> list[tuple[str, nn.Mod
             for r in rec.rows]
 
 
-def _sequence_from_registration(model: nn.Module) -> list[tuple[str, nn.Module | None, _act.Activation | None, float | None]]:
+def _sequence_from_registration(model: nn.Module) -> list[_Step]:
     from ..probe.recorder import leaf_modules
 
     leaves = set(map(id, leaf_modules(model)))
-    out = []
+    out: list[_Step] = []
     for name, m in model.named_modules():
         if id(m) not in leaves:
             continue
@@ -131,10 +133,10 @@ def weight_layers(model: nn.Module, inputs: Any = None,
             prev_act = None
     if activation is not None:
         mapping = activation if isinstance(activation, dict) else None
-        for l in layers:
-            a = mapping.get(l.name) if mapping is not None else activation
+        for layer in layers:
+            a = mapping.get(layer.name) if mapping is not None else activation
             if a is not None:
-                l.out_act = _act.resolve(a)
+                layer.out_act = _act.resolve(a)
         for prev, cur in zip(layers, layers[1:]):  # in a chain, a layer's input is its predecessor's output
             if mapping is None or prev.name in mapping:
                 cur.in_act = prev.out_act

@@ -1,7 +1,7 @@
 """Fan-in and fan-out for every parameter kind a user meets.
 
 fan_in of a weight is the number of terms each output unit sums over (the
-seed's n_{t-1}); fan_out the number of output units each input unit feeds
+n_{t-1} in Dive into Deep Learning's derivation); fan_out the number of output units each input unit feeds
 (its n_t).  These set the forward (n_in gamma^2 = 1) and backward
 (n_out gamma^2 = 1) conditions.
 
@@ -89,7 +89,7 @@ def _module_specs(m: nn.Module) -> list[ParamSpec] | None:
     if not own:
         return []
     specs: list[ParamSpec] = []
-    if isinstance(m, (nn.Linear, nn.Bilinear)) or isinstance(m, _CONV):
+    if isinstance(m, (nn.Linear, nn.Bilinear, _CONV)):
         w = m.weight
         if isinstance(m, nn.Bilinear):
             fi, fo = w.shape[1] * w.shape[2], w.shape[0] * w.shape[2]
@@ -108,9 +108,9 @@ def _module_specs(m: nn.Module) -> list[ParamSpec] | None:
         specs.append(ParamSpec("weight", m.weight, 1, 1, "embedding"))
     elif isinstance(m, _NORM):
         if own.get("weight") is not None:
-            specs.append(ParamSpec("weight", m.weight, 1, 1, "norm_weight"))
+            specs.append(ParamSpec("weight", own["weight"], 1, 1, "norm_weight"))
         if own.get("bias") is not None:
-            specs.append(ParamSpec("bias", m.bias, 1, 1, "norm_bias"))
+            specs.append(ParamSpec("bias", own["bias"], 1, 1, "norm_bias"))
         return specs
     elif isinstance(m, nn.RNNBase):
         return [_rnn_spec(m, n, t) for n, t in own.items()]

@@ -31,7 +31,7 @@ def gain(activation: Any, mode: GainMode = "forward") -> float:
     moment through ``activation`` for standard normal pre-activations.
 
     ``forward``: g = 1 / sqrt(E[phi(z)^2]) keeps E[h^2] layer to layer (the
-    seed's n_in gamma^2 = 1 with the activation's second moment included).
+    n_in gamma^2 = 1 of Dive into Deep Learning's derivation with the activation's second moment included).
     ``backward``: g = 1 / sqrt(E[phi'(z)^2]) keeps the gradient's second
     moment (n_out gamma^2 = 1 through phi').  z ~ N(0, 1).
 
@@ -50,8 +50,7 @@ def gain(activation: Any, mode: GainMode = "forward") -> float:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
     a = _act.resolve(activation)
     one = np.float64(1.0)
-    m = _second_moment(a, one) if mode == "forward" else _deriv_second_moment(a, one)
-    m = float(m)
+    m = float(_second_moment(a, one) if mode == "forward" else _deriv_second_moment(a, one))
     if not math.isfinite(m) or m <= 0:
         raise ValueError(f"activation {a.name!r} has E[{'phi' if mode == 'forward' else 'phi_prime'}(z)^2]"
                          f" = {m}: no finite gain preserves the signal")

@@ -22,7 +22,6 @@ from .fans import _CONVT, WEIGHT_LAYERS
 from .orthogonal import _orthogonal_fill
 
 
-
 def _channel_dim(m: nn.Module) -> int:
     return -1 if isinstance(m, nn.Linear) else 1
 
@@ -79,7 +78,7 @@ def lsuv_(model: nn.Module, inputs: Any, *, target: float = 1.0, tol: float = 0.
     if not layers:
         raise ValueError(f"{type(model).__name__} has no Linear or Conv layers for LSUV")
     saved = [(p, p.detach().clone()) for m in layers for p in m.parameters(recurse=False)]
-    scale = {m: 1.0 for m in layers}
+    scale: dict[nn.Module, float] = {m: 1.0 for m in layers}
     order: list[nn.Module] = []
     status: dict[nn.Module, str] = {}
 

@@ -78,7 +78,7 @@ def scale_residual_(model: nn.Module, mode: ResidualMode = "fixup") -> list[str]
             ws = [m for m in br.modules() if isinstance(m, WEIGHT_LAYERS)]
             m_counts.add(len(ws))
             if mode == "skipinit" and parent is not None:
-                parent.alpha.zero_()  # type: ignore[union-attr, operator]
+                parent.alpha.zero_()  # type: ignore[operator]
                 continue
             if not ws:
                 notes.append(f"{name}: no weight layer to scale")

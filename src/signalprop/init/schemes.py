@@ -111,7 +111,7 @@ def variance_scaling_(tensor: torch.Tensor, scale: float = 1.0, mode: FanMode = 
 def xavier_normal_(tensor: torch.Tensor, gain: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """Glorot & Bengio (2010): N(0, gain^2 * 2 / (fan_in + fan_out)).
 
-    The seed's derivation: forward needs n_in sigma^2 = 1, backward
+    Dive into Deep Learning's derivation: forward needs n_in sigma^2 = 1, backward
     n_out sigma^2 = 1; Xavier takes their average.
     (``variance_scaling_(scale=gain**2, mode="fan_avg", distribution="normal")``.)
     """

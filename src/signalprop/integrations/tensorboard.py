@@ -30,12 +30,12 @@ def write_step(writer: Any, mon: Any, step: int, alerts: list[Any]) -> None:
     h = mon.history[-1] if mon.history else None
     if h is not None and h.step == step:
         seen = set()
-        for l in h.layers:
-            if l.name in seen:  # a module called twice: its first call
+        for layer in h.layers:
+            if layer.name in seen:  # a module called twice: its first call
                 continue
-            seen.add(l.name)
+            seen.add(layer.name)
             for q in LAYER_QUANTITIES:
-                _scalar(writer, f"signalprop/{q}/{l.name or '(root)'}", getattr(l, q), step)
+                _scalar(writer, f"signalprop/{q}/{layer.name or '(root)'}", getattr(layer, q), step)
     for h in reversed(mon.history[-2:]):  # an update measured at this step belongs to the previous sample
         if h.update_ratios and h.step not in mon._written_updates:
             mon._written_updates.add(h.step)

@@ -1,4 +1,5 @@
-"""Reproducible experiments: the seed's demonstrations, depth sweeps."""
+"""Reproducible experiments: the demonstrations of Dive into Deep Learning's chapter
+on numerical stability and initialization, depth sweeps, monitored training runs."""
 
 from .registry import Experiment, experiments, run_experiment
 

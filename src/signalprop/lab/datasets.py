@@ -34,8 +34,9 @@ def digits(seed: int = 0, val: float = 0.15, test: float = 0.25) -> Split:
     standardized with the training split's mean and standard deviation."""
     try:
         from sklearn.datasets import load_digits
-    except ImportError as e:  # pragma: no cover - scikit-learn is a declared extra
-        raise ImportError("the digits data set needs scikit-learn: pip install 'signalprop[data]'") from e
+    except ImportError as e:  # pragma: no cover - scikit-learn is a core dependency
+        raise ImportError("the digits data set needs scikit-learn (a dependency of signalprop): "
+                          "pip install scikit-learn") from e
     d = load_digits()
     x = d.data.astype(np.float32)
     y = d.target.astype(np.int64)

@@ -1,4 +1,5 @@
-"""The demo: the seed's story on a real model and real data.
+"""The demo: the story of Dive into Deep Learning's chapter on numerical
+stability and initialization, on a real model and real data.
 
 A 50-layer sigmoid MLP on scikit-learn's digits: naive N(0, 1) weights,
 torch's default, Xavier and critical initialization, each diagnosed by
@@ -67,11 +68,11 @@ def run_demo(cfg: DemoConfig, out: Path, progress: Any = None) -> dict[str, Any]
                     seed=cfg.seed, progress=progress)
         after = check(b.model, probe_batch)
         s = before.summary
-        sat = max((l.saturation or 0.0) for l in before.layers)
+        sat = max((layer.saturation or 0.0) for layer in before.layers)
         rows.append({
             "init": _LABEL.get(init, init), "scheme": init, "verdict": before.verdict,
             "grad_first": before.layers[0].grad_rms,
-            "grad_last": next((l.grad_rms for l in reversed(before.layers[:-1]) if l.param_grad_rms is not None),
+            "grad_last": next((layer.grad_rms for layer in reversed(before.layers[:-1]) if layer.param_grad_rms is not None),
                               None),
             "first_last_grad_ratio": s.first_last_grad_ratio, "max_saturation": sat,
             "problem": before.problems[0].message if before.problems else "",

@@ -102,8 +102,8 @@ def _cell(cfg: DepthConfig, data: Split, act: str, init: str, depth: int, progre
 def _to(data: Split, dev: torch.device) -> Split:
     if dev.type == "cpu":
         return data
-    return Split(*(t.to(dev) for t in (data.x_train, data.y_train, data.x_val, data.y_val, data.x_test,
-                                       data.y_test)), data.seed, data.source)
+    return Split(data.x_train.to(dev), data.y_train.to(dev), data.x_val.to(dev), data.y_val.to(dev),
+                 data.x_test.to(dev), data.y_test.to(dev), data.seed, data.source)
 
 
 def _residual_cells(cfg: DepthConfig, data: Split, progress: Any) -> list[dict[str, Any]]:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -48,7 +49,9 @@ class DeepMLP(nn.Sequential):
 
 
 def _fast_act(m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    return {nn.Tanh: torch.tanh, nn.Sigmoid: torch.sigmoid, nn.ReLU: torch.relu}.get(type(m), m)  # type: ignore[return-value]
+    fast: dict[type, Callable[[torch.Tensor], torch.Tensor]] = {nn.Tanh: torch.tanh, nn.Sigmoid: torch.sigmoid,
+                                                                  nn.ReLU: torch.relu}
+    return fast.get(type(m), m)
 
 
 class ResBlock(nn.Module):
@@ -119,9 +122,9 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 def _parse_value(v: str) -> Any:
-    for cast in (int, float):
+    for convert in (int, float):
         try:
-            return cast(v)
+            return convert(v)
         except ValueError:
             pass
     return v
@@ -199,7 +202,7 @@ def _initialize(model: nn.Module, init: str, inputs: Any, generator: torch.Gener
                 act: str | None = None, residual: str | None = None) -> Any:
     from .. import init as spi
 
-    res = None if residual in (None, "none") else residual
+    res = cast(Any, None if residual in (None, "none") else residual)  # "fixup" / "skipinit", checked there
     if init == "default":
         return spi.scale_residual_(model, res) if res else None
     if init == "critical":
@@ -277,14 +280,14 @@ def _factory(spec: str, batch: int, g: torch.Generator, input_shape: tuple[int, 
         sys.path.insert(0, str(Path.cwd()))
     try:
         module = importlib.import_module(mod_name)
-    except Exception as e:  # noqa: BLE001 - the user's module failed to import: say so, whatever it raised
+    except Exception as e:
         raise ValueError(f"cannot import {mod_name!r} for {spec!r}: {type(e).__name__}: {e}") from e
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ValueError(f"{mod_name!r} has no callable {attr!r} (from {spec!r})")
     try:
         out = fn(**kwargs)
-    except Exception as e:  # noqa: BLE001 - the user's factory failed: name it and what it raised
+    except Exception as e:
         raise ValueError(f"the factory {spec!r} raised {type(e).__name__}: {e}") from e
     model, inputs = (out if isinstance(out, tuple) and len(out) == 2 else (out, None))
     if not isinstance(model, nn.Module):

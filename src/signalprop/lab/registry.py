@@ -9,9 +9,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..records import _clean
 
@@ -62,8 +63,8 @@ def _check_type(exp: str, key: str, value: Any, default: Any) -> None:
     elif isinstance(default, int):
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad("a whole number")
-        if default > 0 and value < 1:
-            raise bad("a positive whole number")
+        if default >= 0 and value < 0:
+            raise bad("a whole number >= 0")
     elif isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
             raise bad("a number")

@@ -1,4 +1,5 @@
-"""The source note's two demonstrations, reproduced and taken one step further."""
+"""The two demonstrations of Dive into Deep Learning's chapter on numerical
+stability and initialization, reproduced and taken one step further."""
 
 from __future__ import annotations
 
@@ -17,21 +18,22 @@ from .registry import Experiment, register
 
 @dataclass(frozen=True)
 class SigmoidConfig:
-    start: float = -8.0  # the note's x = torch.arange(-8.0, 8.0, 0.1)
+    start: float = -8.0  # the chapter's x = torch.arange(-8.0, 8.0, 0.1)
     stop: float = 8.0
     step: float = 0.1
     small_grad: float = 1e-2  # a gradient below this counts as "nearly vanished"
 
 
 def run_sigmoid(cfg: SigmoidConfig, out: Path, progress: Any = None) -> dict[str, Any]:
-    """sigma(x) and its autograd gradient, as in the note, beside tanh and ReLU."""
+    """sigma(x) and its autograd gradient, as in the chapter, beside tanh and ReLU."""
     rows: dict[str, Any] = {}
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name, fn in (("sigmoid", torch.sigmoid), ("tanh", torch.tanh), ("relu", torch.relu)):
         x = torch.arange(cfg.start, cfg.stop, cfg.step, requires_grad=True)
         y = fn(x)
-        # y is not a scalar: backward needs an explicit all-ones cotangent (the note's call).
+        # y is not a scalar: backward needs an explicit all-ones cotangent (the chapter's call).
         y.backward(gradient=torch.ones_like(x))
+        assert x.grad is not None
         g, xd = x.grad.detach(), x.detach()
         i = int(torch.argmax(g))
         rows[name] = {
@@ -57,7 +59,7 @@ def run_sigmoid(cfg: SigmoidConfig, out: Path, progress: Any = None) -> dict[str
 
 @dataclass(frozen=True)
 class ExplodeConfig:
-    n: int = 4  # the note's 4 x 4 matrices
+    n: int = 4  # the chapter's 4 x 4 matrices
     factors: int = 100
     seed: int = 0
 
@@ -110,6 +112,6 @@ def run_explode(cfg: ExplodeConfig, out: Path, progress: Any = None) -> dict[str
 
 
 register(Experiment("sigmoid", "sigmoid, tanh and ReLU with their autograd gradients on [-8, 8) "
-                    "(the note's vanishing-gradient figure)", SigmoidConfig, run_sigmoid))
+                    "(Dive into Deep Learning's vanishing-gradient figure)", SigmoidConfig, run_sigmoid))
 register(Experiment("explode", "product of 100 random 4x4 matrices: N(0,1) vs Xavier vs orthogonal "
-                    "(the note's exploding-gradient demo)", ExplodeConfig, run_explode))
+                    "(Dive into Deep Learning's exploding-gradient demo)", ExplodeConfig, run_explode))

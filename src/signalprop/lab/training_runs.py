@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -59,8 +59,9 @@ class _CharTransformer(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         t = ids.shape[1]
+        mask = cast(torch.Tensor, self.mask)
         h = self.emb(ids) + self.pos[:t]
-        return self.head(self.body(h, mask=self.mask[:t, :t], is_causal=True))
+        return self.head(self.body(h, mask=mask[:t, :t], is_causal=True))
 
 
 def stdlib_text(max_chars: int = 400_000) -> str:
@@ -173,14 +174,13 @@ class MonitorConfig:
 
 
 def _run(cfg: MonitorConfig, out: Path, progress: Any) -> dict[str, Any]:
-    from ..report.figures import _plt
+    from ..report.figures import new_figure
 
     if progress is not None:
         progress.start(2 * len(cfg.kinds), "monitor")
     runs = {}
     headline = []
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(cfg.kinds), figsize=(5 * len(cfg.kinds), 3.6), squeeze=False)
+    fig, axes = new_figure(1, len(cfg.kinds), figsize=(5 * len(cfg.kinds), 3.6), squeeze=False)
     for ax, kind in zip(axes[0], cfg.kinds):
         bad = train(kind, DIVERGING[kind], cfg.seed, cfg.steps, every=cfg.every)
         fixed = train(kind, DIVERGING[kind], cfg.seed, cfg.steps, every=cfg.every, agc=cfg.agc)
@@ -208,9 +208,7 @@ def _run(cfg: MonitorConfig, out: Path, progress: Any) -> dict[str, Any]:
         runs[kind] = {"diverging": bad, "agc": fixed}
         if progress is not None:
             progress.advance(2, f"monitor: {kind}")
-    fig.tight_layout()
     fig.savefig(out / "monitor.png", dpi=100)
-    plt.close(fig)
     return {"runs": runs, "headline": headline, "figure": "monitor.png"}
 
 

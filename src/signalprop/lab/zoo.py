@@ -12,9 +12,10 @@ the table; the test suite runs the same cases.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -179,7 +180,7 @@ def _dead_bias(b: int, t: int, g: torch.Generator) -> tuple[nn.Module, Any, dict
     torch.manual_seed(0)
     m = _mlp(8, "relu", "kaiming_normal")
     with torch.no_grad():
-        m[6].bias.fill_(-100.0)  # every unit of ReLU '7' negative for every input
+        cast(nn.Linear, m[6]).bias.fill_(-100.0)  # every unit of ReLU '7' negative for every input
     return m, torch.randn(b, 128, generator=g), {}
 
 

@@ -41,9 +41,10 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Sequence
+from collections.abc import Sequence
+from typing import cast
 
-from ..records import Alert, LayerStats, MonitorStep
+from ..records import Alert, AlertKind, LayerStats, MonitorStep
 
 SURGE = 10.0
 SPIKE = 3.0
@@ -103,9 +104,9 @@ def scalar_alerts(step: int, loss: float | None, grad_norm: float | None, losses
 def _baseline(history: Sequence[MonitorStep], name: str, attr: str) -> float | None:
     vals = []
     for h in history[:BASELINE_SAMPLES]:
-        for l in h.layers:
-            if l.name == name:
-                v = getattr(l, attr)
+        for layer in h.layers:
+            if layer.name == name:
+                v = getattr(layer, attr)
                 if v is not None and math.isfinite(v) and v > 0:
                     vals.append(v)
                 break
@@ -114,8 +115,8 @@ def _baseline(history: Sequence[MonitorStep], name: str, attr: str) -> float | N
 
 def _by_name(layers: Sequence[LayerStats]) -> dict[str, LayerStats]:
     out: dict[str, LayerStats] = {}
-    for l in layers:
-        out.setdefault(l.name, l)  # a module called twice: its first call
+    for layer in layers:
+        out.setdefault(layer.name, layer)  # a module called twice: its first call
     return out
 
 
@@ -130,11 +131,11 @@ def sampled_alerts(current: MonitorStep, history: Sequence[MonitorStep]) -> list
     base_hist = history[:BASELINE_SAMPLES]
     grew: list[tuple[float, str]] = []
     shrank: list[tuple[float, str]] = []
-    for name, l in _by_name(current.layers).items():
+    for name, layer in _by_name(current.layers).items():
         # relative to the output's gradient: a converging run's gradients all shrink with
         # its loss, which is no vanishing; a layer falling behind the output's is
         for attr in ("relative_grad_rms",):
-            v = getattr(l, attr)
+            v = getattr(layer, attr)
             b = _baseline(base_hist, name, attr)
             if v is None or b is None or not math.isfinite(v):
                 continue
@@ -158,8 +159,8 @@ def sampled_alerts(current: MonitorStep, history: Sequence[MonitorStep]) -> list
                          "a smaller learning rate or a different initialization (sp.init.critical_)", "backward"))
     for kind, attr, limit in (("saturated", "saturation", CREEP_LIMIT), ("dead", "dead_fraction", CREEP_LIMIT)):
         moved: list[tuple[float, str, float, float]] = []
-        for name, l in _by_name(current.layers).items():
-            v = getattr(l, attr)
+        for name, layer in _by_name(current.layers).items():
+            v = getattr(layer, attr)
             base = [getattr(bl, attr) for h in base_hist for bl in h.layers if bl.name == name]
             base = [b for b in base if b is not None]
             if v is None or not base:
@@ -169,7 +170,7 @@ def sampled_alerts(current: MonitorStep, history: Sequence[MonitorStep]) -> list
                 moved.append((v - b, name, b, v))
         if moved:
             _, name, b, v = max(moved)
-            out.append(Alert(current.step, kind, name,
+            out.append(Alert(current.step, cast(AlertKind, kind), name,
                              f"{attr.replace('_', ' ')} of {name} rose from {b:.0%} to {v:.0%} "
                              f"({len(moved)} layer(s) crossed {limit:.0%})",
                              "lower the learning rate; for saturation, normalise the pre-activations or use "

@@ -33,13 +33,24 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any, cast
 
 import torch
 from torch import nn
 
-from ..probe.check import (CallArgs, ModelError, _finalise, _gather, _layer_stats, _norms, _ParamNorms, _run,
-                           check_limits, check_model)
+from ..probe.check import (
+    CallArgs,
+    ModelError,
+    _finalise,
+    _gather,
+    _layer_stats,
+    _norms,
+    _ParamNorms,
+    _run,
+    check_limits,
+    check_model,
+)
 from ..probe.diagnose import diagnose
 from ..probe.distributed import GRAD_NORM, MEAN, SUM, Reduction, local, norm_kind, resolve_group, unwrap
 from ..probe.recorder import Recorder, first_float_tensor
@@ -144,7 +155,7 @@ class Monitor:
         self._arm()
 
     # -- context manager -------------------------------------------------------
-    def __enter__(self) -> "Monitor":
+    def __enter__(self) -> Monitor:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -228,16 +239,19 @@ class Monitor:
             loss_t = self._loss_scalar(loss)
             outs = [c for c in self._calls if c.out_norm is not None][:1]
             extra: list[torch.Tensor | float] = [*gnorms, *([loss_t] if loss_t is not None else []),
-                                                 *[x for c in outs for x in (c.out_norm, float(c.out_numel))]]
+                                                 *[x for c in outs for x in (cast(torch.Tensor, c.out_norm),
+                                                                             float(c.out_numel))]]
             kinds = ([norm_kind(p.grad) for p in params] + ([MEAN] if loss_t is not None else [])  # type: ignore[arg-type]
                      + [GRAD_NORM, SUM] * len(outs))
             pn = _ParamNorms.of(self._rec.rows, {p: p.grad for p in params},  # type: ignore[union-attr]
                                 known={id(p.grad): n for p, n in zip(params, gnorms)}) if sampled else None
             upd = self._update_scalars() if self._snapshot is not None else None
-            more = (pn.scalars if pn is not None else []) + (upd[1] if upd is not None else [])
+            more: list[torch.Tensor | float] = [*(pn.scalars if pn is not None else []),
+                                                *(upd[1] if upd is not None else [])]
             kinds += (pn.kinds if pn is not None else []) + (upd[2] if upd is not None else [])
             if sampled:
-                vals, ex = _finalise(self._rec.rows, extra + more, self.red, kinds)  # type: ignore[union-attr]
+                assert self._rec is not None
+                vals, ex = _finalise(self._rec.rows, extra + more, self.red, kinds)
             else:
                 vals, ex = [], _gather(extra + more, kinds, self.red) if extra or more else []
         n = len(gnorms)
@@ -363,7 +377,7 @@ class Monitor:
         k, mods = self._snapshot  # type: ignore[misc]
         before = [b for _, _, bs in mods for b in bs]
         now = [local(p.detach()) for _, ps, _ in mods for p in ps]
-        diffs = torch._foreach_sub(now, before)
+        diffs = list(torch._foreach_sub(now, before))
         kinds = [norm_kind(p) for _, ps, _ in mods for p in ps]
         return k, _norms(diffs) + _norms(before), kinds + kinds
 
@@ -415,17 +429,16 @@ class Monitor:
             p = next((p for p in report.problems if p.kind == "non-finite"), None)
             if p is None:
                 continue
-            forward = p.layer == "input" or any(l.nonfinite_fraction > 0 for l in report.layers)
+            forward = p.layer == "input" or any(layer.nonfinite_fraction > 0 for layer in report.layers)
             if not forward and out_v is not None and not math.isfinite(out_v):
                 break  # the loss's own gradient was already non-finite: said below
             return Alert(k, "non-finite", p.layer, f"step {k}: {p.message}", f"{p.suggestion}; {fix}",
                          "forward" if forward else "backward")
-        if loss is not None and not math.isfinite(loss):
-            if out_v is None or math.isfinite(out_v):
-                return Alert(k, "non-finite", "(loss)", f"step {k}: the loss is {loss} while the model's output is "
-                             "finite: the loss function turned it non-finite (log of 0, division by 0)",
-                             f"clamp the loss's argument (e.g. log(p + eps)) or use a fused loss; {fix}",
-                             "forward")
+        if loss is not None and not math.isfinite(loss) and (out_v is None or math.isfinite(out_v)):
+            return Alert(k, "non-finite", "(loss)", f"step {k}: the loss is {loss} while the model's output is "
+                         "finite: the loss function turned it non-finite (log of 0, division by 0)",
+                         f"clamp the loss's argument (e.g. log(p + eps)) or use a fused loss; {fix}",
+                         "forward")
         if out_v is not None and not math.isfinite(out_v):
             return Alert(k, "non-finite", "(loss)", f"step {k}: the gradient of the loss at the model's output is "
                          "non-finite while the forward pass is finite", f"look at the loss function; {fix}",
@@ -458,8 +471,8 @@ class Monitor:
         """Per layer name: (step, value) over the sampled steps."""
         out: dict[str, list[tuple[int, float | None]]] = {}
         for h in self.history:
-            for l in h.layers:
-                out.setdefault(l.name, []).append((h.step, getattr(l, attr)))
+            for layer in h.layers:
+                out.setdefault(layer.name, []).append((h.step, getattr(layer, attr)))
         return out
 
 
@@ -488,7 +501,8 @@ def monitor(model: nn.Module, every: int = 50, *, writer: Any = None, agc: float
     norm series, the gradient-surge rule and the non-finite watch on
     gradients) on every n-th step and on sampled steps; default 1 for models
     on a GPU, 4 on the CPU (a memory-bound pass there; the loss is read every
-    step, and a non-finite gradient shows in the next step's loss at the latest).  ``update_ratio``: measure ||dw|| / ||w|| of the optimizer step
+    step, and a non-finite gradient shows in the next step's loss at the
+    latest).  ``update_ratio``: measure ||dw|| / ||w|| of the optimizer step
     after each sample (keeps one copy of the trainable weights from the
     sample to the next step).  ``max_history``: keep at most this many
     sampled steps (the first ones, the baseline, always stay).  ``bounds`` and

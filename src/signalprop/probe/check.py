@@ -5,16 +5,29 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..records import InputStats, LayerStats, Report, Summary
 from .diagnose import diagnose
-from .distributed import GRAD_NORM, MEAN, NORM, ROW_KINDS, SUM, Reduction, is_ddp, is_sharded, local, norm_kind, \
-    resolve_group, unwrap
+from .distributed import (
+    GRAD_NORM,
+    MEAN,
+    NORM,
+    ROW_KINDS,
+    SUM,
+    Reduction,
+    is_ddp,
+    is_sharded,
+    local,
+    norm_kind,
+    resolve_group,
+    unwrap,
+)
 from .predict import predictions
 from .recorder import Recorder, Row, first_float_tensor
 from .state import preserved
@@ -229,7 +242,7 @@ class _ParamNorms:
 
     @staticmethod
     def of(rows: list[Row], grads: dict[nn.Parameter, torch.Tensor | None],
-           known: dict[int, torch.Tensor] | None = None) -> "_ParamNorms":
+           known: dict[int, torch.Tensor] | None = None) -> _ParamNorms:
         """``known``: norms already computed, by ``id`` of the tensor (the
         monitor's per-step gradient norms), so no tensor is read twice."""
         mods: list[tuple[nn.Module, int, list[int]]] = []
@@ -324,14 +337,14 @@ def check(model: nn.Module, inputs: Any, *, loss_fn: Callable[..., torch.Tensor]
 
     One forward and one backward pass.  Without ``loss_fn`` the backward pass
     starts from a fixed random cotangent of unit variance on the first
-    floating-point tensor of the output (the digest's
+    floating-point tensor of the output (Dive into Deep Learning's
     ``y.backward(gradient=...)``), so gradients describe the network rather
     than a loss; with ``loss_fn`` it is ``loss_fn(output, targets)`` (or
     ``loss_fn(output)`` when ``targets`` is None).
 
     ``inputs``: a tensor, a tuple of positional arguments or a dict of keyword
     arguments.  ``bounds``: the healthy range of each row's gradient RMS
-    *relative to the gradient RMS at the model's output* (the digest's example
+    *relative to the gradient RMS at the model's output* (Dive into Deep Learning's example
     [1e-6, 1e3]); relative, so that neither batch size, sequence length, a
     loss's mean reduction nor the dtype moves a verdict.  ``trend``: the
     largest tolerated factor by which rows of one role (the same module
@@ -446,6 +459,7 @@ def _run(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: tupl
             raise ValueError(f"the {'loss' if loss_fn is not None else 'output'} does not depend on any parameter "
                              "or floating input (a constant output, or computed under torch.no_grad()/detach() "
                              "inside forward): no gradient flows back to measure")
+        grads: tuple[torch.Tensor | None, ...]
         try:
             if red is None:
                 grads = torch.autograd.grad(root, wrt, grad_outputs=cot, allow_unused=True)
@@ -477,7 +491,7 @@ def _run(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: tupl
         backprop += f" = {ex[-2]:.6g}"
     layers = _layer_stats(rec.rows, vals, pnorms.values(ex[:k]), out_rms)
     if out_grad is None or out_rms == 0:  # the loss does not reach the first output tensor
-        last = next((l.grad_rms for l in reversed(layers) if l.grad_rms), None)
+        last = next((layer.grad_rms for layer in reversed(layers) if layer.grad_rms), None)
         out_rms = last or 1.0
         layers = _layer_stats(rec.rows, vals, pnorms.values(ex[:k]), out_rms)
     pred = predictions(rec.rows, layers, inp)
@@ -496,7 +510,8 @@ def _run(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: tupl
     summary = Summary(model=type(model).__name__, rows=len(layers), backprop=backprop, output_grad_rms=out_rms,
                       bounds=(float(bounds[0]), float(bounds[1])), trend_limit=float(trend),
                       training_mode=model.training, theory=pred is not None, input=inp,
-                      notes=tuple(notes), **judged)
+                      notes=tuple(notes), inputs=_shapes(inputs), cotangent_seed=None if loss_fn is not None
+                      else COTANGENT_SEED, **judged)
     return Report(verdict, tuple(layers), tuple(problems), summary)
 
 
@@ -517,8 +532,8 @@ def _backward_origin(rows: list[Row], layers: list[LayerStats]) -> int | None:
     execution order) whose gradient is non-finite, itself with a finite
     gradient -- or, when no recorded row read that output directly, the next
     row executed after it."""
-    bad = [l.index for l in layers if (l.grad_nonfinite_fraction or 0) > 0]
-    if not bad or any(l.nonfinite_fraction > 0 for l in layers):
+    bad = [layer.index for layer in layers if (layer.grad_nonfinite_fraction or 0) > 0]
+    if not bad or any(layer.nonfinite_fraction > 0 for layer in layers):
         return None
     r = rows[bad[-1]]
     produced = r.output() if r.output is not None else None

@@ -40,7 +40,7 @@ import math
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from ..records import SEVERITY, InputStats, LayerStats, Problem, SeriesTrend, Verdict, evolve
 from .stats import MIN_SAMPLES_PER_UNIT
@@ -50,8 +50,8 @@ DEAD_SHARE = 0.5  # a rectifier layer is "dead" when over half its units never f
 MIN_SERIES = 3  # rows of one role needed before a change across them is a trend
 
 
-def _g(l: LayerStats) -> float | None:
-    g = l.relative_grad_rms
+def _g(layer: LayerStats) -> float | None:
+    g = layer.relative_grad_rms
     return g if g is not None and not math.isnan(g) else None
 
 
@@ -79,33 +79,33 @@ def _effective(layers: list[LayerStats]) -> list[float | None]:
     ``critical_`` before an RMSNorm).  What is invariant is gradient times
     signal, so such a row is judged by ``g * rms(row) / rms(norm output)``,
     the next row with a gradient (dropout skipped) being the norm."""
-    out = [_g(l) for l in layers]
+    out = [_g(layer) for layer in layers]
     nxt: LayerStats | None = None
     for i in range(len(layers) - 1, -1, -1):
-        l = layers[i]
+        layer = layers[i]
         g = out[i]
         if g is not None and nxt is not None and _NORM.search(nxt.kind) and nxt.forward_second_moment > 0:
-            out[i] = g * math.sqrt(l.forward_second_moment / nxt.forward_second_moment)
-        if g is not None and l.kind not in _PASS_THROUGH:
-            nxt = l
+            out[i] = g * math.sqrt(layer.forward_second_moment / nxt.forward_second_moment)
+        if g is not None and layer.kind not in _PASS_THROUGH:
+            nxt = layer
     return out
 
 
 def _bound_evidence(layers: list[LayerStats], lo: float, hi: float) -> list[_Evidence]:
     out = []
     eff = _effective(layers)
-    big = {l.index: g for l, g in zip(layers, eff) if g is not None and g > hi}
+    big = {layer.index: g for layer, g in zip(layers, eff) if g is not None and g > hi}
     if big:
         out.append(_Evidence("exploding", "bound", set(big),
                              f"gradient RMS relative to the output's reaches {max(big.values()):.3g}, above {hi:g}",
                              max(big.values()) / hi))
     small: dict[int, float] = {}
     best_before = 0.0
-    for l, g in zip(layers, eff):
+    for layer, g in zip(layers, eff):
         if g is None:
             continue
         if g < lo and best_before < lo:
-            small[l.index] = g
+            small[layer.index] = g
         best_before = max(best_before, g)
     if small:
         m = min(small.values())
@@ -138,10 +138,10 @@ def _median_trend(v: list[float]) -> float:
 
 def _series(layers: list[LayerStats]) -> list[tuple[str, list[LayerStats]]]:
     by_role: dict[str, list[LayerStats]] = defaultdict(list)
-    for l in layers:
-        g = _g(l)
-        if l.role and g is not None and 0 < g < math.inf and 0 < l.forward_second_moment < math.inf:
-            by_role[l.role].append(l)
+    for layer in layers:
+        g = _g(layer)
+        if layer.role and g is not None and 0 < g < math.inf and 0 < layer.forward_second_moment < math.inf:
+            by_role[layer.role].append(layer)
     return [(r, rows) for r, rows in by_role.items() if len(rows) >= MIN_SERIES]
 
 
@@ -154,10 +154,10 @@ def _series_evidence(series: list[tuple[str, list[LayerStats]]], trend: float) -
     out: list[_Evidence] = []
     trends = []
     for role, rows in series:
-        g = [_g(l) or 0.0 for l in rows]
-        m = [l.forward_second_moment for l in rows]
+        g = [_g(layer) or 0.0 for layer in rows]
+        m = [layer.forward_second_moment for layer in rows]
         drop, growth = _extremes(g)
-        trends.append(SeriesTrend(role, tuple(l.index for l in rows), rows[0].name, rows[-1].name,
+        trends.append(SeriesTrend(role, tuple(layer.index for layer in rows), rows[0].name, rows[-1].name,
                                   g[0] / g[-1], drop, growth, m[-1] / m[0]))
         label, n = _role_label(role), len(rows)
         per = (g[0] / g[-1]) ** (1 / (n - 1))
@@ -166,7 +166,7 @@ def _series_evidence(series: list[tuple[str, list[LayerStats]]], trend: float) -
         # pre-norm transformer sees the embedding-scale stream) does not move it.
         up = _median_trend(g)  # > 1: larger toward the input
         fup = _median_trend(m)  # > 1: forward signal smaller deeper (m is in execution order)
-        rows_all = {l.index for l in rows}
+        rows_all = {layer.index for layer in rows}
         if up < 1 / trend:
             out.append(_Evidence("vanishing", "series", rows_all,
                                  f"vanishing with depth: across {n} repeated {label} rows the gradient RMS is "
@@ -198,23 +198,23 @@ def _judge_dead(layers: list[LayerStats], unjudged_from: int | None) -> tuple[li
     entirely below zero (its mean more than 3 standard deviations under 0:
     dead whatever the batch)."""
     out, unjudged = [], []
-    for l in layers:
-        if unjudged_from is not None and l.index > unjudged_from and l.dead_fraction is not None:
-            out.append(evolve(l, dead_fraction=None))
+    for layer in layers:
+        if unjudged_from is not None and layer.index > unjudged_from and layer.dead_fraction is not None:
+            out.append(evolve(layer, dead_fraction=None))
             continue
-        if l.dead_fraction is None or (l.dead_samples or 0) >= MIN_SAMPLES_PER_UNIT:
-            out.append(l)
+        if layer.dead_fraction is None or (layer.dead_samples or 0) >= MIN_SAMPLES_PER_UNIT:
+            out.append(layer)
             continue
-        p = _producer(layers, l.index)
-        certain = l.dead_fraction >= 1.0 and p is not None and \
+        p = _producer(layers, layer.index)
+        certain = layer.dead_fraction >= 1.0 and p is not None and \
             p.forward_mean + 3 * math.sqrt(p.forward_var) < 0
         if not certain:
-            unjudged.append(l)
-            l = evolve(l, dead_fraction=None)
-        out.append(l)
+            unjudged.append(layer)
+            layer = evolve(layer, dead_fraction=None)
+        out.append(layer)
     notes = []
     if unjudged:
-        k = min(l.dead_samples or 0 for l in unjudged)
+        k = min(layer.dead_samples or 0 for layer in unjudged)
         notes.append(f"dead units not judged in {len(unjudged)} rectifier row(s): {k} example(s) x positions per "
                      f"unit, and a healthy unit is zero on about half of them; {MIN_SAMPLES_PER_UNIT} or more "
                      "are needed to tell dead from alive")
@@ -236,28 +236,28 @@ def _share_evidence(layers: list[LayerStats], vanishing: set[int], forward_vanis
     gradients of the rows before such a row are its doing, not a vanishing
     product of Jacobians."""
     out = []
-    sat = {l.index: l.saturation for l in layers if (l.saturation or 0) > SATURATED_SHARE}
+    sat = {layer.index: layer.saturation for layer in layers if (layer.saturation or 0) > SATURATED_SHARE}
     if sat:
-        out.append(_Evidence("saturated", "share", set(sat), "", max(sat.values())))  # type: ignore[arg-type]
+        out.append(_Evidence("saturated", "share", set(sat), "", max(v for v in sat.values() if v is not None)))
     dead: dict[int, float] = {}
-    for l in layers:
-        p = _producer(layers, l.index)
-        if (l.dead_fraction or 0) > DEAD_SHARE and p is not None and p.forward_second_moment > 0 \
-                and p.index not in forward_vanishing and l.index not in forward_vanishing:
-            dead[l.index] = l.dead_fraction  # type: ignore[assignment]
+    for layer in layers:
+        p = _producer(layers, layer.index)
+        if (layer.dead_fraction or 0) > DEAD_SHARE and p is not None and p.forward_second_moment > 0 \
+                and p.index not in forward_vanishing and layer.index not in forward_vanishing:
+            dead[layer.index] = layer.dead_fraction  # type: ignore[assignment]
     explained: set[int] = set()
     if any(d >= 1.0 for d in dead.values()):  # a dead cause, maybe followed by rows it starved
-        explained = {l.index for l in layers[:max(all_zero)] if l.grad_rms == 0}
+        explained = {layer.index for layer in layers[:max(all_zero)] if layer.grad_rms == 0}
     dead = {i: d for i, d in dead.items() if i not in vanishing - explained}
     if dead:
         out.append(_Evidence("dead", "share", set(dead), "", max(dead.values())))
     return out, explained
 
 
-def _row_verdict(l: LayerStats, flags: set[str]) -> Verdict:
-    if l.nonfinite_fraction > 0 or (l.grad_nonfinite_fraction or 0) > 0:
+def _row_verdict(layer: LayerStats, flags: set[str]) -> Verdict:
+    if layer.nonfinite_fraction > 0 or (layer.grad_nonfinite_fraction or 0) > 0:
         return "non-finite"
-    return next((k for k in SEVERITY[1:-1] if k in flags), "healthy")  # type: ignore[return-value]
+    return cast(Verdict, next((k for k in SEVERITY[1:-1] if k in flags), "healthy"))
 
 
 def _runs(rows: list[int], gap: int = 2) -> list[list[int]]:
@@ -273,7 +273,7 @@ def _runs(rows: list[int], gap: int = 2) -> list[list[int]]:
 
 
 def _dominant_activation(layers: list[LayerStats]) -> str | None:
-    acts = [l.activation.split("(")[0] for l in layers if l.activation and l.activation != "linear"]
+    acts = [layer.activation.split("(")[0] for layer in layers if layer.activation and layer.activation != "linear"]
     return Counter(acts).most_common(1)[0][0] if acts else None
 
 
@@ -298,15 +298,15 @@ def _span(layers: list[LayerStats], run: list[int]) -> str:
 def _problem(kind: Verdict, run: list[int], ev: list[_Evidence], layers: list[LayerStats], act: str | None) -> Problem:
     span = _span(layers, run)
     rows = [layers[i] for i in run]
-    kinds = ", ".join(sorted({l.kind for l in rows}))
+    kinds = ", ".join(sorted({layer.kind for layer in rows}))
     if kind == "saturated":
-        sat = max(l.saturation or 0 for l in rows)
+        sat = max(layer.saturation or 0 for layer in rows)
         msg = (f"{len(run)} {kinds} row(s) {span} saturated: up to {sat:.0%} of outputs sit where the "
                "activation's slope is < 1% of its maximum, so gradients through them nearly vanish")
         fix = ("pre-activations are too large: lower the weight scale (apply_(model, 'xavier_uniform', "
                f"activation=...)) or normalize; {_init_advice(act)}")
     elif kind == "dead":
-        dead = max(l.dead_fraction or 0 for l in rows)
+        dead = max(layer.dead_fraction or 0 for layer in rows)
         msg = (f"{len(run)} {kinds} row(s) {span} dead: up to {dead:.0%} of units output 0 for every example "
                "and position" + (", so no gradient reaches the rows before it" if dead >= 1.0 else ""))
         fix = ("zero or shrink negative biases, use kaiming_normal_, lower the learning rate, or use "
@@ -325,14 +325,14 @@ def _nonfinite_problem(layers: list[LayerStats], inp: InputStats | None, origin:
     if inp is not None and inp.nonfinite_fraction > 0:
         return Problem("input", "non-finite", f"the input itself has {inp.nonfinite_fraction:.1%} "
                        "non-finite values", "clean the data (torch.nan_to_num, check the loader)", -1, -1)
-    fwd = next((l for l in layers if l.nonfinite_fraction > 0), None)
+    fwd = next((layer for layer in layers if layer.nonfinite_fraction > 0), None)
     if fwd is not None:
         return Problem(fwd.name, "non-finite",
                        f"the forward signal first turns non-finite at {fwd.name} ({fwd.kind}): "
                        f"{fwd.nonfinite_fraction:.1%} of its outputs are NaN/Inf",
                        "look at that module's arithmetic (log/div/sqrt of bad values, overflow in low "
                        "precision); torch.autograd.detect_anomaly helps", fwd.index, fwd.index)
-    bad = [l for l in layers if (l.grad_nonfinite_fraction or 0) > 0]
+    bad = [layer for layer in layers if (layer.grad_nonfinite_fraction or 0) > 0]
     if bad:
         o = layers[origin] if origin is not None else bad[-1]
         return Problem(o.name, "non-finite",
@@ -366,7 +366,7 @@ def diagnose(layers: list[LayerStats], inp: InputStats | None, bounds: tuple[flo
     Pure: ``layers`` is not modified."""
     lo, hi = bounds
     # rectifier rows whose every output is 0 (a fact at any batch size): nothing passes back through them
-    all_zero = [l.index for l in layers if (l.dead_fraction or 0) >= 1.0]
+    all_zero = [layer.index for layer in layers if (layer.dead_fraction or 0) >= 1.0]
     layers, notes = _judge_dead(layers, dead_unjudged_from)
     act = _dominant_activation(layers)
     series = _series(layers)
@@ -383,7 +383,7 @@ def diagnose(layers: list[LayerStats], inp: InputStats | None, bounds: tuple[flo
     for e in ev:
         for i in e.rows:
             flags[i].add(e.kind)
-    out = [evolve(l, verdict=_row_verdict(l, f)) for l, f in zip(layers, flags)]
+    out = [evolve(layer, verdict=_row_verdict(layer, f)) for layer, f in zip(layers, flags)]
     problems: list[Problem] = []
     nf = _nonfinite_problem(out, inp, backward_origin)
     if nf is not None:
@@ -391,9 +391,9 @@ def diagnose(layers: list[LayerStats], inp: InputStats | None, bounds: tuple[flo
     else:  # with NaN/Inf about, bounds and trends would only repeat it
         for kind in ("exploding", "vanishing", "saturated", "dead"):
             rows = [i for i, f in enumerate(flags) if kind in f]
-            problems += [_problem(kind, run, ev, out, act) for run in _runs(rows)]  # type: ignore[arg-type]
+            problems += [_problem(kind, run, ev, out, act) for run in _runs(rows)]
     problems.sort(key=lambda p: (SEVERITY.index(p.kind), p.first))
     verdict: Verdict = problems[0].kind if problems else "healthy"
     judged = {"activation": act, "series": tuple(trends), "notes": notes,
-              "zero_gradient_rows": sum(1 for l in layers if l.grad_rms == 0), **_main_trend(trends, layers)}
+              "zero_gradient_rows": sum(1 for layer in layers if layer.grad_rms == 0), **_main_trend(trends, layers)}
     return verdict, problems, out, judged

@@ -24,7 +24,8 @@ same modules in the same order (as DDP and FSDP already require).
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,7 +53,7 @@ def _dtensor_type() -> type | None:
 def local(t: torch.Tensor) -> torch.Tensor:
     """The local part of a tensor (a ``DTensor``'s shard), else the tensor."""
     dt = _dtensor_type()
-    return t.to_local() if dt is not None and isinstance(t, dt) else t
+    return t.to_local() if dt is not None and isinstance(t, dt) else t  # type: ignore[attr-defined]
 
 
 def norm_kind(t: torch.Tensor) -> str:
@@ -62,7 +63,7 @@ def norm_kind(t: torch.Tensor) -> str:
     if dt is not None and isinstance(t, dt):
         from torch.distributed.tensor import Shard
 
-        if any(isinstance(p, Shard) for p in t.placements):
+        if any(isinstance(p, Shard) for p in t.placements):  # type: ignore[attr-defined]
             return SHARD_NORM
     return REPLICA_NORM
 

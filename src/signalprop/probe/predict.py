@@ -4,7 +4,7 @@ Linear/Conv layers, each optionally followed by one elementwise activation."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -50,7 +50,7 @@ def _weight_terms(m: nn.Module) -> torch.Tensor:
     """[sigma_w2, sigma_b2, BS, S2] of one layer, on its device: sigma_w2 =
     fan_in * mean(W^2), sigma_b2 = mean(b^2), and the mean coupling of
     :func:`signalprop.theory.propagate` from the row sums s_i of W."""
-    W = _whole(m.weight)  # type: ignore[union-attr]
+    W = _whole(cast(torch.Tensor, m.weight))
     rows = W.reshape(W.shape[0], -1)
     a = acc(W)  # float32 accumulation for half precision, no copy of W
     s = rows.sum(dim=1, dtype=a)  # row sums

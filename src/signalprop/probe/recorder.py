@@ -14,8 +14,9 @@ import functools
 import re
 import types
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -97,8 +98,8 @@ def _own_children(m: nn.Module) -> list[nn.Module]:
 
 def leaf_modules(model: nn.Module) -> list[nn.Module]:
     hidden = {id(c) for m in model.modules() if isinstance(m, FUSED) for c in m.modules() if c is not m}
-    hidden |= {id(c) for m in model.modules() if hasattr(m, "parametrizations")
-               for c in m.parametrizations.modules()}  # weight computations, not layers of the network
+    hidden |= {id(c) for m in model.modules() if isinstance(getattr(m, "parametrizations", None), nn.Module)
+               for c in cast(nn.Module, m.parametrizations).modules()}  # weight computations, not layers
     return [m for m in model.modules() if id(m) not in hidden
             and (isinstance(m, FUSED) or not _own_children(m))]
 
@@ -169,12 +170,12 @@ def calls_functional_activations(model: nn.Module) -> bool:
 
 
 class _FunctionalCapture(TorchFunctionMode):
-    def __init__(self, recorder: "Recorder") -> None:
+    def __init__(self, recorder: Recorder) -> None:
         super().__init__()
         self.r = recorder
         self.fns = _act.torch_functions()
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = self.fns.get(func) if self.r.leaf_depth == 0 else None

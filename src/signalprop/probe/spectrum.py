@@ -14,7 +14,8 @@ import contextlib
 import inspect
 import math
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

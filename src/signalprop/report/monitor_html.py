@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .figures import _plt
+from .figures import new_figure
 from .html import write_html
 
 _SERIES = (("grad_rms", "gradient RMS (d loss / d output)", True),
@@ -26,8 +26,8 @@ def _num(v: Any) -> float:
 
 
 def monitor_figure(r: Any) -> bytes:
-    plt = _plt()
-    fig, axes = plt.subplots(2, 2, figsize=(12, 7.5))
+    from matplotlib import colormaps
+    fig, axes = new_figure(2, 2, figsize=(12, 7.5))
     steps = np.array(r.steps, dtype=float)
     ax = axes[0][0]
     ax.semilogy(steps, [_num(v) if (v or 0) > 0 else np.nan for v in r.losses], lw=1, label="loss")
@@ -38,21 +38,22 @@ def monitor_figure(r: Any) -> bytes:
     ax.legend(fontsize=8)
     names: list[str] = []
     for h in r.history:
-        for l in h.layers:
-            if l.name not in names:
-                names.append(l.name)
+        for layer in h.layers:
+            if layer.name not in names:
+                names.append(layer.name)
     pick = names if len(names) <= MAX_LINES else [names[int(i)] for i in np.linspace(0, len(names) - 1, MAX_LINES)]
     for ax, (attr, title, log) in zip([axes[0][1], axes[1][0], axes[1][1]], _SERIES):
         drawn = False
         for i, n in enumerate(pick):
             xs, ys = [], []
             for h in r.history:
-                v = next((getattr(l, attr) for l in h.layers if l.name == n), None)
+                v = next((getattr(layer, attr) for layer in h.layers if layer.name == n), None)
                 if v is not None:
                     xs.append(h.step)
                     ys.append(_num(v) if (not log or (v or 0) > 0) else np.nan)
             if xs:
-                ax.plot(xs, ys, ".-", lw=1, ms=3, color=plt.cm.viridis(i / max(len(pick) - 1, 1)), label=n or "(root)")
+                ax.plot(xs, ys, ".-", lw=1, ms=3, color=colormaps["viridis"](i / max(len(pick) - 1, 1)),
+                        label=n or "(root)")
                 drawn = True
         if log and drawn:
             ax.set_yscale("log")
@@ -62,10 +63,8 @@ def monitor_figure(r: Any) -> bytes:
         else:
             ax.text(0.5, 0.5, "no layer has this quantity", ha="center", va="center", transform=ax.transAxes)
     fig.suptitle(f"signalprop monitor: {r.model}, {len(r.steps)} steps, {len(r.alerts)} alert(s)")
-    fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
     return buf.getvalue()
 
 

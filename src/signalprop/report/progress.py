@@ -1,18 +1,26 @@
-"""A rich progress bar that library code can drive through a tiny protocol."""
+"""Progress for long work that library code drives through a tiny protocol:
+a rich bar with the time left on a terminal, plain progress lines otherwise
+(a log file or CI output shows how far a run is instead of staying empty)."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
     TextColumn,
     TimeElapsedColumn,
+    TimeRemainingColumn,
 )
+
+LINE_INTERVAL_S = 10.0  # without a terminal: one progress line at most this often (and at the end)
 
 
 class Bar:
@@ -26,16 +34,65 @@ class Bar:
     def start(self, total: int, description: str = "") -> None:
         if self._task is not None:
             self._p.remove_task(self._task)
-        self._task = self._p.add_task(description, total=total)
+        self._task = self._p.add_task(escape(description), total=total)
 
     def advance(self, n: int = 1, description: str | None = None) -> None:
         if self._task is None:
             return
-        self._p.update(self._task, advance=n, **({"description": description} if description else {}))
+        if description:
+            self._p.update(self._task, advance=n, description=escape(description))
+        else:
+            self._p.update(self._task, advance=n)
+
+
+def _clock(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class LineBar:
+    """The same protocol as :class:`Bar`, printing a line such as
+    ``depth: 40/120 (33%), 1m20s elapsed, about 2m40s left`` every
+    ``interval`` seconds and when the work completes."""
+
+    def __init__(self, console: Console, interval: float = LINE_INTERVAL_S) -> None:
+        self.console = console
+        self.interval = interval
+        self.total = 0
+        self.done = 0
+        self.description = ""
+        self._t0 = self._last = time.monotonic()
+
+    def start(self, total: int, description: str = "") -> None:
+        self.total, self.done, self.description = max(int(total), 0), 0, description
+        self._t0 = self._last = time.monotonic()
+        self.console.print(f"{escape(description)}: started, {self.total} units of work", highlight=False)
+
+    def advance(self, n: int = 1, description: str | None = None) -> None:
+        self.done += n
+        if description:
+            self.description = description
+        now = time.monotonic()
+        finished = self.total and self.done >= self.total
+        if now - self._last < self.interval and not finished:
+            return
+        self._last = now
+        elapsed = now - self._t0
+        line = f"{escape(self.description)}: {self.done}/{self.total}"
+        if self.total:
+            line += f" ({self.done / self.total:.0%}), {_clock(elapsed)} elapsed"
+            if 0 < self.done < self.total:
+                line += f", about {_clock(elapsed * (self.total - self.done) / self.done)} left"
+        self.console.print(line, highlight=False)
 
 
 @contextmanager
-def progress_bar(console: Console | None = None) -> Iterator[Bar]:
-    cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+def progress_bar(console: Console | None = None) -> Iterator[Bar | LineBar]:
+    console = console or Console()
+    if not console.is_terminal:
+        yield LineBar(console)
+        return
+    cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("left"), TimeRemainingColumn())
     with Progress(*cols, console=console, transient=False) as p:
         yield Bar(p)

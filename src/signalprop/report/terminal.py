@@ -112,12 +112,12 @@ def layer_table(report: Any, width: int | None = None) -> Table:
             t.add_row("…", "…", *[""] * (len(cols) - 2))
             elided.append(f"{a} .. {b - 1} ({b - a} rows, " + (f"{bad} not healthy)" if bad else "all healthy)"))
             continue
-        l = layers[item]
-        t.add_row(str(l.index), l.name, l.kind, _g(l.forward_second_moment),
-                  *([_g(l.predicted_second_moment)] if theory else []), _g(l.grad_rms),
-                  *([_g(l.predicted_grad_rms)] if theory else []), _g(l.param_grad_rms),
-                  _pct(l.saturation), _pct(l.dead_fraction),
-                  Text(l.verdict, style=_STYLE.get(l.verdict, "")))
+        layer = layers[item]
+        t.add_row(str(layer.index), layer.name, layer.kind, _g(layer.forward_second_moment),
+                  *([_g(layer.predicted_second_moment)] if theory else []), _g(layer.grad_rms),
+                  *([_g(layer.predicted_grad_rms)] if theory else []), _g(layer.param_grad_rms),
+                  _pct(layer.saturation), _pct(layer.dead_fraction),
+                  Text(layer.verdict, style=_STYLE.get(layer.verdict, "")))
     if elided:
         t.caption = f"rows not shown: {'; '.join(elided)} -- every row is in --json / to_dict()"
     return t

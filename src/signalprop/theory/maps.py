@@ -6,8 +6,8 @@ For wide layers the pre-activation second moment q obeys
 
     q' = qmap(q) = sigma_w2 * E[phi(sqrt(q) z)^2] + sigma_b2,    z ~ N(0, 1)
 
--- a *second moment*, not a variance: the seed's derivation (digest,
-"Slips") assumes zero-mean inputs, which sigmoid's outputs are not.  All
+-- a *second moment*, not a variance: Dive into Deep Learning's derivation
+assumes zero-mean inputs, which sigmoid's outputs are not.  All
 functions take plain floats or numpy arrays and broadcast.
 """
 
@@ -35,20 +35,20 @@ class NoCriticalPointError(ValueError):
     """No sigma_w2 puts the network at chi1 = 1 for this activation and sigma_b2."""
 
 
-def _second_moment(act: _act.Activation, q: Array, n: int = N_1D) -> Array:
+def _second_moment(act: _act.Activation, q: Array | float, n: int = N_1D) -> Array:
     if act.second_moment is not None:
         return np.asarray(act.second_moment(np.asarray(q, dtype=float)), dtype=float)
     return expect(lambda x: act.phi(x) ** 2, q, act.kinks, n)
 
 
-def _deriv_second_moment(act: _act.Activation, q: Array, n: int = N_1D) -> Array:
-    q = np.maximum(np.asarray(q, dtype=float), Q_MIN)
+def _deriv_second_moment(act: _act.Activation, q: Array | float, n: int = N_1D) -> Array:
+    qa = np.maximum(np.asarray(q, dtype=float), Q_MIN)
     if act.deriv_second_moment is not None:
-        return np.asarray(act.deriv_second_moment(q), dtype=float)
-    return expect(lambda x: act.dphi(x) ** 2, q, act.kinks, n)
+        return np.asarray(act.deriv_second_moment(qa), dtype=float)
+    return expect(lambda x: act.dphi(x) ** 2, qa, act.kinks, n)
 
 
-def _qmap_slope(act: _act.Activation, q: Array, sw2: Array, sb2: Array,
+def _qmap_slope(act: _act.Activation, q: Array | float, sw2: Array | float, sb2: Array | float,
                 n: int = N_1D) -> tuple[Array, Array]:
     """qmap(q) and d qmap / dq = sigma_w2 * E[phi(x) phi'(x) x] / q (Stein's lemma
     form of Schoenholz's chi_q = sigma_w2 E[phi'^2 + phi phi''], which needs no phi'')."""
@@ -156,7 +156,7 @@ def _check_params(sigma_w2: Any, sigma_b2: Any) -> None:
         )
 
 
-def _chi1_at(act: _act.Activation, q: Array, sw2: Array, n: int = N_1D) -> Array:
+def _chi1_at(act: _act.Activation, q: Array | float, sw2: Array | float, n: int = N_1D) -> Array:
     return sw2 * _deriv_second_moment(act, q, n)
 
 

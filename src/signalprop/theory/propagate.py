@@ -1,6 +1,6 @@
 """Layer-by-layer predictions for a concrete stack of (possibly non-square) layers.
 
-The seed's variance argument made layer-specific: with weights of variance
+Dive into Deep Learning's variance argument made layer-specific: with weights of variance
 gamma^2 = sigma_w2 / n_in, the forward second moment is multiplied by
 n_in gamma^2 = sigma_w2 (times E[phi^2] / q through the activation) and the
 backward one by n_out gamma^2 = sigma_w2 n_out / n_in (times E[phi'^2]).
@@ -8,8 +8,9 @@ backward one by n_out gamma^2 = sigma_w2 n_out / n_in (times E[phi'^2]).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -86,31 +87,32 @@ def propagate(widths: Sequence[int], act: Any, sigma_w2: float | Sequence[float]
     q = np.empty(L)
     post = np.empty(L)
     cs = np.empty(L) if c0 is not None else None
-    m_in, c_in, q_in = float(q0), c0, float(q0)
+    m_in, q_in = float(q0), float(q0)
+    c_in: float = float(c0) if c0 is not None else 0.0
     mean_in = float(m0)
-    for l in range(L):
+    for layer in range(L):
         if mean_coupling is None:
-            q[l] = sw2[l] * m_in + sb2[l]
+            q[layer] = sw2[layer] * m_in + sb2[layer]
         else:
-            bs, s2 = mean_coupling[l]
-            q[l] = sw2[l] * max(m_in - mean_in**2, 0.0) + sb2[l] + 2 * mean_in * bs + mean_in**2 * s2
-            mean_in = float(expect(acts[l].phi, q[l], acts[l].kinks))
+            bs, s2 = mean_coupling[layer]
+            q[layer] = sw2[layer] * max(m_in - mean_in**2, 0.0) + sb2[layer] + 2 * mean_in * bs + mean_in**2 * s2
+            mean_in = float(expect(acts[layer].phi, q[layer], acts[layer].kinks))
         if cs is not None:
             # correlation of pre-activations from the correlation of the inputs
-            cs[l] = (sw2[l] * c_in * m_in + sb2[l]) / q[l] if l == 0 else c_in
-        post[l] = _second_moment(acts[l], q[l])
-        if cs is not None and l + 1 < L:
-            _, _, c_in = covmap(acts[l], q[l], q[l], cs[l], sw2[l + 1], sb2[l + 1])
-            c_in = float(c_in)
-        m_in = post[l]
+            cs[layer] = (sw2[layer] * c_in * m_in + sb2[layer]) / q[layer] if layer == 0 else c_in
+        post[layer] = _second_moment(acts[layer], q[layer])
+        if cs is not None and layer + 1 < L:
+            _, _, c_next = covmap(acts[layer], q[layer], q[layer], cs[layer], sw2[layer + 1], sb2[layer + 1])
+            c_in = float(c_next)
+        m_in = post[layer]
     dphi2 = np.array([_deriv_second_moment(a, ql) for a, ql in zip(acts, q)], dtype=float)
     grad_post = np.empty(L)
     grad_pre = np.empty(L)
     grad_post[-1] = 1.0
-    for l in range(L - 1, -1, -1):
-        grad_pre[l] = dphi2[l] * grad_post[l]
-        if l:
-            grad_post[l - 1] = sw2[l] * widths[l + 1] / widths[l] * grad_pre[l]
+    for layer in range(L - 1, -1, -1):
+        grad_pre[layer] = dphi2[layer] * grad_post[layer]
+        if layer:
+            grad_post[layer - 1] = sw2[layer] * widths[layer + 1] / widths[layer] * grad_pre[layer]
     input_grad = float(sw2[0] * widths[1] / widths[0] * grad_pre[0])
     with np.errstate(divide="ignore", invalid="ignore"):  # a collapsed layer gives 0/0 = nan, on purpose
         fwd = q / np.concatenate([[q_in], q[:-1]])
