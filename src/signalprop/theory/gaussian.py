@@ -95,22 +95,37 @@ def expect(f: Callable[[Array], Array], q: Array | float, kinks: tuple[float, ..
 
 def nodes_2d(q1: Array | float, q2: Array | float, c: Array | float,
              kinks_f: tuple[float, ...] = (), kinks_g: tuple[float, ...] = (),
-             n: int = N_2D) -> tuple[Array, Array, Array, Array]:
+             n: int = N_2D, eps: Array | float | None = None) -> tuple[Array, Array, Array, Array]:
     """Nodes for E[f(u1) g(u2)], (u1, u2) jointly Gaussian with second moments
     q1, q2 and correlation c: returns u1 (..., m1), w1 (..., m1), u2 (..., m1, m2)
     and w2 (..., m1, m2) with E = sum(w1 * f(u1) * sum(w2 * g(u2), -1), -1).
 
     Written as u1 = sqrt(q1) z1, u2 = sqrt(q2) (c z1 + sqrt(1-c^2) z2): the
-    outer rule splits z1 at f's kinks, the inner one splits z2 at g's kinks,
-    which move with z1.
+    outer rule splits z1 at f's kinks and at 0, the inner one splits z2 at
+    g's kinks (which move with z1) *and at z2 = 0*, the peak of the Gaussian
+    weight -- without it, as c -> 1 g's breaks leave [-Z, Z] and one coarse
+    panel remained.  ``eps``: 1 - c when known more precisely than c itself
+    (near c = 1, where 1 - c^2 = eps (2 - eps) keeps its digits).
     """
-    q1, q2, c = np.broadcast_arrays(*(np.asarray(a, dtype=float) for a in (q1, q2, c)))
-    c = np.clip(c, -1.0, 1.0)
+    q1a, q2a, ca = np.broadcast_arrays(*(np.asarray(v, dtype=float) for v in (q1, q2, c)))
+    cc = np.clip(ca, -1.0, 1.0)
+    if eps is None:
+        sc = np.sqrt(np.maximum(1.0 - cc * cc, 0.0))
+    else:
+        e = np.broadcast_to(np.clip(np.asarray(eps, dtype=float), 0.0, 2.0), cc.shape)
+        cc, sc = 1.0 - e, np.sqrt(e * (2.0 - e))
+    q1, q2, c = q1a, q2a, cc
     s1, s2 = np.sqrt(np.maximum(q1, 0.0)), np.sqrt(np.maximum(q2, 0.0))
     z1, w1 = _pieces(_kink_breaks(kinks_f, np.zeros_like(s1), s1), n)  # (..., m1)
     a = (s2 * c)[..., None] * z1  # centre of u2 given z1
-    b = np.broadcast_to((s2 * np.sqrt(1.0 - c * c))[..., None], a.shape)
-    z2, w2 = _pieces(_kink_breaks(kinks_g, a, b), n)  # (..., m1, m2)
+    b = np.broadcast_to((s2 * sc)[..., None], a.shape)
+    if kinks_g:  # g's kinks move with z1: the inner rule per node of the outer one
+        breaks = _kink_breaks(kinks_g, a, b)
+        breaks = np.concatenate([breaks, np.zeros(breaks.shape[:-1] + (1,))], -1)  # z2 = 0
+        z2, w2 = _pieces(breaks, n)  # (..., m1, m2)
+    else:  # smooth g: one fixed rule in z2, split at 0 (built once, shared by every cell)
+        z0, w0 = _standard_pieces(n)
+        z2, w2 = np.broadcast_to(z0, a.shape + z0.shape), np.broadcast_to(w0, a.shape + w0.shape)
     return s1[..., None] * z1, w1, a[..., None] + b[..., None] * z2, w2
 
 

@@ -188,6 +188,15 @@ def critical_sigma_w2(act: Any, sigma_b2: float = 0.0, *, lo: float = 1e-2, hi: 
 
     Raises :class:`NoCriticalPointError` when no such point exists, e.g. ReLU
     with sigma_b2 > 0 (there G = sigma_b2 > 0: q diverges on chi1 = 1).
+
+    This is the classic mean-field critical line, for the activation as it is,
+    mean included (sigmoid: ~103 at sigma_b2 = 0).  It is *not* what
+    :func:`signalprop.init.critical_` draws: that uses
+    :func:`signalprop.theory.critical_point`, where q* is chosen so the
+    depth's Jacobian stays near-isometric and an activation's Gaussian mean
+    is removed by the next layer's bias, so only the centred part propagates
+    (sigmoid then needs a far smaller sigma_w2).  ``signalprop theory ACT``
+    prints both, with this explanation.
     """
     from scipy.optimize import brentq
 
@@ -210,11 +219,25 @@ def critical_sigma_w2(act: Any, sigma_b2: float = 0.0, *, lo: float = 1e-2, hi: 
         m, d = _moments(a, np.float64(q))
         return float(m / d + sigma_b2 - q)
 
-    candidates = []
-    if abs(g[0]) <= 1e-10 and g[1] <= 0:  # q* = 0: the critical point is phi'(0)^2 sigma_w2 = 1
-        candidates.append(0.0)
-    candidates += [brentq(G, qs[i], qs[i + 1], xtol=1e-15, rtol=1e-14)
-                   for i in np.flatnonzero((g[:-1] > 0) & (g[1:] <= 0))]
+    # m2 / d2 carries ~1e-14 relative round-off, so |G| below ~1e-12 q is noise: for
+    # tanh at sigma_b2 = 0, G ~ -4/3 q^3 sinks into it below q ~ 1e-6 and fakes roots.
+    # Sign changes count only between points where G is above that floor.
+    reliable = np.flatnonzero(np.abs(g) > 1e-12 * qs)
+    candidates: list[float] = []
+    phi0, dphi0 = (float(v) for v in (a.phi(np.zeros(1))[0], a.dphi(np.zeros(1))[0]))
+    if sigma_b2 == 0 and abs(phi0) <= 1e-15 and dphi0 != 0:
+        # q* = 0 is a fixed point, critical at sigma_w2 = 1 / phi'(0)^2 exactly (the small-q limit of
+        # chi1 = sigma_w2 E[phi'(sqrt(q) z)^2] = 1); it is the attracting one when the length map at
+        # that weight has qmap(q) < q just above 0 (tanh: q - 4/3 q^3 ...; not SiLU: q + 3/4 q^2 ...)
+        w0 = 1.0 / (dphi0 * dphi0)
+        small = np.geomspace(1e-4, 1e-2, 9)
+        gap = w0 * _second_moment(a, small) - small
+        sure = np.flatnonzero(np.abs(gap) > 1e-12 * small)
+        if sure.size and gap[sure[0]] < 0:
+            return _in_range(a, w0, sigma_b2, lo, hi)
+    gr, qr = g[reliable], qs[reliable]
+    candidates += [brentq(G, qr[i], qr[i + 1], xtol=1e-15, rtol=1e-14)
+                   for i in np.flatnonzero((gr[:-1] > 0) & (gr[1:] <= 0))]
     for q in candidates:
         w = float(1.0 / _deriv_second_moment(a, np.float64(q)))
         q_att = float(_fixed_point_vec(a, np.float64(w), np.float64(sigma_b2)))
@@ -257,32 +280,64 @@ def cmap(act: Any, c: Array | float, sigma_w2: float, sigma_b2: float,
     return out if np.ndim(out) else float(out)
 
 
+CHUNK_CELLS = 128  # cells per batch in the bivariate solve
+
+
 def _chi_c_vec(act: _act.Activation, q: Array, sw2: Array, sb2: Array, chi_1: Array,
-               n: int = N_2D, iters: int = 40) -> Array:
+               n: int = N_2D, iters: int = 200) -> Array:
     """chi_c = sigma_w2 E[phi'(u1) phi'(u2)] at the stable correlation fixed point c*.
 
-    Ordered phase (chi1 <= 1): c* = 1 and chi_c = chi1.  Chaotic phase: Newton
-    on h(c) = cmap(c) - c from c = 0, using dcmap/dc = sigma_w2 E[phi' phi']
-    (Price's theorem); h is convex, so the iterates rise monotonically to c*.
-    Cells leave the active set as they converge.
+    Ordered phase (chi1 <= 1): c* = 1 and chi_c = chi1.  Chaotic phase: c* < 1
+    is the other root of g(c) = cmap(c) - c, solved for eps = 1 - c -- near the
+    critical line c* approaches 1, where c itself keeps too few digits:
+    G(eps) = eps - D(eps), D(eps) = 1 - cmap(1 - eps)
+    = sigma_w2 E[phi(u1) (phi(u1) - phi(u2))] / q*, formed as a difference on
+    the nodes (no cancellation), and G'(eps) = 1 - sigma_w2 E[phi'(u1) phi'(u2)]
+    (Price's theorem).  G is convex with G(0) = 0, G'(0) = 1 - chi1 < 0 and
+    G(1) = cmap(0) >= 0, so Newton from eps = 1 (c = 0) descends monotonically
+    onto eps* without overshooting; where G(1) = 0 (odd phi, sigma_b2 = 0) c* = 0.
+    Then chi_c = 1 - G'(eps*).
     """
     out = np.array(chi_1, dtype=float, copy=True)
     idx = np.flatnonzero((chi_1 > 1.0) & np.isfinite(q))
-    q, sw2, sb2 = np.maximum(q[idx], Q_MIN), sw2[idx], sb2[idx]
-    c = np.zeros(idx.size)
+    if not idx.size:
+        return out
+    q, sw2 = np.maximum(q[idx], Q_MIN), sw2[idx]
+
+    def g_and_slope(eps: Array, rows: Array) -> tuple[Array, Array]:
+        d, dd = np.empty(rows.size), np.empty(rows.size)
+        for k in range(0, rows.size, CHUNK_CELLS):  # bounded memory: nodes are (cells, m1, m2)
+            r, e = rows[k:k + CHUNK_CELLS], eps[k:k + CHUNK_CELLS]
+            u1, w1, u2, w2 = nodes_2d(q[r], q[r], 1.0 - e, act.kinks, act.kinks, n, eps=e)
+            p1 = act.phi(u1)
+            if act.kinks:  # the inner rule differs per outer node
+                inner = np.sum(w2 * (p1[..., None] - act.phi(u2)), -1)
+                dinner = np.sum(w2 * act.dphi(u2), -1)
+            else:  # one shared inner rule: matrix products
+                w0 = w2[(0,) * (w2.ndim - 1)]
+                inner = (p1[..., None] - act.phi(u2)) @ w0  # the difference first: no cancellation
+                dinner = act.dphi(u2) @ w0
+            d[k:k + CHUNK_CELLS] = np.sum(w1 * p1 * inner, -1)
+            dd[k:k + CHUNK_CELLS] = np.sum(w1 * act.dphi(u1) * dinner, -1)
+        return eps - sw2[rows] * d / q[rows], 1.0 - sw2[rows] * dd
+
+    rows = np.arange(idx.size)
+    eps = np.ones(idx.size)
+    g, slope = g_and_slope(eps, rows)
+    done = (g <= 1e-13) | ~(slope > 0)  # c* = 0 (up to round-off)
+    out[idx[done]] = 1.0 - slope[done]
+    rows, eps, g, slope = rows[~done], eps[~done], g[~done], slope[~done]
     for _ in range(iters):
-        if not idx.size:
+        if not rows.size:
             break
-        u1, w1, u2, w2 = nodes_2d(q, q, c, act.kinks, act.kinks, n)
-        m = (sw2 * np.sum(w1 * act.phi(u1) * np.sum(w2 * act.phi(u2), -1), -1) + sb2) / q
-        dc = sw2 * np.sum(w1 * act.dphi(u1) * np.sum(w2 * act.dphi(u2), -1), -1)
-        c_new = np.clip(c + (m - c) / np.maximum(1.0 - dc, 1e-12), -1.0, 1.0)
-        done = np.abs(c_new - c) < 1e-10
-        out[idx[done]] = dc[done]  # chi_c at the converged c (Newton's last step is < 1e-10)
-        keep = ~done
-        idx, q, sw2, sb2, c = idx[keep], q[keep], sw2[keep], sb2[keep], c_new[keep]
-    if idx.size:
-        out[idx] = sw2 * expect2(act.dphi, act.dphi, q, q, c, act.kinks, act.kinks, n)
+        new = np.clip(eps - g / slope, 0.0, eps)  # monotone from the right (convex G)
+        g_new, s_new = g_and_slope(new, rows)
+        stop = (np.abs(new - eps) <= 1e-13 * eps) | (g_new <= 0) | ~(s_new > 0)
+        # crossing zero by round-off: the previous iterate is the last trustworthy one
+        out[idx[rows[stop]]] = 1.0 - np.where(g_new[stop] < 0, slope[stop], s_new[stop])
+        keep = ~stop
+        rows, eps, g, slope = rows[keep], new[keep], g_new[keep], s_new[keep]
+    out[idx[rows]] = 1.0 - slope
     return out
 
 
