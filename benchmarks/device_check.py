@@ -46,9 +46,61 @@ def main(out: Path) -> dict:
     m = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(inplace=True), nn.Conv2d(16, 16, 3)).to(dev)
     s = sp.init.lsuv_(m, torch.randn(32, 3, 16, 16, device=dev), generator=torch.Generator(device=dev).manual_seed(0))
     res["checks"]["lsuv cuda"] = {"passes": s.forward_passes, "notes": [layer.note for layer in s.layers]}
+    res["checks"]["monitor nccl"] = _monitor_nccl(dev)
     out.mkdir(parents=True, exist_ok=True)
     (out / "device_check.json").write_text(json.dumps(res, indent=2, default=str))
     return res
+
+
+def _monitor_nccl(dev: torch.device, steps: int = 100, every: int = 50) -> dict:
+    """The monitor's NCCL path on this GPU: a one-rank process group passed
+    as group= (reduced over even with one rank), so every step pays the
+    all-reduce it would pay under DDP; timed against the same loop without
+    the monitor.  Multi-GPU scaling needs a machine with several GPUs."""
+    import os
+    import socket
+    import statistics
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        m = DeepMLP(100, 1024, "tanh", 1024, 10).to(dev)
+        x, y = torch.randn(256, 1024, device=dev), torch.randint(0, 10, (256,), device=dev)
+        opt = torch.optim.SGD(m.parameters(), lr=0.0)
+
+        def run(monitor: bool) -> list[float]:
+            mon = sp.monitor(m, every=every, group=dist.group.WORLD) if monitor else None
+            times = []
+            for _ in range(steps):
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                loss = nn.functional.cross_entropy(m(x), y)
+                opt.zero_grad()
+                loss.backward()
+                if mon is not None:
+                    mon.step(loss)
+                opt.step()
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t)
+            if mon is not None:
+                mon.close()
+            return times
+
+        run(False)
+        plain, mon = run(False), run(True)
+        return {"model": "MLP 100 x 1024, batch 256, every=50, NCCL one rank",
+                "amortised_ratio": sum(mon) / sum(plain),
+                "sampled_step_ratio": mon[0] / statistics.median(plain),
+                "unsampled_step_ratio": statistics.median(mon[1:every]) / statistics.median(plain)}
+    finally:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -271,3 +271,44 @@ def test_readme_torchrun_example_runs_on_two_ranks(tmp_path):
                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-2000:]
     assert "rank 0: healthy" in run.stdout and "rank 1: healthy" in run.stdout
+
+
+def _single_rank(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    real = dist.all_reduce
+
+    def counting(*a, **k):
+        _CALLS["all_reduce"] += 1
+        return real(*a, **k)
+
+    dist.all_reduce = counting
+    try:
+        res = {}
+        for key, group in (("default", None), ("explicit", dist.group.WORLD)):
+            model = _model()
+            mon = sp.monitor(model, every=EVERY, grad_every=1, group=group)
+            _CALLS["all_reduce"] = 0
+            res[key + "_calls"] = _train(model, mon, slice(None))
+            res[key] = _history(mon)
+    finally:
+        dist.destroy_process_group()
+    Path(out, "single.json").write_text(json.dumps(res))
+
+
+def test_a_group_passed_explicitly_is_reduced_over_even_with_one_rank(tmp_path):
+    """group=None on a one-rank world measures locally (no collective); an
+    explicit group= is used as given (how benchmarks/device_check.py times the
+    NCCL path on one GPU), and gives the same numbers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_single_rank, args=(port, str(tmp_path)), nprocs=1, join=True)
+    res = json.loads((tmp_path / "single.json").read_text())
+    assert res["default_calls"] == [0] * STEPS and res["explicit_calls"] == [1] * STEPS
+    for a, b in zip(res["default"]["grad_norms"], res["explicit"]["grad_norms"]):
+        _close(a, b, "gradient norm")
+    for g, w in zip(res["explicit"]["layers"], res["default"]["layers"]):
+        _same_layers(g, w, "one rank")

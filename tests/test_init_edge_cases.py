@@ -144,3 +144,29 @@ def test_tied_weights_are_initialised_once_and_said():
     names = [r.name for r in s.params]
     assert "transformer.wte.weight" in names and "lm_head.weight" not in names
     assert any("lm_head.weight is the same tensor as transformer.wte.weight" in n for n in s.notes)
+
+
+def test_strided_conv_fan_out_counts_the_outputs_each_input_feeds():
+    """fan_out = out/groups * prod(k) / prod(stride), checked by counting: the
+    mean number of output elements each interior input element reaches."""
+    conv = nn.Conv2d(4, 6, 4, stride=2, groups=2, bias=False)
+    fi, fo = sp.init.fans(conv)
+    assert (fi, fo) == (2 * 16, 3 * 16 // 4)
+    # count by autograd: d(sum of outputs of one group's channel)/d(input) = how many outputs each input feeds
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+    x = torch.zeros(1, 4, 20, 20, requires_grad=True)
+    conv(x)[:, :3].sum().backward()  # the 3 output channels of group 0
+    feeds = x.grad[0, 0, 4:16, 4:16]  # interior of an input channel of group 0
+    assert float(feeds.mean()) == pytest.approx(fo, rel=1e-6)
+
+
+def test_tensor_initializers_take_the_modules_fans():
+    conv = nn.ConvTranspose2d(16, 8, 4, stride=2, groups=4)
+    f = sp.init.fans(conv)
+    g = torch.Generator().manual_seed(0)
+    w = sp.init.kaiming_normal_(torch.empty(16, 2, 4, 4), mode="fan_in", nonlinearity="linear", generator=g, fans=f)
+    # 16*2*16 = 512 draws: the sample std within 15% of 1/sqrt(fan_in) (6.6 standard errors)
+    assert float(w.std()) == pytest.approx(1 / math.sqrt(f[0]), rel=0.15)
+    assert f[0] != torch.nn.init._calculate_fan_in_and_fan_out(conv.weight)[0]  # torch's rule differs here
+    sp.init.xavier_uniform_(torch.empty(16, 2, 4, 4), fans=f)

@@ -1,25 +1,33 @@
 """Fan-in and fan-out for every parameter kind a user meets.
 
 fan_in of a weight is the number of terms each output unit sums over (the
-n_{t-1} in Dive into Deep Learning's derivation); fan_out the number of output units each input unit feeds
-(its n_t).  These set the forward (n_in gamma^2 = 1) and backward
+n_{t-1} in Dive into Deep Learning's derivation); fan_out the number of
+output units each input unit feeds (its n_t).  These set the forward (n_in gamma^2 = 1) and backward
 (n_out gamma^2 = 1) conditions.
 
 Bare tensors follow torch's layout rule ``(out, in, *kernel)``: fan_in =
 ``in * prod(kernel)``, fan_out = ``out * prod(kernel)``; a 1-D tensor of n
 entries has fans (n, n) and a 0-D one (1, 1).  With a module, its real
 wiring is used, which differs from ``torch.nn.init._calculate_fan_in_and_fan_out``
-in three places:
+in four places:
 
 * grouped and depthwise ``ConvNd``: each input channel feeds only
   ``out/groups`` output channels, so fan_out = ``out/groups * prod(k)``;
   torch counts all ``out`` channels (too large by a factor ``groups``);
+* strided ``ConvNd``: an input element falls under ``prod(k) / prod(stride)``
+  kernel positions on average, so fan_out = ``out/groups * prod(k) /
+  prod(stride)`` (torch ignores the stride);
 * ``ConvTransposeNd`` stores its weight as ``(in, out/groups, *k)``; torch
   reads it with the plain rule and swaps the fans.  Each output element sums
   over ``in/groups`` channels and ``prod(k / stride)`` taps: fan_in =
   ``in/groups * prod(k) / prod(stride)``, fan_out = ``out/groups * prod(k)``;
 * stacked weights -- RNN/LSTM/GRU gates and ``MultiheadAttention``'s packed
   in-projection -- have per-block fans (``hidden``, not ``4*hidden``).
+
+The tensor-level initializers (``xavier_normal_(tensor)`` ...) see only the
+tensor, so they use torch's rule, as torch does; pass ``fans=fans(module)``
+to use the module's wiring.  The whole-model ones (``apply_``, ``critical_``)
+always use the module's.
 
 ``Embedding`` has fans (1, 1): its one-hot input selects one row, so every
 output unit is a single weight.  ``Bilinear``'s ``(out, in1, in2)`` weight has
@@ -96,7 +104,8 @@ def _module_specs(m: nn.Module) -> list[ParamSpec] | None:
         else:
             rf = math.prod(w.shape[2:])
             groups = getattr(m, "groups", 1)
-            fi, fo = w.shape[1] * rf, (w.shape[0] // groups) * rf
+            stride = math.prod(getattr(m, "stride", (1,)))
+            fi, fo = w.shape[1] * rf, max(1, (w.shape[0] // groups) * rf // stride)
         specs.append(ParamSpec("weight", w, int(fi), int(fo), "weight"))
     elif isinstance(m, _CONVT):
         w = m.weight

@@ -108,40 +108,52 @@ def variance_scaling_(tensor: torch.Tensor, scale: float = 1.0, mode: FanMode = 
     return tensor
 
 
-def xavier_normal_(tensor: torch.Tensor, gain: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+def xavier_normal_(tensor: torch.Tensor, gain: float = 1.0, generator: torch.Generator | None = None, *,
+                   fans: tuple[int, int] | None = None) -> torch.Tensor:
     """Glorot & Bengio (2010): N(0, gain^2 * 2 / (fan_in + fan_out)).
 
     Dive into Deep Learning's derivation: forward needs n_in sigma^2 = 1, backward
     n_out sigma^2 = 1; Xavier takes their average.
     (``variance_scaling_(scale=gain**2, mode="fan_avg", distribution="normal")``.)
+    Fans from the tensor by torch's rule, or ``fans=signalprop.init.fans(module)``
+    for the module's real wiring (grouped, strided, transposed convolutions, RNN
+    gates -- torch's rule is 2-3x off there).
     """
     check_2d(tensor, "xavier_normal_")
-    return variance_scaling_(tensor, gain**2, "fan_avg", "normal", generator)
+    return variance_scaling_(tensor, gain**2, "fan_avg", "normal", generator, fans)
 
 
-def xavier_uniform_(tensor: torch.Tensor, gain: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+def xavier_uniform_(tensor: torch.Tensor, gain: float = 1.0, generator: torch.Generator | None = None, *,
+                    fans: tuple[int, int] | None = None) -> torch.Tensor:
     """Glorot & Bengio (2010): U(-a, a), a = gain * sqrt(6 / (fan_in + fan_out)).
-    (``variance_scaling_(scale=gain**2, mode="fan_avg", distribution="uniform")``.)"""
+    (``variance_scaling_(scale=gain**2, mode="fan_avg", distribution="uniform")``.)
+    ``fans=`` as in :func:`xavier_normal_`."""
     check_2d(tensor, "xavier_uniform_")
-    return variance_scaling_(tensor, gain**2, "fan_avg", "uniform", generator)
+    return variance_scaling_(tensor, gain**2, "fan_avg", "uniform", generator, fans)
 
 
 def kaiming_normal_(tensor: torch.Tensor, a: float = 0.0, mode: FanMode = "fan_in",
-                    nonlinearity: str = "leaky_relu", generator: torch.Generator | None = None) -> torch.Tensor:
+                    nonlinearity: str = "leaky_relu", generator: torch.Generator | None = None, *,
+                    fans: tuple[int, int] | None = None) -> torch.Tensor:
     """He et al. (2015): N(0, gain^2 / fan), gain = calculate_gain(nonlinearity, a).
-    Same signature and values as :func:`torch.nn.init.kaiming_normal_`."""
+    Same signature and values as :func:`torch.nn.init.kaiming_normal_` (fans from
+    the tensor by torch's rule); ``fans=signalprop.init.fans(module)`` uses the
+    module's real wiring instead (grouped, strided, transposed convolutions, RNN
+    gates: see :mod:`signalprop.init.fans`)."""
     g = calculate_gain(nonlinearity, a)
     check_2d(tensor, "kaiming_normal_")
-    return variance_scaling_(tensor, g**2, mode, "normal", generator)
+    return variance_scaling_(tensor, g**2, mode, "normal", generator, fans)
 
 
 def kaiming_uniform_(tensor: torch.Tensor, a: float = 0.0, mode: FanMode = "fan_in",
-                     nonlinearity: str = "leaky_relu", generator: torch.Generator | None = None) -> torch.Tensor:
+                     nonlinearity: str = "leaky_relu", generator: torch.Generator | None = None, *,
+                     fans: tuple[int, int] | None = None) -> torch.Tensor:
     """He et al. (2015): U(-b, b), b = gain * sqrt(3 / fan).
-    Same signature and values as :func:`torch.nn.init.kaiming_uniform_`."""
+    Same signature and values as :func:`torch.nn.init.kaiming_uniform_`;
+    ``fans=`` as in :func:`kaiming_normal_`."""
     g = calculate_gain(nonlinearity, a)
     check_2d(tensor, "kaiming_uniform_")
-    return variance_scaling_(tensor, g**2, mode, "uniform", generator)
+    return variance_scaling_(tensor, g**2, mode, "uniform", generator, fans)
 
 
 def lecun_normal_(tensor: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -88,16 +88,17 @@ def is_ddp(model: nn.Module) -> bool:
 
 
 def resolve_group(group: Any) -> Any:
-    """``group`` as given; None means the default (world) group when a process
-    group is initialised with more than one rank, otherwise no reduction."""
+    """``group`` as given (reduced over even when it has one rank); None
+    means the default (world) group when a process group is initialised
+    with more than one rank, otherwise no reduction."""
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
         if group is not None:
             raise ValueError("group= was given but torch.distributed is not initialised "
                              "(call torch.distributed.init_process_group first)")
         return None
-    if group is None:
-        group = torch.distributed.group.WORLD
-    return group if torch.distributed.get_world_size(group) > 1 else None
+    if group is not None:
+        return group
+    return torch.distributed.group.WORLD if torch.distributed.get_world_size() > 1 else None
 
 
 class Reduction:
