@@ -1,0 +1,59 @@
+"""The classic papers' claims, each tested at small scale (the lab runs them larger)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from signalprop.cli import main
+from signalprop.lab import papers as P
+
+
+def test_glorot2010_standard_init_shrinks_gradients_toward_the_input_normalized_does_not():
+    cfg = P.GlorotConfig(width=256, batch=256)
+    for act in ("tanh", "softsign"):
+        std = P.glorot_layer_stats(cfg, act, "standard")["grad_ratio_first_last"]
+        norm = P.glorot_layer_stats(cfg, act, "normalized")["grad_ratio_first_last"]
+        assert std < 0.2, (act, std)  # measured ~0.09 (tanh), ~0.05 (softsign) at width 512
+        assert norm > 4 * std, (act, norm, std)  # far flatter: 0.70 (tanh), 0.32 (softsign) at width 512
+    assert P.glorot_layer_stats(cfg, "tanh", "normalized")["grad_ratio_first_last"] > 0.5
+
+
+def test_he2015_xavier_stalls_and_kaiming_trains_at_depth_30():
+    cfg = P.HeConfig(steps=200)
+    xavier, kaiming = P.he_run(cfg, "xavier_normal"), P.he_run(cfg, "kaiming_normal")
+    # chance is ln 10 = 2.303: Xavier's ReLU net stays there (its gradient is 3e-5 of the output's at the
+    # first layer), Kaiming's has already fallen far below it (measured 0.42 after 200 steps)
+    assert abs(xavier["final_loss"] - math.log(10)) < 0.05 and xavier["verdict_at_init"] == "vanishing"
+    assert kaiming["final_loss"] < 1.2 and kaiming["verdict_at_init"] == "healthy"
+
+
+def test_saxe2014_orthogonal_learning_time_does_not_grow_with_depth_gaussian_does():
+    cfg = P.SaxeConfig(max_steps=2000)
+    ortho = [P.saxe_learning_time(cfg, d, "orthogonal") for d in (8, 16, 32)]
+    assert all(t is not None for t in ortho) and max(ortho) < 1.5 * min(ortho), ortho  # measured 1294, 1189, 1373
+    gauss16 = P.saxe_learning_time(cfg, 16, "gaussian")
+    assert gauss16 is None or gauss16 > 1.5 * ortho[1]  # measured: not within 4,000 steps
+
+
+def test_pennington2017_orthogonal_tanh_is_near_isometric_and_matches_free_probability():
+    cfg = P.PenningtonConfig(width=200)
+    for depth in (2, 8, 32):
+        r = P.jacobian_sq_singular_values(cfg, "tanh", "orthogonal", depth)
+        # width 200: sample mean and variance of 200 eigenvalues; within 10% / 20% of the wide limit
+        assert r["measured_mean"] == pytest.approx(r["theory_mean"], rel=0.1)
+        assert r["measured_variance"] == pytest.approx(r["theory_variance"], rel=0.2)
+    tanh_g = P.jacobian_sq_singular_values(cfg, "tanh", "gaussian", 8)["measured_variance"]
+    relu_o = P.jacobian_sq_singular_values(cfg, "relu", "orthogonal", 8)["measured_variance"]
+    tanh_o = P.jacobian_sq_singular_values(cfg, "tanh", "orthogonal", 8)["measured_variance"]
+    assert tanh_o < 0.1 < 1 < tanh_g and relu_o > 1  # orthogonal tanh alone is near-isometric
+
+
+@pytest.mark.parametrize("name", ["glorot2010", "pennington2017"])
+def test_paper_experiments_run_from_the_cli(tmp_path, name, capsys):
+    assert main(["lab", "run", name, "--quick", "--out", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert r["paper"] and (tmp_path / r["figure"]).stat().st_size > 10000
+    assert r["paper"][:20] in capsys.readouterr().out.replace("\n", " ")
