@@ -40,6 +40,37 @@ def _fig(path: Path, fig: Any) -> str:
     return path.name
 
 
+def _trained(model: nn.Module, data: Any, init: str, *, steps: int, lr: float, momentum: float, batch: int,
+             seed: int, progress: Any = None) -> dict[str, Any]:
+    """check's verdict at initialization, then a seeded training run: the numbers a training experiment keeps."""
+    from .. import check
+    from .train import train
+
+    report = check(model, data.x_train[:64])
+    r = train(model, data, steps=steps, lr=lr, momentum=momentum, batch=batch, seed=seed, log_every=10,
+              progress=progress)
+    return {"init": init, "verdict_at_init": report.verdict,
+            "grad_ratio_at_init": report.summary.first_last_grad_ratio, "losses": r.losses,
+            "final_loss": r.losses[-1] if r.losses else None, "test_acc": r.test_acc, "diverged": r.diverged}
+
+
+def _training_results(runs: dict[str, dict[str, Any]], paper: str, title: str, path: Path) -> dict[str, Any]:
+    """Loss curves beside chance, and one headline line per run."""
+    from ..report.figures import new_figure
+
+    fig, ax = new_figure(figsize=(6.5, 4))
+    for init, r in runs.items():
+        ax.plot(np.arange(len(r["losses"])) * 10, r["losses"], label=f"{init} (test {r['test_acc']:.0%})")
+    ax.axhline(math.log(10), c="gray", ls=":", label="chance: ln 10")
+    ax.set(title=title, xlabel="step", ylabel="training loss")
+    ax.legend()
+    figure = _fig(path, fig)
+    headline = [paper] + [f"{k}: final training loss {r['final_loss']:.3f} (chance {math.log(10):.3f}), test "
+                          f"accuracy {r['test_acc']:.1%}, gradient ratio first/last at init "
+                          f"{r['grad_ratio_at_init']:.2g}, verdict {r['verdict_at_init']}" for k, r in runs.items()]
+    return {"paper": paper, "runs": runs, "headline": headline, "figure": figure}
+
+
 # ---- Glorot & Bengio 2010 ----------------------------------------------------
 
 @dataclass(frozen=True)
@@ -136,40 +167,22 @@ class HeConfig:
 
 
 def he_run(cfg: HeConfig, init: str) -> dict[str, Any]:
-    from .. import check
     from .. import init as spi
     from .datasets import digits
     from .models import DeepMLP
-    from .train import train
 
     data = digits(cfg.seed)
     torch.manual_seed(cfg.seed)
     model = DeepMLP(cfg.depth, cfg.width, "relu", data.n_features, data.n_classes)
     spi.apply_(model, init, generator=torch.Generator().manual_seed(cfg.seed))  # Xavier gain 1, Kaiming sqrt(2)
-    report = check(model, data.x_train[:128])
-    r = train(model, data, steps=cfg.steps, lr=cfg.lr, momentum=cfg.momentum, seed=cfg.seed, log_every=10)
-    return {"init": init, "verdict_at_init": report.verdict,
-            "grad_ratio_at_init": report.summary.first_last_grad_ratio, "losses": r.losses,
-            "final_loss": r.losses[-1] if r.losses else None, "test_acc": r.test_acc, "diverged": r.diverged}
+    return _trained(model, data, init, steps=cfg.steps, lr=cfg.lr, momentum=cfg.momentum, batch=128, seed=cfg.seed)
 
 
 def run_he(cfg: HeConfig, out: Path, progress: Any = None) -> dict[str, Any]:
-    from ..report.figures import new_figure
-
     runs = {init: he_run(cfg, init) for init in ("xavier_normal", "kaiming_normal")}
-    fig, ax = new_figure(figsize=(6.5, 4))
-    for init, r in runs.items():
-        ax.plot(np.arange(len(r["losses"])) * 10, r["losses"], label=f"{init} (test {r['test_acc']:.0%})")
-    ax.axhline(math.log(10), c="gray", ls=":", label="chance: ln 10")
-    ax.set(title=f"{cfg.depth}-layer plain ReLU MLP on digits", xlabel="step", ylabel="training loss")
-    ax.legend()
-    figure = _fig(out / "he2015.png", fig)
     paper = ("He et al. (2015), figure 3: a 30-layer plain ReLU network with Xavier's initialization "
              "'completely stalls'; with theirs (variance 2/fan_in) it converges")
-    headline = [paper] + [f"{k}: final training loss {r['final_loss']:.3f} (chance {math.log(10):.3f}), test "
-                          f"accuracy {r['test_acc']:.1%}, gradient ratio first/last at init "
-                          f"{r['grad_ratio_at_init']:.2g}, verdict {r['verdict_at_init']}" for k, r in runs.items()]
-    return {"paper": paper, "runs": runs, "headline": headline, "figure": figure}
+    return _training_results(runs, paper, f"{cfg.depth}-layer plain ReLU MLP on digits", out / "he2015.png")
 
 
 register(Experiment("he2015", "He et al. 2015: a 30-layer plain ReLU MLP, Xavier stalls and Kaiming trains "
@@ -359,11 +372,9 @@ def xiao_run(cfg: XiaoConfig, init: str, progress: Any = None) -> dict[str, Any]
     pooling, a linear read-out) on the digits as 1x8x8 images: ``critical``
     (delta-orthogonal kernels on the critical line, :func:`signalprop.init.critical_`)
     or ``kaiming_normal`` (variance 2/fan_in)."""
-    from .. import check
     from .. import init as spi
     from .datasets import digits
     from .models import SmallCNN
-    from .train import train
 
     data = digits(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -374,35 +385,19 @@ def xiao_run(cfg: XiaoConfig, init: str, progress: Any = None) -> dict[str, Any]
         spi.critical_(model, data.x_train[:256], generator=gen)
     else:
         spi.apply_(model, init, generator=gen)
-    report = check(model, data.x_train[:64])
-    r = train(model, data, steps=cfg.steps, lr=cfg.lr, momentum=cfg.momentum, batch=cfg.batch, seed=cfg.seed,
-              log_every=10, progress=progress)
-    return {"init": init, "verdict_at_init": report.verdict,
-            "grad_ratio_at_init": report.summary.first_last_grad_ratio, "losses": r.losses,
-            "final_loss": r.losses[-1] if r.losses else None, "test_acc": r.test_acc, "diverged": r.diverged}
+    return _trained(model, data, init, steps=cfg.steps, lr=cfg.lr, momentum=cfg.momentum, batch=cfg.batch,
+                    seed=cfg.seed, progress=progress)
 
 
 def run_xiao(cfg: XiaoConfig, out: Path, progress: Any = None) -> dict[str, Any]:
-    from ..report.figures import new_figure
-
     inits = ("kaiming_normal", "critical")
     if progress is not None:
         progress.start(len(inits) * cfg.steps, f"xiao2018: depth {cfg.depth}")
     runs = {init: xiao_run(cfg, init, progress) for init in inits}
-    fig, ax = new_figure(figsize=(6.5, 4))
-    for init, r in runs.items():
-        ax.plot(np.arange(len(r["losses"])) * 10, r["losses"], label=f"{init} (test {r['test_acc']:.0%})")
-    ax.axhline(math.log(10), c="gray", ls=":", label="chance: ln 10")
-    ax.set(title=f"{cfg.depth}-layer plain tanh CNN on digits", xlabel="step", ylabel="training loss")
-    ax.legend()
-    figure = _fig(out / "xiao2018.png", fig)
     paper = ("Xiao et al. (2018): with delta-orthogonal kernels on the critical line, plain convolutional "
              "networks of 1,000 and 10,000 layers train without skips or normalization; off criticality "
              "(e.g. variance 2/fan_in for tanh) they do not")
-    headline = [paper] + [f"{k}: final training loss {r['final_loss']:.3f} (chance {math.log(10):.3f}), test "
-                          f"accuracy {r['test_acc']:.1%}, gradient ratio first/last at init "
-                          f"{r['grad_ratio_at_init']:.2g}, verdict {r['verdict_at_init']}" for k, r in runs.items()]
-    return {"paper": paper, "runs": runs, "headline": headline, "figure": figure}
+    return _training_results(runs, paper, f"{cfg.depth}-layer plain tanh CNN on digits", out / "xiao2018.png")
 
 
 register(Experiment("xiao2018", "Xiao et al. 2018: a 1,000-layer plain tanh CNN on digits, delta-orthogonal "
