@@ -15,7 +15,8 @@ describes them) beside what this run measured, and saves a PNG and the numbers.
 * ``pennington2017`` -- Pennington, Schoenholz & Ganguli (2017): the squared
   singular values of the input-output Jacobian at criticality, orthogonal vs
   Gaussian weights, tanh vs ReLU, measured beside the free-probability
-  moments of :func:`signalprop.theory.jacobian_spectrum`.
+  density (:func:`signalprop.theory.jacobian_density`) and moments
+  (:func:`signalprop.theory.jacobian_spectrum`).
 * ``xiao2018`` -- Xiao et al. (2018): a 1,000-layer plain tanh CNN with
   delta-orthogonal kernels on the critical line trains; with Kaiming's
   variance it does not.
@@ -321,6 +322,7 @@ def jacobian_sq_singular_values(cfg: PenningtonConfig, act: str, weights: str, d
 
 
 def run_pennington(cfg: PenningtonConfig, out: Path, progress: Any = None) -> dict[str, Any]:
+    from .. import theory
     from ..report.figures import new_figure
 
     runs: dict[str, Any] = {}
@@ -333,11 +335,17 @@ def run_pennington(cfg: PenningtonConfig, out: Path, progress: Any = None) -> di
                 vals = np.array(r.pop("values"))
                 runs[f"{act}/{weights}/{depth}"] = r
                 zero = float(np.mean(vals <= 1e-12))  # dead ReLU units, near-singular Gaussian products
-                ax.hist(np.log10(vals[vals > 1e-12]), bins=60, histtype="step",
-                        label=f"L={depth}: var {r['measured_variance']:.3g} (theory {r['theory_variance']:.3g})"
-                        + (f", {zero:.0%} below 1e-12 not drawn" if zero else ""))
-            ax.set(title=f"{act}, {weights} weights, at criticality", xlabel=r"$\log_{10}$ squared singular value",
-                   ylabel="count")
+                logv = np.log10(vals[vals > 1e-12])
+                bins = np.linspace(logv.min() - 0.05, logv.max() + 0.05, 61)
+                line = ax.hist(logv, bins=bins, histtype="step", weights=np.full(logv.size, 1.0 / (
+                    vals.size * (bins[1] - bins[0]))), label=f"L={depth}: var {r['measured_variance']:.3g} "
+                    f"(theory {r['theory_variance']:.3g})" + (f", {zero:.0%} below 1e-12" if zero else ""))[2][0]
+                grid = np.logspace(bins[0], bins[-1], 400)
+                dens = theory.jacobian_density(act, r["sigma_w2"], r["sigma_b2"], depth, grid,
+                                               weights)  # type: ignore[arg-type]
+                ax.plot(np.log10(grid), dens * grid * math.log(10), c=line.get_edgecolor(), lw=1, ls="--")
+            ax.set(title=f"{act}, {weights}: measured, free probability (dashed)",
+                   xlabel=r"$\log_{10}$ squared singular value", ylabel="density per decade")
             ax.legend(fontsize=7)
     figure = _fig(out / "pennington2017.png", fig)
     paper = ("Pennington et al. (2017): at criticality (chi1 = 1) the mean squared singular value of the "

@@ -21,7 +21,7 @@ from .maps import (
 )
 from .phase import PhaseDiagram, phase_diagram
 from .propagate import Propagation, propagate
-from .spectrum import JacobianSpectrum, jacobian_spectrum
+from .spectrum import JacobianSpectrum, jacobian_density, jacobian_spectrum
 from .summary import summarize
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "expect",
     "expect2",
     "fixed_point",
+    "jacobian_density",
     "jacobian_spectrum",
     "phase_diagram",
     "propagate",

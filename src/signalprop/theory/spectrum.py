@@ -13,6 +13,7 @@ coefficient of W W^T: -1 for Gaussian weights, 0 for orthogonal ones.
 Dynamical isometry (all singular values near 1 at any depth) needs chi1 = 1,
 orthogonal weights, and mu2 / mu1^2 -> 1, i.e. phi' nearly constant on the
 pre-activations: small q* for tanh-like activations, impossible for ReLU.
+:func:`jacobian_density` gives the whole density, not only its moments.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
+
 from .. import activations as _act
-from .gaussian import expect
+from .gaussian import expect, nodes_1d
 from .maps import Q_MIN, fixed_point
 
 Weights = Literal["gaussian", "orthogonal"]
@@ -56,3 +59,71 @@ def jacobian_spectrum(act: object, sigma_w2: float, sigma_b2: float, depth: int,
     mean = mu1**depth
     var = mean**2 * depth * (mu2 / mu1**2 - 1.0 - _S1[weights])
     return JacobianSpectrum(depth, weights, qs, mu1, mu2, mean, var)
+
+
+def jacobian_density(act: object, sigma_w2: float, sigma_b2: float, depth: int, x: np.ndarray,
+                     weights: Weights = "orthogonal", eta: float = 1e-3) -> np.ndarray:
+    """Density of the eigenvalues of J J^T (squared singular values of the
+    depth-``depth`` input-output Jacobian) at the points ``x`` > 0, in the wide
+    limit, by free probability (Pennington et al. 2017): S-transforms multiply,
+    S_J = (S_{D^2} S_{W W^T})^L with D^2 = phi'(h)^2, h ~ N(0, q*), and
+    S_{W W^T} = 1 / sigma_w2 (orthogonal) or 1 / (sigma_w2 (1 + z)) (Gaussian).
+
+    For each x the moment generating function psi at w = 1 / (x (1 + i eta))
+    solves chi_J(psi) = w; with u = chi_{D^2}(psi) that is one complex
+    equation psi_{D^2}(u(psi)) = psi, u(psi) from the S-transform product,
+    solved by Newton, continued from large x down (the L-th root followed
+    continuously, the sheet with Im G <= 0 kept).  rho(x) = -Im G(z) / pi with
+    G = (psi + 1) / z, z = x (1 + i eta): a Lorentzian smoothing of relative
+    width ``eta`` (uniform on a log scale, so masses near 0 do not leak upward).
+    Point masses (ReLU's zero eigenvalues) are not in the result: its integral
+    over x > 0 is the continuous part's mass.
+    """
+    if weights not in _S1:
+        raise ValueError(f"weights must be one of {sorted(_S1)}, got {weights!r}")
+    a = _act.resolve(act)
+    qs = max(fixed_point(a, sigma_w2, sigma_b2), Q_MIN)
+    h, wq = nodes_1d(qs, a.kinks)
+    lam = a.dphi(h) ** 2
+
+    def psi_d(u: complex) -> complex:
+        return complex(np.sum(wq * lam * u / (1 - u * lam)))
+
+    def s_w(z: complex) -> complex:
+        return 1 / sigma_w2 if weights == "orthogonal" else 1 / (sigma_w2 * (1 + z))
+
+    xs = np.asarray(x, dtype=float)
+    order = np.argsort(xs)[::-1]
+    out = np.empty(xs.shape)
+    mean = float(sigma_w2 * np.sum(wq * lam)) ** depth
+    psi: complex | None = None
+    last_root: complex | None = None
+    turns = np.exp(2j * np.pi * np.arange(depth) / depth)
+
+    def residual(p: complex, z: complex, prev: complex | None) -> tuple[complex, complex]:
+        r0 = ((1 + p) / (p * z)) ** (1 / depth)
+        if prev is not None:  # the L-th root continuous with the previous point's
+            cands = r0 * turns
+            r0 = cands[int(np.argmin(np.abs(cands - prev)))]
+        return psi_d(p / (1 + p) * r0 / s_w(p)) - p, r0
+
+    def solve(p: complex, z: complex, prev: complex | None) -> complex:
+        for _ in range(100):
+            f = residual(p, z, prev)[0]
+            d = 1e-7 * (abs(p) + 1e-12)
+            step = f / ((residual(p + d, z, prev)[0] - f) / d)
+            p -= step
+            if abs(step) <= 1e-13 * abs(p):
+                break
+        return p
+
+    for i in order:
+        z = complex(xs[i], eta * xs[i])
+        psi = solve(mean / z if psi is None else psi, z, last_root)
+        if ((psi + 1) / z).imag > 0:  # landed on the conjugate sheet: restart from its mirror image
+            alt = solve(psi.conjugate(), z, last_root)
+            if ((alt + 1) / z).imag <= 0 and abs(residual(alt, z, last_root)[0]) < 1e-8 * (1 + abs(alt)):
+                psi = alt
+        last_root = residual(psi, z, last_root)[1]
+        out[i] = max(-((psi + 1) / z).imag / np.pi, 0.0)
+    return out
