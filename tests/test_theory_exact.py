@@ -89,3 +89,39 @@ def test_phase_diagram_cells_match_the_pointwise_functions():
                 assert pd.xi_c[i, j] == pytest.approx(ref, rel=3e-5), (act, w[j], b[i])
     pd = T.phase_diagram("tanh", np.array([1.80]), np.array([0.05]))  # the issue's cell: 46.6 vs 125.8 before
     assert pd.xi_c[0, 0] == pytest.approx(T.depth_scales("tanh", 1.80, 0.05)[1], rel=1e-6)
+
+
+def test_one_gaussian_moments_routine_against_quad_and_closed_forms():
+    """theory.gaussian_moments is what every map, critical point and spectrum
+    reads: each quantity against scipy's adaptive quadrature (1e-12), the
+    closed forms against the nodes (erf, whose E[phi^2] and E[phi'^2] are known)."""
+    from scipy import integrate
+
+    from signalprop import activations as A
+
+    def quad(f, q):
+        return integrate.quad(lambda z: f(math.sqrt(q) * z) * math.exp(-z * z / 2) / math.sqrt(2 * math.pi),
+                              -12, 12, points=[0.0], limit=200, epsabs=1e-14, epsrel=1e-13)[0]
+
+    def d(x):
+        return 1 - math.tanh(x) ** 2
+
+    for q in (0.05, 1.0, 7.0):
+        m = T.gaussian_moments("tanh", q, ("m1", "m2", "d2", "d4", "pdx"))
+        assert float(m["m2"]) == pytest.approx(quad(lambda x: math.tanh(x) ** 2, q), abs=1e-12)
+        assert float(m["d2"]) == pytest.approx(quad(lambda x: d(x) ** 2, q), abs=1e-12)
+        assert float(m["d4"]) == pytest.approx(quad(lambda x: d(x) ** 4, q), abs=1e-12)
+        assert abs(float(m["m1"])) < 1e-14  # odd
+        # pdx = E[phi phi' h] / q = d E[phi^2] / dq (Stein): against a central difference of the quadrature
+        h = 1e-5 * q
+        fd = (quad(lambda x: math.tanh(x) ** 2, q + h) - quad(lambda x: math.tanh(x) ** 2, q - h)) / (2 * h)
+        assert float(m["pdx"]) == pytest.approx(fd, rel=1e-6)
+    erf = A.resolve("erf")
+    closed = T.gaussian_moments(erf, 0.7, ("m2", "d2"))
+    nodes = {k: float(np.sum(w * f(x))) for k, f in (("m2", lambda x: erf.phi(x) ** 2),
+                                                     ("d2", lambda x: erf.dphi(x) ** 2))
+             for x, w in [T.gaussian.nodes_1d(0.7)]}
+    assert float(closed["m2"]) == pytest.approx(nodes["m2"], rel=1e-13)
+    assert float(closed["d2"]) == pytest.approx(nodes["d2"], rel=1e-13)
+    with pytest.raises(ValueError, match="unknown Gaussian moment"):
+        T.gaussian_moments("tanh", 1.0, ("m3",))

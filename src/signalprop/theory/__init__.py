@@ -16,6 +16,7 @@ from .maps import (
     critical_sigma_w2,
     depth_scales,
     fixed_point,
+    gaussian_moments,
     qmap,
     trainable_depth,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "expect",
     "expect2",
     "fixed_point",
+    "gaussian_moments",
     "jacobian_density",
     "jacobian_spectrum",
     "phase_diagram",

@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 
 from .. import activations as _act
-from .gaussian import N_1D, nodes_1d
-from .maps import Q_MIN, NoCriticalPointError
+from .gaussian import N_1D
+from .maps import NoCriticalPointError, gaussian_moments
 
 MEAN_TOL = 1e-6  # |E[phi]| / sqrt(E[phi^2]) above this: centre the weights
 
@@ -54,14 +54,7 @@ class CriticalPoint:
 
 
 def _stats(a: _act.Activation, q: np.ndarray) -> dict[str, np.ndarray]:
-    q = np.maximum(np.asarray(q, dtype=float), Q_MIN)
-    x, w = nodes_1d(q, a.kinks, N_1D)
-    p, d = a.phi(x), a.dphi(x)
-    d2 = d * d
-    return {"m1": np.sum(w * p, -1), "m2": np.sum(w * p * p, -1), "d2": np.sum(w * d2, -1),
-            # d E[phi] / dq = E[phi'(x) x] / (2q) (Stein)
-            "dm1": np.sum(w * d * x, -1) / (2.0 * q),
-            "d4": np.sum(w * d2 * d2, -1), "pdx": np.sum(w * p * d * x, -1) / q}
+    return gaussian_moments(a, q, ("m1", "m2", "d2", "dm1", "d4", "pdx"), N_1D)
 
 
 def critical_point(act: Any, *, depth: int = 1, isometry: float = 0.25, q_star: float | None = None,

@@ -14,12 +14,13 @@ functions take plain floats or numpy arrays and broadcast.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from .. import activations as _act
-from .gaussian import N_1D, N_2D, expect, expect2, nodes_1d, nodes_2d
+from .gaussian import N_1D, N_2D, expect2, nodes_1d, nodes_2d
 
 Array = np.ndarray
 Q_MIN = 1e-12  # q below this is treated as the q -> 0+ limit
@@ -35,17 +36,53 @@ class NoCriticalPointError(ValueError):
     """No sigma_w2 puts the network at chi1 = 1 for this activation and sigma_b2."""
 
 
+# The Gaussian moments theory needs, h = sqrt(q) z, z ~ N(0, 1): what each
+# integrates on the nodes (x, phi(x), phi'(x), q).  "dm1" is d E[phi] / dq and
+# "pdx" d E[phi^2] / dq / 2, both by Stein's lemma (no phi'' needed).
+_INTEGRANDS: dict[str, Callable[[Array, Array, Array, Array], Array]] = {
+    "m1": lambda x, p, d, q: p,
+    "m2": lambda x, p, d, q: p * p,
+    "d2": lambda x, p, d, q: d * d,
+    "d4": lambda x, p, d, q: (d * d) ** 2,
+    "dm1": lambda x, p, d, q: d * x / (2.0 * q[..., None]),
+    "pdx": lambda x, p, d, q: p * d * x / q[..., None],
+}
+
+
+def gaussian_moments(act: Any, q: Array | float, which: tuple[str, ...] = ("m2", "d2"),
+                     n: int = N_1D) -> dict[str, Array]:
+    """E[phi(h)], E[phi(h)^2], E[phi'(h)^2], E[phi'(h)^4] and the q-derivatives
+    theory uses ("m1", "m2", "d2", "d4", "dm1", "pdx"), h ~ N(0, q), vectorized
+    over q: the one routine every map, critical point and spectrum reads.
+    Closed forms where the activation has them (E[phi^2], E[phi'^2] of linear,
+    ReLU family, erf, hardtanh); otherwise all on one shared set of
+    kink-aware quadrature nodes.  (Bivariate expectations at a correlation c
+    are :func:`signalprop.theory.expect2`'s.)"""
+    a = _act.resolve(act)
+    unknown = sorted(set(which) - set(_INTEGRANDS))
+    if unknown:
+        raise ValueError(f"unknown Gaussian moment(s) {unknown}; choose from {sorted(_INTEGRANDS)}")
+    qa = np.maximum(np.asarray(q, dtype=float), Q_MIN)
+    out: dict[str, Array] = {}
+    if "m2" in which and a.second_moment is not None:
+        out["m2"] = np.asarray(a.second_moment(qa), dtype=float)
+    if "d2" in which and a.deriv_second_moment is not None:
+        out["d2"] = np.asarray(a.deriv_second_moment(qa), dtype=float)
+    todo = [k for k in which if k not in out]
+    if todo:
+        x, w = nodes_1d(qa, a.kinks, n)
+        p, d = a.phi(x), a.dphi(x)
+        for k in todo:
+            out[k] = np.sum(w * _INTEGRANDS[k](x, p, d, qa), -1)
+    return out
+
+
 def _second_moment(act: _act.Activation, q: Array | float, n: int = N_1D) -> Array:
-    if act.second_moment is not None:
-        return np.asarray(act.second_moment(np.asarray(q, dtype=float)), dtype=float)
-    return expect(lambda x: act.phi(x) ** 2, q, act.kinks, n)
+    return gaussian_moments(act, q, ("m2",), n)["m2"]
 
 
 def _deriv_second_moment(act: _act.Activation, q: Array | float, n: int = N_1D) -> Array:
-    qa = np.maximum(np.asarray(q, dtype=float), Q_MIN)
-    if act.deriv_second_moment is not None:
-        return np.asarray(act.deriv_second_moment(qa), dtype=float)
-    return expect(lambda x: act.dphi(x) ** 2, qa, act.kinks, n)
+    return gaussian_moments(act, q, ("d2",), n)["d2"]
 
 
 def _qmap_slope(act: _act.Activation, q: Array | float, sw2: Array | float, sb2: Array | float,
@@ -170,10 +207,9 @@ def chi1(act: Any, sigma_w2: float, sigma_b2: float, q: float | None = None) -> 
 
 
 def _moments(act: _act.Activation, q: Array, n: int = N_1D) -> tuple[Array, Array]:
-    """E[phi(sqrt(q) z)^2] and E[phi'(sqrt(q) z)^2] on shared nodes."""
-    q = np.maximum(np.asarray(q, dtype=float), Q_MIN)
-    x, w = nodes_1d(q, act.kinks, n)
-    return np.sum(w * act.phi(x) ** 2, -1), np.sum(w * act.dphi(x) ** 2, -1)
+    """E[phi(sqrt(q) z)^2] and E[phi'(sqrt(q) z)^2]."""
+    m = gaussian_moments(act, q, ("m2", "d2"), n)
+    return m["m2"], m["d2"]
 
 
 def critical_sigma_w2(act: Any, sigma_b2: float = 0.0, *, lo: float = 1e-2, hi: float = 1e4) -> float:

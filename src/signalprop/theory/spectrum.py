@@ -24,8 +24,8 @@ from typing import Literal
 import numpy as np
 
 from .. import activations as _act
-from .gaussian import expect, nodes_1d
-from .maps import Q_MIN, fixed_point
+from .gaussian import nodes_1d
+from .maps import Q_MIN, fixed_point, gaussian_moments
 
 Weights = Literal["gaussian", "orthogonal"]
 _S1 = {"gaussian": -1.0, "orthogonal": 0.0}
@@ -53,8 +53,8 @@ def jacobian_spectrum(act: object, sigma_w2: float, sigma_b2: float, depth: int,
     a = _act.resolve(act)
     qs = fixed_point(a, sigma_w2, sigma_b2) if q is None else float(q)
     qs = max(qs, Q_MIN)
-    d2 = float(expect(lambda x: a.dphi(x) ** 2, qs, a.kinks))
-    d4 = float(expect(lambda x: a.dphi(x) ** 4, qs, a.kinks))
+    m = gaussian_moments(a, qs, ("d2", "d4"))
+    d2, d4 = float(m["d2"]), float(m["d4"])
     mu1, mu2 = sigma_w2 * d2, sigma_w2**2 * d4
     mean = mu1**depth
     var = mean**2 * depth * (mu2 / mu1**2 - 1.0 - _S1[weights])
