@@ -271,3 +271,11 @@ def test_scaled_trunc_normal_keeps_the_result_std_meaning():
     # the result's std is 0.5 (the pre-truncation std is 0.5 / 0.8796): within 1% at 40,000 samples
     assert t.std().item() == pytest.approx(0.5, rel=0.01)
     assert t.abs().max().item() <= 2.0 * 0.5 / 0.87962566103423978 + 1e-6
+
+
+def test_the_earlier_bound_form_still_means_what_it_meant():
+    a = torch.empty(200, 200)
+    with pytest.warns(FutureWarning, match="scaled_trunc_normal_"):
+        init.trunc_normal_(a, std=0.5, bound=2.0, generator=torch.Generator().manual_seed(0))
+    b = init.scaled_trunc_normal_(torch.empty(200, 200), std=0.5, bound=2.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)

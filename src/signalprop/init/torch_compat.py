@@ -52,7 +52,7 @@ def normal_(tensor: torch.Tensor, mean: float = 0.0, std: float = 1.0,
 
 
 def trunc_normal_(tensor: torch.Tensor, mean: float = 0.0, std: float = 1.0, a: float = -2.0, b: float = 2.0,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+                  generator: torch.Generator | None = None, *, bound: float | None = None) -> torch.Tensor:
     """Fill with N(mean, std^2) truncated to [a, b] -- torch's meaning:
     ``std`` is that of the normal *before* truncation and ``a``, ``b`` are
     absolute bounds (for the result's standard deviation and bounds in units
@@ -61,7 +61,21 @@ def trunc_normal_(tensor: torch.Tensor, mean: float = 0.0, std: float = 1.0, a: 
     Inverse-CDF sampling in float64 (exact in the far tails, e.g. [2, 3] for
     a unit normal), rounded once into the tensor's dtype and clamped to
     [a, b] there.
+
+    ``bound=`` (keyword only) is the earlier signalprop form
+    ``trunc_normal_(t, std=, bound=)``: it still means what it meant (the
+    result's std, bounds in units of it), with a FutureWarning pointing to
+    :func:`~signalprop.init.scaled_trunc_normal_`.
     """
+    if bound is not None:
+        import warnings
+
+        from .schemes import scaled_trunc_normal_
+
+        warnings.warn("trunc_normal_(t, std=, bound=) is signalprop's earlier variance-corrected form; it now lives "
+                      "in scaled_trunc_normal_ (trunc_normal_ itself has torch's meaning: mean, std, a, b)",
+                      FutureWarning, stacklevel=2)
+        return scaled_trunc_normal_(tensor, std, bound, generator)
     mean, std, a, b = (_finite(n, v) for n, v in (("mean", mean), ("std", std), ("a", a), ("b", b)))
     if not std > 0:
         raise ValueError(f"trunc_normal_ needs std > 0, got {std}")
