@@ -23,10 +23,12 @@ def main(out: Path, repeat: int) -> dict:
     solve = median_time(lambda: theory.critical_sigma_w2(act, 0.05), repeat)
     w, b = np.linspace(0.5, 4.0, 100), np.linspace(0.0, 0.3, 100)
     grid = median_time(lambda: theory.phase_diagram("tanh", w, b), max(3, repeat // 2))
+    grid_erf = median_time(lambda: theory.phase_diagram("erf", w, b), max(3, repeat // 2))
     rows = {
         "critical_point_callable": {"median_s": solve, "target_s": 0.020, "ratio_to_target": solve / 0.020,
                                     "wrap_callable_median_s": wrap},
         "phase_diagram_100x100": {"median_s": grid, "target_s": 2.0, "ratio_to_target": grid / 2.0},
+        "phase_diagram_100x100_erf": {"median_s": grid_erf, "target_s": 2.0, "ratio_to_target": grid_erf / 2.0},
     }
     write(out, "bench_theory", rows)
     return rows
