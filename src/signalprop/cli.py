@@ -60,32 +60,28 @@ def _finite_float(text: str) -> float:
     return v
 
 
+def _under_a_folder(p: Path, what: str) -> Path:
+    """``p`` whose nearest existing ancestor is a folder (so it can be created)."""
+    parent = next((q for q in p.parents if q.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise UsageError(f"{what} {str(p)!r}: {str(parent)!r} is a file, not a folder")
+    return p
+
+
 def _out_file(path: str | None, what: str) -> Path | None:
     """An output file path that can be written: refused before any work
     when it is a directory or lies under a regular file."""
     if not path:
         return None
-    p = Path(path)
-    if p.is_dir():
+    if Path(path).is_dir():
         raise UsageError(f"{what} {path!r} is a directory; give a file name, e.g. {Path(path) / 'report'}")
-    for parent in p.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UsageError(f"{what} {path!r}: {str(parent)!r} is a file, not a folder")
-            break
-    return p
+    return _under_a_folder(Path(path), what)
 
 
 def _out_dir(path: str, what: str) -> Path:
-    p = Path(path)
-    if p.exists() and not p.is_dir():
+    if Path(path).exists() and not Path(path).is_dir():
         raise UsageError(f"{what} {path!r} is a file, not a folder")
-    for parent in p.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UsageError(f"{what} {path!r}: {str(parent)!r} is a file, not a folder")
-            break
-    return p
+    return _under_a_folder(Path(path), what)
 
 
 # ---- theory -----------------------------------------------------------------
@@ -93,11 +89,7 @@ def _out_dir(path: str, what: str) -> Path:
 def cmd_theory(args: argparse.Namespace, out: Console) -> int:
     from . import theory
 
-    if args.sigma_b2 < 0:
-        raise UsageError(f"--sigma-b2 must be >= 0, got {args.sigma_b2}")
-    if args.sigma_w2 is not None and args.sigma_w2 <= 0:
-        raise UsageError(f"--sigma-w2 must be > 0, got {args.sigma_w2}")
-    plot = _out_file(args.plot, "--plot")
+    plot = _out_file(args.plot, "--plot")  # sigma values are checked by summarize (ValueError: exit 2)
     summary = theory.summarize(args.act, args.sigma_b2, args.sigma_w2)
     if plot is not None:
         import numpy as np

@@ -13,16 +13,25 @@ from torch import nn
 T = TypeVar("T")
 
 
+_ACTIVE: set[int] = set()  # models already inside a transaction (apply_("critical") calls critical_)
+
+
 @contextmanager
 def all_or_nothing(model: nn.Module) -> Iterator[None]:
     """Snapshot every parameter and buffer (a shared tensor once); on any
-    exception -- KeyboardInterrupt included -- copy them back and re-raise."""
+    exception -- KeyboardInterrupt included -- copy them back and re-raise.
+    Nested on the same model (one initializer calling another), the outer
+    snapshot is the one kept: no second copy of the weights."""
+    if id(model) in _ACTIVE:
+        yield
+        return
     seen: set[int] = set()
     saved = []
     for t in [*model.parameters(), *model.buffers()]:
         if id(t) not in seen:
             seen.add(id(t))
             saved.append((t, t.detach().clone()))
+    _ACTIVE.add(id(model))
     try:
         yield
     except BaseException:
@@ -30,6 +39,8 @@ def all_or_nothing(model: nn.Module) -> Iterator[None]:
             for t, s in saved:
                 t.copy_(s)
         raise
+    finally:
+        _ACTIVE.discard(id(model))
 
 
 def transactional(fn: Callable[..., T]) -> Callable[..., T]:

@@ -77,7 +77,6 @@ def lsuv_(model: nn.Module, inputs: Any, *, target: float = 1.0, tol: float = 0.
     layers = [m for m in model.modules() if isinstance(m, WEIGHT_LAYERS)]
     if not layers:
         raise ValueError(f"{type(model).__name__} has no Linear or Conv layers for LSUV")
-    saved = [(p, p.detach().clone()) for m in layers for p in m.parameters(recurse=False)]
     scale: dict[nn.Module, float] = {m: 1.0 for m in layers}
     order: list[nn.Module] = []
     status: dict[nn.Module, str] = {}
@@ -126,33 +125,27 @@ def lsuv_(model: nn.Module, inputs: Any, *, target: float = 1.0, tol: float = 0.
         return new.to(out.dtype)
 
     passes = 0
-    with preserved(model):
-        try:
-            if orthogonal:
-                with torch.no_grad():
-                    for m in layers:
-                        with writable(m, "weight") as w:
-                            _orthogonal_fill(w, 1.0, generator)
-                        if getattr(m, "bias", None) is not None:
-                            m.bias.zero_()  # type: ignore[union-attr]
-            handles = [m.register_forward_hook(hook) for m in layers]
-            try:
-                for _ in range(max_iter + 1):
-                    seen: set[nn.Module] = set()
-                    changed: list[nn.Module] = []
-                    with torch.no_grad():
-                        _call(model, inputs)
-                    passes += 1
-                    if not changed:
-                        break
-            finally:
-                for h in handles:
-                    h.remove()
-        except BaseException:  # KeyboardInterrupt too
+    with preserved(model):  # weights come back on failure through @transactional
+        if orthogonal:
             with torch.no_grad():
-                for p, v in saved:
-                    p.copy_(v)
-            raise
+                for m in layers:
+                    with writable(m, "weight") as w:
+                        _orthogonal_fill(w, 1.0, generator)
+                    if getattr(m, "bias", None) is not None:
+                        m.bias.zero_()  # type: ignore[union-attr]
+        handles = [m.register_forward_hook(hook) for m in layers]
+        try:
+            for _ in range(max_iter + 1):
+                seen: set[nn.Module] = set()
+                changed: list[nn.Module] = []
+                with torch.no_grad():
+                    _call(model, inputs)
+                passes += 1
+                if not changed:
+                    break
+        finally:
+            for h in handles:
+                h.remove()
     recs = tuple(LayerInit(names.get(m, "?"), type(m).__name__, None, scale=scale[m], note=status.get(m, "not run"))
                  for m in order)
     notes = [] if not changed else [f"tolerance still missed after {passes} passes in "

@@ -134,15 +134,14 @@ def sampled_alerts(current: MonitorStep, history: Sequence[MonitorStep]) -> list
     for name, layer in _by_name(current.layers).items():
         # relative to the output's gradient: a converging run's gradients all shrink with
         # its loss, which is no vanishing; a layer falling behind the output's is
-        for attr in ("relative_grad_rms",):
-            v = getattr(layer, attr)
-            b = _baseline(base_hist, name, attr)
-            if v is None or b is None or not math.isfinite(v):
-                continue
-            if v > DRIFT * b:
-                grew.append((v / b, name))
-            elif v < b / DRIFT:
-                shrank.append((b / v if v > 0 else math.inf, name))
+        v = layer.relative_grad_rms
+        b = _baseline(base_hist, name, "relative_grad_rms")
+        if v is None or b is None or not math.isfinite(v):
+            continue
+        if v > DRIFT * b:
+            grew.append((v / b, name))
+        elif v < b / DRIFT:
+            shrank.append((b / v if v > 0 else math.inf, name))
     if grew:
         f, name = max(grew)
         out.append(Alert(current.step, "exploding", name,

@@ -23,6 +23,7 @@ same modules in the same order (as DDP and FSDP already require).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -42,29 +43,30 @@ ANY = "any"          # a vector of per-unit flags: how many are set on some rank
 _SQUARED = (NORM, GRAD_NORM, REPLICA_NORM, SHARD_NORM)
 
 
-def _dtensor_type() -> type | None:
+@functools.cache
+def _dtensor_types() -> tuple[type, type] | None:
+    """(DTensor, Shard), looked up once: ``local`` and ``norm_kind`` run per
+    tensor on every monitored step."""
     try:
-        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor import DTensor, Shard
     except ImportError:  # torch built without distributed support
         return None
-    return DTensor
+    return DTensor, Shard
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
     """The local part of a tensor (a ``DTensor``'s shard), else the tensor."""
-    dt = _dtensor_type()
-    return t.to_local() if dt is not None and isinstance(t, dt) else t  # type: ignore[attr-defined]
+    types = _dtensor_types()
+    return t.to_local() if types is not None and isinstance(t, types[0]) else t  # type: ignore[attr-defined]
 
 
 def norm_kind(t: torch.Tensor) -> str:
     """How the norm of this parameter (or gradient) combines across ranks:
     sharded ``DTensor`` pieces add, anything else is a replica."""
-    dt = _dtensor_type()
-    if dt is not None and isinstance(t, dt):
-        from torch.distributed.tensor import Shard
-
-        if any(isinstance(p, Shard) for p in t.placements):  # type: ignore[attr-defined]
-            return SHARD_NORM
+    types = _dtensor_types()
+    if types is not None and isinstance(t, types[0]) and \
+            any(isinstance(p, types[1]) for p in t.placements):  # type: ignore[attr-defined]
+        return SHARD_NORM
     return REPLICA_NORM
 
 
