@@ -465,6 +465,16 @@ def torch_functions() -> dict[Any, str]:
 
 
 _BANDS: dict[tuple[str, float], tuple[float, float] | None] = {}
+_NONNEG: dict[str, bool] = {}
+
+
+def nonnegative(act: Activation) -> bool:
+    """Whether phi(x) >= 0 everywhere (read on a grid over [-50, 50]; ReLU
+    yes, leaky ReLU and GELU no): a rectifier unit whose largest output is 0
+    is then zero throughout."""
+    if act.name not in _NONNEG:
+        _NONNEG[act.name] = bool(np.min(act.phi(np.linspace(-50.0, 50.0, 2001))) >= 0.0)
+    return _NONNEG[act.name]
 
 
 def saturation_band(act: Activation, threshold: float = SATURATION_THRESHOLD) -> tuple[float, float] | None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +32,7 @@ from .distributed import (
 from .predict import predictions
 from .recorder import Recorder, Row, first_float_tensor
 from .state import preserved
-from .stats import acc
+from .stats import _dottable, acc
 
 
 class ModelError(ValueError):
@@ -183,14 +184,14 @@ def _finalise(rows: list[Row], extra: list[torch.Tensor | float], red: Reduction
     for d in out:
         if "alive" in d:
             d["alive_count"] = d.pop("alive")
-        if "forward_norm" in d:
+        if "forward_n" in d:
             n = d.pop("forward_n")
             d["forward_mean"] = d.pop("forward_sum") / n
-            d["forward_second_moment"] = d.pop("forward_norm") ** 2 / n
+            d["forward_second_moment"] = (d.pop("forward_sq") if "forward_sq" in d else d.pop("forward_norm") ** 2) / n
             d["forward_var"] = max(d["forward_second_moment"] - d["forward_mean"] ** 2, 0.0)
             d["nonfinite_fraction"] = d.pop("forward_nonfinite", 0.0)
-        if "grad_norm" in d:
-            d["grad_ms"] = d.pop("grad_norm") ** 2 / d.pop("grad_n")
+        if "grad_n" in d:
+            d["grad_ms"] = (d.pop("grad_sq") if "grad_sq" in d else d.pop("grad_norm") ** 2) / d.pop("grad_n")
             d["grad_nonfinite_fraction"] = d.pop("grad_nonfinite", 0.0)
         if "saturated_count" in d:
             d["saturation"] = d.pop("saturated_count") / d.pop("saturated_n")
@@ -218,14 +219,22 @@ def _module_params(rows: list[Row]) -> list[tuple[nn.Module, list[nn.Parameter]]
     return out
 
 
+_DOT_NORM_MIN = 1 << 16  # smaller tensors: one _foreach_norm for all beats two dispatched ops each
+
+
 def _norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Euclidean norms of many tensors in one fused kernel per device and dtype
-    (``torch._foreach_norm``, the op ``clip_grad_norm_`` uses)."""
+    (``torch._foreach_norm``, the op ``clip_grad_norm_`` uses); on the CPU,
+    large contiguous float32/float64 tensors by a dot product each instead."""
     out: list[torch.Tensor | None] = [None] * len(tensors)
     groups: dict[tuple[Any, Any], list[int]] = {}
     tensors = [local(t) for t in tensors]  # a DTensor's own shard (FSDP2): combined across ranks later
     for i, t in enumerate(tensors):
-        groups.setdefault((t.device, t.dtype), []).append(i)
+        if t.numel() >= _DOT_NORM_MIN and _dottable(t):  # a BLAS dot: ~3x faster than _foreach_norm on 512 x 512
+            v = t.view(-1)
+            out[i] = torch.dot(v, v).sqrt_()
+        else:
+            groups.setdefault((t.device, t.dtype), []).append(i)
     for idx in groups.values():
         for i, n in zip(idx, torch._foreach_norm([tensors[i] for i in idx])):
             out[i] = n
@@ -369,7 +378,8 @@ def check(model: nn.Module, inputs: Any, *, loss_fn: Callable[..., torch.Tensor]
     check_limits(bounds, trend)
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    if not any(True for _ in model.parameters()):
+    params = list(model.parameters())
+    if not params:
         raise ValueError(f"{type(model).__name__} has no parameters: nothing to diagnose")
     if _batch_size(inputs) == 0:
         raise ValueError(f"empty batch: inputs have shape {_shapes(inputs)}; pass at least one example")
@@ -379,8 +389,8 @@ def check(model: nn.Module, inputs: Any, *, loss_fn: Callable[..., torch.Tensor]
     inner = unwrap(model)
     caller = model if red is not None and inner is not model else None
     call_inputs = _without_cache(inner, inputs)
-    with preserved(model):
-        rng = _rng_states(model)
+    with preserved(model), _collector_paused():
+        rng = _rng_states(params)
         report = _run(inner, call_inputs, loss_fn, targets, bounds, trend, False, red, caller)
         if report is None:  # a NaN/Inf somewhere: the same pass again, masking and locating it
             _set_rng_states(rng)
@@ -394,8 +404,24 @@ def check(model: nn.Module, inputs: Any, *, loss_fn: Callable[..., torch.Tensor]
     return report
 
 
-def _rng_states(model: nn.Module) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
-    devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for the pass, back as it was
+    after: a pass allocates a few small objects per row, which triggered
+    full collections over the whole heap (a fifth of a 2,000-layer check's
+    time); what the pass leaves is freed by reference counting, and any
+    cycle at the next collection."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _rng_states(params: list[nn.Parameter]) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
+    devices = sorted({p.device.index for p in params if p.device.type == "cuda"
                       and p.device.index is not None})
     return torch.get_rng_state(), [(d, torch.cuda.get_rng_state(d)) for d in devices]
 
@@ -412,7 +438,8 @@ def _forward(model: nn.Module, x: Any, inputs: Any, rec: Recorder) -> Any:
         with torch.enable_grad(), (mode if mode is not None else contextlib.nullcontext()):
             return _call(model, x)
     except Exception as e:  # name the module where it failed, keep the original as cause
-        where = rec.stack[-1] if rec.stack else "(model)"
+        where = rec.failed_in(e)
+        where = "(model)" if where is None else where
         mod = dict(model.named_modules()).get(where)
         kind = type(mod).__name__ if mod is not None else "?"
         raise ModelError(

@@ -35,6 +35,7 @@ from torch import nn
 SUM = "sum"          # additive: sums, counts
 NORM = "norm"        # Euclidean norm over batch-split data: sqrt(sum of squares)
 GRAD_NORM = "gnorm"  # norm of an activation gradient: sqrt(sum of squares) / world
+GRAD_SQ = "gsq"      # its sum of squares itself: sum of squares / world^2
 REPLICA_NORM = "rep"  # norm of a tensor every rank holds: sqrt(mean of squares)
 SHARD_NORM = "shard"  # norm of one shard of a sharded tensor: sqrt(sum of squares)
 MEAN = "mean"        # a per-rank value whose mean is wanted (the loss, shares)
@@ -142,6 +143,8 @@ class Reduction:
                 out.append(math.sqrt(s) / w if s >= 0 else math.nan)
             elif k == REPLICA_NORM:
                 out.append(math.sqrt(s / w) if s >= 0 else math.nan)
+            elif k == GRAD_SQ:
+                out.append(s / (w * w))
             elif k == MEAN:
                 out.append(s / w)
             elif k == ANY:
@@ -169,6 +172,7 @@ class Reduction:
 
 
 # Row statistics (probe.stats) and how each combines.
-ROW_KINDS = {"forward_sum": SUM, "forward_norm": NORM, "forward_n": SUM, "forward_nonfinite": MEAN,
-             "grad_norm": GRAD_NORM, "grad_n": SUM, "grad_nonfinite": MEAN,
+ROW_KINDS = {"forward_sum": SUM, "forward_norm": NORM, "forward_sq": SUM, "forward_n": SUM,
+             "forward_nonfinite": MEAN, "grad_norm": GRAD_NORM, "grad_sq": GRAD_SQ, "grad_n": SUM,
+             "grad_nonfinite": MEAN,
              "saturated_count": SUM, "saturated_n": SUM, "alive": ANY, "dead_samples": SUM}

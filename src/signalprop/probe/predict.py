@@ -12,7 +12,7 @@ from torch import nn
 from ..records import InputStats, LayerStats, evolve
 from ..theory import propagate
 from .recorder import Row
-from .stats import acc
+from .stats import _dottable, acc
 
 _WEIGHT = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -46,23 +46,83 @@ def _whole(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def _weight_terms(m: nn.Module) -> torch.Tensor:
-    """[sigma_w2, sigma_b2, BS, S2] of one layer, on its device: sigma_w2 =
-    fan_in * mean(W^2), sigma_b2 = mean(b^2), and the mean coupling of
-    :func:`signalprop.theory.propagate` from the row sums s_i of W."""
-    W = _whole(cast(torch.Tensor, m.weight))
-    rows = W.reshape(W.shape[0], -1)
-    a = acc(W)  # float32 accumulation for half precision, no copy of W
-    s = rows.sum(dim=1, dtype=a)  # row sums
-    n = rows.shape[0]
-    b = getattr(m, "bias", None)
-    b = _whole(b) if b is not None else None
-    w2 = torch.linalg.vector_norm(rows, dtype=a).square() / n
+# weights stacked at most this many entries at a time (64 MB in float32): a
+# bounded transient copy that turns thousands of small per-layer reductions
+# into a few batched ones
+_STACK_ENTRIES = 1 << 24
+_SMALL = 1 << 14  # weights up to this many entries are stacked; larger ones cost more to copy than to launch
+
+
+def _terms_one(W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """[sigma_w2, sigma_b2, BS, S2] of one layer's (rows, fan_in) weight, as a (1, 4) tensor."""
+    a = acc(W)
+    n = W.shape[0]
+    s = W.sum(dim=1, dtype=a)
+    if _dottable(W):
+        v = W.view(-1)
+        w2 = torch.dot(v, v) / n
+    else:
+        w2 = torch.linalg.vector_norm(W, dtype=a).square() / n
     if b is None:
         zero = torch.zeros((), dtype=a, device=W.device)
-        return torch.stack([w2, zero, zero, s.square().mean()]).double()
+        return torch.stack([w2, zero, zero, s.square().mean()]).double().unsqueeze(0)
     b = b.to(a)
-    return torch.stack([w2, b.square().mean(), torch.dot(b, s) / n, s.square().mean()]).double()
+    return torch.stack([w2, b.square().mean(), torch.dot(b, s) / n, s.square().mean()]).double().unsqueeze(0)
+
+
+def _weight_terms(modules: list[nn.Module]) -> list[list[float]]:
+    """Per layer [sigma_w2, sigma_b2, BS, S2]: sigma_w2 = fan_in * mean(W^2)
+    (the sum of squares of W over its number of rows), sigma_b2 = mean(b^2),
+    and the mean coupling of :func:`signalprop.theory.propagate` from the row
+    sums s_i of W (BS = mean b_i s_i, S2 = mean s_i^2).  Layers of one weight
+    shape, dtype and device are stacked and reduced together (in float32 for
+    half precision, without a float32 copy), a few reductions for the whole
+    chain rather than seven per layer; one transfer at the end."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    ws: list[torch.Tensor] = []
+    bs: list[torch.Tensor | None] = []
+    for i, m in enumerate(modules):
+        W = _whole(cast(torch.Tensor, m.weight)).detach()
+        W = W.reshape(W.shape[0], -1)
+        b = getattr(m, "bias", None)
+        b = _whole(b).detach() if b is not None else None
+        ws.append(W)
+        bs.append(b)
+        groups.setdefault((tuple(W.shape), W.dtype, W.device, b is not None), []).append(i)
+    parts: list[torch.Tensor] = []
+    order: list[list[int]] = []
+    for (shape, _, _, has_bias), idx in groups.items():
+        if shape[0] * shape[1] > _SMALL:  # large weights: per layer, no copy
+            for i in idx:
+                parts.append(_terms_one(ws[i], bs[i]))
+                order.append([i])
+            continue
+        step = max(1, _STACK_ENTRIES // max(shape[0] * shape[1], 1))
+        for k in range(0, len(idx), step):
+            chunk = idx[k:k + step]
+            W = torch.stack([ws[i] for i in chunk])  # (layers, rows, fan_in)
+            a = acc(W)
+            s = W.sum(dim=2, dtype=a)  # row sums
+            n = shape[0]
+            w2 = torch.linalg.vector_norm(W, dim=(1, 2), dtype=a).square() / n
+            s2 = s.square().mean(dim=1)
+            if has_bias:
+                B = torch.stack([bs[i] for i in chunk]).to(a)  # type: ignore[misc]
+                cols = [w2, B.square().mean(dim=1), (B * s).sum(dim=1) / n, s2]
+            else:
+                zero = torch.zeros_like(w2)
+                cols = [w2, zero, zero, s2]
+            parts.append(torch.stack(cols, dim=1).double())
+            order.append(chunk)
+    by_device: dict[torch.device, list[int]] = {}
+    for j, part in enumerate(parts):
+        by_device.setdefault(part.device, []).append(j)
+    out: list[list[float]] = [[]] * len(modules)
+    for js in by_device.values():  # one transfer per device
+        vals = torch.cat([parts[j] for j in js]).cpu().tolist()
+        for i, r in zip((i for j in js for i in order[j]), vals):
+            out[i] = r
+    return out
 
 
 def predictions(rows: list[Row], layers: list[LayerStats], inp: InputStats | None) -> list[LayerStats] | None:
@@ -82,7 +142,7 @@ def predictions(rows: list[Row], layers: list[LayerStats], inp: InputStats | Non
             return None
         widths.append(_width(w.module, "out"))  # type: ignore[arg-type]
     with torch.no_grad():
-        terms = torch.stack([_weight_terms(w.module) for w, _ in chain]).cpu().tolist()  # type: ignore[arg-type]
+        terms = _weight_terms([w.module for w, _ in chain])  # type: ignore[misc]
     sw2, sb2 = [t[0] for t in terms], [t[1] for t in terms]
     try:
         p = propagate(widths, [_exact(r) for r in chain], sw2, sb2, q0=inp.second_moment,

@@ -8,7 +8,6 @@ twice gives two rows).  Activations called as functions inside a forward
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import re
@@ -96,11 +95,15 @@ def _own_children(m: nn.Module) -> list[nn.Module]:
     return [c for n, c in m.named_children() if n != "parametrizations"]
 
 
-def leaf_modules(model: nn.Module) -> list[nn.Module]:
-    hidden = {id(c) for m in model.modules() if isinstance(m, FUSED) for c in m.modules() if c is not m}
-    hidden |= {id(c) for m in model.modules() if isinstance(getattr(m, "parametrizations", None), nn.Module)
+def leaf_modules(model: nn.Module, named: list[tuple[str, nn.Module]] | None = None) -> list[nn.Module]:
+    """The modules recorded as rows: those without children of their own, and
+    fused ones (MultiheadAttention) as a whole.  ``named``: the model's
+    ``named_modules()`` list when the caller already has it."""
+    mods = [m for _, m in (named if named is not None else model.named_modules())]
+    hidden = {id(c) for m in mods if isinstance(m, FUSED) for c in m.modules() if c is not m}
+    hidden |= {id(c) for m in mods if isinstance(getattr(m, "parametrizations", None), nn.Module)
                for c in cast(nn.Module, m.parametrizations).modules()}  # weight computations, not layers
-    return [m for m in model.modules() if id(m) not in hidden
+    return [m for m in mods if id(m) not in hidden
             and (isinstance(m, FUSED) or not _own_children(m))]
 
 
@@ -141,7 +144,8 @@ def _code_calls_activation(code: types.CodeType, glb: dict[str, Any], depth: int
     return hit
 
 
-def calls_functional_activations(model: nn.Module) -> bool:
+def calls_functional_activations(model: nn.Module, leaves: list[nn.Module] | None = None,
+                                 named: list[tuple[str, nn.Module]] | None = None) -> bool:
     """Whether any non-leaf module's ``forward`` may call an activation as a
     function (``torch.tanh(x)``, ``F.gelu(x)``, ``x.relu()``): read off the
     names its code (and the module-level helpers it calls) refers to, and
@@ -150,9 +154,9 @@ def calls_functional_activations(model: nn.Module) -> bool:
     calls, which costs a Python call per torch op.  Conservative: forwards
     without Python code count as calling one."""
     fns = _act.torch_functions()
-    leaves = set(map(id, leaf_modules(model)))
-    for m in model.modules():
-        if id(m) in leaves:
+    leaf_ids = set(map(id, leaves if leaves is not None else leaf_modules(model, named)))
+    for _, m in named if named is not None else model.named_modules():
+        if id(m) in leaf_ids:
             continue
         fwd = getattr(type(m).forward, "__code__", None)
         if fwd is None:
@@ -186,6 +190,20 @@ class _FunctionalCapture(TorchFunctionMode):
         return out
 
 
+@dataclass(frozen=True)
+class _Leaf:
+    """What a leaf module's rows share on every call, worked out once per pass."""
+
+    name: str
+    kind: str
+    act: _act.Activation | None
+    band: tuple[float, float] | None  # saturation band of a bounded activation
+    rectifier: bool
+    nonnegative: bool  # a rectifier whose outputs are >= 0 (ReLU): one reduction finds its dead units
+    feature_dim: int | None  # set by weight layers: units along -1 (Linear) or 1 (convolutions)
+    role: str | None  # None: depends on the output's shape (no parameters)
+
+
 class Recorder:
     """Attach to a model; ``with recorder.active(): model(...)``; read ``rows``."""
 
@@ -205,89 +223,144 @@ class Recorder:
         self._feature_dim = -1  # units along the last dim after Linear, dim 1 after a convolution
         self.track_inputs = track_inputs
         self.rows: list[Row] = []
-        self.stack: list[str] = []  # names of modules currently inside forward
+        self.stack: list[str] = []  # names of modules currently inside forward (functional capture only)
         self.leaf_depth = 0
-        self.capture_functional = capture_functional
         self._handles: list[Any] = []
-        self._names = {m: n for n, m in model.named_modules()}
-        self._leaves = leaf_modules(model)
+        self._modules = list(model.named_modules())  # one traversal, shared by everything below
+        self._names = {m: n for n, m in self._modules}
+        self._leaves = leaf_modules(model, self._modules)
+        self.capture_functional = capture_functional and calls_functional_activations(
+            model, self._leaves, self._modules)
+        self._info: dict[nn.Module, _Leaf] = {}
+        self._scratch = S.Scratch()
+        self._roles: dict[tuple[str, str, tuple[int, ...]], str] = {}
+
+    def _leaf_info(self, m: nn.Module) -> _Leaf:
+        act = _act.from_module(m)
+        ps = [tuple(p.shape) for p in m._parameters.values() if p is not None]
+        name, kind = self._names.get(m, "?"), type(m).__name__
+        return _Leaf(name, kind, act, _act.saturation_band(act) if act is not None else None,
+                     bool(act is not None and act.rectifier), bool(act is not None and _act.nonnegative(act)),
+                     (1 if isinstance(m, _CONV) else -1) if isinstance(m, _WEIGHT_LAYERS) else None,
+                     role_of(name, kind, m, ()) if ps else None)
 
     # -- hooks ----------------------------------------------------------------
     def _pre(self, m: nn.Module, args: Any) -> None:
         self.stack.append(self._names.get(m, "?"))
-        if m in self._leafset:
+        if m in self._info:
             self.leaf_depth += 1
 
     def _post(self, m: nn.Module, args: Any, out: Any) -> Any:
         self.stack.pop()
-        if m in self._leafset:
-            self.leaf_depth -= 1
-            replaced = None
-            if self.stats and isinstance(out, torch.Tensor) and out.requires_grad and out._is_view():
-                # An in-place op on a view (ReLU(inplace=True) after a Linear on
-                # 3-D input) rebases the view's history, and a gradient hook on
-                # it would never fire; a non-view copy of the output keeps it.
-                out = replaced = out.clone()
-            if isinstance(m, _WEIGHT_LAYERS):
-                self._feature_dim = 1 if isinstance(m, _CONV) else -1
-            t = first_float_tensor(out)
-            if t is not None:
-                row = self.record(self._names.get(m, "?"), type(m).__name__, m, _act.from_module(m), t, args)
-                if self.track_inputs and isinstance(m, _WEIGHT_LAYERS):
-                    x = first_float_tensor(args)
-                    if x is not None:
-                        with torch.no_grad():
-                            row.input_second_moment = float(x.detach().float().pow(2).mean())
-            return replaced
-        return None
+        info = self._info.get(m)
+        if info is None:
+            return None
+        self.leaf_depth -= 1
+        return self._leaf_post(m, args, out, info)
+
+    def _leaf_post(self, m: nn.Module, args: Any, out: Any, info: _Leaf | None = None) -> Any:
+        """One leaf call: its row and its statistics (the whole per-row cost
+        when no functional capture runs: one forward hook per leaf)."""
+        if info is None:
+            info = self._info[m]
+        replaced = None
+        if self.stats and isinstance(out, torch.Tensor) and out.requires_grad and out._is_view():
+            # An in-place op on a view (ReLU(inplace=True) after a Linear on
+            # 3-D input) rebases the view's history, and a gradient hook on
+            # it would never fire; a non-view copy of the output keeps it.
+            out = replaced = out.clone()
+        if info.feature_dim is not None:
+            self._feature_dim = info.feature_dim
+        t = out if isinstance(out, torch.Tensor) and (out.is_floating_point() or out.is_complex()) \
+            else first_float_tensor(out)
+        if t is not None:
+            row = self._row(info.name, info.kind, m, info.act, t, info.role)
+            if self.stats:
+                self._measure(row, t, info.band, info.rectifier, info.nonnegative, args)
+            if self.track_inputs and info.feature_dim is not None:
+                x = first_float_tensor(args)
+                if x is not None:
+                    with torch.no_grad():
+                        row.input_second_moment = float(x.detach().float().pow(2).mean())
+        return replaced
 
     def record(self, name: str, kind: str, module: nn.Module | None, act: _act.Activation | None,
                t: torch.Tensor, args: Any = ()) -> Row:
-        depth = name.count(".") + 1 if name else 0
+        """A row for one call (a functional activation's, say), measured."""
+        row = self._row(name, kind, module, act, t, None)
+        if self.stats:
+            band = _act.saturation_band(act) if act is not None else None
+            self._measure(row, t, band, bool(act is not None and act.rectifier),
+                          bool(act is not None and _act.nonnegative(act)), args)
+        return row
+
+    def _row(self, name: str, kind: str, module: nn.Module | None, act: _act.Activation | None,
+             t: torch.Tensor, role: str | None) -> Row:
         shape = tuple(t.shape)
+        if role is None:
+            key = (name, kind, shape)
+            role = self._roles.get(key)
+            if role is None:
+                role = self._roles[key] = role_of(name, kind, module, shape)
         # a module called at several places of a block (one dropout after attention and after
         # the MLP) has one role per call site: its k-th call in this pass
         k = self._calls.get(name, 0)
         self._calls[name] = k + 1
-        role = role_of(name, kind, module, shape) + (f"@{k}" if k else "")
-        row = Row(len(self.rows), name, kind, depth, shape, module, act, role)
+        row = Row(len(self.rows), name, kind, name.count(".") + 1 if name else 0, shape, module, act,
+                  f"{role}@{k}" if k else role)
         self.rows.append(row)
-        if not self.stats:
-            return row
+        return row
+
+    def _measure(self, row: Row, t: torch.Tensor, band: tuple[float, float] | None, rectifier: bool,
+                 nonnegative: bool, args: Any) -> None:
         # no graph is recorded for the statistics, so no detach() copy of the handle is needed
         # (grad mode switched directly: torch.no_grad() costs more than the reductions on small rows)
         prev = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
         try:
-                y = t
-                row.fwd.update(S.exact_moments(y, "forward") if self.exact else S.forward_moments(y))
-                band = _act.saturation_band(act) if act is not None else None
-                if band is not None:
-                    row.fwd.update(S.saturation(y, band))
-                if act is not None and act.rectifier:
-                    dead = S.dead_units(y, self._feature_dim, self.unit_vectors)
-                    if dead is not None:
-                        row.fwd.update(dead)
+            if self.exact:
+                row.fwd.update(S.exact_moments(t, "forward"))
+            else:
+                S.forward_moments_into(row.fwd, t, self._scratch)
+            if band is not None:
+                S.saturation_into(row.fwd, t, band, self._scratch)
+            if rectifier:
+                dead = S.dead_units(t, self._feature_dim, self.unit_vectors, nonnegative)
+                if dead is not None:
+                    row.fwd.update(dead)
         finally:
             torch._C._set_grad_enabled(prev)
         if self.exact:
             row.output = weakref.ref(t)
             row.inputs = [weakref.ref(a) for a in _tensors(args)]
         if t.requires_grad:
-            t.register_hook(lambda g, row=row: self._grad(row, g))
-        return row
+            t.register_hook(functools.partial(self._grad, row))
 
     def _grad(self, row: Row, g: torch.Tensor) -> None:
         # hooks run without grad mode unless the backward builds a graph (create_graph=True)
-        with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
-            row.bwd.update(S.exact_moments(g, "grad") if self.exact else S.grad_moments(g))
+        prev = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            if self.exact:
+                row.bwd.update(S.exact_moments(g, "grad"))
+            else:
+                S.grad_moments_into(row.bwd, g)
+        finally:
+            torch._C._set_grad_enabled(prev)
 
     # -- lifecycle --------------------------------------------------------------
     def attach(self) -> None:
-        self._leafset = set(self._leaves)
-        for m in self.model.modules():
-            self._handles.append(m.register_forward_pre_hook(self._pre))
-            self._handles.append(m.register_forward_hook(self._post))
+        """Hook the model: with functional capture, every module (the stack of
+        modules in forward names each functional call's parent); without it,
+        one forward hook per leaf module and nothing else."""
+        self._info = {m: self._leaf_info(m) for m in self._leaves}
+        if self.capture_functional:
+            for _, m in self._modules:
+                self._handles.append(m.register_forward_pre_hook(self._pre))
+                self._handles.append(m.register_forward_hook(self._post))
+        else:
+            for m in self._leaves:
+                self._handles.append(m.register_forward_hook(self._leaf_post))
 
     def detach(self) -> None:
         for h in self._handles:
@@ -297,6 +370,19 @@ class Recorder:
     def functional_mode(self) -> TorchFunctionMode | None:
         """The mode that records functional activation calls, or None when the
         model cannot make any (see :func:`calls_functional_activations`)."""
-        if not self.capture_functional or not calls_functional_activations(self.model):
-            return None
-        return _FunctionalCapture(self)
+        return _FunctionalCapture(self) if self.capture_functional else None
+
+    def failed_in(self, exc: BaseException) -> str | None:
+        """Name of the innermost module of the model whose forward was running
+        when ``exc`` was raised: the module stack when every module is hooked,
+        else the innermost frame of the traceback that is a module's method."""
+        if self.stack:
+            return self.stack[-1]
+        where = None
+        tb = exc.__traceback__
+        while tb is not None:
+            obj = tb.tb_frame.f_locals.get("self")
+            if isinstance(obj, nn.Module) and obj in self._names:
+                where = self._names[obj]
+            tb = tb.tb_next
+        return where

@@ -19,12 +19,14 @@ def preserved(model: nn.Module) -> Iterator[None]:
     are the ``.grad`` references, ``requires_grad`` flags, each module's
     ``training`` flag and the global RNG states (dropout draws from them).
     """
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    params = list(model.parameters())
+    mods = list(model.modules())  # one traversal (a 2,000-layer net has 4,000 modules)
+    params = list(dict.fromkeys(p for m in mods for p in m._parameters.values() if p is not None))
+    bufs = list(dict.fromkeys(b for m in mods for b in m._buffers.values() if b is not None))
+    buffers = [(b, b.detach().clone()) for b in bufs]
     grads = [p.grad for p in params]
     flags = [p.requires_grad for p in params]
-    modes = [(m, m.training) for m in model.modules()]
-    devices = sorted({b.device.index for b in [*params, *model.buffers()]
+    modes = [(m, m.training) for m in mods]
+    devices = sorted({b.device.index for b in [*params, *bufs]
                       if b.device.type == "cuda" and b.device.index is not None})
     with torch.random.fork_rng(devices=devices):
         try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 _LOW = (torch.float16, torch.bfloat16)
+_DOT = (torch.float32, torch.float64)
 
 
 def acc(t: torch.Tensor) -> torch.dtype:
@@ -38,6 +39,41 @@ def forward_moments(y: torch.Tensor) -> dict[str, torch.Tensor | float]:
 def grad_moments(g: torch.Tensor) -> dict[str, torch.Tensor | float]:
     """Norm of a gradient (mean square = norm^2 / n): one reduction."""
     return {"grad_norm": torch.linalg.vector_norm(g, dtype=acc(g)), "grad_n": float(max(g.numel(), 1))}
+
+
+def _dottable(t: torch.Tensor) -> bool:
+    """A contiguous float32/float64 tensor on the CPU, whose sum of squares is
+    one BLAS dot product (2-2.5x faster there than ``vector_norm``'s
+    reduction on 10^4-10^5 entries; same float32 accumulation, same overflow
+    to inf that sends the pass to :func:`exact_moments`)."""
+    return t.device.type == "cpu" and t.dtype in _DOT and t.is_contiguous() and t.dim() > 0
+
+
+def forward_moments_into(d: dict[str, torch.Tensor | float], y: torch.Tensor, scratch: Scratch) -> None:
+    """:func:`forward_moments` written into ``d``; on the CPU the sum and the
+    sum of squares (``forward_sq``, instead of the norm) as two dot products,
+    with a reused vector of ones and with the tensor itself: BLAS dots run
+    on the calling thread, where ``sum`` woke the intra-op thread pool and
+    measured 40 us on a 256 x 512 row inside a pass against 10 us for a dot."""
+    d["forward_n"] = float(max(y.numel(), 1))
+    if _dottable(y):
+        v = y.view(-1)
+        d["forward_sum"] = torch.dot(v, scratch.ones(v))
+        d["forward_sq"] = torch.dot(v, v)
+    else:
+        a = acc(y)
+        d["forward_sum"] = y.sum(dtype=a)
+        d["forward_norm"] = torch.linalg.vector_norm(y, dtype=a)
+
+
+def grad_moments_into(d: dict[str, torch.Tensor | float], g: torch.Tensor) -> None:
+    """:func:`grad_moments` written into ``d`` (``grad_sq`` on the CPU, as above)."""
+    d["grad_n"] = float(max(g.numel(), 1))
+    if _dottable(g):
+        v = g.view(-1)
+        d["grad_sq"] = torch.dot(v, v)
+    else:
+        d["grad_norm"] = torch.linalg.vector_norm(g, dtype=acc(g))
 
 
 def exact_moments(t: torch.Tensor, prefix: str) -> dict[str, torch.Tensor | float]:
@@ -69,6 +105,59 @@ def saturation(y: torch.Tensor, band: tuple[float, float]) -> dict[str, torch.Te
     return {"saturated_count": count, "saturated_n": float(max(y.numel(), 1))}
 
 
+class Scratch:
+    """One reusable buffer per dtype and device for the elementwise step of a
+    statistic: a fresh full-size tensor per row made the allocator map and
+    fault in new pages on every call (hardshrink measured 155 us per
+    256 x 512 row inside a pass vs 10 us on a reused buffer).  It grows to
+    the largest row measured, once."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+        self._ones: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+    def ones(self, v: torch.Tensor) -> torch.Tensor:
+        """A vector of ones as long as ``v``, in its dtype and on its device."""
+        key = (v.dtype, v.device)
+        n = v.numel()
+        b = self._ones.get(key)
+        if b is None or b.numel() < n:
+            b = self._ones[key] = torch.ones(n, dtype=v.dtype, device=v.device)
+        return b[:n]
+
+    def like(self, y: torch.Tensor) -> torch.Tensor:
+        key = (y.dtype, y.device)
+        n = y.numel()
+        b = self._bufs.get(key)
+        if b is None or b.numel() < n:
+            b = self._bufs[key] = torch.empty(n, dtype=y.dtype, device=y.device)
+        return b[:n].view(y.shape)
+
+
+def saturation_into(d: dict[str, torch.Tensor | float], y: torch.Tensor, band: tuple[float, float],
+                    scratch: Scratch) -> None:
+    """:func:`saturation` written into ``d``.  On the CPU: ``hardshrink``
+    keeps exactly the entries with ``|y - c| > t`` (strictly, as the
+    comparison does) and zeroes the rest, into a reused buffer; their signs
+    are +-1 and 0, and the sum of squares of the signs is the count: three
+    passes over the tensor and no allocation, where the comparison chain
+    took five passes and a new tensor."""
+    c, t = band
+    if y.is_cuda or y.dtype not in _DOT + _LOW:
+        d.update(saturation(y, band))
+        return
+    z = scratch.like(y)
+    if c != 0.0:
+        torch.sub(y, c, out=z)
+    torch.hardshrink(z if c != 0.0 else y, t, out=z).sign_()
+    d["saturated_n"] = float(max(y.numel(), 1))
+    if _dottable(z):
+        v = z.view(-1)
+        d["saturated_count"] = torch.dot(v, v)
+    else:
+        d["saturated_count"] = torch.linalg.vector_norm(z, dtype=torch.float32).square()
+
+
 # A unit that fires on a share p of the inputs looks dead on k examples and
 # positions with probability (1 - p)^k: 2^-k for a symmetric unit, but in real
 # nets many units fire rarely (ReLU after a convolution of non-negative inputs,
@@ -78,19 +167,28 @@ def saturation(y: torch.Tensor, band: tuple[float, float]) -> dict[str, torch.Te
 MIN_SAMPLES_PER_UNIT = 32
 
 
-def dead_units(y: torch.Tensor, feature_dim: int, vector: bool = False) -> dict[str, torch.Tensor | float] | None:
+def dead_units(y: torch.Tensor, feature_dim: int, vector: bool = False,
+               nonnegative: bool = False) -> dict[str, torch.Tensor | float] | None:
     """Number of units (entries along ``feature_dim``: the last dimension for
     Linear outputs, dimension 1 for convolutions) that are exactly zero for
     every example *and* position, and how many samples each unit had (the
     verdict judges the share only from :data:`MIN_SAMPLES_PER_UNIT` on).
     ``vector``: the per-unit alive flags instead of their count (under
-    ``torch.distributed`` a unit is dead only if it is dead on every rank)."""
+    ``torch.distributed`` a unit is dead only if it is dead on every rank).
+    Read off per-unit maxima (and minima unless the activation is
+    ``nonnegative``): reductions only, no full-size comparison tensor
+    (``amax`` measured 10-50x faster than ``any(y != 0)`` on the CPU)."""
     if y.dim() == 0 or y.numel() == 0:
         return None
     fd = feature_dim % y.dim()
     units = y.shape[fd]
     others = tuple(d for d in range(y.dim()) if d != fd)
-    alive = torch.any(y != 0, dim=others) if others else (y != 0)
+    if not others:
+        alive = y != 0
+    elif nonnegative:  # ReLU: a unit is alive where its largest output is not 0 (a NaN counts as alive)
+        alive = torch.amax(y, dim=others) != 0
+    else:
+        alive = (torch.amax(y, dim=others) != 0) | (torch.amin(y, dim=others) != 0)
     if vector:
         return {"alive": alive, "units": float(units), "dead_samples": float(y.numel() // units)}
     return {"alive_count": alive.sum(dtype=torch.float32), "units": float(units),

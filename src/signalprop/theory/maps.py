@@ -49,6 +49,9 @@ _INTEGRANDS: dict[str, Callable[[Array, Array, Array, Array], Array]] = {
 }
 
 
+_USES_PHI = ("m1", "m2", "pdx")
+
+
 def gaussian_moments(act: Any, q: Array | float, which: tuple[str, ...] = ("m2", "d2"),
                      n: int = N_1D) -> dict[str, Array]:
     """E[phi(h)], E[phi(h)^2], E[phi'(h)^2], E[phi'(h)^4] and the q-derivatives
@@ -71,9 +74,10 @@ def gaussian_moments(act: Any, q: Array | float, which: tuple[str, ...] = ("m2",
     todo = [k for k in which if k not in out]
     if todo:
         x, w = nodes_1d(qa, a.kinks, n)
-        p, d = a.phi(x), a.dphi(x)
+        p = a.phi(x) if any(k in _USES_PHI for k in todo) else None
+        d = a.dphi(x) if any(k not in ("m1", "m2") for k in todo) else None
         for k in todo:
-            out[k] = np.sum(w * _INTEGRANDS[k](x, p, d, qa), -1)
+            out[k] = np.sum(w * _INTEGRANDS[k](x, p, d, qa), -1)  # type: ignore[arg-type]
     return out
 
 

@@ -8,6 +8,7 @@ backward one by n_out gamma^2 = sigma_w2 n_out / n_in (times E[phi'^2]).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -15,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from .. import activations as _act
-from .gaussian import expect
-from .maps import _deriv_second_moment, _second_moment, covmap
+from .gaussian import N_1D, _standard_pieces
+from .maps import Q_MIN, covmap, gaussian_moments
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,25 @@ def _per_layer(x: float | Sequence[float], n: int, what: str) -> np.ndarray:
     if arr.shape != (n,):
         raise ValueError(f"{what} must be a scalar or have one entry per layer ({n}), got {arr.shape}")
     return arr
+
+
+def _moments(a: _act.Activation, q: float, need: tuple[str, ...]) -> dict[str, Any]:
+    """:func:`gaussian_moments` at one q, on the same nodes and closed forms,
+    without its vectorised set-up: the forward recursion is sequential, one
+    call per layer (a 2,000-layer chain in check's theory column)."""
+    if any(k != 0.0 for k in a.kinks) or q < Q_MIN:
+        return gaussian_moments(a, q, need)
+    z0, w0 = _standard_pieces(N_1D)
+    out: dict[str, Any] = {}
+    if a.second_moment is not None:
+        out["m2"] = float(a.second_moment(np.asarray(q)))
+    if "m1" in need or "m2" not in out:
+        p = a.phi(math.sqrt(q) * z0)
+        if "m1" in need:
+            out["m1"] = float(w0 @ p)
+        if "m2" not in out:
+            out["m2"] = float(w0 @ (p * p))
+    return out
 
 
 def propagate(widths: Sequence[int], act: Any, sigma_w2: float | Sequence[float],
@@ -90,22 +110,31 @@ def propagate(widths: Sequence[int], act: Any, sigma_w2: float | Sequence[float]
     m_in, q_in = float(q0), float(q0)
     c_in: float = float(c0) if c0 is not None else 0.0
     mean_in = float(m0)
+    need = ("m2",) if mean_coupling is None else ("m1", "m2")
     for layer in range(L):
         if mean_coupling is None:
             q[layer] = sw2[layer] * m_in + sb2[layer]
         else:
             bs, s2 = mean_coupling[layer]
             q[layer] = sw2[layer] * max(m_in - mean_in**2, 0.0) + sb2[layer] + 2 * mean_in * bs + mean_in**2 * s2
-            mean_in = float(expect(acts[layer].phi, q[layer], acts[layer].kinks))
+        mom = _moments(acts[layer], float(q[layer]), need)  # E[phi] and E[phi^2] on one set of nodes
+        if mean_coupling is not None:
+            mean_in = float(mom["m1"])
         if cs is not None:
             # correlation of pre-activations from the correlation of the inputs
             cs[layer] = (sw2[layer] * c_in * m_in + sb2[layer]) / q[layer] if layer == 0 else c_in
-        post[layer] = _second_moment(acts[layer], q[layer])
+        post[layer] = mom["m2"]
         if cs is not None and layer + 1 < L:
             _, _, c_next = covmap(acts[layer], q[layer], q[layer], cs[layer], sw2[layer + 1], sb2[layer + 1])
             c_in = float(c_next)
         m_in = post[layer]
-    dphi2 = np.array([_deriv_second_moment(a, ql) for a, ql in zip(acts, q)], dtype=float)
+    # E[phi'^2] does not feed the forward recursion: one vectorised call per distinct activation
+    dphi2 = np.empty(L)
+    same: dict[int, list[int]] = {}
+    for layer, a in enumerate(acts):
+        same.setdefault(id(a), []).append(layer)
+    for idx in same.values():
+        dphi2[idx] = gaussian_moments(acts[idx[0]], q[idx], ("d2",))["d2"]
     grad_post = np.empty(L)
     grad_pre = np.empty(L)
     grad_post[-1] = 1.0
