@@ -404,17 +404,24 @@ _MODULE_READERS: dict[str, Callable[[Any], Activation | None]] = {
 _BY_MODULE = {a.module: a for a in REGISTRY.values() if a.module and a.module not in _MODULE_READERS}
 
 
+_NEAREST: dict[type, str] = {}
+
+
 def from_module(module: Any) -> Activation | None:
     """The registry entry equal to a torch activation module, or None.
 
     Recognises the ``torch.nn`` activation classes by type and reads their
     parameters (LeakyReLU's slope, ELU's alpha, GELU's ``approximate``).
     """
-    # the nearest torch.nn class in the MRO, so subclasses of nn.ReLU count too
-    cls = next((c.__name__ for c in type(module).__mro__ if (c.__module__ or "").startswith("torch.nn.")), None)
+    # the nearest torch.nn class in the MRO, so subclasses of nn.ReLU count too (looked up once per class)
+    typ = type(module)
+    cls = _NEAREST.get(typ)
+    if cls is None:
+        cls = _NEAREST[typ] = next((c.__name__ for c in typ.__mro__
+                                    if (c.__module__ or "").startswith("torch.nn.")), "")
     if cls in _MODULE_READERS:
         return _MODULE_READERS[cls](module)
-    return _BY_MODULE.get(cls)  # type: ignore[arg-type]
+    return _BY_MODULE.get(cls)
 
 
 def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], i: int, key: str, default: Any) -> Any:

@@ -9,8 +9,8 @@ norm (floored at ``eps``, so that zero-initialised weights can move):
     g_i <- g_i * clipping * max(||w_i||, eps) / ||g_i||   where ||g_i|| > clipping * max(||w_i||, eps)
 
 The paper's formula applied tensor by tensor is :func:`agc_reference_`; the
-fused :func:`agc_` gives the same result with a few kernels per group of
-equally shaped tensors instead of several per tensor.
+fused :func:`agc_` gives the same result with two norm reductions per tensor
+and a few ``torch._foreach`` kernels for all of them.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import torch
 __all__ = ["agc_", "agc_reference_", "unitwise_norm"]
 
 _MIN_GRAD_NORM = 1e-6  # the paper's guard against dividing by a vanishing gradient norm
-_STACK_LIMIT = 1 << 26  # elements per stacked group (bounds the transient copy)
 
 
 def unitwise_norm(x: torch.Tensor) -> torch.Tensor:
@@ -75,38 +74,43 @@ def agc_(parameters: Iterable[torch.Tensor] | torch.Tensor, clipping: float = 0.
     """Adaptive gradient clipping, in place on each parameter's ``.grad``.
 
     Unit-wise as in the paper (see the module docstring); parameters without a
-    gradient are skipped.  Fused: vectors and scalars share one
-    ``torch._foreach_norm`` per device and dtype; higher-dimensional tensors
-    of one shape are stacked (in chunks of at most 2^26 elements) and reduced
-    by one kernel; the scaling is one ``torch._foreach_mul_``.  Equal to
-    :func:`agc_reference_` up to rounding of the norms.  The paper clips
-    every layer but the classifier's final one: pass the parameters to clip,
-    e.g. ``agc_(p for n, p in model.named_parameters() if not n.startswith("fc."))``.
+    gradient are skipped.  Fused: one unit-norm reduction per weight and per
+    gradient, read in place (no stacked copy; vectors' whole norms in one
+    ``torch._foreach_norm``), then the scales of every
+    tensor at once with ``torch._foreach`` arithmetic (one kernel per step
+    per device and dtype, not one per tensor) and one ``torch._foreach_mul_``.
+    The scale is min(max_norm / max(||g_i||, 1e-6), 1), which equals the
+    paper's ``where(||g_i|| > max_norm, max_norm / max(||g_i||, 1e-6), 1)``
+    whenever max_norm >= 1e-6 (always, at ``clipping * eps >= 1e-6``;
+    below that the paper's form is used tensor by tensor): bit for bit equal
+    to :func:`agc_reference_`.  The paper clips every layer but the
+    classifier's final one: pass the parameters to clip, e.g.
+    ``agc_(p for n, p in model.named_parameters() if not n.startswith("fc."))``.
     """
     _check(clipping, eps)
     ps = _with_grads(parameters)
-    groups: dict[tuple[Any, ...], list[torch.Tensor]] = {}
-    for p in ps:
-        key = (p.device, p.dtype, p.grad.dtype, tuple(p.shape) if p.dim() > 1 else None)  # type: ignore[union-attr]
-        groups.setdefault(key, []).append(p)
-    grads: list[torch.Tensor] = []
-    scales: list[torch.Tensor] = []
-    for (_, _, _, shape), members in groups.items():
-        gs = [p.grad for p in members]
-        if shape is None:  # scalars and vectors: whole-tensor norms, one fused kernel each for w and g
-            s = _scales(torch.stack(torch._foreach_norm(members)), torch.stack(torch._foreach_norm(gs)),  # type: ignore[arg-type]
-                        clipping, eps)
-            grads += gs  # type: ignore[arg-type]
-            scales += list(s.unbind(0))
-            continue
-        per = max(1, _STACK_LIMIT // max(members[0].numel(), 1))
-        dims = tuple(range(2, len(shape) + 1))
-        for i in range(0, len(members), per):
-            chunk = members[i:i + per]
-            cg = gs[i:i + per]
-            w_norm = torch.linalg.vector_norm(torch.stack(chunk), dim=dims, keepdim=True)
-            g_norm = torch.linalg.vector_norm(torch.stack(cg), dim=dims, keepdim=True)  # type: ignore[arg-type]
-            grads += cg  # type: ignore[arg-type]
-            scales += list(_scales(w_norm, g_norm, clipping, eps).unbind(0))
-    if grads:
-        torch._foreach_mul_(grads, scales)
+    if not ps:
+        return
+    gs: list[torch.Tensor] = [p.grad for p in ps]  # type: ignore[misc]
+    w_norm = [unitwise_norm(p) if p.dim() > 1 else p for p in ps]
+    g_norm = [unitwise_norm(g) if g.dim() > 1 else g for g in gs]
+    flat = [i for i, p in enumerate(ps) if p.dim() <= 1]  # scalars and vectors: whole-tensor norms,
+    if flat:                                               # one _foreach_norm for all of them
+        for i, n in zip(flat, torch._foreach_norm([ps[i] for i in flat])):
+            w_norm[i] = n
+        for i, n in zip(flat, torch._foreach_norm([gs[i] for i in flat])):
+            g_norm[i] = n
+    if clipping * eps >= _MIN_GRAD_NORM:
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for i, (w, g) in enumerate(zip(w_norm, g_norm)):
+            groups.setdefault((w.device, w.dtype, g.dtype), []).append(i)
+        scales: list[torch.Tensor | None] = [None] * len(ps)
+        for idx in groups.values():
+            max_norm = torch._foreach_mul(torch._foreach_clamp_min([w_norm[i] for i in idx], eps), clipping)
+            s = torch._foreach_div(max_norm, torch._foreach_clamp_min([g_norm[i] for i in idx], _MIN_GRAD_NORM))
+            torch._foreach_clamp_max_(s, 1.0)
+            for i, v in zip(idx, s):
+                scales[i] = v
+        torch._foreach_mul_(gs, scales)  # type: ignore[arg-type]
+    else:
+        torch._foreach_mul_(gs, [_scales(w, g, clipping, eps) for w, g in zip(w_norm, g_norm)])

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 import types
 import weakref
 from collections.abc import Iterator
@@ -37,7 +36,8 @@ def role_of(name: str, kind: str, module: nn.Module | None, shape: tuple[int, ..
     that rows of one role differ only by which block they are in."""
     ps = [tuple(p.shape) for p in module._parameters.values() if p is not None] if module is not None else []
     sig = ";".join("x".join(map(str, p)) for p in ps) if ps else "x".join(map(str, shape[1:]))
-    return f"{re.sub(r'(?<![^.])[0-9]+(?![^.])', '#', name)}|{kind}|{sig}"
+    path = ".".join("#" if part.isdigit() else part for part in name.split("."))
+    return f"{path}|{kind}|{sig}"
 
 
 def first_float_tensor(obj: Any, _depth: int = 0) -> torch.Tensor | None:

@@ -46,7 +46,7 @@ def _dottable(t: torch.Tensor) -> bool:
     one BLAS dot product (2-2.5x faster there than ``vector_norm``'s
     reduction on 10^4-10^5 entries; same float32 accumulation, same overflow
     to inf that sends the pass to :func:`exact_moments`)."""
-    return t.device.type == "cpu" and t.dtype in _DOT and t.is_contiguous() and t.dim() > 0
+    return t.is_cpu and t.dtype in _DOT and t.dim() > 0 and t.is_contiguous()
 
 
 def forward_moments_into(d: dict[str, torch.Tensor | float], y: torch.Tensor, scratch: Scratch) -> None:
@@ -114,16 +114,17 @@ class Scratch:
 
     def __init__(self) -> None:
         self._bufs: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
-        self._ones: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+        self._ones: dict[tuple[torch.dtype, torch.device, int], torch.Tensor] = {}  # one per row size
 
     def ones(self, v: torch.Tensor) -> torch.Tensor:
-        """A vector of ones as long as ``v``, in its dtype and on its device."""
-        key = (v.dtype, v.device)
+        """A vector of ones as long as ``v``, in its dtype and on its device
+        (kept per length: a net has few distinct row sizes)."""
         n = v.numel()
+        key = (v.dtype, v.device, n)
         b = self._ones.get(key)
-        if b is None or b.numel() < n:
+        if b is None:
             b = self._ones[key] = torch.ones(n, dtype=v.dtype, device=v.device)
-        return b[:n]
+        return b
 
     def like(self, y: torch.Tensor) -> torch.Tensor:
         key = (y.dtype, y.device)
