@@ -42,14 +42,14 @@ def _fig(path: Path, fig: Any) -> str:
 
 
 def _trained(model: nn.Module, data: Any, init: str, *, steps: int, lr: float, momentum: float, batch: int,
-             seed: int, progress: Any = None) -> dict[str, Any]:
+             seed: int, progress: Any = None, optimizer: str = "sgd") -> dict[str, Any]:
     """check's verdict at initialization, then a seeded training run: the numbers a training experiment keeps."""
     from .. import check
     from .train import train
 
     report = check(model, data.x_train[:64])
     r = train(model, data, steps=steps, lr=lr, momentum=momentum, batch=batch, seed=seed, log_every=10,
-              progress=progress)
+              progress=progress, optimizer=optimizer)
     return {"init": init, "verdict_at_init": report.verdict,
             "grad_ratio_at_init": report.summary.first_last_grad_ratio, "losses": r.losses,
             "final_loss": r.losses[-1] if r.losses else None, "test_acc": r.test_acc, "diverged": r.diverged}
@@ -373,6 +373,7 @@ class XiaoConfig:
     momentum: float = 0.9
     batch: int = 64
     seed: int = 0
+    optimizer: str = "sgd"  # "sgd" (with momentum) or "adam"
 
 
 def xiao_run(cfg: XiaoConfig, init: str, progress: Any = None) -> dict[str, Any]:
@@ -394,7 +395,7 @@ def xiao_run(cfg: XiaoConfig, init: str, progress: Any = None) -> dict[str, Any]
     else:
         spi.apply_(model, init, generator=gen)
     return _trained(model, data, init, steps=cfg.steps, lr=cfg.lr, momentum=cfg.momentum, batch=cfg.batch,
-                    seed=cfg.seed, progress=progress)
+                    seed=cfg.seed, progress=progress, optimizer=cfg.optimizer)
 
 
 def run_xiao(cfg: XiaoConfig, out: Path, progress: Any = None) -> dict[str, Any]:

@@ -62,7 +62,7 @@ def first_float_tensor(obj: Any, _depth: int = 0) -> torch.Tensor | None:
     return None
 
 
-@dataclass
+@dataclass(slots=True)
 class Row:
     """Raw record of one call; statistics are 0-d tensors until finalised."""
 
@@ -205,7 +205,10 @@ class _Leaf:
 
 
 class Recorder:
-    """Attach to a model; ``with recorder.active(): model(...)``; read ``rows``."""
+    """``attach()`` to a model, run it (inside :meth:`functional_mode` when
+    that is not None), ``detach()``; ``rows`` holds one :class:`Row` per call,
+    its statistics filled in by the forward hooks and, during backward, by
+    the gradient hooks registered on each row's output."""
 
     def __init__(self, model: nn.Module, *, capture_functional: bool = True, stats: bool = True,
                  track_inputs: bool = False, exact: bool = False, unit_vectors: bool = False) -> None:

@@ -1,0 +1,137 @@
+"""The CPU fast paths of check's statistics against their plain definitions.
+
+Each fast path (dot products for sums and squares, hardshrink into a reused
+buffer for saturation, per-unit maxima for dead units, batched weight terms,
+the scalar quadrature in propagate) must give the numbers the definition
+gives: counts exactly, sums to float32 rounding (relative 1e-5: a float32
+dot over 10^4-10^5 entries accumulates ~sqrt(n) * 6e-8), moments of theory
+to 1e-12 (the same nodes, only the summation order differs)."""
+
+import gc
+import importlib
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import signalprop as sp
+from signalprop import activations as A
+from signalprop.probe import stats as S
+from signalprop.probe.predict import _weight_terms
+from signalprop.theory import propagate
+from signalprop.theory.maps import gaussian_moments
+
+
+def _rows(dtype):
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(64, 48, generator=g, dtype=torch.float64) * 2
+    return [y.to(dtype), y.to(dtype).t(), y.to(dtype)[:, ::2]]  # contiguous, transposed, strided
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("name", ["tanh", "sigmoid", "hardtanh"])
+def test_saturation_count_is_exact(dtype, name):
+    band = A.saturation_band(A.get(name))
+    scratch = S.Scratch()
+    for y in _rows(dtype):
+        y = A.get(name).torch_fn()(y)
+        d: dict = {}
+        S.saturation_into(d, y, band, scratch)
+        c, t = band
+        want = int(((y.double() - c).abs() > t).sum()) if dtype != torch.bfloat16 else \
+            int(((y - c).abs() > t).sum())
+        assert float(d["saturated_count"]) == want and d["saturated_n"] == y.numel()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_forward_and_grad_moments_match_the_definition(dtype):
+    scratch = S.Scratch()
+    for y in _rows(dtype):
+        d: dict = {}
+        S.forward_moments_into(d, y, scratch)
+        sq = d["forward_sq"] if "forward_sq" in d else d["forward_norm"] ** 2
+        ref = y.double()
+        tol = 1e-5 if dtype != torch.bfloat16 else 1e-4
+        assert float(d["forward_sum"]) == pytest.approx(float(ref.sum()), rel=tol, abs=tol * float(ref.abs().sum()))
+        assert float(sq) == pytest.approx(float(ref.square().sum()), rel=tol)
+        g: dict = {}
+        S.grad_moments_into(g, y)
+        gsq = g["grad_sq"] if "grad_sq" in g else g["grad_norm"] ** 2
+        assert float(gsq) == pytest.approx(float(ref.square().sum()), rel=tol)
+
+
+def test_dead_units_by_maxima_equal_any_nonzero():
+    """Units zero on every example and position, along the feature dim (last
+    for Linear, 1 for convolutions), with and without the non-negative
+    shortcut; a NaN unit counts as alive (as ``y != 0`` says)."""
+    g = torch.Generator().manual_seed(1)
+    for shape, fd in [((32, 40), -1), ((8, 6, 5, 5), 1)]:
+        y = torch.randn(shape, generator=g).relu()
+        idx = [slice(None)] * len(shape)
+        idx[fd] = slice(0, 3)
+        y[tuple(idx)] = 0  # three dead units
+        idx[fd] = 3
+        y[tuple(idx)] = float("nan")
+        others = tuple(d for d in range(y.dim()) if d != fd % y.dim())
+        want = float(torch.any(y != 0, dim=others).sum())
+        for nonneg in (True, False):
+            got = S.dead_units(y, fd, nonnegative=nonneg)
+            assert got is not None and float(got["alive_count"]) == want == shape[fd] - 3
+
+
+def test_weight_terms_batched_equal_the_per_layer_formula():
+    torch.manual_seed(0)
+    ms = [nn.Linear(16, 16) for _ in range(5)] + [nn.Linear(16, 16, bias=False), nn.Conv2d(3, 4, 3),
+                                                  nn.Linear(300, 200)]
+    for m, got in zip(ms, _weight_terms(ms)):
+        W = m.weight.detach().double().reshape(m.weight.shape[0], -1)
+        n, s = W.shape[0], W.sum(1)
+        b = m.bias.detach().double() if m.bias is not None else torch.zeros(n, dtype=torch.float64)
+        want = [float(W.square().sum() / n), float(b.square().mean()), float(b @ s / n), float(s.square().mean())]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["tanh", "sigmoid", "relu", "erf", "gelu", "silu"])
+def test_propagate_moments_equal_gaussian_moments(name):
+    a = A.get(name)
+    L = 40
+    p = propagate([32] * (L + 1), [a] * L, 1.3, 0.05, q0=0.8, mean_coupling=[(0.01, 1.2)] * L, m0=0.1)
+    np.testing.assert_allclose(p.post, gaussian_moments(a, p.q, ("m2",))["m2"], rtol=1e-12, atol=1e-300)
+    np.testing.assert_allclose(p.grad_pre / p.grad_post, gaussian_moments(a, p.q, ("d2",))["d2"], rtol=1e-12)
+
+
+def test_collector_comes_back_as_it_was():
+    m = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+    x = torch.randn(8, 4)
+    assert gc.isenabled()
+    sp.check(m, x)
+    assert gc.isenabled()
+    with pytest.raises(sp.probe.ModelError):
+        sp.check(m, torch.randn(8, 5))
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        sp.check(m, x)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.lin(x).view(-1, 7)  # fails in the block's own code, not in a leaf
+
+
+def test_failure_inside_a_non_leaf_forward_names_that_module():
+    """Without functional capture only leaves are hooked: the failing module
+    is read off the traceback, innermost module frame first."""
+    m = nn.Sequential(nn.Linear(8, 8), nn.Sequential(_Block(), nn.Tanh()))
+    rec = importlib.import_module("signalprop.probe.recorder")
+    assert not rec.calls_functional_activations(m)
+    with pytest.raises(sp.probe.ModelError, match=r"forward failed in module '1\.0' \(_Block\)"):
+        sp.check(m, torch.randn(3, 8))
