@@ -353,3 +353,25 @@ def test_writer_gets_stable_tags_per_layer_and_alerts():
     assert sorted({s for t, _, s in w.scalars if t == "signalprop/grad_rms/0"}) == [0, 2]
     assert sorted(s for t, _, s in w.scalars if t == "signalprop/loss") == [0, 1, 2, 3]
     assert w.texts == []
+
+
+def test_close_releases_the_model_and_keeps_the_history():
+    """A closed monitor kept to read its history holds no reference to the
+    model (nor to a process group): under DDP a lingering one kept the
+    group alive into interpreter exit, where its threads aborted."""
+    import gc
+    import weakref
+
+    m = _net()
+    x, y = _data(16)
+    with sp.monitor(m, every=1) as mon:
+        for _ in range(2):
+            loss = F.cross_entropy(m(x), y)
+            loss.backward()
+            mon.step(loss)
+            m.zero_grad()
+    ref = weakref.ref(m)
+    del m
+    gc.collect()
+    assert ref() is None
+    assert len(mon.history) == 2 and mon.report().model

@@ -367,13 +367,13 @@ register(Experiment("pennington2017", "Pennington et al. 2017: Jacobian singular
 @dataclass(frozen=True)
 class XiaoConfig:
     depth: int = 1000  # their claim: plain CNNs of 1,000 (and 10,000) layers train with delta-orthogonal init
-    channels: int = 16
-    steps: int = 300
-    lr: float = 0.002
-    momentum: float = 0.9
+    channels: int = 8
+    steps: int = 600
+    lr: float = 3e-5  # Adam's step ~ 1 / depth, as SGD's for near-isometric nets (depth 10: 3e-3 trains)
+    momentum: float = 0.9  # SGD only
     batch: int = 64
     seed: int = 0
-    optimizer: str = "sgd"  # "sgd" (with momentum) or "adam"
+    optimizer: str = "adam"  # or "sgd" (with momentum): at depth 10, 150 steps, Adam 92% vs SGD 68% test
 
 
 def xiao_run(cfg: XiaoConfig, init: str, progress: Any = None) -> dict[str, Any]:
@@ -411,4 +411,4 @@ def run_xiao(cfg: XiaoConfig, out: Path, progress: Any = None) -> dict[str, Any]
 
 register(Experiment("xiao2018", "Xiao et al. 2018: a 1,000-layer plain tanh CNN on digits, delta-orthogonal "
                     "critical init trains where Kaiming does not", XiaoConfig, run_xiao,
-                    quick={"depth": 100, "steps": 100}))
+                    quick={"depth": 100, "steps": 100, "lr": 3e-4}))

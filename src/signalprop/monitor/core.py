@@ -119,6 +119,7 @@ class Monitor:
             raise ValueError(f"{type(model).__name__} has no parameters: nothing to monitor")
         model = unwrap(model)  # DDP calls the module it wraps: its hooks fire, its names are the model's
         self.model = model
+        self._model_name = type(model).__name__
         g = resolve_group(group)
         self.red = Reduction(g) if g is not None else None
         self.every = every
@@ -171,6 +172,14 @@ class Monitor:
         self._rec = None
         self._calls.clear()
         self._snapshot = None
+        # the model (a DDP wrapper holds its process group) and the group itself: a closed
+        # monitor kept alive to read its history must not keep them past destroy_process_group,
+        # or the group's threads are torn down during interpreter exit (SIGABRT, seen under DDP)
+        self.model = None  # type: ignore[assignment]
+        self.red = None
+        self._param_names.clear()
+        self._owner.clear()
+        self._prev_gvals.clear()
         self._closed = True
 
     @property
@@ -377,9 +386,10 @@ class Monitor:
         k, mods = self._snapshot  # type: ignore[misc]
         before = [b for _, _, bs in mods for b in bs]
         now = [local(p.detach()) for _, ps, _ in mods for p in ps]
-        diffs = list(torch._foreach_sub(now, before))
+        w_norms = _norms(before)  # ||w|| before the update, read before the snapshot is overwritten
+        torch._foreach_sub_(before, now)  # the snapshot, ours and used once, becomes -update: no second copy
         kinds = [norm_kind(p) for _, ps, _ in mods for p in ps]
-        return k, _norms(diffs) + _norms(before), kinds + kinds
+        return k, _norms(before) + w_norms, kinds + kinds
 
     def _finish_update(self, k: int, vals: list[float]) -> list[Alert]:
         _, mods = self._snapshot  # type: ignore[misc]
@@ -464,7 +474,7 @@ class Monitor:
     # -- results ---------------------------------------------------------------
     def report(self) -> MonitorReport:
         """Everything seen so far, as a record with ``save_html``, ``to_json``, ``to_dict``."""
-        return MonitorReport(type(self.model).__name__, self.every, tuple(self.steps), tuple(self.losses),
+        return MonitorReport(self._model_name, self.every, tuple(self.steps), tuple(self.losses),
                              tuple(self.grad_norms), tuple(self.history), tuple(self.alerts))
 
     def layer_series(self, attr: str = "grad_rms") -> dict[str, list[tuple[int, float | None]]]:

@@ -32,7 +32,7 @@ from .distributed import (
 from .predict import predictions
 from .recorder import Recorder, Row, first_float_tensor
 from .state import preserved
-from .stats import _dottable, acc
+from .stats import acc, dottable
 
 
 class ModelError(ValueError):
@@ -230,7 +230,7 @@ def _norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     groups: dict[tuple[Any, Any], list[int]] = {}
     tensors = [local(t) for t in tensors]  # a DTensor's own shard (FSDP2): combined across ranks later
     for i, t in enumerate(tensors):
-        if t.numel() >= _DOT_NORM_MIN and _dottable(t):  # a BLAS dot: ~3x faster than _foreach_norm on 512 x 512
+        if t.numel() >= _DOT_NORM_MIN and dottable(t):  # a BLAS dot: ~3x faster than _foreach_norm on 512 x 512
             v = t.view(-1)
             out[i] = torch.dot(v, v).sqrt_()
         else:

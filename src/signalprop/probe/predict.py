@@ -12,7 +12,7 @@ from torch import nn
 from ..records import InputStats, LayerStats, evolve
 from ..theory import propagate
 from .recorder import Row
-from .stats import _dottable, acc
+from .stats import acc, dottable
 
 _WEIGHT = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -58,7 +58,7 @@ def _terms_one(W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     a = acc(W)
     n = W.shape[0]
     s = W.sum(dim=1, dtype=a)
-    if _dottable(W):
+    if dottable(W):
         v = W.view(-1)
         w2 = torch.dot(v, v) / n
     else:

@@ -190,6 +190,20 @@ class _FunctionalCapture(TorchFunctionMode):
         return out
 
 
+def _grad_hook(row: Row, exact: bool, g: torch.Tensor) -> None:
+    """A row's gradient statistics, from the gradient with respect to its output."""
+    # hooks run without grad mode unless the backward builds a graph (create_graph=True)
+    prev = torch.is_grad_enabled()
+    torch._C._set_grad_enabled(False)
+    try:
+        if exact:
+            row.bwd.update(S.exact_moments(g, "grad"))
+        else:
+            S.grad_moments_into(row.bwd, g)
+    finally:
+        torch._C._set_grad_enabled(prev)
+
+
 @dataclass(frozen=True)
 class _Leaf:
     """What a leaf module's rows share on every call, worked out once per pass."""
@@ -337,19 +351,9 @@ class Recorder:
             row.output = weakref.ref(t)
             row.inputs = [weakref.ref(a) for a in _tensors(args)]
         if t.requires_grad:
-            t.register_hook(functools.partial(self._grad, row))
-
-    def _grad(self, row: Row, g: torch.Tensor) -> None:
-        # hooks run without grad mode unless the backward builds a graph (create_graph=True)
-        prev = torch.is_grad_enabled()
-        torch._C._set_grad_enabled(False)
-        try:
-            if self.exact:
-                row.bwd.update(S.exact_moments(g, "grad"))
-            else:
-                S.grad_moments_into(row.bwd, g)
-        finally:
-            torch._C._set_grad_enabled(prev)
+            # the hook holds the row only, not the recorder (nor through it the model): a step's
+            # graph kept alive by its loss tensor does not keep the model alive with it
+            t.register_hook(functools.partial(_grad_hook, row, self.exact))
 
     # -- lifecycle --------------------------------------------------------------
     def attach(self) -> None:

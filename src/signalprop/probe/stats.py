@@ -27,21 +27,7 @@ def acc(t: torch.Tensor) -> torch.dtype:
     return torch.float32 if t.dtype in _LOW or not t.is_floating_point() else t.dtype
 
 
-def forward_moments(y: torch.Tensor) -> dict[str, torch.Tensor | float]:
-    """Sum and Euclidean norm (mean = sum / n, second moment = norm^2 / n,
-    formed in float64 at the end, where squares cannot overflow): two fused
-    reductions."""
-    a = acc(y)
-    return {"forward_sum": y.sum(dtype=a), "forward_norm": torch.linalg.vector_norm(y, dtype=a),
-            "forward_n": float(max(y.numel(), 1))}
-
-
-def grad_moments(g: torch.Tensor) -> dict[str, torch.Tensor | float]:
-    """Norm of a gradient (mean square = norm^2 / n): one reduction."""
-    return {"grad_norm": torch.linalg.vector_norm(g, dtype=acc(g)), "grad_n": float(max(g.numel(), 1))}
-
-
-def _dottable(t: torch.Tensor) -> bool:
+def dottable(t: torch.Tensor) -> bool:
     """A contiguous float32/float64 tensor on the CPU, whose sum of squares is
     one BLAS dot product (2-2.5x faster there than ``vector_norm``'s
     reduction on 10^4-10^5 entries; same float32 accumulation, same overflow
@@ -50,13 +36,16 @@ def _dottable(t: torch.Tensor) -> bool:
 
 
 def forward_moments_into(d: dict[str, torch.Tensor | float], y: torch.Tensor, scratch: Scratch) -> None:
-    """:func:`forward_moments` written into ``d``; on the CPU the sum and the
-    sum of squares (``forward_sq``, instead of the norm) as two dot products,
-    with a reused vector of ones and with the tensor itself: BLAS dots run
-    on the calling thread, where ``sum`` woke the intra-op thread pool and
-    measured 40 us on a 256 x 512 row inside a pass against 10 us for a dot."""
+    """Sum and Euclidean norm of a row's output (mean = sum / n, second
+    moment = norm^2 / n, formed in float64 at the end, where squares cannot
+    overflow), written into ``d``: two fused reductions, accumulating in
+    float32 for half precision.  On the CPU the sum and the sum of squares
+    (``forward_sq``, instead of the norm) are two dot products, with a reused
+    vector of ones and with the tensor itself: BLAS dots run on the calling
+    thread, where ``sum`` woke the intra-op thread pool and measured 40 us on
+    a 256 x 512 row inside a pass against 10 us for a dot."""
     d["forward_n"] = float(max(y.numel(), 1))
-    if _dottable(y):
+    if dottable(y):
         v = y.view(-1)
         d["forward_sum"] = torch.dot(v, scratch.ones(v))
         d["forward_sq"] = torch.dot(v, v)
@@ -67,9 +56,10 @@ def forward_moments_into(d: dict[str, torch.Tensor | float], y: torch.Tensor, sc
 
 
 def grad_moments_into(d: dict[str, torch.Tensor | float], g: torch.Tensor) -> None:
-    """:func:`grad_moments` written into ``d`` (``grad_sq`` on the CPU, as above)."""
+    """Norm of a gradient (mean square = norm^2 / n), written into ``d``: one
+    reduction (on the CPU the sum of squares ``grad_sq``, a dot product, as above)."""
     d["grad_n"] = float(max(g.numel(), 1))
-    if _dottable(g):
+    if dottable(g):
         v = g.view(-1)
         d["grad_sq"] = torch.dot(v, v)
     else:
@@ -152,7 +142,7 @@ def saturation_into(d: dict[str, torch.Tensor | float], y: torch.Tensor, band: t
         torch.sub(y, c, out=z)
     torch.hardshrink(z if c != 0.0 else y, t, out=z).sign_()
     d["saturated_n"] = float(max(y.numel(), 1))
-    if _dottable(z):
+    if dottable(z):
         v = z.view(-1)
         d["saturated_count"] = torch.dot(v, v)
     else:
