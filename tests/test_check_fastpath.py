@@ -90,6 +90,9 @@ def test_weight_terms_batched_equal_the_per_layer_formula():
         b = m.bias.detach().double() if m.bias is not None else torch.zeros(n, dtype=torch.float64)
         want = [float(W.square().sum() / n), float(b.square().mean()), float(b @ s / n), float(s.square().mean())]
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    # with the weights' norms handed over (check's parameter norms), the same terms
+    norms = {id(m.weight): torch.linalg.vector_norm(m.weight.detach()) for m in ms}
+    np.testing.assert_allclose(_weight_terms(ms, norms), _weight_terms(ms), rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("name", ["tanh", "sigmoid", "relu", "erf", "gelu", "silu"])

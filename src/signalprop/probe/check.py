@@ -7,7 +7,7 @@ import gc
 import inspect
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,6 +19,7 @@ from .distributed import (
     GRAD_NORM,
     MEAN,
     NORM,
+    REPLICA_NORM,
     ROW_KINDS,
     SUM,
     Reduction,
@@ -248,6 +249,9 @@ class _ParamNorms:
     modules: list[tuple[nn.Module, int, list[int]]]  # module, numel, indices into the scalars
     scalars: list[torch.Tensor]  # [||g_0||, ||w_0||, ||g_1||, ...]
     kinds: list[str]  # how each combines across ranks (sharded or replicated)
+    # ||w|| of each whole (unsharded) parameter by id, still on the device: the theory column
+    # reads its weights' norms from here rather than reading every weight again
+    weight_norms: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @staticmethod
     def of(rows: list[Row], grads: dict[nn.Parameter, torch.Tensor | None],
@@ -271,7 +275,9 @@ class _ParamNorms:
         with torch.no_grad():
             for i, n in zip(todo, _norms([tensors[i] for i in todo]) if todo else []):
                 out[i] = n
-        return _ParamNorms(mods, out, [norm_kind(t) for t in tensors])  # type: ignore[arg-type]
+        kinds = [norm_kind(t) for t in tensors]
+        whole = {id(tensors[i + 1]): out[i + 1] for _, _, idx in mods for i in idx if kinds[i + 1] == REPLICA_NORM}
+        return _ParamNorms(mods, out, kinds, whole)  # type: ignore[arg-type]
 
     def values(self, vals: list[float]) -> dict[nn.Module, tuple[float, float]]:
         """RMS of each module's own parameter gradients and ||grad|| / ||weight||."""
@@ -521,7 +527,7 @@ def _run(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: tupl
         last = next((layer.grad_rms for layer in reversed(layers) if layer.grad_rms), None)
         out_rms = last or 1.0
         layers = _layer_stats(rec.rows, vals, pnorms.values(ex[:k]), out_rms)
-    pred = predictions(rec.rows, layers, inp)
+    pred = predictions(rec.rows, layers, inp, pnorms.weight_norms)
     if pred is not None:
         layers = pred
     origin = _backward_origin(rec.rows, layers) if exact else None

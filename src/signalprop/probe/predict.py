@@ -53,16 +53,22 @@ _STACK_ENTRIES = 1 << 24
 _SMALL = 1 << 14  # weights up to this many entries are stacked; larger ones cost more to copy than to launch
 
 
-def _terms_one(W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """[sigma_w2, sigma_b2, BS, S2] of one layer's (rows, fan_in) weight, as a (1, 4) tensor."""
+def _terms_one(W: torch.Tensor, b: torch.Tensor | None, norm: torch.Tensor | None = None) -> torch.Tensor:
+    """[sigma_w2, sigma_b2, BS, S2] of one layer's (rows, fan_in) weight, as a
+    (1, 4) tensor; ``norm``: ||W|| when already known."""
     a = acc(W)
     n = W.shape[0]
-    s = W.sum(dim=1, dtype=a)
-    if dottable(W):
-        v = W.view(-1)
-        w2 = torch.dot(v, v) / n
+    if dottable(W):  # BLAS on the calling thread: a matrix-vector product and a dot (see stats.dottable)
+        s = torch.mv(W, torch.ones(W.shape[1], dtype=W.dtype))
+        if norm is None:
+            v = W.view(-1)
+            w2 = torch.dot(v, v) / n
     else:
-        w2 = torch.linalg.vector_norm(W, dtype=a).square() / n
+        s = W.sum(dim=1, dtype=a)
+        if norm is None:
+            w2 = torch.linalg.vector_norm(W, dtype=a).square() / n
+    if norm is not None:
+        w2 = norm.to(a).square() / n
     if b is None:
         zero = torch.zeros((), dtype=a, device=W.device)
         return torch.stack([w2, zero, zero, s.square().mean()]).double().unsqueeze(0)
@@ -70,14 +76,16 @@ def _terms_one(W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     return torch.stack([w2, b.square().mean(), torch.dot(b, s) / n, s.square().mean()]).double().unsqueeze(0)
 
 
-def _weight_terms(modules: list[nn.Module]) -> list[list[float]]:
+def _weight_terms(modules: list[nn.Module], norms: dict[int, torch.Tensor] | None = None) -> list[list[float]]:
     """Per layer [sigma_w2, sigma_b2, BS, S2]: sigma_w2 = fan_in * mean(W^2)
     (the sum of squares of W over its number of rows), sigma_b2 = mean(b^2),
     and the mean coupling of :func:`signalprop.theory.propagate` from the row
     sums s_i of W (BS = mean b_i s_i, S2 = mean s_i^2).  Layers of one weight
     shape, dtype and device are stacked and reduced together (in float32 for
     half precision, without a float32 copy), a few reductions for the whole
-    chain rather than seven per layer; one transfer at the end."""
+    chain rather than seven per layer; one transfer at the end.  ``norms``:
+    ||W|| already computed (check's parameter norms), by ``id`` of the
+    weight, so large weights are not read once more for it."""
     groups: dict[tuple[Any, ...], list[int]] = {}
     ws: list[torch.Tensor] = []
     bs: list[torch.Tensor | None] = []
@@ -94,7 +102,7 @@ def _weight_terms(modules: list[nn.Module]) -> list[list[float]]:
     for (shape, _, _, has_bias), idx in groups.items():
         if shape[0] * shape[1] > _SMALL:  # large weights: per layer, no copy
             for i in idx:
-                parts.append(_terms_one(ws[i], bs[i]))
+                parts.append(_terms_one(ws[i], bs[i], (norms or {}).get(id(modules[i].weight))))
                 order.append([i])
             continue
         step = max(1, _STACK_ENTRIES // max(shape[0] * shape[1], 1))
@@ -125,7 +133,8 @@ def _weight_terms(modules: list[nn.Module]) -> list[list[float]]:
     return out
 
 
-def predictions(rows: list[Row], layers: list[LayerStats], inp: InputStats | None) -> list[LayerStats] | None:
+def predictions(rows: list[Row], layers: list[LayerStats], inp: InputStats | None,
+                weight_norms: dict[int, torch.Tensor] | None = None) -> list[LayerStats] | None:
     """Layers with ``predicted_second_moment`` and ``predicted_grad_rms`` filled,
     from each layer's measured weights (sigma_w2, sigma_b2 and the coupling
     of the input's mean through the row sums, so a bias that cancels
@@ -142,7 +151,7 @@ def predictions(rows: list[Row], layers: list[LayerStats], inp: InputStats | Non
             return None
         widths.append(_width(w.module, "out"))  # type: ignore[arg-type]
     with torch.no_grad():
-        terms = _weight_terms([w.module for w, _ in chain])  # type: ignore[misc]
+        terms = _weight_terms([w.module for w, _ in chain], weight_norms)  # type: ignore[misc]
     sw2, sb2 = [t[0] for t in terms], [t[1] for t in terms]
     try:
         p = propagate(widths, [_exact(r) for r in chain], sw2, sb2, q0=inp.second_moment,
