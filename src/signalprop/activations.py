@@ -73,6 +73,10 @@ class Activation:
     # z ~ N(0, 1); quadrature is used where these are None.
     second_moment: Callable[[Array], Array] | None = None
     deriv_second_moment: Callable[[Array], Array] | None = None
+    # Optional closed form, for two inputs of second moment q at correlation c = 1 - eps, of
+    # (E[phi(u1) (phi(u1) - phi(u2))], E[phi'(u1) phi'(u2)]): what the correlation fixed point
+    # solves (theory.maps), written without cancellation as eps -> 0.
+    corr_moments: Callable[[Array, Array], tuple[Array, Array]] | None = None
     # Some callers need the torch form of a user's own callable.
     torch_callable: Callable[[Any], Any] | None = None
     module: str | None = None
@@ -201,6 +205,18 @@ def _erf_dm2(q: Array) -> Array:
     return (4.0 / math.pi) / np.sqrt(1.0 + 4.0 * q)
 
 
+def _erf_corr(q: Array, eps: Array) -> tuple[Array, Array]:
+    # E[erf(u1) erf(u2)] = (2/pi) arcsin(s c), s = 2q / (1 + 2q); the difference of arcsines
+    # arcsin(s) - arcsin(s c) = arcsin((x^2 - y^2) / (x sqrt(1 - y^2) + y sqrt(1 - x^2))) with
+    # x^2 - y^2 = s^2 (1 - c^2) = s^2 eps (2 - eps): no cancellation as eps -> 0.
+    # E[phi'(u1) phi'(u2)] = (4/pi) / sqrt(det(I + 2 Sigma)) = (4/pi) / sqrt((1 + 2q)^2 - (2qc)^2).
+    c = 1.0 - eps
+    s = 2.0 * q / (1.0 + 2.0 * q)
+    d = (2.0 / math.pi) * np.arcsin(s * eps * (2.0 - eps) / (np.sqrt(1.0 - (s * c) ** 2) + c * np.sqrt(1.0 - s * s)))
+    dd = (4.0 / math.pi) / np.sqrt((1.0 + 2.0 * q) ** 2 - (2.0 * q * c) ** 2)
+    return d, dd
+
+
 def _hardtanh_m2(q: Array) -> Array:
     q = np.asarray(q, dtype=float)
     t = 1.0 / np.sqrt(np.maximum(q, 1e-300))
@@ -275,7 +291,7 @@ REGISTRY: dict[str, Activation] = {
                    functional=(_F + "softplus",)),
         Activation("erf", special.erf, lambda x: (2.0 / math.sqrt(math.pi)) * np.exp(-x * x),
                    bounded=True, torch_name="erf", functional=("torch.erf", "torch.Tensor.erf"),
-                   second_moment=_erf_m2, deriv_second_moment=_erf_dm2),
+                   second_moment=_erf_m2, deriv_second_moment=_erf_dm2, corr_moments=_erf_corr),
         Activation("hardtanh", _hardtanh, _dhardtanh, kinks=(-1.0, 1.0), bounded=True,
                    torch_name="hardtanh", module="Hardtanh", functional=(_F + "hardtanh",),
                    second_moment=_hardtanh_m2, deriv_second_moment=_hardtanh_dm2),

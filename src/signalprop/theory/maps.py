@@ -336,7 +336,8 @@ def _chi_c_vec(act: _act.Activation, q: Array, sw2: Array, sb2: Array, chi_1: Ar
     (Price's theorem).  G is convex with G(0) = 0, G'(0) = 1 - chi1 < 0 and
     G(1) = cmap(0) >= 0, so Newton from eps = 1 (c = 0) descends monotonically
     onto eps* without overshooting; where G(1) = 0 (odd phi, sigma_b2 = 0) c* = 0.
-    Then chi_c = 1 - G'(eps*).
+    Then chi_c = 1 - G'(eps*).  Where the activation has closed forms of
+    the two expectations (erf), they replace the quadrature.
     """
     out = np.array(chi_1, dtype=float, copy=True)
     idx = np.flatnonzero((chi_1 > 1.0) & np.isfinite(q))
@@ -345,6 +346,9 @@ def _chi_c_vec(act: _act.Activation, q: Array, sw2: Array, sb2: Array, chi_1: Ar
     q, sw2 = np.maximum(q[idx], Q_MIN), sw2[idx]
 
     def g_and_slope(eps: Array, rows: Array) -> tuple[Array, Array]:
+        if act.corr_moments is not None:  # closed form (erf): no nodes at all
+            d, dd = act.corr_moments(q[rows], eps)
+            return eps - sw2[rows] * d / q[rows], 1.0 - sw2[rows] * dd
         d, dd = np.empty(rows.size), np.empty(rows.size)
         for k in range(0, rows.size, CHUNK_CELLS):  # bounded memory: nodes are (cells, m1, m2)
             r, e = rows[k:k + CHUNK_CELLS], eps[k:k + CHUNK_CELLS]
