@@ -53,27 +53,31 @@ _STACK_ENTRIES = 1 << 24
 _SMALL = 1 << 14  # weights up to this many entries are stacked; larger ones cost more to copy than to launch
 
 
+def _terms(w2: torch.Tensor, s: torch.Tensor, B: torch.Tensor | None, n: int) -> torch.Tensor:
+    """(layers, 4) rows [sigma_w2, sigma_b2, BS, S2] from each layer's sigma_w2
+    (``w2``), row sums ``s`` (layers, n) and biases ``B`` (layers, n) or None."""
+    s2 = s.square().mean(dim=1)
+    if B is None:
+        zero = torch.zeros_like(w2)
+        return torch.stack([w2, zero, zero, s2], dim=1).double()
+    B = B.to(s.dtype)
+    return torch.stack([w2, B.square().mean(dim=1), (B * s).sum(dim=1) / n, s2], dim=1).double()
+
+
 def _terms_one(W: torch.Tensor, b: torch.Tensor | None, norm: torch.Tensor | None = None) -> torch.Tensor:
-    """[sigma_w2, sigma_b2, BS, S2] of one layer's (rows, fan_in) weight, as a
-    (1, 4) tensor; ``norm``: ||W|| when already known."""
+    """:func:`_terms` of one layer's (rows, fan_in) weight, read in place;
+    ``norm``: ||W|| when already known."""
     a = acc(W)
     n = W.shape[0]
     if dottable(W):  # BLAS on the calling thread: a matrix-vector product and a dot (see stats.dottable)
         s = torch.mv(W, torch.ones(W.shape[1], dtype=W.dtype))
-        if norm is None:
-            v = W.view(-1)
-            w2 = torch.dot(v, v) / n
+        sq = torch.dot(W.view(-1), W.view(-1)) if norm is None else None
     else:
         s = W.sum(dim=1, dtype=a)
-        if norm is None:
-            w2 = torch.linalg.vector_norm(W, dtype=a).square() / n
-    if norm is not None:
-        w2 = norm.to(a).square() / n
-    if b is None:
-        zero = torch.zeros((), dtype=a, device=W.device)
-        return torch.stack([w2, zero, zero, s.square().mean()]).double().unsqueeze(0)
-    b = b.to(a)
-    return torch.stack([w2, b.square().mean(), torch.dot(b, s) / n, s.square().mean()]).double().unsqueeze(0)
+        sq = torch.linalg.vector_norm(W, dtype=a).square() if norm is None else None
+    if sq is None:
+        sq = norm.to(a).square()  # type: ignore[union-attr]
+    return _terms((sq / n).unsqueeze(0), s.unsqueeze(0), None if b is None else b.unsqueeze(0), n)
 
 
 def _weight_terms(modules: list[nn.Module], norms: dict[int, torch.Tensor] | None = None) -> list[list[float]]:
@@ -110,17 +114,10 @@ def _weight_terms(modules: list[nn.Module], norms: dict[int, torch.Tensor] | Non
             chunk = idx[k:k + step]
             W = torch.stack([ws[i] for i in chunk])  # (layers, rows, fan_in)
             a = acc(W)
-            s = W.sum(dim=2, dtype=a)  # row sums
             n = shape[0]
             w2 = torch.linalg.vector_norm(W, dim=(1, 2), dtype=a).square() / n
-            s2 = s.square().mean(dim=1)
-            if has_bias:
-                B = torch.stack([bs[i] for i in chunk]).to(a)  # type: ignore[misc]
-                cols = [w2, B.square().mean(dim=1), (B * s).sum(dim=1) / n, s2]
-            else:
-                zero = torch.zeros_like(w2)
-                cols = [w2, zero, zero, s2]
-            parts.append(torch.stack(cols, dim=1).double())
+            B = torch.stack([bs[i] for i in chunk]) if has_bias else None  # type: ignore[misc]
+            parts.append(_terms(w2, W.sum(dim=2, dtype=a), B, n))
             order.append(chunk)
     by_device: dict[torch.device, list[int]] = {}
     for j, part in enumerate(parts):

@@ -204,6 +204,14 @@ def _grad_hook(row: Row, exact: bool, g: torch.Tensor) -> None:
         torch._C._set_grad_enabled(prev)
 
 
+def _traits(act: _act.Activation | None) -> tuple[tuple[float, float] | None, bool, bool]:
+    """What the statistics need to know of a row's activation: its saturation
+    band, whether it is a rectifier, and whether its outputs are >= 0."""
+    if act is None:
+        return None, False, False
+    return _act.saturation_band(act), act.rectifier, _act.nonnegative(act)
+
+
 @dataclass(frozen=True)
 class _Leaf:
     """What a leaf module's rows share on every call, worked out once per pass."""
@@ -256,8 +264,7 @@ class Recorder:
         act = _act.from_module(m)
         ps = [tuple(p.shape) for p in m._parameters.values() if p is not None]
         name, kind = self._names.get(m, "?"), type(m).__name__
-        return _Leaf(name, kind, act, _act.saturation_band(act) if act is not None else None,
-                     bool(act is not None and act.rectifier), bool(act is not None and _act.nonnegative(act)),
+        return _Leaf(name, kind, act, *_traits(act),
                      (1 if isinstance(m, _CONV) else -1) if isinstance(m, _WEIGHT_LAYERS) else None,
                      role_of(name, kind, m, ()) if ps else None)
 
@@ -306,9 +313,7 @@ class Recorder:
         """A row for one call (a functional activation's, say), measured."""
         row = self._row(name, kind, module, act, t, None)
         if self.stats:
-            band = _act.saturation_band(act) if act is not None else None
-            self._measure(row, t, band, bool(act is not None and act.rectifier),
-                          bool(act is not None and _act.nonnegative(act)), args)
+            self._measure(row, t, *_traits(act), args)
         return row
 
     def _row(self, name: str, kind: str, module: nn.Module | None, act: _act.Activation | None,

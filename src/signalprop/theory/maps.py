@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .. import activations as _act
-from .gaussian import N_1D, N_2D, expect2, nodes_1d, nodes_2d
+from .gaussian import N_1D, N_2D, _standard_pieces, expect2, nodes_1d, nodes_2d
 
 Array = np.ndarray
 Q_MIN = 1e-12  # q below this is treated as the q -> 0+ limit
@@ -73,11 +73,17 @@ def gaussian_moments(act: Any, q: Array | float, which: tuple[str, ...] = ("m2",
         out["d2"] = np.asarray(a.deriv_second_moment(qa), dtype=float)
     todo = [k for k in which if k not in out]
     if todo:
-        x, w = nodes_1d(qa, a.kinks, n)
+        one = qa.ndim == 0 and all(k == 0.0 for k in a.kinks)
+        if one:  # one q (a layer of propagate's recursion): the q = 1 rule scaled, dot products
+            z0, w0 = _standard_pieces(n)
+            x = math.sqrt(float(qa)) * z0
+        else:
+            x, w = nodes_1d(qa, a.kinks, n)
         p = a.phi(x) if any(k in _USES_PHI for k in todo) else None
         d = a.dphi(x) if any(k not in ("m1", "m2") for k in todo) else None
         for k in todo:
-            out[k] = np.sum(w * _INTEGRANDS[k](x, p, d, qa), -1)  # type: ignore[arg-type]
+            f = _INTEGRANDS[k](x, p, d, qa)  # type: ignore[arg-type]
+            out[k] = w0 @ f if one else np.sum(w * f, -1)
     return out
 
 

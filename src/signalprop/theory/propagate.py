@@ -8,7 +8,6 @@ backward one by n_out gamma^2 = sigma_w2 n_out / n_in (times E[phi'^2]).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -16,8 +15,7 @@ from typing import Any
 import numpy as np
 
 from .. import activations as _act
-from .gaussian import N_1D, _standard_pieces
-from .maps import Q_MIN, covmap, gaussian_moments
+from .maps import covmap, gaussian_moments
 
 
 @dataclass(frozen=True)
@@ -51,25 +49,6 @@ def _per_layer(x: float | Sequence[float], n: int, what: str) -> np.ndarray:
     if arr.shape != (n,):
         raise ValueError(f"{what} must be a scalar or have one entry per layer ({n}), got {arr.shape}")
     return arr
-
-
-def _moments(a: _act.Activation, q: float, need: tuple[str, ...]) -> dict[str, Any]:
-    """:func:`gaussian_moments` at one q, on the same nodes and closed forms,
-    without its vectorised set-up: the forward recursion is sequential, one
-    call per layer (a 2,000-layer chain in check's theory column)."""
-    if any(k != 0.0 for k in a.kinks) or q < Q_MIN:
-        return gaussian_moments(a, q, need)
-    z0, w0 = _standard_pieces(N_1D)
-    out: dict[str, Any] = {}
-    if a.second_moment is not None:
-        out["m2"] = float(a.second_moment(np.asarray(q)))
-    if "m1" in need or "m2" not in out:
-        p = a.phi(math.sqrt(q) * z0)
-        if "m1" in need:
-            out["m1"] = float(w0 @ p)
-        if "m2" not in out:
-            out["m2"] = float(w0 @ (p * p))
-    return out
 
 
 def propagate(widths: Sequence[int], act: Any, sigma_w2: float | Sequence[float],
@@ -117,7 +96,7 @@ def propagate(widths: Sequence[int], act: Any, sigma_w2: float | Sequence[float]
         else:
             bs, s2 = mean_coupling[layer]
             q[layer] = sw2[layer] * max(m_in - mean_in**2, 0.0) + sb2[layer] + 2 * mean_in * bs + mean_in**2 * s2
-        mom = _moments(acts[layer], float(q[layer]), need)  # E[phi] and E[phi^2] on one set of nodes
+        mom = gaussian_moments(acts[layer], q[layer], need)  # E[phi] and E[phi^2] on one set of nodes
         if mean_coupling is not None:
             mean_in = float(mom["m1"])
         if cs is not None:

@@ -124,8 +124,8 @@ def jacobian_density(act: object, sigma_w2: float, sigma_b2: float, depth: int, 
     top = float(xs.max()) if xs.size else 0.0
     start = 100.0 * (depth + 1) * max(mean, 1e-300)
     warm = list(np.geomspace(start, top, 48)[:-1]) if top > 0 and start > top else []
-    for i in [None] * len(warm) + list(order):
-        xv = warm.pop(0) if i is None else float(xs[i])
+    points: list[tuple[float, int | None]] = [(float(v), None) for v in warm] + [(float(xs[i]), int(i)) for i in order]
+    for xv, i in points:
         z = complex(xv, eta * xv)
         psi = solve(mean / z if psi is None else psi, z, last_root)
         if ((psi + 1) / z).imag > 0:  # landed on the conjugate sheet: restart from its mirror image
