@@ -84,6 +84,10 @@ def test_weight_terms_batched_equal_the_per_layer_formula():
     torch.manual_seed(0)
     ms = [nn.Linear(16, 16) for _ in range(5)] + [nn.Linear(16, 16, bias=False), nn.Conv2d(3, 4, 3),
                                                   nn.Linear(300, 200)]
+    # large weights (read in place, grouped by shape): with and without bias, a transposed (non-contiguous)
+    # weight and a convolution among them
+    ms += [nn.Linear(200, 300) for _ in range(3)] + [nn.Linear(200, 300, bias=False), nn.Conv2d(64, 200, 3)]
+    ms[-3].weight = nn.Parameter(torch.randn(200, 300).t())
     for m, got in zip(ms, _weight_terms(ms)):
         W = m.weight.detach().double().reshape(m.weight.shape[0], -1)
         n, s = W.shape[0], W.sum(1)

@@ -397,10 +397,11 @@ def check(model: nn.Module, inputs: Any, *, loss_fn: Callable[..., torch.Tensor]
     call_inputs = _without_cache(inner, inputs)
     with preserved(model), _collector_paused():
         rng = _rng_states(params)
-        report = _run(inner, call_inputs, loss_fn, targets, bounds, trend, False, red, caller)
+        known = params if inner is model else None  # one traversal of the model's parameters, not two
+        report = _run(inner, call_inputs, loss_fn, targets, bounds, trend, False, red, caller, known)
         if report is None:  # a NaN/Inf somewhere: the same pass again, masking and locating it
             _set_rng_states(rng)
-            report = _run(inner, call_inputs, loss_fn, targets, bounds, trend, True, red, caller)
+            report = _run(inner, call_inputs, loss_fn, targets, bounds, trend, True, red, caller, known)
         assert report is not None
         if spectrum:
             from .spectrum import jacobian_reading
@@ -455,9 +456,11 @@ def _forward(model: nn.Module, x: Any, inputs: Any, rec: Recorder) -> Any:
 
 
 def _run(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: tuple[float, float],
-         trend: float, exact: bool, red: Reduction | None = None, caller: nn.Module | None = None) -> Report | None:
+         trend: float, exact: bool, red: Reduction | None = None, caller: nn.Module | None = None,
+         all_params: list[nn.Parameter] | None = None) -> Report | None:
     """One diagnosed pass; None when the fast pass met a non-finite value
-    (the caller repeats it with ``exact=True``).  ``red``: combine every
+    (the caller repeats it with ``exact=True``).  ``all_params``:
+    ``list(model.parameters())`` when the caller has it already.  ``red``: combine every
     statistic across the process group; the backward pass then runs as
     training's does (``backward()``, so DDP and FSDP reduce the parameter
     gradients; the saved ``.grad`` comes back afterwards), through ``caller``
@@ -483,7 +486,7 @@ def _run(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: tupl
         else:
             root, cot = y, _cotangent(y)
             backprop = "random unit-variance cotangent on the output"
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = [p for p in (model.parameters() if all_params is None else all_params) if p.requires_grad]
         wrt = params + leaves + ([y] if loss_fn is not None and y.requires_grad else [])
         if not (params or leaves):
             raise ValueError("nothing in the model requires grad (all parameters frozen and no floating input): "

@@ -64,20 +64,33 @@ def _terms(w2: torch.Tensor, s: torch.Tensor, B: torch.Tensor | None, n: int) ->
     return torch.stack([w2, B.square().mean(dim=1), (B * s).sum(dim=1) / n, s2], dim=1).double()
 
 
-def _terms_one(W: torch.Tensor, b: torch.Tensor | None, norm: torch.Tensor | None = None) -> torch.Tensor:
-    """:func:`_terms` of one layer's (rows, fan_in) weight, read in place;
-    ``norm``: ||W|| when already known."""
-    a = acc(W)
-    n = W.shape[0]
-    if dottable(W):  # BLAS on the calling thread: a matrix-vector product and a dot (see stats.dottable)
-        s = torch.mv(W, torch.ones(W.shape[1], dtype=W.dtype))
-        sq = torch.dot(W.view(-1), W.view(-1)) if norm is None else None
-    else:
-        s = W.sum(dim=1, dtype=a)
-        sq = torch.linalg.vector_norm(W, dtype=a).square() if norm is None else None
-    if sq is None:
-        sq = norm.to(a).square()  # type: ignore[union-attr]
-    return _terms((sq / n).unsqueeze(0), s.unsqueeze(0), None if b is None else b.unsqueeze(0), n)
+def _terms_large(ws: list[torch.Tensor], bs: list[torch.Tensor | None],
+                 norms: list[torch.Tensor | None]) -> torch.Tensor:
+    """:func:`_terms` of large (rows, fan_in) weights of one shape, dtype and
+    device, each read in place (no stacked copy): row sums written into one
+    (layers, rows) buffer, ||W||^2 from ``norms`` where known; then the
+    terms of all of them together."""
+    W0 = ws[0]
+    a = acc(W0)
+    n = W0.shape[0]
+    s = torch.empty(len(ws), n, dtype=a, device=W0.device)
+    sq: list[torch.Tensor] = []
+    ones: torch.Tensor | None = None
+    for j, (W, norm) in enumerate(zip(ws, norms)):
+        dot = dottable(W)  # BLAS on the calling thread: a matrix-vector product and a dot (see stats.dottable)
+        if dot:
+            ones = torch.ones(W.shape[1], dtype=W.dtype) if ones is None else ones
+            torch.mv(W, ones, out=s[j])
+        else:
+            torch.sum(W, dim=1, dtype=a, out=s[j])
+        if norm is not None:
+            sq.append(norm.to(a).square())
+        elif dot:
+            sq.append(torch.dot(W.view(-1), W.view(-1)))
+        else:
+            sq.append(torch.linalg.vector_norm(W, dtype=a).square())
+    B = torch.stack(bs) if bs[0] is not None else None  # type: ignore[arg-type]
+    return _terms(torch.stack(sq) / n, s, B, n)
 
 
 def _weight_terms(modules: list[nn.Module], norms: dict[int, torch.Tensor] | None = None) -> list[list[float]]:
@@ -104,10 +117,10 @@ def _weight_terms(modules: list[nn.Module], norms: dict[int, torch.Tensor] | Non
     parts: list[torch.Tensor] = []
     order: list[list[int]] = []
     for (shape, _, _, has_bias), idx in groups.items():
-        if shape[0] * shape[1] > _SMALL:  # large weights: per layer, no copy
-            for i in idx:
-                parts.append(_terms_one(ws[i], bs[i], (norms or {}).get(id(modules[i].weight))))
-                order.append([i])
+        if shape[0] * shape[1] > _SMALL:  # large weights: read in place, no copy
+            parts.append(_terms_large([ws[i] for i in idx], [bs[i] for i in idx],
+                                      [(norms or {}).get(id(modules[i].weight)) for i in idx]))
+            order.append(idx)
             continue
         step = max(1, _STACK_ENTRIES // max(shape[0] * shape[1], 1))
         for k in range(0, len(idx), step):
