@@ -185,28 +185,35 @@ def test_a_diverging_run_alerts_before_its_first_nonfinite_loss():
     assert ok_bad is None and ok_alerts == [], ok_alerts
 
 
-def test_update_ratio_matches_the_sgd_step():
-    """Plain SGD changes w by lr * g: the ratio recorded for a sampled step is
-    ||lr g|| / ||w|| of each module (float64, so to 1e-9)."""
+@pytest.mark.parametrize("every", [1, 3])
+def test_update_ratio_matches_the_sgd_step(every):
+    """Plain SGD changes w by lr * g: the ratio recorded for a sample is
+    ||lr g|| / ||w|| of each module for the optimizer step after it (the
+    weights are saved on the step after the sample, compared on the next;
+    float64, so to 1e-9); with every=1 each sample gets the next step's."""
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2)).double()
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     x = torch.randn(10, 6, dtype=torch.float64)
-    with sp.monitor(m, every=2) as mon:
+    with sp.monitor(m, every=every) as mon:
         expected = {}
-        for step in range(2):
+        for step in range(3):
             loss = m(x).pow(2).mean()
             opt.zero_grad()
             loss.backward()
-            if step == 0:
+            if step == 1:
                 for name in ("0", "2"):
                     mod = m.get_submodule(name)
                     g2 = sum(float((0.1 * p.grad).pow(2).sum()) for p in mod.parameters())
                     w2 = sum(float(p.detach().pow(2).sum()) for p in mod.parameters())
                     expected[name] = math.sqrt(g2 / w2)
             mon.step(loss)
+            # the copy of the weights is made on the step after a sample, not on the sample itself, and
+            # used on the next (with every=1, step 2 also saves the weights again for sample 1)
+            assert (mon._snapshot is not None) == (step == 1 or (step == 2 and every == 1))
             opt.step()
     got = dict(mon.history[0].update_ratios)
+    assert set(got) == set(expected)
     for name, v in expected.items():
         assert got[name] == pytest.approx(v, rel=1e-9)
 
@@ -375,3 +382,53 @@ def test_close_releases_the_model_and_keeps_the_history():
     gc.collect()
     assert ref() is None
     assert len(mon.history) == 2 and mon.report().model
+
+
+def test_update_ratio_judged_only_for_weights_at_initialisation_scale():
+    """A layer that starts at zero (adaLN-Zero, ControlNet's zero convolutions)
+    and a LayerScale at 1e-6 are rewritten by their first updates by design:
+    their update/weight ratio is near 1 on the step after the sample, yet no
+    update-too-large alert names them; an initialised layer stepped at 0.1 of
+    its norm or more does get one (same run, its own learning rate)."""
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(8, 8)
+            self.zero = nn.Linear(8, 8)
+            nn.init.zeros_(self.zero.weight)
+            nn.init.zeros_(self.zero.bias)
+            self.out = nn.Linear(8, 8)
+            self.gamma = nn.Parameter(torch.full((8,), 1e-6))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.tanh(self.a(x))
+            return self.zero(h) + self.gamma * h + self.out(h)
+
+    torch.manual_seed(0)
+    m = Net()
+    x, t = torch.randn(32, 8), torch.randn(32, 8)
+    opt = torch.optim.SGD([{"params": m.out.parameters(), "lr": 5.0},
+                           {"params": [*m.a.parameters(), *m.zero.parameters(), m.gamma], "lr": 0.1}])
+    with sp.monitor(m, every=5) as mon:
+        for _ in range(3):
+            loss = (m(x) - t).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            mon.step(loss)
+            opt.step()
+    ratios = dict(mon.history[0].update_ratios)
+    assert ratios["zero"] > 0.5 and ratios[""] > 0.5 and ratios["out"] > 0.1, ratios  # the premise
+    assert [(a.kind, a.layer, a.step) for a in mon.alerts] == [("update-too-large", "out", 1)]
+
+
+def test_established_scale():
+    from signalprop.monitor.alerts import established
+
+    for init in (nn.init.xavier_uniform_, nn.init.kaiming_normal_, lambda w: nn.init.normal_(w, std=0.02)):
+        w = init(torch.empty(512, 768))
+        assert established([w], [float(w.norm())])
+    w = torch.full((512, 768), 1e-5)
+    assert not established([w], [float(w.norm())])
+    # a Linear's bias is not judged (its matrix is); a LayerNorm at (1, 0) has no matrix and a zero bias
+    assert established([torch.ones(4, 4), torch.zeros(4)], [4.0, 0.0])
+    assert not established([torch.ones(4), torch.zeros(4)], [2.0, 0.0])

@@ -36,7 +36,7 @@ def write_step(writer: Any, mon: Any, step: int, alerts: list[Any]) -> None:
             seen.add(layer.name)
             for q in LAYER_QUANTITIES:
                 _scalar(writer, f"signalprop/{q}/{layer.name or '(root)'}", getattr(layer, q), step)
-    for h in reversed(mon.history[-2:]):  # an update measured at this step belongs to the previous sample
+    for h in reversed(mon.history[-3:]):  # an update measured at this step belongs to a sample 2 steps back
         if h.update_ratios and h.step not in mon._written_updates:
             mon._written_updates.add(h.step)
             for name, r in h.update_ratios:

@@ -35,6 +35,13 @@ The thresholds and the reasons for them:
   weights, which no stable run does for long.  Below the band is common and
   intended (fine-tuning at small learning rates), so it is only alerted when
   the median weight layer moves less than ``UPDATE_LOW = 1e-7``.
+* "Too large" is judged only for modules whose weights are at the scale of
+  an initialization (:func:`established`: RMS at least ``ESTABLISHED = 0.1``
+  / sqrt(fan-in), where Xavier, He, LeCun, PyTorch's default and GPT-2's
+  0.02 give 0.2-1.4): a parameter that starts at or near zero (a zero
+  positional embedding, adaLN-Zero and ControlNet's zero layers, LayerScale
+  at 1e-6, ReZero) is rewritten by its first updates by design, and its
+  ratio says nothing about the learning rate until it has grown.
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ import math
 import statistics
 from collections.abc import Sequence
 from typing import cast
+
+import torch
 
 from ..records import Alert, AlertKind, LayerStats, MonitorStep
 
@@ -55,6 +64,7 @@ DRIFT = 100.0
 BASELINE_SAMPLES = 3
 UPDATE_HIGH = 0.1
 UPDATE_LOW = 1e-7
+ESTABLISHED = 0.1
 CREEP = 0.3  # a saturated/dead share must rise by this much from its baseline to be news
 CREEP_LIMIT = 0.9
 SURGE_INITIAL = 3.0
@@ -178,13 +188,30 @@ def sampled_alerts(current: MonitorStep, history: Sequence[MonitorStep]) -> list
     return out
 
 
-def update_alerts(step: int, ratios: Sequence[tuple[str, float]], weight_layers: set[str]) -> list[Alert]:
-    """The update/weight ratio of the optimizer step taken at ``step``."""
+def established(params: Sequence[torch.Tensor], norms: Sequence[float]) -> bool:
+    """Whether a module's parameters are at the scale of an initialization:
+    each matrix/filter (each 1-D parameter when it has none) with RMS at
+    least ``ESTABLISHED / sqrt(fan_in)``, from its norm ``norms[i]``."""
+    mats = [i for i, p in enumerate(params) if p.dim() >= 2]
+    for i in mats or range(len(params)):
+        p = params[i]
+        n = max(p.numel(), 1)
+        fan_in = n // p.shape[0] if p.dim() >= 2 and p.shape[0] else 1
+        if not norms[i] / math.sqrt(n) >= ESTABLISHED / math.sqrt(max(fan_in, 1)):
+            return False
+    return True
+
+
+def update_alerts(step: int, ratios: Sequence[tuple[str, float]], weight_layers: set[str],
+                  judged: set[str] | None = None) -> list[Alert]:
+    """The update/weight ratio of the optimizer step taken at ``step``;
+    ``judged``: the modules whose ratio may be too large (see
+    :func:`established`; default all)."""
     out: list[Alert] = []
     finite = [(r, n) for n, r in ratios if math.isfinite(r)]
     if not finite:
         return out
-    high = [(r, n) for r, n in finite if r > UPDATE_HIGH]
+    high = [(r, n) for r, n in finite if r > UPDATE_HIGH and (judged is None or n in judged)]
     if high:
         r, n = max(high)
         out.append(Alert(step, "update-too-large", n,

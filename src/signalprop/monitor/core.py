@@ -15,9 +15,14 @@ What runs when:
   :func:`signalprop.check` measures them (same statistics, same verdict
   rules), with the real loss's gradient.  Between samples no module hook
   but the root's is installed.
-* **The step after a sample**: when ``update_ratio`` is on, the weights
-  saved at the sample (one copy, held until then) give each module's
-  ||w after - w before|| / ||w before|| of the optimizer step in between.
+* **The two steps after a sample**: when ``update_ratio`` is on, the
+  weights are saved at the first step after the sample (before its
+  optimizer step; one copy, held for one step) and compared at the next, which
+  gives each module's ||w after - w before|| / ||w before|| of that
+  optimizer step, recorded with the sample.  Copying every weight is a
+  memory-bound pass as long as a plain step's own reads of them: on the
+  step after the sample rather than on the sample itself, no single step
+  pays for both the layer statistics and the copy.
 
 When the loss or a gradient first turns non-finite, the step is replayed
 from its saved arguments, RNG and autocast state with check's exact pass, so
@@ -140,7 +145,9 @@ class Monitor:
         self._calls: list[_Call] = []
         self._rec: Recorder | None = None
         self._recording = False
-        self._snapshot: tuple[int, list[tuple[str, list[nn.Parameter], list[torch.Tensor]]]] | None = None
+        # (sampled step, step whose optimizer update is measured, [(module name, params, saved copies)])
+        self._snapshot: tuple[int, int, list[tuple[str, list[nn.Parameter], list[torch.Tensor]]]] | None = None
+        self._snapshot_due: int | None = None  # a sampled step whose following update is still to measure
         self._nonfinite_seen = False
         self._paused = False
         self._closed = False
@@ -273,10 +280,10 @@ class Monitor:
         grad_norm = math.sqrt(sum(v * v for v in gvals)) if read_grads and gvals else None
         new: list[Alert] = []
 
-        # 1. the update of the previous sampled step's optimizer step
+        # 1. the update of the previous step's optimizer step, when it was saved
         if upd is not None:
             m = len(pn.scalars) if pn is not None else 0
-            new += self._finish_update(upd[0], rest[m:])
+            new += self._finish_update(rest[m:])
         # 2. non-finite watch (the loss and output gradient every step, parameter gradients when read)
         finite = (loss_v is None or math.isfinite(loss_v)) and all(math.isfinite(v) for v in gvals)
         if not finite and not self._nonfinite_seen:
@@ -300,8 +307,12 @@ class Monitor:
             self.history.append(rec)
             if self.max_history is not None and len(self.history) > self.max_history:
                 del self.history[A.BASELINE_SAMPLES]  # the baseline samples stay
-            if self.update_ratio and finite:
-                self._take_snapshot(k)
+        # 5. the weights before this step's optimizer step, when a sample before it waits for its update
+        if self._snapshot_due is not None and self._snapshot_due < k and finite:
+            self._take_snapshot(self._snapshot_due, k)
+            self._snapshot_due = None
+        if sampled and self.update_ratio and finite:
+            self._snapshot_due = k
         if read_grads:
             self._prev_gvals = dict(zip(params, gvals))
         if self.agc is not None:
@@ -374,16 +385,18 @@ class Monitor:
         return MonitorStep(k, loss, verdict, tuple(layers), tuple(problems), grad_norm, out_rms)
 
     # -- update / weight ratio -------------------------------------------------
-    def _take_snapshot(self, k: int) -> None:
+    def _take_snapshot(self, sample: int, k: int) -> None:
+        """Save the trainable weights before step ``k``'s optimizer step, to
+        measure its update for the sample at step ``sample``."""
         mods = []
         for name, m in self.model.named_modules():
             ps = [p for p in m._parameters.values() if p is not None and p.requires_grad]
             if ps:
                 mods.append((name, ps, [local(p.detach()).clone() for p in ps]))
-        self._snapshot = (k, mods)
+        self._snapshot = (sample, k, mods)
 
     def _update_scalars(self) -> tuple[int, list[torch.Tensor], list[str]]:
-        k, mods = self._snapshot  # type: ignore[misc]
+        _, k, mods = self._snapshot  # type: ignore[misc]
         before = [b for _, _, bs in mods for b in bs]
         now = [local(p.detach()) for _, ps, _ in mods for p in ps]
         w_norms = _norms(before)  # ||w|| before the update, read before the snapshot is overwritten
@@ -391,26 +404,29 @@ class Monitor:
         kinds = [norm_kind(p) for _, ps, _ in mods for p in ps]
         return k, _norms(before) + w_norms, kinds + kinds
 
-    def _finish_update(self, k: int, vals: list[float]) -> list[Alert]:
-        _, mods = self._snapshot  # type: ignore[misc]
+    def _finish_update(self, vals: list[float]) -> list[Alert]:
+        sample, k, mods = self._snapshot  # type: ignore[misc]
         self._snapshot = None
         n = sum(len(ps) for _, ps, _ in mods)
         d, w = vals[:n], vals[n:2 * n]
         ratios: list[tuple[str, float]] = []
         i = 0
         weight_layers = set()
+        judged = set()
         for name, ps, _ in mods:
             dd = math.sqrt(sum(x * x for x in d[i:i + len(ps)]))
             ww = math.sqrt(sum(x * x for x in w[i:i + len(ps)]))
-            i += len(ps)
             ratios.append((name, dd / ww if ww > 0 else (0.0 if dd == 0 else math.inf)))
             if any(p.dim() >= 2 for p in ps):
                 weight_layers.add(name)
+            if A.established(ps, w[i:i + len(ps)]):
+                judged.add(name)
+            i += len(ps)
         for j in range(len(self.history) - 1, -1, -1):
-            if self.history[j].step == k:
+            if self.history[j].step == sample:
                 self.history[j] = evolve(self.history[j], update_ratios=tuple(ratios))
                 break
-        return A.update_alerts(k, ratios, weight_layers)
+        return A.update_alerts(k, ratios, weight_layers, judged)
 
     # -- the non-finite origin -------------------------------------------------
     def _locate(self, k: int, loss: float | None, gvals: list[float], params: list[nn.Parameter],
@@ -512,9 +528,11 @@ def monitor(model: nn.Module, every: int = 50, *, writer: Any = None, agc: float
     gradients) on every n-th step and on sampled steps; default 1 for models
     on a GPU, 4 on the CPU (a memory-bound pass there; the loss is read every
     step, and a non-finite gradient shows in the next step's loss at the
-    latest).  ``update_ratio``: measure ||dw|| / ||w|| of the optimizer step
-    after each sample (keeps one copy of the trainable weights from the
-    sample to the next step).  ``max_history``: keep at most this many
+    latest).  ``update_ratio``: measure ||dw|| / ||w|| of an optimizer step
+    after each sample (that of the step after the sample: one copy of the
+    trainable weights is kept for one step, taken there so that the sampled
+    step does not also pay for it; recorded with the sample, alerted at the
+    step whose update it is).  ``max_history``: keep at most this many
     sampled steps (the first ones, the baseline, always stay).  ``bounds`` and
     ``trend`` as in :func:`signalprop.check`.
 
