@@ -46,12 +46,14 @@ def main(out: Path, repeat: int, seeds: int = 4, steps: int = 300) -> dict[str, 
     healthy = [r for r in runs if r["group"] == "healthy" and r["first_nonfinite"] is None]
     late = [r for r in diverged if r["first_nonfinite"] >= LEAD]
     leads = [r["first_nonfinite"] - r["first_alert"] for r in diverged if r["first_alert"] is not None]
-    early = sum(1 for r in diverged if r["first_alert"] is not None and r["first_nonfinite"] - r["first_alert"] >= LEAD)
+
+    def share_warned(group: list[dict[str, Any]]) -> float | None:
+        warned = sum(1 for r in group if r["first_alert"] is not None and r["first_nonfinite"] - r["first_alert"] >= LEAD)
+        return warned / len(group) if group else None
+
     res = {"diverging_runs": len(diverged), "healthy_runs": len(healthy),
-           "share_warned_10_steps_ahead": early / len(diverged) if diverged else None,
-           "share_warned_10_steps_ahead_of_runs_lasting_10": (
-               sum(1 for r in late if r["first_alert"] is not None and r["first_nonfinite"] - r["first_alert"] >= LEAD)
-               / len(late) if late else None),
+           "share_warned_10_steps_ahead": share_warned(diverged),
+           "share_warned_10_steps_ahead_of_runs_lasting_10": share_warned(late),
            "median_lead_steps": statistics.median(leads) if leads else None,
            "share_healthy_with_any_alert": sum(1 for r in healthy if r["alerts"]) / len(healthy) if healthy else None,
            "goals": {"share_warned_10_steps_ahead": 0.8, "share_healthy_with_any_alert": 0.05},

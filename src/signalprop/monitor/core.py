@@ -263,8 +263,8 @@ class Monitor:
                                 known={id(p.grad): n for p, n in zip(params, gnorms)}) if sampled else None
             upd = self._update_scalars() if self._snapshot is not None else None
             more: list[torch.Tensor | float] = [*(pn.scalars if pn is not None else []),
-                                                *(upd[1] if upd is not None else [])]
-            kinds += (pn.kinds if pn is not None else []) + (upd[2] if upd is not None else [])
+                                                *(upd[0] if upd is not None else [])]
+            kinds += (pn.kinds if pn is not None else []) + (upd[1] if upd is not None else [])
             if sampled:
                 assert self._rec is not None
                 vals, ex = _finalise(self._rec.rows, extra + more, self.red, kinds)
@@ -307,8 +307,9 @@ class Monitor:
             self.history.append(rec)
             if self.max_history is not None and len(self.history) > self.max_history:
                 del self.history[A.BASELINE_SAMPLES]  # the baseline samples stay
-        # 5. the weights before this step's optimizer step, when a sample before it waits for its update
-        if self._snapshot_due is not None and self._snapshot_due < k and finite:
+        # 5. the weights before this step's optimizer step, when an earlier sample waits for its update
+        # (a sample sets _snapshot_due below, after this, so it is always a step before this one)
+        if self._snapshot_due is not None and finite:
             self._take_snapshot(self._snapshot_due, k)
             self._snapshot_due = None
         if sampled and self.update_ratio and finite:
@@ -395,14 +396,15 @@ class Monitor:
                 mods.append((name, ps, [local(p.detach()).clone() for p in ps]))
         self._snapshot = (sample, k, mods)
 
-    def _update_scalars(self) -> tuple[int, list[torch.Tensor], list[str]]:
-        _, k, mods = self._snapshot  # type: ignore[misc]
+    def _update_scalars(self) -> tuple[list[torch.Tensor], list[str]]:
+        """||w after - w before|| and ||w before|| of every saved tensor, and how each combines across ranks."""
+        _, _, mods = self._snapshot  # type: ignore[misc]
         before = [b for _, _, bs in mods for b in bs]
         now = [local(p.detach()) for _, ps, _ in mods for p in ps]
         w_norms = _norms(before)  # ||w|| before the update, read before the snapshot is overwritten
         torch._foreach_sub_(before, now)  # the snapshot, ours and used once, becomes -update: no second copy
         kinds = [norm_kind(p) for _, ps, _ in mods for p in ps]
-        return k, _norms(before) + w_norms, kinds + kinds
+        return _norms(before) + w_norms, kinds + kinds
 
     def _finish_update(self, vals: list[float]) -> list[Alert]:
         sample, k, mods = self._snapshot  # type: ignore[misc]

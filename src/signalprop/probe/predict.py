@@ -98,11 +98,13 @@ def _weight_terms(modules: list[nn.Module], norms: dict[int, torch.Tensor] | Non
     (the sum of squares of W over its number of rows), sigma_b2 = mean(b^2),
     and the mean coupling of :func:`signalprop.theory.propagate` from the row
     sums s_i of W (BS = mean b_i s_i, S2 = mean s_i^2).  Layers of one weight
-    shape, dtype and device are stacked and reduced together (in float32 for
-    half precision, without a float32 copy), a few reductions for the whole
-    chain rather than seven per layer; one transfer at the end.  ``norms``:
+    shape, dtype and device are reduced together (in float32 for half
+    precision, without a float32 copy): small weights stacked, large ones
+    read in place into one buffer of row sums; a few reductions for the
+    whole chain rather than seven per layer; one transfer at the end.  ``norms``:
     ||W|| already computed (check's parameter norms), by ``id`` of the
     weight, so large weights are not read once more for it."""
+    known = norms or {}
     groups: dict[tuple[Any, ...], list[int]] = {}
     ws: list[torch.Tensor] = []
     bs: list[torch.Tensor | None] = []
@@ -119,7 +121,7 @@ def _weight_terms(modules: list[nn.Module], norms: dict[int, torch.Tensor] | Non
     for (shape, _, _, has_bias), idx in groups.items():
         if shape[0] * shape[1] > _SMALL:  # large weights: read in place, no copy
             parts.append(_terms_large([ws[i] for i in idx], [bs[i] for i in idx],
-                                      [(norms or {}).get(id(modules[i].weight)) for i in idx]))
+                                      [known.get(id(modules[i].weight)) for i in idx]))
             order.append(idx)
             continue
         step = max(1, _STACK_ENTRIES // max(shape[0] * shape[1], 1))
