@@ -17,6 +17,7 @@ from torch import nn
 
 import signalprop as sp
 from signalprop import activations as A
+from signalprop.lab.models import DeepMLP
 from signalprop.probe import stats as S
 from signalprop.probe.predict import _weight_terms
 from signalprop.theory import propagate
@@ -142,3 +143,65 @@ def test_failure_inside_a_non_leaf_forward_names_that_module():
     assert not rec.calls_functional_activations(m)
     with pytest.raises(sp.probe.ModelError, match=r"forward failed in module '1\.0' \(_Block\)"):
         sp.check(m, torch.randn(3, 8))
+
+
+class _Twice(nn.Module):
+    """A module called twice, an in-place residual on a leaf's output, a
+    transposed (non-contiguous) output, a rectifier with dead units and a
+    sigmoid (saturation band centred at 0.5)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(12, 12)
+        self.dead = nn.Linear(12, 12)
+        with torch.no_grad():
+            self.dead.bias[:5] = -50.0  # five units never fire
+        self.relu = nn.ReLU()
+        self.sig = nn.Sigmoid()
+        self.tanh = nn.Tanh()
+
+    def forward(self, x):
+        h = self.fc(x)
+        h += 1.0  # written after the hook read it
+        h = self.tanh(self.fc(h)).t().contiguous().t()
+        return self.sig(self.relu(self.dead(h)))
+
+
+def _batched_models():
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1), nn.Tanh(),
+                         nn.Flatten(), nn.Linear(6 * 8 * 8, 10))
+    return [(DeepMLP(40, 16, "tanh", 16, 16), torch.randn(32, 16)),  # 41 rows of one shape
+            (DeepMLP(9, 16, "relu", 16, 4).to(torch.bfloat16), torch.randn(48, 16).to(torch.bfloat16)),
+            (conv, torch.randn(40, 3, 8, 8)), (_Twice(), torch.randn(64, 12)),
+            (DeepMLP(6, 16, "sigmoid", 16, 4).double(), torch.randn(32, 16, dtype=torch.float64))]
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_batched_rows_equal_rows_measured_one_by_one(case, monkeypatch):
+    """Small outputs are copied into shared buffers and reduced together
+    (stats.Batches); every statistic equals the one-row-at-a-time path's:
+    counts (saturated entries, dead units) exactly, moments to float32
+    rounding of a different summation order (relative 1e-5; bf16 rows are
+    summed in float32 both ways).  Partly filled buffers, several
+    buckets, a repeated module and an output changed in place afterwards
+    are all covered."""
+    model, x = _batched_models()[case]
+    fields = ("forward_mean", "forward_second_moment", "grad_rms", "saturation", "dead_fraction", "dead_samples")
+    batched = sp.check(model, x)
+    monkeypatch.setattr(S.Batches, "fits", staticmethod(lambda y: False))
+    single = sp.check(model, x)
+    assert [lay.name for lay in batched.layers] == [lay.name for lay in single.layers]
+    for a, b in zip(batched.layers, single.layers):
+        for f in fields:
+            va, vb = getattr(a, f), getattr(b, f)
+            assert (va is None) == (vb is None), (a.name, f)
+            if f in ("saturation", "dead_fraction", "dead_samples"):
+                assert va == vb, (a.name, f, va, vb)
+            elif va is not None:
+                assert va == pytest.approx(vb, rel=1e-5, abs=1e-5 * abs(a.forward_second_moment) ** 0.5), (a.name, f)
+    assert batched.verdict == single.verdict
+    if case == 3:
+        dead = next(lay for lay in batched.layers if lay.name == "relu")
+        assert dead.dead_fraction >= 5 / 12  # the five silenced units, and any that never fire by chance
+        assert batched.layers[0].forward_mean == pytest.approx(float(model.fc(x).detach().mean()), rel=1e-5)  # before += 1

@@ -69,21 +69,37 @@ def _scales(w_norm: torch.Tensor, g_norm: torch.Tensor, clipping: float, eps: fl
     return torch.where(g_norm > max_norm, max_norm / g_norm.clamp_min(_MIN_GRAD_NORM), one)
 
 
+def _unit_norms(ts: list[torch.Tensor], order: list[int], stacked: list[list[int]]) -> torch.Tensor:
+    """The unit norms of ``ts`` as one vector: each matrix's rows (``order``),
+    then each group of equal-shaped vectors (``stacked``), stacked and reduced
+    by one norm over their last dimension on the CPU, by one
+    ``torch._foreach_norm`` elsewhere.  Each value is the one
+    :func:`unitwise_norm` gives."""
+    parts = [torch.linalg.vector_norm(ts[i], dim=tuple(range(1, ts[i].dim()))) for i in order]
+    for idx in stacked:
+        vs = [ts[i] for i in idx]
+        if vs[0].is_cpu:  # _foreach_norm loops over the tensors there: two ops for the group
+            parts.append(torch.linalg.vector_norm(torch.stack(vs).view(len(vs), -1), dim=1))
+        else:
+            parts.append(torch.stack(torch._foreach_norm(vs)))
+    return torch.cat(parts)
+
+
 @torch.no_grad()
 def agc_(parameters: Iterable[torch.Tensor] | torch.Tensor, clipping: float = 0.01, eps: float = 1e-3) -> None:
     """Adaptive gradient clipping, in place on each parameter's ``.grad``.
 
     Unit-wise as in the paper (see the module docstring); parameters without a
     gradient are skipped.  Fused: one unit-norm reduction per weight and per
-    gradient, read in place (no stacked copy; vectors' whole norms in one
-    ``torch._foreach_norm``), then the scales of every
-    tensor at once with ``torch._foreach`` arithmetic (one kernel per step
-    per device and dtype, not one per tensor) and one ``torch._foreach_mul_``.
-    The scale is min(max_norm / max(||g_i||, 1e-6), 1), which equals the
-    paper's ``where(||g_i|| > max_norm, max_norm / max(||g_i||, 1e-6), 1)``
-    whenever max_norm >= 1e-6 (always, at ``clipping * eps >= 1e-6``;
-    below that the paper's form is used tensor by tensor): bit for bit equal
-    to :func:`agc_reference_`.  The paper clips every layer but the
+    gradient, read in place (no stacked copy), vectors' norms a few reductions
+    for all of them; every unit's scale is then formed at once on the
+    concatenated norms (five vector ops per device and dtype, not five per
+    tensor) and applied with one ``torch._foreach_mul_``.  The scale is
+    min(max_norm / max(||g_i||, 1e-6), 1), which equals the paper's
+    ``where(||g_i|| > max_norm, max_norm / max(||g_i||, 1e-6), 1)`` whenever
+    max_norm >= 1e-6 (always, at ``clipping * eps >= 1e-6``; below that the
+    paper's form is used tensor by tensor): bit for bit equal to
+    :func:`agc_reference_`.  The paper clips every layer but the
     classifier's final one: pass the parameters to clip, e.g.
     ``agc_(p for n, p in model.named_parameters() if not n.startswith("fc."))``.
     """
@@ -92,25 +108,25 @@ def agc_(parameters: Iterable[torch.Tensor] | torch.Tensor, clipping: float = 0.
     if not ps:
         return
     gs: list[torch.Tensor] = [p.grad for p in ps]  # type: ignore[misc]
-    w_norm = [unitwise_norm(p) if p.dim() > 1 else p for p in ps]
-    g_norm = [unitwise_norm(g) if g.dim() > 1 else g for g in gs]
-    flat = [i for i, p in enumerate(ps) if p.dim() <= 1]  # scalars and vectors: whole-tensor norms,
-    if flat:                                               # one _foreach_norm for all of them
-        for i, n in zip(flat, torch._foreach_norm([ps[i] for i in flat])):
-            w_norm[i] = n
-        for i, n in zip(flat, torch._foreach_norm([gs[i] for i in flat])):
-            g_norm[i] = n
-    if clipping * eps >= _MIN_GRAD_NORM:
-        groups: dict[tuple[Any, ...], list[int]] = {}
-        for i, (w, g) in enumerate(zip(w_norm, g_norm)):
-            groups.setdefault((w.device, w.dtype, g.dtype), []).append(i)
-        scales: list[torch.Tensor | None] = [None] * len(ps)
-        for idx in groups.values():
-            max_norm = torch._foreach_mul(torch._foreach_clamp_min([w_norm[i] for i in idx], eps), clipping)
-            s = torch._foreach_div(max_norm, torch._foreach_clamp_min([g_norm[i] for i in idx], _MIN_GRAD_NORM))
-            torch._foreach_clamp_max_(s, 1.0)
-            for i, v in zip(idx, s):
-                scales[i] = v
-        torch._foreach_mul_(gs, scales)  # type: ignore[arg-type]
-    else:
-        torch._foreach_mul_(gs, [_scales(w, g, clipping, eps) for w, g in zip(w_norm, g_norm)])
+    if clipping * eps < _MIN_GRAD_NORM:
+        torch._foreach_mul_(gs, [_scales(unitwise_norm(p), unitwise_norm(g), clipping, eps) for p, g in zip(ps, gs)])
+        return
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, (p, g) in enumerate(zip(ps, gs)):
+        groups.setdefault((p.device, p.dtype, g.dtype), []).append(i)
+    for idx in groups.values():
+        order = [i for i in idx if ps[i].dim() > 1]
+        shapes: dict[tuple[int, ...], list[int]] = {}
+        for i in idx:
+            if ps[i].dim() <= 1:
+                shapes.setdefault(tuple(ps[i].shape), []).append(i)
+        stacked = list(shapes.values())
+        max_norm = _unit_norms(ps, order, stacked).clamp_min_(eps).mul_(clipping)
+        scale = max_norm.div_(_unit_norms(gs, order, stacked).clamp_min_(_MIN_GRAD_NORM)).clamp_max_(1.0)
+        rows = [ps[i].shape[0] for i in order]
+        m = sum(rows)
+        scales = [s if ps[i].dim() == 2 else s.view((-1,) + (1,) * (ps[i].dim() - 1))
+                  for i, s in zip(order, scale[:m].view(-1, 1).split(rows))]
+        vectors = [i for group in stacked for i in group]
+        scales += [s if ps[i].dim() == 1 else s.view(()) for i, s in zip(vectors, scale[m:].split(1))]
+        torch._foreach_mul_([gs[i] for i in order + vectors], scales)

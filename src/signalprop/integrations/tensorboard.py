@@ -2,7 +2,9 @@
 
 Works with any writer that has ``add_scalar(tag, value, step)`` and
 ``add_text(tag, text, step)`` -- ``torch.utils.tensorboard.SummaryWriter``,
-tensorboardX's -- so nothing here imports TensorBoard.  Tags are stable:
+tensorboardX's -- so nothing here imports TensorBoard (but for PyTorch's own
+writer, whose step's scalars go out as one event through TensorBoard's
+``Summary`` record, which that writer needs installed).  Tags are stable:
 ``signalprop/loss``, ``signalprop/grad_norm`` every step that has them;
 ``signalprop/<quantity>/<layer>`` on sampled steps for gradient RMS, gradient
 RMS relative to the output's, forward second moment, saturation and dead
@@ -18,15 +20,34 @@ from typing import Any
 LAYER_QUANTITIES = ("grad_rms", "relative_grad_rms", "forward_second_moment", "saturation", "dead_fraction")
 
 
-def _scalar(writer: Any, tag: str, value: float | None, step: int) -> None:
+def _add(out: list[tuple[str, float]], tag: str, value: float | None) -> None:
     if value is not None and math.isfinite(value):
-        writer.add_scalar(tag, value, step)
+        out.append((tag, float(value)))
+
+
+def _write_scalars(writer: Any, scalars: list[tuple[str, float]], step: int) -> None:
+    """``add_scalar`` for each; for PyTorch's own ``SummaryWriter``, all of
+    them as one event with one value per tag instead (what ``add_scalar``
+    writes, one value at a time: ~50 us per call, ~1,000 calls on a sampled
+    step of a 200-row model, against ~2 us per value in one event).
+    TensorBoard reads both alike."""
+    if not scalars:
+        return
+    if type(writer).__module__.startswith("torch.utils.tensorboard") and hasattr(writer, "_get_file_writer"):
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        summary = Summary(value=[Summary.Value(tag=t, simple_value=v) for t, v in scalars])
+        writer._get_file_writer().add_summary(summary, step)
+        return
+    for tag, v in scalars:
+        writer.add_scalar(tag, v, step)
 
 
 def write_step(writer: Any, mon: Any, step: int, alerts: list[Any]) -> None:
     """What ``mon.step`` learned at ``step``."""
-    _scalar(writer, "signalprop/loss", mon.losses[-1], step)
-    _scalar(writer, "signalprop/grad_norm", mon.grad_norms[-1], step)
+    now: list[tuple[str, float]] = []
+    _add(now, "signalprop/loss", mon.losses[-1])
+    _add(now, "signalprop/grad_norm", mon.grad_norms[-1])
     h = mon.history[-1] if mon.history else None
     if h is not None and h.step == step:
         seen = set()
@@ -35,11 +56,14 @@ def write_step(writer: Any, mon: Any, step: int, alerts: list[Any]) -> None:
                 continue
             seen.add(layer.name)
             for q in LAYER_QUANTITIES:
-                _scalar(writer, f"signalprop/{q}/{layer.name or '(root)'}", getattr(layer, q), step)
+                _add(now, f"signalprop/{q}/{layer.name or '(root)'}", getattr(layer, q))
+    _write_scalars(writer, now, step)
     for h in reversed(mon.history[-3:]):  # an update measured at this step belongs to a sample 2 steps back
         if h.update_ratios and h.step not in mon._written_updates:
             mon._written_updates.add(h.step)
+            ups: list[tuple[str, float]] = []
             for name, r in h.update_ratios:
-                _scalar(writer, f"signalprop/update_ratio/{name or '(root)'}", r, h.step)
+                _add(ups, f"signalprop/update_ratio/{name or '(root)'}", r)
+            _write_scalars(writer, ups, h.step)
     for a in alerts:
         writer.add_text("signalprop/alerts", str(a), step)

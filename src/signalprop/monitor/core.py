@@ -442,7 +442,7 @@ class Monitor:
                "with mixed precision, use a GradScaler or bfloat16")
         with torch.no_grad():
             named = [(n, p) for n, p in self.model.named_parameters()]
-            pvals = _gather(_norms([p.detach() for _, p in named]),  # type: ignore[arg-type]
+            pvals = _gather(_norms([p.detach() for _, p in named]),
                             [norm_kind(p) for _, p in named], self.red) if named else []
         bad_w = [n for (n, _), v in zip(named, pvals) if not math.isfinite(v)]
         if bad_w:

@@ -33,7 +33,7 @@ from .distributed import (
 from .predict import predictions
 from .recorder import Recorder, Row, first_float_tensor
 from .state import preserved
-from .stats import acc, dottable
+from .stats import Part, acc, dottable
 
 
 class ModelError(ValueError):
@@ -136,26 +136,46 @@ def _cotangent(t: torch.Tensor) -> torch.Tensor:
     return torch.randn(t.shape, generator=g, device=t.device, dtype=t.dtype)
 
 
-def _gather(scalars: list[torch.Tensor | float], kinds: list[str] | None = None,
-            red: Reduction | None = None) -> list[float]:
-    """0-d tensors (and floats) as Python floats: one stack and one transfer
-    per device and dtype -- the only host synchronisation of the pass.  With
-    ``red``, combined across the process group instead, each by its kind
-    (one all-reduce)."""
+def _gather(scalars: list[Any], kinds: list[str] | None = None, red: Reduction | None = None) -> list[float]:
+    """0-d tensors, floats and :class:`~.stats.Part` entries of batch vectors
+    as Python floats: one concatenation and one transfer per device -- the
+    only host synchronisation of the pass.  With ``red``, combined across
+    the process group instead, each by its kind (one all-reduce)."""
     if red is not None:
         assert kinds is not None
-        return red.gather(scalars, kinds)
-    groups: dict[tuple[Any, Any], list[int]] = {}
+        return red.gather([v.tensor() if isinstance(v, Part) else v for v in scalars], kinds)
+    scalars = list(scalars)  # a Part read on its own is replaced by its tensor below, in this copy
     out = [0.0] * len(scalars)
+    singles: dict[tuple[Any, Any], list[int]] = {}  # 0-d tensors by device and dtype
+    vectors: dict[int, tuple[torch.Tensor, list[int]]] = {}  # batch vectors by identity
     for i, v in enumerate(scalars):
-        if isinstance(v, torch.Tensor):
-            groups.setdefault((v.device, v.dtype), []).append(i)
+        if isinstance(v, Part) and v.vec.dim() == 1:
+            e = vectors.get(id(v.vec))
+            if e is None:
+                e = vectors[id(v.vec)] = (v.vec, [])
+            e[1].append(i)
+        elif isinstance(v, (torch.Tensor, Part)):
+            t = v.tensor() if isinstance(v, Part) else v
+            scalars[i] = t
+            singles.setdefault((t.device, t.dtype), []).append(i)
         else:
             out[i] = float(v)
-    for idx in groups.values():
-        vals = torch.stack([scalars[i] for i in idx]).double().cpu().tolist()  # type: ignore[misc]
-        for i, v in zip(idx, vals):
-            out[i] = v
+    by_device: dict[Any, list[tuple[torch.Tensor, list[int], bool]]] = {}
+    for (dev, _), idx in singles.items():
+        by_device.setdefault(dev, []).append((torch.stack([scalars[i] for i in idx]), idx, False))
+    for vec, idx in vectors.values():
+        by_device.setdefault(vec.device, []).append((vec, idx, True))
+    for pieces in by_device.values():
+        flat = torch.cat([t.double() for t, _, _ in pieces]).cpu().tolist()
+        at = 0
+        for t, idx, batch in pieces:
+            if batch:
+                for i in idx:
+                    out[i] = flat[at + scalars[i].i]
+            else:
+                for i, v in zip(idx, flat[at:at + len(idx)]):
+                    out[i] = v
+            at += t.numel()
     return out
 
 
@@ -172,7 +192,7 @@ def _finalise(rows: list[Row], extra: list[torch.Tensor | float], red: Reduction
     for i, r in enumerate(rows):
         for d in (r.fwd, r.bwd):
             for k, v in d.items():
-                if isinstance(v, torch.Tensor) or (red is not None and k in ROW_KINDS):
+                if isinstance(v, (torch.Tensor, Part)) or (red is not None and k in ROW_KINDS):
                     keys.append((i, k))
                     scalars.append(v)
                     kinds.append(ROW_KINDS.get(k, SUM))

@@ -75,8 +75,8 @@ class Row:
     act: _act.Activation | None  # the exact activation this row computes, if it is one
     role: str = ""
     input_second_moment: float | None = None
-    fwd: dict[str, torch.Tensor | float] = field(default_factory=dict)
-    bwd: dict[str, torch.Tensor | float] = field(default_factory=dict)
+    fwd: dict[str, Any] = field(default_factory=dict)  # 0-d tensors, floats, or S.Part of a batch
+    bwd: dict[str, Any] = field(default_factory=dict)
     # exact mode only: which tensors the call read and wrote (to find the
     # module whose backward turned a finite gradient non-finite)
     inputs: list[Any] = field(default_factory=list)
@@ -258,6 +258,7 @@ class Recorder:
             model, self._leaves, self._modules)
         self._info: dict[nn.Module, _Leaf] = {}
         self._scratch = S.Scratch()
+        self._batches = S.Batches(unit_vectors) if stats and not exact else None
         self._roles: dict[tuple[str, str, tuple[int, ...]], str] = {}
 
     def _leaf_info(self, m: nn.Module) -> _Leaf:
@@ -340,16 +341,19 @@ class Recorder:
         prev = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
         try:
-            if self.exact:
-                row.fwd.update(S.exact_moments(t, "forward"))
+            if self._batches is not None and S.Batches.fits(t):  # small: copied now, measured with others
+                self._batches.add(row.fwd, t, band, rectifier, nonnegative, self._feature_dim)
             else:
-                S.forward_moments_into(row.fwd, t, self._scratch)
-            if band is not None:
-                S.saturation_into(row.fwd, t, band, self._scratch)
-            if rectifier:
-                dead = S.dead_units(t, self._feature_dim, self.unit_vectors, nonnegative)
-                if dead is not None:
-                    row.fwd.update(dead)
+                if self.exact:
+                    row.fwd.update(S.exact_moments(t, "forward"))
+                else:
+                    S.forward_moments_into(row.fwd, t, self._scratch)
+                if band is not None:
+                    S.saturation_into(row.fwd, t, band, self._scratch)
+                if rectifier:
+                    dead = S.dead_units(t, self._feature_dim, self.unit_vectors, nonnegative)
+                    if dead is not None:
+                        row.fwd.update(dead)
         finally:
             torch._C._set_grad_enabled(prev)
         if self.exact:
@@ -375,9 +379,15 @@ class Recorder:
                 self._handles.append(m.register_forward_hook(self._leaf_post))
 
     def detach(self) -> None:
+        """Remove the hooks (tensor hooks on outputs already produced stay, to
+        measure their gradients) and measure the outputs still waiting in a
+        batch: every row's forward statistics are set from here on."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self._batches is not None:
+            with torch.no_grad():
+                self._batches.flush()
 
     def functional_mode(self) -> TorchFunctionMode | None:
         """The mode that records functional activation calls, or None when the
