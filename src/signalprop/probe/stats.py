@@ -5,8 +5,11 @@ in its own dtype, and returns 0-d tensors on its device: accumulation is in
 float32 through ``dtype=`` (no float32 copy of a bf16 tensor), nothing is
 read back to the host during the pass (no synchronisation), and nothing
 larger than a scalar is kept, so memory beyond autograd's own is
-O(number of rows).  :mod:`.check` gathers the scalars into one buffer per
-device at the end.
+O(number of rows).  Small outputs are instead copied into a shared buffer of
+bounded size (:class:`Batches`, at most 1 MB on the CPU and 8 MB on a GPU per
+shape, dtype and activation) and reduced together when it fills, the results
+one vector per batch, read through :class:`Part`.  :mod:`.check` gathers the
+scalars and vectors into one buffer per device at the end.
 
 Non-finite values need no check of their own here: a NaN or Inf anywhere
 makes the sum or the norm non-finite, which the end of the pass reads; only
