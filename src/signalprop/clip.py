@@ -25,13 +25,13 @@ __all__ = ["agc_", "agc_reference_", "unitwise_norm"]
 _MIN_GRAD_NORM = 1e-6  # the paper's guard against dividing by a vanishing gradient norm
 
 
-def unitwise_norm(x: torch.Tensor) -> torch.Tensor:
+def unitwise_norm(x: torch.Tensor, keepdim: bool = True) -> torch.Tensor:
     """Norm of each unit: over the whole tensor for scalars and vectors,
     else over every dimension but the first (output rows and filters), kept
-    as a broadcastable ``(out, 1, ...)`` tensor."""
+    as a broadcastable ``(out, 1, ...)`` tensor (``keepdim=False``: ``(out,)``)."""
     if x.dim() <= 1:
         return torch.linalg.vector_norm(x)
-    return torch.linalg.vector_norm(x, dim=tuple(range(1, x.dim())), keepdim=True)
+    return torch.linalg.vector_norm(x, dim=tuple(range(1, x.dim())), keepdim=keepdim)
 
 
 def _check(clipping: float, eps: float) -> None:
@@ -73,9 +73,8 @@ def _unit_norms(ts: list[torch.Tensor], order: list[int], stacked: list[list[int
     """The unit norms of ``ts`` as one vector: each matrix's rows (``order``),
     then each group of equal-shaped vectors (``stacked``), stacked and reduced
     by one norm over their last dimension on the CPU, by one
-    ``torch._foreach_norm`` elsewhere.  Each value is the one
-    :func:`unitwise_norm` gives."""
-    parts = [torch.linalg.vector_norm(ts[i], dim=tuple(range(1, ts[i].dim()))) for i in order]
+    ``torch._foreach_norm`` elsewhere."""
+    parts = [unitwise_norm(ts[i], keepdim=False) for i in order]
     for idx in stacked:
         vs = [ts[i] for i in idx]
         if vs[0].is_cpu:  # _foreach_norm loops over the tensors there: two ops for the group

@@ -86,18 +86,39 @@ def exact_moments(t: torch.Tensor, prefix: str) -> dict[str, torch.Tensor | floa
     return out
 
 
-def saturation(y: torch.Tensor, band: tuple[float, float]) -> dict[str, torch.Tensor | float]:
+def saturated_count(y: torch.Tensor, band: tuple[float, float], dim: int | None = None) -> torch.Tensor:
     """Number of outputs in the saturated band ``|y - c| > t`` (see
-    :func:`signalprop.activations.saturation_band`): exact, over every entry
-    (one comparison chain and one sum; no subsample that could alias with the
-    tensor's layout)."""
+    :func:`signalprop.activations.saturation_band`), over every entry or
+    along ``dim``: exact (one comparison chain and one sum; no subsample that
+    could alias with the tensor's layout)."""
     c, t = band
     z = (y if c == 0.0 else y - c).abs()
     if y.is_cuda:  # a comparison and a sum: the fewest kernels
-        count = (z > t).sum(dtype=torch.float32)
-    else:  # on CPU a float->bool comparison costs 2-3x these in-place steps (1 where |y - c| > t, else 0)
-        count = z.sub_(t).relu_().sign_().sum(dtype=torch.float32)
-    return {"saturated_count": count, "saturated_n": float(max(y.numel(), 1))}
+        return (z > t).sum(dim=dim, dtype=torch.float32)
+    # on CPU a float->bool comparison costs 2-3x these in-place steps (1 where |y - c| > t, else 0)
+    return z.sub_(t).relu_().sign_().sum(dim=dim, dtype=torch.float32)
+
+
+def saturation(y: torch.Tensor, band: tuple[float, float]) -> dict[str, torch.Tensor | float]:
+    """:func:`saturated_count` over every entry, and the number of entries."""
+    return {"saturated_count": saturated_count(y, band), "saturated_n": float(max(y.numel(), 1))}
+
+
+def _signs_apply(y: torch.Tensor) -> bool:
+    """Whether :func:`band_signs` counts ``y``'s saturated entries (on the CPU)."""
+    return not y.is_cuda and y.dtype in _DOT + _LOW
+
+
+def band_signs(y: torch.Tensor, band: tuple[float, float], z: torch.Tensor) -> torch.Tensor:
+    """``z`` (a buffer shaped like ``y``) set to +-1 where ``|y - c| > t`` and
+    0 elsewhere: ``hardshrink`` keeps exactly the entries with ``|y - c| > t``
+    (strictly, as the comparison does) and zeroes the rest, so the sum of
+    squares of their signs is the count: three passes over the tensor and no
+    allocation, where the comparison chain took five passes and a new tensor."""
+    c, t = band
+    if c != 0.0:
+        torch.sub(y, c, out=z)
+    return torch.hardshrink(z if c != 0.0 else y, t, out=z).sign_()
 
 
 class Scratch:
@@ -132,20 +153,12 @@ class Scratch:
 
 def saturation_into(d: dict[str, torch.Tensor | float], y: torch.Tensor, band: tuple[float, float],
                     scratch: Scratch) -> None:
-    """:func:`saturation` written into ``d``.  On the CPU: ``hardshrink``
-    keeps exactly the entries with ``|y - c| > t`` (strictly, as the
-    comparison does) and zeroes the rest, into a reused buffer; their signs
-    are +-1 and 0, and the sum of squares of the signs is the count: three
-    passes over the tensor and no allocation, where the comparison chain
-    took five passes and a new tensor."""
-    c, t = band
-    if y.is_cuda or y.dtype not in _DOT + _LOW:
+    """:func:`saturation` written into ``d``.  On the CPU by :func:`band_signs`
+    into a reused buffer, the count the sum of their squares."""
+    if not _signs_apply(y):
         d.update(saturation(y, band))
         return
-    z = scratch.like(y)
-    if c != 0.0:
-        torch.sub(y, c, out=z)
-    torch.hardshrink(z if c != 0.0 else y, t, out=z).sign_()
+    z = band_signs(y, band, scratch.like(y))
     d["saturated_n"] = float(max(y.numel(), 1))
     if dottable(z):
         v = z.view(-1)
@@ -189,7 +202,6 @@ def dead_units(y: torch.Tensor, feature_dim: int, vector: bool = False,
         return {"alive": alive, "units": float(units), "dead_samples": float(y.numel() // units)}
     return {"alive_count": alive.sum(dtype=torch.float32), "units": float(units),
             "dead_samples": float(y.numel() // units)}
-
 
 
 # Small rows are measured in batches: each output is copied into a shared
@@ -254,8 +266,9 @@ class _Bucket:
         norms = torch.linalg.vector_norm(B, dim=1, dtype=a)
         sat = self._saturated(B) if self.band is not None else None
         alive = self._alive(B) if self.rectifier else None
-        n = float(max(self.n, 1))
-        units = float(self.shape[self.feature_dim % len(self.shape)]) if self.shape else 1.0
+        n = float(self.n)  # > 0: Batches.fits takes no empty output
+        units = self.shape[self.feature_dim % len(self.shape)]
+        samples = float(self.n // units)
         for j, d in enumerate(self.dicts):
             d["forward_n"] = n
             d["forward_sum"] = Part(sums, j)
@@ -265,21 +278,19 @@ class _Bucket:
                 d["saturated_n"] = n
             if alive is not None:
                 d["alive" if self.unit_vectors else "alive_count"] = Part(alive, j)
-                d["units"] = units
-                d["dead_samples"] = float(self.n // max(int(units), 1))
+                d["units"] = float(units)
+                d["dead_samples"] = samples
         self.dicts = []
 
     def _saturated(self, B: torch.Tensor) -> torch.Tensor:
         """Per row, how many entries lie in the saturated band (see :func:`saturation_into`)."""
-        c, t = self.band  # type: ignore[misc]
-        if B.is_cuda or B.dtype not in _DOT + _LOW:
-            return ((B if c == 0.0 else B - c).abs() > t).sum(dim=1, dtype=torch.float32)
+        band = self.band
+        assert band is not None
+        if not _signs_apply(B):
+            return saturated_count(B, band, dim=1)
         if self.z is None:
             self.z = torch.empty_like(self.buf)
-        z = self.z if B.shape[0] == self.z.shape[0] else self.z[:B.shape[0]]
-        if c != 0.0:
-            torch.sub(B, c, out=z)
-        torch.hardshrink(z if c != 0.0 else B, t, out=z).sign_()  # +-1 where |y - c| > t, else 0
+        z = band_signs(B, band, self.z if B.shape[0] == self.z.shape[0] else self.z[:B.shape[0]])
         # the count is the sum of squares of the signs (count_nonzero(dim=) measured 10x slower)
         return torch.linalg.vector_norm(z, dim=1, dtype=acc(z)).square_()
 
