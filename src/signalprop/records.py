@@ -45,12 +45,13 @@ def _to_json(d: dict[str, Any], path: Any, indent: int) -> str:
 def evolve(obj: T, **changes: Any) -> T:
     """``dataclasses.replace`` for the frozen records here, without re-running
     ``__init__`` (thousands of rows per pass; the fields were checked once)."""
-    unknown = changes.keys() - obj.__dataclass_fields__.keys()  # type: ignore[attr-defined]
-    if unknown:
-        raise TypeError(f"{type(obj).__name__} has no field(s) {sorted(unknown)}")
     new = object.__new__(type(obj))
-    new.__dict__.update(obj.__dict__)
-    new.__dict__.update(changes)
+    d = new.__dict__
+    d.update(obj.__dict__)
+    d.update(changes)
+    if len(d) != len(obj.__dict__):  # a name that is not a field was added (checked after: the common case is free)
+        unknown = changes.keys() - obj.__dataclass_fields__.keys()  # type: ignore[attr-defined]
+        raise TypeError(f"{type(obj).__name__} has no field(s) {sorted(unknown)}")
     return new
 
 

@@ -60,6 +60,7 @@ from ..probe.diagnose import diagnose
 from ..probe.distributed import GRAD_NORM, MEAN, SUM, Reduction, local, norm_kind, resolve_group, unwrap
 from ..probe.recorder import Recorder, first_float_tensor
 from ..probe.state import preserved
+from ..probe.stats import Part
 from ..records import Alert, MonitorReport, MonitorStep, evolve
 from . import alerts as A
 
@@ -254,7 +255,7 @@ class Monitor:
             gnorms = _norms([p.grad for p in params]) if params else []  # type: ignore[misc]
             loss_t = self._loss_scalar(loss)
             outs = [c for c in self._calls if c.out_norm is not None][:1]
-            extra: list[torch.Tensor | float] = [*gnorms, *([loss_t] if loss_t is not None else []),
+            extra: list[torch.Tensor | Part | float] = [*gnorms, *([loss_t] if loss_t is not None else []),
                                                  *[x for c in outs for x in (cast(torch.Tensor, c.out_norm),
                                                                              float(c.out_numel))]]
             kinds = ([norm_kind(p.grad) for p in params] + ([MEAN] if loss_t is not None else [])  # type: ignore[arg-type]
@@ -262,7 +263,7 @@ class Monitor:
             pn = _ParamNorms.of(self._rec.rows, {p: p.grad for p in params},  # type: ignore[union-attr]
                                 known={id(p.grad): n for p, n in zip(params, gnorms)}) if sampled else None
             upd = self._update_scalars() if self._snapshot is not None else None
-            more: list[torch.Tensor | float] = [*(pn.scalars if pn is not None else []),
+            more: list[torch.Tensor | Part | float] = [*(pn.scalars if pn is not None else []),
                                                 *(upd[0] if upd is not None else [])]
             kinds += (pn.kinds if pn is not None else []) + (upd[1] if upd is not None else [])
             if sampled:
@@ -396,7 +397,7 @@ class Monitor:
                 mods.append((name, ps, [local(p.detach()).clone() for p in ps]))
         self._snapshot = (sample, k, mods)
 
-    def _update_scalars(self) -> tuple[list[torch.Tensor], list[str]]:
+    def _update_scalars(self) -> tuple[list[torch.Tensor | Part], list[str]]:
         """||w after - w before|| and ||w before|| of every saved tensor, and how each combines across ranks."""
         _, _, mods = self._snapshot  # type: ignore[misc]
         before = [b for _, _, bs in mods for b in bs]

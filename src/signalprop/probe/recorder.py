@@ -14,7 +14,7 @@ import types
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import nn
@@ -28,14 +28,20 @@ _WEIGHT_LAYERS = (nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
+_SIGS: dict[tuple[Any, ...], str] = {}  # "64x64;64" per tuple of shapes (a net has few)
+
+
 def role_of(name: str, kind: str, module: nn.Module | None, shape: tuple[int, ...]) -> str:
     """A row's position in a repeated block: its name with every numeric path
     component as ``#`` (``layers.#.self_attn.q_proj``; ``ln_1`` and ``ln_2``
     stay apart), its class and its parameter shapes
     (or, without parameters, its output's shape past the batch dimension), so
     that rows of one role differ only by which block they are in."""
-    ps = [tuple(p.shape) for p in module._parameters.values() if p is not None] if module is not None else []
-    sig = ";".join("x".join(map(str, p)) for p in ps) if ps else "x".join(map(str, shape[1:]))
+    ps = tuple(tuple(p.shape) for p in module._parameters.values() if p is not None) if module is not None else ()
+    key = ps if ps else ("out", *shape[1:])  # an output shape, marked apart from parameter shapes
+    sig = _SIGS.get(key)
+    if sig is None:
+        sig = _SIGS[key] = ";".join("x".join(map(str, p)) for p in ps) if ps else "x".join(map(str, shape[1:]))
     path = ".".join("#" if part.isdigit() else part for part in name.split("."))
     return f"{path}|{kind}|{sig}"
 
@@ -212,9 +218,9 @@ def _traits(act: _act.Activation | None) -> tuple[tuple[float, float] | None, bo
     return _act.saturation_band(act), act.rectifier, _act.nonnegative(act)
 
 
-@dataclass(frozen=True)
-class _Leaf:
-    """What a leaf module's rows share on every call, worked out once per pass."""
+class _Leaf(NamedTuple):
+    """What a leaf module's rows share on every call, worked out once per pass
+    (a named tuple: thousands are made per pass)."""
 
     name: str
     kind: str
@@ -263,11 +269,11 @@ class Recorder:
 
     def _leaf_info(self, m: nn.Module) -> _Leaf:
         act = _act.from_module(m)
-        ps = [tuple(p.shape) for p in m._parameters.values() if p is not None]
+        has_params = any(p is not None for p in m._parameters.values())
         name, kind = self._names.get(m, "?"), type(m).__name__
         return _Leaf(name, kind, act, *_traits(act),
                      (1 if isinstance(m, _CONV) else -1) if isinstance(m, _WEIGHT_LAYERS) else None,
-                     role_of(name, kind, m, ()) if ps else None)
+                     role_of(name, kind, m, ()) if has_params else None)
 
     # -- hooks ----------------------------------------------------------------
     def _pre(self, m: nn.Module, args: Any) -> None:

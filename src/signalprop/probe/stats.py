@@ -267,19 +267,22 @@ class _Bucket:
         sat = self._saturated(B) if self.band is not None else None
         alive = self._alive(B) if self.rectifier else None
         n = float(self.n)  # > 0: Batches.fits takes no empty output
-        units = self.shape[self.feature_dim % len(self.shape)]
-        samples = float(self.n // units)
+        const: dict[str, float] = {"forward_n": n}  # what every row of the batch shares, written in one update
+        if sat is not None:
+            const["saturated_n"] = n
+        if alive is not None:
+            units = self.shape[self.feature_dim % len(self.shape)]
+            const["units"] = float(units)
+            const["dead_samples"] = float(self.n // units)
+        flags = "alive" if self.unit_vectors else "alive_count"
         for j, d in enumerate(self.dicts):
-            d["forward_n"] = n
+            d.update(const)
             d["forward_sum"] = Part(sums, j)
             d["forward_norm"] = Part(norms, j)
             if sat is not None:
                 d["saturated_count"] = Part(sat, j)
-                d["saturated_n"] = n
             if alive is not None:
-                d["alive" if self.unit_vectors else "alive_count"] = Part(alive, j)
-                d["units"] = float(units)
-                d["dead_samples"] = samples
+                d[flags] = Part(alive, j)
         self.dicts = []
 
     def _saturated(self, B: torch.Tensor) -> torch.Tensor:
@@ -320,12 +323,14 @@ class Batches:
     def fits(y: torch.Tensor) -> bool:
         """Whether ``y`` is measured in a batch: a small real floating-point
         output on a device with limits."""
-        lim = BATCH_LIMITS.get(y.device.type)
+        # is_cpu / is_cuda: flags read without building a torch.device per row
+        lim = BATCH_LIMITS["cpu"] if y.is_cpu else BATCH_LIMITS["cuda"] if y.is_cuda else None
         return lim is not None and 0 < y.numel() <= lim[0] and y.dim() > 0 and y.is_floating_point()
 
     def add(self, d: dict[str, Any], y: torch.Tensor, band: tuple[float, float] | None, rectifier: bool,
             nonnegative: bool, feature_dim: int) -> None:
-        key = (y.shape, y.dtype, y.device, band, rectifier, nonnegative, feature_dim if rectifier else 0)
+        # get_device(): -1 on the CPU, else the CUDA index (fits() admits no other device)
+        key = (y.shape, y.dtype, y.get_device(), band, rectifier, nonnegative, feature_dim if rectifier else 0)
         b = self._buckets.get(key)
         if b is None:
             b = self._buckets[key] = _Bucket(y, band, rectifier, nonnegative, feature_dim, self.unit_vectors)

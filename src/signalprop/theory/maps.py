@@ -87,6 +87,46 @@ def gaussian_moments(act: Any, q: Array | float, which: tuple[str, ...] = ("m2",
     return out
 
 
+def moments_at(act: Any, which: tuple[str, ...], n: int = N_1D) -> Callable[[float], tuple[float, ...]]:
+    """:func:`gaussian_moments` at one q at a time, as a function of q that
+    returns the moments in the order of ``which``: for a layer-by-layer
+    recursion (:func:`signalprop.theory.propagate` calls it once per layer,
+    thousands of times for a deep net).  The activation, its closed forms and
+    the quadrature rule are looked up once; a call then evaluates the
+    activation on the nodes and takes one dot product per moment -- the
+    same nodes and operations as :func:`gaussian_moments`, so the same
+    values."""
+    a = _act.resolve(act)
+    unknown = sorted(set(which) - set(_INTEGRANDS))
+    if unknown:
+        raise ValueError(f"unknown Gaussian moment(s) {unknown}; choose from {sorted(_INTEGRANDS)}")
+    if any(k != 0.0 for k in a.kinks):  # nodes depend on q through the kinks: the general path
+        def general(q: float) -> tuple[float, ...]:
+            r = gaussian_moments(a, q, which, n)
+            return tuple(float(r[k]) for k in which)
+
+        return general
+    closed = {"m2": a.second_moment, "d2": a.deriv_second_moment}
+    forms = [closed.get(k) for k in which]
+    integrands = [_INTEGRANDS[k] for k in which]
+    phi = a.phi if any(k in _USES_PHI and f is None for k, f in zip(which, forms)) else None
+    dphi = a.dphi if any(k not in ("m1", "m2") and f is None for k, f in zip(which, forms)) else None
+    z0, w0 = _standard_pieces(n)
+
+    steps = list(zip(forms, integrands))
+
+    def at(q: float) -> tuple[float, ...]:
+        qf = float(q)
+        qa = np.float64(Q_MIN if qf < Q_MIN else qf)  # np.maximum's: a NaN stays NaN
+        x = math.sqrt(qa) * z0
+        p = phi(x) if phi is not None else None
+        d = dphi(x) if dphi is not None else None
+        return tuple([float(form(qa)) if form is not None else float(w0 @ f(x, p, d, qa))  # type: ignore[arg-type]
+                      for form, f in steps])
+
+    return at
+
+
 def _second_moment(act: _act.Activation, q: Array | float, n: int = N_1D) -> Array:
     return gaussian_moments(act, q, ("m2",), n)["m2"]
 

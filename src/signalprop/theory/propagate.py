@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .. import activations as _act
-from .maps import covmap, gaussian_moments
+from .maps import covmap, gaussian_moments, moments_at
 
 
 @dataclass(frozen=True)
@@ -83,30 +83,36 @@ def propagate(widths: Sequence[int], act: Any, sigma_w2: float | Sequence[float]
     else:
         acts = [_act.resolve(act)] * L
     sw2, sb2 = _per_layer(sigma_w2, L, "sigma_w2"), _per_layer(sigma_b2, L, "sigma_b2")
-    q = np.empty(L)
-    post = np.empty(L)
+    # the recursions run on Python floats (the same IEEE double arithmetic as numpy's
+    # scalars, without their per-operation overhead: a 2,000-layer chain is one loop each way)
+    sw2l, sb2l = sw2.tolist(), sb2.tolist()
+    ql: list[float] = []
+    postl: list[float] = []
     cs = np.empty(L) if c0 is not None else None
     m_in, q_in = float(q0), float(q0)
     c_in: float = float(c0) if c0 is not None else 0.0
     mean_in = float(m0)
     need = ("m2",) if mean_coupling is None else ("m1", "m2")
+    at = {id(a): moments_at(a, need) for a in {id(a): a for a in acts}.values()}  # one per distinct activation
     for layer in range(L):
         if mean_coupling is None:
-            q[layer] = sw2[layer] * m_in + sb2[layer]
+            q_l = sw2l[layer] * m_in + sb2l[layer]
         else:
             bs, s2 = mean_coupling[layer]
-            q[layer] = sw2[layer] * max(m_in - mean_in**2, 0.0) + sb2[layer] + 2 * mean_in * bs + mean_in**2 * s2
-        mom = gaussian_moments(acts[layer], q[layer], need)  # E[phi] and E[phi^2] on one set of nodes
+            q_l = sw2l[layer] * max(m_in - mean_in**2, 0.0) + sb2l[layer] + 2 * mean_in * bs + mean_in**2 * s2
+        ql.append(q_l)
+        mom = at[id(acts[layer])](q_l)  # E[phi] and E[phi^2] on one set of nodes
         if mean_coupling is not None:
-            mean_in = float(mom["m1"])
+            mean_in = mom[0]
         if cs is not None:
-            # correlation of pre-activations from the correlation of the inputs
-            cs[layer] = (sw2[layer] * c_in * m_in + sb2[layer]) / q[layer] if layer == 0 else c_in
-        post[layer] = mom["m2"]
+            # correlation of pre-activations from the correlation of the inputs (numpy scalars: 0/0 is nan)
+            cs[layer] = (sw2[layer] * c_in * m_in + sb2[layer]) / np.float64(q_l) if layer == 0 else c_in
+        postl.append(mom[-1])
         if cs is not None and layer + 1 < L:
-            _, _, c_next = covmap(acts[layer], q[layer], q[layer], cs[layer], sw2[layer + 1], sb2[layer + 1])
+            _, _, c_next = covmap(acts[layer], q_l, q_l, cs[layer], sw2[layer + 1], sb2[layer + 1])
             c_in = float(c_next)
-        m_in = post[layer]
+        m_in = mom[-1]
+    q, post = np.array(ql), np.array(postl)
     # E[phi'^2] does not feed the forward recursion: one vectorised call per distinct activation
     dphi2 = np.empty(L)
     same: dict[int, list[int]] = {}
@@ -114,13 +120,15 @@ def propagate(widths: Sequence[int], act: Any, sigma_w2: float | Sequence[float]
         same.setdefault(id(a), []).append(layer)
     for idx in same.values():
         dphi2[idx] = gaussian_moments(acts[idx[0]], q[idx], ("d2",))["d2"]
-    grad_post = np.empty(L)
-    grad_pre = np.empty(L)
-    grad_post[-1] = 1.0
+    d2 = dphi2.tolist()
+    gpost = [0.0] * L
+    gpre = [0.0] * L
+    gpost[-1] = 1.0
     for layer in range(L - 1, -1, -1):
-        grad_pre[layer] = dphi2[layer] * grad_post[layer]
+        gpre[layer] = d2[layer] * gpost[layer]
         if layer:
-            grad_post[layer - 1] = sw2[layer] * widths[layer + 1] / widths[layer] * grad_pre[layer]
+            gpost[layer - 1] = sw2l[layer] * widths[layer + 1] / widths[layer] * gpre[layer]
+    grad_post, grad_pre = np.array(gpost), np.array(gpre)
     input_grad = float(sw2[0] * widths[1] / widths[0] * grad_pre[0])
     with np.errstate(divide="ignore", invalid="ignore"):  # a collapsed layer gives 0/0 = nan, on purpose
         fwd = q / np.concatenate([[q_in], q[:-1]])
