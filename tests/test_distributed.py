@@ -263,14 +263,22 @@ def test_readme_torchrun_example_runs_on_two_ranks(tmp_path):
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     script = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if b.startswith("# train_ddp.py"))
     (tmp_path / "train_ddp.py").write_text(script)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--master-port", str(port), "train_ddp.py"], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for _ in range(3):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                              "--master-port", str(port), "train_ddp.py"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        done = "rank 0: healthy" in run.stdout and "rank 1: healthy" in run.stdout
+        # torch's own teardown race: after destroy_process_group() a gloo worker thread still
+        # joinable at interpreter exit aborts the process ("terminate called without an active
+        # exception"), ~1 run in 10 here with or without signalprop (pytorch/pytorch#179291
+        # discusses it). Only that failure, after both ranks finished, is run again.
+        if run.returncode == 0 or not (done and "terminate called without an active exception" in run.stderr):
+            break
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "rank 0: healthy" in run.stdout and "rank 1: healthy" in run.stdout
+    assert done
 
 
 def _single_rank(rank: int, port: int, out: str) -> None:

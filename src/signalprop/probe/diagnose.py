@@ -383,7 +383,9 @@ def diagnose(layers: list[LayerStats], inp: InputStats | None, bounds: tuple[flo
     for e in ev:
         for i in e.rows:
             flags[i].add(e.kind)
-    out = [evolve(layer, verdict=_row_verdict(layer, f)) for layer, f in zip(layers, flags)]
+    verdicts = [_row_verdict(layer, f) for layer, f in zip(layers, flags)]
+    # records are frozen: a row whose verdict does not change is shared, not copied
+    out = [layer if v == layer.verdict else evolve(layer, verdict=v) for layer, v in zip(layers, verdicts)]
     problems: list[Problem] = []
     nf = _nonfinite_problem(out, inp, backward_origin)
     if nf is not None:
