@@ -23,8 +23,8 @@ same modules in the same order (as DDP and FSDP already require).
 
 from __future__ import annotations
 
-import functools
 import math
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,15 +44,22 @@ ANY = "any"          # a vector of per-unit flags: how many are set on some rank
 _SQUARED = (NORM, GRAD_NORM, REPLICA_NORM, SHARD_NORM)
 
 
-@functools.cache
+_DTENSOR: list[tuple[type, type]] = []
+
+
 def _dtensor_types() -> tuple[type, type] | None:
-    """(DTensor, Shard), looked up once: ``local`` and ``norm_kind`` run per
-    tensor on every monitored step."""
-    try:
+    """(DTensor, Shard), looked up once they exist: ``local`` and
+    ``norm_kind`` run per tensor on every monitored step.  None while
+    ``torch.distributed.tensor`` has not been imported (then no tensor can be
+    a DTensor; importing it costs ~0.3 s, which a plain model never needs)."""
+    if not _DTENSOR:
+        mod = sys.modules.get("torch.distributed.tensor")
+        if mod is None or not hasattr(mod, "DTensor"):  # not imported, or still being imported
+            return None
         from torch.distributed.tensor import DTensor, Shard
-    except ImportError:  # torch built without distributed support
-        return None
-    return DTensor, Shard
+
+        _DTENSOR.append((DTensor, Shard))
+    return _DTENSOR[0]
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
