@@ -451,7 +451,8 @@ def check(model: nn.Module, inputs: Any, *, loss_fn: Callable[..., torch.Tensor]
     check_limits(bounds, trend)
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    params = list(model.parameters())
+    named = list(model.named_modules())  # one traversal, shared by the parameters, preserved() and the recorder
+    params = list(dict.fromkeys(p for _, m in named for p in m._parameters.values() if p is not None))
     if not params:
         raise ValueError(f"{type(model).__name__} has no parameters: nothing to diagnose")
     if _batch_size(inputs) == 0:
@@ -462,9 +463,9 @@ def check(model: nn.Module, inputs: Any, *, loss_fn: Callable[..., torch.Tensor]
     inner = unwrap(model)
     caller = model if red is not None and inner is not model else None
     call_inputs = _without_cache(inner, inputs)
-    with preserved(model), _collector_paused():
+    with preserved(model, [m for _, m in named]), _collector_paused():
         rng = _rng_states(params)
-        known = params if inner is model else None  # one traversal of the model's parameters, not two
+        known = (params, named) if inner is model else None  # the traversal above, not another
         report = _run(inner, call_inputs, loss_fn, targets, bounds, trend, False, red, caller, known)
         if report is None:  # a NaN/Inf somewhere: the same pass again, masking and locating it
             _set_rng_states(rng)
@@ -524,15 +525,16 @@ def _forward(model: nn.Module, x: Any, inputs: Any, rec: Recorder) -> Any:
 
 def _run(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: tuple[float, float],
          trend: float, exact: bool, red: Reduction | None = None, caller: nn.Module | None = None,
-         all_params: list[nn.Parameter] | None = None) -> Report | None:
+         known: tuple[list[nn.Parameter], list[tuple[str, nn.Module]]] | None = None) -> Report | None:
     """One diagnosed pass; None when the fast pass met a non-finite value
-    (the caller repeats it with ``exact=True``).  ``all_params``:
-    ``list(model.parameters())`` when the caller has it already.  ``red``: combine every
+    (the caller repeats it with ``exact=True``).  ``known``:
+    ``(list(model.parameters()), list(model.named_modules()))`` when the
+    caller has them already.  ``red``: combine every
     statistic across the process group; the backward pass then runs as
     training's does (``backward()``, so DDP and FSDP reduce the parameter
     gradients; the saved ``.grad`` comes back afterwards), through ``caller``
     (the DDP wrapper of ``model``) when given."""
-    rec = Recorder(model, exact=exact, unit_vectors=red is not None)
+    rec = Recorder(model, exact=exact, unit_vectors=red is not None, named=known[1] if known is not None else None)
     rec.attach()
     try:
         x, leaves = _prepare_inputs(inputs)
@@ -553,7 +555,7 @@ def _run(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: tupl
         else:
             root, cot = y, _cotangent(y)
             backprop = "random unit-variance cotangent on the output"
-        params = [p for p in (model.parameters() if all_params is None else all_params) if p.requires_grad]
+        params = [p for p in (model.parameters() if known is None else known[0]) if p.requires_grad]
         wrt = params + leaves + ([y] if loss_fn is not None and y.requires_grad else [])
         if not (params or leaves):
             raise ValueError("nothing in the model requires grad (all parameters frozen and no floating input): "

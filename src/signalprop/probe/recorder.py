@@ -239,13 +239,15 @@ class Recorder:
     the gradient hooks registered on each row's output."""
 
     def __init__(self, model: nn.Module, *, capture_functional: bool = True, stats: bool = True,
-                 track_inputs: bool = False, exact: bool = False, unit_vectors: bool = False) -> None:
+                 track_inputs: bool = False, exact: bool = False, unit_vectors: bool = False,
+                 named: list[tuple[str, nn.Module]] | None = None) -> None:
         """``stats=False`` records only the call sequence (activation detection);
         ``track_inputs`` also records each weight layer's input second moment;
         ``exact`` masks non-finite entries and counts them, and remembers which
         tensors each call read and wrote (the slow path after a NaN/Inf);
         ``unit_vectors`` keeps each rectifier row's per-unit alive flags rather
-        than their count (to be combined across ranks)."""
+        than their count (to be combined across ranks); ``named``:
+        ``list(model.named_modules())`` when the caller has it already."""
         self.model = model
         self.stats = stats
         self.exact = exact
@@ -257,7 +259,7 @@ class Recorder:
         self.stack: list[str] = []  # names of modules currently inside forward (functional capture only)
         self.leaf_depth = 0
         self._handles: list[Any] = []
-        self._modules = list(model.named_modules())  # one traversal, shared by everything below
+        self._modules = list(model.named_modules()) if named is None else named  # one traversal, shared below
         self._names = {m: n for n, m in self._modules}
         self._leaves = leaf_modules(model, self._modules)
         self.capture_functional = capture_functional and calls_functional_activations(

@@ -10,8 +10,9 @@ from torch import nn
 
 
 @contextmanager
-def preserved(model: nn.Module) -> Iterator[None]:
+def preserved(model: nn.Module, modules: list[nn.Module] | None = None) -> Iterator[None]:
     """Restore everything a diagnostic pass could touch, also on exceptions.
+    ``modules``: ``list(model.modules())`` when the caller has it already.
 
     Parameters' values are not copied: a pass never writes them (gradients
     are taken with ``torch.autograd.grad``, which leaves ``.grad`` alone).
@@ -19,7 +20,7 @@ def preserved(model: nn.Module) -> Iterator[None]:
     are the ``.grad`` references, ``requires_grad`` flags, each module's
     ``training`` flag and the global RNG states (dropout draws from them).
     """
-    mods = list(model.modules())  # one traversal (a 2,000-layer net has 4,000 modules)
+    mods = list(model.modules()) if modules is None else modules  # one traversal (4,000 modules in a 2,000-layer net)
     params = list(dict.fromkeys(p for m in mods for p in m._parameters.values() if p is not None))
     bufs = list(dict.fromkeys(b for m in mods for b in m._buffers.values() if b is not None))
     buffers = [(b, b.detach().clone()) for b in bufs]
