@@ -162,3 +162,24 @@ def test_one_gaussian_moments_routine_against_quad_and_closed_forms():
     assert float(closed["d2"]) == pytest.approx(nodes["d2"], rel=1e-13)
     with pytest.raises(ValueError, match="unknown Gaussian moment"):
         T.gaussian_moments("tanh", 1.0, ("m3",))
+
+
+def test_one_q_evaluator_equals_gaussian_moments_bit_for_bit():
+    """propagate's per-layer evaluator (theory.maps.moments_at) must give exactly
+    gaussian_moments' values (same nodes, same operations): smooth activations,
+    closed forms (erf, ReLU), kinks away from 0 (hardtanh: the general path),
+    q below the floor, 0, NaN and the moments in any order."""
+    from signalprop.theory.maps import moments_at
+
+    for act in ("tanh", "sigmoid", "gelu", "swish", "erf", "relu", "leaky_relu", "elu", "hardtanh", "softplus"):
+        for which in (("m1", "m2"), ("m2",), ("d2", "m1", "pdx"), ("m2", "d2", "d4", "dm1")):
+            at = moments_at(act, which)
+            for q in (1e-15, 0.0, 0.05, 1.0, 7.3, 250.0, float("nan")):
+                with np.errstate(all="ignore"):  # NaN through softplus' logaddexp warns, in both
+                    ref = T.gaussian_moments(act, q, which)
+                    got = at(q)
+                for k, v in zip(which, got):
+                    r = float(ref[k])
+                    assert (math.isnan(v) and math.isnan(r)) or v == r, (act, which, q, k, v, r)
+    with pytest.raises(ValueError, match="unknown Gaussian moment"):
+        moments_at("tanh", ("m3",))

@@ -41,6 +41,8 @@ def role_of(name: str, kind: str, module: nn.Module | None, shape: tuple[int, ..
     key = ps if ps else ("out", *shape[1:])  # an output shape, marked apart from parameter shapes
     sig = _SIGS.get(key)
     if sig is None:
+        if len(_SIGS) > 4096:  # bounded: outputs of many shapes (sequence lengths) add keys
+            _SIGS.clear()
         sig = _SIGS[key] = ";".join("x".join(map(str, p)) for p in ps) if ps else "x".join(map(str, shape[1:]))
     path = ".".join("#" if part.isdigit() else part for part in name.split("."))
     return f"{path}|{kind}|{sig}"
