@@ -45,6 +45,29 @@ def test_saturation_count_is_exact(dtype, name):
         assert float(d["saturated_count"]) == want and d["saturated_n"] == y.numel()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_saturation_counts_come_back_as_integers(dtype):
+    """Counts of thousands of saturated entries pass through a norm's sqrt and
+    a square (batched rows; non-contiguous or half-precision single rows),
+    which round in float32 (2,002 comes back as 2001.9999): both paths must
+    still give the exact integer."""
+    band = A.saturation_band(A.get("tanh"))
+    g = torch.Generator().manual_seed(0)
+    ys = [torch.tanh(torch.randn(256, 64, generator=g) * s).to(dtype) for s in (3.0, 10.0, 30.0, 100.0)]
+    batches = S.Batches()
+    ds: list[dict] = [{} for _ in ys]
+    for d, y in zip(ds, ys):
+        batches.add(d, y, band, False, False, -1)
+    batches.flush()
+    for d, y in zip(ds, ys):
+        want = int((y.double().abs() > band[1]).sum()) if dtype != torch.bfloat16 else int((y.abs() > band[1]).sum())
+        assert want > 2000
+        assert float(d["saturated_count"].tensor()) == want
+        single: dict = {}
+        S.saturation_into(single, y.t(), band, S.Scratch())  # not contiguous: the norm's path, not the dot
+        assert float(single["saturated_count"]) == want
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_forward_and_grad_moments_match_the_definition(dtype):
     scratch = S.Scratch()

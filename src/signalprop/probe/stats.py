@@ -173,7 +173,8 @@ def saturation_into(d: dict[str, torch.Tensor | float], y: torch.Tensor, band: t
         v = z.view(-1)
         d["saturated_count"] = torch.dot(v, v)
     else:
-        d["saturated_count"] = torch.linalg.vector_norm(z, dtype=torch.float32).square()
+        # the norm's sqrt and the square round (2,002 came back as 2001.9999): round_() restores the count
+        d["saturated_count"] = torch.linalg.vector_norm(z, dtype=torch.float32).square().round_()
 
 
 # A unit that fires on a share p of the inputs looks dead on k examples and
@@ -304,7 +305,8 @@ class _Bucket:
             self.z = torch.empty_like(self.buf)
         z = band_signs(B, band, self.z if B.shape[0] == self.z.shape[0] else self.z[:B.shape[0]])
         # the count is the sum of squares of the signs (count_nonzero(dim=) measured 10x slower)
-        return torch.linalg.vector_norm(z, dim=1, dtype=acc(z)).square_()
+        # (the sqrt and the square round: .round_() restores the integer, exact below 2^21 entries a row)
+        return torch.linalg.vector_norm(z, dim=1, dtype=acc(z)).square_().round_()
 
     def _alive(self, B: torch.Tensor) -> torch.Tensor:
         """Per row, the units that are not zero for every example and position
