@@ -28,22 +28,14 @@ _WEIGHT_LAYERS = (nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
-_SIGS: dict[tuple[Any, ...], str] = {}  # "64x64;64" per tuple of shapes (a net has few)
-
-
 def role_of(name: str, kind: str, module: nn.Module | None, shape: tuple[int, ...]) -> str:
     """A row's position in a repeated block: its name with every numeric path
     component as ``#`` (``layers.#.self_attn.q_proj``; ``ln_1`` and ``ln_2``
     stay apart), its class and its parameter shapes
     (or, without parameters, its output's shape past the batch dimension), so
     that rows of one role differ only by which block they are in."""
-    ps = tuple(tuple(p.shape) for p in module._parameters.values() if p is not None) if module is not None else ()
-    key = ps if ps else ("out", *shape[1:])  # an output shape, marked apart from parameter shapes
-    sig = _SIGS.get(key)
-    if sig is None:
-        if len(_SIGS) > 4096:  # bounded: outputs of many shapes (sequence lengths) add keys
-            _SIGS.clear()
-        sig = _SIGS[key] = ";".join("x".join(map(str, p)) for p in ps) if ps else "x".join(map(str, shape[1:]))
+    ps = [tuple(p.shape) for p in module._parameters.values() if p is not None] if module is not None else []
+    sig = ";".join("x".join(map(str, p)) for p in ps) if ps else "x".join(map(str, shape[1:]))
     path = ".".join("#" if part.isdigit() else part for part in name.split("."))
     return f"{path}|{kind}|{sig}"
 

@@ -130,6 +130,14 @@ def band_signs(y: torch.Tensor, band: tuple[float, float], z: torch.Tensor) -> t
     return torch.hardshrink(z if c != 0.0 else y, t, out=z).sign_()
 
 
+def _sign_count(z: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """The number of nonzero entries of :func:`band_signs`' +-1/0 output (over
+    every entry or along ``dim``) as its sum of squares, read off a norm: the
+    norm's sqrt and the square round (2,002 came back as 2001.9999), and
+    ``round_()`` restores the integer (exact below 2^21 entries)."""
+    return torch.linalg.vector_norm(z, dim=dim, dtype=acc(z)).square_().round_()
+
+
 class Scratch:
     """One reusable buffer per dtype and device for the elementwise step of a
     statistic: a fresh full-size tensor per row made the allocator map and
@@ -173,8 +181,7 @@ def saturation_into(d: dict[str, torch.Tensor | float], y: torch.Tensor, band: t
         v = z.view(-1)
         d["saturated_count"] = torch.dot(v, v)
     else:
-        # the norm's sqrt and the square round (2,002 came back as 2001.9999): round_() restores the count
-        d["saturated_count"] = torch.linalg.vector_norm(z, dtype=torch.float32).square().round_()
+        d["saturated_count"] = _sign_count(z)
 
 
 # A unit that fires on a share p of the inputs looks dead on k examples and
@@ -184,6 +191,16 @@ def saturation_into(d: dict[str, torch.Tensor | float], y: torch.Tensor, band: t
 # a unit firing on 10% of inputs looks dead with probability 3.4% (0.9^32), far
 # from the 50% share that makes a row "dead"; below that the data cannot tell.
 MIN_SAMPLES_PER_UNIT = 32
+
+
+def _alive_flags(y: torch.Tensor, others: tuple[int, ...], nonnegative: bool) -> torch.Tensor:
+    """Per unit (reduced over the dimensions ``others``), whether any of its
+    entries is not 0: a NaN counts as alive."""
+    if not others:
+        return y != 0
+    if nonnegative:  # ReLU: a unit is alive where its largest output is not 0
+        return torch.amax(y, dim=others) != 0
+    return (torch.amax(y, dim=others) != 0) | (torch.amin(y, dim=others) != 0)
 
 
 def dead_units(y: torch.Tensor, feature_dim: int, vector: bool = False,
@@ -201,13 +218,7 @@ def dead_units(y: torch.Tensor, feature_dim: int, vector: bool = False,
         return None
     fd = feature_dim % y.dim()
     units = y.shape[fd]
-    others = tuple(d for d in range(y.dim()) if d != fd)
-    if not others:
-        alive = y != 0
-    elif nonnegative:  # ReLU: a unit is alive where its largest output is not 0 (a NaN counts as alive)
-        alive = torch.amax(y, dim=others) != 0
-    else:
-        alive = (torch.amax(y, dim=others) != 0) | (torch.amin(y, dim=others) != 0)
+    alive = _alive_flags(y, tuple(d for d in range(y.dim()) if d != fd), nonnegative)
     if vector:
         return {"alive": alive, "units": float(units), "dead_samples": float(y.numel() // units)}
     return {"alive_count": alive.sum(dtype=torch.float32), "units": float(units),
@@ -304,22 +315,14 @@ class _Bucket:
         if self.z is None:
             self.z = torch.empty_like(self.buf)
         z = band_signs(B, band, self.z if B.shape[0] == self.z.shape[0] else self.z[:B.shape[0]])
-        # the count is the sum of squares of the signs (count_nonzero(dim=) measured 10x slower)
-        # (the sqrt and the square round: .round_() restores the integer, exact below 2^21 entries a row)
-        return torch.linalg.vector_norm(z, dim=1, dtype=acc(z)).square_().round_()
+        return _sign_count(z, dim=1)  # count_nonzero(dim=) measured 10x slower
 
     def _alive(self, B: torch.Tensor) -> torch.Tensor:
         """Per row, the units that are not zero for every example and position
         (see :func:`dead_units`): their count, or their flags."""
         Y = B.view(B.shape[0], *self.shape)
         fd = self.feature_dim % len(self.shape) + 1
-        others = tuple(i for i in range(1, Y.dim()) if i != fd)
-        if not others:
-            alive = Y != 0
-        elif self.nonnegative:
-            alive = torch.amax(Y, dim=others) != 0
-        else:
-            alive = (torch.amax(Y, dim=others) != 0) | (torch.amin(Y, dim=others) != 0)
+        alive = _alive_flags(Y, tuple(i for i in range(1, Y.dim()) if i != fd), self.nonnegative)
         return alive if self.unit_vectors else alive.sum(dim=1, dtype=torch.float32)
 
 
