@@ -154,8 +154,66 @@ def _same(a, b):
 
 
 def _no_hooks(m):
+    from torch.nn.modules import module as M
+
     for mod in m.modules():
         assert not mod._forward_hooks and not mod._forward_pre_hooks
+    assert not M._global_forward_hooks and not M._global_forward_pre_hooks  # check's own hooks are global
+
+
+def _rows_of(r, name):
+    return [layer for layer in r.layers if layer.name == name]
+
+
+class _Functional(nn.Module):
+    """Calls tanh as a function: the pass runs with functional capture."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_a_leaf_with_its_own_output_hook_is_measured_after_it(functional):
+    """check's forward hooks are torch's global ones, which run before a
+    module's own; a leaf whose own hook replaces its output (here x3) must be
+    measured on the output that flows on, and its gradient taken there: the
+    second moment 9x the unhooked one's, the gradient autograd's with respect to it
+    (the original output's is 3x that)."""
+    torch.manual_seed(0)
+    m = _Functional() if functional else nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+    first = m.a if functional else m[0]
+    name = "a" if functional else "0"
+    x = x_of(64, 8)
+    loss = {"loss_fn": lambda y: y.pow(2).sum()}
+    plain = _rows_of(sp.check(m, x, **loss), name)[0]
+    h = first.register_forward_hook(lambda mod, args, out: out * 3)
+    try:
+        hooked = _rows_of(sp.check(m, x, **loss), name)[0]
+    finally:
+        h.remove()
+    assert len(first._forward_hooks) == 0
+    y1 = first(x) * 3  # the output that flows on, and the loss's gradient with respect to it (autograd)
+    rest = m.b(torch.tanh(y1)) if functional else m[2](m[1](y1))
+    (g,) = torch.autograd.grad(rest.pow(2).sum(), y1)
+    assert hooked.forward_second_moment == pytest.approx(float(y1.detach().double().pow(2).mean()), rel=1e-5)
+    assert hooked.forward_second_moment == pytest.approx(9 * plain.forward_second_moment, rel=1e-5)
+    assert hooked.grad_rms == pytest.approx(float(g.double().pow(2).mean().sqrt()), rel=1e-5)
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_modules_outside_the_model_are_not_recorded(functional):
+    """A loss that is an nn.Module (and any other module run during the pass)
+    calls the global hooks too; only the model's own calls are rows."""
+    torch.manual_seed(0)
+    m = _Functional() if functional else nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+    x, t = x_of(16, 8), torch.randn(16, 4, generator=torch.Generator().manual_seed(2))
+    r = sp.check(m, x, loss_fn=nn.MSELoss(), targets=t)
+    assert [layer.name for layer in r.layers] == (["a", "tanh", "b"] if functional else ["0", "1", "2"])
+    _no_hooks(m)
 
 
 def test_model_comes_back_bit_for_bit():
@@ -420,3 +478,62 @@ def test_spectrum_of_token_model_is_taken_from_its_embeddings():
     assert sp.check(m, ids, spectrum=True).spectrum.max_singular_value == pytest.approx(s.max_singular_value)
     with pytest.raises(ValueError, match="floating-point input"):
         sp.check(nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4)), torch.tensor([[1, 2]]), spectrum=True)
+
+
+class _Mean(nn.Module):
+    """The second output of a two-output autograd node (std_mean's mean)."""
+
+    def forward(self, x):
+        return torch.std_mean(x, dim=-1, keepdim=True)[1]
+
+
+class _Tricky(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.id = nn.Identity()  # returns the input, a leaf: no autograd node to hook
+        self.a, self.relu = nn.Linear(8, 8), nn.ReLU(inplace=True)  # a's output modified in place after its row
+        self.b, self.mean = nn.Linear(8, 8), _Mean()
+        self.lstm = nn.LSTM(8, 8)  # output 0 of a many-output node (unbatched: a sequence of 24)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.relu(self.a(self.id(x)))
+        h = self.b(h) + self.mean(h)
+        h, _ = self.lstm(h)
+        return self.head(self.b(h))  # b called twice
+
+
+def test_row_gradients_equal_tensor_hooks_on_each_output():
+    """Each row's gradient is read by a pre-hook of the autograd node that
+    made its output (the output's index among the node's outputs), or by a
+    tensor hook where there is no node: the same gradient a tensor hook on
+    that output sees (torch's documented semantics, also when the output is
+    modified in place afterwards), here taken as the oracle on a second,
+    hooked pass over the same model and batch."""
+    torch.manual_seed(0)
+    m = _Tricky()
+    x = x_of(24, 8)  # 2-D: Linear's output is not a view (a view is measured on a copy, see Recorder)
+    loss = lambda y: y.pow(2).sum()  # noqa: E731 - a deterministic objective
+    r = sp.check(m, x, loss_fn=loss)
+    grads: dict[int, torch.Tensor] = {}
+    names: list[str] = []
+
+    def keep(mod, args, out):
+        t = out if isinstance(out, torch.Tensor) else out[0]
+        i = len(names)
+        names.append({v: k for k, v in m.named_modules()}[mod])
+        t.register_hook(lambda g: grads.__setitem__(i, g))
+
+    leaves = [mod for mod in m.modules() if not list(mod.children())]
+    handles = [mod.register_forward_hook(keep) for mod in leaves]
+    try:
+        xl = x.clone().requires_grad_()
+        loss(m(xl)).backward()
+    finally:
+        for h in handles:
+            h.remove()
+    m.zero_grad(set_to_none=True)
+    assert [layer.name for layer in r.layers] == names == ["id", "a", "relu", "b", "mean", "lstm", "b", "head"]
+    for i, layer in enumerate(r.layers):
+        want = float(grads[i].double().pow(2).mean().sqrt())
+        assert layer.grad_rms == pytest.approx(want, rel=1e-5), layer.name

@@ -66,6 +66,9 @@ def test_hooks_are_gone_after_close():
     mon.close()
     for mod in m.modules():
         assert not mod._forward_hooks and not mod._forward_pre_hooks, mod
+    from torch.nn.modules import module as M
+
+    assert not M._global_forward_hooks and not M._global_forward_pre_hooks  # the recorder's are global
     with pytest.raises(RuntimeError, match="closed"):
         mon.step(torch.tensor(1.0))
 

@@ -23,6 +23,7 @@ from .distributed import (
     ROW_KINDS,
     SUM,
     Reduction,
+    _dtensor_types,
     is_ddp,
     is_sharded,
     local,
@@ -276,18 +277,21 @@ def _norms(tensors: list[torch.Tensor]) -> list[torch.Tensor | Part]:
     out: list[torch.Tensor | Part | None] = [None] * len(tensors)
     fused: dict[tuple[Any, Any], list[int]] = {}
     stacks: dict[tuple[Any, Any], list[int]] = {}
-    tensors = [local(t) for t in tensors]  # a DTensor's own shard (FSDP2): combined across ranks later
+    if _dtensor_types() is not None:
+        tensors = [local(t) for t in tensors]  # a DTensor's own shard (FSDP2): combined across ranks later
     for i, t in enumerate(tensors):
         n = t.numel()
-        if not t.is_cpu or _STACK_NORM_MAX < n < _DOT_NORM_MIN:
-            fused.setdefault((t.device, t.dtype), []).append(i)
+        if not t.is_cpu:
+            fused.setdefault((t.get_device(), t.dtype), []).append(i)
+        elif _STACK_NORM_MAX < n < _DOT_NORM_MIN:
+            fused.setdefault((-1, t.dtype), []).append(i)  # get_device(): -1 on the CPU, no torch.device built
         elif n <= _STACK_NORM_MAX and t.dtype.is_floating_point:
             stacks.setdefault((t.dtype, t.shape), []).append(i)
         elif dottable(t):  # a BLAS dot: ~3x faster than _foreach_norm on 512 x 512
             v = t.view(-1)
             out[i] = torch.dot(v, v).sqrt_()
         else:
-            fused.setdefault((t.device, t.dtype), []).append(i)
+            fused.setdefault((-1, t.dtype), []).append(i)
     for idx in fused.values():
         for i, norm in zip(idx, torch._foreach_norm([tensors[i] for i in idx])):
             out[i] = norm
@@ -337,7 +341,7 @@ class _ParamNorms:
         with torch.no_grad():
             for i, n in zip(todo, _norms([tensors[i] for i in todo]) if todo else []):
                 out[i] = n
-        kinds = [norm_kind(t) for t in tensors]
+        kinds = [norm_kind(t) for t in tensors] if _dtensor_types() is not None else [REPLICA_NORM] * len(tensors)
         whole = {id(tensors[i + 1]): out[i + 1] for _, _, idx in mods for i in idx  # small ones (Parts) the
                  if kinds[i + 1] == REPLICA_NORM and isinstance(out[i + 1], torch.Tensor)}  # theory stacks itself
         return _ParamNorms(mods, out, kinds, whole)  # type: ignore[arg-type]
@@ -357,15 +361,19 @@ _BLANK = LayerStats(index=0, name="", kind="", depth=0, shape=(), forward_mean=0
 
 
 def _layer_stats(rows: list[Row], vals: list[dict[str, Any]], pgrads: dict[nn.Module, tuple[float, float]],
-                 out_rms: float) -> list[LayerStats]:
+                 out_rms: float, pred: dict[int, tuple[float, float]] | None = None) -> list[LayerStats]:
+    """One record per row; ``pred``: the theory column by row index (see
+    :func:`~.predict.predictions`)."""
     layers = []
     prev_m2: float | None = None
     prev_g2: float | None = None
+    pred = pred or {}
     for r, v in zip(rows, vals):
         m2 = v["forward_second_moment"]
         g2 = v.get("grad_ms")
         pg = pgrads.get(r.module) if r.module is not None else None
         g = None if g2 is None else math.sqrt(g2)
+        pr = pred.get(r.index)
         layers.append(evolve(  # a copy of a blank record: LayerStats' frozen __init__ costs 4 us a row
             _BLANK, index=r.index, name=r.name, kind=r.kind, depth=r.depth, shape=r.shape,
             forward_mean=v["forward_mean"], forward_var=v["forward_var"], forward_second_moment=m2,
@@ -379,6 +387,7 @@ def _layer_stats(rows: list[Row], vals: list[dict[str, Any]], pgrads: dict[nn.Mo
             backward_gain=prev_g2 / g2 if (prev_g2 is not None and g2) else None,
             relative_grad_rms=None if g is None else (g / out_rms if out_rms > 0 else math.inf),
             activation=r.act.name if r.act is not None else None, role=r.role,
+            predicted_second_moment=pr[0] if pr else None, predicted_grad_rms=pr[1] if pr else None,
         ))
         prev_m2 = m2 if m2 > 0 else None
         prev_g2 = g2
@@ -594,14 +603,14 @@ def _run(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: tupl
     out_rms = ex[-3] / math.sqrt(max(ex[-1], 1.0)) if out_grad is not None else 0.0
     if loss_fn is not None:
         backprop += f" = {ex[-2]:.6g}"
-    layers = _layer_stats(rec.rows, vals, pnorms.values(ex[:k]), out_rms)
+    last_g2 = vals[-1].get("grad_ms") if vals else None  # the theory's gradients are scaled to the last row's
+    pred = predictions(rec.rows, inp, math.sqrt(last_g2) ** 2 if last_g2 else 0.0, pnorms.weight_norms)
+    pgrads = pnorms.values(ex[:k])
+    layers = _layer_stats(rec.rows, vals, pgrads, out_rms, pred)
     if out_grad is None or out_rms == 0:  # the loss does not reach the first output tensor
         last = next((layer.grad_rms for layer in reversed(layers) if layer.grad_rms), None)
         out_rms = last or 1.0
-        layers = _layer_stats(rec.rows, vals, pnorms.values(ex[:k]), out_rms)
-    pred = predictions(rec.rows, layers, inp, pnorms.weight_norms)
-    if pred is not None:
-        layers = pred
+        layers = _layer_stats(rec.rows, vals, pgrads, out_rms, pred)
     origin = _backward_origin(rec.rows, layers) if exact else None
     stale = _stale_batchnorm(rec.rows)
     verdict, problems, layers, judged = diagnose(layers, inp, bounds, trend, backward_origin=origin,

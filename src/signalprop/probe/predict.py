@@ -9,7 +9,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from ..records import InputStats, LayerStats, evolve
+from ..records import InputStats
 from ..theory import propagate
 from .recorder import Row
 from .stats import acc, dottable
@@ -147,15 +147,17 @@ def _weight_terms(modules: list[nn.Module], norms: dict[int, torch.Tensor] | Non
     return out
 
 
-def predictions(rows: list[Row], layers: list[LayerStats], inp: InputStats | None,
-                weight_norms: dict[int, torch.Tensor] | None = None) -> list[LayerStats] | None:
-    """Layers with ``predicted_second_moment`` and ``predicted_grad_rms`` filled,
-    from each layer's measured weights (sigma_w2, sigma_b2 and the coupling
-    of the input's mean through the row sums, so a bias that cancels
-    sigmoid's mean is predicted as such); None when the model is not a plain
-    chain of Linear/Conv layers and elementwise activations -- normalisation,
-    attention, residual branches and pooling are outside what the theory
-    predicts, and no number is shown there."""
+def predictions(rows: list[Row], inp: InputStats | None, cot_ms: float,
+                weight_norms: dict[int, torch.Tensor] | None = None) -> dict[int, tuple[float, float]] | None:
+    """Per row index, ``(predicted_second_moment, predicted_grad_rms)`` of
+    each weight and activation row, from each layer's measured weights
+    (sigma_w2, sigma_b2 and the coupling of the input's mean through the row
+    sums, so a bias that cancels sigmoid's mean is predicted as such), the
+    gradients scaled to ``cot_ms``, the measured mean square of the gradient
+    at the last row; None when the model is not a plain chain of Linear/Conv
+    layers and elementwise activations -- normalisation, attention, residual
+    branches and pooling are outside what the theory predicts, and no number
+    is shown there."""
     chain = _chain(rows)
     if chain is None or inp is None:
         return None
@@ -172,16 +174,12 @@ def predictions(rows: list[Row], layers: list[LayerStats], inp: InputStats | Non
                       mean_coupling=[(t[2], t[3]) for t in terms], m0=inp.mean)
     except ValueError:
         return None
-    last = layers[-1]
-    cot_ms = (last.grad_rms or 0.0) ** 2
-    out = list(layers)
+    out: dict[int, tuple[float, float]] = {}
     for l_idx, (w, a) in enumerate(chain):
-        out[w.index] = evolve(out[w.index], predicted_second_moment=float(p.q[l_idx]),
-                               predicted_grad_rms=math.sqrt(p.grad_pre[l_idx] * cot_ms) if a is not None
-                               else math.sqrt(p.grad_post[l_idx] * cot_ms))
+        out[w.index] = (float(p.q[l_idx]), math.sqrt(p.grad_pre[l_idx] * cot_ms) if a is not None
+                        else math.sqrt(p.grad_post[l_idx] * cot_ms))
         if a is not None:
-            out[a.index] = evolve(out[a.index], predicted_second_moment=float(p.post[l_idx]),
-                                   predicted_grad_rms=math.sqrt(p.grad_post[l_idx] * cot_ms))
+            out[a.index] = (float(p.post[l_idx]), math.sqrt(p.grad_post[l_idx] * cot_ms))
     return out
 
 
