@@ -137,52 +137,77 @@ def _cotangent(t: torch.Tensor) -> torch.Tensor:
     return torch.randn(t.shape, generator=g, device=t.device, dtype=t.dtype)
 
 
+class _Pending:
+    """Values still on a device (0-d tensors, :class:`~.stats.Part` entries of
+    batch vectors), each with the place its Python float goes (a dict and a
+    key, or a list and an index), grouped as they are added -- by batch
+    vector, and 0-d tensors by device and dtype -- so that :meth:`resolve`
+    reads them all with one concatenation and one transfer per device: the
+    only host synchronisation of the pass."""
+
+    __slots__ = ("singles", "vectors")
+
+    def __init__(self) -> None:
+        self.singles: dict[tuple[Any, Any], tuple[list[Any], list[Any], list[torch.Tensor]]] = {}
+        self.vectors: dict[int, tuple[torch.Tensor, list[Any], list[Any], list[int]]] = {}
+
+    def add(self, into: Any, key: Any, v: Any) -> None:
+        """``into[key] = float(v)`` once resolved (at once for a plain number)."""
+        tp = type(v)
+        if tp is Part and v.vec.dim() == 1:
+            e = self.vectors.get(id(v.vec))
+            if e is None:
+                e = self.vectors[id(v.vec)] = (v.vec, [], [], [])
+            e[1].append(into)
+            e[2].append(key)
+            e[3].append(v.i)
+        elif tp is Part or isinstance(v, torch.Tensor):
+            t = v.tensor() if tp is Part else v
+            e2 = self.singles.get((t.device, t.dtype))
+            if e2 is None:
+                e2 = self.singles[(t.device, t.dtype)] = ([], [], [])
+            e2[0].append(into)
+            e2[1].append(key)
+            e2[2].append(t)
+        else:
+            into[key] = float(v)
+
+    def resolve(self) -> None:
+        by_device: dict[Any, list[tuple[torch.Tensor, list[Any], list[Any], list[int] | None]]] = {}
+        for (dev, _), (intos, keys, ts) in self.singles.items():
+            by_device.setdefault(dev, []).append((torch.stack(ts), intos, keys, None))
+        for vec, intos, keys, pos in self.vectors.values():
+            by_device.setdefault(vec.device, []).append((vec, intos, keys, pos))
+        for pieces in by_device.values():
+            flat = torch.cat([t.double() for t, _, _, _ in pieces]).cpu().tolist()
+            at = 0
+            for t, intos, keys, where in pieces:
+                if where is not None:  # entries of a batch vector, by their position in it
+                    for into, key, j in zip(intos, keys, where):
+                        into[key] = flat[at + j]
+                else:
+                    for into, key, v in zip(intos, keys, flat[at:at + len(intos)]):
+                        into[key] = v
+                at += t.numel()
+        self.singles.clear()
+        self.vectors.clear()
+
+
 def _gather(scalars: list[Any], kinds: list[str] | None = None, red: Reduction | None = None) -> list[float]:
     """0-d tensors, floats and :class:`~.stats.Part` entries of batch vectors
-    as Python floats: one concatenation and one transfer per device -- the
-    only host synchronisation of the pass.  With ``red``, combined across
+    as Python floats (see :class:`_Pending`).  With ``red``, combined across
     the process group instead, each by its kind (one all-reduce)."""
     if red is not None:
         assert kinds is not None
         return red.gather([v.tensor() if isinstance(v, Part) else v for v in scalars], kinds)
-    out: list[float] = [0.0] * len(scalars)
-    singles: dict[tuple[Any, Any], tuple[list[int], list[torch.Tensor]]] = {}  # 0-d tensors by device, dtype
-    vectors: dict[int, tuple[torch.Tensor, list[int], list[int]]] = {}  # batch vectors by identity: where, which
+    out: list[Any] = [0.0] * len(scalars)
+    pending = _Pending()
     for i, v in enumerate(scalars):
-        tp = type(v)
-        if tp is float:
+        if type(v) is float:
             out[i] = v
-        elif tp is Part and v.vec.dim() == 1:
-            e = vectors.get(id(v.vec))
-            if e is None:
-                e = vectors[id(v.vec)] = (v.vec, [], [])
-            e[1].append(i)
-            e[2].append(v.i)
-        elif tp is Part or isinstance(v, torch.Tensor):
-            t = v.tensor() if tp is Part else v
-            e2 = singles.get((t.device, t.dtype))
-            if e2 is None:
-                e2 = singles[(t.device, t.dtype)] = ([], [])
-            e2[0].append(i)
-            e2[1].append(t)
         else:
-            out[i] = float(v)
-    by_device: dict[Any, list[tuple[torch.Tensor, list[int], list[int] | None]]] = {}
-    for (dev, _), (idx, ts) in singles.items():
-        by_device.setdefault(dev, []).append((torch.stack(ts), idx, None))
-    for vec, idx, pos in vectors.values():
-        by_device.setdefault(vec.device, []).append((vec, idx, pos))
-    for pieces in by_device.values():
-        flat = torch.cat([t.double() for t, _, _ in pieces]).cpu().tolist()
-        at = 0
-        for t, idx, where in pieces:
-            if where is not None:  # entries of a batch vector, by their position in it
-                for i, j in zip(idx, where):
-                    out[i] = flat[at + j]
-            else:
-                for i, v in zip(idx, flat[at:at + len(idx)]):
-                    out[i] = v
-            at += t.numel()
+            pending.add(out, i, v)
+    pending.resolve()
     return out
 
 
@@ -192,26 +217,36 @@ def _finalise(rows: list[Row], extra: list[torch.Tensor | Part | float], red: Re
     together; derived moments formed in float64, where squares cannot overflow.
     With ``red``, every statistic is combined across the process group (one
     all-reduce; ``extra_kinds`` says how each extra scalar combines)."""
-    where: list[tuple[dict[str, Any], str]] = []
-    scalars: list[torch.Tensor | Part | float] = []
-    kinds: list[str] = []
     out: list[dict[str, Any]] = []
-    for r in rows:
-        o = {**r.fwd, **r.bwd}  # floats stay; tensors and Parts are replaced by their values below
-        out.append(o)
-        for k, v in o.items():
-            if red is not None:
+    ex = [e if not isinstance(e, torch.Tensor) or e.dim() == 0 else e.reshape(()) for e in extra]
+    if red is None:  # each value written straight into its row's dict once read
+        pending = _Pending()
+        for r in rows:
+            o = {**r.fwd, **r.bwd}  # floats stay; tensors and Parts are replaced by their values
+            out.append(o)
+            for k, v in o.items():
+                if type(v) is not float:
+                    pending.add(o, k, v)
+        exv: list[Any] = [0.0] * len(ex)
+        for i, e in enumerate(ex):
+            pending.add(exv, i, e)
+        pending.resolve()
+    else:
+        where: list[tuple[dict[str, Any], str]] = []
+        scalars: list[torch.Tensor | Part | float] = []
+        kinds: list[str] = []
+        for r in rows:
+            o = {**r.fwd, **r.bwd}
+            out.append(o)
+            for k, v in o.items():
                 if k in ROW_KINDS or isinstance(v, (torch.Tensor, Part)):
                     where.append((o, k))
                     scalars.append(v)
                     kinds.append(ROW_KINDS.get(k, SUM))
-            elif type(v) is not float:
-                where.append((o, k))
-                scalars.append(v)
-    ex = [e if not isinstance(e, torch.Tensor) or e.dim() == 0 else e.reshape(()) for e in extra]
-    vals = _gather(scalars + ex, kinds + list(extra_kinds or []) if red is not None else None, red)
-    for (o, k), v in zip(where, vals):
-        o[k] = v
+        vals = _gather(scalars + ex, kinds + list(extra_kinds or []), red)
+        for (o, k), v in zip(where, vals):
+            o[k] = v
+        exv = vals[len(scalars):]
     for d in out:
         if "alive" in d:
             d["alive_count"] = d.pop("alive")
@@ -228,7 +263,7 @@ def _finalise(rows: list[Row], extra: list[torch.Tensor | Part | float], red: Re
             d["saturation"] = d.pop("saturated_count") / d.pop("saturated_n")
         if "alive_count" in d:
             d["dead_fraction"] = 1.0 - d.pop("alive_count") / d.pop("units")
-    return out, vals[len(scalars):]
+    return out, exv
 
 
 def _nonfinite(vals: list[dict[str, Any]], extra: list[float]) -> bool:
