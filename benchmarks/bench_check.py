@@ -27,8 +27,8 @@ def case_mlp(repeat: int, depth: int = 100, width: int = 512, target: float = 1.
     x = torch.randn(256, width)
     sp.init.critical_(m, x, generator=torch.Generator().manual_seed(0))  # healthy: the fast path is timed
     ours, ref = interleaved(lambda: sp.check(m, x), lambda: plain(m, x), repeat)
-    return {"model": f"MLP {depth} x {width}, tanh, critical init", "batch": 256, "check_median_s": ours,
-            "plain_median_s": ref, "ratio": ours / ref, "target_ratio": target}
+    return {"model": f"MLP {depth} x {width}, tanh, critical init", "batch": 256, "pairs": repeat,
+            "check_median_s": ours, "plain_median_s": ref, "ratio": ours / ref, "target_ratio": target}
 
 
 def case_gpt2(repeat: int, batch: int = 8, seq: int = 128) -> dict:
@@ -41,12 +41,14 @@ def case_gpt2(repeat: int, batch: int = 8, seq: int = 128) -> dict:
     gen = torch.Generator().manual_seed(0)
     ids = {"input_ids": torch.randint(0, cfg.vocab_size, (batch, seq), generator=gen), "use_cache": False}
     ours, ref = interleaved(lambda: sp.check(m, ids), lambda: plain(m, ids), repeat)
-    return {"model": "GPT-2 small (config, random weights)", "batch": batch, "seq": seq, "check_median_s": ours,
-            "plain_median_s": ref, "ratio": ours / ref, "target_ratio": 1.3}
+    return {"model": "GPT-2 small (config, random weights)", "batch": batch, "seq": seq, "pairs": repeat,
+            "check_median_s": ours, "plain_median_s": ref, "ratio": ours / ref, "target_ratio": 1.3}
 
 
 def main(out: Path, repeat: int) -> dict:
-    rows = {"mlp_100x512": case_mlp(repeat), "mlp_2000x64": case_mlp(repeat, 2000, 64, 1.5),
+    # the MLP steps take 0.2-0.8 s: 4x the pairs (20 by default; single runs of 5 moved by 5-15%
+    # on the 2-core development machine); the GPT-2 steps take 5-25 s
+    rows = {"mlp_100x512": case_mlp(4 * repeat), "mlp_2000x64": case_mlp(4 * repeat, 2000, 64, 1.5),
             "gpt2_small_8x128": case_gpt2(max(3, repeat // 2)),
             "gpt2_small_8x512": case_gpt2(3, 8, 512), "threads": torch.get_num_threads()}
     write(out, "bench_check", rows)

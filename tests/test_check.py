@@ -537,3 +537,21 @@ def test_row_gradients_equal_tensor_hooks_on_each_output():
     for i, layer in enumerate(r.layers):
         want = float(grads[i].double().pow(2).mean().sqrt())
         assert layer.grad_rms == pytest.approx(want, rel=1e-5), layer.name
+
+
+def test_a_compiled_submodule_gets_per_module_hooks_and_no_warning():
+    """torch warns when a torch.compile'd module runs under global module
+    hooks; a model holding one is hooked module by module instead, and its
+    inner layers are still rows."""
+    import warnings
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+    m[1] = torch.compile(nn.Sequential(nn.Linear(8, 8), nn.Tanh()), backend="eager")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = sp.check(m, x_of(16, 8))
+    assert not [w for w in caught if "hooks" in str(w.message)], [str(w.message) for w in caught]
+    assert [layer.name for layer in r.layers] == ["0", "1._orig_mod.0", "1._orig_mod.1", "2"]
+    assert all(layer.grad_rms is not None for layer in r.layers)
+    _no_hooks(m)

@@ -413,9 +413,12 @@ class Recorder:
         16 ms on a 2,000-layer MLP).  Global hooks run before a module's
         own forward hooks, so when a leaf has hooks of its own (which may
         replace its output) every module is hooked on its own instead, after
-        them, to see the output that flows on."""
+        them, to see the output that flows on; and when the model holds a
+        ``torch.compile``'d submodule, which torch warns about under global
+        hooks (they fire for its wrapper too)."""
         self._info = {m: self._leaf_info(m) for m in self._leaves}
-        per_module = any(m._forward_hooks for m in self._leaves)
+        per_module = any(m._forward_hooks for m in self._leaves) or \
+            any(type(m).__name__ == "OptimizedModule" for _, m in self._modules)
         if self.capture_functional:
             if per_module:
                 for _, m in self._modules:
