@@ -222,7 +222,7 @@ class Monitor:
         if not torch.is_grad_enabled():
             return
         if self._recording and self._rec is not None:
-            self._rec.detach()  # the step's first forward is the sampled one; its tensor hooks stay
+            self._rec.detach()  # the step's first forward is the sampled one; its gradient hooks stay
             self._recording = False
         if not self._calls:
             return

@@ -251,7 +251,8 @@ class Recorder:
     """``attach()`` to a model, run it (inside :meth:`functional_mode` when
     that is not None), ``detach()``; ``rows`` holds one :class:`Row` per call,
     its statistics filled in by the forward hooks and, during backward, by
-    the gradient hooks registered on each row's output."""
+    the gradient hooks on each row's output (pre-hooks of the autograd node
+    that made it, see :func:`_grad_prehook`)."""
 
     def __init__(self, model: nn.Module, *, capture_functional: bool = True, stats: bool = True,
                  track_inputs: bool = False, exact: bool = False, unit_vectors: bool = False,
@@ -320,7 +321,7 @@ class Recorder:
 
     def _leaf_post(self, m: nn.Module, args: Any, out: Any, info: _Leaf | None = None) -> Any:
         """One leaf call: its row and its statistics (the whole per-row cost
-        when no functional capture runs: one forward hook per leaf)."""
+        when no functional capture runs: one hook call per leaf call)."""
         if info is None:
             info = self._info[m]
         replaced = None
@@ -434,8 +435,8 @@ class Recorder:
             self._handles.append(register_module_forward_hook(self._leaf_post_any))
 
     def detach(self) -> None:
-        """Remove the hooks (tensor hooks on outputs already produced stay, to
-        measure their gradients) and measure the outputs still waiting in a
+        """Remove the forward hooks (the gradient hooks on outputs already
+        produced stay, to measure their gradients) and measure the outputs still waiting in a
         batch: every row's forward statistics are set from here on."""
         for h in self._handles:
             h.remove()
