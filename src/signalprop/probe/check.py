@@ -23,7 +23,6 @@ from .distributed import (
     ROW_KINDS,
     SUM,
     Reduction,
-    _dtensor_types,
     is_ddp,
     is_sharded,
     local,
@@ -312,8 +311,7 @@ def _norms(tensors: list[torch.Tensor]) -> list[torch.Tensor | Part]:
     out: list[torch.Tensor | Part | None] = [None] * len(tensors)
     fused: dict[tuple[Any, Any], list[int]] = {}
     stacks: dict[tuple[Any, Any], list[int]] = {}
-    if _dtensor_types() is not None:
-        tensors = [local(t) for t in tensors]  # a DTensor's own shard (FSDP2): combined across ranks later
+    tensors = [local(t) for t in tensors]  # a DTensor's own shard (FSDP2): combined across ranks later
     for i, t in enumerate(tensors):
         n = t.numel()
         if not t.is_cpu or _STACK_NORM_MAX < n < _DOT_NORM_MIN:
@@ -374,7 +372,7 @@ class _ParamNorms:
         with torch.no_grad():
             for i, n in zip(todo, _norms([tensors[i] for i in todo]) if todo else []):
                 out[i] = n
-        kinds = [norm_kind(t) for t in tensors] if _dtensor_types() is not None else [REPLICA_NORM] * len(tensors)
+        kinds = [norm_kind(t) for t in tensors]
         whole = {id(tensors[i + 1]): out[i + 1] for _, _, idx in mods for i in idx  # small ones (Parts) the
                  if kinds[i + 1] == REPLICA_NORM and isinstance(out[i + 1], torch.Tensor)}  # theory stacks itself
         return _ParamNorms(mods, out, kinds, whole)  # type: ignore[arg-type]
