@@ -268,7 +268,7 @@ class Monitor:
             kinds += (pn.kinds if pn is not None else []) + (upd[1] if upd is not None else [])
             if sampled:
                 assert self._rec is not None
-                vals, ex = _finalise(self._rec.rows, extra + more, self.red, kinds)
+                vals, ex = _finalise(self._rec.rows, extra + more, self.red, kinds, self._rec.batched())
             else:
                 vals, ex = [], _gather(extra + more, kinds, self.red) if extra or more else []
         n = len(gnorms)

@@ -33,7 +33,7 @@ from .distributed import (
 from .predict import predictions
 from .recorder import Recorder, Row, first_float_tensor
 from .state import preserved
-from .stats import Part, acc, dottable
+from .stats import Batched, Part, acc, as_parts, dottable
 
 
 class ModelError(ValueError):
@@ -137,18 +137,19 @@ def _cotangent(t: torch.Tensor) -> torch.Tensor:
 
 
 class _Pending:
-    """Values still on a device (0-d tensors, :class:`~.stats.Part` entries of
-    batch vectors), each with the place its Python float goes (a dict and a
-    key, or a list and an index), grouped as they are added -- by batch
-    vector, and 0-d tensors by device and dtype -- so that :meth:`resolve`
-    reads them all with one concatenation and one transfer per device: the
-    only host synchronisation of the pass."""
+    """Values still on a device (0-d tensors, :class:`~.stats.Part` entries,
+    whole vectors of a measured batch), each with the place its Python float
+    goes (a dict and a key, or a list and an index), grouped as they are
+    added -- by vector, and 0-d tensors by device and dtype -- so that
+    :meth:`resolve` reads them all with one concatenation and one transfer
+    per device: the only host synchronisation of the pass."""
 
-    __slots__ = ("singles", "vectors")
+    __slots__ = ("singles", "vectors", "whole")
 
     def __init__(self) -> None:
         self.singles: dict[tuple[Any, Any], tuple[list[Any], list[Any], list[torch.Tensor]]] = {}
         self.vectors: dict[int, tuple[torch.Tensor, list[Any], list[Any], list[int]]] = {}
+        self.whole: list[tuple[torch.Tensor, list[dict[str, Any]], str]] = []
 
     def add(self, into: Any, key: Any, v: Any) -> None:
         """``into[key] = float(v)`` once resolved (at once for a plain number)."""
@@ -171,25 +172,38 @@ class _Pending:
         else:
             into[key] = float(v)
 
+    def add_vector(self, vec: torch.Tensor, into: list[dict[str, Any]], key: str) -> None:
+        """``into[j][key] = float(vec[j])`` for every j, once resolved (a
+        measured batch's statistic: one entry per row)."""
+        self.whole.append((vec, into, key))
+
     def resolve(self) -> None:
-        by_device: dict[Any, list[tuple[torch.Tensor, list[Any], list[Any], list[int] | None]]] = {}
+        Piece = tuple[torch.Tensor, Any, Any, Any]  # tensor, destinations, keys, positions / None / True
+        by_device: dict[Any, list[Piece]] = {}
         for (dev, _), (intos, keys, ts) in self.singles.items():
             by_device.setdefault(dev, []).append((torch.stack(ts), intos, keys, None))
         for vec, intos, keys, pos in self.vectors.values():
             by_device.setdefault(vec.device, []).append((vec, intos, keys, pos))
+        for vec, dicts, key in self.whole:
+            by_device.setdefault(vec.device, []).append((vec, dicts, key, True))
         for pieces in by_device.values():
             flat = torch.cat([t.double() for t, _, _, _ in pieces]).cpu().tolist()
             at = 0
             for t, intos, keys, where in pieces:
-                if where is not None:  # entries of a batch vector, by their position in it
+                n = t.numel()
+                if where is True:  # a whole batch vector: entry j is the j-th dict's
+                    for d, v in zip(intos, flat[at:at + n]):
+                        d[keys] = v
+                elif where is not None:  # entries of a batch vector, by their position in it
                     for into, key, j in zip(intos, keys, where):
                         into[key] = flat[at + j]
                 else:
                     for into, key, v in zip(intos, keys, flat[at:at + len(intos)]):
                         into[key] = v
-                at += t.numel()
+                at += n
         self.singles.clear()
         self.vectors.clear()
+        self.whole.clear()
 
 
 def _gather(scalars: list[Any], kinds: list[str] | None = None, red: Reduction | None = None) -> list[float]:
@@ -211,26 +225,34 @@ def _gather(scalars: list[Any], kinds: list[str] | None = None, red: Reduction |
 
 
 def _finalise(rows: list[Row], extra: list[torch.Tensor | Part | float], red: Reduction | None = None,
-              extra_kinds: list[str] | None = None) -> tuple[list[dict[str, Any]], list[float]]:
+              extra_kinds: list[str] | None = None,
+              batched: list[Batched] | None = None) -> tuple[list[dict[str, Any]], list[float]]:
     """Every row's statistics as floats, and the ``extra`` scalars, gathered
     together; derived moments formed in float64, where squares cannot overflow.
-    With ``red``, every statistic is combined across the process group (one
-    all-reduce; ``extra_kinds`` says how each extra scalar combines)."""
-    out: list[dict[str, Any]] = []
+    ``batched``: the recorder's measured batches (:meth:`Recorder.batched`),
+    whose values go into their rows' dicts.  With ``red``, every statistic is
+    combined across the process group (one all-reduce; ``extra_kinds`` says
+    how each extra scalar combines).  The rows' own dicts are left holding
+    floats."""
     ex = [e if not isinstance(e, torch.Tensor) or e.dim() == 0 else e.reshape(()) for e in extra]
     if red is None:  # each value written straight into its row's dict once read
         pending = _Pending()
+        for dicts, vecs in batched or ():
+            for key, vec in vecs.items():
+                pending.add_vector(vec, dicts, key)
         for r in rows:
-            o = {**r.fwd, **r.bwd}  # floats stay; tensors and Parts are replaced by their values
-            out.append(o)
-            for k, v in o.items():
-                if type(v) is not float:
-                    pending.add(o, k, v)
+            for d in (r.fwd, r.bwd):
+                for k, v in d.items():
+                    if type(v) is not float:
+                        pending.add(d, k, v)
         exv: list[Any] = [0.0] * len(ex)
         for i, e in enumerate(ex):
             pending.add(exv, i, e)
         pending.resolve()
+        out = [{**r.fwd, **r.bwd} for r in rows]
     else:
+        as_parts(batched or [])
+        out = []
         where: list[tuple[dict[str, Any], str]] = []
         scalars: list[torch.Tensor | Part | float] = []
         kinds: list[str] = []
@@ -626,7 +648,7 @@ def _run(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: tupl
             root.detach().float().sum() if loss_fn is not None else torch.zeros((), device=y.device),
             float(out_grad.numel()) if out_grad is not None else 0.0]
     kinds = pnorms.kinds + _INPUT_KINDS[:len(extra) - len(pnorms.scalars) - 3] + [GRAD_NORM, MEAN, SUM]
-    vals, ex = _finalise(rec.rows, extra, red, kinds)
+    vals, ex = _finalise(rec.rows, extra, red, kinds, rec.batched())
     if not exact and _nonfinite(vals, ex):
         return None
     k = len(pnorms.scalars)

@@ -8,7 +8,7 @@ larger than a scalar is kept, so memory beyond autograd's own is
 O(number of rows).  Small outputs are instead copied into a shared buffer of
 bounded size (:class:`Batches`, at most 1 MB on the CPU and 8 MB on a GPU per
 shape, dtype and activation) and reduced together when it fills, the results
-one vector per batch, read through :class:`Part`.  :mod:`.check` gathers the
+one vector per batch and statistic (:data:`Batched`).  :mod:`.check` gathers the
 scalars and vectors into one buffer per device at the end.
 
 Non-finite values need no check of their own here: a NaN or Inf anywhere
@@ -67,17 +67,59 @@ def forward_moments_into(d: dict[str, torch.Tensor | float], y: torch.Tensor, sc
 _GRAD_DOT_MIN = 1 << 15
 
 
-def grad_moments_into(d: dict[str, torch.Tensor | float], g: torch.Tensor) -> None:
+def grad_moments_into(d: dict[str, torch.Tensor | float], g: torch.Tensor, slots: Slots | None = None) -> None:
     """Norm of a gradient (mean square = norm^2 / n), written into ``d``: one
     reduction (on the CPU, from :data:`_GRAD_DOT_MIN` entries on, the sum of
-    squares ``grad_sq``, a dot product, as above)."""
+    squares ``grad_sq``, a dot product, as above).  With ``slots`` the value
+    is written into the next entry of a shared vector instead of a 0-d
+    tensor of its own (see :class:`Slots`)."""
     n = g.numel()
     d["grad_n"] = float(max(n, 1))
     if n >= _GRAD_DOT_MIN and dottable(g):
         v = g.view(-1)
-        d["grad_sq"] = torch.dot(v, v)
-    else:
+        if slots is None:
+            d["grad_sq"] = torch.dot(v, v)
+        else:
+            torch.dot(v, v, out=slots.take(g.device, g.dtype, d, "grad_sq"))
+    elif slots is None:
         d["grad_norm"] = torch.linalg.vector_norm(g, dtype=acc(g))
+    else:
+        a = acc(g)
+        torch.linalg.vector_norm(g, dtype=a, out=slots.take(g.device, a, d, "grad_norm"))
+
+
+class Slots:
+    """Entries of shared vectors, handed out one at a time, into which
+    per-row reductions write their 0-d results (``out=``), each entry with
+    the dict and key its value belongs to: a pass's thousands of gradient
+    norms end as a few vectors, which the gathering reads whole (as a
+    measured batch, :data:`Batched`), rather than as thousands of 0-d
+    tensors to stack and assign one by one.  One set of vectors per device,
+    dtype and key; the autograd engine runs a device's hooks on one thread."""
+
+    CHUNK = 1024
+
+    def __init__(self) -> None:
+        # (device, dtype, key) -> the vector being filled, its entries as views, their dicts
+        self._open: dict[tuple[Any, ...], tuple[torch.Tensor, tuple[torch.Tensor, ...], list[dict[str, Any]]]] = {}
+        self._full: list[Batched] = []
+
+    def take(self, device: torch.device, dtype: torch.dtype, d: dict[str, Any], key: str) -> torch.Tensor:
+        """The next free entry (a 0-d view) for ``d[key]``."""
+        k = (device, dtype, key)
+        e = self._open.get(k)
+        if e is None or len(e[2]) == len(e[1]):
+            if e is not None:
+                self._full.append((e[2], {key: e[0]}))
+            vec = torch.empty(self.CHUNK, dtype=dtype, device=device)
+            e = self._open[k] = (vec, vec.unbind(0), [])
+        e[2].append(d)
+        return e[1][len(e[2]) - 1]
+
+    def done(self) -> list[Batched]:
+        """Every filled entry, as measured batches (the last vector of each
+        kind cut to its filled length)."""
+        return self._full + [(dicts, {k[2]: vec[:len(dicts)]}) for k, (vec, _, dicts) in self._open.items()]
 
 
 def exact_moments(t: torch.Tensor, prefix: str) -> dict[str, torch.Tensor | float]:
@@ -238,9 +280,10 @@ BATCH_LIMITS = {"cpu": (1 << 15, 1 << 20), "cuda": (1 << 18, 1 << 23)}
 
 
 class Part:
-    """Entry ``i`` of a statistic computed for a batch of rows: a vector (one
-    value per row) or, for per-unit flags, a matrix (one row per row); read
-    when the pass is gathered (see :func:`signalprop.probe.check._gather`)."""
+    """Entry ``i`` of a statistic computed for several tensors at once: a
+    vector (one value per tensor) or, for per-unit flags, a matrix (one row
+    per row of the pass); read when the pass is gathered (see
+    :func:`signalprop.probe.check._gather`)."""
 
     __slots__ = ("vec", "i")
 
@@ -252,12 +295,29 @@ class Part:
         return self.vec[self.i]
 
 
+# A measured batch: the rows' statistic dicts, and per statistic the vector
+# (or, for per-unit flags, the matrix) whose j-th entry is the j-th row's.
+# Kept whole rather than written into each dict as a Part: the gathering
+# assigns a vector's values to its rows in one loop (see
+# :class:`signalprop.probe.check._Pending`).
+Batched = tuple[list[dict[str, Any]], dict[str, torch.Tensor]]
+
+
+def as_parts(done: list[Batched]) -> None:
+    """Each batched row's statistics written into its dict as :class:`Part`
+    entries: the per-value form in which a reduction across ranks takes them."""
+    for dicts, vecs in done:
+        for key, vec in vecs.items():
+            for j, d in enumerate(dicts):
+                d[key] = Part(vec, j)
+
+
 class _Bucket:
     """Outputs of one shape, dtype, device and activation traits, copied into
     a buffer until it fills, then measured together."""
 
     def __init__(self, y: torch.Tensor, band: tuple[float, float] | None, rectifier: bool, nonnegative: bool,
-                 feature_dim: int, unit_vectors: bool) -> None:
+                 feature_dim: int, unit_vectors: bool, done: list[Batched]) -> None:
         self.shape = tuple(y.shape)
         self.n = y.numel()
         cap = max(2, BATCH_LIMITS[y.device.type][1] // max(self.n * y.element_size(), 1))
@@ -269,6 +329,7 @@ class _Bucket:
         self.nonnegative = nonnegative
         self.feature_dim = feature_dim
         self.unit_vectors = unit_vectors
+        self.done = done
         self.z: torch.Tensor | None = None
 
     def add(self, d: dict[str, Any], y: torch.Tensor) -> None:
@@ -283,27 +344,20 @@ class _Bucket:
             return
         B = self.buf if k == len(self.slots) else self.buf[:k]
         a = acc(B)
-        sums = B.sum(dim=1, dtype=a)
-        norms = torch.linalg.vector_norm(B, dim=1, dtype=a)
-        sat = self._saturated(B) if self.band is not None else None
-        alive = self._alive(B) if self.rectifier else None
+        vecs = {"forward_sum": B.sum(dim=1, dtype=a), "forward_norm": torch.linalg.vector_norm(B, dim=1, dtype=a)}
         n = float(self.n)  # > 0: Batches.fits takes no empty output
         const: dict[str, float] = {"forward_n": n}  # what every row of the batch shares, written in one update
-        if sat is not None:
+        if self.band is not None:
+            vecs["saturated_count"] = self._saturated(B)
             const["saturated_n"] = n
-        if alive is not None:
+        if self.rectifier:
+            vecs["alive" if self.unit_vectors else "alive_count"] = self._alive(B)
             units = self.shape[self.feature_dim % len(self.shape)]
             const["units"] = float(units)
             const["dead_samples"] = float(self.n // units)
-        flags = "alive" if self.unit_vectors else "alive_count"
-        for j, d in enumerate(self.dicts):
+        for d in self.dicts:
             d.update(const)
-            d["forward_sum"] = Part(sums, j)
-            d["forward_norm"] = Part(norms, j)
-            if sat is not None:
-                d["saturated_count"] = Part(sat, j)
-            if alive is not None:
-                d[flags] = Part(alive, j)
+        self.done.append((self.dicts, vecs))
         self.dicts = []
 
     def _saturated(self, B: torch.Tensor) -> torch.Tensor:
@@ -332,6 +386,7 @@ class Batches:
     def __init__(self, unit_vectors: bool = False) -> None:
         self.unit_vectors = unit_vectors
         self._buckets: dict[tuple[Any, ...], _Bucket] = {}
+        self.done: list[Batched] = []  # one entry per measured batch, in the order they filled
 
     @staticmethod
     def fits(y: torch.Tensor) -> bool:
@@ -347,7 +402,8 @@ class Batches:
         key = (y.shape, y.dtype, y.get_device(), band, rectifier, nonnegative, feature_dim if rectifier else 0)
         b = self._buckets.get(key)
         if b is None:
-            b = self._buckets[key] = _Bucket(y, band, rectifier, nonnegative, feature_dim, self.unit_vectors)
+            b = self._buckets[key] = _Bucket(y, band, rectifier, nonnegative, feature_dim, self.unit_vectors,
+                                                 self.done)
         b.add(d, y)
 
     def flush(self) -> None:
