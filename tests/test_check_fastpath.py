@@ -231,28 +231,3 @@ def test_batched_rows_equal_rows_measured_one_by_one(case, monkeypatch):
         assert dead.dead_fraction >= 5 / 12  # the five silenced units, and any that never fire by chance
         assert batched.layers[0].forward_mean == pytest.approx(float(model.fc(x).detach().mean()), rel=1e-5)  # before += 1
 
-
-@pytest.mark.parametrize("case", range(5))
-def test_gradient_norms_in_shared_vectors_equal_their_own(case, monkeypatch):
-    """The gradient hooks write each norm into the next entry of a shared
-    vector (stats.Slots) rather than a 0-d tensor of its own: the report
-    equals the 0-d path's bit for bit (the same reduction, only its output
-    lives elsewhere), also when every vector holds only three entries (rows
-    spread over many vectors, the last one partly filled)."""
-    model, x = _batched_models()[case]
-    shared = sp.check(model, x).to_dict()
-    monkeypatch.setattr(S.Slots, "CHUNK", 3)
-    assert sp.check(model, x).to_dict() == shared
-    R = importlib.import_module("signalprop.probe.recorder")
-    own = S.grad_moments_into
-    monkeypatch.setattr(R.S, "grad_moments_into", lambda d, g, slots=None: own(d, g))
-    assert sp.check(model, x).to_dict() == shared
-    # and the dot path for large gradients (from _GRAD_DOT_MIN entries): the same values either way
-    g = torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
-    d1: dict = {}
-    d2: dict = {}
-    slots = S.Slots()
-    own(d1, g)
-    own(d2, g, slots)
-    [(dicts, vecs)] = slots.done()
-    assert dicts == [d2] and float(vecs["grad_sq"][0]) == float(d1["grad_sq"]) and d2["grad_n"] == d1["grad_n"]

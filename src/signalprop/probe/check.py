@@ -232,8 +232,8 @@ def _finalise(rows: list[Row], extra: list[torch.Tensor | Part | float], red: Re
     ``batched``: the recorder's measured batches (:meth:`Recorder.batched`),
     whose values go into their rows' dicts.  With ``red``, every statistic is
     combined across the process group (one all-reduce; ``extra_kinds`` says
-    how each extra scalar combines).  The rows' own dicts are left holding
-    floats."""
+    how each extra scalar combines).  Without ``red`` the rows' own dicts are
+    left holding the floats."""
     ex = [e if not isinstance(e, torch.Tensor) or e.dim() == 0 else e.reshape(()) for e in extra]
     if red is None:  # each value written straight into its row's dict once read
         pending = _Pending()

@@ -198,7 +198,7 @@ class _FunctionalCapture(TorchFunctionMode):
         return out
 
 
-def _grad_hook(row: Row, exact: bool, slots: S.Slots, g: torch.Tensor) -> None:
+def _grad_hook(row: Row, exact: bool, g: torch.Tensor) -> None:
     """A row's gradient statistics, from the gradient with respect to its output."""
     # hooks run without grad mode unless the backward builds a graph (create_graph=True)
     prev = torch.is_grad_enabled()
@@ -207,12 +207,12 @@ def _grad_hook(row: Row, exact: bool, slots: S.Slots, g: torch.Tensor) -> None:
         if exact:
             row.bwd.update(S.exact_moments(g, "grad"))
         else:
-            S.grad_moments_into(row.bwd, g, slots)
+            S.grad_moments_into(row.bwd, g)
     finally:
         torch._C._set_grad_enabled(prev)
 
 
-def _grad_prehook(row: Row, exact: bool, slots: S.Slots, nr: int, grads: tuple[torch.Tensor | None, ...]) -> None:
+def _grad_prehook(row: Row, exact: bool, nr: int, grads: tuple[torch.Tensor | None, ...]) -> None:
     """:func:`_grad_hook` as a pre-hook of the autograd node that produced a
     row's output (its ``nr``-th output): the engine calls it with the
     gradients of the node's outputs, after any tensor hooks on them, so it
@@ -222,7 +222,7 @@ def _grad_prehook(row: Row, exact: bool, slots: S.Slots, nr: int, grads: tuple[t
     ``Tensor.register_hook`` (which builds a handle and a hook dict in Python)."""
     g = grads[nr]
     if g is not None:
-        _grad_hook(row, exact, slots, g)
+        _grad_hook(row, exact, g)
 
 
 def _traits(act: _act.Activation | None) -> tuple[tuple[float, float] | None, bool, bool]:
@@ -283,7 +283,6 @@ class Recorder:
         self._info: dict[nn.Module, _Leaf] = {}
         self._scratch = S.Scratch()
         self._batches = S.Batches(unit_vectors) if stats and not exact else None
-        self._slots = S.Slots()  # where the gradient hooks write their norms
         self._roles: dict[tuple[str, str, tuple[int, ...]], str] = {}
 
     def _leaf_info(self, m: nn.Module) -> _Leaf:
@@ -397,13 +396,13 @@ class Recorder:
             row.output = weakref.ref(t)
             row.inputs = [weakref.ref(a) for a in _tensors(args)]
         if t.requires_grad:
-            # the hook holds the row and the slots only, not the recorder (nor through it the model):
-            # a step's graph kept alive by its loss tensor does not keep the model alive with it
+            # the hook holds the row only, not the recorder (nor through it the model): a step's
+            # graph kept alive by its loss tensor does not keep the model alive with it
             fn = t.grad_fn
             if fn is not None:  # a pre-hook of the node that made t: see _grad_prehook
-                fn.register_prehook(functools.partial(_grad_prehook, row, self.exact, self._slots, t.output_nr))
+                fn.register_prehook(functools.partial(_grad_prehook, row, self.exact, t.output_nr))
             else:  # a leaf that requires grad (a module that returns its input or a parameter)
-                t.register_hook(functools.partial(_grad_hook, row, self.exact, self._slots))
+                t.register_hook(functools.partial(_grad_hook, row, self.exact))
 
     # -- lifecycle --------------------------------------------------------------
     def attach(self) -> None:
@@ -447,10 +446,10 @@ class Recorder:
                 self._batches.flush()
 
     def batched(self) -> list[S.Batched]:
-        """The statistics measured several rows at a time, still on their
-        devices: the forward's batches (complete once :meth:`detach` has run)
-        and the gradient norms written so far (complete after the backward)."""
-        return (self._batches.done if self._batches is not None else []) + self._slots.done()
+        """The forward statistics measured several rows at a time (see
+        :class:`~.stats.Batches`), still on their devices: complete once
+        :meth:`detach` has run."""
+        return self._batches.done if self._batches is not None else []
 
     def functional_mode(self) -> TorchFunctionMode | None:
         """The mode that records functional activation calls, or None when the

@@ -67,59 +67,17 @@ def forward_moments_into(d: dict[str, torch.Tensor | float], y: torch.Tensor, sc
 _GRAD_DOT_MIN = 1 << 15
 
 
-def grad_moments_into(d: dict[str, torch.Tensor | float], g: torch.Tensor, slots: Slots | None = None) -> None:
+def grad_moments_into(d: dict[str, torch.Tensor | float], g: torch.Tensor) -> None:
     """Norm of a gradient (mean square = norm^2 / n), written into ``d``: one
     reduction (on the CPU, from :data:`_GRAD_DOT_MIN` entries on, the sum of
-    squares ``grad_sq``, a dot product, as above).  With ``slots`` the value
-    is written into the next entry of a shared vector instead of a 0-d
-    tensor of its own (see :class:`Slots`)."""
+    squares ``grad_sq``, a dot product, as above)."""
     n = g.numel()
     d["grad_n"] = float(max(n, 1))
     if n >= _GRAD_DOT_MIN and dottable(g):
         v = g.view(-1)
-        if slots is None:
-            d["grad_sq"] = torch.dot(v, v)
-        else:
-            torch.dot(v, v, out=slots.take(g.device, g.dtype, d, "grad_sq"))
-    elif slots is None:
-        d["grad_norm"] = torch.linalg.vector_norm(g, dtype=acc(g))
+        d["grad_sq"] = torch.dot(v, v)
     else:
-        a = acc(g)
-        torch.linalg.vector_norm(g, dtype=a, out=slots.take(g.device, a, d, "grad_norm"))
-
-
-class Slots:
-    """Entries of shared vectors, handed out one at a time, into which
-    per-row reductions write their 0-d results (``out=``), each entry with
-    the dict and key its value belongs to: a pass's thousands of gradient
-    norms end as a few vectors, which the gathering reads whole (as a
-    measured batch, :data:`Batched`), rather than as thousands of 0-d
-    tensors to stack and assign one by one.  One set of vectors per device,
-    dtype and key; the autograd engine runs a device's hooks on one thread."""
-
-    CHUNK = 1024
-
-    def __init__(self) -> None:
-        # (device, dtype, key) -> the vector being filled, its entries as views, their dicts
-        self._open: dict[tuple[Any, ...], tuple[torch.Tensor, tuple[torch.Tensor, ...], list[dict[str, Any]]]] = {}
-        self._full: list[Batched] = []
-
-    def take(self, device: torch.device, dtype: torch.dtype, d: dict[str, Any], key: str) -> torch.Tensor:
-        """The next free entry (a 0-d view) for ``d[key]``."""
-        k = (device, dtype, key)
-        e = self._open.get(k)
-        if e is None or len(e[2]) == len(e[1]):
-            if e is not None:
-                self._full.append((e[2], {key: e[0]}))
-            vec = torch.empty(self.CHUNK, dtype=dtype, device=device)
-            e = self._open[k] = (vec, vec.unbind(0), [])
-        e[2].append(d)
-        return e[1][len(e[2]) - 1]
-
-    def done(self) -> list[Batched]:
-        """Every filled entry, as measured batches (the last vector of each
-        kind cut to its filled length)."""
-        return self._full + [(dicts, {k[2]: vec[:len(dicts)]}) for k, (vec, _, dicts) in self._open.items()]
+        d["grad_norm"] = torch.linalg.vector_norm(g, dtype=acc(g))
 
 
 def exact_moments(t: torch.Tensor, prefix: str) -> dict[str, torch.Tensor | float]:
