@@ -87,6 +87,23 @@ def test_forward_and_grad_moments_match_the_definition(dtype):
         assert float(gsq) == pytest.approx(float(ref.square().sum()), rel=tol)
 
 
+
+def test_large_rows_are_summed_without_a_vector_of_ones():
+    """From _SUM_DOT_MAX entries on, a row's sum is ``sum`` rather than a dot
+    with a vector of ones as long as the row (GPT-2's logits: 823 MB more
+    memory per call): the same sum to float32 rounding, and no such vector is
+    made; below it the dot path keeps its vector."""
+    g = torch.Generator().manual_seed(0)
+    scratch = S.Scratch()
+    for n in (S._SUM_DOT_MAX - 1, S._SUM_DOT_MAX):
+        y = torch.randn(n, generator=g) + 0.5
+        d: dict = {}
+        S.forward_moments_into(d, y, scratch)
+        ref = y.double()
+        assert float(d["forward_sum"]) == pytest.approx(float(ref.sum()), rel=1e-5)
+        assert float(d["forward_sq"]) == pytest.approx(float(ref.square().sum()), rel=1e-5)
+    assert [k[2] for k in scratch._ones] == [S._SUM_DOT_MAX - 1]
+
 def test_dead_units_by_maxima_equal_any_nonzero():
     """Units zero on every example and position, along the feature dim (last
     for Linear, 1 for convolutions), with and without the non-negative

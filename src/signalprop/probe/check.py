@@ -7,6 +7,7 @@ import gc
 import inspect
 import math
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,12 +129,38 @@ def _shapes(inputs: Any) -> str:
     return type(inputs).__name__
 
 
+# A CPU cotangent above this many entries is drawn in blocks of it, each from its own generator
+# (seeded COTANGENT_SEED + block index) on a thread of its own: a generator draws on one thread, and
+# GPT-2's logits at batch 8 x 512 (206M entries) took 2.8 s to draw inside check, 12% of the step
+_COT_BLOCK = 1 << 22
+
+
 def _cotangent(t: torch.Tensor) -> torch.Tensor:
     """Unit-variance Gaussian noise drawn on the output's own device and in its
-    dtype (no host draw and copy), from a generator seeded the same way on
-    every call."""
-    g = torch.Generator(device=t.device).manual_seed(COTANGENT_SEED)
-    return torch.randn(t.shape, generator=g, device=t.device, dtype=t.dtype)
+    dtype (no host draw and copy), from generators seeded the same way on
+    every call: one on a GPU; on the CPU, outputs of more than
+    :data:`_COT_BLOCK` entries in blocks drawn in parallel (the first block
+    the same values a single draw gives; the values do not depend on the
+    number of threads)."""
+    n = t.numel()
+    if not t.is_cpu or n <= _COT_BLOCK:
+        g = torch.Generator(device=t.device).manual_seed(COTANGENT_SEED)
+        return torch.randn(t.shape, generator=g, device=t.device, dtype=t.dtype)
+    out = torch.empty(n, dtype=t.dtype)
+
+    def draw(start: int) -> None:
+        g = torch.Generator().manual_seed(COTANGENT_SEED + start // _COT_BLOCK)
+        torch.randn(min(_COT_BLOCK, n - start), generator=g, dtype=t.dtype, out=out[start:start + _COT_BLOCK])
+
+    starts = range(0, n, _COT_BLOCK)
+    workers = min(torch.get_num_threads(), len(starts))
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:  # torch releases the GIL while it draws
+            list(pool.map(draw, starts))
+    else:
+        for s0 in starts:
+            draw(s0)
+    return out.view(t.shape)
 
 
 class _Pending:
