@@ -683,7 +683,9 @@ def _run(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: tupl
     out_rms = ex[-3] / math.sqrt(max(ex[-1], 1.0)) if out_grad is not None else 0.0
     if loss_fn is not None:
         backprop += f" = {ex[-2]:.6g}"
-    last_g2 = vals[-1].get("grad_ms") if vals else None  # the theory's gradients are scaled to the last row's
+    # the theory's gradients are scaled to the last row's: the square of its reported grad_rms (sqrt(g2) ** 2,
+    # which rounds apart from g2), so the last row's prediction matches the record it sits in
+    last_g2 = vals[-1].get("grad_ms") if vals else None
     pred = predictions(rec.rows, inp, math.sqrt(last_g2) ** 2 if last_g2 else 0.0, pnorms.weight_norms)
     pgrads = pnorms.values(ex[:k])
     layers = _layer_stats(rec.rows, vals, pgrads, out_rms, pred)
