@@ -35,14 +35,20 @@ def _rows(dtype):
 def test_saturation_count_is_exact(dtype, name):
     band = A.saturation_band(A.get(name))
     scratch = S.Scratch()
-    for y in _rows(dtype):
+    big = torch.randn(96, 80, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype) * 2
+    # rows of several sizes through one scratch (its buffer grows on the last), each also read through
+    # the 1-D view the moments return, as the recorder passes it
+    for y in [*_rows(dtype), big, _rows(dtype)[0]]:
         y = A.get(name).torch_fn()(y)
-        d: dict = {}
-        S.saturation_into(d, y, band, scratch)
         c, t = band
         want = int(((y.double() - c).abs() > t).sum()) if dtype != torch.bfloat16 else \
             int(((y - c).abs() > t).sum())
-        assert float(d["saturated_count"]) == want and d["saturated_n"] == y.numel()
+        flat = S.forward_moments_into({}, y, scratch)
+        assert (flat is not None) == S.dottable(y)
+        for f in (None, flat):
+            d: dict = {}
+            S.saturation_into(d, y, band, scratch, f)
+            assert float(d["saturated_count"]) == want and d["saturated_n"] == y.numel()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -137,9 +143,11 @@ def test_weight_terms_batched_equal_the_per_layer_formula():
         b = m.bias.detach().double() if m.bias is not None else torch.zeros(n, dtype=torch.float64)
         want = [float(W.square().sum() / n), float(b.square().mean()), float(b @ s / n), float(s.square().mean())]
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
-    # with the weights' norms handed over (check's parameter norms), the same terms
-    norms = {id(m.weight): torch.linalg.vector_norm(m.weight.detach()) for m in ms}
-    np.testing.assert_allclose(_weight_terms(ms, norms), _weight_terms(ms), rtol=1e-6, atol=1e-9)
+    # with the weights' norms or sums of squares handed over (check's parameter norms), the same terms
+    for squared in (False, True):
+        norms = {id(m.weight): (torch.linalg.vector_norm(m.weight.detach()) ** (2 if squared else 1), squared)
+                 for m in ms}
+        np.testing.assert_allclose(_weight_terms(ms, norms), _weight_terms(ms), rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("name", ["tanh", "sigmoid", "relu", "erf", "gelu", "silu"])

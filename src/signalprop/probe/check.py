@@ -348,18 +348,22 @@ _STACK_NORM_MAX = 1 << 10
 _STACK_NORM_ENTRIES = 1 << 20  # entries per stacked chunk (4 MB in float32)
 
 
-def _norms(tensors: list[torch.Tensor]) -> list[torch.Tensor | Part]:
+def _norms(tensors: list[torch.Tensor], squares: dict[int, torch.Tensor] | None = None) -> list[torch.Tensor | Part]:
     """Euclidean norms of many tensors, still on their device.  On a GPU one
     fused kernel per device and dtype (``torch._foreach_norm``, the op
     ``clip_grad_norm_`` uses).  On the CPU, where ``_foreach_norm`` loops
     over the tensors (2-4 us each), large contiguous float32/float64 tensors
-    by a dot product each, and the smallest (biases, norm scales) of one
-    shape and dtype stacked in bounded chunks and reduced together (one norm
-    per chunk, read as :class:`~.stats.Part` entries: 2,000 64-entry biases
-    4.5 -> 0.7 ms)."""
+    by a dot product each (their square roots taken together, one vector
+    read as :class:`~.stats.Part` entries), and the smallest (biases, norm
+    scales) of one shape and dtype stacked in bounded chunks and reduced
+    together (one norm per chunk, read as parts too: 2,000 64-entry biases
+    4.5 -> 0.7 ms).  ``squares``: filled with those dot products, the sums
+    of squares, by index into ``tensors``."""
     out: list[torch.Tensor | Part | None] = [None] * len(tensors)
     fused: dict[tuple[Any, Any], list[int]] = {}
     stacks: dict[tuple[Any, Any], list[int]] = {}
+    dots: list[int] = []
+    sums: list[torch.Tensor] = []
     tensors = [local(t) for t in tensors]  # a DTensor's own shard (FSDP2): combined across ranks later
     for i, t in enumerate(tensors):
         n = t.numel()
@@ -369,9 +373,20 @@ def _norms(tensors: list[torch.Tensor]) -> list[torch.Tensor | Part]:
             stacks.setdefault((t.dtype, t.shape), []).append(i)
         elif dottable(t):  # a BLAS dot: ~3x faster than _foreach_norm on 512 x 512
             v = t.view(-1)
-            out[i] = torch.dot(v, v).sqrt_()
+            dots.append(i)
+            sums.append(torch.dot(v, v))
         else:
             fused.setdefault((t.device, t.dtype), []).append(i)
+    if dots:
+        if squares is not None:
+            squares.update(zip(dots, sums))
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for j, s in enumerate(sums):
+            by_dtype.setdefault(s.dtype, []).append(j)
+        for js in by_dtype.values():
+            roots = torch.stack([sums[j] for j in js]).sqrt_()
+            for k, j in enumerate(js):
+                out[dots[j]] = Part(roots, k)
     for idx in fused.values():
         for i, norm in zip(idx, torch._foreach_norm([tensors[i] for i in idx])):
             out[i] = norm
@@ -395,9 +410,9 @@ class _ParamNorms:
     modules: list[tuple[nn.Module, int, list[int]]]  # module, numel, indices into the scalars
     scalars: list[torch.Tensor | Part]  # [||g_0||, ||w_0||, ||g_1||, ...]
     kinds: list[str]  # how each combines across ranks (sharded or replicated)
-    # ||w|| of each whole (unsharded) parameter by id, still on the device: the theory column
-    # reads its weights' norms from here rather than reading every weight again
-    weight_norms: dict[int, torch.Tensor] = field(default_factory=dict)
+    # of each whole (unsharded) weight by id, still on the device: ||w||^2 (True) or ||w|| (False); the
+    # theory column reads them from here rather than reading every weight again
+    weight_norms: dict[int, tuple[torch.Tensor, bool]] = field(default_factory=dict)
 
     @staticmethod
     def of(rows: list[Row], grads: dict[nn.Parameter, torch.Tensor | None],
@@ -418,12 +433,22 @@ class _ParamNorms:
         known = known or {}
         todo = [i for i, t in enumerate(tensors) if id(t) not in known]
         out: list[torch.Tensor | Part | None] = [known.get(id(t)) for t in tensors]
+        squares: dict[int, torch.Tensor] = {}
         with torch.no_grad():
-            for i, n in zip(todo, _norms([tensors[i] for i in todo]) if todo else []):
+            for i, n in zip(todo, _norms([tensors[i] for i in todo], squares) if todo else []):
                 out[i] = n
+        squared = {todo[j]: sq for j, sq in squares.items()}
         kinds = [norm_kind(t) for t in tensors]
-        whole = {id(tensors[i + 1]): out[i + 1] for _, _, idx in mods for i in idx  # small ones (Parts) the
-                 if kinds[i + 1] == REPLICA_NORM and isinstance(out[i + 1], torch.Tensor)}  # theory stacks itself
+        whole: dict[int, tuple[torch.Tensor, bool]] = {}
+        for _, _, idx in mods:
+            for i in idx:
+                w, norm = i + 1, out[i + 1]
+                if kinds[w] != REPLICA_NORM:
+                    continue
+                if w in squared:
+                    whole[id(tensors[w])] = (squared[w], True)
+                elif isinstance(norm, torch.Tensor):  # small ones (Parts) the theory stacks itself
+                    whole[id(tensors[w])] = (norm, False)
         return _ParamNorms(mods, out, kinds, whole)  # type: ignore[arg-type]
 
     def values(self, vals: list[float]) -> dict[nn.Module, tuple[float, float]]:

@@ -65,46 +65,48 @@ def _terms(w2: torch.Tensor, s: torch.Tensor, B: torch.Tensor | None, n: int) ->
 
 
 def _terms_large(ws: list[torch.Tensor], bs: list[torch.Tensor | None],
-                 norms: list[torch.Tensor | None]) -> torch.Tensor:
+                 norms: list[tuple[torch.Tensor, bool] | None]) -> torch.Tensor:
     """:func:`_terms` of large (rows, fan_in) weights of one shape, dtype and
-    device, each read in place (no stacked copy): row sums written into one
-    (layers, rows) buffer, ||W||^2 from ``norms`` where known; then the
-    terms of all of them together."""
+    device, each read in place (no stacked copy): the row sums of each (a
+    few KB, stacked at the end: writing them into rows of one buffer made a
+    view per layer), ||W||^2 from ``norms`` where known; then the terms of
+    all of them together."""
     W0 = ws[0]
     a = acc(W0)
     n = W0.shape[0]
-    s = torch.empty(len(ws), n, dtype=a, device=W0.device)
+    sums: list[torch.Tensor] = []
     sq: list[torch.Tensor] = []
     ones: torch.Tensor | None = None
-    for j, (W, norm) in enumerate(zip(ws, norms)):
+    for W, norm in zip(ws, norms):
         dot = dottable(W)  # BLAS on the calling thread: a matrix-vector product and a dot (see stats.dottable)
         if dot:
             ones = torch.ones(W.shape[1], dtype=W.dtype) if ones is None else ones
-            torch.mv(W, ones, out=s[j])
+            sums.append(torch.mv(W, ones))
         else:
-            torch.sum(W, dim=1, dtype=a, out=s[j])
-        if norm is not None:
-            sq.append(norm.to(a).square())
+            sums.append(torch.sum(W, dim=1, dtype=a))
+        if norm is not None:  # (||W||^2, True) or (||W||, False)
+            sq.append(norm[0].to(a) if norm[1] else norm[0].to(a).square())
         elif dot:
             sq.append(torch.dot(W.view(-1), W.view(-1)))
         else:
             sq.append(torch.linalg.vector_norm(W, dtype=a).square())
     B = torch.stack(bs) if bs[0] is not None else None  # type: ignore[arg-type]
-    return _terms(torch.stack(sq) / n, s, B, n)
+    return _terms(torch.stack(sq) / n, torch.stack(sums), B, n)
 
 
 @torch.no_grad()
-def _weight_terms(modules: list[nn.Module], norms: dict[int, torch.Tensor] | None = None) -> list[list[float]]:
+def _weight_terms(modules: list[nn.Module],
+                  norms: dict[int, tuple[torch.Tensor, bool]] | None = None) -> list[list[float]]:
     """Per layer [sigma_w2, sigma_b2, BS, S2]: sigma_w2 = fan_in * mean(W^2)
     (the sum of squares of W over its number of rows), sigma_b2 = mean(b^2),
     and the mean coupling of :func:`signalprop.theory.propagate` from the row
     sums s_i of W (BS = mean b_i s_i, S2 = mean s_i^2).  Layers of one weight
     shape, dtype and device are reduced together (in float32 for half
     precision, without a float32 copy): small weights stacked, large ones
-    read in place into one buffer of row sums; a few reductions for the
-    whole chain rather than seven per layer; one transfer at the end.  ``norms``:
-    ||W|| already computed (check's parameter norms), by ``id`` of the
-    weight, so large weights are not read once more for it."""
+    read in place; a few reductions for the whole chain rather than seven
+    per layer; one transfer at the end.  ``norms``: ``(||W||^2, True)`` or
+    ``(||W||, False)`` already computed (check's parameter norms), by ``id``
+    of the weight, so large weights are not read once more for it."""
     known = norms or {}
     groups: dict[tuple[Any, ...], list[int]] = {}
     ws: list[torch.Tensor] = []
@@ -148,7 +150,8 @@ def _weight_terms(modules: list[nn.Module], norms: dict[int, torch.Tensor] | Non
 
 
 def predictions(rows: list[Row], inp: InputStats | None, cot_ms: float,
-                weight_norms: dict[int, torch.Tensor] | None = None) -> dict[int, tuple[float, float]] | None:
+                weight_norms: dict[int, tuple[torch.Tensor, bool]] | None = None
+                ) -> dict[int, tuple[float, float]] | None:
     """Per row index, ``(predicted_second_moment, predicted_grad_rms)`` of
     each weight and activation row, from each layer's measured weights
     (sigma_w2, sigma_b2 and the coupling of the input's mean through the row

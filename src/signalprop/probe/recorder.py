@@ -380,12 +380,13 @@ class Recorder:
             if self._batches is not None and S.Batches.fits(t):  # small: copied now, measured with others
                 self._batches.add(row.fwd, t, band, rectifier, nonnegative, self._feature_dim)
             else:
+                flat = None
                 if self.exact:
                     row.fwd.update(S.exact_moments(t, "forward"))
                 else:
-                    S.forward_moments_into(row.fwd, t, self._scratch)
+                    flat = S.forward_moments_into(row.fwd, t, self._scratch)
                 if band is not None:
-                    S.saturation_into(row.fwd, t, band, self._scratch)
+                    S.saturation_into(row.fwd, t, band, self._scratch, flat)
                 if rectifier:
                     dead = S.dead_units(t, self._feature_dim, self.unit_vectors, nonnegative)
                     if dead is not None:

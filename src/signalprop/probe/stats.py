@@ -45,7 +45,8 @@ def dottable(t: torch.Tensor) -> bool:
 _SUM_DOT_MAX = 1 << 20
 
 
-def forward_moments_into(d: dict[str, torch.Tensor | float], y: torch.Tensor, scratch: Scratch) -> None:
+def forward_moments_into(d: dict[str, torch.Tensor | float], y: torch.Tensor,
+                         scratch: Scratch) -> torch.Tensor | None:
     """Sum and Euclidean norm of a row's output (mean = sum / n, second
     moment = norm^2 / n, formed in float64 at the end, where squares cannot
     overflow), written into ``d``: two fused reductions, accumulating in
@@ -56,17 +57,20 @@ def forward_moments_into(d: dict[str, torch.Tensor | float], y: torch.Tensor, sc
     a 256 x 512 row inside a pass against 10 us for a dot.  From
     :data:`_SUM_DOT_MAX` entries on the sum is ``sum`` again, which reads the
     row once where the dot reads it and a vector of ones as long (GPT-2's
-    logits at batch 8 x 512: 823 MB more memory, and 0.83 s for both dots)."""
+    logits at batch 8 x 512: 823 MB more memory, and 0.83 s for both dots).
+    Returns the 1-D view of ``y`` the dots read (None off that path), for
+    :func:`saturation_into` to read too rather than make its own."""
     n = y.numel()
     d["forward_n"] = float(max(n, 1))
     if dottable(y):
         v = y.view(-1)
         d["forward_sum"] = torch.dot(v, scratch.ones(v)) if n < _SUM_DOT_MAX else v.sum()
         d["forward_sq"] = torch.dot(v, v)
-    else:
-        a = acc(y)
-        d["forward_sum"] = y.sum(dtype=a)
-        d["forward_norm"] = torch.linalg.vector_norm(y, dtype=a)
+        return v
+    a = acc(y)
+    d["forward_sum"] = y.sum(dtype=a)
+    d["forward_norm"] = torch.linalg.vector_norm(y, dtype=a)
+    return None
 
 
 # Gradients are reduced inside the autograd engine's pass, where a BLAS dot on
@@ -156,6 +160,9 @@ class Scratch:
 
     def __init__(self) -> None:
         self._bufs: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+        # the buffer's first n entries as a 1-D view, by (dtype, device, n), each with the buffer it
+        # views: made once per row size rather than sliced per row
+        self._flat: dict[tuple[torch.dtype, torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._ones: dict[tuple[torch.dtype, torch.device, int], torch.Tensor] = {}  # one per row size
 
     def ones(self, v: torch.Tensor) -> torch.Tensor:
@@ -169,24 +176,42 @@ class Scratch:
             b = self._ones[key] = torch.ones(n, dtype=v.dtype, device=v.device)
         return b
 
-    def like(self, y: torch.Tensor) -> torch.Tensor:
+    def _buffer(self, y: torch.Tensor) -> torch.Tensor:
         key = (y.dtype, y.device)
-        n = y.numel()
         b = self._bufs.get(key)
-        if b is None or b.numel() < n:
-            b = self._bufs[key] = torch.empty(n, dtype=y.dtype, device=y.device)
-        return b[:n].view(y.shape)
+        if b is None or b.numel() < y.numel():
+            b = self._bufs[key] = torch.empty(y.numel(), dtype=y.dtype, device=y.device)
+        return b
+
+    def like(self, y: torch.Tensor) -> torch.Tensor:
+        """The buffer's first entries, shaped like ``y``."""
+        return self._buffer(y)[:y.numel()].view(y.shape)
+
+    def flat(self, v: torch.Tensor) -> torch.Tensor:
+        """The buffer's first entries as a 1-D tensor as long as ``v``."""
+        b = self._buffer(v)
+        key = (v.dtype, v.device, v.numel())
+        have = self._flat.get(key)
+        if have is None or have[0] is not b:
+            have = self._flat[key] = (b, b[:v.numel()])
+        return have[1]
 
 
 def saturation_into(d: dict[str, torch.Tensor | float], y: torch.Tensor, band: tuple[float, float],
-                    scratch: Scratch) -> None:
+                    scratch: Scratch, flat: torch.Tensor | None = None) -> None:
     """:func:`saturation` written into ``d``.  On the CPU by :func:`band_signs`
-    into a reused buffer, the count the sum of their squares."""
+    into a reused buffer, the count the sum of their squares.  ``flat``: the
+    1-D view of ``y`` that :func:`forward_moments_into` returned, read in
+    its place (with a 1-D buffer, no view is made for the dot)."""
     if not _signs_apply(y):
         d.update(saturation(y, band))
         return
-    z = band_signs(y, band, scratch.like(y))
     d["saturated_n"] = float(max(y.numel(), 1))
+    if flat is not None:
+        z = band_signs(flat, band, scratch.flat(flat))
+        d["saturated_count"] = torch.dot(z, z)
+        return
+    z = band_signs(y, band, scratch.like(y))
     if dottable(z):
         v = z.view(-1)
         d["saturated_count"] = torch.dot(v, v)
