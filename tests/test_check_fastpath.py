@@ -49,6 +49,9 @@ def test_saturation_count_is_exact(dtype, name):
             d: dict = {}
             S.saturation_into(d, y, band, scratch, f)
             assert float(d["saturated_count"]) == want and d["saturated_n"] == y.numel()
+        if flat is not None:  # the cached 1-D views are of the buffer now in use: none keeps one it outgrew
+            ptr = scratch._bufs[(y.dtype, y.device)].untyped_storage().data_ptr()
+            assert scratch._flat and all(f.untyped_storage().data_ptr() == ptr for f in scratch._flat.values())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

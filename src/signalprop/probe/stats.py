@@ -160,9 +160,9 @@ class Scratch:
 
     def __init__(self) -> None:
         self._bufs: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
-        # the buffer's first n entries as a 1-D view, by (dtype, device, n), each with the buffer it
-        # views: made once per row size rather than sliced per row
-        self._flat: dict[tuple[torch.dtype, torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        # the buffer's first n entries as a 1-D view, by (dtype, device, n): made once per row size
+        # rather than sliced per row (dropped when a buffer grows)
+        self._flat: dict[tuple[torch.dtype, torch.device, int], torch.Tensor] = {}
         self._ones: dict[tuple[torch.dtype, torch.device, int], torch.Tensor] = {}  # one per row size
 
     def ones(self, v: torch.Tensor) -> torch.Tensor:
@@ -181,6 +181,7 @@ class Scratch:
         b = self._bufs.get(key)
         if b is None or b.numel() < y.numel():
             b = self._bufs[key] = torch.empty(y.numel(), dtype=y.dtype, device=y.device)
+            self._flat = {k: v for k, v in self._flat.items() if k[:2] != key}
         return b
 
     def like(self, y: torch.Tensor) -> torch.Tensor:
@@ -191,10 +192,10 @@ class Scratch:
         """The buffer's first entries as a 1-D tensor as long as ``v``."""
         b = self._buffer(v)
         key = (v.dtype, v.device, v.numel())
-        have = self._flat.get(key)
-        if have is None or have[0] is not b:
-            have = self._flat[key] = (b, b[:v.numel()])
-        return have[1]
+        f = self._flat.get(key)
+        if f is None:
+            f = self._flat[key] = b[:v.numel()]
+        return f
 
 
 def saturation_into(d: dict[str, torch.Tensor | float], y: torch.Tensor, band: tuple[float, float],
