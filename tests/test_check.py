@@ -79,6 +79,24 @@ def test_nan_in_input_is_named():
     assert r.problems[0].layer == "input" and r.verdict == "non-finite"
 
 
+def test_input_statistics_over_its_finite_entries():
+    """The input's record: mean and second moment over its finite entries,
+    the share of the others -- the fast pass reads the input as it is and
+    leaves a non-finite one to the exact pass, which masks it."""
+    m = mlp(3, 16, "tanh", "xavier_normal")
+    x = x_of(64, 16) + 0.5
+    for bad in ([], [(0, 0, float("nan")), (5, 3, float("inf")), (9, 9, -float("inf"))]):
+        x = x.clone()
+        for i, j, v in bad:
+            x[i, j] = v
+        inp = sp.check(m, x).summary.input
+        ok = x[torch.isfinite(x)].double()
+        assert inp.nonfinite_fraction == pytest.approx(len(bad) / x.numel(), abs=1e-12)
+        assert inp.mean == pytest.approx(float(ok.mean()), rel=1e-5)
+        assert inp.second_moment == pytest.approx(float(ok.square().mean()), rel=1e-5)
+        assert inp.width == 16
+
+
 class SqrtAtZero(nn.Module):
     def forward(self, x):
         return torch.sqrt(x.abs() * 0)  # finite forward, infinite derivative

@@ -694,10 +694,9 @@ def _run(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: tupl
     input_grads = [g for g in grads[n_p:n_p + n_l] if g is not None]
     out_grad = cot if cot is not None else (grads[-1] if len(grads) > n_p + n_l else None)
     with torch.no_grad():
-        extra: list[torch.Tensor | Part | float] = [*pnorms.scalars, *_input_scalars(leaves, input_grads),
-            torch.linalg.vector_norm(out_grad, dtype=acc(out_grad)) if out_grad is not None
-            else torch.zeros((), device=y.device),
-            root.detach().float().sum() if loss_fn is not None else torch.zeros((), device=y.device),
+        extra: list[torch.Tensor | Part | float] = [*pnorms.scalars, *_input_scalars(leaves, input_grads, exact),
+            torch.linalg.vector_norm(out_grad, dtype=acc(out_grad)) if out_grad is not None else 0.0,
+            root.float().sum() if loss_fn is not None else 0.0,
             float(out_grad.numel()) if out_grad is not None else 0.0]
     kinds = pnorms.kinds + _INPUT_KINDS[:len(extra) - len(pnorms.scalars) - 3] + [GRAD_NORM, MEAN, SUM]
     vals, ex = _finalise(rec.rows, extra, red, kinds, rec.batched())
@@ -788,15 +787,24 @@ def _backward_synced(root: torch.Tensor, cot: torch.Tensor | None, params: list[
 _INPUT_KINDS = [NORM, SUM, SUM, SUM, GRAD_NORM, SUM]
 
 
-def _input_scalars(leaves: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor | float]:
+def _input_scalars(leaves: list[torch.Tensor], grads: list[torch.Tensor], exact: bool) -> list[torch.Tensor | float]:
+    """The first input's norm, sum, number of finite entries and of entries,
+    and its gradient's norm and size (read under ``no_grad``).  The fast
+    pass reads the input as it is: a NaN/Inf in it makes the norm or sum
+    non-finite and sends the call to the exact pass, as a non-finite row
+    does, which masks those entries and counts the finite ones."""
     if not leaves:
         return []
-    x = leaves[0].detach()
-    finite = torch.isfinite(x)
-    xf = torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    x = leaves[0]
     a = acc(x)
-    out: list[torch.Tensor | float] = [torch.linalg.vector_norm(xf, dtype=a), xf.sum(dtype=a),
-                                       finite.sum(dtype=a), float(x.numel())]
+    n = float(x.numel())
+    if exact:
+        finite = torch.isfinite(x)
+        xf = torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        out: list[torch.Tensor | float] = [torch.linalg.vector_norm(xf, dtype=a), xf.sum(dtype=a),
+                                           finite.sum(dtype=a), n]
+    else:
+        out = [torch.linalg.vector_norm(x, dtype=a), x.sum(dtype=a), n, n]
     if grads:
         out += [torch.linalg.vector_norm(grads[0], dtype=acc(grads[0])), float(grads[0].numel())]
     return out
