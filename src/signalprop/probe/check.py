@@ -214,7 +214,10 @@ class _Pending:
         for vec, dicts, key in self.whole:
             by_device.setdefault(vec.device, []).append((vec, dicts, key, True))
         for pieces in by_device.values():
-            flat = torch.cat([t.double() for t, _, _, _ in pieces]).cpu().tolist()
+            # concatenated first (cat promotes the floating dtypes exactly: bf16/fp16 -> fp32 -> fp64), then one
+            # conversion to float64, rather than one per piece (hundreds of batch vectors on a deep net)
+            flat = torch.cat([t if t.is_floating_point() else t.double() for t, _, _, _ in pieces]) \
+                .double().cpu().tolist()
             at = 0
             for t, intos, keys, where in pieces:
                 n = t.numel()
