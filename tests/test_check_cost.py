@@ -78,7 +78,6 @@ def test_cotangent_is_drawn_on_the_output_device_and_dtype():
     assert a.dtype == torch.bfloat16 and torch.equal(a, b)
 
 
-
 def test_large_cpu_cotangent_is_drawn_in_seeded_blocks(monkeypatch):
     """A CPU cotangent of more than _COT_BLOCK entries is drawn in blocks,
     each from its own seeded generator, on several threads: the same values
@@ -104,6 +103,7 @@ def test_large_cpu_cotangent_is_drawn_in_seeded_blocks(monkeypatch):
     assert len({tuple(r[:4].tolist()) for r in flat[:40000].view(40, 1000)}) == 40
     assert abs(float(flat.mean())) < 5 / 40024 ** 0.5 and abs(float(flat.var()) - 1) < 7 * (2 / 40024) ** 0.5
     assert C._cotangent(y.to(torch.bfloat16)).dtype == torch.bfloat16
+
 
 def test_functional_capture_only_where_a_forward_can_call_an_activation():
     """The TorchFunctionMode that records ``torch.tanh(x)`` costs a Python call

@@ -96,7 +96,6 @@ def test_forward_and_grad_moments_match_the_definition(dtype):
         assert float(gsq) == pytest.approx(float(ref.square().sum()), rel=tol)
 
 
-
 def test_large_rows_are_summed_without_a_vector_of_ones():
     """From _SUM_DOT_MAX entries on, a row's sum is ``sum`` rather than a dot
     with a vector of ones as long as the row (GPT-2's logits: 823 MB more
@@ -112,6 +111,7 @@ def test_large_rows_are_summed_without_a_vector_of_ones():
         assert float(d["forward_sum"]) == pytest.approx(float(ref.sum()), rel=1e-5)
         assert float(d["forward_sq"]) == pytest.approx(float(ref.square().sum()), rel=1e-5)
     assert [k[2] for k in scratch._ones] == [S._SUM_DOT_MAX - 1]
+
 
 def test_dead_units_by_maxima_equal_any_nonzero():
     """Units zero on every example and position, along the feature dim (last
@@ -258,4 +258,3 @@ def test_batched_rows_equal_rows_measured_one_by_one(case, monkeypatch):
         dead = next(lay for lay in batched.layers if lay.name == "relu")
         assert dead.dead_fraction >= 5 / 12  # the five silenced units, and any that never fire by chance
         assert batched.layers[0].forward_mean == pytest.approx(float(model.fc(x).detach().mean()), rel=1e-5)  # before += 1
-
