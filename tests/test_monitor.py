@@ -48,15 +48,18 @@ def test_training_is_bit_identical_with_and_without_the_monitor(every, accumulat
     a, b = _net(), _net()
     torch.manual_seed(123)
     _train(a, 12, accumulate=accumulate)
+    rng_plain = torch.get_rng_state()
     torch.manual_seed(123)
     with sp.monitor(b, every=every) as mon:
         _train(b, 12, mon, accumulate=accumulate)
+    rng_monitored = torch.get_rng_state()
     assert len(mon.history) == len(range(0, 12, every))
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), n
     for x, y in zip(a.buffers(), b.buffers()):
         assert torch.equal(x, y)
-    assert torch.equal(torch.get_rng_state(), torch.get_rng_state())
+    # the global generator advanced exactly as in the unmonitored run (Dropout drew the same numbers)
+    assert torch.equal(rng_plain, rng_monitored)
 
 
 def test_hooks_are_gone_after_close():
@@ -150,10 +153,11 @@ def _digits():
 
 def test_a_diverging_run_alerts_before_its_first_nonfinite_loss():
     """A 6-layer ReLU MLP (He init) on digits with SGD, momentum 0.9, at
-    learning rate 0.3 diverges: its loss is non-finite at step 70 with these
-    seeds (asserted, so a change of dynamics shows).  The first loss or
-    gradient alert comes at least 10 steps earlier; the same net at learning
-    rate 0.03 trains for 300 steps without any alert."""
+    learning rate 0.3 diverges within 300 steps (step 70 on one machine, 90
+    on another: the trajectory is chaotic, so only the property is asserted).
+    The first loss or gradient alert comes at least 10 steps before the first
+    non-finite loss; the same net at learning rate 0.03 trains for 300 steps
+    without any alert."""
     x, y = _digits()
 
     def run(lr):
@@ -180,7 +184,7 @@ def test_a_diverging_run_alerts_before_its_first_nonfinite_loss():
         return first_bad, mon.alerts
 
     bad, alerts = run(0.3)
-    assert bad == 70 and alerts
+    assert bad is not None and alerts
     assert alerts[0].step <= bad - 10, alerts[0]
     # the gradient overflows one step before the loss does: that step is named
     assert any(a.kind == "non-finite" and a.step in (bad - 1, bad) for a in alerts)
