@@ -71,10 +71,10 @@ def test_no_float32_copies_of_bf16_activations():
 def test_cotangent_is_drawn_on_the_output_device_and_dtype():
     import importlib
 
-    C = importlib.import_module("signalprop.probe.check")
+    C = importlib.import_module("signalprop.probe.inputs")
 
     y = torch.zeros(3, 4, dtype=torch.bfloat16)
-    a, b = C._cotangent(y), C._cotangent(y)
+    a, b = C.cotangent(y), C.cotangent(y)
     assert a.dtype == torch.bfloat16 and torch.equal(a, b)
 
 
@@ -86,23 +86,23 @@ def test_large_cpu_cotangent_is_drawn_in_seeded_blocks(monkeypatch):
     (40,024 draws: mean within 5 standard errors of 0, variance within 7 of 1)."""
     import importlib
 
-    C = importlib.import_module("signalprop.probe.check")
+    C = importlib.import_module("signalprop.probe.inputs")
     monkeypatch.setattr(C, "_COT_BLOCK", 1000)
     y = torch.zeros(8, 5003)  # 41 blocks, the last one partly filled
     prev = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        a = C._cotangent(y)
+        a = C.cotangent(y)
         torch.set_num_threads(1)
-        b = C._cotangent(y)
+        b = C.cotangent(y)
     finally:
         torch.set_num_threads(prev)
-    assert a.shape == y.shape and torch.equal(a, b) and torch.equal(a, C._cotangent(y))
+    assert a.shape == y.shape and torch.equal(a, b) and torch.equal(a, C.cotangent(y))
     flat = a.reshape(-1)
-    assert torch.equal(flat[:1000], C._cotangent(torch.zeros(1000)))
+    assert torch.equal(flat[:1000], C.cotangent(torch.zeros(1000)))
     assert len({tuple(r[:4].tolist()) for r in flat[:40000].view(40, 1000)}) == 40
     assert abs(float(flat.mean())) < 5 / 40024 ** 0.5 and abs(float(flat.var()) - 1) < 7 * (2 / 40024) ** 0.5
-    assert C._cotangent(y.to(torch.bfloat16)).dtype == torch.bfloat16
+    assert C.cotangent(y.to(torch.bfloat16)).dtype == torch.bfloat16
 
 
 def test_functional_capture_only_where_a_forward_can_call_an_activation():

@@ -66,7 +66,7 @@ _Step = tuple[str, nn.Module | None, _act.Activation | None, float | None]  # na
 
 
 def _sequence_from_pass(model: nn.Module, inputs: Any) -> list[_Step]:
-    from ..probe.check import _call
+    from ..probe.inputs import call_model
     from ..probe.recorder import Recorder
     from ..probe.state import preserved
 
@@ -76,7 +76,7 @@ def _sequence_from_pass(model: nn.Module, inputs: Any) -> list[_Step]:
         try:
             mode = rec.functional_mode()
             with mode if mode is not None else contextlib.nullcontext():
-                _call(model, inputs)
+                call_model(model, inputs)
         finally:
             rec.detach()
     return [(r.name, r.module, r.act if r.act is not None else _unknown_activation(r.module), r.input_second_moment)

@@ -57,7 +57,7 @@ def lsuv_(model: nn.Module, inputs: Any, *, target: float = 1.0, tol: float = 0.
     Returns an :class:`InitSummary` with each layer's final scale and the
     forward passes used.
     """
-    from ..probe.check import _call
+    from ..probe.inputs import call_model
     from ..probe.state import preserved
 
     if not isinstance(model, nn.Module):
@@ -65,11 +65,11 @@ def lsuv_(model: nn.Module, inputs: Any, *, target: float = 1.0, tol: float = 0.
     if not (target > 0 and 0 < tol < 1 and max_iter >= 1):
         raise ValueError(f"need target > 0, 0 < tol < 1 and max_iter >= 1; got target={target}, tol={tol}, "
                          f"max_iter={max_iter}")
-    from ..probe.check import _tensors_of
+    from ..probe.inputs import tensors_of
 
     check_generator(model, generator)
 
-    bad = [t for t in _tensors_of(inputs) if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    bad = [t for t in tensors_of(inputs) if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
         raise ValueError(f"lsuv_: the calibration inputs contain NaN/Inf ({int((~torch.isfinite(bad[0])).sum())} "
                          f"entries of a tensor of shape {tuple(bad[0].shape)}): LSUV would scale the weights by them")
@@ -139,7 +139,7 @@ def lsuv_(model: nn.Module, inputs: Any, *, target: float = 1.0, tol: float = 0.
                 seen: set[nn.Module] = set()
                 changed: list[nn.Module] = []
                 with torch.no_grad():
-                    _call(model, inputs)
+                    call_model(model, inputs)
                 passes += 1
                 if not changed:
                     break

@@ -44,21 +44,14 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from ..probe.check import (
-    CallArgs,
-    ModelError,
-    _finalise,
-    _gather,
-    _layer_stats,
-    _norms,
-    _ParamNorms,
-    _run,
-    check_limits,
-    check_model,
-)
 from ..probe.diagnose import diagnose
 from ..probe.distributed import GRAD_NORM, MEAN, SUM, Reduction, local, norm_kind, resolve_group, unwrap
+from ..probe.gather import finalise, gather
+from ..probe.inputs import CallArgs, ModelError
+from ..probe.norms import ParamNorms, norms
+from ..probe.pipeline import check_limits, check_model, run_pass
 from ..probe.recorder import Recorder, first_float_tensor
+from ..probe.rows import layer_stats
 from ..probe.state import preserved
 from ..probe.stats import Part
 from ..records import Alert, MonitorReport, MonitorStep, evolve
@@ -252,7 +245,7 @@ class Monitor:
         self._cuda_devices = sorted({p.device.index for p in self._param_names
                                      if p.device.type == "cuda" and p.device.index is not None})
         with torch.no_grad():
-            gnorms = _norms([p.grad for p in params]) if params else []  # type: ignore[misc]
+            gnorms = norms([p.grad for p in params]) if params else []  # type: ignore[misc]
             loss_t = self._loss_scalar(loss)
             outs = [c for c in self._calls if c.out_norm is not None][:1]
             extra: list[torch.Tensor | Part | float] = [*gnorms, *([loss_t] if loss_t is not None else []),
@@ -260,7 +253,7 @@ class Monitor:
                                                                              float(c.out_numel))]]
             kinds = ([norm_kind(p.grad) for p in params] + ([MEAN] if loss_t is not None else [])  # type: ignore[arg-type]
                      + [GRAD_NORM, SUM] * len(outs))
-            pn = _ParamNorms.of(self._rec.rows, {p: p.grad for p in params},  # type: ignore[union-attr]
+            pn = ParamNorms.of(self._rec.rows, {p: p.grad for p in params},  # type: ignore[union-attr]
                                 known={id(p.grad): n for p, n in zip(params, gnorms)}) if sampled else None
             upd = self._update_scalars() if self._snapshot is not None else None
             more: list[torch.Tensor | Part | float] = [*(pn.scalars if pn is not None else []),
@@ -268,9 +261,9 @@ class Monitor:
             kinds += (pn.kinds if pn is not None else []) + (upd[1] if upd is not None else [])
             if sampled:
                 assert self._rec is not None
-                vals, ex = _finalise(self._rec.rows, extra + more, self.red, kinds, self._rec.batched())
+                vals, ex = finalise(self._rec.rows, extra + more, self.red, kinds, self._rec.batched())
             else:
-                vals, ex = [], _gather(extra + more, kinds, self.red) if extra or more else []
+                vals, ex = [], gather(extra + more, kinds, self.red) if extra or more else []
         n = len(gnorms)
         gvals = ex[:n]
         loss_v = ex[n] if loss_t is not None else (float(loss) if isinstance(loss, (int, float)) else None)
@@ -378,11 +371,11 @@ class Monitor:
         return where
 
     def _sample(self, k: int, loss: float | None, grad_norm: float | None, vals: list[dict[str, Any]],
-                pn: _ParamNorms, rest: list[float], out_rms: float | None) -> MonitorStep:
+                pn: ParamNorms, rest: list[float], out_rms: float | None) -> MonitorStep:
         rows = self._rec.rows  # type: ignore[union-attr]
         m = len(pn.scalars)
         rms = out_rms if out_rms else 1.0
-        layers = _layer_stats(rows, vals, pn.values(rest[:m]), rms)
+        layers = layer_stats(rows, vals, pn.values(rest[:m]), rms)
         verdict, problems, layers, _ = diagnose(layers, None, self.bounds, self.trend)
         return MonitorStep(k, loss, verdict, tuple(layers), tuple(problems), grad_norm, out_rms)
 
@@ -402,10 +395,10 @@ class Monitor:
         _, _, mods = self._snapshot  # type: ignore[misc]
         before = [b for _, _, bs in mods for b in bs]
         now = [local(p.detach()) for _, ps, _ in mods for p in ps]
-        w_norms = _norms(before)  # ||w|| before the update, read before the snapshot is overwritten
+        w_norms = norms(before)  # ||w|| before the update, read before the snapshot is overwritten
         torch._foreach_sub_(before, now)  # the snapshot, ours and used once, becomes -update: no second copy
         kinds = [norm_kind(p) for _, ps, _ in mods for p in ps]
-        return _norms(before) + w_norms, kinds + kinds
+        return norms(before) + w_norms, kinds + kinds
 
     def _finish_update(self, vals: list[float]) -> list[Alert]:
         sample, k, mods = self._snapshot  # type: ignore[misc]
@@ -443,7 +436,7 @@ class Monitor:
                "with mixed precision, use a GradScaler or bfloat16")
         with torch.no_grad():
             named = [(n, p) for n, p in self.model.named_parameters()]
-            pvals = _gather(_norms([p.detach() for _, p in named]),
+            pvals = gather(norms([p.detach() for _, p in named]),
                             [norm_kind(p) for _, p in named], self.red) if named else []
         bad_w = [n for (n, _), v in zip(named, pvals) if not math.isfinite(v)]
         if bad_w:
@@ -488,7 +481,7 @@ class Monitor:
             for d, s in call.cuda_rng:
                 torch.cuda.set_rng_state(s, d)
             with _autocast(call.autocast):
-                return _run(self.model, call.args, None, None, self.bounds, self.trend, True, self.red)
+                return run_pass(self.model, call.args, None, None, self.bounds, self.trend, True, self.red)
 
     # -- results ---------------------------------------------------------------
     def report(self) -> MonitorReport:

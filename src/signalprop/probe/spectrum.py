@@ -75,7 +75,7 @@ def _split_input(model: torch.nn.Module, inputs: Any) -> tuple[torch.Tensor, Cal
 
 
 def _example_map(model: torch.nn.Module, inputs: Any) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
-    from .check import _call
+    from .inputs import call_model
     from .recorder import first_float_tensor
 
     x, rebuild = _split_input(model, inputs)
@@ -83,7 +83,7 @@ def _example_map(model: torch.nn.Module, inputs: Any) -> tuple[Callable[[torch.T
 
     def f(x0: torch.Tensor) -> torch.Tensor:
         xb = torch.cat([x0.unsqueeze(0), x[1:]], 0)
-        y = first_float_tensor(_call(model, rebuild(xb)))
+        y = first_float_tensor(call_model(model, rebuild(xb)))
         if y is None:
             raise ValueError("model output has no floating-point tensor")
         return y[0].reshape(-1)

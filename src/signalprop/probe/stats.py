@@ -277,7 +277,7 @@ class Part:
     """Entry ``i`` of a statistic computed for several tensors at once: a
     vector (one value per tensor) or, for per-unit flags, a matrix (one row
     per row of the pass); read when the pass is gathered (see
-    :func:`signalprop.probe.check._gather`)."""
+    :func:`signalprop.probe.gather.gather`)."""
 
     __slots__ = ("vec", "i")
 
@@ -293,7 +293,7 @@ class Part:
 # (or, for per-unit flags, the matrix) whose j-th entry is the j-th row's.
 # Kept whole rather than written into each dict as a Part: the gathering
 # assigns a vector's values to its rows in one loop (see
-# :class:`signalprop.probe.check._Pending`).
+# :class:`signalprop.probe.gather.Pending`).
 Batched = tuple[list[dict[str, Any]], dict[str, torch.Tensor]]
 
 

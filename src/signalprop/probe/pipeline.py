@@ -1,0 +1,265 @@
+"""One diagnosed pass, the engine both drivers share: capture (the
+:class:`~.recorder.Recorder`'s hooks) -> accumulate (:mod:`.stats`, values
+left on the device) -> gather (:mod:`.gather`: one transfer, or one
+all-reduce) -> rows (:mod:`.rows`) -> judge (:mod:`.diagnose`).
+:func:`signalprop.check` runs it once; the monitor runs its parts on sampled
+steps and :func:`run_pass` itself to replay a step that turned non-finite."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..records import InputStats, LayerStats, Report, Summary
+from .diagnose import diagnose
+from .distributed import GRAD_NORM, MEAN, NORM, SUM, Reduction, is_ddp, is_sharded
+from .gather import finalise, has_nonfinite
+from .inputs import COTANGENT_SEED, ModelError, call_model, cotangent, prepare_inputs, shapes
+from .norms import ParamNorms
+from .predict import predictions
+from .recorder import Recorder, Row, first_float_tensor
+from .rows import layer_stats
+from .stats import Part, acc
+
+
+def check_model(model: Any, fn: str) -> None:
+    """What check and monitor can hook: a plain ``nn.Module`` (TorchScript and
+    ``torch.compile`` wrappers run their forward outside module hooks)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fn}() takes an nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ValueError(f"{fn}() needs the Python module: a TorchScript module ({type(model).__name__}, from "
+                         "torch.jit.trace/script) runs its graph without module hooks, so no layer could be "
+                         "measured; pass the model you traced")
+    if type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
+        raise ValueError(f"{fn}() needs the Python module: torch.compile's wrapper runs compiled code without "
+                         f"module hooks; pass model._orig_mod (the {type(model._orig_mod).__name__} it wraps)")
+    if torch.is_inference_mode_enabled():
+        raise ValueError(f"{fn}() cannot measure gradients under torch.inference_mode(): call it outside that block")
+
+
+def check_limits(bounds: tuple[float, float], trend: float) -> None:
+    """The verdict's limits, as check and monitor take them: 0 < low < high, trend > 1."""
+    if not (isinstance(bounds, (tuple, list)) and len(bounds) == 2):
+        raise ValueError(f"bounds must be (low, high), got {bounds!r}")
+    lo, hi = bounds
+    if not (0 < lo < hi < math.inf):
+        raise ValueError(f"bounds must satisfy 0 < low < high, got {bounds}")
+    if not 1 < trend < math.inf:
+        raise ValueError(f"trend must be > 1, got {trend}")
+
+
+
+def rng_states(params: list[nn.Parameter]) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
+    devices = sorted({p.device.index for p in params if p.device.type == "cuda"
+                      and p.device.index is not None})
+    return torch.get_rng_state(), [(d, torch.cuda.get_rng_state(d)) for d in devices]
+
+
+def set_rng_states(states: tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]) -> None:
+    torch.set_rng_state(states[0])
+    for d, s in states[1]:
+        torch.cuda.set_rng_state(s, d)
+
+
+def _forward(model: nn.Module, x: Any, inputs: Any, rec: Recorder) -> Any:
+    mode = rec.functional_mode()
+    try:
+        with torch.enable_grad(), (mode if mode is not None else contextlib.nullcontext()):
+            return call_model(model, x)
+    except Exception as e:  # name the module where it failed, keep the original as cause
+        where = rec.failed_in(e)
+        where = "(model)" if where is None else where
+        mod = dict(model.named_modules()).get(where)
+        kind = type(mod).__name__ if mod is not None else "?"
+        raise ModelError(
+            f"forward failed in module '{where or '(root)'}' ({kind}) on inputs of shape "
+            f"{shapes(inputs)}: {type(e).__name__}: {e}"
+        ) from e
+
+
+def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: tuple[float, float],
+         trend: float, exact: bool, red: Reduction | None = None, caller: nn.Module | None = None,
+         known: tuple[list[nn.Parameter], list[tuple[str, nn.Module]]] | None = None) -> Report | None:
+    """One diagnosed pass; None when the fast pass met a non-finite value
+    (the caller repeats it with ``exact=True``).  ``known``:
+    ``(list(model.parameters()), list(model.named_modules()))`` when the
+    caller has them already.  ``red``: combine every
+    statistic across the process group; the backward pass then runs as
+    training's does (``backward()``, so DDP and FSDP reduce the parameter
+    gradients; the saved ``.grad`` comes back afterwards), through ``caller``
+    (the DDP wrapper of ``model``) when given."""
+    rec = Recorder(model, exact=exact, unit_vectors=red is not None, named=known[1] if known is not None else None)
+    rec.attach()
+    try:
+        x, leaves = prepare_inputs(inputs)
+        out = _forward(caller if caller is not None else model, x, inputs, rec)
+        y = first_float_tensor(out)
+        if y is None:
+            raise ValueError(f"{type(model).__name__} returned {type(out).__name__} with no floating-point "
+                             "tensor: nothing to backpropagate")
+        if loss_fn is not None:
+            loss = loss_fn(out, targets) if targets is not None else loss_fn(out)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                what = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else \
+                    f"{type(loss).__name__} {loss!r}"[:80]
+                raise ValueError(f"loss_fn must return a scalar tensor that depends on the output (the loss to "
+                                 f"backpropagate), got {what}; reduce it (e.g. .mean()) and keep it a tensor")
+            root, cot = loss, None
+            backprop = f"loss {getattr(loss_fn, '__name__', type(loss_fn).__name__)}"
+        else:
+            root, cot = y, cotangent(y)
+            backprop = "random unit-variance cotangent on the output"
+        params = [p for p in (model.parameters() if known is None else known[0]) if p.requires_grad]
+        wrt = params + leaves + ([y] if loss_fn is not None and y.requires_grad else [])
+        if not (params or leaves):
+            raise ValueError("nothing in the model requires grad (all parameters frozen and no floating input): "
+                             "no gradient to measure; set requires_grad=True on the parameters to diagnose")
+        if not root.requires_grad:
+            raise ValueError(f"the {'loss' if loss_fn is not None else 'output'} does not depend on any parameter "
+                             "or floating input (a constant output, or computed under torch.no_grad()/detach() "
+                             "inside forward): no gradient flows back to measure")
+        grads: tuple[torch.Tensor | None, ...]
+        try:
+            if red is None:
+                grads = torch.autograd.grad(root, wrt, grad_outputs=cot, allow_unused=True)
+            else:
+                grads = _backward_synced(root, cot, params, leaves, y if loss_fn is not None else None,
+                                         red, caller is not None and is_ddp(caller) or is_sharded(model))
+        except RuntimeError as e:
+            raise ModelError(f"backward failed on inputs of shape {shapes(inputs)}: {e}") from e
+    finally:
+        rec.detach()
+    n_p, n_l = len(params), len(leaves)
+    pnorms = ParamNorms.of(rec.rows, dict(zip(params, grads[:n_p])))
+    input_grads = [g for g in grads[n_p:n_p + n_l] if g is not None]
+    out_grad = cot if cot is not None else (grads[-1] if len(grads) > n_p + n_l else None)
+    with torch.no_grad():
+        extra: list[torch.Tensor | Part | float] = [*pnorms.scalars, *_input_scalars(leaves, input_grads, exact),
+            torch.linalg.vector_norm(out_grad, dtype=acc(out_grad)) if out_grad is not None else 0.0,
+            root.float().sum() if loss_fn is not None else 0.0,
+            float(out_grad.numel()) if out_grad is not None else 0.0]
+    kinds = pnorms.kinds + _INPUT_KINDS[:len(extra) - len(pnorms.scalars) - 3] + [GRAD_NORM, MEAN, SUM]
+    vals, ex = finalise(rec.rows, extra, red, kinds, rec.batched())
+    if not exact and has_nonfinite(vals, ex):
+        return None
+    k = len(pnorms.scalars)
+    inp = _input_stats(leaves, input_grads, ex[k:-3])
+    out_rms = ex[-3] / math.sqrt(max(ex[-1], 1.0)) if out_grad is not None else 0.0
+    if loss_fn is not None:
+        backprop += f" = {ex[-2]:.6g}"
+    # the theory's gradients are scaled to the last row's: the square of its reported grad_rms (sqrt(g2) ** 2,
+    # which rounds apart from g2), so the last row's prediction matches the record it sits in
+    last_g2 = vals[-1].get("grad_ms") if vals else None
+    pred = predictions(rec.rows, inp, math.sqrt(last_g2) ** 2 if last_g2 else 0.0, pnorms.weight_norms)
+    pgrads = pnorms.values(ex[:k])
+    layers = layer_stats(rec.rows, vals, pgrads, out_rms, pred)
+    if out_grad is None or out_rms == 0:  # the loss does not reach the first output tensor
+        last = next((layer.grad_rms for layer in reversed(layers) if layer.grad_rms), None)
+        out_rms = last or 1.0
+        layers = layer_stats(rec.rows, vals, pgrads, out_rms, pred)
+    origin = _backward_origin(rec.rows, layers) if exact else None
+    stale = _stale_batchnorm(rec.rows)
+    verdict, problems, layers, judged = diagnose(layers, inp, bounds, trend, backward_origin=origin,
+                                                 dead_unjudged_from=stale[0].index if stale else None)
+    notes = judged.pop("notes")
+    if stale:
+        notes.append(f"{len(stale)} BatchNorm layer(s) in eval mode with running statistics never updated "
+                     f"(first: {stale[0].name}) pass the signal unnormalised, as neither training nor a trained "
+                     "model would: dead units after them are not judged; check in train mode (model.train()) "
+                     "to see what training sees")
+    summary = Summary(model=type(model).__name__, rows=len(layers), backprop=backprop, output_grad_rms=out_rms,
+                      bounds=(float(bounds[0]), float(bounds[1])), trend_limit=float(trend),
+                      training_mode=model.training, theory=pred is not None, input=inp,
+                      notes=tuple(notes), inputs=shapes(inputs), cotangent_seed=None if loss_fn is not None
+                      else COTANGENT_SEED, **judged)
+    return Report(verdict, tuple(layers), tuple(problems), summary)
+
+
+_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def _stale_batchnorm(rows: list[Row]) -> list[Row]:
+    """Rows of BatchNorm layers in eval mode whose running statistics were
+    never updated (still mean 0, variance 1)."""
+    return [r for r in rows if isinstance(r.module, _BATCHNORM)
+            and not r.module.training and r.module.track_running_stats
+            and r.module.num_batches_tracked is not None and int(r.module.num_batches_tracked) == 0]
+
+
+def _backward_origin(rows: list[Row], layers: list[LayerStats]) -> int | None:
+    """The row whose backward turned a finite incoming gradient into a
+    non-finite outgoing one: a consumer of the output of the latest row (in
+    execution order) whose gradient is non-finite, itself with a finite
+    gradient -- or, when no recorded row read that output directly, the next
+    row executed after it."""
+    bad = [layer.index for layer in layers if (layer.grad_nonfinite_fraction or 0) > 0]
+    if not bad or any(layer.nonfinite_fraction > 0 for layer in layers):
+        return None
+    r = rows[bad[-1]]
+    produced = r.output() if r.output is not None else None
+    finite = [s for s in rows[r.index + 1:] if not (layers[s.index].grad_nonfinite_fraction or 0) > 0]
+    for s in finite:
+        if produced is not None and any(ref() is produced for ref in s.inputs):
+            return s.index
+    return finite[0].index if finite else r.index
+
+
+def _backward_synced(root: torch.Tensor, cot: torch.Tensor | None, params: list[nn.Parameter],
+                     leaves: list[torch.Tensor], y: torch.Tensor | None, red: Reduction,
+                     framework_reduces: bool) -> tuple[torch.Tensor | None, ...]:
+    """The backward pass as distributed training runs it: ``backward()``
+    into ``.grad`` (the caller's :func:`preserved` puts the saved gradients
+    back), so DDP all-reduces and FSDP2 reduce-scatters the parameter
+    gradients; a model replicated without a wrapper gets them averaged here."""
+    for p in params:
+        p.grad = None
+    if y is not None and not y.is_leaf:
+        y.retain_grad()
+    torch.autograd.backward(root, grad_tensors=cot)
+    pg = [p.grad for p in params]
+    if not framework_reduces:
+        red.average_grads([g for g in pg if g is not None])
+    return (*pg, *[x.grad for x in leaves], *([y.grad] if y is not None else []))
+
+
+# how the input's scalars combine across ranks: norm, sum and count of the
+# finite entries, their number, the gradient's norm and number of entries
+_INPUT_KINDS = [NORM, SUM, SUM, SUM, GRAD_NORM, SUM]
+
+
+def _input_scalars(leaves: list[torch.Tensor], grads: list[torch.Tensor], exact: bool) -> list[torch.Tensor | float]:
+    """The first input's norm, sum, number of finite entries and of entries,
+    and its gradient's norm and size (read under ``no_grad``).  The fast
+    pass reads the input as it is: a NaN/Inf in it makes the norm or sum
+    non-finite and sends the call to the exact pass, as a non-finite row
+    does, which masks those entries and counts the finite ones."""
+    if not leaves:
+        return []
+    x = leaves[0]
+    a = acc(x)
+    n = float(x.numel())
+    if exact:
+        finite = torch.isfinite(x)
+        xf = torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        out: list[torch.Tensor | float] = [torch.linalg.vector_norm(xf, dtype=a), xf.sum(dtype=a),
+                                           finite.sum(dtype=a), n]
+    else:
+        out = [torch.linalg.vector_norm(x, dtype=a), x.sum(dtype=a), n, n]
+    if grads:
+        out += [torch.linalg.vector_norm(grads[0], dtype=acc(grads[0])), float(grads[0].numel())]
+    return out
+
+
+def _input_stats(leaves: list[torch.Tensor], grads: list[torch.Tensor], v: list[float]) -> InputStats | None:
+    if not leaves:
+        return None
+    x = leaves[0]
+    n, finite = max(v[3], 1.0), max(v[2], 1.0)
+    return InputStats(second_moment=v[0] ** 2 / finite, mean=v[1] / finite, nonfinite_fraction=1.0 - v[2] / n,
+                      width=int(x.shape[-1]) if x.dim() > 1 else 1,
+                      grad_rms=v[4] / math.sqrt(max(v[5], 1.0)) if grads else None)

@@ -1,0 +1,49 @@
+"""Gathered values -> one :class:`~signalprop.records.LayerStats` per row."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from torch import nn
+
+from ..records import LayerStats, evolve
+from .recorder import Row
+
+_BLANK = LayerStats(index=0, name="", kind="", depth=0, shape=(), forward_mean=0.0, forward_var=0.0,
+                    forward_second_moment=0.0, nonfinite_fraction=0.0, grad_rms=None)
+
+
+def layer_stats(rows: list[Row], vals: list[dict[str, Any]], pgrads: dict[nn.Module, tuple[float, float]],
+                 out_rms: float, pred: dict[int, tuple[float, float]] | None = None) -> list[LayerStats]:
+    """One record per row; ``pred``: the theory column by row index (see
+    :func:`~.predict.predictions`)."""
+    layers = []
+    prev_m2: float | None = None
+    prev_g2: float | None = None
+    pred = pred or {}
+    for r, v in zip(rows, vals):
+        m2 = v["forward_second_moment"]
+        g2 = v.get("grad_ms")
+        pg = pgrads.get(r.module) if r.module is not None else None
+        g = None if g2 is None else math.sqrt(g2)
+        pr = pred.get(r.index)
+        layers.append(evolve(  # a copy of a blank record: LayerStats' frozen __init__ costs 4 us a row
+            _BLANK, index=r.index, name=r.name, kind=r.kind, depth=r.depth, shape=r.shape,
+            forward_mean=v["forward_mean"], forward_var=v["forward_var"], forward_second_moment=m2,
+            nonfinite_fraction=v["nonfinite_fraction"], grad_rms=g,
+            grad_nonfinite_fraction=v.get("grad_nonfinite_fraction"),
+            param_grad_rms=pg[0] if pg else None, grad_to_weight=pg[1] if pg else None,
+            saturation=v.get("saturation"), dead_fraction=v.get("dead_fraction"),
+            dead_samples=int(v["dead_samples"]) if "dead_samples" in v else None,
+            forward_gain=m2 / prev_m2 if prev_m2 else None,
+            # how much the gradient's mean square grows passing back through this row
+            backward_gain=prev_g2 / g2 if (prev_g2 is not None and g2) else None,
+            relative_grad_rms=None if g is None else (g / out_rms if out_rms > 0 else math.inf),
+            activation=r.act.name if r.act is not None else None, role=r.role,
+            predicted_second_moment=pr[0] if pr else None, predicted_grad_rms=pr[1] if pr else None,
+        ))
+        prev_m2 = m2 if m2 > 0 else None
+        prev_g2 = g2
+    return layers
+
