@@ -3,7 +3,8 @@
 The oracle is one process on the concatenated batch (the training objective
 of DDP and FSDP2 is the mean of the ranks' losses, which with equal halves
 and a mean-reduced loss is the loss on the whole batch).  Forward second
-moments, saturation, dead shares and gradient RMS (activations and
+moments, saturation, dead shares, max |value| of outputs and gradients (the largest
+on any rank; a gradient divided by the world size) and gradient RMS (activations and
 parameters, sharded ones included) must agree within 1e-4 relative: the
 sums are the same numbers added in another order in float32 (~1e-7
 relative), so 1e-4 leaves room for that and nothing else -- an unscaled
@@ -53,7 +54,8 @@ def _data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.randn(BATCH, 3, generator=g)
 
 
-LAYER_FIELDS = ("forward_second_moment", "grad_rms", "param_grad_rms", "saturation", "dead_fraction")
+LAYER_FIELDS = ("forward_second_moment", "grad_rms", "param_grad_rms", "saturation", "dead_fraction", "forward_absmax",
+                "grad_absmax")
 
 
 def _layers(layers) -> list[dict]:

@@ -439,3 +439,45 @@ def test_established_scale():
     # a Linear's bias is not judged (its matrix is); a LayerNorm at (1, 0) has no matrix and a zero bias
     assert established([torch.ones(4, 4), torch.zeros(4)], [4.0, 0.0])
     assert not established([torch.ones(4), torch.zeros(4)], [2.0, 0.0])
+
+
+def test_established_reads_a_transposed_convolutions_real_fan_in():
+    """A ConvTranspose2d(64, 4, 3) weight is stored (64, 4, 3, 3): its fan-in
+    is 64 * 9 = 576 (an output entry sums 64 channels x 9 taps), not the
+    tensor rule's 4 * 9 = 36.  Weights at 0.2 / sqrt(576) RMS -- the scale
+    of an initialization for that fan-in -- are established by its wiring
+    and would not be by the tensor rule (threshold 0.1 / sqrt(36))."""
+    from signalprop.layers import param_fan_ins
+    from signalprop.monitor.alerts import established
+
+    m = nn.ConvTranspose2d(64, 4, 3)
+    fi = param_fan_ins(m)
+    assert fi == {"weight": 576, "bias": 1}
+    with torch.no_grad():
+        m.weight.normal_(0, 0.2 / math.sqrt(576), generator=torch.Generator().manual_seed(0))
+    norms = [float(m.weight.detach().norm()), float(m.bias.detach().norm())]
+    assert established([m.weight, m.bias], norms, [fi["weight"], fi["bias"]])
+    assert not established([m.weight, m.bias], norms)
+
+
+def test_the_monitors_trend_is_the_drift_alerts_limit(monkeypatch):
+    """Monitor(trend=) sets the factor by which a layer's relative gradient
+    RMS may move from its baseline before an alert (it used to stop at
+    check's verdicts while the alerts kept a fixed 100)."""
+    from signalprop.monitor import alerts as A
+
+    seen = []
+    real = A.sampled_alerts
+    monkeypatch.setattr(A, "sampled_alerts", lambda cur, hist, drift=A.DRIFT: seen.append(drift) or real(cur, hist, drift))
+    m = _net()
+    with sp.monitor(m, every=1, trend=7.0) as mon:
+        _train(m, 3, mon)
+    assert seen and set(seen) == {7.0}
+
+    from signalprop.records import evolve
+
+    base = mon.history[0]
+    grown = evolve(base, layers=tuple(evolve(layer, relative_grad_rms=(layer.relative_grad_rms or 1) * 20)
+                                      for layer in base.layers))
+    assert [a.kind for a in real(grown, [base], drift=7.0)] == ["exploding"]
+    assert [a.kind for a in real(grown, [base])] == []  # 20x is within the default 100x

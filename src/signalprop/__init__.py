@@ -22,6 +22,8 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "probe": ("signalprop.probe", None),
     "lab": ("signalprop.lab", None),
     "report": ("signalprop.report", None),
+    "statistics": ("signalprop.statistics", None),
+    "layers": ("signalprop.layers", None),
     "check": ("signalprop.probe.check", "check"),
     "monitor": ("signalprop.monitor", None),  # callable: sp.monitor(model, every=50)
     "Monitor": ("signalprop.monitor.core", "Monitor"),
@@ -33,10 +35,10 @@ _LAZY: dict[str, tuple[str, str | None]] = {
 }
 
 __all__ = ["InitSummary", "LayerStats", "Monitor", "Problem", "Report", "__version__", "activations", "check",
-           "clip", "init", "lab", "monitor", "probe", "report", "theory"]
+           "clip", "init", "lab", "layers", "monitor", "probe", "report", "statistics", "theory"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import activations, clip, init, lab, probe, report, theory
+    from . import activations, clip, init, lab, layers, probe, report, statistics, theory
     from .monitor import monitor
     from .monitor.core import Monitor
     from .probe.check import Report, check

@@ -147,9 +147,20 @@ class LayerStats:
     activation: str | None = None
     role: str = ""
     dead_samples: int | None = None  # examples x positions per unit behind dead_fraction
+    # the declared statistics (signalprop.statistics) that have no field above, by name (forward_absmax, ...):
+    # read as attributes too (layer.forward_absmax), and flattened into to_dict()
+    stats: dict[str, float | None] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        stats = self.__dict__.get("stats")
+        if stats is not None and name in stats:
+            return stats[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return _clean(asdict(self))
+        d = asdict(self)
+        d.update(d.pop("stats"))
+        return _clean(d)
 
 
 @dataclass(frozen=True)

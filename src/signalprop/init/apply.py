@@ -11,10 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..layers import CONV, ParamSpec, param_specs
 from ..records import InitSummary, ParamInit
 from ._transaction import check_generator, is_parametrized, transactional, writable
 from .defaults import torch_default_
-from .fans import _CONV, ParamSpec, param_specs
 from .gains import gain as _gain
 from .orthogonal import delta_orthogonal_
 from .schemes import variance_scaling_
@@ -96,7 +96,7 @@ def _plan_plain(full: str, spec: ParamSpec, scheme: str, std_naive: float | None
     s = SCHEMES[scheme]
     fan = {"fan_in": fans[0], "fan_out": fans[1], "fan_avg": (fans[0] + fans[1]) / 2}[s.mode]
     std = g / math.sqrt(fan)
-    if scheme == "delta_orthogonal" and t.dim() >= 3 and isinstance(owner, _CONV):
+    if scheme == "delta_orthogonal" and t.dim() >= 3 and isinstance(owner, CONV):
         if t.shape[1] > t.shape[0]:
             raise ValueError(f"{full}: delta_orthogonal needs out_channels >= in_channels, got shape "
                              f"{tuple(t.shape)}; use 'orthogonal' for this model")

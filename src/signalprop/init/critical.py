@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from .. import activations as _act
+from ..layers import CONV_TRANSPOSE, fans, param_specs
 from ..records import InitSummary, LayerInit, ParamInit
 from ..theory.critical import CriticalPoint, critical_point
 from ._transaction import check_generator, is_parametrized, transactional, writable
 from .detect import WeightLayer, weight_layers
-from .fans import _CONVT, fans, param_specs
 from .orthogonal import _orthogonal_fill
 
 
@@ -51,7 +51,7 @@ def _draw_into(layer: WeightLayer, w: torch.Tensor, sigma_w2: float, sigma_b2: f
     centered = mean is not None and not has_bias
     out_ch, in_ch = w.shape[0], w.shape[1]
     fan_in = fans(m)[0]  # the module's real wiring (ConvTranspose: input channels per group x taps / stride)
-    transposed = isinstance(m, _CONVT)
+    transposed = isinstance(m, CONV_TRANSPOSE)
     with torch.no_grad():
         if w.dim() > 2 and not transposed and out_ch >= in_ch and getattr(m, "groups", 1) == 1:
             # Xiao et al. (2018): orthogonal centre tap; per-unit second moment scales by g^2 in/out

@@ -7,8 +7,8 @@ import math
 import torch
 from torch import nn
 
+from ..layers import CONV, CONV_TRANSPOSE, NORMS, tensor_fans
 from ._transaction import transactional
-from .fans import _CONV, _CONVT, _NORM, tensor_fans
 
 
 def _uniform(t: torch.Tensor, bound: float, g: torch.Generator | None) -> None:
@@ -22,7 +22,7 @@ def _xavier_uniform_torch(t: torch.Tensor, g: torch.Generator | None) -> None:
 
 def _reset(m: nn.Module, g: torch.Generator | None) -> bool:
     """Re-draw ``m``'s own parameters as its constructor does; False if unknown."""
-    if isinstance(m, (nn.Linear,) + _CONV + _CONVT):
+    if isinstance(m, (nn.Linear,) + CONV + CONV_TRANSPOSE):
         # kaiming_uniform_(a=sqrt(5)) == U(-1/sqrt(fan_in), 1/sqrt(fan_in)), torch's fan rule
         bound = 1.0 / math.sqrt(max(tensor_fans(m.weight)[0], 1))
         _uniform(m.weight, bound, g)
@@ -37,7 +37,7 @@ def _reset(m: nn.Module, g: torch.Generator | None) -> bool:
         m.weight.normal_(0.0, 1.0, generator=g)
         if getattr(m, "padding_idx", None) is not None:
             m.weight[m.padding_idx].zero_()
-    elif isinstance(m, _NORM):
+    elif isinstance(m, NORMS):
         for pname, value in (("weight", 1.0), ("bias", 0.0)):
             t = getattr(m, pname, None)
             if isinstance(t, torch.Tensor):

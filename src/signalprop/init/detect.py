@@ -15,12 +15,9 @@ import torch
 from torch import nn
 
 from .. import activations as _act
-from .fans import WEIGHT_LAYERS
+from ..layers import PASS_THROUGH, WEIGHT_LAYERS
 
-# Modules that pass the signal through unchanged at initialization, as far
-# as the choice of scale is concerned.
-NEUTRAL = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
-           nn.Flatten, nn.Unflatten)
+NEUTRAL = PASS_THROUGH  # the name this module has always used
 
 
 @dataclass

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..layers import CONV_TRANSPOSE, WEIGHT_LAYERS
 from ..records import InitSummary, LayerInit
 from ._transaction import check_generator, transactional, writable
-from .fans import _CONVT, WEIGHT_LAYERS
 from .orthogonal import _orthogonal_fill
 
 
@@ -107,7 +107,7 @@ def lsuv_(model: nn.Module, inputs: Any, *, target: float = 1.0, tol: float = 0.
         s = torch.sqrt(target / var)
         b = getattr(m, "bias", None)
         with torch.no_grad(), writable(m, "weight") as w:  # through a parametrisation when there is one
-            out_dim = 1 if isinstance(m, _CONVT) else 0
+            out_dim = 1 if isinstance(m, CONV_TRANSPOSE) else 0
             sw = _view(s, w, out_dim) if per_channel else s
             w.mul_(sw.to(w.dtype))
             sy = _view(s, out, dim) if per_channel else s

@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .fans import WEIGHT_LAYERS
+from ..layers import WEIGHT_LAYERS
 
 ResidualMode = Literal["fixup", "skipinit"]
 _MODES = ("fixup", "skipinit")

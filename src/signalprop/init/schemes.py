@@ -15,8 +15,8 @@ from typing import Literal
 import torch
 from scipy import special, stats
 
+from ..layers import tensor_fans
 from ._checks import check_2d, check_choice, check_tensor, work_dtype
-from .fans import tensor_fans
 from .gains import calculate_gain
 
 FanMode = Literal["fan_in", "fan_out", "fan_avg"]

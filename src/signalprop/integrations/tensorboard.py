@@ -6,9 +6,10 @@ tensorboardX's -- so nothing here imports TensorBoard (but for PyTorch's own
 writer, whose step's scalars go out as one event through TensorBoard's
 ``Summary`` record, which that writer needs installed).  Tags are stable:
 ``signalprop/loss``, ``signalprop/grad_norm`` every step that has them;
-``signalprop/<quantity>/<layer>`` on sampled steps for gradient RMS, gradient
-RMS relative to the output's, forward second moment, saturation and dead
-share; ``signalprop/update_ratio/<module>`` when an update is measured;
+``signalprop/<quantity>/<layer>`` on sampled steps for the gradient RMS
+relative to the output's and every statistic declared for TensorBoard in
+:mod:`signalprop.statistics` (gradient RMS, forward second moment, max |y|
+and max |gradient|, saturation and dead share); ``signalprop/update_ratio/<module>`` when an update is measured;
 alerts as text under ``signalprop/alerts``.
 """
 
@@ -17,7 +18,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
-LAYER_QUANTITIES = ("grad_rms", "relative_grad_rms", "forward_second_moment", "saturation", "dead_fraction")
+from ..statistics import STATISTICS
+
+
+def layer_quantities() -> tuple[str, ...]:
+    """The per-layer tags of a sampled step: the gradient RMS relative to the
+    output's (what the verdict judges), then every statistic declared for
+    TensorBoard (:mod:`signalprop.statistics`)."""
+    return ("relative_grad_rms", *(s.name for s in STATISTICS if s.tensorboard))
 
 
 def _add(out: list[tuple[str, float]], tag: str, value: float | None) -> None:
@@ -51,11 +59,12 @@ def write_step(writer: Any, mon: Any, step: int, alerts: list[Any]) -> None:
     h = mon.history[-1] if mon.history else None
     if h is not None and h.step == step:
         seen = set()
+        quantities = layer_quantities()
         for layer in h.layers:
             if layer.name in seen:  # a module called twice: its first call
                 continue
             seen.add(layer.name)
-            for q in LAYER_QUANTITIES:
+            for q in quantities:
                 _add(now, f"signalprop/{q}/{layer.name or '(root)'}", getattr(layer, q))
     _write_scalars(writer, now, step)
     for h in reversed(mon.history[-3:]):  # an update measured at this step belongs to a sample 2 steps back

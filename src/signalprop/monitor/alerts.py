@@ -53,6 +53,7 @@ from typing import cast
 
 import torch
 
+from ..layers import tensor_fans
 from ..records import Alert, AlertKind, LayerStats, MonitorStep
 
 SURGE = 10.0
@@ -130,11 +131,12 @@ def _by_name(layers: Sequence[LayerStats]) -> dict[str, LayerStats]:
     return out
 
 
-def sampled_alerts(current: MonitorStep, history: Sequence[MonitorStep]) -> list[Alert]:
-    """Per-layer drift of gradient RMS, creeping saturation and dead shares,
-    comparing ``current`` with the first samples of ``history`` (which does
-    not contain ``current``).  One alert per kind per sample, naming the layer
-    that moved most and how many moved."""
+def sampled_alerts(current: MonitorStep, history: Sequence[MonitorStep], drift: float = DRIFT) -> list[Alert]:
+    """Per-layer drift of gradient RMS (by more than ``drift``, the monitor's
+    ``trend``), creeping saturation and dead shares, comparing ``current``
+    with the first samples of ``history`` (which does not contain
+    ``current``).  One alert per kind per sample, naming the layer that moved
+    most and how many moved."""
     out: list[Alert] = []
     if len(history) < 1:
         return out
@@ -148,22 +150,22 @@ def sampled_alerts(current: MonitorStep, history: Sequence[MonitorStep]) -> list
         b = _baseline(base_hist, name, "relative_grad_rms")
         if v is None or b is None or not math.isfinite(v):
             continue
-        if v > DRIFT * b:
+        if v > drift * b:
             grew.append((v / b, name))
-        elif v < b / DRIFT:
+        elif v < b / drift:
             shrank.append((b / v if v > 0 else math.inf, name))
     if grew:
         f, name = max(grew)
         out.append(Alert(current.step, "exploding", name,
                          f"gradient RMS of {name} (relative to the output's) grew {f:.3g}x since the first samples "
-                         f"({len(grew)} layer(s) grew > {DRIFT:g}x)",
+                         f"({len(grew)} layer(s) grew > {drift:g}x)",
                          "lower the learning rate for this layer's group, clip (sp.clip.agc_), or add "
                          "normalisation / a residual path", "backward"))
     if shrank:
         f, name = max(shrank)
         out.append(Alert(current.step, "vanishing", name,
                          f"gradient RMS of {name} (relative to the output's) fell {f:.3g}x since the first samples "
-                         f"({len(shrank)} layer(s) fell > {DRIFT:g}x)",
+                         f"({len(shrank)} layer(s) fell > {drift:g}x)",
                          "look for saturating or dying units upstream (this report's saturation/dead columns); "
                          "a smaller learning rate or a different initialization (sp.init.critical_)", "backward"))
     for kind, attr, limit in (("saturated", "saturation", CREEP_LIMIT), ("dead", "dead_fraction", CREEP_LIMIT)):
@@ -188,15 +190,17 @@ def sampled_alerts(current: MonitorStep, history: Sequence[MonitorStep]) -> list
     return out
 
 
-def established(params: Sequence[torch.Tensor], norms: Sequence[float]) -> bool:
+def established(params: Sequence[torch.Tensor], norms: Sequence[float], fan_ins: Sequence[int] | None = None) -> bool:
     """Whether a module's parameters are at the scale of an initialization:
     each matrix/filter (each 1-D parameter when it has none) with RMS at
-    least ``ESTABLISHED / sqrt(fan_in)``, from its norm ``norms[i]``."""
+    least ``ESTABLISHED / sqrt(fan_in)``, from its norm ``norms[i]``.
+    ``fan_ins``: each parameter's fan-in from the module's wiring
+    (:func:`signalprop.layers.param_fan_ins`); default torch's tensor rule."""
     mats = [i for i, p in enumerate(params) if p.dim() >= 2]
     for i in mats or range(len(params)):
         p = params[i]
         n = max(p.numel(), 1)
-        fan_in = n // p.shape[0] if p.dim() >= 2 and p.shape[0] else 1
+        fan_in = fan_ins[i] if fan_ins is not None else tensor_fans(p)[0] if p.dim() >= 2 else 1
         if not norms[i] / math.sqrt(n) >= ESTABLISHED / math.sqrt(max(fan_in, 1)):
             return False
     return True

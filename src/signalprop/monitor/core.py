@@ -44,6 +44,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from ..layers import param_fan_ins
 from ..probe.diagnose import diagnose
 from ..probe.distributed import GRAD_NORM, MEAN, SUM, Reduction, local, norm_kind, resolve_group, unwrap
 from ..probe.gather import finalise, gather
@@ -139,8 +140,8 @@ class Monitor:
         self._calls: list[_Call] = []
         self._rec: Recorder | None = None
         self._recording = False
-        # (sampled step, step whose optimizer update is measured, [(module name, params, saved copies)])
-        self._snapshot: tuple[int, int, list[tuple[str, list[nn.Parameter], list[torch.Tensor]]]] | None = None
+        # (sampled step, step whose optimizer update is measured, [(module name, params, saved copies, their fan-ins)])
+        self._snapshot: tuple[int, int, list[tuple[str, list[nn.Parameter], list[torch.Tensor], list[int]]]] | None = None
         self._snapshot_due: int | None = None  # a sampled step whose following update is still to measure
         self._nonfinite_seen = False
         self._paused = False
@@ -297,7 +298,7 @@ class Monitor:
             out_rms = out_v / math.sqrt(max(out_numel, 1.0)) if out_v else None
             rec = self._sample(k, loss_v, grad_norm, vals, pn, rest, out_rms)  # type: ignore[arg-type]
             if finite:
-                new += A.sampled_alerts(rec, self.history)
+                new += A.sampled_alerts(rec, self.history, self.trend)
             self.history.append(rec)
             if self.max_history is not None and len(self.history) > self.max_history:
                 del self.history[A.BASELINE_SAMPLES]  # the baseline samples stay
@@ -385,37 +386,39 @@ class Monitor:
         measure its update for the sample at step ``sample``."""
         mods = []
         for name, m in self.model.named_modules():
-            ps = [p for p in m._parameters.values() if p is not None and p.requires_grad]
-            if ps:
-                mods.append((name, ps, [local(p.detach()).clone() for p in ps]))
+            named = [(n, p) for n, p in m._parameters.items() if p is not None and p.requires_grad]
+            if named:
+                ps = [p for _, p in named]
+                fi = param_fan_ins(m)
+                mods.append((name, ps, [local(p.detach()).clone() for p in ps], [fi[n] for n, _ in named]))
         self._snapshot = (sample, k, mods)
 
     def _update_scalars(self) -> tuple[list[torch.Tensor | Part], list[str]]:
         """||w after - w before|| and ||w before|| of every saved tensor, and how each combines across ranks."""
         _, _, mods = self._snapshot  # type: ignore[misc]
-        before = [b for _, _, bs in mods for b in bs]
-        now = [local(p.detach()) for _, ps, _ in mods for p in ps]
+        before = [b for _, _, bs, _ in mods for b in bs]
+        now = [local(p.detach()) for _, ps, _, _ in mods for p in ps]
         w_norms = norms(before)  # ||w|| before the update, read before the snapshot is overwritten
         torch._foreach_sub_(before, now)  # the snapshot, ours and used once, becomes -update: no second copy
-        kinds = [norm_kind(p) for _, ps, _ in mods for p in ps]
+        kinds = [norm_kind(p) for _, ps, _, _ in mods for p in ps]
         return norms(before) + w_norms, kinds + kinds
 
     def _finish_update(self, vals: list[float]) -> list[Alert]:
         sample, k, mods = self._snapshot  # type: ignore[misc]
         self._snapshot = None
-        n = sum(len(ps) for _, ps, _ in mods)
+        n = sum(len(ps) for _, ps, _, _ in mods)
         d, w = vals[:n], vals[n:2 * n]
         ratios: list[tuple[str, float]] = []
         i = 0
         weight_layers = set()
         judged = set()
-        for name, ps, _ in mods:
+        for name, ps, _, fan_ins in mods:
             dd = math.sqrt(sum(x * x for x in d[i:i + len(ps)]))
             ww = math.sqrt(sum(x * x for x in w[i:i + len(ps)]))
             ratios.append((name, dd / ww if ww > 0 else (0.0 if dd == 0 else math.inf)))
             if any(p.dim() >= 2 for p in ps):
                 weight_layers.add(name)
-            if A.established(ps, w[i:i + len(ps)]):
+            if A.established(ps, w[i:i + len(ps)], fan_ins):
                 judged.add(name)
             i += len(ps)
         for j in range(len(self.history) - 1, -1, -1):

@@ -37,11 +37,11 @@ same for users):
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any, cast
 
+from ..layers import PASS_THROUGH_NAMES, is_norm_kind
 from ..records import SEVERITY, InputStats, LayerStats, Problem, SeriesTrend, Verdict, evolve
 from .stats import MIN_SAMPLES_PER_UNIT
 
@@ -66,8 +66,6 @@ class _Evidence:
     strength: float  # how far past the limit (for choosing what to quote)
 
 
-_NORM = re.compile(r"Norm(\d+d)?$")  # LayerNorm, RMSNorm, LlamaRMSNorm, GroupNorm, BatchNorm2d, ...
-_PASS_THROUGH = ("Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "Identity")
 
 
 def _effective(layers: list[LayerStats]) -> list[float | None]:
@@ -84,9 +82,9 @@ def _effective(layers: list[LayerStats]) -> list[float | None]:
     for i in range(len(layers) - 1, -1, -1):
         layer = layers[i]
         g = out[i]
-        if g is not None and nxt is not None and _NORM.search(nxt.kind) and nxt.forward_second_moment > 0:
+        if g is not None and nxt is not None and is_norm_kind(nxt.kind) and nxt.forward_second_moment > 0:
             out[i] = g * math.sqrt(layer.forward_second_moment / nxt.forward_second_moment)
-        if g is not None and layer.kind not in _PASS_THROUGH:
+        if g is not None and layer.kind not in PASS_THROUGH_NAMES:
             nxt = layer
     return out
 

@@ -14,7 +14,10 @@ would see:
   (FSDP2's ``DTensor`` shards), whose squared norms add;
 * the loss: the ranks' mean;
 * a unit is dead only when it is zero on every rank (per-unit "alive" flags
-  added; a unit is alive where the sum is positive).
+  added; a unit is alive where the sum is positive);
+* maxima (the largest |value|): the largest on any rank (each rank writes its
+  value into its own slot of a block of ``world`` entries, zeros elsewhere, so
+  the one sum all-reduce hands every rank all of them).
 
 :class:`Reduction` does all of that with **one** ``all_reduce`` of one
 float64 buffer per call, whatever the depth.  Every rank must measure the
@@ -31,15 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-# How each scalar combines across ranks (see the module docstring).
-SUM = "sum"          # additive: sums, counts
-NORM = "norm"        # Euclidean norm over batch-split data: sqrt(sum of squares)
-GRAD_NORM = "gnorm"  # norm of an activation gradient: sqrt(sum of squares) / world
-GRAD_SQ = "gsq"      # its sum of squares itself: sum of squares / world^2
-REPLICA_NORM = "rep"  # norm of a tensor every rank holds: sqrt(mean of squares)
-SHARD_NORM = "shard"  # norm of one shard of a sharded tensor: sqrt(sum of squares)
-MEAN = "mean"        # a per-rank value whose mean is wanted (the loss, shares)
-ANY = "any"          # a vector of per-unit flags: how many are set on some rank
+# How each scalar combines across ranks (see the module docstring): declared with the statistics
+from ..statistics import ANY, GRAD_MAX, GRAD_NORM, GRAD_SQ, MAX, MEAN, NORM, RAW_REDUCTION, REPLICA_NORM, SHARD_NORM, SUM
 
 _SQUARED = (NORM, GRAD_NORM, REPLICA_NORM, SHARD_NORM)
 
@@ -117,6 +113,7 @@ class Reduction:
     def __init__(self, group: Any) -> None:
         self.group = group
         self.world = torch.distributed.get_world_size(group)
+        self.rank = torch.distributed.get_rank(group)
         backend = str(torch.distributed.get_backend(group)).lower()
         self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
 
@@ -132,6 +129,10 @@ class Reduction:
                 t = t * t
             elif k == ANY:
                 t = (t != 0).to(torch.float64)
+            elif k in (MAX, GRAD_MAX):
+                block = torch.zeros(self.world, t.numel(), dtype=torch.float64, device=self.device)
+                block[self.rank] = t
+                t = block.reshape(-1)
             parts.append(t)
         sizes = [p.numel() for p in parts]
         buf = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=self.device)
@@ -158,6 +159,10 @@ class Reduction:
                 out.append(float(sum(1 for x in seg if x > 0)))
             elif k == SUM:
                 out.append(s)
+            elif k == MAX:
+                out.append(max(seg) if seg else 0.0)
+            elif k == GRAD_MAX:
+                out.append(max(seg) / w if seg else 0.0)
             else:
                 raise ValueError(f"unknown reduction kind {k!r}")
         return out
@@ -178,8 +183,5 @@ class Reduction:
             i += n
 
 
-# Row statistics (probe.stats) and how each combines.
-ROW_KINDS = {"forward_sum": SUM, "forward_norm": NORM, "forward_sq": SUM, "forward_n": SUM,
-             "forward_nonfinite": MEAN, "grad_norm": GRAD_NORM, "grad_sq": GRAD_SQ, "grad_n": SUM,
-             "grad_nonfinite": MEAN,
-             "saturated_count": SUM, "saturated_n": SUM, "alive": ANY, "dead_samples": SUM}
+# Row statistics' raw values (probe.stats) and how each combines: read off their declarations
+ROW_KINDS = RAW_REDUCTION

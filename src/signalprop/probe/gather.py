@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..statistics import finish_row
 from .distributed import ROW_KINDS, SUM, Reduction
 from .recorder import Row
 from .stats import Batched, Part, as_parts
@@ -109,7 +110,7 @@ def finalise(rows: list[Row], extra: list[torch.Tensor | Part | float], red: Red
               extra_kinds: list[str] | None = None,
               batched: list[Batched] | None = None) -> tuple[list[dict[str, Any]], list[float]]:
     """Every row's statistics as floats, and the ``extra`` scalars, gathered
-    together; derived moments formed in float64, where squares cannot overflow.
+    together, each row's as its declared statistics (:func:`~signalprop.statistics.finish_row`).
     ``batched``: the recorder's measured batches (:meth:`Recorder.batched`),
     whose values go into their rows' dicts.  With ``red``, every statistic is
     combined across the process group (one all-reduce; ``extra_kinds`` says
@@ -149,22 +150,8 @@ def finalise(rows: list[Row], extra: list[torch.Tensor | Part | float], red: Red
         for (o, k), v in zip(where, vals):
             o[k] = v
         exv = vals[len(scalars):]
-    for d in out:
-        if "alive" in d:
-            d["alive_count"] = d.pop("alive")
-        if "forward_n" in d:
-            n = d.pop("forward_n")
-            d["forward_mean"] = d.pop("forward_sum") / n
-            d["forward_second_moment"] = (d.pop("forward_sq") if "forward_sq" in d else d.pop("forward_norm") ** 2) / n
-            d["forward_var"] = max(d["forward_second_moment"] - d["forward_mean"] ** 2, 0.0)
-            d["nonfinite_fraction"] = d.pop("forward_nonfinite", 0.0)
-        if "grad_n" in d:
-            d["grad_ms"] = (d.pop("grad_sq") if "grad_sq" in d else d.pop("grad_norm") ** 2) / d.pop("grad_n")
-            d["grad_nonfinite_fraction"] = d.pop("grad_nonfinite", 0.0)
-        if "saturated_count" in d:
-            d["saturation"] = d.pop("saturated_count") / d.pop("saturated_n")
-        if "alive_count" in d:
-            d["dead_fraction"] = 1.0 - d.pop("alive_count") / d.pop("units")
+    # raw sums -> the declared statistics, formed in float64 (Python floats), where squares cannot overflow
+    out = [finish_row(d) for d in out]
     return out, exv
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..layers import BATCHNORMS
 from ..records import InputStats, LayerStats, Report, Summary
 from .diagnose import diagnose
 from .distributed import GRAD_NORM, MEAN, NORM, SUM, Reduction, is_ddp, is_sharded
@@ -152,10 +153,11 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
     out_rms = ex[-3] / math.sqrt(max(ex[-1], 1.0)) if out_grad is not None else 0.0
     if loss_fn is not None:
         backprop += f" = {ex[-2]:.6g}"
-    # the theory's gradients are scaled to the last row's: the square of its reported grad_rms (sqrt(g2) ** 2,
-    # which rounds apart from g2), so the last row's prediction matches the record it sits in
-    last_g2 = vals[-1].get("grad_ms") if vals else None
-    pred = predictions(rec.rows, inp, math.sqrt(last_g2) ** 2 if last_g2 else 0.0, pnorms.weight_norms)
+    # the theory's gradients are scaled to the last row's: the square of its reported grad_rms, so the last
+    # row's prediction matches the record it sits in
+    last_g = vals[-1].get("grad_rms") if vals else None
+    pred = predictions(rec.rows, inp, last_g ** 2 if last_g else 0.0, pnorms.weight_norms,
+                       leaves[0].data_ptr() if leaves else 0)
     pgrads = pnorms.values(ex[:k])
     layers = layer_stats(rec.rows, vals, pgrads, out_rms, pred)
     if out_grad is None or out_rms == 0:  # the loss does not reach the first output tensor
@@ -180,13 +182,12 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
     return Report(verdict, tuple(layers), tuple(problems), summary)
 
 
-_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 def _stale_batchnorm(rows: list[Row]) -> list[Row]:
     """Rows of BatchNorm layers in eval mode whose running statistics were
     never updated (still mean 0, variance 1)."""
-    return [r for r in rows if isinstance(r.module, _BATCHNORM)
+    return [r for r in rows if isinstance(r.module, BATCHNORMS)
             and not r.module.training and r.module.track_running_stats
             and r.module.num_batches_tracked is not None and int(r.module.num_batches_tracked) == 0]
 

@@ -1,5 +1,8 @@
 """Theory beside measurement, for stacks that mean-field theory covers:
-Linear/Conv layers, each optionally followed by one elementwise activation."""
+Linear/Conv/ConvTranspose layers (any stride, dilation and groups), each
+optionally followed by one elementwise activation, with nothing between them
+that no row recorded (a reshape that only views the tensor is fine).  Fans
+come from :mod:`signalprop.layers`, the one source init uses too."""
 
 from __future__ import annotations
 
@@ -9,36 +12,51 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from ..layers import CONV_TRANSPOSE, CONVS, fans
 from ..records import InputStats
 from ..theory import propagate
 from .recorder import Row
 from .stats import acc, dottable
 
-_WEIGHT = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_WEIGHT = (nn.Linear,) + CONVS
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
-def _chain(rows: list[Row]) -> list[tuple[Row, Row | None]] | None:
-    """[(weight row, activation row or None)], or None if rows are not such a chain."""
+def _identity(r: Row) -> bool:
+    """A row that passes its input on unchanged: Identity, (Un)Flatten, dropout in eval mode."""
+    m = r.module
+    return isinstance(m, (nn.Identity, nn.Flatten, nn.Unflatten)) or (isinstance(m, _DROPOUT) and not m.training)
+
+
+def _chain(rows: list[Row], input_ptr: int) -> list[tuple[Row, Row | None]] | None:
+    """[(weight row, activation row or None)], or None if rows are not such a
+    chain: every row must read what the row before it wrote (the input for
+    the first), so an operation no row recorded -- pooling written as
+    ``x.mean((2, 3))``, a residual sum, a scaling -- ends the theory rather
+    than leaving it to predict through what it cannot see."""
     out: list[tuple[Row, Row | None]] = []
+    prev = input_ptr
     i = 0
     while i < len(rows):
         r = rows[i]
-        if not isinstance(r.module, _WEIGHT) or getattr(r.module, "groups", 1) != 1:
+        if not r.src or r.src != prev:
+            return None
+        if _identity(r):
+            prev = r.dst
+            i += 1
+            continue
+        if not isinstance(r.module, _WEIGHT):
             return None
         nxt = rows[i + 1] if i + 1 < len(rows) else None
-        if nxt is not None and nxt.act is not None:
+        if nxt is not None and nxt.act is not None and nxt.src == r.dst:
             out.append((r, nxt))
+            prev = nxt.dst
             i += 2
         else:
             out.append((r, None))
+            prev = r.dst
             i += 1
     return out or None
-
-
-def _width(m: nn.Module, which: str) -> int:
-    if isinstance(m, nn.Linear):
-        return m.in_features if which == "in" else m.out_features
-    return m.in_channels if which == "in" else m.out_channels  # type: ignore[return-value]
 
 
 def _whole(t: torch.Tensor) -> torch.Tensor:
@@ -111,7 +129,13 @@ def _weight_terms(modules: list[nn.Module],
     groups: dict[tuple[Any, ...], list[int]] = {}
     ws: list[torch.Tensor] = []
     bs: list[torch.Tensor | None] = []
+    out: list[list[float]] = [[]] * len(modules)
     for i, m in enumerate(modules):  # read under no_grad: no detach() needed
+        if isinstance(m, CONV_TRANSPOSE):  # its output units are not rows of its weight: see _transposed_terms
+            out[i] = _transposed_terms(m)
+            ws.append(torch.empty(0))
+            bs.append(None)
+            continue
         W = _whole(cast(torch.Tensor, m.weight))
         if W.dim() != 2:
             W = W.reshape(W.shape[0], -1)
@@ -141,7 +165,6 @@ def _weight_terms(modules: list[nn.Module],
     by_device: dict[torch.device, list[int]] = {}
     for j, part in enumerate(parts):
         by_device.setdefault(part.device, []).append(j)
-    out: list[list[float]] = [[]] * len(modules)
     for js in by_device.values():  # one transfer per device
         vals = torch.cat([parts[j] for j in js]).cpu().tolist()
         for i, r in zip((i for j in js for i in order[j]), vals):
@@ -149,8 +172,37 @@ def _weight_terms(modules: list[nn.Module],
     return out
 
 
+def _transposed_terms(m: nn.Module) -> list[float]:
+    """[sigma_w2, sigma_b2, BS, S2] of a ``ConvTransposeNd``: an output entry
+    of channel o sums, over the input channels of its group, the taps whose
+    dilated position has its phase modulo the stride -- a different set for
+    each phase, so the terms are averaged over channels and phases: sigma_w2
+    the mean sum of squared weights per output entry, S2 and BS from the
+    per-(channel, phase) sums of weights (a stride of 1: one phase, every tap)."""
+    W = _whole(cast(torch.Tensor, m.weight)).detach().double()  # (in, out/groups, *k)
+    g = cast(int, m.groups)
+    cin, opg, k = W.shape[0], W.shape[1], tuple(W.shape[2:])
+    stride, dil = cast(tuple[int, ...], m.stride), cast(tuple[int, ...], m.dilation)
+    # per kernel tap, its phase index (row-major over the dimensions)
+    phase = torch.zeros(k, dtype=torch.long)
+    for d, (kd, sd, dd) in enumerate(zip(k, stride, dil)):
+        shape = [1] * len(k)
+        shape[d] = kd
+        phase = phase * sd + ((torch.arange(kd) * dd) % sd).view(shape)
+    P = math.prod(stride)
+    onehot = torch.nn.functional.one_hot(phase.reshape(-1), P).double()  # (taps, phases)
+    Wg = W.reshape(g, cin // g, opg, -1)  # (groups, in per group, out per group, taps)
+    sums = (Wg.sum(dim=1).reshape(g * opg, -1) @ onehot)  # (out, phases)
+    sq = (Wg.square().sum(dim=1).reshape(g * opg, -1) @ onehot)
+    b = getattr(m, "bias", None)
+    if b is None:
+        return [float(sq.mean()), 0.0, 0.0, float(sums.square().mean())]
+    b = _whole(b).detach().double()[:, None]
+    return [float(sq.mean()), float(b.square().mean()), float((b * sums).mean()), float(sums.square().mean())]
+
+
 def predictions(rows: list[Row], inp: InputStats | None, cot_ms: float,
-                weight_norms: dict[int, tuple[torch.Tensor, bool]] | None = None
+                weight_norms: dict[int, tuple[torch.Tensor, bool]] | None = None, input_ptr: int = 0
                 ) -> dict[int, tuple[float, float]] | None:
     """Per row index, ``(predicted_second_moment, predicted_grad_rms)`` of
     each weight and activation row, from each layer's measured weights
@@ -160,21 +212,24 @@ def predictions(rows: list[Row], inp: InputStats | None, cot_ms: float,
     at the last row; None when the model is not a plain chain of Linear/Conv
     layers and elementwise activations -- normalisation, attention, residual
     branches and pooling are outside what the theory predicts, and no number
-    is shown there."""
-    chain = _chain(rows)
+    is shown there, nor where an operation no row recorded sits between two
+    rows (``input_ptr``: the address of the input tensor the first row must
+    read).  The backward factor of a layer is sigma_w2 * fan_out / fan_in with
+    the fans of :func:`signalprop.layers.fans` (a stride s makes an input
+    entry feed 1/s of the outputs a stride of 1 would)."""
+    chain = _chain(rows, input_ptr)
     if chain is None or inp is None:
         return None
-    widths = [_width(chain[0][0].module, "in")]  # type: ignore[arg-type]
-    for w, _ in chain:
-        if _width(w.module, "in") != widths[-1]:  # type: ignore[arg-type]
-            return None
-        widths.append(_width(w.module, "out"))  # type: ignore[arg-type]
+    mods = [cast(nn.Module, w.module) for w, _ in chain]
+    fan = [fans(m) for m in mods]
     with torch.no_grad():
-        terms = _weight_terms([w.module for w, _ in chain], weight_norms)  # type: ignore[misc]
+        terms = _weight_terms(mods, weight_norms)
     sw2, sb2 = [t[0] for t in terms], [t[1] for t in terms]
     try:
-        p = propagate(widths, [_exact(r) for r in chain], sw2, sb2, q0=inp.second_moment,
-                      mean_coupling=[(t[2], t[3]) for t in terms], m0=inp.mean)
+        # widths only enter through n_out / n_in, the backward fan ratio: one unit of input, the rest relative
+        p = propagate([1] * (len(chain) + 1), [_exact(r) for r in chain], sw2, sb2, q0=inp.second_moment,
+                      mean_coupling=[(t[2], t[3]) for t in terms], m0=inp.mean,
+                      fan_ratio=[fo / fi for fi, fo in fan])
     except ValueError:
         return None
     out: dict[int, tuple[float, float]] = {}

@@ -23,11 +23,8 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 from torch.overrides import TorchFunctionMode
 
 from .. import activations as _act
+from ..layers import feature_dim
 from . import stats as S
-
-_WEIGHT_LAYERS = (nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
-                  nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 def role_of(name: str, kind: str, module: nn.Module | None, shape: tuple[int, ...]) -> str:
@@ -85,6 +82,12 @@ class Row:
     # module whose backward turned a finite gradient non-finite)
     inputs: list[Any] = field(default_factory=list)
     output: Any = None
+    # storage addresses of the call's first floating input and of its output: consecutive rows where
+    # one's input is not the previous one's output (a view of it counts) have an operation between
+    # them that no row recorded (pooling written as x.mean(...), a residual sum) -- the theory
+    # column stops there (see predict._chain)
+    src: int = 0
+    dst: int = 0
 
 
 # Modules that compute their children functionally (MultiheadAttention never
@@ -119,6 +122,23 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
     """Floating tensors among a call's positional arguments (one level deep)."""
     items = obj if isinstance(obj, (tuple, list)) else (obj,)
     return [a for a in items if isinstance(a, torch.Tensor) and a.is_floating_point()]
+
+
+def _ptr(t: torch.Tensor) -> int:
+    """The address of a tensor's first entry; 0 for one without storage (a
+    subclass such as a nested or fake tensor)."""
+    try:
+        return t.data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return 0
+
+
+def _first_ptr(args: Any) -> int:
+    """:func:`_ptr` of a call's first floating tensor argument (0: none)."""
+    for a in args if isinstance(args, (tuple, list)) else (args,):
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            return _ptr(a)
+    return 0
 
 
 _FUNCTION_NAMES: frozenset[str] = frozenset()
@@ -290,7 +310,7 @@ class Recorder:
         has_params = any(p is not None for p in m._parameters.values())
         name, kind = self._names.get(m, "?"), type(m).__name__
         return _Leaf(name, kind, act, *_traits(act),
-                     (1 if isinstance(m, _CONV) else -1) if isinstance(m, _WEIGHT_LAYERS) else None,
+                     feature_dim(m),
                      role_of(name, kind, m, ()) if has_params else None)
 
     # -- hooks ----------------------------------------------------------------
@@ -336,6 +356,8 @@ class Recorder:
             else first_float_tensor(out)
         if t is not None:
             row = self._row(info.name, info.kind, m, info.act, t, info.role)
+            row.dst = _ptr(t)
+            row.src = _first_ptr(args)
             if self.stats:
                 self._measure(row, t, info.band, info.rectifier, info.nonnegative, args)
             if self.track_inputs and info.feature_dim is not None:
@@ -349,6 +371,8 @@ class Recorder:
                t: torch.Tensor, args: Any = ()) -> Row:
         """A row for one call (a functional activation's, say), measured."""
         row = self._row(name, kind, module, act, t, None)
+        row.dst = _ptr(t)
+        row.src = _first_ptr(args)
         if self.stats:
             self._measure(row, t, *_traits(act), args)
         return row

@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from ..records import LayerStats, evolve
+from ..statistics import STATISTICS
 from .recorder import Row
 
 _BLANK = LayerStats(index=0, name="", kind="", depth=0, shape=(), forward_mean=0.0, forward_var=0.0,
@@ -18,15 +19,17 @@ def layer_stats(rows: list[Row], vals: list[dict[str, Any]], pgrads: dict[nn.Mod
                  out_rms: float, pred: dict[int, tuple[float, float]] | None = None) -> list[LayerStats]:
     """One record per row; ``pred``: the theory column by row index (see
     :func:`~.predict.predictions`)."""
+    # declared statistics without a field of their own in LayerStats: kept in its ``stats`` mapping
+    extra = [s.name for s in STATISTICS if s.name not in LayerStats.__dataclass_fields__]
     layers = []
     prev_m2: float | None = None
     prev_g2: float | None = None
     pred = pred or {}
     for r, v in zip(rows, vals):
         m2 = v["forward_second_moment"]
-        g2 = v.get("grad_ms")
+        g = v.get("grad_rms")
+        g2 = None if g is None else g * g
         pg = pgrads.get(r.module) if r.module is not None else None
-        g = None if g2 is None else math.sqrt(g2)
         pr = pred.get(r.index)
         layers.append(evolve(  # a copy of a blank record: LayerStats' frozen __init__ costs 4 us a row
             _BLANK, index=r.index, name=r.name, kind=r.kind, depth=r.depth, shape=r.shape,
@@ -35,13 +38,14 @@ def layer_stats(rows: list[Row], vals: list[dict[str, Any]], pgrads: dict[nn.Mod
             grad_nonfinite_fraction=v.get("grad_nonfinite_fraction"),
             param_grad_rms=pg[0] if pg else None, grad_to_weight=pg[1] if pg else None,
             saturation=v.get("saturation"), dead_fraction=v.get("dead_fraction"),
-            dead_samples=int(v["dead_samples"]) if "dead_samples" in v else None,
+            dead_samples=v.get("dead_samples"),
             forward_gain=m2 / prev_m2 if prev_m2 else None,
             # how much the gradient's mean square grows passing back through this row
             backward_gain=prev_g2 / g2 if (prev_g2 is not None and g2) else None,
             relative_grad_rms=None if g is None else (g / out_rms if out_rms > 0 else math.inf),
             activation=r.act.name if r.act is not None else None, role=r.role,
             predicted_second_moment=pr[0] if pr else None, predicted_grad_rms=pr[1] if pr else None,
+            stats={k: v.get(k) for k in extra},
         ))
         prev_m2 = m2 if m2 > 0 else None
         prev_g2 = g2

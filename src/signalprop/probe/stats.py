@@ -1,4 +1,6 @@
-"""Per-tensor statistics, reduced on the fly (a new statistic is one entry here).
+"""Per-tensor statistics, reduced on the fly: the kernels of the statistics
+declared in :mod:`signalprop.statistics` (a new statistic is its declaration
+there and its kernel; the first ones' kernels below are hand-tuned).
 
 Each function takes a module's output (or the gradient with respect to it),
 in its own dtype, and returns 0-d tensors on its device: accumulation is in
@@ -21,6 +23,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+from ..statistics import BACKWARD_KERNELS, FORWARD_KERNELS
 
 _LOW = (torch.float16, torch.bfloat16)
 _DOT = (torch.float32, torch.float64)
@@ -62,6 +66,8 @@ def forward_moments_into(d: dict[str, torch.Tensor | float], y: torch.Tensor,
     :func:`saturation_into` to read too rather than make its own."""
     n = y.numel()
     d["forward_n"] = float(max(n, 1))
+    for st in FORWARD_KERNELS:
+        d[st.name] = st.kernel(y, None)  # type: ignore[misc]
     if dottable(y):
         v = y.view(-1)
         d["forward_sum"] = torch.dot(v, scratch.ones(v)) if n < _SUM_DOT_MAX else v.sum()
@@ -86,6 +92,8 @@ def grad_moments_into(d: dict[str, torch.Tensor | float], g: torch.Tensor) -> No
     squares ``grad_sq``, a dot product, as above)."""
     n = g.numel()
     d["grad_n"] = float(max(n, 1))
+    for st in BACKWARD_KERNELS:
+        d[st.name] = st.kernel(g, None)  # type: ignore[misc]
     if n >= _GRAD_DOT_MIN and dottable(g):
         v = g.view(-1)
         d["grad_sq"] = torch.dot(v, v)
@@ -105,6 +113,8 @@ def exact_moments(t: torch.Tensor, prefix: str) -> dict[str, torch.Tensor | floa
                                             f"{prefix}_nonfinite": 1.0 - finite.double().mean()}
     if prefix == "forward":
         out["forward_sum"] = xf.sum()
+    for st in FORWARD_KERNELS if prefix == "forward" else BACKWARD_KERNELS:
+        out[st.name] = st.kernel(xf, None)  # type: ignore[misc]
     return out
 
 
@@ -339,6 +349,8 @@ class _Bucket:
         B = self.buf if k == len(self.slots) else self.buf[:k]
         a = acc(B)
         vecs = {"forward_sum": B.sum(dim=1, dtype=a), "forward_norm": torch.linalg.vector_norm(B, dim=1, dtype=a)}
+        for st in FORWARD_KERNELS:
+            vecs[st.name] = st.kernel(B, 1)  # type: ignore[misc]
         n = float(self.n)  # > 0: Batches.fits takes no empty output
         const: dict[str, float] = {"forward_n": n}  # what every row of the batch shares, written in one update
         if self.band is not None:

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from ..records import LayerStats
+from ..statistics import STATISTICS
 from .figures import new_figure
 
 VERDICT_COLOURS = {"healthy": "#1a7f37", "vanishing": "#9a6700", "exploding": "#cf222e", "non-finite": "#a40e26",
@@ -21,7 +23,14 @@ COLUMNS = [("index", "#", "int"), ("name", "layer", "text"), ("kind", "kind", "t
            ("grad_rms", "gradient RMS", "num"), ("predicted_grad_rms", "gradient RMS theory", "num"),
            ("relative_grad_rms", "gradient RMS / output's", "num"), ("param_grad_rms", "parameter gradient RMS", "num"),
            ("grad_to_weight", "‖grad‖ / ‖weight‖", "num"), ("saturation", "saturated", "pct"),
-           ("dead_fraction", "dead units", "pct"), ("verdict", "verdict", "verdict")]
+           ("dead_fraction", "dead units", "pct")]
+
+
+def columns() -> list[tuple[str, str, str]]:
+    """:data:`COLUMNS`, then every declared statistic that has no field of its
+    own in ``LayerStats`` (max |y|, max |gradient|, ...), then the verdict."""
+    extra = [(s.name, s.label, s.fmt) for s in STATISTICS if s.name not in LayerStats.__dataclass_fields__]
+    return [*COLUMNS, *extra, ("verdict", "verdict", "verdict")]
 
 
 def _arr(layers: Any, attr: str) -> np.ndarray:
@@ -111,9 +120,10 @@ def render_html(report: Any, standalone: bool = True) -> str:
                     f"{html.escape(p.message)}<br><i>fix:</i> {html.escape(p.suggestion)}</li>"
                     for p in report.problems) or "<li>none</li>"
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in report.summary.notes)
-    head = "".join(f"<th>{html.escape(title)}</th>" for _, title, _ in COLUMNS)
+    cols = columns()
+    head = "".join(f"<th>{html.escape(title)}</th>" for _, title, _ in cols)
     rows = "".join("<tr>" + "".join(f"<td class='{'text' if how == 'text' else ''}'>"
-                                    f"{_cell(getattr(layer, attr), how)}</td>" for attr, _, how in COLUMNS) + "</tr>"
+                                    f"{_cell(getattr(layer, attr), how)}</td>" for attr, _, how in cols) + "</tr>"
                    for layer in report.layers)
     title = f"signalprop check of {report.summary.model}: {report.verdict}"
     body = (f"<h1>signalprop check of {html.escape(report.summary.model)}: "

@@ -54,7 +54,7 @@ def _per_layer(x: float | Sequence[float], n: int, what: str) -> np.ndarray:
 def propagate(widths: Sequence[int], act: Any, sigma_w2: float | Sequence[float],
               sigma_b2: float | Sequence[float] = 0.0, q0: float = 1.0,
               c0: float | None = None, *, mean_coupling: Sequence[tuple[float, float]] | None = None,
-              m0: float = 0.0) -> Propagation:
+              m0: float = 0.0, fan_ratio: Sequence[float] | None = None) -> Propagation:
     """Predict forward and backward second moments layer by layer.
 
     ``widths = [n_0, n_1, ..., n_L]`` (n_0 the input size); ``act``,
@@ -71,6 +71,10 @@ def propagate(widths: Sequence[int], act: Any, sigma_w2: float | Sequence[float]
     ``sigma_w2 E[x^2] + sigma_b2``; when the bias cancels the mean
     (``b = -m W 1``, as ``critical_`` does for sigmoid) the terms cancel too.
     ``m0`` is the input's mean.  Without ``mean_coupling`` the usual formula.
+    ``fan_ratio``: per layer, the backward fan over the forward fan
+    (fan_out / fan_in) in place of ``n_l / n_{l-1}`` -- for convolutions, where
+    a stride s makes each input entry feed 1/s of the outputs that the channel
+    counts suggest (see :func:`signalprop.layers.fans`).
     """
     widths = tuple(int(w) for w in widths)
     if len(widths) < 2 or min(widths) < 1:
@@ -83,6 +87,9 @@ def propagate(widths: Sequence[int], act: Any, sigma_w2: float | Sequence[float]
     else:
         acts = [_act.resolve(act)] * L
     sw2, sb2 = _per_layer(sigma_w2, L, "sigma_w2"), _per_layer(sigma_b2, L, "sigma_b2")
+    # n_out / n_in as a numerator and a denominator: with widths, the same arithmetic as sw2 * n_out / n_in
+    num: list[float] = _per_layer(fan_ratio, L, "fan_ratio").tolist() if fan_ratio is not None else list(widths[1:])
+    den: list[float] = [1.0] * L if fan_ratio is not None else list(widths[:-1])
     # the recursions run on Python floats (the same IEEE double arithmetic as numpy's
     # scalars, without their per-operation overhead: a 2,000-layer chain is one loop each way)
     sw2l, sb2l = sw2.tolist(), sb2.tolist()
@@ -127,9 +134,9 @@ def propagate(widths: Sequence[int], act: Any, sigma_w2: float | Sequence[float]
     for layer in range(L - 1, -1, -1):
         gpre[layer] = d2[layer] * gpost[layer]
         if layer:
-            gpost[layer - 1] = sw2l[layer] * widths[layer + 1] / widths[layer] * gpre[layer]
+            gpost[layer - 1] = sw2l[layer] * num[layer] / den[layer] * gpre[layer]
     grad_post, grad_pre = np.array(gpost), np.array(gpre)
-    input_grad = float(sw2[0] * widths[1] / widths[0] * grad_pre[0])
+    input_grad = float(sw2[0] * num[0] / den[0] * grad_pre[0])
     with np.errstate(divide="ignore", invalid="ignore"):  # a collapsed layer gives 0/0 = nan, on purpose
         fwd = q / np.concatenate([[q_in], q[:-1]])
         bwd = np.append(grad_pre[:-1] / grad_pre[1:], np.nan)

@@ -1,0 +1,192 @@
+"""Per-row statistics, each declared once.
+
+A :class:`Statistic` names what one module call's measurement holds: its
+name (the :class:`~signalprop.records.LayerStats` attribute, the JSON key,
+the TensorBoard tag), its unit and one-line meaning, the raw values that are
+accumulated on the device during the pass and how each combines across the
+ranks of a process group (``parts``), and how the gathered values become the
+statistic (``finish``).  The accumulator (:mod:`signalprop.probe.stats`), the
+distributed reduction (:mod:`signalprop.probe.distributed`), the rows
+(:mod:`signalprop.probe.gather`, :mod:`signalprop.probe.rows`), TensorBoard
+and the HTML report read this table.
+
+The first statistics' raw sums are computed by hand-tuned kernels in
+:mod:`signalprop.probe.stats` (dot products, batched buffers, the saturated
+band).  A new statistic needs only its declaration here and a ``kernel``:
+``kernel(t, dim)`` reduces a tensor over every entry (``dim=None``) or each
+row of a batch of flattened outputs (``dim=1``) to 0-d / 1-d tensors on the
+device (no host synchronisation); it runs on the module's output (phase
+``"forward"``) or the gradient with respect to it (``"backward"``), on the
+finite entries only after a pass met a NaN/Inf.  Its value then reaches
+``LayerStats`` (``layer.forward_absmax``, in ``to_dict()``), the distributed
+reduction, TensorBoard and the HTML table with nothing else written.
+
+Importable by every part of signalprop (like :mod:`signalprop.activations`);
+the kernels import nothing until called.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+# How a raw value combines across the ranks of a process group (see signalprop.probe.distributed).
+SUM = "sum"          # additive: sums, counts
+NORM = "norm"        # Euclidean norm over batch-split data: sqrt(sum of squares)
+GRAD_NORM = "gnorm"  # norm of an activation gradient: sqrt(sum of squares) / world
+GRAD_SQ = "gsq"      # its sum of squares itself: sum of squares / world^2
+REPLICA_NORM = "rep"  # norm of a tensor every rank holds: sqrt(mean of squares)
+SHARD_NORM = "shard"  # norm of one shard of a sharded tensor: sqrt(sum of squares)
+MEAN = "mean"        # a per-rank value whose mean is wanted (the loss, shares)
+ANY = "any"          # a vector of per-unit flags: how many are set on some rank
+MAX = "max"          # the largest value on any rank
+GRAD_MAX = "gmax"    # the largest |activation gradient| on any rank, / world (as GRAD_NORM)
+SAME = "same"        # identical on every rank (a layer's number of units): not reduced
+REDUCTIONS = (SUM, NORM, GRAD_NORM, GRAD_SQ, REPLICA_NORM, SHARD_NORM, MEAN, ANY, MAX, GRAD_MAX, SAME)
+
+Phase = Literal["forward", "backward"]
+Kernel = Callable[[Any, "int | None"], Any]
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """One per-row statistic: see the module docstring.
+
+    ``present``: the raw value whose presence in a row means the statistic
+    was measured there (a rectifier's dead units, a bounded activation's
+    saturation).  ``label`` and ``fmt`` (``"num"``, ``"pct"``, ``"int"``)
+    are how tables show it; ``tensorboard``: written as
+    ``signalprop/<name>/<layer>`` on sampled steps."""
+
+    name: str
+    phase: Phase
+    unit: str
+    meaning: str
+    parts: tuple[tuple[str, str], ...]
+    finish: Callable[[dict[str, Any]], Any]
+    present: str
+    label: str
+    fmt: str = "num"
+    kernel: Kernel | None = None
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        bad = [k for _, k in self.parts if k not in REDUCTIONS]
+        if bad:
+            raise ValueError(f"statistic {self.name!r}: unknown reduction(s) {bad}; use one of {REDUCTIONS}")
+
+
+def _second_moment(d: dict[str, Any]) -> float:
+    sq = d["forward_sq"] if "forward_sq" in d else d["forward_norm"] ** 2
+    return float(sq / d["forward_n"])
+
+
+def _mean(d: dict[str, Any]) -> float:
+    return float(d["forward_sum"] / d["forward_n"])
+
+
+def _abs_max(t: Any, dim: int | None) -> Any:
+    """max |x| over every entry or along ``dim``, accumulated as the moments
+    are (float32 for half precision): one reduction, no copy."""
+    import torch
+
+    a = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
+    return torch.linalg.vector_norm(t, ord=math.inf, dim=dim, dtype=a)
+
+
+STATISTICS: list[Statistic] = [
+    Statistic("forward_mean", "forward", "value", "mean of the output's entries",
+              (("forward_sum", SUM), ("forward_n", SUM)), _mean, "forward_n", "mean"),
+    Statistic("forward_second_moment", "forward", "value^2", "mean square of the output's entries, E[y^2]",
+              (("forward_sq", SUM), ("forward_norm", NORM), ("forward_n", SUM)), _second_moment, "forward_n",
+              "E[y²]", tensorboard=True),
+    Statistic("forward_var", "forward", "value^2", "variance of the output's entries",
+              (), lambda d: max(_second_moment(d) - _mean(d) ** 2, 0.0), "forward_n", "Var[y]"),
+    Statistic("nonfinite_fraction", "forward", "share", "share of the output's entries that are NaN or infinite",
+              (("forward_nonfinite", MEAN),), lambda d: d.get("forward_nonfinite", 0.0), "forward_n",
+              "non-finite", "pct"),
+    Statistic("forward_absmax", "forward", "value",
+              "largest |entry| of the output: the headroom left before a low-precision format overflows",
+              (("forward_absmax", MAX),), lambda d: d["forward_absmax"], "forward_absmax", "max |y|",
+              kernel=_abs_max, tensorboard=True),
+    Statistic("grad_rms", "backward", "gradient", "RMS of d loss / d output",
+              (("grad_sq", GRAD_SQ), ("grad_norm", GRAD_NORM), ("grad_n", SUM)),
+              lambda d: math.sqrt((d["grad_sq"] if "grad_sq" in d else d["grad_norm"] ** 2) / d["grad_n"]),
+              "grad_n", "gradient RMS", tensorboard=True),
+    Statistic("grad_nonfinite_fraction", "backward", "share", "share of d loss / d output that is NaN or infinite",
+              (("grad_nonfinite", MEAN),), lambda d: d.get("grad_nonfinite", 0.0), "grad_n", "non-finite gradient",
+              "pct"),
+    Statistic("grad_absmax", "backward", "gradient",
+              "largest |entry| of d loss / d output: the headroom left before a low-precision gradient overflows",
+              (("grad_absmax", GRAD_MAX),), lambda d: d["grad_absmax"], "grad_absmax", "max |gradient|",
+              kernel=_abs_max, tensorboard=True),
+    Statistic("saturation", "forward", "share", "share of a bounded activation's outputs in its saturated band",
+              (("saturated_count", SUM), ("saturated_n", SUM)), lambda d: d["saturated_count"] / d["saturated_n"],
+              "saturated_n", "saturated", "pct", tensorboard=True),
+    Statistic("dead_fraction", "forward", "share", "share of a rectifier's units that are 0 for every example",
+              (("alive_count", SUM), ("alive", ANY), ("units", SAME)),
+              lambda d: 1.0 - (d["alive"] if "alive" in d else d["alive_count"]) / d["units"],
+              "units", "dead units", "pct", tensorboard=True),
+    Statistic("dead_samples", "forward", "count", "examples x positions per unit behind dead_fraction",
+              (("dead_samples", SUM),), lambda d: int(d["dead_samples"]), "dead_samples", "samples per unit",
+              "int"),
+]
+
+# Tables read on every row: mutated in place by register() / unregister(), so that modules holding them
+# see a statistic added later
+BY_NAME: dict[str, Statistic] = {}
+# how each raw value combines across ranks (those that do: SAME ones stay as they are)
+RAW_REDUCTION: dict[str, str] = {}
+FORWARD_KERNELS: list[Statistic] = []
+BACKWARD_KERNELS: list[Statistic] = []
+
+
+def _rebuild() -> None:
+    BY_NAME.clear()
+    BY_NAME.update((s.name, s) for s in STATISTICS)
+    RAW_REDUCTION.clear()
+    RAW_REDUCTION.update((k, r) for s in STATISTICS for k, r in s.parts if r != SAME)
+    FORWARD_KERNELS[:] = [s for s in STATISTICS if s.kernel is not None and s.phase == "forward"]
+    BACKWARD_KERNELS[:] = [s for s in STATISTICS if s.kernel is not None and s.phase == "backward"]
+
+
+def register(statistic: Statistic) -> Statistic:
+    """Add a statistic: from the next pass on, ``check`` and the monitor
+    measure it on every row with its ``kernel``, combine it across ranks, and
+    it shows in ``LayerStats`` (``layer.stats``, an attribute, ``to_dict()``),
+    TensorBoard (when ``tensorboard``) and the HTML table."""
+    if not isinstance(statistic, Statistic):
+        raise TypeError(f"register() takes a Statistic, got {type(statistic).__name__}")
+    if statistic.name in BY_NAME:
+        raise ValueError(f"a statistic named {statistic.name!r} is already declared")
+    if statistic.kernel is None:
+        raise ValueError(f"statistic {statistic.name!r} has no kernel: only the built-in statistics are measured "
+                         "without one; give kernel(t, dim) -> tensor")
+    clash = [k for k, _ in statistic.parts if k in RAW_REDUCTION]
+    if clash:
+        raise ValueError(f"statistic {statistic.name!r}: raw value(s) {clash} already belong to another statistic")
+    STATISTICS.append(statistic)
+    _rebuild()
+    return statistic
+
+
+def unregister(name: str) -> None:
+    """Remove a statistic added with :func:`register`."""
+    if name not in BY_NAME or BY_NAME[name] in _BUILT_IN:
+        raise ValueError(f"{name!r} is not a registered statistic (built-in ones stay)")
+    STATISTICS.remove(BY_NAME[name])
+    _rebuild()
+
+
+_BUILT_IN = tuple(STATISTICS)
+_rebuild()
+
+
+def finish_row(raw: dict[str, Any]) -> dict[str, Any]:
+    """A row's gathered raw values -> its statistics, by name."""
+    return {s.name: s.finish(raw) for s in STATISTICS if s.present in raw}
+
+
+__all__ = ["BY_NAME", "STATISTICS", "Statistic", "finish_row", "register", "unregister"]
