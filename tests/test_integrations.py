@@ -196,3 +196,56 @@ def test_hf_trainer_callback_on_tiny_gpt2(tmp_path):
     assert "transformer.h.0.attn.c_attn" in names and "lm_head" in names
     assert mon.history[0].verdict == "healthy"
     assert mon._handles == [] and cb._hook is None
+
+
+@_lightning_warnings
+def test_lightning_checkpoint_carries_the_monitor(tmp_path):
+    """fit(ckpt_path=...) resumes the monitor: its step count continues from
+    the checkpoint's, its baseline samples are the first run's, its alerts
+    stay (the previous version restarted at step 0 with no history)."""
+    import lightning.pytorch as pl
+
+    from signalprop.integrations.lightning import SignalpropCallback
+
+    data = torch.utils.data.TensorDataset(*map(torch.cat, zip(*_batches(12))))
+
+    def fit(steps, ckpt=None):
+        cb = SignalpropCallback(every=EVERY, grad_every=1)
+        trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, callbacks=[cb],
+                             enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                             default_root_dir=str(tmp_path))
+        trainer.fit(_LitMLP(0.05), torch.utils.data.DataLoader(data, batch_size=16), ckpt_path=ckpt)
+        return cb, trainer
+
+    first, trainer = fit(4)
+    trainer.save_checkpoint(tmp_path / "c.ckpt")
+    torch.load(tmp_path / "c.ckpt", weights_only=True)  # plain values only
+    resumed, _ = fit(8, str(tmp_path / "c.ckpt"))
+    mon = resumed.monitor
+    assert mon.steps[-4:] == [4, 5, 6, 7] and mon.steps[:4] == [0, 1, 2, 3]
+    assert [h.step for h in mon.history] == [0, 2, 4, 6]
+    assert mon.history[0].layers == first.monitor.history[0].layers
+
+
+def test_hf_checkpoint_carries_the_monitor(tmp_path):
+    """train(resume_from_checkpoint=...) restores the monitor into the same
+    callback object the user holds, continuing its step count."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+    from signalprop.integrations.transformers import SignalpropCallback
+
+    def train(steps, resume=None):
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=2))
+        cb = SignalpropCallback(every=EVERY, grad_every=1)
+        args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4,
+                                 learning_rate=1e-3, report_to=[], save_strategy="steps", save_steps=4,
+                                 use_cpu=True, disable_tqdm=True, seed=0)
+        Trainer(model=model, args=args, train_dataset=_Tokens(48), callbacks=[cb]).train(
+            resume_from_checkpoint=resume)
+        return cb
+
+    train(4)
+    cb = train(6, str(tmp_path / "checkpoint-4"))
+    assert cb.monitor.steps[-2:] == [4, 5] and cb.monitor.steps[:4] == [0, 1, 2, 3]
+    assert [h.step for h in cb.monitor.history] == [0, 2, 4]

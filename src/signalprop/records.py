@@ -12,11 +12,12 @@ from typing import Any, Literal, TypeVar, get_args
 
 T = TypeVar("T")
 
-Verdict = Literal["healthy", "vanishing", "exploding", "saturated", "dead", "non-finite"]
+Verdict = Literal["healthy", "vanishing", "exploding", "saturated", "dead", "non-finite", "incomplete"]
 """Every verdict a row, a problem or a report can carry, worst first in
-:data:`SEVERITY` order."""
+:data:`SEVERITY` order.  ``"incomplete"``: a monitored sample without the
+data for a verdict (its rows got no gradient); ``check`` never returns it."""
 VERDICTS: tuple[str, ...] = get_args(Verdict)
-SEVERITY: tuple[str, ...] = ("non-finite", "exploding", "vanishing", "saturated", "dead", "healthy")
+SEVERITY: tuple[str, ...] = ("non-finite", "exploding", "vanishing", "saturated", "dead", "incomplete", "healthy")
 
 
 def _clean(v: Any) -> Any:
@@ -40,6 +41,22 @@ def _to_json(d: dict[str, Any], path: Any, indent: int) -> str:
 
         Path(path).write_text(text)
     return text
+
+
+def _unclean(v: Any) -> Any:
+    """:func:`_clean` undone: "nan", "inf", "-inf" back to floats, lists to tuples."""
+    if isinstance(v, str) and v in ("nan", "inf", "-inf"):
+        return float(v)
+    if isinstance(v, list):
+        return tuple(_unclean(x) for x in v)
+    return v
+
+
+def _from_dict(cls: type[T], d: dict[str, Any], **nested: Any) -> T:
+    """A record from its ``to_dict()`` (unknown keys ignored; ``nested``: fields built by the caller)."""
+    names = cls.__dataclass_fields__  # type: ignore[attr-defined]
+    kw = {k: _unclean(v) for k, v in d.items() if k in names and k not in nested}
+    return cls(**kw, **nested)
 
 
 def evolve(obj: T, **changes: Any) -> T:
@@ -162,6 +179,13 @@ class LayerStats:
         d.update(d.pop("stats"))
         return _clean(d)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LayerStats:
+        """The record :meth:`to_dict` wrote (declared statistics without a field go to ``stats``)."""
+        names = cls.__dataclass_fields__
+        stats = {k: _unclean(v) for k, v in d.items() if k not in names}
+        return _from_dict(cls, d, stats=stats)
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -176,6 +200,10 @@ class Problem:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Problem:
+        return _from_dict(cls, d)
 
 
 @dataclass(frozen=True)
@@ -335,6 +363,10 @@ class Alert:
     def to_dict(self) -> dict[str, Any]:
         return _clean(asdict(self))
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Alert:
+        return _from_dict(cls, d)
+
     def __str__(self) -> str:
         return f"step {self.step} [{self.kind}] {self.layer}: {self.message} -- {self.suggestion}"
 
@@ -357,12 +389,20 @@ class MonitorStep:
     grad_norm: float | None
     output_grad_rms: float | None = None
     update_ratios: tuple[tuple[str, float], ...] = ()
+    incomplete: str = ""  # why the sample has no verdict (verdict "incomplete"), else ""
 
     def to_dict(self) -> dict[str, Any]:
         return _clean({"step": self.step, "loss": self.loss, "verdict": self.verdict, "grad_norm": self.grad_norm,
                        "output_grad_rms": self.output_grad_rms, "update_ratios": dict(self.update_ratios),
-                       "problems": [p.to_dict() for p in self.problems],
+                       "incomplete": self.incomplete, "problems": [p.to_dict() for p in self.problems],
                        "layers": [layer.to_dict() for layer in self.layers]})
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MonitorStep:
+        """The record :meth:`to_dict` wrote."""
+        return _from_dict(cls, d, layers=tuple(LayerStats.from_dict(x) for x in d.get("layers", ())),
+                          problems=tuple(Problem.from_dict(x) for x in d.get("problems", ())),
+                          update_ratios=tuple((k, _unclean(v)) for k, v in d.get("update_ratios", {}).items()))
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,9 @@
     trainer.fit(model, loader)
     cb.monitor.report().save_html("monitor.html")
 
+A checkpoint carries the monitor (``state_dict``/``load_state_dict``): a
+``fit(ckpt_path=...)`` continues its step count, alert baselines and alerts.
+
 Hook points: the monitor is created when training starts (after the
 sanity check, on the module's final device) and closed when it ends; each
 micro-batch's loss is taken in ``on_before_backward`` and the step is closed
@@ -88,6 +91,7 @@ class SignalpropCallback(pl.Callback):
         self.log_scalars = log_scalars
         self.monitor_kwargs = monitor_kwargs
         self.monitor: Monitor | None = None
+        self._restored: dict[str, Any] | None = None  # a checkpoint's monitor state, applied when training starts
         self._losses: list[torch.Tensor] = []
         self._stepped = False
         self._writer: Any = None
@@ -107,6 +111,19 @@ class SignalpropCallback(pl.Callback):
         self._writer = self._make_writer(trainer)
         self.monitor = Monitor(self._target(pl_module), self.every, writer=self._writer, agc=self.agc,
                                **self.monitor_kwargs)
+        if self._restored:
+            self.monitor.load_state_dict(self._restored)
+            self._restored = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The monitor's state (step count, alert baselines, alerts), saved in
+        the trainer's checkpoints so that a resumed ``fit`` continues it."""
+        if self.monitor is not None:
+            return self.monitor.state_dict()
+        return dict(self._restored or {})
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = dict(state_dict) if state_dict else None
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:

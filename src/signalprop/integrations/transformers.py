@@ -31,11 +31,15 @@ when this module is.
 
 from __future__ import annotations
 
+import json
 import logging
+import uuid
+import weakref
 from typing import Any
 
 try:
     from transformers import TrainerCallback
+    from transformers.trainer_callback import ExportableState
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("signalprop.integrations.transformers needs transformers: pip install 'signalprop[hf]'") from e
 
@@ -51,16 +55,45 @@ def _output_loss(out: Any) -> torch.Tensor | None:
     return loss if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
 
 
-class SignalpropCallback(TrainerCallback):
+def _json_value(v: Any) -> bool:
+    try:
+        json.dumps(v)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+# live callbacks by key: the Trainer's checkpoint restore rebuilds a callback from its saved arguments and
+# sets its attributes; it gets the user's own instance back (see __new__), not a copy nobody holds
+_LIVE: weakref.WeakValueDictionary[str, SignalpropCallback] = weakref.WeakValueDictionary()
+
+
+class SignalpropCallback(TrainerCallback, ExportableState):
     """Watch the model a HuggingFace ``Trainer`` trains with :func:`signalprop.monitor`.
 
     ``every``, ``agc``, ``writer`` and the other keywords are the monitor's.
     After ``train()``, ``.monitor`` holds the history, the alerts and
-    ``report()``.
+    ``report()``.  Checkpoints carry the monitor's state
+    (``TrainerState.stateful_callbacks``): ``train(resume_from_checkpoint=...)``
+    continues its step count, alert baselines and alerts, in this same
+    callback object.
     """
 
-    def __init__(self, every: int = 50, *, agc: float | None = None, writer: Any = None,
+    def __new__(cls, *args: Any, _key: str | None = None, **kwargs: Any) -> SignalpropCallback:
+        if _key is not None:  # the Trainer restoring a checkpoint: hand back the live callback it was saved from
+            live = list(_LIVE.values())
+            inst = _LIVE.get(_key) or (live[0] if len(live) == 1 else None)
+            if inst is not None:
+                return inst
+        return super().__new__(cls)
+
+    def __init__(self, every: int = 50, *, agc: float | None = None, writer: Any = None, _key: str | None = None,
                  **monitor_kwargs: Any) -> None:
+        if getattr(self, "_key", None) is not None and _key is not None:
+            return  # the live callback handed back by __new__: keep it as it is
+        self._key = uuid.uuid4().hex
+        _LIVE[self._key] = self
+        self._restored: dict[str, Any] | None = None
         self.every = every
         self.agc = agc
         self.writer = writer
@@ -77,17 +110,44 @@ class SignalpropCallback(TrainerCallback):
                 self._losses.append(loss.detach().float().reshape(()))
                 self._summed = kwargs.get("num_items_in_batch") is not None
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, model: torch.nn.Module | None = None,
-                       **kwargs: Any) -> None:
+    def state(self) -> dict[str, Any]:
+        """What the Trainer saves in a checkpoint: the arguments to rebuild
+        this callback (JSON values; a ``writer`` is not saved) and the
+        monitor's :meth:`~signalprop.monitor.Monitor.state_dict`."""
+        kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in self.monitor_kwargs.items()}
+        kwargs = {k: v for k, v in kwargs.items() if _json_value(v)}  # a process group is not saved: given again
+        return {"args": {"every": self.every, "agc": self.agc, "_key": self._key, **kwargs},
+                "attributes": {"_restored": self.monitor.state_dict() if self.monitor is not None
+                               else self._restored}}
+
+    def _start(self, state: Any, model: torch.nn.Module | None) -> None:
         if model is None:
-            raise ValueError("SignalpropCallback: the Trainer passed no model to on_train_begin")
+            raise ValueError("SignalpropCallback: the Trainer passed no model")
         self.monitor = Monitor(model, self.every, writer=self.writer if state.is_world_process_zero else None,
                                agc=self.agc, **self.monitor_kwargs)
         self._hook = model.register_forward_hook(self._keep_loss, with_kwargs=True)
 
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: torch.nn.Module | None = None,
+                       **kwargs: Any) -> None:
+        self._start(state, model)
+        if self._restored is None and getattr(state, "global_step", 0) > 0:
+            # resumed from a checkpoint: the Trainer restores callbacks only with
+            # restore_callback_states_from_checkpoint=True, so the monitor's saved state is read here
+            self._restored = self._saved_state(getattr(state, "stateful_callbacks", None) or {})
+
+    def _saved_state(self, stateful: dict[str, Any]) -> dict[str, Any] | None:
+        saved = stateful.get(type(self).__name__)
+        entries = saved if isinstance(saved, list) else [saved] if saved else []
+        mine = [e for e in entries if e.get("args", {}).get("_key") == self._key] or entries[:1]
+        return mine[0].get("attributes", {}).get("_restored") if mine else None
+
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.monitor is None:
-            return
+        if self.monitor is None:  # rebuilt by a checkpoint restore after on_train_begin
+            self._start(state, kwargs.get("model"))
+        assert self.monitor is not None
+        if self._restored:  # the Trainer restores callbacks after on_train_begin: applied before the first step
+            self.monitor.load_state_dict(self._restored)
+            self._restored = None
         loss = None
         if self._losses:
             stacked = torch.stack(self._losses)

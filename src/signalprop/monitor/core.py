@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Iterator
 from typing import Any, cast
 
@@ -100,6 +101,44 @@ def _autocast(state: list[tuple[str, torch.dtype]]) -> Iterator[None]:
         yield
 
 
+# per-step series (steps, losses, grad_norms) keep at most this many steps: the first ones (the level
+# training started at, which the alerts compare with) and the most recent; ~10 MB of Python floats
+MAX_SERIES = 100_000
+
+
+def _head(values: list[float | None]) -> int:
+    """How many leading entries hold the first :data:`alerts.WARMUP` finite values."""
+    seen = 0
+    for i, v in enumerate(values):
+        if v is not None and math.isfinite(v):
+            seen += 1
+            if seen == A.WARMUP:
+                return i + 1
+    return len(values)
+
+
+def missing_gradients(rows: list[Any]) -> str:
+    """Why a recorded pass cannot be judged, or "": no row received a
+    gradient although some required one (the pass fed no backward), or
+    trainable layers ran without autograd after the graph had started (their
+    gradients never exist: reentrant activation checkpointing recomputes
+    them during the backward, outside the recorded pass)."""
+    if not any(r.wants_grad for r in rows):
+        return ""  # nothing in the pass requires grad (a frozen model): nothing was missed
+    if not any(r.bwd for r in rows):
+        return ("no gradient reached the recorded forward pass: it did not feed this step's backward (a forward "
+                "without backward, or an evaluation pass with gradients on and no training pass after it)")
+    first = next(i for i, r in enumerate(rows) if r.wants_grad)
+    islands = [r for r in rows[first:] if not r.wants_grad and r.module is not None
+               and any(p.requires_grad for p in r.module._parameters.values() if p is not None)]
+    if islands:
+        return (f"{len(islands)} trainable layer(s) ran without autograd inside the forward (first: "
+                f"{islands[0].name or '(root)'}), so their gradients cannot be measured: reentrant activation "
+                "checkpointing (use torch.utils.checkpoint.checkpoint(..., use_reentrant=False)) or torch.no_grad() "
+                "inside forward")
+    return ""
+
+
 class Monitor:
     """Watches a model during training; see :func:`monitor` and the module docstring."""
 
@@ -115,6 +154,17 @@ class Monitor:
         if agc is not None and not (isinstance(agc, (int, float)) and agc > 0 and math.isfinite(agc)):
             raise ValueError(f"agc must be a positive clipping factor such as 0.01, or None; got {agc!r}")
         check_limits(bounds, trend)
+        if writer is not None and not (callable(getattr(writer, "add_scalar", None))
+                                       and callable(getattr(writer, "add_text", None))):
+            raise TypeError(f"writer must have add_scalar(tag, value, step) and add_text(tag, text, step) (a "
+                            f"TensorBoard SummaryWriter), got {type(writer).__name__}")
+        if not isinstance(update_ratio, bool):
+            raise TypeError(f"update_ratio must be True or False, got {update_ratio!r}")
+        if max_history is not None and (isinstance(max_history, bool) or not isinstance(max_history, int)
+                                        or max_history <= A.BASELINE_SAMPLES):
+            raise ValueError(f"max_history must be None or an integer > {A.BASELINE_SAMPLES} (the first "
+                             f"{A.BASELINE_SAMPLES} samples are every layer's baseline and stay, and at least one more "
+                             f"is kept), got {max_history!r}")
         if not any(True for _ in model.parameters()):
             raise ValueError(f"{type(model).__name__} has no parameters: nothing to monitor")
         model = unwrap(model)  # DDP calls the module it wraps: its hooks fire, its names are the model's
@@ -137,6 +187,8 @@ class Monitor:
         self.losses: list[float | None] = []
         self.grad_norms: list[float | None] = []
         self._step = 0
+        self._replaying = False  # the monitor's own replay of a step: the root hooks stand aside
+        self._warned: set[str] = set()
         self._calls: list[_Call] = []
         self._rec: Recorder | None = None
         self._recording = False
@@ -191,12 +243,32 @@ class Monitor:
 
     # -- hooks -----------------------------------------------------------------
     def _arm(self) -> None:
+        if getattr(self.model, "_compiled_call_impl", None) is not None:
+            self._warn("the model was compiled in place (model.compile()) after the monitor started: no step is "
+                       "sampled from here on (compiled code runs through the hooks a sample needs)")
+            return
         if self.sampled:
-            self._rec = Recorder(self.model, capture_functional=False, unit_vectors=self.red is not None)
+            if self._rec is not None:
+                self._rec.detach()
+            self._rec = Recorder(self.model, capture_functional=False, unit_vectors=self.red is not None, safe=True)
             self._rec.attach()
             self._recording = True
 
     def _root_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._replaying:
+            return
+        try:
+            self._root_pre_guarded(args, kwargs)
+        except Exception as e:  # a guest in the forward: its failure skips the sample, never the step
+            self._fail(e)
+
+    def _root_pre_guarded(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        rec = self._rec
+        if rec is not None and not self._recording and rec.rows and torch.is_grad_enabled() and \
+                not any(r.bwd for r in rec.rows):
+            # the forward recorded so far fed no backward (an evaluation pass with gradients on, a forward
+            # abandoned before its backward): measure this one instead -- the sample is of the pass that trains
+            self._arm()
         if not torch.is_grad_enabled():  # an evaluation pass between training steps: not this step's
             if self._recording:
                 self._rec.detach()  # type: ignore[union-attr]
@@ -209,6 +281,29 @@ class Monitor:
                                  _autocast_state()))
 
     def _root_post(self, module: nn.Module, args: Any, out: Any) -> None:
+        if self._replaying:
+            return
+        try:
+            self._root_post_guarded(out)
+        except Exception as e:
+            self._fail(e)
+
+    def _fail(self, e: BaseException) -> None:
+        """A failure of the monitor's own inside the user's forward: the
+        step's sample is dropped (one warning at ``step``), training goes on."""
+        if self._rec is not None:
+            self._rec.errors.append(e)
+
+    def _warn(self, what: str, e: BaseException | None = None) -> None:
+        """One warning per kind of failure (a failure that repeats every step warns once)."""
+        key = what + (type(e).__name__ if e is not None else "")
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        warnings.warn(f"signalprop monitor: {what}" + (f" ({type(e).__name__}: {e})" if e is not None else "")
+                      + "; training is unaffected", RuntimeWarning, stacklevel=3)
+
+    def _root_post_guarded(self, out: Any) -> None:
         if self._paused:  # after an evaluation pass: measure the next training forward instead
             self._paused = False
             self._arm()
@@ -236,33 +331,68 @@ class Monitor:
     def step(self, loss: Any = None) -> list[Alert]:
         """Close the step in progress: call after ``loss.backward()`` (all of
         them, with gradient accumulation) and before ``optimizer.step()``.
-        Returns the alerts raised at this step (also appended to ``alerts``)."""
+        Returns the alerts raised at this step (also appended to ``alerts``).
+
+        Never raises into the training loop for a failure of its own: that
+        becomes one warning and a skipped sample (a wrong ``loss`` argument,
+        the caller's error, is still a ``TypeError``/``ValueError``)."""
         if self._closed:
             raise RuntimeError("this monitor is closed; create a new one with sp.monitor(model)")
+        loss_t = self._loss_scalar(loss)
         k = self._step
-        sampled = self._rec is not None and bool(self._rec.rows)
+        try:
+            return self._close_step(k, loss, loss_t)
+        except Exception as e:
+            self._warn(f"step {k} was not measured", e)
+            self._snapshot = self._snapshot_due = None
+            if len(self.steps) == len(self.losses) == len(self.grad_norms) and (not self.steps or self.steps[-1] != k):
+                self.steps.append(k)
+                self.losses.append(None)
+                self.grad_norms.append(None)
+            self._next_step()
+            return []
+
+    def _next_step(self) -> None:
+        if self._rec is not None:
+            self._rec.detach()
+        self._rec = None
+        self._recording = False
+        self._calls = []
+        self._step += 1
+        self._arm()
+
+    def _close_step(self, k: int, loss: Any, loss_t: torch.Tensor | None) -> list[Alert]:
+        rec = self._rec
+        if rec is not None and self._recording:
+            # the root module's forward never ran (the loop called its submodules, as a LightningModule's
+            # training_step calling self.net(x) does): what the step ran is recorded all the same
+            rec.detach()
+            self._recording = False
+        if rec is not None and rec.errors:
+            self._warn("a sample was skipped: the recorder failed", rec.errors[0])
+            rec = None
+        sampled = rec is not None and bool(rec.rows)
         read_grads = sampled or k % self.grad_every == 0
         params = [p for p in self._param_names if p.grad is not None] if read_grads else []
         self._cuda_devices = sorted({p.device.index for p in self._param_names
                                      if p.device.type == "cuda" and p.device.index is not None})
         with torch.no_grad():
             gnorms = norms([p.grad for p in params]) if params else []  # type: ignore[misc]
-            loss_t = self._loss_scalar(loss)
             outs = [c for c in self._calls if c.out_norm is not None][:1]
             extra: list[torch.Tensor | Part | float] = [*gnorms, *([loss_t] if loss_t is not None else []),
                                                  *[x for c in outs for x in (cast(torch.Tensor, c.out_norm),
                                                                              float(c.out_numel))]]
             kinds = ([norm_kind(p.grad) for p in params] + ([MEAN] if loss_t is not None else [])  # type: ignore[arg-type]
                      + [GRAD_NORM, SUM] * len(outs))
-            pn = ParamNorms.of(self._rec.rows, {p: p.grad for p in params},  # type: ignore[union-attr]
-                                known={id(p.grad): n for p, n in zip(params, gnorms)}) if sampled else None
+            pn = ParamNorms.of(rec.rows, {p: p.grad for p in params},  # type: ignore[union-attr]
+                               known={id(p.grad): n for p, n in zip(params, gnorms)}) if sampled else None
             upd = self._update_scalars() if self._snapshot is not None else None
             more: list[torch.Tensor | Part | float] = [*(pn.scalars if pn is not None else []),
                                                 *(upd[0] if upd is not None else [])]
             kinds += (pn.kinds if pn is not None else []) + (upd[1] if upd is not None else [])
             if sampled:
-                assert self._rec is not None
-                vals, ex = finalise(self._rec.rows, extra + more, self.red, kinds, self._rec.batched())
+                assert rec is not None
+                vals, ex = finalise(rec.rows, extra + more, self.red, kinds, rec.batched())
             else:
                 vals, ex = [], gather(extra + more, kinds, self.red) if extra or more else []
         n = len(gnorms)
@@ -293,13 +423,15 @@ class Monitor:
         self.steps.append(k)
         self.losses.append(loss_v)
         self.grad_norms.append(grad_norm)
+        self._trim_series()
         # 4. the sampled step in full
         if sampled:
+            assert rec is not None and pn is not None
             out_rms = out_v / math.sqrt(max(out_numel, 1.0)) if out_v else None
-            rec = self._sample(k, loss_v, grad_norm, vals, pn, rest, out_rms)  # type: ignore[arg-type]
-            if finite:
-                new += A.sampled_alerts(rec, self.history, self.trend)
-            self.history.append(rec)
+            sample = self._sample(k, loss_v, grad_norm, rec, vals, pn, rest, out_rms)
+            if finite and not sample.incomplete:
+                new += A.sampled_alerts(sample, self._complete_history(), self.trend)
+            self.history.append(sample)
             if self.max_history is not None and len(self.history) > self.max_history:
                 del self.history[A.BASELINE_SAMPLES]  # the baseline samples stay
         # 5. the weights before this step's optimizer step, when an earlier sample waits for its update
@@ -321,15 +453,23 @@ class Monitor:
             from ..integrations.tensorboard import write_step
 
             write_step(self.writer, self, k, new)
-        # next step
-        if self._rec is not None:
-            self._rec.detach()
-        self._rec = None
-        self._recording = False
-        self._calls = []
-        self._step += 1
-        self._arm()
+        self._next_step()
         return new
+
+    def _complete_history(self) -> list[MonitorStep]:
+        """The samples that carry a verdict: the baseline of the drift rules."""
+        return [h for h in self.history if not h.incomplete]
+
+    def _trim_series(self) -> None:
+        """Keep the per-step series bounded (:data:`MAX_SERIES` steps): the
+        first values, which hold the level training started at (the alerts'
+        reference), and the most recent ones."""
+        if len(self.steps) <= MAX_SERIES + MAX_SERIES // 10:
+            return
+        head = max(_head(self.losses), _head(self.grad_norms))
+        cut = len(self.steps) - MAX_SERIES + head
+        for series in (self.steps, self.losses, self.grad_norms):
+            del series[head:cut]
 
     def _fresh(self, new: list[Alert]) -> list[Alert]:
         """Drop repeats: a (kind, layer) already alerted stays quiet (per-layer
@@ -371,12 +511,17 @@ class Monitor:
                 best, where = v / b, self._param_names.get(p)
         return where
 
-    def _sample(self, k: int, loss: float | None, grad_norm: float | None, vals: list[dict[str, Any]],
+    def _sample(self, k: int, loss: float | None, grad_norm: float | None, rec: Recorder, vals: list[dict[str, Any]],
                 pn: ParamNorms, rest: list[float], out_rms: float | None) -> MonitorStep:
-        rows = self._rec.rows  # type: ignore[union-attr]
+        rows = rec.rows
         m = len(pn.scalars)
-        rms = out_rms if out_rms else 1.0
-        layers = layer_stats(rows, vals, pn.values(rest[:m]), rms)
+        pgrads = pn.values(rest[:m])
+        if not out_rms:  # no root output to compare with (submodules called directly): the last row with a gradient
+            out_rms = next((v["grad_rms"] for v in reversed(vals) if v.get("grad_rms")), None)
+        layers = layer_stats(rows, vals, pgrads, out_rms or 1.0)
+        why = missing_gradients(rows)
+        if why:  # no verdict from rows that could not see their gradients
+            return MonitorStep(k, loss, "incomplete", tuple(layers), (), grad_norm, out_rms, incomplete=why)
         verdict, problems, layers, _ = diagnose(layers, None, self.bounds, self.trend)
         return MonitorStep(k, loss, verdict, tuple(layers), tuple(problems), grad_norm, out_rms)
 
@@ -446,19 +591,19 @@ class Monitor:
             return Alert(k, "non-finite", bad_w[0].rpartition(".")[0] or bad_w[0],
                          f"step {k}: the weights themselves are non-finite ({len(bad_w)} tensor(s), first "
                          f"{bad_w[0]}): an earlier optimizer step overflowed them", fix, "update")
-        for call in self._calls:
+        call = self._culprit()
+        report = None
+        if call is not None:
             try:
                 report = self._replay(call)
-            except (ModelError, ValueError, RuntimeError):
-                continue
-            p = next((p for p in report.problems if p.kind == "non-finite"), None)
-            if p is None:
-                continue
+            except (ModelError, ValueError, RuntimeError) as e:
+                self._warn(f"step {k}'s forward could not be replayed to locate the NaN/Inf", e)
+        p = next((p for p in report.problems if p.kind == "non-finite"), None) if report is not None else None
+        if p is not None and report is not None:
             forward = p.layer == "input" or any(layer.nonfinite_fraction > 0 for layer in report.layers)
-            if not forward and out_v is not None and not math.isfinite(out_v):
-                break  # the loss's own gradient was already non-finite: said below
-            return Alert(k, "non-finite", p.layer, f"step {k}: {p.message}", f"{p.suggestion}; {fix}",
-                         "forward" if forward else "backward")
+            if forward or out_v is None or math.isfinite(out_v):  # else the loss's own gradient: said below
+                return Alert(k, "non-finite", p.layer, f"step {k}: {p.message}", f"{p.suggestion}; {fix}",
+                             "forward" if forward else "backward")
         if loss is not None and not math.isfinite(loss) and (out_v is None or math.isfinite(out_v)):
             return Alert(k, "non-finite", "(loss)", f"step {k}: the loss is {loss} while the model's output is "
                          "finite: the loss function turned it non-finite (log of 0, division by 0)",
@@ -478,13 +623,79 @@ class Monitor:
                      f"{where or '(root)'}" + (f" ({self._param_names.get(worst)})" if worst is not None else "")
                      + (f"; loss {loss}" if loss is not None else ""), fix, "backward")
 
+    def _culprit(self) -> _Call | None:
+        """The one forward call of the step to replay: the first whose output's
+        gradient is non-finite, else the first (the replay runs the user's
+        forward once, whatever the number of micro-batches)."""
+        for c in self._calls:
+            if c.out_norm is not None and not bool(torch.isfinite(c.out_norm)):
+                return c
+        return self._calls[0] if self._calls else None
+
     def _replay(self, call: _Call) -> Any:
-        with preserved(self.model):
-            torch.set_rng_state(call.rng)
-            for d, s in call.cuda_rng:
-                torch.cuda.set_rng_state(s, d)
-            with _autocast(call.autocast):
-                return run_pass(self.model, call.args, None, None, self.bounds, self.trend, True, self.red)
+        """check's exact pass on one saved call, with the step's RNG and
+        autocast state; the model, its Python attributes and the RNG come
+        back as they were, and the monitor's own hooks stand aside (no
+        re-entry, nothing added to the step)."""
+        self._replaying = True
+        try:
+            with preserved(self.model, python_state=True):
+                torch.set_rng_state(call.rng)
+                for d, s in call.cuda_rng:
+                    torch.cuda.set_rng_state(s, d)
+                with _autocast(call.autocast):
+                    return run_pass(self.model, call.args, None, None, self.bounds, self.trend, True, self.red)
+        finally:
+            self._replaying = False
+
+    # -- checkpoints -----------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue this monitor, in plain Python
+        values (JSON- and ``torch.load(weights_only=True)``-safe): the step
+        count, the alert baselines (the first samples, the level training
+        started at, the last steps' losses and gradient norms), the alerts so
+        far and which ones were said.  Saved with a checkpoint by the
+        Lightning and HF callbacks.  The history between the baseline and
+        the last sample is not kept (``report()`` of a resumed run starts
+        with the baseline samples)."""
+        keep = list(range(min(len(self.steps), _head(self.losses), _head(self.grad_norms))))
+        keep += [i for i in range(max(len(self.steps) - A.WINDOW, 0), len(self.steps)) if i not in keep]
+        return {"version": 1, "step": self._step, "every": self.every,
+                "steps": [self.steps[i] for i in keep], "losses": [self.losses[i] for i in keep],
+                "grad_norms": [self.grad_norms[i] for i in keep],
+                "baseline": [h.to_dict() for h in self.history[:A.BASELINE_SAMPLES]],
+                "alerts": [a.to_dict() for a in self.alerts],
+                "alerted": sorted([list(x) for x in self._alerted]),
+                "last_scalar_alert": dict(self._last_scalar_alert), "nonfinite_seen": self._nonfinite_seen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict` (before the first ``step`` of the
+        resumed run, before or after its forward): the step count, baselines
+        and alerts pick up where they were; the sampling schedule follows the
+        restored step count."""
+        if not isinstance(state, dict) or state.get("version") != 1:
+            raise ValueError("load_state_dict takes what Monitor.state_dict() returned (version 1), got "
+                             f"{type(state).__name__}" + (f" version {state.get('version')!r}"
+                                                          if isinstance(state, dict) else ""))
+        if self.steps or self.history:
+            raise RuntimeError("load_state_dict must come before this monitor's first step")
+        self._step = int(state["step"])
+        self.steps = [int(x) for x in state["steps"]]
+        self.losses = [None if x is None else float(x) for x in state["losses"]]
+        self.grad_norms = [None if x is None else float(x) for x in state["grad_norms"]]
+        self.history = [MonitorStep.from_dict(h) for h in state["baseline"]]
+        self.alerts = [Alert.from_dict(a) for a in state["alerts"]]
+        self._alerted = {(str(a), str(b)) for a, b in state["alerted"]}
+        self._last_scalar_alert = {str(k): int(v) for k, v in state["last_scalar_alert"].items()}
+        self._nonfinite_seen = bool(state["nonfinite_seen"])
+        # the step in progress (the first of the resumed run, perhaps already past its forward) under its
+        # restored number: recorded if that step is a sampled one, not otherwise
+        if not self.sampled and self._rec is not None:
+            self._rec.detach()
+            self._rec = None
+            self._recording = False
+        elif self.sampled and self._rec is None:
+            self._arm()
 
     # -- results ---------------------------------------------------------------
     def report(self) -> MonitorReport:

@@ -39,6 +39,10 @@ def check_model(model: Any, fn: str) -> None:
     if type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
         raise ValueError(f"{fn}() needs the Python module: torch.compile's wrapper runs compiled code without "
                          f"module hooks; pass model._orig_mod (the {type(model._orig_mod).__name__} it wraps)")
+    if getattr(model, "_compiled_call_impl", None) is not None:
+        raise ValueError(f"{fn}() needs the Python module: this {type(model).__name__} was compiled in place "
+                         "(model.compile()), which runs compiled code through the hooks a measurement needs; "
+                         f"call {fn}() on an uncompiled instance (or before model.compile())")
     if torch.is_inference_mode_enabled():
         raise ValueError(f"{fn}() cannot measure gradients under torch.inference_mode(): call it outside that block")
 

@@ -88,6 +88,7 @@ class Row:
     # column stops there (see predict._chain)
     src: int = 0
     dst: int = 0
+    wants_grad: bool = False  # the output required grad when the call ran (a gradient hook is on it)
 
 
 # Modules that compute their children functionally (MultiheadAttention never
@@ -245,6 +246,23 @@ def _grad_prehook(row: Row, exact: bool, nr: int, grads: tuple[torch.Tensor | No
         _grad_hook(row, exact, g)
 
 
+def _safe_grad_hook(errors: list[BaseException], row: Row, exact: bool, g: torch.Tensor) -> None:
+    """:func:`_grad_hook` whose failure is kept in ``errors`` (a recorder's ``safe`` mode)."""
+    try:
+        _grad_hook(row, exact, g)
+    except Exception as e:
+        errors.append(e)
+
+
+def _safe_grad_prehook(errors: list[BaseException], row: Row, exact: bool, nr: int,
+                       grads: tuple[torch.Tensor | None, ...]) -> None:
+    """:func:`_grad_prehook` whose failure is kept in ``errors``."""
+    try:
+        _grad_prehook(row, exact, nr, grads)
+    except Exception as e:
+        errors.append(e)
+
+
 def _traits(act: _act.Activation | None) -> tuple[tuple[float, float] | None, bool, bool]:
     """What the statistics need to know of a row's activation: its saturation
     band, whether it is a rectifier, and whether its outputs are >= 0."""
@@ -276,15 +294,22 @@ class Recorder:
 
     def __init__(self, model: nn.Module, *, capture_functional: bool = True, stats: bool = True,
                  track_inputs: bool = False, exact: bool = False, unit_vectors: bool = False,
-                 named: list[tuple[str, nn.Module]] | None = None) -> None:
+                 named: list[tuple[str, nn.Module]] | None = None, safe: bool = False) -> None:
         """``stats=False`` records only the call sequence (activation detection);
         ``track_inputs`` also records each weight layer's input second moment;
         ``exact`` masks non-finite entries and counts them, and remembers which
         tensors each call read and wrote (the slow path after a NaN/Inf);
         ``unit_vectors`` keeps each rectifier row's per-unit alive flags rather
         than their count (to be combined across ranks); ``named``:
-        ``list(model.named_modules())`` when the caller has it already."""
+        ``list(model.named_modules())`` when the caller has it already.
+        ``safe``: a failure inside any of the recorder's hooks (forward or
+        gradient) is kept in ``errors`` instead of raised into the model's
+        forward or backward pass (the monitor, a guest in a training loop,
+        then skips the sample); KeyboardInterrupt and other non-``Exception``
+        signals pass through."""
         self.model = model
+        self.safe = safe
+        self.errors: list[BaseException] = []
         self.stats = stats
         self.exact = exact
         self.unit_vectors = unit_vectors
@@ -424,10 +449,13 @@ class Recorder:
             # the hook holds the row only, not the recorder (nor through it the model): a step's
             # graph kept alive by its loss tensor does not keep the model alive with it
             fn = t.grad_fn
+            row.wants_grad = True
             if fn is not None:  # a pre-hook of the node that made t: see _grad_prehook
-                fn.register_prehook(functools.partial(_grad_prehook, row, self.exact, t.output_nr))
+                fn.register_prehook(functools.partial(_safe_grad_prehook, self.errors, row, self.exact, t.output_nr)
+                                    if self.safe else functools.partial(_grad_prehook, row, self.exact, t.output_nr))
             else:  # a leaf that requires grad (a module that returns its input or a parameter)
-                t.register_hook(functools.partial(_grad_hook, row, self.exact))
+                t.register_hook(functools.partial(_safe_grad_hook, self.errors, row, self.exact) if self.safe
+                                else functools.partial(_grad_hook, row, self.exact))
 
     # -- lifecycle --------------------------------------------------------------
     def attach(self) -> None:
@@ -443,21 +471,35 @@ class Recorder:
         ``torch.compile``'d submodule, which torch warns about under global
         hooks (they fire for its wrapper too)."""
         self._info = {m: self._leaf_info(m) for m in self._leaves}
+        g = self._guarded if self.safe else (lambda f: f)
         per_module = any(m._forward_hooks for m in self._leaves) or \
             any(type(m).__name__ == "OptimizedModule" for _, m in self._modules)
         if self.capture_functional:
             if per_module:
                 for _, m in self._modules:
-                    self._handles.append(m.register_forward_pre_hook(self._pre))
-                    self._handles.append(m.register_forward_hook(self._post))
+                    self._handles.append(m.register_forward_pre_hook(g(self._pre)))
+                    self._handles.append(m.register_forward_hook(g(self._post)))
             else:
-                self._handles += [register_module_forward_pre_hook(self._pre_any),
-                                  register_module_forward_hook(self._post_any)]
+                self._handles += [register_module_forward_pre_hook(g(self._pre_any)),
+                                  register_module_forward_hook(g(self._post_any))]
         elif per_module:
             for m in self._leaves:
-                self._handles.append(m.register_forward_hook(self._leaf_post))
+                self._handles.append(m.register_forward_hook(g(self._leaf_post)))
         else:
-            self._handles.append(register_module_forward_hook(self._leaf_post_any))
+            self._handles.append(register_module_forward_hook(g(self._leaf_post_any)))
+
+    def _guarded(self, hook: Any) -> Any:
+        """``hook`` with its failures kept in ``errors`` (see ``safe``)."""
+        errors = self.errors
+
+        def guarded(*args: Any) -> Any:
+            try:
+                return hook(*args)
+            except Exception as e:  # a guest in the user's forward never raises into it
+                errors.append(e)
+                return None
+
+        return guarded
 
     def detach(self) -> None:
         """Remove the forward hooks (the gradient hooks on outputs already

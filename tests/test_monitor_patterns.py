@@ -1,0 +1,311 @@
+"""The monitor in ordinary training loops: it never breaks the run, never
+changes it, and never calls a sample "healthy" that holds no gradients.
+
+Each test is a loop pattern that crashed or blinded the previous version
+(issue 27): submodules called without the root's forward, a grad-enabled
+evaluation pass, reentrant checkpointing, a forward with Python state and a
+non-finite loss, a forward abandoned before its backward, a failing
+internal, KeyboardInterrupt, max_history, a model compiled in place, resume
+from a checkpoint.  "Unchanged" is checked bit for bit against the same loop
+without the monitor (weights, buffers, global RNG state)."""
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import signalprop as sp
+
+
+class EncHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.ReLU())
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.head(self.enc(x))
+
+
+def _data(step, n=32):
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(n, 8, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def _run(model, steps, forward, mon=None, eval_pass=False, lr=0.05):
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    for k in range(steps):
+        if eval_pass:  # an evaluation with gradients on (no torch.no_grad), between training steps
+            model.eval()
+            forward(model, _data(10_000 + k)[0]).sum()
+            model.train()
+        x, y = _data(k)
+        loss = F.cross_entropy(forward(model, x), y)
+        opt.zero_grad()
+        loss.backward()
+        if mon is not None:
+            mon.step(loss)
+        opt.step()
+
+
+def _same(a, b):
+    for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), n
+
+
+def _twins(cls=EncHead):
+    torch.manual_seed(0)
+    a = cls()
+    torch.manual_seed(0)
+    return a, cls()
+
+
+def _monitored_equals_plain(forward, steps=6, every=2, **kw):
+    a, b = _twins()
+    torch.manual_seed(5)
+    _run(a, steps, forward, **kw)
+    rng_a = torch.get_rng_state()
+    torch.manual_seed(5)
+    with sp.monitor(b, every=every) as mon:
+        _run(b, steps, forward, mon, **kw)
+    _same(a, b)
+    assert torch.equal(rng_a, torch.get_rng_state())
+    return mon
+
+
+def test_submodules_called_without_the_roots_forward():
+    """A LightningModule's training_step calling self.net(x), or
+    ``m.head(m.enc(x))``: every sample is measured, with gradients, and the
+    previous version's KeyError never reaches the loop."""
+    mon = _monitored_equals_plain(lambda m, x: m.head(m.enc(x)))
+    assert len(mon.history) == 3
+    for h in mon.history:
+        assert h.verdict != "incomplete" and not h.incomplete, h.incomplete
+        assert [layer.name for layer in h.layers] == ["enc.0", "enc.1", "enc.2", "enc.3", "head"]
+        assert all(layer.grad_rms is not None and layer.grad_rms > 0 for layer in h.layers)
+
+
+def test_a_grad_enabled_eval_pass_is_not_the_sample():
+    """An evaluation pass with gradients on runs before each training
+    forward: the sample is the training pass (its rows have gradients,
+    equal to those of the same loop without the evaluation pass)."""
+    mon = _monitored_equals_plain(lambda m, x: m(x), eval_pass=True)
+    ref = _monitored_equals_plain(lambda m, x: m(x))
+    assert len(mon.history) == len(ref.history) == 3
+    for h in mon.history:
+        assert h.verdict != "incomplete", h.incomplete
+        assert all(layer.grad_rms is not None for layer in h.layers)
+    # the first sample (step 0: same weights in both runs) measures the same training pass
+    for la, lb in zip(mon.history[0].layers, ref.history[0].layers):
+        assert la.grad_rms == pytest.approx(lb.grad_rms, rel=1e-6)
+
+
+def test_a_forward_abandoned_before_its_backward_does_not_become_the_sample():
+    """A forward whose backward never comes (an exception in the user's loss
+    code, skipped by the loop): the step's training forward is sampled."""
+    torch.manual_seed(0)
+    m = EncHead()
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    with sp.monitor(m, every=1) as mon:
+        for k in range(3):
+            try:
+                m(_data(50 + k)[0])
+                raise RuntimeError("bad batch")
+            except RuntimeError:
+                pass
+            x, y = _data(k)
+            loss = F.cross_entropy(m(x), y)
+            opt.zero_grad()
+            loss.backward()
+            mon.step(loss)
+            opt.step()
+    assert [h.verdict for h in mon.history] != ["incomplete"] * 3
+    assert all(layer.grad_rms is not None for h in mon.history for layer in h.layers)
+
+
+class Checkpointed(nn.Module):
+    def __init__(self, reentrant):
+        super().__init__()
+        self.reentrant = reentrant
+        self.a = nn.Sequential(nn.Linear(8, 32), nn.Tanh())
+        self.b = nn.Sequential(nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh())
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        h = checkpoint(self.b, h, use_reentrant=self.reentrant)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_reentrant_checkpointing_is_said_not_called_healthy(reentrant):
+    """Reentrant checkpointing runs the block under no_grad and recomputes it
+    in the backward, outside the recorded pass: its rows never get a
+    gradient, so the sample is "incomplete" and says why (the previous
+    version said "healthy").  Non-reentrant checkpointing is measured."""
+    torch.manual_seed(0)
+    m = Checkpointed(reentrant)
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's own advice about use_reentrant
+        with sp.monitor(m, every=1) as mon:
+            for k in range(2):
+                x, y = _data(k)
+                loss = F.cross_entropy(m(x), y)
+                opt.zero_grad()
+                loss.backward()
+                mon.step(loss)
+                opt.step()
+    for h in mon.history:
+        if reentrant:
+            assert h.verdict == "incomplete" and "use_reentrant=False" in h.incomplete and not h.problems
+        else:
+            assert h.verdict == "healthy" and not h.incomplete
+            assert all(layer.grad_rms is not None for layer in h.layers)
+
+
+class Stateful(nn.Module):
+    """A forward that keeps Python state (a counter, a list)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 3)
+        self.calls = 0
+        self.seen = []
+
+    def forward(self, x):
+        self.calls += 1
+        self.seen.append(self.calls)
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def test_a_nonfinite_step_replays_the_forward_once_and_leaves_the_run_unchanged():
+    """The replay that locates a NaN runs the user's forward once (the
+    previous version re-entered itself: 70 forwards instead of 6), restores
+    the forward's Python state, and fires the user's own hooks once."""
+    steps = 6
+
+    def train(m, mon=None):
+        opt = torch.optim.SGD(m.parameters(), lr=0.01)
+        for k in range(steps):
+            x, y = _data(k)
+            if k == 2:
+                x[0, 0] = math.inf  # a corrupted batch: the loss turns NaN at step 2
+            loss = F.cross_entropy(m(x), y)
+            opt.zero_grad()
+            loss.backward()
+            if mon is not None:
+                mon.step(loss)
+            opt.step()
+
+    a, b = _twins(Stateful)
+    train(a)
+    fired = []
+    b.fc2.register_forward_hook(lambda *_: fired.append(1))
+    with sp.monitor(b, every=1) as mon:
+        train(b, mon)
+    assert b.calls == a.calls == steps and b.seen == a.seen == list(range(1, steps + 1))
+    assert len(fired) <= steps + 1  # the steps' forwards and at most one replay
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q) or (p.isnan().any() and torch.equal(p.isnan(), q.isnan()))
+    nf = [al for al in mon.alerts if al.kind == "non-finite"]
+    assert nf and nf[0].step == 2 and nf[0].layer in ("input", "fc1"), nf
+
+
+def test_the_monitors_own_failure_is_a_warning_and_a_skipped_sample(monkeypatch):
+    """A statistic's kernel that raises inside the user's forward and
+    backward: one RuntimeWarning, the sample skipped, training unchanged."""
+    from signalprop.probe import stats as S
+
+    def broken(*a, **k):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(S, "forward_moments_into", broken)
+    monkeypatch.setattr(S.Batches, "add", broken)
+    with pytest.warns(RuntimeWarning, match="sample was skipped") as rec:
+        mon = _monitored_equals_plain(lambda m, x: m(x))
+    assert len([w for w in rec if "skipped" in str(w.message)]) == 1
+    assert mon.history == [] and len(mon.steps) == 6
+
+
+def test_keyboard_interrupt_passes_through():
+    """Ctrl-C inside the user's forward on a sampled step reaches the loop
+    (the monitor keeps only Exceptions), and the monitor goes on afterwards."""
+    torch.manual_seed(0)
+    m = EncHead()
+    stop = {"now": True}
+
+    def interrupt(mod, args):
+        if stop["now"]:
+            stop["now"] = False
+            raise KeyboardInterrupt
+
+    h = m.enc[2].register_forward_pre_hook(interrupt)
+    mon = sp.monitor(m, every=1)
+    with pytest.raises(KeyboardInterrupt):
+        m(_data(0)[0])
+    h.remove()
+    _run(m, 2, lambda mm, x: mm(x), mon)
+    mon.close()
+    assert len(mon.history) == 2 and all(s.verdict != "incomplete" for s in mon.history)
+
+
+def test_arguments_are_checked_at_construction():
+    m = EncHead()
+    with pytest.raises(ValueError, match="max_history"):
+        sp.monitor(m, max_history=2)
+    with pytest.raises(TypeError, match="add_scalar"):
+        sp.monitor(m, writer=object())
+    with pytest.raises(TypeError, match="update_ratio"):
+        sp.monitor(m, update_ratio="yes")
+    m.compile(backend="eager")
+    with pytest.raises(ValueError, match="compiled in place"):
+        sp.monitor(m)
+    with pytest.raises(ValueError, match="compiled in place"):
+        sp.check(m, _data(0)[0])
+
+
+def test_max_history_keeps_the_baseline_and_the_latest():
+    torch.manual_seed(0)
+    m = EncHead()
+    with sp.monitor(m, every=1, max_history=4) as mon:
+        _run(m, 9, lambda mm, x: mm(x), mon)
+    assert [h.step for h in mon.history] == [0, 1, 2, 8]
+
+
+def test_per_step_series_are_bounded(monkeypatch):
+    """The first steps (the alerts' reference level) and the latest stay."""
+    from signalprop.monitor import core
+
+    monkeypatch.setattr(core, "MAX_SERIES", 40)
+    torch.manual_seed(0)
+    m = EncHead()
+    with sp.monitor(m, every=1000, grad_every=1) as mon:
+        _run(m, 100, lambda mm, x: mm(x), mon, lr=0.01)
+    assert len(mon.steps) <= 44 and mon.steps[:16] == list(range(16)) and mon.steps[-1] == 99
+    assert len(mon.losses) == len(mon.grad_norms) == len(mon.steps)
+
+
+def test_state_dict_resumes_the_step_count_baselines_and_alerts():
+    """A resumed monitor continues: its next step is the saved count, its
+    drift baseline is the first run's first samples, its alerts are kept;
+    the state is plain JSON (checkpoints loaded with weights_only=True)."""
+    torch.manual_seed(0)
+    m = EncHead()
+    with sp.monitor(m, every=2) as mon:
+        _run(m, 7, lambda mm, x: mm(x), mon)
+    state = json.loads(json.dumps(mon.state_dict()))
+    with sp.monitor(m, every=2) as resumed:
+        resumed.load_state_dict(state)
+        assert resumed._step == 7 and not resumed.sampled
+        _run(m, 3, lambda mm, x: mm(x), resumed)
+    assert [h.step for h in resumed.history] == [0, 2, 4, 8]
+    assert resumed.history[0].layers == mon.history[0].layers
+    assert resumed.steps[-3:] == [7, 8, 9] and resumed.steps[:7] == list(range(7))
+    with sp.monitor(m) as fresh, pytest.raises(ValueError, match="state_dict"):
+        fresh.load_state_dict({"step": 3})
