@@ -292,7 +292,7 @@ class JacobianReading:
     weights: tuple[float, ...] | None = None
 
 
-__all__ = ["Alert", "InitSummary", "InputStats", "JacobianReading", "LayerInit", "LayerStats", "MonitorReport",
+__all__ = ["Alert", "InitSummary", "InputStats", "JacobianReading", "LayerInit", "LayerStats", "LogitStats", "MonitorReport",
            "MonitorStep", "ParamInit", "Problem", "Report", "SEVERITY", "SeriesTrend", "Summary", "VERDICTS",
            "Verdict"]
 
@@ -343,7 +343,8 @@ class Report:
 
 
 AlertKind = Literal["non-finite", "exploding", "vanishing", "saturated", "dead", "loss-spike", "grad-surge",
-                    "update-too-large", "update-too-small"]
+                    "update-too-large", "update-too-small", "attention-logit-growth", "output-logit-divergence",
+                    "overflow-risk"]
 
 
 @dataclass(frozen=True)
@@ -372,6 +373,16 @@ class Alert:
 
 
 @dataclass(frozen=True)
+class LogitStats:
+    """The model's output logits: their RMS, largest |logit| and mean
+    log-partition log sum_j exp(z_j) over positions (what z-loss keeps near 0)."""
+
+    rms: float
+    max: float
+    log_partition: float
+
+
+@dataclass(frozen=True)
 class MonitorStep:
     """One sampled training step: the same per-layer statistics as
     :func:`signalprop.check` (forward and backward of the step's first
@@ -390,17 +401,21 @@ class MonitorStep:
     output_grad_rms: float | None = None
     update_ratios: tuple[tuple[str, float], ...] = ()
     incomplete: str = ""  # why the sample has no verdict (verdict "incomplete"), else ""
+    output_logits: LogitStats | None = None  # of the sampled forward's output, when it has a class dimension
 
     def to_dict(self) -> dict[str, Any]:
         return _clean({"step": self.step, "loss": self.loss, "verdict": self.verdict, "grad_norm": self.grad_norm,
                        "output_grad_rms": self.output_grad_rms, "update_ratios": dict(self.update_ratios),
                        "incomplete": self.incomplete, "problems": [p.to_dict() for p in self.problems],
+                       "output_logits": asdict(self.output_logits) if self.output_logits is not None else None,
                        "layers": [layer.to_dict() for layer in self.layers]})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MonitorStep:
         """The record :meth:`to_dict` wrote."""
+        lg = d.get("output_logits")
         return _from_dict(cls, d, layers=tuple(LayerStats.from_dict(x) for x in d.get("layers", ())),
+                          output_logits=_from_dict(LogitStats, lg) if lg else None,
                           problems=tuple(Problem.from_dict(x) for x in d.get("problems", ())),
                           update_ratios=tuple((k, _unclean(v)) for k, v in d.get("update_ratios", {}).items()))
 

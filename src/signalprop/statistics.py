@@ -43,8 +43,9 @@ MEAN = "mean"        # a per-rank value whose mean is wanted (the loss, shares)
 ANY = "any"          # a vector of per-unit flags: how many are set on some rank
 MAX = "max"          # the largest value on any rank
 GRAD_MAX = "gmax"    # the largest |activation gradient| on any rank, / world (as GRAD_NORM)
+MIN = "min"          # the smallest value on any rank
 SAME = "same"        # identical on every rank (a layer's number of units): not reduced
-REDUCTIONS = (SUM, NORM, GRAD_NORM, GRAD_SQ, REPLICA_NORM, SHARD_NORM, MEAN, ANY, MAX, GRAD_MAX, SAME)
+REDUCTIONS = (SUM, NORM, GRAD_NORM, GRAD_SQ, REPLICA_NORM, SHARD_NORM, MEAN, ANY, MAX, GRAD_MAX, MIN, SAME)
 
 Phase = Literal["forward", "backward"]
 Kernel = Callable[[Any, "int | None"], Any]
@@ -122,6 +123,17 @@ STATISTICS: list[Statistic] = [
               "largest |entry| of d loss / d output: the headroom left before a low-precision gradient overflows",
               (("grad_absmax", GRAD_MAX),), lambda d: d["grad_absmax"], "grad_absmax", "max |gradient|",
               kernel=_abs_max, tensorboard=True),
+    # attention computations (signalprop.probe.attention): from the logits, not the row's output
+    Statistic("attn_logit_max", "forward", "logit", "largest |q.k| / sqrt(d) over unmasked query-key pairs",
+              (("attn_logit_max", MAX),), lambda d: d["attn_logit_max"], "attn_logit_max", "max attention logit",
+              tensorboard=True),
+    Statistic("attn_entropy", "forward", "share",
+              "attention entropy over its largest value log(keys), mean over queries and heads (1 uniform, 0 one-hot)",
+              (("attn_entropy", MEAN),), lambda d: d["attn_entropy"], "attn_entropy", "attention entropy", "pct",
+              tensorboard=True),
+    Statistic("attn_entropy_min_head", "forward", "share", "the lowest head's attention entropy (as attn_entropy)",
+              (("attn_entropy_min_head", MIN),), lambda d: d["attn_entropy_min_head"], "attn_entropy_min_head",
+              "lowest head's entropy", "pct"),
     Statistic("saturation", "forward", "share", "share of a bounded activation's outputs in its saturated band",
               (("saturated_count", SUM), ("saturated_n", SUM)), lambda d: d["saturated_count"] / d["saturated_n"],
               "saturated_n", "saturated", "pct", tensorboard=True),

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from ..layers import param_fan_ins
+from ..probe.attention import logits_of, output_logit_sums
 from ..probe.diagnose import diagnose
 from ..probe.distributed import GRAD_NORM, MEAN, SUM, Reduction, local, norm_kind, resolve_group, unwrap
 from ..probe.gather import finalise, gather
@@ -56,8 +57,10 @@ from ..probe.recorder import Recorder, first_float_tensor
 from ..probe.rows import layer_stats
 from ..probe.state import preserved
 from ..probe.stats import Part
-from ..records import Alert, MonitorReport, MonitorStep, evolve
+from ..records import Alert, LogitStats, MonitorReport, MonitorStep, evolve
+from ..statistics import MAX
 from . import alerts as A
+from .logit_alerts import logit_alerts
 
 MAX_REPLAY_CALLS = 64  # forward calls per step kept for replay (gradient accumulation)
 # Reading every gradient is one fused kernel on a GPU (~1% of a step) but a
@@ -104,6 +107,12 @@ def _autocast(state: list[tuple[str, torch.dtype]]) -> Iterator[None]:
 # per-step series (steps, losses, grad_norms) keep at most this many steps: the first ones (the level
 # training started at, which the alerts compare with) and the most recent; ~10 MB of Python floats
 MAX_SERIES = 100_000
+
+
+def _logit_stats(v: list[float]) -> LogitStats:
+    """:class:`LogitStats` from the gathered :func:`~signalprop.probe.attention.output_logit_sums`."""
+    sq, n, top, lse, positions = v
+    return LogitStats(math.sqrt(sq / max(n, 1.0)), top, lse / max(positions, 1.0))
 
 
 def _head(values: list[float | None]) -> int:
@@ -188,6 +197,8 @@ class Monitor:
         self.grad_norms: list[float | None] = []
         self._step = 0
         self._replaying = False  # the monitor's own replay of a step: the root hooks stand aside
+        self._mode: Any = None  # the recorder's functional-capture mode while the sampled forward runs
+        self._logits: list[torch.Tensor | float] | None = None  # the sampled forward's output-logit sums
         self._warned: set[str] = set()
         self._calls: list[_Call] = []
         self._rec: Recorder | None = None
@@ -250,7 +261,9 @@ class Monitor:
         if self.sampled:
             if self._rec is not None:
                 self._rec.detach()
-            self._rec = Recorder(self.model, capture_functional=False, unit_vectors=self.red is not None, safe=True)
+            # functional capture where the model computes attention or activations by call (logits of
+            # F.scaled_dot_product_attention and softmax, F.gelu rows): its mode is entered for the forward
+            self._rec = Recorder(self.model, unit_vectors=self.red is not None, safe=True)
             self._rec.attach()
             self._recording = True
 
@@ -269,6 +282,11 @@ class Monitor:
             # the forward recorded so far fed no backward (an evaluation pass with gradients on, a forward
             # abandoned before its backward): measure this one instead -- the sample is of the pass that trains
             self._arm()
+        self._exit_mode()  # one a forward that raised left behind
+        if self._recording and torch.is_grad_enabled() and self._rec is not None:
+            self._mode = self._rec.functional_mode()
+            if self._mode is not None:
+                self._mode.__enter__()
         if not torch.is_grad_enabled():  # an evaluation pass between training steps: not this step's
             if self._recording:
                 self._rec.detach()  # type: ignore[union-attr]
@@ -303,7 +321,13 @@ class Monitor:
         warnings.warn(f"signalprop monitor: {what}" + (f" ({type(e).__name__}: {e})" if e is not None else "")
                       + "; training is unaffected", RuntimeWarning, stacklevel=3)
 
+    def _exit_mode(self) -> None:
+        if self._mode is not None:
+            mode, self._mode = self._mode, None
+            mode.__exit__(None, None, None)
+
     def _root_post_guarded(self, out: Any) -> None:
+        self._exit_mode()
         if self._paused:  # after an evaluation pass: measure the next training forward instead
             self._paused = False
             self._arm()
@@ -313,6 +337,8 @@ class Monitor:
         if self._recording and self._rec is not None:
             self._rec.detach()  # the step's first forward is the sampled one; its gradient hooks stay
             self._recording = False
+            y = logits_of(out)
+            self._logits = output_logit_sums(y) if y is not None else None
         if not self._calls:
             return
         call = self._calls[-1]
@@ -353,6 +379,8 @@ class Monitor:
             return []
 
     def _next_step(self) -> None:
+        self._exit_mode()
+        self._logits = None
         if self._rec is not None:
             self._rec.detach()
         self._rec = None
@@ -362,6 +390,7 @@ class Monitor:
         self._arm()
 
     def _close_step(self, k: int, loss: Any, loss_t: torch.Tensor | None) -> list[Alert]:
+        self._exit_mode()
         rec = self._rec
         if rec is not None and self._recording:
             # the root module's forward never ran (the loop called its submodules, as a LightningModule's
@@ -387,9 +416,11 @@ class Monitor:
             pn = ParamNorms.of(rec.rows, {p: p.grad for p in params},  # type: ignore[union-attr]
                                known={id(p.grad): n for p, n in zip(params, gnorms)}) if sampled else None
             upd = self._update_scalars() if self._snapshot is not None else None
+            logit_sums = self._logits if sampled and self._logits is not None else []
             more: list[torch.Tensor | Part | float] = [*(pn.scalars if pn is not None else []),
-                                                *(upd[0] if upd is not None else [])]
-            kinds += (pn.kinds if pn is not None else []) + (upd[1] if upd is not None else [])
+                                                *(upd[0] if upd is not None else []), *logit_sums]
+            kinds += (pn.kinds if pn is not None else []) + (upd[1] if upd is not None else []) \
+                + ([SUM, SUM, MAX, SUM, SUM] if logit_sums else [])
             if sampled:
                 assert rec is not None
                 vals, ex = finalise(rec.rows, extra + more, self.red, kinds, rec.batched())
@@ -406,9 +437,11 @@ class Monitor:
         new: list[Alert] = []
 
         # 1. the update of the previous step's optimizer step, when it was saved
+        m = len(pn.scalars) if pn is not None else 0
+        u = len(upd[0]) if upd is not None else 0
+        logits = _logit_stats(rest[m + u:m + u + 5]) if logit_sums else None
         if upd is not None:
-            m = len(pn.scalars) if pn is not None else 0
-            new += self._finish_update(rest[m:])
+            new += self._finish_update(rest[m:m + u])
         # 2. non-finite watch (the loss and output gradient every step, parameter gradients when read)
         finite = (loss_v is None or math.isfinite(loss_v)) and all(math.isfinite(v) for v in gvals)
         if not finite and not self._nonfinite_seen:
@@ -429,8 +462,11 @@ class Monitor:
             assert rec is not None and pn is not None
             out_rms = out_v / math.sqrt(max(out_numel, 1.0)) if out_v else None
             sample = self._sample(k, loss_v, grad_norm, rec, vals, pn, rest, out_rms)
+            if logits is not None:
+                sample = evolve(sample, output_logits=logits)
             if finite and not sample.incomplete:
-                new += A.sampled_alerts(sample, self._complete_history(), self.trend)
+                complete = self._complete_history()
+                new += A.sampled_alerts(sample, complete, self.trend) + logit_alerts(sample, complete)
             self.history.append(sample)
             if self.max_history is not None and len(self.history) > self.max_history:
                 del self.history[A.BASELINE_SAMPLES]  # the baseline samples stay

@@ -237,6 +237,9 @@ def _share_evidence(layers: list[LayerStats], vanishing: set[int], forward_vanis
     sat = {layer.index: layer.saturation for layer in layers if (layer.saturation or 0) > SATURATED_SHARE}
     if sat:
         out.append(_Evidence("saturated", "share", set(sat), "", max(v for v in sat.values() if v is not None)))
+    attn = {layer.index: layer.attn_logit_max for layer in layers if _attention_saturated(layer)}
+    if attn:
+        out.append(_Evidence("saturated", "attention", set(attn), "", max(attn.values())))
     dead: dict[int, float] = {}
     for layer in layers:
         p = _producer(layers, layer.index)
@@ -250,6 +253,31 @@ def _share_evidence(layers: list[LayerStats], vanishing: set[int], forward_vanis
     if dead:
         out.append(_Evidence("dead", "share", set(dead), "", max(dead.values())))
     return out, explained
+
+
+# Attention is saturated where softmax is one-hot: each query's entropy under 10% of uniform attention's
+# over its keys, with logits large enough to explain it (a gap of 30 is a weight ratio of e^30 ~ 1e13).
+# A trained model's heads that attend to one token (an attention sink) do so with logits of ~10-20.
+ATTN_ENTROPY_SATURATED = 0.1
+ATTN_LOGIT_SATURATED = 30.0
+
+
+def _attention_saturated(layer: LayerStats) -> bool:
+    ent, top = layer.stats.get("attn_entropy"), layer.stats.get("attn_logit_max")
+    return ent is not None and top is not None and ent < ATTN_ENTROPY_SATURATED and top >= ATTN_LOGIT_SATURATED
+
+
+def _attention_problem(layer: LayerStats) -> Problem:
+    module = layer.name.rpartition(".")[0] or layer.name
+    ent, top = layer.stats["attn_entropy"], layer.stats["attn_logit_max"]
+    return Problem(
+        module, "saturated",
+        f"attention in {module} is saturated: its logits q.k/sqrt(d) reach {top:.3g} and each query's attention "
+        f"entropy is {ent:.1%} of uniform attention's (the lowest head {layer.stats.get('attn_entropy_min_head', ent):.1%}), "
+        "so the softmax is one-hot and passes almost no gradient to the queries and keys",
+        "q and k are too large: initialise the query/key projections smaller (std 1/sqrt(d_model) or below, "
+        "as GPT-2's 0.02), normalise q and k before their product (QK-layernorm), and check the attention scale "
+        "is 1/sqrt(head_dim)", layer.index, layer.index)
 
 
 def _row_verdict(layer: LayerStats, flags: set[str]) -> Verdict:
@@ -391,6 +419,9 @@ def diagnose(layers: list[LayerStats], inp: InputStats | None, bounds: tuple[flo
     else:  # with NaN/Inf about, bounds and trends would only repeat it
         for kind in ("exploding", "vanishing", "saturated", "dead"):
             rows = [i for i, f in enumerate(flags) if kind in f]
+            if kind == "saturated":  # one problem per saturated attention, named by its module
+                problems += [_attention_problem(out[i]) for i in rows if _attention_saturated(out[i])]
+                rows = [i for i in rows if not _attention_saturated(out[i])]
             problems += [_problem(kind, run, ev, out, act) for run in _runs(rows)]
     problems.sort(key=lambda p: (SEVERITY.index(p.kind), p.first))
     verdict: Verdict = problems[0].kind if problems else "healthy"

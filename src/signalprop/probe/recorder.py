@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import re
 import types
 import weakref
@@ -24,6 +25,7 @@ from torch.overrides import TorchFunctionMode
 
 from .. import activations as _act
 from ..layers import feature_dim
+from . import attention
 from . import stats as S
 
 
@@ -150,7 +152,8 @@ def _function_names() -> frozenset[str]:
     functions (``tanh``, ``gelu``, ``relu_``, ...)."""
     global _FUNCTION_NAMES
     if not _FUNCTION_NAMES:
-        _FUNCTION_NAMES = frozenset(d.rpartition(".")[2] for a in _act.REGISTRY.values() for d in a.functional)
+        _FUNCTION_NAMES = frozenset(d.rpartition(".")[2] for a in _act.REGISTRY.values() for d in a.functional) \
+            | attention.CODE_NAMES
     return _FUNCTION_NAMES
 
 
@@ -173,6 +176,13 @@ def _code_calls_activation(code: types.CodeType, glb: dict[str, Any], depth: int
     return hit
 
 
+def _unwrapped(f: Any) -> Any:
+    try:
+        return inspect.unwrap(f)
+    except ValueError:  # a __wrapped__ cycle
+        return f
+
+
 def calls_functional_activations(model: nn.Module, leaves: list[nn.Module] | None = None,
                                  named: list[tuple[str, nn.Module]] | None = None) -> bool:
     """Whether any non-leaf module's ``forward`` may call an activation as a
@@ -187,10 +197,11 @@ def calls_functional_activations(model: nn.Module, leaves: list[nn.Module] | Non
     for _, m in named if named is not None else model.named_modules():
         if id(m) in leaf_ids:
             continue
-        fwd = getattr(type(m).forward, "__code__", None)
+        f = _unwrapped(type(m).forward)  # the function a decorator (HF's kernel hub, say) wraps
+        fwd = getattr(f, "__code__", None)
         if fwd is None:
             return True
-        if _code_calls_activation(fwd, type(m).forward.__globals__):
+        if _code_calls_activation(fwd, f.__globals__):
             return True
         for v in vars(m).values():
             target = v.func if isinstance(v, functools.partial) else v
@@ -207,16 +218,38 @@ class _FunctionalCapture(TorchFunctionMode):
         super().__init__()
         self.r = recorder
         self.fns = _act.torch_functions()
+        self.attn = attention.functions()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        kind = self.attn.get(func)
+        if kind is not None and self.r.stats and isinstance(out, torch.Tensor):
+            self._attention(kind, args, kwargs, out)
+            return out
         name = self.fns.get(func) if self.r.leaf_depth == 0 else None
         if name is not None and isinstance(out, torch.Tensor):
             parent = self.r.stack[-1] if self.r.stack else ""
             self.r.record(f"{parent}.{name}" if parent else name, f"F.{name}", None,
                           _act.from_call(name, args, kwargs), out, args)
         return out
+
+    def _attention(self, kind: str, args: Any, kwargs: dict[str, Any], out: torch.Tensor) -> None:
+        """A row for one attention computation: its output's statistics and
+        its logits' (see :mod:`.attention`), named after the module computing it."""
+        try:
+            stats = attention.measure(kind, args, kwargs)
+        except Exception as e:  # an attention call of a shape not foreseen: the row goes without its logits
+            if not self.r.safe:
+                raise
+            self.r.errors.append(e)
+            return
+        if stats is None:
+            return
+        parent = self.r.stack[-1] if self.r.stack else ""
+        row = self.r.record(f"{parent}.attention" if parent else "attention",
+                            "F.scaled_dot_product_attention" if kind == "sdpa" else "F.softmax", None, None, out, args)
+        row.fwd.update(stats)
 
 
 def _grad_hook(row: Row, exact: bool, g: torch.Tensor) -> None:
@@ -345,7 +378,8 @@ class Recorder:
             self.leaf_depth += 1
 
     def _post(self, m: nn.Module, args: Any, out: Any) -> Any:
-        self.stack.pop()
+        if self.stack:  # empty when attached inside a forward already running (the monitor's re-arm)
+            self.stack.pop()
         info = self._info.get(m)
         if info is None:
             return None

@@ -1,0 +1,77 @@
+"""Alerts on the instabilities of large-transformer training, from sampled steps.
+
+* **Attention logit growth** (Dehghani et al. 2023, "Scaling Vision
+  Transformers to 22B"; Wortsman et al. 2023, "Small-scale proxies for
+  large-scale Transformer training instabilities"): the largest attention
+  logit q.k/sqrt(d) of a layer grows without bound, its softmax turns
+  one-hot and training stalls or diverges.  Alerted when a layer's maximum
+  logit passes ``ATTN_LOGIT_LIMIT = 100`` -- a gap of 100 gives the
+  runner-up key a weight e^-100 ~ 4e-44 of the top one's, so no gradient
+  reaches any other key -- *and* ``ATTN_GROWTH = 5`` times its own baseline
+  (a model whose logits started large, by design, is judged against that).
+  Fixes: QK-layernorm, smaller query/key initialisation, a lower learning
+  rate.
+* **Output logit divergence** (Wortsman et al. 2023): the output logits
+  drift until their log-partition log sum_j exp(z_j) is far from where it
+  started (the loss can stay finite while the logits diverge).  Alerted when
+  the mean log-partition moved more than ``LOGZ_DRIFT = 50`` nats from its
+  baseline: learning moves it by the loss's own scale (a few nats for a
+  vocabulary of 50k, log V ~ 11), so 50 is an order of magnitude beyond that.
+  Fixes: z-loss (1e-4 * log^2 Z, as in PaLM), a lower learning rate.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+
+from ..records import Alert, MonitorStep
+from .alerts import BASELINE_SAMPLES
+
+ATTN_LOGIT_LIMIT = 100.0
+ATTN_GROWTH = 5.0
+LOGZ_DRIFT = 50.0
+
+
+def _baseline(values: list[float | None]) -> float | None:
+    v = [x for x in values if x is not None and math.isfinite(x)]
+    return statistics.median(v) if v else None
+
+
+def logit_alerts(current: MonitorStep, history: Sequence[MonitorStep]) -> list[Alert]:
+    """Attention-logit growth (the layer that grew most, and how many did)
+    and output-logit divergence at ``current`` against the first samples of
+    ``history`` (samples with a verdict, without ``current``)."""
+    out: list[Alert] = []
+    base = history[:BASELINE_SAMPLES]
+    if not base:
+        return out
+    grown: list[tuple[float, str, float, float]] = []
+    for layer in current.layers:
+        top = layer.stats.get("attn_logit_max")
+        if top is None or not math.isfinite(top) or top <= ATTN_LOGIT_LIMIT:
+            continue
+        b = _baseline([bl.stats.get("attn_logit_max") for h in base for bl in h.layers if bl.name == layer.name])
+        if b is not None and top > ATTN_GROWTH * b:
+            grown.append((top / b if b > 0 else math.inf, layer.name, top, b))
+    if grown:
+        _, name, top, b = max(grown)
+        module = name.rpartition(".")[0] or name
+        out.append(Alert(current.step, "attention-logit-growth", module,
+                         f"attention logits in {module} grew to {top:.3g} (q.k/sqrt(d); {top / b:.3g}x its first "
+                         f"samples' {b:.3g}, past {ATTN_LOGIT_LIMIT:g}): its softmax is turning one-hot "
+                         f"({len(grown)} attention layer(s) past the limit)",
+                         "add QK-layernorm (normalise q and k before their product), initialise the query/key "
+                         "projections smaller, or lower the learning rate", "forward"))
+    lg = current.output_logits
+    if lg is not None and math.isfinite(lg.log_partition):
+        b = _baseline([h.output_logits.log_partition for h in base if h.output_logits is not None])
+        if b is not None and abs(lg.log_partition - b) > LOGZ_DRIFT:
+            out.append(Alert(current.step, "output-logit-divergence", "(output)",
+                             f"the output logits' log-partition log sum exp(z) is {lg.log_partition:.4g}, "
+                             f"{lg.log_partition - b:+.3g} nats from its first samples' {b:.4g} (max |logit| "
+                             f"{lg.max:.3g}, RMS {lg.rms:.3g}): the logits are diverging",
+                             "add z-loss (1e-4 * logsumexp(logits)^2 to the loss, as PaLM does) or lower the "
+                             "learning rate", "forward"))
+    return out

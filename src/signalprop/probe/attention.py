@@ -1,0 +1,144 @@
+"""Attention logits and entropies, measured where attention is computed.
+
+Two places compute attention in PyTorch models: ``F.scaled_dot_product_attention``
+(nanoGPT, HF's "sdpa" implementation, ``nn.MultiheadAttention`` without
+weights), which never materialises the logits, and an explicit
+``softmax(q k^T / sqrt(d) + mask)`` (HF's "eager" implementation).  For a
+softmax over the last dimension of a 4-D ``(batch, heads, queries, keys)``
+tensor the logits are its input; for SDPA they are formed here from q and k
+on at most :data:`QUERY_ROWS` query rows (evenly spaced, the same on every
+call), with the call's causal or explicit mask, in float32.
+
+Per call (raw values of the statistics declared in :mod:`signalprop.statistics`):
+
+* ``attn_logit_max``: the largest |logit| over unmasked entries.  Softmax
+  turns a logit gap of 30 into a weight ratio of e^30 ~ 1e13: past that the
+  attention is one-hot and its gradient vanishes; Wortsman et al. 2023
+  ("Small-scale proxies for large-scale Transformer training instabilities")
+  show the maximum logit growing without bound in the runs that diverge.
+* ``attn_entropy``: the entropy of each query's attention distribution
+  divided by its largest possible value, log(number of keys it may attend to)
+  -- 1 for uniform attention, 0 for one-hot -- averaged over queries with at
+  least two keys, then over heads; ``attn_entropy_min_head`` the smallest
+  head's average.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+QUERY_ROWS = 64  # query rows whose logits are formed for an SDPA call: O(rows x keys) work per head
+
+_FUNCTIONS: dict[Any, str] = {}
+
+
+def functions() -> dict[Any, str]:
+    """The torch callables that compute attention weights -> "sdpa" / "softmax"."""
+    if not _FUNCTIONS:
+        _FUNCTIONS.update({F.scaled_dot_product_attention: "sdpa", F.softmax: "softmax", torch.softmax: "softmax",
+                           torch.Tensor.softmax: "softmax"})
+    return _FUNCTIONS
+
+
+# names whose presence in a forward's code means it may compute attention (HF's attention-function registry
+# is looked up by name at run time)
+CODE_NAMES = frozenset({"scaled_dot_product_attention", "softmax", "ALL_ATTENTION_FUNCTIONS"})
+
+
+def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], i: int, key: str, default: Any) -> Any:
+    return args[i] if len(args) > i else kwargs.get(key, default)
+
+
+def _stats(logits: torch.Tensor, keep: torch.Tensor) -> dict[str, torch.Tensor | float]:
+    """The raw values from logits ``(..., heads, queries, keys)`` and the mask of
+    entries a query may attend to (broadcastable)."""
+    x = torch.where(keep, logits, torch.tensor(-math.inf, dtype=logits.dtype, device=logits.device))
+    heads = x.shape[-3]
+    top = torch.where(keep, logits.abs(), torch.zeros((), dtype=logits.dtype, device=logits.device)).amax()
+    p = torch.softmax(x, dim=-1).nan_to_num_(0.0)  # a query with no key at all: no distribution
+    ent = -torch.special.xlogy(p, p).sum(-1)  # (..., heads, queries)
+    n_keys = keep.expand_as(x).sum(-1).to(logits.dtype)
+    norm = torch.log(n_keys.clamp_min(2.0))
+    valid = (n_keys >= 2).to(logits.dtype)
+    per_head = ((ent / norm) * valid).reshape(-1, heads, ent.shape[-1]).sum((0, 2)) \
+        / valid.expand_as(ent).reshape(-1, heads, ent.shape[-1]).sum((0, 2)).clamp_min(1.0)
+    return {"attn_logit_max": top, "attn_entropy": per_head.mean(), "attn_entropy_min_head": per_head.min()}
+
+
+def from_softmax(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, torch.Tensor | float] | None:
+    """A softmax over the keys of a 4-D score tensor: its input is the logits."""
+    x = args[0] if args else kwargs.get("input")
+    dim = _arg(args, kwargs, 1, "dim", None)
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point() or dim not in (-1, 3):
+        return None
+    x = x.detach().float()
+    # additive masks use the dtype's lowest value (HF) or -inf: an entry below half of it is masked
+    floor = torch.finfo(args[0].dtype if args else kwargs["input"].dtype).min / 2
+    return _stats(x, x > floor)
+
+
+def from_sdpa(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, torch.Tensor | float] | None:
+    """``F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)``:
+    the logits of :data:`QUERY_ROWS` query rows, formed from q and k."""
+    q, k = _arg(args, kwargs, 0, "query", None), _arg(args, kwargs, 1, "key", None)
+    if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)) or q.dim() < 3 or q.dim() != k.dim():
+        return None
+    mask = _arg(args, kwargs, 3, "attn_mask", None)
+    causal = bool(_arg(args, kwargs, 5, "is_causal", False))
+    scale = _arg(args, kwargs, 6, "scale", None)
+    if q.dim() == 3:  # (heads, queries, d) without a batch dimension
+        q, k = q.unsqueeze(0), k.unsqueeze(0)
+        mask = mask.unsqueeze(0) if isinstance(mask, torch.Tensor) and mask.dim() == 3 else mask
+    tq, tk, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    rows = torch.linspace(0, tq - 1, min(tq, QUERY_ROWS), device=q.device).round().long().unique()
+    qs = q.detach().index_select(-2, rows).float()
+    kf = k.detach().float()
+    if kf.shape[-3] != qs.shape[-3]:  # grouped-query attention: each key head serves several query heads
+        kf = kf.repeat_interleave(qs.shape[-3] // kf.shape[-3], dim=-3)
+    logits = (qs @ kf.transpose(-1, -2)) * (scale if scale is not None else 1.0 / math.sqrt(d))
+    keep = torch.ones((), dtype=torch.bool, device=q.device)
+    if causal:  # torch aligns the causal mask top-left: query i sees keys 0..i
+        keep = rows[:, None] >= torch.arange(tk, device=q.device)[None, :]
+    if isinstance(mask, torch.Tensor):
+        m = mask.detach().index_select(-2, rows) if mask.dim() >= 2 and mask.shape[-2] == tq else mask.detach()
+        if m.dtype == torch.bool:
+            keep = keep & m
+        else:
+            logits = logits + m.float()
+            keep = keep & (m.float() > torch.finfo(torch.float32).min / 2)
+    return _stats(logits, keep)
+
+
+def measure(kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, torch.Tensor | float] | None:
+    with torch.no_grad():
+        return from_sdpa(args, kwargs) if kind == "sdpa" else from_softmax(args, kwargs)
+
+
+def logits_of(out: Any) -> torch.Tensor | None:
+    """The output's logits: a ``logits`` field (HF ``ModelOutput``), else its
+    first floating tensor, when that has a class dimension (2-D or more, the
+    last of size >= 2)."""
+    from .recorder import first_float_tensor
+
+    y = getattr(out, "logits", None)
+    if not isinstance(y, torch.Tensor):
+        y = out.get("logits") if isinstance(out, dict) else None
+    if not isinstance(y, torch.Tensor):
+        y = first_float_tensor(out)
+    return y if y is not None and y.dim() >= 2 and y.shape[-1] >= 2 and y.is_floating_point() else None
+
+
+def output_logit_sums(y: torch.Tensor) -> list[torch.Tensor | float]:
+    """Raw sums over the output logits, left on the device: sum of squares,
+    number of entries, max |logit|, sum of each position's log-partition
+    log sum_j exp(z_j), number of positions (combined across ranks as
+    SUM, SUM, MAX, SUM, SUM)."""
+    with torch.no_grad():
+        z = y.detach().float()
+        lse = torch.logsumexp(z.reshape(-1, z.shape[-1]), dim=-1)
+        return [torch.dot(z.reshape(-1), z.reshape(-1)), float(z.numel()), z.abs().amax(), lse.sum(),
+                float(lse.numel())]

@@ -1,0 +1,193 @@
+"""Attention logits and entropies (signalprop.probe.attention), the
+"saturated attention" verdict, and the monitor's attention-logit-growth and
+output-logit-divergence alerts.
+
+Oracles: the logits formed by hand from the same q and k; HF Llama's eager
+implementation (an explicit softmax, read from its input) against its SDPA
+implementation (logits formed here from q and k): two independent paths to
+the same numbers."""
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import signalprop as sp
+from signalprop.probe import attention as ATT
+
+
+class Block(nn.Module):
+    """A pre-LN nanoGPT block: causal F.scaled_dot_product_attention, optional QK-layernorm."""
+
+    def __init__(self, d=64, h=4, qk_norm=False, qk_scale=1.0):
+        super().__init__()
+        self.h = h
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+        self.qn = nn.LayerNorm(d // h) if qk_norm else None
+        self.kn = nn.LayerNorm(d // h) if qk_norm else None
+        with torch.no_grad():
+            self.qkv.weight[:2 * d] *= qk_scale
+
+    def qk(self, x):
+        B, T, D = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(D, -1)
+        q, k, v = [t.view(B, T, self.h, D // self.h).transpose(1, 2) for t in (q, k, v)]
+        if self.qn is not None:
+            q, k = self.qn(q), self.kn(k)
+        return q, k, v
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = self.qk(x)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(B, T, D))
+        return x + self.mlp(self.ln2(x))
+
+
+class LM(nn.Module):
+    def __init__(self, vocab=64, d=64, layers=2, T=32, qk_norm=False):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.zeros(T, d))
+        self.blocks = nn.ModuleList(Block(d, 4, qk_norm) for _ in range(layers))
+        self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx):
+        x = self.emb(idx) + self.pos[:idx.shape[1]]
+        for b in self.blocks:
+            x = b(x)
+        return self.head(self.ln(x))
+
+
+def test_sdpa_logits_and_entropy_equal_a_hand_computation():
+    """T = 100 > QUERY_ROWS: the measured rows are a subset; the maximum over
+    them and their mean normalised entropy equal the same rows computed here
+    with the full causal mask (float32, so to 1e-5)."""
+    torch.manual_seed(0)
+    blk = Block(qk_scale=3.0)
+    x = torch.randn(2, 100, 64)
+    r = sp.check(nn.Sequential(blk), x)
+    row = next(layer for layer in r.layers if layer.kind == "F.scaled_dot_product_attention")
+    with torch.no_grad():
+        q, k, _ = blk.qk(x)
+        rows = torch.linspace(0, 99, ATT.QUERY_ROWS).round().long().unique()
+        logits = q[:, :, rows] @ k.transpose(-1, -2) / math.sqrt(16)
+        keep = rows[:, None] >= torch.arange(100)[None, :]
+        top = logits.abs().masked_fill(~keep, 0).amax()
+        p = torch.softmax(logits.masked_fill(~keep, -math.inf), -1)
+        ent = -(torch.special.xlogy(p, p)).sum(-1) / torch.log((rows + 1).clamp_min(2).float())
+        ent = ent[..., rows >= 1].mean()
+    assert row.name == "0.attention" and row.attn_logit_max == pytest.approx(float(top), rel=1e-5)
+    assert row.attn_entropy == pytest.approx(float(ent), rel=1e-5)
+    assert row.attn_entropy_min_head <= row.attn_entropy <= 1
+
+
+@pytest.mark.parametrize("scale,verdict", [(1.0, "healthy"), (30.0, "saturated")])
+def test_llama_eager_and_sdpa_agree_and_saturated_attention_is_named(scale, verdict):
+    """A Llama whose q/k projections are x30 at initialization: check calls it
+    saturated and names the attention module with the cause and the fix (the
+    previous version said healthy); eager (softmax input) and SDPA (q and k)
+    give the same logits and entropies."""
+    transformers = pytest.importorskip("transformers")
+    reports = {}
+    for impl in ("eager", "sdpa"):
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, attn_implementation=impl)
+        m = transformers.LlamaForCausalLM(cfg)
+        with torch.no_grad():
+            for layer in m.model.layers:
+                layer.self_attn.q_proj.weight.mul_(scale)
+                layer.self_attn.k_proj.weight.mul_(scale)
+        reports[impl] = sp.check(m, {"input_ids": torch.randint(0, 128, (2, 48), generator=torch.Generator()
+                                                                 .manual_seed(1))})
+    rows = {impl: [la for la in r.layers if la.stats.get("attn_entropy") is not None] for impl, r in reports.items()}
+    assert len(rows["eager"]) == len(rows["sdpa"]) == 2
+    for a, b in zip(rows["eager"], rows["sdpa"]):
+        assert a.name == b.name == a.name.rpartition(".")[0] + ".attention"
+        assert a.attn_logit_max == pytest.approx(b.attn_logit_max, rel=1e-4)
+        assert a.attn_entropy == pytest.approx(b.attn_entropy, rel=1e-4, abs=1e-6)
+    for r in reports.values():
+        assert r.verdict == verdict
+        if verdict == "saturated":
+            p = r.problems[0]
+            assert p.layer == "model.layers.0.self_attn" and "attention" in p.message and "QK-layernorm" in p.suggestion
+
+
+def _train(lr, qk_norm, steps, every=5):
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    m = LM(qk_norm=qk_norm)
+    opt = torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.0)
+    data = (torch.arange(4096) * 7 + torch.arange(4096) // 13) % 64  # a learnable sequence
+    with sp.monitor(m, every=every) as mon:
+        for _ in range(steps):
+            i = torch.randint(0, 4096 - 33, (16,), generator=g)
+            x = torch.stack([data[j:j + 32] for j in i])
+            y = torch.stack([data[j + 1:j + 33] for j in i])
+            loss = F.cross_entropy(m(x).reshape(-1, 64), y.reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            mon.step(loss)
+            opt.step()
+    return mon
+
+
+@pytest.mark.parametrize("lr,qk_norm,alerted", [(0.1, False, True), (0.1, True, False), (1e-3, False, False)])
+def test_attention_logit_growth_is_alerted_and_qk_layernorm_is_not(lr, qk_norm, alerted):
+    """The small-scale proxy of Wortsman et al. 2023: AdamW at a high learning
+    rate grows the maximum attention logit past 100 within a few steps (here
+    ~100 by step 5, thousands by step 60); the alert says attention and comes
+    within one sampling interval of the logit passing 100.  QK-layernorm at
+    the same rate (logits ~10) and a low rate (< 10) get none."""
+    mon = _train(lr, qk_norm, steps=40)
+    tops = [(h.step, max(la.stats.get("attn_logit_max") or 0 for la in h.layers)) for h in mon.history]
+    growth = [a for a in mon.alerts if a.kind == "attention-logit-growth"]
+    assert bool(growth) == alerted, (tops, [str(a) for a in mon.alerts])
+    if alerted:
+        passed = next(s for s, t in tops if t > 100)
+        assert growth[0].step == passed and "attention" in growth[0].message
+        assert growth[0].layer.startswith("blocks.") and "QK-layernorm" in growth[0].suggestion
+    else:
+        assert max(t for _, t in tops) < 100
+
+
+def test_sampled_steps_carry_the_output_logits():
+    """The sampled forward's logits: RMS, max |logit| and mean log-partition
+    equal torch's on the same output (the first sample: same weights)."""
+    torch.manual_seed(0)
+    m = LM()
+    idx = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        z = m(idx)
+    with sp.monitor(m, every=1) as mon:
+        loss = m(idx).logsumexp(-1).mean()
+        loss.backward()
+        mon.step(loss)
+    lg = mon.history[0].output_logits
+    assert lg.rms == pytest.approx(float(z.pow(2).mean().sqrt()), rel=1e-5)
+    assert lg.max == pytest.approx(float(z.abs().max()), rel=1e-6)
+    assert lg.log_partition == pytest.approx(float(z.logsumexp(-1).mean()), rel=1e-5)
+
+
+def test_output_logit_divergence_rule():
+    """Pure rule: log-partition 50+ nats away from the baseline alerts (z-loss
+    suggested); a learning run's few nats do not."""
+    from signalprop.monitor.logit_alerts import logit_alerts
+    from signalprop.records import LogitStats, MonitorStep
+
+    def step(k, lz):
+        return MonitorStep(k, 1.0, "healthy", (), (), 1.0, output_logits=LogitStats(1.0, 5.0, lz))
+
+    base = [step(0, 4.2), step(5, 4.0), step(10, 3.9)]
+    assert logit_alerts(step(20, 1.5), base) == []
+    a = logit_alerts(step(20, 61.0), base)
+    assert [x.kind for x in a] == ["output-logit-divergence"] and "z-loss" in a[0].suggestion
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert logit_alerts(step(20, math.nan), base) == []
