@@ -171,3 +171,27 @@ def test_every_raw_value_the_kernels_write_is_declared():
         keys |= {k for _, vecs in rec.batched() for k in vecs}
         declared = {k for s in ST.STATISTICS for k, _ in s.parts}
         assert keys <= declared, keys - declared
+
+
+def test_overflows_names_the_rows_that_would_not_fit_a_format():
+    """A Linear whose outputs reach ~1e5 overflows float16 (65504) and
+    float8 e4m3 (448) but fits bfloat16; its gradient, scaled by the loss,
+    overflows where the loss is large.  Read off max |value|, so the listed
+    rows are exactly those whose max exceeds the limit (the oracle: the
+    hooked tensors' own max)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    with torch.no_grad():
+        m[0].weight.mul_(1e5)
+    x = torch.randn(32, 8)
+    r = sp.check(m, x, loss_fn=lambda out: out.square().sum())
+    outs, grads = _oracle(m, x)
+    for dtype, limit in (("float16", 65504.0), ("float8_e4m3fn", 448.0), ("bfloat16", 3.39e38)):
+        want = {(n, "output") for n, y in outs.items() if y.abs().max() > limit}
+        got = {(o.layer, o.quantity) for o in r.overflows(dtype) if o.quantity == "output"}
+        assert got == want, dtype
+    assert {o.layer for o in r.overflows("float16")} >= {"0", "1"} and not r.overflows("bfloat16")
+    assert all(o.factor > 1 for o in r.overflows("float16"))
+    assert len(r.overflows("float16", headroom=1e6)) >= len(r.overflows("float16"))
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        r.overflows("int8")

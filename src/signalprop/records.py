@@ -292,9 +292,37 @@ class JacobianReading:
     weights: tuple[float, ...] | None = None
 
 
-__all__ = ["Alert", "InitSummary", "InputStats", "JacobianReading", "LayerInit", "LayerStats", "LogitStats", "MonitorReport",
-           "MonitorStep", "ParamInit", "Problem", "Report", "SEVERITY", "SeriesTrend", "Summary", "VERDICTS",
-           "Verdict"]
+__all__ = ["FORMATS", "SEVERITY", "VERDICTS", "Alert", "InitSummary", "InputStats", "JacobianReading", "LayerInit",
+           "LayerStats", "LogitStats", "MonitorReport", "MonitorStep", "Overflow", "ParamInit", "Problem", "Report",
+           "SeriesTrend", "Summary", "Verdict"]
+
+
+# Low-precision formats: (largest finite value, smallest normal).  IEEE 754 half; bfloat16 (float32's
+# exponent range); OCP 8-bit floating point (2023): E4M3 (no infinities, max 448), E5M2 (max 57344).
+FORMATS: dict[str, tuple[float, float]] = {
+    "float16": (65504.0, 2.0 ** -14),
+    "bfloat16": (3.3895313892515355e38, 2.0 ** -126),
+    "float8_e4m3fn": (448.0, 2.0 ** -6),
+    "float8_e5m2": (57344.0, 2.0 ** -14),
+}
+
+
+@dataclass(frozen=True)
+class Overflow:
+    """A row whose output or gradient would not fit a format at its current
+    scale: its largest |value| (``absmax``) over the format's largest finite
+    value (``limit``) -- ``factor`` > 1 overflows, and above 1/8 the headroom
+    is under three binades."""
+
+    layer: str
+    kind: str
+    quantity: str  # "output" or "gradient"
+    absmax: float
+    limit: float
+
+    @property
+    def factor(self) -> float:
+        return self.absmax / self.limit
 
 
 @dataclass(frozen=True)
@@ -324,6 +352,25 @@ class Report:
 
     def to_json(self, path: Any = None, indent: int = 2) -> str:
         return _to_json(self.to_dict(), path, indent)
+
+    def overflows(self, dtype: str = "float16", headroom: float = 1.0) -> tuple[Overflow, ...]:
+        """The rows whose output or gradient would overflow ``dtype`` (a name in
+        :data:`FORMATS`) at their current scale -- with no loss scaling and no
+        per-tensor scale factor -- read from each row's largest |value|
+        (``forward_absmax``, ``grad_absmax``).  ``headroom``: also the rows
+        within this factor of the limit (8: under three binades to spare)."""
+        if dtype not in FORMATS:
+            raise ValueError(f"dtype must be one of {sorted(FORMATS)}, got {dtype!r}")
+        if not (isinstance(headroom, (int, float)) and headroom >= 1):
+            raise ValueError(f"headroom must be a number >= 1 (a factor below the format's maximum), got {headroom!r}")
+        limit = FORMATS[dtype][0]
+        out = []
+        for layer in self.layers:
+            for quantity, key in (("output", "forward_absmax"), ("gradient", "grad_absmax")):
+                v = layer.stats.get(key)
+                if v is not None and (not math.isfinite(v) or v * headroom > limit):
+                    out.append(Overflow(layer.name, layer.kind, quantity, v, limit))
+        return tuple(out)
 
     def save_html(self, path: Any) -> Any:
         """One self-contained HTML file with the tables and embedded plots."""
