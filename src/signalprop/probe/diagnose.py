@@ -280,6 +280,34 @@ def _attention_problem(layer: LayerStats) -> Problem:
         "is 1/sqrt(head_dim)", layer.index, layer.index)
 
 
+def _vanishes_in_time(layer: LayerStats, lo: float) -> bool:
+    r = layer.stats.get("time_grad_ratio")
+    return r is not None and r < lo
+
+
+def _other_flags(ev: list[_Evidence], i: int) -> set[str]:
+    """The kinds that rules other than the time-wise one raised for row ``i``."""
+    return {e.kind for e in ev if i in e.rows and e.rule != "time"}
+
+
+def _time_problem(layer: LayerStats, lo: float) -> Problem:
+    r, steps = layer.stats["time_grad_ratio"], layer.stats.get("time_steps")
+    horizon = layer.stats.get("time_horizon")
+    lstm = layer.kind == "LSTM"
+    fix = ("set the forget-gate bias to 1 (Jozefowicz et al. 2015: b_f in bias_ih/bias_hh) so the cell state "
+           "carries the gradient, " if lstm else "") + \
+        ("use orthogonal recurrent weights (sp.init.orthogonal_ on weight_hh), a gated cell (LSTM/GRU) if this is "
+         "a plain RNN, " if not lstm else "use orthogonal recurrent weights (sp.init.orthogonal_ on weight_hh), ") + \
+        "or truncate backpropagation through time to the steps that are reached"
+    return Problem(
+        layer.name, "vanishing",
+        f"vanishing through time in {layer.name} ({layer.kind} over {steps} steps): the gradient reaching its "
+        f"input falls to {'exactly 0 (it underflows)' if r == 0 else f'{r:.2g}'} of its largest step's inside "
+        f"the sequence (below {lo:g}); only {horizon} of "
+        f"{steps} steps get a gradient within {lo:g} of it, so the earlier steps do not learn",
+        fix, layer.index, layer.index)
+
+
 def _row_verdict(layer: LayerStats, flags: set[str]) -> Verdict:
     if layer.nonfinite_fraction > 0 or (layer.grad_nonfinite_fraction or 0) > 0:
         return "non-finite"
@@ -398,6 +426,9 @@ def diagnose(layers: list[LayerStats], inp: InputStats | None, bounds: tuple[flo
     series = _series(layers)
     ev_series, trends = _series_evidence(series, trend)
     ev = _bound_evidence(layers, lo, hi) + ev_series
+    through_time = {layer.index for layer in layers if _vanishes_in_time(layer, lo)}
+    if through_time:
+        ev.append(_Evidence("vanishing", "time", set(through_time), "", 1.0))
     vanishing = set().union(*(e.rows for e in ev if e.kind == "vanishing"))
     fwd_vanishing = set().union(*(e.rows for e in ev if e.kind == "vanishing" and e.rule == "forward"))
     shares, explained = _share_evidence(layers, vanishing, fwd_vanishing, all_zero)
@@ -419,6 +450,9 @@ def diagnose(layers: list[LayerStats], inp: InputStats | None, bounds: tuple[flo
     else:  # with NaN/Inf about, bounds and trends would only repeat it
         for kind in ("exploding", "vanishing", "saturated", "dead"):
             rows = [i for i, f in enumerate(flags) if kind in f]
+            if kind == "vanishing":  # one problem per recurrent module whose gradient dies inside its sequence
+                problems += [_time_problem(out[i], lo) for i in rows if i in through_time]
+                rows = [i for i in rows if i not in through_time or "vanishing" in _other_flags(ev, i)]
             if kind == "saturated":  # one problem per saturated attention, named by its module
                 problems += [_attention_problem(out[i]) for i in rows if _attention_saturated(out[i])]
                 rows = [i for i in rows if not _attention_saturated(out[i])]

@@ -296,6 +296,40 @@ def _safe_grad_prehook(errors: list[BaseException], row: Row, exact: bool, nr: i
         errors.append(e)
 
 
+# The horizon counts the time steps whose input gradient is within this factor of the largest step's:
+# the lower end of the verdict's default healthy range (Dive into Deep Learning's [1e-6, 1e3])
+TIME_HORIZON_FLOOR = 1e-6
+
+
+def _time_hook(row: Row, tdim: int, exact: bool, g: torch.Tensor) -> None:
+    """Per time step t, the RMS of the gradient reaching a recurrent module's
+    input x_t: their smallest over their largest (``time_grad_ratio``: the
+    loss on the last step makes the first steps' gradient a product of t
+    recurrent Jacobians), the number of steps within
+    :data:`TIME_HORIZON_FLOOR` of the largest (``time_horizon``) and the
+    sequence's length.  Left on the device."""
+    prev = torch.is_grad_enabled()
+    torch._C._set_grad_enabled(False)
+    try:
+        if exact:
+            g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+        dims = tuple(d for d in range(g.dim()) if d != tdim)
+        r = torch.linalg.vector_norm(g, dim=dims, dtype=S.acc(g))
+        top = r.amax()
+        row.bwd["time_grad_ratio"] = torch.where(top > 0, r.amin() / top, torch.ones_like(top))
+        row.bwd["time_horizon"] = (r >= top * TIME_HORIZON_FLOOR).sum(dtype=r.dtype)
+        row.bwd["time_steps"] = float(g.shape[tdim])
+    finally:
+        torch._C._set_grad_enabled(prev)
+
+
+def _safe_time_hook(errors: list[BaseException], row: Row, tdim: int, exact: bool, g: torch.Tensor) -> None:
+    try:
+        _time_hook(row, tdim, exact, g)
+    except Exception as e:
+        errors.append(e)
+
+
 def _traits(act: _act.Activation | None) -> tuple[tuple[float, float] | None, bool, bool]:
     """What the statistics need to know of a row's activation: its saturation
     band, whether it is a rectifier, and whether its outputs are >= 0."""
@@ -419,12 +453,24 @@ class Recorder:
             row.src = _first_ptr(args)
             if self.stats:
                 self._measure(row, t, info.band, info.rectifier, info.nonnegative, args)
+                if isinstance(m, nn.RNNBase):
+                    self._through_time(row, m, args)
             if self.track_inputs and info.feature_dim is not None:
                 x = first_float_tensor(args)
                 if x is not None:
                     with torch.no_grad():
                         row.input_second_moment = float(x.detach().float().pow(2).mean())
         return replaced
+
+    def _through_time(self, row: Row, m: nn.RNNBase, args: Any) -> None:
+        """A recurrent module's gradient per time step at its input sequence
+        (see :func:`_time_hook`), read by a hook on that input."""
+        x = args[0] if isinstance(args, (tuple, list)) and args else None
+        if not isinstance(x, torch.Tensor) or not x.requires_grad or x.dim() < 2:
+            return  # a PackedSequence, or an input no gradient reaches
+        tdim = 1 if m.batch_first and x.dim() == 3 else 0
+        x.register_hook(functools.partial(_safe_time_hook, self.errors, row, tdim, self.exact) if self.safe
+                        else functools.partial(_time_hook, row, tdim, self.exact))
 
     def record(self, name: str, kind: str, module: nn.Module | None, act: _act.Activation | None,
                t: torch.Tensor, args: Any = ()) -> Row:
