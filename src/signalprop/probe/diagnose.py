@@ -375,10 +375,23 @@ def _problem(kind: Verdict, run: list[int], ev: list[_Evidence], layers: list[La
     return Problem(span, kind, msg, fix, run[0], run[-1])
 
 
-def _nonfinite_problem(layers: list[LayerStats], inp: InputStats | None, origin: int | None) -> Problem | None:
+def _nonfinite_problem(layers: list[LayerStats], inp: InputStats | None, origin: int | None,
+                       culprit: tuple[str, str, str] | None = None) -> Problem | None:
     if inp is not None and inp.nonfinite_fraction > 0:
         return Problem("input", "non-finite", f"the input itself has {inp.nonfinite_fraction:.1%} "
                        "non-finite values", "clean the data (torch.nan_to_num, check the loader)", -1, -1)
+    if culprit is not None:
+        name, phase, before = culprit
+        where = name or "(root)"
+        i = next((layer.index for layer in layers if layer.name == before), -1)
+        what = ("the forward signal turns non-finite" if phase == "forward" else
+                "the backward pass turns a finite gradient non-finite")
+        return Problem(where, "non-finite",
+                       f"{what} in {where}'s own forward code, after {before}: an operation written there (not a "
+                       "submodule) made the NaN/Inf",
+                       "look at the arithmetic in that module's forward after " + before + " (log/sqrt/pow of values "
+                       "at or below 0, division by a tiny value, also in the branch torch.where does not select): "
+                       "add an epsilon or clamp the argument", i, i)
     fwd = next((layer for layer in layers if layer.nonfinite_fraction > 0), None)
     if fwd is not None:
         return Problem(fwd.name, "non-finite",
@@ -411,12 +424,15 @@ def _main_trend(trends: list[SeriesTrend], layers: list[LayerStats]) -> dict[str
 
 
 def diagnose(layers: list[LayerStats], inp: InputStats | None, bounds: tuple[float, float], trend: float,
-             backward_origin: int | None = None, dead_unjudged_from: int | None = None
+             backward_origin: int | None = None, dead_unjudged_from: int | None = None,
+             culprit: tuple[str, str, str] | None = None
              ) -> tuple[Verdict, list[Problem], list[LayerStats], dict[str, Any]]:
     """The verdict, the problems (worst first), the rows with their own
     verdicts, and the model-level numbers for :class:`~signalprop.records.Summary`.
     ``dead_unjudged_from``: rows after this index carry statistics that
     training would not see (see ``check``), so their dead shares are not judged.
+    ``culprit``: (module, phase, last row before it) when a NaN/Inf was made
+    by a module's own code between two rows (see ``pipeline._own_code_origin``).
     Pure: ``layers`` is not modified."""
     lo, hi = bounds
     # rectifier rows whose every output is 0 (a fact at any batch size): nothing passes back through them
@@ -444,7 +460,7 @@ def diagnose(layers: list[LayerStats], inp: InputStats | None, bounds: tuple[flo
     # records are frozen: a row whose verdict does not change is shared, not copied
     out = [layer if v == layer.verdict else evolve(layer, verdict=v) for layer, v in zip(layers, verdicts)]
     problems: list[Problem] = []
-    nf = _nonfinite_problem(out, inp, backward_origin)
+    nf = _nonfinite_problem(out, inp, backward_origin, culprit)
     if nf is not None:
         problems.append(nf)
     else:  # with NaN/Inf about, bounds and trends would only repeat it

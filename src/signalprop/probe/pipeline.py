@@ -169,8 +169,9 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
         out_rms = last or 1.0
         layers = layer_stats(rec.rows, vals, pgrads, out_rms, pred)
     origin = _backward_origin(rec.rows, layers) if exact else None
+    culprit = _own_code_origin(rec, layers, origin) if exact else None
     stale = _stale_batchnorm(rec.rows)
-    verdict, problems, layers, judged = diagnose(layers, inp, bounds, trend, backward_origin=origin,
+    verdict, problems, layers, judged = diagnose(layers, inp, bounds, trend, backward_origin=origin, culprit=culprit,
                                                  dead_unjudged_from=stale[0].index if stale else None)
     notes = judged.pop("notes")
     if stale:
@@ -194,6 +195,47 @@ def _stale_batchnorm(rows: list[Row]) -> list[Row]:
     return [r for r in rows if isinstance(r.module, BATCHNORMS)
             and not r.module.training and r.module.track_running_stats
             and r.module.num_batches_tracked is not None and int(r.module.num_batches_tracked) == 0]
+
+
+def _ancestors(name: str) -> list[str]:
+    """A module name's enclosing modules, innermost first ("a.b.c" -> "a.b", "a"; the root as "")."""
+    parts = name.split(".") if name else []
+    return [".".join(parts[:i]) for i in range(len(parts) - 1, -1, -1)]
+
+
+def _own_code_origin(rec: Recorder, layers: list[LayerStats], backward: int | None) -> tuple[str, str, str] | None:
+    """Where a NaN/Inf was made by a module's *own* code (``torch.log`` in a
+    block's ``forward``) rather than by a recorded row: (module name, phase,
+    the last row before it).  Forward: the first non-finite row does not read
+    the previous row's output, so an operation no row recorded made it; the
+    module is the innermost enclosing one of the previous row, not of the
+    first non-finite one, whose own output is non-finite (else the one
+    enclosing both).  Backward: the row whose gradient first turns
+    non-finite has no recorded consumer -- the same rule on the rows around
+    the unrecorded operation."""
+    rows = rec.rows
+    first = next((layer.index for layer in layers if layer.nonfinite_fraction > 0), None)
+    if first is not None:
+        if first == 0 or rows[first].src == rows[first - 1].dst:
+            return None
+        before, after = rows[first - 1], rows[first]
+        phase = "forward"
+    elif backward is not None:
+        bad = [layer.index for layer in layers if (layer.grad_nonfinite_fraction or 0) > 0]
+        if not bad or backward == bad[-1] or rows[backward].src == rows[bad[-1]].dst:
+            return None
+        before, after = rows[bad[-1]], rows[backward]
+        phase = "backward"
+    else:
+        return None
+    outer = set(_ancestors(after.name))
+    own = [a for a in _ancestors(before.name) if a not in outer]
+    if phase == "forward":
+        bad_out = [a for a in own if rec.parent_nonfinite.get(a)]
+        name = bad_out[0] if bad_out else next((a for a in _ancestors(before.name) if a in outer), "")
+    else:
+        name = own[0] if own else next((a for a in _ancestors(before.name) if a in outer), "")
+    return name, phase, before.name
 
 
 def _backward_origin(rows: list[Row], layers: list[LayerStats]) -> int | None:

@@ -377,6 +377,8 @@ class Recorder:
         self.model = model
         self.safe = safe
         self.errors: list[BaseException] = []
+        # exact mode: whether each non-leaf module's output held a NaN/Inf (a NaN made by its own code)
+        self.parent_nonfinite: dict[str, bool] = {}
         self.stats = stats
         self.exact = exact
         self.unit_vectors = unit_vectors
@@ -552,6 +554,8 @@ class Recorder:
         hooks (they fire for its wrapper too)."""
         self._info = {m: self._leaf_info(m) for m in self._leaves}
         g = self._guarded if self.safe else (lambda f: f)
+        if self.exact:  # the slow pass after a NaN: every enclosing module's output checked too
+            self._handles.append(register_module_forward_hook(g(self._parent_post)))
         per_module = any(m._forward_hooks for m in self._leaves) or \
             any(type(m).__name__ == "OptimizedModule" for _, m in self._modules)
         if self.capture_functional:
@@ -567,6 +571,15 @@ class Recorder:
                 self._handles.append(m.register_forward_hook(g(self._leaf_post)))
         else:
             self._handles.append(register_module_forward_hook(g(self._leaf_post_any)))
+
+    def _parent_post(self, m: nn.Module, args: Any, out: Any) -> None:
+        name = self._names.get(m)
+        if name is None or m in self._info:
+            return
+        t = first_float_tensor(out)
+        if t is not None:
+            with torch.no_grad():
+                self.parent_nonfinite[name] = not bool(torch.isfinite(t).all())
 
     def _guarded(self, hook: Any) -> Any:
         """``hook`` with its failures kept in ``errors`` (see ``safe``)."""

@@ -1,0 +1,56 @@
+"""A NaN/Inf made by a module's own forward code (not a submodule) is named
+by that module and the phase (issue 26); the previous version blamed the
+next leaf module (``3 (Linear)``)."""
+
+import pytest
+import torch
+from torch import nn
+
+import signalprop as sp
+
+
+class Blk(nn.Module):
+    def __init__(self, op):
+        super().__init__()
+        self.lin, self.relu, self.op = nn.Linear(16, 16), nn.ReLU(), op
+
+    def forward(self, x):
+        h = self.relu(self.lin(x))
+        return self.op(h)
+
+
+def _model(op):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), Blk(op), nn.Linear(16, 4))
+
+
+@pytest.mark.parametrize("op", [lambda h: torch.log(h - 1.0), lambda h: torch.rsqrt(h)],
+                         ids=["log-of-negatives", "rsqrt-of-zeros"])
+def test_a_nan_made_in_a_parents_forward_is_named_by_that_parent(op):
+    r = sp.check(_model(op), torch.randn(32, 8))
+    p = r.problems[0]
+    assert r.verdict == "non-finite"
+    assert p.layer == "2" and "own forward code" in p.message and "after 2.relu" in p.message, p.message
+    assert p.message.startswith("the forward signal")
+
+
+def test_a_nan_made_in_the_backward_of_a_parents_code_is_named_by_that_parent():
+    """sqrt at 0 (ReLU zeros) in the block's own code: finite forward, an
+    infinite derivative in the backward."""
+    r = sp.check(_model(lambda h: torch.sqrt(h)), torch.randn(32, 8))
+    p = r.problems[0]
+    assert r.verdict == "non-finite" and p.layer == "2" and p.message.startswith("the backward pass"), p.message
+
+
+def test_a_nan_made_by_a_module_is_still_that_module():
+    """The control: a NaN made by a leaf module (a log inside its own forward
+    with no submodules) stays named by it."""
+
+    class Log(nn.Module):
+        def forward(self, x):
+            return torch.log(x)
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), Log(), nn.Linear(16, 4))
+    r = sp.check(m, torch.randn(32, 8))
+    assert r.problems[0].layer == "1" and "(Log)" in r.problems[0].message
