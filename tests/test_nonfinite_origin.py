@@ -54,3 +54,39 @@ def test_a_nan_made_by_a_module_is_still_that_module():
     m = nn.Sequential(nn.Linear(8, 16), Log(), nn.Linear(16, 4))
     r = sp.check(m, torch.randn(32, 8))
     assert r.problems[0].layer == "1" and "(Log)" in r.problems[0].message
+
+
+def test_a_model_that_sets_requires_grad_on_its_input_runs_as_it_does_without_check():
+    """HF Wav2Vec2's feature encoder in train mode sets ``requires_grad`` on a
+    view of its input; the plain forward and backward run, and so must check
+    (it used to make the input a leaf that requires grad, which refuses that)."""
+
+    class SetsFlag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(1, 8, 5)
+
+        def forward(self, x):
+            h = x[:, None]
+            if self.training:
+                h.requires_grad = True
+            return self.conv(h)
+
+    torch.manual_seed(0)
+    m = SetsFlag()
+    x = torch.randn(4, 64)
+    m(x).sum().backward()  # the plain pass runs
+    m.zero_grad(set_to_none=True)
+    r = sp.check(m, x)
+    assert r.verdict == "healthy" and r.layers[0].grad_rms > 0 and not x.requires_grad
+
+
+def test_hf_wav2vec2_in_train_mode():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=64, conv_dim=(16, 16), conv_stride=(5, 2),
+                                      conv_kernel=(10, 3), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
+    m = transformers.Wav2Vec2Model(cfg).train()
+    r = sp.check(m, torch.randn(2, 4000))
+    assert r.layers and r.verdict in ("healthy", "vanishing", "exploding", "saturated", "dead")

@@ -74,10 +74,20 @@ def check(model: nn.Module, inputs: Any, *, loss_fn: Callable[..., torch.Tensor]
     with preserved(model, [m for _, m in named]), _collector_paused():
         rng = rng_states(params)
         known = (params, named) if inner is model else None  # the traversal above, not another
-        report = run_pass(inner, call_inputs, loss_fn, targets, bounds, trend, False, red, caller, known)
+        grads = True  # the input made a leaf that requires grad, so its gradient is measured too
+        try:
+            report = run_pass(inner, call_inputs, loss_fn, targets, bounds, trend, False, red, caller, known)
+        except ModelError as e:
+            if not _sets_requires_grad_on_input(e):
+                raise
+            # the model sets requires_grad on a view of its input (HF Wav2Vec2's feature encoder in train
+            # mode), which a leaf that requires grad refuses: the input goes in exactly as it was passed
+            grads = False
+            set_rng_states(rng)
+            report = run_pass(inner, call_inputs, loss_fn, targets, bounds, trend, False, red, caller, known, grads)
         if report is None:  # a NaN/Inf somewhere: the same pass again, masking and locating it
             set_rng_states(rng)
-            report = run_pass(inner, call_inputs, loss_fn, targets, bounds, trend, True, red, caller, known)
+            report = run_pass(inner, call_inputs, loss_fn, targets, bounds, trend, True, red, caller, known, grads)
         assert report is not None
         if spectrum:
             from .spectrum import jacobian_reading
@@ -85,6 +95,11 @@ def check(model: nn.Module, inputs: Any, *, loss_fn: Callable[..., torch.Tensor]
             report = Report(report.verdict, report.layers, report.problems, report.summary,
                             jacobian_reading(inner, call_inputs))
     return report
+
+
+def _sets_requires_grad_on_input(e: ModelError) -> bool:
+    cause = e.__cause__
+    return isinstance(cause, RuntimeError) and "requires_grad flags of leaf variables" in str(cause)
 
 
 @contextlib.contextmanager

@@ -89,7 +89,8 @@ def _forward(model: nn.Module, x: Any, inputs: Any, rec: Recorder) -> Any:
 
 def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: tuple[float, float],
          trend: float, exact: bool, red: Reduction | None = None, caller: nn.Module | None = None,
-         known: tuple[list[nn.Parameter], list[tuple[str, nn.Module]]] | None = None) -> Report | None:
+         known: tuple[list[nn.Parameter], list[tuple[str, nn.Module]]] | None = None,
+         input_leaves: bool = True) -> Report | None:
     """One diagnosed pass; None when the fast pass met a non-finite value
     (the caller repeats it with ``exact=True``).  ``known``:
     ``(list(model.parameters()), list(model.named_modules()))`` when the
@@ -101,7 +102,7 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
     rec = Recorder(model, exact=exact, unit_vectors=red is not None, named=known[1] if known is not None else None)
     rec.attach()
     try:
-        x, leaves = prepare_inputs(inputs)
+        x, leaves = prepare_inputs(inputs) if input_leaves else (inputs, [])
         out = _forward(caller if caller is not None else model, x, inputs, rec)
         y = first_float_tensor(out)
         if y is None:
