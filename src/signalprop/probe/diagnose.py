@@ -349,7 +349,8 @@ def _span(layers: list[LayerStats], run: list[int]) -> str:
     return a.name if a is b else f"{a.name} .. {b.name}"
 
 
-def _problem(kind: Verdict, run: list[int], ev: list[_Evidence], layers: list[LayerStats], act: str | None) -> Problem:
+def _problem(kind: Verdict, run: list[int], ev: list[_Evidence], layers: list[LayerStats], act: str | None,
+             residual: bool = False) -> Problem:
     span = _span(layers, run)
     rows = [layers[i] for i in run]
     kinds = ", ".join(sorted({layer.kind for layer in rows}))
@@ -369,9 +370,17 @@ def _problem(kind: Verdict, run: list[int], ev: list[_Evidence], layers: list[La
         mine = sorted((e for e in ev if e.kind == kind and e.rows & set(run)), key=lambda e: -e.strength)
         why = "; ".join(dict.fromkeys(e.message for e in mine[:2]))
         msg = f"{kind} in {span} ({len(run)} row(s)): {why}"
-        fix = _init_advice(act) if kind == "vanishing" else (
-            "weights are too large: rescale them (apply_(model, 'xavier_uniform', activation=...) or "
-            "signalprop.init.critical_), and clip gradients (torch.nn.utils.clip_grad_norm_)")
+        grows_with_depth = any(e.rule in ("forward", "series") for e in mine)
+        if kind == "exploding" and residual and grows_with_depth:
+            fix = ("the residual stream's variance grows with every block it sums a branch into: scale the "
+                   "residual branches rather than every weight -- mark each branch (sp.init.mark_residual, or wrap "
+                   "it in sp.init.ScaledResidual), then signalprop.init.scale_residual_(model, 'fixup') (Fixup, "
+                   "Zhang et al. 2019) or 'skipinit' (De & Smith 2020); or a 1/sqrt(depth) factor on each branch, "
+                   "or normalisation inside each block")
+        else:
+            fix = _init_advice(act) if kind == "vanishing" else (
+                "weights are too large: rescale them (apply_(model, 'xavier_uniform', activation=...) or "
+                "signalprop.init.critical_), and clip gradients (torch.nn.utils.clip_grad_norm_)")
     return Problem(span, kind, msg, fix, run[0], run[-1])
 
 
@@ -425,7 +434,7 @@ def _main_trend(trends: list[SeriesTrend], layers: list[LayerStats]) -> dict[str
 
 def diagnose(layers: list[LayerStats], inp: InputStats | None, bounds: tuple[float, float], trend: float,
              backward_origin: int | None = None, dead_unjudged_from: int | None = None,
-             culprit: tuple[str, str, str] | None = None
+             culprit: tuple[str, str, str] | None = None, residual: bool = False
              ) -> tuple[Verdict, list[Problem], list[LayerStats], dict[str, Any]]:
     """The verdict, the problems (worst first), the rows with their own
     verdicts, and the model-level numbers for :class:`~signalprop.records.Summary`.
@@ -433,6 +442,9 @@ def diagnose(layers: list[LayerStats], inp: InputStats | None, bounds: tuple[flo
     training would not see (see ``check``), so their dead shares are not judged.
     ``culprit``: (module, phase, last row before it) when a NaN/Inf was made
     by a module's own code between two rows (see ``pipeline._own_code_origin``).
+    ``residual``: the model sums branches into a stream between its rows
+    (residual blocks): a signal growing with depth is then the stream's, and
+    the fix is the branches' scale.
     Pure: ``layers`` is not modified."""
     lo, hi = bounds
     # rectifier rows whose every output is 0 (a fact at any batch size): nothing passes back through them
@@ -472,7 +484,7 @@ def diagnose(layers: list[LayerStats], inp: InputStats | None, bounds: tuple[flo
             if kind == "saturated":  # one problem per saturated attention, named by its module
                 problems += [_attention_problem(out[i]) for i in rows if _attention_saturated(out[i])]
                 rows = [i for i in rows if not _attention_saturated(out[i])]
-            problems += [_problem(kind, run, ev, out, act) for run in _runs(rows)]
+            problems += [_problem(kind, run, ev, out, act, residual) for run in _runs(rows)]
     problems.sort(key=lambda p: (SEVERITY.index(p.kind), p.first))
     verdict: Verdict = problems[0].kind if problems else "healthy"
     judged = {"activation": act, "series": tuple(trends), "notes": notes,

@@ -171,8 +171,10 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
         layers = layer_stats(rec.rows, vals, pgrads, out_rms, pred)
     origin = _backward_origin(rec.rows, layers) if exact else None
     culprit = _own_code_origin(rec, layers, origin) if exact else None
+    merges = _unrecorded_merges(rec.rows, leaves[0].data_ptr() if leaves else 0)
     stale = _stale_batchnorm(rec.rows)
     verdict, problems, layers, judged = diagnose(layers, inp, bounds, trend, backward_origin=origin, culprit=culprit,
+                                                 residual=merges,
                                                  dead_unjudged_from=stale[0].index if stale else None)
     notes = judged.pop("notes")
     if stale:
@@ -196,6 +198,25 @@ def _stale_batchnorm(rows: list[Row]) -> list[Row]:
     return [r for r in rows if isinstance(r.module, BATCHNORMS)
             and not r.module.training and r.module.track_running_stats
             and r.module.num_batches_tracked is not None and int(r.module.num_batches_tracked) == 0]
+
+
+def _unrecorded_merges(rows: list[Row], input_ptr: int) -> bool:
+    """Whether rows read tensors that no earlier row wrote (nor the input):
+    the mark of residual sums ``x + f(x)`` between blocks, which a plain chain
+    of modules does not have (a view of a written tensor counts as written).
+    Counted over rows with a floating input, and only when most rows read
+    what an earlier one wrote, so a model whose rows all read fresh tensors
+    (a functional forward) is not called residual for it."""
+    written = {input_ptr, 0}
+    fresh = chained = 0
+    for r in rows:
+        if r.src:
+            if r.src in written:
+                chained += 1
+            else:
+                fresh += 1
+        written.add(r.dst)
+    return fresh >= 2 and chained > fresh
 
 
 def _ancestors(name: str) -> list[str]:
