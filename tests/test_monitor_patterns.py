@@ -309,3 +309,36 @@ def test_state_dict_resumes_the_step_count_baselines_and_alerts():
     assert resumed.steps[-3:] == [7, 8, 9] and resumed.steps[:7] == list(range(7))
     with sp.monitor(m) as fresh, pytest.raises(ValueError, match="state_dict"):
         fresh.load_state_dict({"step": 3})
+
+
+def test_skip_keeps_a_nan_steps_gradients_from_the_weights():
+    """monitor(..., skip=opt): the optimizer step of the step whose loss turned
+    NaN (a corrupted batch) is skipped, and training goes on finite --
+    bit-identical to the same loop that skips that step by hand; the
+    optimizer's own step() comes back at close()."""
+    def train(m, opt, mon=None, skip_by_hand=None):
+        for k in range(8):
+            x, y = _data(k)
+            if k == 5:
+                x[0, 0] = math.nan
+            loss = F.cross_entropy(m(x), y)
+            opt.zero_grad()
+            loss.backward()
+            if mon is not None:
+                mon.step(loss)
+            if k != skip_by_hand:
+                opt.step()
+
+    a, b = _twins()
+    opt_a = torch.optim.SGD(a.parameters(), lr=0.05, momentum=0.9)
+    train(a, opt_a, skip_by_hand=5)
+    opt_b = torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9)
+    original = opt_b.step
+    with sp.monitor(b, every=4, skip=opt_b) as mon:
+        train(b, opt_b, mon)
+    assert mon.skipped == [5] and mon.report().skipped == (5,)
+    assert all(torch.isfinite(p).all() for p in b.parameters())
+    _same(a, b)
+    assert opt_b.step == original and "step" not in vars(opt_b)
+    with pytest.raises(TypeError, match="skip takes the optimizer"):
+        sp.monitor(b, skip=3)

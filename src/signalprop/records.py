@@ -480,11 +480,12 @@ class MonitorReport:
     grad_norms: tuple[float | None, ...]
     history: tuple[MonitorStep, ...]
     alerts: tuple[Alert, ...]
+    skipped: tuple[int, ...] = ()  # steps whose optimizer step the monitor skipped (monitor(..., skip=))
 
     def to_dict(self) -> dict[str, Any]:
         return _clean({"model": self.model, "every": self.every, "steps": list(self.steps),
                        "losses": list(self.losses), "grad_norms": list(self.grad_norms),
-                       "alerts": [a.to_dict() for a in self.alerts],
+                       "alerts": [a.to_dict() for a in self.alerts], "skipped": list(self.skipped),
                        "history": [h.to_dict() for h in self.history]})
 
     def to_json(self, path: Any = None, indent: int = 2) -> str:

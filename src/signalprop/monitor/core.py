@@ -104,6 +104,8 @@ def _autocast(state: list[tuple[str, torch.dtype]]) -> Iterator[None]:
         yield
 
 
+# alerts whose step's gradients skip= keeps from the weights: a transient spike or a NaN/Inf
+SKIP_ON = ("loss-spike", "grad-surge", "non-finite")
 # per-step series (steps, losses, grad_norms) keep at most this many steps: the first ones (the level
 # training started at, which the alerts compare with) and the most recent; ~10 MB of Python floats
 MAX_SERIES = 100_000
@@ -153,7 +155,8 @@ class Monitor:
 
     def __init__(self, model: nn.Module, every: int = 50, *, writer: Any = None, agc: float | None = None,
                  bounds: tuple[float, float] = (1e-6, 1e3), trend: float = 100.0, update_ratio: bool = True,
-                 max_history: int | None = None, grad_every: int | None = None, group: Any = None) -> None:
+                 max_history: int | None = None, grad_every: int | None = None, group: Any = None,
+                 skip: Any = None) -> None:
         check_model(unwrap(model) if isinstance(model, nn.Module) else model, "monitor")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer (sample one step in `every`), got {every!r}")
@@ -176,6 +179,9 @@ class Monitor:
                              f"is kept), got {max_history!r}")
         if not any(True for _ in model.parameters()):
             raise ValueError(f"{type(model).__name__} has no parameters: nothing to monitor")
+        if skip is not None and not callable(getattr(skip, "step", None)):
+            raise TypeError(f"skip takes the optimizer whose step to skip on a spike, surge or NaN/Inf (it has a "
+                            f"step() method), got {type(skip).__name__}")
         model = unwrap(model)  # DDP calls the module it wraps: its hooks fire, its names are the model's
         self.model = model
         self._model_name = type(model).__name__
@@ -196,6 +202,13 @@ class Monitor:
         self.losses: list[float | None] = []
         self.grad_norms: list[float | None] = []
         self._step = 0
+        self.skipped: list[int] = []  # steps whose optimizer step was skipped (skip=)
+        self._skip_now = False
+        self._skip_opt = skip
+        self._skip_orig: Any = None
+        if skip is not None:
+            self._skip_orig = skip.step
+            skip.step = self._guarded_step
         self._replaying = False  # the monitor's own replay of a step: the root hooks stand aside
         self._mode: Any = None  # the recorder's functional-capture mode while the sampled forward runs
         self._logits: list[torch.Tensor | float] | None = None  # the sampled forward's output-logit sums
@@ -227,8 +240,19 @@ class Monitor:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    def _guarded_step(self, *args: Any, **kwargs: Any) -> Any:
+        """The ``skip=`` optimizer's ``step``: skipped once after an alert that
+        calls for it (the gradients of a spike or a NaN never reach the weights)."""
+        if self._skip_now:
+            self._skip_now = False
+            return None
+        return self._skip_orig(*args, **kwargs)
+
     def close(self) -> None:
         """Remove every hook and drop every saved reference; history and alerts stay."""
+        if self._skip_opt is not None:  # the optimizer's own step back
+            del self._skip_opt.step
+            self._skip_opt = self._skip_orig = None
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -483,6 +507,9 @@ class Monitor:
             from ..clip import agc_
 
             agc_(self.model.parameters(), clipping=self.agc)
+        if self._skip_opt is not None and any(a.kind in SKIP_ON for a in new):
+            self._skip_now = True  # the optimizer's next step() (this step's) is skipped
+            self.skipped.append(k)
         new = self._fresh(new)
         self.alerts += new
         if self.writer is not None:
@@ -702,7 +729,8 @@ class Monitor:
                 "baseline": [h.to_dict() for h in self.history[:A.BASELINE_SAMPLES]],
                 "alerts": [a.to_dict() for a in self.alerts],
                 "alerted": sorted([list(x) for x in self._alerted]),
-                "last_scalar_alert": dict(self._last_scalar_alert), "nonfinite_seen": self._nonfinite_seen}
+                "last_scalar_alert": dict(self._last_scalar_alert), "nonfinite_seen": self._nonfinite_seen,
+                "skipped": list(self.skipped)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict` (before the first ``step`` of the
@@ -724,6 +752,7 @@ class Monitor:
         self._alerted = {(str(a), str(b)) for a, b in state["alerted"]}
         self._last_scalar_alert = {str(k): int(v) for k, v in state["last_scalar_alert"].items()}
         self._nonfinite_seen = bool(state["nonfinite_seen"])
+        self.skipped = [int(x) for x in state.get("skipped", [])]
         # the step in progress (the first of the resumed run, perhaps already past its forward) under its
         # restored number: recorded if that step is a sampled one, not otherwise
         if not self.sampled and self._rec is not None:
@@ -737,7 +766,7 @@ class Monitor:
     def report(self) -> MonitorReport:
         """Everything seen so far, as a record with ``save_html``, ``to_json``, ``to_dict``."""
         return MonitorReport(self._model_name, self.every, tuple(self.steps), tuple(self.losses),
-                             tuple(self.grad_norms), tuple(self.history), tuple(self.alerts))
+                             tuple(self.grad_norms), tuple(self.history), tuple(self.alerts), tuple(self.skipped))
 
     def layer_series(self, attr: str = "grad_rms") -> dict[str, list[tuple[int, float | None]]]:
         """Per layer name: (step, value) over the sampled steps."""
@@ -750,7 +779,8 @@ class Monitor:
 
 def monitor(model: nn.Module, every: int = 50, *, writer: Any = None, agc: float | None = None,
             bounds: tuple[float, float] = (1e-6, 1e3), trend: float = 100.0, update_ratio: bool = True,
-            max_history: int | None = None, grad_every: int | None = None, group: Any = None) -> Monitor:
+            max_history: int | None = None, grad_every: int | None = None, group: Any = None,
+            skip: Any = None) -> Monitor:
     """Watch ``model`` during training.
 
     ::
@@ -780,7 +810,12 @@ def monitor(model: nn.Module, every: int = 50, *, writer: Any = None, agc: float
     step does not also pay for it; recorded with the sample, alerted at the
     step whose update it is).  ``max_history``: keep at most this many
     sampled steps (the first ones, the baseline, always stay).  ``bounds`` and
-    ``trend`` as in :func:`signalprop.check`.
+    ``trend`` as in :func:`signalprop.check`.  ``skip``: an optimizer whose
+    ``step()`` the monitor skips on a step that raised a loss-spike,
+    gradient-surge or non-finite alert (as OLMo-core's skip-step optimizers
+    do), so that step's gradients never reach the weights; the skipped steps
+    are listed in ``mon.skipped``; ``close()`` gives the optimizer its own
+    ``step`` back.  Off by default: the monitor then never changes training.
 
     Under ``torch.distributed`` (DDP -- pass the wrapper or the module --, or
     FSDP2's ``fully_shard``), every statistic is combined over ``group``
@@ -790,7 +825,7 @@ def monitor(model: nn.Module, every: int = 50, *, writer: Any = None, agc: float
     must agree, as it does by default when all ranks use the same device type).
     """
     return Monitor(model, every, writer=writer, agc=agc, bounds=bounds, trend=trend, update_ratio=update_ratio,
-                   max_history=max_history, grad_every=grad_every, group=group)
+                   max_history=max_history, grad_every=grad_every, group=group, skip=skip)
 
 
 __all__ = ["Monitor", "monitor"]
