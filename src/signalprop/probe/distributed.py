@@ -35,7 +35,21 @@ import torch
 from torch import nn
 
 # How each scalar combines across ranks (see the module docstring): declared with the statistics
-from ..statistics import ANY, GRAD_MAX, GRAD_NORM, GRAD_SQ, MAX, MEAN, MIN, NORM, RAW_REDUCTION, REPLICA_NORM, SHARD_NORM, SUM
+from ..statistics import (
+    ANY,
+    GRAD_MAX,
+    GRAD_MIN,
+    GRAD_NORM,
+    GRAD_SQ,
+    MAX,
+    MEAN,
+    MIN,
+    NORM,
+    RAW_REDUCTION,
+    REPLICA_NORM,
+    SHARD_NORM,
+    SUM,
+)
 
 _SQUARED = (NORM, GRAD_NORM, REPLICA_NORM, SHARD_NORM)
 
@@ -129,7 +143,7 @@ class Reduction:
                 t = t * t
             elif k == ANY:
                 t = (t != 0).to(torch.float64)
-            elif k in (MAX, GRAD_MAX, MIN):
+            elif k in (MAX, GRAD_MAX, MIN, GRAD_MIN):
                 block = torch.zeros(self.world, t.numel(), dtype=torch.float64, device=self.device)
                 block[self.rank] = t
                 t = block.reshape(-1)
@@ -163,6 +177,8 @@ class Reduction:
                 out.append(max(seg) if seg else 0.0)
             elif k == MIN:
                 out.append(min(seg) if seg else 0.0)
+            elif k == GRAD_MIN:
+                out.append(min(seg) / w if seg else 0.0)
             elif k == GRAD_MAX:
                 out.append(max(seg) / w if seg else 0.0)
             else:

@@ -67,7 +67,7 @@ def forward_moments_into(d: dict[str, torch.Tensor | float], y: torch.Tensor,
     n = y.numel()
     d["forward_n"] = float(max(n, 1))
     for st in FORWARD_KERNELS:
-        d[st.name] = st.kernel(y, None)  # type: ignore[misc]
+        st.measure_into(d, y, None)
     if dottable(y):
         v = y.view(-1)
         d["forward_sum"] = torch.dot(v, scratch.ones(v)) if n < _SUM_DOT_MAX else v.sum()
@@ -93,7 +93,7 @@ def grad_moments_into(d: dict[str, torch.Tensor | float], g: torch.Tensor) -> No
     n = g.numel()
     d["grad_n"] = float(max(n, 1))
     for st in BACKWARD_KERNELS:
-        d[st.name] = st.kernel(g, None)  # type: ignore[misc]
+        st.measure_into(d, g, None)
     if n >= _GRAD_DOT_MIN and dottable(g):
         v = g.view(-1)
         d["grad_sq"] = torch.dot(v, v)
@@ -114,7 +114,7 @@ def exact_moments(t: torch.Tensor, prefix: str) -> dict[str, torch.Tensor | floa
     if prefix == "forward":
         out["forward_sum"] = xf.sum()
     for st in FORWARD_KERNELS if prefix == "forward" else BACKWARD_KERNELS:
-        out[st.name] = st.kernel(xf, None)  # type: ignore[misc]
+        st.measure_into(out, xf, None)
     return out
 
 
@@ -350,7 +350,7 @@ class _Bucket:
         a = acc(B)
         vecs = {"forward_sum": B.sum(dim=1, dtype=a), "forward_norm": torch.linalg.vector_norm(B, dim=1, dtype=a)}
         for st in FORWARD_KERNELS:
-            vecs[st.name] = st.kernel(B, 1)  # type: ignore[misc]
+            st.measure_into(vecs, B, 1)
         n = float(self.n)  # > 0: Batches.fits takes no empty output
         const: dict[str, float] = {"forward_n": n}  # what every row of the batch shares, written in one update
         if self.band is not None:
