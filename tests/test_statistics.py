@@ -44,14 +44,18 @@ def _oracle(model, x):
 def test_abs_max_equals_the_largest_entry_of_each_output_and_gradient(dtype, width, batch):
     """max |y| and max |dL/dy| per row equal torch's own max over the tensors
     the same pass produced, exactly: a maximum involves no rounding (the
-    bf16 value is widened to float32 exactly)."""
+    bf16 value is widened to float32 exactly).  Not measured on tanh's
+    output, whose range bounds it."""
     torch.manual_seed(0)
     m = DeepMLP(4, width, "tanh", width, 10).to(dtype)
     x = torch.randn(batch, width).to(dtype)
     r = sp.check(m, x)
     outs, grads = _oracle(m, x)
     for layer in r.layers:
-        assert layer.forward_absmax == outs[layer.name].abs().max().float().item(), layer.name
+        if layer.kind == "Tanh":  # a bounded activation's range answers it (|y| <= 1): not measured
+            assert layer.forward_absmax is None and outs[layer.name].abs().max() <= 1
+        else:
+            assert layer.forward_absmax == outs[layer.name].abs().max().float().item(), layer.name
         assert layer.grad_absmax == grads[layer.name].abs().max().float().item(), layer.name
         assert layer.to_dict()["forward_absmax"] == layer.forward_absmax
 

@@ -74,6 +74,8 @@ class Statistic:
     fmt: str = "num"
     kernel: Kernel | None = None
     tensorboard: bool = False
+    # not measured on a bounded activation's output (tanh, sigmoid: |y| <= 1), whose range already answers it
+    unbounded_only: bool = False
 
     def measure_into(self, d: dict[str, Any], t: Any, dim: int | None) -> None:
         """The kernel's raw value(s) of ``t`` written into ``d``."""
@@ -107,7 +109,7 @@ def _extremes(prefix: str) -> Kernel:
     def kernel(t: Any, dim: int | None) -> dict[str, Any]:
         import torch
 
-        if dim is None:
+        if dim is None and t.is_cuda:
             lo, hi = torch.aminmax(t)
         else:
             lo, hi = t.amin(dim=dim), t.amax(dim=dim)
@@ -134,7 +136,7 @@ STATISTICS: list[Statistic] = [
     Statistic("forward_absmax", "forward", "value",
               "largest |entry| of the output: the headroom left before a low-precision format overflows",
               (("forward_max", MAX), ("forward_min", MIN)), _abs_max("forward"), "forward_max", "max |y|",
-              kernel=_extremes("forward"), tensorboard=True),
+              kernel=_extremes("forward"), tensorboard=True, unbounded_only=True),
     Statistic("grad_rms", "backward", "gradient", "RMS of d loss / d output",
               (("grad_sq", GRAD_SQ), ("grad_norm", GRAD_NORM), ("grad_n", SUM)),
               lambda d: math.sqrt((d["grad_sq"] if "grad_sq" in d else d["grad_norm"] ** 2) / d["grad_n"]),

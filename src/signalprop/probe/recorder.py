@@ -513,9 +513,9 @@ class Recorder:
             else:
                 flat = None
                 if self.exact:
-                    row.fwd.update(S.exact_moments(t, "forward"))
+                    row.fwd.update(S.exact_moments(t, "forward", band is not None))
                 else:
-                    flat = S.forward_moments_into(row.fwd, t, self._scratch)
+                    flat = S.forward_moments_into(row.fwd, t, self._scratch, band is not None)
                 if band is not None:
                     S.saturation_into(row.fwd, t, band, self._scratch, flat)
                 if rectifier:

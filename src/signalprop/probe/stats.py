@@ -49,8 +49,17 @@ def dottable(t: torch.Tensor) -> bool:
 _SUM_DOT_MAX = 1 << 20
 
 
+def forward_kernels_into(d: dict[str, Any], y: torch.Tensor, bounded: bool, dim: int | None = None) -> None:
+    """The declared forward statistics with kernels of their own (max |y|,
+    ...), those that say a bounded activation's range answers them skipped
+    there (two ops a row saved: the per-row op budget of tests/test_check_cost.py)."""
+    for st in FORWARD_KERNELS:
+        if not (bounded and st.unbounded_only):
+            st.measure_into(d, y, dim)
+
+
 def forward_moments_into(d: dict[str, torch.Tensor | float], y: torch.Tensor,
-                         scratch: Scratch) -> torch.Tensor | None:
+                         scratch: Scratch, bounded: bool = False) -> torch.Tensor | None:
     """Sum and Euclidean norm of a row's output (mean = sum / n, second
     moment = norm^2 / n, formed in float64 at the end, where squares cannot
     overflow), written into ``d``: two fused reductions, accumulating in
@@ -66,8 +75,7 @@ def forward_moments_into(d: dict[str, torch.Tensor | float], y: torch.Tensor,
     :func:`saturation_into` to read too rather than make its own."""
     n = y.numel()
     d["forward_n"] = float(max(n, 1))
-    for st in FORWARD_KERNELS:
-        st.measure_into(d, y, None)
+    forward_kernels_into(d, y, bounded)
     if dottable(y):
         v = y.view(-1)
         d["forward_sum"] = torch.dot(v, scratch.ones(v)) if n < _SUM_DOT_MAX else v.sum()
@@ -101,7 +109,7 @@ def grad_moments_into(d: dict[str, torch.Tensor | float], g: torch.Tensor) -> No
         d["grad_norm"] = torch.linalg.vector_norm(g, dtype=acc(g))
 
 
-def exact_moments(t: torch.Tensor, prefix: str) -> dict[str, torch.Tensor | float]:
+def exact_moments(t: torch.Tensor, prefix: str, bounded: bool = False) -> dict[str, torch.Tensor | float]:
     """Sum and norm over the finite entries only, in float64, and the
     non-finite share: the slow path, run only when a pass met NaN/Inf (or a
     float32 overflow of the fast norm)."""
@@ -113,8 +121,11 @@ def exact_moments(t: torch.Tensor, prefix: str) -> dict[str, torch.Tensor | floa
                                             f"{prefix}_nonfinite": 1.0 - finite.double().mean()}
     if prefix == "forward":
         out["forward_sum"] = xf.sum()
-    for st in FORWARD_KERNELS if prefix == "forward" else BACKWARD_KERNELS:
-        st.measure_into(out, xf, None)
+    if prefix == "forward":
+        forward_kernels_into(out, xf, bounded)
+    else:
+        for st in BACKWARD_KERNELS:
+            st.measure_into(out, xf, None)
     return out
 
 
@@ -349,8 +360,7 @@ class _Bucket:
         B = self.buf if k == len(self.slots) else self.buf[:k]
         a = acc(B)
         vecs = {"forward_sum": B.sum(dim=1, dtype=a), "forward_norm": torch.linalg.vector_norm(B, dim=1, dtype=a)}
-        for st in FORWARD_KERNELS:
-            st.measure_into(vecs, B, 1)
+        forward_kernels_into(vecs, B, self.band is not None, 1)
         n = float(self.n)  # > 0: Batches.fits takes no empty output
         const: dict[str, float] = {"forward_n": n}  # what every row of the batch shares, written in one update
         if self.band is not None:
