@@ -9,33 +9,96 @@ import pytest
 
 from signalprop.cli import main
 from signalprop.lab import papers as P
+from signalprop.lab import run_experiment
 
 
-def test_glorot2010_standard_init_shrinks_gradients_toward_the_input_normalized_does_not():
-    cfg = P.GlorotConfig(width=256, batch=256)
+def test_glorot2010_quick_run_normalized_init_is_much_flatter_not_level(tmp_path):
+    """`lab run glorot2010 --quick` (width 256), read from its results.json:
+    from the last hidden layer down to the first the gradient std shrinks
+    11.7x (tanh) and 21.9x (softsign) with the standard init, 1.7x and 3.8x
+    with the normalized one (measured).  So 'much flatter' (>= 3x smaller a
+    drop), 'not level' (> 1.25x), softsign less flat than tanh -- and the
+    printed reading says exactly that."""
+    res = run_experiment("glorot2010", tmp_path, quick=True)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    drop = saved["gradient_drop"]
     for act in ("tanh", "softsign"):
-        std = P.glorot_layer_stats(cfg, act, "standard")["grad_ratio_first_last"]
-        norm = P.glorot_layer_stats(cfg, act, "normalized")["grad_ratio_first_last"]
-        assert std < 0.2, (act, std)  # measured ~0.09 (tanh), ~0.05 (softsign) at width 512
-        assert norm > 4 * std, (act, norm, std)  # far flatter: 0.70 (tanh), 0.32 (softsign) at width 512
-    assert P.glorot_layer_stats(cfg, "tanh", "normalized")["grad_ratio_first_last"] > 0.5
+        assert drop[act]["standard"] > 8, drop  # standard: shrinks toward the input, as the paper says
+        assert drop[act]["standard"] >= P.GLOROT_MUCH * drop[act]["normalized"] > P.GLOROT_MUCH * P.GLOROT_LEVEL
+        line = next(r for r in saved["reading"] if r.startswith(act + ":"))
+        assert "much flatter than with the standard init, not level" in line and "this run: " + line in res["headline"]
+    assert drop["softsign"]["normalized"] > drop["tanh"]["normalized"]
 
 
-def test_he2015_xavier_stalls_and_kaiming_trains_at_depth_30():
-    cfg = P.HeConfig(steps=200)
-    xavier, kaiming = P.he_run(cfg, "xavier_normal"), P.he_run(cfg, "kaiming_normal")
-    # chance is ln 10 = 2.303: Xavier's ReLU net stays there (its gradient is 3e-5 of the output's at the
-    # first layer), Kaiming's has already fallen far below it (measured 0.42 after 200 steps)
+def test_glorot2010_reading_is_no_stronger_than_its_numbers():
+    acts = [0.4, 0.3]
+    words = {(20.0, 1.1): "about level", (20.0, 2.0): "much flatter than with the standard init, not level",
+             (4.0, 2.0): "flatter than with the standard init, not level",
+             (2.0, 2.0): "not flatter than with the standard init"}
+    for (std, norm), want in words.items():
+        assert want + ";" in P._glorot_reading("tanh", {"standard": std, "normalized": norm}, acts, acts)
+
+
+def test_he2015_quick_run_xavier_stalls_and_kaiming_trains(tmp_path):
+    """`lab run he2015 --quick` (200 steps), read from its results.json: chance
+    is ln 10 = 2.303; Xavier's 30-layer ReLU net stays there (its gradient is
+    2.8e-5 of the output's at the first layer: `vanishing`), Kaiming's falls
+    far below it (measured 0.34, test 72.8%; the full 600-step run: 0.006)."""
+    run_experiment("he2015", tmp_path, quick=True)
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    xavier, kaiming = runs["xavier_normal"], runs["kaiming_normal"]
     assert abs(xavier["final_loss"] - math.log(10)) < 0.05 and xavier["verdict_at_init"] == "vanishing"
     assert kaiming["final_loss"] < 1.2 and kaiming["verdict_at_init"] == "healthy"
 
 
-def test_saxe2014_orthogonal_learning_time_does_not_grow_with_depth_gaussian_does():
+@pytest.mark.slow
+def test_xiao2018_quick_run_critical_trains_further_than_kaiming(tmp_path):
+    """`lab run xiao2018 --quick` (depth 100, 100 Adam steps; ~40 s): at this
+    depth Kaiming's tanh CNN still moves a little (measured loss 2.21, test
+    17.4%), the critical one much further (1.81, 42.1%); the README's
+    1,000-layer claims are checked against the kept run in test_lab_claims."""
+    run_experiment("xiao2018", tmp_path, quick=True)
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    critical, kaiming = runs["critical"], runs["kaiming_normal"]
+    assert critical["verdict_at_init"] == "healthy"
+    assert critical["final_loss"] < kaiming["final_loss"] - 0.2 and critical["test_acc"] > kaiming["test_acc"] + 0.1
+
+
+def test_saxe2014_orthogonal_learning_time_is_flat_from_depth_8_gaussian_grows():
+    """Step lr / depth.  Measured: 535 steps at depth 2, then 1294, 1189,
+    1373 at depths 8, 16, 32 (flat: longest/shortest 1.15 <= 1.2, the
+    lab's "flat"), 2.4x depth 2's at depth 8; Gaussian at depth 16 not
+    within 4,000 steps (here 2,000)."""
     cfg = P.SaxeConfig(max_steps=2000)
+    two = P.saxe_learning_time(cfg, 2, "orthogonal")
     ortho = [P.saxe_learning_time(cfg, d, "orthogonal") for d in (8, 16, 32)]
-    assert all(t is not None for t in ortho) and max(ortho) < 1.5 * min(ortho), ortho  # measured 1294, 1189, 1373
+    assert all(t is not None for t in ortho) and max(ortho) <= P.SAXE_FLAT * min(ortho), ortho
+    assert two is not None and ortho[0] > 2 * two
     gauss16 = P.saxe_learning_time(cfg, 16, "gaussian")
-    assert gauss16 is None or gauss16 > 1.5 * ortho[1]  # measured: not within 4,000 steps
+    assert gauss16 is None or gauss16 > 1.5 * ortho[1]
+
+
+@pytest.mark.slow
+def test_saxe2014_quick_run_reads_flat_from_depth_8_with_the_step_scaled(tmp_path):
+    """`lab run saxe2014 --quick` (depths 2, 8, 32; ~30 s), read from its
+    results.json: the flat range the reading states starts at depth 8 and
+    its times are within 20% (measured 1294, 1373); the reading names the
+    lr / depth scaling; Gaussian not within 4,000 steps at depths 8 and 32."""
+    res = run_experiment("saxe2014", tmp_path, quick=True)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    t = dict(zip(saved["depths"], saved["learning_time"]["orthogonal"]))
+    assert saved["flat_from_depth"] == 8 and max(t[8], t[32]) <= P.SAXE_FLAT * min(t[8], t[32])
+    assert t[8] > 2 * t[2]
+    assert saved["learning_time"]["gaussian"][1:] == [None, None]
+    assert "step scaled as lr / depth (lr = 0.05)" in saved["reading"][0] and "flat from depth 8 to 32" in \
+        saved["reading"][0] and "this run: " + saved["reading"][0] in res["headline"]
+
+
+def test_saxe2014_flat_range_is_no_wider_than_its_numbers():
+    assert P._flat_from((2, 8, 32), [535, 1294, 1373]) == 8
+    assert P._flat_from((2, 8, 32), [1000, 1100, 1150]) == 2
+    assert P._flat_from((2, 8, 32), [500, 1000, 2000]) is None
+    assert P._flat_from((2, 8, 32), [500, None, 1000]) is None
 
 
 def test_pennington2017_orthogonal_tanh_is_near_isometric_and_matches_free_probability():
@@ -62,7 +125,8 @@ def test_paper_experiments_run_from_the_cli(tmp_path, name, capsys):
 def test_xiao2018_mechanism_at_depth_300_critical_delta_orthogonal_vs_kaiming():
     """The lab trains 1,000 layers (minutes); here the reason it works, at depth 300:
     Kaiming's variance puts a tanh CNN in the chaotic phase (gradients grow
-    ~1.0e5x back to the input), delta-orthogonal kernels on the critical line keep them level."""
+    1.3e5x back to the input), delta-orthogonal kernels on the critical line keep them within
+    4.6x (measured; asserted: over 1e3x, and between 0.1x and 10x)."""
     import torch
     from torch import nn
 

@@ -3,8 +3,10 @@ trailing underscore, ``generator=``, no autograd).
 
 A drop-in superset of :mod:`torch.nn.init`: every function there exists
 here with torch's signature and meaning (``import signalprop.init as init``
-runs torch code unchanged), plus ``fans=``, any-activation gains
-(:func:`gain`), critical, LSUV, delta-orthogonal and residual scaling.
+runs torch code unchanged) and draws torch's values for the same seed or
+generator (``sparse_`` with a generator: see its docstring), plus ``fans=``,
+any-activation gains (:func:`gain`), critical, LSUV, delta-orthogonal and
+residual scaling.
 
 Two gains, two questions: :func:`calculate_gain` is torch's table of
 recommended gains (tanh 5/3, sigmoid 1: heuristics, kept for
@@ -49,6 +51,8 @@ from .torch_compat import (
 uniform = _deprecated(uniform_)
 normal = _deprecated(normal_)
 constant = _deprecated(constant_)
+eye = _deprecated(eye_)
+dirac = _deprecated(dirac_)
 xavier_uniform = _deprecated(xavier_uniform_)
 xavier_normal = _deprecated(xavier_normal_)
 kaiming_uniform = _deprecated(kaiming_uniform_)

@@ -12,15 +12,17 @@ def _orthogonal_fill(t: torch.Tensor, gain: float, generator: torch.Generator | 
     (rows <= cols) or columns (rows > cols), Haar-distributed.
 
     QR of a Gaussian matrix with the signs of R's diagonal moved into Q
-    (Mezzadri 2007) -- without that correction Q is not Haar.  Computed in
-    float32 (float64 for float64 tensors).
+    (Mezzadri 2007) -- without that correction Q is not Haar.  The Gaussian
+    is drawn as torch draws it, (rows, cols) and transposed when wide, so
+    float32/float64 values equal :func:`torch.nn.init.orthogonal_`'s for the
+    same seed; half precision (which torch's QR refuses) is drawn and
+    factored in float32 and rounded once.
     """
     rows = t.shape[0]
     cols = t.numel() // rows
     dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
-    a = torch.empty(max(rows, cols), min(rows, cols), dtype=dtype, device=t.device)
-    a.normal_(0.0, 1.0, generator=generator)
-    q, r = torch.linalg.qr(a)
+    a = torch.empty(rows, cols, dtype=dtype, device=t.device).normal_(0.0, 1.0, generator=generator)
+    q, r = torch.linalg.qr(a.T if rows < cols else a)
     q.mul_(torch.sgn(torch.diagonal(r)))
     if rows < cols:
         q = q.T

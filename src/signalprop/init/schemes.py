@@ -102,7 +102,11 @@ def variance_scaling_(tensor: torch.Tensor, scale: float = 1.0, mode: FanMode = 
     if distribution == "orthogonal" and tensor.dim() < 2:
         raise ValueError(f"orthogonal distribution needs a tensor with >= 2 dims, got shape {tuple(tensor.shape)}")
     fi, fo = fans if fans is not None else tensor_fans(tensor)
-    std = math.sqrt(scale / _fan(fi, fo, mode))
+    # sqrt(scale / fan) in torch's arithmetic, so the named schemes draw torch's values to the last bit
+    # in float64 too: xavier's gain * sqrt(2 / (fan_in + fan_out)), kaiming's gain / sqrt(fan)
+    # (sqrt(gain**2) == gain exactly in binary floating point)
+    root = math.sqrt(scale)
+    std = root * math.sqrt(2.0 / (fi + fo)) if mode == "fan_avg" else root / math.sqrt(_fan(fi, fo, mode))
     with torch.no_grad():
         _fill(tensor, std, distribution, generator)
     return tensor

@@ -3,9 +3,9 @@
 With these, ``import signalprop.init as init`` runs code written for
 ``torch.nn.init`` unchanged: the same functions, the same keyword names
 (``tensor=`` included), the same distributions, errors and warnings, and
-``generator=`` everywhere.  Values are drawn here (not delegated), so the
-extensions of the package (half precision drawn in float32, argument
-checks with clear messages) apply to them too.
+``generator=`` everywhere, and the same values for the same seed.  Values
+are drawn here (not delegated), with torch's sequence of draws, so that
+argument checks with clear messages apply to them too.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from scipy import special
 
 from ._checks import check_tensor
 
@@ -58,9 +57,18 @@ def trunc_normal_(tensor: torch.Tensor, mean: float = 0.0, std: float = 1.0, a: 
     absolute bounds (for the result's standard deviation and bounds in units
     of it, see :func:`signalprop.init.scaled_trunc_normal_`).
 
-    Inverse-CDF sampling in float64 (exact in the far tails, e.g. [2, 3] for
-    a unit normal), rounded once into the tensor's dtype and clamped to
-    [a, b] there.
+    Drawn as :func:`torch.nn.init.trunc_normal_` draws (torch 2.13), so the
+    values equal torch's for the same seed or generator, in every dtype:
+    when [a, b] holds more than 30% of the normal's mass, N(mean, std^2) in
+    the tensor's dtype with the values outside [a, b] redrawn (the bounds
+    rounded to that dtype first); otherwise rejection sampling from U(a, b)
+    with acceptance exp(-((x - mean)^2 - (m - mean)^2) / (2 std^2)), m the
+    point of [a, b] nearest the mean.  Both are exact in distribution, far
+    tails included (signalprop's earlier float64 inverse-CDF path is gone:
+    it drew different numbers and bought no accuracy over this); only slow
+    far out, where U(a, b) rarely lands near a (acceptance ~ std^2 / (|a -
+    mean| (b - a)) for a >> mean).  As in torch, a mean more than 2 std
+    outside [a, b] warns.
 
     ``bound=`` (keyword only) is the earlier signalprop form
     ``trunc_normal_(t, std=, bound=)``: it still means what it meant (the
@@ -68,8 +76,6 @@ def trunc_normal_(tensor: torch.Tensor, mean: float = 0.0, std: float = 1.0, a: 
     :func:`~signalprop.init.scaled_trunc_normal_`.
     """
     if bound is not None:
-        import warnings
-
         from .schemes import scaled_trunc_normal_
 
         warnings.warn("trunc_normal_(t, std=, bound=) is signalprop's earlier variance-corrected form; it now lives "
@@ -79,27 +85,60 @@ def trunc_normal_(tensor: torch.Tensor, mean: float = 0.0, std: float = 1.0, a: 
     mean, std, a, b = (_finite(n, v) for n, v in (("mean", mean), ("std", std), ("a", a), ("b", b)))
     if not std > 0:
         raise ValueError(f"trunc_normal_ needs std > 0, got {std}")
-    if not a < b:
-        raise ValueError(f"trunc_normal_ needs a < b, got a={a}, b={b}")
-    if not check_tensor(tensor, "trunc_normal_"):
+    if not a <= b:
+        raise ValueError(f"trunc_normal_ needs a <= b, got a={a}, b={b}")
+    if not check_tensor(tensor, "trunc_normal_") or tensor.is_meta:
         return tensor
-    # work on the side of the mean where the interval's CDF values are far from 1 (precision)
-    lo, hi = (a - mean) / std, (b - mean) / std
-    flip = lo > 0
-    if flip:
-        lo, hi = -hi, -lo
-    plo, phi = float(special.ndtr(lo)), float(special.ndtr(hi))
-    if not phi > plo:
-        raise ValueError(f"trunc_normal_: [a, b] = [{a}, {b}] lies {min(abs(lo), abs(hi)):.3g} standard deviations "
-                         "from the mean, where the normal has no representable mass")
+    if mean < a - 2 * std or mean > b + 2 * std:
+        warnings.warn("mean is more than 2 std from [a, b] in nn.init.trunc_normal_. "
+                      "The distribution of values may be incorrect.", stacklevel=2)
     with torch.no_grad():
-        u = torch.empty(tensor.shape, dtype=torch.float64, device=tensor.device)
-        u.uniform_(plo, phi, generator=generator)
-        z = u.mul_(2.0).sub_(1.0).erfinv_().mul_(math.sqrt(2.0))  # Phi^-1(u)
-        if flip:
-            z.neg_()
-        tensor.copy_(z.mul_(std).add_(mean).clamp_(a, b))
-        return tensor.clamp_(a, b)  # after rounding into a lower precision
+        # torch's branch test, with torch's arithmetic (math.erf), so that both take the same branch
+        mass = (math.erf((b - mean) / std / math.sqrt(2.0)) - math.erf((a - mean) / std / math.sqrt(2.0))) / 2.0
+        if mass > 0.3:
+            _redraw_outside(tensor, mean, std, a, b, generator)
+        else:
+            _uniform_rejection(tensor, mean, std, a, b, generator)
+    return tensor
+
+
+def _redraw_outside(t: torch.Tensor, mean: float, std: float, a: float, b: float,
+                    generator: torch.Generator | None) -> None:
+    """torch 2.13's draw for wide intervals: the whole tensor redrawn from
+    N(mean, std^2) (one full draw per round) where it is still outside [a, b]."""
+    lo = t.new_tensor(a, device="cpu").item()  # the bounds as the dtype has them
+    hi = t.new_tensor(b, device="cpu").item()
+    result = t.normal_(mean, std, generator=generator)
+    while True:
+        outside = (result < lo) | (result > hi)
+        if not outside.any():
+            break
+        result = torch.where(outside, torch.empty_like(result).normal_(mean, std, generator=generator), result)
+    if result is not t:
+        t.copy_(result)
+
+
+def _uniform_rejection(t: torch.Tensor, mean: float, std: float, a: float, b: float,
+                       generator: torch.Generator | None) -> None:
+    """torch 2.13's draw for narrow or far intervals: U(a, b) proposals, each
+    kept with probability pdf(x) / pdf(m), m the point of [a, b] nearest the
+    mean; each round redraws a full tensor of proposals and of uniforms."""
+    log_peak = -0.5 * ((max(a, min(mean, b)) - mean) / std) ** 2
+    candidates, accept = torch.empty_like(t), torch.empty_like(t)
+    t.uniform_(a, b, generator=generator)
+    candidates.copy_(t).sub_(mean).div_(std).pow_(2).mul_(-0.5).sub_(log_peak)
+    pending = accept.uniform_(generator=generator).log_().gt(candidates)
+    if not pending.any():
+        return
+    result = t
+    while True:
+        candidates.uniform_(a, b, generator=generator)
+        result = torch.where(pending, candidates, result)
+        candidates.sub_(mean).div_(std).pow_(2).mul_(-0.5).sub_(log_peak)
+        pending = torch.where(pending, accept.uniform_(generator=generator).log_().gt(candidates), pending)
+        if not pending.any():
+            break
+    t.copy_(result)
 
 
 def constant_(tensor: torch.Tensor, val: float) -> torch.Tensor:
@@ -157,21 +196,32 @@ def dirac_(tensor: torch.Tensor, groups: int = 1) -> torch.Tensor:
 def sparse_(tensor: torch.Tensor, sparsity: float, std: float = 0.01,
             generator: torch.Generator | None = None) -> torch.Tensor:
     """Martens (2010): N(0, std^2) with ``ceil(sparsity * rows)`` zeros in
-    every column, at random rows (as :func:`torch.nn.init.sparse_`)."""
+    every column, at random rows (as :func:`torch.nn.init.sparse_`).
+
+    Drawn as torch 2.13 draws: the normal values in the tensor's dtype, then
+    per column a ``randperm(rows)`` whose first entries are the zeros, so
+    without ``generator`` the values equal torch's for the same seed.  With
+    ``generator`` the permutations come from it too (on its device); torch
+    2.13 draws them from the global generator even then, so there the
+    normal values equal torch's and the zeros' places do not -- a result
+    that depends on hidden global state is what ``generator=`` is there to
+    avoid.
+    """
     if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2:
         raise ValueError("sparse_ needs a 2-dimensional tensor, got "
                          f"{tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__}")
     sparsity = _finite("sparsity", sparsity)
     if not 0 <= sparsity <= 1:
         raise ValueError(f"sparsity must lie in [0, 1], got {sparsity}")
+    if tensor.is_meta:
+        return tensor
     normal_(tensor, 0.0, std, generator)
     rows, cols = tensor.shape
-    zeros = int(math.ceil(sparsity * rows))
-    if zeros and tensor.numel():
-        with torch.no_grad():
-            keys = torch.rand(rows, cols, generator=generator, device=tensor.device)
-            idx = keys.argsort(dim=0)[:zeros]  # a random set of rows per column
-            tensor.scatter_(0, idx, 0.0)
+    zeros = math.ceil(sparsity * rows)
+    device = generator.device if generator is not None else torch.device("cpu")
+    with torch.no_grad():
+        for col in range(cols):
+            tensor[torch.randperm(rows, generator=generator, device=device)[:zeros], col] = 0
     return tensor
 
 

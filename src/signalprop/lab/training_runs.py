@@ -198,7 +198,7 @@ def _run(cfg: MonitorConfig, out: Path, progress: Any) -> dict[str, Any]:
         lead = (bad["first_nonfinite"] - bad["first_alert"]) if bad["first_nonfinite"] is not None and \
             bad["first_alert"] is not None else None
         headline.append(f"{kind}: lr {bad['lr']:g} loss non-finite at step {bad['first_nonfinite']}, first alert at "
-                        f"step {bad['first_alert']}" + (f" ({lead} steps earlier)" if lead is not None else "")
+                        f"step {bad['first_alert']}" + _lead(lead)
                         + (f": {first['kind']} at {first['layer']}" if first else "")
                         + f"; with AGC the loss ends at {fixed['losses'][-1]:.3g} after {fixed['steps']} steps"
                         + ("" if fixed["first_nonfinite"] is None else f" (non-finite at {fixed['first_nonfinite']})"))
@@ -210,6 +210,13 @@ def _run(cfg: MonitorConfig, out: Path, progress: Any) -> dict[str, Any]:
             progress.advance(2, f"monitor: {kind}")
     fig.savefig(out / "monitor.png", dpi=100)
     return {"runs": runs, "headline": headline, "figure": "monitor.png"}
+
+
+def _lead(lead: int | None) -> str:
+    """How long before the loss turned non-finite the first alert came, in words that fit its sign."""
+    if lead is None:
+        return ""
+    return f" ({lead} steps earlier)" if lead > 0 else " (the same step)" if lead == 0 else f" ({-lead} steps later)"
 
 
 register(Experiment("monitor", "training runs that diverge, the alert that came first, and the fix (AGC)",
