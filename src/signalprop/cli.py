@@ -31,13 +31,10 @@ def _fmt(v: Any, digits: int = 6) -> str:
     return "-" if v is None else str(v)
 
 
-def _kv_table(title: str, d: dict[str, Any]) -> Table:
-    t = Table(title=escape(title), show_header=False)
-    t.add_column("quantity", style="bold")
-    t.add_column("value")
-    for k, v in d.items():
-        t.add_row(escape(k), escape(_fmt(v)))
-    return t
+def _kv_table(title: str, d: dict[str, Any], width: int) -> Table:
+    from .report.terminal import fitted_table
+
+    return fitted_table(title, ["quantity", "value"], [[k, _fmt(v)] for k, v in d.items()], width, wrap=("value",))
 
 
 def _positive_int(text: str) -> int:
@@ -109,7 +106,7 @@ def cmd_theory(args: argparse.Namespace, out: Console) -> int:
         out.print_json(json.dumps(_clean(summary)))
     else:
         about = summary.pop("about", None)
-        out.print(_kv_table(f"mean-field theory: {summary['activation']}", summary))
+        out.print(_kv_table(f"mean-field theory: {summary['activation']}", summary, out.width))
         if about:
             out.print(escape(about), highlight=False)
     return EXIT_OK
@@ -134,14 +131,12 @@ def _parse_sets(items: Sequence[str]) -> dict[str, Any]:
 
 def cmd_lab(args: argparse.Namespace, out: Console) -> int:
     from .lab import experiments, run_experiment
+    from .report.terminal import fitted_table
 
     if args.lab_cmd == "list":
-        t = Table(title="signalprop lab")
-        t.add_column("name", style="bold")
-        t.add_column("what it shows")
-        for name, exp in experiments().items():
-            t.add_row(name, exp.summary)
-        out.print(t)
+        out.print(fitted_table("signalprop lab", ["name", "what it shows"],
+                               [[name, exp.summary] for name, exp in experiments().items()], out.width,
+                               wrap=("what it shows",)))
         return EXIT_OK
     dest = _out_dir(args.out or f"lab-out/{args.name}", "--out")
     from .report.progress import progress_bar
@@ -149,12 +144,9 @@ def cmd_lab(args: argparse.Namespace, out: Console) -> int:
     with progress_bar(out) as bar:
         results = run_experiment(args.name, dest, quick=args.quick, progress=bar, **_parse_sets(args.set))
     if "table" in results:
-        t = Table(title=args.name)
-        for c in results["table"]["columns"]:
-            t.add_column(c)
-        for row in results["table"]["rows"]:
-            t.add_row(*("-" if v is None else str(v) for v in row))
-        out.print(t)
+        cols = [str(c) for c in results["table"]["columns"]]
+        out.print(fitted_table(args.name, cols, [["-" if v is None else str(v) for v in row]
+                                                 for row in results["table"]["rows"]], out.width, wrap=tuple(cols)))
     out.print(f"[bold]{escape(args.name)}[/bold]: results in {escape(str(dest))}/results.json")
     for line in results.get("headline", []):
         out.print(f"  {escape(str(line))}", highlight=False)
