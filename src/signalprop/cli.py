@@ -10,7 +10,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,16 @@ def _out_file(path: str | None, what: str) -> Path | None:
     return _under_a_folder(Path(path), what)
 
 
+def _write(what: str, path: Path, write: Callable[[Path], Any]) -> str | None:
+    """Run ``write(path)``; the reason it failed (a full disk, /dev/full, no
+    permission), or None."""
+    try:
+        write(path)
+    except OSError as e:
+        return f"cannot write {what} {str(path)!r}: {e.strerror or e}"
+    return None
+
+
 def _out_dir(path: str, what: str) -> Path:
     if Path(path).exists() and not Path(path).is_dir():
         raise UsageError(f"{what} {path!r} is a file, not a folder")
@@ -98,7 +108,11 @@ def cmd_theory(args: argparse.Namespace, out: Console) -> int:
         b = np.linspace(0.0, 0.5, 100)
         point = (float(args.sigma_w2 if args.sigma_w2 is not None else summary["critical_sigma_w2"] or np.nan),
                  float(args.sigma_b2))
-        plot_phase_diagram(theory.phase_diagram(args.act, w, b), plot, point if math.isfinite(point[0]) else None)
+        diagram = theory.phase_diagram(args.act, w, b)
+        failed = _write("--plot", plot, lambda p: plot_phase_diagram(diagram, p, point if math.isfinite(point[0])
+                                                                      else None))
+        if failed:
+            raise UsageError(failed)
         summary["plot"] = args.plot
     if args.json:
         from .records import _clean
@@ -184,12 +198,19 @@ def cmd_check(args: argparse.Namespace, out: Console) -> int:
     out.print(f"[bold]signalprop check[/bold] {escape(built.spec)}" +
               (f" (init: {escape(args.init)})" if args.init else ""))
     out.print(renderable(report, out.width))
-    if json_path is not None:
-        report.to_json(json_path)
-        out.print(f"JSON: {escape(str(json_path))}")
-    if html_path is not None:
-        report.save_html(html_path)
-        out.print(f"HTML report: {escape(str(html_path))}")
+    # the report is on the screen already; a file that cannot be written (a full disk) is an input error
+    # (exit 2), after the other file has been tried
+    failed = []
+    for what, path, write, label in (("--json", json_path, report.to_json, "JSON"),
+                                     ("--html", html_path, report.save_html, "HTML report")):
+        if path is not None:
+            err = _write(what, path, write)
+            if err:
+                failed.append(err)
+            else:
+                out.print(f"{label}: {escape(str(path))}")
+    if failed:
+        raise UsageError("; ".join(failed))
     return EXIT_OK if report.verdict == "healthy" else EXIT_PROBLEMS
 
 
@@ -258,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="diagnose a model layer by layer (exit 1 when problems are found)")
     c.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help="built-in spec (mlp:..., cnn:..., resmlp:..., transformer:...) or package.module:factory "
-                        f"[:key=value,...] (default: {DEFAULT_MODEL})")
+                        "[:key=value,...], values read as the types the factory declares "
+                        f"(default: {DEFAULT_MODEL})")
     c.add_argument("--input-shape", help="shape of one example, e.g. 3,32,32 (factories without inputs)")
     c.add_argument("--batch", type=_positive_int, default=64, help="batch size of the random example inputs (default 64)")
     c.add_argument("--seed", type=int, default=0, help="seed for inputs and initialization (default 0)")
