@@ -77,14 +77,38 @@ def test_check_user_factory(tmp_path, monkeypatch, capsys):
     assert main(["check", "nosuchmodule:f"]) == 2
 
 
-def test_demo_runs_quickly(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--steps", "3"]) == 0
+def test_demo_runs_quickly(tmp_path, capsys, monkeypatch):
+    """Dive into Deep Learning's numbers come first, the training runs on one
+    torch thread, and the caller's thread count is back after."""
+    import torch
+
+    from signalprop.lab import demo
+
+    threads_while_training = []
+
+    def train(*args, **kwargs):
+        threads_while_training.append(torch.get_num_threads())
+        return real_train(*args, **kwargs)
+
+    real_train = demo.train
+    monkeypatch.setattr(demo, "train", train)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert main(["demo", "--out", str(tmp_path), "--steps", "3"]) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert threads_while_training == [1, 1, 1, 1]
     d = json.loads((tmp_path / "demo.json").read_text())
     verdicts = {r["scheme"]: r["verdict"] for r in d["rows"]}
     assert verdicts["critical"] == "healthy" and verdicts["default"] == "vanishing"
     assert verdicts["normal"] in ("exploding", "saturated")
+    assert d["config"]["threads"] == 1
     assert (tmp_path / "report-critical.html").exists()
-    assert "after 3 steps of SGD" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "after 3 steps of SGD" in out
+    assert out.index("sigmoid'(x) peaks at 0.25") < out.index("training: started")
 
 
 BAD = [
@@ -278,8 +302,39 @@ def test_line_bar_reports_time_left():
     bar = LineBar(Console(file=buf, width=200), interval=0.0)
     bar.start(4, "work")
     bar.advance(1)
-    bar.advance(3, "work done")
+    bar.advance(1)
+    bar.advance(2, "work done")
     out = buf.getvalue().splitlines()
     assert out[0] == "work: started, 4 units of work"
-    assert out[1].startswith("work: 1/4 (25%)") and "left" in out[1]
-    assert out[2].startswith("work done: 4/4 (100%)") and "left" not in out[2]
+    assert out[1].startswith("work: 1/4 (25%)") and "left" not in out[1]  # no pace measured yet
+    assert out[2].startswith("work: 2/4 (50%)") and "left" in out[2]
+    assert out[3].startswith("work done: 4/4 (100%)") and "left" not in out[3]
+
+
+def test_line_bar_time_left_follows_the_pace_not_the_first_slow_step(monkeypatch):
+    """Set-up takes 100 s before the first unit, then a unit takes 1 s: the
+    time left is the units left at 1 s each, not 100 s each; when the pace
+    halves, the estimate follows within a window."""
+    import io
+
+    from rich.console import Console
+
+    from signalprop.report import progress
+
+    now = [0.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
+    buf = io.StringIO()
+    bar = progress.LineBar(Console(file=buf, width=200), interval=10.0)  # the pace of the last 60 s
+    bar.start(1000, "work")
+    now[0] = 100.0
+    bar.advance(1)
+    for _ in range(10 + 200):
+        now[0] += 1.0
+        bar.advance(1)
+    for _ in range(100):  # twice as slow from here
+        now[0] += 2.0
+        bar.advance(1)
+    lines = buf.getvalue().splitlines()
+    assert lines[1].startswith("work: 1/1000") and "left" not in lines[1]
+    assert lines[2].startswith("work: 11/1000") and lines[2].endswith("about 16m29s left")  # 989 units x 1 s
+    assert lines[-1].startswith("work: 311/1000") and lines[-1].endswith("about 22m58s left")  # 689 x 2 s

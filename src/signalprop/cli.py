@@ -217,38 +217,45 @@ def cmd_check(args: argparse.Namespace, out: Console) -> int:
 # ---- demo -------------------------------------------------------------------
 
 def cmd_demo(args: argparse.Namespace, out: Console) -> int:
-    from .lab.demo import DemoConfig, run_demo
+    from .lab.demo import DemoConfig, demo_seed, run_demo
     from .report.progress import progress_bar
+    from .report.terminal import STYLE as _VERDICT_STYLE
+    from .report.terminal import fitted_table
 
     cfg = DemoConfig(steps=args.steps)
     dest = _out_dir(args.out, "--out")
     out.rule("[bold]signalprop demo[/bold]: why a deep sigmoid network will not train, and the fix")
     out.print("First the two demonstrations of Dive into Deep Learning's chapter on numerical stability and "
               "initialization (figures in the output folder):")
-    with progress_bar(out) as bar:
-        res = run_demo(cfg, dest, bar)
-    s = res["seed"]
+    dest.mkdir(parents=True, exist_ok=True)
+    s = demo_seed(cfg, dest)
     out.print(f"  sigmoid'(x) peaks at {s['sigmoid_max_grad']:.3g} (x = 0) and is {s['sigmoid_grad_at_-8']:.2g} "
               f"at x = -8: through 50 layers at best 0.25^50 = {0.25 ** 50:.1g}")
     out.print(f"  100 random 4x4 N(0,1) matrices multiply to entries of {s['normal_product']:.2g}; "
               f"orthogonal factors keep norm {s['orthogonal_product_norm']:.3g}")
+    out.print(f"\nNow {len(cfg.inits)} initializations of a {cfg.depth}-layer {cfg.act} MLP, each checked and "
+              f"trained for {cfg.steps} steps:")
+    with progress_bar(out) as bar:
+        res = run_demo(cfg, dest, bar, seed=s)
     out.print(f"\nModel: {res['model']} on scikit-learn's digits ({res['data']}).")
-    t = Table(title="at initialization: signalprop.check", header_style="bold")
-    for c in ("init", "verdict", "grad RMS layer 1", "grad RMS last hidden", "max saturation", "problems"):
-        t.add_column(c)
-    for r in res["rows"]:
-        t.add_row(r["init"], r["verdict"], _fmt(r["grad_first"], 3), _fmt(r["grad_last"], 3),
-                  f"{r['max_saturation']:.0%}", ", ".join(r["problems"]) or "-")
-    out.print(t)
+    verdicts = {v: _VERDICT_STYLE.get(v, "") for r in res["rows"] for v in (r["verdict"], r["verdict_after"])}
+    out.print(fitted_table(
+        "at initialization: signalprop.check",
+        ["init", "verdict", "grad RMS layer 1", "grad RMS last hidden", "max saturation", "problems"],
+        [[r["init"], r["verdict"], _fmt(r["grad_first"], 3), _fmt(r["grad_last"], 3), f"{r['max_saturation']:.0%}",
+          ", ".join(p.replace(" .. ", "..") for p in r["problems"]) or "-"] for r in res["rows"]], out.width,
+        wrap=("init", "grad RMS layer 1", "grad RMS last hidden", "max saturation", "problems"),
+        right=("grad RMS layer 1", "grad RMS last hidden", "max saturation"), styles={"verdict": verdicts}))
     worst = res["rows"][0]
     if worst["problem"]:
-        out.print(f"[bold]{worst['init']}[/bold]: {worst['problem']}\n  [bold]fix:[/bold] {worst['suggestion']}")
-    t2 = Table(title=f"after {cfg.steps} steps of SGD (lr {cfg.lr}, momentum {cfg.momentum})", header_style="bold")
-    for c in ("init", "final train loss", "test accuracy", "verdict after training"):
-        t2.add_column(c)
-    for r in res["rows"]:
-        t2.add_row(r["init"], _fmt(r["final_loss"], 3), f"{r['test_acc']:.1%}", r["verdict_after"])
-    out.print(t2)
+        out.print(f"[bold]{escape(worst['init'])}[/bold]: {escape(worst['problem'])}\n  [bold]fix:[/bold] "
+                  f"{escape(worst['suggestion'])}")
+    out.print(fitted_table(
+        f"after {cfg.steps} steps of SGD (lr {cfg.lr}, momentum {cfg.momentum})",
+        ["init", "final train loss", "test accuracy", "verdict after training"],
+        [[r["init"], _fmt(r["final_loss"], 3), f"{r['test_acc']:.1%}", r["verdict_after"]] for r in res["rows"]],
+        out.width, wrap=("init", "final train loss", "test accuracy", "verdict after training"),
+        right=("final train loss", "test accuracy"), styles={"verdict after training": verdicts}))
     out.print(f"HTML reports: {', '.join(res['html'])}")
     out.print(f"all numbers: {dest / 'demo.json'}")
     return EXIT_OK
