@@ -3,6 +3,9 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from signalprop.cli import main
 
@@ -74,17 +77,42 @@ def test_check_user_factory(tmp_path, monkeypatch, capsys):
     assert main(["check", "nosuchmodule:f"]) == 2
 
 
-def test_demo_runs_quickly(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--steps", "3"]) == 0
+def test_demo_runs_quickly(tmp_path, capsys, monkeypatch):
+    """Dive into Deep Learning's numbers come first, the training runs on one
+    torch thread, and the caller's thread count is back after."""
+    import torch
+
+    from signalprop.lab import demo
+
+    threads_while_training = []
+
+    def train(*args, **kwargs):
+        threads_while_training.append(torch.get_num_threads())
+        return real_train(*args, **kwargs)
+
+    real_train = demo.train
+    monkeypatch.setattr(demo, "train", train)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert main(["demo", "--out", str(tmp_path), "--steps", "3"]) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert threads_while_training == [1, 1, 1, 1]
     d = json.loads((tmp_path / "demo.json").read_text())
     verdicts = {r["scheme"]: r["verdict"] for r in d["rows"]}
     assert verdicts["critical"] == "healthy" and verdicts["default"] == "vanishing"
     assert verdicts["normal"] in ("exploding", "saturated")
+    assert d["config"]["threads"] == 1
     assert (tmp_path / "report-critical.html").exists()
-    assert "after 3 steps of SGD" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "after 3 steps of SGD" in out
+    assert out.index("sigmoid'(x) peaks at 0.25") < out.index("training: started")
 
 
 BAD = [
+    (["check", "mlp:depth=2,width=8", "--input-shape", "100000000,100000000"], "inputs of shape (64, 100000000"),
     (["check", "mlp:width=-4"], "width=-4 must be at least 1"),
     (["check", "mlp:width=0"], "width=0 must be at least 1"),
     (["check", "mlp:depth=-3"], "depth=-3 must be at least 1"),
@@ -140,6 +168,74 @@ def test_user_modules_that_fail_are_named(tmp_path, capsys):
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = _run_cli(["check", "facs:good:width=6"], cwd=tmp_path)
     assert r.returncode == 0 and "Linear" in r.stdout
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_report_files_that_cannot_be_written_exit_2_after_the_report(tmp_path, capsys):
+    """The report is printed first; a full disk is one line on stderr and
+    exit 2, and the other file is written all the same."""
+    for flag in ("--json", "--html"):
+        assert main(["check", "mlp:depth=2,width=8", flag, "/dev/full"]) == 2, flag
+        out, err = capsys.readouterr()
+        assert "verdict:" in out and "Traceback" not in err
+        assert err.strip().splitlines() == [f"error: cannot write {flag} '/dev/full': No space left on device"]
+    html = tmp_path / "r.html"
+    assert main(["check", "mlp:depth=2,width=8", "--json", "/dev/full", "--html", str(html)]) == 2
+    assert html.stat().st_size > 1000 and len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert main(["theory", "tanh", "--plot", "/dev/full"]) == 2
+    assert "cannot write --plot" in capsys.readouterr().err
+
+
+def test_a_depth_that_would_crash_the_process_is_refused_before_building():
+    """Deeper than the stack allows, freeing the autograd graph after check
+    ends in a segmentation fault (exit 139; run in a subprocess for that
+    reason): refused, with the deepest that fits."""
+    r = _run_cli(["check", "mlp:depth=20000,width=4", "--batch", "2"])
+    assert r.returncode == 2, (r.returncode, r.stderr[-300:])
+    assert len(r.stderr.strip().splitlines()) == 1 and "at most depth=" in r.stderr and "ulimit -s" in r.stderr
+
+
+def test_the_depth_limit_follows_the_stack_limit(monkeypatch):
+    from signalprop.lab import models
+
+    kind, opts = models.parse_spec("mlp:depth=20000,width=4")
+    monkeypatch.setattr(models, "_stack_bytes", lambda: 8 << 20)
+    with pytest.raises(ValueError, match=r"8 MiB stack \(at most depth=14399\)"):
+        models._check_graph_depth(kind, opts, "mlp:depth=20000,width=4")
+    monkeypatch.setattr(models, "_stack_bytes", lambda: 16 << 20)
+    models._check_graph_depth(kind, opts, "mlp:depth=20000,width=4")  # twice the stack: fits
+    monkeypatch.setattr(models, "_stack_bytes", lambda: None)
+    models._check_graph_depth(kind, opts, "mlp:depth=20000,width=4")  # unlimited
+    kind, opts = models.parse_spec("transformer:layers=3200,d_model=4,heads=1")
+    monkeypatch.setattr(models, "_stack_bytes", lambda: 8 << 20)
+    with pytest.raises(ValueError, match="at most layers=3199"):
+        models._check_graph_depth(kind, opts, "transformer:layers=3200")
+
+
+def test_factory_arguments_are_read_as_the_types_the_factory_declares(tmp_path, monkeypatch, capsys):
+    (tmp_path / "typedfacs.py").write_text(
+        "from typing import Literal\n"
+        "import torch\n"
+        "def make(width: int = 4, bias: bool = True, scale: float = 1.0, name: str = 'a', depth=None,\n"
+        "         mode: Literal['a', 'b'] = 'a', limit: int | None = 3):\n"
+        "    if not (isinstance(width, int) and isinstance(bias, bool) and isinstance(scale, float)\n"
+        "            and name == '7' and depth == 3 and mode == 'b' and limit is None):\n"
+        "        raise TypeError(f'{width!r} {bias!r} {scale!r} {name!r} {depth!r} {mode!r} {limit!r}')\n"
+        "    if bias:\n"
+        "        raise ValueError('bias arrived true')\n"
+        "    return torch.nn.Linear(width, 3, bias=bias), torch.randn(5, width)\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["check", "typedfacs:make:bias=false,scale=2,width=6,name=7,depth=3,mode=b,limit=none"]) == 0
+    assert "Linear" in capsys.readouterr().out
+    for spec, msg in (("typedfacs:make:bias=notabool", "bias='notabool' is not a bool (true or false)"),
+                      ("typedfacs:make:width=2.5", "width='2.5' is not an int (a whole number)"),
+                      ("typedfacs:make:scale=big", "scale='big' is not a float"),
+                      ("typedfacs:make:mode=c", "mode='c' is not one of 'a', 'b'"),
+                      ("typedfacs:make:limit=x", "limit='x' is not None (none) or an int (a whole number)"),
+                      ("typedfacs:make:colour=red", "make() takes no argument 'colour'")):
+        assert main(["check", spec]) == 2, spec
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1, (spec, err)
 
 
 def test_seed_seeds_the_model_too(capsys):
@@ -206,8 +302,39 @@ def test_line_bar_reports_time_left():
     bar = LineBar(Console(file=buf, width=200), interval=0.0)
     bar.start(4, "work")
     bar.advance(1)
-    bar.advance(3, "work done")
+    bar.advance(1)
+    bar.advance(2, "work done")
     out = buf.getvalue().splitlines()
     assert out[0] == "work: started, 4 units of work"
-    assert out[1].startswith("work: 1/4 (25%)") and "left" in out[1]
-    assert out[2].startswith("work done: 4/4 (100%)") and "left" not in out[2]
+    assert out[1].startswith("work: 1/4 (25%)") and "left" not in out[1]  # no pace measured yet
+    assert out[2].startswith("work: 2/4 (50%)") and "left" in out[2]
+    assert out[3].startswith("work done: 4/4 (100%)") and "left" not in out[3]
+
+
+def test_line_bar_time_left_follows_the_pace_not_the_first_slow_step(monkeypatch):
+    """Set-up takes 100 s before the first unit, then a unit takes 1 s: the
+    time left is the units left at 1 s each, not 100 s each; when the pace
+    halves, the estimate follows within a window."""
+    import io
+
+    from rich.console import Console
+
+    from signalprop.report import progress
+
+    now = [0.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
+    buf = io.StringIO()
+    bar = progress.LineBar(Console(file=buf, width=200), interval=10.0)  # the pace of the last 60 s
+    bar.start(1000, "work")
+    now[0] = 100.0
+    bar.advance(1)
+    for _ in range(10 + 200):
+        now[0] += 1.0
+        bar.advance(1)
+    for _ in range(100):  # twice as slow from here
+        now[0] += 2.0
+        bar.advance(1)
+    lines = buf.getvalue().splitlines()
+    assert lines[1].startswith("work: 1/1000") and "left" not in lines[1]
+    assert lines[2].startswith("work: 11/1000") and lines[2].endswith("about 16m29s left")  # 989 units x 1 s
+    assert lines[-1].startswith("work: 311/1000") and lines[-1].endswith("about 22m58s left")  # 689 x 2 s

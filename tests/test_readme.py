@@ -1,5 +1,6 @@
 """The README's Python examples run, and its set-up commands are the Makefile's."""
 
+import logging
 import re
 from pathlib import Path
 
@@ -12,11 +13,26 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning")
 @pytest.mark.filterwarnings("ignore:.*LeafSpec.*is deprecated:FutureWarning")
 def test_readme_python_blocks_run(capsys):
+    """Each block runs, and prints no warning of its own making: Python
+    warnings are errors here, and libraries' logged warnings (transformers
+    logs them, not warns: a config's token ids outside its vocabulary, say)
+    are collected and must be none."""
     text = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
     assert blocks
-    for code in blocks:
-        exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    logged: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = logged.append
+    loggers = [logging.getLogger(), logging.getLogger("transformers")]  # the latter does not propagate
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        for code in blocks:
+            exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+    assert not [r.getMessage() for r in logged]
     out = capsys.readouterr().out
     assert "(18, 36)" in out and "1.5925 1.5335" in out
     assert "rank 0: healthy" in out and "[0, 2]" in out  # the distributed and HF examples

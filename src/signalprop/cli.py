@@ -10,7 +10,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +31,10 @@ def _fmt(v: Any, digits: int = 6) -> str:
     return "-" if v is None else str(v)
 
 
-def _kv_table(title: str, d: dict[str, Any]) -> Table:
-    t = Table(title=escape(title), show_header=False)
-    t.add_column("quantity", style="bold")
-    t.add_column("value")
-    for k, v in d.items():
-        t.add_row(escape(k), escape(_fmt(v)))
-    return t
+def _kv_table(title: str, d: dict[str, Any], width: int) -> Table:
+    from .report.terminal import fitted_table
+
+    return fitted_table(title, ["quantity", "value"], [[k, _fmt(v)] for k, v in d.items()], width, wrap=("value",))
 
 
 def _positive_int(text: str) -> int:
@@ -78,6 +75,16 @@ def _out_file(path: str | None, what: str) -> Path | None:
     return _under_a_folder(Path(path), what)
 
 
+def _write(what: str, path: Path, write: Callable[[Path], Any]) -> str | None:
+    """Run ``write(path)``; the reason it failed (a full disk, /dev/full, no
+    permission), or None."""
+    try:
+        write(path)
+    except OSError as e:
+        return f"cannot write {what} {str(path)!r}: {e.strerror or e}"
+    return None
+
+
 def _out_dir(path: str, what: str) -> Path:
     if Path(path).exists() and not Path(path).is_dir():
         raise UsageError(f"{what} {path!r} is a file, not a folder")
@@ -101,7 +108,11 @@ def cmd_theory(args: argparse.Namespace, out: Console) -> int:
         b = np.linspace(0.0, 0.5, 100)
         point = (float(args.sigma_w2 if args.sigma_w2 is not None else summary["critical_sigma_w2"] or np.nan),
                  float(args.sigma_b2))
-        plot_phase_diagram(theory.phase_diagram(args.act, w, b), plot, point if math.isfinite(point[0]) else None)
+        diagram = theory.phase_diagram(args.act, w, b)
+        failed = _write("--plot", plot, lambda p: plot_phase_diagram(diagram, p, point if math.isfinite(point[0])
+                                                                      else None))
+        if failed:
+            raise UsageError(failed)
         summary["plot"] = args.plot
     if args.json:
         from .records import _clean
@@ -109,7 +120,7 @@ def cmd_theory(args: argparse.Namespace, out: Console) -> int:
         out.print_json(json.dumps(_clean(summary)))
     else:
         about = summary.pop("about", None)
-        out.print(_kv_table(f"mean-field theory: {summary['activation']}", summary))
+        out.print(_kv_table(f"mean-field theory: {summary['activation']}", summary, out.width))
         if about:
             out.print(escape(about), highlight=False)
     return EXIT_OK
@@ -134,14 +145,12 @@ def _parse_sets(items: Sequence[str]) -> dict[str, Any]:
 
 def cmd_lab(args: argparse.Namespace, out: Console) -> int:
     from .lab import experiments, run_experiment
+    from .report.terminal import fitted_table
 
     if args.lab_cmd == "list":
-        t = Table(title="signalprop lab")
-        t.add_column("name", style="bold")
-        t.add_column("what it shows")
-        for name, exp in experiments().items():
-            t.add_row(name, exp.summary)
-        out.print(t)
+        out.print(fitted_table("signalprop lab", ["name", "what it shows"],
+                               [[name, exp.summary] for name, exp in experiments().items()], out.width,
+                               wrap=("what it shows",)))
         return EXIT_OK
     dest = _out_dir(args.out or f"lab-out/{args.name}", "--out")
     from .report.progress import progress_bar
@@ -149,12 +158,9 @@ def cmd_lab(args: argparse.Namespace, out: Console) -> int:
     with progress_bar(out) as bar:
         results = run_experiment(args.name, dest, quick=args.quick, progress=bar, **_parse_sets(args.set))
     if "table" in results:
-        t = Table(title=args.name)
-        for c in results["table"]["columns"]:
-            t.add_column(c)
-        for row in results["table"]["rows"]:
-            t.add_row(*("-" if v is None else str(v) for v in row))
-        out.print(t)
+        cols = [str(c) for c in results["table"]["columns"]]
+        out.print(fitted_table(args.name, cols, [["-" if v is None else str(v) for v in row]
+                                                 for row in results["table"]["rows"]], out.width, wrap=tuple(cols)))
     out.print(f"[bold]{escape(args.name)}[/bold]: results in {escape(str(dest))}/results.json")
     for line in results.get("headline", []):
         out.print(f"  {escape(str(line))}", highlight=False)
@@ -192,50 +198,64 @@ def cmd_check(args: argparse.Namespace, out: Console) -> int:
     out.print(f"[bold]signalprop check[/bold] {escape(built.spec)}" +
               (f" (init: {escape(args.init)})" if args.init else ""))
     out.print(renderable(report, out.width))
-    if json_path is not None:
-        report.to_json(json_path)
-        out.print(f"JSON: {escape(str(json_path))}")
-    if html_path is not None:
-        report.save_html(html_path)
-        out.print(f"HTML report: {escape(str(html_path))}")
+    # the report is on the screen already; a file that cannot be written (a full disk) is an input error
+    # (exit 2), after the other file has been tried
+    failed = []
+    for what, path, write, label in (("--json", json_path, report.to_json, "JSON"),
+                                     ("--html", html_path, report.save_html, "HTML report")):
+        if path is not None:
+            err = _write(what, path, write)
+            if err:
+                failed.append(err)
+            else:
+                out.print(f"{label}: {escape(str(path))}")
+    if failed:
+        raise UsageError("; ".join(failed))
     return EXIT_OK if report.verdict == "healthy" else EXIT_PROBLEMS
 
 
 # ---- demo -------------------------------------------------------------------
 
 def cmd_demo(args: argparse.Namespace, out: Console) -> int:
-    from .lab.demo import DemoConfig, run_demo
+    from .lab.demo import DemoConfig, demo_seed, run_demo
     from .report.progress import progress_bar
+    from .report.terminal import STYLE as _VERDICT_STYLE
+    from .report.terminal import fitted_table
 
     cfg = DemoConfig(steps=args.steps)
     dest = _out_dir(args.out, "--out")
     out.rule("[bold]signalprop demo[/bold]: why a deep sigmoid network will not train, and the fix")
     out.print("First the two demonstrations of Dive into Deep Learning's chapter on numerical stability and "
               "initialization (figures in the output folder):")
-    with progress_bar(out) as bar:
-        res = run_demo(cfg, dest, bar)
-    s = res["seed"]
+    dest.mkdir(parents=True, exist_ok=True)
+    s = demo_seed(cfg, dest)
     out.print(f"  sigmoid'(x) peaks at {s['sigmoid_max_grad']:.3g} (x = 0) and is {s['sigmoid_grad_at_-8']:.2g} "
               f"at x = -8: through 50 layers at best 0.25^50 = {0.25 ** 50:.1g}")
     out.print(f"  100 random 4x4 N(0,1) matrices multiply to entries of {s['normal_product']:.2g}; "
               f"orthogonal factors keep norm {s['orthogonal_product_norm']:.3g}")
+    out.print(f"\nNow {len(cfg.inits)} initializations of a {cfg.depth}-layer {cfg.act} MLP, each checked and "
+              f"trained for {cfg.steps} steps:")
+    with progress_bar(out) as bar:
+        res = run_demo(cfg, dest, bar, seed=s)
     out.print(f"\nModel: {res['model']} on scikit-learn's digits ({res['data']}).")
-    t = Table(title="at initialization: signalprop.check", header_style="bold")
-    for c in ("init", "verdict", "grad RMS layer 1", "grad RMS last hidden", "max saturation", "problems"):
-        t.add_column(c)
-    for r in res["rows"]:
-        t.add_row(r["init"], r["verdict"], _fmt(r["grad_first"], 3), _fmt(r["grad_last"], 3),
-                  f"{r['max_saturation']:.0%}", ", ".join(r["problems"]) or "-")
-    out.print(t)
+    verdicts = {v: _VERDICT_STYLE.get(v, "") for r in res["rows"] for v in (r["verdict"], r["verdict_after"])}
+    out.print(fitted_table(
+        "at initialization: signalprop.check",
+        ["init", "verdict", "grad RMS layer 1", "grad RMS last hidden", "max saturation", "problems"],
+        [[r["init"], r["verdict"], _fmt(r["grad_first"], 3), _fmt(r["grad_last"], 3), f"{r['max_saturation']:.0%}",
+          ", ".join(p.replace(" .. ", "..") for p in r["problems"]) or "-"] for r in res["rows"]], out.width,
+        wrap=("init", "grad RMS layer 1", "grad RMS last hidden", "max saturation", "problems"),
+        right=("grad RMS layer 1", "grad RMS last hidden", "max saturation"), styles={"verdict": verdicts}))
     worst = res["rows"][0]
     if worst["problem"]:
-        out.print(f"[bold]{worst['init']}[/bold]: {worst['problem']}\n  [bold]fix:[/bold] {worst['suggestion']}")
-    t2 = Table(title=f"after {cfg.steps} steps of SGD (lr {cfg.lr}, momentum {cfg.momentum})", header_style="bold")
-    for c in ("init", "final train loss", "test accuracy", "verdict after training"):
-        t2.add_column(c)
-    for r in res["rows"]:
-        t2.add_row(r["init"], _fmt(r["final_loss"], 3), f"{r['test_acc']:.1%}", r["verdict_after"])
-    out.print(t2)
+        out.print(f"[bold]{escape(worst['init'])}[/bold]: {escape(worst['problem'])}\n  [bold]fix:[/bold] "
+                  f"{escape(worst['suggestion'])}")
+    out.print(fitted_table(
+        f"after {cfg.steps} steps of SGD (lr {cfg.lr}, momentum {cfg.momentum})",
+        ["init", "final train loss", "test accuracy", "verdict after training"],
+        [[r["init"], _fmt(r["final_loss"], 3), f"{r['test_acc']:.1%}", r["verdict_after"]] for r in res["rows"]],
+        out.width, wrap=("init", "final train loss", "test accuracy", "verdict after training"),
+        right=("final train loss", "test accuracy"), styles={"verdict after training": verdicts}))
     out.print(f"HTML reports: {', '.join(res['html'])}")
     out.print(f"all numbers: {dest / 'demo.json'}")
     return EXIT_OK
@@ -266,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="diagnose a model layer by layer (exit 1 when problems are found)")
     c.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help="built-in spec (mlp:..., cnn:..., resmlp:..., transformer:...) or package.module:factory "
-                        f"[:key=value,...] (default: {DEFAULT_MODEL})")
+                        "[:key=value,...], values read as the types the factory declares "
+                        f"(default: {DEFAULT_MODEL})")
     c.add_argument("--input-shape", help="shape of one example, e.g. 3,32,32 (factories without inputs)")
     c.add_argument("--batch", type=_positive_int, default=64, help="batch size of the random example inputs (default 64)")
     c.add_argument("--seed", type=int, default=0, help="seed for inputs and initialization (default 0)")

@@ -379,6 +379,7 @@ class Report:
         return save_html(self, path)
 
     def _repr_html_(self) -> str:
+        """The HTML report as one element, for notebooks (Jupyter shows it for a bare ``report``)."""
         from .report.html import render_html
 
         return render_html(self, standalone=False)
@@ -497,6 +498,12 @@ class MonitorReport:
         from .report.monitor_html import save_monitor_html
 
         return save_monitor_html(self, path)
+
+    def _repr_html_(self) -> str:
+        """The HTML report as one element, for notebooks (Jupyter shows it for a bare ``mon.report()``)."""
+        from .report.monitor_html import render_monitor_html
+
+        return render_monitor_html(self, standalone=False)
 
     def __str__(self) -> str:
         from .report.text import monitor_text

@@ -19,7 +19,7 @@ from ..records import _clean
 from .datasets import digits
 from .models import build
 from .registry import environment, run_experiment
-from .train import train
+from .train import torch_threads, train
 
 
 @dataclass(frozen=True)
@@ -33,16 +33,42 @@ class DemoConfig:
     momentum: float = 0.9
     batch: int = 128
     seed: int = 0
+    # torch threads for these small models, the caller's again after.  A step's products (128 x 256 by
+    # 256 x 256) are too small to gain from a second thread, and on a loaded machine every parallel
+    # region waits for its slowest thread.  Measured on a 2-core machine with 4 `yes > /dev/null` and
+    # other users' work running (load ~10): one model's 200 steps took 50 s with 1 thread; with 2
+    # (torch's default there), 5 steps took 98 s.
+    threads: int = 1
 
 
 _LABEL = {"normal": "naive N(0,1)", "default": "torch default", "xavier_normal": "Xavier normal",
           "critical": "critical (signalprop)"}
 
 
-def run_demo(cfg: DemoConfig, out: Path, progress: Any = None) -> dict[str, Any]:
+def demo_seed(cfg: DemoConfig, out: Path) -> dict[str, float]:
+    """The numbers of Dive into Deep Learning's two demonstrations (the
+    ``sigmoid`` and ``explode`` experiments, figures under ``out``): quick,
+    so that they can be shown before the training starts."""
+    with torch_threads(cfg.threads):
+        sig = run_experiment("sigmoid", out / "seed-sigmoid")["activations"]["sigmoid"]
+        prod = run_experiment("explode", out / "seed-explode", seed=cfg.seed)["products"]
+    return {"sigmoid_max_grad": sig["max_grad"], "sigmoid_grad_at_-8": sig["grad_at_start"],
+            "normal_product": prod["normal(0,1)"]["max_abs_entry"],
+            "orthogonal_product_norm": 10 ** prod["orthogonal"]["final_log10_norm"]}
+
+
+def run_demo(cfg: DemoConfig, out: Path, progress: Any = None, seed: dict[str, float] | None = None) -> dict[str, Any]:
+    """The whole demo (``seed``: :func:`demo_seed`'s numbers when already
+    computed), written to ``out/demo.json``; torch's thread count is
+    ``cfg.threads`` inside and the caller's again after."""
     out.mkdir(parents=True, exist_ok=True)
-    sig = run_experiment("sigmoid", out / "seed-sigmoid")["activations"]["sigmoid"]
-    prod = run_experiment("explode", out / "seed-explode", seed=cfg.seed)["products"]
+    if seed is None:
+        seed = demo_seed(cfg, out)
+    with torch_threads(cfg.threads):
+        return _run(cfg, out, progress, seed)
+
+
+def _run(cfg: DemoConfig, out: Path, progress: Any, seed: dict[str, float]) -> dict[str, Any]:
     data = digits(cfg.seed)
     spec = f"mlp:depth={cfg.depth},width={cfg.width},act={cfg.act},in={data.n_features},out={data.n_classes}"
     probe_batch = data.x_train[: cfg.batch]
@@ -86,9 +112,7 @@ def run_demo(cfg: DemoConfig, out: Path, progress: Any = None) -> dict[str, Any]
         "config": asdict(cfg), "environment": environment(), "model": spec,
         "data": f"{data.source}, {len(data.y_train)} train / {len(data.y_val)} val / {len(data.y_test)} test, "
                 f"split seed {data.seed}",
-        "seed": {"sigmoid_max_grad": sig["max_grad"], "sigmoid_grad_at_-8": sig["grad_at_start"],
-                 "normal_product": prod["normal(0,1)"]["max_abs_entry"],
-                 "orthogonal_product_norm": 10 ** prod["orthogonal"]["final_log10_norm"]},
+        "seed": seed,
         "rows": rows, "html": html,
     }
     (out / "demo.json").write_text(json.dumps(_clean(result), indent=2))

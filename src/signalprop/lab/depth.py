@@ -28,7 +28,7 @@ from ..records import _clean
 from .datasets import Split, digits
 from .models import DeepMLP, ResMLP, _initialize
 from .registry import Experiment, register
-from .train import train
+from .train import torch_threads, train
 
 
 @dataclass(frozen=True)
@@ -131,8 +131,11 @@ def _residual_cells(cfg: DepthConfig, data: Split, progress: Any) -> list[dict[s
 
 
 def run_depth(cfg: DepthConfig, out: Path, progress: Any = None) -> dict[str, Any]:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    with torch_threads(cfg.threads):  # the caller's thread count is back after the sweep
+        return _run_depth(cfg, out, progress)
+
+
+def _run_depth(cfg: DepthConfig, out: Path, progress: Any) -> dict[str, Any]:
     data = digits(cfg.seed)
     cells_dir = out / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)

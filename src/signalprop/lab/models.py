@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from .. import activations as _act
+from .factory_args import factory_kwargs, parse_value
 
 # Activation names a spec may use: every registry entry with a torch.nn module
 # (signalprop.activations is the one table), by its base name and aliases.
@@ -121,18 +123,10 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _parse_value(v: str) -> Any:
-    for convert in (int, float):
-        try:
-            return convert(v)
-        except ValueError:
-            pass
-    return v
-
-
 # options that count something: positive integers (``in``: None means "= width")
 _COUNTS = {"depth", "width", "blocks", "channels", "size", "in_channels", "out", "layers", "d_model", "heads",
            "vocab", "seq", "in"}
+_NAMES = {"act", "init", "residual"}  # options that name something: read as text, never as a number
 _RESIDUALS = ("none", "fixup", "skipinit")
 MEMORY_FRACTION = 0.5  # refuse a model whose estimated footprint exceeds this share of the machine's memory
 
@@ -163,13 +157,57 @@ def estimate_bytes(kind: str, o: dict[str, Any], batch: int) -> int:
     return 4 * (2 * params + 2 * acts)
 
 
+# How deep a model check can take.  After check's pass, freeing the autograd graph recurses in
+# PyTorch's C++ code once per node that a Python object ever referred to (check hooks the node that
+# made each row's output): a graph deeper than the stack allows ends the process with a segmentation
+# fault, which no exception handler sees.  Measured with `signalprop check` in a subprocess (torch
+# 2.13, CPU, main thread, 8 MiB stack): mlp crashed between depth 18,031 and 18,062 (about 36,100
+# rows), cnn between 17,985 and 18,093, transformer between 4,157 and 4,437 layers (37,400-40,000
+# rows), resmlp between 10,438 and 10,500 blocks (31,300 rows: each block's residual add is one more
+# node, which check does not hook); a 16 MiB stack doubled the depth (mlp ok at 30,000, crashed at
+# 37,000), 4 MiB halved it (ok at 8,500, crashed at 9,500), an unlimited stack took depth 20,000.
+STACK_BYTES_PER_ROW = 8 * 2**20 / 36_000  # ~233 bytes of stack per hooked row
+GRAPH_MARGIN = 0.8  # refuse beyond this share of the measured limit (other frames use the stack too)
+NO_RLIMIT_STACK = 1 << 20  # without POSIX rlimits (Windows): assume a 1 MiB main-thread stack
+
+
+def _stack_bytes() -> int | None:
+    """This process's stack limit (None: unlimited)."""
+    try:
+        import resource
+    except ImportError:
+        return NO_RLIMIT_STACK
+    soft = resource.getrlimit(resource.RLIMIT_STACK)[0]
+    return None if soft == resource.RLIM_INFINITY else int(soft)
+
+
+# per unit of depth: the rows check hooks, plus half a row for each residual add (see above)
+_ROWS_PER_UNIT = {"mlp": ("depth", 2.0, 1), "cnn": ("depth", 2.0, 2), "resmlp": ("blocks", 3.5, 2),
+                  "transformer": ("layers", 9.0, 3)}
+
+
+def _check_graph_depth(kind: str, o: dict[str, Any], spec: str) -> None:
+    stack = _stack_bytes()
+    if stack is None:
+        return
+    unit, per, fixed = _ROWS_PER_UNIT[kind]
+    rows = per * o[unit] + fixed
+    limit = GRAPH_MARGIN * stack / STACK_BYTES_PER_ROW
+    if rows > limit:
+        most = int((limit - fixed) // per)
+        raise ValueError(f"{spec}: {unit}={o[unit]} is deeper than check can take with this process's "
+                         f"{stack / 2**20:g} MiB stack (at most {unit}={most}): freeing the autograd graph after "
+                         "the pass recurses once per layer in PyTorch and would crash the process; lower "
+                         f"{unit}, or raise the stack limit (ulimit -s) and run again")
+
+
 def _check_options(kind: str, o: dict[str, Any]) -> None:
     for k in sorted(_COUNTS & set(o)):
         v = o[k]
         if k == "in" and v is None:
             continue
         if isinstance(v, bool) or not isinstance(v, int):
-            raise ValueError(f"{kind} option {k}={v!r} must be a whole number")
+            raise ValueError(f"{kind} option {k}={v!r} must be a whole number (int)")
         if v < 1:
             raise ValueError(f"{kind} option {k}={v} must be at least 1")
     if "act" in o and o["act"] not in _ACT_NAMES:
@@ -193,7 +231,7 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
             raise ValueError(f"model option {item!r} is not KEY=VALUE")
         if k not in opts:
             raise ValueError(f"{kind} has no option {k!r}; options: {sorted(opts)}")
-        opts[k] = _parse_value(v)
+        opts[k] = v if k in _NAMES else parse_value(v)  # in=none: the default, as wide as the hidden layers
     _check_options(kind, opts)
     return kind, opts
 
@@ -230,9 +268,34 @@ def build(spec: str, *, batch: int = 64, seed: int = 0, init: str | None = None,
     if input_shape is not None and any(isinstance(d, bool) or not isinstance(d, int) or d < 1
                                        for d in input_shape):
         raise ValueError(f"input shape must be positive whole numbers, got {input_shape}")
+    if input_shape is not None:
+        _check_input_size(batch, input_shape)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return _build(spec, batch, seed, init, input_shape)
+
+
+def _check_input_size(batch: int, shape: tuple[int, ...]) -> None:
+    """Refuse, before allocating, example inputs that could not fit in memory
+    (float32, the model's own needs not even counted)."""
+    need, have = 4 * batch * math.prod(shape), _machine_memory()
+    if need > MEMORY_FRACTION * have:
+        raise ValueError(f"inputs of shape {(batch, *shape)} hold {need // 4:.3g} values, {need / 2**30:.3g} GiB "
+                         f"in float32: more than half of this machine's {have / 2**30:.1f} GiB; "
+                         "give the shape of one example (e.g. 3,32,32) and a smaller batch")
+
+
+def _randn(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+    """Example inputs; an allocation that fails all the same (memory taken by
+    others) is a ValueError that says so, not the allocator's traceback."""
+    try:
+        return torch.randn(shape, generator=g)
+    except (RuntimeError, MemoryError) as e:
+        if isinstance(e, RuntimeError) and "alloc" not in str(e):
+            raise
+        raise ValueError(f"could not allocate example inputs of shape {shape} "
+                         f"({4 * math.prod(shape) / 2**30:.3g} GiB in float32): make the shape or the batch "
+                         "smaller") from None
 
 
 def _build(spec: str, batch: int, seed: int, init: str | None, input_shape: tuple[int, ...] | None) -> Built:
@@ -247,18 +310,19 @@ def _build(spec: str, batch: int, seed: int, init: str | None, input_shape: tupl
         raise ValueError(f"{spec} at batch {batch} needs about {need / 2**30:.1f} GiB (parameters, outputs and "
                          f"their gradients in float32), more than half of this machine's {have / 2**30:.1f} GiB: "
                          "make it smaller")
+    _check_graph_depth(kind, o, spec)
     init = init or o.get("init", "default")
     if kind == "mlp":
         n_in = o["in"] or o["width"]
         model: nn.Module = DeepMLP(o["depth"], o["width"], o["act"], n_in, o["out"])
-        x: Any = torch.randn(batch, *(input_shape or (n_in,)), generator=g)
+        x: Any = _randn((batch, *(input_shape or (n_in,))), g)
     elif kind == "resmlp":
         n_in = o["in"] or o["width"]
         model = ResMLP(o["blocks"], o["width"], o["act"], n_in, o["out"])
-        x = torch.randn(batch, *(input_shape or (n_in,)), generator=g)
+        x = _randn((batch, *(input_shape or (n_in,))), g)
     elif kind == "cnn":
         model = SmallCNN(o["depth"], o["channels"], o["act"], o["in_channels"], o["out"])
-        x = torch.randn(batch, *(input_shape or (o["in_channels"], o["size"], o["size"])), generator=g)
+        x = _randn((batch, *(input_shape or (o["in_channels"], o["size"], o["size"]))), g)
     else:
         model = TinyTransformer(o["layers"], o["d_model"], o["heads"], o["vocab"], o["seq"])
         x = torch.randint(0, o["vocab"], (batch, o["seq"]), generator=g)
@@ -270,12 +334,6 @@ def _factory(spec: str, batch: int, g: torch.Generator, input_shape: tuple[int, 
              init: str | None) -> Built:
     mod_name, _, rest = spec.partition(":")
     attr, _, arg_text = rest.partition(":")
-    kwargs: dict[str, Any] = {}
-    for item in filter(None, arg_text.split(",")):
-        k, sep, v = item.partition("=")
-        if not sep or not k.isidentifier():
-            raise ValueError(f"factory argument {item!r} in {spec!r} is not KEY=VALUE")
-        kwargs[k] = _parse_value(v)
     if str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
     try:
@@ -285,6 +343,7 @@ def _factory(spec: str, batch: int, g: torch.Generator, input_shape: tuple[int, 
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ValueError(f"{mod_name!r} has no callable {attr!r} (from {spec!r})")
+    kwargs = factory_kwargs(fn, arg_text, spec)
     try:
         out = fn(**kwargs)
     except Exception as e:
@@ -295,6 +354,6 @@ def _factory(spec: str, batch: int, g: torch.Generator, input_shape: tuple[int, 
     if inputs is None:
         if input_shape is None:
             raise ValueError(f"{spec} returned no example inputs: pass --input-shape, e.g. 3,32,32")
-        inputs = torch.randn(batch, *input_shape, generator=g)
+        inputs = _randn((batch, *input_shape), g)
     s = _initialize(model, init, inputs, g, None) if init else None
     return Built(model, inputs, spec, s)

@@ -69,7 +69,8 @@ def plot_phase_diagram(pd: Any, path: Path, point: tuple[float, float] | None = 
     ax.text(0.03, 0.92, "ordered", transform=ax.transAxes, color="w")
     ax.text(0.80, 0.92, "chaotic", transform=ax.transAxes, color="w")
     ax.legend(loc="lower right", fontsize=8)
-    fig.savefig(path, dpi=110)
+    # a name without a suffix is written as PNG under that very name (matplotlib would append ".png")
+    fig.savefig(path, dpi=110, format=Path(path).suffix[1:] or "png")
     return Path(path)
 
 

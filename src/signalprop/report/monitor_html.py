@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .figures import new_figure
-from .html import write_html
+from .html import COLUMNS, _cell, write_html
 
 _SERIES = (("grad_rms", "gradient RMS (d loss / d output)", True),
            ("forward_second_moment", "forward second moment E[y^2]", True),
@@ -68,7 +68,25 @@ def monitor_figure(r: Any) -> bytes:
     return buf.getvalue()
 
 
-def render_monitor_html(r: Any) -> str:
+_PAGE_STYLE = "body{font-family:sans-serif;margin:2em} td,th{font-size:12px;padding:3px} img{max-width:100%;height:auto}"
+_NOTEBOOK_STYLE = ".sp-monitor td,.sp-monitor th{font-size:12px;padding:3px} .sp-monitor img{max-width:100%;height:auto}"
+
+
+def _last_sample_table(r: Any) -> str:
+    """The last sampled step's rows, in the columns of check's report."""
+    if not r.history:
+        return ""
+    h = r.history[-1]
+    head = "".join(f"<th>{html.escape(title)}</th>" for _, title, _ in COLUMNS)
+    rows = "".join("<tr>" + "".join(f"<td>{_cell(getattr(layer, attr), how)}</td>" for attr, _, how in COLUMNS)
+                   + "</tr>" for layer in h.layers)
+    return (f"<h3>Layers at the last sampled step ({h.step}: {html.escape(h.verdict)})</h3>"
+            f"<table border=1 cellspacing=0><tr>{head}</tr>{rows}</table>")
+
+
+def render_monitor_html(r: Any, standalone: bool = True) -> str:
+    """The page, or with ``standalone=False`` its body in one ``<div>`` with
+    its styles inline (a notebook cell's ``_repr_html_``)."""
     img = base64.b64encode(monitor_figure(r)).decode()
     alerts = "".join(
         f"<tr><td>{a.step}</td><td>{html.escape(a.kind)}</td><td>{html.escape(a.layer)}</td>"
@@ -77,16 +95,17 @@ def render_monitor_html(r: Any) -> str:
     hist = "".join(f"<tr><td>{h.step}</td><td>{'-' if h.loss is None else f'{h.loss:.4g}'}</td>"
                    f"<td>{'-' if h.grad_norm is None else f'{h.grad_norm:.3g}'}</td>"
                    f"<td>{html.escape(h.verdict)}</td><td>{len(h.problems)}</td></tr>" for h in r.history)
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>signalprop monitor: {html.escape(r.model)}"
-            f"</title><style>body{{font-family:sans-serif;margin:2em}} td,th{{font-size:12px;padding:3px}}"
-            f" img{{max-width:100%;height:auto}}</style></head><body>"
-            f"<h2>signalprop monitor: {html.escape(r.model)}</h2>"
+    body = (f"<h2>signalprop monitor: {html.escape(r.model)}</h2>"
             f"<p>{len(r.steps)} steps, one in {r.every} sampled layer by layer ({len(r.history)} samples)</p>"
             f"<h3>Alerts</h3><table border=1 cellspacing=0><tr><th>step</th><th>kind</th><th>layer</th>"
             f"<th>phase</th><th>message</th><th>suggestion</th></tr>{alerts}</table>"
             f"<img alt='monitor time series' src='data:image/png;base64,{img}'/>"
             f"<h3>Sampled steps</h3><table border=1 cellspacing=0><tr><th>step</th><th>loss</th>"
-            f"<th>gradient norm</th><th>verdict</th><th>problems</th></tr>{hist}</table></body></html>")
+            f"<th>gradient norm</th><th>verdict</th><th>problems</th></tr>{hist}</table>{_last_sample_table(r)}")
+    if not standalone:  # styles scoped to this element: a notebook page holds other cells
+        return f"<div class='sp-monitor'><style>{_NOTEBOOK_STYLE}</style>{body}</div>"
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>signalprop monitor: {html.escape(r.model)}"
+            f"</title><style>{_PAGE_STYLE}</style></head><body>{body}</body></html>")
 
 
 def save_monitor_html(r: Any, path: Any) -> Path:

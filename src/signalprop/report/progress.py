@@ -21,6 +21,7 @@ from rich.progress import (
 )
 
 LINE_INTERVAL_S = 10.0  # without a terminal: one progress line at most this often (and at the end)
+WINDOW_S = 60.0  # the time left is estimated from the pace over about this long
 
 
 class Bar:
@@ -53,19 +54,27 @@ def _clock(seconds: float) -> str:
 class LineBar:
     """The same protocol as :class:`Bar`, printing a line such as
     ``depth: 40/120 (33%), 1m20s elapsed, about 2m40s left`` every
-    ``interval`` seconds and when the work completes."""
+    ``interval`` seconds and when the work completes.
 
-    def __init__(self, console: Console, interval: float = LINE_INTERVAL_S) -> None:
+    The time left is the work left at the pace of the last ``window``
+    seconds, measured between printed lines: the first line has none (the
+    time before it includes set-up, a first slow step, other work), and a
+    machine that slows down or speeds up is followed within a window."""
+
+    def __init__(self, console: Console, interval: float = LINE_INTERVAL_S, window: float = WINDOW_S) -> None:
         self.console = console
         self.interval = interval
+        self.window = window
         self.total = 0
         self.done = 0
         self.description = ""
         self._t0 = self._last = time.monotonic()
+        self._marks: list[tuple[float, int]] = []  # (time, units done) at each printed line
 
     def start(self, total: int, description: str = "") -> None:
         self.total, self.done, self.description = max(int(total), 0), 0, description
         self._t0 = self._last = time.monotonic()
+        self._marks = []
         self.console.print(f"{escape(description)}: started, {self.total} units of work", highlight=False)
 
     def advance(self, n: int = 1, description: str | None = None) -> None:
@@ -78,12 +87,23 @@ class LineBar:
             return
         self._last = now
         elapsed = now - self._t0
+        self._marks = [m for m in self._marks if now - m[0] <= self.window] or self._marks[-1:]
         line = f"{escape(self.description)}: {self.done}/{self.total}"
         if self.total:
             line += f" ({self.done / self.total:.0%}), {_clock(elapsed)} elapsed"
-            if 0 < self.done < self.total:
-                line += f", about {_clock(elapsed * (self.total - self.done) / self.done)} left"
+            left = self._time_left(now)
+            if 0 < self.done < self.total and left is not None:
+                line += f", about {_clock(left)} left"
+        self._marks.append((now, self.done))
         self.console.print(line, highlight=False)
+
+    def _time_left(self, now: float) -> float | None:
+        if not self._marks:
+            return None
+        t, done = self._marks[0]
+        if self.done <= done or now <= t:
+            return None
+        return (self.total - self.done) * (now - t) / (self.done - done)
 
 
 @contextmanager

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
-import shutil
-import sys
 from typing import Any
 
 from rich import box
@@ -14,25 +11,13 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-_STYLE = {"healthy": "green", "vanishing": "yellow", "exploding": "red", "non-finite": "bold red",
+from .layout import GAP, fit_columns, shorten_name, terminal_width, wrap_widths
+
+STYLE = {"healthy": "green", "vanishing": "yellow", "exploding": "red", "non-finite": "bold red",
           "saturated": "magenta", "dead": "cyan"}
 MAX_ROWS = 60  # longer reports show the first and last rows and the unhealthy ones between
 EDGE_ROWS = 10  # rows always shown at each end of a long table
 MAX_GAPS = 6  # more separate elided stretches than this: the middle collapses into one line
-NON_TTY_WIDTH = 100  # when output is not a terminal and COLUMNS is unset
-
-
-def terminal_width() -> int:
-    """The real terminal's width; ``COLUMNS`` when set; a sane default for
-    pipes and files."""
-    if "COLUMNS" in os.environ:
-        try:
-            return max(40, int(os.environ["COLUMNS"]))
-        except ValueError:
-            pass
-    if sys.stdout.isatty():
-        return max(40, shutil.get_terminal_size((NON_TTY_WIDTH, 24)).columns)
-    return NON_TTY_WIDTH
 
 
 def shown_rows(layers: Any) -> list[int | tuple[int, int, int]]:
@@ -66,7 +51,12 @@ def _pct(v: Any) -> str:
 
 
 def renderable(report: Any, width: int | None = None) -> Group:
-    head = Text.assemble(("verdict: ", "bold"), (report.verdict, _STYLE.get(report.verdict, "")))
+    """The report for a terminal ``width`` columns wide (default: see
+    :func:`terminal_width`): the verdict, the problems, the layer table
+    (see :func:`layer_table` for what gives way at narrow widths), the
+    Jacobian reading.  Free text wraps at spaces."""
+    width = width or terminal_width()
+    head = Text.assemble(("verdict: ", "bold"), (report.verdict, STYLE.get(report.verdict, "")))
     s = report.summary
     facts = [f"{s.rows} rows", s.backprop]
     if s.first_last_grad_ratio is not None:
@@ -77,11 +67,12 @@ def renderable(report: Any, width: int | None = None) -> Group:
     parts += [Text(f"note: {n}", style="dim") for n in s.notes]
     for p in report.problems:
         parts.append(Panel(Text.assemble((p.message, ""), ("\nfix: ", "bold"), (p.suggestion, "")),
-                           title=p.kind, border_style=_STYLE.get(p.kind, "")))
-    parts.append(layer_table(report, width))
-    if report.summary.theory and (width or terminal_width()) < THEORY_MIN_WIDTH:
-        parts.append(Text(f"(theory columns hidden below {THEORY_MIN_WIDTH} columns: widen the terminal, "
-                          "or read predicted_* in --json)", style="dim"))
+                           title=p.kind, border_style=STYLE.get(p.kind, "")))
+    table, left_out = layer_table_and_fit(report, width)
+    parts.append(table)
+    if left_out:
+        parts.append(Text(f"(not shown at {width} columns: {', '.join(left_out)}; widen the terminal, "
+                          "or read every column in --json / to_dict())", style="dim"))
     if report.spectrum:
         sp = report.spectrum
         parts.append(Text(f"Jacobian ({sp.method}): singular values {sp.min_singular_value:.3g} .. "
@@ -90,42 +81,113 @@ def renderable(report: Any, width: int | None = None) -> Group:
     return Group(*parts)
 
 
-THEORY_MIN_WIDTH = 112  # narrower terminals hide the two theory columns (and say so)
+# the two theory columns, headed "theory" beside their measurement; named in full when left out
+_THEORY_FWD, _THEORY_GRAD = "E[y^2] theory", "grad RMS theory"
+
+
+def _drop_order(report: Any) -> list[str]:
+    """The columns left out when the table is too wide, first to go first:
+    the two theory predictions, the parameter gradient RMS (shown, never
+    judged), the dead and saturated shares, the module's class, the forward
+    second moment.  The dead and saturated shares go last when a row is
+    judged dead or saturated: they are the evidence.  The row number, the
+    name, the gradient RMS and the verdict always stay; names are
+    abbreviated (``m.l.11.s.q_proj``, see
+    :func:`signalprop.report.layout.shorten_name`) only when those four
+    alone do not fit."""
+    order = [_THEORY_FWD, _THEORY_GRAD, "param grad", "dead", "sat", "kind", "E[y^2]"]
+    verdicts = {layer.verdict for layer in report.layers}
+    for col, verdict in (("sat", "saturated"), ("dead", "dead")):
+        if verdict in verdicts:
+            order.remove(col)
+            order.append(col)
+    return order
 
 
 def layer_table(report: Any, width: int | None = None) -> Table:
-    theory = report.summary.theory and (width or terminal_width()) >= THEORY_MIN_WIDTH
-    t = Table(title="layers (execution order)", show_lines=False, header_style="bold", box=box.SIMPLE_HEAD,
-              padding=(0, 1), pad_edge=False, show_edge=False)
-    cols = ["#", "name", "kind", "E\\[y^2]", *(["theory"] if theory else []), "grad RMS",
-            *(["theory"] if theory else []), "param grad", "sat", "dead", "verdict"]
-    for c in cols:
-        text = c in ("name", "kind", "verdict")
-        # text columns wrap (fold) when the terminal is narrow; numbers keep their width, never cropped
-        t.add_column(c, justify="left" if text else "right", overflow="fold",
-                     min_width=(10 if c == "verdict" else None) if text else (4 if c in ("sat", "dead", "#") else 8))
+    """The layer table, ``width`` columns wide at most: see
+    :func:`layer_table_and_fit`."""
+    return layer_table_and_fit(report, width)[0]
+
+
+def layer_table_and_fit(report: Any, width: int | None = None) -> tuple[Table, list[str]]:
+    """The layer table no wider than ``width`` (default: the terminal's) and
+    the headers of the columns left out to fit it (in :func:`_drop_order`;
+    the theory columns exist only when the report has predictions).  No
+    cell is cut or wrapped: a name is always whole on one line unless even
+    the four essential columns do not fit."""
+    width = width or terminal_width()
+    theory = bool(report.summary.theory)
+    heads = ["#", "name", "kind", "E[y^2]", *([_THEORY_FWD] if theory else []), "grad RMS",
+             *([_THEORY_GRAD] if theory else []), "param grad", "sat", "dead", "verdict"]
     layers = report.layers
+    rows: list[list[str]] = []
     elided: list[str] = []
     for item in shown_rows(layers):
         if isinstance(item, tuple):
             a, b, bad = item
-            t.add_row("…", "…", *[""] * (len(cols) - 2))
+            rows.append(["…", "…", *[""] * (len(heads) - 2)])
             elided.append(f"{a} .. {b - 1} ({b - a} rows, " + (f"{bad} not healthy)" if bad else "all healthy)"))
             continue
         layer = layers[item]
-        t.add_row(str(layer.index), layer.name, layer.kind, _g(layer.forward_second_moment),
-                  *([_g(layer.predicted_second_moment)] if theory else []), _g(layer.grad_rms),
-                  *([_g(layer.predicted_grad_rms)] if theory else []), _g(layer.param_grad_rms),
-                  _pct(layer.saturation), _pct(layer.dead_fraction),
-                  Text(layer.verdict, style=_STYLE.get(layer.verdict, "")))
+        rows.append([str(layer.index), layer.name, layer.kind, _g(layer.forward_second_moment),
+                     *([_g(layer.predicted_second_moment)] if theory else []), _g(layer.grad_rms),
+                     *([_g(layer.predicted_grad_rms)] if theory else []), _g(layer.param_grad_rms),
+                     _pct(layer.saturation), _pct(layer.dead_fraction), layer.verdict])
+    shown = ["theory" if h in (_THEORY_FWD, _THEORY_GRAD) else h for h in heads]
+    natural = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(shown)]
+    fit = fit_columns(natural, width, drop=[heads.index(h) for h in _drop_order(report) if h in heads],
+                      shorten=heads.index("name"))
+    t = Table(title="layers (execution order)", show_lines=False, header_style="bold", box=box.SIMPLE_HEAD,
+              padding=(0, GAP - 1, 0, 0), pad_edge=False, show_edge=False)
+    for i, w in zip(fit.keep, fit.widths):
+        text = heads[i] in ("name", "kind", "verdict")
+        t.add_column(Text(shown[i]), justify="left" if text else "right", no_wrap=True, overflow="ellipsis",
+                     width=w, min_width=w, max_width=w)
+    for r in rows:
+        cells: list[Any] = []
+        for i, w in zip(fit.keep, fit.widths):
+            if heads[i] == "verdict":
+                cells.append(Text(r[i], style=STYLE.get(r[i], "")))
+            else:
+                cells.append(Text(shorten_name(r[i], w) if i == fit.shortened else r[i]))
+        t.add_row(*cells)
+    notes = []
     if elided:
-        t.caption = f"rows not shown: {'; '.join(elided)} -- every row is in --json / to_dict()"
+        notes.append(f"rows not shown: {'; '.join(elided)} -- every row is in --json / to_dict()")
+    if fit.shortened is not None:
+        notes.append(f"names abbreviated to fit {width} columns")
+    if notes:
+        t.caption = "; ".join(notes)
+    return t, [heads[i] for i in fit.dropped]
+
+
+def fitted_table(title: str, header: list[str], rows: list[list[str]], width: int | None = None, *,
+                 wrap: tuple[str, ...] = (), right: tuple[str, ...] = (),
+                 styles: dict[str, dict[str, str]] | None = None) -> Table:
+    """A rich table of text cells no wider than ``width`` (default: the
+    terminal's) unless its longest words alone are: the columns named in
+    ``wrap`` wrap at spaces, their headers too (a word is never split), the
+    others keep their width; ``right``: right-aligned
+    columns; ``styles``: column -> {cell text: rich style}.  Markup in cells
+    is shown as it is."""
+    width = width or terminal_width()
+    natural = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
+    fit = fit_columns(natural, width, wrap={header.index(h): wrap_widths(h, [r[header.index(h)] for r in rows], True)
+                                            for h in wrap})
+    t = Table(title=Text(title), header_style="bold", box=box.SIMPLE_HEAD, padding=(0, GAP - 1, 0, 0),
+              pad_edge=False, show_edge=False)
+    for i, w in zip(fit.keep, fit.widths):
+        t.add_column(Text(header[i]), justify="right" if header[i] in right else "left", width=w, min_width=w,
+                     max_width=w, no_wrap=header[i] not in wrap, overflow="fold")
+    for r in rows:
+        t.add_row(*(Text(r[i], style=(styles or {}).get(header[i], {}).get(r[i], "")) for i in fit.keep))
     return t
 
 
 def render_text(report: Any, width: int | None = None) -> str:
-    """The report as plain text, ``width`` columns wide (default: the
-    terminal's, or COLUMNS, or 100 when not a terminal)."""
+    """The report as plain text, no line longer than ``width`` (default:
+    :func:`terminal_width`)."""
     width = width or terminal_width()
     buf = io.StringIO()
     Console(file=buf, width=width, force_terminal=False, color_system=None).print(renderable(report, width))

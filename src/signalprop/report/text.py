@@ -1,62 +1,73 @@
-"""Plain fixed-width text for records that print without rich (InitSummary)."""
+"""Plain fixed-width text for records that print without rich (InitSummary,
+MonitorReport), made to fit the terminal's width (:func:`terminal_width`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.3g}"
-    if isinstance(v, tuple):
-        return "x".join(str(x) for x in v) if all(isinstance(x, int) for x in v) else str(v)
-    return str(v)
+from .layout import _cell, terminal_width, text_table, wrap_words
 
 
-def text_table(header: list[str], rows: list[list[Any]]) -> str:
-    """A plain fixed-width table."""
-    cells = [[_fmt(c) for c in r] for r in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(header)]
-    line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
-    out = [line, "  ".join("-" * w for w in widths)]
-    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
-    return "\n".join(out)
+def _table(header: list[str], rows: list[list[Any]], width: int, **how: Any) -> list[str]:
+    text, left_out = text_table(header, rows, width, **how)
+    out = [text]
+    if left_out:
+        out += wrap_words(f"(not shown at {width} columns: {', '.join(left_out)}; every column is in to_dict())",
+                          width)
+    return out
 
 
-def init_summary_text(s: Any) -> str:
-    """What ``print(InitSummary)`` shows: per-layer choices, per-parameter draws, notes."""
+def init_summary_text(s: Any, width: int | None = None) -> str:
+    """What ``print(InitSummary)`` shows: per-layer choices, per-parameter
+    draws, notes; no line longer than ``width`` (default: the terminal's).
+    Notes and the activation wrap at spaces; when the tables are still too
+    wide, columns with no value go first, then the per-layer table's kind,
+    chi1, sigma_b2, scale and q*, and the per-parameter table's distribution,
+    fan_out and shape; names are abbreviated only when nothing else fits."""
+    width = width or terminal_width()
     parts = [f"InitSummary(scheme={s.scheme!r})"]
     if s.layers:
-        parts.append(text_table(
+        parts += _table(
             ["layer", "kind", "activation", "sigma_w2", "sigma_b2", "q*", "chi1", "scale", "note"],
             [[x.name, x.kind, x.activation, x.sigma_w2, x.sigma_b2, x.q_star, x.chi1, x.scale, x.note]
-             for x in s.layers]))
+             for x in s.layers], width, wrap=["activation", "note"],
+            drop=["kind", "chi1", "sigma_b2", "scale", "q*"], shorten="layer")
     if s.params:
-        parts.append(text_table(
+        parts += _table(
             ["parameter", "shape", "fan_in", "fan_out", "std", "distribution", "note"],
-            [[p.name, p.shape, p.fan_in, p.fan_out, p.std, p.distribution, p.note] for p in s.params]))
+            [[p.name, p.shape, p.fan_in, p.fan_out, p.std, p.distribution, p.note] for p in s.params], width,
+            wrap=["note"], drop=["note", "distribution", "fan_out", "shape"], shorten="parameter")
     if s.forward_passes:
         parts.append(f"forward passes: {s.forward_passes}")
     if s.skipped:
-        parts.append("left untouched: " + ", ".join(s.skipped))
-    parts += [f"note: {n}" for n in s.notes]
+        parts += wrap_words("left untouched: " + ", ".join(s.skipped), width)
+    for n in s.notes:
+        parts += wrap_words(f"note: {n}", width)
     return "\n".join(parts)
 
 
-def monitor_text(r: Any) -> str:
-    """What ``print(MonitorReport)`` shows: steps seen, the alerts, and the
-    sampled steps' verdicts."""
+def monitor_text(r: Any, width: int | None = None) -> str:
+    """What ``print(MonitorReport)`` shows: steps seen, the alerts (each a
+    heading line -- step, kind, module -- with its message and fix wrapped
+    beneath it), and the sampled steps' verdicts; no line longer than
+    ``width`` (default: the terminal's) unless one word is."""
+    width = width or terminal_width()
     finite = [v for v in r.losses if v is not None]
-    parts = [f"MonitorReport(model={r.model}, steps={len(r.steps)}, every={r.every}, sampled={len(r.history)}, "
-             f"last loss={_fmt(finite[-1]) if finite else '-'})"]
+    parts = ["\n".join(wrap_words(
+        f"MonitorReport(model={r.model}, steps={len(r.steps)}, every={r.every}, sampled={len(r.history)}, "
+        f"last loss={_cell(finite[-1]) if finite else '-'})", width))]
     if r.alerts:
-        parts.append(text_table(["step", "kind", "layer", "message", "suggestion"],
-                                [[a.step, a.kind, a.layer, a.message, a.suggestion] for a in r.alerts]))
+        lines = [f"alerts ({len(r.alerts)}):"]
+        for a in r.alerts:
+            lines += wrap_words(f"step {a.step}  {a.kind}" + (f" ({a.phase})" if a.phase else "") + f"  {a.layer}",
+                                width)
+            lines += wrap_words(a.message, width, "    ")
+            lines += wrap_words(f"fix: {a.suggestion}", width, "    ")
+        parts.append("\n".join(lines))
     else:
         parts.append("no alerts")
     if r.history:
-        parts.append(text_table(["sampled step", "loss", "grad norm", "verdict", "problems"],
-                                [[h.step, h.loss, h.grad_norm, h.verdict, len(h.problems)] for h in r.history]))
+        parts.append("\n".join(_table(["sampled step", "loss", "grad norm", "verdict", "problems"],
+                                      [[h.step, h.loss, h.grad_norm, h.verdict, len(h.problems)] for h in r.history],
+                                      width)))
     return "\n\n".join(parts)
