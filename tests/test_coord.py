@@ -299,3 +299,34 @@ def test_attention_logits_are_the_softmaxs_own_inputs():
         kept = logits[:, torch.ones(6, 6, dtype=torch.bool).tril()]
         assert r.curve("sdpa", "attention", 0).values[0][j] == pytest.approx(float(kept.square().mean().sqrt()),
                                                                             rel=1e-5)
+
+
+def test_verdict_rules_on_known_power_laws():
+    """summarize() on synthetic readings: exact power laws, two seeds (tiny seed noise)."""
+    from signalprop.width import summarize
+    from signalprop.width.measure import Cell
+
+    widths, seeds = (64, 128, 256, 512), (0, 1)
+    laws = {  # (name, role): exponent at t = 0 and at t = 1
+        ("a", "activation"): (0.0, 0.0),
+        ("b", "logits"): (-0.5, 0.0),  # o(1) at init only (muP's read-out): not judged
+        ("c", "update"): (None, -0.5),  # shrinks after the step: stops learning
+        ("d", "attention"): (1.0, 0.0),  # grows at init: judged
+        ("e", "activation"): (0.0, "inf"),  # overflows at the largest width
+    }
+
+    def value(law, w, s):
+        if law is None:
+            return math.nan
+        if law == "inf":
+            return math.inf if w == widths[-1] else 1.0
+        return (1 + 0.01 * s) * (w / 64) ** law
+
+    cells = [Cell(w, s, {k: tuple(value(law, w, s) for law in v) for k, v in laws.items()}, {}, {}, "Adam")
+             for s in seeds for w in widths]
+    r = summarize(cells, widths, seeds, 1, "l1", "synthetic")
+    got = {x.name: x.verdict for x in r.layers}
+    assert got == {"a": "width-stable", "b": "width-stable", "c": "shrinks", "d": "grows", "e": "grows"}
+    assert r.layer("c", "update").slope == pytest.approx(-0.5) and r.layer("c", "update").leaves_range_at == 6400
+    assert "non-finite at width 512" in r.layer("e").message
+    assert r.verdict == "grows" and [x.name for x in r.problems][:2] in (["d", "e"], ["e", "d"])

@@ -105,8 +105,8 @@ def summarize(cells: Sequence[Cell], widths: tuple[int, ...], seeds: tuple[int, 
                                       tuple(tuple(float(v) for v in vals[i, :, t]) for i in range(len(seeds))),
                                       b, se))
         where = judge.position(ref.fans.get(name), wide.fans.get(name))
-        layers.append(_verdict(name, role, ref.kinds.get(name, "?"), where, fits, vals, widths, statistic,
-                               optimizer))
+        kind = "scaled_dot_product_attention" if role == "attention" else ref.kinds.get(name, "?")
+        layers.append(_verdict(name, role, kind, where, fits, vals, widths, statistic, optimizer))
     verdicts = {x.verdict for x in layers}
     overall = "grows" if "grows" in verdicts else "shrinks" if "shrinks" in verdicts else "width-stable"
     return CoordCheck(overall, tuple(layers), tuple(series), widths, seeds, steps, statistic,  # type: ignore[arg-type]
