@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..probe.attention import sdpa_logits
+
 STATISTICS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "l1": lambda x: x.abs().mean(),  # mean |x| per coordinate: mup's FDICT["l1"]
     "rms": lambda x: x.square().mean().sqrt(),
@@ -172,27 +174,21 @@ class _Recorder(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention and not self.busy:
             with torch.no_grad():
-                self._attention(*args, **kwargs)
+                self._attention(args, kwargs)
         return func(*args, **kwargs)
 
-    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                   dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None, **_: Any) -> None:
+    def _attention(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """RMS of the logits over every query-key pair the softmax keeps (a
+        masked pair is never learned from), formed as the probe forms them."""
         parent = self.stack[-1] if self.stack else ""
         i = self.sdpa_calls.get(parent, 0)
         self.sdpa_calls[parent] = i + 1
-        if k.dim() >= 3 and q.dim() >= 3 and k.shape[-3] != q.shape[-3] and q.shape[-3] % k.shape[-3] == 0:
-            k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)  # grouped-query attention
-        s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-        logits = (q.detach().float() @ k.detach().float().transpose(-2, -1)) * s
-        # only the query-key pairs the softmax sees: a masked-out pair is never learned from
-        keep = torch.ones(logits.shape[-2:], dtype=torch.bool, device=logits.device)
-        if is_causal:
-            keep = keep.tril(logits.shape[-1] - logits.shape[-2])
-        if attn_mask is not None:
-            keep = keep & (attn_mask if attn_mask.dtype == torch.bool else torch.isfinite(attn_mask))
-        keep = keep.expand_as(logits)
+        got = sdpa_logits(args, kwargs, query_rows=None)
+        if got is None:
+            return
+        logits, keep = got
         name = (f"{parent}." if parent else "") + ("sdpa" if i == 0 else f"sdpa[{i}]")
-        self._put(name, "attention", logits[keep].square().mean().sqrt())
+        self._put(name, "attention", logits[keep.expand_as(logits)].square().mean().sqrt())
 
 
 @contextmanager
@@ -209,7 +205,7 @@ def _fans(m: nn.Module) -> tuple[int, int] | None:
     w = getattr(m, "weight", None)
     if not isinstance(w, torch.Tensor) or w.dim() < 2:
         return None
-    from ..init.fans import fans
+    from ..layers import fans
 
     try:
         return fans(m)
