@@ -18,7 +18,6 @@ abc-parametrization analysis; Yang et al. 2022, "Tensor Programs V", Table 3):
 """
 
 import math
-import warnings
 
 import numpy as np
 import pytest
@@ -164,15 +163,11 @@ def _mup_frame(param, seed, nsteps):
             return gpt(w, param, seq=8)
         return build
 
-    # mup 1.0.0 (2022) under torch 2.13 / pandas: nothing of it is needed here (narrow: only these messages)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning, module="mup")
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module="mup")
-        with torch.random.fork_rng(devices=[]):
-            # mup=True: its MuAdam, mup=False: torch's Adam, as our _muadam / _adam
-            return get_coord_data({w: lazy(w) for w in WIDTHS}, [(GPT_DATA[0], GPT_DATA[1].reshape(-1))],
-                                  optimizer="adam", lr=LR_ADAM, mup=param == "mup", nsteps=nsteps,
-                                  flatten_output=True, cuda=False, show_progress=False)
+    with torch.random.fork_rng(devices=[]):
+        # mup=True: its MuAdam, mup=False: torch's Adam, as our _muadam / _adam
+        return get_coord_data({w: lazy(w) for w in WIDTHS}, [(GPT_DATA[0], GPT_DATA[1].reshape(-1))],
+                              optimizer="adam", lr=LR_ADAM, mup=param == "mup", nsteps=nsteps,
+                              flatten_output=True, cuda=False, show_progress=False)
 
 
 @pytest.mark.parametrize("param", ["sp", "mup"])
