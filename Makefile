@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test]" "$(TORCH_SPEC)"
+	# mup (test extra) requires torchvision but never imports it; PyPI's torchvision is built for the
+	# CUDA torch and fails at import beside a CPU wheel, which breaks libraries that probe for it
+	$(PY) -c "import torchvision" 2>/dev/null || $(PY) -m pip uninstall -y -q torchvision
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -28,21 +28,28 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "monitor": ("signalprop.monitor", None),  # callable: sp.monitor(model, every=50)
     "Monitor": ("signalprop.monitor.core", "Monitor"),
     "clip": ("signalprop.clip", None),
+    "coord_check": ("signalprop.width.coord", "coord_check"),
+    "CoordCheck": ("signalprop.width.records", "CoordCheck"),
+    "width": ("signalprop.width", None),
+    "sweep": ("signalprop.sweep", None),
     "Report": ("signalprop.probe.check", "Report"),
     "InitSummary": ("signalprop.records", "InitSummary"),
     "LayerStats": ("signalprop.records", "LayerStats"),
     "Problem": ("signalprop.records", "Problem"),
 }
 
-__all__ = ["InitSummary", "LayerStats", "Monitor", "Problem", "Report", "__version__", "activations", "check",
-           "clip", "init", "lab", "layers", "monitor", "probe", "report", "statistics", "theory"]
+__all__ = ["CoordCheck", "InitSummary", "LayerStats", "Monitor", "Problem", "Report", "__version__", "activations",
+           "check", "clip", "coord_check", "init", "lab", "layers", "monitor", "probe", "report", "statistics", "sweep",
+           "theory", "width"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import activations, clip, init, lab, layers, probe, report, statistics, theory
+    from . import activations, clip, init, lab, layers, probe, report, statistics, sweep, theory, width
     from .monitor import monitor
     from .monitor.core import Monitor
     from .probe.check import Report, check
     from .records import InitSummary, LayerStats, Problem
+    from .width.coord import coord_check
+    from .width.records import CoordCheck
 
 
 def __getattr__(name: str) -> Any:

@@ -261,6 +261,102 @@ def cmd_demo(args: argparse.Namespace, out: Console) -> int:
     return EXIT_OK
 
 
+# ---- coord-check ------------------------------------------------------------
+
+def _widths(text: str) -> list[int]:
+    try:
+        ws = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected widths like 64,128,256, got {text!r}") from None
+    if len(set(ws)) < 2 or min(ws) < 1:
+        raise argparse.ArgumentTypeError(f"expected at least two different positive widths, got {text!r}")
+    return ws
+
+
+def _coord_factory(spec: str) -> tuple[Any, dict[str, Any]]:
+    """``package.module:factory[:key=value,...]`` -> (factory, keyword arguments)."""
+    from .lab.models import _parse_value
+
+    mod_name, _, rest = spec.partition(":")
+    attr, _, arg_text = rest.partition(":")
+    if not mod_name or not attr:
+        raise UsageError(f"MODEL must be package.module:factory[:key=value,...], got {spec!r}")
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, arg_text.split(",")):
+        k, sep, v = item.partition("=")
+        if not sep or not k.isidentifier():
+            raise UsageError(f"factory argument {item!r} in {spec!r} is not KEY=VALUE")
+        kwargs[k] = _parse_value(v)
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    import importlib
+
+    try:
+        module = importlib.import_module(mod_name)
+    except Exception as e:
+        raise UsageError(f"cannot import {mod_name!r} for {spec!r}: {type(e).__name__}: {e}") from e
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise UsageError(f"{mod_name!r} has no callable {attr!r} (from {spec!r})")
+    return fn, kwargs
+
+
+def _model_only(fn: Any, kwargs: dict[str, Any], width: int) -> Any:
+    out = fn(width, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def cmd_coord_check(args: argparse.Namespace, out: Console) -> int:
+    import functools
+
+    import torch
+
+    from . import coord_check
+    from .width import optimizer
+
+    json_path, html_path = _out_file(args.json, "--json"), _out_file(args.html, "--html")
+    fn, kwargs = _coord_factory(args.model)
+    make_opt = optimizer(args.optimizer, args.lr)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        try:
+            first = fn(min(args.widths), **kwargs)
+        except Exception as e:
+            raise UsageError(f"the factory {args.model!r} raised {type(e).__name__}: {e}") from e
+        parts = first if isinstance(first, tuple) else (first,)
+        if not isinstance(parts[0], torch.nn.Module):
+            raise UsageError(f"{args.model} returned {type(parts[0]).__name__}, not an nn.Module "
+                             "(or (model, inputs[, targets]))")
+        g = torch.Generator().manual_seed(args.seed)
+        if len(parts) > 1:
+            inputs = parts[1]
+        elif (shape := _shape(args.input_shape)) is not None:
+            inputs = torch.randn(args.batch, *shape, generator=g)
+        else:
+            raise UsageError(f"{args.model} returned no example inputs: pass --input-shape, e.g. 64")
+        if len(parts) > 2:
+            targets = parts[2]
+        else:  # class labels over the output's last dimension, drawn from --seed
+            with torch.no_grad():
+                y = parts[0](inputs)
+            targets = torch.randint(0, y.shape[-1], y.shape[:-1], generator=g)
+    del first, parts
+    from .report.progress import progress_bar
+
+    with progress_bar(out) as bar:
+        result = coord_check(functools.partial(_model_only, fn, kwargs), args.widths, (inputs, targets), make_opt,
+                             steps=args.steps, seeds=args.seeds, statistic=args.statistic, name=args.model,
+                             use_ray=args.ray, ray_address=args.ray_address, progress=bar)
+    out.print(escape(str(result)), highlight=False)
+    if json_path is not None:
+        result.to_json(json_path)
+        out.print(f"JSON: {escape(str(json_path))}")
+    if html_path is not None:
+        result.save_html(html_path)
+        out.print(f"HTML report: {escape(str(html_path))}")
+    return EXIT_OK if result.verdict == "width-stable" else EXIT_PROBLEMS
+
+
 # ---- parser -----------------------------------------------------------------
 
 def _version() -> str:
@@ -307,6 +403,29 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true", help="print JSON instead of a table")
     t.add_argument("--plot", metavar="PATH", help="write the order-to-chaos phase diagram as a PNG")
     t.set_defaults(func=cmd_theory)
+
+    w = sub.add_parser("coord-check", help="muP coordinate check: how each layer scales with width "
+                                           "(exit 1 when a layer grows or shrinks)")
+    w.add_argument("model", help="package.module:factory[:key=value,...]; factory(width, ...) returns a model, "
+                                 "(model, inputs) or (model, inputs, targets), e.g. "
+                                 "signalprop.lab.gpt:coord_model:parametrization=mup")
+    w.add_argument("--widths", type=_widths, default=[64, 128, 256, 512, 1024],
+                   help="comma-separated widths (default 64,128,256,512,1024)")
+    w.add_argument("--steps", type=_positive_int, default=3, help="training steps (default 3)")
+    w.add_argument("--seeds", type=_positive_int, default=3, help="seeds per width (default 3)")
+    w.add_argument("--optimizer", choices=["sgd", "adam", "adamw", "mu-sgd", "mu-adam", "mu-adamw"], default="adam",
+                   help="torch's or mup's (mu-*) optimizer (default adam)")
+    w.add_argument("--lr", type=_finite_float, default=1e-2, help="learning rate (default 1e-2)")
+    w.add_argument("--statistic", choices=["l1", "rms"], default="l1",
+                   help="per-coordinate scale: l1 = mean |x| as mup (default), rms")
+    w.add_argument("--input-shape", help="shape of one example when the factory returns no inputs, e.g. 64")
+    w.add_argument("--batch", type=_positive_int, default=8, help="batch size of random inputs (default 8)")
+    w.add_argument("--seed", type=int, default=0, help="seed for random inputs and targets (default 0)")
+    w.add_argument("--json", metavar="PATH", help="write the full result as JSON")
+    w.add_argument("--html", metavar="PATH", help="write the plots and verdicts as one HTML file")
+    w.add_argument("--ray", action="store_true", help="run the (width, seed) cells as Ray tasks (local ray.init())")
+    w.add_argument("--ray-address", metavar="ADDR", help="run on the Ray cluster at ADDR (implies --ray)")
+    w.set_defaults(func=cmd_coord_check)
 
     lab = sub.add_parser("lab", help="reproducible experiments")
     lsub = lab.add_subparsers(dest="lab_cmd", required=True)

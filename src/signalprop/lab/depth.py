@@ -48,7 +48,9 @@ class DepthConfig:
     residual_lrs: tuple[float, ...] = (0.003, 0.01, 0.03)
     only: tuple[str, ...] = ()  # restrict to cells "act/init/depth" (e.g. "tanh/critical/10000")
     device: str = "cpu"
-    threads: int = 0  # torch threads (0: leave torch's default)
+    threads: int = 0  # torch threads (0: leave torch's default; inside each cell on Ray too)
+    use_ray: bool = False  # the cells as Ray tasks (signalprop.sweep.run_tasks; local ray.init())
+    ray_address: str = ""  # or on this Ray cluster
 
 
 QUICK = {"depths": (10, 100), "inits": ("default", "xavier_normal", "critical"), "steps": 150,
@@ -146,6 +148,8 @@ def _run_depth(cfg: DepthConfig, out: Path, progress: Any) -> dict[str, Any]:
         total = sum(cfg.steps * len(_lrs(cfg, d)) for _, _, d in todo)
         total += (2 * cfg.residual_steps * len(cfg.residual_lrs)) if cfg.residual_blocks else 0
         progress.start(total, "depth sweep")
+    if cfg.use_ray or cfg.ray_address:
+        return _finish(cfg, out, data, _ray_cells(cfg, todo, cells_dir, key, progress), progress)
     cells = []
     cached_cells = 0
     for act, init, depth in todo:
@@ -163,6 +167,40 @@ def _run_depth(cfg: DepthConfig, out: Path, progress: Any) -> dict[str, Any]:
         cell = _cell(cfg, data, act, init, depth, progress)
         path.write_text(json.dumps(_clean({"key": key, "cell": cell})))
         cells.append(cell)
+    return _finish(cfg, out, data, (cells, cached_cells), progress)
+
+
+def _cell_task(task: tuple[DepthConfig, str, str, int]) -> dict[str, Any]:
+    """One cell as an independent task (a Ray worker): its data split from the config's seed."""
+    cfg, act, init, depth = task
+    return _cell(cfg, digits(cfg.seed), act, init, depth, None)
+
+
+def _ray_cells(cfg: DepthConfig, todo: list[tuple[str, str, int]], cells_dir: Path, key: dict[str, Any],
+               progress: Any) -> tuple[list[dict[str, Any]], int]:
+    """The uncached cells through :func:`signalprop.sweep.run_tasks` on Ray (progress per finished cell)."""
+    from ..sweep import run_tasks
+
+    found: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for act, init, depth in todo:
+        path = cells_dir / f"{act}-{init}-d{depth}.json"
+        cached = json.loads(path.read_text()) if path.exists() else {}
+        if cached.get("key") == key:
+            found[(act, init, depth)] = cached["cell"]
+    rest = [t for t in todo if t not in found]
+    rows = run_tasks(_cell_task, [(cfg, *t) for t in rest], use_ray=True, ray_address=cfg.ray_address or None,
+                     progress=progress, description="depth sweep cells", threads=cfg.threads or None)
+    for (act, init, depth), cell in zip(rest, rows):
+        (cells_dir / f"{act}-{init}-d{depth}.json").write_text(json.dumps(_clean({"key": key, "cell": cell})))
+        found[(act, init, depth)] = cell
+    return [found[t] for t in todo], len(todo) - len(rest)
+
+
+def _finish(cfg: DepthConfig, out: Path, data: Split, got: tuple[list[dict[str, Any]], int],
+            progress: Any) -> dict[str, Any]:
+    cells, cached_cells = got
+    cells_dir = out / "cells"
+    key = _key(cfg)
     residual: list[dict[str, Any]] = []
     if cfg.residual_blocks:
         path = cells_dir / f"residual-b{cfg.residual_blocks}.json"

@@ -35,7 +35,7 @@ def register(exp: Experiment) -> Experiment:
 
 
 def experiments() -> dict[str, Experiment]:
-    from . import depth, papers, seed_demos, training_runs, zoo  # noqa: F401 - registration side effect
+    from . import depth, papers, schoenholz, seed_demos, training_runs, zoo  # noqa: F401 - registration side effect
 
     return dict(sorted(_REGISTRY.items()))
 

@@ -84,6 +84,16 @@ def from_softmax(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, tor
 def from_sdpa(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, torch.Tensor | float] | None:
     """``F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)``:
     the logits of :data:`QUERY_ROWS` query rows, formed from q and k."""
+    got = sdpa_logits(args, kwargs)
+    return None if got is None else _stats(*got)
+
+
+def sdpa_logits(args: tuple[Any, ...], kwargs: dict[str, Any],
+                query_rows: int | None = QUERY_ROWS) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The logits q.k^T * scale of an SDPA call (the call's ``scale``, default
+    1/sqrt(d); an additive mask added) at ``query_rows`` evenly spaced query
+    rows (None: all), and the boolean mask of the entries the softmax keeps
+    (causal, boolean or additive ``attn_mask``; broadcastable)."""
     q, k = _arg(args, kwargs, 0, "query", None), _arg(args, kwargs, 1, "key", None)
     if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)) or q.dim() < 3 or q.dim() != k.dim():
         return None
@@ -94,7 +104,8 @@ def from_sdpa(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, torch.
         q, k = q.unsqueeze(0), k.unsqueeze(0)
         mask = mask.unsqueeze(0) if isinstance(mask, torch.Tensor) and mask.dim() == 3 else mask
     tq, tk, d = q.shape[-2], k.shape[-2], q.shape[-1]
-    rows = torch.linspace(0, tq - 1, min(tq, QUERY_ROWS), device=q.device).round().long().unique()
+    n_rows = tq if query_rows is None else min(tq, query_rows)
+    rows = torch.linspace(0, tq - 1, n_rows, device=q.device).round().long().unique()
     qs = q.detach().index_select(-2, rows).float()
     kf = k.detach().float()
     if kf.shape[-3] != qs.shape[-3]:  # grouped-query attention: each key head serves several query heads
@@ -110,7 +121,7 @@ def from_sdpa(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, torch.
         else:
             logits = logits + m.float()
             keep = keep & (m.float() > torch.finfo(torch.float32).min / 2)
-    return _stats(logits, keep)
+    return logits, keep
 
 
 def measure(kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, torch.Tensor | float] | None:
