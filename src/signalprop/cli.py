@@ -274,19 +274,14 @@ def _widths(text: str) -> list[int]:
 
 
 def _coord_factory(spec: str) -> tuple[Any, dict[str, Any]]:
-    """``package.module:factory[:key=value,...]`` -> (factory, keyword arguments)."""
-    from .lab.models import _parse_value
+    """``package.module:factory[:key=value,...]`` -> (factory, keyword arguments
+    read as the types the factory declares, see :func:`~.lab.factory_args.factory_kwargs`)."""
+    from .lab.factory_args import factory_kwargs
 
     mod_name, _, rest = spec.partition(":")
     attr, _, arg_text = rest.partition(":")
     if not mod_name or not attr:
         raise UsageError(f"MODEL must be package.module:factory[:key=value,...], got {spec!r}")
-    kwargs: dict[str, Any] = {}
-    for item in filter(None, arg_text.split(",")):
-        k, sep, v = item.partition("=")
-        if not sep or not k.isidentifier():
-            raise UsageError(f"factory argument {item!r} in {spec!r} is not KEY=VALUE")
-        kwargs[k] = _parse_value(v)
     if str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
     import importlib
@@ -298,6 +293,10 @@ def _coord_factory(spec: str) -> tuple[Any, dict[str, Any]]:
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise UsageError(f"{mod_name!r} has no callable {attr!r} (from {spec!r})")
+    try:
+        kwargs = factory_kwargs(fn, arg_text, spec)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     return fn, kwargs
 
 
