@@ -204,11 +204,8 @@ class Monitor:
         self._step = 0
         self.skipped: list[int] = []  # steps whose optimizer step was skipped (skip=)
         self._skip_now = False
-        self._skip_opt = skip
+        self._skip_opt: Any = None
         self._skip_orig: Any = None
-        if skip is not None:
-            self._skip_orig = skip.step
-            skip.step = self._guarded_step
         self._replaying = False  # the monitor's own replay of a step: the root hooks stand aside
         self._mode: Any = None  # the recorder's functional-capture mode while the sampled forward runs
         self._logits: list[torch.Tensor | float] | None = None  # the sampled forward's output-logit sums
@@ -232,6 +229,9 @@ class Monitor:
         self._handles = [model.register_forward_pre_hook(self._root_pre, with_kwargs=True),
                          model.register_forward_hook(self._root_post)]
         self._arm()
+        if skip is not None:  # last: a monitor that failed to start leaves the optimizer as it was
+            self._skip_opt, self._skip_orig = skip, skip.step
+            skip.step = self._guarded_step
 
     # -- context manager -------------------------------------------------------
     def __enter__(self) -> Monitor:
@@ -721,7 +721,7 @@ class Monitor:
         Lightning and HF callbacks.  The history between the baseline and
         the last sample is not kept (``report()`` of a resumed run starts
         with the baseline samples)."""
-        keep = list(range(min(len(self.steps), _head(self.losses), _head(self.grad_norms))))
+        keep = list(range(min(len(self.steps), max(_head(self.losses), _head(self.grad_norms)))))
         keep += [i for i in range(max(len(self.steps) - A.WINDOW, 0), len(self.steps)) if i not in keep]
         return {"version": 1, "step": self._step, "every": self.every,
                 "steps": [self.steps[i] for i in keep], "losses": [self.losses[i] for i in keep],
