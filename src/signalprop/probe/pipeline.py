@@ -98,7 +98,9 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
     statistic across the process group; the backward pass then runs as
     training's does (``backward()``, so DDP and FSDP reduce the parameter
     gradients; the saved ``.grad`` comes back afterwards), through ``caller``
-    (the DDP wrapper of ``model``) when given."""
+    (the DDP wrapper of ``model``) when given.  ``input_leaves``: make the
+    floating inputs leaves that require grad (their gradient is measured);
+    off, they reach the model exactly as passed."""
     rec = Recorder(model, exact=exact, unit_vectors=red is not None, named=known[1] if known is not None else None)
     rec.attach()
     try:
