@@ -2,26 +2,17 @@
 
 Two clocks.  Every step gives the loss and the global gradient norm (read in
 the one host transfer the non-finite watch needs anyway); the rules on them
-compare the latest value with the median of a trailing window, so a slow
-drift of a healthy run is never a spike.  Sampled steps give the per-layer
-statistics of :func:`signalprop.check`; their rules compare a layer with its
-own baseline (the median of its first few samples), so a layer that was
-always small is not "vanishing" over time.
+(:mod:`signalprop.monitor.divergence`, where their mechanism and measured
+thresholds are) warn of divergence: the run giving back most of what it had
+learned, several steps in a row (``loss-spike``), and a sustained surge of
+the gradient norm far above where training started (``grad-surge``).  One
+bad batch is neither.  Sampled steps give the per-layer statistics of
+:func:`signalprop.check`; their rules compare a layer with its own baseline
+(the median of its first few samples), so a layer that was always small is
+not "vanishing" over time.
 
-The thresholds and the reasons for them:
+The thresholds of the sampled rules and the reasons for them:
 
-* ``SURGE = 10``: the global gradient norm above 10x its trailing median
-  *and* above 3x its median over the first steps.  A diverging run's gradient
-  norm grows geometrically for tens of steps before the loss turns
-  non-finite; late in a healthy run the norm is small and a hard batch can
-  be 10x the trailing median, but not 3x the norms training started with
-  (measured in ``benchmarks/bench_early_warning.py``).
-* ``SPIKE = 3``: the loss above 3x its trailing median, above median + 8
-  robust standard deviations (1.4826 MAD) *and* above the loss training
-  started with: a run that is learning and meets a hard batch never
-  un-learns everything in a step; a diverging one does.
-* ``WINDOW = 32`` trailing steps, ``WARMUP = 16`` steps before either rule
-  speaks (the first steps of training move fast by design).
 * ``DRIFT = 100``: a layer's gradient RMS relative to the output's (as
   check judges it) changing by two orders of magnitude from its baseline
   (check's trend limit); relative, because a converging run's gradients
@@ -55,12 +46,8 @@ import torch
 
 from ..layers import tensor_fans
 from ..records import Alert, AlertKind, LayerStats, MonitorStep
+from . import divergence as D
 
-SURGE = 10.0
-SPIKE = 3.0
-SPIKE_SIGMAS = 8.0
-WINDOW = 32
-WARMUP = 16
 DRIFT = 100.0
 BASELINE_SAMPLES = 3
 UPDATE_HIGH = 0.1
@@ -68,47 +55,35 @@ UPDATE_LOW = 1e-7
 ESTABLISHED = 0.1
 CREEP = 0.3  # a saturated/dead share must rise by this much from its baseline to be news
 CREEP_LIMIT = 0.9
-SURGE_INITIAL = 3.0
-
-
-def _trailing(values: Sequence[float | None]) -> list[float]:
-    """The last WINDOW values that were read (steps that skipped the reading hold None)."""
-    return [v for v in values if v is not None and math.isfinite(v)][-WINDOW:]
-
-
-def _start(values: Sequence[float | None]) -> float | None:
-    """Median of the first WARMUP finite values: the level training started at."""
-    v = [x for x in values if x is not None and math.isfinite(x)][:WARMUP]
-    return statistics.median(v) if v else None
+WINDOW = D.WINDOW  # the monitor repeats a loss or gradient-norm alert at most once per WINDOW steps
+WARMUP = D.WARMUP
 
 
 def scalar_alerts(step: int, loss: float | None, grad_norm: float | None, losses: Sequence[float | None],
                   grad_norms: Sequence[float | None], worst_param: str | None) -> list[Alert]:
-    """Loss spike and gradient-norm surge at ``step`` against the previous
-    steps' values (``losses``/``grad_norms`` exclude the current step)."""
+    """Divergence warnings at ``step`` from the loss and the gradient norm,
+    against the previous steps' values (``losses``/``grad_norms`` exclude the
+    current step; None where a step did not read the value)."""
     out: list[Alert] = []
-    gn = _trailing(grad_norms)
-    start_g = _start(grad_norms)
-    if grad_norm is not None and math.isfinite(grad_norm) and len(gn) >= WARMUP and start_g is not None:
-        med = statistics.median(gn)
-        if med > 0 and grad_norm > SURGE * med and grad_norm > SURGE_INITIAL * start_g:
-            where = worst_param or "(model)"
-            out.append(Alert(step, "grad-surge", where,
-                             f"global gradient norm {grad_norm:.3g} is {grad_norm / med:.3g}x its median over the "
-                             f"last {len(gn)} steps ({med:.3g}); largest growth in {where}",
-                             "lower the learning rate (for this layer's group first), or clip: "
-                             "torch.nn.utils.clip_grad_norm_ or sp.clip.agc_ (monitor(..., agc=0.01))", "backward"))
-    ls = _trailing(losses)
-    start_l = _start(losses)
-    if loss is not None and math.isfinite(loss) and len(ls) >= WARMUP and start_l is not None:
-        med = statistics.median(ls)
-        mad = statistics.median(abs(v - med) for v in ls) * 1.4826
-        if loss > SPIKE * abs(med) and loss > med + SPIKE_SIGMAS * mad and loss > start_l:
-            out.append(Alert(step, "loss-spike", "(loss)",
-                             f"loss {loss:.4g} is {loss / med:.3g}x its median over the last {len(ls)} steps "
-                             f"({med:.4g})" if med > 0 else f"loss {loss:.4g} far above its recent median {med:.4g}",
-                             "lower the learning rate or add warm-up; clip gradients (sp.clip.agc_); "
-                             "check the batch for bad data", "forward"))
+    u = D.unlearning(losses, loss) if loss is not None else None
+    if u is not None and u.alarming:
+        out.append(Alert(step, "loss-spike", "(loss)",
+                         f"the loss ({u.level:.4g}, median of the last {D.SMOOTH} steps) has given back "
+                         f"{u.share:.0%} of what training had gained: it started at {u.start:.4g} and had reached "
+                         f"{u.best:.4g}; a run past its stable learning rate un-learns like this before its loss "
+                         "turns non-finite",
+                         "lower the learning rate (with a warm-up: the rate reached about here is past the stable "
+                         "one), or clip (sp.clip.agc_, monitor(..., agc=0.01)); if several batches in a row were "
+                         "bad, check the data", "forward"))
+    s = D.grad_surge(grad_norms, grad_norm) if grad_norm is not None else None
+    if s is not None:
+        where = worst_param or "(model)"
+        out.append(Alert(step, "grad-surge", where,
+                         f"global gradient norm {s.level:.3g} (median of its last {D.SMOOTH} readings) is "
+                         f"{s.level / s.trailing:.3g}x its trailing median ({s.trailing:.3g}) and "
+                         f"{s.level / s.start:.3g}x where training started ({s.start:.3g}); largest growth in {where}",
+                         "lower the learning rate (for this layer's group first), or clip: "
+                         "torch.nn.utils.clip_grad_norm_ or sp.clip.agc_ (monitor(..., agc=0.01))", "backward"))
     return out
 
 
