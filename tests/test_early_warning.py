@@ -8,8 +8,6 @@ falling from 2.3 with batch noise), then un-learns for several steps in a row
 assert properties, not steps: the trajectories are chaotic (another CPU
 diverges at another step)."""
 
-import math
-
 import numpy as np
 
 from signalprop.lab.training_runs import RunSpec, run, train
@@ -85,36 +83,19 @@ def test_a_slowly_rising_or_never_learning_loss_is_not_divergence():
         assert _alerts(flat) == [], seed
 
 
-def test_gradient_norm_surge_is_sustained_growth_not_one_large_batch():
+def test_the_gradient_norm_alone_raises_no_alert():
     """Late in a healthy run the gradient norm is small and heavy-tailed (a
     fitted batch has almost none): lognormal around 0.05 with sigma 1.5, and
-    one batch at 24 (10x the norm training started with).  The previous rule
-    alerted on that batch; this one waits for three readings, and alerts when
-    the norm grows x1.3 per step from there."""
+    one batch at 24, 10x the norm training started with -- the previous rule
+    alerted on it.  And a net whose gradients start small and grow 20x as it
+    begins to learn (a CNN at PyTorch's default init) -- what made a sustained
+    surge rule alarm healthy held-out runs.  With a flat loss, no alert."""
     rng = np.random.default_rng(0)
-    g = list(2.5 * np.exp(0.2 * rng.standard_normal(20))) + list(0.05 * np.exp(1.5 * rng.standard_normal(200)))
-    g[150] = 24.0
-    loss = [1.0] * len(g)  # flat: only the gradient rule can speak
-    assert _alerts(loss, g) == []
-    level = 1.0
-    for _ in range(30):
-        level *= 1.3
-        g.append(level)
-    alerts = _alerts([1.0] * len(g), g)
-    assert alerts and alerts[0][1] == "grad-surge" and alerts[0][0] > 220
-    # the level (median of 3) is past 4x the start one step after the norm itself
-    first_past = next(t for t in range(220, len(g)) if g[t] >= D.SURGE_INITIAL * D.start_level(g))
-    assert alerts[0][0] - first_past <= 1
-
-
-def test_gradient_surge_with_readings_every_fourth_step():
-    """On a CPU the monitor reads the gradient norm every 4th step (None between)."""
-    rng = np.random.default_rng(1)
-    g = list(2.0 * np.exp(0.2 * rng.standard_normal(200))) + [2.0 * 1.2 ** k for k in range(1, 40)]
-    g = [v if t % 4 == 0 else None for t, v in enumerate(g)]
-    alerts = _alerts([1.0] * len(g), g)
-    assert alerts and alerts[0][1] == "grad-surge" and alerts[0][0] % 4 == 0
-    assert math.log(2.0 * 1.2 ** (alerts[0][0] - 199) / 2.0) > math.log(D.SURGE_INITIAL)
+    late = list(2.5 * np.exp(0.2 * rng.standard_normal(20))) + list(0.05 * np.exp(1.5 * rng.standard_normal(200)))
+    late[150] = 24.0
+    waking = list(0.1 * np.exp(0.2 * rng.standard_normal(30))) + [0.1 * 1.1 ** k for k in range(1, 32)] + [2.0] * 50
+    for g in (late, waking):
+        assert _alerts([1.0] * len(g), g) == []
 
 
 def test_a_diverging_warm_up_run_is_warned_10_steps_ahead():

@@ -4,9 +4,7 @@ Two clocks.  Every step gives the loss and the global gradient norm (read in
 the one host transfer the non-finite watch needs anyway); the rules on them
 (:mod:`signalprop.monitor.divergence`, where their mechanism and measured
 thresholds are) warn of divergence: the run giving back most of what it had
-learned, several steps in a row (``loss-spike``), and a sustained surge of
-the gradient norm far above where training started (``grad-surge``).  One
-bad batch is neither.  Sampled steps give the per-layer statistics of
+learned, several steps in a row (``loss-spike``); one bad batch is not that.  Sampled steps give the per-layer statistics of
 :func:`signalprop.check`; their rules compare a layer with its own baseline
 (the median of its first few samples), so a layer that was always small is
 not "vanishing" over time.
@@ -61,9 +59,11 @@ WARMUP = D.WARMUP
 
 def scalar_alerts(step: int, loss: float | None, grad_norm: float | None, losses: Sequence[float | None],
                   grad_norms: Sequence[float | None], worst_param: str | None) -> list[Alert]:
-    """Divergence warnings at ``step`` from the loss and the gradient norm,
-    against the previous steps' values (``losses``/``grad_norms`` exclude the
-    current step; None where a step did not read the value)."""
+    """Divergence warnings at ``step`` from the loss, against the previous
+    steps' values (``losses`` excludes the current step; None where a step
+    did not read it).  The gradient norm and the parameter whose gradient
+    grew most are passed for rules over them; none judges them (measured:
+    they add no early warning, see :mod:`signalprop.monitor.divergence`)."""
     out: list[Alert] = []
     u = D.unlearning(losses, loss) if loss is not None else None
     if u is not None and u.alarming:
@@ -75,15 +75,6 @@ def scalar_alerts(step: int, loss: float | None, grad_norm: float | None, losses
                          "lower the learning rate (with a warm-up: the rate reached about here is past the stable "
                          "one), or clip (sp.clip.agc_, monitor(..., agc=0.01)); if several batches in a row were "
                          "bad, check the data", "forward"))
-    s = D.grad_surge(grad_norms, grad_norm) if grad_norm is not None else None
-    if s is not None:
-        where = worst_param or "(model)"
-        out.append(Alert(step, "grad-surge", where,
-                         f"global gradient norm {s.level:.3g} (median of its last {D.SMOOTH} readings) is "
-                         f"{s.level / s.trailing:.3g}x its trailing median ({s.trailing:.3g}) and "
-                         f"{s.level / s.start:.3g}x where training started ({s.start:.3g}); largest growth in {where}",
-                         "lower the learning rate (for this layer's group first), or clip: "
-                         "torch.nn.utils.clip_grad_norm_ or sp.clip.agc_ (monitor(..., agc=0.01))", "backward"))
     return out
 
 
