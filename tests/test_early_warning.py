@@ -118,3 +118,28 @@ def test_a_healthy_warm_up_run_has_no_alert():
     saw the same at step 230 on another seed)."""
     r = run(RunSpec("mlp", 0.05, seed=3, steps=300, warmup=100), grad_every=1)
     assert r["first_nonfinite"] is None and r["alerts"] == [], r["alerts"]
+
+
+def _sample(absmax):
+    """A sampled step whose layers' largest output / gradient entries are ``absmax[name] = (fwd, grad)``."""
+    from signalprop.records import LayerStats, MonitorStep
+
+    layers = tuple(LayerStats(i, name, "Linear", i, (64, 128), 0.0, 1.0, 1.0, 0.0, 1e-3,
+                              stats={"forward_absmax": f, "grad_absmax": g})
+                   for i, (name, (f, g)) in enumerate(absmax.items()))
+    return MonitorStep(50, 1.0, "healthy", layers, (), 1.0)
+
+
+def test_overflow_risk_names_the_module_within_four_doublings_of_float16s_limit():
+    """max |y| of 5000 is 13x below float16's 65504 (fewer than 4 doublings):
+    alerted, naming the module; 3000 (21x) is not, nor anything in a format
+    with float32's range.  A gradient entry close to the limit is the backward's."""
+    from signalprop.monitor.alerts import overflow_alerts
+
+    sample = _sample({"0": (120.0, 1e-3), "2": (3000.0, 1e-3), "4": (5000.0, 2e-3)})
+    (a,) = overflow_alerts(sample)
+    assert (a.kind, a.layer, a.phase) == ("overflow-risk", "4", "forward") and "65504" in a.message
+    assert overflow_alerts(_sample({"0": (120.0, 1e-3), "2": (3000.0, 1e-3)})) == []
+    assert overflow_alerts(sample, limit=float(np.finfo(np.float32).max)) == []
+    (g,) = overflow_alerts(_sample({"0": (10.0, 9000.0)}))
+    assert (g.layer, g.phase) == ("0", "backward")

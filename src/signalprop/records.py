@@ -343,7 +343,8 @@ class Report:
 
 
 AlertKind = Literal["non-finite", "exploding", "vanishing", "saturated", "dead", "loss-spike", "grad-surge",
-                    "update-too-large", "update-too-small"]
+                    "update-too-large", "update-too-small",
+                    "overflow-risk"]
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,10 @@ The thresholds of the sampled rules and the reasons for them:
   weights, which no stable run does for long.  Below the band is common and
   intended (fine-tuning at small learning rates), so it is only alerted when
   the median weight layer moves less than ``UPDATE_LOW = 1e-7``.
+* overflow risk (:func:`overflow_alerts`): a module's largest output or
+  output-gradient entry within ``HEADROOM = 16`` (four doublings) of the
+  largest finite value of the format it computes in -- 65504 in float16,
+  which an activation growing 2x per sample crosses within four samples.
 * "Too large" is judged only for modules whose weights are at the scale of
   an initialization (:func:`established`: RMS at least ``ESTABLISHED = 0.1``
   / sqrt(fan-in), where Xavier, He, LeCun, PyTorch's default and GPT-2's
@@ -53,6 +57,8 @@ UPDATE_LOW = 1e-7
 ESTABLISHED = 0.1
 CREEP = 0.3  # a saturated/dead share must rise by this much from its baseline to be news
 CREEP_LIMIT = 0.9
+FLOAT16_MAX = 65504.0  # torch.finfo(torch.float16).max
+HEADROOM = 16.0
 WINDOW = D.WINDOW  # the monitor repeats a loss or gradient-norm alert at most once per WINDOW steps
 WARMUP = D.WARMUP
 
@@ -195,3 +201,29 @@ def update_alerts(step: int, ratios: Sequence[tuple[str, float]], weight_layers:
                          f"the median weight layer moved {med:.3g} of its norm in one step (usual: 1e-4 to 1e-2)",
                          "raise the learning rate, or check that the optimizer holds these parameters", "update"))
     return out
+
+
+def overflow_alerts(current: MonitorStep, limit: float = FLOAT16_MAX, headroom: float = HEADROOM) -> list[Alert]:
+    """Overflow risk on a sampled step: the module whose largest output or
+    output-gradient entry (``forward_absmax``, ``grad_absmax``) is within
+    ``headroom`` of ``limit``, the largest finite value of the dtype it
+    computes in (float16: 65504; the caller passes the run's -- the autocast
+    dtype or the parameters' -- since float32 and bfloat16, at 3.4e38, never
+    come near).  One alert per sample, naming the module with the least
+    headroom and how many are within it."""
+    close: list[tuple[float, str, str]] = []
+    for name, layer in _by_name(current.layers).items():
+        for what, attr in (("output", "forward_absmax"), ("gradient", "grad_absmax")):
+            v = layer.stats.get(attr)
+            if v is not None and math.isfinite(v) and v > 0 and limit / v < headroom:
+                close.append((limit / v, name, what))
+    if not close:
+        return []
+    room, name, what = min(close)
+    return [Alert(current.step, "overflow-risk", name,
+                  f"the largest |{what}| entry of {name} is 1/{room:.3g} of the largest finite value of its "
+                  f"format ({limit:g}): {math.log2(room):.1f} doublings from overflowing "
+                  f"({len({n for _, n, _ in close})} module(s) within {headroom:g}x)",
+                  "with float16, use a GradScaler for gradients, or bfloat16 (float32's range); scale the "
+                  "module's input or output down (normalise it), or lower the learning rate if it is growing",
+                  "forward" if what == "output" else "backward")]
