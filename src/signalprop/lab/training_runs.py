@@ -1,150 +1,115 @@
 """Real training runs watched by ``sp.monitor``: runs that diverge and the fix.
 
-Three models on real data that ships with Python packages or Python itself:
-
-* ``mlp``: 6-layer ReLU MLP (He init) on scikit-learn's bundled digits;
-* ``resmlp``: the same width with 6 residual blocks (x + W2 relu(W1 x));
-* ``transformer``: a 2-layer causal character-level transformer (d=64) on the
-  text of the standard library's own source files (``json``, ``argparse``, ...),
-  read from the running interpreter's installation.
-
-SGD with momentum 0.9; a learning rate too large diverges (the loss turns
-non-finite), a usual one trains.  ``lab run monitor`` trains one diverging run
-per model, then the same run with adaptive gradient clipping
-(``monitor(..., agc=...)``), and records when the first alert fired and when
-the loss first turned non-finite.  ``benchmarks/bench_early_warning.py``
-repeats this over seeds and learning rates.
+The models and data are in :mod:`signalprop.lab.run_models` (a ReLU MLP, a
+residual MLP and a character transformer on data that ships with Python or
+its packages, and held-out architectures).  A run is a frozen
+:class:`RunSpec`: SGD with momentum 0.9 (or AdamW), a constant learning rate
+or a linear warm-up to it, float32 or the forward under float16 autocast
+without loss scaling, optionally one corrupted batch.  A learning rate too
+large diverges (the loss turns non-finite), a usual one trains.  ``lab run
+monitor`` trains one diverging run per model, then the same run with adaptive
+gradient clipping (``monitor(..., agc=...)``), and records when the first
+alert fired and when the loss first turned non-finite.
+``benchmarks/bench_early_warning.py`` repeats this over seeds, learning rates,
+schedules and models, with other projects' rules side by side.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .registry import Experiment, register
+from .run_models import KINDS, build, corrupt
 
-KINDS = ("mlp", "resmlp", "transformer")
-
-
-class _ResMLP(nn.Module):
-    def __init__(self, width: int = 128, blocks: int = 6) -> None:
-        super().__init__()
-        self.inp = nn.Linear(64, width)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width))
-                                    for _ in range(blocks))
-        self.out = nn.Linear(width, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.inp(x)
-        for b in self.blocks:
-            h = h + b(h)
-        return self.out(h)
+OPTIMIZERS = ("sgd", "adamw")
+PRECISIONS = ("float32", "float16")
 
 
-class _CharTransformer(nn.Module):
-    def __init__(self, vocab: int, d: int = 64, layers: int = 2, seq: int = 64) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(vocab, d)
-        self.pos = nn.Parameter(torch.zeros(seq, d))
-        layer = nn.TransformerEncoderLayer(d, 4, 4 * d, dropout=0.0, batch_first=True, norm_first=True)
-        self.body = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.head = nn.Linear(d, vocab)
-        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(seq), persistent=False)
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run.  ``warmup``: the learning rate rises linearly from
+    ``lr / warmup`` to ``lr`` over this many steps (0: constant).
+    ``precision="float16"``: the forward runs under
+    ``torch.autocast("cpu", dtype=torch.float16)`` (weights and optimizer in
+    float32) with no loss scaling, so an activation or gradient past 65504
+    overflows.  ``corrupt_step``: that step's batch is corrupted
+    (:func:`signalprop.lab.run_models.corrupt`)."""
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        t = ids.shape[1]
-        mask = cast(torch.Tensor, self.mask)
-        h = self.emb(ids) + self.pos[:t]
-        return self.head(self.body(h, mask=mask[:t, :t], is_causal=True))
+    kind: str
+    lr: float
+    seed: int = 0
+    steps: int = 300
+    warmup: int = 0
+    optimizer: str = "sgd"
+    precision: str = "float32"
+    corrupt_step: int | None = None
 
+    def __post_init__(self) -> None:
+        for name, value, allowed in (("kind", self.kind, KINDS), ("optimizer", self.optimizer, OPTIMIZERS),
+                                     ("precision", self.precision, PRECISIONS)):
+            if value not in allowed:
+                raise ValueError(f"unknown {name} {value!r}; one of {allowed}")
 
-def stdlib_text(max_chars: int = 400_000) -> str:
-    """Source of a few standard-library modules, from this interpreter's installation."""
-    import argparse
-    import inspect
-    import json.decoder
-    import textwrap
-
-    parts = []
-    for mod in (argparse, json.decoder, textwrap, inspect):
-        parts.append(Path(mod.__file__).read_text(encoding="utf-8"))  # type: ignore[arg-type]
-    return "".join(parts)[:max_chars]
-
-
-def _digits(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from .datasets import digits
-
-    d = digits(seed)
-    return d.x_train, d.y_train
+    def lr_at(self, step: int) -> float:
+        return self.lr * min(1.0, (step + 1) / self.warmup) if self.warmup > 0 else self.lr
 
 
-def build(kind: str, seed: int) -> tuple[nn.Module, Any]:
-    """The model and a ``batch(generator) -> (loss_fn inputs)`` sampler."""
+def _optimizer(spec: RunSpec, params: Any) -> torch.optim.Optimizer:
+    if spec.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=spec.lr_at(0), weight_decay=0.0)
+    return torch.optim.SGD(params, lr=spec.lr_at(0), momentum=0.9)
+
+
+def run(spec: RunSpec, *, every: int = 25, agc: float | None = None, monitored: bool = True,
+        grad_every: int | None = None, record_updates: bool = False) -> dict[str, Any]:
+    """One run: the per-step losses, the first non-finite step, the monitor's
+    alerts and, when monitored, its per-step gradient norms (every
+    ``grad_every``-th step; None between).  ``record_updates``: also the norm
+    of every optimizer step's update, ||w_{t+1} - w_t||, and of the weights
+    before it (one copy of the weights per step: for studies, not for speed)."""
     import signalprop as sp
 
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    if kind in ("mlp", "resmlp"):
-        x, y = _digits(seed)
-        if kind == "mlp":
-            layers: list[nn.Module] = [nn.Linear(x.shape[1], 128), nn.ReLU()]
-            for _ in range(4):
-                layers += [nn.Linear(128, 128), nn.ReLU()]
-            model: nn.Module = nn.Sequential(*layers, nn.Linear(128, 10))
-            sp.init.apply_(model, "kaiming_normal", generator=gen)
-        else:
-            model = _ResMLP()
-
-        def batch(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-            idx = torch.randint(0, len(x), (64,), generator=g)
-            return x[idx], y[idx]
-
-        return model, batch
-    if kind == "transformer":
-        text = stdlib_text()
-        chars = sorted(set(text))
-        index = {c: i for i, c in enumerate(chars)}
-        ids = torch.tensor([index[c] for c in text])
-        model = _CharTransformer(len(chars))
-
-        def batch(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-            start = torch.randint(0, len(ids) - 65, (16,), generator=g)
-            seqs = torch.stack([ids[s:s + 65] for s in start.tolist()])
-            return seqs[:, :-1], seqs[:, 1:]
-
-        return model, batch
-    raise ValueError(f"unknown model kind {kind!r}; one of {KINDS}")
-
-
-def train(kind: str, lr: float, seed: int = 0, steps: int = 300, *, every: int = 25, agc: float | None = None,
-          monitored: bool = True) -> dict[str, Any]:
-    """One run: losses, the first non-finite step, and the monitor's alerts."""
-    import signalprop as sp
-
-    model, batch = build(kind, seed)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    g = torch.Generator().manual_seed(1000 + seed)
-    mon = sp.monitor(model, every=every, agc=agc) if monitored else None
+    model, batch = build(spec.kind, spec.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = _optimizer(spec, params)
+    g = torch.Generator().manual_seed(1000 + spec.seed)
+    bad_g = torch.Generator().manual_seed(2000 + spec.seed)
+    mon = sp.monitor(model, every=every, agc=agc, grad_every=grad_every) if monitored else None
     losses: list[float] = []
+    updates: list[float] = []
+    weights: list[float] = []
     first_bad = None
+    half = torch.autocast("cpu", dtype=torch.float16) if spec.precision == "float16" else contextlib.nullcontext()
     try:
-        for step in range(steps):
+        for step in range(spec.steps):
+            for group in opt.param_groups:
+                group["lr"] = spec.lr_at(step)
             xb, yb = batch(g)
-            out = model(xb)
-            loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), yb.reshape(-1))
+            if step == spec.corrupt_step:
+                xb, yb = corrupt(xb, yb, bad_g, _classes(model))
+            with half:
+                out = model(xb)
+            loss = F.cross_entropy(out.float().reshape(-1, out.shape[-1]), yb.reshape(-1))
             opt.zero_grad()
             loss.backward()
             if mon is not None:
                 mon.step(loss)
             if agc is not None and mon is None:
                 sp.clip.agc_(model.parameters(), clipping=agc)
+            before = [p.detach().clone() for p in params] if record_updates else None
             opt.step()
+            if before is not None:
+                with torch.no_grad():
+                    weights.append(math.sqrt(sum(float(b.double().pow(2).sum()) for b in before)))
+                    updates.append(math.sqrt(sum(float((p.detach() - b).double().pow(2).sum())
+                                                 for p, b in zip(params, before))))
             v = loss.item()
             losses.append(v)
             if not math.isfinite(v):
@@ -154,9 +119,24 @@ def train(kind: str, lr: float, seed: int = 0, steps: int = 300, *, every: int =
         if mon is not None:
             mon.close()
     alerts = list(mon.alerts) if mon is not None else []
-    return {"kind": kind, "lr": lr, "seed": seed, "steps": len(losses), "losses": losses,
-            "first_nonfinite": first_bad, "alerts": [a.to_dict() for a in alerts],
-            "first_alert": alerts[0].step if alerts else None, "report": mon.report() if mon else None}
+    out_d: dict[str, Any] = {**asdict(spec), "steps": len(losses), "losses": losses, "first_nonfinite": first_bad,
+                             "alerts": [a.to_dict() for a in alerts], "first_alert": alerts[0].step if alerts else None,
+                             "grad_norms": list(mon.grad_norms) if mon is not None else [],
+                             "report": mon.report() if mon else None}
+    if record_updates:
+        out_d.update(update_norms=updates, weight_norms=weights)
+    return out_d
+
+
+def _classes(model: Any) -> int:
+    head = getattr(model, "head", None) or getattr(model, "out", None) or list(model.children())[-1]
+    return int(head.out_features)
+
+
+def train(kind: str, lr: float, seed: int = 0, steps: int = 300, *, every: int = 25, agc: float | None = None,
+          monitored: bool = True, **spec: Any) -> dict[str, Any]:
+    """:func:`run` of ``RunSpec(kind, lr, seed, steps, **spec)``."""
+    return run(RunSpec(kind, lr, seed, steps, **spec), every=every, agc=agc, monitored=monitored)
 
 
 # learning rates measured to diverge within 300 steps (seed 0) and to train
@@ -166,7 +146,7 @@ HEALTHY = {"mlp": 0.03, "resmlp": 0.01, "transformer": 0.1}
 
 @dataclass(frozen=True)
 class MonitorConfig:
-    kinds: tuple[str, ...] = KINDS
+    kinds: tuple[str, ...] = ("mlp", "resmlp", "transformer")
     steps: int = 300
     every: int = 25
     agc: float = 0.01

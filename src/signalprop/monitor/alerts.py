@@ -2,26 +2,15 @@
 
 Two clocks.  Every step gives the loss and the global gradient norm (read in
 the one host transfer the non-finite watch needs anyway); the rules on them
-compare the latest value with the median of a trailing window, so a slow
-drift of a healthy run is never a spike.  Sampled steps give the per-layer
-statistics of :func:`signalprop.check`; their rules compare a layer with its
-own baseline (the median of its first few samples), so a layer that was
-always small is not "vanishing" over time.
+(:mod:`signalprop.monitor.divergence`, where their mechanism and measured
+thresholds are) warn of divergence: the run giving back most of what it had
+learned, several steps in a row (``loss-spike``); one bad batch is not that.  Sampled steps give the per-layer statistics of
+:func:`signalprop.check`; their rules compare a layer with its own baseline
+(the median of its first few samples), so a layer that was always small is
+not "vanishing" over time.
 
-The thresholds and the reasons for them:
+The thresholds of the sampled rules and the reasons for them:
 
-* ``SURGE = 10``: the global gradient norm above 10x its trailing median
-  *and* above 3x its median over the first steps.  A diverging run's gradient
-  norm grows geometrically for tens of steps before the loss turns
-  non-finite; late in a healthy run the norm is small and a hard batch can
-  be 10x the trailing median, but not 3x the norms training started with
-  (measured in ``benchmarks/bench_early_warning.py``).
-* ``SPIKE = 3``: the loss above 3x its trailing median, above median + 8
-  robust standard deviations (1.4826 MAD) *and* above the loss training
-  started with: a run that is learning and meets a hard batch never
-  un-learns everything in a step; a diverging one does.
-* ``WINDOW = 32`` trailing steps, ``WARMUP = 16`` steps before either rule
-  speaks (the first steps of training move fast by design).
 * ``DRIFT = 100``: a layer's gradient RMS relative to the output's (as
   check judges it) changing by two orders of magnitude from its baseline
   (check's trend limit); relative, because a converging run's gradients
@@ -35,6 +24,10 @@ The thresholds and the reasons for them:
   weights, which no stable run does for long.  Below the band is common and
   intended (fine-tuning at small learning rates), so it is only alerted when
   the median weight layer moves less than ``UPDATE_LOW = 1e-7``.
+* overflow risk (:func:`overflow_alerts`): a module's largest output or
+  output-gradient entry within ``HEADROOM = 16`` (four doublings) of the
+  largest finite value of the format it computes in -- 65504 in float16,
+  which an activation growing 2x per sample crosses within four samples.
 * "Too large" is judged only for modules whose weights are at the scale of
   an initialization (:func:`established`: RMS at least ``ESTABLISHED = 0.1``
   / sqrt(fan-in), where Xavier, He, LeCun, PyTorch's default and GPT-2's
@@ -55,12 +48,8 @@ import torch
 
 from ..layers import tensor_fans
 from ..records import Alert, AlertKind, LayerStats, MonitorStep
+from . import divergence as D
 
-SURGE = 10.0
-SPIKE = 3.0
-SPIKE_SIGMAS = 8.0
-WINDOW = 32
-WARMUP = 16
 DRIFT = 100.0
 BASELINE_SAMPLES = 3
 UPDATE_HIGH = 0.1
@@ -68,47 +57,30 @@ UPDATE_LOW = 1e-7
 ESTABLISHED = 0.1
 CREEP = 0.3  # a saturated/dead share must rise by this much from its baseline to be news
 CREEP_LIMIT = 0.9
-SURGE_INITIAL = 3.0
-
-
-def _trailing(values: Sequence[float | None]) -> list[float]:
-    """The last WINDOW values that were read (steps that skipped the reading hold None)."""
-    return [v for v in values if v is not None and math.isfinite(v)][-WINDOW:]
-
-
-def _start(values: Sequence[float | None]) -> float | None:
-    """Median of the first WARMUP finite values: the level training started at."""
-    v = [x for x in values if x is not None and math.isfinite(x)][:WARMUP]
-    return statistics.median(v) if v else None
+FLOAT16_MAX = 65504.0  # torch.finfo(torch.float16).max
+HEADROOM = 16.0
+WINDOW = D.WINDOW  # the monitor repeats a loss or gradient-norm alert at most once per WINDOW steps
+WARMUP = D.WARMUP
 
 
 def scalar_alerts(step: int, loss: float | None, grad_norm: float | None, losses: Sequence[float | None],
                   grad_norms: Sequence[float | None], worst_param: str | None) -> list[Alert]:
-    """Loss spike and gradient-norm surge at ``step`` against the previous
-    steps' values (``losses``/``grad_norms`` exclude the current step)."""
+    """Divergence warnings at ``step`` from the loss, against the previous
+    steps' values (``losses`` excludes the current step; None where a step
+    did not read it).  The gradient norm and the parameter whose gradient
+    grew most are passed for rules over them; none judges them (measured:
+    they add no early warning, see :mod:`signalprop.monitor.divergence`)."""
     out: list[Alert] = []
-    gn = _trailing(grad_norms)
-    start_g = _start(grad_norms)
-    if grad_norm is not None and math.isfinite(grad_norm) and len(gn) >= WARMUP and start_g is not None:
-        med = statistics.median(gn)
-        if med > 0 and grad_norm > SURGE * med and grad_norm > SURGE_INITIAL * start_g:
-            where = worst_param or "(model)"
-            out.append(Alert(step, "grad-surge", where,
-                             f"global gradient norm {grad_norm:.3g} is {grad_norm / med:.3g}x its median over the "
-                             f"last {len(gn)} steps ({med:.3g}); largest growth in {where}",
-                             "lower the learning rate (for this layer's group first), or clip: "
-                             "torch.nn.utils.clip_grad_norm_ or sp.clip.agc_ (monitor(..., agc=0.01))", "backward"))
-    ls = _trailing(losses)
-    start_l = _start(losses)
-    if loss is not None and math.isfinite(loss) and len(ls) >= WARMUP and start_l is not None:
-        med = statistics.median(ls)
-        mad = statistics.median(abs(v - med) for v in ls) * 1.4826
-        if loss > SPIKE * abs(med) and loss > med + SPIKE_SIGMAS * mad and loss > start_l:
-            out.append(Alert(step, "loss-spike", "(loss)",
-                             f"loss {loss:.4g} is {loss / med:.3g}x its median over the last {len(ls)} steps "
-                             f"({med:.4g})" if med > 0 else f"loss {loss:.4g} far above its recent median {med:.4g}",
-                             "lower the learning rate or add warm-up; clip gradients (sp.clip.agc_); "
-                             "check the batch for bad data", "forward"))
+    u = D.unlearning(losses, loss) if loss is not None else None
+    if u is not None and u.alarming:
+        out.append(Alert(step, "loss-spike", "(loss)",
+                         f"the loss ({u.level:.4g}, median of the last {D.SMOOTH} steps) has given back "
+                         f"{u.share:.0%} of what training had gained: it started at {u.start:.4g} and had reached "
+                         f"{u.best:.4g}; a run past its stable learning rate un-learns like this before its loss "
+                         "turns non-finite",
+                         "lower the learning rate (with a warm-up: the rate reached about here is past the stable "
+                         "one), or clip (sp.clip.agc_, monitor(..., agc=0.01)); if several batches in a row were "
+                         "bad, check the data", "forward"))
     return out
 
 
@@ -229,3 +201,29 @@ def update_alerts(step: int, ratios: Sequence[tuple[str, float]], weight_layers:
                          f"the median weight layer moved {med:.3g} of its norm in one step (usual: 1e-4 to 1e-2)",
                          "raise the learning rate, or check that the optimizer holds these parameters", "update"))
     return out
+
+
+def overflow_alerts(current: MonitorStep, limit: float = FLOAT16_MAX, headroom: float = HEADROOM) -> list[Alert]:
+    """Overflow risk on a sampled step: the module whose largest output or
+    output-gradient entry (``forward_absmax``, ``grad_absmax``) is within
+    ``headroom`` of ``limit``, the largest finite value of the dtype it
+    computes in (float16: 65504; the caller passes the run's -- the autocast
+    dtype or the parameters' -- since float32 and bfloat16, at 3.4e38, never
+    come near).  One alert per sample, naming the module with the least
+    headroom and how many are within it."""
+    close: list[tuple[float, str, str]] = []
+    for name, layer in _by_name(current.layers).items():
+        for what, attr in (("output", "forward_absmax"), ("gradient", "grad_absmax")):
+            v = layer.stats.get(attr)
+            if v is not None and math.isfinite(v) and v > 0 and limit / v < headroom:
+                close.append((limit / v, name, what))
+    if not close:
+        return []
+    room, name, what = min(close)
+    return [Alert(current.step, "overflow-risk", name,
+                  f"the largest |{what}| entry of {name} is 1/{room:.3g} of the largest finite value of its "
+                  f"format ({limit:g}): {math.log2(room):.1f} doublings from overflowing "
+                  f"({len({n for _, n, _ in close})} module(s) within {headroom:g}x)",
+                  "with float16, use a GradScaler for gradients, or bfloat16 (float32's range); scale the "
+                  "module's input or output down (normalise it), or lower the learning rate if it is growing",
+                  "forward" if what == "output" else "backward")]
