@@ -342,3 +342,22 @@ def test_skip_keeps_a_nan_steps_gradients_from_the_weights():
     assert opt_b.step == original and "step" not in vars(opt_b)
     with pytest.raises(TypeError, match="skip takes the optimizer"):
         sp.monitor(b, skip=3)
+
+
+def test_overflow_risk_is_alerted_for_a_float16_run_near_its_limit():
+    """A half-precision model whose largest activation is within 16x of
+    float16's 65504 (its first layer's weights x3000): the sample names the
+    module; the same model in float32 gets no overflow alert."""
+    for dtype, alerted in ((torch.float16, True), (torch.float32, False)):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 3))
+        with torch.no_grad():
+            m[0].weight.mul_(3000.0)
+        m = m.to(dtype)
+        x = torch.randn(16, 8).to(dtype)
+        with sp.monitor(m, every=1) as mon:
+            loss = m(x).float().square().mean()
+            loss.backward()
+            mon.step(loss)
+        kinds = [(a.kind, a.layer) for a in mon.alerts]
+        assert (("overflow-risk", "0") in kinds) == alerted, kinds

@@ -57,7 +57,7 @@ from ..probe.recorder import Recorder, first_float_tensor
 from ..probe.rows import layer_stats
 from ..probe.state import preserved
 from ..probe.stats import Part
-from ..records import Alert, LogitStats, MonitorReport, MonitorStep, evolve
+from ..records import FORMATS, Alert, LogitStats, MonitorReport, MonitorStep, evolve
 from ..statistics import MAX
 from . import alerts as A
 from .logit_alerts import logit_alerts
@@ -491,6 +491,9 @@ class Monitor:
             if finite and not sample.incomplete:
                 complete = self._complete_history()
                 new += A.sampled_alerts(sample, complete, self.trend) + logit_alerts(sample, complete)
+                limit = self._format_limit()
+                if limit is not None:
+                    new += A.overflow_alerts(sample, limit)
             self.history.append(sample)
             if self.max_history is not None and len(self.history) > self.max_history:
                 del self.history[A.BASELINE_SAMPLES]  # the baseline samples stay
@@ -518,6 +521,15 @@ class Monitor:
             write_step(self.writer, self, k, new)
         self._next_step()
         return new
+
+    def _format_limit(self) -> float | None:
+        """The largest finite value of the step's compute dtype when it is
+        float16 (autocast or half parameters); None for float32/bfloat16,
+        whose range (3.4e38) no activation comes near."""
+        autocast = {d for c in self._calls[:1] for _, d in c.autocast}
+        if torch.float16 in autocast or any(p.dtype == torch.float16 for p in self._param_names):
+            return FORMATS["float16"][0]
+        return None
 
     def _complete_history(self) -> list[MonitorStep]:
         """The samples that carry a verdict: the baseline of the drift rules."""
