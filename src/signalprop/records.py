@@ -164,26 +164,35 @@ class LayerStats:
     activation: str | None = None
     role: str = ""
     dead_samples: int | None = None  # examples x positions per unit behind dead_fraction
-    # the declared statistics (signalprop.statistics) that have no field above, by name (forward_absmax, ...):
-    # read as attributes too (layer.forward_absmax), and flattened into to_dict()
-    stats: dict[str, float | None] = field(default_factory=dict)
+    # the declared statistics (signalprop.statistics) without a field above that were measured on this row,
+    # by name (forward_absmax, attn_logit_max, ...): read as attributes too (None where not measured), and
+    # in to_dict()
+    stats: dict[str, Any] = field(default_factory=dict)
 
     def __getattr__(self, name: str) -> Any:
         stats = self.__dict__.get("stats")
         if stats is not None and name in stats:
             return stats[name]
+        from .statistics import BY_NAME
+
+        if name in BY_NAME:
+            return None
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def to_dict(self) -> dict[str, Any]:
+        from .statistics import BY_NAME
+
         d = asdict(self)
-        d.update(d.pop("stats"))
+        stats = d.pop("stats")
+        d.update((k, stats.get(k)) for k in BY_NAME if k not in d)
         return _clean(d)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LayerStats:
         """The record :meth:`to_dict` wrote (declared statistics without a field go to ``stats``)."""
         names = cls.__dataclass_fields__
-        stats = {k: _unclean(v) for k, v in d.items() if k not in names}
+        # as measured: the declared statistics the row had (to_dict writes None for the others)
+        stats = {k: _unclean(v) for k, v in d.items() if v is not None and k not in names}
         return _from_dict(cls, d, stats=stats)
 
 

@@ -190,7 +190,11 @@ FORWARD_KERNELS: list[Statistic] = []
 BACKWARD_KERNELS: list[Statistic] = []
 
 
+_BY_KEYS: dict[tuple[str, ...], list[Statistic]] = {}  # the statistics a row with these raw values has
+
+
 def _rebuild() -> None:
+    _BY_KEYS.clear()
     BY_NAME.clear()
     BY_NAME.update((s.name, s) for s in STATISTICS)
     RAW_REDUCTION.clear()
@@ -232,8 +236,14 @@ _rebuild()
 
 
 def finish_row(raw: dict[str, Any]) -> dict[str, Any]:
-    """A row's gathered raw values -> its statistics, by name."""
-    return {s.name: s.finish(raw) for s in STATISTICS if s.present in raw}
+    """A row's gathered raw values -> its statistics, by name.  Which
+    statistics a row has is looked up once per set of raw keys (a deep net's
+    thousands of rows have a handful of them)."""
+    key = tuple(raw)
+    sts = _BY_KEYS.get(key)
+    if sts is None:
+        sts = _BY_KEYS[key] = [s for s in STATISTICS if s.present in raw]
+    return {s.name: s.finish(raw) for s in sts}
 
 
 __all__ = ["BY_NAME", "STATISTICS", "Statistic", "finish_row", "register", "unregister"]

@@ -19,7 +19,7 @@ def layer_stats(rows: list[Row], vals: list[dict[str, Any]], pgrads: dict[nn.Mod
                  out_rms: float, pred: dict[int, tuple[float, float]] | None = None) -> list[LayerStats]:
     """One record per row; ``pred``: the theory column by row index (see
     :func:`~.predict.predictions`)."""
-    # declared statistics without a field of their own in LayerStats: kept in its ``stats`` mapping
+    # the declared statistics without a field of their own, kept in LayerStats.stats
     extra = [s.name for s in STATISTICS if s.name not in LayerStats.__dataclass_fields__]
     layers = []
     prev_m2: float | None = None
@@ -45,7 +45,7 @@ def layer_stats(rows: list[Row], vals: list[dict[str, Any]], pgrads: dict[nn.Mod
             relative_grad_rms=None if g is None else (g / out_rms if out_rms > 0 else math.inf),
             activation=r.act.name if r.act is not None else None, role=r.role,
             predicted_second_moment=pr[0] if pr else None, predicted_grad_rms=pr[1] if pr else None,
-            stats={k: v.get(k) for k in extra},
+            stats={k: v[k] for k in extra if k in v},
         ))
         prev_m2 = m2 if m2 > 0 else None
         prev_g2 = g2
