@@ -252,21 +252,26 @@ class _FunctionalCapture(TorchFunctionMode):
         row.fwd.update(stats)
 
 
-def _grad_hook(row: Row, exact: bool, g: torch.Tensor) -> None:
-    """A row's gradient statistics, from the gradient with respect to its output."""
+def _grad_hook(row: Row, exact: bool | S.GradBatches, g: torch.Tensor) -> None:
+    """A row's gradient statistics, from the gradient with respect to its
+    output.  ``exact``: True for the exact pass; the pass's
+    :class:`~.stats.GradBatches` to copy a small gradient into, to be reduced
+    with others (one op here instead of three)."""
     # hooks run without grad mode unless the backward builds a graph (create_graph=True)
     prev = torch.is_grad_enabled()
     torch._C._set_grad_enabled(False)
     try:
-        if exact:
+        if exact is True:
             row.bwd.update(S.exact_moments(g, "grad"))
+        elif exact is not False and S.Batches.fits(g):
+            exact.add(row.bwd, g)
         else:
             S.grad_moments_into(row.bwd, g)
     finally:
         torch._C._set_grad_enabled(prev)
 
 
-def _grad_prehook(row: Row, exact: bool, nr: int, grads: tuple[torch.Tensor | None, ...]) -> None:
+def _grad_prehook(row: Row, exact: bool | S.GradBatches, nr: int, grads: tuple[torch.Tensor | None, ...]) -> None:
     """:func:`_grad_hook` as a pre-hook of the autograd node that produced a
     row's output (its ``nr``-th output): the engine calls it with the
     gradients of the node's outputs, after any tensor hooks on them, so it
@@ -279,7 +284,7 @@ def _grad_prehook(row: Row, exact: bool, nr: int, grads: tuple[torch.Tensor | No
         _grad_hook(row, exact, g)
 
 
-def _safe_grad_hook(errors: list[BaseException], row: Row, exact: bool, g: torch.Tensor) -> None:
+def _safe_grad_hook(errors: list[BaseException], row: Row, exact: bool | S.GradBatches, g: torch.Tensor) -> None:
     """:func:`_grad_hook` whose failure is kept in ``errors`` (a recorder's ``safe`` mode)."""
     try:
         _grad_hook(row, exact, g)
@@ -287,7 +292,7 @@ def _safe_grad_hook(errors: list[BaseException], row: Row, exact: bool, g: torch
         errors.append(e)
 
 
-def _safe_grad_prehook(errors: list[BaseException], row: Row, exact: bool, nr: int,
+def _safe_grad_prehook(errors: list[BaseException], row: Row, exact: bool | S.GradBatches, nr: int,
                        grads: tuple[torch.Tensor | None, ...]) -> None:
     """:func:`_grad_prehook` whose failure is kept in ``errors``."""
     try:
@@ -397,6 +402,7 @@ class Recorder:
         self._info: dict[nn.Module, _Leaf] = {}
         self._scratch = S.Scratch()
         self._batches = S.Batches(unit_vectors) if stats and not exact else None
+        self._grad_batches = S.GradBatches(self._batches.done) if self._batches is not None else None
         self._roles: dict[tuple[str, str, tuple[int, ...]], str] = {}
 
     def _leaf_info(self, m: nn.Module) -> _Leaf:
@@ -532,12 +538,13 @@ class Recorder:
             # graph kept alive by its loss tensor does not keep the model alive with it
             fn = t.grad_fn
             row.wants_grad = True
+            how = self.exact or self._grad_batches or False  # the hook holds the batches, not the recorder
             if fn is not None:  # a pre-hook of the node that made t: see _grad_prehook
-                fn.register_prehook(functools.partial(_safe_grad_prehook, self.errors, row, self.exact, t.output_nr)
-                                    if self.safe else functools.partial(_grad_prehook, row, self.exact, t.output_nr))
+                fn.register_prehook(functools.partial(_safe_grad_prehook, self.errors, row, how, t.output_nr)
+                                    if self.safe else functools.partial(_grad_prehook, row, how, t.output_nr))
             else:  # a leaf that requires grad (a module that returns its input or a parameter)
-                t.register_hook(functools.partial(_safe_grad_hook, self.errors, row, self.exact) if self.safe
-                                else functools.partial(_grad_hook, row, self.exact))
+                t.register_hook(functools.partial(_safe_grad_hook, self.errors, row, how) if self.safe
+                                else functools.partial(_grad_hook, row, how))
 
     # -- lifecycle --------------------------------------------------------------
     def attach(self) -> None:
@@ -606,9 +613,13 @@ class Recorder:
                 self._batches.flush()
 
     def batched(self) -> list[S.Batched]:
-        """The forward statistics measured several rows at a time (see
-        :class:`~.stats.Batches`), still on their devices: complete once
-        :meth:`detach` has run."""
+        """The forward and gradient statistics measured several rows at a
+        time (see :class:`~.stats.Batches`, :class:`~.stats.GradBatches`),
+        still on their devices: complete once :meth:`detach` and the
+        backward have run (the last gradients are measured here)."""
+        if self._grad_batches is not None:  # the gradients the backward copied, measured now
+            with torch.no_grad():
+                self._grad_batches.flush()
         return self._batches.done if self._batches is not None else []
 
     def functional_mode(self) -> TorchFunctionMode | None:
