@@ -276,28 +276,13 @@ def _widths(text: str) -> list[int]:
 def _coord_factory(spec: str) -> tuple[Any, dict[str, Any]]:
     """``package.module:factory[:key=value,...]`` -> (factory, keyword arguments
     read as the types the factory declares, see :func:`~.lab.factory_args.factory_kwargs`)."""
-    from .lab.factory_args import factory_kwargs
-
-    mod_name, _, rest = spec.partition(":")
-    attr, _, arg_text = rest.partition(":")
-    if not mod_name or not attr:
-        raise UsageError(f"MODEL must be package.module:factory[:key=value,...], got {spec!r}")
-    if str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
-    import importlib
+    from .lab.factory_args import load_factory
 
     try:
-        module = importlib.import_module(mod_name)
-    except Exception as e:
-        raise UsageError(f"cannot import {mod_name!r} for {spec!r}: {type(e).__name__}: {e}") from e
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise UsageError(f"{mod_name!r} has no callable {attr!r} (from {spec!r})")
-    try:
-        kwargs = factory_kwargs(fn, arg_text, spec)
+        return load_factory(spec)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    return fn, kwargs
+
 
 
 def _model_only(fn: Any, kwargs: dict[str, Any], width: int) -> Any:

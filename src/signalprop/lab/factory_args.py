@@ -128,3 +128,28 @@ def factory_kwargs(fn: Callable[..., Any], arg_text: str, spec: str) -> dict[str
             raise ValueError(f"{spec}: {k}={v!r} is not {' or '.join(_describe(t) for t in kinds)}, "
                              f"the type {name}() declares for {k!r}")
     return kwargs
+
+
+def load_factory(spec: str) -> tuple[Callable[..., Any], dict[str, Any]]:
+    """``package.module:factory[:key=value,...]`` -> (the factory, its keyword
+    arguments read by :func:`factory_kwargs`); the current directory is
+    importable, as ``python -m`` would make it.  A ValueError says what is
+    wrong with the spec."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    mod_name, _, rest = spec.partition(":")
+    attr, _, arg_text = rest.partition(":")
+    if not mod_name or not attr:
+        raise ValueError(f"a model factory is package.module:factory[:key=value,...], got {spec!r}")
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(mod_name)
+    except Exception as e:
+        raise ValueError(f"cannot import {mod_name!r} for {spec!r}: {type(e).__name__}: {e}") from e
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"{mod_name!r} has no callable {attr!r} (from {spec!r})")
+    return fn, factory_kwargs(fn, arg_text, spec)

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, cast
 
 import torch
 from torch import nn
 
 from .. import activations as _act
-from .factory_args import factory_kwargs, parse_value
+from .factory_args import load_factory, parse_value
 
 # Activation names a spec may use: every registry entry with a torch.nn module
 # (signalprop.activations is the one table), by its base name and aliases.
@@ -332,18 +329,7 @@ def _build(spec: str, batch: int, seed: int, init: str | None, input_shape: tupl
 
 def _factory(spec: str, batch: int, g: torch.Generator, input_shape: tuple[int, ...] | None,
              init: str | None) -> Built:
-    mod_name, _, rest = spec.partition(":")
-    attr, _, arg_text = rest.partition(":")
-    if str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
-    try:
-        module = importlib.import_module(mod_name)
-    except Exception as e:
-        raise ValueError(f"cannot import {mod_name!r} for {spec!r}: {type(e).__name__}: {e}") from e
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ValueError(f"{mod_name!r} has no callable {attr!r} (from {spec!r})")
-    kwargs = factory_kwargs(fn, arg_text, spec)
+    fn, kwargs = load_factory(spec)
     try:
         out = fn(**kwargs)
     except Exception as e:
