@@ -253,7 +253,7 @@ def _make_leaky_relu(slope: float = 0.01) -> Activation:
 
 def _make_elu(alpha: float = 1.0) -> Activation:
     phi, dphi = _elu(alpha)
-    return Activation(f"elu({alpha:g})", phi, dphi, kinks=(0.0,) if alpha != 1.0 else (),
+    return Activation(f"elu({alpha:g})", phi, dphi, kinks=(0.0,),
                       torch_name="elu", torch_kwargs={"alpha": alpha},
                       module="ELU", module_kwargs={"alpha": alpha}, functional=(_F + "elu",))
 

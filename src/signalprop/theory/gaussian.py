@@ -215,7 +215,8 @@ def nodes_2d(q1: Array | float, q2: Array | float, c: Array | float,
     s1, s2 = np.sqrt(np.maximum(q1, 0.0)), np.sqrt(np.maximum(q2, 0.0))
     k1 = levels(s1, n) if graded else 0
     br1 = _kink_breaks(kinks_f, np.zeros_like(s1), s1)
-    br1 = np.concatenate([br1, np.broadcast_to(_ladder(k1), s1.shape + (2 * k1,))], -1)
+    br1 = np.concatenate([br1, np.broadcast_to(_ladder(k1), s1.shape + (2 * k1,)),
+                          _kink_shadows(kinks_g, s2, cc, sc)], -1)
     z1, w1 = _pieces(br1, n)  # (..., m1)
     if eps is None:
         a = (s2 * c)[..., None] * z1  # centre of u2 given z1
@@ -232,6 +233,25 @@ def nodes_2d(q1: Array | float, q2: Array | float, c: Array | float,
         z0, w0 = _standard_pieces(n)
         z2, w2 = np.broadcast_to(z0, a.shape + z0.shape), np.broadcast_to(w0, a.shape + w0.shape)
     return s1[..., None] * z1, w1, a[..., None] + b[..., None] * z2, w2
+
+
+def _kink_shadows(kinks_g: tuple[float, ...], s2: Array, c: Array, sc: Array) -> Array:
+    """Outer breaks where the inner integral turns: g's kink k at u2 = k crosses
+    the inner Gaussian's bulk for z1 within a few sc / |c| of k / (sqrt(q2) c)
+    -- a sharp (near c = 1), smooth step in z1 that one outer panel resolves
+    badly unless it sits at a break: at 0 it does (f's own break), for k != 0
+    (hardtanh's +-1) it is off f's kink k / sqrt(q1) by ~(1 - c) k / sqrt(q2),
+    and the xi_c of hardtanh was 1e-4 off beside its critical line.  Breaks
+    at the centre and 2 and 5 widths either side (the step's tail is below
+    e^-12 beyond)."""
+    ks = [k for k in sorted(set(kinks_g)) if k != 0.0]
+    if not ks:
+        return np.zeros(s2.shape + (0,))
+    with np.errstate(all="ignore"):  # c = 0 or q2 = 0: no such step (the points are dropped)
+        centre = np.stack([k / (s2 * c) for k in ks], -1)
+        width = (sc / np.abs(c))[..., None, None] * np.array([-5.0, -2.0, 0.0, 2.0, 5.0])
+        pts = (centre[..., None] + width).reshape(s2.shape + (-1,))
+    return np.where(np.isfinite(pts), pts, 0.0)
 
 
 def _inner_points(b: float, n: int, inner_plain: float) -> int:
