@@ -3,11 +3,12 @@
 For phi = erf every mean-field quantity has a closed form (Williams 1998):
 E[erf(u1) erf(u2)] = (2/pi) asin(2 q12 / sqrt((1 + 2 q1)(1 + 2 q2))) and
 E[erf'(u1) erf'(u2)] = (4/pi) / sqrt((1 + 2 q1)(1 + 2 q2) - 4 q12^2).  q*, c*,
-chi_c and xi_c = -1 / ln chi_c follow by root finding at 50 digits.  Near
-the critical line xi_c ~ 1 / (chi1 - 1) amplifies every error, so the
-tolerances grow as the line is approached: they are what float64 quadrature
-reaches there (measured), and 10-1000x below what the previous solver gave
-(2.4e-3, 20% and 99% at 1e-3, 1e-4 and 1e-6 above the line).
+chi_c and xi_c = -1 / ln chi_c follow by root finding at 50 digits
+(tests/_theory_refs.py).  Near the critical line xi_c ~ 1 / (chi1 - 1)
+amplifies every error, so the tolerances grow as the line is approached:
+they are the bounds the README states, a few times above what float64
+quadrature measures there, and 10^3-10^5 below what the rule before issue 26
+gave (4e-6, 4e-5, 4e-4 at 1%, 0.1%, 0.01% above the line at sigma_b2 = 2).
 """
 
 from __future__ import annotations
@@ -19,64 +20,43 @@ import mpmath as mp
 import numpy as np
 import pytest
 
+import _theory_refs as R
 from signalprop import activations as A
 from signalprop import theory as T
 
 mp.mp.dps = 50
 PI = mp.pi
-
-
-def _qstar(w, b):
-    return mp.findroot(lambda q: w * 2 / PI * mp.asin(2 * q / (1 + 2 * q)) + b - q, 1.0)
-
-
-def _xi_c(w, b):
-    q = _qstar(w, b)
-    chi1 = w * 4 / PI / mp.sqrt(1 + 4 * q)
-    if chi1 <= 1:
-        return -1 / mp.log(chi1)
-
-    def f(c):
-        return (w * 2 / PI * mp.asin(2 * c * q / (1 + 2 * q)) + b) / q - c
-
-    lo, hi = mp.mpf(0), 1 - mp.mpf(10) ** -35  # f(0) >= 0 > f(1 - delta) in the chaotic phase
-    for _ in range(170):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if f(mid) > 0 else (lo, mid)
-    c = (lo + hi) / 2
-    return -1 / mp.log(w * 4 / PI / mp.sqrt((1 + 2 * q) ** 2 - 4 * c * c * q * q))
-
-
-def _critical(b):
-    return mp.findroot(lambda w: w * 4 / PI / mp.sqrt(1 + 4 * _qstar(w, b)) - 1, 1.5)
+_xi_c = R.erf_xi_c
+_critical = R.erf_critical
 
 
 # erf through the quadrature every other activation takes (its closed forms switched off)
 _ERF_QUADRATURE = dataclasses.replace(A.get("erf"), corr_moments=None)
 
 
-@pytest.mark.parametrize("sigma_b2", [0.01, 0.05, 0.5])
-@pytest.mark.parametrize("above, tol", [(1.0, 1e-9), (1e-1, 1e-9), (1e-2, 1e-8), (1e-3, 1e-6), (1e-4, 1e-5),
-                                        (-1e-3, 1e-9), (-1e-6, 1e-7)])
+@pytest.mark.parametrize("sigma_b2", [0.01, 0.05, 0.5, 1.0, 2.0])
+@pytest.mark.parametrize("above, tol", [(1.0, 1e-12), (1e-1, 1e-12), (1e-2, 1e-12), (1e-3, 1e-10), (1e-4, 5e-9),
+                                        (1e-6, 1e-7), (-1e-3, 1e-12), (-1e-6, 1e-9)])
 def test_xi_c_near_the_critical_line_against_closed_forms(sigma_b2, above, tol):
-    """The bivariate quadrature and epsilon-form Newton solve (what tanh and
-    every other activation use) on erf; measured 1e-13..3e-8 from 1% out,
-    <= 6e-7 at 0.01% above the line."""
+    """The bivariate quadrature and the correlation solve (what tanh and every
+    other activation use) on erf, sigma_b2 from 0.01 to 2; measured <= 4e-13
+    from 1% out, 4e-11 at 0.1%, 5e-11 at 0.01%, 2e-8 at 1e-6 above the line,
+    2e-13 and 3e-10 at 0.1% and 1e-6 below."""
     w = _critical(sigma_b2) * (1 + above)
     ours = T.depth_scales(_ERF_QUADRATURE, float(w), sigma_b2)[1]
     assert ours == pytest.approx(float(_xi_c(w, sigma_b2)), rel=tol)
 
 
-@pytest.mark.parametrize("sigma_b2", [0.01, 0.05, 0.5])
+@pytest.mark.parametrize("sigma_b2", [0.01, 0.05, 0.5, 1.0, 2.0])
 @pytest.mark.parametrize("above", [1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-6, -1e-3, -1e-6])
 def test_xi_c_with_erfs_closed_form_bivariate_moments(sigma_b2, above):
     """erf's own closed forms (``Activation.corr_moments``: the difference of
-    arcsines written without cancellation) in the same solve: within 1e-6
-    everywhere, 1e-6 above the line included (measured <= 1.6e-7; the
-    quadrature is 4e-5..6e-4 off there)."""
+    arcsines written without cancellation) in the same solve: within 1e-8
+    for every sigma_b2 in (0, 2], 1e-6 above the line included (measured
+    <= 2e-9; the previous solve was 4e-6 off there at sigma_b2 = 2)."""
     w = _critical(sigma_b2) * (1 + above)
     ours = T.depth_scales("erf", float(w), sigma_b2)[1]
-    assert ours == pytest.approx(float(_xi_c(w, sigma_b2)), rel=1e-6)
+    assert ours == pytest.approx(float(_xi_c(w, sigma_b2)), rel=1e-8)
 
 
 def test_erf_bivariate_closed_forms_against_quadrature():
@@ -94,10 +74,19 @@ def test_erf_bivariate_closed_forms_against_quadrature():
             assert float(dd) == pytest.approx(float(want_dd), rel=1e-11)
 
 
-def test_xi_c_at_sigma_b2_zero_where_c_star_is_zero():
-    for above, tol in ((1.0, 1e-9), (1e-1, 1e-9), (1e-2, 1e-8)):
-        w = PI / 4 * (1 + above)
-        assert T.depth_scales("erf", float(w), 0.0)[1] == pytest.approx(float(_xi_c(w, 0.0)), rel=tol)
+@pytest.mark.parametrize("act", ["erf", _ERF_QUADRATURE], ids=["closed-form", "quadrature"])
+@pytest.mark.parametrize("above", [1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-6, -1e-3, -1e-6])
+def test_xi_c_at_sigma_b2_zero(act, above):
+    """sigma_b2 = 0: above the line q* -> 0 and c* = 0, and 1 - chi_c shrinks as
+    d^2 / 6 (d = relative distance above the line), so xi_c ~ 6 / d^2 and its
+    relative error grows as round-off / d^2: within max(1e-13, 1e-14 / d^2)
+    (measured 3e-11 at d = 1e-2, 2e-7 at 1e-4, 2e-3 through the quadrature and
+    1e-4 with the closed forms at 1e-6; the previous solve 1e-5 at 1e-4 and
+    0.2 at 1e-6).  Below it q* = 0 exactly: within 1e-9 (measured 1e-10; was
+    2e-6 at 1e-6 below, from evaluating chi1 at the floor q = 1e-12)."""
+    w = float(PI / 4 * (1 + above))
+    tol = max(1e-13, 1e-14 / above**2) if above > 0 else 1e-9
+    assert T.depth_scales(act, w, 0.0)[1] == pytest.approx(float(_xi_c(w, 0.0)), rel=tol)
 
 
 def test_critical_sigma_w2_at_zero_bias_is_exact():
@@ -113,8 +102,9 @@ def test_critical_sigma_w2_at_zero_bias_is_exact():
 
 def test_phase_diagram_cells_match_the_pointwise_functions():
     """Every sampled cell, the ones beside the critical line included, within
-    1e-6 of depth_scales (measured: 6.8e-7 tanh, 1.3e-8 erf with its closed
-    forms; was up to 97%)."""
+    1e-8 of depth_scales (measured: 1.7e-9 tanh, 0 erf with its closed
+    forms; was 1.3e-5 beside tanh's line before issue 26, up to 97% before
+    that).  sigma_b2 up to 2: test_theory_accuracy."""
     w = np.linspace(0.25, 4.0, 40)
     b = np.linspace(0.0, 0.5, 12)
     for act in ("tanh", "erf"):
@@ -123,9 +113,9 @@ def test_phase_diagram_cells_match_the_pointwise_functions():
             j0 = int(np.searchsorted(w, pd.critical_sigma_w2[i])) if np.isfinite(pd.critical_sigma_w2[i]) else 20
             for j in {0, 39, max(j0 - 1, 0), min(j0, 39), min(j0 + 1, 39), min(j0 + 5, 39)}:
                 ref = T.depth_scales(act, float(w[j]), float(b[i]))[1]
-                assert pd.xi_c[i, j] == pytest.approx(ref, rel=1e-6), (act, w[j], b[i])
+                assert pd.xi_c[i, j] == pytest.approx(ref, rel=1e-8), (act, w[j], b[i])
     pd = T.phase_diagram("tanh", np.array([1.80]), np.array([0.05]))  # the issue's cell: 46.6 vs 125.8 before
-    assert pd.xi_c[0, 0] == pytest.approx(T.depth_scales("tanh", 1.80, 0.05)[1], rel=1e-6)
+    assert pd.xi_c[0, 0] == pytest.approx(T.depth_scales("tanh", 1.80, 0.05)[1], rel=1e-8)
 
 
 def test_one_gaussian_moments_routine_against_quad_and_closed_forms():

@@ -52,7 +52,8 @@ class Activation:
     """An elementwise activation with what theory needs to integrate it.
 
     ``kinks`` are the pre-activation values where phi' is discontinuous
-    (ReLU: 0; hardtanh: -1 and 1).  ``bounded`` marks saturating activations,
+    (ReLU: 0; hardtanh: -1 and 1) or phi'' is (softsign, ELU: 0): where
+    quadrature splits.  ``bounded`` marks saturating activations,
     ``rectifier`` those whose output is exactly zero on a half-line (units can
     die).  ``torch_name`` with ``torch_kwargs`` names the ``torch.nn.functional``
     function (or a key of :data:`_TORCH_EXTRA`) that computes the same map.
@@ -253,7 +254,7 @@ def _make_leaky_relu(slope: float = 0.01) -> Activation:
 
 def _make_elu(alpha: float = 1.0) -> Activation:
     phi, dphi = _elu(alpha)
-    return Activation(f"elu({alpha:g})", phi, dphi, kinks=(0.0,) if alpha != 1.0 else (),
+    return Activation(f"elu({alpha:g})", phi, dphi, kinks=(0.0,),
                       torch_name="elu", torch_kwargs={"alpha": alpha},
                       module="ELU", module_kwargs={"alpha": alpha}, functional=(_F + "elu",))
 

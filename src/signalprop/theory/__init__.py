@@ -6,19 +6,18 @@ Pennington et al. (2017); layer-by-layer predictions for concrete stacks.
 """
 
 from .critical import CriticalPoint, critical_point
+from .depth import depth_scales, trainable_depth
 from .gaussian import expect, expect2
+from .line import critical_sigma_w2
 from .maps import (
     FixedPointError,
     NoCriticalPointError,
     chi1,
     cmap,
     covmap,
-    critical_sigma_w2,
-    depth_scales,
     fixed_point,
     gaussian_moments,
     qmap,
-    trainable_depth,
 )
 from .phase import PhaseDiagram, phase_diagram
 from .propagate import Propagation, propagate

@@ -1,4 +1,4 @@
-"""Mean-field signal propagation: q-map, c-map, fixed points, chi1, depth scales.
+"""Mean-field signal propagation: q-map, c-map, fixed points, chi1, the critical line.
 
 Notation follows Poole et al. (2016) and Schoenholz et al. (2017): a layer is
 h = W phi(h_prev) + b with W_ij ~ (0, sigma_w2 / fan_in) and b_i ~ (0, sigma_b2).
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .. import activations as _act
-from .gaussian import N_1D, N_2D, _standard_pieces, expect2, nodes_1d, nodes_2d
+from .gaussian import N_1D, _standard_pieces, expect2, level, level_groups, nodes_1d
 
 Array = np.ndarray
 Q_MIN = 1e-12  # q below this is treated as the q -> 0+ limit
@@ -50,6 +50,27 @@ _INTEGRANDS: dict[str, Callable[[Array, Array, Array, Array], Array]] = {
 
 
 _USES_PHI = ("m1", "m2", "pdx")
+_LINEAR_PIECES: dict[Callable[[Array], Array], bool] = {}
+
+
+def piecewise_linear(a: _act.Activation) -> bool:
+    """Whether phi' is constant between phi's kinks (ReLU family, linear,
+    hardtanh): the kink-split Gaussian rule is then exact at every q and
+    needs no grading toward large q.  Read once per activation on a grid
+    over [-60, 60] and at +-1e6."""
+    if a.phi not in _LINEAR_PIECES:
+        edges = np.array([-np.inf, *sorted(set(a.kinks)), np.inf])
+        x = np.concatenate([np.linspace(-60.0, 60.0, 4801), [-1e6, 1e6]])
+        x = x[~np.isin(x, edges)]
+        with np.errstate(all="ignore"):
+            d = np.asarray(a.dphi(x), dtype=float)
+        piece = np.searchsorted(edges, x)
+        flat = bool(np.all(np.isfinite(d)))
+        for k in np.unique(piece):
+            dk = d[piece == k]
+            flat = flat and bool(np.all(np.abs(dk - dk[0]) <= 1e-12 * max(1.0, abs(dk[0]))))
+        _LINEAR_PIECES[a.phi] = flat
+    return _LINEAR_PIECES[a.phi]
 
 
 def gaussian_moments(act: Any, q: Array | float, which: tuple[str, ...] = ("m2", "d2"),
@@ -59,31 +80,72 @@ def gaussian_moments(act: Any, q: Array | float, which: tuple[str, ...] = ("m2",
     over q: the one routine every map, critical point and spectrum reads.
     Closed forms where the activation has them (E[phi^2], E[phi'^2] of linear,
     ReLU family, erf, hardtanh); otherwise all on one shared set of
-    kink-aware quadrature nodes.  (Bivariate expectations at a correlation c
-    are :func:`signalprop.theory.expect2`'s.)"""
+    kink-aware quadrature nodes, graded for large q (see
+    :mod:`signalprop.theory.gaussian`), each q on the rule of its own grading
+    level.  At q = 0 exactly, the q -> 0 limits (:func:`at_zero`).
+    (Bivariate expectations at a correlation c are
+    :func:`signalprop.theory.expect2`'s.)"""
     a = _act.resolve(act)
     unknown = sorted(set(which) - set(_INTEGRANDS))
     if unknown:
         raise ValueError(f"unknown Gaussian moment(s) {unknown}; choose from {sorted(_INTEGRANDS)}")
-    qa = np.maximum(np.asarray(q, dtype=float), Q_MIN)
+    q0 = np.asarray(q, dtype=float)
+    qa = np.maximum(q0, Q_MIN)
+    out = _moments_of(a, qa, which, n)
+    if np.any(q0 == 0.0):
+        # q = 0 exactly (q* = 0: sigma_b2 = 0 in the ordered phase): the q -> 0 limits, not the
+        # floor Q_MIN's values (E[erf'^2] is 2e-12 lower there, which put xi_c 2e-6 off at 1e-6
+        # below erf's critical point)
+        exact = at_zero(a)
+        for k in set(out) & set(exact):
+            out[k] = np.where(q0 == 0.0, exact[k], out[k])
+    return out
+
+
+def at_zero(a: _act.Activation) -> dict[str, float]:
+    """The limits as q -> 0 of E[phi], E[phi^2], E[phi'^2], E[phi'^4]: phi(0)^k,
+    and the mean of the k-th powers of phi''s two one-sided values at 0 (they
+    differ where phi' jumps at 0: ReLU's E[phi'^2] -> 1/2, SELU's)."""
+    p0 = float(a.phi(np.zeros(1))[0])
+    dm, dp = (float(v) for v in a.dphi(np.array([-5e-324, 5e-324])))
+    return {"m1": p0, "m2": p0 * p0, "d2": (dm * dm + dp * dp) / 2, "d4": (dm ** 4 + dp ** 4) / 2}
+
+
+def _moments_of(a: _act.Activation, qa: Array, which: tuple[str, ...], n: int) -> dict[str, Array]:
+    """:func:`gaussian_moments` at q >= Q_MIN."""
     out: dict[str, Array] = {}
     if "m2" in which and a.second_moment is not None:
         out["m2"] = np.asarray(a.second_moment(qa), dtype=float)
     if "d2" in which and a.deriv_second_moment is not None:
         out["d2"] = np.asarray(a.deriv_second_moment(qa), dtype=float)
     todo = [k for k in which if k not in out]
-    if todo:
-        one = qa.ndim == 0 and all(k == 0.0 for k in a.kinks)
-        if one:  # one q (a layer of propagate's recursion): the q = 1 rule scaled, dot products
-            z0, w0 = _standard_pieces(n)
-            x = math.sqrt(float(qa)) * z0
-        else:
-            x, w = nodes_1d(qa, a.kinks, n)
-        p = a.phi(x) if any(k in _USES_PHI for k in todo) else None
-        d = a.dphi(x) if any(k not in ("m1", "m2") for k in todo) else None
+    if not todo:
+        return out
+    need_p, need_d = any(k in _USES_PHI for k in todo), any(k not in ("m1", "m2") for k in todo)
+    graded = not piecewise_linear(a)
+    if qa.ndim == 0 and all(k == 0.0 for k in a.kinks):
+        # one q (a layer of propagate's recursion): the q = 1 rule of its level scaled, dot products
+        s = math.sqrt(float(qa))
+        z0, w0 = _standard_pieces(n, level(s, n) if graded else 0)
+        x = s * z0
+        p, d = (a.phi(x) if need_p else None), (a.dphi(x) if need_d else None)
+        out.update({k: w0 @ _INTEGRANDS[k](x, p, d, qa) for k in todo})  # type: ignore[arg-type]
+        return out
+    groups = level_groups(qa, n) if graded else None
+    if groups is None:  # one rule for all
+        x, w = nodes_1d(qa, a.kinks, n, graded)
+        p, d = (a.phi(x) if need_p else None), (a.dphi(x) if need_d else None)
+        out.update({k: np.sum(w * _INTEGRANDS[k](x, p, d, qa), -1) for k in todo})  # type: ignore[arg-type]
+        return out
+    flat = qa.ravel()
+    res = {k: np.empty(flat.shape) for k in todo}
+    for ix in groups:  # each q on the rule of its own grading level
+        qs = flat[ix]
+        x, w = nodes_1d(qs, a.kinks, n)
+        p, d = (a.phi(x) if need_p else None), (a.dphi(x) if need_d else None)
         for k in todo:
-            f = _INTEGRANDS[k](x, p, d, qa)  # type: ignore[arg-type]
-            out[k] = w0 @ f if one else np.sum(w * f, -1)
+            res[k][ix] = np.sum(w * _INTEGRANDS[k](x, p, d, qs), -1)  # type: ignore[arg-type]
+    out.update({k: v.reshape(qa.shape) for k, v in res.items()})
     return out
 
 
@@ -111,18 +173,25 @@ def moments_at(act: Any, which: tuple[str, ...], n: int = N_1D) -> Callable[[flo
     integrands = [_INTEGRANDS[k] for k in which]
     phi = a.phi if any(k in _USES_PHI and f is None for k, f in zip(which, forms)) else None
     dphi = a.dphi if any(k not in ("m1", "m2") and f is None for k, f in zip(which, forms)) else None
-    z0, w0 = _standard_pieces(n)
-
     steps = list(zip(forms, integrands))
+
+    graded = not piecewise_linear(a)
+    zero = at_zero(a)  # gaussian_moments' values at q = 0 exactly
+    zeros = [zero.get(k) for k in which]
 
     def at(q: float) -> tuple[float, ...]:
         qf = float(q)
         qa = np.float64(Q_MIN if qf < Q_MIN else qf)  # np.maximum's: a NaN stays NaN
-        x = math.sqrt(qa) * z0
+        s = math.sqrt(qa)
+        z0, w0 = _standard_pieces(n, level(s, n) if graded else 0)
+        x = s * z0
         p = phi(x) if phi is not None else None
         d = dphi(x) if dphi is not None else None
-        return tuple([float(form(qa)) if form is not None else float(w0 @ f(x, p, d, qa))  # type: ignore[arg-type]
-                      for form, f in steps])
+        out = [float(form(qa)) if form is not None else float(w0 @ f(x, p, d, qa))  # type: ignore[arg-type]
+               for form, f in steps]
+        if qf == 0.0:
+            out = [v if z is None else z for v, z in zip(out, zeros)]
+        return tuple(out)
 
     return at
 
@@ -139,12 +208,8 @@ def _qmap_slope(act: _act.Activation, q: Array | float, sw2: Array | float, sb2:
                 n: int = N_1D) -> tuple[Array, Array]:
     """qmap(q) and d qmap / dq = sigma_w2 * E[phi(x) phi'(x) x] / q (Stein's lemma
     form of Schoenholz's chi_q = sigma_w2 E[phi'^2 + phi phi''], which needs no phi'')."""
-    q = np.maximum(np.asarray(q, dtype=float), Q_MIN)
-    x, w = nodes_1d(q, act.kinks, n)
-    p = act.phi(x)
-    m2 = np.sum(w * p * p, axis=-1)
-    slope = np.sum(w * p * act.dphi(x) * x, axis=-1) / q
-    return sw2 * m2 + sb2, sw2 * slope
+    m = gaussian_moments(act, q, ("m2", "pdx"), n)
+    return sw2 * m["m2"] + sb2, sw2 * m["pdx"]
 
 
 def qmap(act: Any, q: Array | float, sigma_w2: Array | float, sigma_b2: Array | float) -> Array | float:
@@ -185,14 +250,14 @@ def _fixed_point_vec(act: _act.Activation, sw2: Array, sb2: Array, q0: float = 1
     if todo.size:
         lo = np.full(todo.size, Q_MIN)
         hi = np.maximum(1.0, sw2[todo] + sb2[todo])
-        for _ in range(60):  # doubling until h(hi) < 0, or give up: q diverges
-            hh, _ = h(hi, todo)
-            grow = (hh >= 0) & (hi < Q_MAX)
-            if not grow.any():
-                break
-            lo = np.where(grow, hi, lo)
-            hi = np.where(grow, hi * 4.0, hi)
         hh, _ = h(hi, todo)
+        grow = np.flatnonzero(hh >= 0)
+        while grow.size:  # grow hi until h(hi) < 0, or give up at Q_MAX: q diverges
+            lo[grow] = hi[grow]
+            # x 4, then x 256 past 1e4: large q is dearer (graded rule) and far fewer steps reach Q_MAX
+            hi[grow] *= np.where(hi[grow] < 1e4, 4.0, 256.0)
+            hh[grow] = h(hi[grow], todo[grow])[0]
+            grow = grow[(hh[grow] >= 0) & (hi[grow] < Q_MAX)]
         diverge = hh >= 0
         out[todo[diverge]] = np.inf
         keep = ~diverge
@@ -222,7 +287,10 @@ def fixed_point(act: Any, sigma_w2: float, sigma_b2: float, q0: float = 1.0) -> 
     Returns 0.0 when the signal collapses (only possible with sigma_b2 = 0 in
     the ordered phase), ``q0`` when every q is a fixed point (ReLU at
     sigma_w2 = 2, sigma_b2 = 0), and raises :class:`FixedPointError` when q
-    grows without bound (the signal explodes with depth).
+    grows without bound (the signal explodes with depth): qmap(q) > q up to
+    q = 1e15, judged on moments accurate at any q (a one-panel rule's error
+    made SiLU's length map at sigma_w2 = 2, sigma_b2 = 0.5 turn back at
+    q ~ 4e5 and report a fixed point where q in fact keeps growing).
     """
     a = _act.resolve(act)
     _check_params(sigma_w2, sigma_b2)
@@ -262,88 +330,6 @@ def _moments(act: _act.Activation, q: Array, n: int = N_1D) -> tuple[Array, Arra
     return m["m2"], m["d2"]
 
 
-def critical_sigma_w2(act: Any, sigma_b2: float = 0.0, *, lo: float = 1e-2, hi: float = 1e4) -> float:
-    """The sigma_w2 in [lo, hi] at which chi1(q*) = 1 for the given sigma_b2 (the edge of chaos).
-
-    Solved as one equation in q rather than a root search over sigma_w2 with
-    a fixed-point solve inside: chi1 = 1 fixes sigma_w2(q) = 1 / E[phi'^2](q),
-    and q must be a fixed point of the q-map at that weight,
-    G(q) = E[phi^2](q) / E[phi'^2](q) + sigma_b2 - q = 0.  Sign changes of G
-    on a log grid of q are refined by Brent's method, and a root is accepted
-    only if q is the *attracting* fixed point at sigma_w2(q).
-
-    Raises :class:`NoCriticalPointError` when no such point exists, e.g. ReLU
-    with sigma_b2 > 0 (there G = sigma_b2 > 0: q diverges on chi1 = 1).
-
-    This is the classic mean-field critical line, for the activation as it is,
-    mean included (sigmoid: ~103 at sigma_b2 = 0).  It is *not* what
-    :func:`signalprop.init.critical_` draws: that uses
-    :func:`signalprop.theory.critical_point`, where q* is chosen so the
-    depth's Jacobian stays near-isometric and an activation's Gaussian mean
-    is removed by the next layer's bias, so only the centred part propagates
-    (sigmoid then needs a far smaller sigma_w2).  ``signalprop theory ACT``
-    prints both, with this explanation.
-    """
-    from scipy.optimize import brentq
-
-    a = _act.resolve(act)
-    _check_params(1.0, sigma_b2)
-    qs = np.geomspace(1e-8, 1e8, 97)
-    m2, d2 = _moments(a, qs)
-    g = m2 / d2 + sigma_b2 - qs
-    scale = np.maximum(1.0, qs)
-    if np.all(np.abs(g) <= 1e-10 * scale):  # every q critical: positively homogeneous phi
-        return _in_range(a, float(1.0 / d2[np.searchsorted(qs, 1.0)]), sigma_b2, lo, hi)
-    if np.all(g > 0):
-        raise NoCriticalPointError(
-            f"{a.name}: on the line chi1 = 1 the length map has qmap(q) > q for every q up to "
-            f"{qs[-1]:g}, so q diverges with sigma_b2={sigma_b2:g}: no finite fixed point is "
-            "critical (for ReLU-like activations use sigma_b2 = 0)"
-        )
-
-    def G(q: float) -> float:
-        m, d = _moments(a, np.float64(q))
-        return float(m / d + sigma_b2 - q)
-
-    # m2 / d2 carries ~1e-14 relative round-off, so |G| below ~1e-12 q is noise: for
-    # tanh at sigma_b2 = 0, G ~ -4/3 q^3 sinks into it below q ~ 1e-6 and fakes roots.
-    # Sign changes count only between points where G is above that floor.
-    reliable = np.flatnonzero(np.abs(g) > 1e-12 * qs)
-    candidates: list[float] = []
-    phi0, dphi0 = (float(v) for v in (a.phi(np.zeros(1))[0], a.dphi(np.zeros(1))[0]))
-    if sigma_b2 == 0 and abs(phi0) <= 1e-15 and dphi0 != 0:
-        # q* = 0 is a fixed point, critical at sigma_w2 = 1 / phi'(0)^2 exactly (the small-q limit of
-        # chi1 = sigma_w2 E[phi'(sqrt(q) z)^2] = 1); it is the attracting one when the length map at
-        # that weight has qmap(q) < q just above 0 (tanh: q - 4/3 q^3 ...; not SiLU: q + 3/4 q^2 ...)
-        w0 = 1.0 / (dphi0 * dphi0)
-        small = np.geomspace(1e-4, 1e-2, 9)
-        gap = w0 * _second_moment(a, small) - small
-        sure = np.flatnonzero(np.abs(gap) > 1e-12 * small)
-        if sure.size and gap[sure[0]] < 0:
-            return _in_range(a, w0, sigma_b2, lo, hi)
-    gr, qr = g[reliable], qs[reliable]
-    candidates += [brentq(G, qr[i], qr[i + 1], xtol=1e-15, rtol=1e-14)
-                   for i in np.flatnonzero((gr[:-1] > 0) & (gr[1:] <= 0))]
-    for q in candidates:
-        w = float(1.0 / _deriv_second_moment(a, np.float64(q)))
-        q_att = float(_fixed_point_vec(a, np.float64(w), np.float64(sigma_b2)))
-        if math.isfinite(q_att) and abs(q_att - q) <= 1e-6 * max(1.0, q):
-            return _in_range(a, w, sigma_b2, lo, hi)
-    raise NoCriticalPointError(
-        f"{a.name}: chi1 = 1 has no attracting fixed point at sigma_b2={sigma_b2:g} "
-        f"(candidates q = {[round(c, 6) for c in candidates]})"
-    )
-
-
-def _in_range(a: _act.Activation, w: float, sigma_b2: float, lo: float, hi: float) -> float:
-    if not lo <= w <= hi:
-        raise NoCriticalPointError(
-            f"chi1 of {a.name} does not cross 1 for sigma_w2 in [{lo:g}, {hi:g}] at "
-            f"sigma_b2={sigma_b2:g} (it does at sigma_w2 = {w:.6g})"
-        )
-    return w
-
-
 def covmap(act: Any, q1: Array | float, q2: Array | float, c: Array | float,
            sigma_w2: Array | float, sigma_b2: Array | float) -> tuple[Array, Array, Array]:
     """One layer's map of two inputs' (q1, q2, correlation c) to the next layer's."""
@@ -364,93 +350,3 @@ def cmap(act: Any, c: Array | float, sigma_w2: float, sigma_b2: float,
     out = (sigma_w2 * expect2(a.phi, a.phi, qs, qs, np.asarray(c, dtype=float),
                               a.kinks, a.kinks) + sigma_b2) / qs
     return out if np.ndim(out) else float(out)
-
-
-CHUNK_CELLS = 128  # cells per batch in the bivariate solve
-
-
-def _chi_c_vec(act: _act.Activation, q: Array, sw2: Array, sb2: Array, chi_1: Array,
-               n: int = N_2D, iters: int = 200) -> Array:
-    """chi_c = sigma_w2 E[phi'(u1) phi'(u2)] at the stable correlation fixed point c*.
-
-    Ordered phase (chi1 <= 1): c* = 1 and chi_c = chi1.  Chaotic phase: c* < 1
-    is the other root of g(c) = cmap(c) - c, solved for eps = 1 - c -- near the
-    critical line c* approaches 1, where c itself keeps too few digits:
-    G(eps) = eps - D(eps), D(eps) = 1 - cmap(1 - eps)
-    = sigma_w2 E[phi(u1) (phi(u1) - phi(u2))] / q*, formed as a difference on
-    the nodes (no cancellation), and G'(eps) = 1 - sigma_w2 E[phi'(u1) phi'(u2)]
-    (Price's theorem).  G is convex with G(0) = 0, G'(0) = 1 - chi1 < 0 and
-    G(1) = cmap(0) >= 0, so Newton from eps = 1 (c = 0) descends monotonically
-    onto eps* without overshooting; where G(1) = 0 (odd phi, sigma_b2 = 0) c* = 0.
-    Then chi_c = 1 - G'(eps*).  Where the activation has closed forms of
-    the two expectations (erf), they replace the quadrature.
-    """
-    out = np.array(chi_1, dtype=float, copy=True)
-    idx = np.flatnonzero((chi_1 > 1.0) & np.isfinite(q))
-    if not idx.size:
-        return out
-    q, sw2 = np.maximum(q[idx], Q_MIN), sw2[idx]
-
-    def g_and_slope(eps: Array, rows: Array) -> tuple[Array, Array]:
-        if act.corr_moments is not None:  # closed form (erf): no nodes at all
-            d, dd = act.corr_moments(q[rows], eps)
-            return eps - sw2[rows] * d / q[rows], 1.0 - sw2[rows] * dd
-        d, dd = np.empty(rows.size), np.empty(rows.size)
-        for k in range(0, rows.size, CHUNK_CELLS):  # bounded memory: nodes are (cells, m1, m2)
-            r, e = rows[k:k + CHUNK_CELLS], eps[k:k + CHUNK_CELLS]
-            u1, w1, u2, w2 = nodes_2d(q[r], q[r], 1.0 - e, act.kinks, act.kinks, n, eps=e)
-            p1 = act.phi(u1)
-            if act.kinks:  # the inner rule differs per outer node
-                inner = np.sum(w2 * (p1[..., None] - act.phi(u2)), -1)
-                dinner = np.sum(w2 * act.dphi(u2), -1)
-            else:  # one shared inner rule: matrix products
-                w0 = w2[(0,) * (w2.ndim - 1)]
-                inner = (p1[..., None] - act.phi(u2)) @ w0  # the difference first: no cancellation
-                dinner = act.dphi(u2) @ w0
-            d[k:k + CHUNK_CELLS] = np.sum(w1 * p1 * inner, -1)
-            dd[k:k + CHUNK_CELLS] = np.sum(w1 * act.dphi(u1) * dinner, -1)
-        return eps - sw2[rows] * d / q[rows], 1.0 - sw2[rows] * dd
-
-    rows = np.arange(idx.size)
-    eps = np.ones(idx.size)
-    g, slope = g_and_slope(eps, rows)
-    done = (g <= 1e-13) | ~(slope > 0)  # c* = 0 (up to round-off)
-    out[idx[done]] = 1.0 - slope[done]
-    rows, eps, g, slope = rows[~done], eps[~done], g[~done], slope[~done]
-    for _ in range(iters):
-        if not rows.size:
-            break
-        new = np.clip(eps - g / slope, 0.0, eps)  # monotone from the right (convex G)
-        g_new, s_new = g_and_slope(new, rows)
-        stop = (np.abs(new - eps) <= 1e-13 * eps) | (g_new <= 0) | ~(s_new > 0)
-        # crossing zero by round-off: the previous iterate is the last trustworthy one
-        out[idx[rows[stop]]] = 1.0 - np.where(g_new[stop] < 0, slope[stop], s_new[stop])
-        keep = ~stop
-        rows, eps, g, slope = rows[keep], new[keep], g_new[keep], s_new[keep]
-    out[idx[rows]] = 1.0 - slope
-    return out
-
-
-def _xi(chi: Array) -> Array:
-    with np.errstate(divide="ignore"):
-        return np.where(chi > 0, -1.0 / np.log(np.abs(chi) + (chi == 0)), 0.0)
-
-
-def depth_scales(act: Any, sigma_w2: float, sigma_b2: float) -> tuple[float, float]:
-    """(xi_q, xi_c): depths over which the length and the correlation of two
-    inputs approach their fixed points, xi = -1 / ln(chi) (Schoenholz et al.
-    2017, eqs. 5 and 9).  ``inf`` at the critical point; networks deeper than
-    about 6 xi_c do not train (see :func:`trainable_depth`)."""
-    a = _act.resolve(act)
-    qs = np.float64(fixed_point(a, sigma_w2, sigma_b2))
-    _, chi_q = _qmap_slope(a, qs, sigma_w2, sigma_b2)
-    w, b = np.atleast_1d(np.float64(sigma_w2)), np.atleast_1d(np.float64(sigma_b2))
-    chi_c = _chi_c_vec(a, np.atleast_1d(qs), w, b, np.atleast_1d(_chi1_at(a, qs, sigma_w2)))
-    xi_q = float(np.abs(_xi(np.atleast_1d(chi_q)))[0])
-    xi_c = float(np.abs(_xi(chi_c))[0])
-    return xi_q, xi_c
-
-
-def trainable_depth(act: Any, sigma_w2: float, sigma_b2: float) -> float:
-    """6 xi_c: Schoenholz et al. (2017) found networks train up to about this depth."""
-    return 6.0 * depth_scales(act, sigma_w2, sigma_b2)[1]

@@ -9,14 +9,14 @@ import numpy as np
 
 from .. import activations as _act
 from .critical import critical_point
+from .depth import depth_scales
+from .line import critical_sigma_w2
 from .maps import (
     FixedPointError,
     NoCriticalPointError,
     _deriv_second_moment,
     _second_moment,
     chi1,
-    critical_sigma_w2,
-    depth_scales,
     fixed_point,
 )
 
