@@ -258,3 +258,31 @@ def test_batched_rows_equal_rows_measured_one_by_one(case, monkeypatch):
         dead = next(lay for lay in batched.layers if lay.name == "relu")
         assert dead.dead_fraction >= 5 / 12  # the five silenced units, and any that never fire by chance
         assert batched.layers[0].forward_mean == pytest.approx(float(model.fc(x).detach().mean()), rel=1e-5)  # before += 1
+
+
+@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("budget", [0, 3000])
+def test_captured_gradients_equal_hooked_ones(case, budget, monkeypatch):
+    """Check's own backward returns the small rows' gradients with the
+    parameters' (pipeline.CAPTURE_BYTES; no Python per row in the backward)
+    instead of a hook per row: every gradient statistic equals the hooked
+    path's (budget 0), also when the budget runs out part-way (3,000 bytes:
+    the first rows captured, the rest hooked), for a module called twice and
+    an output changed in place after its row was read.  Relative 1e-6: the
+    same values reduced row by row in buffers of other lengths."""
+    from signalprop.probe import pipeline
+
+    model, x = _batched_models()[case]
+    fields = ("grad_rms", "grad_absmax", "relative_grad_rms")
+    captured = sp.check(model, x)
+    monkeypatch.setattr(pipeline, "CAPTURE_BYTES", budget)
+    hooked = sp.check(model, x)
+    assert [lay.name for lay in captured.layers] == [lay.name for lay in hooked.layers]
+    for a, b in zip(captured.layers, hooked.layers):
+        for f in fields:
+            va, vb = getattr(a, f), getattr(b, f)
+            assert (va is None) == (vb is None), (a.name, f)
+            if va is not None:
+                assert va == pytest.approx(vb, rel=1e-6, abs=1e-30), (a.name, f, va, vb)
+    assert captured.verdict == hooked.verdict
+    assert captured.summary.output_grad_rms == pytest.approx(hooked.summary.output_grad_rms, rel=1e-6)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -87,6 +87,12 @@ def _forward(model: nn.Module, x: Any, inputs: Any, rec: Recorder) -> Any:
         ) from e
 
 
+# Bytes of small outputs (see stats.Batches.fits) whose gradients one pass takes back from its own backward
+# instead of through a hook per row (see Recorder.captured): they are all held until the backward ends, at
+# most as many bytes again as the outputs themselves, which the graph holds already; beyond it rows are hooked
+CAPTURE_BYTES = 1 << 28
+
+
 def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: tuple[float, float],
          trend: float, exact: bool, red: Reduction | None = None, caller: nn.Module | None = None,
          known: tuple[list[nn.Parameter], list[tuple[str, nn.Module]]] | None = None,
@@ -101,7 +107,8 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
     (the DDP wrapper of ``model``) when given.  ``input_leaves``: make the
     floating inputs leaves that require grad (their gradient is measured);
     off, they reach the model exactly as passed."""
-    rec = Recorder(model, exact=exact, unit_vectors=red is not None, named=known[1] if known is not None else None)
+    rec = Recorder(model, exact=exact, unit_vectors=red is not None, named=known[1] if known is not None else None,
+                   capture_budget=CAPTURE_BYTES if red is None else 0)
     rec.attach()
     try:
         x, leaves = prepare_inputs(inputs) if input_leaves else (inputs, [])
@@ -134,7 +141,11 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
         grads: tuple[torch.Tensor | None, ...]
         try:
             if red is None:
-                grads = torch.autograd.grad(root, wrt, grad_outputs=cot, allow_unused=True)
+                # tensors and gradient edges in one list: the engine takes both (typed as either)
+                grads = torch.autograd.grad(root, cast(Any, [*wrt, *rec.edges]), grad_outputs=cot,
+                                            allow_unused=True)
+                rec.captured(grads[len(wrt):])
+                grads = grads[:len(wrt)]
             else:
                 grads = _backward_synced(root, cot, params, leaves, y if loss_fn is not None else None,
                                          red, caller is not None and is_ddp(caller) or is_sharded(model))
