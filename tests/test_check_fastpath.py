@@ -286,3 +286,69 @@ def test_captured_gradients_equal_hooked_ones(case, budget, monkeypatch):
                 assert va == pytest.approx(vb, rel=1e-6, abs=1e-30), (a.name, f, va, vb)
     assert captured.verdict == hooked.verdict
     assert captured.summary.output_grad_rms == pytest.approx(hooked.summary.output_grad_rms, rel=1e-6)
+
+
+class _Gated(nn.Module):
+    """An activation called as a function from a helper method, not forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def gate(self, h):
+        return torch.sigmoid(h) * h
+
+    def forward(self, x):
+        return self.gate(self.fc(x))
+
+
+class _Plain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(x) * 2.0 + 1.0  # torch ops, no activation
+
+
+class _Outer(nn.Module):
+    def __init__(self, fail=False):
+        super().__init__()
+        self.plain = nn.Sequential(_Plain(), _Plain())
+        self.gated = _Gated()
+        self.fail = fail
+
+    def forward(self, x):
+        h = self.gated(self.plain(x))
+        if self.fail:
+            raise RuntimeError("boom")
+        return h
+
+
+def test_functional_capture_runs_only_inside_modules_that_call_activations(monkeypatch):
+    """The recording mode costs a Python call per torch op, so it is entered
+    only while a module whose code (forward or a method it calls) may call an
+    activation as a function runs: the sigmoid in _Gated.gate is recorded,
+    the ops of _Plain and of the outer forward never reach the mode, and a
+    forward that raises leaves no mode behind."""
+    from signalprop.probe import recorder as R
+
+    seen = []
+    orig = R._FunctionalCapture.__torch_function__
+
+    def spy(self, func, types, args=(), kwargs=None):
+        seen.append((tuple(self.r.stack), getattr(func, "__name__", str(func))))
+        return orig(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(R._FunctionalCapture, "__torch_function__", spy)
+    torch.manual_seed(0)
+    model = _Outer()
+    r = sp.check(model, torch.randn(4, 8))
+    assert [lay.name for lay in r.layers if lay.kind == "F.sigmoid"] == ["gated.sigmoid"]
+    assert seen and all(stack[:2] == ("", "gated") for stack, _ in seen), seen[:5]
+    seen.clear()
+    with pytest.raises(Exception, match="boom"):
+        sp.check(_Outer(fail=True), torch.randn(4, 8))
+    assert not torch._C._is_torch_function_mode_enabled()
+    torch.randn(2).tanh()  # no recorder's mode left on the stack to see it
+    assert not seen or all(stack[:2] == ("", "gated") for stack, _ in seen)

@@ -177,6 +177,32 @@ def _code_calls_activation(code: types.CodeType, glb: dict[str, Any], depth: int
     return hit
 
 
+_METHOD_CALLS: dict[tuple[type, types.CodeType, int], bool] = {}
+
+
+def _method_calls_activation(cls: type, code: types.CodeType, depth: int = 0) -> bool:
+    """Whether a method of ``cls`` that ``code`` names (``self.extract_key_value(...)``,
+    HF RWKV) may call an activation as a function, two levels down."""
+    key = (cls, code, depth)
+    hit = _METHOD_CALLS.get(key)
+    if hit is None:
+        hit = _METHOD_CALLS[key] = _scan_methods(cls, code, depth)
+    return hit
+
+
+def _scan_methods(cls: type, code: types.CodeType, depth: int) -> bool:
+    for n in code.co_names:
+        f = _unwrapped(inspect.getattr_static(cls, n, None))
+        if isinstance(f, (staticmethod, classmethod)):
+            f = f.__func__
+        if not isinstance(f, types.FunctionType) or f.__module__.startswith("torch"):
+            continue
+        if _code_calls_activation(f.__code__, f.__globals__) or \
+                depth < 1 and _method_calls_activation(cls, f.__code__, depth + 1):
+            return True
+    return False
+
+
 def _unwrapped(f: Any) -> Any:
     try:
         return inspect.unwrap(f)
@@ -184,34 +210,84 @@ def _unwrapped(f: Any) -> Any:
         return f
 
 
-def calls_functional_activations(model: nn.Module, leaves: list[nn.Module] | None = None,
-                                 named: list[tuple[str, nn.Module]] | None = None) -> bool:
-    """Whether any non-leaf module's ``forward`` may call an activation as a
-    function (``torch.tanh(x)``, ``F.gelu(x)``, ``x.relu()``): read off the
-    names its code (and the module-level helpers it calls) refers to, and
-    the functions stored on the module (``self.act = torch.tanh``).  When none
-    does, the pass runs without the ``TorchFunctionMode`` that records such
-    calls, which costs a Python call per torch op.  Conservative: forwards
-    without Python code count as calling one."""
+def functional_callers(model: nn.Module, leaves: list[nn.Module] | None = None,
+                       named: list[tuple[str, nn.Module]] | None = None) -> set[nn.Module]:
+    """The non-leaf modules whose ``forward`` may call an activation or an
+    attention as a function (``torch.tanh(x)``, ``F.gelu(x)``, ``x.relu()``,
+    ``F.scaled_dot_product_attention``): read off the names its code (and
+    the module-level helpers it calls) refers to, and the functions stored on
+    the module (``self.act = torch.tanh``).  The ``TorchFunctionMode`` that
+    records such calls costs a Python call per torch op, so it runs only
+    while one of these modules runs (an HF model's attention modules, not its
+    embedding, masks and MLPs).  Conservative: forwards without Python code
+    count as calling one."""
     fns = _act.torch_functions()
     leaf_ids = set(map(id, leaves if leaves is not None else leaf_modules(model, named)))
+    out: set[nn.Module] = set()
     for _, m in named if named is not None else model.named_modules():
         if id(m) in leaf_ids:
             continue
         f = _unwrapped(type(m).forward)  # the function a decorator (HF's kernel hub, say) wraps
         fwd = getattr(f, "__code__", None)
-        if fwd is None:
-            return True
-        if _code_calls_activation(fwd, f.__globals__):
-            return True
+        if fwd is None or _code_calls_activation(fwd, f.__globals__) or \
+                _method_calls_activation(type(m), fwd):
+            out.add(m)
+            continue
         for v in vars(m).values():
             target = v.func if isinstance(v, functools.partial) else v
             try:
                 if target in fns:
-                    return True
+                    out.add(m)
+                    break
             except TypeError:  # unhashable attribute
                 continue
-    return False
+    return out
+
+
+def calls_functional_activations(model: nn.Module, leaves: list[nn.Module] | None = None,
+                                 named: list[tuple[str, nn.Module]] | None = None) -> bool:
+    """Whether any non-leaf module's ``forward`` may call an activation as a
+    function (see :func:`functional_callers`)."""
+    return bool(functional_callers(model, leaves, named))
+
+
+class _ScopedCapture:
+    """The context of a pass that records functional calls: the recording
+    mode (:class:`_FunctionalCapture`) is entered when one of the modules
+    that may make such calls starts and left when the outermost of them
+    returns (see :func:`functional_callers`); leaving this context leaves
+    the mode too, where a forward that raised left it entered."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        self.r = recorder
+        self.mode = _FunctionalCapture(recorder)
+        self.depth = 0
+
+    def __enter__(self) -> _ScopedCapture:
+        self.r._scope = self
+        # entered inside a forward already running (the monitor's root pre-hook): the callers on the
+        # module stack are running, their returns pop the mode
+        for name in self.r.stack:
+            if name in self.r._caller_names:
+                self.push()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.r._scope = None
+        if self.depth:
+            self.depth = 0
+            self.mode.__exit__(None, None, None)
+
+    def push(self) -> None:
+        if not self.depth:
+            self.mode.__enter__()
+        self.depth += 1
+
+    def pop(self) -> None:
+        if self.depth:
+            self.depth -= 1
+            if not self.depth:
+                self.mode.__exit__(None, None, None)
 
 
 class _FunctionalCapture(TorchFunctionMode):
@@ -402,8 +478,10 @@ class Recorder:
         self._modules = list(model.named_modules()) if named is None else named  # one traversal, shared below
         self._names = {m: n for n, m in self._modules}
         self._leaves = leaf_modules(model, self._modules)
-        self.capture_functional = capture_functional and calls_functional_activations(
-            model, self._leaves, self._modules)
+        self._callers = functional_callers(model, self._leaves, self._modules) if capture_functional else set()
+        self.capture_functional = bool(self._callers)
+        self._caller_names = {self._names.get(m) for m in self._callers}
+        self._scope: _ScopedCapture | None = None
         self._info: dict[nn.Module, _Leaf] = {}
         self._scratch = S.Scratch()
         self._batches = S.Batches(unit_vectors) if stats and not exact else None
@@ -426,10 +504,14 @@ class Recorder:
         self.stack.append(self._names.get(m, "?"))
         if m in self._info:
             self.leaf_depth += 1
+        elif self._scope is not None and m in self._callers:
+            self._scope.push()
 
     def _post(self, m: nn.Module, args: Any, out: Any) -> Any:
         if self.stack:  # empty when attached inside a forward already running (the monitor's re-arm)
             self.stack.pop()
+        if self._scope is not None and m in self._callers:
+            self._scope.pop()
         info = self._info.get(m)
         if info is None:
             return None
@@ -647,10 +729,10 @@ class Recorder:
                 self._grad_batches.flush()
         return self._batches.done if self._batches is not None else []
 
-    def functional_mode(self) -> TorchFunctionMode | None:
-        """The mode that records functional activation calls, or None when the
-        model cannot make any (see :func:`calls_functional_activations`)."""
-        return _FunctionalCapture(self) if self.capture_functional else None
+    def functional_mode(self) -> _ScopedCapture | None:
+        """The context in which functional activation calls are recorded, or
+        None when the model cannot make any (see :func:`functional_callers`)."""
+        return _ScopedCapture(self) if self.capture_functional else None
 
     def failed_in(self, exc: BaseException) -> str | None:
         """Name of the innermost module of the model whose forward was running
