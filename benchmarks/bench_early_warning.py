@@ -125,7 +125,7 @@ def main(out: Path, repeat: int = 1, quick: bool = False, cache: Path | None = N
     rows = []
     runs = {}
     for case in _cases(quick):
-        run = record(case.spec, cache=cache)
+        run = record(case.spec, every=case.every, cache=cache)
         rows.append(_row(case, run))
         runs[id(rows[-1])] = run
         print(json.dumps({k: rows[-1][k] for k in ("family", "split", "first_nonfinite")}
