@@ -164,3 +164,32 @@ def test_skip_skips_one_bad_batch_and_says_so():
     assert not [x for x in mon.alerts if x.kind in ("loss-spike", "non-finite")]
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
+
+
+def test_adam_lag_of_a_large_tensor_is_read_at_a_stride_and_estimates_the_whole():
+    """A 256 x 512 weight (131,072 entries) is read on every 8th entry
+    (LAG_SAMPLE = 16,384): its RMS of g / sqrt(v_hat) is within 5% of the
+    whole tensor's (a mean over 16k entries of a quantity near 1), and its
+    max no larger than the whole's."""
+    from signalprop.monitor.optimizer import LAG_SAMPLE, adam_lag
+    from signalprop.probe.distributed import local
+
+    torch.manual_seed(0)
+    lin = nn.Linear(512, 256)
+    opt = torch.optim.Adam(lin.parameters(), lr=1e-3)
+    x = torch.randn(64, 512)
+    for _ in range(5):
+        opt.zero_grad()
+        lin(x).pow(2).mean().backward()
+        opt.step()
+    opt.zero_grad()
+    lin(x * 3).pow(2).mean().backward()  # a jump in the gradient: v lags behind it
+    got = adam_lag(opt, [lin.weight], local)[0]
+    st = opt.state[lin.weight]
+    c = 1 - 0.999 ** (float(st["step"]) + 1)
+    v_hat = (0.999 * st["exp_avg_sq"] + 0.001 * lin.weight.grad ** 2) / c
+    q2 = lin.weight.grad ** 2 / (v_hat + 1e-16)
+    assert lin.weight.numel() > 4 * LAG_SAMPLE
+    assert float(got[0]) / math.sqrt(lin.weight.numel()) == pytest.approx(math.sqrt(float(q2.mean())), rel=0.05)
+    assert float(got[0]) / math.sqrt(lin.weight.numel()) > 1.5  # the lag shows
+    assert float(got[1]) <= math.sqrt(float(q2.max())) * (1 + 1e-6)
