@@ -93,7 +93,7 @@ def run(spec: RunSpec, *, every: int = 25, agc: float | None = None, monitored: 
     bad_g = torch.Generator().manual_seed(2000 + spec.seed)
     mon = sp.monitor(model, every=every, agc=agc, grad_every=grad_every, optimizer=opt,
                      skip=opt if spec.skip else None) if monitored else None
-    attn = [m for m in model.modules() if hasattr(m, "track_logits")] if record_logits else []
+    attn: list[Any] = [m for m in model.modules() if hasattr(m, "track_logits")] if record_logits else []
     for m in attn:
         m.track_logits = True
     attn_max: list[float | None] = []
