@@ -29,6 +29,7 @@ class Case:
     intent: str  # "high" | "low"
     split: str  # "tuned" | "held-out"
     spec: RunSpec
+    every: int = 25  # the monitor's sampling (10 where the alert must come within 10 steps of the truth)
 
 
 FAMILY = {"mlp": "plain", "mlp10": "plain", "cnn": "plain", "resmlp": "residual", "resmlp12": "residual",
@@ -68,11 +69,20 @@ def faults(seeds: tuple[int, ...] = (0, 1, 2), steps: int = 300) -> list[Case]:
         for kind, lr, warmup in (("mlp", 0.3, 100), ("resmlp", 0.3, 100), ("mlp", 0.03, 0), ("transformer", 1.0, 100)):
             out.append(Case("fp16", "low" if lr < 0.1 else "high", "held-out",
                             RunSpec(kind, lr, seed, steps, warmup=warmup, precision="float16")))
-        # one corrupted batch at step 150 of a healthy run: a transient spike, not a divergence
+        # one corrupted batch at step 150 of a healthy run: a transient spike, not a divergence; the monitor
+        # skips its optimizer step (skip=)
         for kind, lr in (("mlp", 0.03), ("resmlp", 0.03), ("transformer", 0.1)):
-            out.append(Case("corrupted-batch", "low", "held-out", RunSpec(kind, lr, seed, steps, corrupt_step=150)))
-        # attention-logit growth: AdamW at high rates (Wortsman et al. 2023), qk-layernorm as the control
+            out.append(Case("corrupted-batch", "low", "held-out",
+                            RunSpec(kind, lr, seed, steps, corrupt_step=150, skip=True)))
+        # attention-logit growth: AdamW at high rates (Wortsman et al. 2023), qk-layernorm as the control;
+        # sampled every 10 steps (the truth is each step's largest logit)
         for kind in ("gpt", "gpt-qknorm"):
             for lr in (0.01, 0.1):
-                out.append(Case("attention", "high", "held-out", RunSpec(kind, lr, seed, steps, optimizer="adamw")))
+                out.append(Case("attention", "high", "held-out", RunSpec(kind, lr, seed, 200, optimizer="adamw"),
+                                every=10))
+        # output-logit divergence: AdamW at rates where the log-partition drifts, z-loss (PaLM's 1e-4) beside
+        for lr in (0.3, 1.0):
+            for z in (0.0, 1e-4):
+                out.append(Case("output-logits", "high", "held-out",
+                                RunSpec("gpt-qknorm", lr, seed, 200, optimizer="adamw", z_loss=z), every=10))
     return out

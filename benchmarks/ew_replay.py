@@ -21,7 +21,8 @@ Rule = Callable[[int, float | None, float | None, Series, Series], list[str]]
 
 
 def _current(step: int, loss: float | None, grad_norm: float | None, losses: Series, grad_norms: Series) -> list[str]:
-    return [a.kind for a in scalar_alerts(step, loss, grad_norm, losses, grad_norms, None)]
+    # a batch-spike is one bad batch (what skip= skips), not a warning of divergence: scored apart
+    return [a.kind for a in scalar_alerts(step, loss, grad_norm, losses, grad_norms, None) if a.kind != "batch-spike"]
 
 
 def _previous(step: int, loss: float | None, grad_norm: float | None, losses: Series, grad_norms: Series) -> list[str]:

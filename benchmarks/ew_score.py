@@ -13,7 +13,7 @@ from ew_replay import first_alert
 
 LEAD = 10
 # signalprop's per-step kinds (replayed); every other kind is the monitor's own live alert on sampled steps
-SCALAR = ("loss-spike", "grad-surge")
+SCALAR = ("loss-spike", "grad-surge", "batch-spike")  # batch-spike: one bad batch, scored apart (not divergence)
 
 
 def _live(run: dict[str, Any]) -> tuple[int, str] | None:

@@ -65,11 +65,14 @@ def test_a_catapult_that_undoes_most_progress_alerts_before_any_loss_exceeds_the
 
 def test_one_bad_batch_is_not_divergence():
     """A corrupted batch: one step at 10x the starting loss in a healthy run.
-    The median of 3 does not move; no alert (the previous rule alerted)."""
+    The median of 3 does not move: no divergence warning (the previous rule
+    alerted), only that step's batch-spike (what skip= skips).  Without the
+    bad batch, none."""
     for seed in range(5):
         losses = _learning(200, seed)
-        losses[150] = 23.0
         assert _alerts(losses) == [], seed
+        losses[150] = 23.0
+        assert _alerts(losses) == [(150, "batch-spike")], seed
 
 
 def test_a_slowly_rising_or_never_learning_loss_is_not_divergence():

@@ -401,7 +401,7 @@ class Report:
 
 AlertKind = Literal["non-finite", "exploding", "vanishing", "saturated", "dead", "loss-spike", "grad-surge",
                     "update-too-large", "update-too-small", "attention-logit-growth", "output-logit-divergence",
-                    "overflow-risk"]
+                    "overflow-risk", "update-spike", "batch-spike"]
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,10 @@ GRAD_MIN = "gmin"    # the smallest activation-gradient entry on any rank, / wor
 SAME = "same"        # identical on every rank (a layer's number of units): not reduced
 REDUCTIONS = (SUM, NORM, GRAD_NORM, GRAD_SQ, REPLICA_NORM, SHARD_NORM, MEAN, ANY, MAX, GRAD_MAX, MIN, GRAD_MIN, SAME)
 
-Phase = Literal["forward", "backward"]
+# "update": measured by the monitor on a module's parameters over the optimizer step after a sample
+# (no kernel: the monitor computes it from a copy of the weights and the optimizer's state), written on
+# the sampled step's first row of that module once the step is taken
+Phase = Literal["forward", "backward", "update"]
 Kernel = Callable[[Any, "int | None"], Any]
 
 
@@ -179,6 +182,21 @@ STATISTICS: list[Statistic] = [
     Statistic("dead_samples", "forward", "count", "examples x positions per unit behind dead_fraction",
               (("dead_samples", SUM),), lambda d: int(d["dead_samples"]), "dead_samples", "samples per unit",
               "int"),
+    # the optimizer step after a sample (signalprop.monitor.optimizer), per module with trainable parameters
+    Statistic("update_rms", "update", "value",
+              "RMS of the change the optimizer step made to the module's parameters, ||w after - w before|| / sqrt(n)",
+              (), lambda d: d["update_rms"], "update_rms", "update RMS", tensorboard=True),
+    Statistic("update_lr_rms", "update", "value",
+              "update_rms over the learning rate: Adam's normalised step m/sqrt(v) (about 1 or less), SGD's "
+              "momentum-averaged gradient RMS",
+              (), lambda d: d["update_lr_rms"], "update_lr_rms", "update RMS / lr", tensorboard=True),
+    Statistic("adam_lag_rms", "update", "ratio",
+              "Adam's gradient over the root of its second moment, sqrt(mean(g^2 / v)) over the module's entries "
+              "(Wortsman et al. 2023b): 1 when v keeps up with g^2, above 1 when v lags behind (the update grows)",
+              (), lambda d: d["adam_lag_rms"], "adam_lag_rms", "Adam g/sqrt(v) RMS", tensorboard=True),
+    Statistic("adam_lag_max", "update", "ratio",
+              "the largest |g| / sqrt(v) over the module's entries (as adam_lag_rms)",
+              (), lambda d: d["adam_lag_max"], "adam_lag_max", "Adam g/sqrt(v) max"),
 ]
 
 # Tables read on every row: mutated in place by register() / unregister(), so that modules holding them

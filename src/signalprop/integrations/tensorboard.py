@@ -9,7 +9,8 @@ writer, whose step's scalars go out as one event through TensorBoard's
 ``signalprop/<quantity>/<layer>`` on sampled steps for the gradient RMS
 relative to the output's and every statistic declared for TensorBoard in
 :mod:`signalprop.statistics` (gradient RMS, forward second moment, max |y|
-and max |gradient|, saturation and dead share); ``signalprop/update_ratio/<module>`` when an update is measured;
+and max |gradient|, saturation and dead share); ``signalprop/update_ratio/<module>`` and the update statistics (update RMS,
+over the learning rate, Adam's second-moment lag) when an update is measured;
 alerts as text under ``signalprop/alerts``.
 """
 
@@ -25,7 +26,13 @@ def layer_quantities() -> tuple[str, ...]:
     """The per-layer tags of a sampled step: the gradient RMS relative to the
     output's (what the verdict judges), then every statistic declared for
     TensorBoard (:mod:`signalprop.statistics`)."""
-    return ("relative_grad_rms", *(s.name for s in STATISTICS if s.tensorboard))
+    return ("relative_grad_rms", *(s.name for s in STATISTICS if s.tensorboard and s.phase != "update"))
+
+
+def update_quantities() -> tuple[str, ...]:
+    """The per-module tags of a measured optimizer step (update RMS, Adam's
+    second-moment lag, ...: the statistics declared with phase "update")."""
+    return tuple(s.name for s in STATISTICS if s.tensorboard and s.phase == "update")
 
 
 def _add(out: list[tuple[str, float]], tag: str, value: float | None) -> None:
@@ -73,6 +80,12 @@ def write_step(writer: Any, mon: Any, step: int, alerts: list[Any]) -> None:
             ups: list[tuple[str, float]] = []
             for name, r in h.update_ratios:
                 _add(ups, f"signalprop/update_ratio/{name or '(root)'}", r)
+            seen_u: set[str] = set()
+            for layer in h.layers:
+                if layer.name not in seen_u:
+                    seen_u.add(layer.name)
+                    for q in update_quantities():
+                        _add(ups, f"signalprop/{q}/{layer.name or '(root)'}", getattr(layer, q))
             _write_scalars(writer, ups, h.step)
     for a in alerts:
         writer.add_text("signalprop/alerts", str(a), step)

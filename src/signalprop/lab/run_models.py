@@ -75,12 +75,20 @@ class Attention(nn.Module):
         self.proj = nn.Linear(d, d)
         self.q_norm = nn.LayerNorm(d // heads) if qk_norm else None
         self.k_norm = nn.LayerNorm(d // heads) if qk_norm else None
+        # set True to keep the largest causal |q.k| / sqrt(d) of each forward in `logit_max` (a 0-d tensor,
+        # detached): the per-step truth of the early-warning benchmark's attention family
+        self.track_logits = False
+        self.logit_max: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, c = x.shape
         q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in self.qkv(x).split(c, dim=2))
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.track_logits:
+            with torch.no_grad():
+                z = (q @ k.transpose(-2, -1)).abs() / math.sqrt(q.shape[-1])
+                self.logit_max = z.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), 0.0).amax()
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return cast(torch.Tensor, self.proj(y.transpose(1, 2).reshape(b, t, c)))
 

@@ -40,7 +40,11 @@ class RunSpec:
     ``torch.autocast("cpu", dtype=torch.float16)`` (weights and optimizer in
     float32) with no loss scaling, so an activation or gradient past 65504
     overflows.  ``corrupt_step``: that step's batch is corrupted
-    (:func:`signalprop.lab.run_models.corrupt`)."""
+    (:func:`signalprop.lab.run_models.corrupt`).  ``z_loss``: add
+    ``z_loss * mean(logsumexp(logits)^2)`` to the loss (PaLM's z-loss, 1e-4
+    there), which keeps the output logits' log-partition near 0.  ``skip``:
+    the monitor skips the optimizer step of a step it alerted as a spike
+    (``monitor(..., skip=optimizer)``)."""
 
     kind: str
     lr: float
@@ -50,6 +54,8 @@ class RunSpec:
     optimizer: str = "sgd"
     precision: str = "float32"
     corrupt_step: int | None = None
+    z_loss: float = 0.0
+    skip: bool = False
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("kind", self.kind, KINDS), ("optimizer", self.optimizer, OPTIMIZERS),
@@ -68,12 +74,16 @@ def _optimizer(spec: RunSpec, params: Any) -> torch.optim.Optimizer:
 
 
 def run(spec: RunSpec, *, every: int = 25, agc: float | None = None, monitored: bool = True,
-        grad_every: int | None = None, record_updates: bool = False) -> dict[str, Any]:
+        grad_every: int | None = None, record_updates: bool = False,
+        record_logits: bool = False) -> dict[str, Any]:
     """One run: the per-step losses, the first non-finite step, the monitor's
     alerts and, when monitored, its per-step gradient norms (every
     ``grad_every``-th step; None between).  ``record_updates``: also the norm
     of every optimizer step's update, ||w_{t+1} - w_t||, and of the weights
-    before it (one copy of the weights per step: for studies, not for speed)."""
+    before it (one copy of the weights per step: for studies, not for speed).
+    ``record_logits``: also each step's largest attention logit |q.k|/sqrt(d)
+    (models with :class:`~signalprop.lab.run_models.Attention`; None for
+    others) and the output logits' mean log-partition."""
     import signalprop as sp
 
     model, batch = build(spec.kind, spec.seed)
@@ -81,7 +91,13 @@ def run(spec: RunSpec, *, every: int = 25, agc: float | None = None, monitored: 
     opt = _optimizer(spec, params)
     g = torch.Generator().manual_seed(1000 + spec.seed)
     bad_g = torch.Generator().manual_seed(2000 + spec.seed)
-    mon = sp.monitor(model, every=every, agc=agc, grad_every=grad_every) if monitored else None
+    mon = sp.monitor(model, every=every, agc=agc, grad_every=grad_every, optimizer=opt,
+                     skip=opt if spec.skip else None) if monitored else None
+    attn: list[Any] = [m for m in model.modules() if hasattr(m, "track_logits")] if record_logits else []
+    for m in attn:
+        m.track_logits = True
+    attn_max: list[float | None] = []
+    log_z: list[float] = []
     losses: list[float] = []
     updates: list[float] = []
     weights: list[float] = []
@@ -96,7 +112,13 @@ def run(spec: RunSpec, *, every: int = 25, agc: float | None = None, monitored: 
                 xb, yb = corrupt(xb, yb, bad_g, _classes(model))
             with half:
                 out = model(xb)
-            loss = F.cross_entropy(out.float().reshape(-1, out.shape[-1]), yb.reshape(-1))
+            logits = out.float().reshape(-1, out.shape[-1])
+            loss = F.cross_entropy(logits, yb.reshape(-1))
+            if spec.z_loss:
+                loss = loss + spec.z_loss * logits.logsumexp(-1).pow(2).mean()
+            if record_logits:
+                log_z.append(float(logits.detach().logsumexp(-1).mean()))
+                attn_max.append(max(float(m.logit_max) for m in attn) if attn else None)
             opt.zero_grad()
             loss.backward()
             if mon is not None:
@@ -125,6 +147,8 @@ def run(spec: RunSpec, *, every: int = 25, agc: float | None = None, monitored: 
                              "report": mon.report() if mon else None}
     if record_updates:
         out_d.update(update_norms=updates, weight_norms=weights)
+    if record_logits:
+        out_d.update(attn_logit_max=attn_max, log_partition=log_z)
     return out_d
 
 

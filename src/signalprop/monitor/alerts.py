@@ -49,6 +49,7 @@ import torch
 from ..layers import tensor_fans
 from ..records import Alert, AlertKind, LayerStats, MonitorStep
 from . import divergence as D
+from .spikes import batch_spike
 
 DRIFT = 100.0
 BASELINE_SAMPLES = 3
@@ -67,7 +68,8 @@ def scalar_alerts(step: int, loss: float | None, grad_norm: float | None, losses
                   grad_norms: Sequence[float | None], worst_param: str | None) -> list[Alert]:
     """Divergence warnings at ``step`` from the loss, against the previous
     steps' values (``losses`` excludes the current step; None where a step
-    did not read it).  The gradient norm and the parameter whose gradient
+    did not read it), and one bad batch (``batch-spike``,
+    :mod:`signalprop.monitor.spikes`) where there is no divergence warning.  The gradient norm and the parameter whose gradient
     grew most are passed for rules over them; none judges them (measured:
     they add no early warning, see :mod:`signalprop.monitor.divergence`)."""
     out: list[Alert] = []
@@ -81,6 +83,14 @@ def scalar_alerts(step: int, loss: float | None, grad_norm: float | None, losses
                          "lower the learning rate (with a warm-up: the rate reached about here is past the stable "
                          "one), or clip (sp.clip.agc_, monitor(..., agc=0.01)); if several batches in a row were "
                          "bad, check the data", "forward"))
+    s = batch_spike(losses, loss) if loss is not None and not out else None
+    if s is not None:
+        out.append(Alert(step, "batch-spike", "(loss)",
+                         f"this step's loss {s.loss:.4g} is {s.sigmas:.3g} sigma above the last {D.WINDOW} steps' "
+                         f"median {s.level:.4g} and above where training started ({s.start:.4g}): one bad batch "
+                         "(a transient spike, not a divergence by itself)",
+                         "check the batch's data (labels, tokens, padding); monitor(..., skip=optimizer) skips the "
+                         "optimizer step of such a batch so its gradient never reaches the weights", "forward"))
     return out
 
 

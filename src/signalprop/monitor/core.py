@@ -61,6 +61,7 @@ from ..records import FORMATS, Alert, LogitStats, MonitorReport, MonitorStep, ev
 from ..statistics import MAX
 from . import alerts as A
 from .logit_alerts import logit_alerts
+from .optimizer import adam_lag, check_optimizer, learning_rates, update_spike_alerts
 
 MAX_REPLAY_CALLS = 64  # forward calls per step kept for replay (gradient accumulation)
 # Reading every gradient is one fused kernel on a GPU (~1% of a step) but a
@@ -104,11 +105,27 @@ def _autocast(state: list[tuple[str, torch.dtype]]) -> Iterator[None]:
         yield
 
 
-# alerts whose step's gradients skip= keeps from the weights: a transient spike or a NaN/Inf
-SKIP_ON = ("loss-spike", "grad-surge", "non-finite")
+# alerts whose step's gradients skip= keeps from the weights: a transient spike, the run giving back what it
+# learned, or a NaN/Inf
+SKIP_ON = ("batch-spike", "loss-spike", "grad-surge", "non-finite")
 # per-step series (steps, losses, grad_norms) keep at most this many steps: the first ones (the level
 # training started at, which the alerts compare with) and the most recent; ~10 MB of Python floats
 MAX_SERIES = 100_000
+
+
+class _Snapshot:
+    """The weights saved before step ``k``'s optimizer step, to measure its
+    update for the sample at step ``sample``: per module with trainable
+    parameters (name, parameters, their saved copies, fan-ins, learning
+    rates), and Adam's second-moment lag of those parameters (0-d device
+    tensors by index into the flattened parameter list, read with the update)."""
+
+    __slots__ = ("sample", "k", "mods", "lag")
+
+    def __init__(self, sample: int, k: int,
+                 mods: list[tuple[str, list[nn.Parameter], list[torch.Tensor], list[int], list[float | None]]],
+                 lag: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.sample, self.k, self.mods, self.lag = sample, k, mods, lag
 
 
 def _logit_stats(v: list[float]) -> LogitStats:
@@ -156,7 +173,7 @@ class Monitor:
     def __init__(self, model: nn.Module, every: int = 50, *, writer: Any = None, agc: float | None = None,
                  bounds: tuple[float, float] = (1e-6, 1e3), trend: float = 100.0, update_ratio: bool = True,
                  max_history: int | None = None, grad_every: int | None = None, group: Any = None,
-                 skip: Any = None) -> None:
+                 skip: Any = None, optimizer: Any = None) -> None:
         check_model(unwrap(model) if isinstance(model, nn.Module) else model, "monitor")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer (sample one step in `every`), got {every!r}")
@@ -182,6 +199,10 @@ class Monitor:
         if skip is not None and not callable(getattr(skip, "step", None)):
             raise TypeError(f"skip takes the optimizer whose step to skip on a spike, surge or NaN/Inf (it has a "
                             f"step() method), got {type(skip).__name__}")
+        if optimizer is not None:
+            check_optimizer(optimizer, "optimizer")
+        elif skip is not None and isinstance(getattr(skip, "param_groups", None), list) and hasattr(skip, "state"):
+            optimizer = skip
         model = unwrap(model)  # DDP calls the module it wraps: its hooks fire, its names are the model's
         self.model = model
         self._model_name = type(model).__name__
@@ -194,6 +215,7 @@ class Monitor:
         self.trend = float(trend)
         self.update_ratio = update_ratio
         self.max_history = max_history
+        self.optimizer = optimizer  # for the update over the learning rate and Adam's second-moment lag
         on_gpu = any(p.is_cuda for p in model.parameters())
         self.grad_every = grad_every if grad_every is not None else (1 if on_gpu else GRAD_EVERY_CPU)
         self.history: list[MonitorStep] = []
@@ -213,8 +235,7 @@ class Monitor:
         self._calls: list[_Call] = []
         self._rec: Recorder | None = None
         self._recording = False
-        # (sampled step, step whose optimizer update is measured, [(module name, params, saved copies, their fan-ins)])
-        self._snapshot: tuple[int, int, list[tuple[str, list[nn.Parameter], list[torch.Tensor], list[int]]]] | None = None
+        self._snapshot: _Snapshot | None = None
         self._snapshot_due: int | None = None  # a sampled step whose following update is still to measure
         self._nonfinite_seen = False
         self._paused = False
@@ -261,6 +282,7 @@ class Monitor:
         self._rec = None
         self._calls.clear()
         self._snapshot = None
+        self.optimizer = None
         # the model (a DDP wrapper holds its process group) and the group itself: a closed
         # monitor kept alive to read its history must not keep them past destroy_process_group,
         # or the group's threads are torn down during interpreter exit (SIGABRT, seen under DDP)
@@ -511,8 +533,12 @@ class Monitor:
 
             agc_(self.model.parameters(), clipping=self.agc)
         if self._skip_opt is not None and any(a.kind in SKIP_ON for a in new):
-            self._skip_now = True  # the optimizer's next step() (this step's) is skipped
+            # the optimizer's next step() (this step's) is skipped: decided from the values this step's one
+            # host transfer already read, so skipping adds no synchronisation with the device
+            self._skip_now = True
             self.skipped.append(k)
+            new = [evolve(a, message=a.message + "; this step's optimizer step was skipped (skip=)")
+                   if a.kind in SKIP_ON else a for a in new]
         new = self._fresh(new)
         self.alerts += new
         if self.writer is not None:
@@ -558,7 +584,7 @@ class Monitor:
                 if last is not None and a.step - last < A.WINDOW:
                     continue
                 self._last_scalar_alert[a.kind] = a.step
-            elif a.kind != "non-finite":
+            elif a.kind not in ("non-finite", "batch-spike"):  # each bad batch is its own event
                 if (a.kind, a.layer) in self._alerted:
                     continue
                 self._alerted.add((a.kind, a.layer))
@@ -605,47 +631,67 @@ class Monitor:
         """Save the trainable weights before step ``k``'s optimizer step, to
         measure its update for the sample at step ``sample``."""
         mods = []
+        lrs = learning_rates(self.optimizer) if self.optimizer is not None else {}
         for name, m in self.model.named_modules():
             named = [(n, p) for n, p in m._parameters.items() if p is not None and p.requires_grad]
             if named:
                 ps = [p for _, p in named]
                 fi = param_fan_ins(m)
-                mods.append((name, ps, [local(p.detach()).clone() for p in ps], [fi[n] for n, _ in named]))
-        self._snapshot = (sample, k, mods)
+                mods.append((name, ps, [local(p.detach()).clone() for p in ps], [fi[n] for n, _ in named],
+                             [lrs.get(p) for p in ps]))
+        lag = {}
+        if self.optimizer is not None:
+            lag = adam_lag(self.optimizer, [p for _, ps, _, _, _ in mods for p in ps], local)
+        self._snapshot = _Snapshot(sample, k, mods, lag)
 
     def _update_scalars(self) -> tuple[list[torch.Tensor | Part], list[str]]:
         """||w after - w before|| and ||w before|| of every saved tensor, and how each combines across ranks."""
-        _, _, mods = self._snapshot  # type: ignore[misc]
-        before = [b for _, _, bs, _ in mods for b in bs]
-        now = [local(p.detach()) for _, ps, _, _ in mods for p in ps]
+        snap = cast(_Snapshot, self._snapshot)
+        before = [b for _, _, bs, _, _ in snap.mods for b in bs]
+        params = [p for _, ps, _, _, _ in snap.mods for p in ps]
+        now = [local(p.detach()) for p in params]
         w_norms = norms(before)  # ||w|| before the update, read before the snapshot is overwritten
         torch._foreach_sub_(before, now)  # the snapshot, ours and used once, becomes -update: no second copy
-        kinds = [norm_kind(p) for _, ps, _, _ in mods for p in ps]
-        return norms(before) + w_norms, kinds + kinds
+        kinds = [norm_kind(p) for p in params]
+        lag = sorted(snap.lag.items())
+        return (norms(before) + w_norms + [a for _, (a, _) in lag] + [b for _, (_, b) in lag],
+                kinds + kinds + [norm_kind(params[i]) for i, _ in lag] + [MAX] * len(lag))
 
     def _finish_update(self, vals: list[float]) -> list[Alert]:
-        sample, k, mods = self._snapshot  # type: ignore[misc]
+        snap = cast(_Snapshot, self._snapshot)
         self._snapshot = None
-        n = sum(len(ps) for _, ps, _, _ in mods)
+        n = sum(len(ps) for _, ps, _, _, _ in snap.mods)
         d, w = vals[:n], vals[n:2 * n]
+        lag_idx = sorted(snap.lag)
+        lag_l2 = dict(zip(lag_idx, vals[2 * n:2 * n + len(lag_idx)]))
+        lag_top = dict(zip(lag_idx, vals[2 * n + len(lag_idx):2 * n + 2 * len(lag_idx)]))
         ratios: list[tuple[str, float]] = []
+        per_module: dict[str, dict[str, float]] = {}
         i = 0
         weight_layers = set()
         judged = set()
-        for name, ps, _, fan_ins in mods:
+        for name, ps, _, fan_ins, lrs in snap.mods:
             dd = math.sqrt(sum(x * x for x in d[i:i + len(ps)]))
             ww = math.sqrt(sum(x * x for x in w[i:i + len(ps)]))
             ratios.append((name, dd / ww if ww > 0 else (0.0 if dd == 0 else math.inf)))
+            per_module[name] = _update_stats(ps, d[i:i + len(ps)], lrs, i, lag_l2, lag_top)
             if any(p.dim() >= 2 for p in ps):
                 weight_layers.add(name)
             if A.established(ps, w[i:i + len(ps)], fan_ins):
                 judged.add(name)
             i += len(ps)
+        out = A.update_alerts(snap.k, ratios, weight_layers, judged)
         for j in range(len(self.history) - 1, -1, -1):
-            if self.history[j].step == sample:
-                self.history[j] = evolve(self.history[j], update_ratios=tuple(ratios))
+            if self.history[j].step == snap.sample:
+                h = self.history[j]
+                self.history[j] = evolve(h, update_ratios=tuple(ratios), layers=_with_update(h.layers, per_module))
+                if not h.incomplete:
+                    attr = "update_lr_rms" if any("update_lr_rms" in v for v in per_module.values()) else "update_rms"
+                    cur = [(m, v[attr]) for m, v in per_module.items() if attr in v]
+                    before = [x for x in self._complete_history() if x.step < snap.sample]
+                    out += update_spike_alerts(snap.k, cur, before, attr)
                 break
-        return A.update_alerts(k, ratios, weight_layers, judged)
+        return out
 
     # -- the non-finite origin -------------------------------------------------
     def _locate(self, k: int, loss: float | None, gvals: list[float], params: list[nn.Parameter],
@@ -789,10 +835,40 @@ class Monitor:
         return out
 
 
+def _update_stats(ps: list[nn.Parameter], d: list[float], lrs: list[float | None], first: int,
+                  lag_l2: dict[int, float], lag_top: dict[int, float]) -> dict[str, float]:
+    """A module's update-phase statistics (:mod:`signalprop.statistics`) from
+    its parameters' update norms ``d``, learning rates and Adam lag norms
+    (by index into the flattened parameter list, from ``first``)."""
+    numel = sum(p.numel() for p in ps)
+    out = {"update_rms": math.sqrt(sum(x * x for x in d) / max(numel, 1))}
+    if all(lr is not None and lr > 0 for lr in lrs):
+        out["update_lr_rms"] = math.sqrt(sum((x / cast(float, lr)) ** 2 for x, lr in zip(d, lrs)) / max(numel, 1))
+    idx = [first + j for j in range(len(ps)) if first + j in lag_l2]
+    if idx:
+        n_lag = sum(ps[i - first].numel() for i in idx)
+        out["adam_lag_rms"] = math.sqrt(sum(lag_l2[i] ** 2 for i in idx) / max(n_lag, 1))
+        out["adam_lag_max"] = max(lag_top[i] for i in idx)
+    return out
+
+
+def _with_update(layers: tuple[Any, ...], per_module: dict[str, dict[str, float]]) -> tuple[Any, ...]:
+    """The sample's rows with each module's update statistics on its first row."""
+    seen: set[str] = set()
+    out = []
+    for layer in layers:
+        vals = per_module.get(layer.name)
+        if vals and layer.name not in seen:
+            layer = evolve(layer, stats={**layer.stats, **vals})
+        seen.add(layer.name)
+        out.append(layer)
+    return tuple(out)
+
+
 def monitor(model: nn.Module, every: int = 50, *, writer: Any = None, agc: float | None = None,
             bounds: tuple[float, float] = (1e-6, 1e3), trend: float = 100.0, update_ratio: bool = True,
             max_history: int | None = None, grad_every: int | None = None, group: Any = None,
-            skip: Any = None) -> Monitor:
+            skip: Any = None, optimizer: Any = None) -> Monitor:
     """Watch ``model`` during training.
 
     ::
@@ -837,7 +913,7 @@ def monitor(model: nn.Module, every: int = 50, *, writer: Any = None, agc: float
     must agree, as it does by default when all ranks use the same device type).
     """
     return Monitor(model, every, writer=writer, agc=agc, bounds=bounds, trend=trend, update_ratio=update_ratio,
-                   max_history=max_history, grad_every=grad_every, group=group, skip=skip)
+                   max_history=max_history, grad_every=grad_every, group=group, skip=skip, optimizer=optimizer)
 
 
 __all__ = ["Monitor", "monitor"]

@@ -1,0 +1,194 @@
+"""What the optimizer did to each layer: the update it applied, Adam's lagging second moment, update spikes.
+
+Measured on the step after each sample, with the copy of the weights the
+update/weight ratio already takes there (one copy, held one step; see
+:mod:`signalprop.monitor.core`):
+
+* **update RMS**: ||w after - w before|| / sqrt(n) per module -- the step the
+  optimizer *applied* (Adam's m/sqrt(v) times the learning rate plus weight
+  decay, SGD's momentum buffer times the rate, after clipping), not the
+  gradient; and the same over the learning rate when the monitor knows the
+  optimizer (``monitor(..., optimizer=opt)`` or ``skip=opt``), which takes
+  the schedule out: Adam's normalised step is about 1 or less.
+* **Adam's second-moment lag** (Wortsman et al. 2023b, "Stable and
+  low-precision training for large-scale vision-language models",
+  arXiv:2304.13013, section 3.4): per module, RMS_t = sqrt(mean(g_t^2 / v_t))
+  with v_t the bias-corrected second moment after this step's gradient (as
+  Adam forms it, from its state before the step).  When the gradient stays
+  on the scale v has averaged, RMS_t is about 1; when the gradient jumps
+  after a stretch of small ones, v is "stuck in the past", g^2 / v is large
+  and so is the update: the paper finds RMS_t spikes a few iterations before
+  loss spikes, and StableAdamW divides the learning rate by max(1, RMS_t).
+  For parameters with ``exp_avg_sq`` in their optimizer state (Adam, AdamW,
+  NAdam, RAdam, fused or not); others have none.
+* **update spikes** (:func:`update_spike_alerts`): a layer's update RMS over
+  the learning rate ``UPDATE_SPIKE = 10`` times the median of its own last
+  ``SPIKE_BASELINE = 8`` measured updates (at least ``SPIKE_MIN_SAMPLES = 3``):
+  a step an order of magnitude beyond the layer's own recent ones.  Relative
+  to the layer, because update scales differ by orders of magnitude between
+  layers and optimizers; relative to the learning rate when it is known, so
+  a warm-up or a decay is not a spike; rolling, because a healthy run's
+  updates drift slowly (Adam's normalised step falls as the gradient noise
+  grows relative to its mean).  The threshold is from the early-warning
+  benchmark (``benchmarks/bench_early_warning.py``): on its healthy runs
+  the largest ratio was well under 10 (the JSON records each run's largest).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..records import Alert, MonitorStep
+
+UPDATE_SPIKE = 10.0
+SPIKE_BASELINE = 8
+SPIKE_MIN_SAMPLES = 3
+LAG_CHUNK = 1 << 24  # entries per fused pass: the temporaries stay under 2 x 64 MB in float32
+# entries of a tensor read for Adam's lag: a larger tensor is read at a fixed stride (its RMS is a mean, well
+# estimated from 16,384 entries; its max is the max of those).  Reading all of a 5M-parameter MLP's
+# gradients and second moments took 28% of an AdamW step on one CPU core (single-threaded passes)
+LAG_SAMPLE = 1 << 14
+
+
+def check_optimizer(opt: Any, what: str) -> None:
+    """``opt`` must be a torch optimizer (or quack like one)."""
+    if not (isinstance(getattr(opt, "param_groups", None), list) and hasattr(opt, "state")
+            and callable(getattr(opt, "step", None))):
+        raise TypeError(f"{what} takes a torch.optim.Optimizer (param_groups, state, step()), got "
+                        f"{type(opt).__name__}")
+
+
+def learning_rates(opt: Any) -> dict[nn.Parameter, float]:
+    """Each parameter's learning rate now (a float; a tensor rate is read once, on the host)."""
+    out: dict[nn.Parameter, float] = {}
+    for group in opt.param_groups:
+        lr = group.get("lr")
+        if isinstance(lr, torch.Tensor):
+            lr = float(lr)
+        if isinstance(lr, (int, float)):
+            for p in group["params"]:
+                out[p] = float(lr)
+    return out
+
+
+def _adam_terms(opt: Any, params: Sequence[nn.Parameter]) -> list[tuple[int, torch.Tensor, torch.Tensor, float,
+                                                                          float, Any]]:
+    """(index in ``params``, gradient, exp_avg_sq, beta2, eps, step) for each of
+    ``params`` with a gradient and Adam's second moment in its state."""
+    group_of = {p: g for g in opt.param_groups for p in g["params"]}
+    out = []
+    for i, p in enumerate(params):
+        st = opt.state.get(p)
+        g = group_of.get(p)
+        if not st or g is None or p.grad is None or "exp_avg_sq" not in st or "betas" not in g:
+            continue
+        v = st["exp_avg_sq"]
+        if v.shape != p.grad.shape:
+            continue
+        beta2 = g["betas"][1]
+        beta2 = float(beta2) if not isinstance(beta2, torch.Tensor) else float(beta2.item())
+        out.append((i, p.grad.detach(), v.detach(), beta2, float(g.get("eps", 1e-8)), st.get("step", 0)))
+    return out
+
+
+def adam_lag(opt: Any, params: Sequence[nn.Parameter], local: Any) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Per parameter index with Adam state: (||g / sqrt(v_hat)||, max |g| / sqrt(v_hat)) as 0-d device
+    tensors (no host transfer), where v_hat = (beta2 v + (1 - beta2) g^2) / (1 - beta2^(t + 1)) is the
+    bias-corrected second moment Adam forms from its state and this step's gradient, ``eps^2`` added
+    under the root as Adam adds ``eps`` to it; on at most ``LAG_SAMPLE`` (16,384) entries of each tensor (a fixed
+    stride).  ``local``: a tensor's local part (sharded parameters)."""
+    out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    terms = _adam_terms(opt, params)
+    chunk: list[Any] = []
+    size = 0
+    for t in terms + [None]:
+        if t is not None:
+            chunk.append(t)
+            size += min(t[1].numel(), LAG_SAMPLE)
+        if chunk and (t is None or size >= LAG_CHUNK):
+            _lag_chunk(chunk, local, out)
+            chunk, size = [], 0
+    return out
+
+
+def _lag_chunk(chunk: list[Any], local: Any, out: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """g^2 / v_hat = c g^2 / (beta2 v + (1 - beta2) g^2 + c eps^2), c = 1 - beta2^(t + 1), in fused passes
+    (no square root, no infinity norm: neither is vectorised on a CPU); its sum and largest entry per
+    tensor, then their roots."""
+    with torch.no_grad():
+        gs = [_wide(_sample(local(g))) for _, g, _, _, _, _ in chunk]
+        vs = [_wide(_sample(local(v))) for _, _, v, _, _, _ in chunk]
+        # a sampled tensor's sum of g^2 / v stands for its whole: scaled by entries / entries read
+        scale = [local(g).numel() / max(x.numel(), 1) for (_, g, *_), x in zip(chunk, gs)]
+        corr: list[Any] = []
+        for _, _, _, b, _, step in chunk:
+            # a step counter on the device (capturable/fused Adam) is used there: no host read
+            t = float(step) if not isinstance(step, torch.Tensor) or step.device.type == "cpu" else None
+            corr.append(1.0 - b ** (t + 1.0) if t is not None else 1.0 - b ** (step.float() + 1.0))
+        den = torch._foreach_mul(vs, [b for _, _, _, b, _, _ in chunk])
+        torch._foreach_addcmul_(den, gs, gs, [1.0 - b for _, _, _, b, _, _ in chunk])
+        for j, ((*_, eps, _), c) in enumerate(zip(chunk, corr)):
+            den[j].add_(c * (eps * eps))
+        r = torch._foreach_mul(gs, gs)
+        torch._foreach_div_(r, den)
+        for (i, *_), x, c, f in zip(chunk, r, corr, scale):
+            out[i] = ((x.sum() * (c * f)).sqrt(), (x.amax() * c).sqrt())
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _sample(t: torch.Tensor) -> torch.Tensor:
+    """``t`` flattened, or every k-th of its entries when it has more than
+    ``LAG_SAMPLE``: a fixed stride (no random numbers drawn), a view (no copy)
+    where ``t`` is contiguous."""
+    flat = t.reshape(-1)
+    n = flat.numel()
+    return flat if n <= LAG_SAMPLE else flat[::-(-n // LAG_SAMPLE)]
+
+
+def update_spike_alerts(step: int, current: Sequence[tuple[str, float]], history: Sequence[MonitorStep],
+                        attr: str, spike: float = UPDATE_SPIKE) -> list[Alert]:
+    """A layer whose update (``attr``: ``update_lr_rms`` when the learning rate
+    is known, else ``update_rms``) of the optimizer step at ``step`` is
+    ``spike`` times the median of its last ``SPIKE_BASELINE`` measured ones
+    in ``history`` (the samples before this one; their first row of each
+    module holds the value).  One alert, naming the layer that jumped most
+    and how many did."""
+    past: dict[str, list[float]] = {}
+    for h in history:
+        seen = set()
+        for layer in h.layers:
+            if layer.name in seen:
+                continue
+            seen.add(layer.name)
+            v = layer.stats.get(attr)
+            if v is not None and math.isfinite(v) and v > 0:
+                past.setdefault(layer.name, []).append(v)
+    jumped: list[tuple[float, str, float, float]] = []
+    for name, v in current:
+        base = past.get(name, [])[-SPIKE_BASELINE:]
+        if len(base) < SPIKE_MIN_SAMPLES or not math.isfinite(v):
+            continue
+        b = statistics.median(base)
+        if b > 0 and v > spike * b:
+            jumped.append((v / b, name, v, b))
+    if not jumped:
+        return []
+    f, name, v, b = max(jumped)
+    what = "update RMS over the learning rate" if attr == "update_lr_rms" else "update RMS"
+    return [Alert(step, "update-spike", name,
+                  f"the optimizer step changed {name}'s weights {f:.3g}x more than its last steps did ({what} "
+                  f"{v:.3g} against a median {b:.3g} over its last {min(len(past.get(name, [])), SPIKE_BASELINE)} "
+                  f"samples; {len(jumped)} layer(s) above {spike:g}x): large runs show update spikes like this "
+                  "ahead of loss spikes",
+                  "lower the learning rate or clip the update (sp.clip.agc_, monitor(..., agc=0.01)); with Adam, "
+                  "a larger eps or a higher beta2 keeps the second moment from lagging, or use an update "
+                  "clipped by its RMS (StableAdamW, Adafactor's update clipping)", "update")]
