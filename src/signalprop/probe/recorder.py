@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import math
 import re
 import types
 import weakref
@@ -25,6 +26,7 @@ from torch.overrides import TorchFunctionMode
 
 from .. import activations as _act
 from ..layers import feature_dim
+from ..statistics import Statistic, kernels
 from . import attention
 from . import stats as S
 
@@ -252,7 +254,7 @@ class _FunctionalCapture(TorchFunctionMode):
         row.fwd.update(stats)
 
 
-def _grad_hook(row: Row, exact: bool | S.GradBatches, g: torch.Tensor) -> None:
+def _grad_hook(row: Row, exact: bool | S.GradBatches, g: torch.Tensor, kernels: list[Statistic] | None = None) -> None:
     """A row's gradient statistics, from the gradient with respect to its
     output.  ``exact``: True for the exact pass; the pass's
     :class:`~.stats.GradBatches` to copy a small gradient into, to be reduced
@@ -262,16 +264,17 @@ def _grad_hook(row: Row, exact: bool | S.GradBatches, g: torch.Tensor) -> None:
     torch._C._set_grad_enabled(False)
     try:
         if exact is True:
-            row.bwd.update(S.exact_moments(g, "grad"))
+            row.bwd.update(S.exact_moments(g, "grad", kernels=kernels))
         elif exact is not False and S.Batches.fits(g):
             exact.add(row.bwd, g)
         else:
-            S.grad_moments_into(row.bwd, g)
+            S.grad_moments_into(row.bwd, g, kernels)
     finally:
         torch._C._set_grad_enabled(prev)
 
 
-def _grad_prehook(row: Row, exact: bool | S.GradBatches, nr: int, grads: tuple[torch.Tensor | None, ...]) -> None:
+def _grad_prehook(row: Row, exact: bool | S.GradBatches, nr: int, grads: tuple[torch.Tensor | None, ...],
+                  kernels: list[Statistic] | None = None) -> None:
     """:func:`_grad_hook` as a pre-hook of the autograd node that produced a
     row's output (its ``nr``-th output): the engine calls it with the
     gradients of the node's outputs, after any tensor hooks on them, so it
@@ -281,22 +284,23 @@ def _grad_prehook(row: Row, exact: bool | S.GradBatches, nr: int, grads: tuple[t
     ``Tensor.register_hook`` (which builds a handle and a hook dict in Python)."""
     g = grads[nr]
     if g is not None:
-        _grad_hook(row, exact, g)
+        _grad_hook(row, exact, g, kernels)
 
 
-def _safe_grad_hook(errors: list[BaseException], row: Row, exact: bool | S.GradBatches, g: torch.Tensor) -> None:
+def _safe_grad_hook(errors: list[BaseException], row: Row, exact: bool | S.GradBatches, g: torch.Tensor,
+                    kernels: list[Statistic] | None = None) -> None:
     """:func:`_grad_hook` whose failure is kept in ``errors`` (a recorder's ``safe`` mode)."""
     try:
-        _grad_hook(row, exact, g)
+        _grad_hook(row, exact, g, kernels)
     except Exception as e:
         errors.append(e)
 
 
 def _safe_grad_prehook(errors: list[BaseException], row: Row, exact: bool | S.GradBatches, nr: int,
-                       grads: tuple[torch.Tensor | None, ...]) -> None:
+                       grads: tuple[torch.Tensor | None, ...], kernels: list[Statistic] | None = None) -> None:
     """:func:`_grad_prehook` whose failure is kept in ``errors``."""
     try:
-        _grad_prehook(row, exact, nr, grads)
+        _grad_prehook(row, exact, nr, grads, kernels)
     except Exception as e:
         errors.append(e)
 
@@ -335,6 +339,23 @@ def _safe_time_hook(errors: list[BaseException], row: Row, tdim: int, exact: boo
         errors.append(e)
 
 
+def _weights_into(d: dict[str, Any], m: nn.Module) -> None:
+    """The low-precision counts over a module's own parameters together
+    (``weight_lp*``, see :mod:`signalprop.formats`) and their largest |entry|
+    (``weight_max``), left on the device."""
+    from .. import formats
+    from .distributed import local
+
+    ps = [local(p.detach()) for p in m._parameters.values() if p is not None and p.is_floating_point()]
+    cs = [c for c in map(formats.counts, ps) if c is not None]
+    if not cs:
+        return
+    total = cs[0] if len(cs) == 1 else torch.stack(cs).sum(0)
+    d.update(zip(formats.keys("weight"), total.unbind()))
+    tops = torch._foreach_norm(ps, math.inf)
+    d["weight_max"] = tops[0] if len(tops) == 1 else torch.stack(tops).amax()
+
+
 def _traits(act: _act.Activation | None) -> tuple[tuple[float, float] | None, bool, bool]:
     """What the statistics need to know of a row's activation: its saturation
     band, whether it is a rectifier, and whether its outputs are >= 0."""
@@ -366,7 +387,8 @@ class Recorder:
 
     def __init__(self, model: nn.Module, *, capture_functional: bool = True, stats: bool = True,
                  track_inputs: bool = False, exact: bool = False, unit_vectors: bool = False,
-                 named: list[tuple[str, nn.Module]] | None = None, safe: bool = False) -> None:
+                 named: list[tuple[str, nn.Module]] | None = None, safe: bool = False,
+                 precision: bool = False) -> None:
         """``stats=False`` records only the call sequence (activation detection);
         ``track_inputs`` also records each weight layer's input second moment;
         ``exact`` masks non-finite entries and counts them, and remembers which
@@ -378,7 +400,10 @@ class Recorder:
         gradient) is kept in ``errors`` instead of raised into the model's
         forward or backward pass (the monitor, a guest in a training loop,
         then skips the sample); KeyboardInterrupt and other non-``Exception``
-        signals pass through."""
+        signals pass through.  ``precision``: also count, per row, the
+        output's, its gradient's and the module's weights' entries that
+        would overflow or underflow low-precision formats (the statistics
+        declared with option "precision"; :mod:`signalprop.formats`)."""
         self.model = model
         self.safe = safe
         self.errors: list[BaseException] = []
@@ -401,8 +426,14 @@ class Recorder:
             model, self._leaves, self._modules)
         self._info: dict[nn.Module, _Leaf] = {}
         self._scratch = S.Scratch()
-        self._batches = S.Batches(unit_vectors) if stats and not exact else None
-        self._grad_batches = S.GradBatches(self._batches.done) if self._batches is not None else None
+        self.precision = precision
+        opts = frozenset({"precision"}) if precision else frozenset()
+        # the statistics with kernels this pass measures (None: those measured on every pass)
+        self._fk = kernels("forward", opts) if opts else None
+        self._bk = kernels("backward", opts) if opts else None
+        self._weighed: set[int] = set()  # modules whose weights' formats were counted (precision)
+        self._batches = S.Batches(unit_vectors, self._fk) if stats and not exact else None
+        self._grad_batches = S.GradBatches(self._batches.done, self._bk) if self._batches is not None else None
         self._roles: dict[tuple[str, str, tuple[int, ...]], str] = {}
 
     def _leaf_info(self, m: nn.Module) -> _Leaf:
@@ -461,6 +492,9 @@ class Recorder:
             row.src = _first_ptr(args)
             if self.stats:
                 self._measure(row, t, info.band, info.rectifier, info.nonnegative, args)
+                if self.precision and info.role is not None and id(m) not in self._weighed:
+                    self._weighed.add(id(m))
+                    _weights_into(row.fwd, m)
                 if isinstance(m, nn.RNNBase):
                     self._through_time(row, m, args)
             if self.track_inputs and info.feature_dim is not None:
@@ -519,9 +553,9 @@ class Recorder:
             else:
                 flat = None
                 if self.exact:
-                    row.fwd.update(S.exact_moments(t, "forward", band is not None))
+                    row.fwd.update(S.exact_moments(t, "forward", band is not None, self._fk))
                 else:
-                    flat = S.forward_moments_into(row.fwd, t, self._scratch, band is not None)
+                    flat = S.forward_moments_into(row.fwd, t, self._scratch, band is not None, self._fk)
                 if band is not None:
                     S.saturation_into(row.fwd, t, band, self._scratch, flat)
                 if rectifier:
@@ -539,12 +573,13 @@ class Recorder:
             fn = t.grad_fn
             row.wants_grad = True
             how = self.exact or self._grad_batches or False  # the hook holds the batches, not the recorder
+            kw: dict[str, Any] = {} if self._bk is None else {"kernels": self._bk}
             if fn is not None:  # a pre-hook of the node that made t: see _grad_prehook
-                fn.register_prehook(functools.partial(_safe_grad_prehook, self.errors, row, how, t.output_nr)
-                                    if self.safe else functools.partial(_grad_prehook, row, how, t.output_nr))
+                fn.register_prehook(functools.partial(_safe_grad_prehook, self.errors, row, how, t.output_nr, **kw)
+                                    if self.safe else functools.partial(_grad_prehook, row, how, t.output_nr, **kw))
             else:  # a leaf that requires grad (a module that returns its input or a parameter)
-                t.register_hook(functools.partial(_safe_grad_hook, self.errors, row, how) if self.safe
-                                else functools.partial(_grad_hook, row, how))
+                t.register_hook(functools.partial(_safe_grad_hook, self.errors, row, how, **kw) if self.safe
+                                else functools.partial(_grad_hook, row, how, **kw))
 
     # -- lifecycle --------------------------------------------------------------
     def attach(self) -> None:
