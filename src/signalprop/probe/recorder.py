@@ -225,8 +225,12 @@ class _FunctionalCapture(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if self.r.busy:  # the recorder's own computation inside a forward hook: not the model's
+            return out
         kind = self.attn.get(func)
-        if kind is not None and self.r.stats and isinstance(out, torch.Tensor):
+        # inside nn.MultiheadAttention its own row measures the attention (Recorder._fused_attention)
+        if kind is not None and self.r.stats and isinstance(out, torch.Tensor) and \
+                not (self.r.stack and self.r.stack[-1] in self.r._fused_names):
             self._attention(kind, args, kwargs, out)
             return out
         name = self.fns.get(func) if self.r.leaf_depth == 0 else None
@@ -435,6 +439,8 @@ class Recorder:
         self._batches = S.Batches(unit_vectors, self._fk) if stats and not exact else None
         self._grad_batches = S.GradBatches(self._batches.done, self._bk) if self._batches is not None else None
         self._roles: dict[tuple[str, str, tuple[int, ...]], str] = {}
+        self._fused_names: set[str] = set()  # MultiheadAttention modules: they measure their own attention
+        self.busy = False  # computing a statistic with torch functions inside the forward (not recorded)
 
     def _leaf_info(self, m: nn.Module) -> _Leaf:
         act = _act.from_module(m)
@@ -596,6 +602,8 @@ class Recorder:
         hooks (they fire for its wrapper too)."""
         self._info = {m: self._leaf_info(m) for m in self._leaves}
         g = self._guarded if self.safe else (lambda f: f)
+        fused = [m for m in self._leaves if isinstance(m, nn.MultiheadAttention)] if self.stats else []
+        self._fused_names = {self._names[m] for m in fused}
         if self.exact:  # the slow pass after a NaN: every enclosing module's output checked too
             self._handles.append(register_module_forward_hook(g(self._parent_post)))
         per_module = any(m._forward_hooks for m in self._leaves) or \
@@ -613,6 +621,23 @@ class Recorder:
                 self._handles.append(m.register_forward_hook(g(self._leaf_post)))
         else:
             self._handles.append(register_module_forward_hook(g(self._leaf_post_any)))
+        for m in fused:  # after the hooks above: the module's row exists when these run
+            self._handles.append(m.register_forward_hook(g(self._fused_attention), with_kwargs=True))
+
+    def _fused_attention(self, m: nn.Module, args: Any, kwargs: dict[str, Any], out: Any) -> None:
+        """``nn.MultiheadAttention``'s logits and entropies, into its row
+        (see :func:`.attention.from_mha`)."""
+        row = next((r for r in reversed(self.rows) if r.module is m), None)
+        if row is None:
+            return
+        self.busy = True
+        try:
+            with torch.no_grad():
+                stats = attention.from_mha(m, tuple(args), kwargs)
+        finally:
+            self.busy = False
+        if stats is not None:
+            row.fwd.update(stats)
 
     def _parent_post(self, m: nn.Module, args: Any, out: Any) -> None:
         name = self._names.get(m)
