@@ -35,7 +35,9 @@ non-finite, healthy (low-rate, not diverged) runs with any alert, and
 precision (alerted runs that diverged).  ``limits`` says which signal leaves
 the healthy range how many steps ahead, per family (``ew_limits.py``).
 Goals (issue 27): >= 90% of diverging runs warned >= 10 steps ahead; median
-lead above each peer's; <= 2% of healthy runs alerted.
+lead above each peer's; <= 2% of healthy runs alerted.  ``fp16_overflow``
+(``ew_fp16.py``): runs that train in float32 but overflow float16, and the
+share whose module the monitor named before the first inf (goal >= 90%).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from typing import Any
 
 from _util import write
 from ew_faults import fault_scores
+from ew_fp16 import scenario as fp16_scenario
 from ew_grid import Case, divergence, faults
 from ew_limits import limits
 from ew_record import record
@@ -127,15 +130,17 @@ def main(out: Path, repeat: int = 1, quick: bool = False, cache: Path | None = N
            for split in ("tuned", "held-out")}
     summary = summarise(grids)
     fault_summary = summarise([r for r in rows if r not in grids], with_all=False)
+    fp16 = fp16_scenario(quick)  # float16 overflow without loss scaling (ew_fp16.py): its own runs and controls
     res = {"goals": GOALS, "lead_steps": LEAD, "summary": summary, "fault_summary": fault_summary,
-           "faults": _faults(rows, [runs[id(r)] for r in rows]), "limits": lim,
+           "faults": _faults(rows, [runs[id(r)] for r in rows]), "fp16_overflow": fp16, "limits": lim,
            "tables": {split: markdown(summary, split) for split in summary}
            | {"faults": markdown(fault_summary, "held-out")}, "runs": rows}
     write(out, "bench_early_warning", res)
     head = {split: {rule: {k: t[k] for k in ("diverged", "warned_10_ahead", "recall_10_ahead", "median_lead",
                                                "healthy", "healthy_alerted", "precision")}
                     for rule, t in summary[split]["all"].items()} for split in summary}
-    return {"headline": head, "median_runs_steps": statistics.median(r["steps"] for r in rows)}
+    return {"headline": head, "median_runs_steps": statistics.median(r["steps"] for r in rows),
+            "fp16_overflow": fp16["summary"]}
 
 
 if __name__ == "__main__":

@@ -185,6 +185,15 @@ def _shape(text: str | None) -> tuple[int, ...] | None:
     return dims
 
 
+def _format(text: str) -> str:
+    from .formats import resolve
+
+    try:
+        return resolve(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def cmd_check(args: argparse.Namespace, out: Console) -> int:
     from . import check
     from .lab.models import build
@@ -194,10 +203,14 @@ def cmd_check(args: argparse.Namespace, out: Console) -> int:
     if not 0 < args.low < args.high:
         raise UsageError(f"--low and --high must satisfy 0 < low < high, got {args.low} and {args.high}")
     built = build(args.model, batch=args.batch, seed=args.seed, init=args.init, input_shape=_shape(args.input_shape))
-    report = check(built.model, built.inputs, bounds=(args.low, args.high), spectrum=args.spectrum)
+    report = check(built.model, built.inputs, bounds=(args.low, args.high), spectrum=args.spectrum, dtype=args.dtype)
     out.print(f"[bold]signalprop check[/bold] {escape(built.spec)}" +
               (f" (init: {escape(args.init)})" if args.init else ""))
     out.print(renderable(report, out.width))
+    precision = report.precision() if args.dtype is not None else None
+    if precision is not None:
+        style = "green" if precision.verdict == "fits" else "red"
+        out.print(f"[bold {style}]{precision.verdict}[/bold {style}] in {escape(precision.summary)}")
     # the report is on the screen already; a file that cannot be written (a full disk) is an input error
     # (exit 2), after the other file has been tried
     failed = []
@@ -211,7 +224,8 @@ def cmd_check(args: argparse.Namespace, out: Console) -> int:
                 out.print(f"{label}: {escape(str(path))}")
     if failed:
         raise UsageError("; ".join(failed))
-    return EXIT_OK if report.verdict == "healthy" else EXIT_PROBLEMS
+    fits = precision is None or precision.verdict == "fits"
+    return EXIT_OK if report.verdict == "healthy" and fits else EXIT_PROBLEMS
 
 
 # ---- demo -------------------------------------------------------------------
@@ -377,6 +391,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--spectrum", action="store_true", help="also read the input-output Jacobian's singular values")
     c.add_argument("--low", type=_finite_float, default=1e-6, help="lowest healthy gradient RMS (default 1e-6)")
     c.add_argument("--high", type=_finite_float, default=1e3, help="highest healthy gradient RMS (default 1e3)")
+    c.add_argument("--dtype", type=_format, default=None,
+                   help="also say which layers would not survive this low-precision format at their current scale "
+                        "(overflow, underflow and flush-to-zero shares of outputs, gradients and weights; exit 1 when "
+                        "one would not): float16, bfloat16, float8_e4m3fn, float8_e5m2 (or fp16, bf16, fp8_e4m3, "
+                        "fp8_e5m2)")
     c.set_defaults(func=cmd_check)
 
     t = sub.add_parser("theory", help="mean-field numbers for an activation")

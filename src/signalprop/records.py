@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, TypeVar, get_args
+from typing import Any, Literal, NamedTuple, TypeVar, get_args
 
 T = TypeVar("T")
 
@@ -277,6 +277,7 @@ class Summary:
     notes: tuple[str, ...] = field(default_factory=tuple)
     inputs: str = ""  # the inputs' shapes, as passed
     cotangent_seed: int | None = None  # the seed of the random cotangent (None: a loss was given)
+    dtype: str | None = None  # the low-precision format check(..., dtype=) was asked about (its shares were counted)
 
 
 @dataclass(frozen=True)
@@ -301,18 +302,30 @@ class JacobianReading:
     weights: tuple[float, ...] | None = None
 
 
-__all__ = ["FORMATS", "SEVERITY", "VERDICTS", "Alert", "InitSummary", "InputStats", "JacobianReading", "LayerInit",
-           "LayerStats", "LogitStats", "MonitorReport", "MonitorStep", "Overflow", "ParamInit", "Problem", "Report",
-           "SeriesTrend", "Summary", "Verdict"]
+__all__ = ["FORMATS", "SEVERITY", "VERDICTS", "Alert", "Format", "InitSummary", "InputStats", "JacobianReading",
+           "LayerInit", "LayerPrecision", "LayerStats", "LogitStats", "MonitorReport", "MonitorStep", "Overflow",
+           "ParamInit", "PrecisionReport", "Problem", "Report", "SeriesTrend", "Summary", "Verdict"]
 
 
-# Low-precision formats: (largest finite value, smallest normal).  IEEE 754 half; bfloat16 (float32's
-# exponent range); OCP 8-bit floating point (2023): E4M3 (no infinities, max 448), E5M2 (max 57344).
-FORMATS: dict[str, tuple[float, float]] = {
-    "float16": (65504.0, 2.0 ** -14),
-    "bfloat16": (3.3895313892515355e38, 2.0 ** -126),
-    "float8_e4m3fn": (448.0, 2.0 ** -6),
-    "float8_e5m2": (57344.0, 2.0 ** -14),
+class Format(NamedTuple):
+    """A floating-point format's range: its largest finite value, smallest
+    normal and smallest subnormal value, and its explicit mantissa bits (the
+    spacing of values near the largest is ``2 ** (floor(log2(max)) - mantissa_bits)``)."""
+
+    max: float
+    smallest_normal: float
+    smallest_subnormal: float
+    mantissa_bits: int
+
+
+# Low-precision formats.  IEEE 754 half; bfloat16 (float32's exponent range, 7 mantissa bits); OCP 8-bit
+# floating point (2023): E4M3 (no infinities, max 448), E5M2 (max 57344).  FORMATS[name][0] is the largest
+# finite value.
+FORMATS: dict[str, Format] = {
+    "float16": Format(65504.0, 2.0 ** -14, 2.0 ** -24, 10),
+    "bfloat16": Format(3.3895313892515355e38, 2.0 ** -126, 2.0 ** -133, 7),
+    "float8_e4m3fn": Format(448.0, 2.0 ** -6, 2.0 ** -9, 3),
+    "float8_e5m2": Format(57344.0, 2.0 ** -14, 2.0 ** -16, 2),
 }
 
 
@@ -332,6 +345,59 @@ class Overflow:
     @property
     def factor(self) -> float:
         return self.absmax / self.limit
+
+
+@dataclass(frozen=True)
+class LayerPrecision:
+    """One row's output, gradient or weights against a low-precision format
+    at its current scale (no loss scaling, no per-tensor scale factor).
+    ``headroom``: log2(the format's largest value / ``absmax``), the binades
+    to spare (negative: it overflows).  ``overflow``, ``underflow`` (lands
+    below the smallest normal, subnormal or zero) and ``flushed`` (to zero):
+    shares of the nonzero entries a cast would send there; None where they
+    were not counted (``check`` without ``dtype=``)."""
+
+    layer: str
+    kind: str
+    quantity: str  # "output", "gradient" or "weights"
+    absmax: float | None
+    headroom: float | None
+    overflow: float | None = None
+    underflow: float | None = None
+    flushed: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return _clean(asdict(self))
+
+
+@dataclass(frozen=True)
+class PrecisionReport:
+    """Which layers would not survive a low-precision format: from
+    :meth:`Report.precision`.  ``verdict``: "fits", "overflows" (some
+    output, gradient or weight would turn infinite) or "underflows" (some
+    quantity would lose more than ``flush_limit`` of its nonzero entries to
+    zero); ``overflowing``/``underflowing``/``at_risk`` name the modules
+    (``at_risk``: within ``risk_binades`` of overflowing); ``summary`` says it
+    in one line; ``layers`` has every measured row and quantity."""
+
+    dtype: str
+    max: float
+    smallest_normal: float
+    verdict: Literal["fits", "overflows", "underflows"]
+    summary: str
+    layers: tuple[LayerPrecision, ...]
+    overflowing: tuple[str, ...] = ()
+    underflowing: tuple[str, ...] = ()
+    at_risk: tuple[str, ...] = ()
+    counted: bool = True  # the shares were counted (check(..., dtype=)); else only the overflow of max |value|
+    flush_limit: float = 0.01
+    risk_binades: float = 3.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return _clean(asdict(self))
+
+    def __str__(self) -> str:
+        return self.summary
 
 
 @dataclass(frozen=True)
@@ -380,6 +446,20 @@ class Report:
                 if v is not None and (not math.isfinite(v) or v * headroom > limit):
                     out.append(Overflow(layer.name, layer.kind, quantity, v, limit))
         return tuple(out)
+
+    def precision(self, dtype: str | None = None, *, flush_limit: float = 0.01,
+                  risk_binades: float = 3.0) -> PrecisionReport:
+        """Which layers would not survive ``dtype`` (a name in :data:`FORMATS`;
+        default the ``dtype`` check was given) at their current scale: per row
+        the headroom of its output, gradient and weights (log2 of the format's
+        largest value over their largest |entry|) and the shares of their
+        nonzero entries that would overflow, underflow or flush to zero, a
+        verdict and a one-line summary naming the modules (see
+        :class:`PrecisionReport`).  The shares need ``check(..., dtype=...)``;
+        without it only the overflow read off each row's max |value| is judged."""
+        from .probe.precision import precision_report
+
+        return precision_report(self, dtype, flush_limit, risk_binades)
 
     def save_html(self, path: Any) -> Any:
         """One self-contained HTML file with the tables and embedded plots."""

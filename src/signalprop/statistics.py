@@ -33,6 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from . import formats as _F
+
 # How a raw value combines across the ranks of a process group (see signalprop.probe.distributed).
 SUM = "sum"          # additive: sums, counts
 NORM = "norm"        # Euclidean norm over batch-split data: sqrt(sum of squares)
@@ -79,6 +81,10 @@ class Statistic:
     tensorboard: bool = False
     # not measured on a bounded activation's output (tanh, sigmoid: |y| <= 1), whose range already answers it
     unbounded_only: bool = False
+    # measured only when a pass asks for it by this name (check(..., dtype=...) asks for "precision"); "": always
+    option: str = ""
+    # a column of the HTML layer table (False for values that are not one number, such as the format shares)
+    table: bool = True
 
     def measure_into(self, d: dict[str, Any], t: Any, dim: int | None) -> None:
         """The kernel's raw value(s) of ``t`` written into ``d``."""
@@ -125,6 +131,18 @@ def _abs_max(prefix: str) -> Callable[[dict[str, Any]], float]:
     return lambda d: float(max(d[f"{prefix}_max"], -d[f"{prefix}_min"]))
 
 
+def _formats(prefix: str, phase: Phase, what: str, measured: bool = True) -> Statistic:
+    """The low-precision shares of one quantity (see :mod:`signalprop.formats`):
+    per format, the share of its nonzero entries a cast would overflow, leave
+    below the smallest normal, or flush to zero; counts, summed across ranks."""
+    return Statistic(f"{prefix}_formats", phase, "share",
+                     f"per low-precision format, the share of the {what}'s nonzero entries that would overflow, "
+                     "underflow (land below the smallest normal) or be flushed to zero",
+                     tuple((k, SUM) for k in _F.keys(prefix)), _F.shares(prefix), f"{prefix}_lp0",
+                     f"low-precision shares ({what})", "formats", kernel=_F.kernel(prefix) if measured else None,
+                     option="precision", table=False)
+
+
 STATISTICS: list[Statistic] = [
     Statistic("forward_mean", "forward", "value", "mean of the output's entries",
               (("forward_sum", SUM), ("forward_n", SUM)), _mean, "forward_n", "mean"),
@@ -162,6 +180,14 @@ STATISTICS: list[Statistic] = [
     Statistic("attn_entropy_min_head", "forward", "share", "the lowest head's attention entropy (as attn_entropy)",
               (("attn_entropy_min_head", MIN),), lambda d: d["attn_entropy_min_head"], "attn_entropy_min_head",
               "lowest head's entropy", "pct"),
+    # low-precision headroom, asked for (check(..., dtype=...)): outputs, their gradients, the module's
+    # own weights (counted on its first call, by signalprop.probe.recorder)
+    _formats("forward", "forward", "output"),
+    _formats("grad", "backward", "gradient"),
+    _formats("weight", "forward", "weights", measured=False),
+    Statistic("weight_absmax", "forward", "value", "largest |entry| of the module's own parameters",
+              (("weight_max", MAX),), lambda d: float(d["weight_max"]), "weight_max", "max |weight|",
+              option="precision"),
     # recurrent modules (nn.RNN / LSTM / GRU): the gradient reaching their input sequence, per time step
     Statistic("time_grad_ratio", "backward", "share",
               "smallest over largest time step's gradient RMS at a recurrent module's input sequence",
@@ -204,8 +230,9 @@ STATISTICS: list[Statistic] = [
 BY_NAME: dict[str, Statistic] = {}
 # how each raw value combines across ranks (those that do: SAME ones stay as they are)
 RAW_REDUCTION: dict[str, str] = {}
-FORWARD_KERNELS: list[Statistic] = []
+FORWARD_KERNELS: list[Statistic] = []  # measured on every pass
 BACKWARD_KERNELS: list[Statistic] = []
+_OPTIONAL: list[Statistic] = []  # with a kernel, measured when a pass asks for their option
 
 
 _BY_KEYS: dict[tuple[str, ...], list[Statistic]] = {}  # the statistics a row with these raw values has
@@ -217,8 +244,18 @@ def _rebuild() -> None:
     BY_NAME.update((s.name, s) for s in STATISTICS)
     RAW_REDUCTION.clear()
     RAW_REDUCTION.update((k, r) for s in STATISTICS for k, r in s.parts if r != SAME)
-    FORWARD_KERNELS[:] = [s for s in STATISTICS if s.kernel is not None and s.phase == "forward"]
-    BACKWARD_KERNELS[:] = [s for s in STATISTICS if s.kernel is not None and s.phase == "backward"]
+    FORWARD_KERNELS[:] = [s for s in STATISTICS if s.kernel is not None and s.phase == "forward" and not s.option]
+    BACKWARD_KERNELS[:] = [s for s in STATISTICS if s.kernel is not None and s.phase == "backward" and not s.option]
+    _OPTIONAL[:] = [s for s in STATISTICS if s.kernel is not None and s.option]
+
+
+def kernels(phase: Phase, options: frozenset[str] = frozenset()) -> list[Statistic]:
+    """The statistics with a kernel that a pass asking for ``options``
+    measures in ``phase``: those measured always, then the asked-for ones."""
+    base = FORWARD_KERNELS if phase == "forward" else BACKWARD_KERNELS
+    if not options:
+        return base
+    return base + [s for s in _OPTIONAL if s.phase == phase and s.option in options]
 
 
 def register(statistic: Statistic) -> Statistic:
@@ -264,4 +301,4 @@ def finish_row(raw: dict[str, Any]) -> dict[str, Any]:
     return {s.name: s.finish(raw) for s in sts}
 
 
-__all__ = ["BY_NAME", "STATISTICS", "Statistic", "finish_row", "register", "unregister"]
+__all__ = ["BY_NAME", "STATISTICS", "Statistic", "finish_row", "kernels", "register", "unregister"]

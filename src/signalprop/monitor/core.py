@@ -62,6 +62,7 @@ from ..statistics import MAX
 from . import alerts as A
 from .logit_alerts import logit_alerts
 from .optimizer import adam_lag, check_optimizer, learning_rates, update_spike_alerts
+from .precision_alerts import precision_alerts
 
 MAX_REPLAY_CALLS = 64  # forward calls per step kept for replay (gradient accumulation)
 # Reading every gradient is one fused kernel on a GPU (~1% of a step) but a
@@ -513,9 +514,7 @@ class Monitor:
             if finite and not sample.incomplete:
                 complete = self._complete_history()
                 new += A.sampled_alerts(sample, complete, self.trend) + logit_alerts(sample, complete)
-                limit = self._format_limit()
-                if limit is not None:
-                    new += A.overflow_alerts(sample, limit)
+                new += precision_alerts(sample, complete, self._format())
             self.history.append(sample)
             if self.max_history is not None and len(self.history) > self.max_history:
                 del self.history[A.BASELINE_SAMPLES]  # the baseline samples stay
@@ -548,14 +547,13 @@ class Monitor:
         self._next_step()
         return new
 
-    def _format_limit(self) -> float | None:
-        """The largest finite value of the step's compute dtype when it is
-        float16 (autocast or half parameters); None for float32/bfloat16,
-        whose range (3.4e38) no activation comes near."""
-        autocast = {d for c in self._calls[:1] for _, d in c.autocast}
-        if torch.float16 in autocast or any(p.dtype == torch.float16 for p in self._param_names):
-            return FORMATS["float16"][0]
-        return None
+    def _format(self) -> str | None:
+        """The low-precision format the sampled step computed in: autocast's
+        dtype at its first forward (read when it ran), else the parameters'
+        when one is a low-precision format (float16, bfloat16, FP8); None
+        for float32/float64 runs."""
+        dtypes = [d for c in self._calls[:1] for _, d in c.autocast] + list({p.dtype for p in self._param_names})
+        return next((n for n in (str(d).removeprefix("torch.") for d in dtypes) if n in FORMATS), None)
 
     def _complete_history(self) -> list[MonitorStep]:
         """The samples that carry a verdict: the baseline of the drift rules."""

@@ -26,6 +26,7 @@ import math
 import statistics
 from collections.abc import Sequence
 
+from ..probe.attention import module_of
 from ..records import Alert, MonitorStep
 from .alerts import BASELINE_SAMPLES
 
@@ -48,6 +49,7 @@ def logit_alerts(current: MonitorStep, history: Sequence[MonitorStep]) -> list[A
     if not base:
         return out
     grown: list[tuple[float, str, float, float]] = []
+    kinds = {layer.name: layer.kind for layer in current.layers}
     for layer in current.layers:
         top = layer.stats.get("attn_logit_max")
         if top is None or not math.isfinite(top) or top <= ATTN_LOGIT_LIMIT:
@@ -57,7 +59,7 @@ def logit_alerts(current: MonitorStep, history: Sequence[MonitorStep]) -> list[A
             grown.append((top / b if b > 0 else math.inf, layer.name, top, b))
     if grown:
         _, name, top, b = max(grown)
-        module = name.rpartition(".")[0] or name
+        module = module_of(name, kinds[name])
         out.append(Alert(current.step, "attention-logit-growth", module,
                          f"attention logits in {module} grew to {top:.3g} (q.k/sqrt(d); {top / b:.3g}x its first "
                          f"samples' {b:.3g}, past {ATTN_LOGIT_LIMIT:g}): its softmax is turning one-hot "

@@ -1,13 +1,18 @@
 """Attention logits and entropies, measured where attention is computed.
 
-Two places compute attention in PyTorch models: ``F.scaled_dot_product_attention``
-(nanoGPT, HF's "sdpa" implementation, ``nn.MultiheadAttention`` without
-weights), which never materialises the logits, and an explicit
-``softmax(q k^T / sqrt(d) + mask)`` (HF's "eager" implementation).  For a
-softmax over the last dimension of a 4-D ``(batch, heads, queries, keys)``
-tensor the logits are its input; for SDPA they are formed here from q and k
-on at most :data:`QUERY_ROWS` query rows (evenly spaced, the same on every
-call), with the call's causal or explicit mask, in float32.
+Three places compute attention in PyTorch models: ``F.scaled_dot_product_attention``
+(nanoGPT, HF's "sdpa" implementation), which never materialises the logits,
+an explicit ``softmax(q k^T / sqrt(d) + mask)`` (HF's "eager"
+implementation), and ``nn.MultiheadAttention``, which does either inside one
+fused call (SDPA with ``need_weights=False``, a softmax over 3-D
+``(batch * heads, queries, keys)`` scores otherwise).  For a softmax over the
+last dimension of a 4-D ``(batch, heads, queries, keys)`` tensor the logits
+are its input; for SDPA they are formed here from q and k, and for
+``nn.MultiheadAttention`` from its inputs and its own query/key projections
+(:func:`from_mha`, the same in both ``need_weights`` modes; its inner SDPA
+call is not measured again), on at most :data:`QUERY_ROWS` query rows
+(evenly spaced, the same on every call), with the call's causal or explicit
+masks, in float32.
 
 Per call (raw values of the statistics declared in :mod:`signalprop.statistics`):
 
@@ -122,6 +127,81 @@ def sdpa_logits(args: tuple[Any, ...], kwargs: dict[str, Any],
             logits = logits + m.float()
             keep = keep & (m.float() > torch.finfo(torch.float32).min / 2)
     return logits, keep
+
+
+def _mha_masks(m: Any, args: tuple[Any, ...], kwargs: dict[str, Any], n: int, rows: torch.Tensor, tq: int,
+               tk: int, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``nn.MultiheadAttention``'s ``attn_mask`` ((L, S) or (N * heads, L, S))
+    and ``key_padding_mask`` ((N, S)) applied to ``logits`` (N, heads, rows,
+    S): boolean masks say True where attention is *not* allowed, float masks
+    are added; ``is_causal`` without a mask is the causal mask."""
+    keep = torch.ones((), dtype=torch.bool, device=logits.device)
+    am = _arg(args, kwargs, 5, "attn_mask", None)
+    kpm = _arg(args, kwargs, 3, "key_padding_mask", None)
+    if am is None and bool(_arg(args, kwargs, 7, "is_causal", False)):
+        keep = rows[:, None] >= torch.arange(tk, device=logits.device)[None, :]
+    extra = logits.shape[-1] - tk  # keys the module appends (bias_k, add_zero_attn): never masked
+    for mask, shape in ((am, None), (kpm, (n, 1, 1, tk))):
+        if not isinstance(mask, torch.Tensor):
+            continue
+        mk = mask.detach()
+        if shape is None:
+            mk = mk.index_select(-2, rows)
+            mk = mk.reshape(n, -1, rows.numel(), tk) if mk.dim() == 3 else mk
+        else:
+            mk = mk.reshape(shape)
+        if extra:
+            mk = F.pad(mk, (0, extra), value=False if mk.dtype == torch.bool else 0.0)
+        if mk.dtype == torch.bool:
+            keep = keep & ~mk
+        else:
+            logits = logits + mk.float()
+            keep = keep & (mk.float() > torch.finfo(torch.float32).min / 2)
+    return logits, keep
+
+
+def from_mha(m: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+             query_rows: int | None = QUERY_ROWS) -> dict[str, torch.Tensor | float] | None:
+    """The logits of one ``nn.MultiheadAttention`` call, formed from its query
+    and key inputs and its own projections (``in_proj_weight`` or
+    ``q_proj_weight``/``k_proj_weight``, their biases, ``bias_k``,
+    ``add_zero_attn``) at ``query_rows`` evenly spaced query positions, with
+    its masks: what its softmax sees, whether or not it returns the weights."""
+    query, key = _arg(args, kwargs, 0, "query", None), _arg(args, kwargs, 1, "key", None)
+    if not (isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor)) or query.dim() not in (2, 3):
+        return None
+    if query.dim() == 2:  # unbatched (L, E)
+        query, key = query.unsqueeze(1), key.unsqueeze(1)
+    elif m.batch_first:
+        query, key = query.transpose(0, 1), key.transpose(0, 1)
+    E, H = m.embed_dim, m.num_heads
+    hd = E // H
+    if m._qkv_same_embed_dim:
+        wq, wk = m.in_proj_weight[:E], m.in_proj_weight[E:2 * E]
+    else:
+        wq, wk = m.q_proj_weight, m.k_proj_weight
+    bq, bk = (m.in_proj_bias[:E], m.in_proj_bias[E:2 * E]) if m.in_proj_bias is not None else (None, None)
+    tq, n, tk = query.shape[0], query.shape[1], key.shape[0]
+    r = tq if query_rows is None else min(tq, query_rows)
+    rows = torch.linspace(0, tq - 1, r, device=query.device).round().long().unique()
+    f = torch.float32
+    q = F.linear(query.detach().index_select(0, rows).to(f), wq.detach().to(f), None if bq is None else bq.detach().to(f))
+    k = F.linear(key.detach().to(f), wk.detach().to(f), None if bk is None else bk.detach().to(f))
+    if m.bias_k is not None:
+        k = torch.cat([k, m.bias_k.detach().to(f).expand(1, n, E)])
+    if m.add_zero_attn:
+        k = torch.cat([k, k.new_zeros(1, n, E)])
+    q = q.reshape(-1, n, H, hd).permute(1, 2, 0, 3)  # (N, H, rows, hd)
+    k = k.reshape(-1, n, H, hd).permute(1, 2, 3, 0)  # (N, H, hd, S)
+    logits, keep = _mha_masks(m, args, kwargs, n, rows, tq, tk, (q @ k) / math.sqrt(hd))
+    return _stats(logits, keep)
+
+
+def module_of(name: str, kind: str) -> str:
+    """The module an attention row belongs to: a functional call's row is
+    ``<module>.attention`` (kind ``F.scaled_dot_product_attention`` or
+    ``F.softmax``); an ``nn.MultiheadAttention`` row is the module itself."""
+    return (name.rpartition(".")[0] or name) if kind.startswith("F.") else name
 
 
 def measure(kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, torch.Tensor | float] | None:

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..records import Report
+from ..formats import resolve
+from ..records import Report, evolve
 from .distributed import Reduction, resolve_group, unwrap
 from .inputs import CallArgs, ModelError, batch_size, shapes, without_cache
 from .pipeline import check_limits, check_model, rng_states, run_pass, set_rng_states
@@ -22,7 +23,7 @@ __all__ = ["CallArgs", "ModelError", "Report", "check", "check_limits", "check_m
 
 def check(model: nn.Module, inputs: Any, *, loss_fn: Callable[..., torch.Tensor] | None = None,
           targets: Any = None, bounds: tuple[float, float] = (1e-6, 1e3), trend: float = 100.0,
-          spectrum: bool = False, group: Any = None) -> Report:
+          spectrum: bool = False, group: Any = None, dtype: Any = None) -> Report:
     """Diagnose ``model`` on ``inputs`` layer by layer.
 
     One forward and one backward pass.  Without ``loss_fn`` the backward pass
@@ -50,6 +51,15 @@ def check(model: nn.Module, inputs: Any, *, loss_fn: Callable[..., torch.Tensor]
     parameters), or averages the gradients itself for a plain replica.
     Every rank must call ``check`` together.
 
+    ``dtype``: a low-precision format to judge the model against ("float16",
+    "bfloat16", "float8_e4m3fn", "float8_e5m2", aliases such as "fp16" or
+    "fp8_e4m3", or the torch dtype): the pass then also counts, for every
+    row's output, gradient and weights, the shares of nonzero entries that
+    a cast would overflow, leave below the smallest normal or flush to zero
+    in each of the four formats (at the current scale: the model is not
+    cast), and ``report.precision()`` says which layers would not survive
+    ``dtype``.  Counting costs a few more passes over each tensor.
+
     Models whose ``forward`` takes ``use_cache`` run with ``use_cache=False``
     unless ``inputs`` sets it.  The model comes back exactly as it was
     (parameters, buffers, ``.grad``, ``requires_grad``, train/eval mode,
@@ -63,6 +73,7 @@ def check(model: nn.Module, inputs: Any, *, loss_fn: Callable[..., torch.Tensor]
     params = list(dict.fromkeys(p for _, m in named for p in m._parameters.values() if p is not None))
     if not params:
         raise ValueError(f"{type(model).__name__} has no parameters: nothing to diagnose")
+    fmt = resolve(dtype) if dtype is not None else None
     if batch_size(inputs) == 0:
         raise ValueError(f"empty batch: inputs have shape {shapes(inputs)}; pass at least one example")
 
@@ -76,7 +87,8 @@ def check(model: nn.Module, inputs: Any, *, loss_fn: Callable[..., torch.Tensor]
         known = (params, named) if inner is model else None  # the traversal above, not another
         grads = True  # the input made a leaf that requires grad, so its gradient is measured too
         try:
-            report = run_pass(inner, call_inputs, loss_fn, targets, bounds, trend, False, red, caller, known)
+            report = run_pass(inner, call_inputs, loss_fn, targets, bounds, trend, False, red, caller, known,
+                              precision=fmt is not None)
         except ModelError as e:
             if not _sets_requires_grad_on_input(e):
                 raise
@@ -84,11 +96,15 @@ def check(model: nn.Module, inputs: Any, *, loss_fn: Callable[..., torch.Tensor]
             # mode), which a leaf that requires grad refuses: the input goes in exactly as it was passed
             grads = False
             set_rng_states(rng)
-            report = run_pass(inner, call_inputs, loss_fn, targets, bounds, trend, False, red, caller, known, grads)
+            report = run_pass(inner, call_inputs, loss_fn, targets, bounds, trend, False, red, caller, known, grads,
+                              fmt is not None)
         if report is None:  # a NaN/Inf somewhere: the same pass again, masking and locating it
             set_rng_states(rng)
-            report = run_pass(inner, call_inputs, loss_fn, targets, bounds, trend, True, red, caller, known, grads)
+            report = run_pass(inner, call_inputs, loss_fn, targets, bounds, trend, True, red, caller, known, grads,
+                              fmt is not None)
         assert report is not None
+        if fmt is not None:
+            report = Report(report.verdict, report.layers, report.problems, evolve(report.summary, dtype=fmt))
         if spectrum:
             from .spectrum import jacobian_reading
 

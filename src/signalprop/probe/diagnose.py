@@ -43,6 +43,7 @@ from typing import Any, cast
 
 from ..layers import PASS_THROUGH_NAMES, is_norm_kind
 from ..records import SEVERITY, InputStats, LayerStats, Problem, SeriesTrend, Verdict, evolve
+from .attention import module_of
 from .stats import MIN_SAMPLES_PER_UNIT
 
 SATURATED_SHARE = 0.5  # a layer is "saturated" when over half its units are
@@ -268,7 +269,7 @@ def _attention_saturated(layer: LayerStats) -> bool:
 
 
 def _attention_problem(layer: LayerStats) -> Problem:
-    module = layer.name.rpartition(".")[0] or layer.name
+    module = module_of(layer.name, layer.kind)
     ent, top = layer.stats["attn_entropy"], layer.stats["attn_logit_max"]
     return Problem(
         module, "saturated",

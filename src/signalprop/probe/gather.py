@@ -163,7 +163,10 @@ def has_nonfinite(vals: list[dict[str, Any]], extra: list[float]) -> bool:
     if not all(map(math.isfinite, extra)):
         return True
     total = 0.0
-    for d in vals:  # every value is a float (see finalise)
-        total += sum(d.values())
+    for d in vals:  # every value is a number (see finalise), but the format shares' dicts (all finite)
+        try:
+            total += sum(d.values())
+        except TypeError:
+            total += sum(v for v in d.values() if not isinstance(v, dict))
     return not math.isfinite(total)
 

@@ -96,7 +96,7 @@ CAPTURE_BYTES = 1 << 28
 def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: tuple[float, float],
          trend: float, exact: bool, red: Reduction | None = None, caller: nn.Module | None = None,
          known: tuple[list[nn.Parameter], list[tuple[str, nn.Module]]] | None = None,
-         input_leaves: bool = True) -> Report | None:
+         input_leaves: bool = True, precision: bool = False) -> Report | None:
     """One diagnosed pass; None when the fast pass met a non-finite value
     (the caller repeats it with ``exact=True``).  ``known``:
     ``(list(model.parameters()), list(model.named_modules()))`` when the
@@ -106,9 +106,10 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
     gradients; the saved ``.grad`` comes back afterwards), through ``caller``
     (the DDP wrapper of ``model``) when given.  ``input_leaves``: make the
     floating inputs leaves that require grad (their gradient is measured);
-    off, they reach the model exactly as passed."""
+    off, they reach the model exactly as passed.  ``precision``: also count
+    every row's low-precision shares (see :mod:`signalprop.formats`)."""
     rec = Recorder(model, exact=exact, unit_vectors=red is not None, named=known[1] if known is not None else None,
-                   capture_budget=CAPTURE_BYTES if red is None else 0)
+                   capture_budget=CAPTURE_BYTES if red is None else 0, precision=precision)
     rec.attach()
     try:
         x, leaves = prepare_inputs(inputs) if input_leaves else (inputs, [])

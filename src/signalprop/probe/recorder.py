@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import math
 import re
 import types
 import weakref
@@ -26,6 +27,7 @@ from torch.overrides import TorchFunctionMode
 
 from .. import activations as _act
 from ..layers import feature_dim
+from ..statistics import Statistic, kernels
 from . import attention
 from . import stats as S
 
@@ -300,8 +302,12 @@ class _FunctionalCapture(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if self.r.busy:  # the recorder's own computation inside a forward hook: not the model's
+            return out
         kind = self.attn.get(func)
-        if kind is not None and self.r.stats and isinstance(out, torch.Tensor):
+        # inside nn.MultiheadAttention its own row measures the attention (Recorder._fused_attention)
+        if kind is not None and self.r.stats and isinstance(out, torch.Tensor) and \
+                not (self.r.stack and self.r.stack[-1] in self.r._fused_names):
             self._attention(kind, args, kwargs, out)
             return out
         name = self.fns.get(func) if self.r.leaf_depth == 0 else None
@@ -329,7 +335,7 @@ class _FunctionalCapture(TorchFunctionMode):
         row.fwd.update(stats)
 
 
-def _grad_hook(row: Row, exact: bool | S.GradBatches, g: torch.Tensor) -> None:
+def _grad_hook(row: Row, exact: bool | S.GradBatches, g: torch.Tensor, kernels: list[Statistic] | None = None) -> None:
     """A row's gradient statistics, from the gradient with respect to its
     output.  ``exact``: True for the exact pass; the pass's
     :class:`~.stats.GradBatches` to copy a small gradient into, to be reduced
@@ -339,16 +345,17 @@ def _grad_hook(row: Row, exact: bool | S.GradBatches, g: torch.Tensor) -> None:
     torch._C._set_grad_enabled(False)
     try:
         if exact is True:
-            row.bwd.update(S.exact_moments(g, "grad"))
+            row.bwd.update(S.exact_moments(g, "grad", kernels=kernels))
         elif exact is not False and S.Batches.fits(g):
             exact.add(row.bwd, g)
         else:
-            S.grad_moments_into(row.bwd, g)
+            S.grad_moments_into(row.bwd, g, kernels)
     finally:
         torch._C._set_grad_enabled(prev)
 
 
-def _grad_prehook(row: Row, exact: bool | S.GradBatches, nr: int, grads: tuple[torch.Tensor | None, ...]) -> None:
+def _grad_prehook(row: Row, exact: bool | S.GradBatches, nr: int, grads: tuple[torch.Tensor | None, ...],
+                  kernels: list[Statistic] | None = None) -> None:
     """:func:`_grad_hook` as a pre-hook of the autograd node that produced a
     row's output (its ``nr``-th output): the engine calls it with the
     gradients of the node's outputs, after any tensor hooks on them, so it
@@ -358,22 +365,23 @@ def _grad_prehook(row: Row, exact: bool | S.GradBatches, nr: int, grads: tuple[t
     ``Tensor.register_hook`` (which builds a handle and a hook dict in Python)."""
     g = grads[nr]
     if g is not None:
-        _grad_hook(row, exact, g)
+        _grad_hook(row, exact, g, kernels)
 
 
-def _safe_grad_hook(errors: list[BaseException], row: Row, exact: bool | S.GradBatches, g: torch.Tensor) -> None:
+def _safe_grad_hook(errors: list[BaseException], row: Row, exact: bool | S.GradBatches, g: torch.Tensor,
+                    kernels: list[Statistic] | None = None) -> None:
     """:func:`_grad_hook` whose failure is kept in ``errors`` (a recorder's ``safe`` mode)."""
     try:
-        _grad_hook(row, exact, g)
+        _grad_hook(row, exact, g, kernels)
     except Exception as e:
         errors.append(e)
 
 
 def _safe_grad_prehook(errors: list[BaseException], row: Row, exact: bool | S.GradBatches, nr: int,
-                       grads: tuple[torch.Tensor | None, ...]) -> None:
+                       grads: tuple[torch.Tensor | None, ...], kernels: list[Statistic] | None = None) -> None:
     """:func:`_grad_prehook` whose failure is kept in ``errors``."""
     try:
-        _grad_prehook(row, exact, nr, grads)
+        _grad_prehook(row, exact, nr, grads, kernels)
     except Exception as e:
         errors.append(e)
 
@@ -412,6 +420,23 @@ def _safe_time_hook(errors: list[BaseException], row: Row, tdim: int, exact: boo
         errors.append(e)
 
 
+def _weights_into(d: dict[str, Any], m: nn.Module) -> None:
+    """The low-precision counts over a module's own parameters together
+    (``weight_lp*``, see :mod:`signalprop.formats`) and their largest |entry|
+    (``weight_max``), left on the device."""
+    from .. import formats
+    from .distributed import local
+
+    ps = [local(p.detach()) for p in m._parameters.values() if p is not None and p.is_floating_point()]
+    cs = [c for c in map(formats.counts, ps) if c is not None]
+    if not cs:
+        return
+    total = cs[0] if len(cs) == 1 else torch.stack(cs).sum(0)
+    d.update(zip(formats.keys("weight"), total.unbind()))
+    tops = torch._foreach_norm(ps, math.inf)
+    d["weight_max"] = tops[0] if len(tops) == 1 else torch.stack(tops).amax()
+
+
 def _traits(act: _act.Activation | None) -> tuple[tuple[float, float] | None, bool, bool]:
     """What the statistics need to know of a row's activation: its saturation
     band, whether it is a rectifier, and whether its outputs are >= 0."""
@@ -444,7 +469,7 @@ class Recorder:
     def __init__(self, model: nn.Module, *, capture_functional: bool = True, stats: bool = True,
                  track_inputs: bool = False, exact: bool = False, unit_vectors: bool = False,
                  named: list[tuple[str, nn.Module]] | None = None, safe: bool = False,
-                 capture_budget: int = 0) -> None:
+                 capture_budget: int = 0, precision: bool = False) -> None:
         """``stats=False`` records only the call sequence (activation detection);
         ``track_inputs`` also records each weight layer's input second moment;
         ``exact`` masks non-finite entries and counts them, and remembers which
@@ -459,7 +484,11 @@ class Recorder:
         signals pass through.  ``capture_budget``: bytes of small outputs
         whose gradients the caller's own backward captures (see
         :meth:`captured`) instead of a gradient hook per row; 0 (the monitor,
-        whose backward is the user's) hooks every row."""
+        whose backward is the user's) hooks every row.
+        ``precision``: also count, per row, the
+        output's, its gradient's and the module's weights' entries that
+        would overflow or underflow low-precision formats (the statistics
+        declared with option "precision"; :mod:`signalprop.formats`)."""
         self.model = model
         self.safe = safe
         self.errors: list[BaseException] = []
@@ -484,12 +513,20 @@ class Recorder:
         self._scope: _ScopedCapture | None = None
         self._info: dict[nn.Module, _Leaf] = {}
         self._scratch = S.Scratch()
-        self._batches = S.Batches(unit_vectors) if stats and not exact else None
-        self._grad_batches = S.GradBatches(self._batches.done) if self._batches is not None else None
+        self.precision = precision
+        opts = frozenset({"precision"}) if precision else frozenset()
+        # the statistics with kernels this pass measures (None: those measured on every pass)
+        self._fk = kernels("forward", opts) if opts else None
+        self._bk = kernels("backward", opts) if opts else None
+        self._weighed: set[int] = set()  # modules whose weights' formats were counted (precision)
+        self._batches = S.Batches(unit_vectors, self._fk) if stats and not exact else None
+        self._grad_batches = S.GradBatches(self._batches.done, self._bk) if self._batches is not None else None
         self._roles: dict[tuple[str, str, tuple[int, ...]], str] = {}
         self._capture_left = capture_budget if self._grad_batches is not None else 0
         self.edges: list[GradientEdge] = []  # see captured()
         self._edge_rows: list[Row] = []
+        self._fused_names: set[str] = set()  # MultiheadAttention modules: they measure their own attention
+        self.busy = False  # computing a statistic with torch functions inside the forward (not recorded)
 
     def _leaf_info(self, m: nn.Module) -> _Leaf:
         act = _act.from_module(m)
@@ -551,6 +588,9 @@ class Recorder:
             row.src = _first_ptr(args)
             if self.stats:
                 self._measure(row, t, info.band, info.rectifier, info.nonnegative, args)
+                if self.precision and info.role is not None and id(m) not in self._weighed:
+                    self._weighed.add(id(m))
+                    _weights_into(row.fwd, m)
                 if isinstance(m, nn.RNNBase):
                     self._through_time(row, m, args)
             if self.track_inputs and info.feature_dim is not None:
@@ -609,9 +649,9 @@ class Recorder:
             else:
                 flat = None
                 if self.exact:
-                    row.fwd.update(S.exact_moments(t, "forward", band is not None))
+                    row.fwd.update(S.exact_moments(t, "forward", band is not None, self._fk))
                 else:
-                    flat = S.forward_moments_into(row.fwd, t, self._scratch, band is not None)
+                    flat = S.forward_moments_into(row.fwd, t, self._scratch, band is not None, self._fk)
                 if band is not None:
                     S.saturation_into(row.fwd, t, band, self._scratch, flat)
                 if rectifier:
@@ -629,6 +669,7 @@ class Recorder:
             fn = t.grad_fn
             row.wants_grad = True
             how = self.exact or self._grad_batches or False  # the hook holds the batches, not the recorder
+            kw: dict[str, Any] = {} if self._bk is None else {"kernels": self._bk}
             if fn is not None and self._capture_left > 0 and S.Batches.fits(t):
                 # the caller's autograd.grad returns this gradient with the parameters' (no Python runs
                 # per row in the backward); the edge is the node that made t, as for the pre-hook below
@@ -636,11 +677,11 @@ class Recorder:
                 self.edges.append(GradientEdge(fn, t.output_nr))
                 self._edge_rows.append(row)
             elif fn is not None:  # a pre-hook of the node that made t: see _grad_prehook
-                fn.register_prehook(functools.partial(_safe_grad_prehook, self.errors, row, how, t.output_nr)
-                                    if self.safe else functools.partial(_grad_prehook, row, how, t.output_nr))
+                fn.register_prehook(functools.partial(_safe_grad_prehook, self.errors, row, how, t.output_nr, **kw)
+                                    if self.safe else functools.partial(_grad_prehook, row, how, t.output_nr, **kw))
             else:  # a leaf that requires grad (a module that returns its input or a parameter)
-                t.register_hook(functools.partial(_safe_grad_hook, self.errors, row, how) if self.safe
-                                else functools.partial(_grad_hook, row, how))
+                t.register_hook(functools.partial(_safe_grad_hook, self.errors, row, how, **kw) if self.safe
+                                else functools.partial(_grad_hook, row, how, **kw))
 
     # -- lifecycle --------------------------------------------------------------
     def attach(self) -> None:
@@ -657,6 +698,8 @@ class Recorder:
         hooks (they fire for its wrapper too)."""
         self._info = {m: self._leaf_info(m) for m in self._leaves}
         g = self._guarded if self.safe else (lambda f: f)
+        fused = [m for m in self._leaves if isinstance(m, nn.MultiheadAttention)] if self.stats else []
+        self._fused_names = {self._names[m] for m in fused}
         if self.exact:  # the slow pass after a NaN: every enclosing module's output checked too
             self._handles.append(register_module_forward_hook(g(self._parent_post)))
         per_module = any(m._forward_hooks for m in self._leaves) or \
@@ -674,6 +717,23 @@ class Recorder:
                 self._handles.append(m.register_forward_hook(g(self._leaf_post)))
         else:
             self._handles.append(register_module_forward_hook(g(self._leaf_post_any)))
+        for m in fused:  # after the hooks above: the module's row exists when these run
+            self._handles.append(m.register_forward_hook(g(self._fused_attention), with_kwargs=True))
+
+    def _fused_attention(self, m: nn.Module, args: Any, kwargs: dict[str, Any], out: Any) -> None:
+        """``nn.MultiheadAttention``'s logits and entropies, into its row
+        (see :func:`.attention.from_mha`)."""
+        row = next((r for r in reversed(self.rows) if r.module is m), None)
+        if row is None:
+            return
+        self.busy = True
+        try:
+            with torch.no_grad():
+                stats = attention.from_mha(m, tuple(args), kwargs)
+        finally:
+            self.busy = False
+        if stats is not None:
+            row.fwd.update(stats)
 
     def _parent_post(self, m: nn.Module, args: Any, out: Any) -> None:
         name = self._names.get(m)

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..statistics import BACKWARD_KERNELS, FORWARD_KERNELS
+from ..statistics import BACKWARD_KERNELS, FORWARD_KERNELS, Statistic
 
 _LOW = (torch.float16, torch.bfloat16)
 _DOT = (torch.float32, torch.float64)
@@ -50,17 +50,21 @@ def dottable(t: torch.Tensor) -> bool:
 _SUM_DOT_MAX = 1 << 20
 
 
-def forward_kernels_into(d: dict[str, Any], y: torch.Tensor, bounded: bool, dim: int | None = None) -> None:
+def forward_kernels_into(d: dict[str, Any], y: torch.Tensor, bounded: bool, dim: int | None = None,
+                         kernels: list[Statistic] | None = None) -> None:
     """The declared forward statistics with kernels of their own (max |y|,
     ...), those that say a bounded activation's range answers them skipped
-    there (two ops a row saved: the per-row op budget of tests/test_check_cost.py)."""
-    for st in FORWARD_KERNELS:
+    there (two ops a row saved: the per-row op budget of tests/test_check_cost.py).
+    ``kernels``: the pass's list (:func:`signalprop.statistics.kernels`;
+    default those measured on every pass)."""
+    for st in FORWARD_KERNELS if kernels is None else kernels:
         if not (bounded and st.unbounded_only):
             st.measure_into(d, y, dim)
 
 
 def forward_moments_into(d: dict[str, torch.Tensor | float], y: torch.Tensor,
-                         scratch: Scratch, bounded: bool = False) -> torch.Tensor | None:
+                         scratch: Scratch, bounded: bool = False,
+                         kernels: list[Statistic] | None = None) -> torch.Tensor | None:
     """Sum and Euclidean norm of a row's output (mean = sum / n, second
     moment = norm^2 / n, formed in float64 at the end, where squares cannot
     overflow), written into ``d``: two fused reductions, accumulating in
@@ -76,7 +80,7 @@ def forward_moments_into(d: dict[str, torch.Tensor | float], y: torch.Tensor,
     :func:`saturation_into` to read too rather than make its own."""
     n = y.numel()
     d["forward_n"] = float(max(n, 1))
-    forward_kernels_into(d, y, bounded)
+    forward_kernels_into(d, y, bounded, None, kernels)
     if dottable(y):
         v = y.view(-1)
         d["forward_sum"] = torch.dot(v, scratch.ones(v)) if n < _SUM_DOT_MAX else v.sum()
@@ -95,13 +99,14 @@ def forward_moments_into(d: dict[str, torch.Tensor | float], y: torch.Tensor,
 _GRAD_DOT_MIN = 1 << 15
 
 
-def grad_moments_into(d: dict[str, torch.Tensor | float], g: torch.Tensor) -> None:
+def grad_moments_into(d: dict[str, torch.Tensor | float], g: torch.Tensor,
+                      kernels: list[Statistic] | None = None) -> None:
     """Norm of a gradient (mean square = norm^2 / n), written into ``d``: one
     reduction (on the CPU, from :data:`_GRAD_DOT_MIN` entries on, the sum of
     squares ``grad_sq``, a dot product, as above)."""
     n = g.numel()
     d["grad_n"] = float(max(n, 1))
-    for st in BACKWARD_KERNELS:
+    for st in BACKWARD_KERNELS if kernels is None else kernels:
         st.measure_into(d, g, None)
     if n >= _GRAD_DOT_MIN and dottable(g):
         v = g.view(-1)
@@ -110,7 +115,8 @@ def grad_moments_into(d: dict[str, torch.Tensor | float], g: torch.Tensor) -> No
         d["grad_norm"] = torch.linalg.vector_norm(g, dtype=acc(g))
 
 
-def exact_moments(t: torch.Tensor, prefix: str, bounded: bool = False) -> dict[str, torch.Tensor | float]:
+def exact_moments(t: torch.Tensor, prefix: str, bounded: bool = False,
+                  kernels: list[Statistic] | None = None) -> dict[str, torch.Tensor | float]:
     """Sum and norm over the finite entries only, in float64, and the
     non-finite share: the slow path, run only when a pass met NaN/Inf (or a
     float32 overflow of the fast norm)."""
@@ -123,9 +129,9 @@ def exact_moments(t: torch.Tensor, prefix: str, bounded: bool = False) -> dict[s
     if prefix == "forward":
         out["forward_sum"] = xf.sum()
     if prefix == "forward":
-        forward_kernels_into(out, xf, bounded)
+        forward_kernels_into(out, xf, bounded, None, kernels)
     else:
-        for st in BACKWARD_KERNELS:
+        for st in BACKWARD_KERNELS if kernels is None else kernels:
             st.measure_into(out, xf, None)
     return out
 
@@ -363,7 +369,9 @@ class _Bucket:
     a buffer until it fills, then measured together."""
 
     def __init__(self, y: torch.Tensor, band: tuple[float, float] | None, rectifier: bool, nonnegative: bool,
-                 feature_dim: int, unit_vectors: bool, done: list[Batched]) -> None:
+                 feature_dim: int, unit_vectors: bool, done: list[Batched],
+                 kernels: list[Statistic] | None = None) -> None:
+        self.kernels = kernels
         self.shape = tuple(y.shape)
         self.n = y.numel()
         cap = max(2, BATCH_LIMITS[y.device.type][1] // max(self.n * y.element_size(), 1))
@@ -392,7 +400,7 @@ class _Bucket:
         B = buf if k == self.slots.cap else buf[:k]
         a = acc(B)
         vecs = {"forward_sum": B.sum(dim=1, dtype=a), "forward_norm": torch.linalg.vector_norm(B, dim=1, dtype=a)}
-        forward_kernels_into(vecs, B, self.band is not None, 1)
+        forward_kernels_into(vecs, B, self.band is not None, 1, self.kernels)
         n = float(self.n)  # > 0: Batches.fits takes no empty output
         const: dict[str, float] = {"forward_n": n}  # what every row of the batch shares, written in one update
         if self.band is not None:
@@ -431,8 +439,9 @@ class _Bucket:
 class Batches:
     """The buckets of one pass (see :data:`BATCH_LIMITS`)."""
 
-    def __init__(self, unit_vectors: bool = False) -> None:
+    def __init__(self, unit_vectors: bool = False, kernels: list[Statistic] | None = None) -> None:
         self.unit_vectors = unit_vectors
+        self.kernels = kernels
         self._buckets: dict[tuple[Any, ...], _Bucket] = {}
         self.done: list[Batched] = []  # one entry per measured batch, in the order they filled
 
@@ -451,7 +460,7 @@ class Batches:
         b = self._buckets.get(key)
         if b is None:
             b = self._buckets[key] = _Bucket(y, band, rectifier, nonnegative, feature_dim, self.unit_vectors,
-                                                 self.done)
+                                                 self.done, self.kernels)
         b.add(d, y)
 
     def flush(self) -> None:
@@ -467,8 +476,9 @@ class GradBatches:
     ops dominate the check's own cost).  Results go to ``done``, the
     forward batches' list, in the same form."""
 
-    def __init__(self, done: list[Batched]) -> None:
+    def __init__(self, done: list[Batched], kernels: list[Statistic] | None = None) -> None:
         self.done = done
+        self.kernels = BACKWARD_KERNELS if kernels is None else kernels
         self._buckets: dict[tuple[Any, ...], tuple[_Slots, list[dict[str, Any]]]] = {}
 
     def add(self, d: dict[str, Any], g: torch.Tensor) -> None:
@@ -518,7 +528,7 @@ class GradBatches:
     def _measure(self, B: torch.Tensor, dicts: list[dict[str, Any]]) -> None:
         """One row of ``B`` a gradient, the row of ``dicts`` at its index."""
         vecs: dict[str, Any] = {"grad_norm": torch.linalg.vector_norm(B, dim=1, dtype=acc(B))}
-        for st in BACKWARD_KERNELS:
+        for st in self.kernels:
             st.measure_into(vecs, B, 1)
         self.done.append((dicts, vecs))
 

@@ -30,7 +30,7 @@ def columns() -> list[tuple[str, str, str]]:
     """:data:`COLUMNS`, then every declared statistic that has no field of its
     own in ``LayerStats`` (max |y|, max |gradient|, ...), then the verdict."""
     extra = [(s.name, s.label, s.fmt) for s in STATISTICS
-             if s.name not in LayerStats.__dataclass_fields__ and s.phase != "update"]  # check takes no step
+             if s.name not in LayerStats.__dataclass_fields__ and s.table and s.phase != "update"]  # check takes no step
     return [*COLUMNS, *extra, ("verdict", "verdict", "verdict")]
 
 

@@ -1,0 +1,103 @@
+"""Low-precision headroom over time: warn before a float16 (or bfloat16, FP8)
+run's first infinity, naming the module.
+
+A value past a format's largest finite number (float16: 65504) becomes inf
+and the loss turns NaN on that step: without loss scaling there is no
+second chance.  On each sampled step of a run that computes in a
+low-precision format (autocast's dtype at that step, or the parameters'),
+every module's largest |output| and |output gradient| (``forward_absmax``,
+``grad_absmax``) is compared with the format's largest value, two ways:
+
+* **within reach** (:func:`signalprop.monitor.alerts.overflow_alerts`):
+  the headroom log2(max / absmax) under 4 binades (``HEADROOM = 16``) --
+  an activation doubling every sample crosses it within four samples;
+* **closing in** (:func:`trend_alerts`): the module's max |value| has grown
+  at least ``GROWTH = 4`` times (2 binades) above its own baseline (the
+  median of its first samples, so a module that is large by design is not
+  news), it grew on each of the last ``RECENT = 2`` sample intervals, and at
+  the rate of those intervals (binades per step, a straight line in log2)
+  it would reach the format's largest value within ``LOOKAHEAD = 2``
+  sample intervals -- before the sample after next could see it -- while
+  still under ``FAR = 12`` binades from it (a rate measured far away is not
+  extrapolated over dozens of binades).  Growth that speeds up (a
+  catapult) reaches overflow sooner than the line says: the alert then
+  comes at the last sample before, the earliest the samples allow.
+
+Fix: a GradScaler (loss scaling) for gradients, bfloat16 (float32's range),
+normalising or scaling down the module's input or output, or a lower
+learning rate where the growth is the optimizer's.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+
+from ..records import FORMATS, Alert, MonitorStep
+from .alerts import BASELINE_SAMPLES, HEADROOM, overflow_alerts
+
+GROWTH = 4.0
+RECENT = 2
+LOOKAHEAD = 2.0
+FAR = 12.0
+
+_QUANTITIES = (("output", "forward_absmax", "forward"), ("gradient", "grad_absmax", "backward"))
+FIX = ("use a GradScaler (loss scaling) or bfloat16 (float32's range); normalise or scale down this module's input "
+       "or output, or lower the learning rate if the optimizer is growing it")
+
+
+def _series(history: Sequence[MonitorStep], current: MonitorStep, name: str, key: str) -> list[tuple[int, float]]:
+    out = []
+    for h in [*history, current]:
+        for layer in h.layers:
+            if layer.name == name:
+                v = layer.stats.get(key)
+                if v is not None and math.isfinite(v) and v > 0:
+                    out.append((h.step, v))
+                break
+    return out
+
+
+def trend_alerts(current: MonitorStep, history: Sequence[MonitorStep], limit: float, dtype: str) -> list[Alert]:
+    """The "closing in" rule (module docstring) at ``current`` against the
+    samples of ``history`` (with a verdict, without ``current``): one alert,
+    for the module and quantity nearest to overflowing in steps."""
+    if len(history) < BASELINE_SAMPLES:
+        return []
+    closing: list[tuple[float, str, str, str, float, float, float]] = []
+    for layer in current.layers:
+        for what, key, phase in _QUANTITIES:
+            v = layer.stats.get(key)
+            if v is None or not math.isfinite(v) or v <= 0:
+                continue
+            room = math.log2(limit / v)
+            if not 0 < room < FAR:
+                continue
+            s = _series(history, current, layer.name, key)
+            base = statistics.median(x for _, x in s[:BASELINE_SAMPLES]) if len(s) > BASELINE_SAMPLES else None
+            recent = s[-(RECENT + 1):]
+            if base is None or v < GROWTH * base or len(recent) < RECENT + 1 or \
+                    any(b[1] <= a[1] for a, b in zip(recent, recent[1:])):
+                continue
+            span = recent[-1][0] - recent[0][0]
+            rate = math.log2(recent[-1][1] / recent[0][1]) / span if span > 0 else 0.0
+            interval = span / RECENT
+            if rate > 0 and room / rate <= LOOKAHEAD * interval:
+                closing.append((room / rate, layer.name, what, phase, v, base, room))
+    if not closing:
+        return []
+    steps, name, what, phase, v, base, room = min(closing)
+    return [Alert(current.step, "overflow-risk", name,
+                  f"the largest |{what}| entry of {name} grew to {v:.3g} ({v / base:.3g}x its first samples'), "
+                  f"{room:.1f} binades below {dtype}'s largest value {limit:g}: at its recent rate it overflows in "
+                  f"about {steps:.0f} steps ({len({c[1] for c in closing})} module(s) closing in)", FIX, phase)]
+
+
+def precision_alerts(current: MonitorStep, history: Sequence[MonitorStep], dtype: str | None) -> list[Alert]:
+    """Both rules for a run computing in ``dtype`` (a name in
+    :data:`~signalprop.records.FORMATS`; None: a float32/float64 run, nothing to say)."""
+    if dtype is None or dtype not in FORMATS:
+        return []
+    limit = FORMATS[dtype].max
+    return overflow_alerts(current, limit, HEADROOM) + trend_alerts(current, history, limit, dtype)
