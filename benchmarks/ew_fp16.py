@@ -136,6 +136,14 @@ def run(spec: Fp16Spec, half: bool = True, monitored: bool = True) -> dict[str, 
             if mon is not None else []}
 
 
+def _reads_from(alert: dict[str, Any], origin: str | None) -> bool:
+    """An alert on a module's input that its parent's own code made (a residual
+    sum), where the inf was located in that parent's own code: the same tensor."""
+    if origin is None or "made by its parent's own code" not in alert["message"]:
+        return False
+    return origin == "(root)" or alert["layer"].startswith(origin + ".")
+
+
 def score(spec: Fp16Spec, r: dict[str, Any]) -> dict[str, Any]:
     """The first overflow-risk alert before the first inf (of each rule), and whether it names the inf's module."""
     bad = r["first_nonfinite"]
@@ -145,7 +153,7 @@ def score(spec: Fp16Spec, r: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"origin": origin}
     for rule, alerts in (("absolute", absolute), ("absolute+trend", before)):
         first = alerts[0] if alerts else None
-        named = next((a for a in alerts if a["layer"] == origin), None)
+        named = next((a for a in alerts if a["layer"] == origin or _reads_from(a, origin)), None)
         out[rule] = {"first": [first["step"], first["layer"]] if first else None,
                      "named_origin_at": named["step"] if named else None,
                      "lead": bad - named["step"] if named and bad is not None else None}

@@ -5,6 +5,7 @@ trend rule's conditions, one at a time, on synthetic samples."""
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -99,3 +100,73 @@ def test_trend_rule_needs_steady_growth():
             got.append(k)
         hist.append(s)
     assert got == [4]
+
+
+class _Residual(nn.Module):
+    """Residual blocks whose stream h + block(h) is summed in this forward:
+    a tensor no module outputs (each block's Linear reads it)."""
+
+    def __init__(self, width=64, blocks=3):
+        super().__init__()
+        self.inp = nn.Linear(32, width)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.ReLU()) for _ in range(blocks))
+        self.out = nn.Linear(width, 1)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for b in self.blocks:
+            h = h + b(h)
+        return self.out(h)
+
+
+def test_input_made_by_a_parents_own_code_is_measured():
+    """input_absmax is measured on the rows whose input no row wrote (here the
+    residual sums read by blocks 1 and 2 and by the read-out), equal to the
+    sum's largest |entry|, and on no row that reads a module's output."""
+    torch.manual_seed(0)
+    model = _Residual()
+    x = torch.randn(16, 32)
+    r = sp.check(model, x)
+    got = {lay.name: lay.stats.get("input_absmax") for lay in r.layers}
+    assert {n for n, v in got.items() if v is not None} == {"blocks.1.0", "blocks.2.0", "out"}
+    with torch.no_grad():
+        h = model.inp(x)
+        h = h + model.blocks[0](h)
+    assert got["blocks.1.0"] == pytest.approx(float(h.abs().max()), rel=1e-6)
+
+
+def test_float16_overflow_after_a_residual_sum_is_located_and_named_first():
+    """A residual MLP regressing raw-unit targets: the read-out, whose input is
+    the stream summed in the root's own forward, overflows float16.  The inf
+    is located at that module (its input was finite: the row's own operation
+    made it, not the root's code), and an overflow-risk alert named it at
+    least LEAD steps before.  (Before, the exact pass blamed the root's code
+    for any NaN after an unrecorded operation.)"""
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 1))
+    model = _Residual()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(1)
+    bad = None
+    with sp.monitor(model, every=10) as mon:
+        for step in range(400):
+            x = torch.randn(128, 32, generator=g)
+            with torch.no_grad():
+                t = teacher(x) * 3e5
+            with torch.autocast("cpu", dtype=torch.float16):
+                y = model(x)
+            loss = F.mse_loss(y.float(), t) / 1e10
+            opt.zero_grad()
+            loss.backward()
+            mon.step(loss)
+            opt.step()
+            if not math.isfinite(loss.item()):
+                bad = step
+                break
+    alerts = list(mon.alerts)
+    seen = [(a.step, a.kind, a.layer) for a in alerts]
+    assert bad is not None, seen
+    origin = next(a.layer for a in alerts if a.kind == "non-finite")
+    assert origin == "out", seen
+    risk = [a for a in alerts if a.kind == "overflow-risk" and a.layer == origin]
+    assert risk and bad - risk[0].step >= LEAD, seen

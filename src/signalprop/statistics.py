@@ -158,6 +158,11 @@ STATISTICS: list[Statistic] = [
               "largest |entry| of the output: the headroom left before a low-precision format overflows",
               (("forward_max", MAX), ("forward_min", MIN)), _abs_max("forward"), "forward_max", "max |y|",
               kernel=_extremes("forward"), tensorboard=True, unbounded_only=True),
+    Statistic("input_absmax", "forward", "value",
+              "largest |entry| of the input, where no module wrote it (a residual sum in a parent's forward): "
+              "headroom of a tensor no row outputs",
+              (("input_max", MAX), ("input_min", MIN)), _abs_max("input"), "input_max", "max |input|",
+              tensorboard=True),
     Statistic("grad_rms", "backward", "gradient", "RMS of d loss / d output",
               (("grad_sq", GRAD_SQ), ("grad_norm", GRAD_NORM), ("grad_n", SUM)),
               lambda d: math.sqrt((d["grad_sq"] if "grad_sq" in d else d["grad_norm"] ** 2) / d["grad_n"]),

@@ -213,6 +213,10 @@ def update_alerts(step: int, ratios: Sequence[tuple[str, float]], weight_layers:
     return out
 
 
+# input_absmax is measured only where no module wrote the input: the tensor a parent's own code made
+_INPUT = "input (made by its parent's own code, not by a module)"
+
+
 def overflow_alerts(current: MonitorStep, limit: float = FLOAT16_MAX, headroom: float = HEADROOM) -> list[Alert]:
     """Overflow risk on a sampled step: the module whose largest output or
     output-gradient entry (``forward_absmax``, ``grad_absmax``) is within
@@ -223,7 +227,7 @@ def overflow_alerts(current: MonitorStep, limit: float = FLOAT16_MAX, headroom: 
     headroom and how many are within it."""
     close: list[tuple[float, str, str]] = []
     for name, layer in _by_name(current.layers).items():
-        for what, attr in (("output", "forward_absmax"), ("gradient", "grad_absmax")):
+        for what, attr in (("output", "forward_absmax"), ("gradient", "grad_absmax"), (_INPUT, "input_absmax")):
             v = layer.stats.get(attr)
             if v is not None and math.isfinite(v) and v > 0 and limit / v < headroom:
                 close.append((limit / v, name, what))
@@ -236,4 +240,4 @@ def overflow_alerts(current: MonitorStep, limit: float = FLOAT16_MAX, headroom: 
                   f"({len({n for _, n, _ in close})} module(s) within {headroom:g}x)",
                   "with float16, use a GradScaler for gradients, or bfloat16 (float32's range); scale the "
                   "module's input or output down (normalise it), or lower the learning rate if it is growing",
-                  "forward" if what == "output" else "backward")]
+                  "backward" if what == "gradient" else "forward")]

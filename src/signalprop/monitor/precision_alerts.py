@@ -6,7 +6,9 @@ and the loss turns NaN on that step: without loss scaling there is no
 second chance.  On each sampled step of a run that computes in a
 low-precision format (autocast's dtype at that step, or the parameters'),
 every module's largest |output| and |output gradient| (``forward_absmax``,
-``grad_absmax``) is compared with the format's largest value, two ways:
+``grad_absmax``), and its largest |input| where no module wrote that input
+(``input_absmax``: a residual sum in a parent's forward) is compared with
+the format's largest value, two ways:
 
 * **within reach** (:func:`signalprop.monitor.alerts.overflow_alerts`):
   the headroom log2(max / absmax) under 4 binades (``HEADROOM = 16``) --
@@ -42,7 +44,8 @@ RECENT = 2
 LOOKAHEAD = 2.0
 FAR = 12.0
 
-_QUANTITIES = (("output", "forward_absmax", "forward"), ("gradient", "grad_absmax", "backward"))
+_QUANTITIES = (("output", "forward_absmax", "forward"), ("gradient", "grad_absmax", "backward"),
+               ("input (made by its parent's own code, not by a module)", "input_absmax", "forward"))
 FIX = ("use a GradScaler (loss scaling) or bfloat16 (float32's range); normalise or scale down this module's input "
        "or output, or lower the learning rate if the optimizer is growing it")
 

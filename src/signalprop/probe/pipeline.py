@@ -239,6 +239,13 @@ def _ancestors(name: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(len(parts) - 1, -1, -1)]
 
 
+def _finite_inputs(row: Row) -> bool:
+    """Whether the tensors a row read were all finite (recorded by the exact
+    pass) -- then the row's own operation made its NaN/Inf (a float16 Linear
+    overflowing), whatever code made its input."""
+    return bool(row.inputs_finite) and all(bool(f) for f in row.inputs_finite)
+
+
 def _own_code_origin(rec: Recorder, layers: list[LayerStats], backward: int | None) -> tuple[str, str, str] | None:
     """Where a NaN/Inf was made by a module's *own* code (``torch.log`` in a
     block's ``forward``) rather than by a recorded row: (module name, phase,
@@ -252,7 +259,7 @@ def _own_code_origin(rec: Recorder, layers: list[LayerStats], backward: int | No
     rows = rec.rows
     first = next((layer.index for layer in layers if layer.nonfinite_fraction > 0), None)
     if first is not None:
-        if first == 0 or rows[first].src == rows[first - 1].dst:
+        if first == 0 or rows[first].src == rows[first - 1].dst or _finite_inputs(rows[first]):
             return None
         before, after = rows[first - 1], rows[first]
         phase = "forward"

@@ -86,6 +86,7 @@ class Row:
     # exact mode only: which tensors the call read and wrote (to find the
     # module whose backward turned a finite gradient non-finite)
     inputs: list[Any] = field(default_factory=list)
+    inputs_finite: list[Any] = field(default_factory=list)  # exact pass: per input, a 0-d bool on its device
     output: Any = None
     # storage addresses of the call's first floating input and of its output: consecutive rows where
     # one's input is not the previous one's output (a view of it counts) have an operation between
@@ -128,6 +129,22 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
     """Floating tensors among a call's positional arguments (one level deep)."""
     items = obj if isinstance(obj, (tuple, list)) else (obj,)
     return [a for a in items if isinstance(a, torch.Tensor) and a.is_floating_point()]
+
+
+def _input_extremes_into(d: dict[str, Any], args: Any) -> None:
+    """The largest and smallest entry of a call's first floating input, when
+    no row wrote it (a residual sum or a scaling in a parent's ``forward``):
+    a tensor no row outputs would otherwise overflow a low-precision format
+    unseen (``input_absmax``).  Left on the device."""
+    x = next(iter(_tensors(args)), None)
+    if x is None or x.numel() == 0:
+        return
+    prev = torch.is_grad_enabled()
+    torch._C._set_grad_enabled(False)
+    try:
+        d["input_max"], d["input_min"] = x.amax(), x.amin()
+    finally:
+        torch._C._set_grad_enabled(prev)
 
 
 def _ptr(t: torch.Tensor) -> int:
@@ -501,6 +518,9 @@ class Recorder:
         self._feature_dim = -1  # units along the last dim after Linear, dim 1 after a convolution
         self.track_inputs = track_inputs
         self.rows: list[Row] = []
+        # what rows wrote, by address, while the tensor lives (a freed output's address is reused): an
+        # input at none of them was made by the model's own code
+        self._dsts: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
         self.stack: list[str] = []  # names of modules currently inside forward (functional capture only)
         self.leaf_depth = 0
         self._handles: list[Any] = []
@@ -587,6 +607,10 @@ class Recorder:
             row.dst = _ptr(t)
             row.src = _first_ptr(args)
             if self.stats:
+                if row.src and self._dsts.get(row.src) is None and len(self.rows) > 1 and not self.exact:
+                    _input_extremes_into(row.fwd, args)
+                if row.dst:
+                    self._dsts[row.dst] = t
                 self._measure(row, t, info.band, info.rectifier, info.nonnegative, args)
                 if self.precision and info.role is not None and id(m) not in self._weighed:
                     self._weighed.add(id(m))
@@ -617,6 +641,8 @@ class Recorder:
         row.dst = _ptr(t)
         row.src = _first_ptr(args)
         if self.stats:
+            if row.dst:
+                self._dsts[row.dst] = t
             self._measure(row, t, *_traits(act), args)
         return row
 
@@ -663,6 +689,8 @@ class Recorder:
         if self.exact:
             row.output = weakref.ref(t)
             row.inputs = [weakref.ref(a) for a in _tensors(args)]
+            with torch.no_grad():  # whether the row read finite values (its input may be freed before it is asked)
+                row.inputs_finite = [torch.isfinite(a).all() for a in _tensors(args)]
         if t.requires_grad:
             # the hook holds the row only, not the recorder (nor through it the model): a step's
             # graph kept alive by its loss tensor does not keep the model alive with it
