@@ -156,7 +156,7 @@ class Monitor:
     def __init__(self, model: nn.Module, every: int = 50, *, writer: Any = None, agc: float | None = None,
                  bounds: tuple[float, float] = (1e-6, 1e3), trend: float = 100.0, update_ratio: bool = True,
                  max_history: int | None = None, grad_every: int | None = None, group: Any = None,
-                 skip: Any = None) -> None:
+                 skip: Any = None, histograms: bool = True) -> None:
         check_model(unwrap(model) if isinstance(model, nn.Module) else model, "monitor")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer (sample one step in `every`), got {every!r}")
@@ -170,6 +170,8 @@ class Monitor:
                                        and callable(getattr(writer, "add_text", None))):
             raise TypeError(f"writer must have add_scalar(tag, value, step) and add_text(tag, text, step) (a "
                             f"TensorBoard SummaryWriter), got {type(writer).__name__}")
+        if not isinstance(histograms, bool):
+            raise TypeError(f"histograms must be True or False, got {histograms!r}")
         if not isinstance(update_ratio, bool):
             raise TypeError(f"update_ratio must be True or False, got {update_ratio!r}")
         if max_history is not None and (isinstance(max_history, bool) or not isinstance(max_history, int)
@@ -229,6 +231,14 @@ class Monitor:
         self._handles = [model.register_forward_pre_hook(self._root_pre, with_kwargs=True),
                          model.register_forward_hook(self._root_post)]
         self._arm()
+        self._histograms: Any = None  # per-layer histograms for the writer (monitor.histograms)
+        if histograms and writer is not None:
+            from ..integrations.tensorboard import writes_histograms
+
+            if writes_histograms(writer):
+                from .histograms import HistogramTap
+
+                self._histograms = HistogramTap(self)
         if skip is not None:  # last: a monitor that failed to start leaves the optimizer as it was
             self._skip_opt, self._skip_orig = skip, skip.step
             skip.step = self._guarded_step
@@ -256,6 +266,13 @@ class Monitor:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self._histograms is not None:
+            tap, self._histograms = self._histograms, None
+            tap.close()
+            try:
+                tap.flush(self.writer)  # the last sample's update
+            except Exception as e:
+                self._warn("the last histograms were not written", e)
         if self._rec is not None:
             self._rec.detach()
         self._rec = None
@@ -792,7 +809,7 @@ class Monitor:
 def monitor(model: nn.Module, every: int = 50, *, writer: Any = None, agc: float | None = None,
             bounds: tuple[float, float] = (1e-6, 1e3), trend: float = 100.0, update_ratio: bool = True,
             max_history: int | None = None, grad_every: int | None = None, group: Any = None,
-            skip: Any = None) -> Monitor:
+            skip: Any = None, histograms: bool = True) -> Monitor:
     """Watch ``model`` during training.
 
     ::
@@ -810,9 +827,13 @@ def monitor(model: nn.Module, every: int = 50, *, writer: Any = None, agc: float
     norms are read for the non-finite watch and the loss/gradient-norm
     alerts.  ``agc``: apply :func:`signalprop.clip.agc_` with this clipping
     factor after the measurements of each step (before the optimizer).
-    ``writer``: a TensorBoard ``SummaryWriter`` (scalars per layer and alerts as
-    text).  ``grad_every``: read every parameter's gradient norm (the global
-    norm series, the gradient-surge rule and the non-finite watch on
+    ``writer``: a TensorBoard ``SummaryWriter`` (scalars per layer, alerts as
+    text, a custom-scalars layout with one chart per statistic and, with
+    ``histograms`` on and a writer that has ``add_histogram_raw``, per-layer
+    histograms of activations, their gradients, weights, gradients and
+    updates on sampled steps; see :mod:`signalprop.monitor.histograms`;
+    ``histograms=False``: none).  ``grad_every``: read every parameter's
+    gradient norm (the global norm series, the gradient-surge rule and the non-finite watch on
     gradients) on every n-th step and on sampled steps; default 1 for models
     on a GPU, 4 on the CPU (a memory-bound pass there; the loss is read every
     step, and a non-finite gradient shows in the next step's loss at the
@@ -837,7 +858,8 @@ def monitor(model: nn.Module, every: int = 50, *, writer: Any = None, agc: float
     must agree, as it does by default when all ranks use the same device type).
     """
     return Monitor(model, every, writer=writer, agc=agc, bounds=bounds, trend=trend, update_ratio=update_ratio,
-                   max_history=max_history, grad_every=grad_every, group=group, skip=skip)
+                   max_history=max_history, grad_every=grad_every, group=group, skip=skip,
+                   histograms=histograms)
 
 
 __all__ = ["Monitor", "monitor"]
