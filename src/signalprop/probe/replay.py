@@ -302,6 +302,8 @@ def _result(dump: Dump, report: Report | None, origin: Origin | None, notes: tup
             kinds: dict[str, str]) -> ReplayResult:
     step, loss = dump.manifest.get("step"), dump.manifest.get("loss")
     p = next((p for p in report.problems if p.kind == "non-finite"), None) if report is not None else None
+    if origin is not None and origin.module == "(loss)" and origin.phase == "forward":
+        p = None  # the model's output was finite: check's rows only see the loss's NaN coming back
     if p is not None and report is not None:
         forward = p.layer == "input" or any(layer.nonfinite_fraction > 0 for layer in report.layers)
         return ReplayResult(str(dump.path), step, loss, True, p.layer, kinds.get(p.layer, ""),
