@@ -284,3 +284,34 @@ def test_cli_replay(tmp_path, monkeypatch, capsys):
     assert main(["replay", str(d2), "--model", "sp_replay_factory:factory", "--loss",
                  "torch.nn.functional:cross_entropy"]) == 1
     assert "torch.exp" in capsys.readouterr().out
+
+
+def test_the_exact_pass_keeps_every_rows_output_so_no_address_is_reused():
+    """``torch.exp(self.proj(x))``: proj's output is freed after exp, and a
+    later tensor may take its address, making the next row look like it reads
+    proj's output (``src == dst``), which hides the operation between them and
+    named the following Linear instead of the block (seen on a replay). The
+    exact pass holds every row's output for the pass."""
+    from signalprop.probe.recorder import Recorder
+
+    class Blk(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(16, 16)
+
+        def forward(self, x):
+            e = torch.exp(self.proj(x))
+            return e / e.sum(-1, keepdim=True)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), Blk(), nn.Linear(16, 4))
+    rec = Recorder(model, exact=True)
+    rec.attach()
+    try:
+        model(torch.randn(32, 8))
+    finally:
+        rec.detach()
+    assert [r.name for r in rec.rows] == ["0", "1.proj", "2"]
+    assert all(r.output() is not None for r in rec.rows)  # proj's output, a temporary, is still alive
+    r = sp.check(model, torch.randn(32, 8) * 1e3, loss_fn=F.cross_entropy, targets=torch.randint(0, 4, (32,)))
+    assert r.verdict == "non-finite" and r.problems[0].layer == "1" and "own forward code" in r.problems[0].message

@@ -306,7 +306,10 @@ def _result(dump: Dump, report: Report | None, origin: Origin | None, notes: tup
         p = None  # the model's output was finite: check's rows only see the loss's NaN coming back
     if p is not None and report is not None:
         forward = p.layer == "input" or any(layer.nonfinite_fraction > 0 for layer in report.layers)
-        return ReplayResult(str(dump.path), step, loss, True, p.layer, kinds.get(p.layer, ""),
+        # the module whose code ran the operation, where the watch saw one: check's rows see modules' outputs
+        where = origin.module if origin is not None and origin.module != "(loss)" and p.layer != "input" \
+            else p.layer
+        return ReplayResult(str(dump.path), step, loss, True, where, kinds.get(where, ""),
                             "forward" if forward else "backward", p.message, p.suggestion, origin, report, notes)
     if origin is not None:  # the loss function made it (check's rows are the model's)
         where = "(loss)" if origin.module == "(loss)" else origin.module
