@@ -36,6 +36,7 @@ def test_readme_python_blocks_run(capsys):
     out = capsys.readouterr().out
     assert "(18, 36)" in out and "1.5925 1.5335" in out
     assert "rank 0: healthy" in out and "[0, 2]" in out  # the distributed and HF examples
+    assert "3 1 forward torch.exp forward" in out and "3 non-finite input" in out  # "My loss turned NaN"
 
 
 def test_readme_commands_exist_in_makefile():

@@ -33,13 +33,14 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "width": ("signalprop.width", None),
     "sweep": ("signalprop.sweep", None),
     "Report": ("signalprop.probe.check", "Report"),
+    "replay": ("signalprop.probe.replay", "replay"),
     "InitSummary": ("signalprop.records", "InitSummary"),
     "LayerStats": ("signalprop.records", "LayerStats"),
     "Problem": ("signalprop.records", "Problem"),
 }
 
 __all__ = ["CoordCheck", "InitSummary", "LayerStats", "Monitor", "Problem", "Report", "__version__", "activations",
-           "check", "clip", "coord_check", "init", "lab", "layers", "monitor", "probe", "report", "statistics", "sweep",
+           "check", "clip", "coord_check", "init", "lab", "layers", "monitor", "probe", "replay", "report", "statistics", "sweep",
            "theory", "width"]
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -47,6 +48,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .monitor import monitor
     from .monitor.core import Monitor
     from .probe.check import Report, check
+    from .probe.replay import replay
     from .records import InitSummary, LayerStats, Problem
     from .width.coord import coord_check
     from .width.records import CoordCheck

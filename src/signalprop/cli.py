@@ -355,6 +355,58 @@ def cmd_coord_check(args: argparse.Namespace, out: Console) -> int:
     return EXIT_OK if result.verdict == "width-stable" else EXIT_PROBLEMS
 
 
+# ---- replay -----------------------------------------------------------------
+
+def _replay_model(spec: str) -> Any:
+    """The model a ``package.module:factory[:key=value,...]`` spec builds
+    (a factory may return ``(model, inputs, ...)``: the model is taken)."""
+    import torch
+
+    fn, kwargs = _coord_factory(spec)
+    try:
+        built = fn(**kwargs)
+    except Exception as e:
+        raise UsageError(f"the factory {spec!r} raised {type(e).__name__}: {e}") from e
+    model = built[0] if isinstance(built, tuple) and built else built
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"{spec} returned {type(model).__name__}, not an nn.Module (or (model, inputs, ...))")
+    return model
+
+
+def _loss_function(spec: str) -> Any:
+    """``package.module:name`` -> that callable (``torch.nn.functional:cross_entropy``); a class
+    (``torch.nn:CrossEntropyLoss``) is instantiated with the spec's key=value arguments."""
+    fn, kwargs = _coord_factory(spec)
+    if isinstance(fn, type):
+        try:
+            return fn(**kwargs)
+        except Exception as e:
+            raise UsageError(f"--loss {spec!r}: {type(e).__name__}: {e}") from e
+    if kwargs:
+        import functools
+
+        return functools.partial(fn, **kwargs)
+    return fn
+
+
+def cmd_replay(args: argparse.Namespace, out: Console) -> int:
+    from . import replay
+
+    json_path = _out_file(args.json, "--json")
+    if not Path(args.dir).exists():
+        raise UsageError(f"no dump at {args.dir!r}: the folder does not exist")
+    model = _replay_model(args.model)
+    loss_fn = _loss_function(args.loss) if args.loss else None
+    result = replay(args.dir, model, loss_fn=loss_fn)
+    out.print(escape(str(result)), highlight=False, soft_wrap=True)
+    if json_path is not None:
+        failed = _write("--json", json_path, lambda p: p.write_text(json.dumps(result.to_dict(), indent=1)))
+        if failed:
+            raise UsageError(failed)
+        out.print(f"JSON: {escape(str(json_path))}")
+    return EXIT_PROBLEMS if result.nonfinite else EXIT_OK
+
+
 # ---- parser -----------------------------------------------------------------
 
 def _version() -> str:
@@ -429,6 +481,18 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--ray", action="store_true", help="run the (width, seed) cells as Ray tasks (local ray.init())")
     w.add_argument("--ray-address", metavar="ADDR", help="run on the Ray cluster at ADDR (implies --ray)")
     w.set_defaults(func=cmd_coord_check)
+
+    rp = sub.add_parser("replay", help="rerun a step saved by monitor(dump_on_nonfinite=DIR) and name the module, "
+                                       "phase, operation and line of code of its first NaN/Inf (exit 1 when found)")
+    rp.add_argument("dir", help="the folder given to monitor(..., dump_on_nonfinite=DIR)")
+    rp.add_argument("--model", required=True, metavar="SPEC",
+                    help="package.module:factory[:key=value,...] that builds the dumped model (its weights are "
+                         "loaded from the dump)")
+    rp.add_argument("--loss", metavar="SPEC", help="the loss as package.module:function, called as loss(output, "
+                                                   "targets), e.g. torch.nn.functional:cross_entropy (default: the one "
+                                                   "the monitor saved, if any)")
+    rp.add_argument("--json", metavar="PATH", help="write the result as JSON")
+    rp.set_defaults(func=cmd_replay)
 
     lab = sub.add_parser("lab", help="reproducible experiments")
     lsub = lab.add_subparsers(dest="lab_cmd", required=True)

@@ -12,11 +12,25 @@ relative to the output's and every statistic declared for TensorBoard in
 and max |gradient|, saturation and dead share); ``signalprop/update_ratio/<module>`` and the update statistics (update RMS,
 over the learning rate, Adam's second-moment lag) when an update is measured;
 alerts as text under ``signalprop/alerts``.
+
+Histograms (on sampled steps, for writers with ``add_histogram_raw``; see
+:mod:`signalprop.monitor.histograms` for what is sampled and at what cost):
+``signalprop/activation/<layer>`` and ``signalprop/activation_grad/<layer>``
+(each leaf module's output and the loss's gradient at it),
+``signalprop/weight/<parameter>``, ``signalprop/grad/<parameter>`` and
+``signalprop/update/<parameter>`` (the change made by the sampled step's
+optimizer step, written at the sampled step's number).
+
+A custom-scalars layout (TensorBoard's "Custom Scalars" tab) is written once
+per writer, for writers with ``add_custom_scalars``: one chart per statistic
+with every layer as a series (:func:`layout`).
 """
 
 from __future__ import annotations
 
 import math
+import re
+import weakref
 from typing import Any
 
 from ..statistics import STATISTICS
@@ -35,6 +49,63 @@ def update_quantities() -> tuple[str, ...]:
     return tuple(s.name for s in STATISTICS if s.tensorboard and s.phase == "update")
 
 
+def layout() -> dict[str, dict[str, list[Any]]]:
+    """The custom-scalars layout: the loss and gradient norm, then one
+    multi-line chart per per-layer quantity whose series are the layers
+    (TensorBoard reads each chart's tags as regular expressions)."""
+    per_layer = {q: ["Multiline", [rf"^signalprop/{re.escape(q)}/"]] for q in (*layer_quantities(), "update_ratio")}
+    return {"signalprop": {"loss": ["Multiline", [r"^signalprop/loss$"]],
+                           "gradient norm": ["Multiline", [r"^signalprop/grad_norm$"]]},
+            "signalprop per layer": per_layer}
+
+
+_LAID_OUT: weakref.WeakSet[Any] = weakref.WeakSet()  # writers given the layout (once each: it is the writer's)
+
+
+def write_layout(writer: Any) -> None:
+    """:func:`layout` to ``writer``, once per writer (a no-op for writers without ``add_custom_scalars``)."""
+    if not callable(getattr(writer, "add_custom_scalars", None)):
+        return
+    try:
+        if writer in _LAID_OUT:
+            return
+        _LAID_OUT.add(writer)
+    except TypeError:  # a writer that cannot be weakly referenced: given the layout each time it is asked
+        pass
+    writer.add_custom_scalars(layout())
+
+
+def writes_histograms(writer: Any) -> bool:
+    """Whether ``writer`` can take the monitor's histograms (``add_histogram_raw``)."""
+    return callable(getattr(writer, "add_histogram_raw", None))
+
+
+def write_histograms(writer: Any, items: list[tuple[int, str, Any]]) -> None:
+    """``(step, tag, Histogram)`` items: to PyTorch's own ``SummaryWriter``
+    as one event per step (as :func:`_write_scalars` does for scalars), to
+    any other writer through ``add_histogram_raw``."""
+    if not items:
+        return
+    if _is_torch_writer(writer):
+        from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
+
+        steps: dict[int, list[Any]] = {}
+        for k, tag, h in items:
+            proto = HistogramProto(min=h.min, max=h.max, num=h.num, sum=h.sum, sum_squares=h.sum_squares,
+                                   bucket_limit=list(h.bucket_limits), bucket=list(h.bucket_counts))
+            steps.setdefault(k, []).append(Summary.Value(tag=tag, histo=proto))
+        for k, values in steps.items():
+            writer._get_file_writer().add_summary(Summary(value=values), k)
+        return
+    for k, tag, h in items:
+        writer.add_histogram_raw(tag, h.min, h.max, h.num, h.sum, h.sum_squares, list(h.bucket_limits),
+                                 list(h.bucket_counts), k)
+
+
+def _is_torch_writer(writer: Any) -> bool:
+    return type(writer).__module__.startswith("torch.utils.tensorboard") and hasattr(writer, "_get_file_writer")
+
+
 def _add(out: list[tuple[str, float]], tag: str, value: float | None) -> None:
     if value is not None and math.isfinite(value):
         out.append((tag, float(value)))
@@ -48,7 +119,7 @@ def _write_scalars(writer: Any, scalars: list[tuple[str, float]], step: int) -> 
     TensorBoard reads both alike."""
     if not scalars:
         return
-    if type(writer).__module__.startswith("torch.utils.tensorboard") and hasattr(writer, "_get_file_writer"):
+    if _is_torch_writer(writer):
         from tensorboard.compat.proto.summary_pb2 import Summary
 
         summary = Summary(value=[Summary.Value(tag=t, simple_value=v) for t, v in scalars])
@@ -60,6 +131,7 @@ def _write_scalars(writer: Any, scalars: list[tuple[str, float]], step: int) -> 
 
 def write_step(writer: Any, mon: Any, step: int, alerts: list[Any]) -> None:
     """What ``mon.step`` learned at ``step``."""
+    write_layout(writer)
     now: list[tuple[str, float]] = []
     _add(now, "signalprop/loss", mon.losses[-1])
     _add(now, "signalprop/grad_norm", mon.grad_norms[-1])
@@ -89,3 +161,9 @@ def write_step(writer: Any, mon: Any, step: int, alerts: list[Any]) -> None:
             _write_scalars(writer, ups, h.step)
     for a in alerts:
         writer.add_text("signalprop/alerts", str(a), step)
+    tap = getattr(mon, "_histograms", None)
+    if tap is not None:
+        try:
+            tap.step(writer, step)
+        except Exception as e:  # the histograms are a guest's too: a warning, the step goes on
+            mon._warn("histograms were not written", e)

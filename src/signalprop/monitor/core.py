@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import warnings
 from collections.abc import Iterator
 from typing import Any, cast
@@ -75,7 +76,7 @@ GRAD_EVERY_CPU = 4
 class _Call:
     """One forward call of the root module during the current step."""
 
-    __slots__ = ("args", "rng", "cuda_rng", "autocast", "out_norm", "out_numel")
+    __slots__ = ("args", "rng", "cuda_rng", "autocast", "out_norm", "out_numel", "extra_rng")
 
     def __init__(self, args: CallArgs, rng: torch.Tensor, cuda_rng: list[tuple[int, torch.Tensor]],
                  autocast: list[tuple[str, torch.dtype]]) -> None:
@@ -85,6 +86,7 @@ class _Call:
         self.autocast = autocast
         self.out_norm: torch.Tensor | None = None
         self.out_numel = 0
+        self.extra_rng: dict[str, Any] | None = None  # Python's and NumPy's, when dumping (monitor.dump)
 
 
 def _autocast_state() -> list[tuple[str, torch.dtype]]:
@@ -174,7 +176,8 @@ class Monitor:
     def __init__(self, model: nn.Module, every: int = 50, *, writer: Any = None, agc: float | None = None,
                  bounds: tuple[float, float] = (1e-6, 1e3), trend: float = 100.0, update_ratio: bool = True,
                  max_history: int | None = None, grad_every: int | None = None, group: Any = None,
-                 skip: Any = None, optimizer: Any = None) -> None:
+                 skip: Any = None, histograms: bool = True, dump_on_nonfinite: Any = None,
+                 optimizer: Any = None, loss_fn: Any = None) -> None:
         check_model(unwrap(model) if isinstance(model, nn.Module) else model, "monitor")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer (sample one step in `every`), got {every!r}")
@@ -188,6 +191,15 @@ class Monitor:
                                        and callable(getattr(writer, "add_text", None))):
             raise TypeError(f"writer must have add_scalar(tag, value, step) and add_text(tag, text, step) (a "
                             f"TensorBoard SummaryWriter), got {type(writer).__name__}")
+        if dump_on_nonfinite is not None and not isinstance(dump_on_nonfinite, (str, os.PathLike)):
+            raise TypeError(f"dump_on_nonfinite takes a folder path, got {type(dump_on_nonfinite).__name__}")
+        if optimizer is not None and not callable(getattr(optimizer, "state_dict", None)):
+            raise TypeError(f"optimizer takes the training's optimizer (its state_dict() goes into a dump), got "
+                            f"{type(optimizer).__name__}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable as loss_fn(output, targets), got {type(loss_fn).__name__}")
+        if not isinstance(histograms, bool):
+            raise TypeError(f"histograms must be True or False, got {histograms!r}")
         if not isinstance(update_ratio, bool):
             raise TypeError(f"update_ratio must be True or False, got {update_ratio!r}")
         if max_history is not None and (isinstance(max_history, bool) or not isinstance(max_history, int)
@@ -250,7 +262,21 @@ class Monitor:
         self._owner = {p: mn for mn, m in model.named_modules() for p in m.parameters(recurse=False)}
         self._handles = [model.register_forward_pre_hook(self._root_pre, with_kwargs=True),
                          model.register_forward_hook(self._root_post)]
+        # a non-finite step's replay files (monitor.dump): written once, at the first NaN/Inf
+        self._dump_dir = dump_on_nonfinite
+        self._dump_optimizer = optimizer if optimizer is not None else skip
+        self._dump_loss_fn = loss_fn
+        self._dumped: str | None = None
+        self._targets: Any = None
         self._arm()
+        self._histograms: Any = None  # per-layer histograms for the writer (monitor.histograms)
+        if histograms and writer is not None:
+            from ..integrations.tensorboard import writes_histograms
+
+            if writes_histograms(writer):
+                from .histograms import HistogramTap
+
+                self._histograms = HistogramTap(self)
         if skip is not None:  # last: a monitor that failed to start leaves the optimizer as it was
             self._skip_opt, self._skip_orig = skip, skip.step
             skip.step = self._guarded_step
@@ -278,6 +304,13 @@ class Monitor:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self._histograms is not None:
+            tap, self._histograms = self._histograms, None
+            tap.close()
+            try:
+                tap.flush(self.writer)  # the last sample's update
+            except Exception as e:
+                self._warn("the last histograms were not written", e)
         if self._rec is not None:
             self._rec.detach()
         self._rec = None
@@ -344,6 +377,10 @@ class Monitor:
         self._calls.append(_Call(CallArgs(tuple(args), dict(kwargs)), torch.get_rng_state(),
                                  [(d, torch.cuda.get_rng_state(d)) for d in self._cuda_devices],
                                  _autocast_state()))
+        if self._dump_dir is not None and not self._dumped:
+            from .dump import extra_rng_state
+
+            self._calls[-1].extra_rng = extra_rng_state()
 
     def _root_post(self, module: nn.Module, args: Any, out: Any) -> None:
         if self._replaying:
@@ -401,17 +438,22 @@ class Monitor:
             y.register_hook(hook)
 
     # -- the step --------------------------------------------------------------
-    def step(self, loss: Any = None) -> list[Alert]:
+    def step(self, loss: Any = None, *, targets: Any = None) -> list[Alert]:
         """Close the step in progress: call after ``loss.backward()`` (all of
         them, with gradient accumulation) and before ``optimizer.step()``.
         Returns the alerts raised at this step (also appended to ``alerts``).
 
         Never raises into the training loop for a failure of its own: that
         becomes one warning and a skipped sample (a wrong ``loss`` argument,
-        the caller's error, is still a ``TypeError``/``ValueError``)."""
+        the caller's error, is still a ``TypeError``/``ValueError``).
+
+        ``targets``: the step's targets, kept (by reference, for this step
+        only) for a ``dump_on_nonfinite`` dump, so that a replay computes the
+        loss as ``loss_fn(output, targets)``."""
         if self._closed:
             raise RuntimeError("this monitor is closed; create a new one with sp.monitor(model)")
         loss_t = self._loss_scalar(loss)
+        self._targets = targets
         k = self._step
         try:
             return self._close_step(k, loss, loss_t)
@@ -433,6 +475,7 @@ class Monitor:
         self._rec = None
         self._recording = False
         self._calls = []
+        self._targets = None
         self._step += 1
         self._arm()
 
@@ -494,6 +537,8 @@ class Monitor:
         if not finite and not self._nonfinite_seen:
             self._nonfinite_seen = True
             new.append(self._locate(k, loss_v, gvals, params, out_v))
+            if self._dump_dir is not None and not self._dumped:
+                new[-1] = self._dump(k, loss_v, new[-1])
         elif finite:
             self._nonfinite_seen = False
         # 3. loss and gradient-norm rules (the gradient-norm one on steps that read gradients)
@@ -767,6 +812,27 @@ class Monitor:
         finally:
             self._replaying = False
 
+    def _dump(self, k: int, loss: float | None, alert: Alert) -> Alert:
+        """Save the non-finite step for :func:`signalprop.replay` (see
+        :mod:`.dump`); the alert says where.  A dump that fails is a warning."""
+        call = self._culprit()
+        if call is None or self._dump_dir is None:
+            self._warn(f"step {k} could not be dumped: the model's forward was not seen in this step")
+            return alert
+        from .dump import write_dump
+
+        try:
+            d = write_dump(self._dump_dir, step=k, loss=loss, alert=alert, model=self.model, args=call.args.args,
+                           kwargs=call.args.kwargs, targets=self._targets, rng=call.rng, cuda_rng=call.cuda_rng,
+                           extra_rng=call.extra_rng, autocast=call.autocast, optimizer=self._dump_optimizer,
+                           loss_fn=self._dump_loss_fn)
+        except Exception as e:  # a full disk, inputs that do not pickle
+            self._warn(f"step {k} could not be dumped to {self._dump_dir}", e)
+            return alert
+        self._dumped = str(d)
+        return evolve(alert, message=f"{alert.message}; the step is saved in {d}: replay it with "
+                                     f"`signalprop replay {d} --model package.module:factory` or sp.replay")
+
     # -- checkpoints -----------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to continue this monitor, in plain Python
@@ -866,7 +932,8 @@ def _with_update(layers: tuple[Any, ...], per_module: dict[str, dict[str, float]
 def monitor(model: nn.Module, every: int = 50, *, writer: Any = None, agc: float | None = None,
             bounds: tuple[float, float] = (1e-6, 1e3), trend: float = 100.0, update_ratio: bool = True,
             max_history: int | None = None, grad_every: int | None = None, group: Any = None,
-            skip: Any = None, optimizer: Any = None) -> Monitor:
+            skip: Any = None, histograms: bool = True, dump_on_nonfinite: Any = None, optimizer: Any = None,
+            loss_fn: Any = None) -> Monitor:
     """Watch ``model`` during training.
 
     ::
@@ -884,9 +951,13 @@ def monitor(model: nn.Module, every: int = 50, *, writer: Any = None, agc: float
     norms are read for the non-finite watch and the loss/gradient-norm
     alerts.  ``agc``: apply :func:`signalprop.clip.agc_` with this clipping
     factor after the measurements of each step (before the optimizer).
-    ``writer``: a TensorBoard ``SummaryWriter`` (scalars per layer and alerts as
-    text).  ``grad_every``: read every parameter's gradient norm (the global
-    norm series, the gradient-surge rule and the non-finite watch on
+    ``writer``: a TensorBoard ``SummaryWriter`` (scalars per layer, alerts as
+    text, a custom-scalars layout with one chart per statistic and, with
+    ``histograms`` on and a writer that has ``add_histogram_raw``, per-layer
+    histograms of activations, their gradients, weights, gradients and
+    updates on sampled steps; see :mod:`signalprop.monitor.histograms`;
+    ``histograms=False``: none).  ``grad_every``: read every parameter's
+    gradient norm (the global norm series, the gradient-surge rule and the non-finite watch on
     gradients) on every n-th step and on sampled steps; default 1 for models
     on a GPU, 4 on the CPU (a memory-bound pass there; the loss is read every
     step, and a non-finite gradient shows in the next step's loss at the
@@ -903,6 +974,17 @@ def monitor(model: nn.Module, every: int = 50, *, writer: Any = None, agc: float
     are listed in ``mon.skipped``; ``close()`` gives the optimizer its own
     ``step`` back.  Off by default: the monitor then never changes training.
 
+    ``dump_on_nonfinite``: a folder where the first step whose loss or
+    gradients turn non-finite is saved for :func:`signalprop.replay` (its
+    forward's inputs, the targets given to ``step(loss, targets=...)``, the
+    random states, the weights, ``optimizer``'s state and ``loss_fn`` when it
+    pickles; see :mod:`signalprop.monitor.dump`).  ``optimizer``: the
+    training's optimizer (default: ``skip``'s), also read on the step after
+    each sample for the update each layer received over the learning rate
+    and, for Adam-family optimizers, the second-moment lag (see
+    :mod:`signalprop.monitor.optimizer`) and the ``update-spike`` alert.  Off by default; on, each forward call also notes Python's and
+    NumPy's random states (a few microseconds).
+
     Under ``torch.distributed`` (DDP -- pass the wrapper or the module --, or
     FSDP2's ``fully_shard``), every statistic is combined over ``group``
     (default: the world) in one all-reduce per step, so every rank holds the
@@ -911,7 +993,8 @@ def monitor(model: nn.Module, every: int = 50, *, writer: Any = None, agc: float
     must agree, as it does by default when all ranks use the same device type).
     """
     return Monitor(model, every, writer=writer, agc=agc, bounds=bounds, trend=trend, update_ratio=update_ratio,
-                   max_history=max_history, grad_every=grad_every, group=group, skip=skip, optimizer=optimizer)
+                   max_history=max_history, grad_every=grad_every, group=group, skip=skip,
+                   histograms=histograms, dump_on_nonfinite=dump_on_nonfinite, optimizer=optimizer, loss_fn=loss_fn)
 
 
 __all__ = ["Monitor", "monitor"]

@@ -511,6 +511,7 @@ class Recorder:
         self.errors: list[BaseException] = []
         # exact mode: whether each non-leaf module's output held a NaN/Inf (a NaN made by its own code)
         self.parent_nonfinite: dict[str, bool] = {}
+        self.alive: list[torch.Tensor] = []  # exact mode: every row's output, kept until the recorder goes
         self.stats = stats
         self.exact = exact
         self.unit_vectors = unit_vectors
@@ -691,6 +692,9 @@ class Recorder:
             row.inputs = [weakref.ref(a) for a in _tensors(args)]
             with torch.no_grad():  # whether the row read finite values (its input may be freed before it is asked)
                 row.inputs_finite = [torch.isfinite(a).all() for a in _tensors(args)]
+            # held for the pass: a freed output's address, reused by a later tensor, would make the next
+            # row look like it reads this one (src == dst) and hide an operation between them
+            self.alive.append(t)
         if t.requires_grad:
             # the hook holds the row only, not the recorder (nor through it the model): a step's
             # graph kept alive by its loss tensor does not keep the model alive with it

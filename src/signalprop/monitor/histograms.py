@@ -1,0 +1,274 @@
+"""Per-layer value distributions for TensorBoard's histogram dashboard.
+
+On the monitor's sampled steps (and only there) a :class:`HistogramTap`
+keeps a fixed-size sample of
+
+* each leaf module's output (``activation``) and the gradient of the loss at
+  it (``activation_grad``), from a forward hook installed for the sampled
+  forward only and a pre-hook on the autograd node that made the output;
+* each trainable parameter (``weight``) and its gradient (``grad``), read at
+  ``mon.step`` (after the backward, before the optimizer step);
+* the change of each parameter made by the sampled step's optimizer step
+  (``update``): the same entries read again at the next ``mon.step``.
+
+**Bounded cost.**  A tensor with more than :data:`SAMPLE` entries is
+represented by a strided sample of :data:`SAMPLE` of them: every k-th entry
+of its flattened values, k the smallest stride >= numel / SAMPLE that shares
+no factor with the last dimension, so the sample runs through every column
+(unit) rather than one residue class of them.  No random numbers are drawn:
+the training's RNG is untouched.  The histograms of all tensors of a step are
+computed together on their device (:func:`histograms`: one segmented
+min/max, one bincount) and come to the host as one small tensor; unsampled
+steps add no hook, no host transfer (the update's samples are taken on the
+device at the step after the sample and sent with the next sample's, or at
+``close``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.modules.module import register_module_forward_hook
+
+from ..probe.distributed import local
+from ..probe.recorder import first_float_tensor, leaf_modules
+
+SAMPLE = 1024  # entries kept per tensor for its histogram (30 buckets of ~34 entries on average)
+BINS = 30  # TensorBoard's own default bucket count for a histogram
+
+
+def stride_for(numel: int, last_dim: int, n: int = SAMPLE) -> int:
+    """The sampling stride of a tensor with ``numel`` entries whose last
+    dimension has ``last_dim``: the smallest k >= ceil(numel / n) coprime to
+    ``last_dim`` (1 when the tensor is small enough to keep whole)."""
+    k = max(1, -(-numel // n))
+    if k == 1:
+        return 1
+    while math.gcd(k, max(last_dim, 1)) != 1:
+        k += 1
+    return k
+
+
+def strided_sample(t: torch.Tensor, n: int = SAMPLE) -> torch.Tensor:
+    """At most ``n`` entries of ``t``: every k-th of its flattened values (see
+    :func:`stride_for`), copied (an in-place op on ``t`` later leaves it as
+    it was).  A non-contiguous ``t`` is flattened by a copy first."""
+    t = t.detach()
+    flat = t.reshape(-1)
+    k = stride_for(flat.numel(), t.shape[-1] if t.dim() else 1, n)
+    return flat[::k][:n].clone()
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """One tensor's distribution as TensorBoard stores it: the finite values'
+    min, max, count, sum and sum of squares, and ``BINS + 1`` buckets given
+    by their right edges (the first, empty, closes the range on the left)."""
+
+    min: float
+    max: float
+    num: int
+    sum: float
+    sum_squares: float
+    bucket_limits: tuple[float, ...]
+    bucket_counts: tuple[float, ...]
+
+
+def histograms(samples: list[torch.Tensor], bins: int = BINS) -> list[Histogram | None]:
+    """The histograms of ``samples`` (1-D tensors on one device), computed
+    together as the rows of one NaN-padded matrix: the non-finite entries are
+    left out; None for a sample without a finite entry.  One transfer to the
+    host."""
+    if not samples:
+        return []
+    v = torch.nn.utils.rnn.pad_sequence([s.float() for s in samples], batch_first=True, padding_value=math.nan)
+    ok = torch.isfinite(v)
+    inf = torch.tensor(math.inf, device=v.device)
+    lo = torch.where(ok, v, inf).amin(1)
+    hi = torch.where(ok, v, -inf).amax(1)
+    zeroed = torch.where(ok, v, 0.0)
+    num = ok.sum(1, dtype=torch.float32)
+    total = zeroed.sum(1)
+    squares = zeroed.square().sum(1)
+    # equal buckets over [min, max] (numpy's rule for a single value: [v - 0.5, v + 0.5])
+    flat = hi <= lo
+    left = torch.where(flat, lo - 0.5, lo)
+    width = torch.where(flat, torch.ones_like(lo), (hi - lo) / bins)
+    b = ((zeroed - left[:, None]) / width[:, None]).floor_().clamp_(0, bins - 1).long()
+    m = len(samples)
+    b += torch.arange(m, device=v.device)[:, None] * bins
+    b.masked_fill_(~ok, m * bins)  # the non-finite entries and the padding: one bin past the last, dropped
+    counts = torch.bincount(b.reshape(-1), minlength=m * bins + 1)[:-1].reshape(m, bins)
+    host = torch.cat([torch.stack([lo, hi, left, width, num, total, squares], 1), counts.float()],
+                     1).cpu().double().numpy()
+    limits = (host[:, 2:3] + host[:, 3:4] * np.arange(bins + 1)).tolist()
+    out: list[Histogram | None] = []
+    for row, lim in zip(host.tolist(), limits):
+        lo_, hi_, _, _, n, s, sq, *c = row
+        out.append(Histogram(lo_, hi_, int(n), s, sq, tuple(lim), (0.0, *c)) if n else None)
+    return out
+
+
+def _grad_sample(store: dict[str, torch.Tensor], name: str, g: torch.Tensor) -> None:
+    if name not in store:
+        store[name] = strided_sample(g)
+
+
+def _grad_prehook(errors: list[BaseException], store: dict[str, torch.Tensor], name: str, nr: int,
+                  grads: tuple[torch.Tensor | None, ...]) -> None:
+    try:
+        g = grads[nr]
+        if g is not None:
+            with torch.no_grad():
+                _grad_sample(store, name, g)
+    except Exception as e:  # a guest in the backward: never raises into it
+        errors.append(e)
+
+
+def _grad_hook(errors: list[BaseException], store: dict[str, torch.Tensor], name: str, g: torch.Tensor) -> None:
+    _grad_prehook(errors, store, name, 0, (g,))
+
+
+class HistogramTap:
+    """Takes the samples of the module docstring for a :class:`~.core.Monitor`
+    with a writer that draws histograms.  It hooks the root module (a
+    pre- and a post-hook, which do nothing on unsampled steps) and, during a
+    sampled forward only, every module of the process through torch's
+    global forward hook (ignoring modules not in the model)."""
+
+    def __init__(self, mon: Any) -> None:
+        self.mon = mon
+        model = mon.model
+        named = list(model.named_modules())
+        self._leaves = {m: n for n, m in named if m in set(leaf_modules(model, named))}
+        self._params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.errors: list[BaseException] = []
+        self.acts: dict[str, torch.Tensor] = {}
+        self.grads: dict[str, torch.Tensor] = {}
+        self._hook: Any = None
+        self._captured: int | None = None  # the step whose forward was sampled
+        # the sampled step's weight samples (step, [(name, param, stride, sample)]) until its update is taken
+        self._before: tuple[int, list[tuple[str, nn.Parameter, int, torch.Tensor]]] | None = None
+        self._updates: list[tuple[int, list[tuple[str, torch.Tensor]]]] = []  # update samples waiting to be written
+        self._handles = [model.register_forward_pre_hook(self._root_pre), model.register_forward_hook(self._root_post)]
+
+    # -- capture during the sampled forward --------------------------------------
+    def _root_pre(self, module: nn.Module, args: Any) -> None:
+        mon = self.mon
+        if mon._replaying or not torch.is_grad_enabled() or not mon.sampled or self._hook is not None \
+                or getattr(module, "_compiled_call_impl", None) is not None:
+            return
+        if self._captured == mon._step and (self.grads or not self.acts):
+            return  # the step's training forward is sampled already
+        # first forward of the sampled step, or an earlier one fed no backward: sample this one
+        self.acts.clear()
+        self.grads.clear()
+        self._captured = mon._step
+        self._hook = register_module_forward_hook(self._leaf_post)
+
+    def _root_post(self, module: nn.Module, args: Any, out: Any) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def _leaf_post(self, m: nn.Module, args: Any, out: Any) -> None:
+        name = self._leaves.get(m)
+        if name is None or name in self.acts:  # not ours, or a module's second call
+            return
+        try:
+            t = first_float_tensor(out)
+            if t is None or t.is_complex():
+                return
+            with torch.no_grad():
+                self.acts[name] = strided_sample(t)
+            if t.requires_grad:
+                if t.grad_fn is not None:
+                    t.grad_fn.register_prehook(functools.partial(_grad_prehook, self.errors, self.grads, name,
+                                                                 t.output_nr))
+                else:
+                    t.register_hook(functools.partial(_grad_hook, self.errors, self.grads, name))
+        except Exception as e:
+            self.errors.append(e)
+
+    # -- at mon.step ---------------------------------------------------------------
+    def step(self, writer: Any, step: int) -> None:
+        """Called by ``mon.step`` (every step, after the backward, before the
+        optimizer): on the step after a sample, the sampled step's update is
+        taken (on the device); on a sampled step, its histograms are written
+        (with the updates still waiting) in one transfer."""
+        if self._hook is not None:  # a forward that raised: its post-hook never ran
+            self._hook.remove()
+            self._hook = None
+        with torch.no_grad():
+            if self._before is not None and step > self._before[0]:
+                k, before = self._before
+                self._before = None
+                self._updates.append((k, [(n, strided_sample_at(p, stride) - b) for n, p, stride, b in before]))
+            if not self.mon.sampled:
+                self.acts.clear()
+                self.grads.clear()
+                return
+            errors, self.errors = self.errors, []
+            if errors:
+                raise errors[0]
+            entries: list[tuple[int, str, torch.Tensor]] = []
+            entries += [(step, f"signalprop/activation/{n or '(root)'}", s) for n, s in self.acts.items()]
+            entries += [(step, f"signalprop/activation_grad/{n or '(root)'}", s) for n, s in self.grads.items()]
+            before = []
+            for n, p in self._params:
+                w = local(p)
+                stride = stride_for(w.numel(), w.shape[-1] if w.dim() else 1)
+                ws = strided_sample_at(w, stride)
+                before.append((n, p, stride, ws))
+                entries.append((step, f"signalprop/weight/{n}", ws))
+                if p.grad is not None:
+                    # read below, before the optimizer step: a view
+                    entries.append((step, f"signalprop/grad/{n}", strided_sample_at(local(p.grad), stride, copy=False)))
+            self._before = (step, before)
+            self.acts.clear()
+            self.grads.clear()
+        self._write(writer, entries)
+
+    def flush(self, writer: Any) -> None:
+        """Write the updates still waiting (at the monitor's ``close``)."""
+        self._write(writer, [])
+
+    def _write(self, writer: Any, entries: list[tuple[int, str, torch.Tensor]]) -> None:
+        for k, ups in self._updates:
+            entries += [(k, f"signalprop/update/{n}", s) for n, s in ups]
+        self._updates = []
+        by_device: dict[torch.device, list[tuple[int, str, torch.Tensor]]] = {}
+        for e in entries:
+            if e[2].numel():
+                by_device.setdefault(e[2].device, []).append(e)
+        from ..integrations.tensorboard import write_histograms
+
+        for group in by_device.values():
+            hs = histograms([s for _, _, s in group])
+            write_histograms(writer, [(k, tag, h) for (k, tag, _), h in zip(group, hs) if h is not None])
+
+    def close(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._before = None
+        self.acts.clear()
+        self.grads.clear()
+
+
+def strided_sample_at(t: torch.Tensor, stride: int, n: int = SAMPLE, copy: bool = True) -> torch.Tensor:
+    """:func:`strided_sample` with a given stride (the same entries of a
+    parameter before and after its update); ``copy=False``: a view, for a
+    tensor that stays as it is until the sample is read (call under
+    ``no_grad``)."""
+    view = t.reshape(-1)[::stride][:n]
+    return view.clone() if copy else view

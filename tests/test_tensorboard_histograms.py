@@ -1,0 +1,231 @@
+"""Per-layer histograms and the custom-scalars layout, read back with
+TensorBoard's own reader (issue 28)."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import signalprop as sp
+from signalprop.monitor.histograms import BINS, SAMPLE, histograms, stride_for, strided_sample
+
+EVERY = 2
+LEAVES = ("0", "1", "2", "3", "4")
+PARAMS = ("0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias")
+
+
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))
+
+
+def _train(model, writer, steps=6, **kw):
+    """SGD steps under the monitor; the weights before each step, as the test's own record."""
+    g = torch.Generator().manual_seed(1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    weights = []
+    with sp.monitor(model, every=EVERY, writer=writer, **kw) as mon:
+        for _ in range(steps):
+            x, y = torch.randn(32, 8, generator=g), torch.randint(0, 2, (32,), generator=g)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+            mon.step(loss)
+            opt.step()
+    weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    return mon, weights
+
+
+def _read(path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(path), size_guidance={"histograms": 0, "tensors": 0, "scalars": 0})
+    acc.Reload()
+    return acc
+
+
+def test_histograms_read_back_with_tensorboards_reader(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path))
+    _, weights = _train(_mlp(), writer)
+    writer.close()
+    acc = _read(tmp_path)
+    tags = set(acc.Tags()["histograms"])
+    want = {f"signalprop/{q}/{n}" for q in ("activation", "activation_grad") for n in LEAVES} | \
+        {f"signalprop/{q}/{n}" for q in ("weight", "grad", "update") for n in PARAMS}
+    assert want <= tags, sorted(want - tags)
+    for tag in want:  # sampled steps only; the last sample's update is written at close
+        events = acc.Histograms(tag)
+        assert [e.step for e in events] == [0, 2, 4], tag
+        for e in events:
+            h = e.histogram_value
+            assert sum(h.bucket) == h.num > 0 and len(h.bucket) == len(h.bucket_limit) == BINS + 1
+            assert h.min <= h.max and list(h.bucket_limit) == sorted(h.bucket_limit)
+            assert h.bucket_limit[-1] == pytest.approx(h.max, rel=1e-5, abs=1e-6)
+    # plausible values: tanh's outputs in (-1, 1), ReLU's >= 0, 32 x 32 outputs kept whole
+    for e in acc.Histograms("signalprop/activation/1"):
+        h = e.histogram_value
+        assert -1 < h.min < 0 < h.max < 1 and h.num == 32 * 32
+    assert all(e.histogram_value.min == 0 for e in acc.Histograms("signalprop/activation/3"))
+    # the weights and their updates against the test's own copies (256 entries: sampled whole)
+    for e in acc.Histograms("signalprop/weight/0.weight"):
+        w = weights[e.step]["0.weight"]
+        h = e.histogram_value
+        assert (h.min, h.max, h.num) == pytest.approx((w.min().item(), w.max().item(), 256), rel=1e-6)
+        assert h.sum_squares == pytest.approx(w.square().sum().item(), rel=1e-5)
+    for e in acc.Histograms("signalprop/update/2.weight"):
+        d = weights[e.step + 1]["2.weight"] - weights[e.step]["2.weight"]  # the sampled step's optimizer step
+        h = e.histogram_value
+        assert h.sum == pytest.approx(d.sum().item(), rel=1e-4, abs=1e-7)
+        assert h.sum_squares == pytest.approx(d.square().sum().item(), rel=1e-4)
+        assert h.sum_squares > 0
+
+
+def test_custom_scalars_layout_has_one_chart_per_statistic_with_every_layer(tmp_path):
+    from tensorboard.plugins.custom_scalar import layout_pb2
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path))
+    _train(_mlp(), writer, steps=3)
+    writer.close()
+    acc = _read(tmp_path)
+    configs = acc.Tensors("custom_scalars__config__")
+    assert len(configs) == 1  # written once per writer
+    lay = layout_pb2.Layout()
+    lay.ParseFromString(configs[0].tensor_proto.string_val[0])
+    charts = {c.title: list(c.multiline.tag) for cat in lay.category for c in cat.chart}
+    scalars = acc.Tags()["scalars"]
+    for q in ("grad_rms", "relative_grad_rms", "forward_second_moment", "dead_fraction", "loss"):
+        assert q in charts, sorted(charts)
+        hits = [t for t in scalars if any(re.search(rx, t) for rx in charts[q])]
+        if q == "loss":
+            assert hits == ["signalprop/loss"]
+            continue
+        # the chart's series: exactly the statistic's tags, one per layer
+        assert sorted(hits) == sorted(t for t in scalars if t.startswith(f"signalprop/{q}/")) and hits
+    assert {t.rsplit("/", 1)[1] for t in scalars if t.startswith("signalprop/grad_rms/")} == set(LEAVES)
+    assert not [t for t in scalars if re.search(charts["grad_rms"][0], t) and "relative" in t]
+
+
+def test_the_monitor_with_histograms_leaves_training_as_it_was(tmp_path):
+    """Same weights and the same global RNG state with and without the
+    monitor and its histograms; the model uses dropout, which draws from it."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    def run(writer):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Dropout(0.2), nn.Linear(32, 2))
+        g = torch.Generator().manual_seed(1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        mon = sp.monitor(model, every=EVERY, writer=writer) if writer is not None else None
+        for _ in range(5):
+            loss = F.cross_entropy(model(torch.randn(16, 8, generator=g)), torch.randint(0, 2, (16,), generator=g))
+            opt.zero_grad()
+            loss.backward()
+            if mon is not None:
+                mon.step(loss)
+            opt.step()
+        if mon is not None:
+            assert mon._histograms is not None
+            mon.close()
+        return [p.detach().clone() for p in model.parameters()], torch.get_rng_state()
+
+    writer = SummaryWriter(str(tmp_path))
+    (w1, r1), (w0, r0) = run(writer), run(None)
+    writer.close()
+    assert torch.equal(r1, r0)
+    assert all(torch.equal(a, b) for a, b in zip(w1, w0))
+
+
+def test_unsampled_steps_carry_no_histogram_hook(tmp_path):
+    """Between samples no global module hook is installed; during a sampled
+    forward one is, and it is gone after it."""
+    from torch.nn.modules import module as M
+    from torch.utils.tensorboard import SummaryWriter
+
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append(len(M._global_forward_hooks))
+            return x
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), Probe(), nn.Linear(8, 1))
+    base = len(M._global_forward_hooks)
+    writer = SummaryWriter(str(tmp_path))
+    with sp.monitor(model, every=3, writer=writer, update_ratio=False) as mon:
+        for _ in range(4):
+            loss = model(torch.randn(8, 4)).square().mean()
+            loss.backward()
+            mon.step(loss)
+        assert len(M._global_forward_hooks) == base
+    writer.close()
+    # step 0 and 3: the recorder's hook and the histograms'; steps 1, 2: none of either
+    assert seen[1] == seen[2] == base and seen[0] == seen[3] > base + 1
+
+
+def test_histograms_off_and_writers_without_histograms(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path))
+    _train(_mlp(), writer, steps=3, histograms=False)
+    writer.close()
+    assert not _read(tmp_path).Tags()["histograms"]
+
+    class ScalarsOnly:  # a writer with add_scalar and add_text only: scalars, no histograms, no error
+        def __init__(self):
+            self.tags = set()
+
+        def add_scalar(self, tag, v, step):
+            self.tags.add(tag)
+
+        def add_text(self, tag, text, step):
+            pass
+
+    w = ScalarsOnly()
+    mon, _ = _train(_mlp(), w, steps=3)
+    assert mon._histograms is None and "signalprop/grad_rms/0" in w.tags
+    with pytest.raises(TypeError, match="histograms must be True or False"):
+        sp.monitor(_mlp(), histograms="yes")
+
+
+def test_strided_sample_is_bounded_and_reaches_every_column():
+    t = torch.arange(1024 * 64, dtype=torch.float32).reshape(1024, 64)
+    s = strided_sample(t)
+    k = stride_for(t.numel(), 64)
+    # 65536 / 1024 = 64 would read column 0 only: bumped to 65, coprime to 64; ceil(65536 / 65) = 1009 entries
+    assert k == 65 and s.numel() == 1009 <= SAMPLE and math.gcd(k, 64) == 1
+    assert set((s.long() % 64).tolist()) == set(range(64))  # every unit appears
+    assert torch.equal(s, t.reshape(-1)[::k][:SAMPLE])
+    small = torch.randn(10, 3)
+    assert torch.equal(strided_sample(small), small.reshape(-1))
+    nc = torch.randn(64, 80).t()  # non-contiguous
+    assert torch.equal(strided_sample(nc), nc.reshape(-1)[::stride_for(nc.numel(), 64)][:SAMPLE])
+
+
+def test_histograms_match_numpy_and_drop_non_finite_values():
+    """The batched computation against numpy's histogram of each sample
+    (equal-width buckets over [min, max]), with NaN/Inf left out."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(1000, generator=g)
+    b = torch.rand(37, generator=g) * 5 + 2
+    c = torch.tensor([3.0, float("nan"), float("inf"), 3.0])  # one finite value, twice
+    d = torch.tensor([float("nan")])
+    ha, hb, hc, hd = histograms([a, b, c, d])
+    for h, v in ((ha, a.numpy()), (hb, b.numpy())):
+        counts, edges = np.histogram(v, bins=BINS)
+        assert list(h.bucket_counts[1:]) == counts.tolist()
+        assert np.allclose(h.bucket_limits, edges, rtol=1e-6, atol=1e-6)
+        assert (h.min, h.max, h.num) == pytest.approx((v.min(), v.max(), v.size))
+        assert h.sum == pytest.approx(float(v.sum()), rel=1e-5, abs=1e-4)
+    assert hc.num == 2 and hc.min == hc.max == 3.0 and sum(hc.bucket_counts) == 2
+    assert hd is None
