@@ -97,7 +97,15 @@ def cmd_theory(args: argparse.Namespace, out: Console) -> int:
     from . import theory
 
     plot = _out_file(args.plot, "--plot")  # sigma values are checked by summarize (ValueError: exit 2)
+    asked_line = args.sigma_b2 is not None  # the critical point on this line, unless --sigma-w2 names a weight
+    args.sigma_b2 = 0.0 if args.sigma_b2 is None else args.sigma_b2
     summary = theory.summarize(args.act, args.sigma_b2, args.sigma_w2)
+    if asked_line and args.sigma_w2 is None and summary["critical_sigma_w2"] is None:
+        # the numbers were asked at the critical point of this line and it has none: say why, rather than
+        # print a table whose point is missing (without --sigma-b2 the table is the activation's overview:
+        # gains, the critical_ point, and the reason the sigma_b2 = 0 line has none, as a note)
+        raise UsageError(f"{summary.get('critical_note', 'no critical point')}; pass --sigma-w2 to evaluate a "
+                         "weight variance of your choice")
     if plot is not None:
         import numpy as np
 
@@ -381,7 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("theory", help="mean-field numbers for an activation")
     t.add_argument("act", help="activation name, e.g. tanh, relu, sigmoid, gelu, leaky_relu(0.2)")
-    t.add_argument("--sigma-b2", type=_finite_float, default=0.0, help="bias variance sigma_b^2 (default 0)")
+    t.add_argument("--sigma-b2", type=_finite_float, default=None,
+                   help="bias variance sigma_b^2 (default 0): the numbers at this line's critical point; where "
+                        "it has none, the reason is printed and the exit code is 2 (without --sigma-b2, a "
+                        "missing critical point is a note in the table)")
     t.add_argument("--sigma-w2", type=_finite_float, default=None,
                    help="weight variance sigma_w^2 (default: the critical value at --sigma-b2)")
     t.add_argument("--json", action="store_true", help="print JSON instead of a table")
