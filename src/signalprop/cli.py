@@ -205,7 +205,7 @@ def cmd_check(args: argparse.Namespace, out: Console) -> int:
     report = check(built.model, built.inputs, bounds=(args.low, args.high), spectrum=args.spectrum)
     out.print(f"[bold]signalprop check[/bold] {escape(built.spec)}" +
               (f" (init: {escape(args.init)})" if args.init else ""))
-    out.print(renderable(report, out.width))
+    out.print(renderable(report, out.width, surface="cli"))  # fixes as flags (--init critical), not Python
     # the report is on the screen already; a file that cannot be written (a full disk) is an input error
     # (exit 2), after the other file has been tried
     failed = []
@@ -251,13 +251,13 @@ def cmd_demo(args: argparse.Namespace, out: Console) -> int:
         "at initialization: signalprop.check",
         ["init", "verdict", "grad RMS layer 1", "grad RMS last hidden", "max saturation", "problems"],
         [[r["init"], r["verdict"], _fmt(r["grad_first"], 3), _fmt(r["grad_last"], 3), f"{r['max_saturation']:.0%}",
-          ", ".join(p.replace(" .. ", "..") for p in r["problems"]) or "-"] for r in res["rows"]], out.width,
+          ", ".join(r["problems"]) or "-"] for r in res["rows"]], out.width,
         wrap=("init", "grad RMS layer 1", "grad RMS last hidden", "max saturation", "problems"),
         right=("grad RMS layer 1", "grad RMS last hidden", "max saturation"), styles={"verdict": verdicts}))
     worst = res["rows"][0]
     if worst["problem"]:
         out.print(f"[bold]{escape(worst['init'])}[/bold]: {escape(worst['problem'])}\n  [bold]fix:[/bold] "
-                  f"{escape(worst['suggestion'])}")
+                  f"{escape(worst.get('cli_suggestion') or worst['suggestion'])}")
     out.print(fitted_table(
         f"after {cfg.steps} steps of SGD (lr {cfg.lr}, momentum {cfg.momentum})",
         ["init", "final train loss", "test accuracy", "verdict after training"],

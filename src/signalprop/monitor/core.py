@@ -58,6 +58,7 @@ from ..probe.rows import layer_stats
 from ..probe.state import preserved
 from ..probe.stats import Part
 from ..records import FORMATS, Alert, LogitStats, MonitorReport, MonitorStep, evolve
+from ..words import module_label
 from ..statistics import MAX
 from . import alerts as A
 from .logit_alerts import logit_alerts
@@ -641,11 +642,13 @@ class Monitor:
             if A.established(ps, w[i:i + len(ps)], fan_ins):
                 judged.add(name)
             i += len(ps)
+        kinds: dict[str, str] = {}
         for j in range(len(self.history) - 1, -1, -1):
             if self.history[j].step == sample:
                 self.history[j] = evolve(self.history[j], update_ratios=tuple(ratios))
+                kinds = {layer.name: layer.kind for layer in self.history[j].layers}  # to name Linear #18
                 break
-        return A.update_alerts(k, ratios, weight_layers, judged)
+        return A.update_alerts(k, ratios, weight_layers, judged, kinds)
 
     # -- the non-finite origin -------------------------------------------------
     def _locate(self, k: int, loss: float | None, gvals: list[float], params: list[nn.Parameter],
@@ -693,9 +696,11 @@ class Monitor:
         order = {n: i for i, (n, _) in enumerate(self.model.named_modules())}
         worst = max(bad, key=lambda p: order.get(self._owner.get(p, ""), -1)) if bad else None
         where = self._owner.get(worst, "(model)") if worst is not None else "(model)"
+        owner = dict(self.model.named_modules()).get(where)
+        label = module_label(where, type(owner).__name__ if owner is not None else None)
         return Alert(k, "non-finite", where or "(root)",
                      f"step {k}: non-finite gradients in {len(bad)} parameter tensor(s), the output-nearest in "
-                     f"{where or '(root)'}" + (f" ({self._param_names.get(worst)})" if worst is not None else "")
+                     f"{label}" + (f" ({self._param_names.get(worst)})" if worst is not None else "")
                      + (f"; loss {loss}" if loss is not None else ""), fix, "backward")
 
     def _culprit(self) -> _Call | None:

@@ -121,7 +121,7 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
             backprop = f"loss {getattr(loss_fn, '__name__', type(loss_fn).__name__)}"
         else:
             root, cot = y, cotangent(y)
-            backprop = "random unit-variance cotangent on the output"
+            backprop = "a random unit-variance gradient on the output (no loss given)"
         params = [p for p in (model.parameters() if known is None else known[0]) if p.requires_grad]
         wrt = params + leaves + ([y] if loss_fn is not None and y.requires_grad else [])
         if not (params or leaves):
@@ -227,10 +227,11 @@ def _ancestors(name: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(len(parts) - 1, -1, -1)]
 
 
-def _own_code_origin(rec: Recorder, layers: list[LayerStats], backward: int | None) -> tuple[str, str, str] | None:
+def _own_code_origin(rec: Recorder, layers: list[LayerStats], backward: int | None
+                     ) -> tuple[str, str, str, str] | None:
     """Where a NaN/Inf was made by a module's *own* code (``torch.log`` in a
     block's ``forward``) rather than by a recorded row: (module name, phase,
-    the last row before it).  Forward: the first non-finite row does not read
+    the last row before it, the module's class).  Forward: the first non-finite row does not read
     the previous row's output, so an operation no row recorded made it; the
     module is the innermost enclosing one of the previous row, not of the
     first non-finite one, whose own output is non-finite (else the one
@@ -259,7 +260,8 @@ def _own_code_origin(rec: Recorder, layers: list[LayerStats], backward: int | No
         name = bad_out[0] if bad_out else next((a for a in _ancestors(before.name) if a in outer), "")
     else:
         name = own[0] if own else next((a for a in _ancestors(before.name) if a in outer), "")
-    return name, phase, before.name
+    module = dict(rec.model.named_modules()).get(name)
+    return name, phase, before.name, type(module).__name__ if module is not None else ""
 
 
 def _backward_origin(rows: list[Row], layers: list[LayerStats]) -> int | None:
