@@ -88,24 +88,28 @@ def test_the_vanishing_sigmoid_net_names_the_layer_and_the_bound():
 
 def test_a_norm_adjusted_figure_is_called_one():
     """A row feeding a norm is judged by gradient x its RMS / the norm's
-    output RMS: the message says so and gives the plain figure beside it."""
+    output RMS: the message says so and gives the plain figure beside it.
+    Here a constant zero vector (a padding position, not a parameter) meets
+    a LayerNorm with eps 1e-12, so the scale-free figure is still huge."""
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            self.emb = nn.Embedding(50, 32)
+            self.proj = nn.Linear(12, 32)
             self.drop = nn.Dropout(0.0)
-            self.norm = nn.LayerNorm(32)
-            self.out = nn.Linear(32, 50)
-            nn.init.normal_(self.emb.weight, std=100.0)
-            nn.init.normal_(self.out.weight, std=0.2)
+            self.norm = nn.LayerNorm(32, eps=1e-12)
+            self.out = nn.Linear(32, 10)
 
-        def forward(self, ids):
-            return self.out(self.norm(self.drop(self.emb(ids))))
+        def forward(self, x):
+            h = self.proj(x)
+            h = torch.cat([torch.zeros_like(h[:, :1]), h], dim=1)
+            return self.out(self.norm(self.drop(h)))
 
     torch.manual_seed(0)
-    r = sp.check(Net(), torch.randint(0, 50, (8, 16)))
+    r = sp.check(Net(), torch.randn(8, 16, 12))
     p = next(p for p in r.problems if p.layer == "drop")
-    assert "Because drop feeds the norm norm" in p.message and "judged scale-free" in p.message, p.message
+    assert p.kind == "exploding" and not p.parameters
+    assert p.message.startswith("The gradient explodes toward the input at drop. Because drop feeds the norm norm")
+    assert "judged scale-free" in p.message, p.message
     raw = r.layers[[layer.name for layer in r.layers].index("drop")].relative_grad_rms
     assert f"({raw:.3g} times the RMS at the model's output)" in p.message
 

@@ -58,8 +58,8 @@ from ..probe.rows import layer_stats
 from ..probe.state import preserved
 from ..probe.stats import Part
 from ..records import FORMATS, Alert, LogitStats, MonitorReport, MonitorStep, evolve
-from ..words import module_label
 from ..statistics import MAX
+from ..words import module_label
 from . import alerts as A
 from .logit_alerts import logit_alerts
 

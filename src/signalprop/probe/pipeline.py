@@ -16,6 +16,8 @@ from torch import nn
 
 from ..layers import BATCHNORMS
 from ..records import InputStats, LayerStats, Report, Summary
+from ..words import count
+from .causes import explain
 from .diagnose import diagnose
 from .distributed import GRAD_NORM, MEAN, NORM, SUM, Reduction, is_ddp, is_sharded
 from .gather import finalise, has_nonfinite
@@ -178,9 +180,11 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
     verdict, problems, layers, judged = diagnose(layers, inp, bounds, trend, backward_origin=origin, culprit=culprit,
                                                  residual=merges,
                                                  dead_unjudged_from=stale[0].index if stale else None)
+    if problems:  # the parameters behind a problem, where its mechanism leaves a mark (see .causes)
+        problems = explain(problems, layers, rec.rows, model, bounds, dict(zip(params, grads[:n_p])))
     notes = judged.pop("notes")
     if stale:
-        notes.append(f"{len(stale)} BatchNorm layer(s) in eval mode with running statistics never updated "
+        notes.append(f"{count(len(stale), 'BatchNorm layer')} in eval mode with running statistics never updated "
                      f"(first: {stale[0].name}) pass the signal unnormalised, as neither training nor a trained "
                      "model would: dead units after them are not judged; check in train mode (model.train()) "
                      "to see what training sees")
