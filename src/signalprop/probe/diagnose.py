@@ -342,7 +342,8 @@ def _time_problem(layer: LayerStats, lo: float) -> Problem:
     r, steps = layer.stats["time_grad_ratio"], layer.stats.get("time_steps")
     horizon = layer.stats.get("time_horizon")
     lstm = layer.kind == "LSTM"
-    label = _label(layer)
+    where = f"{layer.name} ({layer.kind} over {steps} steps)" if layer.name else \
+        f"the model's {layer.kind} (over {steps} steps)"
     fix = ("set the forget-gate bias to 1 (Jozefowicz et al. 2015: b_f in bias_ih/bias_hh) so the cell state "
            "carries the gradient, " if lstm else "") + \
         ("use orthogonal recurrent weights (sp.init.orthogonal_ on weight_hh), a gated cell (LSTM/GRU) if this is "
@@ -350,12 +351,12 @@ def _time_problem(layer: LayerStats, lo: float) -> Problem:
         "or truncate backpropagation through time to the steps that are reached"
     cli = fix.replace("(sp.init.orthogonal_ on weight_hh)", "(--init orthogonal)").replace(
         "set the forget-gate bias to 1", "in the model's code, set the forget-gate bias to 1")
-    smallest = "exactly 0 (it underflows)" if r == 0 else f"{r:.2g} times"
+    smallest = (f"exactly 0 (it underflows), below the lower bound {sci(lo)} times that at its best-reached step"
+                if r == 0 else f"{r:.2g} times that at its best-reached step, below the lower bound {sci(lo)}")
     return Problem(
         layer.name, "vanishing",
-        f"The gradient vanishes through time in {label} ({layer.kind} over {steps} steps). The gradient reaching "
-        f"its input at the earliest steps is {smallest} that at its best-reached step, below the lower bound "
-        f"{sci(lo)}: only {horizon} of {steps} steps get a gradient within that range, so the earlier steps do not "
+        f"The gradient vanishes through time in {where}. The gradient reaching its input at the earliest steps is "
+        f"{smallest}: only {horizon} of {steps} steps get a gradient within that range, so the earlier steps do not "
         "learn.", fix, layer.index, layer.index, cli_suggestion=cli)
 
 
