@@ -67,10 +67,3 @@ def sci(x: float) -> str:
         if abs(e) >= 3 and math.isclose(x, 10.0 ** e, rel_tol=1e-12):
             return f"1e{e}"
     return f"{x:g}"
-
-
-def number(x: float) -> str:
-    """A measured value to three digits, exact zero called what it is."""
-    if x == 0:
-        return "exactly 0 (it underflows)"
-    return f"{x:.3g}"

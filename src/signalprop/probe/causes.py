@@ -50,7 +50,11 @@ from .diagnose import _effective
 from .recorder import Row
 
 SMALL_NORM_WEIGHT = 0.1  # torch initialises norm weights to 1; under 0.1 each norm shrinks the signal 10x or more
-ONE_LAYER_GAIN = math.sqrt  # of the upper bound: one layer that makes half the excess (in log) is the cause
+
+
+def _one_layer_limit(hi: float) -> float:
+    """The gain one layer must have to be the cause: sqrt(high), half the upper bound's orders of magnitude."""
+    return math.sqrt(hi)
 
 
 def explain(problems: Sequence[Problem], layers: Sequence[LayerStats], rows: Sequence[Row], model: nn.Module,
@@ -93,7 +97,8 @@ def _collapsing_norms(problems: list[Problem], layers: Sequence[LayerStats], row
                       lo: float) -> list[Problem]:
     out = []
     for p in problems:
-        if p.kind != "vanishing" or p.first < 0 or p.parameters:
+        through_time = p.first == p.last and "time_grad_ratio" in layers[p.first].stats if p.first >= 0 else False
+        if p.kind != "vanishing" or p.first < 0 or p.parameters or through_time:
             out.append(p)
             continue
         small = []
@@ -277,12 +282,19 @@ def _one_layer_gain(problems: list[Problem], layers: Sequence[LayerStats], rows:
         if prod is None or not prod.relative_grad_rms:
             continue
         gain = prod.relative_grad_rms / g_out
-        if gain > ONE_LAYER_GAIN(hi) and (best is None or gain > best[0]):
+        if gain > _one_layer_limit(hi) and (best is None or gain > best[0]):
             best = (gain, j, prod)
     if best is None:
         return problems
     gain, j, prod = best
-    covered = [p for p in exploding if p.first <= prod.index]
+    # the problems this layer explains: past the bound by their own rows' figures (not a depth trend), before
+    # it, and back within the bound without its gain
+    eff, _ = _effective(list(layers))
+
+    def excess(p: Problem) -> float:
+        return max((v for v in eff[p.first:p.last + 1] if v is not None), default=0.0)
+
+    covered = [p for p in exploding if p.first <= prod.index and hi < excess(p) <= hi * gain]
     if not covered:
         return problems
     merged = _gain_problem(covered, layers, rows, j, gain, ties, modules)
