@@ -116,14 +116,26 @@ def test_silu_at_sigma_b2_half_has_no_attracting_critical_point():
     assert f"chi1 = {float(R.moments_ld('silu', settle)[1] / d2):.6g}" in str(err.value)
 
 
-def test_cli_theory_reports_the_refusal_in_one_line_without_a_traceback(capsys):
-    """``signalprop theory silu --sigma-b2 0.5`` prints the other numbers and
-    the reason there is no critical line, as ``theory silu`` (sigma_b2 = 0)
-    does; no traceback."""
-    assert main(["theory", "silu", "--sigma-b2", "0.5", "--json"]) == 0
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err
-    assert "repels" in out and '"critical_sigma_w2": null' in out
+def test_cli_theory_refuses_a_missing_critical_point_in_one_line_with_the_reason(capsys):
+    """``signalprop theory silu --sigma-b2 0.5`` asks for the numbers at the
+    critical point, and there is none on that line: one line on stderr with
+    the reason, exit 2 (a usage error), no traceback and no table.  With
+    ``--sigma-w2`` the same line is evaluated at that weight (exit 0), the
+    reason still in ``critical_note``; without ``--sigma-b2`` the table is the
+    activation's overview (gains, the ``critical_`` point) with the reason as a
+    note, exit 0."""
+    for extra in ([], ["--json"]):
+        assert main(["theory", "silu", "--sigma-b2", "0.5", *extra]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and "Traceback" not in err
+        assert err.count("\n") == 1 and err.startswith("error: silu: no attracting critical point")
+        assert "repels" in err and "--sigma-w2" in err
+    assert main(["theory", "silu", "--sigma-b2", "0.5", "--sigma-w2", "1.5", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "repels" in out and '"critical_sigma_w2": null' in out and '"chi1"' in out
+    assert main(["theory", "silu", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert '"critical_sigma_w2": null' in out and '"critical_init_sigma_w2"' in out
 
 
 def test_zero_bias_critical_point_of_an_activation_whose_slope_jumps_at_0():

@@ -137,7 +137,7 @@ def test_diagnose_is_pure():
 
 def test_trend_rows_carry_the_verdict():
     r = sp.check(mlp(20, "relu", "xavier_normal", width=256), torch.randn(64, 256, generator=gen(1)))
-    p = next(p for p in r.problems if "vanishing with depth" in p.message)
+    p = next(p for p in r.problems if "repeated Linear layers" in p.message)
     assert all(r.layers[i].verdict == "vanishing" for i in range(p.first, p.last + 1)
                if r.layers[i].kind == "Linear" and i < p.last)
 

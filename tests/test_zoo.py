@@ -27,6 +27,7 @@ def test_known_bad_models_get_the_right_kind_and_module(case, batch, seq):
     assert row["verdict"] == case.expected, row["message"]
     if case.layer is not None:
         assert row["layer"].split(" ")[0] == case.layer, row["message"]
+    assert set(case.cause) <= set(row["parameters"]), row["message"]  # the cause, by its parameters
 
 
 def test_zoo_experiment_counts(tmp_path):

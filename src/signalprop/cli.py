@@ -97,7 +97,15 @@ def cmd_theory(args: argparse.Namespace, out: Console) -> int:
     from . import theory
 
     plot = _out_file(args.plot, "--plot")  # sigma values are checked by summarize (ValueError: exit 2)
+    asked_line = args.sigma_b2 is not None  # the critical point on this line, unless --sigma-w2 names a weight
+    args.sigma_b2 = 0.0 if args.sigma_b2 is None else args.sigma_b2
     summary = theory.summarize(args.act, args.sigma_b2, args.sigma_w2)
+    if asked_line and args.sigma_w2 is None and summary["critical_sigma_w2"] is None:
+        # the numbers were asked at the critical point of this line and it has none: say why, rather than
+        # print a table whose point is missing (without --sigma-b2 the table is the activation's overview:
+        # gains, the critical_ point, and the reason the sigma_b2 = 0 line has none, as a note)
+        raise UsageError(f"{summary.get('critical_note', 'no critical point')}; pass --sigma-w2 to evaluate a "
+                         "weight variance of your choice")
     if plot is not None:
         import numpy as np
 
@@ -206,7 +214,7 @@ def cmd_check(args: argparse.Namespace, out: Console) -> int:
     report = check(built.model, built.inputs, bounds=(args.low, args.high), spectrum=args.spectrum, dtype=args.dtype)
     out.print(f"[bold]signalprop check[/bold] {escape(built.spec)}" +
               (f" (init: {escape(args.init)})" if args.init else ""))
-    out.print(renderable(report, out.width))
+    out.print(renderable(report, out.width, surface="cli"))  # fixes as flags (--init critical), not Python
     precision = report.precision() if args.dtype is not None else None
     if precision is not None:
         style = "green" if precision.verdict == "fits" else "red"
@@ -257,13 +265,13 @@ def cmd_demo(args: argparse.Namespace, out: Console) -> int:
         "at initialization: signalprop.check",
         ["init", "verdict", "grad RMS layer 1", "grad RMS last hidden", "max saturation", "problems"],
         [[r["init"], r["verdict"], _fmt(r["grad_first"], 3), _fmt(r["grad_last"], 3), f"{r['max_saturation']:.0%}",
-          ", ".join(p.replace(" .. ", "..") for p in r["problems"]) or "-"] for r in res["rows"]], out.width,
+          ", ".join(r["problems"]) or "-"] for r in res["rows"]], out.width,
         wrap=("init", "grad RMS layer 1", "grad RMS last hidden", "max saturation", "problems"),
         right=("grad RMS layer 1", "grad RMS last hidden", "max saturation"), styles={"verdict": verdicts}))
     worst = res["rows"][0]
     if worst["problem"]:
         out.print(f"[bold]{escape(worst['init'])}[/bold]: {escape(worst['problem'])}\n  [bold]fix:[/bold] "
-                  f"{escape(worst['suggestion'])}")
+                  f"{escape(worst.get('cli_suggestion') or worst['suggestion'])}")
     out.print(fitted_table(
         f"after {cfg.steps} steps of SGD (lr {cfg.lr}, momentum {cfg.momentum})",
         ["init", "final train loss", "test accuracy", "verdict after training"],
@@ -452,7 +460,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("theory", help="mean-field numbers for an activation")
     t.add_argument("act", help="activation name, e.g. tanh, relu, sigmoid, gelu, leaky_relu(0.2)")
-    t.add_argument("--sigma-b2", type=_finite_float, default=0.0, help="bias variance sigma_b^2 (default 0)")
+    t.add_argument("--sigma-b2", type=_finite_float, default=None,
+                   help="bias variance sigma_b^2 (default 0): the numbers at this line's critical point; where "
+                        "it has none, the reason is printed and the exit code is 2 (without --sigma-b2, a "
+                        "missing critical point is a note in the table)")
     t.add_argument("--sigma-w2", type=_finite_float, default=None,
                    help="weight variance sigma_w^2 (default: the critical value at --sigma-b2)")
     t.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -198,7 +198,14 @@ class LayerStats:
 
 @dataclass(frozen=True)
 class Problem:
-    """A finding: which layer(s), what kind, why in one line, and what to do."""
+    """A finding: which layer(s), what kind, what and why (``message``: one
+    sentence each, the second with the number judged and what it is
+    relative to), and what to do (``suggestion``, in Python).
+    ``cli_suggestion``: the same advice for a ``signalprop check`` user
+    (``--init critical`` rather than ``critical_(model, inputs)``); empty
+    where it is the same -- read both through :meth:`fix`.  ``parameters``:
+    the parameters a cause names (``transformer.wte.weight``), when the
+    problem was traced to them."""
 
     layer: str
     kind: Verdict
@@ -206,13 +213,22 @@ class Problem:
     suggestion: str
     first: int = -1
     last: int = -1
+    cli_suggestion: str = ""
+    parameters: tuple[str, ...] = ()
+
+    def fix(self, surface: Literal["python", "cli"] = "python") -> str:
+        """The advice as a Python user (the default) or a command-line user
+        (``surface="cli"``: ``signalprop check``'s flags) acts on it."""
+        if surface not in ("python", "cli"):
+            raise ValueError(f"surface must be 'python' or 'cli', got {surface!r}")
+        return (self.cli_suggestion or self.suggestion) if surface == "cli" else self.suggestion
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Problem:
-        return _from_dict(cls, d)
+        return _from_dict(cls, {**d, "parameters": tuple(d.get("parameters", ()))})
 
 
 @dataclass(frozen=True)

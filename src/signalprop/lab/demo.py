@@ -16,6 +16,7 @@ from typing import Any
 
 from ..probe.check import check
 from ..records import _clean
+from ..words import span_label
 from .datasets import digits
 from .models import build
 from .registry import environment, run_experiment
@@ -43,6 +44,14 @@ class DemoConfig:
 
 _LABEL = {"normal": "naive N(0,1)", "default": "torch default", "xavier_normal": "Xavier normal",
           "critical": "critical (signalprop)"}
+
+
+def _where(report: Any, p: Any) -> str:
+    """Where a problem is, in words (``layers 0–99``)."""
+    if not 0 <= p.first <= p.last < len(report.layers):
+        return p.layer
+    a, b = report.layers[p.first], report.layers[p.last]
+    return span_label(a.name, a.kind, b.name, b.kind)
 
 
 def demo_seed(cfg: DemoConfig, out: Path) -> dict[str, float]:
@@ -102,8 +111,9 @@ def _run(cfg: DemoConfig, out: Path, progress: Any, seed: dict[str, float]) -> d
                               None),
             "first_last_grad_ratio": s.first_last_grad_ratio, "max_saturation": sat,
             "problem": before.problems[0].message if before.problems else "",
-            "problems": [f"{p.kind} ({p.layer})" for p in before.problems],
+            "problems": [f"{p.kind} ({_where(before, p)})" for p in before.problems],
             "suggestion": before.problems[0].suggestion if before.problems else "",
+            "cli_suggestion": before.problems[0].fix("cli") if before.problems else "",
             "final_loss": res.losses[-1] if res.losses else None, "test_acc": res.test_acc,
             "val_acc": res.val_acc, "diverged": res.diverged, "verdict_after": after.verdict,
             "loss_curve": res.losses,

@@ -34,6 +34,7 @@ class Case:
     layer: str | None = None  # for broken cases: the first problem's layer must start with this
     needs: str | None = None  # optional package ("transformers")
     sequence: bool = True  # whether ``seq`` means anything to it
+    cause: tuple[str, ...] = ()  # for broken cases: parameters the first problem must name as its cause
 
 
 def _ids(b: int, t: int, vocab: int, g: torch.Generator) -> torch.Tensor:
@@ -130,6 +131,10 @@ def _lstm(b: int, t: int, g: torch.Generator) -> tuple[nn.Module, Any, dict[str,
     return nn.LSTM(32, 64, num_layers=3, batch_first=True), torch.randn(b, t, 32, generator=g), {}
 
 
+def _gru(b: int, t: int, g: torch.Generator) -> tuple[nn.Module, Any, dict[str, Any]]:
+    return nn.GRU(32, 64, num_layers=2, batch_first=True), torch.randn(b, t, 32, generator=g), {}
+
+
 def _mlp(depth: int, act: str, init: str, width: int = 128, bias: bool = True) -> nn.Sequential:
     from .. import activations
     from .. import init as spi
@@ -219,6 +224,49 @@ def _resmlp_unscaled(b: int, t: int, g: torch.Generator) -> tuple[nn.Module, Any
     return m, torch.randn(b, 128, generator=g), {}
 
 
+class LastStep(nn.Module):
+    """A recurrent model read out on its last step only (a sequence classifier)."""
+
+    def __init__(self, forget_bias: float) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(16, 32, batch_first=True)
+        self.head = nn.Linear(32, 4)
+        with torch.no_grad():  # PyTorch's gate order: input, forget, cell, output
+            for name, p in self.lstm.named_parameters():
+                if name.startswith("bias"):
+                    p.zero_()
+                    p[32:64] = forget_bias / 2  # b_ih + b_hh = forget_bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+def _lstm_forget_bias(b: int, t: int, g: torch.Generator) -> tuple[nn.Module, Any, dict[str, Any]]:
+    torch.manual_seed(0)
+    # 64 steps whatever the zoo's length: over 8 the hidden-state path alone carries a gradient near the bound,
+    # and the case is about what a forget gate of e^-10 does to a sequence, not where that path gives out
+    return LastStep(-10.0), torch.randn(b, 64, 16, generator=g), {}
+
+
+def _deit(b: int, t: int, g: torch.Generator) -> tuple[nn.Module, Any, dict[str, Any]]:
+    m = _hf("DeiTModel", "DeiTConfig", num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+            intermediate_size=128, image_size=32, patch_size=8)
+    return m, torch.randn(b, 3, 32, 32, generator=g), {}
+
+
+def _gpt2_large_wte(b: int, t: int, g: torch.Generator) -> tuple[nn.Module, Any, dict[str, Any]]:
+    m, inputs, kw = _gpt2(b, t, g)
+    nn.init.normal_(cast(Any, m).transformer.wte.weight, std=100.0)  # also lm_head.weight: the two are tied
+    return m, inputs, kw
+
+
+def _cli_default(b: int, t: int, g: torch.Generator) -> tuple[nn.Module, Any, dict[str, Any]]:
+    from .models import build
+
+    built = build("mlp:depth=50,width=256,act=sigmoid,init=normal", batch=b, seed=0)
+    return built.model, built.inputs, {}
+
+
 GOOD: tuple[Case, ...] = (
     Case("gpt2", _gpt2, "healthy", needs="transformers"),
     Case("llama", _llama_stock, "healthy", needs="transformers"),
@@ -232,6 +280,7 @@ GOOD: tuple[Case, ...] = (
     Case("rwkv (eval)", _rwkv, "healthy", needs="transformers"),
     Case("nn.TransformerEncoder", _encoder, "healthy"),
     Case("nn.LSTM", _lstm, "healthy"),
+    Case("nn.GRU", _gru, "healthy"),
     Case("mlp relu kaiming", _mlp_case(20, "relu", "kaiming_normal"), "healthy", sequence=False),
     Case("mlp tanh xavier", _mlp_case(20, "tanh", "xavier_normal"), "healthy", sequence=False),
     Case("mlp sigmoid critical_", _critical_mlp("sigmoid"), "healthy", sequence=False),
@@ -244,6 +293,18 @@ BAD: tuple[Case, ...] = (
     Case("mlp relu xavier (50 layers)", _mlp_case(50, "relu", "xavier_normal"), "vanishing", layer="0",
          sequence=False),
     Case("mlp sigmoid N(0,1)", _mlp_case(30, "sigmoid", "normal"), "saturated", layer="1", sequence=False),
+    # signalprop check's default model: at width 256, N(0, 1) weights give every layer a backward gain of
+    # sqrt(256 E[sigmoid'(z)^2]) ~ 1.2 with z ~ N(0, 120) -- the gradient grows 1.2x a layer while the
+    # sigmoids saturate; at width 128 (above) the gain is ~1.05 and saturation is the finding
+    Case("mlp sigmoid N(0,1), 50 x 256 (the CLI's default model)", _cli_default, "exploding", layer="0",
+         sequence=False),
+    Case("lstm, forget-gate bias -10, read on the last of 64 steps", _lstm_forget_bias, "vanishing", layer="lstm",
+         sequence=False),
+    Case("deit (zero tokens into LayerNorm eps 1e-12)", _deit, "exploding", layer="embeddings",
+         needs="transformers", sequence=False,
+         cause=("embeddings.cls_token", "embeddings.distillation_token", "embeddings.position_embeddings")),
+    Case("gpt2, wte std 100 (tied to lm_head)", _gpt2_large_wte, "exploding", layer="lm_head",
+         needs="transformers", cause=("transformer.wte.weight", "lm_head.weight")),
     Case("resmlp 60 blocks, no residual scaling", _resmlp_unscaled, "exploding", sequence=False),
     Case("sqrt inside torch.where (NaN in backward)", _backward_nan, "non-finite", layer="3", sequence=False),
     Case("log of negatives (NaN in forward)", _forward_nan, "non-finite", layer="3", sequence=False),
@@ -271,11 +332,12 @@ def run_case(case: Case, batch: int, seq: int, seed: int = 0) -> dict[str, Any]:
     r = check(model, inputs, **kw)
     first = r.problems[0] if r.problems else None
     ok = r.verdict == case.expected and (case.layer is None or (first is not None and
-                                                                first.layer.startswith(case.layer)))
+                                                                first.layer.startswith(case.layer))) \
+        and set(case.cause) <= set(first.parameters if first is not None else ())
     return {"model": case.name, "batch": batch, "seq": seq if case.sequence else None, "verdict": r.verdict,
             "expected": case.expected, "layer": first.layer if first else None, "expected_layer": case.layer,
             "ok": ok, "seconds": time.perf_counter() - t0,
-            "message": first.message if first else ""}
+            "message": first.message if first else "", "parameters": list(first.parameters) if first else []}
 
 
 @dataclass(frozen=True)

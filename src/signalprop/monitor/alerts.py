@@ -41,13 +41,14 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import cast
 
 import torch
 
 from ..layers import tensor_fans
 from ..records import Alert, AlertKind, LayerStats, MonitorStep
+from ..words import module_label
 from . import divergence as D
 from .spikes import batch_spike
 
@@ -125,7 +126,8 @@ def sampled_alerts(current: MonitorStep, history: Sequence[MonitorStep], drift: 
     base_hist = history[:BASELINE_SAMPLES]
     grew: list[tuple[float, str]] = []
     shrank: list[tuple[float, str]] = []
-    for name, layer in _by_name(current.layers).items():
+    by_name = _by_name(current.layers)
+    for name, layer in by_name.items():
         # relative to the output's gradient: a converging run's gradients all shrink with
         # its loss, which is no vanishing; a layer falling behind the output's is
         v = layer.relative_grad_rms
@@ -138,16 +140,20 @@ def sampled_alerts(current: MonitorStep, history: Sequence[MonitorStep], drift: 
             shrank.append((b / v if v > 0 else math.inf, name))
     if grew:
         f, name = max(grew)
+        label = module_label(name, by_name[name].kind)
         out.append(Alert(current.step, "exploding", name,
-                         f"gradient RMS of {name} (relative to the output's) grew {f:.3g}x since the first samples "
-                         f"({len(grew)} layer(s) grew > {drift:g}x)",
+                         f"The gradient at {label} grew {f:.3g}x since the first samples. Its RMS relative to the "
+                         f"gradient at the model's output moved more than the {drift:g}x allowed "
+                         f"({_layers(len(grew))} past it).",
                          "lower the learning rate for this layer's group, clip (sp.clip.agc_), or add "
                          "normalisation / a residual path", "backward"))
     if shrank:
         f, name = max(shrank)
+        label = module_label(name, by_name[name].kind)
         out.append(Alert(current.step, "vanishing", name,
-                         f"gradient RMS of {name} (relative to the output's) fell {f:.3g}x since the first samples "
-                         f"({len(shrank)} layer(s) fell > {drift:g}x)",
+                         f"The gradient at {label} fell {f:.3g}x since the first samples. Its RMS relative to the "
+                         f"gradient at the model's output moved more than the {drift:g}x allowed "
+                         f"({_layers(len(shrank))} past it).",
                          "look for saturating or dying units upstream (this report's saturation/dead columns); "
                          "a smaller learning rate or a different initialization (sp.init.critical_)", "backward"))
     for kind, attr, limit in (("saturated", "saturation", CREEP_LIMIT), ("dead", "dead_fraction", CREEP_LIMIT)):
@@ -163,9 +169,11 @@ def sampled_alerts(current: MonitorStep, history: Sequence[MonitorStep], drift: 
                 moved.append((v - b, name, b, v))
         if moved:
             _, name, b, v = max(moved)
+            label = module_label(name, by_name[name].kind)
+            what = "saturated outputs" if kind == "saturated" else "dead units"
             out.append(Alert(current.step, cast(AlertKind, kind), name,
-                             f"{attr.replace('_', ' ')} of {name} rose from {b:.0%} to {v:.0%} "
-                             f"({len(moved)} layer(s) crossed {limit:.0%})",
+                             f"{label} is {kind}: its share of {what} rose from {b:.0%} at the first samples to "
+                             f"{v:.0%}, past {limit:.0%} ({_layers(len(moved))} past it).",
                              "lower the learning rate; for saturation, normalise the pre-activations or use "
                              "a non-saturating activation; for dead units, a leaky activation or smaller steps",
                              "forward"))
@@ -188,11 +196,16 @@ def established(params: Sequence[torch.Tensor], norms: Sequence[float], fan_ins:
     return True
 
 
+def _layers(n: int) -> str:
+    return "1 layer" if n == 1 else f"{n} layers"
+
+
 def update_alerts(step: int, ratios: Sequence[tuple[str, float]], weight_layers: set[str],
-                  judged: set[str] | None = None) -> list[Alert]:
+                  judged: set[str] | None = None, kinds: Mapping[str, str] | None = None) -> list[Alert]:
     """The update/weight ratio of the optimizer step taken at ``step``;
     ``judged``: the modules whose ratio may be too large (see
-    :func:`established`; default all)."""
+    :func:`established`; default all); ``kinds``: each module's class, to
+    name an unnamed Sequential child as ``Linear #18``."""
     out: list[Alert] = []
     finite = [(r, n) for n, r in ratios if math.isfinite(r)]
     if not finite:
@@ -200,15 +213,18 @@ def update_alerts(step: int, ratios: Sequence[tuple[str, float]], weight_layers:
     high = [(r, n) for r, n in finite if r > UPDATE_HIGH and (judged is None or n in judged)]
     if high:
         r, n = max(high)
+        label = module_label(n, (kinds or {}).get(n))
         out.append(Alert(step, "update-too-large", n,
-                         f"the optimizer step changed {n}'s weights by {r:.3g} of their norm "
-                         f"({len(high)} module(s) above {UPDATE_HIGH:g}; the usual band is 1e-4 to 1e-2)",
+                         f"The optimizer step changed {label}'s weights by {r:.3g} of their norm. That is above "
+                         f"{UPDATE_HIGH:g}, where the usual band is 1e-4 to 1e-2 "
+                         f"({'1 module' if len(high) == 1 else f'{len(high)} modules'} above it).",
                          "lower the learning rate for this group (or use warm-up); clip (sp.clip.agc_)", "update"))
     weights = [r for r, n in finite if n in weight_layers]
     if weights and statistics.median(weights) < UPDATE_LOW:
         med = statistics.median(weights)
         out.append(Alert(step, "update-too-small", "(model)",
-                         f"the median weight layer moved {med:.3g} of its norm in one step (usual: 1e-4 to 1e-2)",
+                         f"The weights barely moved. The median weight layer changed by {med:.3g} of its norm in one "
+                         f"step, below {UPDATE_LOW:g}, where the usual band is 1e-4 to 1e-2.",
                          "raise the learning rate, or check that the optimizer holds these parameters", "update"))
     return out
 
@@ -234,10 +250,13 @@ def overflow_alerts(current: MonitorStep, limit: float = FLOAT16_MAX, headroom: 
     if not close:
         return []
     room, name, what = min(close)
+    layer = _by_name(current.layers)[name]
+    n = len({n for _, n, _ in close})
     return [Alert(current.step, "overflow-risk", name,
-                  f"the largest |{what}| entry of {name} is 1/{room:.3g} of the largest finite value of its "
-                  f"format ({limit:g}): {math.log2(room):.1f} doublings from overflowing "
-                  f"({len({n for _, n, _ in close})} module(s) within {headroom:g}x)",
+                  f"The {what} of {module_label(name, layer.kind)} is {math.log2(room):.1f} doublings from "
+                  f"overflowing. Its largest |{what}| entry is 1/{room:.3g} of the largest finite value of its "
+                  f"format ({limit:g}), within the {headroom:g}x headroom "
+                  f"({'1 module' if n == 1 else f'{n} modules'} within it).",
                   "with float16, use a GradScaler for gradients, or bfloat16 (float32's range); scale the "
                   "module's input or output down (normalise it), or lower the learning rate if it is growing",
                   "backward" if what == "gradient" else "forward")]

@@ -60,6 +60,7 @@ from ..probe.state import preserved
 from ..probe.stats import Part
 from ..records import FORMATS, Alert, LogitStats, MonitorReport, MonitorStep, evolve
 from ..statistics import MAX
+from ..words import module_label
 from . import alerts as A
 from .logit_alerts import logit_alerts
 from .optimizer import adam_lag, check_optimizer, learning_rates, update_spike_alerts
@@ -723,7 +724,12 @@ class Monitor:
             if A.established(ps, w[i:i + len(ps)], fan_ins):
                 judged.add(name)
             i += len(ps)
-        out = A.update_alerts(snap.k, ratios, weight_layers, judged)
+        kinds: dict[str, str] = {}
+        for j in range(len(self.history) - 1, -1, -1):
+            if self.history[j].step == snap.sample:
+                kinds = {layer.name: layer.kind for layer in self.history[j].layers}  # to name Linear #18
+                break
+        out = A.update_alerts(snap.k, ratios, weight_layers, judged, kinds)
         for j in range(len(self.history) - 1, -1, -1):
             if self.history[j].step == snap.sample:
                 h = self.history[j]
@@ -782,9 +788,11 @@ class Monitor:
         order = {n: i for i, (n, _) in enumerate(self.model.named_modules())}
         worst = max(bad, key=lambda p: order.get(self._owner.get(p, ""), -1)) if bad else None
         where = self._owner.get(worst, "(model)") if worst is not None else "(model)"
+        owner = dict(self.model.named_modules()).get(where)
+        label = module_label(where, type(owner).__name__ if owner is not None else None)
         return Alert(k, "non-finite", where or "(root)",
                      f"step {k}: non-finite gradients in {len(bad)} parameter tensor(s), the output-nearest in "
-                     f"{where or '(root)'}" + (f" ({self._param_names.get(worst)})" if worst is not None else "")
+                     f"{label}" + (f" ({self._param_names.get(worst)})" if worst is not None else "")
                      + (f"; loss {loss}" if loss is not None else ""), fix, "backward")
 
     def _culprit(self) -> _Call | None:
@@ -982,8 +990,9 @@ def monitor(model: nn.Module, every: int = 50, *, writer: Any = None, agc: float
     training's optimizer (default: ``skip``'s), also read on the step after
     each sample for the update each layer received over the learning rate
     and, for Adam-family optimizers, the second-moment lag (see
-    :mod:`signalprop.monitor.optimizer`) and the ``update-spike`` alert.  Off by default; on, each forward call also notes Python's and
-    NumPy's random states (a few microseconds).
+    :mod:`signalprop.monitor.optimizer`) and the ``update-spike`` alert.
+    Dumping is off by default; on, each forward call also notes Python's
+    and NumPy's random states (a few microseconds).
 
     Under ``torch.distributed`` (DDP -- pass the wrapper or the module --, or
     FSDP2's ``fully_shard``), every statistic is combined over ``group``

@@ -38,11 +38,13 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
 from ..layers import PASS_THROUGH_NAMES, is_norm_kind
 from ..records import SEVERITY, InputStats, LayerStats, Problem, SeriesTrend, Verdict, evolve
+from ..words import count, module_label, sci, span_label, times
 from .attention import module_of
 from .stats import MIN_SAMPLES_PER_UNIT
 
@@ -56,6 +58,11 @@ def _g(layer: LayerStats) -> float | None:
     return g if g is not None and not math.isnan(g) else None
 
 
+def _label(layer: LayerStats) -> str:
+    """The row's module as a reader finds it (``Linear #18``, ``encoder.layer.0.attn``)."""
+    return module_label(layer.name, layer.kind)
+
+
 @dataclass
 class _Evidence:
     """Why some rows carry a flag: which rule, with the numbers it judged."""
@@ -63,13 +70,18 @@ class _Evidence:
     kind: Verdict
     rule: str  # "bound" | "series" | "forward"
     rows: set[int]
-    message: str
+    message: str  # why, in one sentence: the number judged and what it is relative to
     strength: float  # how far past the limit (for choosing what to quote)
+    # the why-sentence for some of the rows (a problem's run), where it quotes one row's figure
+    say: Callable[[set[int]], str] | None = None
+
+    def why(self, rows: set[int]) -> str:
+        return self.say(rows) if self.say is not None else self.message
 
 
 
 
-def _effective(layers: list[LayerStats]) -> list[float | None]:
+def _effective(layers: list[LayerStats]) -> tuple[list[float | None], list[int | None]]:
     """Relative gradient RMS, corrected where a row feeds a normalisation layer.
 
     A normalisation is scale-invariant: an input ``s`` times smaller gets a
@@ -77,27 +89,45 @@ def _effective(layers: list[LayerStats]) -> list[float | None]:
     small-init embedding of RWKV, embeddings brought to a small scale by
     ``critical_`` before an RMSNorm).  What is invariant is gradient times
     signal, so such a row is judged by ``g * rms(row) / rms(norm output)``,
-    the next row with a gradient (dropout skipped) being the norm."""
+    the next row with a gradient (dropout skipped) being the norm.  Also
+    returns, per row, the index of the norm it was judged against (None
+    where the plain relative gradient is judged)."""
     out = [_g(layer) for layer in layers]
+    via: list[int | None] = [None] * len(layers)
     nxt: LayerStats | None = None
     for i in range(len(layers) - 1, -1, -1):
         layer = layers[i]
         g = out[i]
         if g is not None and nxt is not None and is_norm_kind(nxt.kind) and nxt.forward_second_moment > 0:
             out[i] = g * math.sqrt(layer.forward_second_moment / nxt.forward_second_moment)
+            via[i] = nxt.index
         if g is not None and layer.kind not in PASS_THROUGH_NAMES:
             nxt = layer
-    return out
+    return out, via
 
 
 def _bound_evidence(layers: list[LayerStats], lo: float, hi: float) -> list[_Evidence]:
     out = []
-    eff = _effective(layers)
+    eff, via = _effective(layers)
     big = {layer.index: g for layer, g in zip(layers, eff) if g is not None and g > hi}
+
+    def too_big(rows: set[int]) -> str:
+        """Why, quoting the largest figure among ``rows``."""
+        i = max(rows & big.keys() or big.keys(), key=lambda k: big[k])
+        v, row, norm = big[i], layers[i], via[i]
+        raw = _g(row)
+        if norm is not None and raw is not None:
+            # the figure is scaled: say so, with the plain one beside it
+            return (f"Because {_label(row)} feeds the norm {_label(layers[norm])}, which gives a small input a "
+                    f"proportionally large gradient, it is judged scale-free: its gradient's RMS ({raw:.3g} "
+                    f"times the RMS at the model's output) times its signal's RMS over the norm output's "
+                    f"({math.sqrt(row.forward_second_moment / layers[norm].forward_second_moment):.3g}) is "
+                    f"{v:.3g}, above the upper bound {sci(hi)}.")
+        return (f"At {_label(row)} the gradient's RMS is {v:.3g} times the RMS at the model's output, above the "
+                f"upper bound {sci(hi)}.")
+
     if big:
-        out.append(_Evidence("exploding", "bound", set(big),
-                             f"gradient RMS relative to the output's reaches {max(big.values()):.3g}, above {hi:g}",
-                             max(big.values()) / hi))
+        out.append(_Evidence("exploding", "bound", set(big), too_big(set(big)), max(big.values()) / hi, too_big))
     small: dict[int, float] = {}
     best_before = 0.0
     for layer, g in zip(layers, eff):
@@ -106,13 +136,21 @@ def _bound_evidence(layers: list[LayerStats], lo: float, hi: float) -> list[_Evi
         if g < lo and best_before < lo:
             small[layer.index] = g
         best_before = max(best_before, g)
+
+    def too_small(rows: set[int]) -> str:
+        """Why, quoting the smallest figure among ``rows`` (the first such row on a tie)."""
+        i = min(rows & small.keys() or small.keys(), key=lambda k: (small[k], k))
+        m, row = small[i], layers[i]
+        at = (f"At {_label(row)} the gradient is exactly 0 (it underflows; the lower bound is {sci(lo)} times the "
+              "RMS at the model's output)" if m == 0 else
+              f"At {_label(row)} the gradient's RMS is {m:.3g} times the RMS at the model's output, below the lower "
+              f"bound {sci(lo)}")
+        return f"{at}, and no layer nearer the input recovers it: the backward signal does not reach the input."
+
     if small:
         m = min(small.values())
-        out.append(_Evidence("vanishing", "bound", set(small),
-                             f"gradient RMS relative to the output's falls to {m:.3g}"
-                             f"{' (underflow)' if m == 0 else ''} (below {lo:g}) and no row "
-                             "closer to the input recovers: the backward signal does not reach the input",
-                             lo / m if m > 0 else math.inf))
+        out.append(_Evidence("vanishing", "bound", set(small), too_small(set(small)),
+                             lo / m if m > 0 else math.inf, too_small))
     return out
 
 
@@ -145,8 +183,12 @@ def _series(layers: list[LayerStats]) -> list[tuple[str, list[LayerStats]]]:
 
 
 def _role_label(role: str) -> str:
+    """A repeated module position in words: ``Linear layers`` for the unnamed
+    children of a Sequential, ``Linear layers blocks.*.fc1`` otherwise (``*``
+    for the block number)."""
     name, kind, _ = role.split("|")
-    return f"{name or '(root)'} ({kind})"
+    pattern = name.replace("#", "*")
+    return f"{kind} layers" if not name or set(name.split(".")) <= {"#"} else f"{kind} layers {pattern}"
 
 
 def _series_evidence(series: list[tuple[str, list[LayerStats]]], trend: float) -> tuple[list[_Evidence], list[SeriesTrend]]:
@@ -159,7 +201,7 @@ def _series_evidence(series: list[tuple[str, list[LayerStats]]], trend: float) -
         trends.append(SeriesTrend(role, tuple(layer.index for layer in rows), rows[0].name, rows[-1].name,
                                   g[0] / g[-1], drop, growth, m[-1] / m[0]))
         label, n = _role_label(role), len(rows)
-        per = (g[0] / g[-1]) ** (1 / (n - 1))
+        a, b = _label(rows[0]), _label(rows[-1])
         # A long product of Jacobians changes the gradient a little at every block; the
         # median step across blocks measures that, and one odd block (the first block of a
         # pre-norm transformer sees the embedding-scale stream) does not move it.
@@ -168,25 +210,29 @@ def _series_evidence(series: list[tuple[str, list[LayerStats]]], trend: float) -
         rows_all = {layer.index for layer in rows}
         if up < 1 / trend:
             out.append(_Evidence("vanishing", "series", rows_all,
-                                 f"vanishing with depth: across {n} repeated {label} rows the gradient RMS is "
-                                 f"{1 / up:.3g}x smaller nearer the input ({rows[0].name} .. {rows[-1].name}, "
-                                 f"{per:.3g}x per block): a long product of Jacobians with singular values < 1",
+                                 f"Over the {n} repeated {label} the gradient's RMS shrinks {times(1 / up)} from the "
+                                 f"last ({b}) back to the first ({a}) -- the median step between neighbours, "
+                                 f"{(1 / up) ** (1 / (n - 1)):.3g}x, over {n - 1} steps -- more than the "
+                                 f"{trend:g}x allowed across depth: a long product of layer Jacobians that shrink it.",
                                  1 / (up * trend)))
         if up > trend:
             out.append(_Evidence("exploding", "series", rows_all,
-                                 f"exploding with depth: across {n} repeated {label} rows the gradient RMS grows "
-                                 f"{up:.3g}x toward the input ({rows[0].name} .. {rows[-1].name}, "
-                                 f"{per:.3g}x per block): a long product of Jacobians with singular values > 1",
+                                 f"Over the {n} repeated {label} the gradient's RMS grows {times(up)} from the last "
+                                 f"({b}) back to the first ({a}) -- the median step between neighbours, "
+                                 f"{up ** (1 / (n - 1)):.3g}x, over {n - 1} steps -- more than the {trend:g}x "
+                                 "allowed across depth: a long product of layer Jacobians that enlarge it.",
                                  up / trend))
         t2 = trend * trend
         if fup > t2:
             out.append(_Evidence("vanishing", "forward", rows_all,
-                                 f"vanishing with depth (forward signal): E[y^2] of {n} repeated {label} rows "
-                                 f"falls {fup:.3g}x from {rows[0].name} to {rows[-1].name}", fup / t2))
+                                 f"Over the {n} repeated {label} the forward signal's mean square E[y²] falls "
+                                 f"{times(fup)} from {a} to {b}, more than the {t2:g}x (the depth limit squared) "
+                                 "allowed.", fup / t2))
         if fup < 1 / t2:
             out.append(_Evidence("exploding", "forward", rows_all,
-                                 f"exploding with depth (forward signal): E[y^2] of {n} repeated {label} rows "
-                                 f"grows {1 / fup:.3g}x from {rows[0].name} to {rows[-1].name}", 1 / (fup * t2)))
+                                 f"Over the {n} repeated {label} the forward signal's mean square E[y²] grows "
+                                 f"{times(1 / fup)} from {a} to {b}, more than the {t2:g}x (the depth limit squared) "
+                                 "allowed.", 1 / (fup * t2)))
     return out, trends
 
 
@@ -214,9 +260,9 @@ def _judge_dead(layers: list[LayerStats], unjudged_from: int | None) -> tuple[li
     notes = []
     if unjudged:
         k = min(layer.dead_samples or 0 for layer in unjudged)
-        notes.append(f"dead units not judged in {len(unjudged)} rectifier row(s): {k} example(s) x positions per "
-                     f"unit, and a healthy unit is zero on about half of them; {MIN_SAMPLES_PER_UNIT} or more "
-                     "are needed to tell dead from alive")
+        notes.append(f"dead units not judged in {count(len(unjudged), 'rectifier layer')}: {k} example(s) x "
+                     f"positions per unit, and a healthy unit is zero on about half of them; {MIN_SAMPLES_PER_UNIT} "
+                     "or more are needed to tell dead from alive")
     return out, notes
 
 
@@ -273,9 +319,11 @@ def _attention_problem(layer: LayerStats) -> Problem:
     ent, top = layer.stats["attn_entropy"], layer.stats["attn_logit_max"]
     return Problem(
         module, "saturated",
-        f"attention in {module} is saturated: its logits q.k/sqrt(d) reach {top:.3g} and each query's attention "
-        f"entropy is {ent:.1%} of uniform attention's (the lowest head {layer.stats.get('attn_entropy_min_head', ent):.1%}), "
-        "so the softmax is one-hot and passes almost no gradient to the queries and keys",
+        f"Attention in {module} is saturated. Its logits q·k/√d reach {top:.3g} and each query's attention "
+        f"entropy is {ent:.1%} of uniform attention's (the lowest head "
+        f"{layer.stats.get('attn_entropy_min_head', ent):.1%}; saturated means under "
+        f"{ATTN_ENTROPY_SATURATED:.0%} with logits of {ATTN_LOGIT_SATURATED:g} or more), so the softmax is one-hot "
+        "and passes almost no gradient to the queries and keys.",
         "q and k are too large: initialise the query/key projections smaller (std 1/sqrt(d_model) or below, "
         "as GPT-2's 0.02), normalise q and k before their product (QK-layernorm), and check the attention scale "
         "is 1/sqrt(head_dim)", layer.index, layer.index)
@@ -295,18 +343,22 @@ def _time_problem(layer: LayerStats, lo: float) -> Problem:
     r, steps = layer.stats["time_grad_ratio"], layer.stats.get("time_steps")
     horizon = layer.stats.get("time_horizon")
     lstm = layer.kind == "LSTM"
+    where = f"{layer.name} ({layer.kind} over {steps} steps)" if layer.name else \
+        f"the model's {layer.kind} (over {steps} steps)"
     fix = ("set the forget-gate bias to 1 (Jozefowicz et al. 2015: b_f in bias_ih/bias_hh) so the cell state "
            "carries the gradient, " if lstm else "") + \
         ("use orthogonal recurrent weights (sp.init.orthogonal_ on weight_hh), a gated cell (LSTM/GRU) if this is "
          "a plain RNN, " if not lstm else "use orthogonal recurrent weights (sp.init.orthogonal_ on weight_hh), ") + \
         "or truncate backpropagation through time to the steps that are reached"
+    cli = fix.replace("(sp.init.orthogonal_ on weight_hh)", "(--init orthogonal)").replace(
+        "set the forget-gate bias to 1", "in the model's code, set the forget-gate bias to 1")
+    smallest = (f"exactly 0 (it underflows), below the lower bound {sci(lo)} times that at its best-reached step"
+                if r == 0 else f"{r:.2g} times that at its best-reached step, below the lower bound {sci(lo)}")
     return Problem(
         layer.name, "vanishing",
-        f"vanishing through time in {layer.name} ({layer.kind} over {steps} steps): the gradient reaching its "
-        f"input falls to {'exactly 0 (it underflows)' if r == 0 else f'{r:.2g}'} of its largest step's inside "
-        f"the sequence (below {lo:g}); only {horizon} of "
-        f"{steps} steps get a gradient within {lo:g} of it, so the earlier steps do not learn",
-        fix, layer.index, layer.index)
+        f"The gradient vanishes through time in {where}. The gradient reaching its input at the earliest steps is "
+        f"{smallest}: only {horizon} of {steps} steps get a gradient within that range, so the earlier steps do not "
+        "learn.", fix, layer.index, layer.index, cli_suggestion=cli)
 
 
 def _row_verdict(layer: LayerStats, flags: set[str]) -> Verdict:
@@ -332,17 +384,25 @@ def _dominant_activation(layers: list[LayerStats]) -> str | None:
     return Counter(acts).most_common(1)[0][0] if acts else None
 
 
-def _init_advice(act: str | None) -> str:
+def _init_advice(act: str | None, cli: bool = False) -> str:
+    """The re-initialisation that fixes a depth trend for this activation,
+    as a Python call or (``cli``) as the ``--init`` flag of ``signalprop check``."""
     if act in ("relu", "leaky_relu"):
-        return ("use kaiming_normal_ (sigma_w2 = 2, where chi1 = 1 for ReLU): Xavier-style weights halve the "
-                "gradient's mean square at every ReLU layer")
+        return (("re-initialise with --init kaiming_normal" if cli else "use kaiming_normal_") +
+                " (sigma_w2 = 2, where chi1 = 1 for ReLU): Xavier-style weights halve the gradient's mean square at "
+                "every ReLU layer")
     if act == "sigmoid":
-        return ("initialize with signalprop.init.critical_(model, inputs) (orthogonal weights on the critical "
-                "line, with sigmoid's mean of 1/2 handled), or switch to tanh/ReLU")
+        return (("re-initialise with --init critical" if cli else
+                 "initialize with signalprop.init.critical_(model, inputs)") +
+                " (orthogonal weights on the critical line, with sigmoid's mean of 1/2 handled), or switch to "
+                "tanh/ReLU")
     if act == "tanh":
-        return ("initialize with signalprop.init.critical_(model, inputs), or apply_(model, 'xavier_uniform', "
+        return ("re-initialise with --init critical (orthogonal weights on tanh's critical line)" if cli else
+                "initialize with signalprop.init.critical_(model, inputs), or apply_(model, 'xavier_uniform', "
                 "activation='tanh') (gain 1.59)")
-    return "initialize with signalprop.init.critical_(model, inputs) or add residual connections / normalization"
+    return (("re-initialise with --init critical" if cli else
+             "initialize with signalprop.init.critical_(model, inputs)") +
+            " or add residual connections / normalization")
 
 
 def _span(layers: list[LayerStats], run: list[int]) -> str:
@@ -350,72 +410,121 @@ def _span(layers: list[LayerStats], run: list[int]) -> str:
     return a.name if a is b else f"{a.name} .. {b.name}"
 
 
+def _where(layers: list[LayerStats], run: list[int]) -> str:
+    """``in layers 0–99``, ``at transformer.ln_f``, ``from A to B``."""
+    a, b = layers[run[0]], layers[run[-1]]
+    span = span_label(a.name, a.kind, b.name, b.kind)
+    return span if span.startswith("from ") else (f"in {span}" if span.startswith("layers ") else f"at {span}")
+
+
+def _which(layers: list[LayerStats], run: list[int], what: str) -> str:
+    """The subject of a share problem: ``Sigmoid #1 is`` or ``50 Sigmoid layers (layers 1–99) are``."""
+    rows = [layers[i] for i in run]
+    if len(rows) == 1:
+        return f"{_label(rows[0])} is {what}"
+    kinds = " and ".join(sorted({layer.kind for layer in rows}))
+    a, b = rows[0], rows[-1]
+    return f"{len(rows)} {kinds} layers ({span_label(a.name, a.kind, b.name, b.kind)}) are {what}"
+
+
+_RESIDUAL_FIX = ("the residual stream's variance grows with every block it sums a branch into: scale the residual "
+                 "branches rather than every weight -- mark each branch (sp.init.mark_residual, or wrap it in "
+                 "sp.init.ScaledResidual), then signalprop.init.scale_residual_(model, 'fixup') (Fixup, Zhang et al. "
+                 "2019) or 'skipinit' (De & Smith 2020); or a 1/sqrt(depth) factor on each branch, or normalisation "
+                 "inside each block")
+_RESIDUAL_FIX_CLI = ("the residual stream's variance grows with every block it sums a branch into: scale the residual "
+                     "branches rather than every weight -- for the built-in resmlp, residual=fixup (Fixup, Zhang et al. "
+                     "2019) or residual=skipinit (De & Smith 2020) in the spec; in your own factory, mark each branch "
+                     "(sp.init.mark_residual) and call sp.init.scale_residual_(model, 'fixup'), or add a 1/sqrt(depth) "
+                     "factor or normalisation to each branch")
+_EXPLODING_FIX = ("weights are too large: rescale them (apply_(model, 'xavier_uniform', activation=...) or "
+                  "signalprop.init.critical_), and clip gradients (torch.nn.utils.clip_grad_norm_)")
+_EXPLODING_FIX_CLI = ("weights are too large: rescale them with --init critical (or --init xavier_uniform), and clip "
+                      "gradients in training (torch.nn.utils.clip_grad_norm_)")
+
+
 def _problem(kind: Verdict, run: list[int], ev: list[_Evidence], layers: list[LayerStats], act: str | None,
              residual: bool = False) -> Problem:
+    """One problem in three parts: what (the message's first sentence), why
+    (its second: the number judged and what it is relative to), the fix
+    (``suggestion``; ``cli_suggestion`` where the command line says it
+    differently)."""
     span = _span(layers, run)
     rows = [layers[i] for i in run]
-    kinds = ", ".join(sorted({layer.kind for layer in rows}))
     if kind == "saturated":
         sat = max(layer.saturation or 0 for layer in rows)
-        msg = (f"{len(run)} {kinds} row(s) {span} saturated: up to {sat:.0%} of outputs sit where the "
-               "activation's slope is < 1% of its maximum, so gradients through them nearly vanish")
+        msg = (f"{_which(layers, run, 'saturated')}. Up to {sat:.0%} of the outputs sit where the activation's slope "
+               f"is under 1% of its maximum (saturated means over {SATURATED_SHARE:.0%}), so the gradient through "
+               "them nearly vanishes.")
         fix = ("pre-activations are too large: lower the weight scale (apply_(model, 'xavier_uniform', "
                f"activation=...)) or normalize; {_init_advice(act)}")
+        cli = f"pre-activations are too large: {_init_advice(act, cli=True)}, or normalise them in the model"
     elif kind == "dead":
         dead = max(layer.dead_fraction or 0 for layer in rows)
-        msg = (f"{len(run)} {kinds} row(s) {span} dead: up to {dead:.0%} of units output 0 for every example "
-               "and position" + (", so no gradient reaches the rows before it" if dead >= 1.0 else ""))
+        msg = (f"{_which(layers, run, 'dead')}. Up to {dead:.0%} of the units output 0 for every example and "
+               f"position (dead means over {DEAD_SHARE:.0%})" +
+               (", so no gradient reaches the layers before them." if dead >= 1.0 else "."))
         fix = ("zero or shrink negative biases, use kaiming_normal_, lower the learning rate, or use "
                "LeakyReLU/GELU")
+        cli = ("zero or shrink negative biases (--init kaiming_normal redraws the weights and zeroes the biases), "
+               "lower the learning rate, or use LeakyReLU/GELU")
     else:
-        mine = sorted((e for e in ev if e.kind == kind and e.rows & set(run)), key=lambda e: -e.strength)
-        why = "; ".join(dict.fromkeys(e.message for e in mine[:2]))
-        msg = f"{kind} in {span} ({len(run)} row(s)): {why}"
+        # the gradient's evidence first (the verdict is about it), the forward signal's where it is all there is
+        mine = sorted((e for e in ev if e.kind == kind and e.rows & set(run)),
+                      key=lambda e: (e.rule == "forward", -e.strength))
+        where = _where(layers, run)
+        if mine and mine[0].rule == "forward":
+            what = f"The forward signal {'grows' if kind == 'exploding' else 'fades'} {where}."
+        elif kind == "exploding":
+            what = f"The gradient explodes toward the input {where}."
+        else:
+            what = f"The gradient vanishes {where}."
+        msg = f"{what} {mine[0].why(set(run))}" if mine else what
         grows_with_depth = any(e.rule in ("forward", "series") for e in mine)
         if kind == "exploding" and residual and grows_with_depth:
-            fix = ("the residual stream's variance grows with every block it sums a branch into: scale the "
-                   "residual branches rather than every weight -- mark each branch (sp.init.mark_residual, or wrap "
-                   "it in sp.init.ScaledResidual), then signalprop.init.scale_residual_(model, 'fixup') (Fixup, "
-                   "Zhang et al. 2019) or 'skipinit' (De & Smith 2020); or a 1/sqrt(depth) factor on each branch, "
-                   "or normalisation inside each block")
+            fix, cli = _RESIDUAL_FIX, _RESIDUAL_FIX_CLI
+        elif kind == "vanishing":
+            fix, cli = _init_advice(act), _init_advice(act, cli=True)
         else:
-            fix = _init_advice(act) if kind == "vanishing" else (
-                "weights are too large: rescale them (apply_(model, 'xavier_uniform', activation=...) or "
-                "signalprop.init.critical_), and clip gradients (torch.nn.utils.clip_grad_norm_)")
-    return Problem(span, kind, msg, fix, run[0], run[-1])
+            fix, cli = _EXPLODING_FIX, _EXPLODING_FIX_CLI
+    return Problem(span, kind, msg, fix, run[0], run[-1], cli_suggestion=cli)
 
 
 def _nonfinite_problem(layers: list[LayerStats], inp: InputStats | None, origin: int | None,
-                       culprit: tuple[str, str, str] | None = None) -> Problem | None:
+                       culprit: tuple[str, str, str, str] | None = None) -> Problem | None:
     if inp is not None and inp.nonfinite_fraction > 0:
-        return Problem("input", "non-finite", f"the input itself has {inp.nonfinite_fraction:.1%} "
-                       "non-finite values", "clean the data (torch.nan_to_num, check the loader)", -1, -1)
+        return Problem("input", "non-finite", f"The input itself is non-finite. {inp.nonfinite_fraction:.1%} of its "
+                       "values are NaN/Inf before any layer runs.",
+                       "clean the data (torch.nan_to_num, check the loader)", -1, -1)
     if culprit is not None:
-        name, phase, before = culprit
-        where = name or "(root)"
-        i = next((layer.index for layer in layers if layer.name == before), -1)
-        what = ("the forward signal turns non-finite" if phase == "forward" else
-                "the backward pass turns a finite gradient non-finite")
-        return Problem(where, "non-finite",
-                       f"{what} in {where}'s own forward code, after {before}: an operation written there (not a "
-                       "submodule) made the NaN/Inf",
-                       "look at the arithmetic in that module's forward after " + before + " (log/sqrt/pow of values "
+        name, phase, before, kind = culprit
+        where = module_label(name, kind)
+        by_name = {layer.name: layer for layer in layers}
+        i = by_name[before].index if before in by_name else -1
+        prev = _label(by_name[before]) if before in by_name else before
+        what = ("The forward signal turns non-finite" if phase == "forward" else
+                "The backward pass turns a finite gradient non-finite")
+        return Problem(name or "(root)", "non-finite",
+                       f"{what} in {where}'s own forward code, after {prev}. An operation written there (not a "
+                       "submodule) made the NaN/Inf.",
+                       "look at the arithmetic in that module's forward after " + prev + " (log/sqrt/pow of values "
                        "at or below 0, division by a tiny value, also in the branch torch.where does not select): "
                        "add an epsilon or clamp the argument", i, i)
     fwd = next((layer for layer in layers if layer.nonfinite_fraction > 0), None)
     if fwd is not None:
         return Problem(fwd.name, "non-finite",
-                       f"the forward signal first turns non-finite at {fwd.name} ({fwd.kind}): "
-                       f"{fwd.nonfinite_fraction:.1%} of its outputs are NaN/Inf",
+                       f"The forward signal first turns non-finite at {_label(fwd)}. "
+                       f"{fwd.nonfinite_fraction:.1%} of its outputs are NaN/Inf while every earlier layer's are "
+                       "finite.",
                        "look at that module's arithmetic (log/div/sqrt of bad values, overflow in low "
                        "precision); torch.autograd.detect_anomaly helps", fwd.index, fwd.index)
     bad = [layer for layer in layers if (layer.grad_nonfinite_fraction or 0) > 0]
     if bad:
         o = layers[origin] if origin is not None else bad[-1]
         return Problem(o.name, "non-finite",
-                       f"the forward pass is finite but the backward of {o.name} ({o.kind}) turns a finite "
-                       f"incoming gradient into a non-finite one: the gradient first turns non-finite there "
-                       f"({len(bad)} row(s) upstream carry it)",
+                       f"The backward pass turns a finite gradient non-finite at {_label(o)}. The forward pass is "
+                       f"finite and the gradient arriving at it is too, but the gradient first turns non-finite "
+                       f"there ({count(len(bad), 'layer')} before it carry it).",
                        "a derivative there is infinite (sqrt/pow/log at 0, division by a tiny value, also in the "
                        "branch torch.where does not select): add an epsilon, or clamp the argument",
                        o.index, o.index)
@@ -435,13 +544,13 @@ def _main_trend(trends: list[SeriesTrend], layers: list[LayerStats]) -> dict[str
 
 def diagnose(layers: list[LayerStats], inp: InputStats | None, bounds: tuple[float, float], trend: float,
              backward_origin: int | None = None, dead_unjudged_from: int | None = None,
-             culprit: tuple[str, str, str] | None = None, residual: bool = False
+             culprit: tuple[str, str, str, str] | None = None, residual: bool = False
              ) -> tuple[Verdict, list[Problem], list[LayerStats], dict[str, Any]]:
     """The verdict, the problems (worst first), the rows with their own
     verdicts, and the model-level numbers for :class:`~signalprop.records.Summary`.
     ``dead_unjudged_from``: rows after this index carry statistics that
     training would not see (see ``check``), so their dead shares are not judged.
-    ``culprit``: (module, phase, last row before it) when a NaN/Inf was made
+    ``culprit``: (module, phase, last row before it, the module's class) when a NaN/Inf was made
     by a module's own code between two rows (see ``pipeline._own_code_origin``).
     ``residual``: the model sums branches into a stream between its rows
     (residual blocks): a signal growing with depth is then the stream's, and

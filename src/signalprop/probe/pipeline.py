@@ -16,6 +16,8 @@ from torch import nn
 
 from ..layers import BATCHNORMS
 from ..records import InputStats, LayerStats, Report, Summary
+from ..words import count
+from .causes import explain
 from .diagnose import diagnose
 from .distributed import GRAD_NORM, MEAN, NORM, SUM, Reduction, is_ddp, is_sharded
 from .gather import finalise, has_nonfinite
@@ -129,7 +131,7 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
             backprop = f"loss {getattr(loss_fn, '__name__', type(loss_fn).__name__)}"
         else:
             root, cot = y, cotangent(y)
-            backprop = "random unit-variance cotangent on the output"
+            backprop = "a random unit-variance gradient on the output (no loss given)"
         params = [p for p in (model.parameters() if known is None else known[0]) if p.requires_grad]
         wrt = params + leaves + ([y] if loss_fn is not None and y.requires_grad else [])
         if not (params or leaves):
@@ -190,9 +192,11 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
     verdict, problems, layers, judged = diagnose(layers, inp, bounds, trend, backward_origin=origin, culprit=culprit,
                                                  residual=merges,
                                                  dead_unjudged_from=stale[0].index if stale else None)
+    if problems:  # the parameters behind a problem, where its mechanism leaves a mark (see .causes)
+        problems = explain(problems, layers, rec.rows, model, bounds, dict(zip(params, grads[:n_p])))
     notes = judged.pop("notes")
     if stale:
-        notes.append(f"{len(stale)} BatchNorm layer(s) in eval mode with running statistics never updated "
+        notes.append(f"{count(len(stale), 'BatchNorm layer')} in eval mode with running statistics never updated "
                      f"(first: {stale[0].name}) pass the signal unnormalised, as neither training nor a trained "
                      "model would: dead units after them are not judged; check in train mode (model.train()) "
                      "to see what training sees")
@@ -246,10 +250,11 @@ def _finite_inputs(row: Row) -> bool:
     return bool(row.inputs_finite) and all(bool(f) for f in row.inputs_finite)
 
 
-def _own_code_origin(rec: Recorder, layers: list[LayerStats], backward: int | None) -> tuple[str, str, str] | None:
+def _own_code_origin(rec: Recorder, layers: list[LayerStats], backward: int | None
+                     ) -> tuple[str, str, str, str] | None:
     """Where a NaN/Inf was made by a module's *own* code (``torch.log`` in a
     block's ``forward``) rather than by a recorded row: (module name, phase,
-    the last row before it).  Forward: the first non-finite row does not read
+    the last row before it, the module's class).  Forward: the first non-finite row does not read
     the previous row's output, so an operation no row recorded made it; the
     module is the innermost enclosing one of the previous row, not of the
     first non-finite one, whose own output is non-finite (else the one
@@ -278,7 +283,8 @@ def _own_code_origin(rec: Recorder, layers: list[LayerStats], backward: int | No
         name = bad_out[0] if bad_out else next((a for a in _ancestors(before.name) if a in outer), "")
     else:
         name = own[0] if own else next((a for a in _ancestors(before.name) if a in outer), "")
-    return name, phase, before.name
+    module = dict(rec.model.named_modules()).get(name)
+    return name, phase, before.name, type(module).__name__ if module is not None else ""
 
 
 def _backward_origin(rows: list[Row], layers: list[LayerStats]) -> int | None:

@@ -11,6 +11,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from ..words import module_label
 from .layout import GAP, fit_columns, shorten_name, terminal_width, wrap_widths
 
 STYLE = {"healthy": "green", "vanishing": "yellow", "exploding": "red", "non-finite": "bold red",
@@ -50,23 +51,37 @@ def _pct(v: Any) -> str:
     return "-" if v is None else f"{v:.0%}"
 
 
-def renderable(report: Any, width: int | None = None) -> Group:
+def summary_facts(report: Any) -> list[str]:
+    """The report's one-line facts in words: how many module calls, what the
+    backward pass started from, and the longest repeated series' gradient
+    ratio (first over last)."""
+    s = report.summary
+    facts = [f"{s.rows} module calls", f"backward from {s.backprop}"]
+    if s.first_last_grad_ratio is not None:
+        kinds = {layer.name: layer.kind for layer in report.layers}
+        a, b = module_label(s.first_layer, kinds.get(s.first_layer)), module_label(s.last_layer,
+                                                                                     kinds.get(s.last_layer))
+        facts.append(f"over {s.param_layers} repeated {kinds.get(s.first_layer, 'weight')} layers the gradient's "
+                     f"RMS at the first ({a}) is {s.first_last_grad_ratio:.3g}x that at the last ({b}), "
+                     f"{s.geometric_mean_backward_gain:.3g}x per layer")
+    return facts
+
+
+def renderable(report: Any, width: int | None = None, surface: str = "python") -> Group:
     """The report for a terminal ``width`` columns wide (default: see
     :func:`terminal_width`): the verdict, the problems, the layer table
     (see :func:`layer_table` for what gives way at narrow widths), the
-    Jacobian reading.  Free text wraps at spaces."""
+    Jacobian reading.  Free text wraps at spaces.  ``surface``: whom the
+    fixes address -- ``"python"`` (calls such as ``critical_(model,
+    inputs)``) or ``"cli"`` (``signalprop check``'s flags, ``--init
+    critical``; see :meth:`signalprop.records.Problem.fix`)."""
     width = width or terminal_width()
     head = Text.assemble(("verdict: ", "bold"), (report.verdict, STYLE.get(report.verdict, "")))
     s = report.summary
-    facts = [f"{s.rows} rows", s.backprop]
-    if s.first_last_grad_ratio is not None:
-        facts.append(f"relative grad RMS first/last of {s.param_layers} repeated {s.first_layer} .. "
-                     f"{s.last_layer} = {s.first_last_grad_ratio:.3g} "
-                     f"({s.geometric_mean_backward_gain:.3g}x per layer)")
-    parts: list[Any] = [head, Text("; ".join(f for f in facts if f), style="dim")]
+    parts: list[Any] = [head, Text("; ".join(f for f in summary_facts(report) if f), style="dim")]
     parts += [Text(f"note: {n}", style="dim") for n in s.notes]
     for p in report.problems:
-        parts.append(Panel(Text.assemble((p.message, ""), ("\nfix: ", "bold"), (p.suggestion, "")),
+        parts.append(Panel(Text.assemble((p.message, ""), ("\nfix: ", "bold"), (p.fix(surface), "")),
                            title=p.kind, border_style=STYLE.get(p.kind, "")))
     table, left_out = layer_table_and_fit(report, width)
     parts.append(table)
