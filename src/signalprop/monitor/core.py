@@ -194,9 +194,6 @@ class Monitor:
                             f"TensorBoard SummaryWriter), got {type(writer).__name__}")
         if dump_on_nonfinite is not None and not isinstance(dump_on_nonfinite, (str, os.PathLike)):
             raise TypeError(f"dump_on_nonfinite takes a folder path, got {type(dump_on_nonfinite).__name__}")
-        if optimizer is not None and not callable(getattr(optimizer, "state_dict", None)):
-            raise TypeError(f"optimizer takes the training's optimizer (its state_dict() goes into a dump), got "
-                            f"{type(optimizer).__name__}")
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable as loss_fn(output, targets), got {type(loss_fn).__name__}")
         if not isinstance(histograms, bool):

@@ -59,8 +59,8 @@ LAG_SAMPLE = 1 << 14
 def check_optimizer(opt: Any, what: str) -> None:
     """``opt`` must be a torch optimizer (or quack like one)."""
     if not (isinstance(getattr(opt, "param_groups", None), list) and hasattr(opt, "state")
-            and callable(getattr(opt, "step", None))):
-        raise TypeError(f"{what} takes a torch.optim.Optimizer (param_groups, state, step()), got "
+            and callable(getattr(opt, "step", None)) and callable(getattr(opt, "state_dict", None))):
+        raise TypeError(f"{what} takes a torch.optim.Optimizer (param_groups, state, step(), state_dict()), got "
                         f"{type(opt).__name__}")
 
 
