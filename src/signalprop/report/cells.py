@@ -49,14 +49,17 @@ def cell(v: Any, how: str) -> str:
 def hover_text(layer: LayerStats, extra: str = "") -> str:
     """A row's hover label: its module name, kind and verdict, then every value
     measured on it (plotly's label markup: ``<b>``, ``<br>``)."""
-    head = (f"<b>{html.escape(layer.name or '(root)')}</b> · {html.escape(layer.kind)} · row {layer.index}<br>"
-            f"verdict: <b>{html.escape(layer.verdict)}</b>")
+    def esc(s: str) -> str:
+        return html.escape(s, quote=False)  # a label, not an attribute: quotes stay readable
+
+    head = (f"<b>{esc(layer.name or '(root)')}</b> · {esc(layer.kind)} · row {layer.index}<br>"
+            f"verdict: <b>{esc(layer.verdict)}</b>")
     if layer.activation:
-        head += f" · activation {html.escape(layer.activation)}"
+        head += f" · activation {esc(layer.activation)}"
     if layer.shape:
         head += f" · output {tuple(layer.shape)}"
     skip = {"index", "name", "kind", "verdict"}
-    lines = [f"{html.escape(title)}: {cell(getattr(layer, attr), how)}"
+    lines = [f"{esc(title)}: {cell(getattr(layer, attr), how)}"
              for attr, title, how in [*columns(), *_HOVER_ONLY]
              if attr not in skip and getattr(layer, attr) is not None]
     return head + (f"<br>{extra}" if extra else "") + "<br>" + "<br>".join(lines)

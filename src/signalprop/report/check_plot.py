@@ -136,7 +136,7 @@ def _trend_traces(go: Any, report: Any, labels: list[str], value: Callable[[Laye
                   f"{1 / up:.3g}x smaller at the first block ({rows[0].name or '(root)'}) than at the last "
                   f"({rows[-1].name or '(root)'})")
         per = up ** (1 / (len(rows) - 1))
-        verdict = ("past the limit: " + ("vanishing" if (up > 1) == (what == "gradient") else "exploding")
+        verdict = ("past the limit: " + ("vanishing" if (up > 1) != (what == "gradient") else "exploding")
                    if bad else "within the limit")
         text = (f"<b>depth trend</b> of {len(rows)} repeated {_role_label(t.role)} rows<br>{what}: {change}<br>"
                 f"{per:.3g}x per block (median), limit {limit:.3g}x over all blocks: {verdict}")

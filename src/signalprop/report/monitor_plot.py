@@ -32,7 +32,11 @@ MAX_LAYERS = 12
 MAX_SAMPLES = 400  # sampled steps drawn per layer
 MAX_STEPS = 20000  # loss / gradient-norm points drawn (thinned keeping each bucket's extremes)
 PANEL_HEIGHT = 250
-ALERT_COLOURS = {**VERDICT_COLOURS, "loss-spike": "#bc4c00", "grad-surge": "#bc4c00"}
+# one colour per kind of alert (the verdicts' own where the kind is a verdict)
+ALERT_COLOURS = {**VERDICT_COLOURS, "loss-spike": "#e16f24", "grad-surge": "#953800", "update-too-large": "#bf3989",
+                 "update-too-small": "#6e7781", "attention-logit-growth": "#4d2d00",
+                 "output-logit-divergence": "#116329", "overflow-risk": "#0550ae"}
+GRAD_NORM_COLOUR = "#1b7c83"
 DEFAULT_BOUNDS = (1e-6, 1e3)  # check's and the monitor's default healthy band (relative gradient RMS)
 
 
@@ -178,7 +182,7 @@ def _timeline(go: Any, r: Any) -> list[Any]:
     if xs:
         note = "" if recorded == len(steps) else f" ({recorded} of {len(steps)} steps)"
         traces.append(go.Scatter(x=xs, y=ys, mode="lines+markers" if len(xs) <= 200 else "lines",
-                                 name=f"gradient norm{note}", line={"color": "#0969da", "width": 1.5},
+                                 name=f"gradient norm{note}", line={"color": GRAD_NORM_COLOUR, "width": 1.5},
                                  marker={"size": 4}, hovertemplate="step %{x}<br>gradient norm %{y:.4g}<extra></extra>",
                                  xaxis="x2", yaxis="y2", legend="legend2"))
     loss_at = {s: v for s, v in zip(steps, r.losses) if v is not None and math.isfinite(v)}
@@ -218,7 +222,8 @@ def monitor_figure(r: Any) -> Any:
         domains.append((max(0.0, y - w * unit), min(1.0, y)))
         y -= w * unit + gap
     titles = ["loss", "gradient norm"] + [t for _, t, _, _ in panels]
-    logs = [all(v is None or v > 0 for v in r.losses), True] + [log for _, _, log, _ in panels]
+    # a log scale for the loss unless some loss is <= 0 (NaN/Inf losses are not drawn)
+    logs = [not any(v is not None and v <= 0 for v in r.losses), True] + [log for _, _, log, _ in panels]
     layout: dict[str, Any] = {
         "height": int(PANEL_HEIGHT * sum(weights)) + 120, "template": "plotly_white", "hovermode": "closest",
         "margin": {"l": 80, "r": 260, "t": 30, "b": 50}, "hoverlabel": {"align": "left", "font": {"size": 12}},
