@@ -80,10 +80,12 @@ def test_series_and_theory_never_mix_kinds_of_rows(trend_report):
     r = trend_report
     fig = check_figure(r)
     labels = dict(zip(row_labels(r.layers), r.layers))
-    for t in _traces(fig, "weight layers"):
-        assert all(labels[x].activation is None and labels[x].param_grad_rms is not None for x in t.x)
-    for t in _traces(fig, "activations"):
-        assert all(labels[x].activation is not None for x in t.x)
+    for axis in ("y", "y2"):  # the gradient and the forward panel
+        (weights,) = [t for t in _traces(fig, "weight layers") if t.yaxis == axis]
+        (acts,) = [t for t in _traces(fig, "activations") if t.yaxis == axis]
+        assert list(weights.x) == [x.name for x in r.layers if x.kind == "Linear"]
+        assert list(acts.x) == [x.name for x in r.layers if x.kind == "Tanh"]
+    assert not _traces(fig, "other rows")  # every row is one or the other, drawn once
     theory = _traces(fig, "theory (")
     assert theory
     for t in theory:

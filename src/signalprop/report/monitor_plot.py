@@ -30,6 +30,7 @@ from .check_plot import BAND_COLOUR, row_labels
 
 MAX_LAYERS = 12
 MAX_SAMPLES = 400  # sampled steps drawn per layer
+MARKERS_UP_TO = 80  # samples per layer drawn with markers; more are a line (thousands of SVG markers are slow)
 MAX_STEPS = 20000  # loss / gradient-norm points drawn (thinned keeping each bucket's extremes)
 PANEL_HEIGHT = 250
 # one colour per kind of alert (the verdicts' own where the kind is a verdict)
@@ -40,8 +41,9 @@ GRAD_NORM_COLOUR = "#1b7c83"
 DEFAULT_BOUNDS = (1e-6, 1e3)  # check's and the monitor's default healthy band (relative gradient RMS)
 
 
-def _finite_positive(v: float | None) -> bool:
-    return v is not None and 0 < v < math.inf
+def _short(v: Any) -> Any:
+    """A hover value at the 4 significant digits a label shows (the JSON stays small)."""
+    return float(f"{v:.4g}") if isinstance(v, float) and math.isfinite(v) else v
 
 
 def _wrap(text: str, width: int = 90) -> str:
@@ -162,10 +164,11 @@ def _layer_traces(go: Any, r: Any, picked: list[str], panels: list[tuple[str, st
                 continue
             axis = str(pi + 3)  # subplots 1 and 2 are the loss and the gradient norm
             traces.append(go.Scatter(
-                x=[h.step for h, _, _ in pts], y=[v for _, _, v in pts], mode="lines+markers", name=label,
+                x=[h.step for h, _, _ in pts], y=[v for _, _, v in pts], name=label,
+                mode="lines+markers" if len(pts) <= MARKERS_UP_TO else "lines",
                 legendgroup=label, showlegend=first, legend="legend3",
                 line={"color": colour, "width": 1.5}, marker={"size": 5, "color": colour},
-                customdata=[[x.verdict, *(getattr(x, a) for a, _, _ in have)] for _, x, _ in pts],
+                customdata=[[x.verdict, *(_short(getattr(x, a)) for a, _, _ in have)] for _, x, _ in pts],
                 hovertemplate=template, xaxis=f"x{axis}", yaxis=f"y{axis}"))
             first = False
     return traces
