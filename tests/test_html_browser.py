@@ -131,12 +131,11 @@ def monitor_page(tmp_path_factory):
 
 def test_check_report_draws_and_hovers_in_chromium(check_page, tmp_path):
     r, page = check_page
-    weight_rows = [x for x in r.layers if x.param_grad_rms is not None and x.activation is None]
-    found, log = _probe(page, [("weight layers", 3), ("activations", 0)], tmp_path)
+    found, log = _probe(page, [("blocks.#.fc (Linear)", 3), ("blocks.#.act (Tanh)", 0)], tmp_path)
     assert found["errors"] == [] and _console_errors(log) == []
     assert found["figures"] == found["drawn"] == 1
-    row = weight_rows[3]
-    first_act = next(x for x in r.layers if x.activation is not None)
+    row = next(x for x in r.layers if x.name == "blocks.3.fc")
+    first_act = next(x for x in r.layers if x.name == "blocks.0.act")
     assert row.name in found["hovers"][0] and "Linear" in found["hovers"][0]
     assert "E[y²]" in found["hovers"][0] and f"{row.forward_second_moment:.3g}" in found["hovers"][0]
     assert first_act.name in found["hovers"][1] and "Tanh" in found["hovers"][1]
@@ -145,10 +144,10 @@ def test_check_report_draws_and_hovers_in_chromium(check_page, tmp_path):
 def test_check_report_screenshot(check_page, tmp_path):
     r, page = check_page
     shot = tmp_path / "check.png"
-    pixels = _screenshot(_probed(page, [("weight layers", 9)], tmp_path, keep_last=True), shot, "1280,1500")
+    pixels = _screenshot(_probed(page, [("blocks.#.fc (Linear)", 8)], tmp_path, keep_last=True), shot, "1280,1500")
     assert pixels.shape[:2] == (1500, 1280)
     assert float(np.std(pixels[..., :3])) > 0.05  # far from a blank page
-    # the figure itself is drawn: the weight layers' blue and the activations' orange lines and markers
+    # the figure itself is drawn: the blue Linear and orange Tanh series' lines and markers
     # (about 4e-4 of the pixels each; none at all where the figure is not drawn)
     assert _colour_share(pixels, "#1f77b4") > 1e-4 and _colour_share(pixels, "#ff7f0e") > 1e-4
     _keep(shot, "check-report.png")

@@ -20,7 +20,7 @@ import signalprop as sp
 from _html_models import relu_run, trend_only_report
 from signalprop.probe.diagnose import _median_trend
 from signalprop.report import plotly_page
-from signalprop.report.check_plot import blocks, check_figure, median_trend, row_labels
+from signalprop.report.check_plot import blocks, check_figure, median_trend, row_labels, row_series
 from signalprop.report.monitor_plot import monitor_figure
 
 
@@ -71,7 +71,7 @@ def test_trend_drawn_where_only_the_trend_decides(trend_report):
         assert set(t.x) <= {f"blocks.{i}.fc" for i in range(12)} | {f"blocks.{i}.act" for i in range(12)}
         assert "past the limit: vanishing" in t.hovertext[0]
         assert float(t.y[0]) / float(t.y[-1]) > r.summary.trend_limit ** 2
-    assert {t.showlegend for t in trends} == {True, False}  # one legend entry per panel, not one per role
+    assert sum(t.showlegend for t in trends) == 2  # one legend entry per panel, not one per role
 
 
 def test_series_and_theory_never_mix_kinds_of_rows(trend_report):
@@ -80,18 +80,20 @@ def test_series_and_theory_never_mix_kinds_of_rows(trend_report):
     r = trend_report
     fig = check_figure(r)
     labels = dict(zip(row_labels(r.layers), r.layers))
-    for axis in ("y", "y2"):  # the gradient and the forward panel
-        (weights,) = [t for t in _traces(fig, "weight layers") if t.yaxis == axis]
-        (acts,) = [t for t in _traces(fig, "activations") if t.yaxis == axis]
-        assert list(weights.x) == [x.name for x in r.layers if x.kind == "Linear"]
-        assert list(acts.x) == [x.name for x in r.layers if x.kind == "Tanh"]
-    assert not _traces(fig, "other rows")  # every row is one or the other, drawn once
+    for axis in ("y", "y2"):  # the gradient and the forward panel: one line per module position across blocks
+        (fc,) = [t for t in _traces(fig, "blocks.#.fc (Linear)") if t.yaxis == axis]
+        (act,) = [t for t in _traces(fig, "blocks.#.act (Tanh)") if t.yaxis == axis]
+        (rest,) = [t for t in _traces(fig, "other rows") if t.yaxis == axis]
+        assert list(fc.x) == [f"blocks.{i}.fc" for i in range(12)] and fc.mode == "lines+markers"
+        assert list(act.x) == [f"blocks.{i}.act" for i in range(12)]
+        assert list(rest.x) == ["stem", "head"] and rest.mode == "markers"  # not a sequence: not joined
+    assert {t.showlegend for t in _traces(fig, "blocks.#.fc")} == {True, False}  # named once, toggles both panels
     theory = _traces(fig, "theory (")
     assert theory
     for t in theory:
         assert all((labels[x].predicted_grad_rms if t.yaxis == "y" else labels[x].predicted_second_moment)
                    is not None for x in t.x)
-        assert t.line.dash == "dash"
+        assert t.line.dash == "dash" if t.mode == "lines" else t.marker.symbol == "line-ew-open"
 
 
 def test_rows_by_module_name_with_every_value_on_hover(trend_report):
@@ -99,7 +101,8 @@ def test_rows_by_module_name_with_every_value_on_hover(trend_report):
     fig = check_figure(r)
     assert list(fig.layout.xaxis.categoryarray) == [x.name for x in r.layers]
     assert fig.layout.xaxis.type == "category"
-    hovers = [h for t in _traces(fig, "weight layers") + _traces(fig, "activations") for h in t.hovertext]
+    hovers = [h for t in fig.data if t.yaxis == "y" and t.name in ("blocks.#.fc (Linear)", "blocks.#.act (Tanh)",
+                                                                     "other rows") for h in t.hovertext]
     for x in r.layers:
         mine = [h for h in hovers if h.startswith(f"<b>{x.name}</b> · {x.kind}")]
         assert mine, x.name
@@ -122,14 +125,23 @@ def test_legends_sit_outside_the_data(trend_report, relu_report):
 
 def test_block_grouping_and_labels():
     class Row:
-        def __init__(self, name):
-            self.name = name
+        def __init__(self, name, role=""):
+            self.name, self.role = name, role
+            self.activation = self.param_grad_rms = None
 
     plain = [Row(str(i)) for i in range(6)]
     assert blocks(plain) == []  # a Sequential's children are single modules
     nested = [Row(n) for n in ("embed", "layer.0.attn", "layer.0.mlp", "layer.1.attn", "layer.1.mlp", "out")]
     assert blocks(nested) == [("layer.0", 1, 2), ("layer.1", 3, 4)]
     assert row_labels([Row("a"), Row("b"), Row("a"), Row("")]) == ["a", "b", "a (call 2)", "(root)"]
+    # a plain Sequential's repeated children: named by class, with the shape where two roles share one
+    seq = [Row(str(i), ("#|Linear|8x8" if i % 2 else "#|Linear|4x8") if i < 6 else "#|ReLU|8") for i in range(9)]
+    assert [(n, len(rows), joined) for n, rows, joined in row_series(seq)] == [
+        ("Linear rows (4x8)", 3, True), ("Linear rows (8x8)", 3, True), ("ReLU rows", 3, True)]
+    # a position seen twice is no series: its rows are points
+    few = [Row("a.0.fc", "a.#.fc|Linear|"), Row("a.1.fc", "a.#.fc|Linear|")] + seq[6:]
+    assert [(n, len(rows), joined) for n, rows, joined in row_series(few)] == [
+        ("ReLU rows", 3, True), ("other rows", 2, False)]
 
 
 def test_share_panel_only_where_measured():

@@ -15,9 +15,10 @@ model's axis picks the rows shown.
   ``trend**2``).
 * Saturated and dead shares, only when the model has rows that measure them.
 
-Weight layers, activations and other rows are separate series (a weight
-layer and the activation after it differ by construction: one line through
-both would zig-zag); theory, where it applies, is a dashed line per series.
+Each module position repeated across blocks is one line through its blocks
+(rows that differ by design -- a weight layer and the activation after it --
+are never joined: one line through both would zig-zag); theory, where it
+applies, is a dashed line per series.
 Hovering a point shows the row's name, kind, verdict and every measured value.
 """
 
@@ -31,20 +32,68 @@ from typing import Any
 from ..records import LayerStats
 from .cells import VERDICT_COLOURS, hover_text
 
-SERIES_COLOURS = {"weight layers": "#1f77b4", "activations": "#ff7f0e", "other rows": "#2ca02c"}
+# one colour per series (plotly's D3 palette, then its Alphabet one); rows in no series are grey
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf",
+           "#7f7f7f", "#AA0DFE", "#3283FE", "#85660D", "#782AB6", "#565656", "#1C8356", "#16FF32", "#F7E1A0",
+           "#E2E2E2", "#1CBE4F", "#C4451C", "#DEA0FD", "#FE00FA", "#325A9B", "#FEAF16", "#F8A19F")
+OTHER_COLOUR = "#57606a"
+MIN_REPEATS = 3  # check's depth-trend rule judges a module position seen in 3 or more blocks
 BAND_COLOUR = "rgba(26,127,55,0.10)"
 TREND_OK, TREND_BAD = "#6e7781", "#cf222e"
-RANGE_SLIDER_ROWS = 30  # longer models get a range slider under the axis
+RANGE_SLIDER_ROWS = 30
+MAX_TICKS = 50  # module names labelled on the axis at once  # longer models get a range slider under the axis
 PANEL_HEIGHT = 300  # pixels of a value panel; the shares' panel is smaller
 PANEL_WEIGHTS = (1.0, 1.0, 0.6)
 
 
-def series_of(layer: LayerStats) -> str:
+def _kind_series(layer: LayerStats) -> str:
     if layer.activation is not None:
         return "activations"
     if layer.param_grad_rms is not None:
         return "weight layers"
     return "other rows"
+
+
+def _role_labels(roles: list[str]) -> dict[str, str]:
+    """A legend name per role: the module name with block numbers as ``#`` and
+    its class ("blocks.#.fc (Linear)"); a plain Sequential's children
+    ("#") are named by class ("Linear rows"), with their shapes where two
+    roles share a class."""
+    parts = {r: (r.split("|") + ["", ""])[:3] for r in roles}
+    kinds = [k for n, k, _ in parts.values() if n == "#"]
+    out = {}
+    for r, (name, kind, shape) in parts.items():
+        if name == "#":
+            out[r] = f"{kind} rows" + (f" ({shape})" if kinds.count(kind) > 1 else "")
+        else:
+            out[r] = f"{name or '(root)'} ({kind})"
+    return out
+
+
+def row_series(layers: Sequence[LayerStats]) -> list[tuple[str, list[LayerStats], bool]]:
+    """How rows are joined into lines, as (legend name, rows, joined).
+
+    Each module position repeated in :data:`MIN_REPEATS` or more blocks
+    (``LayerStats.role``: what the depth-trend rule compares) is one line
+    through its blocks; the rows in no repeated position are points, not
+    joined (an embedding, a final norm and a read-out are not a sequence).
+    A model without repeated positions gets one line each for its weight
+    layers, its activations and its other rows.  Rows that differ by design
+    -- a Linear and the activation after it, an attention's projection and
+    its output -- are never on one line, so no line zig-zags between them."""
+    by_role: dict[str, list[LayerStats]] = {}
+    for x in layers:
+        if x.role:
+            by_role.setdefault(x.role, []).append(x)
+    roles = {r: rows for r, rows in by_role.items() if len(rows) >= MIN_REPEATS}
+    if not roles:
+        kinds = [(name, [x for x in layers if _kind_series(x) == name], True)
+                 for name in ("weight layers", "activations", "other rows")]
+        return [k for k in kinds if k[1]]
+    names = _role_labels(list(roles))
+    out = [(names[r], rows, True) for r, rows in roles.items()]
+    rest = [x for x in layers if x.role not in roles]
+    return out + ([("other rows", rest, False)] if rest else [])
 
 
 def row_labels(layers: Sequence[LayerStats]) -> list[str]:
@@ -102,11 +151,6 @@ def _positive(v: float | None) -> float | None:
     return v if v is not None and 0 < v < math.inf else None
 
 
-def _role_label(role: str) -> str:
-    name, kind, _ = (role.split("|") + ["", ""])[:3]
-    return f"{name or '(root)'} ({kind})" if kind else role
-
-
 def _trend_line(values: list[float]) -> tuple[list[float], float]:
     """The rule's per-block change drawn through the rows: a geometric line with
     the median step, placed at the median offset of the points from it."""
@@ -138,13 +182,13 @@ def _trend_traces(go: Any, report: Any, labels: list[str], value: Callable[[Laye
         per = up ** (1 / (len(rows) - 1))
         verdict = ("past the limit: " + ("vanishing" if (up > 1) != (what == "gradient") else "exploding")
                    if bad else "within the limit")
-        text = (f"<b>depth trend</b> of {len(rows)} repeated {_role_label(t.role)} rows<br>{what}: {change}<br>"
+        text = (f"<b>depth trend</b> of {len(rows)} repeated {_role_labels([t.role])[t.role]} rows<br>{what}: {change}<br>"
                 f"{per:.3g}x per block (median), limit {limit:.3g}x over all blocks: {verdict}")
         traces.append(go.Scatter(
             x=[labels[r.index] for r in rows], y=ys, mode="lines", line={"dash": "dot", "width": 2,
                                                                         "color": TREND_BAD if bad else TREND_OK},
-            name=f"depth trend (limit {limit:.3g}x)", legendgroup=f"trend{axis}", showlegend=first,
-            hovertext=[text] * len(rows), hoverinfo="text", legend=f"legend{axis if axis > 1 else ''}",
+            name=f"depth trend, {what} (limit {limit:.3g}x)", legendgroup=f"trend{axis}", showlegend=first,
+            hovertext=[text] * len(rows), hoverinfo="text",
             xaxis=f"x{axis if axis > 1 else ''}", yaxis=f"y{axis if axis > 1 else ''}"))
         first = False
     return traces
@@ -152,34 +196,48 @@ def _trend_traces(go: Any, report: Any, labels: list[str], value: Callable[[Laye
 
 def _value_panel(go: Any, report: Any, labels: list[str], hovers: list[str], axis: int,
                  value: Callable[[LayerStats], float | None], theory: Callable[[LayerStats], float | None],
-                 unit: str) -> list[Any]:
-    """The rows' values as one series per kind of row, theory dashed per
-    series, flagged rows ringed in their verdict's colour, and rows whose
-    value cannot sit on a log axis (0, NaN, Inf) as triangles at the bottom."""
+                 unit: str, quantity: str) -> list[Any]:
+    """The rows' values, one line per series of :func:`row_series`, theory
+    dashed per series, flagged rows ringed in their verdict's colour, and rows
+    whose value cannot sit on a log axis (0, NaN, Inf) as triangles at the
+    bottom.  Series, theory and rings are named in the legend once, grouped,
+    so one click hides them in every panel."""
     layers = report.layers
-    ax = {"xaxis": f"x{axis if axis > 1 else ''}", "yaxis": f"y{axis if axis > 1 else ''}",
-          "legend": f"legend{axis if axis > 1 else ''}"}
+    k = "" if axis == 1 else str(axis)
+    ax = {"xaxis": f"x{k}", "yaxis": f"y{k}"}
+    first = axis == 1
     traces = []
     shown = [v for v in (_positive(value(x)) for x in layers) if v is not None]
     floor = min(shown) / 10 if shown else 1e-30
-    for name, colour in SERIES_COLOURS.items():
-        rows = [x for x in layers if series_of(x) == name]
-        if not rows:
-            continue
+    theory_shown = False
+    for j, (name, rows, joined) in enumerate(row_series(layers)):
+        colour = OTHER_COLOUR if not joined else PALETTE[j % len(PALETTE)]
         traces.append(go.Scatter(x=[labels[x.index] for x in rows], y=[_positive(value(x)) for x in rows],
-                                 mode="lines+markers", name=name, line={"color": colour, "width": 1.5},
+                                 mode="lines+markers" if joined else "markers", name=name, legendgroup=name,
+                                 showlegend=first, line={"color": colour, "width": 1.5},
                                  marker={"size": 6, "color": colour}, hovertext=[hovers[x.index] for x in rows],
                                  hoverinfo="text", **ax))
         pred = [x for x in rows if _positive(theory(x)) is not None]
-        if pred:
+        if pred and joined:
             traces.append(go.Scatter(x=[labels[x.index] for x in pred], y=[theory(x) for x in pred], mode="lines",
-                                     name=f"theory ({name})", line={"color": colour, "dash": "dash", "width": 1.5},
-                                     opacity=0.7, hovertext=[f"theory for {x.name or '(root)'}: {theory(x):.3g} {unit}"
-                                                             for x in pred], hoverinfo="text", **ax))
+                                     name="theory (dashed, per series)", legendgroup="theory",
+                                     showlegend=first and not theory_shown,
+                                     line={"color": colour, "dash": "dash", "width": 1.5}, opacity=0.7,
+                                     hovertext=[f"theory for {x.name or '(root)'}: {theory(x):.3g} {unit}"
+                                                for x in pred], hoverinfo="text", **ax))
+            theory_shown = True
+        elif pred:  # rows that are no series: theory as marks beside their points
+            traces.append(go.Scatter(x=[labels[x.index] for x in pred], y=[theory(x) for x in pred],
+                                     mode="markers", name="theory (dashed, per series)", legendgroup="theory",
+                                     showlegend=first and not theory_shown,
+                                     marker={"symbol": "line-ew-open", "size": 12, "color": colour},
+                                     hovertext=[f"theory for {x.name or '(root)'}: {theory(x):.3g} {unit}"
+                                                for x in pred], hoverinfo="text", **ax))
+            theory_shown = True
     off = [x for x in layers if value(x) is not None and _positive(value(x)) is None]
     if off:
         traces.append(go.Scatter(x=[labels[x.index] for x in off], y=[floor] * len(off), mode="markers",
-                                 name="0 or non-finite (drawn at the bottom)",
+                                 name=f"{quantity} 0 or non-finite (drawn at the bottom)",
                                  marker={"symbol": "triangle-down", "size": 10, "color": "#a40e26"},
                                  hovertext=[hovers[x.index] for x in off], hoverinfo="text", **ax))
     for verdict in VERDICT_COLOURS:
@@ -187,14 +245,15 @@ def _value_panel(go: Any, report: Any, labels: list[str], hovers: list[str], axi
         pts = [(labels[x.index], _positive(value(x)) or floor) for x in rows if value(x) is not None]
         if pts:
             traces.append(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="markers",
-                                     name=f"{verdict} rows", hoverinfo="skip",
-                                     marker={"symbol": "circle-open", "size": 13, "line": {"width": 2},
-                                             "color": VERDICT_COLOURS[verdict]}, **ax))
+                                     name=f"{verdict} rows", legendgroup=f"flag-{verdict}", showlegend=first,
+                                     hoverinfo="skip", marker={"symbol": "circle-open", "size": 13, "line": {"width": 2},
+                                                               "color": VERDICT_COLOURS[verdict]},
+                                     **ax))
     return traces
 
 
 def _share_panel(go: Any, report: Any, labels: list[str], hovers: list[str], axis: int) -> list[Any]:
-    ax = {"xaxis": f"x{axis}", "yaxis": f"y{axis}", "legend": f"legend{axis}"}
+    ax = {"xaxis": f"x{axis}", "yaxis": f"y{axis}"}
     traces = []
     for attr, name, colour in (("saturation", "saturated share", VERDICT_COLOURS["saturated"]),
                                ("dead_fraction", "dead units", VERDICT_COLOURS["dead"])):
@@ -230,21 +289,22 @@ def check_figure(report: Any) -> Any:
     def rel_theory(x: LayerStats) -> float | None:
         return None if x.predicted_grad_rms is None else x.predicted_grad_rms / out
 
-    fig.add_traces(_value_panel(go, report, labels, hovers, 1, rel, rel_theory, "x the output's gradient RMS"))
+    fig.add_traces(_value_panel(go, report, labels, hovers, 1, rel, rel_theory, "x the output's gradient RMS",
+                                "gradient"))
     fig.add_traces(_trend_traces(go, report, labels, rel, trend, "gradient RMS", 1))
     fig.add_traces(_value_panel(go, report, labels, hovers, 2, lambda x: x.forward_second_moment,
-                                lambda x: x.predicted_second_moment, "E[y²]"))
+                                lambda x: x.predicted_second_moment, "E[y²]", "E[y²]"))
     fig.add_traces(_trend_traces(go, report, labels, lambda x: x.forward_second_moment, trend * trend, "E[y²]", 2))
     if panels == 3:
         fig.add_traces(_share_panel(go, report, labels, hovers, 3))
     # the healthy band, a shape that the legend names
     fig.add_shape(type="rect", xref="x domain", x0=0, x1=1, yref="y", y0=lo, y1=hi, fillcolor=BAND_COLOUR,
-                  line={"width": 0}, layer="below", showlegend=True, legend="legend",
+                  line={"width": 0}, layer="below", showlegend=True,
                   name=f"healthy band [{lo:g}, {hi:g}]")
     if panels == 3:
         fig.add_shape(type="line", xref="x3 domain", x0=0, x1=1, yref="y3", y0=50, y1=50,
-                      line={"dash": "dash", "color": "#57606a", "width": 1}, showlegend=True, legend="legend3",
-                      name="judged above 50%")
+                      line={"dash": "dash", "color": "#57606a", "width": 1}, showlegend=True,
+                      name="shares judged above 50%")
     _layout(fig, report, labels, panels)
     return fig
 
@@ -267,6 +327,9 @@ def _layout(fig: Any, report: Any, labels: list[str], panels: int) -> None:
         "height": figure_height(panels, n),
         "margin": {"l": 80, "r": 250, "t": 40, "b": 40}, "hovermode": "closest", "template": "plotly_white",
         "hoverlabel": {"align": "left", "font": {"size": 12}}, "font": {"size": 12},
+        # one legend right of the plots (scrolls when taller than the figure); a click hides a series in every panel
+        "legend": {"x": 1.01, "xanchor": "left", "y": 1, "yanchor": "top", "font": {"size": 11},
+                   "groupclick": "togglegroup"},
     }
     for i in range(panels):
         k = "" if i == 0 else str(i + 1)
@@ -276,17 +339,19 @@ def _layout(fig: Any, report: Any, labels: list[str], panels: int) -> None:
                                **({"range": [0, 100]} if i == 2 else {})}
         layout[f"xaxis{k}"] = {"type": "category", "categoryorder": "array", "categoryarray": labels,
                                "anchor": f"y{k}", "showticklabels": bottom, "tickangle": -45 if n > 8 else 0,
+                               # a long model: every name would overlap; plotly labels a subset, zooming shows all
+                               **({"nticks": MAX_TICKS, "tickangle": -90} if n > MAX_TICKS else {}),
                                "automargin": True, "showgrid": False,
                                **({"matches": "x"} if i else {}),
                                **({"title": {"text": "module (execution order)"}} if bottom else {})}
         if bottom and n > RANGE_SLIDER_ROWS:
             layout[f"xaxis{k}"]["rangeslider"] = {"visible": True, "thickness": 0.05}
-        layout[f"legend{k}"] = {"x": 1.01, "xanchor": "left", "y": domains[i][1], "yanchor": "top",
-                                "font": {"size": 11}, "bgcolor": "rgba(255,255,255,0)"}
     fig.update_layout(layout)
     for j, (name, a, b) in enumerate(blocks(report.layers)):
         if j % 2:  # every other block shaded: where one block ends and the next begins
             fig.add_shape(type="rect", xref="x", x0=a - 0.5, x1=b + 0.5, yref="paper", y0=0, y1=top,
                           fillcolor="rgba(9,105,218,0.06)", line={"width": 0}, layer="below")
         fig.add_annotation(x=(a + b) / 2, xref="x", y=top, yref="paper", yanchor="bottom", text=name,
-                           showarrow=False, font={"size": 10, "color": "#57606a"}, textangle=-30 if b - a < 4 else 0)
+                           showarrow=False, font={"size": 10, "color": "#57606a"},
+                           # tilted where the name is wider than its block (at ~6 px a letter, ~900 px of plot)
+                           textangle=-30 if 6 * len(name) > 900 * (b - a + 1) / n else 0)
