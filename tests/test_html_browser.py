@@ -180,3 +180,21 @@ def test_monitor_report_screenshot(monitor_page, tmp_path):
     # the gradient norm's teal line and points (about 6e-4 of the pixels; none where the figure is not drawn)
     assert _colour_share(pixels, GRAD_NORM_COLOUR) > 1e-4
     _keep(shot, "monitor-report.png")
+
+
+def test_notebook_cells_draw_with_one_copy_of_plotly(check_page, monitor_page, tmp_path, monkeypatch):
+    """Two reports shown in one notebook page (their _repr_html_ fragments one
+    after the other, as Jupyter places cell outputs): plotly.js comes with
+    the first only, and both figures are drawn without errors."""
+    from signalprop.report import plotly_page
+
+    monkeypatch.setattr(plotly_page, "_sent_to_notebook", False)
+    cells = [check_page[0]._repr_html_(), monitor_page[0]._repr_html_()]
+    assert sum("id='sp-plotlyjs-" in c for c in cells) == 1
+    page = tmp_path / "notebook.html"
+    page.write_text("<!doctype html><html><head><meta charset='utf-8'></head><body>"
+                    + "".join(f"<div class='output'>{c}</div>" for c in cells) + "</body></html>")
+    found, log = _probe(page, [("blocks.#.fc (Linear)", 0)], tmp_path)
+    assert found["errors"] == [] and _console_errors(log) == []
+    assert found["figures"] == found["drawn"] == 2
+    assert "blocks.0.fc" in found["hovers"][0]

@@ -249,3 +249,19 @@ def test_report_does_not_touch_the_callers_matplotlib():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
                          cwd=os.environ.get("TMPDIR", "/tmp"), check=True).stdout.split()
     assert out == ["svg", "0"]
+
+
+def test_monitor_band_is_the_monitors(relu_report):
+    """The band drawn is the one the monitor judged with (monitor(bounds=...))."""
+    import dataclasses
+
+    fig = monitor_figure(dataclasses.replace(relu_report, bounds=(1e-4, 10.0)))
+    (band,) = [s for s in fig.layout.shapes if s.name and s.name.startswith("healthy band")]
+    assert (band.y0, band.y1) == (1e-4, 10.0)
+    assert relu_report.bounds == (1e-6, 1e3)  # what the run used: the default
+    m = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+    with sp.monitor(m, every=1, bounds=(1e-4, 10.0)) as mon:
+        loss = m(torch.randn(8, 4)).square().mean()
+        loss.backward()
+        mon.step(loss)
+    assert mon.report().bounds == (1e-4, 10.0) and mon.report().to_dict()["bounds"] == [1e-4, 10.0]

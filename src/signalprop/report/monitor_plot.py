@@ -38,7 +38,6 @@ ALERT_COLOURS = {**VERDICT_COLOURS, "loss-spike": "#e16f24", "grad-surge": "#953
                  "update-too-small": "#6e7781", "attention-logit-growth": "#4d2d00",
                  "output-logit-divergence": "#116329", "overflow-risk": "#0550ae"}
 GRAD_NORM_COLOUR = "#1b7c83"
-DEFAULT_BOUNDS = (1e-6, 1e3)  # check's and the monitor's default healthy band (relative gradient RMS)
 
 
 def _short(v: Any) -> Any:
@@ -211,7 +210,7 @@ def monitor_figure(r: Any) -> Any:
     """The figure as a ``plotly.graph_objects.Figure`` (see the module docstring)."""
     import plotly.graph_objects as go
 
-    bounds = getattr(r, "bounds", DEFAULT_BOUNDS)
+    bounds = r.bounds
     panels = panels_for(r) if r.history else []
     names = _layer_names(r)
     picked = _picked(r, names)
