@@ -20,8 +20,9 @@ import signalprop as sp
 from _html_models import relu_run, trend_only_report
 from signalprop.probe.diagnose import _median_trend
 from signalprop.report import plotly_page
-from signalprop.report.check_plot import blocks, check_figure, median_trend, row_labels, row_series
+from signalprop.report.check_plot import check_figure
 from signalprop.report.monitor_plot import monitor_figure
+from signalprop.report.row_groups import blocks, median_trend, row_labels, row_series
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,8 @@ from typing import Any
 
 from ..records import LayerStats
 from .cells import VERDICT_COLOURS, columns
-from .check_plot import BAND_COLOUR, row_labels
+from .check_plot import BAND_COLOUR
+from .row_groups import row_labels
 
 MAX_LAYERS = 12
 MAX_SAMPLES = 400  # sampled steps drawn per layer
