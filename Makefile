@@ -14,7 +14,7 @@ export PYTHONHASHSEED := 0
 # the build test (tests/test_build.py) installs the wheel next to the same torch
 export TORCH_SPEC
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean chromium
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,7 +29,15 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(VENV)/bin/signalprop demo --out demo-out
 
-test: $(STAMP)
+# The HTML reports' browser tests (tests/test_html_browser.py) drive headless Chromium.  Installed
+# with apt when missing and this is root on a Debian-like system; otherwise those tests say why they skip.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } ; } || \
+	  echo "note: no Chromium (not root, or no apt-get): the browser tests will skip"
+
+test: $(STAMP) chromium
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m mypy
 	$(PY) -m pytest -q

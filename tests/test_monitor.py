@@ -241,7 +241,7 @@ def test_autocast_and_report_outputs(tmp_path):
     assert len(r.history) == 2 and r.steps == (0, 1, 2, 3)
     assert r.history[0].layers[0].forward_second_moment > 0
     p = r.save_html(tmp_path / "mon.html")
-    assert "data:image/png;base64," in p.read_text()
+    assert "class='sp-figure'" in p.read_text()
     import json
 
     d = json.loads(r.to_json(tmp_path / "mon.json"))

@@ -478,7 +478,8 @@ class Report:
         return precision_report(self, dtype, flush_limit, risk_binades)
 
     def save_html(self, path: Any) -> Any:
-        """One self-contained HTML file with the tables and embedded plots."""
+        """One self-contained interactive HTML file (plotly, opens offline): the
+        problems, a figure per module with the verdict's rules drawn, the table."""
         from .report.html import save_html
 
         return save_html(self, path)
@@ -587,19 +588,23 @@ class MonitorReport:
     history: tuple[MonitorStep, ...]
     alerts: tuple[Alert, ...]
     skipped: tuple[int, ...] = ()  # steps whose optimizer step the monitor skipped (monitor(..., skip=))
+    bounds: tuple[float, float] = (1e-6, 1e3)  # the monitor's healthy band for relative gradient RMS (the HTML draws it)
 
     def to_dict(self) -> dict[str, Any]:
         return _clean({"model": self.model, "every": self.every, "steps": list(self.steps),
                        "losses": list(self.losses), "grad_norms": list(self.grad_norms),
                        "alerts": [a.to_dict() for a in self.alerts], "skipped": list(self.skipped),
+                       "bounds": list(self.bounds),
                        "history": [h.to_dict() for h in self.history]})
 
     def to_json(self, path: Any = None, indent: int = 2) -> str:
         return _to_json(self.to_dict(), path, indent)
 
     def save_html(self, path: Any) -> Any:
-        """One self-contained HTML file: loss and gradient-norm curves, per-layer
-        time series (gradient RMS, second moment, saturation) and the alerts."""
+        """One self-contained interactive HTML file (plotly, opens offline): the
+        loss with the alerts on it, the gradient norm, per-layer time series
+        (relative gradient RMS, E[y²], update ratio, saturated and dead shares
+        where measured) and the alerts table."""
         from .report.monitor_html import save_monitor_html
 
         return save_monitor_html(self, path)

@@ -893,7 +893,8 @@ class Monitor:
     def report(self) -> MonitorReport:
         """Everything seen so far, as a record with ``save_html``, ``to_json``, ``to_dict``."""
         return MonitorReport(self._model_name, self.every, tuple(self.steps), tuple(self.losses),
-                             tuple(self.grad_norms), tuple(self.history), tuple(self.alerts), tuple(self.skipped))
+                             tuple(self.grad_norms), tuple(self.history), tuple(self.alerts), tuple(self.skipped),
+                             self.bounds)
 
     def layer_series(self, attr: str = "grad_rms") -> dict[str, list[tuple[int, float | None]]]:
         """Per layer name: (step, value) over the sampled steps."""
