@@ -83,14 +83,13 @@ def test_demo_runs_quickly(tmp_path, capsys, monkeypatch):
     import torch
 
     from signalprop.lab import demo
-
-    from signalprop.lab.train import _flushes_denormals
+    from signalprop.lab.train import denormals_flushed
 
     threads_while_training, flushed_while_training = [], []
 
     def train(*args, **kwargs):
         threads_while_training.append(torch.get_num_threads())
-        flushed_while_training.append(_flushes_denormals())
+        flushed_while_training.append(denormals_flushed())
         return real_train(*args, **kwargs)
 
     real_train = demo.train
@@ -104,7 +103,7 @@ def test_demo_runs_quickly(tmp_path, capsys, monkeypatch):
         torch.set_num_threads(before)
     assert threads_while_training == [1, 1, 1, 1]
     # subnormals flushed while training (the vanishing models' slow path), the process's setting back after
-    assert flushed_while_training == [True] * 4 and not _flushes_denormals()
+    assert flushed_while_training == [True] * 4 and not denormals_flushed()
     d = json.loads((tmp_path / "demo.json").read_text())
     verdicts = {r["scheme"]: r["verdict"] for r in d["rows"]}
     assert verdicts["critical"] == "healthy" and verdicts["default"] == "vanishing"

@@ -38,8 +38,9 @@ def torch_threads(n: int) -> Iterator[None]:
             torch.set_num_threads(before)
 
 
-def _flushes_denormals() -> bool:
-    # torch has no getter: a subnormal float32 times 1 stays itself unless subnormals are flushed to zero
+def denormals_flushed() -> bool:
+    """Whether torch flushes subnormal floats to zero now (torch has no
+    getter: a subnormal float32 times 1 stays itself unless they are)."""
     return bool((torch.tensor([1e-40]) * 1.0).item() == 0.0)
 
 
@@ -52,7 +53,7 @@ def flush_denormals(on: bool = True) -> Iterator[None]:
     torch's default initialization measured 438 ms a step with them and
     31 ms flushed, with the same losses to the last digit (its updates are
     0 either way)."""
-    before = _flushes_denormals()
+    before = denormals_flushed()
     changed = on != before and torch.set_flush_denormal(on)
     try:
         yield
