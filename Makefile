@@ -14,7 +14,7 @@ export PYTHONHASHSEED := 0
 # the build test (tests/test_build.py) installs the wheel next to the same torch
 export TORCH_SPEC
 
-.PHONY: demo test bench clean chromium
+.PHONY: demo test docs bench clean chromium
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,13 +38,18 @@ chromium:
 	  echo "note: no Chromium (not root, or no apt-get): the browser tests will skip"
 
 test: $(STAMP) chromium
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks tools
 	$(PY) -m mypy
 	$(PY) -m pytest -q
+
+# the site, into site/ (warnings are errors); the tutorials run once, on this venv's Python.  make test builds it
+# too (tests/test_docs.py).  NO_MKDOCS_2_WARNING: Material's banner about MkDocs' future, not about these docs
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]" "$(TORCH_SPEC)"
 	$(PY) benchmarks/run_all.py --out benchmarks/results
 
 clean:
-	rm -rf $(VENV) demo-out benchmarks/results .pytest_cache
+	rm -rf $(VENV) demo-out benchmarks/results .pytest_cache site

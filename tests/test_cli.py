@@ -79,15 +79,17 @@ def test_check_user_factory(tmp_path, monkeypatch, capsys):
 
 def test_demo_runs_quickly(tmp_path, capsys, monkeypatch):
     """Dive into Deep Learning's numbers come first, the training runs on one
-    torch thread, and the caller's thread count is back after."""
+    torch thread with subnormals flushed, and the caller's settings are back after."""
     import torch
 
     from signalprop.lab import demo
+    from signalprop.lab.train import denormals_flushed
 
-    threads_while_training = []
+    threads_while_training, flushed_while_training = [], []
 
     def train(*args, **kwargs):
         threads_while_training.append(torch.get_num_threads())
+        flushed_while_training.append(denormals_flushed())
         return real_train(*args, **kwargs)
 
     real_train = demo.train
@@ -100,6 +102,8 @@ def test_demo_runs_quickly(tmp_path, capsys, monkeypatch):
     finally:
         torch.set_num_threads(before)
     assert threads_while_training == [1, 1, 1, 1]
+    # subnormals flushed while training (the vanishing models' slow path), the process's setting back after
+    assert flushed_while_training == [True] * 4 and not denormals_flushed()
     d = json.loads((tmp_path / "demo.json").read_text())
     verdicts = {r["scheme"]: r["verdict"] for r in d["rows"]}
     assert verdicts["critical"] == "healthy" and verdicts["default"] == "vanishing"

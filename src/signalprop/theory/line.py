@@ -18,9 +18,9 @@ def critical_sigma_w2(act: Any, sigma_b2: float = 0.0, *, lo: float = 1e-2, hi: 
     """The sigma_w2 in [lo, hi] at which chi1(q*) = 1 for the given sigma_b2 (the edge of chaos).
 
     Solved as one equation in q rather than a root search over sigma_w2 with
-    a fixed-point solve inside: chi1 = 1 fixes sigma_w2(q) = 1 / E[phi'^2](q),
+    a fixed-point solve inside: chi1 = 1 fixes ``sigma_w2(q) = 1 / E[phi'^2](q)``,
     and q must be a fixed point of the q-map at that weight,
-    G(q) = E[phi^2](q) / E[phi'^2](q) + sigma_b2 - q = 0.  Sign changes of G
+    ``G(q) = E[phi^2](q) / E[phi'^2](q) + sigma_b2 - q = 0``.  Sign changes of G
     on a log grid of q in [1e-8, 1e8] are refined by Brent's method, and a
     root is accepted only if q is the *attracting* fixed point at
     sigma_w2(q) -- the one a deep network's q settles at.
