@@ -17,21 +17,23 @@ from signalprop.records import LayerStats, MonitorStep
 LEAD = 10  # steps: the early-warning benchmark's bar for "ahead"
 
 
-def _regression_run(half: bool, steps: int = 200):
+def _regression_run(half: bool, steps: int = 200, model=None, lr: float = 1e-2, scale: float = 1e5):
     """An MLP regressing targets in raw units (a teacher's outputs x 1e5),
     Adam at 1e-2 on the MSE / 1e10: its outputs grow steadily past float16's
-    65504 (measured: the loss turns inf near step 80 in float16; float32 trains on)."""
+    65504 (measured: the loss turns inf near step 80 in float16; float32 trains on).
+    ``model``, ``lr``, ``scale``: another model, rate and target scale."""
     torch.manual_seed(0)
     teacher = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 1))
-    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    if model is None:
+        model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(1)
     first_bad = None
     with sp.monitor(model, every=10) as mon:
         for step in range(steps):
             x = torch.randn(128, 32, generator=g)
             with torch.no_grad():
-                t = teacher(x) * 1e5
+                t = teacher(x) * scale
             with torch.autocast("cpu", dtype=torch.float16, enabled=half):
                 y = model(x)
             loss = F.mse_loss(y.float(), t) / 1e10
@@ -143,27 +145,7 @@ def test_float16_overflow_after_a_residual_sum_is_located_and_named_first():
     least LEAD steps before.  (Before, the exact pass blamed the root's code
     for any NaN after an unrecorded operation.)"""
     torch.manual_seed(0)
-    teacher = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 1))
-    model = _Residual()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(1)
-    bad = None
-    with sp.monitor(model, every=10) as mon:
-        for step in range(400):
-            x = torch.randn(128, 32, generator=g)
-            with torch.no_grad():
-                t = teacher(x) * 3e5
-            with torch.autocast("cpu", dtype=torch.float16):
-                y = model(x)
-            loss = F.mse_loss(y.float(), t) / 1e10
-            opt.zero_grad()
-            loss.backward()
-            mon.step(loss)
-            opt.step()
-            if not math.isfinite(loss.item()):
-                bad = step
-                break
-    alerts = list(mon.alerts)
+    bad, alerts = _regression_run(half=True, steps=400, model=_Residual(), lr=3e-3, scale=3e5)
     seen = [(a.step, a.kind, a.layer) for a in alerts]
     assert bad is not None, seen
     origin = next(a.layer for a in alerts if a.kind == "non-finite")
