@@ -32,17 +32,44 @@ from . import attention
 from . import stats as S
 
 
-def role_of(name: str, kind: str, module: nn.Module | None, shape: tuple[int, ...]) -> str:
+def role_of(name: str, kind: str, module: nn.Module | None, shape: tuple[int, ...],
+            positional: frozenset[str] = frozenset()) -> str:
     """A row's position in a repeated block: its name with every numeric path
-    component as ``#`` (``layers.#.self_attn.q_proj``; ``ln_1`` and ``ln_2``
-    stay apart), its class and its parameter shapes
+    component that indexes repeated blocks as ``#`` (``layers.#.self_attn.q_proj``;
+    ``ln_1`` and ``ln_2`` stay apart), its class and its parameter shapes
     (or, without parameters, its output's shape past the batch dimension), so
-    that rows of one role differ only by which block they are in."""
+    that rows of one role differ only by which block they are in.  An index
+    into a container in ``positional`` (see :func:`positional_containers`)
+    is a position inside the block and stays: ``blocks.#.0`` and ``blocks.#.2``,
+    a block's first and second Linear, are two roles, not one series that
+    alternates between them."""
     ps = [p.shape for p in module._parameters.values() if p is not None] if module is not None else []
     sig = ";".join("x".join(map(str, p)) for p in ps) if ps else "x".join(map(str, shape[1:]))
+    if positional:
+        parts = name.split(".")
+        path = [c if not _DIGITS.fullmatch(c) or ".".join(parts[:i]) in positional else "#"
+                for i, c in enumerate(parts)]
+        return f"{'.'.join(path)}|{kind}|{sig}"
     return f"{_NUMBERED.sub('#', name)}|{kind}|{sig}"
 
 
+def positional_containers(named: list[tuple[str, nn.Module]]) -> frozenset[str]:
+    """Names of the containers, inside a numbered (repeated) block, whose
+    numbered children are of different classes (``Sequential(Linear, GELU,
+    Linear)`` as ``blocks.3``): their indices are positions within the block,
+    not repeats.  A top-level chain (an ``nn.Sequential`` MLP) is not one:
+    its layers are the repeats."""
+    out = set()
+    for name, m in named:
+        if not name or not _NUMBERED.search(name):
+            continue
+        kinds = {type(c) for k, c in m._modules.items() if c is not None and _DIGITS.fullmatch(k)}
+        if len(kinds) > 1:
+            out.add(name)
+    return frozenset(out)
+
+
+_DIGITS = re.compile(r"\d+")
 _NUMBERED = re.compile(r"(?<![^.])\d+(?![^.])")  # a path component that is all digits (ASCII or not)
 
 
@@ -543,6 +570,7 @@ class Recorder:
         self._batches = S.Batches(unit_vectors, self._fk) if stats and not exact else None
         self._grad_batches = S.GradBatches(self._batches.done, self._bk) if self._batches is not None else None
         self._roles: dict[tuple[str, str, tuple[int, ...]], str] = {}
+        self._positional = positional_containers(self._modules)
         self._capture_left = capture_budget if self._grad_batches is not None else 0
         self.edges: list[GradientEdge] = []  # see captured()
         self._edge_rows: list[Row] = []
@@ -555,7 +583,7 @@ class Recorder:
         name, kind = self._names.get(m, "?"), type(m).__name__
         return _Leaf(name, kind, act, *_traits(act),
                      feature_dim(m),
-                     role_of(name, kind, m, ()) if has_params else None)
+                     role_of(name, kind, m, (), self._positional) if has_params else None)
 
     # -- hooks ----------------------------------------------------------------
     def _pre(self, m: nn.Module, args: Any) -> None:
@@ -654,7 +682,7 @@ class Recorder:
             key = (name, kind, shape)
             role = self._roles.get(key)
             if role is None:
-                role = self._roles[key] = role_of(name, kind, module, shape)
+                role = self._roles[key] = role_of(name, kind, module, shape, self._positional)
         # a module called at several places of a block (one dropout after attention and after
         # the MLP) has one role per call site: its k-th call in this pass
         k = self._calls.get(name, 0)
