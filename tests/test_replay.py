@@ -315,3 +315,33 @@ def test_the_exact_pass_keeps_every_rows_output_so_no_address_is_reused():
     assert all(r.output() is not None for r in rec.rows)  # proj's output, a temporary, is still alive
     r = sp.check(model, torch.randn(32, 8) * 1e3, loss_fn=F.cross_entropy, targets=torch.randint(0, 4, (32,)))
     assert r.verdict == "non-finite" and r.problems[0].layer == "1" and "own forward code" in r.problems[0].message
+
+
+class _MaskedThenLog(nn.Module):
+    """A causal mask of -inf written on purpose (torch.full, then masked_fill
+    with -inf), softmax over it (finite), then a log of a negative number."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x):
+        n = x.shape[1]
+        mask = torch.triu(torch.full((n, n), float("-inf")), diagonal=1)
+        future = torch.ones(n, n, dtype=torch.bool).triu(1)
+        scores = (x @ x.transpose(1, 2)).masked_fill(future, float("-inf")) + mask
+        h = torch.softmax(scores, dim=-1) @ x
+        return torch.log(self.proj(h) - 100.0)  # negative: NaN
+
+
+def test_a_mask_of_infinities_is_not_the_first_nan():
+    """-inf written on purpose (a factory given -inf, masked_fill with -inf)
+    is a mask, not the NaN's origin: the watch names torch.log, the first
+    operation to make a NaN from finite inputs."""
+    from signalprop.probe.nonfinite_op import locate
+
+    torch.manual_seed(0)
+    model = _MaskedThenLog()
+    x = torch.randn(2, 5, 4)
+    origin = locate(model, lambda: model(x).sum(), lambda loss: loss.backward())
+    assert origin is not None and origin.operation == "torch.log" and origin.phase == "forward", origin

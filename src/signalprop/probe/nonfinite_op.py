@@ -4,7 +4,9 @@ What ``torch.autograd.detect_anomaly`` gives, found on one replayed pass
 only (so that it costs nothing otherwise): the forward runs under a
 ``TorchFunctionMode`` that checks every operation's outputs (one host sync
 per operation); the first whose output is non-finite while its inputs are
-finite *made* the NaN/Inf.  For the backward, each operation's autograd node
+finite *made* the NaN/Inf -- unless it was given no floating tensor or an
+infinite number (``torch.full(..., -inf)``, ``masked_fill(mask, -inf)``:
+a causal mask, written on purpose).  For the backward, each operation's autograd node
 gets a hook that checks the gradients it returns: the first node (in the
 order the backward runs them) that returns a non-finite gradient from finite
 incoming ones made it, and the forward operation that created the node
@@ -16,6 +18,7 @@ culprit only.
 from __future__ import annotations
 
 import linecache
+import math
 import os
 import sys
 import types
@@ -95,6 +98,13 @@ def _finite(ts: Sequence[torch.Tensor | None]) -> bool:
     return all(t is None or t.numel() == 0 or bool(torch.isfinite(t).all()) for t in ts)
 
 
+def _nonfinite_scalar(args: Any, kwargs: Any) -> bool:
+    """Whether a call was handed an infinite or NaN number (``masked_fill(mask,
+    float("-inf"))``): its non-finite output is written on purpose."""
+    vals = [*(args if isinstance(args, (tuple, list)) else (args,)), *(kwargs or {}).values()]
+    return any(isinstance(v, float) and not math.isfinite(v) for v in vals)
+
+
 _Stack = tuple[tuple[types.CodeType, int], ...]
 
 
@@ -125,11 +135,13 @@ class _Watch(TorchFunctionMode):
             return out
         where = self.modules[-1] if self.modules else "(loss)"
         info = None
-        if self.found is None and not _finite(list(outs)):
+        ins = _float_tensors(args) + _float_tensors(kwargs or {})
+        if self.found is None and ins and not _nonfinite_scalar(args, kwargs) and not _finite(list(outs)):
+            # (an output made from no floating tensor, or from an infinite number, is a mask written on purpose)
             info = (op_name(func), where, self._stack())
             if self.first_bad is None:
                 self.first_bad = info
-            if _finite(_float_tensors(args) + _float_tensors(kwargs or {})):
+            if _finite(ins):
                 self.found = info
         for t in outs:
             if t.grad_fn is not None and t.grad_fn not in self.nodes:
