@@ -449,8 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", metavar="PATH", help="write the full report as JSON")
     c.add_argument("--html", metavar="PATH", help="write a self-contained HTML report")
     c.add_argument("--spectrum", action="store_true", help="also read the input-output Jacobian's singular values")
-    c.add_argument("--low", type=_finite_float, default=1e-6, help="lowest healthy gradient RMS (default 1e-6)")
-    c.add_argument("--high", type=_finite_float, default=1e3, help="highest healthy gradient RMS (default 1e3)")
+    c.add_argument("--low", type=_finite_float, default=1e-6,
+                   help="lowest healthy gradient RMS, relative to the gradient RMS at the model's output (default 1e-6)")
+    c.add_argument("--high", type=_finite_float, default=1e3,
+                   help="highest healthy gradient RMS, relative to the output's (default 1e3)")
     c.add_argument("--dtype", type=_format, default=None,
                    help="also say which layers would not survive this low-precision format at their current scale "
                         "(overflow, underflow and flush-to-zero shares of outputs, gradients and weights; exit 1 when "
