@@ -54,17 +54,25 @@ def role_of(name: str, kind: str, module: nn.Module | None, shape: tuple[int, ..
 
 
 def positional_containers(named: list[tuple[str, nn.Module]]) -> frozenset[str]:
-    """Names of the containers, inside a numbered (repeated) block, whose
-    numbered children are of different classes (``Sequential(Linear, GELU,
-    Linear)`` as ``blocks.3``): their indices are positions within the block,
-    not repeats.  A top-level chain (an ``nn.Sequential`` MLP) is not one:
+    """Names of the repeated blocks whose numbered children are of different
+    classes (``blocks.3 = Sequential(Linear, GELU, Linear)``, one of several
+    Sequentials in ``blocks``): their indices are positions within the block,
+    not repeats.  A chain that is not itself one of several alike (an
+    ``nn.Sequential`` MLP, at the top or as one stage of a model) is not one:
     its layers are the repeats."""
+    modules = dict(named)
     out = set()
     for name, m in named:
-        if not name or not _NUMBERED.search(name):
+        parent, _, last = name.rpartition(".")
+        if not _DIGITS.fullmatch(last):
             continue
         kinds = {type(c) for k, c in m._modules.items() if c is not None and _DIGITS.fullmatch(k)}
-        if len(kinds) > 1:
+        if len(kinds) < 2:
+            continue
+        up = modules.get(parent)
+        alike = sum(1 for k, c in (up._modules.items() if up is not None else ())
+                    if _DIGITS.fullmatch(k) and type(c) is type(m))
+        if alike > 1:
             out.add(name)
     return frozenset(out)
 
