@@ -160,7 +160,7 @@ STATISTICS: list[Statistic] = [
               kernel=_extremes("forward"), tensorboard=True, unbounded_only=True),
     Statistic("input_absmax", "forward", "value",
               "largest |entry| of the input, where no module wrote it (a residual sum in a parent's forward): "
-              "headroom of a tensor no row outputs",
+              "headroom of a tensor no row outputs (the monitor, and check with dtype=)",
               (("input_max", MAX), ("input_min", MIN)), _abs_max("input"), "input_max", "max |input|",
               tensorboard=True),
     Statistic("grad_rms", "backward", "gradient", "RMS of d loss / d output",

@@ -555,8 +555,9 @@ class Recorder:
         self.track_inputs = track_inputs
         self.rows: list[Row] = []
         # what rows wrote, by address, while the tensor lives (a freed output's address is reused): an
-        # input at none of them was made by the model's own code
-        self._dsts: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+        # input at none of them was made by the model's own code (input_absmax: the monitor's headroom
+        # alerts and check(dtype=) read it; a weak reference and a dict entry a row, ~0.4 us)
+        self._dsts: dict[int, weakref.ref[torch.Tensor]] | None = {} if (safe or precision) and not exact else None
         self.stack: list[str] = []  # names of modules currently inside forward (functional capture only)
         self.leaf_depth = 0
         self._handles: list[Any] = []
@@ -644,10 +645,8 @@ class Recorder:
             row.dst = _ptr(t)
             row.src = _first_ptr(args)
             if self.stats:
-                if row.src and self._dsts.get(row.src) is None and len(self.rows) > 1 and not self.exact:
-                    _input_extremes_into(row.fwd, args)
-                if row.dst:
-                    self._dsts[row.dst] = t
+                if self._dsts is not None:
+                    self._input_written(row, t, args)
                 self._measure(row, t, info.band, info.rectifier, info.nonnegative, args)
                 if self.precision and info.role is not None and id(m) not in self._weighed:
                     self._weighed.add(id(m))
@@ -660,6 +659,17 @@ class Recorder:
                     with torch.no_grad():
                         row.input_second_moment = float(x.detach().float().pow(2).mean())
         return replaced
+
+    def _input_written(self, row: Row, t: torch.Tensor, args: Any) -> None:
+        """``input_absmax`` of a row whose input no earlier row wrote (see
+        :func:`_input_extremes_into`); then this row's output is one."""
+        assert self._dsts is not None
+        if row.src and len(self.rows) > 1 and row.src != self.rows[-2].dst:
+            w = self._dsts.get(row.src)
+            if w is None or w() is None:
+                _input_extremes_into(row.fwd, args)
+        if row.dst:
+            self._dsts[row.dst] = weakref.ref(t)
 
     def _through_time(self, row: Row, m: nn.RNNBase, args: Any) -> None:
         """A recurrent module's gradient per time step at its input sequence
@@ -678,8 +688,8 @@ class Recorder:
         row.dst = _ptr(t)
         row.src = _first_ptr(args)
         if self.stats:
-            if row.dst:
-                self._dsts[row.dst] = t
+            if self._dsts is not None and row.dst:
+                self._dsts[row.dst] = weakref.ref(t)
             self._measure(row, t, *_traits(act), args)
         return row
 
