@@ -139,7 +139,9 @@ def run(spec: Fp16Spec, half: bool = True, monitored: bool = True) -> dict[str, 
 def _reads_from(alert: dict[str, Any], origin: str | None) -> bool:
     """An alert on a module's input that its parent's own code made (a residual
     sum), where the inf was located in that parent's own code: the same tensor."""
-    if origin is None or "made by its parent's own code" not in alert["message"]:
+    from signalprop.monitor.alerts import OWN_CODE_INPUT
+
+    if origin is None or OWN_CODE_INPUT not in alert["message"]:
         return False
     return origin == "(root)" or alert["layer"].startswith(origin + ".")
 

@@ -230,7 +230,10 @@ def update_alerts(step: int, ratios: Sequence[tuple[str, float]], weight_layers:
 
 
 # input_absmax is measured only where no module wrote the input: the tensor a parent's own code made
-_INPUT = "input (made by its parent's own code, not by a module)"
+OWN_CODE_INPUT = "input (made by its parent's own code, not by a module)"
+# (what, statistic, phase) of the largest |value| entries the headroom rules watch
+HEADROOM_QUANTITIES = (("output", "forward_absmax", "forward"), ("gradient", "grad_absmax", "backward"),
+                       (OWN_CODE_INPUT, "input_absmax", "forward"))
 
 
 def overflow_alerts(current: MonitorStep, limit: float = FLOAT16_MAX, headroom: float = HEADROOM) -> list[Alert]:
@@ -243,7 +246,7 @@ def overflow_alerts(current: MonitorStep, limit: float = FLOAT16_MAX, headroom: 
     headroom and how many are within it."""
     close: list[tuple[float, str, str]] = []
     for name, layer in _by_name(current.layers).items():
-        for what, attr in (("output", "forward_absmax"), ("gradient", "grad_absmax"), (_INPUT, "input_absmax")):
+        for what, attr, _ in HEADROOM_QUANTITIES:
             v = layer.stats.get(attr)
             if v is not None and math.isfinite(v) and v > 0 and limit / v < headroom:
                 close.append((limit / v, name, what))

@@ -37,15 +37,13 @@ import statistics
 from collections.abc import Sequence
 
 from ..records import FORMATS, Alert, MonitorStep
-from .alerts import BASELINE_SAMPLES, HEADROOM, overflow_alerts
+from .alerts import BASELINE_SAMPLES, HEADROOM, HEADROOM_QUANTITIES, overflow_alerts
 
 GROWTH = 4.0
 RECENT = 2
 LOOKAHEAD = 2.0
 FAR = 12.0
 
-_QUANTITIES = (("output", "forward_absmax", "forward"), ("gradient", "grad_absmax", "backward"),
-               ("input (made by its parent's own code, not by a module)", "input_absmax", "forward"))
 FIX = ("use a GradScaler (loss scaling) or bfloat16 (float32's range); normalise or scale down this module's input "
        "or output, or lower the learning rate if the optimizer is growing it")
 
@@ -70,7 +68,7 @@ def trend_alerts(current: MonitorStep, history: Sequence[MonitorStep], limit: fl
         return []
     closing: list[tuple[float, str, str, str, float, float, float]] = []
     for layer in current.layers:
-        for what, key, phase in _QUANTITIES:
+        for what, key, phase in HEADROOM_QUANTITIES:
             v = layer.stats.get(key)
             if v is None or not math.isfinite(v) or v <= 0:
                 continue

@@ -62,6 +62,14 @@ def forward_kernels_into(d: dict[str, Any], y: torch.Tensor, bounded: bool, dim:
             st.measure_into(d, y, dim)
 
 
+def backward_kernels_into(d: dict[str, Any], g: torch.Tensor, dim: int | None = None,
+                          kernels: list[Statistic] | None = None) -> None:
+    """The declared gradient statistics with kernels of their own (max
+    |gradient|, ...); ``kernels`` as in :func:`forward_kernels_into`."""
+    for st in BACKWARD_KERNELS if kernels is None else kernels:
+        st.measure_into(d, g, dim)
+
+
 def forward_moments_into(d: dict[str, torch.Tensor | float], y: torch.Tensor,
                          scratch: Scratch, bounded: bool = False,
                          kernels: list[Statistic] | None = None) -> torch.Tensor | None:
@@ -106,8 +114,7 @@ def grad_moments_into(d: dict[str, torch.Tensor | float], g: torch.Tensor,
     squares ``grad_sq``, a dot product, as above)."""
     n = g.numel()
     d["grad_n"] = float(max(n, 1))
-    for st in BACKWARD_KERNELS if kernels is None else kernels:
-        st.measure_into(d, g, None)
+    backward_kernels_into(d, g, None, kernels)
     if n >= _GRAD_DOT_MIN and dottable(g):
         v = g.view(-1)
         d["grad_sq"] = torch.dot(v, v)
@@ -131,8 +138,7 @@ def exact_moments(t: torch.Tensor, prefix: str, bounded: bool = False,
     if prefix == "forward":
         forward_kernels_into(out, xf, bounded, None, kernels)
     else:
-        for st in BACKWARD_KERNELS if kernels is None else kernels:
-            st.measure_into(out, xf, None)
+        backward_kernels_into(out, xf, None, kernels)
     return out
 
 
@@ -334,6 +340,11 @@ def as_parts(done: list[Batched]) -> None:
                 d[key] = Part(vec, j)
 
 
+def _buffer_rows(t: torch.Tensor) -> int:
+    """How many entries like ``t`` one batch buffer holds (:data:`BATCH_LIMITS`' bytes, at least 2)."""
+    return max(2, BATCH_LIMITS[t.device.type][1] // max(t.numel() * t.element_size(), 1))
+
+
 class _Slots:
     """A buffer whose rows take one entry each, with views of the rows in the
     entry's shape.  It starts at 16 rows and doubles after each flush up to
@@ -374,8 +385,7 @@ class _Bucket:
         self.kernels = kernels
         self.shape = tuple(y.shape)
         self.n = y.numel()
-        cap = max(2, BATCH_LIMITS[y.device.type][1] // max(self.n * y.element_size(), 1))
-        self.slots = _Slots(y, cap)  # views made once, not per row
+        self.slots = _Slots(y, _buffer_rows(y))  # views made once, not per row
         self.dicts: list[dict[str, Any]] = []
         self.band = band
         self.rectifier = rectifier
@@ -478,15 +488,14 @@ class GradBatches:
 
     def __init__(self, done: list[Batched], kernels: list[Statistic] | None = None) -> None:
         self.done = done
-        self.kernels = BACKWARD_KERNELS if kernels is None else kernels
+        self.kernels = kernels
         self._buckets: dict[tuple[Any, ...], tuple[_Slots, list[dict[str, Any]]]] = {}
 
     def add(self, d: dict[str, Any], g: torch.Tensor) -> None:
         key = (g.shape, g.dtype, g.get_device())
         b = self._buckets.get(key)
         if b is None:
-            cap = max(2, BATCH_LIMITS[g.device.type][1] // max(g.numel() * g.element_size(), 1))
-            b = self._buckets[key] = (_Slots(g, cap), [])
+            b = self._buckets[key] = (_Slots(g, _buffer_rows(g)), [])
         slots, dicts = b
         slots[len(dicts)].copy_(g)
         d["grad_n"] = float(max(g.numel(), 1))  # at once: a row's bwd shows the gradient has arrived
@@ -512,8 +521,7 @@ class GradBatches:
             grp[1].append(g)
             d["grad_n"] = float(max(g.numel(), 1))
         for ds, gs in groups.values():
-            g = gs[0]
-            cap = max(2, BATCH_LIMITS[g.device.type][1] // max(g.numel() * g.element_size(), 1))
+            cap = _buffer_rows(gs[0])
             for i in range(0, len(gs), cap):
                 B = torch.stack(gs[i:i + cap]).reshape(len(gs[i:i + cap]), -1)
                 self._measure(B, ds[i:i + cap])
@@ -528,8 +536,7 @@ class GradBatches:
     def _measure(self, B: torch.Tensor, dicts: list[dict[str, Any]]) -> None:
         """One row of ``B`` a gradient, the row of ``dicts`` at its index."""
         vecs: dict[str, Any] = {"grad_norm": torch.linalg.vector_norm(B, dim=1, dtype=acc(B))}
-        for st in self.kernels:
-            st.measure_into(vecs, B, 1)
+        backward_kernels_into(vecs, B, 1, self.kernels)
         self.done.append((dicts, vecs))
 
     def flush(self) -> None:
