@@ -30,7 +30,13 @@ then is the inf float16's doing.  Scored: the monitor's first
 ``overflow-risk`` alert before that step, whether it names the module where
 the inf first appeared (the monitor's own non-finite alert locates it), and
 its lead.  ``rules``: the absolute bound alone (within 16x of 65504, the
-rule before issue 27's trend rule) and both rules.  Where the inf first
+rule before issue 27's trend rule) and both rules.  The monitor says
+``overflow-risk`` once per module, so where the trend rule spoke first the
+absolute rule's later alert on that module is not raised: the "absolute"
+row counts only the runs where it spoke first (a lower bound).  The monitor
+samples every step for a while once a sample (or the model's output, read
+every step in float16) shows a module closing in
+(``precision_alerts.closing_in``): the runs are scored as the monitor runs.  Where the inf first
 appears in an operation no module row records (the residual sum
 ``h + block(h)`` written in the root's ``forward``: the monitor locates it as
 "(root)"), no alert can name that operation's module; the share of runs with

@@ -5,8 +5,9 @@ Each signal's threshold is its largest value over the healthy runs of the
 tuned grid (a rule that fired there at any point would be a false alarm), so
 the lead is the best any rule on that signal alone could reach without a
 false alarm on those runs.  Two of the signals are not measured by the
-monitor today: the per-step update norm (it measures ||dw|| / ||w|| on the
-step after each sample) and the weights' norm (never read per step).
+monitor: the update's norm alone (it reads the ratio ||dw|| / ||w|| every
+step, estimated from sampled entries: ``monitor.relative_update``) and the
+weights' norm growth.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ SIGNALS: dict[str, Signal] = {
     "grad norm: level / trailing median": lambda r: _level_ratio(r["grad_norms"], False),
     "grad norm: level / start": lambda r: _level_ratio(r["grad_norms"], True),
     "update norm: level / trailing median (not measured per step)": lambda r: _level_ratio(r["update_norms"], False),
-    "||dw|| / ||w|| per step (not measured per step)": _update_ratio,
+    "||dw|| / ||w|| per step (the monitor's relative update)": _update_ratio,
     "weight norm growth over 5 steps (not measured)": _weight_growth,
 }
 

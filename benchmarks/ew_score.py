@@ -9,11 +9,12 @@ from collections.abc import Callable
 from typing import Any
 
 from ew_peers import PEERS
-from ew_replay import first_alert
+from ew_replay import first_alert, relative_updates
 
 LEAD = 10
 # signalprop's per-step kinds (replayed); every other kind is the monitor's own live alert on sampled steps
-SCALAR = ("loss-spike", "grad-surge", "batch-spike")  # batch-spike: one bad batch, scored apart (not divergence)
+# (update-growth: replayed from the recorded per-step update norms)
+SCALAR = ("loss-spike", "grad-surge", "batch-spike", "update-growth")  # batch-spike: one bad batch, scored apart
 
 
 def _live(run: dict[str, Any]) -> tuple[int, str] | None:
@@ -31,7 +32,8 @@ def _earliest(*alerts: tuple[int, str] | None) -> tuple[int, str] | None:
 def _signalprop(grad_every: int, rules: str) -> Callable[[dict[str, Any]], tuple[int, str] | None]:
     def rule(run: dict[str, Any]) -> tuple[int, str] | None:
         return _earliest(_live(run), first_alert(run["losses"], run["grad_norms"], grad_every=grad_every,
-                                                 rules=rules, until=run["first_nonfinite"]))
+                                                 rules=rules, until=run["first_nonfinite"],
+                                                 updates=relative_updates(run) if rules == "current" else ()))
     return rule
 
 

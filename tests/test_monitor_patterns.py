@@ -90,6 +90,29 @@ def test_submodules_called_without_the_roots_forward():
         assert all(layer.grad_rms is not None and layer.grad_rms > 0 for layer in h.layers)
 
 
+def test_a_bare_module_is_its_own_row():
+    """``sp.monitor(nn.Linear(8, 3))``: the root is the only row.  Its output
+    is measured before the monitor's own post-hook detaches the recorder (the
+    previous version warned "KeyError: 'forward_second_moment'" each sample
+    and measured nothing); the run is unchanged."""
+    torch.manual_seed(0)
+    a = nn.Linear(8, 3)
+    torch.manual_seed(0)
+    b = nn.Linear(8, 3)
+    torch.manual_seed(5)
+    _run(a, 6, lambda m, x: m(x))
+    torch.manual_seed(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with sp.monitor(b, every=2) as mon:
+            _run(b, 6, lambda m, x: m(x), mon)
+    _same(a, b)
+    assert len(mon.history) == 3
+    for h in mon.history:
+        assert not h.incomplete and [layer.name for layer in h.layers] == [""]
+        assert h.layers[0].forward_second_moment > 0 and h.layers[0].grad_rms > 0
+
+
 def test_a_grad_enabled_eval_pass_is_not_the_sample():
     """An evaluation pass with gradients on runs before each training
     forward: the sample is the training pass (its rows have gradients,

@@ -17,7 +17,8 @@ from signalprop.records import LayerStats, MonitorStep
 LEAD = 10  # steps: the early-warning benchmark's bar for "ahead"
 
 
-def _regression_run(half: bool, steps: int = 200, model=None, lr: float = 1e-2, scale: float = 1e5):
+def _regression_run(half: bool, steps: int = 200, model=None, lr: float = 1e-2, scale: float = 1e5, every: int = 10,
+                    out: list | None = None):
     """An MLP regressing targets in raw units (a teacher's outputs x 1e5),
     Adam at 1e-2 on the MSE / 1e10: its outputs grow steadily past float16's
     65504 (measured: the loss turns inf near step 80 in float16; float32 trains on).
@@ -29,7 +30,7 @@ def _regression_run(half: bool, steps: int = 200, model=None, lr: float = 1e-2, 
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(1)
     first_bad = None
-    with sp.monitor(model, every=10) as mon:
+    with sp.monitor(model, every=every) as mon:
         for step in range(steps):
             x = torch.randn(128, 32, generator=g)
             with torch.no_grad():
@@ -44,6 +45,8 @@ def _regression_run(half: bool, steps: int = 200, model=None, lr: float = 1e-2, 
             if not math.isfinite(loss.item()):
                 first_bad = step
                 break
+    if out is not None:
+        out.append(mon)
     return first_bad, list(mon.alerts)
 
 
@@ -155,3 +158,28 @@ def test_float16_overflow_after_a_residual_sum_is_located_and_named_first():
     assert origin == "out", seen
     risk = [a for a in alerts if a.kind == "overflow-risk" and a.layer == origin]
     assert risk and bad - risk[0].step >= LEAD, seen
+
+
+def test_sampling_follows_the_risk_when_growth_outruns_the_samples():
+    """Sampled one step in 25, a residual net's float16 read-out overflows
+    a few samples in, growing faster than the samples can follow (measured:
+    with regular sampling alone, no alert came before the inf, near step 74).
+    A sample that finds a module within 12 binades of 65504 and doubled since
+    the last sample makes the monitor sample every step for the next 25; the
+    trend rule then names the module before the first inf.  The float32 run
+    is sampled only one step in 25."""
+    torch.manual_seed(0)
+    mons: list = []
+    bad, alerts = _regression_run(half=True, steps=400, model=_Residual(), lr=3e-3, scale=3e5, every=25, out=mons)
+    seen = [(a.step, a.kind, a.layer) for a in alerts]
+    assert bad is not None, seen
+    origin = next(a.layer for a in alerts if a.kind == "non-finite")
+    risk = [a for a in alerts if a.kind == "overflow-risk" and a.layer == origin]
+    assert risk and risk[0].step < bad, seen
+    sampled = [h.step for h in mons[0].history]
+    dense = [b for a, b in zip(sampled, sampled[1:]) if b - a == 1]
+    assert dense and any(s % 25 for s in sampled), sampled
+    torch.manual_seed(0)
+    mons32: list = []
+    _regression_run(half=False, steps=bad + 1, model=_Residual(), lr=3e-3, scale=3e5, every=25, out=mons32)
+    assert all(h.step % 25 == 0 for h in mons32[0].history)

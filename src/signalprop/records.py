@@ -371,7 +371,12 @@ class LayerPrecision:
     to spare (negative: it overflows).  ``overflow``, ``underflow`` (lands
     below the smallest normal, subnormal or zero) and ``flushed`` (to zero):
     shares of the nonzero entries a cast would send there; None where they
-    were not counted (``check`` without ``dtype=``)."""
+    were not counted (``check`` without ``dtype=``).  ``flushed_mass``: at
+    most this share of the quantity's squared norm is carried by the entries
+    that would flush (``flushed`` times (flush edge / RMS)^2: they are each
+    below the edge), so 5% of a gradient's entries flushed that are rounding
+    noise of exact zeros carry ~1e-10 of it; None for weights (no RMS
+    recorded) or where not counted."""
 
     layer: str
     kind: str
@@ -381,6 +386,7 @@ class LayerPrecision:
     overflow: float | None = None
     underflow: float | None = None
     flushed: float | None = None
+    flushed_mass: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return _clean(asdict(self))
@@ -392,7 +398,8 @@ class PrecisionReport:
     :meth:`Report.precision`.  ``verdict``: "fits", "overflows" (some
     output, gradient or weight would turn infinite) or "underflows" (some
     quantity would lose more than ``flush_limit`` of its nonzero entries to
-    zero); ``overflowing``/``underflowing``/``at_risk`` name the modules
+    zero, and those entries carry more than ``flush_limit`` of its squared
+    norm: a mass underflow, not rounding noise around exact zeros); ``overflowing``/``underflowing``/``at_risk`` name the modules
     (``at_risk``: within ``risk_binades`` of overflowing); ``summary`` says it
     in one line; ``layers`` has every measured row and quantity."""
 
@@ -498,7 +505,7 @@ class Report:
 
 AlertKind = Literal["non-finite", "exploding", "vanishing", "saturated", "dead", "loss-spike", "grad-surge",
                     "update-too-large", "update-too-small", "attention-logit-growth", "output-logit-divergence",
-                    "overflow-risk", "update-spike", "batch-spike"]
+                    "overflow-risk", "update-spike", "batch-spike", "update-growth"]
 
 
 @dataclass(frozen=True)
@@ -589,12 +596,14 @@ class MonitorReport:
     alerts: tuple[Alert, ...]
     skipped: tuple[int, ...] = ()  # steps whose optimizer step the monitor skipped (monitor(..., skip=))
     bounds: tuple[float, float] = (1e-6, 1e3)  # the monitor's healthy band for relative gradient RMS (the HTML draws it)
+    # ||dw|| / ||w|| of the optimizer step before each step (None where not measured), beside ``steps``
+    relative_updates: tuple[float | None, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return _clean({"model": self.model, "every": self.every, "steps": list(self.steps),
                        "losses": list(self.losses), "grad_norms": list(self.grad_norms),
                        "alerts": [a.to_dict() for a in self.alerts], "skipped": list(self.skipped),
-                       "bounds": list(self.bounds),
+                       "bounds": list(self.bounds), "relative_updates": list(self.relative_updates),
                        "history": [h.to_dict() for h in self.history]})
 
     def to_json(self, path: Any = None, indent: int = 2) -> str:

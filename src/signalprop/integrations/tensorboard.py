@@ -5,7 +5,8 @@ Works with any writer that has ``add_scalar(tag, value, step)`` and
 tensorboardX's -- so nothing here imports TensorBoard (but for PyTorch's own
 writer, whose step's scalars go out as one event through TensorBoard's
 ``Summary`` record, which that writer needs installed).  Tags are stable:
-``signalprop/loss``, ``signalprop/grad_norm`` every step that has them;
+``signalprop/loss``, ``signalprop/grad_norm``, ``signalprop/relative_update``
+(||dw|| / ||w|| of the last optimizer step) every step that has them;
 ``signalprop/<quantity>/<layer>`` on sampled steps for the gradient RMS
 relative to the output's and every statistic declared for TensorBoard in
 :mod:`signalprop.statistics` (gradient RMS, forward second moment, max |y|
@@ -50,12 +51,13 @@ def update_quantities() -> tuple[str, ...]:
 
 
 def layout() -> dict[str, dict[str, list[Any]]]:
-    """The custom-scalars layout: the loss and gradient norm, then one
+    """The custom-scalars layout: the loss, gradient norm and relative update, then one
     multi-line chart per per-layer quantity whose series are the layers
     (TensorBoard reads each chart's tags as regular expressions)."""
     per_layer = {q: ["Multiline", [rf"^signalprop/{re.escape(q)}/"]] for q in (*layer_quantities(), "update_ratio")}
     return {"signalprop": {"loss": ["Multiline", [r"^signalprop/loss$"]],
-                           "gradient norm": ["Multiline", [r"^signalprop/grad_norm$"]]},
+                           "gradient norm": ["Multiline", [r"^signalprop/grad_norm$"]],
+                           "relative update": ["Multiline", [r"^signalprop/relative_update$"]]},
             "signalprop per layer": per_layer}
 
 
@@ -135,6 +137,7 @@ def write_step(writer: Any, mon: Any, step: int, alerts: list[Any]) -> None:
     now: list[tuple[str, float]] = []
     _add(now, "signalprop/loss", mon.losses[-1])
     _add(now, "signalprop/grad_norm", mon.grad_norms[-1])
+    _add(now, "signalprop/relative_update", mon.relative_updates[-1] if mon.relative_updates else None)
     h = mon.history[-1] if mon.history else None
     if h is not None and h.step == step:
         seen = set()

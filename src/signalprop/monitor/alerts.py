@@ -66,14 +66,27 @@ WARMUP = D.WARMUP
 
 
 def scalar_alerts(step: int, loss: float | None, grad_norm: float | None, losses: Sequence[float | None],
-                  grad_norms: Sequence[float | None], worst_param: str | None) -> list[Alert]:
-    """Divergence warnings at ``step`` from the loss, against the previous
-    steps' values (``losses`` excludes the current step; None where a step
-    did not read it), and one bad batch (``batch-spike``,
-    :mod:`signalprop.monitor.spikes`) where there is no divergence warning.  The gradient norm and the parameter whose gradient
+                  grad_norms: Sequence[float | None], worst_param: str | None, update: float | None = None,
+                  updates: Sequence[float | None] = ()) -> list[Alert]:
+    """Divergence warnings at ``step`` from the loss and the relative update
+    (``update``: ``||dw|| / ||w||`` of the last optimizer step), against the
+    previous steps' values (``losses``, ``updates`` exclude the current
+    step; None where a step did not read it), and one bad batch
+    (``batch-spike``, :mod:`signalprop.monitor.spikes`) where there is no
+    divergence warning.  The gradient norm and the parameter whose gradient
     grew most are passed for rules over them; none judges them (measured:
     they add no early warning, see :mod:`signalprop.monitor.divergence`)."""
     out: list[Alert] = []
+    g = D.update_growth_alarming(updates, update, losses, loss) if updates or update is not None else None
+    if g is not None:
+        out.append(Alert(step, "update-growth", "(model)",
+                         f"each optimizer step now changes the weights by {g.level:.2%} of their norm (median of "
+                         f"the last {D.SMOOTH} steps), {g.level / g.earlier:.3g}x the {g.earlier:.2%} of "
+                         f"{D.UPDATE_SPAN} steps ago, rising for {D.UPDATE_PERSIST} steps while the loss made no "
+                         f"progress over {D.UPDATE_SPAN}: past the stable learning rate larger weights give larger "
+                         "gradients and larger steps, and the loss turns non-finite within tens of steps",
+                         "lower the learning rate (with a warm-up: the rate reached about here is past the stable "
+                         "one; a longer warm-up), or clip (sp.clip.agc_, monitor(..., agc=0.01))"))
     u = D.unlearning(losses, loss) if loss is not None else None
     if u is not None and u.alarming:
         out.append(Alert(step, "loss-spike", "(loss)",

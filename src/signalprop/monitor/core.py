@@ -49,7 +49,7 @@ from torch import nn
 from ..layers import param_fan_ins
 from ..probe.attention import logits_of, output_logit_sums
 from ..probe.diagnose import diagnose
-from ..probe.distributed import GRAD_NORM, MEAN, SUM, Reduction, local, norm_kind, resolve_group, unwrap
+from ..probe.distributed import GRAD_NORM, MEAN, NORM, SUM, Reduction, local, norm_kind, resolve_group, unwrap
 from ..probe.gather import finalise, gather
 from ..probe.inputs import CallArgs, ModelError
 from ..probe.norms import ParamNorms, norms
@@ -64,7 +64,8 @@ from ..words import module_label
 from . import alerts as A
 from .logit_alerts import logit_alerts
 from .optimizer import adam_lag, check_optimizer, learning_rates, update_spike_alerts
-from .precision_alerts import precision_alerts
+from .precision_alerts import closing_in, output_closing_in, precision_alerts
+from .relative_update import RelativeUpdate
 
 MAX_REPLAY_CALLS = 64  # forward calls per step kept for replay (gradient accumulation)
 # Reading every gradient is one fused kernel on a GPU (~1% of a step) but a
@@ -77,7 +78,7 @@ GRAD_EVERY_CPU = 4
 class _Call:
     """One forward call of the root module during the current step."""
 
-    __slots__ = ("args", "rng", "cuda_rng", "autocast", "out_norm", "out_numel", "extra_rng")
+    __slots__ = ("args", "rng", "cuda_rng", "autocast", "out_norm", "out_numel", "extra_rng", "out_absmax")
 
     def __init__(self, args: CallArgs, rng: torch.Tensor, cuda_rng: list[tuple[int, torch.Tensor]],
                  autocast: list[tuple[str, torch.dtype]]) -> None:
@@ -87,6 +88,7 @@ class _Call:
         self.autocast = autocast
         self.out_norm: torch.Tensor | None = None
         self.out_numel = 0
+        self.out_absmax: torch.Tensor | None = None  # a low-precision output's largest |entry|, read every step
         self.extra_rng: dict[str, Any] | None = None  # Python's and NumPy's, when dumping (monitor.dump)
 
 
@@ -234,7 +236,12 @@ class Monitor:
         self.steps: list[int] = []
         self.losses: list[float | None] = []
         self.grad_norms: list[float | None] = []
+        # ||dw|| / ||w|| of the optimizer step before each step (sampled entries, monitor.relative_update)
+        self.relative_updates: list[float | None] = []
+        self._relative: RelativeUpdate | None = RelativeUpdate()
         self._step = 0
+        self._dense_until = -1  # every step up to this one is sampled (a low-precision run closing in on its range)
+        self._sampled_out_absmax: float | None = None  # the output's largest |entry| at the last sample
         self.skipped: list[int] = []  # steps whose optimizer step was skipped (skip=)
         self._skip_now = False
         self._skip_opt: Any = None
@@ -327,7 +334,16 @@ class Monitor:
 
     @property
     def sampled(self) -> bool:
-        """Whether the step in progress is a sampled one."""
+        """Whether the step in progress is measured layer by layer: one step in
+        ``every``, and every step for ``every`` steps after a sample of a
+        low-precision run found a module closing in on its format's largest
+        value (:func:`.precision_alerts.closing_in`)."""
+        return self.regular or self._step <= self._dense_until
+
+    @property
+    def regular(self) -> bool:
+        """Whether the step in progress is one of the regular samples (one in
+        ``every``): those measure the update after them and write histograms."""
         return self._step % self.every == 0
 
     # -- hooks -----------------------------------------------------------------
@@ -344,6 +360,10 @@ class Monitor:
             self._rec = Recorder(self.model, unit_vectors=self.red is not None, safe=True)
             self._rec.attach()
             self._recording = True
+            # the root's post-hook after the recorder's: a bare module is itself a row, and the recorder
+            # must measure its output before the monitor detaches it (hooks run in the order registered)
+            self._handles[1].remove()
+            self._handles[1] = self.model.register_forward_hook(self._root_post)
 
     def _root_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self._replaying:
@@ -425,6 +445,9 @@ class Monitor:
             return
         call = self._calls[-1]
         y = first_float_tensor(out)
+        if y is not None and str(y.dtype).removeprefix("torch.") in FORMATS and call.out_absmax is None:
+            with torch.no_grad():  # one reduction, in low-precision runs only: what the output's headroom is
+                call.out_absmax = y.detach().abs().amax().float()
         if y is not None and y.requires_grad and call.out_norm is None:
             call.out_numel = y.numel()
 
@@ -458,10 +481,12 @@ class Monitor:
         except Exception as e:
             self._warn(f"step {k} was not measured", e)
             self._snapshot = self._snapshot_due = None
-            if len(self.steps) == len(self.losses) == len(self.grad_norms) and (not self.steps or self.steps[-1] != k):
+            if len(self.steps) == len(self.losses) == len(self.grad_norms) == len(self.relative_updates) and \
+                    (not self.steps or self.steps[-1] != k):
                 self.steps.append(k)
                 self.losses.append(None)
                 self.grad_norms.append(None)
+                self.relative_updates.append(None)
             self._next_step()
             return []
 
@@ -505,10 +530,12 @@ class Monitor:
                                known={id(p.grad): n for p, n in zip(params, gnorms)}) if sampled else None
             upd = self._update_scalars() if self._snapshot is not None else None
             logit_sums = self._logits if sampled and self._logits is not None else []
+            rel = self._relative_scalars()
+            absmax = [c.out_absmax for c in self._calls[:1] if c.out_absmax is not None]
             more: list[torch.Tensor | Part | float] = [*(pn.scalars if pn is not None else []),
-                                                *(upd[0] if upd is not None else []), *logit_sums]
+                                                *(upd[0] if upd is not None else []), *logit_sums, *absmax, *rel]
             kinds += (pn.kinds if pn is not None else []) + (upd[1] if upd is not None else []) \
-                + ([SUM, SUM, MAX, SUM, SUM] if logit_sums else [])
+                + ([SUM, SUM, MAX, SUM, SUM] if logit_sums else []) + [MAX] * len(absmax) + [NORM] * len(rel)
             if sampled:
                 assert rec is not None
                 vals, ex = finalise(rec.rows, extra + more, self.red, kinds, rec.batched())
@@ -528,6 +555,8 @@ class Monitor:
         m = len(pn.scalars) if pn is not None else 0
         u = len(upd[0]) if upd is not None else 0
         logits = _logit_stats(rest[m + u:m + u + 5]) if logit_sums else None
+        relative = RelativeUpdate.ratio(*rest[len(rest) - 2:]) if rel else None
+        out_absmax = rest[len(rest) - len(rel) - 1] if absmax else None
         if upd is not None:
             new += self._finish_update(rest[m:m + u])
         # 2. non-finite watch (the loss and output gradient every step, parameter gradients when read)
@@ -542,10 +571,12 @@ class Monitor:
         # 3. loss and gradient-norm rules (the gradient-norm one on steps that read gradients)
         if finite:
             worst = self._worst_growth(params, gvals) if read_grads else None
-            new += A.scalar_alerts(k, loss_v, grad_norm, self.losses, self.grad_norms, worst)
+            new += A.scalar_alerts(k, loss_v, grad_norm, self.losses, self.grad_norms, worst, relative,
+                                   self.relative_updates)
         self.steps.append(k)
         self.losses.append(loss_v)
         self.grad_norms.append(grad_norm)
+        self.relative_updates.append(relative)
         self._trim_series()
         # 4. the sampled step in full
         if sampled:
@@ -557,16 +588,23 @@ class Monitor:
             if finite and not sample.incomplete:
                 complete = self._complete_history()
                 new += A.sampled_alerts(sample, complete, self.trend) + logit_alerts(sample, complete)
-                new += precision_alerts(sample, complete, self._format())
+                fmt = self._format()
+                new += precision_alerts(sample, complete, fmt, self.every)
+                if fmt is not None and closing_in(sample, complete, FORMATS[fmt].max):
+                    self._dense_until = k + self.every
             self.history.append(sample)
             if self.max_history is not None and len(self.history) > self.max_history:
                 del self.history[A.BASELINE_SAMPLES]  # the baseline samples stay
+            self._sampled_out_absmax = out_absmax
+        elif out_absmax is not None and self._sampled_out_absmax and finite and \
+                output_closing_in(out_absmax, self._sampled_out_absmax, self._format()):
+            self._dense_until = k + self.every  # the output doubled since the last sample: sample from the next step
         # 5. the weights before this step's optimizer step, when an earlier sample waits for its update
         # (a sample sets _snapshot_due below, after this, so it is always a step before this one)
         if self._snapshot_due is not None and finite:
             self._take_snapshot(self._snapshot_due, k)
             self._snapshot_due = None
-        if sampled and self.update_ratio and finite:
+        if sampled and self.update_ratio and finite and k % self.every == 0:
             self._snapshot_due = k
         if read_grads:
             self._prev_gvals = dict(zip(params, gvals))
@@ -610,17 +648,17 @@ class Monitor:
             return
         head = max(_head(self.losses), _head(self.grad_norms))
         cut = len(self.steps) - MAX_SERIES + head
-        for series in (self.steps, self.losses, self.grad_norms):
+        for series in (self.steps, self.losses, self.grad_norms, self.relative_updates):
             del series[head:cut]
 
     def _fresh(self, new: list[Alert]) -> list[Alert]:
         """Drop repeats: a (kind, layer) already alerted stays quiet (per-layer
-        drift, saturation, dead, update ratios); loss spikes and gradient
-        surges once per WINDOW steps.  Non-finite alerts come once per
+        drift, saturation, dead, update ratios); loss spikes, gradient surges
+        and update growth once per WINDOW steps.  Non-finite alerts come once per
         episode (again only after the values were finite in between)."""
         out = []
         for a in new:
-            if a.kind in ("loss-spike", "grad-surge"):
+            if a.kind in ("loss-spike", "grad-surge", "update-growth"):
                 last = self._last_scalar_alert.get(a.kind)
                 if last is not None and a.step - last < A.WINDOW:
                     continue
@@ -631,6 +669,18 @@ class Monitor:
                 self._alerted.add((a.kind, a.layer))
             out.append(a)
         return out
+
+    def _relative_scalars(self) -> list[torch.Tensor | float]:
+        """This step's two sums for the relative update (:mod:`.relative_update`);
+        none once it failed (one warning, the rest of the monitor goes on)."""
+        if self._relative is None:
+            return []
+        try:
+            return self._relative.scalars([p for p in self._param_names if p.requires_grad])
+        except Exception as e:  # an exotic parameter (a subclass without strided views): no relative update
+            self._relative = None
+            self._warn("the relative update per step is not measured", e)
+            return []
 
     def _loss_scalar(self, loss: Any) -> torch.Tensor | None:
         if isinstance(loss, torch.Tensor):
@@ -853,6 +903,7 @@ class Monitor:
         return {"version": 1, "step": self._step, "every": self.every,
                 "steps": [self.steps[i] for i in keep], "losses": [self.losses[i] for i in keep],
                 "grad_norms": [self.grad_norms[i] for i in keep],
+                "relative_updates": [self.relative_updates[i] for i in keep],
                 "baseline": [h.to_dict() for h in self.history[:A.BASELINE_SAMPLES]],
                 "alerts": [a.to_dict() for a in self.alerts],
                 "alerted": sorted([list(x) for x in self._alerted]),
@@ -874,6 +925,8 @@ class Monitor:
         self.steps = [int(x) for x in state["steps"]]
         self.losses = [None if x is None else float(x) for x in state["losses"]]
         self.grad_norms = [None if x is None else float(x) for x in state["grad_norms"]]
+        self.relative_updates = [None if x is None else float(x)
+                                 for x in state.get("relative_updates", [None] * len(self.steps))]
         self.history = [MonitorStep.from_dict(h) for h in state["baseline"]]
         self.alerts = [Alert.from_dict(a) for a in state["alerts"]]
         self._alerted = {(str(a), str(b)) for a, b in state["alerted"]}
@@ -894,7 +947,7 @@ class Monitor:
         """Everything seen so far, as a record with ``save_html``, ``to_json``, ``to_dict``."""
         return MonitorReport(self._model_name, self.every, tuple(self.steps), tuple(self.losses),
                              tuple(self.grad_norms), tuple(self.history), tuple(self.alerts), tuple(self.skipped),
-                             self.bounds)
+                             self.bounds, tuple(self.relative_updates))
 
     def layer_series(self, attr: str = "grad_rms") -> dict[str, list[tuple[int, float | None]]]:
         """Per layer name: (step, value) over the sampled steps."""

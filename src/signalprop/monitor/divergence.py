@@ -145,3 +145,173 @@ def last_finite(values: Sequence[float | None], n: int) -> list[float]:
             if len(out) == n:
                 break
     return out[::-1]
+
+
+# -- the relative update of every step ------------------------------------------------------------------------
+#
+# **The mechanism.**  Past the stable rate the weights along the sharpest
+# direction grow by a factor each step; for SGD (with or without momentum)
+# the update is the learning rate times the gradient, and the gradient grows
+# with the weights, so the step's relative update ``||dw|| / ||w||`` rises
+# step after step: larger weights, larger gradients, larger steps.  It rises
+# well before the loss shows it -- the loss is flat while the update triples
+# -- which is what makes it the earliest per-step signal measured here
+# (``benchmarks/ew_limits.py``: on every diverged run of both grids it left
+# the healthy runs' range 10 or more steps ahead; the loss un-learned that
+# early on half of them).
+#
+# The rule and its thresholds (all on the level, the median of the last
+# ``SMOOTH`` relative updates, so one odd step moves nothing):
+#
+# * ``UPDATE_LEVEL = 0.015``: 1.5% of the weights' norm per step, above the
+#   usual band of 1e-4 to 1e-2 (the monitor's per-layer update rule says the
+#   same of one sample); the healthy runs of both grids stayed under 1.4%
+#   except inside a catapult (below) or a CNN whose slow warm-up took it to
+#   3.9% over 100 steps;
+# * ``UPDATE_GROWTH = 3``: at least 3x the level ``UPDATE_SPAN = 10`` steps
+#   before -- a level that high reached *fast*: a warm-up into a stable rate
+#   raises the update linearly with the rate (the CNN's 3.9% rose 1.4x in
+#   10 steps), the feedback of a rate past the stable one geometrically;
+# * still rising, gradually: the level is at least the level 2 steps before
+#   and at most ``UPDATE_JUMP = 3`` times it, and no single step of the last
+#   ``UPDATE_SPAN`` (after the first ``WARMUP``, where every run's update
+#   starts from nothing) multiplied the relative update by
+#   ``UPDATE_STEP_JUMP = 2.5`` or more.  A healthy run's catapult (one sharp
+#   step that the run recovers from, Lewkowycz et al. 2020) jumps 3-8x within
+#   one step and then decays, and its median can still look like a tripling;
+#   a diverging run climbs 10-40% a step.
+#
+# * and the loss has stopped improving: its level (median of 3) is at least
+#   ``LOSS_STALL = 1`` times its level ``UPDATE_SPAN`` steps before;
+# * all of it on ``UPDATE_PERSIST = 3`` steps in a row.  The
+#   update also grows while a healthy run speeds up -- momentum building up
+#   (up to 1/(1 - beta) = 10x over its first tens of steps), a warm-up's
+#   rising rate, the onset of learning in a net without normalisation, SGD
+#   on the scale-invariant weights of a BatchNorm net (2-7% a step) -- and
+#   in all of those the loss is falling fast; past the stable rate it is not.
+#
+#   Nothing is judged before the loss has a level ``UPDATE_SPAN`` steps
+#   back (step 12): in the first steps momentum building up and a warm-up
+#   raise the update 3x in 10 steps in healthy and diverging runs alike, and
+#   the loss falls in both.
+#
+# Measured on the benchmark's recorded runs (``bench_early_warning.py``,
+# relative updates replayed from the exact per-step norms), with the loss
+# rule: 33 of 49 tuned and 43 of 66 held-out divergences warned >= 10 steps
+# ahead (the loss rule alone: 32 and 37), no healthy run of either grid
+# alerted.  On 62 runs of an outside check that stayed finite and trained
+# (SGD, Adam, AdamW; MLPs, CNNs and ResNets with and without BatchNorm, a
+# small GPT; warm-ups, step decay, clipping, frozen and tied weights) it
+# spoke in 3, each inside a catapult that took the loss 1.2-4x up before it
+# recovered (deep tanh MLPs at SGD 0.2-0.5); with 1 step instead of 3 in a
+# row, in 13.  A first version judged the first 12 steps and had no loss
+# condition: 42/49 and 62/66 there -- most of that gain was the early ramp
+# -- but an outside check (SGD with momentum on CNNs and ResNets with
+# BatchNorm, Adam with a warm-up, a small GPT; ``tests/test_relative_update.py``
+# keeps its cases) found it alarming in the first 15 steps of 10 of 21
+# healthy runs.  The gradient norm as a further condition (it grows with the
+# weights in a feedback) lost most warnings: it rises only in the last steps.
+#
+# Not judged: the level alone.  Adam's first steps move every entry by about
+# the learning rate (m/sqrt(v) is +-1 while the moments are fresh), so a
+# GPT-2-style weight of RMS 0.02 at lr 1e-3 moves 5% a step in a healthy
+# run; Adam's update is bounded by the rate and shows no feedback growth
+# while the rate is constant.
+UPDATE_LEVEL = 0.015
+UPDATE_GROWTH = 3.0
+UPDATE_SPAN = 10
+UPDATE_JUMP = 3.0
+UPDATE_STEP_JUMP = 2.5
+LOSS_STALL = 1.0
+UPDATE_PERSIST = 3
+
+
+@dataclass(frozen=True)
+class UpdateGrowth:
+    """The level of the relative update (median of the last ``SMOOTH``
+    steps), the levels ``UPDATE_SPAN`` and 2 steps before (0 where the run
+    had not started), the largest one-step factor of the relative update
+    over the last ``UPDATE_SPAN`` steps after the first ``WARMUP``, and the
+    loss's level now and ``UPDATE_SPAN`` steps before (None: not read)."""
+
+    level: float
+    earlier: float
+    recent: float
+    jump: float
+    loss: float | None = None
+    loss_earlier: float | None = None
+
+    @property
+    def stalled(self) -> bool:
+        """The loss has stopped improving; False until it has a level ``UPDATE_SPAN`` steps back (the first
+        12 steps are not judged: momentum building up moves the update as fast as feedback does there) and
+        where no loss was read."""
+        return self.loss is not None and self.loss_earlier is not None and self.loss >= LOSS_STALL * self.loss_earlier
+
+    @property
+    def alarming(self) -> bool:
+        return (self.level > UPDATE_LEVEL and self.level >= UPDATE_GROWTH * self.earlier
+                and 0 < self.recent <= self.level <= UPDATE_JUMP * self.recent and self.jump < UPDATE_STEP_JUMP
+                and self.stalled)
+
+
+def _level(values: Sequence[float | None], end: int) -> float | None:
+    """Median of the ``SMOOTH`` values up to position ``end`` (inclusive); None where one is missing."""
+    if end < SMOOTH - 1:
+        return None
+    window = values[end - SMOOTH + 1:end + 1]
+    if any(v is None or not math.isfinite(v) for v in window):
+        return None
+    return statistics.median(window)  # type: ignore[type-var]
+
+
+def update_growth(updates: Sequence[float | None], update: float | None, losses: Sequence[float | None] = (),
+                  loss: float | None = None) -> UpdateGrowth | None:
+    """The relative-update rule's values at the step whose relative update is
+    ``update`` and loss ``loss`` (``updates``, ``losses``: the steps before
+    it, None where not read); None without ``SMOOTH`` finite relative
+    updates ending here."""
+    keep = UPDATE_SPAN + SMOOTH
+    series = [*updates[-keep:], update] if len(updates) > WARMUP + UPDATE_SPAN else [*updates, update]
+    offset = len(updates) + 1 - len(series)  # the step index of series[0]
+    t = len(series) - 1
+    level = _level(series, t)
+    if level is None:
+        return None
+    # before the run's first levels: 0 (the level rose from nothing)
+    earlier = _level(series, t - UPDATE_SPAN) if offset + t - UPDATE_SPAN >= SMOOTH - 1 else 0.0
+    recent = _level(series, t - 2) if offset + t - 2 >= SMOOTH - 1 else 0.0
+    if earlier is None or recent is None:
+        return None
+    start = max(WARMUP - offset, t - UPDATE_SPAN, 0)
+    window = series[start:]
+    jump = max((b / a for a, b in zip(window, window[1:]) if a is not None and b is not None and a > 0
+                and math.isfinite(a) and math.isfinite(b)), default=0.0)
+    ls = [*losses[-keep:], loss]
+    u = len(ls) - 1
+    loss_level = _level(ls, u)
+    loss_earlier = _level(ls, u - UPDATE_SPAN) if u - UPDATE_SPAN >= SMOOTH - 1 else None
+    return UpdateGrowth(level, earlier, recent, jump, loss_level, loss_earlier)
+
+
+def update_growth_alarming(updates: Sequence[float | None], update: float | None,
+                           losses: Sequence[float | None] = (), loss: float | None = None) -> UpdateGrowth | None:
+    """The rule's values at this step when they were alarming here and on the
+    ``UPDATE_PERSIST - 1`` steps before (``updates``, ``losses``: the steps
+    before this one, aligned); None otherwise."""
+    if len(losses) != len(updates):
+        return None
+    # the tail the rule reads (long enough that the first WARMUP steps are behind it once it is cut)
+    tail = 4 * (WARMUP + UPDATE_SPAN + SMOOTH + UPDATE_PERSIST)
+    cut = max(len(updates) - tail, 0) if len(updates) > 2 * tail else 0
+    us, ls = [*updates[cut:], update], [*losses[cut:], loss]
+    out = None
+    for back in range(UPDATE_PERSIST):
+        i = len(us) - 1 - back
+        if i < 0:
+            return None
+        g = update_growth(us[:i], us[i], ls[:i], ls[i])
+        if g is None or not g.alarming:
+            return None
+        out = out or g
+    return out

@@ -161,7 +161,7 @@ class HistogramTap:
     # -- capture during the sampled forward --------------------------------------
     def _root_pre(self, module: nn.Module, args: Any) -> None:
         mon = self.mon
-        if mon._replaying or not torch.is_grad_enabled() or not mon.sampled or self._hook is not None \
+        if mon._replaying or not torch.is_grad_enabled() or not mon.regular or self._hook is not None \
                 or getattr(module, "_compiled_call_impl", None) is not None:
             return
         if self._captured == mon._step and (self.grads or not self.acts):
@@ -210,7 +210,7 @@ class HistogramTap:
                 k, before = self._before
                 self._before = None
                 self._updates.append((k, [(n, strided_sample_at(p, stride) - b) for n, p, stride, b in before]))
-            if not self.mon.sampled:
+            if not self.mon.regular:
                 self.acts.clear()
                 self.grads.clear()
                 return

@@ -19,11 +19,25 @@ the format's largest value, two ways:
   news), it grew on each of the last ``RECENT = 2`` sample intervals, and at
   the rate of those intervals (binades per step, a straight line in log2)
   it would reach the format's largest value within ``LOOKAHEAD = 2``
-  sample intervals -- before the sample after next could see it -- while
+  sampling intervals (``every`` steps) -- before the sample after next of
+  the regular schedule could see it -- while
   still under ``FAR = 12`` binades from it (a rate measured far away is not
   extrapolated over dozens of binades).  Growth that speeds up (a
-  catapult) reaches overflow sooner than the line says: the alert then
-  comes at the last sample before, the earliest the samples allow.
+  catapult) reaches overflow sooner than the line says.
+
+**Sampling that follows the risk** (:func:`closing_in`): a sample where a
+module is within ``FAR`` binades of the format's largest value and grew by
+``DOUBLED = 2`` or more since the previous sample makes the monitor sample
+every step for the next ``every`` steps.  A float16 activation that a
+learning run drives past 65504 can go from 12 binades below it to inf in
+15-20 steps (measured: a residual regression net's read-out went 23 -> 100
+-> 3,088 -> inf over steps 175-193), faster than one sample in 25 can see;
+sampled every step, the trend rule sees the doubling and warns before the
+inf.  Between samples the model's output is watched the same way (its
+largest |entry|, one reduction a step, read only when the output is in a
+low-precision format): doubled since the last sample and within ``FAR``
+binades, the next steps are sampled.  A float32 run, or one that stays far
+from its format's range, is never sampled more than ``every`` says.
 
 Fix: a GradScaler (loss scaling) for gradients, bfloat16 (float32's range),
 normalising or scaling down the module's input or output, or a lower
@@ -40,6 +54,7 @@ from ..records import FORMATS, Alert, MonitorStep
 from .alerts import BASELINE_SAMPLES, HEADROOM, HEADROOM_QUANTITIES, overflow_alerts
 
 GROWTH = 4.0
+DOUBLED = 2.0
 RECENT = 2
 LOOKAHEAD = 2.0
 FAR = 12.0
@@ -60,10 +75,13 @@ def _series(history: Sequence[MonitorStep], current: MonitorStep, name: str, key
     return out
 
 
-def trend_alerts(current: MonitorStep, history: Sequence[MonitorStep], limit: float, dtype: str) -> list[Alert]:
+def trend_alerts(current: MonitorStep, history: Sequence[MonitorStep], limit: float, dtype: str,
+                 every: int | None = None) -> list[Alert]:
     """The "closing in" rule (module docstring) at ``current`` against the
     samples of ``history`` (with a verdict, without ``current``): one alert,
-    for the module and quantity nearest to overflowing in steps."""
+    for the module and quantity nearest to overflowing in steps.  ``every``:
+    the monitor's regular sampling interval (the lookahead is ``LOOKAHEAD``
+    of them also while it samples every step); None: the samples' own."""
     if len(history) < BASELINE_SAMPLES:
         return []
     closing: list[tuple[float, str, str, str, float, float, float]] = []
@@ -83,7 +101,7 @@ def trend_alerts(current: MonitorStep, history: Sequence[MonitorStep], limit: fl
                 continue
             span = recent[-1][0] - recent[0][0]
             rate = math.log2(recent[-1][1] / recent[0][1]) / span if span > 0 else 0.0
-            interval = span / RECENT
+            interval = max(span / RECENT, every or 0)
             if rate > 0 and room / rate <= LOOKAHEAD * interval:
                 closing.append((room / rate, layer.name, what, phase, v, base, room))
     if not closing:
@@ -95,10 +113,39 @@ def trend_alerts(current: MonitorStep, history: Sequence[MonitorStep], limit: fl
                   f"about {steps:.0f} steps ({len({c[1] for c in closing})} module(s) closing in)", FIX, phase)]
 
 
-def precision_alerts(current: MonitorStep, history: Sequence[MonitorStep], dtype: str | None) -> list[Alert]:
+def closing_in(current: MonitorStep, history: Sequence[MonitorStep], limit: float) -> bool:
+    """Whether a module of ``current`` is within ``FAR`` binades of ``limit``
+    and grew ``DOUBLED``-fold or more since the last sample of ``history``
+    (the monitor then samples every step for a while: module docstring)."""
+    if not history:
+        return False
+    prev = history[-1]
+    for layer in current.layers:
+        for _, key, _ in HEADROOM_QUANTITIES:
+            v = layer.stats.get(key)
+            if v is None or not math.isfinite(v) or v <= 0 or not 0 < math.log2(limit / v) < FAR:
+                continue
+            before = _series([], prev, layer.name, key)
+            if before and v >= DOUBLED * before[0][1]:
+                return True
+    return False
+
+
+def output_closing_in(absmax: float, at_sample: float, dtype: str | None) -> bool:
+    """Between samples: whether the model's output, whose largest |entry| is
+    read every step of a low-precision run, is within ``FAR`` binades of its
+    format's largest value and ``DOUBLED``-fold what it was at the last
+    sample (the monitor then samples every step for a while)."""
+    if dtype is None or dtype not in FORMATS or not math.isfinite(absmax) or not absmax > 0:
+        return False
+    return 0 < math.log2(FORMATS[dtype].max / absmax) < FAR and absmax >= DOUBLED * at_sample
+
+
+def precision_alerts(current: MonitorStep, history: Sequence[MonitorStep], dtype: str | None,
+                     every: int | None = None) -> list[Alert]:
     """Both rules for a run computing in ``dtype`` (a name in
     :data:`~signalprop.records.FORMATS`; None: a float32/float64 run, nothing to say)."""
     if dtype is None or dtype not in FORMATS:
         return []
     limit = FORMATS[dtype].max
-    return overflow_alerts(current, limit, HEADROOM) + trend_alerts(current, history, limit, dtype)
+    return overflow_alerts(current, limit, HEADROOM) + trend_alerts(current, history, limit, dtype, every)

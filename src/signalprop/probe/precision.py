@@ -27,6 +27,24 @@ def headroom(absmax: float | None, limit: float) -> float | None:
     return -math.inf if math.isinf(absmax) else math.log2(limit / absmax)
 
 
+def _rms(layer: LayerStats, quantity: str) -> float | None:
+    if quantity == "output":
+        return math.sqrt(layer.forward_second_moment) if layer.forward_second_moment > 0 else None
+    return layer.grad_rms if quantity == "gradient" else None
+
+
+def flushed_mass(flushed: float | None, rms: float | None, dtype: str) -> float | None:
+    """An upper bound on the share of a quantity's squared norm carried by
+    its entries that a cast to ``dtype`` would flush to zero: each is at most
+    the flush edge (half the smallest subnormal), so their mean square is at
+    most ``flushed * edge^2``, over the quantity's mean square ``rms^2``
+    (which the nonzero entries' mean square is at least).  None without both."""
+    if flushed is None or rms is None or not rms > 0 or not math.isfinite(rms):
+        return None
+    edge = FORMATS[dtype].smallest_subnormal / 2
+    return min(1.0, flushed * (edge / rms) ** 2)
+
+
 def layer_precision(layers: Sequence[LayerStats], dtype: str) -> list[LayerPrecision]:
     """Per row and quantity with a measured max |value| or counted shares, its :class:`LayerPrecision`."""
     limit = FORMATS[dtype].max
@@ -37,9 +55,10 @@ def layer_precision(layers: Sequence[LayerStats], dtype: str) -> list[LayerPreci
             shares = (layer.stats.get(shares_key) or {}).get(dtype)
             if top is None and shares is None:
                 continue
-            out.append(LayerPrecision(layer.name, layer.kind, quantity, top, headroom(top, limit),
-                                      *(shares[k] if shares is not None else None
-                                        for k in ("overflow", "underflow", "flushed"))))
+            over, under, flushed = (shares[k] if shares is not None else None
+                                    for k in ("overflow", "underflow", "flushed"))
+            out.append(LayerPrecision(layer.name, layer.kind, quantity, top, headroom(top, limit), over, under,
+                                      flushed, flushed_mass(flushed, _rms(layer, quantity), dtype)))
     return out
 
 
@@ -79,7 +98,9 @@ def precision_report(report: Any, dtype: Any = None, flush_limit: float = 0.01,
     counted = any(p.overflow is not None for p in rows)
     over = [p for p in rows if overflows(p, f.max)]
     over.sort(key=lambda p: p.headroom if p.headroom is not None else 0.0)
-    flushed = sorted((p for p in rows if p.flushed is not None and p.flushed > flush_limit),
+    # flushed entries that matter: over flush_limit of the entries, carrying over flush_limit of the norm
+    flushed = sorted((p for p in rows if p.flushed is not None and p.flushed > flush_limit
+                      and (p.flushed_mass is None or p.flushed_mass > flush_limit)),
                      key=lambda p: -(p.flushed or 0.0))
     risk = sorted((p for p in rows if p not in over and p.headroom is not None and p.headroom < risk_binades),
                   key=lambda p: p.headroom or 0.0)

@@ -37,7 +37,8 @@ PANEL_HEIGHT = 250
 # one colour per kind of alert (the verdicts' own where the kind is a verdict)
 ALERT_COLOURS = {**VERDICT_COLOURS, "loss-spike": "#e16f24", "grad-surge": "#953800", "update-too-large": "#bf3989",
                  "update-too-small": "#6e7781", "attention-logit-growth": "#4d2d00",
-                 "output-logit-divergence": "#116329", "overflow-risk": "#0550ae"}
+                 "output-logit-divergence": "#116329", "overflow-risk": "#0550ae",
+                 "update-growth": "#8250df"}
 GRAD_NORM_COLOUR = "#1b7c83"
 
 
