@@ -191,3 +191,44 @@ def test_output_logit_divergence_rule():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert logit_alerts(step(20, math.nan), base) == []
+
+
+def _attn_sample(k, tops):
+    from signalprop.records import LayerStats, MonitorStep
+
+    layers = tuple(LayerStats(i, name, "attention", 1, (), 0.0, 0.0, 0.0, 0.0, 1.0, stats={"attn_logit_max": v})
+                   for i, (name, v) in enumerate(tops.items()))
+    return MonitorStep(k, 1.0, "healthy", layers, (), 1.0)
+
+
+def test_sampling_follows_attention_logits_near_the_limit():
+    """A layer's largest logit within 80% of the level its alert needs and
+    higher than at the last sample: the monitor samples every step for a
+    while.  Not when it fell, when it is past the limit (the alert speaks),
+    nor for a layer whose logits started at 90 (its alert needs 5x that)."""
+    from signalprop.monitor.logit_alerts import attention_closing_in
+
+    base = [_attn_sample(k, {"a": 5.0, "big": 90.0}) for k in (0, 10, 20)]
+    near = [*base, _attn_sample(30, {"a": 82.0, "big": 90.0})]
+    assert attention_closing_in(_attn_sample(40, {"a": 88.0, "big": 90.0}), near)
+    assert not attention_closing_in(_attn_sample(40, {"a": 79.0, "big": 90.0}), near)  # fell
+    assert not attention_closing_in(_attn_sample(40, {"a": 120.0, "big": 90.0}), near)  # past it
+    assert not attention_closing_in(_attn_sample(40, {"a": 50.0, "big": 95.0}), near)  # large by design
+    assert not attention_closing_in(_attn_sample(40, {"a": 88.0}), [])
+
+
+def test_attention_logit_growth_is_alerted_at_the_crossing_between_samples():
+    """The nanoGPT of the early-warning benchmark at AdamW 0.01, sampled one
+    step in 10: its largest logit creeps up a few percent per sample and
+    crosses 100 between two samples (each step's truth computed inside the
+    model).  Near the limit the monitor samples every step, so the alert
+    comes within 3 steps of the crossing (before: up to two sampling
+    intervals late when the logit dipped back under 100 at the next sample)."""
+    from signalprop.lab.training_runs import RunSpec, run
+
+    r = run(RunSpec("gpt", 0.01, 1, 70, optimizer="adamw"), every=10, record_logits=True)
+    crossing = next(t for t, v in enumerate(r["attn_logit_max"]) if v is not None and v > 100)
+    alert = next(a["step"] for a in r["alerts"] if a["kind"] == "attention-logit-growth")
+    assert 0 <= alert - crossing <= 3, (crossing, alert)
+    sampled = [h.step for h in r["report"].history]
+    assert any(s % 10 for s in sampled)  # steps sampled off the regular schedule

@@ -62,7 +62,7 @@ from ..records import FORMATS, Alert, LogitStats, MonitorReport, MonitorStep, ev
 from ..statistics import MAX
 from ..words import module_label
 from . import alerts as A
-from .logit_alerts import logit_alerts
+from .logit_alerts import attention_closing_in, logit_alerts
 from .optimizer import adam_lag, check_optimizer, learning_rates, update_spike_alerts
 from .precision_alerts import closing_in, output_closing_in, precision_alerts
 from .relative_update import RelativeUpdate
@@ -335,9 +335,10 @@ class Monitor:
     @property
     def sampled(self) -> bool:
         """Whether the step in progress is measured layer by layer: one step in
-        ``every``, and every step for ``every`` steps after a sample of a
-        low-precision run found a module closing in on its format's largest
-        value (:func:`.precision_alerts.closing_in`)."""
+        ``every``, and every step for ``every`` steps after a sample found a
+        module closing in on a limit: a low-precision format's largest value
+        (:func:`.precision_alerts.closing_in`) or the attention-logit bound
+        (:func:`.logit_alerts.attention_closing_in`)."""
         return self.regular or self._step <= self._dense_until
 
     @property
@@ -590,7 +591,8 @@ class Monitor:
                 new += A.sampled_alerts(sample, complete, self.trend) + logit_alerts(sample, complete)
                 fmt = self._format()
                 new += precision_alerts(sample, complete, fmt, self.every)
-                if fmt is not None and closing_in(sample, complete, FORMATS[fmt].max):
+                if fmt is not None and closing_in(sample, complete, FORMATS[fmt].max) or \
+                        attention_closing_in(sample, complete):
                     self._dense_until = k + self.every
             self.history.append(sample)
             if self.max_history is not None and len(self.history) > self.max_history:

@@ -18,6 +18,17 @@
   baseline: learning moves it by the loss's own scale (a few nats for a
   vocabulary of 50k, log V ~ 11), so 50 is an order of magnitude beyond that.
   Fixes: z-loss (1e-4 * log^2 Z, as in PaLM), a lower learning rate.
+
+**Sampling that follows the risk** (:func:`attention_closing_in`): a sample
+where a layer's maximum logit is within ``ATTN_NEAR = 0.8`` of the level
+its alert needs (80-100, or 80-100% of 5x its baseline for a layer whose
+logits start large) and higher than at the previous sample makes the monitor sample
+every step for the next ``every`` steps.  A logit that creeps up a few
+percent per sample crosses 100 between two samples and can dip under it by
+the next (measured: a nanoGPT at AdamW 0.01 crossed at step 159 and read 97
+at step 160), so one sample in ``every`` says it up to two intervals late;
+sampled every step near the limit, the alert comes within a few steps of
+the crossing.  Logits far from the limit, or falling, are sampled as usual.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ from .alerts import BASELINE_SAMPLES
 
 ATTN_LOGIT_LIMIT = 100.0
 ATTN_GROWTH = 5.0
+ATTN_NEAR = 0.8
 LOGZ_DRIFT = 50.0
 
 
@@ -77,3 +89,25 @@ def logit_alerts(current: MonitorStep, history: Sequence[MonitorStep]) -> list[A
                              "add z-loss (1e-4 * logsumexp(logits)^2 to the loss, as PaLM does) or lower the "
                              "learning rate", "forward"))
     return out
+
+
+def attention_closing_in(current: MonitorStep, history: Sequence[MonitorStep]) -> bool:
+    """Whether an attention layer's maximum logit at ``current`` is within
+    ``ATTN_NEAR`` of the level its alert needs (``ATTN_LOGIT_LIMIT``, or
+    ``ATTN_GROWTH`` times its baseline where that is higher: a layer large by
+    design is not sampled more), not past it, and higher than at the last
+    sample of ``history``."""
+    if not history:
+        return False
+    prev = {layer.name: layer.stats.get("attn_logit_max") for layer in history[-1].layers}
+    base = history[:BASELINE_SAMPLES]
+    for layer in current.layers:
+        top = layer.stats.get("attn_logit_max")
+        before = prev.get(layer.name)
+        if top is None or before is None or not math.isfinite(top) or not math.isfinite(before) or top <= before:
+            continue
+        b = _baseline([bl.stats.get("attn_logit_max") for h in base for bl in h.layers if bl.name == layer.name])
+        bar = max(ATTN_LOGIT_LIMIT, ATTN_GROWTH * b) if b is not None else ATTN_LOGIT_LIMIT
+        if ATTN_NEAR * bar < top <= bar:
+            return True
+    return False
