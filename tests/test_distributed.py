@@ -66,7 +66,19 @@ def _history(mon) -> dict:
     return {"steps": [h.step for h in mon.history], "losses": mon.losses, "grad_norms": mon.grad_norms,
             "layers": [_layers(h.layers) for h in mon.history],
             "updates": [list(h.update_ratios or ()) for h in mon.history],
-            "alerts": [str(a) for a in mon.alerts]}
+            "relative_updates": mon.relative_updates, "alerts": [str(a) for a in mon.alerts]}
+
+
+class _Gain(nn.Module):
+    """A (1, 3) gain: its first dimension is smaller than the world, so under
+    FSDP2 one rank's shard of it is empty."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.g = nn.Parameter(torch.full((1, 3), 1.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.g
 
 
 def _train(model: nn.Module, mon, shard: slice) -> list[int]:
@@ -163,6 +175,17 @@ def _worker(rank: int, port: int, out: str) -> None:
         mon = sp.monitor(fs, every=EVERY, grad_every=1)
         res["mon_fsdp_calls"] = _train(fs, mon, half)
         res["mon_fsdp"] = _history(mon)
+        # a parameter whose shard is empty on one rank: the same values go to the all-reduce on both
+        fs = _model()
+        fs.append(_Gain())
+        for m in fs:
+            if isinstance(m, nn.Linear):
+                fully_shard(m)
+        fully_shard(fs)
+        res["empty_shard_local"] = fs[-1].g.to_local().numel()
+        mon = sp.monitor(fs, every=EVERY, grad_every=1)
+        _train(fs, mon, half)
+        res["mon_fsdp_gain"] = _history(mon)
         # a NaN from rank 1's data only: both ranks name the same step, module and phase
         for key in ("nan_ddp", "nan_fsdp"):
             m = _model()
@@ -244,6 +267,30 @@ def test_monitor_history_equals_one_process_and_every_rank_agrees(ranks):
             assert [n for n, _ in g] == [n for n, _ in w]
             for (n, a), (_, b) in zip(g, w):
                 _close(a, b, f"{key} update ratio {n}")
+        # the relative update of every step: each tensor here is read whole, so the shards' norms add up exactly
+        assert h["relative_updates"][0] is None and len(h["relative_updates"]) == STEPS
+        for k, (a, b) in enumerate(zip(h["relative_updates"], want["relative_updates"])):
+            _close(a, b, f"{key} relative update at step {k}")
+
+
+def test_an_empty_shard_on_one_rank_does_not_break_the_reduction(ranks):
+    """FSDP2 with a (1, 3) gain on 2 ranks: rank 1 holds none of it.  Both
+    ranks still send the same values to the one all-reduce per step (the
+    previous version raised on the empty shard there, dropped the relative
+    update on that rank only, and gloo aborted on the size mismatch), and
+    the run equals one process on the whole batch."""
+    assert sorted(res["empty_shard_local"] for res in ranks) == [0, 3]
+    ref = _model()
+    ref.append(_Gain())
+    mon = sp.monitor(ref, every=EVERY, grad_every=1)
+    _train(ref, mon, slice(None))
+    want = _history(mon)
+    got = [res["mon_fsdp_gain"] for res in ranks]
+    assert got[0] == got[1]
+    for k, (a, b) in enumerate(zip(got[0]["relative_updates"], want["relative_updates"])):
+        _close(a, b, f"relative update at step {k}")
+    for k, (a, b) in enumerate(zip(got[0]["losses"], want["losses"])):
+        _close(a, b, f"loss at step {k}")
 
 
 def test_nan_on_one_rank_is_named_alike_on_every_rank(ranks):

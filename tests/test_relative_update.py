@@ -183,3 +183,73 @@ def test_state_dict_carries_the_series():
     assert again.relative_updates == state["relative_updates"]
     assert all(math.isfinite(v) for v in again.relative_updates[1:])
     again.close()
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "transposed"])
+def test_a_parameter_stored_out_of_order_is_read_in_storage_order(layout):
+    """A channels_last convolution weight, or a parameter that is a
+    transpose, is not contiguous: flattening it would copy, and the copy
+    would read as never changing (the previous version: ratio 0 for a
+    weight scaled by 1.1).  Read through a view in storage order, it is 0.1."""
+    torch.manual_seed(0)
+    if layout == "channels_last":
+        m = nn.Conv2d(64, 128, 3).to(memory_format=torch.channels_last)
+        w = m.weight
+    else:
+        m = nn.Linear(300, 256)
+        m.weight = nn.Parameter(torch.randn(300, 256).t())
+        w = m.weight
+    assert not w.is_contiguous() and w.numel() > PER_TENSOR
+    r = RelativeUpdate()
+    r.scalars([w])
+    with torch.no_grad():
+        w.mul_(1.1)
+    a, b = r.scalars([w])
+    assert RelativeUpdate.ratio(float(a), float(b)) == pytest.approx(0.1, rel=1e-4)
+
+
+def test_close_lets_the_weights_go():
+    """The sampled views hold the parameters' storage: closing the monitor drops them."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    m = nn.Linear(512, 512)
+    mon = sp.monitor(m, every=5)
+    loss = m(torch.randn(4, 512)).square().mean()
+    loss.backward()
+    mon.step(loss)
+    ref = weakref.ref(m.weight)
+    mon.close()
+    del m, loss
+    gc.collect()
+    assert ref() is None
+
+
+def test_nothing_to_train_is_no_failure():
+    """A monitor on a frozen model (a backbone being probed): no relative
+    update, no warning."""
+    import warnings
+
+    m = nn.Linear(8, 8).requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with sp.monitor(m, every=2) as mon:
+            for _ in range(3):
+                mon.step(m(torch.randn(4, 8)).square().mean())
+    assert mon.relative_updates == [None, None, None]
+
+
+def test_a_state_dict_with_misaligned_series_is_refused():
+    torch.manual_seed(0)
+    m = nn.Linear(8, 8)
+    with sp.monitor(m, every=5) as mon:
+        loss = m(torch.randn(4, 8)).square().mean()
+        loss.backward()
+        mon.step(loss)
+        state = mon.state_dict()
+    state["relative_updates"] = state["relative_updates"] + [0.1]
+    again = sp.monitor(m, every=5)
+    with pytest.raises(ValueError, match="relative updates"):
+        again.load_state_dict(state)
+    again.close()

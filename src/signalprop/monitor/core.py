@@ -330,6 +330,7 @@ class Monitor:
         self._param_names.clear()
         self._owner.clear()
         self._prev_gvals.clear()
+        self._relative = None  # its views hold every trained parameter's storage
         self._closed = True
 
     @property
@@ -447,8 +448,8 @@ class Monitor:
         call = self._calls[-1]
         y = first_float_tensor(out)
         if y is not None and str(y.dtype).removeprefix("torch.") in FORMATS and call.out_absmax is None:
-            with torch.no_grad():  # one reduction, in low-precision runs only: what the output's headroom is
-                call.out_absmax = y.detach().abs().amax().float()
+            with torch.no_grad():  # one reduction (no |y| copy), in low-precision runs only: the output's headroom
+                call.out_absmax = torch.linalg.vector_norm(y.detach(), float("inf")).float()
         if y is not None and y.requires_grad and call.out_norm is None:
             call.out_numel = y.numel()
 
@@ -556,7 +557,7 @@ class Monitor:
         m = len(pn.scalars) if pn is not None else 0
         u = len(upd[0]) if upd is not None else 0
         logits = _logit_stats(rest[m + u:m + u + 5]) if logit_sums else None
-        relative = RelativeUpdate.ratio(*rest[len(rest) - 2:]) if rel else None
+        relative = RelativeUpdate.ratio(*rest[len(rest) - 2:])
         out_absmax = rest[len(rest) - len(rel) - 1] if absmax else None
         if upd is not None:
             new += self._finish_update(rest[m:m + u])
@@ -673,16 +674,16 @@ class Monitor:
         return out
 
     def _relative_scalars(self) -> list[torch.Tensor | float]:
-        """This step's two sums for the relative update (:mod:`.relative_update`);
-        none once it failed (one warning, the rest of the monitor goes on)."""
+        """This step's two norms for the relative update (:mod:`.relative_update`);
+        two zeros (no value) once it failed (one warning, the rest of the monitor goes on)."""
         if self._relative is None:
-            return []
+            return [0.0, 0.0]  # always two values: every rank sends as many to the all-reduce
         try:
             return self._relative.scalars([p for p in self._param_names if p.requires_grad])
         except Exception as e:  # an exotic parameter (a subclass without strided views): no relative update
             self._relative = None
             self._warn("the relative update per step is not measured", e)
-            return []
+            return [0.0, 0.0]
 
     def _loss_scalar(self, loss: Any) -> torch.Tensor | None:
         if isinstance(loss, torch.Tensor):
@@ -732,6 +733,9 @@ class Monitor:
                 fi = param_fan_ins(m)
                 mods.append((name, ps, [local(p.detach()).clone() for p in ps], [fi[n] for n, _ in named],
                              [lrs.get(p) for p in ps]))
+        if not mods:  # nothing is trained (a frozen model being probed): no update to measure
+            self._snapshot = None
+            return
         lag = {}
         if self.optimizer is not None:
             lag = adam_lag(self.optimizer, [p for _, ps, _, _, _ in mods for p in ps], local)
@@ -927,8 +931,11 @@ class Monitor:
         self.steps = [int(x) for x in state["steps"]]
         self.losses = [None if x is None else float(x) for x in state["losses"]]
         self.grad_norms = [None if x is None else float(x) for x in state["grad_norms"]]
-        self.relative_updates = [None if x is None else float(x)
-                                 for x in state.get("relative_updates", [None] * len(self.steps))]
+        rel = state.get("relative_updates", [None] * len(self.steps))
+        if len(rel) != len(self.steps):
+            raise ValueError(f"load_state_dict: {len(rel)} relative updates for {len(self.steps)} steps; pass what "
+                             "Monitor.state_dict() returned")
+        self.relative_updates = [None if x is None else float(x) for x in rel]
         self.history = [MonitorStep.from_dict(h) for h in state["baseline"]]
         self.alerts = [Alert.from_dict(a) for a in state["alerts"]]
         self._alerted = {(str(a), str(b)) for a, b in state["alerted"]}

@@ -50,7 +50,7 @@ import math
 import statistics
 from collections.abc import Sequence
 
-from ..records import FORMATS, Alert, MonitorStep
+from ..records import FORMATS, Alert, LayerStats, MonitorStep
 from .alerts import BASELINE_SAMPLES, HEADROOM, HEADROOM_QUANTITIES, overflow_alerts
 
 GROWTH = 4.0
@@ -63,16 +63,47 @@ FIX = ("use a GradScaler (loss scaling) or bfloat16 (float32's range); normalise
        "or output, or lower the learning rate if the optimizer is growing it")
 
 
-def _series(history: Sequence[MonitorStep], current: MonitorStep, name: str, key: str) -> list[tuple[int, float]]:
-    out = []
-    for h in [*history, current]:
-        for layer in h.layers:
-            if layer.name == name:
-                v = layer.stats.get(key)
-                if v is not None and math.isfinite(v) and v > 0:
-                    out.append((h.step, v))
-                break
-    return out
+class _Samples:
+    """The samples of a run (``history`` then ``current``), each one's layers
+    by name (a module called twice: its first call), indexed on demand: the
+    rules read a layer's first and last few values, and a run sampled every
+    step near a limit has thousands of samples -- so only the first
+    ``BASELINE_SAMPLES + 1`` and the last ``RECENT + 1`` samples are read (a
+    module that first runs later has no baseline there)."""
+
+    def __init__(self, history: Sequence[MonitorStep], current: MonitorStep) -> None:
+        self.samples = [*history[:BASELINE_SAMPLES + 1], *history[-(RECENT + 1):], current] \
+            if len(history) > BASELINE_SAMPLES + RECENT + 2 else [*history, current]
+        self._named: dict[int, dict[str, LayerStats]] = {}
+
+    def _value(self, i: int, name: str, key: str) -> float | None:
+        named = self._named.get(i)
+        if named is None:
+            named = self._named[i] = {}
+            for row in self.samples[i].layers:
+                named.setdefault(row.name, row)
+        found = named.get(name)
+        v = found.stats.get(key) if found is not None else None
+        return v if v is not None and math.isfinite(v) and v > 0 else None
+
+    def ends(self, name: str, key: str) -> tuple[list[float], bool, list[tuple[int, float]]]:
+        """The first ``BASELINE_SAMPLES`` values of ``name``'s ``key``, whether
+        it has more than that, and its last ``RECENT + 1`` (step, value)."""
+        head: list[float] = []
+        for i in range(len(self.samples)):
+            v = self._value(i, name, key)
+            if v is not None:
+                head.append(v)
+                if len(head) > BASELINE_SAMPLES:
+                    break
+        tail: list[tuple[int, float]] = []
+        for i in range(len(self.samples) - 1, -1, -1):
+            v = self._value(i, name, key)
+            if v is not None:
+                tail.append((self.samples[i].step, v))
+                if len(tail) == RECENT + 1:
+                    break
+        return head[:BASELINE_SAMPLES], len(head) > BASELINE_SAMPLES, tail[::-1]
 
 
 def trend_alerts(current: MonitorStep, history: Sequence[MonitorStep], limit: float, dtype: str,
@@ -85,6 +116,7 @@ def trend_alerts(current: MonitorStep, history: Sequence[MonitorStep], limit: fl
     if len(history) < BASELINE_SAMPLES:
         return []
     closing: list[tuple[float, str, str, str, float, float, float]] = []
+    samples = _Samples(history, current)
     for layer in current.layers:
         for what, key, phase in HEADROOM_QUANTITIES:
             v = layer.stats.get(key)
@@ -93,9 +125,8 @@ def trend_alerts(current: MonitorStep, history: Sequence[MonitorStep], limit: fl
             room = math.log2(limit / v)
             if not 0 < room < FAR:
                 continue
-            s = _series(history, current, layer.name, key)
-            base = statistics.median(x for _, x in s[:BASELINE_SAMPLES]) if len(s) > BASELINE_SAMPLES else None
-            recent = s[-(RECENT + 1):]
+            head, enough, recent = samples.ends(layer.name, key)
+            base = statistics.median(head) if enough else None
             if base is None or v < GROWTH * base or len(recent) < RECENT + 1 or \
                     any(b[1] <= a[1] for a, b in zip(recent, recent[1:])):
                 continue
@@ -119,14 +150,14 @@ def closing_in(current: MonitorStep, history: Sequence[MonitorStep], limit: floa
     (the monitor then samples every step for a while: module docstring)."""
     if not history:
         return False
-    prev = history[-1]
+    prev = _Samples([], history[-1])
     for layer in current.layers:
         for _, key, _ in HEADROOM_QUANTITIES:
             v = layer.stats.get(key)
             if v is None or not math.isfinite(v) or v <= 0 or not 0 < math.log2(limit / v) < FAR:
                 continue
-            before = _series([], prev, layer.name, key)
-            if before and v >= DOUBLED * before[0][1]:
+            before = prev._value(0, layer.name, key)
+            if before is not None and v >= DOUBLED * before:
                 return True
     return False
 
