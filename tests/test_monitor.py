@@ -481,3 +481,23 @@ def test_the_monitors_trend_is_the_drift_alerts_limit(monkeypatch):
                                       for layer in base.layers))
     assert [a.kind for a in real(grown, [base], drift=7.0)] == ["exploding"]
     assert [a.kind for a in real(grown, [base])] == []  # 20x is within the default 100x
+
+
+def test_sampled_alerts_index_the_baseline_by_name():
+    """The drift and creep rules look each row up in the baseline samples:
+    a row present in only one of them, or called twice (its first call
+    counts), is judged against that; the lookup is by name, not a scan of
+    every row per row (6.1 s a sample on a 4,000-row model before)."""
+    from signalprop.monitor.alerts import sampled_alerts
+    from signalprop.records import LayerStats, MonitorStep
+
+    def sample(k, rows):
+        layers = tuple(LayerStats(i, name, "Linear", i, (), 0.0, 1.0, 1.0, 0.0, 1e-3, relative_grad_rms=g,
+                                  saturation=sat) for i, (name, g, sat) in enumerate(rows))
+        return MonitorStep(k, 1.0, "healthy", layers, (), 1.0)
+
+    base = [sample(0, [("a", 1.0, 0.1), ("b", 1.0, 0.1)]), sample(5, [("a", 1.0, 0.1), ("a", 50.0, 0.9)]),
+            sample(10, [("a", 1.0, 0.1)])]
+    now = sample(20, [("a", 500.0, 0.95), ("b", 1.0, 0.1)])
+    kinds = {(a.kind, a.layer) for a in sampled_alerts(now, base)}
+    assert kinds == {("exploding", "a"), ("saturated", "a")}

@@ -108,15 +108,15 @@ def scalar_alerts(step: int, loss: float | None, grad_norm: float | None, losses
     return out
 
 
-def _baseline(history: Sequence[MonitorStep], name: str, attr: str) -> float | None:
+def _baseline(base: Sequence[dict[str, LayerStats]], name: str, attr: str) -> float | None:
+    """Median of ``attr`` of layer ``name`` over the baseline samples (each by name, :func:`_by_name`)."""
     vals = []
-    for h in history[:BASELINE_SAMPLES]:
-        for layer in h.layers:
-            if layer.name == name:
-                v = getattr(layer, attr)
-                if v is not None and math.isfinite(v) and v > 0:
-                    vals.append(v)
-                break
+    for named in base:
+        layer = named.get(name)
+        if layer is not None:
+            v = getattr(layer, attr)
+            if v is not None and math.isfinite(v) and v > 0:
+                vals.append(v)
     return statistics.median(vals) if vals else None
 
 
@@ -136,7 +136,8 @@ def sampled_alerts(current: MonitorStep, history: Sequence[MonitorStep], drift: 
     out: list[Alert] = []
     if len(history) < 1:
         return out
-    base_hist = history[:BASELINE_SAMPLES]
+    # each baseline sample's layers by name, once: a lookup per layer instead of a scan (O(rows^2) a sample)
+    base_hist = [_by_name(h.layers) for h in history[:BASELINE_SAMPLES]]
     grew: list[tuple[float, str]] = []
     shrank: list[tuple[float, str]] = []
     by_name = _by_name(current.layers)
@@ -173,7 +174,7 @@ def sampled_alerts(current: MonitorStep, history: Sequence[MonitorStep], drift: 
         moved: list[tuple[float, str, float, float]] = []
         for name, layer in _by_name(current.layers).items():
             v = getattr(layer, attr)
-            base = [getattr(bl, attr) for h in base_hist for bl in h.layers if bl.name == name]
+            base = [getattr(named[name], attr) for named in base_hist if name in named]
             base = [b for b in base if b is not None]
             if v is None or not base:
                 continue
