@@ -197,7 +197,7 @@ def last_finite(values: Sequence[float | None], n: int) -> list[float]:
 #
 # Measured on the benchmark's recorded runs (``bench_early_warning.py``,
 # relative updates replayed from the exact per-step norms), with the loss
-# rule: 33 of 49 tuned and 43 of 66 held-out divergences warned >= 10 steps
+# rule: 32 of 49 tuned and 44 of 66 held-out divergences warned >= 10 steps
 # ahead (the loss rule alone: 32 and 37), no healthy run of either grid
 # alerted.  On 62 runs of an outside check that stayed finite and trained
 # (SGD, Adam, AdamW; MLPs, CNNs and ResNets with and without BatchNorm, a
