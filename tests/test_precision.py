@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import signalprop as sp
+from _hooks import leaf_outputs_and_grads
 from signalprop import formats as F
 from signalprop.records import FORMATS
 
@@ -77,29 +78,6 @@ def test_counts_per_row_equal_counts_of_each_row():
         assert torch.equal(per[i], F.counts(B[i]))
 
 
-def _hooked(model, x):
-    """Each leaf's output and the gradient at it under check's seeded cotangent."""
-    from signalprop.probe.inputs import cotangent
-
-    outs, grads = {}, {}
-
-    def keep(name):
-        def hook(m, i, o):
-            outs[name] = o.detach().clone()
-            o.register_hook(lambda g: grads.__setitem__(name, g.detach().clone()))
-        return hook
-
-    hs = [m.register_forward_hook(keep(n)) for n, m in model.named_modules() if not list(m.children())]
-    try:
-        y = model(x.detach().requires_grad_(True))
-        y.backward(cotangent(y))
-    finally:
-        for h in hs:
-            h.remove()
-    model.zero_grad(set_to_none=True)
-    return outs, grads
-
-
 @pytest.mark.parametrize("width,batch", [(16, 8), (512, 256)])  # rows measured in a batch / each in place
 def test_check_counts_every_rows_output_gradient_and_weights(width, batch):
     """check(..., dtype=) on an MLP whose first layer is scaled x300 (outputs
@@ -112,7 +90,7 @@ def test_check_counts_every_rows_output_gradient_and_weights(width, batch):
         m[0].weight.mul_(300)
     x = torch.randn(batch, width)
     r = sp.check(m, x, dtype="float16")
-    outs, grads = _hooked(m, x)
+    outs, grads = leaf_outputs_and_grads(m, x)
     for layer in r.layers:
         for fmt in FORMATS:
             assert layer.forward_formats[fmt] == pytest.approx(_oracle(outs[layer.name], fmt), abs=1e-12)

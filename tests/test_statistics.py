@@ -11,32 +11,9 @@ import torch
 from torch import nn
 
 import signalprop as sp
+from _hooks import leaf_outputs_and_grads
 from signalprop import statistics as ST
 from signalprop.lab.models import DeepMLP
-
-
-def _oracle(model, x):
-    """Every leaf module's output and the gradient of the check's backward
-    (the same seeded unit-variance cotangent) at it, by module name."""
-    from signalprop.probe.inputs import cotangent
-
-    outs, grads = {}, {}
-
-    def keep(name):
-        def hook(m, i, o):
-            outs[name] = o.detach()
-            o.register_hook(lambda g: grads.__setitem__(name, g.detach()))
-        return hook
-
-    hs = [m.register_forward_hook(keep(n)) for n, m in model.named_modules() if not list(m.children())]
-    try:
-        y = model(x.detach().requires_grad_(True))
-        y.backward(cotangent(y))
-    finally:
-        for h in hs:
-            h.remove()
-    model.zero_grad(set_to_none=True)
-    return outs, grads
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -50,7 +27,7 @@ def test_abs_max_equals_the_largest_entry_of_each_output_and_gradient(dtype, wid
     m = DeepMLP(4, width, "tanh", width, 10).to(dtype)
     x = torch.randn(batch, width).to(dtype)
     r = sp.check(m, x)
-    outs, grads = _oracle(m, x)
+    outs, grads = leaf_outputs_and_grads(m, x)
     for layer in r.layers:
         if layer.kind == "Tanh":  # a bounded activation's range answers it (|y| <= 1): not measured
             assert layer.forward_absmax is None and outs[layer.name].abs().max() <= 1
@@ -68,7 +45,7 @@ def test_abs_max_of_a_pass_with_nan_is_over_the_finite_entries():
     x = torch.randn(12, 6)
     x[3, 2] = math.nan
     r = sp.check(m, x)
-    outs, _ = _oracle(m, x)
+    outs, _ = leaf_outputs_and_grads(m, x)
     for layer in r.layers:
         y = outs[layer.name]
         assert layer.nonfinite_fraction > 0
@@ -113,7 +90,7 @@ def test_a_statistic_is_one_declaration_and_its_kernel(mean_abs, tmp_path):
     for m in (narrow, wide):
         x = torch.randn(64, 8)
         r = sp.check(m, x)
-        outs, _ = _oracle(m, x)
+        outs, _ = leaf_outputs_and_grads(m, x)
         for layer in r.layers:
             want = outs[layer.name].abs().double().mean().item()
             assert layer.forward_mean_abs == pytest.approx(want, rel=1e-12)
@@ -189,7 +166,7 @@ def test_overflows_names_the_rows_that_would_not_fit_a_format():
         m[0].weight.mul_(1e5)
     x = torch.randn(32, 8)
     r = sp.check(m, x, loss_fn=lambda out: out.square().sum())
-    outs, grads = _oracle(m, x)
+    outs, grads = leaf_outputs_and_grads(m, x)
     for dtype, limit in (("float16", 65504.0), ("float8_e4m3fn", 448.0), ("bfloat16", 3.39e38)):
         want = {(n, "output") for n, y in outs.items() if y.abs().max() > limit}
         got = {(o.layer, o.quantity) for o in r.overflows(dtype) if o.quantity == "output"}
