@@ -54,6 +54,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from signalprop.lab.run_models import ResMLP
+
 # (kind, learning rates, scales); regression targets at 3e4 stay inside float16 (within 2x of 65504): the
 # runs that should stay finite, on which alerts are counted too
 GRID = [("regress", (1e-3, 3e-3, 1e-2), (3e4, 1e5, 3e5)), ("resregress", (1e-3, 3e-3), (1e5, 3e5)),
@@ -71,20 +73,6 @@ class Fp16Spec:
     every: int = 25
 
 
-class ResMLP(nn.Module):
-    def __init__(self, d: int = 64, blocks: int = 6) -> None:
-        super().__init__()
-        self.inp = nn.Linear(32, d)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d)) for _ in range(blocks))
-        self.out = nn.Linear(d, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.inp(x)
-        for b in self.blocks:
-            h = h + b(h)
-        return self.out(h)
-
-
 def build(spec: Fp16Spec) -> tuple[nn.Module, Any, Any]:
     """The model, a batch function (generator -> inputs, targets) and the loss."""
     torch.manual_seed(spec.seed)
@@ -99,7 +87,7 @@ def build(spec: Fp16Spec) -> tuple[nn.Module, Any, Any]:
             return x * spec.scale, (x @ w).argmax(1)
 
         return model, batch, F.cross_entropy
-    model = ResMLP() if spec.kind == "resregress" else nn.Sequential(
+    model = ResMLP(width=64, n_in=32, n_out=1) if spec.kind == "resregress" else nn.Sequential(
         nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 1))
 
     def rbatch(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

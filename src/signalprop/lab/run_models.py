@@ -34,12 +34,15 @@ Batch = Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
 
 class ResMLP(nn.Module):
-    def __init__(self, width: int = 128, blocks: int = 6) -> None:
+    """``h = h + block(h)`` over ``blocks`` Linear-ReLU-Linear blocks, no normalisation; the residual sum is
+    written in this forward (no module outputs it)."""
+
+    def __init__(self, width: int = 128, blocks: int = 6, n_in: int = 64, n_out: int = 10) -> None:
         super().__init__()
-        self.inp = nn.Linear(64, width)
+        self.inp = nn.Linear(n_in, width)
         self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width))
                                     for _ in range(blocks))
-        self.out = nn.Linear(width, 10)
+        self.out = nn.Linear(width, n_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.inp(x)
@@ -225,4 +228,4 @@ def corrupt(x: torch.Tensor, y: torch.Tensor, g: torch.Generator, classes: int) 
     return torch.randint(0, classes, x.shape, generator=g), y2
 
 
-__all__ = ["KINDS", "build", "corrupt", "stdlib_text"]
+__all__ = ["KINDS", "ResMLP", "build", "corrupt", "stdlib_text"]
