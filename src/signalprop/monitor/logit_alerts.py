@@ -52,6 +52,11 @@ def _baseline(values: list[float | None]) -> float | None:
     return statistics.median(v) if v else None
 
 
+def _attn_baseline(base: Sequence[MonitorStep], name: str) -> float | None:
+    """Median of layer ``name``'s largest attention logit over the baseline samples ``base``."""
+    return _baseline([bl.stats.get("attn_logit_max") for h in base for bl in h.layers if bl.name == name])
+
+
 def logit_alerts(current: MonitorStep, history: Sequence[MonitorStep]) -> list[Alert]:
     """Attention-logit growth (the layer that grew most, and how many did)
     and output-logit divergence at ``current`` against the first samples of
@@ -66,7 +71,7 @@ def logit_alerts(current: MonitorStep, history: Sequence[MonitorStep]) -> list[A
         top = layer.stats.get("attn_logit_max")
         if top is None or not math.isfinite(top) or top <= ATTN_LOGIT_LIMIT:
             continue
-        b = _baseline([bl.stats.get("attn_logit_max") for h in base for bl in h.layers if bl.name == layer.name])
+        b = _attn_baseline(base, layer.name)
         if b is not None and top > ATTN_GROWTH * b:
             grown.append((top / b if b > 0 else math.inf, layer.name, top, b))
     if grown:
@@ -106,7 +111,7 @@ def attention_closing_in(current: MonitorStep, history: Sequence[MonitorStep]) -
         before = prev.get(layer.name)
         if top is None or before is None or not math.isfinite(top) or not math.isfinite(before) or top <= before:
             continue
-        b = _baseline([bl.stats.get("attn_logit_max") for h in base for bl in h.layers if bl.name == layer.name])
+        b = _attn_baseline(base, layer.name)
         bar = max(ATTN_LOGIT_LIMIT, ATTN_GROWTH * b) if b is not None else ATTN_LOGIT_LIMIT
         if ATTN_NEAR * bar < top <= bar:
             return True
