@@ -501,3 +501,34 @@ def test_sampled_alerts_index_the_baseline_by_name():
     now = sample(20, [("a", 500.0, 0.95), ("b", 1.0, 0.1)])
     kinds = {(a.kind, a.layer) for a in sampled_alerts(now, base)}
     assert kinds == {("exploding", "a"), ("saturated", "a")}
+
+
+def test_update_ratios_follow_freezing_and_replaced_parameters():
+    """The modules whose update is measured are found again when a parameter
+    is frozen or replaced (the list is kept between samples): a frozen layer
+    drops out of the next sample's update ratios, a replaced weight's update
+    is of the new tensor (plain SGD: ||lr g|| / ||w||, float64, to 1e-9)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x = torch.randn(10, 6, dtype=torch.float64)
+    with sp.monitor(m, every=3) as mon:
+        expected = None
+        for step in range(9):
+            if step == 3:
+                m[0].weight.requires_grad_(False)
+                m[0].bias.requires_grad_(False)
+            if step == 6:
+                m[2].weight = nn.Parameter(torch.randn(2, 5, dtype=torch.float64))
+            opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
+            loss = m(x).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            if step == 7:
+                g2 = sum(float((0.1 * p.grad).pow(2).sum()) for p in m[2].parameters())
+                w2 = sum(float(p.detach().pow(2).sum()) for p in m[2].parameters())
+                expected = math.sqrt(g2 / w2)
+            mon.step(loss)
+            opt.step()
+    names = [{n for n, _ in h.update_ratios} for h in mon.history]
+    assert names == [{"0", "2"}, {"2"}, {"2"}]
+    assert dict(mon.history[2].update_ratios)["2"] == pytest.approx(expected, rel=1e-9)

@@ -183,3 +183,37 @@ def test_sampling_follows_the_risk_when_growth_outruns_the_samples():
     mons32: list = []
     _regression_run(half=False, steps=bad + 1, model=_Residual(), lr=3e-3, scale=3e5, every=25, out=mons32)
     assert all(h.step % 25 == 0 for h in mons32[0].history)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16])
+def test_largest_values_are_measured_where_a_low_precision_format_computes(dtype):
+    """max |y| and max |dL/dy| (the overflow rules' input) on every sample of a
+    run that computes in a low-precision format, under autocast; a float32
+    run measures them on its first sample only (its format is unknown until
+    a step shows it), since no rule reads them there.  check measures them
+    always.  The first Linear's rows are compared with the oracle, torch's
+    max over that layer's output."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    seen = []  # the oracle: the first Linear's largest |output| entry at each step
+    hook = m[0].register_forward_hook(lambda mod, args, out: seen.append(out.detach().abs().max().float().item()))
+    with sp.monitor(m, every=2) as mon:
+        for _ in range(6):
+            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                loss = m(x).float().pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            mon.step(loss)
+            opt.step()
+    hook.remove()
+    measured = [h.layers[0].forward_absmax for h in mon.history]
+    assert [h.step for h in mon.history] == [0, 2, 4] and measured[0] == seen[0]
+    if dtype is None:
+        assert measured[1:] == [None, None]
+        assert all(layer.grad_absmax is None for h in mon.history[1:] for layer in h.layers)
+    else:
+        assert measured == [seen[0], seen[2], seen[4]]
+        assert all(h.layers[0].grad_absmax > 0 for h in mon.history)
+    assert sp.check(m, x).layers[0].forward_absmax is not None

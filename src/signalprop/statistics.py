@@ -233,6 +233,9 @@ STATISTICS: list[Statistic] = [
 # Tables read on every row: mutated in place by register() / unregister(), so that modules holding them
 # see a statistic added later
 BY_NAME: dict[str, Statistic] = {}
+# the largest |value| of outputs and their gradients, which a low-precision format's range is judged against;
+# a pass that computes in float32 or float64 (range 3.4e38) may leave them out (the monitor does: see Recorder)
+HEADROOM = frozenset({"forward_absmax", "grad_absmax"})
 # how each raw value combines across ranks (those that do: SAME ones stay as they are)
 RAW_REDUCTION: dict[str, str] = {}
 FORWARD_KERNELS: list[Statistic] = []  # measured on every pass

@@ -52,7 +52,7 @@ from ..probe.diagnose import diagnose
 from ..probe.distributed import GRAD_NORM, MEAN, NORM, SUM, Reduction, local, norm_kind, resolve_group, unwrap
 from ..probe.gather import finalise, gather
 from ..probe.inputs import CallArgs, ModelError
-from ..probe.norms import ParamNorms, norms
+from ..probe.norms import ParamNorms, copies_and_norms, difference_norms_, norms
 from ..probe.pipeline import check_limits, check_model, run_pass
 from ..probe.recorder import Recorder, first_float_tensor
 from ..probe.rows import layer_stats
@@ -124,14 +124,15 @@ class _Snapshot:
     update for the sample at step ``sample``: per module with trainable
     parameters (name, parameters, their saved copies, fan-ins, learning
     rates), and Adam's second-moment lag of those parameters (0-d device
-    tensors by index into the flattened parameter list, read with the update)."""
+    tensors by index into the flattened parameter list, read with the update)
+    and the copies' norms (||w before||, in that flattened order, taken with them)."""
 
-    __slots__ = ("sample", "k", "mods", "lag")
+    __slots__ = ("sample", "k", "mods", "lag", "w_norms")
 
     def __init__(self, sample: int, k: int,
                  mods: list[tuple[str, list[nn.Parameter], list[torch.Tensor], list[int], list[float | None]]],
-                 lag: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        self.sample, self.k, self.mods, self.lag = sample, k, mods, lag
+                 lag: dict[int, tuple[torch.Tensor, torch.Tensor]], w_norms: list[torch.Tensor | Part]) -> None:
+        self.sample, self.k, self.mods, self.lag, self.w_norms = sample, k, mods, lag, w_norms
 
 
 def _logit_stats(v: list[float]) -> LogitStats:
@@ -255,6 +256,10 @@ class Monitor:
         self._recording = False
         self._snapshot: _Snapshot | None = None
         self._snapshot_due: int | None = None  # a sampled step whose following update is still to measure
+        self._low_precision: bool | None = None  # whether the last step computed in a low-precision format
+        # the modules with trainable parameters (name, module, parameter names, fan-ins) and the key they were
+        # found for: the parameters' ids and requires_grad flags
+        self._trained: tuple[tuple[Any, ...], list[tuple[str, nn.Module, list[str], list[int]]]] = ((), [])
         self._nonfinite_seen = False
         self._paused = False
         self._closed = False
@@ -359,7 +364,10 @@ class Monitor:
                 self._rec.detach()
             # functional capture where the model computes attention or activations by call (logits of
             # F.scaled_dot_product_attention and softmax, F.gelu rows): its mode is entered for the forward
-            self._rec = Recorder(self.model, unit_vectors=self.red is not None, safe=True)
+            # the largest |value| statistics only where a low-precision format computes (as of the last step;
+            # unknown before the first: measured), the only runs whose headroom rules read them
+            self._rec = Recorder(self.model, unit_vectors=self.red is not None, safe=True,
+                                 headroom=self._low_precision is not False)
             self._rec.attach()
             self._recording = True
             # the root's post-hook after the recorder's: a bare module is itself a row, and the recorder
@@ -499,6 +507,8 @@ class Monitor:
             self._rec.detach()
         self._rec = None
         self._recording = False
+        # the format this step computed in, read off its forward (none ran through the root: unknown)
+        self._low_precision = self._format() is not None if self._calls else None
         self._calls = []
         self._targets = None
         self._step += 1
@@ -721,37 +731,50 @@ class Monitor:
         return MonitorStep(k, loss, verdict, tuple(layers), tuple(problems), grad_norm, out_rms)
 
     # -- update / weight ratio -------------------------------------------------
+    def _trained_modules(self) -> list[tuple[str, nn.Module, list[str], list[int]]]:
+        """The modules with trainable parameters of their own: name, module,
+        the names of those parameters and their fan-ins; found again only
+        when a parameter was replaced, frozen or unfrozen."""
+        key = tuple((id(p), p.requires_grad) for p in self.model.parameters())
+        if key != self._trained[0]:
+            mods = []
+            for name, m in self.model.named_modules():
+                names = [n for n, p in m._parameters.items() if p is not None and p.requires_grad]
+                if names:
+                    fi = param_fan_ins(m)
+                    mods.append((name, m, names, [fi[n] for n in names]))
+            self._trained = (key, mods)
+        return self._trained[1]
+
     def _take_snapshot(self, sample: int, k: int) -> None:
         """Save the trainable weights before step ``k``'s optimizer step, to
-        measure its update for the sample at step ``sample``."""
-        mods = []
+        measure its update for the sample at step ``sample``; their norms
+        (||w before||) are taken with the copies, in one pass (see
+        :func:`~signalprop.probe.norms.copies_and_norms`)."""
         lrs = learning_rates(self.optimizer) if self.optimizer is not None else {}
-        for name, m in self.model.named_modules():
-            named = [(n, p) for n, p in m._parameters.items() if p is not None and p.requires_grad]
-            if named:
-                ps = [p for _, p in named]
-                fi = param_fan_ins(m)
-                mods.append((name, ps, [local(p.detach()).clone() for p in ps], [fi[n] for n, _ in named],
-                             [lrs.get(p) for p in ps]))
-        if not mods:  # nothing is trained (a frozen model being probed): no update to measure
+        found = [(name, [cast(nn.Parameter, m._parameters[n]) for n in names], fan_ins)
+                 for name, m, names, fan_ins in self._trained_modules()]
+        params = [p for _, ps, _ in found for p in ps]
+        if not params:  # nothing is trained (a frozen model being probed): no update to measure
             self._snapshot = None
             return
-        lag = {}
-        if self.optimizer is not None:
-            lag = adam_lag(self.optimizer, [p for _, ps, _, _, _ in mods for p in ps], local)
-        self._snapshot = _Snapshot(sample, k, mods, lag)
+        copies, w_norms = copies_and_norms(params)
+        mods, i = [], 0
+        for name, ps, fan_ins in found:
+            mods.append((name, ps, copies[i:i + len(ps)], fan_ins, [lrs.get(p) for p in ps]))
+            i += len(ps)
+        lag = adam_lag(self.optimizer, params, local) if self.optimizer is not None else {}
+        self._snapshot = _Snapshot(sample, k, mods, lag, w_norms)
 
     def _update_scalars(self) -> tuple[list[torch.Tensor | Part], list[str]]:
         """||w after - w before|| and ||w before|| of every saved tensor, and how each combines across ranks."""
         snap = cast(_Snapshot, self._snapshot)
         before = [b for _, _, bs, _, _ in snap.mods for b in bs]
         params = [p for _, ps, _, _, _ in snap.mods for p in ps]
-        now = [local(p.detach()) for p in params]
-        w_norms = norms(before)  # ||w|| before the update, read before the snapshot is overwritten
-        torch._foreach_sub_(before, now)  # the snapshot, ours and used once, becomes -update: no second copy
+        diffs = difference_norms_(before, params)  # the copies, ours and used once, become -update
         kinds = [norm_kind(p) for p in params]
         lag = sorted(snap.lag.items())
-        return (norms(before) + w_norms + [a for _, (a, _) in lag] + [b for _, (_, b) in lag],
+        return (diffs + snap.w_norms + [a for _, (a, _) in lag] + [b for _, (_, b) in lag],
                 kinds + kinds + [norm_kind(params[i]) for i, _ in lag] + [MAX] * len(lag))
 
     def _finish_update(self, vals: list[float]) -> list[Alert]:

@@ -4,6 +4,7 @@ devices until the pass is gathered."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,13 +69,8 @@ def norms(tensors: list[torch.Tensor], squares: dict[int, torch.Tensor] | None =
     if dots:
         if squares is not None:
             squares.update(zip(dots, sums))
-        by_dtype: dict[torch.dtype, list[int]] = {}
-        for j, s in enumerate(sums):
-            by_dtype.setdefault(s.dtype, []).append(j)
-        for js in by_dtype.values():
-            roots = torch.stack([sums[j] for j in js]).sqrt_()
-            for k, j in enumerate(js):
-                out[dots[j]] = Part(roots, k)
+        for i, root in zip(dots, _roots(sums)):
+            out[i] = root
     for idx in fused.values():
         for i, norm in zip(idx, torch._foreach_norm([tensors[i] for i in idx])):
             out[i] = norm
@@ -88,6 +84,86 @@ def norms(tensors: list[torch.Tensor], squares: dict[int, torch.Tensor] | None =
                                            dim=1, dtype=a)
             for j, i in enumerate(chunk):
                 out[i] = Part(vec, j)
+    return out  # type: ignore[return-value]
+
+
+def _roots(sums: list[torch.Tensor]) -> list[Part]:
+    """The square roots of sums of squares, taken together (one op per dtype)
+    and read as parts of those vectors."""
+    out: list[Part | None] = [None] * len(sums)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for j, s in enumerate(sums):
+        by_dtype.setdefault(s.dtype, []).append(j)
+    for js in by_dtype.values():
+        roots = torch.stack([sums[j] for j in js]).sqrt_()
+        for k, j in enumerate(js):
+            out[j] = Part(roots, k)
+    return out  # type: ignore[return-value]
+
+
+def _in_cache(t: torch.Tensor) -> bool:
+    """A tensor whose sum of squares is taken while it is still in cache (a
+    BLAS dot right after the op that wrote it): a large float tensor on the CPU."""
+    return t.numel() >= _DOT_NORM_MIN and dottable(t)
+
+
+def copies_and_norms(tensors: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor | Part]]:
+    """Copies of ``tensors`` (a DTensor's own shard) and their norms, still on
+    their devices.  On the CPU each large copy's sum of squares is taken right
+    after it is made, while it is in cache: on 100 weights of 512 x 512 the
+    copies take 9.6 ms and the norms 2.2 ms more, where a second pass over
+    the weights took 11 ms.  Elsewhere :func:`norms` of the copies (one fused
+    kernel per device and dtype on a GPU)."""
+    copies: list[torch.Tensor] = []
+    out: list[torch.Tensor | Part | None] = [None] * len(tensors)
+    hot: list[int] = []
+    sums: list[torch.Tensor] = []
+    with torch.no_grad():
+        for i, t in enumerate(tensors):
+            c = local(t.detach()).clone()
+            copies.append(c)
+            if _in_cache(c):
+                v = c.view(-1)
+                hot.append(i)
+                sums.append(torch.dot(v, v))
+        in_hot = set(hot)
+        rest = [i for i in range(len(tensors)) if i not in in_hot]
+        for i, n in zip(rest, norms([copies[i] for i in rest]) if rest else []):
+            out[i] = n
+    for i, root in zip(hot, _roots(sums)):
+        out[i] = root
+    return copies, out  # type: ignore[return-value]
+
+
+def difference_norms_(before: list[torch.Tensor], now: Sequence[torch.Tensor]) -> list[torch.Tensor | Part]:
+    """``||before[i] - now[i]||`` for each pair, still on the device;
+    ``before`` (copies of the caller's own) is overwritten with the
+    differences, so no third tensor is made.  On the CPU each large
+    difference's sum of squares is taken right after it is formed, while it
+    is in cache (as :func:`copies_and_norms`); elsewhere one fused
+    subtraction and :func:`norms`."""
+    now = [local(t.detach()) for t in now]
+    with torch.no_grad():
+        if not any(_in_cache(b) for b in before):
+            torch._foreach_sub_(before, now)
+            return norms(before)
+        out: list[torch.Tensor | Part | None] = [None] * len(before)
+        hot: list[int] = []
+        sums: list[torch.Tensor] = []
+        rest: list[int] = []
+        for i, (b, t) in enumerate(zip(before, now)):
+            if _in_cache(b) and t.dtype == b.dtype and t.is_contiguous():
+                v = b.sub_(t).view(-1)
+                hot.append(i)
+                sums.append(torch.dot(v, v))
+            else:
+                rest.append(i)
+        if rest:
+            torch._foreach_sub_([before[i] for i in rest], [now[i] for i in rest])
+            for i, n in zip(rest, norms([before[i] for i in rest])):
+                out[i] = n
+    for i, root in zip(hot, _roots(sums)):
+        out[i] = root
     return out  # type: ignore[return-value]
 
 

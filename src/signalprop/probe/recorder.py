@@ -27,7 +27,7 @@ from torch.overrides import TorchFunctionMode
 
 from .. import activations as _act
 from ..layers import feature_dim
-from ..statistics import Statistic, kernels
+from ..statistics import HEADROOM, Statistic, kernels
 from . import attention
 from . import stats as S
 
@@ -521,7 +521,7 @@ class Recorder:
     def __init__(self, model: nn.Module, *, capture_functional: bool = True, stats: bool = True,
                  track_inputs: bool = False, exact: bool = False, unit_vectors: bool = False,
                  named: list[tuple[str, nn.Module]] | None = None, safe: bool = False,
-                 capture_budget: int = 0, precision: bool = False) -> None:
+                 capture_budget: int = 0, precision: bool = False, headroom: bool = True) -> None:
         """``stats=False`` records only the call sequence (activation detection);
         ``track_inputs`` also records each weight layer's input second moment;
         ``exact`` masks non-finite entries and counts them, and remembers which
@@ -540,7 +540,12 @@ class Recorder:
         ``precision``: also count, per row, the
         output's, its gradient's and the module's weights' entries that
         would overflow or underflow low-precision formats (the statistics
-        declared with option "precision"; :mod:`signalprop.formats`)."""
+        declared with option "precision"; :mod:`signalprop.formats`).
+        ``headroom=False``: leave out each row's largest |output| and
+        |gradient| (:data:`signalprop.statistics.HEADROOM`), for a pass
+        computing in float32/float64, whose range no value comes near: on
+        the CPU they are two reductions a row that the pass otherwise does
+        not need (7% of a plain step of a 100 x 512 tanh MLP, measured)."""
         self.model = model
         self.safe = safe
         self.errors: list[BaseException] = []
@@ -575,6 +580,9 @@ class Recorder:
         # the statistics with kernels this pass measures (None: those measured on every pass)
         self._fk = kernels("forward", opts) if opts else None
         self._bk = kernels("backward", opts) if opts else None
+        if not headroom:
+            self._fk = [s for s in kernels("forward", opts) if s.name not in HEADROOM]
+            self._bk = [s for s in kernels("backward", opts) if s.name not in HEADROOM]
         self._weighed: set[int] = set()  # modules whose weights' formats were counted (precision)
         self._batches = S.Batches(unit_vectors, self._fk) if stats and not exact else None
         self._grad_batches = S.GradBatches(self._batches.done, self._bk) if self._batches is not None else None
