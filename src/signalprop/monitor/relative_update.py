@@ -17,9 +17,11 @@ A parameter whose layout has no single view (overlapping or gapped strides)
 is left out; a ``channels_last`` or transposed one is read in storage order.  Measured against the exact ratio on MLPs
 under SGD and Adam (``tests/test_relative_update.py``): within 3%.
 
-What the step costs: two views a tensor, one concatenation, three
-element-wise operations and two norms on the concatenated sample, and two
-scalars in the monitor's one transfer per step (no host sync of its own).
+What the step costs: two concatenations of the views into a buffer kept
+between steps (two buffers in turn: this step's sample and the previous
+one), the weighting in place, one subtraction into a third buffer and two
+norms (BLAS dots on the CPU), and two scalars in the monitor's one transfer
+per step (no host sync of its own); no tensor is allocated.
 Both are norms, so under ``torch.distributed`` they combine over the ranks'
 shards (FSDP) or over identical replicas (DDP, where the ratio is
 unchanged).
@@ -74,26 +76,52 @@ def _local(p: torch.Tensor) -> torch.Tensor:
     return to_local() if callable(to_local) else p
 
 
+class _Group:
+    """One device's sampled views, each sampled entry's weight, and two
+    buffers the samples are read into in turn (this step's and the previous
+    step's: no tensor is allocated per step)."""
+
+    __slots__ = ("wide", "narrow", "split", "weights", "bufs", "diff")
+
+    def __init__(self, wide: list[torch.Tensor], narrow: list[torch.Tensor], weights: torch.Tensor) -> None:
+        self.wide, self.narrow = wide, narrow
+        self.split = sum(v.numel() for v in wide)
+        self.weights = weights
+        self.bufs = [torch.empty_like(weights) for _ in range(2)]
+        self.diff = torch.empty_like(weights)
+
+    def read(self) -> torch.Tensor:
+        """This step's weighted sample, in the buffer the step before last used."""
+        self.bufs.reverse()
+        buf = self.bufs[0]
+        if self.wide:  # one concatenation of the views of RUN columns, one of the others, into place
+            torch.cat(self.wide, out=buf[:self.split].view(-1, RUN))
+        if self.narrow:
+            torch.cat(self.narrow, out=buf[self.split:])
+        return buf.mul_(self.weights)
+
+    @property
+    def prev(self) -> torch.Tensor:
+        return self.bufs[1]
+
+
+def _norm(t: torch.Tensor) -> torch.Tensor:
+    """||t|| of a 1-D float32 buffer: a BLAS dot on the CPU (single-threaded,
+    where the reduction wakes the thread pool), else ``vector_norm``."""
+    return torch.dot(t, t).sqrt_() if t.is_cpu else torch.linalg.vector_norm(t)
+
+
 class RelativeUpdate:
     """The sampled entries of the trained parameters, step after step."""
 
     def __init__(self) -> None:
         self._key: list[tuple[int, int]] = []  # (id, data_ptr) of each tensor: the views below are of these
-        self._views: dict[torch.device, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        self._weights: dict[torch.device, torch.Tensor] = {}
-        self._prev: dict[torch.device, torch.Tensor] = {}
-
-    def _sample(self) -> dict[torch.device, torch.Tensor]:
-        out = {}
-        for d, (wide, narrow) in self._views.items():
-            parts = ([torch.cat(wide).reshape(-1)] if wide else []) + narrow
-            out[d] = torch.cat(parts).float() * self._weights[d]
-        return out
+        self._groups: dict[torch.device, _Group] = {}
 
     def _rebuild(self, tensors: Sequence[torch.Tensor]) -> None:
         """The views of each tensor's sample (those of ``RUN`` columns concatenated
         in one call, the rest after them) and each sampled entry's weight
-        ``sqrt(numel / sampled)``, in the same order."""
+        ``sqrt(numel / sampled)``, in the same order; the previous sample read."""
         views: dict[torch.device, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         weights: dict[torch.device, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         for t in tensors:
@@ -103,8 +131,9 @@ class RelativeUpdate:
             i = 0 if v.dim() == 2 else 1
             views.setdefault(t.device, ([], []))[i].append(v)
             weights.setdefault(t.device, ([], []))[i].append(torch.full((v.numel(),), math.sqrt(t.numel() / v.numel())))
-        self._views = views
-        self._weights = {d: torch.cat(w[0] + w[1]).to(d) for d, w in weights.items()}
+        self._groups = {d: _Group(*views[d], torch.cat(w[0] + w[1]).to(d)) for d, w in weights.items()}
+        for g in self._groups.values():
+            g.read()
 
     def scalars(self, params: Sequence[nn.Parameter]) -> list[torch.Tensor | float]:
         """``[||dw||, ||w||]`` estimated since the previous call (the weights'
@@ -112,27 +141,28 @@ class RelativeUpdate:
         ``[0.0, 0.0]`` on the first call, whenever the parameters changed
         (another set, or a tensor's storage replaced) and without any: always
         two values, so that every rank sends as many to the all-reduce."""
-        local = [(p, _local(p.detach())) for p in params if p.is_floating_point()]
-        local = [(p, t) for p, t in local if t.numel() > 0]  # an empty shard (FSDP2, first dim < ranks): nothing here
-        tensors = [t for _, t in local]
-        key = [(id(p), t.data_ptr()) for p, t in local]
+        tensors, key = [], []
+        for p in params:
+            if p.is_floating_point():
+                t = _local(p.detach())
+                if t.numel() > 0:  # an empty shard (FSDP2, first dim < ranks): nothing here
+                    tensors.append(t)
+                    key.append((id(p), t.data_ptr()))
         if not tensors:
-            self._key, self._views, self._weights, self._prev = key, {}, {}, {}
+            self._key, self._groups = key, {}
             return [0.0, 0.0]
         if key != self._key:
             self._key = key
             self._rebuild(tensors)
-            self._prev = self._sample()
             return [0.0, 0.0]
-        now = self._sample()
-        if not now:
+        if not self._groups:
             return [0.0, 0.0]
         diff: list[torch.Tensor] = []
         size: list[torch.Tensor] = []
-        for d, s in now.items():
-            diff.append(torch.linalg.vector_norm(s - self._prev[d]))
-            size.append(torch.linalg.vector_norm(self._prev[d]))
-        self._prev = now
+        for g in self._groups.values():
+            now = g.read()
+            diff.append(_norm(torch.sub(now, g.prev, out=g.diff)))
+            size.append(_norm(g.prev))
         if len(diff) == 1:
             return [diff[0], size[0]]
         first = diff[0].device
