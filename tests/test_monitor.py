@@ -217,7 +217,7 @@ def test_update_ratio_matches_the_sgd_step(every):
             mon.step(loss)
             # the copy of the weights is made on the step after a sample, not on the sample itself, and
             # used on the next (with every=1, step 2 also saves the weights again for sample 1)
-            assert (mon._snapshot is not None) == (step == 1 or (step == 2 and every == 1))
+            assert (mon._updates.snapshot is not None) == (step == 1 or (step == 2 and every == 1))
             opt.step()
     got = dict(mon.history[0].update_ratios)
     assert set(got) == set(expected)
@@ -384,10 +384,10 @@ def test_close_releases_the_model_and_keeps_the_history():
             loss.backward()
             mon.step(loss)
             m.zero_grad()
-    ref = weakref.ref(m)
-    del m
+    refs = [weakref.ref(m), weakref.ref(m[0])]  # the model and a module with weights (whose update was measured)
+    del m, loss  # (the last loss's graph holds the sampled rows' gradient hooks, and through them their modules)
     gc.collect()
-    assert ref() is None
+    assert [r() for r in refs] == [None, None]
     assert len(mon.history) == 2 and mon.report().model
 
 
@@ -532,3 +532,25 @@ def test_update_ratios_follow_freezing_and_replaced_parameters():
     names = [{n for n, _ in h.update_ratios} for h in mon.history]
     assert names == [{"0", "2"}, {"2"}, {"2"}]
     assert dict(mon.history[2].update_ratios)["2"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_update_ratios_name_a_module_wrapped_after_the_monitor_started():
+    """Wrapping a module (a checkpoint or compile wrapper, here a container)
+    keeps its parameters but changes its name: the update of a sample taken
+    after it is recorded under the name that sample's rows have (a list of
+    trained modules kept by parameter identity would keep the old name)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2))
+    x = torch.randn(10, 6)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    with sp.monitor(m, every=2) as mon:
+        for step in range(7):  # the update of sample 4 is taken at step 5 and read at step 6
+            if step == 2:  # after the update of sample 0 was taken (the modules were listed then)
+                m[2] = nn.Sequential(m[2])
+            loss = m(x).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            mon.step(loss)
+            opt.step()
+    assert [n for n, _ in mon.history[2].update_ratios] == ["0", "2.0"]
+    assert mon.history[2].layers[-1].name == "2.0" and mon.history[2].layers[-1].update_rms > 0

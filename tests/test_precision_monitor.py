@@ -186,21 +186,27 @@ def test_sampling_follows_the_risk_when_growth_outruns_the_samples():
 
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16])
-def test_largest_values_are_measured_where_a_low_precision_format_computes(dtype):
+@pytest.mark.parametrize("eval_pass", [False, True])
+def test_largest_values_are_measured_where_a_low_precision_format_computes(dtype, eval_pass):
     """max |y| and max |dL/dy| (the overflow rules' input) on every sample of a
-    run that computes in a low-precision format, under autocast; a float32
-    run measures them on its first sample only (its format is unknown until
-    a step shows it), since no rule reads them there.  check measures them
-    always.  The first Linear's rows are compared with the oracle, torch's
-    max over that layer's output."""
+    run whose training forward computes in a low-precision format (here
+    autocast's), decided when that forward starts; a float32 run leaves them
+    out, since no rule reads them there.  ``eval_pass``: a float32 forward
+    with gradients on and no backward before every training forward (an
+    evaluation pass outside autocast) changes neither.  check measures them
+    always.  The first Linear's value is compared with the oracle, torch's
+    max over that layer's output in the training forward."""
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
     x = torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
     opt = torch.optim.SGD(m.parameters(), lr=0.01)
-    seen = []  # the oracle: the first Linear's largest |output| entry at each step
-    hook = m[0].register_forward_hook(lambda mod, args, out: seen.append(out.detach().abs().max().float().item()))
+    seen = []  # the oracle: the first Linear's largest |output| entry in each training forward
+    hook = m[0].register_forward_hook(
+        lambda mod, args, out: seen.append(out.detach().abs().max().float().item()) if out.shape[0] == 64 else None)
     with sp.monitor(m, every=2) as mon:
         for _ in range(6):
+            if eval_pass:
+                m(x[:8])  # float32, gradients on, never backpropagated
             with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
                 loss = m(x).float().pow(2).mean()
             opt.zero_grad()
@@ -209,10 +215,10 @@ def test_largest_values_are_measured_where_a_low_precision_format_computes(dtype
             opt.step()
     hook.remove()
     measured = [h.layers[0].forward_absmax for h in mon.history]
-    assert [h.step for h in mon.history] == [0, 2, 4] and measured[0] == seen[0]
+    assert [h.step for h in mon.history] == [0, 2, 4]
     if dtype is None:
-        assert measured[1:] == [None, None]
-        assert all(layer.grad_absmax is None for h in mon.history[1:] for layer in h.layers)
+        assert measured == [None, None, None]
+        assert all(layer.grad_absmax is None for h in mon.history for layer in h.layers)
     else:
         assert measured == [seen[0], seen[2], seen[4]]
         assert all(h.layers[0].grad_absmax > 0 for h in mon.history)

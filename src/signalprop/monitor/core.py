@@ -46,13 +46,12 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from ..layers import param_fan_ins
 from ..probe.attention import logits_of, output_logit_sums
 from ..probe.diagnose import diagnose
-from ..probe.distributed import GRAD_NORM, MEAN, NORM, SUM, Reduction, local, norm_kind, resolve_group, unwrap
+from ..probe.distributed import GRAD_NORM, MEAN, NORM, SUM, Reduction, norm_kind, resolve_group, unwrap
 from ..probe.gather import finalise, gather
 from ..probe.inputs import CallArgs, ModelError
-from ..probe.norms import ParamNorms, copies_and_norms, difference_norms_, norms
+from ..probe.norms import ParamNorms, norms
 from ..probe.pipeline import check_limits, check_model, run_pass
 from ..probe.recorder import Recorder, first_float_tensor
 from ..probe.rows import layer_stats
@@ -63,9 +62,10 @@ from ..statistics import MAX
 from ..words import module_label
 from . import alerts as A
 from .logit_alerts import attention_closing_in, logit_alerts
-from .optimizer import adam_lag, check_optimizer, learning_rates, update_spike_alerts
+from .optimizer import check_optimizer, update_spike_alerts
 from .precision_alerts import closing_in, output_closing_in, precision_alerts
 from .relative_update import RelativeUpdate
+from .update import UpdateMeter, with_update
 
 MAX_REPLAY_CALLS = 64  # forward calls per step kept for replay (gradient accumulation)
 # Reading every gradient is one fused kernel on a GPU (~1% of a step) but a
@@ -119,20 +119,11 @@ SKIP_ON = ("batch-spike", "loss-spike", "grad-surge", "non-finite")
 MAX_SERIES = 100_000
 
 
-class _Snapshot:
-    """The weights saved before step ``k``'s optimizer step, to measure its
-    update for the sample at step ``sample``: per module with trainable
-    parameters (name, parameters, their saved copies, fan-ins, learning
-    rates), and Adam's second-moment lag of those parameters (0-d device
-    tensors by index into the flattened parameter list, read with the update)
-    and the copies' norms (||w before||, in that flattened order, taken with them)."""
-
-    __slots__ = ("sample", "k", "mods", "lag", "w_norms")
-
-    def __init__(self, sample: int, k: int,
-                 mods: list[tuple[str, list[nn.Parameter], list[torch.Tensor], list[int], list[float | None]]],
-                 lag: dict[int, tuple[torch.Tensor, torch.Tensor]], w_norms: list[torch.Tensor | Part]) -> None:
-        self.sample, self.k, self.mods, self.lag, self.w_norms = sample, k, mods, lag, w_norms
+def _low_precision(autocast: list[tuple[str, torch.dtype]], params: Any) -> bool:
+    """Whether a forward computes in a low-precision format: autocast's dtype
+    (``autocast``, as :func:`_autocast_state` reads it) or a parameter's."""
+    dtypes = [d for _, d in autocast] + list({p.dtype for p in params})
+    return any(str(d).removeprefix("torch.") in FORMATS for d in dtypes)
 
 
 def _logit_stats(v: list[float]) -> LogitStats:
@@ -254,12 +245,8 @@ class Monitor:
         self._calls: list[_Call] = []
         self._rec: Recorder | None = None
         self._recording = False
-        self._snapshot: _Snapshot | None = None
+        self._updates = UpdateMeter(model)  # the exact update of the step after each regular sample
         self._snapshot_due: int | None = None  # a sampled step whose following update is still to measure
-        self._low_precision: bool | None = None  # whether the last step computed in a low-precision format
-        # the modules with trainable parameters (name, module, parameter names, fan-ins) and the key they were
-        # found for: the parameters' ids and requires_grad flags
-        self._trained: tuple[tuple[Any, ...], list[tuple[str, nn.Module, list[str], list[int]]]] = ((), [])
         self._nonfinite_seen = False
         self._paused = False
         self._closed = False
@@ -325,7 +312,7 @@ class Monitor:
             self._rec.detach()
         self._rec = None
         self._calls.clear()
-        self._snapshot = None
+        self._updates.close()  # the copy of the weights and the trained modules it had found
         self.optimizer = None
         # the model (a DDP wrapper holds its process group) and the group itself: a closed
         # monitor kept alive to read its history must not keep them past destroy_process_group,
@@ -364,10 +351,9 @@ class Monitor:
                 self._rec.detach()
             # functional capture where the model computes attention or activations by call (logits of
             # F.scaled_dot_product_attention and softmax, F.gelu rows): its mode is entered for the forward
-            # the largest |value| statistics only where a low-precision format computes (as of the last step;
-            # unknown before the first: measured), the only runs whose headroom rules read them
-            self._rec = Recorder(self.model, unit_vectors=self.red is not None, safe=True,
-                                 headroom=self._low_precision is not False)
+            # (the largest |value| statistics: measured unless the root's forward starts outside any
+            # low-precision format, see _root_pre_guarded)
+            self._rec = Recorder(self.model, unit_vectors=self.red is not None, safe=True)
             self._rec.attach()
             self._recording = True
             # the root's post-hook after the recorder's: a bare module is itself a row, and the recorder
@@ -392,6 +378,9 @@ class Monitor:
             self._arm()
         self._exit_mode()  # one a forward that raised left behind
         if self._recording and torch.is_grad_enabled() and self._rec is not None:
+            # the largest |value| statistics only where a low-precision format computes (autocast's dtype
+            # now, or the parameters'), the only runs whose headroom rules read them
+            self._rec.set_headroom(_low_precision(_autocast_state(), self._param_names))
             self._mode = self._rec.functional_mode()
             if self._mode is not None:
                 self._mode.__enter__()
@@ -490,7 +479,7 @@ class Monitor:
             return self._close_step(k, loss, loss_t)
         except Exception as e:
             self._warn(f"step {k} was not measured", e)
-            self._snapshot = self._snapshot_due = None
+            self._updates.snapshot = self._snapshot_due = None
             if len(self.steps) == len(self.losses) == len(self.grad_norms) == len(self.relative_updates) and \
                     (not self.steps or self.steps[-1] != k):
                 self.steps.append(k)
@@ -507,8 +496,6 @@ class Monitor:
             self._rec.detach()
         self._rec = None
         self._recording = False
-        # the format this step computed in, read off its forward (none ran through the root: unknown)
-        self._low_precision = self._format() is not None if self._calls else None
         self._calls = []
         self._targets = None
         self._step += 1
@@ -540,7 +527,7 @@ class Monitor:
                      + [GRAD_NORM, SUM] * len(outs))
             pn = ParamNorms.of(rec.rows, {p: p.grad for p in params},  # type: ignore[union-attr]
                                known={id(p.grad): n for p, n in zip(params, gnorms)}) if sampled else None
-            upd = self._update_scalars() if self._snapshot is not None else None
+            upd = self._updates.scalars() if self._updates.snapshot is not None else None
             logit_sums = self._logits if sampled and self._logits is not None else []
             rel = self._relative_scalars()
             absmax = [c.out_absmax for c in self._calls[:1] if c.out_absmax is not None]
@@ -615,7 +602,7 @@ class Monitor:
         # 5. the weights before this step's optimizer step, when an earlier sample waits for its update
         # (a sample sets _snapshot_due below, after this, so it is always a step before this one)
         if self._snapshot_due is not None and finite:
-            self._take_snapshot(self._snapshot_due, k)
+            self._updates.take(self._snapshot_due, k, self.optimizer)
             self._snapshot_due = None
         if sampled and self.update_ratio and finite and k % self.every == 0:
             self._snapshot_due = k
@@ -643,10 +630,12 @@ class Monitor:
 
     def _format(self) -> str | None:
         """The low-precision format the sampled step computed in: autocast's
-        dtype at its first forward (read when it ran), else the parameters'
-        when one is a low-precision format (float16, bfloat16, FP8); None
-        for float32/float64 runs."""
-        dtypes = [d for c in self._calls[:1] for _, d in c.autocast] + list({p.dtype for p in self._param_names})
+        dtype at its first forward that fed the backward (read when it ran;
+        the first forward when none is known to), else the parameters' when
+        one is a low-precision format (float16, bfloat16, FP8); None for
+        float32/float64 runs."""
+        trained = [c for c in self._calls if c.out_norm is not None][:1] or self._calls[:1]
+        dtypes = [d for c in trained for _, d in c.autocast] + list({p.dtype for p in self._param_names})
         return next((n for n in (str(d).removeprefix("torch.") for d in dtypes) if n in FORMATS), None)
 
     def _complete_history(self) -> list[MonitorStep]:
@@ -731,90 +720,26 @@ class Monitor:
         return MonitorStep(k, loss, verdict, tuple(layers), tuple(problems), grad_norm, out_rms)
 
     # -- update / weight ratio -------------------------------------------------
-    def _trained_modules(self) -> list[tuple[str, nn.Module, list[str], list[int]]]:
-        """The modules with trainable parameters of their own: name, module,
-        the names of those parameters and their fan-ins; found again only
-        when a parameter was replaced, frozen or unfrozen."""
-        key = tuple((id(p), p.requires_grad) for p in self.model.parameters())
-        if key != self._trained[0]:
-            mods = []
-            for name, m in self.model.named_modules():
-                names = [n for n, p in m._parameters.items() if p is not None and p.requires_grad]
-                if names:
-                    fi = param_fan_ins(m)
-                    mods.append((name, m, names, [fi[n] for n in names]))
-            self._trained = (key, mods)
-        return self._trained[1]
-
-    def _take_snapshot(self, sample: int, k: int) -> None:
-        """Save the trainable weights before step ``k``'s optimizer step, to
-        measure its update for the sample at step ``sample``; their norms
-        (||w before||) are taken with the copies, in one pass (see
-        :func:`~signalprop.probe.norms.copies_and_norms`)."""
-        lrs = learning_rates(self.optimizer) if self.optimizer is not None else {}
-        found = [(name, [cast(nn.Parameter, m._parameters[n]) for n in names], fan_ins)
-                 for name, m, names, fan_ins in self._trained_modules()]
-        params = [p for _, ps, _ in found for p in ps]
-        if not params:  # nothing is trained (a frozen model being probed): no update to measure
-            self._snapshot = None
-            return
-        copies, w_norms = copies_and_norms(params)
-        mods, i = [], 0
-        for name, ps, fan_ins in found:
-            mods.append((name, ps, copies[i:i + len(ps)], fan_ins, [lrs.get(p) for p in ps]))
-            i += len(ps)
-        lag = adam_lag(self.optimizer, params, local) if self.optimizer is not None else {}
-        self._snapshot = _Snapshot(sample, k, mods, lag, w_norms)
-
-    def _update_scalars(self) -> tuple[list[torch.Tensor | Part], list[str]]:
-        """||w after - w before|| and ||w before|| of every saved tensor, and how each combines across ranks."""
-        snap = cast(_Snapshot, self._snapshot)
-        before = [b for _, _, bs, _, _ in snap.mods for b in bs]
-        params = [p for _, ps, _, _, _ in snap.mods for p in ps]
-        diffs = difference_norms_(before, params)  # the copies, ours and used once, become -update
-        kinds = [norm_kind(p) for p in params]
-        lag = sorted(snap.lag.items())
-        return (diffs + snap.w_norms + [a for _, (a, _) in lag] + [b for _, (_, b) in lag],
-                kinds + kinds + [norm_kind(params[i]) for i, _ in lag] + [MAX] * len(lag))
-
     def _finish_update(self, vals: list[float]) -> list[Alert]:
-        snap = cast(_Snapshot, self._snapshot)
-        self._snapshot = None
-        n = sum(len(ps) for _, ps, _, _, _ in snap.mods)
-        d, w = vals[:n], vals[n:2 * n]
-        lag_idx = sorted(snap.lag)
-        lag_l2 = dict(zip(lag_idx, vals[2 * n:2 * n + len(lag_idx)]))
-        lag_top = dict(zip(lag_idx, vals[2 * n + len(lag_idx):2 * n + 2 * len(lag_idx)]))
-        ratios: list[tuple[str, float]] = []
-        per_module: dict[str, dict[str, float]] = {}
-        i = 0
-        weight_layers = set()
-        judged = set()
-        for name, ps, _, fan_ins, lrs in snap.mods:
-            dd = math.sqrt(sum(x * x for x in d[i:i + len(ps)]))
-            ww = math.sqrt(sum(x * x for x in w[i:i + len(ps)]))
-            ratios.append((name, dd / ww if ww > 0 else (0.0 if dd == 0 else math.inf)))
-            per_module[name] = _update_stats(ps, d[i:i + len(ps)], lrs, i, lag_l2, lag_top)
-            if any(p.dim() >= 2 for p in ps):
-                weight_layers.add(name)
-            if A.established(ps, w[i:i + len(ps)], fan_ins):
-                judged.add(name)
-            i += len(ps)
+        """The update of the step the snapshot was taken before: its alerts,
+        and the sample it belongs to given its ratios and per-module statistics."""
+        u = self._updates.finish(vals)
         kinds: dict[str, str] = {}
         for j in range(len(self.history) - 1, -1, -1):
-            if self.history[j].step == snap.sample:
+            if self.history[j].step == u.sample:
                 kinds = {layer.name: layer.kind for layer in self.history[j].layers}  # to name Linear #18
                 break
-        out = A.update_alerts(snap.k, ratios, weight_layers, judged, kinds)
+        out = A.update_alerts(u.k, u.ratios, u.weight_layers, u.judged, kinds)
         for j in range(len(self.history) - 1, -1, -1):
-            if self.history[j].step == snap.sample:
+            if self.history[j].step == u.sample:
                 h = self.history[j]
-                self.history[j] = evolve(h, update_ratios=tuple(ratios), layers=_with_update(h.layers, per_module))
+                self.history[j] = evolve(h, update_ratios=tuple(u.ratios), layers=with_update(h.layers, u.per_module))
                 if not h.incomplete:
+                    per_module = u.per_module
                     attr = "update_lr_rms" if any("update_lr_rms" in v for v in per_module.values()) else "update_rms"
                     cur = [(m, v[attr]) for m, v in per_module.items() if attr in v]
-                    before = [x for x in self._complete_history() if x.step < snap.sample]
-                    out += update_spike_alerts(snap.k, cur, before, attr)
+                    before = [x for x in self._complete_history() if x.step < u.sample]
+                    out += update_spike_alerts(u.k, cur, before, attr)
                 break
         return out
 
@@ -988,36 +913,6 @@ class Monitor:
             for layer in h.layers:
                 out.setdefault(layer.name, []).append((h.step, getattr(layer, attr)))
         return out
-
-
-def _update_stats(ps: list[nn.Parameter], d: list[float], lrs: list[float | None], first: int,
-                  lag_l2: dict[int, float], lag_top: dict[int, float]) -> dict[str, float]:
-    """A module's update-phase statistics (:mod:`signalprop.statistics`) from
-    its parameters' update norms ``d``, learning rates and Adam lag norms
-    (by index into the flattened parameter list, from ``first``)."""
-    numel = sum(p.numel() for p in ps)
-    out = {"update_rms": math.sqrt(sum(x * x for x in d) / max(numel, 1))}
-    if all(lr is not None and lr > 0 for lr in lrs):
-        out["update_lr_rms"] = math.sqrt(sum((x / cast(float, lr)) ** 2 for x, lr in zip(d, lrs)) / max(numel, 1))
-    idx = [first + j for j in range(len(ps)) if first + j in lag_l2]
-    if idx:
-        n_lag = sum(ps[i - first].numel() for i in idx)
-        out["adam_lag_rms"] = math.sqrt(sum(lag_l2[i] ** 2 for i in idx) / max(n_lag, 1))
-        out["adam_lag_max"] = max(lag_top[i] for i in idx)
-    return out
-
-
-def _with_update(layers: tuple[Any, ...], per_module: dict[str, dict[str, float]]) -> tuple[Any, ...]:
-    """The sample's rows with each module's update statistics on its first row."""
-    seen: set[str] = set()
-    out = []
-    for layer in layers:
-        vals = per_module.get(layer.name)
-        if vals and layer.name not in seen:
-            layer = evolve(layer, stats={**layer.stats, **vals})
-        seen.add(layer.name)
-        out.append(layer)
-    return tuple(out)
 
 
 def monitor(model: nn.Module, every: int = 50, *, writer: Any = None, agc: float | None = None,

@@ -130,7 +130,8 @@ class RelativeUpdate:
                 continue
             i = 0 if v.dim() == 2 else 1
             views.setdefault(t.device, ([], []))[i].append(v)
-            weights.setdefault(t.device, ([], []))[i].append(torch.full((v.numel(),), math.sqrt(t.numel() / v.numel())))
+            weights.setdefault(t.device, ([], []))[i].append(  # float32 whatever the default dtype: the buffers' too
+                torch.full((v.numel(),), math.sqrt(t.numel() / v.numel()), dtype=torch.float32))
         self._groups = {d: _Group(*views[d], torch.cat(w[0] + w[1]).to(d)) for d, w in weights.items()}
         for g in self._groups.values():
             g.read()

@@ -578,11 +578,10 @@ class Recorder:
         self.precision = precision
         opts = frozenset({"precision"}) if precision else frozenset()
         # the statistics with kernels this pass measures (None: those measured on every pass)
-        self._fk = kernels("forward", opts) if opts else None
-        self._bk = kernels("backward", opts) if opts else None
-        if not headroom:
-            self._fk = [s for s in kernels("forward", opts) if s.name not in HEADROOM]
-            self._bk = [s for s in kernels("backward", opts) if s.name not in HEADROOM]
+        self._opts = opts
+        self._fk: list[Statistic] = []
+        self._bk: list[Statistic] = []
+        self.set_headroom(headroom)
         self._weighed: set[int] = set()  # modules whose weights' formats were counted (precision)
         self._batches = S.Batches(unit_vectors, self._fk) if stats and not exact else None
         self._grad_batches = S.GradBatches(self._batches.done, self._bk) if self._batches is not None else None
@@ -593,6 +592,13 @@ class Recorder:
         self._edge_rows: list[Row] = []
         self._fused_names: set[str] = set()  # MultiheadAttention modules: they measure their own attention
         self.busy = False  # computing a statistic with torch functions inside the forward (not recorded)
+
+    def set_headroom(self, on: bool) -> None:
+        """Measure the largest |value| statistics (``headroom``, see
+        ``__init__``) on the rows still to come, or not: the kernel lists
+        the batches share are changed in place."""
+        self._fk[:] = [s for s in kernels("forward", self._opts) if on or s.name not in HEADROOM]
+        self._bk[:] = [s for s in kernels("backward", self._opts) if on or s.name not in HEADROOM]
 
     def _leaf_info(self, m: nn.Module) -> _Leaf:
         act = _act.from_module(m)
@@ -755,7 +761,7 @@ class Recorder:
             fn = t.grad_fn
             row.wants_grad = True
             how = self.exact or self._grad_batches or False  # the hook holds the batches, not the recorder
-            kw: dict[str, Any] = {} if self._bk is None else {"kernels": self._bk}
+            kw: dict[str, Any] = {"kernels": self._bk}
             if fn is not None and self._capture_left > 0 and S.Batches.fits(t):
                 # the caller's autograd.grad returns this gradient with the parameters' (no Python runs
                 # per row in the backward); the edge is the node that made t, as for the pre-hook below
