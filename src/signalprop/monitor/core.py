@@ -119,11 +119,13 @@ SKIP_ON = ("batch-spike", "loss-spike", "grad-surge", "non-finite")
 MAX_SERIES = 100_000
 
 
-def _low_precision(autocast: list[tuple[str, torch.dtype]], params: Any) -> bool:
-    """Whether a forward computes in a low-precision format: autocast's dtype
-    (``autocast``, as :func:`_autocast_state` reads it) or a parameter's."""
+def _format_of(autocast: list[tuple[str, torch.dtype]], params: Any) -> str | None:
+    """The low-precision format a forward computes in: autocast's dtype
+    (``autocast``, as :func:`_autocast_state` reads it), else a parameter's
+    when one is a low-precision format (float16, bfloat16, FP8); None for
+    float32/float64."""
     dtypes = [d for _, d in autocast] + list({p.dtype for p in params})
-    return any(str(d).removeprefix("torch.") in FORMATS for d in dtypes)
+    return next((n for n in (str(d).removeprefix("torch.") for d in dtypes) if n in FORMATS), None)
 
 
 def _logit_stats(v: list[float]) -> LogitStats:
@@ -380,7 +382,7 @@ class Monitor:
         if self._recording and torch.is_grad_enabled() and self._rec is not None:
             # the largest |value| statistics only where a low-precision format computes (autocast's dtype
             # now, or the parameters'), the only runs whose headroom rules read them
-            self._rec.set_headroom(_low_precision(_autocast_state(), self._param_names))
+            self._rec.set_headroom(_format_of(_autocast_state(), self._param_names) is not None)
             self._mode = self._rec.functional_mode()
             if self._mode is not None:
                 self._mode.__enter__()
@@ -635,8 +637,7 @@ class Monitor:
         one is a low-precision format (float16, bfloat16, FP8); None for
         float32/float64 runs."""
         trained = [c for c in self._calls if c.out_norm is not None][:1] or self._calls[:1]
-        dtypes = [d for c in trained for _, d in c.autocast] + list({p.dtype for p in self._param_names})
-        return next((n for n in (str(d).removeprefix("torch.") for d in dtypes) if n in FORMATS), None)
+        return _format_of([a for c in trained for a in c.autocast], self._param_names)
 
     def _complete_history(self) -> list[MonitorStep]:
         """The samples that carry a verdict: the baseline of the drift rules."""

@@ -107,6 +107,18 @@ def _in_cache(t: torch.Tensor) -> bool:
     return t.numel() >= _DOT_NORM_MIN and dottable(t)
 
 
+def _merged(n: int, hot: list[int], sums: list[torch.Tensor], rest: list[int],
+            tensors: list[torch.Tensor]) -> list[torch.Tensor | Part]:
+    """``n`` norms: the roots of ``sums`` at the indices ``hot`` (sums of
+    squares taken in cache), :func:`norms` of ``tensors[i]`` at the others."""
+    out: list[torch.Tensor | Part | None] = [None] * n
+    for i, norm in zip(rest, norms([tensors[i] for i in rest]) if rest else []):
+        out[i] = norm
+    for i, root in zip(hot, _roots(sums)):
+        out[i] = root
+    return out  # type: ignore[return-value]
+
+
 def copies_and_norms(tensors: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor | Part]]:
     """Copies of ``tensors`` (a DTensor's own shard) and their norms, still on
     their devices.  On the CPU each large copy's sum of squares is taken right
@@ -115,9 +127,9 @@ def copies_and_norms(tensors: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor
     the weights took 11 ms.  Elsewhere :func:`norms` of the copies (one fused
     kernel per device and dtype on a GPU)."""
     copies: list[torch.Tensor] = []
-    out: list[torch.Tensor | Part | None] = [None] * len(tensors)
     hot: list[int] = []
     sums: list[torch.Tensor] = []
+    rest: list[int] = []
     with torch.no_grad():
         for i, t in enumerate(tensors):
             c = local(t.detach()).clone()
@@ -126,13 +138,9 @@ def copies_and_norms(tensors: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor
                 v = c.view(-1)
                 hot.append(i)
                 sums.append(torch.dot(v, v))
-        in_hot = set(hot)
-        rest = [i for i in range(len(tensors)) if i not in in_hot]
-        for i, n in zip(rest, norms([copies[i] for i in rest]) if rest else []):
-            out[i] = n
-    for i, root in zip(hot, _roots(sums)):
-        out[i] = root
-    return copies, out  # type: ignore[return-value]
+            else:
+                rest.append(i)
+        return copies, _merged(len(copies), hot, sums, rest, copies)
 
 
 def difference_norms_(before: list[torch.Tensor], now: Sequence[torch.Tensor]) -> list[torch.Tensor | Part]:
@@ -140,17 +148,13 @@ def difference_norms_(before: list[torch.Tensor], now: Sequence[torch.Tensor]) -
     ``before`` (copies of the caller's own) is overwritten with the
     differences, so no third tensor is made.  On the CPU each large
     difference's sum of squares is taken right after it is formed, while it
-    is in cache (as :func:`copies_and_norms`); elsewhere one fused
-    subtraction and :func:`norms`."""
+    is in cache (as :func:`copies_and_norms`); the others in one fused
+    subtraction and :func:`norms` (all of them on a GPU)."""
     now = [local(t.detach()) for t in now]
+    hot: list[int] = []
+    sums: list[torch.Tensor] = []
+    rest: list[int] = []
     with torch.no_grad():
-        if not any(_in_cache(b) for b in before):
-            torch._foreach_sub_(before, now)
-            return norms(before)
-        out: list[torch.Tensor | Part | None] = [None] * len(before)
-        hot: list[int] = []
-        sums: list[torch.Tensor] = []
-        rest: list[int] = []
         for i, (b, t) in enumerate(zip(before, now)):
             if _in_cache(b) and t.dtype == b.dtype and t.is_contiguous():
                 v = b.sub_(t).view(-1)
@@ -160,11 +164,7 @@ def difference_norms_(before: list[torch.Tensor], now: Sequence[torch.Tensor]) -
                 rest.append(i)
         if rest:
             torch._foreach_sub_([before[i] for i in rest], [now[i] for i in rest])
-            for i, n in zip(rest, norms([before[i] for i in rest])):
-                out[i] = n
-    for i, root in zip(hot, _roots(sums)):
-        out[i] = root
-    return out  # type: ignore[return-value]
+        return _merged(len(before), hot, sums, rest, before)
 
 
 @dataclass

@@ -577,7 +577,7 @@ class Recorder:
         self._scratch = S.Scratch()
         self.precision = precision
         opts = frozenset({"precision"}) if precision else frozenset()
-        # the statistics with kernels this pass measures (None: those measured on every pass)
+        # the statistics with kernels this pass measures (lists the batches share: see set_headroom)
         self._opts = opts
         self._fk: list[Statistic] = []
         self._bk: list[Statistic] = []
