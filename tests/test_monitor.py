@@ -225,6 +225,67 @@ def test_update_ratio_matches_the_sgd_step(every):
         assert got[name] == pytest.approx(v, rel=1e-9)
 
 
+def test_each_samples_update_is_exact_when_its_copy_reuses_the_last_ones_memory():
+    """On the CPU the differences read for one sample are kept and the next
+    sample's copy is made in them: every sample's ratio is still ||lr g|| /
+    ||w|| of its step (plain SGD, float64, to 1e-9), a weight replaced by one
+    of another shape gets a new copy (the kept ones no longer fit), and a
+    closed monitor keeps none."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x = torch.randn(10, 6, dtype=torch.float64)
+    expected, kept = {}, []
+    with sp.monitor(m, every=3) as mon:
+        for step in range(13):
+            if step == 7:  # a wider output layer (a parameter of another shape) before sample 6's copy
+                m[2] = nn.Linear(5, 3).double()
+            opt = torch.optim.SGD(m.parameters(), lr=0.1)
+            loss = m(x).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            if step % 3 == 1:  # the step after a sample: its update is the sample's
+                for name in ("0", "2"):
+                    mod = m.get_submodule(name)
+                    g2 = sum(float((0.1 * p.grad).pow(2).sum()) for p in mod.parameters())
+                    w2 = sum(float(p.detach().pow(2).sum()) for p in mod.parameters())
+                    expected[(step - 1, name)] = math.sqrt(g2 / w2)
+            mon.step(loss)
+            if mon._updates.snapshot is not None:
+                kept.append([c for _, _, cs, _, _ in mon._updates.snapshot.mods for c in cs])
+            opt.step()
+        assert mon._updates._spare is not None
+    assert mon._updates._spare is None  # closed
+    assert len(kept) == 4  # the samples at 0, 3, 6 and 9 (12's update is never taken)
+    same = [all(a is b for a, b in zip(kept[i], kept[i + 1])) for i in range(3)]
+    assert same == [True, False, True]  # the copy at step 7 is of the new output layer: made anew
+    for h in mon.history[:4]:
+        got = dict(h.update_ratios)
+        for name in ("0", "2"):
+            assert got[name] == pytest.approx(expected[(h.step, name)], rel=1e-9), (h.step, name)
+
+
+def test_cpu_gradient_reads_fall_on_the_sampled_steps():
+    """On the CPU the gradient norms are read every few steps; the default
+    interval divides ``every`` when it can (4 to 6), so the sampled steps,
+    which read them anyway, are among the reads."""
+    from signalprop.monitor.core import grad_interval
+
+    assert [grad_interval(e) for e in (1, 4, 7, 10, 12, 18, 25, 30, 50, 100)] == [4, 4, 4, 5, 4, 6, 5, 5, 5, 4]
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2))
+    x = torch.randn(10, 6)
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    with sp.monitor(m, every=10) as mon:
+        for _ in range(21):
+            loss = m(x).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            mon.step(loss)
+            opt.step()
+    assert mon.grad_every == 5
+    assert [k for k, g in zip(mon.steps, mon.grad_norms) if g is not None] == [0, 5, 10, 15, 20]
+
+
 def test_autocast_and_report_outputs(tmp_path):
     m = _net()
     opt = torch.optim.SGD(m.parameters(), lr=0.01)
