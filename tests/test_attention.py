@@ -232,3 +232,52 @@ def test_attention_logit_growth_is_alerted_at_the_crossing_between_samples():
     assert 0 <= alert - crossing <= 3, (crossing, alert)
     sampled = [h.step for h in r["report"].history]
     assert any(s % 10 for s in sampled)  # steps sampled off the regular schedule
+
+
+def _by_hand(q, k, causal, scale, rows):
+    """The statistics from the full logits formed here: q k^T * scale at the
+    given query rows, torch.tril's causal mask, entropy -sum p log p over the
+    keys a row sees over log(that number), rows with one key left out."""
+    q, k = q.double(), k.double()
+    if k.shape[-3] != q.shape[-3]:
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+    tq, tk = q.shape[-2], k.shape[-2]
+    logits = (q @ k.transpose(-1, -2) * scale)[..., rows, :]
+    keep = torch.ones(tq, tk, dtype=torch.bool).tril()[rows] if causal else torch.ones(len(rows), tk, dtype=torch.bool)
+    top = logits.abs()[..., keep].max()
+    p = torch.softmax(logits.masked_fill(~keep, -math.inf), -1)
+    ent = -(p * p.clamp_min(1e-300).log()).sum(-1)  # (..., heads, rows)
+    n = keep.sum(-1).double()
+    per = torch.where(n >= 2, ent / n.clamp_min(2).log(), 0.0)
+    w = (n >= 2).double()
+    per_head = (per * w).reshape(-1, q.shape[-3], len(rows)).sum((0, 2)) / \
+        (w.expand_as(per).reshape(-1, q.shape[-3], len(rows)).sum((0, 2))).clamp_min(1)
+    return float(top), float(per_head.mean()), float(per_head.min())
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sdpa_without_a_mask_matches_logits_formed_by_hand(causal):
+    """SDPA calls without attn_mask take a shorter path (rows, causal mask and
+    keys per row known from the shapes): its three statistics against the
+    full logits formed here in float64, over batch/heads/length draws from a
+    fixed generator, queries longer and shorter than the keys, fewer keys
+    than two, more query rows than are read (QUERY_ROWS), an explicit scale,
+    grouped-query heads and 3-D inputs; to 1e-5 (float32 against float64)."""
+    g = torch.Generator().manual_seed(0)
+    cases = [(1, 4, 8, 8, 4), (2, 2, 7, 13, 2), (1, 3, 1, 1, 3), (2, 4, 150, 150, 2), (1, 2, 70, 5, 1)]
+    cases += [tuple(int(v) for v in torch.randint(1, 40, (5,), generator=g)) for _ in range(8)]
+    for i, (b, h, tq, tk, hk) in enumerate(cases):
+        hk = hk if h % hk == 0 else h
+        q = 3 * torch.randn(b, h, tq, 8, generator=g)
+        k = 3 * torch.randn(b, hk, tk, 8, generator=g)
+        scale = 0.5 if i % 2 else None
+        kw = {"attn_mask": None, "is_causal": causal, "scale": scale}
+        if i == 0:  # no batch dimension
+            q, k = q[0], k[0]
+        got = ATT.from_sdpa((q, k, k), kw)
+        n = min(tq, ATT.QUERY_ROWS)
+        rows = torch.linspace(0, tq - 1, n).round().long().unique()
+        want = _by_hand(q if q.dim() == 4 else q[None], k if k.dim() == 4 else k[None], causal,
+                        scale if scale is not None else 8 ** -0.5, rows)
+        for key, w in zip(("attn_logit_max", "attn_entropy", "attn_entropy_min_head"), want):
+            assert float(got[key]) == pytest.approx(w, rel=1e-5, abs=1e-6), (i, key)

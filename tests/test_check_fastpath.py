@@ -7,12 +7,14 @@ gives: counts exactly, sums to float32 rounding (relative 1e-5: a float32
 dot over 10^4-10^5 entries accumulates ~sqrt(n) * 6e-8), moments of theory
 to 1e-12 (the same nodes, only the summation order differs)."""
 
+import functools
 import gc
 import importlib
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import signalprop as sp
@@ -352,3 +354,67 @@ def test_functional_capture_runs_only_inside_modules_that_call_activations(monke
     assert not torch._C._is_torch_function_mode_enabled()
     torch.randn(2).tanh()  # no recorder's mode left on the stack to see it
     assert not seen or all(stack[:2] == ("", "gated") for stack, _ in seen)
+
+
+def test_the_recorders_own_ops_do_not_pass_through_its_mode(monkeypatch):
+    """While a module that may call an activation as a function runs, torch
+    ops go through the recording mode (a Python call each); the recorder's
+    own ops in a leaf's hook (the row's statistics, ~10 a row) are not the
+    model's and skip it: the mode sees no op while a hook runs, and the
+    model's own ops still reach it (the sigmoid is recorded)."""
+    from signalprop.probe import recorder as R
+
+    inside = [False]
+    during = []
+    orig_tf = R._FunctionalCapture.__torch_function__
+    orig_leaf = R.Recorder._leaf_post
+
+    def spy(self, func, types, args=(), kwargs=None):
+        if inside[0]:
+            during.append(getattr(func, "__name__", str(func)))
+        return orig_tf(self, func, types, args, kwargs)
+
+    def leaf(self, *a, **k):
+        inside[0] = True
+        try:
+            return orig_leaf(self, *a, **k)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(R._FunctionalCapture, "__torch_function__", spy)
+    monkeypatch.setattr(R.Recorder, "_leaf_post", leaf)
+    torch.manual_seed(0)
+    r = sp.check(_Outer(), torch.randn(4, 8))
+    assert [lay.name for lay in r.layers if lay.kind == "F.sigmoid"] == ["gated.sigmoid"]
+    assert "gated.fc" in [lay.name for lay in r.layers]
+    assert during == [], during[:10]
+
+
+class _Stored(nn.Module):
+    """An activation kept as an attribute and called through it: the forward's
+    code names no activation, the attribute does."""
+
+    def __init__(self, act):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.act = act
+
+    def forward(self, x):
+        return self.act(self.fc(x))
+
+
+@pytest.mark.parametrize("act, kind", [(torch.tanh, "F.tanh"), (F.relu, "F.relu"),
+                                       (functools.partial(F.gelu, approximate="tanh"), "F.gelu"),
+                                       (torch.Tensor.sigmoid, "F.sigmoid")])
+def test_an_activation_stored_on_a_module_is_recorded(act, kind):
+    """Builtins (torch.tanh), Python functions (F.relu), partials and
+    tensor methods stored on a module make it a module whose calls are
+    recorded; its other attributes (dicts of parameters and hooks, not even
+    hashable) are passed over."""
+    from signalprop.probe import recorder as R
+
+    torch.manual_seed(0)
+    m = nn.Sequential(_Stored(act), nn.Linear(8, 2))
+    assert R.functional_callers(m) == {m[0]}
+    r = sp.check(m, torch.randn(4, 8))
+    assert [lay.kind for lay in r.layers if lay.name.startswith("0.")] == ["Linear", kind]

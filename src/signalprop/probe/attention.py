@@ -30,6 +30,7 @@ Per call (raw values of the statistics declared in :mod:`signalprop.statistics`)
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -89,8 +90,63 @@ def from_softmax(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, tor
 def from_sdpa(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, torch.Tensor | float] | None:
     """``F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)``:
     the logits of :data:`QUERY_ROWS` query rows, formed from q and k."""
+    if _arg(args, kwargs, 3, "attn_mask", None) is None:
+        return _unmasked_sdpa(args, kwargs)
     got = sdpa_logits(args, kwargs)
     return None if got is None else _stats(*got)
+
+
+@functools.lru_cache(maxsize=64)
+def _query_layout(tq: int, tk: int, causal: bool, device: torch.device,
+                  ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, int]:
+    """For an SDPA call without ``attn_mask``: the query rows read (None: all
+    of them), the entries the causal mask drops (None: no mask), each row's
+    weight 1 / log(keys it sees) (0 for a row with fewer than two keys; None
+    when every row sees all ``tk``) and how many rows have two keys or more.
+    Made once per shape: a two-layer model at 8 tokens spent more on making
+    them than on the logits."""
+    n = min(tq, QUERY_ROWS)
+    rows = torch.linspace(0, tq - 1, n, device=device).round().long().unique() if n < tq else None
+    if not causal:
+        return rows, None, None, (rows.numel() if rows is not None else tq) if tk >= 2 else 0
+    at = rows if rows is not None else torch.arange(tq, device=device)
+    drop = at[:, None] < torch.arange(tk, device=device)[None, :]  # torch's causal mask: query i sees keys 0..i
+    keys = (at + 1).clamp(max=tk).double()
+    weight = torch.where(keys >= 2, 1.0 / keys.clamp_min(2.0).log(), 0.0).float()  # the logits' dtype
+    return rows, drop, weight, int((keys >= 2).sum())
+
+
+def _unmasked_sdpa(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, torch.Tensor | float] | None:
+    """:func:`_stats` of an SDPA call without ``attn_mask`` (causal or not),
+    in a third of its ops: the rows, the causal mask and each row's number of
+    keys are known from the shapes (:func:`_query_layout`), so no row can be
+    without a key and nothing is masked out of the entropy's sums."""
+    q, k = _arg(args, kwargs, 0, "query", None), _arg(args, kwargs, 1, "key", None)
+    if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)) or q.dim() < 3 or q.dim() != k.dim():
+        return None
+    causal = bool(_arg(args, kwargs, 5, "is_causal", False))
+    scale = _arg(args, kwargs, 6, "scale", None)
+    if q.dim() == 3:
+        q, k = q.unsqueeze(0), k.unsqueeze(0)
+    tq, tk, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    rows, drop, weight, valid = _query_layout(tq, tk, causal, q.device)
+    qs = q.detach() if rows is None else q.detach().index_select(-2, rows)
+    kf = k.detach().float()
+    if kf.shape[-3] != qs.shape[-3]:  # grouped-query attention
+        kf = kf.repeat_interleave(qs.shape[-3] // kf.shape[-3], dim=-3)
+    logits = (qs.float() @ kf.transpose(-1, -2)) * (scale if scale is not None else 1.0 / math.sqrt(d))
+    heads, nq = logits.shape[-3], logits.shape[-2]
+    groups = logits.numel() // (heads * nq * tk)  # batch entries (and any leading dimensions)
+    if drop is None or weight is None:
+        top = logits.abs().amax()
+        ent = torch.special.entr(torch.softmax(logits, dim=-1)).sum(-1)  # (..., heads, queries)
+        per_head = ent.reshape(-1, heads, nq).sum((0, 2)) * (1.0 / (math.log(tk) * groups * valid) if valid else 0.0)
+    else:
+        top = logits.abs().masked_fill_(drop, 0.0).amax()
+        p = torch.softmax(logits.masked_fill(drop, -math.inf), dim=-1)  # every row sees key 0
+        ent = torch.special.entr(p).sum(-1) * weight
+        per_head = ent.reshape(-1, heads, nq).sum((0, 2)) * (1.0 / (groups * valid) if valid else 0.0)
+    return {"attn_logit_max": top, "attn_entropy": per_head.mean(), "attn_entropy_min_head": per_head.min()}
 
 
 def sdpa_logits(args: tuple[Any, ...], kwargs: dict[str, Any],

@@ -264,6 +264,22 @@ def _unwrapped(f: Any) -> Any:
         return f
 
 
+_CLASS_CALLS: dict[tuple[type, Any], bool] = {}  # per class and its forward (replaced: asked again)
+
+
+def _class_calls_activation(cls: type) -> bool:
+    """Whether ``cls.forward`` (or a method or helper it calls) may call an
+    activation as a function; forwards without Python code count as calling one."""
+    key = (cls, cls.forward)  # type: ignore[attr-defined]
+    hit = _CLASS_CALLS.get(key)
+    if hit is None:
+        f = _unwrapped(key[1])  # the function a decorator (HF's kernel hub, say) wraps
+        fwd = getattr(f, "__code__", None)
+        hit = _CLASS_CALLS[key] = fwd is None or _code_calls_activation(fwd, f.__globals__) or \
+            _method_calls_activation(cls, fwd)
+    return hit
+
+
 def functional_callers(model: nn.Module, leaves: list[nn.Module] | None = None,
                        named: list[tuple[str, nn.Module]] | None = None) -> set[nn.Module]:
     """The non-leaf modules whose ``forward`` may call an activation or an
@@ -281,20 +297,17 @@ def functional_callers(model: nn.Module, leaves: list[nn.Module] | None = None,
     for _, m in named if named is not None else model.named_modules():
         if id(m) in leaf_ids:
             continue
-        f = _unwrapped(type(m).forward)  # the function a decorator (HF's kernel hub, say) wraps
-        fwd = getattr(f, "__code__", None)
-        if fwd is None or _code_calls_activation(fwd, f.__globals__) or \
-                _method_calls_activation(type(m), fwd):
+        if _class_calls_activation(type(m)):
             out.add(m)
             continue
         for v in vars(m).values():
             target = v.func if isinstance(v, functools.partial) else v
-            try:
-                if target in fns:
-                    out.add(m)
-                    break
-            except TypeError:  # unhashable attribute
-                continue
+            # only a function can be one (a module's dicts of parameters and hooks are not even hashable:
+            # asking raised a TypeError each, 0.1 ms a call on a 40-module model)
+            if isinstance(target, (types.FunctionType, types.BuiltinFunctionType, types.MethodDescriptorType)) \
+                    and target in fns:
+                out.add(m)
+                break
     return out
 
 
@@ -342,6 +355,21 @@ class _ScopedCapture:
             self.depth -= 1
             if not self.depth:
                 self.mode.__exit__(None, None, None)
+
+    def lift(self) -> bool:
+        """Take the recording mode off the top of torch's mode stack while
+        the recorder's own hook runs (its ~10 tensor calls a row would each
+        pass through the mode: ~240 Python calls per check of a two-layer HF
+        model); False where the mode is not on top (a mode the user entered
+        inside the forward stays as it is)."""
+        n = torch._C._len_torch_function_stack()
+        if not self.depth or not n or torch._C._get_function_stack_at(n - 1) is not self.mode:
+            return False
+        torch._C._pop_torch_function_stack()
+        return True
+
+    def restore(self) -> None:
+        torch._C._push_on_torch_function_stack(self.mode)
 
 
 class _FunctionalCapture(TorchFunctionMode):
@@ -625,6 +653,12 @@ class Recorder:
         if info is None:
             return None
         self.leaf_depth -= 1
+        scope = self._scope
+        if scope is not None and scope.lift():
+            try:
+                return self._leaf_post(m, args, out, info)
+            finally:
+                scope.restore()
         return self._leaf_post(m, args, out, info)
 
     # global hooks: every module of the process calls them, this model's only are recorded
