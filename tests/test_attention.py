@@ -281,3 +281,20 @@ def test_sdpa_without_a_mask_matches_logits_formed_by_hand(causal):
                         scale if scale is not None else 8 ** -0.5, rows)
         for key, w in zip(("attn_logit_max", "attn_entropy", "attn_entropy_min_head"), want):
             assert float(got[key]) == pytest.approx(w, rel=1e-5, abs=1e-6), (i, key)
+
+
+def test_sdpa_without_a_mask_reads_an_infinite_logit_as_the_general_path_does():
+    """A row with an infinite logit has no attention distribution: both paths
+    count its entropy as 0 (the general path zeroes NaN probabilities), and
+    the largest logit is inf in both."""
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(2, 3, 6, 4, generator=g), torch.randn(2, 3, 6, 4, generator=g)
+    q[0, 1, 2, 0] = math.inf
+    for causal in (False, True):
+        kw = {"attn_mask": None, "is_causal": causal}
+        fast = ATT.from_sdpa((q, k, k), kw)
+        general = ATT._stats(*ATT.sdpa_logits((q, k, k), kw))
+        for key in ("attn_entropy", "attn_entropy_min_head"):
+            assert math.isfinite(float(fast[key]))
+            assert float(fast[key]) == pytest.approx(float(general[key]), rel=1e-6), (causal, key)
+        assert float(fast["attn_logit_max"]) == float(general["attn_logit_max"]) == math.inf

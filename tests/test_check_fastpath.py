@@ -418,3 +418,58 @@ def test_an_activation_stored_on_a_module_is_recorded(act, kind):
     assert R.functional_callers(m) == {m[0]}
     r = sp.check(m, torch.randn(4, 8))
     assert [lay.kind for lay in r.layers if lay.name.startswith("0.")] == ["Linear", kind]
+
+
+class _PartialForward(nn.Module):
+    """A forward that is a new object at each access (functools.partialmethod)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def _fwd(self, x, scale):
+        return torch.tanh(self.fc(x)) * scale
+
+    forward = functools.partialmethod(_fwd, scale=1.0)
+
+
+class _UnhashableForward:
+    __hash__ = None  # a callable dataclass instance, say
+
+    def __eq__(self, other):
+        return self is other
+
+    def __get__(self, obj, cls):
+        return self if obj is None else (lambda x: torch.tanh(obj.fc(x)))
+
+
+class _OddForward(nn.Module):
+    forward = _UnhashableForward()
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+
+def test_the_per_class_answer_is_kept_once_per_class():
+    """Whether a class's forward may call an activation is asked once per
+    class and kept while the class lives: a forward made anew at each access
+    (partialmethod) replaces its entry rather than adding one per check, an
+    unhashable forward attribute is asked without failing, and a class let
+    go (torch.fx makes one per traced module) takes its entry with it."""
+    from signalprop.probe import recorder as R
+
+    x = torch.randn(4, 8)
+    for cls in (_PartialForward, _OddForward):
+        for _ in range(5):
+            r = sp.check(nn.Sequential(cls(), nn.Linear(8, 2)), x)
+        assert [lay.kind for lay in r.layers][:2] == ["Linear", "F.tanh"], cls
+        assert sum(1 for c in list(R._CLASS_CALLS.keys()) if c is cls) == 1
+    traced = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(8, 8), nn.Tanh()))
+    sp.check(nn.Sequential(traced, nn.Linear(8, 2)), x)
+    gm_class = type(traced)
+    assert gm_class in R._CLASS_CALLS
+    n = len(R._CLASS_CALLS)
+    del traced, gm_class
+    gc.collect()
+    assert len(R._CLASS_CALLS) == n - 1

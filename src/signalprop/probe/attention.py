@@ -96,14 +96,24 @@ def from_sdpa(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, torch.
     return None if got is None else _stats(*got)
 
 
-@functools.lru_cache(maxsize=64)
+_LAYOUT_CACHED = 1 << 18  # causal masks of at most this many entries (256 KB) are kept, 16 shapes at most
+
+
 def _query_layout(tq: int, tk: int, causal: bool, device: torch.device,
                   ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, int]:
+    """:func:`_layout`, kept for shapes whose mask is small (a long context's
+    would hold up to 64 x keys entries on its device for the process's life)."""
+    small = not causal or min(tq, QUERY_ROWS) * tk <= _LAYOUT_CACHED
+    return _cached_layout(tq, tk, causal, device) if small else _layout(tq, tk, causal, device)
+
+
+def _layout(tq: int, tk: int, causal: bool, device: torch.device,
+            ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, int]:
     """For an SDPA call without ``attn_mask``: the query rows read (None: all
     of them), the entries the causal mask drops (None: no mask), each row's
     weight 1 / log(keys it sees) (0 for a row with fewer than two keys; None
     when every row sees all ``tk``) and how many rows have two keys or more.
-    Made once per shape: a two-layer model at 8 tokens spent more on making
+    Kept per shape where small (:func:`_query_layout`): a two-layer model at 8 tokens spent more on making
     them than on the logits."""
     n = min(tq, QUERY_ROWS)
     rows = torch.linspace(0, tq - 1, n, device=device).round().long().unique() if n < tq else None
@@ -114,6 +124,9 @@ def _query_layout(tq: int, tk: int, causal: bool, device: torch.device,
     keys = (at + 1).clamp(max=tk).double()
     weight = torch.where(keys >= 2, 1.0 / keys.clamp_min(2.0).log(), 0.0).float()  # the logits' dtype
     return rows, drop, weight, int((keys >= 2).sum())
+
+
+_cached_layout = functools.lru_cache(maxsize=16)(_layout)
 
 
 def _unmasked_sdpa(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, torch.Tensor | float] | None:
@@ -129,6 +142,8 @@ def _unmasked_sdpa(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, t
     if q.dim() == 3:
         q, k = q.unsqueeze(0), k.unsqueeze(0)
     tq, tk, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    if not (tq and tk and q.numel()):  # no query or no key: no logit
+        return None
     rows, drop, weight, valid = _query_layout(tq, tk, causal, q.device)
     qs = q.detach() if rows is None else q.detach().index_select(-2, rows)
     kf = k.detach().float()
@@ -139,11 +154,12 @@ def _unmasked_sdpa(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, t
     groups = logits.numel() // (heads * nq * tk)  # batch entries (and any leading dimensions)
     if drop is None or weight is None:
         top = logits.abs().amax()
-        ent = torch.special.entr(torch.softmax(logits, dim=-1)).sum(-1)  # (..., heads, queries)
+        # a row with an infinite logit has no distribution (NaN): 0, as in _stats
+        ent = torch.special.entr(torch.softmax(logits, dim=-1).nan_to_num_(0.0)).sum(-1)  # (..., heads, queries)
         per_head = ent.reshape(-1, heads, nq).sum((0, 2)) * (1.0 / (math.log(tk) * groups * valid) if valid else 0.0)
     else:
         top = logits.abs().masked_fill_(drop, 0.0).amax()
-        p = torch.softmax(logits.masked_fill(drop, -math.inf), dim=-1)  # every row sees key 0
+        p = torch.softmax(logits.masked_fill(drop, -math.inf), dim=-1).nan_to_num_(0.0)  # as in _stats
         ent = torch.special.entr(p).sum(-1) * weight
         per_head = ent.reshape(-1, heads, nq).sum((0, 2)) * (1.0 / (groups * valid) if valid else 0.0)
     return {"attn_logit_max": top, "attn_entropy": per_head.mean(), "attn_entropy_min_head": per_head.min()}

@@ -231,16 +231,20 @@ def _code_calls_activation(code: types.CodeType, glb: dict[str, Any], depth: int
     return hit
 
 
-_METHOD_CALLS: dict[tuple[type, types.CodeType, int], bool] = {}
+# per class (held weakly: a class let go takes its answers with it), by code object and depth
+_METHOD_CALLS: weakref.WeakKeyDictionary[type, dict[tuple[types.CodeType, int], bool]] = weakref.WeakKeyDictionary()
 
 
 def _method_calls_activation(cls: type, code: types.CodeType, depth: int = 0) -> bool:
     """Whether a method of ``cls`` that ``code`` names (``self.extract_key_value(...)``,
     HF RWKV) may call an activation as a function, two levels down."""
-    key = (cls, code, depth)
-    hit = _METHOD_CALLS.get(key)
+    try:
+        known = _METHOD_CALLS.setdefault(cls, {})
+    except TypeError:  # a class that cannot be weakly referenced: asked each time
+        known = {}
+    hit = known.get((code, depth))
     if hit is None:
-        hit = _METHOD_CALLS[key] = _scan_methods(cls, code, depth)
+        hit = known[(code, depth)] = _scan_methods(cls, code, depth)
     return hit
 
 
@@ -258,25 +262,35 @@ def _scan_methods(cls: type, code: types.CodeType, depth: int) -> bool:
 
 
 def _unwrapped(f: Any) -> Any:
+    # functools.partialmethod: the function it binds (``_partialmethod`` before Python 3.13)
+    pm = getattr(f, "__partialmethod__", None) or getattr(f, "_partialmethod", None)
+    if pm is not None and callable(getattr(pm, "func", None)):
+        f = pm.func
     try:
         return inspect.unwrap(f)
     except ValueError:  # a __wrapped__ cycle
         return f
 
 
-_CLASS_CALLS: dict[tuple[type, Any], bool] = {}  # per class and its forward (replaced: asked again)
+# per class: its forward when asked (weakly) and the answer; a class let go takes its entry with it (torch.fx
+# makes a class per traced module), a forward replaced or made anew at each access is asked again
+_CLASS_CALLS: weakref.WeakKeyDictionary[type, tuple[weakref.ref[Any], bool]] = weakref.WeakKeyDictionary()
 
 
 def _class_calls_activation(cls: type) -> bool:
     """Whether ``cls.forward`` (or a method or helper it calls) may call an
     activation as a function; forwards without Python code count as calling one."""
-    key = (cls, cls.forward)  # type: ignore[attr-defined]
-    hit = _CLASS_CALLS.get(key)
-    if hit is None:
-        f = _unwrapped(key[1])  # the function a decorator (HF's kernel hub, say) wraps
-        fwd = getattr(f, "__code__", None)
-        hit = _CLASS_CALLS[key] = fwd is None or _code_calls_activation(fwd, f.__globals__) or \
-            _method_calls_activation(cls, fwd)
+    forward = cls.forward  # type: ignore[attr-defined]
+    known = _CLASS_CALLS.get(cls)
+    if known is not None and known[0]() is forward:
+        return known[1]
+    f = _unwrapped(forward)  # the function a decorator (HF's kernel hub, say) wraps
+    fwd = getattr(f, "__code__", None)
+    hit = fwd is None or _code_calls_activation(fwd, f.__globals__) or _method_calls_activation(cls, fwd)
+    try:
+        _CLASS_CALLS[cls] = (weakref.ref(forward), hit)
+    except TypeError:  # a class or a forward that cannot be weakly referenced: asked each time
+        pass
     return hit
 
 
