@@ -151,6 +151,66 @@ def test_a_forward_abandoned_before_its_backward_does_not_become_the_sample():
     assert all(layer.grad_rms is not None for h in mon.history for layer in h.layers)
 
 
+class GeluBlock(nn.Module):
+    """Calls its activation as a function (the monitor records it through a
+    TorchFunctionMode while this module runs) and can raise halfway."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+        self.fail = False
+
+    def forward(self, x):
+        h = F.gelu(self.fc(x))
+        if self.fail:
+            raise RuntimeError("out of memory (simulated)")
+        return self.head(h)
+
+
+@pytest.mark.parametrize("how", ["raises", "abandoned"])
+def test_a_forward_that_raises_leaves_no_recording_mode_behind(how):
+    """A sampled forward that raises inside a module whose functional calls
+    are recorded (an out-of-memory error the loop catches, say), or one whose
+    backward never comes: the recording mode is gone as the forward ends, so
+    what the loop runs before its next forward (here a functional tanh) goes
+    through no mode and is not taken for a row of the sample; the retried
+    forward is sampled whole, the root's own functional calls included (the
+    recorder is attached anew inside the root's call), and training is
+    unchanged."""
+    def run(mon=None):
+        torch.manual_seed(0)
+        m = GeluBlock()
+        opt = torch.optim.SGD(m.parameters(), lr=0.05)
+        ctx = sp.monitor(m, every=1) if mon else None
+        with ctx if ctx is not None else warnings.catch_warnings():
+            for k in range(3):
+                m.fail = k == 1 and how == "raises"
+                x, y = _data(k)
+                try:
+                    if k == 1 and how == "abandoned":
+                        m(x)
+                        raise RuntimeError("the loss failed")
+                    loss = F.cross_entropy(m(x), y)
+                except RuntimeError:
+                    assert not torch._C._is_torch_function_mode_enabled()
+                    torch.tanh(x)  # the loop's own code between the error and the next forward
+                    m.fail = False
+                    loss = F.cross_entropy(m(x), y)
+                opt.zero_grad()
+                loss.backward()
+                if ctx is not None:
+                    ctx.step(loss)
+                opt.step()
+        return m, ctx
+
+    plain, _ = run()
+    watched, mon = run(True)
+    _same(plain, watched)
+    assert [[lay.name for lay in h.layers] for h in mon.history] == [["fc", "gelu", "head"]] * 3
+    assert all(lay.grad_rms is not None for h in mon.history for lay in h.layers)
+
+
 class Checkpointed(nn.Module):
     def __init__(self, reentrant):
         super().__init__()

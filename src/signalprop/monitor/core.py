@@ -268,8 +268,11 @@ class Monitor:
         self._cuda_devices: list[int] = []
         self._param_names = {p: n for n, p in model.named_parameters()}
         self._owner = {p: mn for mn, m in model.named_modules() for p in m.parameters(recurse=False)}
+        # the post-hook also when the forward raises (always_call): the recording mode a sample entered for
+        # the forward is left there, not at the next forward or step, so code the loop runs after catching the
+        # error goes through no mode and records nothing
         self._handles = [model.register_forward_pre_hook(self._root_pre, with_kwargs=True),
-                         model.register_forward_hook(self._root_post)]
+                         model.register_forward_hook(self._root_post, always_call=True)]
         # a non-finite step's replay files (monitor.dump): written once, at the first NaN/Inf
         self._dump_dir = dump_on_nonfinite
         self._dump_optimizer = optimizer if optimizer is not None else skip
@@ -370,7 +373,7 @@ class Monitor:
             # the root's post-hook after the recorder's: a bare module is itself a row, and the recorder
             # must measure its output before the monitor detaches it (hooks run in the order registered)
             self._handles[1].remove()
-            self._handles[1] = self.model.register_forward_hook(self._root_post)
+            self._handles[1] = self.model.register_forward_hook(self._root_post, always_call=True)
 
     def _root_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self._replaying:
@@ -387,6 +390,8 @@ class Monitor:
             # the forward recorded so far fed no backward (an evaluation pass with gradients on, a forward
             # abandoned before its backward): measure this one instead -- the sample is of the pass that trains
             self._arm()
+            if self._rec is not None:  # attached inside the root's call: the root has entered already
+                self._rec.entered(self.model, args)
         self._exit_mode()  # one a forward that raised left behind
         if self._recording and torch.is_grad_enabled() and self._rec is not None:
             # the largest |value| statistics only where a low-precision format computes (autocast's dtype

@@ -675,6 +675,14 @@ class Recorder:
                 scope.restore()
         return self._leaf_post(m, args, out, info)
 
+    def entered(self, m: nn.Module, args: Any) -> None:
+        """``m``'s forward had started when the recorder was attached (the
+        monitor re-arming inside the root's pre-hook, after a forward that fed
+        no backward): taken as entered, as its pre-hook would have, so that
+        its functional calls are recorded and its return pops it."""
+        if self.capture_functional and m in self._names:
+            self._pre(m, args)
+
     # global hooks: every module of the process calls them, this model's only are recorded
     def _pre_any(self, m: nn.Module, args: Any) -> None:
         if m in self._names:
