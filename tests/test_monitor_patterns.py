@@ -432,3 +432,31 @@ def test_overflow_risk_is_alerted_for_a_float16_run_near_its_limit():
             mon.step(loss)
         kinds = [(a.kind, a.layer) for a in mon.alerts]
         assert (("overflow-risk", "0") in kinds) == alerted, kinds
+
+
+@pytest.mark.parametrize("keep", ["loss", "output"])
+def test_a_kept_loss_does_not_keep_the_model_alive_after_close(keep):
+    """The last sampled step's gradient hooks stay on its graph, which lives as
+    long as the caller keeps the loss (or the output) of that step.  After
+    close() those hooks hold a row's numbers only: the model and its modules
+    go when the caller lets them go, the kept tensor notwithstanding."""
+    import gc
+    import weakref
+
+    model = EncHead()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    mon = sp.monitor(model, every=1)
+    x, y = _data(0)
+    out = model(x)
+    loss = F.cross_entropy(out, y)
+    loss.backward()
+    mon.step(loss)
+    opt.step()
+    assert mon.history and not mon.history[-1].incomplete  # the step was sampled, its hooks ran
+    mon.close()
+    kept = loss if keep == "loss" else out
+    refs = [weakref.ref(m) for m in model.modules()]
+    del model, opt, out, loss
+    gc.collect()
+    assert all(r() is None for r in refs), [type(r()).__name__ for r in refs if r() is not None]
+    assert kept.grad_fn is not None  # the graph itself is still there

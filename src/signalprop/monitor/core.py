@@ -324,6 +324,7 @@ class Monitor:
                 self._warn("the last histograms were not written", e)
         if self._rec is not None:
             self._rec.detach()
+            self._rec.release()
         self._rec = None
         self._calls.clear()
         self._updates.close()  # the copy of the weights and the trained modules it had found
@@ -510,6 +511,7 @@ class Monitor:
         self._logits = None
         if self._rec is not None:
             self._rec.detach()
+            self._rec.release()
         self._rec = None
         self._recording = False
         self._calls = []

@@ -916,6 +916,18 @@ class Recorder:
             with torch.no_grad():
                 self._batches.flush()
 
+    def release(self) -> None:
+        """Drop what the rows hold of the model once the pass has been read: a
+        gradient hook left on a graph the caller keeps (the last loss tensor)
+        then holds a row's numbers only, not its module or the tensors it
+        saw."""
+        for r in self.rows:
+            r.module = None
+            r.output = None
+            r.inputs = []
+            r.inputs_finite = []
+        self.alive.clear()
+
     def captured(self, grads: Sequence[torch.Tensor | None]) -> None:
         """Take the gradients of :attr:`edges`, in order, as the backward
         returned them (None where none reached the row), into the gradient
