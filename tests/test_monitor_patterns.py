@@ -460,3 +460,37 @@ def test_a_kept_loss_does_not_keep_the_model_alive_after_close(keep):
     gc.collect()
     assert all(r() is None for r in refs), [type(r()).__name__ for r in refs if r() is not None]
     assert kept.grad_fn is not None  # the graph itself is still there
+
+
+class AutocastInside(nn.Module):
+    """A model that enters float16 autocast in its own forward (as some
+    mixed-precision code does), so nothing around the call says float16."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 3))
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.float16):
+            return self.net(x).float()
+
+
+def test_overflow_risk_is_alerted_under_autocast_entered_inside_forward():
+    """Weights and input in float32, the float16 computed inside forward:
+    the first layer's output within 16x of 65504 (weights x3000, as the test
+    above) is named; the same model without the scaling gets no such alert."""
+    for scale, alerted in ((3000.0, True), (1.0, False)):
+        torch.manual_seed(0)
+        m = AutocastInside()
+        with torch.no_grad():
+            m.net[0].weight.mul_(scale)
+        x = torch.randn(16, 8)
+        with sp.monitor(m, every=1) as mon:
+            for _ in range(2):
+                loss = m(x).square().mean()
+                loss.backward()
+                mon.step(loss)
+                m.zero_grad()
+        kinds = [(a.kind, a.layer) for a in mon.alerts]
+        assert (("overflow-risk", "net.0") in kinds) == alerted, kinds
+        assert mon.history[-1].layers[0].stats.get("forward_absmax") is not None

@@ -245,6 +245,7 @@ class Monitor:
         self._step = 0
         self._dense_until = -1  # every step up to this one is sampled (a low-precision run closing in on its range)
         self._sampled_out_absmax: float | None = None  # the output's largest |entry| at the last sample
+        self._low_format: str | None = None  # the format a sample's rows computed in under autocast entered inside forward
         self.skipped: list[int] = []  # steps whose optimizer step was skipped (skip=)
         self._skip_now = False
         self._skip_opt: Any = None
@@ -397,7 +398,8 @@ class Monitor:
         if self._recording and torch.is_grad_enabled() and self._rec is not None:
             # the largest |value| statistics only where a low-precision format computes (autocast's dtype
             # now, or the parameters'), the only runs whose headroom rules read them
-            self._rec.set_headroom(_format_of(_autocast_state(), self._param_names) is not None)
+            self._rec.set_headroom(self._low_format is not None
+                                   or _format_of(_autocast_state(), self._param_names) is not None)
             self._mode = self._rec.functional_mode()
             if self._mode is not None:
                 self._mode.__enter__()
@@ -650,10 +652,15 @@ class Monitor:
         """The low-precision format the sampled step computed in: autocast's
         dtype at its first forward that fed the backward (read when it ran;
         the first forward when none is known to), else the parameters' when
-        one is a low-precision format (float16, bfloat16, FP8); None for
+        one is a low-precision format (float16, bfloat16, FP8), else the
+        format a sample's rows put out (autocast entered inside the model's
+        own forward, which the call's state does not show); None for
         float32/float64 runs."""
         trained = [c for c in self._calls if c.out_norm is not None][:1] or self._calls[:1]
-        return _format_of([a for c in trained for a in c.autocast], self._param_names)
+        found = _format_of([a for c in trained for a in c.autocast], self._param_names)
+        if found is None and self._rec is not None and self._rec.low_format is not None:
+            self._low_format = self._rec.low_format  # autocast entered inside the model's forward
+        return found or self._low_format
 
     def _complete_history(self) -> list[MonitorStep]:
         """The samples that carry a verdict: the baseline of the drift rules."""

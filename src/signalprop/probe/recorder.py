@@ -27,6 +27,7 @@ from torch.overrides import TorchFunctionMode
 
 from .. import activations as _act
 from ..layers import feature_dim
+from ..records import FORMATS
 from ..statistics import HEADROOM, Statistic, kernels
 from . import attention
 from . import stats as S
@@ -131,6 +132,9 @@ class Row:
     dst: int = 0
     wants_grad: bool = False  # the output required grad when the call ran (a gradient hook is on it)
 
+
+# torch's dtypes of the low-precision formats (float16, bfloat16, FP8)
+_LOW_DTYPES = frozenset(getattr(torch, n) for n in FORMATS if isinstance(getattr(torch, n, None), torch.dtype))
 
 # Modules that compute their children functionally (MultiheadAttention never
 # calls its out_proj as a module): recorded as one row, their children not.
@@ -624,6 +628,9 @@ class Recorder:
         self._fk: list[Statistic] = []
         self._bk: list[Statistic] = []
         self.set_headroom(headroom)
+        # the first low-precision format a row's output was in (FORMATS' name): a forward that enters
+        # autocast inside itself computes in it although nothing said so when the pass began
+        self.low_format: str | None = None
         self._weighed: set[int] = set()  # modules whose weights' formats were counted (precision)
         self._batches = S.Batches(unit_vectors, self._fk) if stats and not exact else None
         self._grad_batches = S.GradBatches(self._batches.done, self._bk) if self._batches is not None else None
@@ -639,8 +646,17 @@ class Recorder:
         """Measure the largest |value| statistics (``headroom``, see
         ``__init__``) on the rows still to come, or not: the kernel lists
         the batches share are changed in place."""
+        self.headroom = on
         self._fk[:] = [s for s in kernels("forward", self._opts) if on or s.name not in HEADROOM]
         self._bk[:] = [s for s in kernels("backward", self._opts) if on or s.name not in HEADROOM]
+
+    def _low_precision(self, t: torch.Tensor) -> None:
+        """``t`` is in a low-precision format: remember which, and measure the
+        headroom statistics from this row on if the pass had left them out."""
+        if self.low_format is None:
+            self.low_format = str(t.dtype).removeprefix("torch.")
+        if not self.headroom:
+            self.set_headroom(True)
 
     def _leaf_info(self, m: nn.Module) -> _Leaf:
         act = _act.from_module(m)
@@ -784,6 +800,8 @@ class Recorder:
                  nonnegative: bool, args: Any) -> None:
         # no graph is recorded for the statistics, so no detach() copy of the handle is needed
         # (grad mode switched directly: torch.no_grad() costs more than the reductions on small rows)
+        if t.dtype in _LOW_DTYPES:
+            self._low_precision(t)
         prev = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
         try:
