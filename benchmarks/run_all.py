@@ -12,7 +12,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 BENCHES = ["bench_init", "bench_theory", "bench_check", "bench_lsuv", "bench_monitor", "bench_early_warning",
-           "lab_depth_quick", "bench_coord", "bench_html"]
+           "lab_depth_quick", "bench_coord", "bench_html", "bench_stability"]
 
 
 def main() -> None:
