@@ -25,29 +25,21 @@ def _net():
                          nn.LayerNorm(10))
 
 
-def _embedding_net():
-    return nn.Sequential(nn.Embedding(1000, 64), nn.Flatten(), nn.Linear(64 * 8, 256), nn.ReLU(), nn.Linear(256, 10))
-
-
-@pytest.mark.parametrize("model", ["mlp", "embedding"])
 @pytest.mark.parametrize("opt_name", ["sgd", "adam"])
-def test_estimate_agrees_with_the_exact_relative_update(opt_name, model):
-    """Within 5% of the exact ratio on every step (the worst step of 25 over 8
-    seeds, measured: 2.0% / 2.3% on the MLP under SGD / Adam, 3.1% / 2.8% on
-    the embedding model, whose rows of unseen tokens move under momentum
-    only).  The large matrices here have more than PER_TENSOR entries, so
-    they are sampled."""
+def test_estimate_agrees_with_the_exact_relative_update(opt_name):
+    """Within 5% of the exact ratio on every step (measured: 0.9% under SGD,
+    3.1% under Adam, whose per-entry steps vary more between rows).  The
+    weight matrices here are larger than PER_TENSOR, so they are sampled."""
     torch.manual_seed(0)
-    m = _net() if model == "mlp" else _embedding_net()
-    assert sum(p.numel() > PER_TENSOR for p in m.parameters()) >= 2  # the large matrices are sampled
+    m = _net()
+    assert m[2].weight.numel() > PER_TENSOR
     opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) if opt_name == "sgd" else \
         torch.optim.Adam(m.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(1)
     exact, prev = [], None
     with sp.monitor(m, every=10) as mon:
         for _ in range(25):
-            x = torch.randn(64, 300, generator=g) if model == "mlp" else torch.randint(0, 1000, (64, 8), generator=g)
-            y = torch.randint(0, 10, (64,), generator=g)
+            x, y = torch.randn(64, 300, generator=g), torch.randint(0, 10, (64,), generator=g)
             loss = F.cross_entropy(m(x), y)
             opt.zero_grad()
             loss.backward()
@@ -61,25 +53,6 @@ def test_estimate_agrees_with_the_exact_relative_update(opt_name, model):
     for t in range(1, 25):
         assert abs(est[t] / exact[t] - 1) < 0.05, (t, est[t], exact[t])
     assert mon.report().relative_updates == tuple(est)
-
-
-@pytest.mark.parametrize("shape", [(512, 512), (256, 256), (4096, 1024), (1024, 300), (10, 512), (1000, 64)])
-def test_the_runs_spread_over_the_columns_and_the_tensor(shape):
-    """The sampled runs land at many column offsets of a row (evenly spaced
-    runs of a power-of-two matrix all start at column 0: one offset), cover
-    distinct entries, and span at least 90% of the tensor (the spacing gives
-    up at most 1/16 of the even spacing's width: the last rows are read
-    too)."""
-    from signalprop.monitor.relative_update import CHUNKS, RUN, _view
-
-    t = torch.arange(math.prod(shape), dtype=torch.float32).reshape(shape)
-    v = _view(t)
-    assert v is not None and v.shape == (CHUNKS, RUN)
-    starts = v[:, 0].long()
-    assert len(set(starts.tolist())) == CHUNKS and v.flatten().unique().numel() == CHUNKS * RUN
-    offsets = {int(s) % shape[-1] // RUN for s in starts}  # the RUN-wide column block each run starts in
-    assert len(offsets) >= min(CHUNKS, shape[-1] // RUN) // 2, sorted(offsets)
-    assert int(v[-1, -1]) + 1 >= 0.9 * t.numel()
 
 
 def test_a_replaced_tensor_is_sampled_afresh():
