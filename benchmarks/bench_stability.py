@@ -135,7 +135,7 @@ def run(spec: RunSpec, every: int = 1) -> dict[str, Any]:
         if not math.isfinite(losses[-1]):
             first_bad = step
             break
-    crossing, onset = crossings(ratio) if first_bad is not None else (None, None)
+    crossing, onset = crossings(ratio, every) if first_bad is not None else (None, None)
     return {"losses": losses, "first_nonfinite": first_bad, "crossing": crossing, "onset": onset,
             "lead": first_bad - crossing if first_bad is not None and crossing is not None else None,
             "onset_lead": first_bad - onset if first_bad is not None and onset is not None else None,
@@ -143,17 +143,19 @@ def run(spec: RunSpec, every: int = 1) -> dict[str, Any]:
             "lr_lambda": [round(r, 3) if r is not None else None for r in ratio]}
 
 
-def crossings(ratio: Sequence[float | None]) -> tuple[int | None, int | None]:
+def crossings(ratio: Sequence[float | None], every: int = 1) -> tuple[int | None, int | None]:
     """The first step past the bound, and the onset of the last unstable stretch:
     the first step from which every read stays past the bound up to the end of
-    the series (a read that failed -- non-finite gradients on the way to
-    divergence -- counts as past it).  Runs at the edge of stability hover at
-    the bound for tens of steps and come back below it (self-stabilisation):
+    the series.  Steps are read every ``every``-th (others are not looked at);
+    a read that failed -- non-finite gradients on the way to divergence --
+    counts as past the bound.  Runs at the edge of stability hover at the
+    bound for tens of steps and come back below it (self-stabilisation):
     there the first crossing says when the edge was reached, the onset when
     the run left it for good."""
-    first = next((t for t, r in enumerate(ratio) if r is not None and r > BOUND), None)
+    read = range(0, len(ratio), every)
+    first = next((t for t in read if (r := ratio[t]) is not None and r > BOUND), None)
     onset = None
-    for t in range(len(ratio) - 1, -1, -1):
+    for t in reversed(read):
         r = ratio[t]
         if r is not None and r <= BOUND:
             break

@@ -72,6 +72,9 @@ def test_onset_is_where_the_run_leaves_the_edge_for_good():
     assert B.crossings(hover) == (1, 6)
     assert B.crossings([1.0, 2.0, b]) == (None, None)  # at the bound is not past it
     assert B.crossings([b + 1, b + 2]) == (0, 0)
+    # read every 3rd step: the steps between are not readings, past the bound or otherwise
+    assert B.crossings([1.0, None, None, 2.0, None, None, b + 1, None], every=3) == (6, 6)
+    assert B.crossings([1.0, None, None, 2.0, None], every=3) == (None, None)
 
 
 def test_the_measured_run_is_the_plain_run():

@@ -464,21 +464,29 @@ def test_a_kept_loss_does_not_keep_the_model_alive_after_close(keep):
 
 class AutocastInside(nn.Module):
     """A model that enters float16 autocast in its own forward (as some
-    mixed-precision code does), so nothing around the call says float16."""
+    mixed-precision code does), so nothing around the call says float16;
+    its head runs in float32 after the autocast block, with outputs near 1e4
+    (bias 1e4) that never enter float16."""
 
     def __init__(self):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 3))
+        self.post = nn.Linear(3, 3)
+        with torch.no_grad():
+            self.post.bias.fill_(1e4)
 
     def forward(self, x):
         with torch.autocast("cpu", dtype=torch.float16):
-            return self.net(x).float()
+            h = self.net(x)
+        return self.post(h.float())
 
 
 def test_overflow_risk_is_alerted_under_autocast_entered_inside_forward():
     """Weights and input in float32, the float16 computed inside forward:
     the first layer's output within 16x of 65504 (weights x3000, as the test
-    above) is named; the same model without the scaling gets no such alert."""
+    above) is named; the same model without the scaling gets no such alert;
+    the float32 head after the block (outputs 1e4, 2.7 binades below 65504)
+    is never judged against float16's limits."""
     for scale, alerted in ((3000.0, True), (1.0, False)):
         torch.manual_seed(0)
         m = AutocastInside()
@@ -493,4 +501,7 @@ def test_overflow_risk_is_alerted_under_autocast_entered_inside_forward():
                 m.zero_grad()
         kinds = [(a.kind, a.layer) for a in mon.alerts]
         assert (("overflow-risk", "net.0") in kinds) == alerted, kinds
-        assert mon.history[-1].layers[0].stats.get("forward_absmax") is not None
+        assert ("overflow-risk", "post") not in kinds, kinds
+        layers = {layer.name: layer for layer in mon.history[-1].layers}
+        assert layers["net.0"].stats.get("forward_absmax") is not None
+        assert layers["post"].stats.get("forward_absmax") is None

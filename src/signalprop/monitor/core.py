@@ -58,7 +58,7 @@ from ..probe.rows import layer_stats
 from ..probe.state import preserved
 from ..probe.stats import Part
 from ..records import FORMATS, Alert, LogitStats, MonitorReport, MonitorStep, evolve
-from ..statistics import MAX
+from ..statistics import HEADROOM, MAX
 from ..words import module_label
 from . import alerts as A
 from .logit_alerts import attention_closing_in, logit_alerts
@@ -656,11 +656,12 @@ class Monitor:
         format a sample's rows put out (autocast entered inside the model's
         own forward, which the call's state does not show); None for
         float32/float64 runs."""
+        return self._call_format() or self._low_format
+
+    def _call_format(self) -> str | None:
+        """The format the call said: autocast's dtype around it, or the parameters'."""
         trained = [c for c in self._calls if c.out_norm is not None][:1] or self._calls[:1]
-        found = _format_of([a for c in trained for a in c.autocast], self._param_names)
-        if found is None and self._rec is not None and self._rec.low_format is not None:
-            self._low_format = self._rec.low_format  # autocast entered inside the model's forward
-        return found or self._low_format
+        return _format_of([a for c in trained for a in c.autocast], self._param_names)
 
     def _complete_history(self) -> list[MonitorStep]:
         """The samples that carry a verdict: the baseline of the drift rules."""
@@ -732,6 +733,12 @@ class Monitor:
     def _sample(self, k: int, loss: float | None, grad_norm: float | None, rec: Recorder, vals: list[dict[str, Any]],
                 pn: ParamNorms, rest: list[float], out_rms: float | None) -> MonitorStep:
         rows = rec.rows
+        self._low_format = rec.low_format  # the format this sample's rows put out, if one was low
+        if rec.low_format is not None and self._call_format() is None:
+            # autocast entered inside the forward: the modules that ran in float32 around it are not at
+            # the low format's limits (their largest values are not judged against them)
+            vals = [v if r.low else {key: x for key, x in v.items() if key not in HEADROOM}
+                    for r, v in zip(rows, vals)]
         m = len(pn.scalars)
         pgrads = pn.values(rest[:m])
         if not out_rms:  # no root output to compare with (submodules called directly): the last row with a gradient

@@ -131,6 +131,7 @@ class Row:
     src: int = 0
     dst: int = 0
     wants_grad: bool = False  # the output required grad when the call ran (a gradient hook is on it)
+    low: bool = False  # the output was in a low-precision format (float16, bfloat16, FP8)
 
 
 # torch's dtypes of the low-precision formats (float16, bfloat16, FP8)
@@ -801,6 +802,7 @@ class Recorder:
         # no graph is recorded for the statistics, so no detach() copy of the handle is needed
         # (grad mode switched directly: torch.no_grad() costs more than the reductions on small rows)
         if t.dtype in _LOW_DTYPES:
+            row.low = True
             self._low_precision(t)
         prev = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
