@@ -49,6 +49,14 @@ def resolve(dtype: Any) -> str:
     return name
 
 
+def name_of(dtype: Any) -> str | None:
+    """The :data:`~signalprop.records.FORMATS` name of a torch dtype
+    (``torch.float16`` -> "float16"); None for float32, float64 and anything
+    that is not a low-precision format."""
+    name = str(dtype).removeprefix("torch.")
+    return name if name in FORMATS else None
+
+
 def _edges() -> list[tuple[str, float, bool]]:
     """The thresholds in their fixed order: (name, value, inclusive), where a
     count is of the entries with ``|x| <= value`` (inclusive) or ``< value``."""

@@ -46,6 +46,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from ..formats import name_of
 from ..probe.attention import logits_of, output_logit_sums
 from ..probe.diagnose import diagnose
 from ..probe.distributed import GRAD_NORM, MEAN, NORM, SUM, Reduction, norm_kind, resolve_group, unwrap
@@ -134,7 +135,7 @@ def _format_of(autocast: list[tuple[str, torch.dtype]], params: Any) -> str | No
     when one is a low-precision format (float16, bfloat16, FP8); None for
     float32/float64."""
     dtypes = [d for _, d in autocast] + list({p.dtype for p in params})
-    return next((n for n in (str(d).removeprefix("torch.") for d in dtypes) if n in FORMATS), None)
+    return next((n for n in map(name_of, dtypes) if n is not None), None)
 
 
 def _logit_stats(v: list[float]) -> LogitStats:
@@ -398,8 +399,8 @@ class Monitor:
         if self._recording and torch.is_grad_enabled() and self._rec is not None:
             # the largest |value| statistics only where a low-precision format computes (autocast's dtype
             # now, or the parameters'), the only runs whose headroom rules read them
-            self._rec.set_headroom(self._low_format is not None
-                                   or _format_of(_autocast_state(), self._param_names) is not None)
+            # (under autocast entered inside the forward the first low-precision row turns them on: Recorder)
+            self._rec.set_headroom(_format_of(_autocast_state(), self._param_names) is not None)
             self._mode = self._rec.functional_mode()
             if self._mode is not None:
                 self._mode.__enter__()
@@ -463,7 +464,7 @@ class Monitor:
             return
         call = self._calls[-1]
         y = first_float_tensor(out)
-        if y is not None and str(y.dtype).removeprefix("torch.") in FORMATS and call.out_absmax is None:
+        if y is not None and name_of(y.dtype) is not None and call.out_absmax is None:
             with torch.no_grad():  # one reduction (no |y| copy), in low-precision runs only: the output's headroom
                 call.out_absmax = torch.linalg.vector_norm(y.detach(), float("inf")).float()
         if y is not None and y.requires_grad and call.out_norm is None:

@@ -26,6 +26,7 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 from torch.overrides import TorchFunctionMode
 
 from .. import activations as _act
+from .. import formats
 from ..layers import feature_dim
 from ..records import FORMATS
 from ..statistics import HEADROOM, Statistic, kernels
@@ -134,8 +135,8 @@ class Row:
     low: bool = False  # the output was in a low-precision format (float16, bfloat16, FP8)
 
 
-# torch's dtypes of the low-precision formats (float16, bfloat16, FP8)
-_LOW_DTYPES = frozenset(getattr(torch, n) for n in FORMATS if isinstance(getattr(torch, n, None), torch.dtype))
+# torch's dtypes of the low-precision formats (float16, bfloat16, FP8): a set, tested once a row
+_LOW_DTYPES = frozenset(getattr(torch, n) for n in FORMATS if formats.name_of(getattr(torch, n, None)) == n)
 
 # Modules that compute their children functionally (MultiheadAttention never
 # calls its out_proj as a module): recorded as one row, their children not.
@@ -523,7 +524,6 @@ def _weights_into(d: dict[str, Any], m: nn.Module) -> None:
     """The low-precision counts over a module's own parameters together
     (``weight_lp*``, see :mod:`signalprop.formats`) and their largest |entry|
     (``weight_max``), left on the device."""
-    from .. import formats
     from .distributed import local
 
     ps = [local(p.detach()) for p in m._parameters.values() if p is not None and p.is_floating_point()]
@@ -655,7 +655,7 @@ class Recorder:
         """``t`` is in a low-precision format: remember which, and measure the
         headroom statistics from this row on if the pass had left them out."""
         if self.low_format is None:
-            self.low_format = str(t.dtype).removeprefix("torch.")
+            self.low_format = formats.name_of(t.dtype)
         if not self.headroom:
             self.set_headroom(True)
 
