@@ -78,6 +78,10 @@ def test_nan_in_input_is_named():
     x[3, 5] = float("inf")
     r = sp.check(mlp(4, 32, "tanh", "xavier_normal"), x)
     assert r.problems[0].layer == "input" and r.verdict == "non-finite"
+    x = x_of(512, 32)
+    x[3, 5] = float("inf")
+    r = sp.check(mlp(4, 32, "tanh", "xavier_normal"), x)
+    assert "0.0061% of its values are NaN/Inf" in r.problems[0].message  # 1 of 16,384, not rounded to 0.0%
 
 
 def test_input_statistics_over_its_finite_entries():
@@ -255,6 +259,63 @@ def test_model_comes_back_on_exception():
         sp.check(m, x_of(8, 16))
     _same(before, _snapshot(m))
     _no_hooks(m)
+
+
+class _Stateful(nn.Module):
+    """A forward that reassigns buffers (a counter, an EMA), registers a new
+    one, and keeps Python state: what a dynamic-RoPE or EMA module does."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 2)
+        self.register_buffer("steps", torch.zeros(()))
+        self.register_buffer("ema", torch.zeros(8))
+        self.seen = 0
+        self.log = []
+
+    def forward(self, x):
+        self.steps = self.steps + 1
+        self.ema = 0.9 * self.ema + 0.1 * x.detach().mean(0)
+        self.register_buffer("cached", x.detach().clone(), persistent=False)
+        self.seen = x.shape[0]
+        self.log.append(x.shape)
+        self.extra = "added"
+        return self.a(x)
+
+
+def test_reassigned_and_registered_buffers_and_python_state_come_back():
+    m = _Stateful()
+    steps, ema, log = m.steps, m.ema, m.log
+    before = _snapshot(m)
+    sp.check(m, x_of(16, 8))
+    _same(before, _snapshot(m))
+    assert m.steps is steps and m.ema is ema and float(m.steps) == 0.0  # the objects held before, as they were
+    assert "cached" not in m._buffers and not hasattr(m, "extra")
+    assert m.seen == 0 and m.log is log and log == []
+
+
+def test_a_forward_that_writes_its_parameters_is_said_in_the_report():
+    class Clamped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            with torch.no_grad():
+                self.a.weight.clamp_(-0.01, 0.01)  # WGAN-style, inside forward
+            return self.b(self.a(x))
+
+    r = sp.check(Clamped(), x_of(8, 8))
+    assert any("forward wrote 1 of its parameters in place (a.weight)" in n for n in r.summary.notes)
+    assert not any("in place" in n for n in sp.check(Messy(), x_of(8, 16)).summary.notes)  # none written
+
+
+def test_a_lazy_module_not_yet_initialised_is_named():
+    m = nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.LazyLinear(4)))
+    with pytest.raises(ValueError, match=r"1\.0 \(LazyLinear\) is lazy and not initialised yet: run one forward"):
+        sp.check(m, x_of(4, 8))
+    m(x_of(4, 8))
+    assert sp.check(m, x_of(4, 8)).verdict == "healthy"
 
 
 def test_shape_mismatch_names_module_and_shapes():
@@ -574,3 +635,24 @@ def test_a_compiled_submodule_gets_per_module_hooks_and_no_warning():
     assert [layer.name for layer in r.layers] == ["0", "1._orig_mod.0", "1._orig_mod.1", "2"]
     assert all(layer.grad_rms is not None for layer in r.layers)
     _no_hooks(m)
+
+
+def test_a_model_without_child_modules_shows_its_activation_calls():
+    """Raw parameters with F.linear and torch.tanh in one module: it was one
+    opaque row, healthy with its tanh 90% saturated; its activation calls
+    are the rows now, as they are inside any block.  A childless torch layer
+    stays one row."""
+
+    class NoChildren(nn.Module):
+        def __init__(self):
+            super().__init__()
+            g = torch.Generator().manual_seed(0)
+            self.w1 = nn.Parameter(torch.randn(64, 64, generator=g) * 3)
+            self.w2 = nn.Parameter(torch.randn(4, 64, generator=g) / 8)
+
+        def forward(self, x):
+            return F.linear(torch.tanh(F.linear(x, self.w1)), self.w2)
+
+    r = sp.check(NoChildren(), x_of(128, 64))
+    assert r.verdict == "saturated" and [p.layer for p in r.problems] == ["tanh"]
+    assert [layer.kind for layer in sp.check(nn.Linear(8, 4), x_of(16, 8)).layers] == ["Linear"]

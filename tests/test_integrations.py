@@ -227,9 +227,13 @@ def test_lightning_checkpoint_carries_the_monitor(tmp_path):
     assert mon.history[0].layers == first.monitor.history[0].layers
 
 
-def test_hf_checkpoint_carries_the_monitor(tmp_path):
+@pytest.mark.parametrize("restore", [False, True])
+def test_hf_checkpoint_carries_the_monitor(tmp_path, restore):
     """train(resume_from_checkpoint=...) restores the monitor into the same
-    callback object the user holds, continuing its step count."""
+    callback object the user holds, continuing its step count -- also with
+    the Trainer's own callback restore while the first run's callback is
+    still alive (a notebook run again: the restore handed the Trainer that
+    old callback, and the user's new one never got a monitor)."""
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
     from signalprop.integrations.transformers import SignalpropCallback
@@ -240,12 +244,14 @@ def test_hf_checkpoint_carries_the_monitor(tmp_path):
         cb = SignalpropCallback(every=EVERY, grad_every=1)
         args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4,
                                  learning_rate=1e-3, report_to=[], save_strategy="steps", save_steps=4,
-                                 use_cpu=True, disable_tqdm=True, seed=0)
+                                 use_cpu=True, disable_tqdm=True, seed=0,
+                                 restore_callback_states_from_checkpoint=restore)
         Trainer(model=model, args=args, train_dataset=_Tokens(48), callbacks=[cb]).train(
             resume_from_checkpoint=resume)
         return cb
 
-    train(4)
+    first = train(4)
     cb = train(6, str(tmp_path / "checkpoint-4"))
+    assert cb is not first and first.monitor.steps == [0, 1, 2, 3]
     assert cb.monitor.steps[-2:] == [4, 5] and cb.monitor.steps[:4] == [0, 1, 2, 3]
     assert [h.step for h in cb.monitor.history] == [0, 2, 4]

@@ -80,6 +80,13 @@ def test_a_model_that_sets_requires_grad_on_its_input_runs_as_it_does_without_ch
     m.zero_grad(set_to_none=True)
     r = sp.check(m, x)
     assert r.verdict == "healthy" and r.layers[0].grad_rms > 0 and not x.requires_grad
+    # the input, passed as it is, is still measured: a NaN/Inf in it is named as the input's (it was blamed on
+    # the first convolution) and its statistics are in the report, without a gradient
+    assert r.summary.input is not None and r.summary.input.grad_rms is None
+    assert r.summary.input.second_moment == pytest.approx(float(x.pow(2).mean()), rel=1e-5)
+    x[1, 7] = float("inf")
+    r = sp.check(m, x)
+    assert r.verdict == "non-finite" and r.problems[0].layer == "input"
 
 
 def test_hf_wav2vec2_in_train_mode():

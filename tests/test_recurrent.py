@@ -74,3 +74,49 @@ def test_an_output_at_every_step_is_not_vanishing_through_time():
     m = nn.Sequential(nn.LSTM(16, 32, batch_first=True))
     r = sp.check(m, torch.randn(8, 200, 16))
     assert r.layers[0].time_grad_ratio > 1e-2 and r.verdict == "healthy"
+
+
+class PackedLast(nn.Module):
+    """An LSTM over a PackedSequence of sequences of different lengths, read
+    out at each sequence's last step (how variable-length batches are fed)."""
+
+    def __init__(self, forget_bias):
+        super().__init__()
+        self.rnn = nn.LSTM(16, 32, batch_first=True)
+        self.head = nn.Linear(32, 1)
+        with torch.no_grad():
+            self.rnn.bias_ih_l0[32:64] = forget_bias / 2
+            self.rnn.bias_hh_l0[32:64] = forget_bias / 2
+
+    def forward(self, x, lengths):
+        from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+        y, _ = self.rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+        y, _ = pad_packed_sequence(y, batch_first=True)
+        return self.head(y[torch.arange(x.shape[0]), lengths - 1])
+
+
+def test_vanishing_through_time_on_a_packed_sequence():
+    """A PackedSequence input was skipped (no per-step statistics, verdict
+    healthy). Per step the RMS over the sequences still running at that step,
+    against autograd's gradient at the padded input's valid positions."""
+    from signalprop.probe.inputs import cotangent
+
+    torch.manual_seed(0)
+    lengths = torch.tensor([120, 97, 120, 64, 110, 33, 120, 80])
+    x = torch.randn(8, 120, 16)
+    for fb, vanishing in ((-10.0, True), (1.0, False)):
+        torch.manual_seed(0)
+        m = PackedLast(fb)
+        r = sp.check(m, (x, lengths))
+        xg = x.clone().requires_grad_(True)
+        y = m(xg, lengths)
+        y.backward(cotangent(y))
+        valid = torch.arange(120)[None, :] < lengths[:, None]  # (batch, step)
+        sq = (xg.grad.square().sum(2) * valid).sum(0)
+        rms = (sq / (valid.sum(0) * 16)).sqrt()
+        row = r.layers[0]
+        assert row.kind == "LSTM" and row.time_steps == 120
+        assert row.time_grad_ratio == pytest.approx(float(rms.min() / rms.max()), rel=1e-4, abs=1e-30)
+        assert row.time_horizon == int((rms >= rms.max() * 1e-6).sum())
+        assert (r.verdict == "vanishing" and "through time" in r.problems[0].message) == vanishing, r.verdict

@@ -5,7 +5,8 @@ row, averaged over 10 seeds (weights, inputs and the check's cotangent),
 must agree with the column's prediction within 10% (the issue's bound: at
 these widths and batch sizes the seed-to-seed spread of the mean ratio is a
 few percent, measured 0.2-5%).  Circular padding keeps every output's
-kernel whole, so the comparison tests the fans rather than border effects.
+kernel whole, so those cases test the fans; unpadded and zero-padded
+convolutions on small maps test the borders.
 Where an operation that no row records sits in the chain (pooling written as
 ``x.mean``, a residual sum), the column must stay empty rather than be
 wrong: the previous version showed 0.03x and 7x there.
@@ -59,6 +60,13 @@ CASES = {
                                                nn.ReLU, 3), (8, 64, 32)),
     "flatten-then-linear": (lambda: nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, padding_mode="circular"), nn.Tanh(),
                                                   nn.Flatten(), nn.Linear(8 * 64, 10)), (16, 3, 8, 8)),
+    # borders: unpadded 5 x 5 convolutions shrinking 13 x 13 maps to 1 x 1 (LeNet; an input at the border feeds
+    # fewer outputs: the column was 9x off), zero padding on 8 x 8 maps (a corner output sums 4 of 9 taps; 13% off before)
+    "lenet-valid": (lambda: nn.Sequential(nn.Conv2d(1, 32, 5), nn.Tanh(), nn.Conv2d(32, 32, 5), nn.Tanh(),
+                                          nn.Conv2d(32, 64, 5), nn.Tanh()), (64, 1, 13, 13)),
+    "conv2d-zero-pad-8x8": (lambda: _stack(lambda: nn.Conv2d(32, 32, 3, padding=1), nn.Tanh, 3), (16, 32, 8, 8)),
+    "conv1d-zero-pad-stride2": (lambda: _stack(lambda: nn.Conv1d(48, 48, 3, stride=2, padding=1), nn.ReLU, 3),
+                                (16, 48, 24)),
 }
 
 
@@ -99,7 +107,39 @@ class _Scaled(nn.Module):
         return self.b(3.0 * self.act(self.a(x)))
 
 
+class _ScaledInPlace(nn.Module):
+    """The scaling written in place: the next row reads the same storage (same
+    address), rewritten by an operation no row recorded."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.act, self.b = nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        h.mul_(4.0)
+        return self.b(self.act(h))
+
+
+class _ResidualInPlace(nn.Module):
+    """Residual sums written in place into each layer's output (``y += h``):
+    every row reads the address the row before it wrote."""
+
+    def __init__(self):
+        super().__init__()
+        self.fcs = nn.ModuleList(nn.Linear(32, 32) for _ in range(3))
+
+    def forward(self, x):
+        h = x
+        for fc in self.fcs:
+            y = fc(h)
+            y += h
+            h = y
+        return h
+
+
 @pytest.mark.parametrize("make,shape", [(_PooledByCall, (4, 3, 8, 8)), (_Residual, (4, 32)), (_Scaled, (4, 16)),
+                                        (_ScaledInPlace, (4, 16)), (_ResidualInPlace, (4, 32)),
                                         (lambda: nn.Sequential(nn.Linear(16, 16), nn.Tanh()), None)])
 def test_theory_column_stays_empty_where_an_unseen_operation_sits_in_the_chain(make, shape):
     torch.manual_seed(0)

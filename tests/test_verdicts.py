@@ -258,3 +258,24 @@ def test_positions_inside_a_block_are_roles_not_one_alternating_series():
     assert r.verdict == "healthy", [p.message for p in r.problems]
     chain = sp.check(nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh()), torch.randn(4, 8))
     assert {lay.role.split("|")[0] for lay in chain.layers} == {"#"}
+
+
+@pytest.mark.parametrize("act", [nn.GELU, nn.SiLU])
+def test_gelu_and_silu_units_die_where_their_output_underflows_to_zero(act):
+    """A pre-activation of -100 makes GELU and SiLU output exactly 0 (and pass
+    no gradient), as a dead ReLU does: named as dead at that layer, with a
+    leaky activation as the cure (not "use GELU"), instead of vanishing
+    gradients blamed on the initialisation."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 64), act(), nn.Linear(64, 64), act(), nn.Linear(64, 4))
+    assert sp.check(m, torch.randn(128, 64, generator=gen(3))).verdict == "healthy"
+    with torch.no_grad():
+        m[2].bias.fill_(-100.0)
+    r = sp.check(m, torch.randn(128, 64, generator=gen(3)))
+    assert r.verdict == "dead" and r.problems[0].layer == "3" and r.layers[3].dead_fraction == 1.0
+    assert "LeakyReLU/ELU" in r.problems[0].suggestion and "GELU" not in r.problems[0].suggestion
+
+
+def test_an_activation_that_only_saturates_or_stays_negative_cannot_die():
+    assert [A.can_die(A.get(n)) for n in ("relu", "gelu", "silu", "mish", "softplus")] == [True] * 5
+    assert not any(A.can_die(A.get(n)) for n in ("tanh", "sigmoid", "elu(1)", "leaky_relu(0.01)", "selu", "linear"))

@@ -438,7 +438,17 @@ def from_module(module: Any) -> Activation | None:
                                     if (c.__module__ or "").startswith("torch.nn.")), "")
     if cls in _MODULE_READERS:
         return _MODULE_READERS[cls](module)
+    if cls == "Module" and (typ.__module__ or "").startswith("transformers."):
+        name = _HF_MODULES.get(typ.__name__)
+        return REGISTRY[name] if name is not None else None
     return _BY_MODULE.get(cls)
+
+
+# HF transformers' own activation modules (transformers.activations, ACT2FN) that compute a registry entry
+# exactly; QuickGELU (x * sigmoid(1.702 x)), the clipped and "accurate" GELUs compute other maps and stay unknown
+_HF_MODULES = {"GELUActivation": "gelu", "GELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh",
+               "FastGELUActivation": "gelu_tanh", "SiLUActivation": "silu", "MishActivation": "mish",
+               "LinearActivation": "linear"}
 
 
 def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], i: int, key: str, default: Any) -> Any:
@@ -499,6 +509,22 @@ def nonnegative(act: Activation) -> bool:
     if act.name not in _NONNEG:
         _NONNEG[act.name] = bool(np.min(act.phi(np.linspace(-50.0, 50.0, 2001))) >= 0.0)
     return _NONNEG[act.name]
+
+
+_DIES: dict[str, bool] = {}
+
+
+def can_die(act: Activation) -> bool:
+    """Whether a unit can die -- output exactly 0, and pass no gradient, for
+    every input below some point: a rectifier, or an unbounded activation
+    whose output underflows to 0 far on the negative side (GELU, SiLU, Mish,
+    softplus: a pre-activation of -100 outputs exactly 0).  Read at -1e4;
+    bounded activations that reach 0 there (sigmoid) saturate instead."""
+    if act.name not in _DIES:
+        with np.errstate(all="ignore"):
+            far = float(np.asarray(act.phi(np.array([-1e4])), dtype=float).reshape(-1)[0])
+        _DIES[act.name] = act.rectifier or (not act.bounded and far == 0.0)
+    return _DIES[act.name]
 
 
 def saturation_band(act: Activation, threshold: float = SATURATION_THRESHOLD) -> tuple[float, float] | None:

@@ -347,14 +347,14 @@ FORMATS: dict[str, Format] = {
 
 @dataclass(frozen=True)
 class Overflow:
-    """A row whose output or gradient would not fit a format at its current
+    """A row whose output, input or gradient would not fit a format at its current
     scale: its largest |value| (``absmax``) over the format's largest finite
     value (``limit``) -- ``factor`` > 1 overflows, and above 1/8 the headroom
     is under three binades."""
 
     layer: str
     kind: str
-    quantity: str  # "output" or "gradient"
+    quantity: str  # "output", "input" (a tensor no row wrote) or "gradient"
     absmax: float
     limit: float
 
@@ -380,7 +380,7 @@ class LayerPrecision:
 
     layer: str
     kind: str
-    quantity: str  # "output", "gradient" or "weights"
+    quantity: str  # "output", "input" (a tensor no row wrote), "gradient" or "weights"
     absmax: float | None
     headroom: float | None
     overflow: float | None = None
@@ -401,7 +401,9 @@ class PrecisionReport:
     zero, and those entries carry more than ``flush_limit`` of its squared
     norm: a mass underflow, not rounding noise around exact zeros); ``overflowing``/``underflowing``/``at_risk`` name the modules
     (``at_risk``: within ``risk_binades`` of overflowing); ``summary`` says it
-    in one line; ``layers`` has every measured row and quantity."""
+    in one line; ``layers`` has every measured row and quantity.  Without a
+    loss (check's random unit-variance gradient on the output) gradients are
+    listed but not judged: their scale is arbitrary, and the summary says so."""
 
     dtype: str
     max: float
@@ -452,19 +454,26 @@ class Report:
         return _to_json(self.to_dict(), path, indent)
 
     def overflows(self, dtype: str = "float16", headroom: float = 1.0) -> tuple[Overflow, ...]:
-        """The rows whose output or gradient would overflow ``dtype`` (a name in
-        :data:`FORMATS`) at their current scale -- with no loss scaling and no
-        per-tensor scale factor -- read from each row's largest |value|
-        (``forward_absmax``, ``grad_absmax``).  ``headroom``: also the rows
-        within this factor of the limit (8: under three binades to spare)."""
+        """The rows whose output, input or gradient would overflow ``dtype`` (a
+        name in :data:`FORMATS`) at their current scale -- with no loss
+        scaling and no per-tensor scale factor -- read from each row's largest
+        |value| (``forward_absmax``, ``input_absmax``: a tensor no row wrote,
+        such as a residual sum in a parent's forward, ``grad_absmax``).
+        Gradients only where the pass backpropagated a loss: from check's
+        random unit-variance gradient on the output their scale is arbitrary.
+        ``headroom``: also the rows within this factor of the limit (8: under
+        three binades to spare)."""
         if dtype not in FORMATS:
             raise ValueError(f"dtype must be one of {sorted(FORMATS)}, got {dtype!r}")
         if not (isinstance(headroom, (int, float)) and headroom >= 1):
             raise ValueError(f"headroom must be a number >= 1 (a factor below the format's maximum), got {headroom!r}")
         limit = FORMATS[dtype][0]
+        quantities = [("output", "forward_absmax"), ("input", "input_absmax")]
+        if self.summary.cotangent_seed is None:  # a loss was backpropagated
+            quantities.append(("gradient", "grad_absmax"))
         out = []
         for layer in self.layers:
-            for quantity, key in (("output", "forward_absmax"), ("gradient", "grad_absmax")):
+            for quantity, key in quantities:
                 v = layer.stats.get(key)
                 if v is not None and (not math.isfinite(v) or v * headroom > limit):
                     out.append(Overflow(layer.name, layer.kind, quantity, v, limit))

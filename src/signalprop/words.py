@@ -60,6 +60,13 @@ def times(x: float) -> str:
     return f"{x:.3g}x"
 
 
+def share(f: float) -> str:
+    """A fraction as a percentage that a small nonzero share does not round
+    to zero: ``0.031%`` (1 value in 3,200), ``12.5%``, ``100.0%``."""
+    p = 100.0 * f
+    return f"{p:.1f}%" if p == 0 or p >= 1 else f"{p:.2g}%"
+
+
 def sci(x: float) -> str:
     """A limit as people write it: ``1e-6``, ``1e3``, ``0.5``."""
     if x > 0 and math.isfinite(x):

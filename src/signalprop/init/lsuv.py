@@ -125,7 +125,7 @@ def lsuv_(model: nn.Module, inputs: Any, *, target: float = 1.0, tol: float = 0.
         return new.to(out.dtype)
 
     passes = 0
-    with preserved(model):  # weights come back on failure through @transactional
+    with preserved(model, writes_parameters=True):  # weights come back on failure through @transactional
         if orthogonal:
             with torch.no_grad():
                 for m in layers:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import uuid
 import weakref
 from typing import Any
@@ -80,7 +81,13 @@ class SignalpropCallback(TrainerCallback, ExportableState):
     """
 
     def __new__(cls, *args: Any, _key: str | None = None, **kwargs: Any) -> SignalpropCallback:
-        if _key is not None:  # the Trainer restoring a checkpoint: hand back the live callback it was saved from
+        if _key is not None:  # the Trainer restoring a checkpoint: hand back the callback it restores into
+            # the callback this Trainer holds, which its restore loop is replacing: the user's own object
+            # (a callback of an earlier run in the same process, still alive in a notebook, has the saved key)
+            caller = sys._getframe(1)
+            own = caller.f_locals.get("callback") if caller.f_code.co_name == "_load_callback_state" else None
+            if isinstance(own, cls):
+                return own
             live = list(_LIVE.values())
             inst = _LIVE.get(_key) or (live[0] if len(live) == 1 else None)
             if inst is not None:

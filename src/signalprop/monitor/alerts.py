@@ -48,7 +48,7 @@ import torch
 
 from ..layers import tensor_fans
 from ..records import Alert, AlertKind, LayerStats, MonitorStep
-from ..words import module_label
+from ..words import module_label, times
 from . import divergence as D
 from .spikes import batch_spike
 
@@ -97,6 +97,15 @@ def scalar_alerts(step: int, loss: float | None, grad_norm: float | None, losses
                          "lower the learning rate (with a warm-up: the rate reached about here is past the stable "
                          "one), or clip (sp.clip.agc_, monitor(..., agc=0.01)); if several batches in a row were "
                          "bad, check the data", "forward"))
+    x = D.loss_explosion(losses, loss) if loss is not None and not (u is not None and u.alarming) else None
+    if x is not None:
+        out.append(Alert(step, "loss-spike", "(loss)",
+                         f"the loss ({x.level:.4g}, median of the last {D.SMOOTH} steps) is {times(x.level / x.start)} "
+                         f"where this run started ({x.start:.4g}) and has grown {x.growth:.3g}x or more at each of "
+                         f"its last {D.SMOOTH} steps: a run past its stable learning rate from its first steps (a "
+                         "fine-tuning or resumed run at too high a rate) grows like this until it turns non-finite",
+                         "lower the learning rate (for fine-tuning, well below the pre-training rate), or clip "
+                         "(sp.clip.agc_, monitor(..., agc=0.01))", "forward"))
     s = batch_spike(losses, loss) if loss is not None and not out else None
     if s is not None:
         out.append(Alert(step, "batch-spike", "(loss)",
@@ -125,6 +134,11 @@ def _by_name(layers: Sequence[LayerStats]) -> dict[str, LayerStats]:
     for layer in layers:
         out.setdefault(layer.name, layer)  # a module called twice: its first call
     return out
+
+
+def _fell(f: float) -> str:
+    """``fell 400x``, or ``fell to exactly 0`` for a gradient that is gone (an unbounded factor)."""
+    return f"fell {times(f)}" if math.isfinite(f) else "fell to exactly 0"
 
 
 def sampled_alerts(current: MonitorStep, history: Sequence[MonitorStep], drift: float = DRIFT) -> list[Alert]:
@@ -156,7 +170,7 @@ def sampled_alerts(current: MonitorStep, history: Sequence[MonitorStep], drift: 
         f, name = max(grew)
         label = module_label(name, by_name[name].kind)
         out.append(Alert(current.step, "exploding", name,
-                         f"The gradient at {label} grew {f:.3g}x since the first samples. Its RMS relative to the "
+                         f"The gradient at {label} grew {times(f)} since the first samples. Its RMS relative to the "
                          f"gradient at the model's output moved more than the {drift:g}x allowed "
                          f"({_layers(len(grew))} past it).",
                          "lower the learning rate for this layer's group, clip (sp.clip.agc_), or add "
@@ -165,7 +179,7 @@ def sampled_alerts(current: MonitorStep, history: Sequence[MonitorStep], drift: 
         f, name = max(shrank)
         label = module_label(name, by_name[name].kind)
         out.append(Alert(current.step, "vanishing", name,
-                         f"The gradient at {label} fell {f:.3g}x since the first samples. Its RMS relative to the "
+                         f"The gradient at {label} {_fell(f)} since the first samples. Its RMS relative to the "
                          f"gradient at the model's output moved more than the {drift:g}x allowed "
                          f"({_layers(len(shrank))} past it).",
                          "look for saturating or dying units upstream (this report's saturation/dead columns); "

@@ -52,9 +52,9 @@ from ..probe.diagnose import diagnose
 from ..probe.distributed import GRAD_NORM, MEAN, NORM, SUM, Reduction, norm_kind, resolve_group, unwrap
 from ..probe.gather import finalise, gather
 from ..probe.inputs import CallArgs, ModelError
-from ..probe.norms import ParamNorms, norms
-from ..probe.pipeline import check_limits, check_model, run_pass
-from ..probe.recorder import Recorder, first_float_tensor
+from ..probe.norms import ParamNorms, grad_values, norms
+from ..probe.pipeline import check_limits, check_materialised, check_model, run_pass
+from ..probe.recorder import Hook, Recorder, first_float_tensor
 from ..probe.rows import layer_stats
 from ..probe.state import preserved
 from ..probe.stats import Part
@@ -62,6 +62,7 @@ from ..records import FORMATS, Alert, LogitStats, MonitorReport, MonitorStep, ev
 from ..statistics import HEADROOM, MAX
 from ..words import module_label
 from . import alerts as A
+from . import divergence as D
 from .logit_alerts import attention_closing_in, logit_alerts
 from .optimizer import check_optimizer, update_spike_alerts
 from .precision_alerts import closing_in, output_closing_in, precision_alerts
@@ -158,23 +159,32 @@ def _head(values: list[float | None]) -> int:
 def missing_gradients(rows: list[Any]) -> str:
     """Why a recorded pass cannot be judged, or "": no row received a
     gradient although some required one (the pass fed no backward), or
-    trainable layers ran without autograd after the graph had started (their
-    gradients never exist: reentrant activation checkpointing recomputes
-    them during the backward, outside the recorded pass)."""
+    trainable layers ran without autograd (their gradients never exist:
+    reentrant activation checkpointing recomputes them during the backward,
+    outside the recorded pass).  Anywhere in the pass, the first layers too:
+    a reentrantly checkpointed first block, whose input does not require
+    grad, gets no gradient at all.  Layers whose parameters are all frozen
+    need none."""
     if not any(r.wants_grad for r in rows):
         return ""  # nothing in the pass requires grad (a frozen model): nothing was missed
     if not any(r.bwd for r in rows):
         return ("no gradient reached the recorded forward pass: it did not feed this step's backward (a forward "
                 "without backward, or an evaluation pass with gradients on and no training pass after it)")
-    first = next(i for i, r in enumerate(rows) if r.wants_grad)
-    islands = [r for r in rows[first:] if not r.wants_grad and r.module is not None
+    islands = [r for r in rows if not r.wants_grad and r.module is not None
                and any(p.requires_grad for p in r.module._parameters.values() if p is not None)]
-    if islands:
-        return (f"{len(islands)} trainable layer(s) ran without autograd inside the forward (first: "
-                f"{islands[0].name or '(root)'}), so their gradients cannot be measured: reentrant activation "
-                "checkpointing (use torch.utils.checkpoint.checkpoint(..., use_reentrant=False)) or torch.no_grad() "
-                "inside forward")
-    return ""
+    if not islands:
+        return ""
+    names = list(dict.fromkeys(r.name or "(root)" for r in islands))
+    said = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    trainable = [p for r in islands for p in r.module._parameters.values() if p is not None and p.requires_grad]
+    if all(p.grad is None for p in trainable):
+        return (f"{len(names)} trainable layer(s) ran without autograd and got no gradient at all ({said}), so "
+                "they are not measured and do not train: a block under reentrant activation checkpointing whose "
+                "input does not require grad (use torch.utils.checkpoint.checkpoint(..., use_reentrant=False)) or "
+                "torch.no_grad() inside forward (freeze those layers with requires_grad_(False) if that is meant)")
+    return (f"{len(names)} trainable layer(s) ran without autograd inside the forward ({said}), so their gradients "
+            "cannot be measured: reentrant activation checkpointing (use torch.utils.checkpoint.checkpoint(..., "
+            "use_reentrant=False)) or torch.no_grad() inside forward")
 
 
 class Monitor:
@@ -186,6 +196,7 @@ class Monitor:
                  skip: Any = None, histograms: bool = True, dump_on_nonfinite: Any = None,
                  optimizer: Any = None, loss_fn: Any = None) -> None:
         check_model(unwrap(model) if isinstance(model, nn.Module) else model, "monitor")
+        check_materialised(unwrap(model).named_modules(), "monitor")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer (sample one step in `every`), got {every!r}")
         if grad_every is not None and (isinstance(grad_every, bool) or not isinstance(grad_every, int)
@@ -220,6 +231,15 @@ class Monitor:
             check_optimizer(optimizer, "optimizer")
         elif skip is not None and isinstance(getattr(skip, "param_groups", None), list) and hasattr(skip, "state"):
             optimizer = skip
+        if dump_on_nonfinite is not None and os.path.exists(dump_on_nonfinite) and not os.path.isdir(dump_on_nonfinite):
+            raise ValueError(f"dump_on_nonfinite takes a folder to write into, and {os.fspath(dump_on_nonfinite)!r} "
+                             "is a file")
+        own = {id(p) for p in unwrap(model).parameters()}
+        for what, opt in (("skip", skip), ("optimizer", optimizer if optimizer is not skip else None)):
+            groups = getattr(opt, "param_groups", None)
+            if isinstance(groups, list) and groups and not any(id(p) in own for g in groups for p in g.get("params", [])):
+                raise ValueError(f"{what} holds none of {type(unwrap(model)).__name__}'s parameters: pass the "
+                                 "optimizer that trains this model")
         model = unwrap(model)  # DDP calls the module it wraps: its hooks fire, its names are the model's
         self.model = model
         self._model_name = type(model).__name__
@@ -248,7 +268,7 @@ class Monitor:
         self._sampled_out_absmax: float | None = None  # the output's largest |entry| at the last sample
         self._low_format: str | None = None  # the format a sample's rows computed in under autocast entered inside forward
         self.skipped: list[int] = []  # steps whose optimizer step was skipped (skip=)
-        self._skip_now = False
+        self._skip_now: int | None = None  # the step whose optimizer step skip= is to skip, until the next step()
         self._skip_opt: Any = None
         self._skip_orig: Any = None
         self._replaying = False  # the monitor's own replay of a step: the root hooks stand aside
@@ -268,21 +288,32 @@ class Monitor:
         self._last_scalar_alert: dict[str, int] = {}
         self._prev_gvals: dict[nn.Parameter, float] = {}
         self._cuda_devices: list[int] = []
-        self._param_names = {p: n for n, p in model.named_parameters()}
-        self._owner = {p: mn for mn, m in model.named_modules() for p in m.parameters(recurse=False)}
+        self._param_names: dict[nn.Parameter, str] = {}
+        self._owner: dict[nn.Parameter, str] = {}
+        self._opt_params = -1  # how many parameters the known optimizer's groups held at the last refresh
+        self._refresh_params()
         # the post-hook also when the forward raises (always_call): the recording mode a sample entered for
         # the forward is left there, not at the next forward or step, so code the loop runs after catching the
         # error goes through no mode and records nothing
-        self._handles = [model.register_forward_pre_hook(self._root_pre, with_kwargs=True),
-                         model.register_forward_hook(self._root_post, always_call=True)]
         # a non-finite step's replay files (monitor.dump): written once, at the first NaN/Inf
         self._dump_dir = dump_on_nonfinite
         self._dump_optimizer = optimizer if optimizer is not None else skip
         self._dump_loss_fn = loss_fn
         self._dumped: str | None = None
         self._targets: Any = None
-        self._arm()
         self._histograms: Any = None  # per-layer histograms for the writer (monitor.histograms)
+        self._handles = [model.register_forward_pre_hook(Hook(self._root_pre), with_kwargs=True),
+                         model.register_forward_hook(Hook(self._root_post), always_call=True)]
+        try:
+            self._start(histograms, writer, skip)
+        except BaseException:  # a monitor that failed to start leaves no hook on the model
+            self.close()
+            raise
+
+    def _start(self, histograms: bool, writer: Any, skip: Any) -> None:
+        """The construction's steps after the root hooks: the recorder armed, the
+        histogram tap, the skip guard on the optimizer's step (last)."""
+        self._arm()
         if histograms and writer is not None:
             from ..integrations.tensorboard import writes_histograms
 
@@ -303,9 +334,13 @@ class Monitor:
 
     def _guarded_step(self, *args: Any, **kwargs: Any) -> Any:
         """The ``skip=`` optimizer's ``step``: skipped once after an alert that
-        calls for it (the gradients of a spike or a NaN never reach the weights)."""
-        if self._skip_now:
-            self._skip_now = False
+        calls for it (the gradients of a spike or a NaN never reach the weights).
+        The step is listed in ``skipped`` here, when its optimizer step is
+        skipped: a loop that skipped it itself (a NaN guard, a GradScaler on
+        overflow) never calls this, and the next ``step()`` drops the skip."""
+        if self._skip_now is not None:
+            self.skipped.append(self._skip_now)
+            self._skip_now = None
             return None
         return self._skip_orig(*args, **kwargs)
 
@@ -376,7 +411,7 @@ class Monitor:
             # the root's post-hook after the recorder's: a bare module is itself a row, and the recorder
             # must measure its output before the monitor detaches it (hooks run in the order registered)
             self._handles[1].remove()
-            self._handles[1] = self.model.register_forward_hook(self._root_post, always_call=True)
+            self._handles[1] = self.model.register_forward_hook(Hook(self._root_post), always_call=True)
 
     def _root_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self._replaying:
@@ -433,9 +468,10 @@ class Monitor:
         if self._rec is not None:
             self._rec.errors.append(e)
 
-    def _warn(self, what: str, e: BaseException | None = None) -> None:
-        """One warning per kind of failure (a failure that repeats every step warns once)."""
-        key = what + (type(e).__name__ if e is not None else "")
+    def _warn(self, what: str, e: BaseException | None = None, kind: str | None = None) -> None:
+        """One warning per kind of failure (a failure that repeats every step warns once).  ``kind``: the
+        failure's name without the step number ``what`` says (else each step's would be a new kind)."""
+        key = (kind or what) + (type(e).__name__ if e is not None else "")
         if key in self._warned:
             return
         self._warned.add(key)
@@ -493,12 +529,15 @@ class Monitor:
         if self._closed:
             raise RuntimeError("this monitor is closed; create a new one with sp.monitor(model)")
         loss_t = self._loss_scalar(loss)
+        # a skip is for the optimizer step of the step that raised it: one the loop did not take (it skipped
+        # that step itself) is not carried over to this step's healthy update
+        self._skip_now = None
         self._targets = targets
         k = self._step
         try:
             return self._close_step(k, loss, loss_t)
         except Exception as e:
-            self._warn(f"step {k} was not measured", e)
+            self._warn(f"step {k} was not measured", e, kind="a step was not measured")
             self._updates.snapshot = self._snapshot_due = None
             if len(self.steps) == len(self.losses) == len(self.grad_norms) == len(self.relative_updates) and \
                     (not self.steps or self.steps[-1] != k):
@@ -522,6 +561,19 @@ class Monitor:
         self._step += 1
         self._arm()
 
+    def _optimizer_params(self) -> int:
+        return sum(len(g["params"]) for g in self.optimizer.param_groups) if self.optimizer is not None else -1
+
+    def _refresh_params(self) -> None:
+        """The model's parameters and the module each belongs to, read anew at
+        each sample and whenever the known optimizer's groups change size
+        (``add_param_group``): a layer added after the monitor started is in
+        the gradient norm and the non-finite watch from then on."""
+        model = self.model
+        self._param_names = {p: n for n, p in model.named_parameters()}
+        self._owner = {p: mn for mn, m in model.named_modules() for p in m.parameters(recurse=False)}
+        self._opt_params = self._optimizer_params()
+
     def _close_step(self, k: int, loss: Any, loss_t: torch.Tensor | None) -> list[Alert]:
         self._exit_mode()
         rec = self._rec
@@ -534,20 +586,23 @@ class Monitor:
             self._warn("a sample was skipped: the recorder failed", rec.errors[0])
             rec = None
         sampled = rec is not None and bool(rec.rows)
+        if sampled or (self.optimizer is not None and self._optimizer_params() != self._opt_params):
+            self._refresh_params()
         read_grads = sampled or k % self.grad_every == 0
         params = [p for p in self._param_names if p.grad is not None] if read_grads else []
         self._cuda_devices = sorted({p.device.index for p in self._param_names
                                      if p.device.type == "cuda" and p.device.index is not None})
         with torch.no_grad():
-            gnorms = norms([p.grad for p in params]) if params else []  # type: ignore[misc]
+            grads = [grad_values(cast(torch.Tensor, p.grad)) for p in params]
+            gnorms = norms(grads) if params else []
             outs = [c for c in self._calls if c.out_norm is not None][:1]
             extra: list[torch.Tensor | Part | float] = [*gnorms, *([loss_t] if loss_t is not None else []),
                                                  *[x for c in outs for x in (cast(torch.Tensor, c.out_norm),
                                                                              float(c.out_numel))]]
-            kinds = ([norm_kind(p.grad) for p in params] + ([MEAN] if loss_t is not None else [])  # type: ignore[arg-type]
+            kinds = ([norm_kind(cast(torch.Tensor, p.grad)) for p in params] + ([MEAN] if loss_t is not None else [])
                      + [GRAD_NORM, SUM] * len(outs))
-            pn = ParamNorms.of(rec.rows, {p: p.grad for p in params},  # type: ignore[union-attr]
-                               known={id(p.grad): n for p, n in zip(params, gnorms)}) if sampled else None
+            pn = ParamNorms.of(rec.rows, dict(zip(params, grads)),  # type: ignore[union-attr]
+                               known={id(g): n for g, n in zip(grads, gnorms)}) if sampled else None
             upd = self._updates.scalars() if self._updates.snapshot is not None else None
             logit_sums = self._logits if sampled and self._logits is not None else []
             rel = self._relative_scalars()
@@ -636,8 +691,7 @@ class Monitor:
         if self._skip_opt is not None and any(a.kind in SKIP_ON for a in new):
             # the optimizer's next step() (this step's) is skipped: decided from the values this step's one
             # host transfer already read, so skipping adds no synchronisation with the device
-            self._skip_now = True
-            self.skipped.append(k)
+            self._skip_now = k
             new = [evolve(a, message=a.message + "; this step's optimizer step was skipped (skip=)")
                    if a.kind in SKIP_ON else a for a in new]
         new = self._fresh(new)
@@ -800,7 +854,8 @@ class Monitor:
             try:
                 report = self._replay(call)
             except (ModelError, ValueError, RuntimeError) as e:
-                self._warn(f"step {k}'s forward could not be replayed to locate the NaN/Inf", e)
+                self._warn(f"step {k}'s forward could not be replayed to locate the NaN/Inf", e,
+                           kind="a forward could not be replayed")
         p = next((p for p in report.problems if p.kind == "non-finite"), None) if report is not None else None
         if p is not None and report is not None:
             forward = p.layer == "input" or any(layer.nonfinite_fraction > 0 for layer in report.layers)
@@ -808,6 +863,13 @@ class Monitor:
                 return Alert(k, "non-finite", p.layer, f"step {k}: {p.message}", f"{p.suggestion}; {fix}",
                              "forward" if forward else "backward")
         if loss is not None and not math.isfinite(loss) and (out_v is None or math.isfinite(out_v)):
+            # the replayed pass's last row is the model's output: finite, but its square past float32's range
+            top = report.layers[-1].stats.get("forward_absmax") if report is not None and report.layers else None
+            if top is not None and math.isfinite(top) and top * top > torch.finfo(torch.float32).max:
+                return Alert(k, "non-finite", "(loss)", f"step {k}: the loss is {loss} while the model's output "
+                             f"is finite, but its largest |value| is {top:.3g}: a loss that squares it (mean squared "
+                             "error) or exponentiates it overflows float32 (largest 3.4e38)",
+                             f"the outputs grew out of range: {fix}", "forward")
             return Alert(k, "non-finite", "(loss)", f"step {k}: the loss is {loss} while the model's output is "
                          "finite: the loss function turned it non-finite (log of 0, division by 0)",
                          f"clamp the loss's argument (e.g. log(p + eps)) or use a fused loss; {fix}",
@@ -879,13 +941,16 @@ class Monitor:
         """What a resumed run needs to continue this monitor, in plain Python
         values (JSON- and ``torch.load(weights_only=True)``-safe): the step
         count, the alert baselines (the first samples, the level training
-        started at, the last steps' losses and gradient norms), the alerts so
+        started at, the last 272 steps' losses, gradient norms and relative
+        updates: what the divergence rules read), the alerts so
         far and which ones were said.  Saved with a checkpoint by the
         Lightning and HF callbacks.  The history between the baseline and
         the last sample is not kept (``report()`` of a resumed run starts
         with the baseline samples)."""
         keep = list(range(min(len(self.steps), max(_head(self.losses), _head(self.grad_norms)))))
-        keep += [i for i in range(max(len(self.steps) - A.WINDOW, 0), len(self.steps)) if i not in keep]
+        # the tail every rule reads: the un-learning rule's best level comes from the last LEARNED_WINDOW steps
+        tail = max(A.WINDOW, D.LEARNED_WINDOW + D.WARMUP)
+        keep += [i for i in range(max(len(self.steps) - tail, 0), len(self.steps)) if i not in keep]
         return {"version": 1, "step": self._step, "every": self.every,
                 "steps": [self.steps[i] for i in keep], "losses": [self.losses[i] for i in keep],
                 "grad_norms": [self.grad_norms[i] for i in keep],
@@ -992,7 +1057,9 @@ def monitor(model: nn.Module, every: int = 50, *, writer: Any = None, agc: float
     ``trend`` as in :func:`signalprop.check`.  ``skip``: an optimizer whose
     ``step()`` the monitor skips on a step that raised a batch-spike,
     loss-spike or non-finite alert (as OLMo-core's skip-step optimizers
-    do), so that step's gradients never reach the weights; the skipped steps
+    do), so that step's gradients never reach the weights (that step's
+    ``step()`` only: a loop that takes none there, its own NaN guard or a
+    GradScaler on overflow, carries no skip to the next); the skipped steps
     are listed in ``mon.skipped``; ``close()`` gives the optimizer its own
     ``step`` back.  Off by default: the monitor then never changes training.
 

@@ -37,7 +37,8 @@ from torch import nn
 from torch.nn.modules.module import register_module_forward_hook
 
 from ..probe.distributed import local
-from ..probe.recorder import first_float_tensor, leaf_modules
+from ..probe.norms import grad_values
+from ..probe.recorder import Hook, first_float_tensor, leaf_modules
 
 SAMPLE = 1024  # entries kept per tensor for its histogram (30 buckets of ~34 entries on average)
 BINS = 30  # TensorBoard's own default bucket count for a histogram
@@ -156,7 +157,8 @@ class HistogramTap:
         # the sampled step's weight samples (step, [(name, param, stride, sample)]) until its update is taken
         self._before: tuple[int, list[tuple[str, nn.Parameter, int, torch.Tensor]]] | None = None
         self._updates: list[tuple[int, list[tuple[str, torch.Tensor]]]] = []  # update samples waiting to be written
-        self._handles = [model.register_forward_pre_hook(self._root_pre), model.register_forward_hook(self._root_post)]
+        self._handles = [model.register_forward_pre_hook(Hook(self._root_pre)),
+                         model.register_forward_hook(Hook(self._root_post))]
 
     # -- capture during the sampled forward --------------------------------------
     def _root_pre(self, module: nn.Module, args: Any) -> None:
@@ -227,7 +229,12 @@ class HistogramTap:
                 ws = strided_sample_at(w, stride)
                 before.append((n, p, stride, ws))
                 entries.append((step, f"signalprop/weight/{n}", ws))
-                if p.grad is not None:
+                if p.grad is not None and p.grad.layout != torch.strided:
+                    # a sparse gradient (nn.Embedding(sparse=True)): the entries of the rows it holds
+                    g = grad_values(p.grad)
+                    entries.append((step, f"signalprop/grad/{n}",
+                                    strided_sample_at(g, stride_for(g.numel(), g.shape[-1] if g.dim() else 1))))
+                elif p.grad is not None:
                     # read below, before the optimizer step: a view
                     entries.append((step, f"signalprop/grad/{n}", strided_sample_at(local(p.grad), stride, copy=False)))
             self._before = (step, before)

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from ..records import Alert, MonitorStep
+from ..words import module_label
 
 UPDATE_SPIKE = 10.0
 SPIKE_BASELINE = 8
@@ -86,7 +87,8 @@ def _adam_terms(opt: Any, params: Sequence[nn.Parameter]) -> list[tuple[int, tor
     for i, p in enumerate(params):
         st = opt.state.get(p)
         g = group_of.get(p)
-        if not st or g is None or p.grad is None or "exp_avg_sq" not in st or "betas" not in g:
+        if not st or g is None or p.grad is None or "exp_avg_sq" not in st or "betas" not in g \
+                or p.grad.layout != torch.strided:  # a sparse gradient: SparseAdam moves only the rows it holds
             continue
         v = st["exp_avg_sq"]
         if v.shape != p.grad.shape:
@@ -163,12 +165,14 @@ def update_spike_alerts(step: int, current: Sequence[tuple[str, float]], history
     module holds the value).  One alert, naming the layer that jumped most
     and how many did."""
     past: dict[str, list[float]] = {}
+    kinds: dict[str, str] = {}
     for h in history:
         seen = set()
         for layer in h.layers:
             if layer.name in seen:
                 continue
             seen.add(layer.name)
+            kinds[layer.name] = layer.kind
             v = layer.stats.get(attr)
             if v is not None and math.isfinite(v) and v > 0:
                 past.setdefault(layer.name, []).append(v)
@@ -184,8 +188,9 @@ def update_spike_alerts(step: int, current: Sequence[tuple[str, float]], history
         return []
     f, name, v, b = max(jumped)
     what = "update RMS over the learning rate" if attr == "update_lr_rms" else "update RMS"
+    label = module_label(name, kinds.get(name))
     return [Alert(step, "update-spike", name,
-                  f"the optimizer step changed {name}'s weights {f:.3g}x more than its last steps did ({what} "
+                  f"the optimizer step changed {label}'s weights {f:.3g}x more than its last steps did ({what} "
                   f"{v:.3g} against a median {b:.3g} over its last {min(len(past.get(name, [])), SPIKE_BASELINE)} "
                   f"samples; {len(jumped)} layer(s) above {spike:g}x): large runs show update spikes like this "
                   "ahead of loss spikes",

@@ -15,7 +15,7 @@ from ..formats import resolve
 from ..records import Report, evolve
 from .distributed import Reduction, resolve_group, unwrap
 from .inputs import CallArgs, ModelError, batch_size, shapes, without_cache
-from .pipeline import check_limits, check_model, rng_states, run_pass, set_rng_states
+from .pipeline import check_limits, check_materialised, check_model, rng_states, run_pass, set_rng_states
 from .state import preserved
 
 __all__ = ["CallArgs", "ModelError", "Report", "check", "check_limits", "check_model"]
@@ -70,6 +70,7 @@ def check(model: nn.Module, inputs: Any, *, loss_fn: Callable[..., torch.Tensor]
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     named = list(model.named_modules())  # one traversal, shared by the parameters, preserved() and the recorder
+    check_materialised(named, "check")
     params = list(dict.fromkeys(p for _, m in named for p in m._parameters.values() if p is not None))
     if not params:
         raise ValueError(f"{type(model).__name__} has no parameters: nothing to diagnose")
@@ -82,7 +83,7 @@ def check(model: nn.Module, inputs: Any, *, loss_fn: Callable[..., torch.Tensor]
     inner = unwrap(model)
     caller = model if red is not None and inner is not model else None
     call_inputs = without_cache(inner, inputs)
-    with preserved(model, [m for _, m in named]), _collector_paused():
+    with preserved(model, [m for _, m in named]) as written, _collector_paused():
         rng = rng_states(params)
         known = (params, named) if inner is model else None  # the traversal above, not another
         grads = True  # the input made a leaf that requires grad, so its gradient is measured too
@@ -110,6 +111,11 @@ def check(model: nn.Module, inputs: Any, *, loss_fn: Callable[..., torch.Tensor]
 
             report = Report(report.verdict, report.layers, report.problems, report.summary,
                             jacobian_reading(inner, call_inputs))
+    if written:  # known once the model is back: said in the report, not put back
+        note = (f"the model's forward wrote {len(written)} of its parameters in place ({', '.join(written[:3])}"
+                f"{', ...' if len(written) > 3 else ''}); check could not put them back, nor the module attributes "
+                "that may record the write (HF RWKV rescales weights on its first forward in eval mode)")
+        report = evolve(report, summary=evolve(report.summary, notes=(*report.summary.notes, note)))
     return report
 
 

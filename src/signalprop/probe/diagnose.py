@@ -44,7 +44,7 @@ from typing import Any, cast
 
 from ..layers import PASS_THROUGH_NAMES, is_norm_kind
 from ..records import SEVERITY, InputStats, LayerStats, Problem, SeriesTrend, Verdict, evolve
-from ..words import count, module_label, sci, span_label, times
+from ..words import count, module_label, sci, share, span_label, times
 from .attention import module_of
 from .stats import MIN_SAMPLES_PER_UNIT
 
@@ -464,10 +464,12 @@ def _problem(kind: Verdict, run: list[int], ev: list[_Evidence], layers: list[La
         msg = (f"{_which(layers, run, 'dead')}. Up to {dead:.0%} of the units output 0 for every example and "
                f"position (dead means over {DEAD_SHARE:.0%})" +
                (", so no gradient reaches the layers before them." if dead >= 1.0 else "."))
-        fix = ("zero or shrink negative biases, use kaiming_normal_, lower the learning rate, or use "
-               "LeakyReLU/GELU")
+        # a GELU/SiLU row dies where its pre-activations sit far below 0 (it underflows): no other smooth
+        # activation is the cure there, a leaky one is
+        other = "LeakyReLU/GELU" if act in (None, "relu") or "relu" in (act or "") else "LeakyReLU/ELU"
+        fix = f"zero or shrink negative biases, use kaiming_normal_, lower the learning rate, or use {other}"
         cli = ("zero or shrink negative biases (--init kaiming_normal redraws the weights and zeroes the biases), "
-               "lower the learning rate, or use LeakyReLU/GELU")
+               f"lower the learning rate, or use {other}")
     else:
         # the gradient's evidence first (the verdict is about it), the forward signal's where it is all there is
         mine = sorted((e for e in ev if e.kind == kind and e.rows & set(run)),
@@ -493,7 +495,7 @@ def _problem(kind: Verdict, run: list[int], ev: list[_Evidence], layers: list[La
 def _nonfinite_problem(layers: list[LayerStats], inp: InputStats | None, origin: int | None,
                        culprit: tuple[str, str, str, str] | None = None) -> Problem | None:
     if inp is not None and inp.nonfinite_fraction > 0:
-        return Problem("input", "non-finite", f"The input itself is non-finite. {inp.nonfinite_fraction:.1%} of its "
+        return Problem("input", "non-finite", f"The input itself is non-finite. {share(inp.nonfinite_fraction)} of its "
                        "values are NaN/Inf before any layer runs.",
                        "clean the data (torch.nan_to_num, check the loader)", -1, -1)
     if culprit is not None:
@@ -514,7 +516,7 @@ def _nonfinite_problem(layers: list[LayerStats], inp: InputStats | None, origin:
     if fwd is not None:
         return Problem(fwd.name, "non-finite",
                        f"The forward signal first turns non-finite at {_label(fwd)}. "
-                       f"{fwd.nonfinite_fraction:.1%} of its outputs are NaN/Inf while every earlier layer's are "
+                       f"{share(fwd.nonfinite_fraction)} of its outputs are NaN/Inf while every earlier layer's are "
                        "finite.",
                        "look at that module's arithmetic (log/div/sqrt of bad values, overflow in low "
                        "precision); torch.autograd.detect_anomaly helps", fwd.index, fwd.index)

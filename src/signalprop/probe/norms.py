@@ -30,6 +30,18 @@ def module_params(rows: list[Row]) -> list[tuple[nn.Module, list[nn.Parameter]]]
     return out
 
 
+def grad_values(g: torch.Tensor) -> torch.Tensor:
+    """A gradient as a strided tensor of the same norm: a sparse one's stored
+    values (``nn.Embedding(sparse=True)``; coalesced first, duplicate indices
+    summed, so their norm is the gradient's), which the norm kernels take where
+    the sparse tensor itself has no norm kernel; a dense one as it is."""
+    if g.layout == torch.sparse_coo:
+        return g.coalesce().values()
+    if g.layout != torch.strided:  # compressed sparse layouts (CSR, CSC, BSR, BSC): no duplicate entries
+        return g.values()
+    return g
+
+
 _DOT_NORM_MIN = 1 << 16  # smaller tensors: one _foreach_norm for all beats two dispatched ops each
 # On the CPU tensors of at most _STACK_NORM_MAX entries are stacked for their norms: copying 1,024
 # floats costs what _foreach_norm spends per tensor (~2 us); larger ones cost more to copy
@@ -53,7 +65,8 @@ def norms(tensors: list[torch.Tensor], squares: dict[int, torch.Tensor] | None =
     stacks: dict[tuple[Any, Any], list[int]] = {}
     dots: list[int] = []
     sums: list[torch.Tensor] = []
-    tensors = [local(t) for t in tensors]  # a DTensor's own shard (FSDP2): combined across ranks later
+    # a DTensor's own shard (FSDP2: combined across ranks later), a sparse gradient's values
+    tensors = [grad_values(local(t)) for t in tensors]
     for i, t in enumerate(tensors):
         n = t.numel()
         if not t.is_cpu or _STACK_NORM_MAX < n < _DOT_NORM_MIN:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterable
 from typing import Any, cast
 
 import torch
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from ..layers import BATCHNORMS
 from ..records import InputStats, LayerStats, Report, Summary
@@ -21,7 +23,7 @@ from .causes import explain
 from .diagnose import diagnose
 from .distributed import GRAD_NORM, MEAN, NORM, SUM, Reduction, is_ddp, is_sharded
 from .gather import finalise, has_nonfinite
-from .inputs import COTANGENT_SEED, ModelError, call_model, cotangent, prepare_inputs, shapes
+from .inputs import COTANGENT_SEED, ModelError, call_model, cotangent, prepare_inputs, shapes, tensors_of
 from .norms import ParamNorms
 from .predict import predictions
 from .recorder import Recorder, Row, first_float_tensor
@@ -47,6 +49,17 @@ def check_model(model: Any, fn: str) -> None:
                          f"call {fn}() on an uncompiled instance (or before model.compile())")
     if torch.is_inference_mode_enabled():
         raise ValueError(f"{fn}() cannot measure gradients under torch.inference_mode(): call it outside that block")
+
+
+def check_materialised(named: Iterable[tuple[str, nn.Module]], fn: str) -> None:
+    """A lazy module (``nn.LazyLinear``, ``LazyConv2d``) has no shape until its
+    first forward: refused with the module's name (``named``: the model's
+    ``named_modules()``) rather than torch's error from deep inside the pass."""
+    for name, m in named:
+        if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params():
+            raise ValueError(f"{fn}() needs the model's parameters, but {name or '(root)'} ({type(m).__name__}) is "
+                             "lazy and not initialised yet: run one forward pass (model(x)) first, then call "
+                             f"{fn}()")
 
 
 def check_limits(bounds: tuple[float, float], trend: float) -> None:
@@ -115,6 +128,9 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
     rec.attach()
     try:
         x, leaves = prepare_inputs(inputs) if input_leaves else (inputs, [])
+        # the input the statistics read: the first floating leaf, or without leaves the first floating input
+        # as passed (its values and finite share are measured all the same, its gradient is not)
+        read = leaves[:1] if input_leaves else [t for t in tensors_of(inputs) if t.is_floating_point()][:1]
         out = _forward(caller if caller is not None else model, x, inputs, rec)
         y = first_float_tensor(out)
         if y is None:
@@ -161,7 +177,7 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
     input_grads = [g for g in grads[n_p:n_p + n_l] if g is not None]
     out_grad = cot if cot is not None else (grads[-1] if len(grads) > n_p + n_l else None)
     with torch.no_grad():
-        extra: list[torch.Tensor | Part | float] = [*pnorms.scalars, *_input_scalars(leaves, input_grads, exact),
+        extra: list[torch.Tensor | Part | float] = [*pnorms.scalars, *_input_scalars(read, input_grads, exact),
             torch.linalg.vector_norm(out_grad, dtype=acc(out_grad)) if out_grad is not None else 0.0,
             root.float().sum() if loss_fn is not None else 0.0,
             float(out_grad.numel()) if out_grad is not None else 0.0]
@@ -170,7 +186,7 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
     if not exact and has_nonfinite(vals, ex):
         return None
     k = len(pnorms.scalars)
-    inp = _input_stats(leaves, input_grads, ex[k:-3])
+    inp = _input_stats(read, input_grads, ex[k:-3])
     out_rms = ex[-3] / math.sqrt(max(ex[-1], 1.0)) if out_grad is not None else 0.0
     if loss_fn is not None:
         backprop += f" = {ex[-2]:.6g}"
@@ -178,7 +194,7 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
     # row's prediction matches the record it sits in
     last_g = vals[-1].get("grad_rms") if vals else None
     pred = predictions(rec.rows, inp, last_g ** 2 if last_g else 0.0, pnorms.weight_norms,
-                       leaves[0].data_ptr() if leaves else 0)
+                       read[0].data_ptr() if read else 0)
     pgrads = pnorms.values(ex[:k])
     layers = layer_stats(rec.rows, vals, pgrads, out_rms, pred)
     if out_grad is None or out_rms == 0:  # the loss does not reach the first output tensor
@@ -187,7 +203,7 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
         layers = layer_stats(rec.rows, vals, pgrads, out_rms, pred)
     origin = _backward_origin(rec.rows, layers) if exact else None
     culprit = _own_code_origin(rec, layers, origin) if exact else None
-    merges = _unrecorded_merges(rec.rows, leaves[0].data_ptr() if leaves else 0)
+    merges = _unrecorded_merges(rec.rows, read[0].data_ptr() if read else 0)
     stale = _stale_batchnorm(rec.rows)
     verdict, problems, layers, judged = diagnose(layers, inp, bounds, trend, backward_origin=origin, culprit=culprit,
                                                  residual=merges,

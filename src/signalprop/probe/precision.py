@@ -3,7 +3,12 @@ pass measured: each row's largest |value| of its output, gradient and
 weights (headroom before overflow) and, when the pass counted them
 (``check(..., dtype=...)``; :mod:`signalprop.formats`), the shares of their
 nonzero entries that a cast would overflow, leave below the smallest normal,
-or flush to zero.  Plain Python over the records: the monitor's alerts read it too."""
+or flush to zero.  A row's input that no module wrote (a residual sum in a
+parent's ``forward``, ``input_absmax``) is judged by its largest |value|
+too: it would overflow in the format although no row outputs it.  Without
+a loss the gradients' scale is that of check's random unit-variance
+cotangent, so they are not judged against a format's limits.  Plain Python
+over the records: the monitor's alerts read it too."""
 
 from __future__ import annotations
 
@@ -14,9 +19,9 @@ from typing import Any, Literal
 from ..formats import resolve
 from ..records import FORMATS, LayerPrecision, LayerStats, PrecisionReport
 
-# (quantity, max |value| statistic, shares statistic)
+# (quantity, max |value| statistic, shares statistic); an input's shares are not counted
 QUANTITIES = (("output", "forward_absmax", "forward_formats"), ("gradient", "grad_absmax", "grad_formats"),
-              ("weights", "weight_absmax", "weight_formats"))
+              ("weights", "weight_absmax", "weight_formats"), ("input", "input_absmax", ""))
 
 
 def headroom(absmax: float | None, limit: float) -> float | None:
@@ -52,7 +57,7 @@ def layer_precision(layers: Sequence[LayerStats], dtype: str) -> list[LayerPreci
     for layer in layers:
         for quantity, top_key, shares_key in QUANTITIES:
             top = layer.stats.get(top_key)
-            shares = (layer.stats.get(shares_key) or {}).get(dtype)
+            shares = (layer.stats.get(shares_key) or {}).get(dtype) if shares_key else None
             if top is None and shares is None:
                 continue
             over, under, flushed = (shares[k] if shares is not None else None
@@ -69,6 +74,15 @@ def overflows(p: LayerPrecision, limit: float) -> bool:
     if p.overflow is not None:
         return p.overflow > 0
     return p.absmax is not None and p.absmax > limit
+
+
+def loss_given(report: Any) -> bool:
+    """Whether the pass backpropagated a loss: without one (``cotangent_seed``
+    set) check starts the backward from a random unit-variance cotangent on
+    every output entry, a scale no loss has (a mean cross-entropy's is about
+    1 / entries), so the gradients' absolute size says nothing about a
+    format's range."""
+    return getattr(report.summary, "cotangent_seed", None) is None
 
 
 def _names(rows: list[LayerPrecision]) -> tuple[str, ...]:
@@ -96,13 +110,16 @@ def precision_report(report: Any, dtype: Any = None, flush_limit: float = 0.01,
     f = FORMATS[dtype]
     rows = layer_precision(report.layers, dtype)
     counted = any(p.overflow is not None for p in rows)
-    over = [p for p in rows if overflows(p, f.max)]
+    # every row stays in the report's layers; without a loss the gradients are left out of the verdict
+    grads = loss_given(report)
+    judged = rows if grads else [p for p in rows if p.quantity != "gradient"]
+    over = [p for p in judged if overflows(p, f.max)]
     over.sort(key=lambda p: p.headroom if p.headroom is not None else 0.0)
     # flushed entries that matter: over flush_limit of the entries, carrying over flush_limit of the norm
-    flushed = sorted((p for p in rows if p.flushed is not None and p.flushed > flush_limit
+    flushed = sorted((p for p in judged if p.flushed is not None and p.flushed > flush_limit
                       and (p.flushed_mass is None or p.flushed_mass > flush_limit)),
                      key=lambda p: -(p.flushed or 0.0))
-    risk = sorted((p for p in rows if p not in over and p.headroom is not None and p.headroom < risk_binades),
+    risk = sorted((p for p in judged if p not in over and p.headroom is not None and p.headroom < risk_binades),
                   key=lambda p: p.headroom or 0.0)
     verdict: Literal["fits", "overflows", "underflows"] = "overflows" if over else "underflows" if flushed else "fits"
     parts = []
@@ -117,11 +134,13 @@ def precision_report(report: Any, dtype: Any = None, flush_limit: float = 0.01,
         parts.append(f"{len(_names(risk))} within {risk_binades:g} binades of overflowing ("
                      + _list(risk, lambda p: f"{p.layer} {p.quantity}: {p.headroom:.1f}") + ")")
     if not parts:
-        least = min((p for p in rows if p.headroom is not None), key=lambda p: p.headroom or 0.0, default=None)
+        least = min((p for p in judged if p.headroom is not None), key=lambda p: p.headroom or 0.0, default=None)
         parts.append("every measured layer fits" + (f" (least headroom: {least.headroom:.1f} binades, "
                                                     f"{least.layer} {least.quantity})" if least else ""))
     summary = f"{dtype} (largest {f.max:g}, smallest normal {f.smallest_normal:g}): " + "; ".join(parts)
     if not counted:
         summary += " [overflow read off max |value| only: check(..., dtype=...) counts the shares]"
+    if not grads and len(judged) < len(rows):
+        summary += " [gradients not judged: no loss_fn, so their scale is arbitrary; pass loss_fn to judge them]"
     return PrecisionReport(dtype, f.max, f.smallest_normal, verdict, summary, tuple(rows), _names(over),
                            _names(flushed), _names(risk), counted, float(flush_limit), float(risk_binades))

@@ -12,7 +12,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from ..layers import CONV_TRANSPOSE, CONVS, fans
+from ..layers import CONV, CONV_TRANSPOSE, CONVS, fans
 from ..records import InputStats
 from ..theory import propagate
 from .recorder import Row
@@ -224,12 +224,19 @@ def predictions(rows: list[Row], inp: InputStats | None, cot_ms: float,
     fan = [fans(m) for m in mods]
     with torch.no_grad():
         terms = _weight_terms(mods, weight_norms)
-    sw2, sb2 = [t[0] for t in terms], [t[1] for t in terms]
+    # a convolution's borders: its forward terms scaled by the share of its windows inside the input, its
+    # backward fan by how many outputs a border input feeds (see _coverage)
+    cover = [_coverage(w) for w, _ in chain]
+    if any(f <= 0 for f, _ in cover):
+        return None
+    sw2, sb2 = [t[0] * f for t, (f, _) in zip(terms, cover)], [t[1] for t in terms]
+    if not all(math.isfinite(x) for x in (inp.second_moment, inp.mean, *(x for t in terms for x in t))):
+        return None  # an input or a weight past float range (the exact pass after a NaN/Inf): nothing to predict
     try:
         # widths only enter through n_out / n_in, the backward fan ratio: one unit of input, the rest relative
         p = propagate([1] * (len(chain) + 1), [_exact(r) for r in chain], sw2, sb2, q0=inp.second_moment,
-                      mean_coupling=[(t[2], t[3]) for t in terms], m0=inp.mean,
-                      fan_ratio=[fo / fi for fi, fo in fan])
+                      mean_coupling=[(t[2] * f, t[3] * f) for t, (f, _) in zip(terms, cover)], m0=inp.mean,
+                      fan_ratio=[fo / fi * b / f for (fi, fo), (f, b) in zip(fan, cover)])
     except ValueError:
         return None
     out: dict[int, tuple[float, float]] = {}
@@ -239,6 +246,44 @@ def predictions(rows: list[Row], inp: InputStats | None, cot_ms: float,
         if a is not None:
             out[a.index] = (float(p.post[l_idx]), math.sqrt(p.grad_post[l_idx] * cot_ms))
     return out
+
+
+def _coverage(r: Row) -> tuple[float, float]:
+    """``(forward, backward)`` factors of a convolution's borders, 1 each for
+    any other row.  With zero padding an output at the border sums fewer
+    than its kernel's taps (forward: the mean share of its window that lies
+    inside the input), and without padding an input at the border feeds fewer
+    outputs than ``kernel / stride`` (backward: the mean number it feeds over
+    that): per spatial dimension, from the count of (output, tap) pairs that
+    land inside the input, and their product over the dimensions.  Exact for
+    inputs whose second moment is the same at every position; 1 where the
+    input's shape is unknown."""
+    m = r.module
+    if not isinstance(m, CONV) or r.in_shape is None:
+        return 1.0, 1.0
+    k, s, dil = cast(tuple[int, ...], m.kernel_size), cast(tuple[int, ...], m.stride), \
+        cast(tuple[int, ...], m.dilation)
+    d = len(k)
+    n_in, n_out = tuple(r.in_shape[-d:]), tuple(r.shape[-d:])
+    if len(n_in) != d or len(n_out) != d:
+        return 1.0, 1.0
+    pad: tuple[int, ...]
+    if m.padding == "same":
+        pad = tuple(di * (ki - 1) // 2 for ki, di in zip(k, dil))
+    elif m.padding == "valid":
+        pad = (0,) * d
+    else:
+        pad = cast(tuple[int, ...], m.padding)
+    fwd = bwd = 1.0
+    for ni, no, ki, si, pi, di in zip(n_in, n_out, k, s, pad, dil):
+        if m.padding_mode == "zeros":
+            pos = torch.arange(no)[:, None] * si - pi + torch.arange(ki)[None, :] * di
+            pairs = float(((pos >= 0) & (pos < ni)).sum())
+        else:  # reflect, replicate, circular: every tap reads a value of the input
+            pairs = float(no * ki)
+        fwd *= pairs / (no * ki)
+        bwd *= (pairs / ni) / (ki / si)
+    return fwd, bwd
 
 
 def _exact(pair: tuple[Row, Row | None]) -> Any:

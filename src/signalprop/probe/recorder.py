@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.autograd.graph import GradientEdge
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+from torch.nn.utils.rnn import PackedSequence
 from torch.overrides import TorchFunctionMode
 
 from .. import activations as _act
@@ -131,6 +132,8 @@ class Row:
     # column stops there (see predict._chain)
     src: int = 0
     dst: int = 0
+    ver: int = -1  # the output's version counter when the call returned (see Recorder._read)
+    in_shape: tuple[int, ...] | None = None  # the first floating input's shape (a convolution's borders: predict)
     wants_grad: bool = False  # the output required grad when the call ran (a gradient hook is on it)
     low: bool = False  # the output was in a low-precision format (float16, bfloat16, FP8)
 
@@ -141,6 +144,37 @@ _LOW_DTYPES = frozenset(getattr(torch, n) for n in FORMATS if formats.name_of(ge
 # Modules that compute their children functionally (MultiheadAttention never
 # calls its out_proj as a module): recorded as one row, their children not.
 FUSED = (nn.MultiheadAttention,)
+
+
+def _inert(*args: Any, **kwargs: Any) -> None:
+    """What a copied or pickled model keeps of a signalprop hook: nothing."""
+
+
+def _inert_hook() -> Any:
+    return _inert
+
+
+class Hook:
+    """A hook that a model holds for a recorder or a monitor (registered on
+    one of its modules): called as ``fn``.  A copy of the model
+    (``copy.deepcopy``: an EMA copy, ``AveragedModel``) or a pickled one
+    (``torch.save(model)``) gets :func:`_inert` in its place -- not a second
+    monitor bound to the copy that no one closes, nor a pickling error on
+    what the monitor holds."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return _inert_hook, ()  # unpickled as _inert
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        return _inert
 
 
 def _has_own_children(m: nn.Module) -> bool:
@@ -162,6 +196,11 @@ def leaf_modules(model: nn.Module, named: list[tuple[str, nn.Module]] | None = N
     # would go through nn.Module.__getattr__'s AttributeError, ~1 us each)
     hidden |= {id(c) for m in mods if isinstance(p := m._modules.get("parametrizations"), nn.Module)
                for c in p.modules()}  # weight computations, not layers
+    if len(mods) == 1 and not _has_own_children(model) and not (type(model).__module__ or "").startswith("torch.") \
+            and _class_calls_activation(type(model)):
+        # a model of one module of its own class computing with raw parameters (F.linear, torch.tanh): its
+        # activation calls are the rows (functional capture), not its one output
+        return []
     return [m for m in mods if id(m) not in hidden
             and (isinstance(m, FUSED) or not _has_own_children(m))]
 
@@ -197,12 +236,26 @@ def _ptr(t: torch.Tensor) -> int:
         return 0
 
 
-def _first_ptr(args: Any) -> int:
-    """:func:`_ptr` of a call's first floating tensor argument (0: none)."""
+def _first_floating(args: Any) -> torch.Tensor | None:
+    """A call's first floating tensor argument."""
     for a in args if isinstance(args, (tuple, list)) else (args,):
         if isinstance(a, torch.Tensor) and a.is_floating_point():
-            return _ptr(a)
-    return 0
+            return a
+    return None
+
+
+def _first_ptr(args: Any) -> int:
+    """:func:`_ptr` of a call's first floating tensor argument (0: none)."""
+    a = _first_floating(args)
+    return _ptr(a) if a is not None else 0
+
+
+def _version(t: torch.Tensor) -> int:
+    """``t``'s version counter (bumped by every in-place write); -1 where it has none (an inference tensor)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
 
 
 _FUNCTION_NAMES: frozenset[str] = frozenset()
@@ -513,9 +566,39 @@ def _time_hook(row: Row, tdim: int, exact: bool, g: torch.Tensor) -> None:
         torch._C._set_grad_enabled(prev)
 
 
+def _packed_time_hook(row: Row, steps: torch.Tensor, sizes: torch.Tensor, exact: bool, g: torch.Tensor) -> None:
+    """:func:`_time_hook` for a ``PackedSequence``'s data (time-major, the
+    ``sizes[t]`` sequences still running at step t): each step's gradient
+    RMS over the sequences that have it, so that a batch of sequences that
+    end early does not read as a gradient fading toward the end."""
+    prev = torch.is_grad_enabled()
+    torch._C._set_grad_enabled(False)
+    try:
+        if exact:
+            g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+        a = S.acc(g)
+        sq = torch.zeros(len(sizes), dtype=a, device=g.device).index_add_(
+            0, steps, g.reshape(g.shape[0], -1).to(a).square().sum(1))
+        r = (sq / (sizes.to(a) * max(g[0].numel(), 1))).sqrt()
+        top = r.amax()
+        row.bwd["time_grad_ratio"] = torch.where(top > 0, r.amin() / top, torch.ones_like(top))
+        row.bwd["time_horizon"] = (r >= top * TIME_HORIZON_FLOOR).sum(dtype=r.dtype)
+        row.bwd["time_steps"] = float(len(sizes))
+    finally:
+        torch._C._set_grad_enabled(prev)
+
+
 def _safe_time_hook(errors: list[BaseException], row: Row, tdim: int, exact: bool, g: torch.Tensor) -> None:
     try:
         _time_hook(row, tdim, exact, g)
+    except Exception as e:
+        errors.append(e)
+
+
+def _safe_packed_time_hook(errors: list[BaseException], row: Row, steps: torch.Tensor, sizes: torch.Tensor,
+                           exact: bool, g: torch.Tensor) -> None:
+    try:
+        _packed_time_hook(row, steps, sizes, exact, g)
     except Exception as e:
         errors.append(e)
 
@@ -538,10 +621,12 @@ def _weights_into(d: dict[str, Any], m: nn.Module) -> None:
 
 def _traits(act: _act.Activation | None) -> tuple[tuple[float, float] | None, bool, bool]:
     """What the statistics need to know of a row's activation: its saturation
-    band, whether it is a rectifier, and whether its outputs are >= 0."""
+    band, whether its units can die (a rectifier, or GELU/SiLU, whose output
+    underflows to 0: see :func:`~signalprop.activations.can_die`), and
+    whether its outputs are >= 0."""
     if act is None:
         return None, False, False
-    return _act.saturation_band(act), act.rectifier, _act.nonnegative(act)
+    return _act.saturation_band(act), _act.can_die(act), _act.nonnegative(act)
 
 
 class _Leaf(NamedTuple):
@@ -729,8 +814,7 @@ class Recorder:
             else first_float_tensor(out)
         if t is not None:
             row = self._row(info.name, info.kind, m, info.act, t, info.role)
-            row.dst = _ptr(t)
-            row.src = _first_ptr(args)
+            self._read(row, t, args)
             if self.stats:
                 if self._dsts is not None:
                     self._input_written(row, t, args)
@@ -747,6 +831,28 @@ class Recorder:
                         row.input_second_moment = float(x.detach().float().pow(2).mean())
         return replaced
 
+    def _read(self, row: Row, t: torch.Tensor, args: Any) -> None:
+        """Where the row read from and wrote to (``src``, ``dst``), and the
+        output's version.  A row that reads the previous row's output after an
+        in-place write no row recorded (``h.mul_(4)``, a residual ``h += x``
+        between two modules: same address, new values) reads something no row
+        wrote, and gets ``src`` -1: the theory column stops there and the
+        merge counts as a residual one.  A module that writes its own input
+        in place (``ReLU(inplace=True)``) may bump it once."""
+        row.dst = _ptr(t)
+        row.ver = _version(t)
+        a = _first_floating(args)
+        if a is None:
+            return
+        row.src = _ptr(a)
+        row.in_shape = a.shape
+        if row.src and len(self.rows) > 1:
+            prev = self.rows[-2]
+            if row.src == prev.dst and prev.ver >= 0:
+                bumps = _version(a) - prev.ver
+                if bumps > (1 if row.dst == row.src else 0):
+                    row.src = -1
+
     def _input_written(self, row: Row, t: torch.Tensor, args: Any) -> None:
         """``input_absmax`` of a row whose input no earlier row wrote (see
         :func:`_input_extremes_into`); then this row's output is one."""
@@ -762,8 +868,17 @@ class Recorder:
         """A recurrent module's gradient per time step at its input sequence
         (see :func:`_time_hook`), read by a hook on that input."""
         x = args[0] if isinstance(args, (tuple, list)) and args else None
+        if isinstance(x, PackedSequence):
+            data = x.data
+            if not data.requires_grad or data.dim() < 1 or data.shape[0] == 0:
+                return
+            sizes = x.batch_sizes.to(data.device)
+            steps = torch.repeat_interleave(torch.arange(len(sizes), device=data.device), sizes)
+            data.register_hook(functools.partial(_safe_packed_time_hook, self.errors, row, steps, sizes, self.exact)
+                               if self.safe else functools.partial(_packed_time_hook, row, steps, sizes, self.exact))
+            return
         if not isinstance(x, torch.Tensor) or not x.requires_grad or x.dim() < 2:
-            return  # a PackedSequence, or an input no gradient reaches
+            return  # an input no gradient reaches
         tdim = 1 if m.batch_first and x.dim() == 3 else 0
         x.register_hook(functools.partial(_safe_time_hook, self.errors, row, tdim, self.exact) if self.safe
                         else functools.partial(_time_hook, row, tdim, self.exact))
@@ -772,8 +887,7 @@ class Recorder:
                t: torch.Tensor, args: Any = ()) -> Row:
         """A row for one call (a functional activation's, say), measured."""
         row = self._row(name, kind, module, act, t, None)
-        row.dst = _ptr(t)
-        row.src = _first_ptr(args)
+        self._read(row, t, args)
         if self.stats:
             if self._dsts is not None and row.dst:
                 self._dsts[row.dst] = weakref.ref(t)
@@ -875,18 +989,18 @@ class Recorder:
         if self.capture_functional:
             if per_module:
                 for _, m in self._modules:
-                    self._handles.append(m.register_forward_pre_hook(g(self._pre)))
-                    self._handles.append(m.register_forward_hook(g(self._post)))
+                    self._handles.append(m.register_forward_pre_hook(Hook(g(self._pre))))
+                    self._handles.append(m.register_forward_hook(Hook(g(self._post))))
             else:
                 self._handles += [register_module_forward_pre_hook(g(self._pre_any)),
                                   register_module_forward_hook(g(self._post_any))]
         elif per_module:
             for m in self._leaves:
-                self._handles.append(m.register_forward_hook(g(self._leaf_post)))
+                self._handles.append(m.register_forward_hook(Hook(g(self._leaf_post))))
         else:
             self._handles.append(register_module_forward_hook(g(self._leaf_post_any)))
         for m in fused:  # after the hooks above: the module's row exists when these run
-            self._handles.append(m.register_forward_hook(g(self._fused_attention), with_kwargs=True))
+            self._handles.append(m.register_forward_hook(Hook(g(self._fused_attention)), with_kwargs=True))
 
     def _fused_attention(self, m: nn.Module, args: Any, kwargs: dict[str, Any], out: Any) -> None:
         """``nn.MultiheadAttention``'s logits and entropies, into its row

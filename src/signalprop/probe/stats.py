@@ -29,12 +29,18 @@ from ..statistics import BACKWARD_KERNELS, FORWARD_KERNELS, Statistic
 
 _LOW = (torch.float16, torch.bfloat16)
 _DOT = (torch.float32, torch.float64)
+# a complex tensor's sums and norms need a complex dtype= (a real one drops the imaginary part, or is refused)
+_COMPLEX_ACC = {torch.complex32: torch.complex64, torch.complex64: torch.complex64,
+                torch.complex128: torch.complex128}
 
 
 def acc(t: torch.Tensor) -> torch.dtype:
-    """Accumulation dtype: float32 for half precision, the tensor's own above
-    (decided in Python: no dispatched op)."""
-    return torch.float32 if t.dtype in _LOW or not t.is_floating_point() else t.dtype
+    """Accumulation dtype: float32 for half precision, the tensor's own above,
+    complex64 or complex128 for a complex tensor (decided in Python: no
+    dispatched op)."""
+    if t.is_floating_point():
+        return torch.float32 if t.dtype in _LOW else t.dtype
+    return _COMPLEX_ACC.get(t.dtype, torch.float32)
 
 
 def dottable(t: torch.Tensor) -> bool:
@@ -85,7 +91,10 @@ def forward_moments_into(d: dict[str, torch.Tensor | float], y: torch.Tensor,
     row once where the dot reads it and a vector of ones as long (GPT-2's
     logits at batch 8 x 512: 823 MB more memory, and 0.83 s for both dots).
     Returns the 1-D view of ``y`` the dots read (None off that path), for
-    :func:`saturation_into` to read too rather than make its own."""
+    :func:`saturation_into` to read too rather than make its own.  A complex
+    output's sum is kept as its modulus (the raw values are real): its mean is
+    ``|E[y]|``, its second moment ``E[|y|^2]`` and their difference the complex
+    variance ``E[|y - E[y]|^2]``."""
     n = y.numel()
     d["forward_n"] = float(max(n, 1))
     forward_kernels_into(d, y, bounded, None, kernels)
@@ -95,7 +104,8 @@ def forward_moments_into(d: dict[str, torch.Tensor | float], y: torch.Tensor,
         d["forward_sq"] = torch.dot(v, v)
         return v
     a = acc(y)
-    d["forward_sum"] = y.sum(dtype=a)
+    s = y.sum(dtype=a)
+    d["forward_sum"] = s.abs() if s.is_complex() else s
     d["forward_norm"] = torch.linalg.vector_norm(y, dtype=a)
     return None
 
@@ -126,15 +136,16 @@ def exact_moments(t: torch.Tensor, prefix: str, bounded: bool = False,
                   kernels: list[Statistic] | None = None) -> dict[str, torch.Tensor | float]:
     """Sum and norm over the finite entries only, in float64, and the
     non-finite share: the slow path, run only when a pass met NaN/Inf (or a
-    float32 overflow of the fast norm)."""
-    x = t.detach().double()
+    float32 overflow of the fast norm); a complex tensor in complex128, its
+    sum kept as its modulus (see :func:`forward_moments_into`)."""
+    x = t.detach().to(torch.complex128) if t.is_complex() else t.detach().double()
     finite = torch.isfinite(x)
     xf = torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device))
     out: dict[str, torch.Tensor | float] = {f"{prefix}_norm": torch.linalg.vector_norm(xf),
                                             f"{prefix}_n": finite.sum().clamp_min(1).double(),
                                             f"{prefix}_nonfinite": 1.0 - finite.double().mean()}
     if prefix == "forward":
-        out["forward_sum"] = xf.sum()
+        out["forward_sum"] = xf.sum().abs() if xf.is_complex() else xf.sum()
     if prefix == "forward":
         forward_kernels_into(out, xf, bounded, None, kernels)
     else:
