@@ -65,8 +65,9 @@ def norms(tensors: list[torch.Tensor], squares: dict[int, torch.Tensor] | None =
     stacks: dict[tuple[Any, Any], list[int]] = {}
     dots: list[int] = []
     sums: list[torch.Tensor] = []
-    # a DTensor's own shard (FSDP2: combined across ranks later), a sparse gradient's values
-    tensors = [grad_values(local(t)) for t in tensors]
+    tensors = [local(t) for t in tensors]  # a DTensor's own shard (FSDP2): combined across ranks later
+    if not all(t.layout == torch.strided for t in tensors):  # a sparse gradient: its values
+        tensors = [grad_values(t) for t in tensors]
     for i, t in enumerate(tensors):
         n = t.numel()
         if not t.is_cpu or _STACK_NORM_MAX < n < _DOT_NORM_MIN:

@@ -621,12 +621,12 @@ def _weights_into(d: dict[str, Any], m: nn.Module) -> None:
 
 def _traits(act: _act.Activation | None) -> tuple[tuple[float, float] | None, bool, bool]:
     """What the statistics need to know of a row's activation: its saturation
-    band, whether its units can die (a rectifier, or GELU/SiLU, whose output
-    underflows to 0: see :func:`~signalprop.activations.can_die`), and
+    band, whether it is a rectifier (its units' dead flags are measured; a
+    GELU row whose every output is 0 is dead too: see ``rows._dead``), and
     whether its outputs are >= 0."""
     if act is None:
         return None, False, False
-    return _act.saturation_band(act), _act.can_die(act), _act.nonnegative(act)
+    return _act.saturation_band(act), act.rectifier, _act.nonnegative(act)
 
 
 class _Leaf(NamedTuple):
@@ -840,7 +840,10 @@ class Recorder:
         merge counts as a residual one.  A module that writes its own input
         in place (``ReLU(inplace=True)``) may bump it once."""
         row.dst = _ptr(t)
-        row.ver = _version(t)
+        try:
+            row.ver = t._version
+        except RuntimeError:  # an inference tensor has no version counter
+            pass
         a = _first_floating(args)
         if a is None:
             return
@@ -848,10 +851,8 @@ class Recorder:
         row.in_shape = a.shape
         if row.src and len(self.rows) > 1:
             prev = self.rows[-2]
-            if row.src == prev.dst and prev.ver >= 0:
-                bumps = _version(a) - prev.ver
-                if bumps > (1 if row.dst == row.src else 0):
-                    row.src = -1
+            if row.src == prev.dst and prev.ver >= 0 and _version(a) - prev.ver > (1 if row.dst == row.src else 0):
+                row.src = -1
 
     def _input_written(self, row: Row, t: torch.Tensor, args: Any) -> None:
         """``input_absmax`` of a row whose input no earlier row wrote (see

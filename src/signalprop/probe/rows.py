@@ -7,12 +7,26 @@ from typing import Any
 
 from torch import nn
 
+from ..activations import can_die
 from ..records import LayerStats, evolve
 from ..statistics import STATISTICS
 from .recorder import Row
 
 _BLANK = LayerStats(index=0, name="", kind="", depth=0, shape=(), forward_mean=0.0, forward_var=0.0,
                     forward_second_moment=0.0, nonfinite_fraction=0.0, grad_rms=None)
+
+
+def _dead(r: Row, v: dict[str, Any], m2: float) -> float | None:
+    """The row's dead share: per unit for a rectifier (measured); for an
+    activation that dies only where its output underflows (GELU, SiLU, Mish,
+    softplus: see :func:`~signalprop.activations.can_die`), 1 where every
+    output is exactly 0 and None otherwise -- per-unit flags on every GELU
+    row measured ~9% of check on small GELU models, for units that die only
+    past a pre-activation of about -13."""
+    d = v.get("dead_fraction")
+    if d is None and m2 == 0.0 and r.act is not None and v["nonfinite_fraction"] == 0.0 and can_die(r.act):
+        return 1.0
+    return d
 
 
 def layer_stats(rows: list[Row], vals: list[dict[str, Any]], pgrads: dict[nn.Module, tuple[float, float]],
@@ -37,7 +51,7 @@ def layer_stats(rows: list[Row], vals: list[dict[str, Any]], pgrads: dict[nn.Mod
             nonfinite_fraction=v["nonfinite_fraction"], grad_rms=g,
             grad_nonfinite_fraction=v.get("grad_nonfinite_fraction"),
             param_grad_rms=pg[0] if pg else None, grad_to_weight=pg[1] if pg else None,
-            saturation=v.get("saturation"), dead_fraction=v.get("dead_fraction"),
+            saturation=v.get("saturation"), dead_fraction=_dead(r, v, m2),
             dead_samples=v.get("dead_samples"),
             forward_gain=m2 / prev_m2 if prev_m2 else None,
             # how much the gradient's mean square grows passing back through this row
