@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -116,27 +117,30 @@ _OWN = frozenset(vars(nn.Module())) | {"training"}
 _CONTAINERS = (list, dict, set)
 
 
-# per class: None for torch's own layers (``torch.nn``: no Python state that a forward changes), else the
-# names of its instances' own attributes that held a list, dict or set (read off the first instance seen).
-# A plain dict, cleared when it grows past _MAX_CLASSES (torch.fx makes a class per traced module).
-_CONTAINER_NAMES: dict[type, tuple[str, ...] | None] = {}
-_MAX_CLASSES = 4096
+# torch.nn's own classes (they live as long as torch): no Python state that a forward changes
+_TORCH_CLASSES: set[type] = set()
+# per other class, the names of its instances' own attributes that held a list, dict or set (read off the
+# first instance seen; held weakly: a class let go -- torch.fx makes one per traced module -- takes its
+# entry with it)
+_CONTAINER_NAMES: weakref.WeakKeyDictionary[type, tuple[str, ...]] = weakref.WeakKeyDictionary()
 
 
 def _containers(m: nn.Module) -> list[tuple[Any, Any]] | None:
     """(container, shallow copy) of each list, dict or set among ``m``'s own
     attributes (a cache a ``forward`` appends to), or None for a module of
-    torch's own classes: the names looked up once per class, so a module of
-    a class without any costs a dict lookup."""
+    torch's own classes: the names looked up once per class."""
     typ = type(m)
-    try:
-        names = _CONTAINER_NAMES[typ]
-    except KeyError:
-        if len(_CONTAINER_NAMES) >= _MAX_CLASSES:
-            _CONTAINER_NAMES.clear()
-        names = _CONTAINER_NAMES[typ] = None if (typ.__module__ or "").startswith("torch.nn.") else \
-            tuple(k for k, v in vars(m).items() if k not in _OWN and type(v) in _CONTAINERS)
-    if names is None:
+    if typ in _TORCH_CLASSES:
         return None
+    names = _CONTAINER_NAMES.get(typ)
+    if names is None:
+        if (typ.__module__ or "").startswith("torch.nn."):
+            _TORCH_CLASSES.add(typ)
+            return None
+        names = tuple(k for k, v in vars(m).items() if k not in _OWN and type(v) in _CONTAINERS)
+        try:
+            _CONTAINER_NAMES[typ] = names
+        except TypeError:  # a class that cannot be weakly referenced: asked each time
+            pass
     d = vars(m)
     return [(v, copy.copy(v)) for k in names if type(v := d.get(k)) in _CONTAINERS]
