@@ -33,18 +33,19 @@ def _same(a, b):
 # -- skip= and a step the loop did not take ------------------------------------------------------------
 
 
-def _guarded_loop(model, opt, mon=None, bad=2, steps=6):
-    """A loop that guards against NaN itself: a non-finite loss's step takes no optimizer step."""
-    for k in range(steps):
+def _nan_loop(model, opt, mon=None, takes=lambda k, loss: math.isfinite(loss.item())):
+    """Six steps, a NaN in step 2's batch; ``takes(k, loss)``: whether the loop
+    takes step k's optimizer step (by default it guards against NaN itself)."""
+    for k in range(6):
         x, y = _data(k)
-        if k == bad:
+        if k == 2:
             x[0, 0] = math.nan
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
         if mon is not None:
             mon.step(loss)
-        if math.isfinite(loss.item()):
+        if takes(k, loss):
             opt.step()
 
 
@@ -55,10 +56,10 @@ def test_a_skip_the_loop_took_itself_does_not_swallow_the_next_update():
     the NaN step in ``skipped``): weights bit-identical to the loop alone,
     and nothing listed as skipped by the monitor."""
     a, b = _mlp(), _mlp()
-    _guarded_loop(a, torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9))
+    _nan_loop(a, torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9))
     opt_b = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9)
     with sp.monitor(b, every=50, skip=opt_b) as mon:
-        _guarded_loop(b, opt_b, mon)
+        _nan_loop(b, opt_b, mon)
     assert [a.kind for a in mon.alerts if a.step == 2] == ["non-finite"]  # the skip was asked for
     assert mon.skipped == [] and mon.report().skipped == ()
     _same(a, b)
@@ -100,24 +101,11 @@ def test_a_gradscalers_own_skip_does_not_swallow_the_next_update():
 def test_skip_applies_to_the_alerting_steps_own_optimizer_step():
     """The loop takes the NaN step's optimizer step: the monitor skips that one
     (listed in ``skipped``) and no other."""
-    def train(model, opt, mon=None, by_hand=None):
-        for k in range(6):
-            x, y = _data(k)
-            if k == 2:
-                x[0, 0] = math.nan
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            if mon is not None:
-                mon.step(loss)
-            if k != by_hand:
-                opt.step()
-
     a, b = _mlp(), _mlp()
-    train(a, torch.optim.SGD(a.parameters(), lr=0.1), by_hand=2)
+    _nan_loop(a, torch.optim.SGD(a.parameters(), lr=0.1), takes=lambda k, loss: k != 2)  # skipped by hand
     opt_b = torch.optim.SGD(b.parameters(), lr=0.1)
     with sp.monitor(b, every=50, skip=opt_b) as mon:
-        train(b, opt_b, mon)
+        _nan_loop(b, opt_b, mon, takes=lambda k, loss: True)
     assert mon.skipped == [2]
     _same(a, b)
 

@@ -467,9 +467,11 @@ class Report:
             raise ValueError(f"dtype must be one of {sorted(FORMATS)}, got {dtype!r}")
         if not (isinstance(headroom, (int, float)) and headroom >= 1):
             raise ValueError(f"headroom must be a number >= 1 (a factor below the format's maximum), got {headroom!r}")
+        from .probe.precision import loss_given
+
         limit = FORMATS[dtype][0]
         quantities = [("output", "forward_absmax"), ("input", "input_absmax")]
-        if self.summary.cotangent_seed is None:  # a loss was backpropagated
+        if loss_given(self):
             quantities.append(("gradient", "grad_absmax"))
         out = []
         for layer in self.layers:

@@ -52,7 +52,7 @@ from ..probe.diagnose import diagnose
 from ..probe.distributed import GRAD_NORM, MEAN, NORM, SUM, Reduction, norm_kind, resolve_group, unwrap
 from ..probe.gather import finalise, gather
 from ..probe.inputs import CallArgs, ModelError
-from ..probe.norms import ParamNorms, grad_values, norms
+from ..probe.norms import ParamNorms, norms
 from ..probe.pipeline import check_limits, check_materialised, check_model, run_pass
 from ..probe.recorder import Hook, Recorder, first_float_tensor
 from ..probe.rows import layer_stats
@@ -234,12 +234,6 @@ class Monitor:
         if dump_on_nonfinite is not None and os.path.exists(dump_on_nonfinite) and not os.path.isdir(dump_on_nonfinite):
             raise ValueError(f"dump_on_nonfinite takes a folder to write into, and {os.fspath(dump_on_nonfinite)!r} "
                              "is a file")
-        own = {id(p) for p in unwrap(model).parameters()}
-        for what, opt in (("skip", skip), ("optimizer", optimizer if optimizer is not skip else None)):
-            groups = getattr(opt, "param_groups", None)
-            if isinstance(groups, list) and groups and not any(id(p) in own for g in groups for p in g.get("params", [])):
-                raise ValueError(f"{what} holds none of {type(unwrap(model)).__name__}'s parameters: pass the "
-                                 "optimizer that trains this model")
         model = unwrap(model)  # DDP calls the module it wraps: its hooks fire, its names are the model's
         self.model = model
         self._model_name = type(model).__name__
@@ -292,6 +286,12 @@ class Monitor:
         self._owner: dict[nn.Parameter, str] = {}
         self._opt_params = -1  # how many parameters the known optimizer's groups held at the last refresh
         self._refresh_params()
+        for what, opt in (("skip", skip), ("optimizer", optimizer if optimizer is not skip else None)):
+            groups = getattr(opt, "param_groups", None)
+            if isinstance(groups, list) and groups and \
+                    not any(p in self._param_names for g in groups for p in g.get("params", [])):
+                raise ValueError(f"{what} holds none of {self._model_name}'s parameters: pass the optimizer that "
+                                 "trains this model")
         # the post-hook also when the forward raises (always_call): the recording mode a sample entered for
         # the forward is left there, not at the next forward or step, so code the loop runs after catching the
         # error goes through no mode and records nothing
@@ -593,13 +593,13 @@ class Monitor:
         self._cuda_devices = sorted({p.device.index for p in self._param_names
                                      if p.device.type == "cuda" and p.device.index is not None})
         with torch.no_grad():
-            grads = [grad_values(cast(torch.Tensor, p.grad)) for p in params]
+            grads = [cast(torch.Tensor, p.grad) for p in params]  # sparse ones: norms() reads their values
             gnorms = norms(grads) if params else []
             outs = [c for c in self._calls if c.out_norm is not None][:1]
             extra: list[torch.Tensor | Part | float] = [*gnorms, *([loss_t] if loss_t is not None else []),
                                                  *[x for c in outs for x in (cast(torch.Tensor, c.out_norm),
                                                                              float(c.out_numel))]]
-            kinds = ([norm_kind(cast(torch.Tensor, p.grad)) for p in params] + ([MEAN] if loss_t is not None else [])
+            kinds = ([norm_kind(g) for g in grads] + ([MEAN] if loss_t is not None else [])
                      + [GRAD_NORM, SUM] * len(outs))
             pn = ParamNorms.of(rec.rows, dict(zip(params, grads)),  # type: ignore[union-attr]
                                known={id(g): n for g, n in zip(grads, gnorms)}) if sampled else None

@@ -172,7 +172,7 @@ def loss_explosion(losses: Sequence[float | None], loss: float) -> Explosion | N
     steps before it) when it alarms; None otherwise."""
     if not math.isfinite(loss):
         return None
-    head = finite(losses[:WARMUP]) if len(losses) >= WARMUP else finite(losses)
+    head = finite(losses[:WARMUP])
     start = statistics.median(head[:WARMUP] if len(head) >= WARMUP else head[:SMOOTH]) if len(head) >= SMOOTH else None
     recent = last_finite(losses, 2 * SMOOTH) + [loss]
     if start is None or not start > 0 or len(recent) < 2 * SMOOTH:

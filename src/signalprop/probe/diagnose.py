@@ -466,7 +466,7 @@ def _problem(kind: Verdict, run: list[int], ev: list[_Evidence], layers: list[La
                (", so no gradient reaches the layers before them." if dead >= 1.0 else "."))
         # a GELU/SiLU row dies where its pre-activations sit far below 0 (it underflows): no other smooth
         # activation is the cure there, a leaky one is
-        other = "LeakyReLU/GELU" if act in (None, "relu") or "relu" in (act or "") else "LeakyReLU/ELU"
+        other = "LeakyReLU/GELU" if act is None or "relu" in act else "LeakyReLU/ELU"
         fix = f"zero or shrink negative biases, use kaiming_normal_, lower the learning rate, or use {other}"
         cli = ("zero or shrink negative biases (--init kaiming_normal redraws the weights and zeroes the biases), "
                f"lower the learning rate, or use {other}")

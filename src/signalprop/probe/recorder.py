@@ -544,61 +544,43 @@ def _safe_grad_prehook(errors: list[BaseException], row: Row, exact: bool | S.Gr
 TIME_HORIZON_FLOOR = 1e-6
 
 
-def _time_hook(row: Row, tdim: int, exact: bool, g: torch.Tensor) -> None:
+def _time_hook(row: Row, tdim: int, exact: bool, g: torch.Tensor,
+               packed: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Per time step t, the RMS of the gradient reaching a recurrent module's
     input x_t: their smallest over their largest (``time_grad_ratio``: the
     loss on the last step makes the first steps' gradient a product of t
     recurrent Jacobians), the number of steps within
     :data:`TIME_HORIZON_FLOOR` of the largest (``time_horizon``) and the
-    sequence's length.  Left on the device."""
-    prev = torch.is_grad_enabled()
-    torch._C._set_grad_enabled(False)
-    try:
-        if exact:
-            g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
-        dims = tuple(d for d in range(g.dim()) if d != tdim)
-        r = torch.linalg.vector_norm(g, dim=dims, dtype=S.acc(g))
-        top = r.amax()
-        row.bwd["time_grad_ratio"] = torch.where(top > 0, r.amin() / top, torch.ones_like(top))
-        row.bwd["time_horizon"] = (r >= top * TIME_HORIZON_FLOOR).sum(dtype=r.dtype)
-        row.bwd["time_steps"] = float(g.shape[tdim])
-    finally:
-        torch._C._set_grad_enabled(prev)
-
-
-def _packed_time_hook(row: Row, steps: torch.Tensor, sizes: torch.Tensor, exact: bool, g: torch.Tensor) -> None:
-    """:func:`_time_hook` for a ``PackedSequence``'s data (time-major, the
-    ``sizes[t]`` sequences still running at step t): each step's gradient
-    RMS over the sequences that have it, so that a batch of sequences that
-    end early does not read as a gradient fading toward the end."""
+    sequence's length.  Left on the device.  ``packed``: ``g`` is a
+    ``PackedSequence``'s data (time-major), with the step of each of its rows
+    and the number of sequences still running at each step; each step's RMS
+    is over the sequences that have it, so that a batch of sequences that end
+    early does not read as a gradient fading toward the end."""
     prev = torch.is_grad_enabled()
     torch._C._set_grad_enabled(False)
     try:
         if exact:
             g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
         a = S.acc(g)
-        sq = torch.zeros(len(sizes), dtype=a, device=g.device).index_add_(
-            0, steps, g.reshape(g.shape[0], -1).to(a).square().sum(1))
-        r = (sq / (sizes.to(a) * max(g[0].numel(), 1))).sqrt()
+        if packed is None:
+            r = torch.linalg.vector_norm(g, dim=tuple(d for d in range(g.dim()) if d != tdim), dtype=a)
+        else:
+            steps, sizes = packed
+            sq = torch.zeros(len(sizes), dtype=a, device=g.device).index_add_(
+                0, steps, g.reshape(g.shape[0], -1).to(a).square().sum(1))
+            r = (sq / (sizes.to(a) * max(g[0].numel(), 1))).sqrt()
         top = r.amax()
         row.bwd["time_grad_ratio"] = torch.where(top > 0, r.amin() / top, torch.ones_like(top))
         row.bwd["time_horizon"] = (r >= top * TIME_HORIZON_FLOOR).sum(dtype=r.dtype)
-        row.bwd["time_steps"] = float(len(sizes))
+        row.bwd["time_steps"] = float(r.shape[0])
     finally:
         torch._C._set_grad_enabled(prev)
 
 
-def _safe_time_hook(errors: list[BaseException], row: Row, tdim: int, exact: bool, g: torch.Tensor) -> None:
+def _safe_time_hook(errors: list[BaseException], row: Row, tdim: int, exact: bool, g: torch.Tensor,
+                    packed: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     try:
-        _time_hook(row, tdim, exact, g)
-    except Exception as e:
-        errors.append(e)
-
-
-def _safe_packed_time_hook(errors: list[BaseException], row: Row, steps: torch.Tensor, sizes: torch.Tensor,
-                           exact: bool, g: torch.Tensor) -> None:
-    try:
-        _packed_time_hook(row, steps, sizes, exact, g)
+        _time_hook(row, tdim, exact, g, packed)
     except Exception as e:
         errors.append(e)
 
@@ -840,10 +822,7 @@ class Recorder:
         merge counts as a residual one.  A module that writes its own input
         in place (``ReLU(inplace=True)``) may bump it once."""
         row.dst = _ptr(t)
-        try:
-            row.ver = t._version
-        except RuntimeError:  # an inference tensor has no version counter
-            pass
+        row.ver = _version(t)
         a = _first_floating(args)
         if a is None:
             return
@@ -874,9 +853,9 @@ class Recorder:
             if not data.requires_grad or data.dim() < 1 or data.shape[0] == 0:
                 return
             sizes = x.batch_sizes.to(data.device)
-            steps = torch.repeat_interleave(torch.arange(len(sizes), device=data.device), sizes)
-            data.register_hook(functools.partial(_safe_packed_time_hook, self.errors, row, steps, sizes, self.exact)
-                               if self.safe else functools.partial(_packed_time_hook, row, steps, sizes, self.exact))
+            packed = (torch.repeat_interleave(torch.arange(len(sizes), device=data.device), sizes), sizes)
+            data.register_hook(functools.partial(_safe_time_hook, self.errors, row, 0, self.exact, packed=packed)
+                               if self.safe else functools.partial(_time_hook, row, 0, self.exact, packed=packed))
             return
         if not isinstance(x, torch.Tensor) or not x.requires_grad or x.dim() < 2:
             return  # an input no gradient reaches

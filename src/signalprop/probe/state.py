@@ -59,7 +59,7 @@ def preserved(model: nn.Module, modules: list[nn.Module] | None = None, python_s
     # per module of a class defined outside torch (torch's own layers keep no Python state a forward changes):
     # its attributes (a copy of its __dict__, made in C), its parameter and buffer mappings where it has any,
     # and copies of the containers among its own attributes (see _containers)
-    attrs = [(m, vars(m).copy(), m._parameters and dict(m._parameters), m._buffers and dict(m._buffers), conts)
+    attrs = [(m, vars(m).copy(), dict(m._parameters), dict(m._buffers), conts)
              for m in mods if (conts := _containers(m)) is not None] if python_state else []
     written: list[str] = []
     with torch.random.fork_rng(devices=devices):
@@ -75,12 +75,8 @@ def preserved(model: nn.Module, modules: list[nn.Module] | None = None, python_s
                 if not written and (len(d) != len(saved) or not all(map(operator.is_, d.values(), saved.values()))):
                     d.clear()
                     d.update(saved)
-                if ps:
-                    _restore_mapping(m._parameters, ps)
-                if bs:
-                    _restore_mapping(m._buffers, bs)
-                elif m._buffers:  # buffers registered on a module that had none
-                    m._buffers.clear()
+                _restore_mapping(m._parameters, ps)
+                _restore_mapping(m._buffers, bs)
                 if not written:
                     for v, c in conts:  # refilled in place: others may hold a reference to the container
                         if isinstance(v, list):
