@@ -101,8 +101,8 @@ class _LitMLP(__import__("lightning.pytorch", fromlist=["LightningModule"]).Ligh
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
-def _fit(tmp_path, lr: float, logger, accumulate: int = 2, precision: str = "32-true", steps: int = 6,
-         **cb_kwargs):
+def _fit(tmp_path, lr: float, logger, accumulate: int = 2, precision: str | None = "32-true", steps: int = 6,
+         plugins=None, **cb_kwargs):
     import lightning.pytorch as pl
 
     from signalprop.integrations.lightning import SignalpropCallback
@@ -112,7 +112,8 @@ def _fit(tmp_path, lr: float, logger, accumulate: int = 2, precision: str = "32-
     cb = SignalpropCallback(every=EVERY, grad_every=1, **cb_kwargs)
     module = _LitMLP(lr)
     trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=logger, callbacks=[cb],
-                         accumulate_grad_batches=accumulate, precision=precision, enable_progress_bar=False,
+                         accumulate_grad_batches=accumulate, precision=precision, plugins=plugins,
+                         enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1,
                          default_root_dir=str(tmp_path))
     trainer.fit(module, loader)
@@ -148,6 +149,46 @@ def test_lightning_callback_under_bf16_mixed_precision_and_tensorboard_logger(tm
     assert mon.steps == [0, 1, 2, 3] and all(math.isfinite(v) for v in mon.losses)
     assert mon.history[0].verdict == "healthy" and len(mon.history[0].layers) == 5
     assert mon.losses[0] == pytest.approx(module.seen[0], rel=1e-6)
+
+
+@_lightning_warnings
+def test_lightning_callback_passes_the_precision_plugins_grad_scaler(tmp_path):
+    """"16-mixed" (float16 autocast and a GradScaler; on the CPU through the
+    plugin, which Lightning's precision flag refuses there): the callback
+    hands the plugin's scaler to the monitor, so the scaler's first steps,
+    which overflow at a scale of 2**26 and are skipped while it backs off,
+    are listed, not alerted, and the samples hold the scale they were taken
+    at.  Oracle for the skipped steps: the weights did not move in them."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 26)
+    moved: list[bool] = []
+
+    class _Watch(__import__("lightning.pytorch", fromlist=["Callback"]).Callback):
+        def on_before_optimizer_step(self, trainer, module, optimizer):
+            self.before = [p.detach().clone() for p in module.parameters()]
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            moved.append(any(not torch.equal(a, p) for a, p in zip(self.before, module.parameters())))
+
+    import lightning.pytorch as pl
+
+    from signalprop.integrations.lightning import SignalpropCallback
+
+    cb = SignalpropCallback(every=EVERY, grad_every=1)
+    data = torch.utils.data.TensorDataset(*map(torch.cat, zip(*_batches(12))))
+    trainer = pl.Trainer(max_steps=12, accelerator="cpu", devices=1, logger=False, callbacks=[cb, _Watch()],
+                         plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)], enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path))
+    module = _LitMLP(0.05)
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=16))
+    mon = cb.monitor
+    assert mon._scale is not None and mon._scale.scaler is scaler
+    skipped = [k for k, m in enumerate(moved) if not m]
+    assert 2 <= len(skipped) < len(moved) and mon.scaler_skipped == skipped
+    assert not [a for a in mon.alerts if a.kind == "non-finite"]
+    assert mon.history[0].loss_scale == 2.0 ** 26
+    assert mon.losses[0] == pytest.approx(module.seen[0], rel=1e-3)
 
 
 @_lightning_warnings
@@ -197,6 +238,44 @@ def test_hf_trainer_callback_on_tiny_gpt2(tmp_path):
     assert mon.history[0].verdict == "healthy"
     assert mon._handles == [] and cb._hook is None
 
+
+
+def test_hf_trainer_callback_passes_accelerates_grad_scaler(tmp_path):
+    """An fp16 Trainer's accelerator scales the loss with a GradScaler that
+    its optimizer wrapper holds (``AcceleratedOptimizer.scaler``); the
+    callback hands it to the monitor.  Float16 needs a GPU here, so the
+    scaler is set on the CPU accelerator (float32, a scale of 2**20: exact,
+    no overflow, no clipping before the step so the gradients stay scaled
+    until the scaler's step): every gradient norm and sampled row equals the
+    same run's without a scaler (the weights do: scaling by a power of 2)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+    from signalprop.integrations.transformers import SignalpropCallback
+
+    class _ScaledTrainer(Trainer):
+        def create_accelerator_and_postprocess(self):
+            super().create_accelerator_and_postprocess()
+            self.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 20)
+
+    runs = []
+    for cls in (Trainer, _ScaledTrainer):
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2))
+        cb = SignalpropCallback(every=EVERY, grad_every=1)
+        args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4,
+                                 learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True,
+                                 disable_tqdm=True, seed=0, max_grad_norm=0)
+        trainer = cls(model=model, args=args, train_dataset=_Tokens(48), callbacks=[cb])
+        trainer.train()
+        runs.append((cb.monitor, trainer))
+    (a, _), (b, tb) = runs
+    assert b._scale is not None and b._scale.scaler is tb.accelerator.scaler and a._scale is None
+    assert [h.loss_scale for h in b.history] == [2.0 ** 20] * 2
+    assert b.grad_norms == pytest.approx(a.grad_norms, rel=1e-6)
+    for ha, hb in zip(a.history, b.history):
+        for la, lb in zip(ha.layers, hb.layers):
+            assert lb.grad_rms == pytest.approx(la.grad_rms, rel=1e-6), la.name
+    assert b.alerts == a.alerts == []
 
 @_lightning_warnings
 def test_lightning_checkpoint_carries_the_monitor(tmp_path):

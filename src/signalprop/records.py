@@ -574,11 +574,14 @@ class MonitorStep:
     update_ratios: tuple[tuple[str, float], ...] = ()
     incomplete: str = ""  # why the sample has no verdict (verdict "incomplete"), else ""
     output_logits: LogitStats | None = None  # of the sampled forward's output, when it has a class dimension
+    # the GradScaler's scale at this step (monitor(..., scaler=)): the gradient statistics are divided by it
+    loss_scale: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return _clean({"step": self.step, "loss": self.loss, "verdict": self.verdict, "grad_norm": self.grad_norm,
                        "output_grad_rms": self.output_grad_rms, "update_ratios": dict(self.update_ratios),
                        "incomplete": self.incomplete, "problems": [p.to_dict() for p in self.problems],
+                       "loss_scale": self.loss_scale,
                        "output_logits": asdict(self.output_logits) if self.output_logits is not None else None,
                        "layers": [layer.to_dict() for layer in self.layers]})
 
@@ -609,11 +612,14 @@ class MonitorReport:
     bounds: tuple[float, float] = (1e-6, 1e3)  # the monitor's healthy band for relative gradient RMS (the HTML draws it)
     # ||dw|| / ||w|| of the optimizer step before each step (None where not measured), beside ``steps``
     relative_updates: tuple[float | None, ...] = ()
+    # steps whose optimizer step the GradScaler skipped, its scaled gradients overflowing (monitor(..., scaler=))
+    scaler_skipped: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return _clean({"model": self.model, "every": self.every, "steps": list(self.steps),
                        "losses": list(self.losses), "grad_norms": list(self.grad_norms),
                        "alerts": [a.to_dict() for a in self.alerts], "skipped": list(self.skipped),
+                       "scaler_skipped": list(self.scaler_skipped),
                        "bounds": list(self.bounds), "relative_updates": list(self.relative_updates),
                        "history": [h.to_dict() for h in self.history]})
 

@@ -109,8 +109,11 @@ class SignalpropCallback(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._writer = self._make_writer(trainer)
-        self.monitor = Monitor(self._target(pl_module), self.every, writer=self._writer, agc=self.agc,
-                               **self.monitor_kwargs)
+        kwargs = dict(self.monitor_kwargs)
+        scaler = getattr(trainer.precision_plugin, "scaler", None)  # "16-mixed": its gradients arrive scaled
+        if scaler is not None and "scaler" not in kwargs:
+            kwargs["scaler"] = scaler
+        self.monitor = Monitor(self._target(pl_module), self.every, writer=self._writer, agc=self.agc, **kwargs)
         if self._restored:
             self.monitor.load_state_dict(self._restored)
             self._restored = None

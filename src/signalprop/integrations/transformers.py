@@ -127,16 +127,21 @@ class SignalpropCallback(TrainerCallback, ExportableState):
                 "attributes": {"_restored": self.monitor.state_dict() if self.monitor is not None
                                else self._restored}}
 
-    def _start(self, state: Any, model: torch.nn.Module | None) -> None:
+    def _start(self, state: Any, model: torch.nn.Module | None, optimizer: Any = None) -> None:
         if model is None:
             raise ValueError("SignalpropCallback: the Trainer passed no model")
+        kwargs = dict(self.monitor_kwargs)
+        # fp16 training: accelerate's optimizer wrapper holds the GradScaler that scales the gradients
+        scaler = getattr(optimizer, "scaler", None)
+        if scaler is not None and "scaler" not in kwargs:
+            kwargs["scaler"] = scaler
         self.monitor = Monitor(model, self.every, writer=self.writer if state.is_world_process_zero else None,
-                               agc=self.agc, **self.monitor_kwargs)
+                               agc=self.agc, **kwargs)
         self._hook = model.register_forward_hook(self._keep_loss, with_kwargs=True)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: torch.nn.Module | None = None,
                        **kwargs: Any) -> None:
-        self._start(state, model)
+        self._start(state, model, kwargs.get("optimizer"))
         if self._restored is None and getattr(state, "global_step", 0) > 0:
             # resumed from a checkpoint: the Trainer restores callbacks only with
             # restore_callback_states_from_checkpoint=True, so the monitor's saved state is read here
@@ -150,7 +155,7 @@ class SignalpropCallback(TrainerCallback, ExportableState):
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.monitor is None:  # rebuilt by a checkpoint restore after on_train_begin
-            self._start(state, kwargs.get("model"))
+            self._start(state, kwargs.get("model"), kwargs.get("optimizer"))
         assert self.monitor is not None
         if self._restored:  # the Trainer restores callbacks after on_train_begin: applied before the first step
             self.monitor.load_state_dict(self._restored)

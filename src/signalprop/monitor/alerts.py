@@ -264,6 +264,16 @@ HEADROOM_QUANTITIES = (("output", "forward_absmax", "forward"), ("gradient", "gr
                        (OWN_CODE_INPUT, "input_absmax", "forward"))
 
 
+def headroom_quantities(sample: MonitorStep) -> tuple[tuple[str, str, str], ...]:
+    """The quantities whose headroom ``sample`` is judged on: under a
+    GradScaler (``sample.loss_scale``) not the gradients, whose float16 range
+    the scaler manages (it raises its scale until they overflow, then skips
+    that step and halves it; their statistics are the true, unscaled ones)."""
+    if sample.loss_scale is None:
+        return HEADROOM_QUANTITIES
+    return tuple(q for q in HEADROOM_QUANTITIES if q[2] != "backward")
+
+
 def overflow_alerts(current: MonitorStep, limit: float = FLOAT16_MAX, headroom: float = HEADROOM) -> list[Alert]:
     """Overflow risk on a sampled step: the module whose largest output or
     output-gradient entry (``forward_absmax``, ``grad_absmax``) is within
@@ -273,8 +283,9 @@ def overflow_alerts(current: MonitorStep, limit: float = FLOAT16_MAX, headroom: 
     come near).  One alert per sample, naming the module with the least
     headroom and how many are within it."""
     close: list[tuple[float, str, str]] = []
+    quantities = headroom_quantities(current)
     for name, layer in _by_name(current.layers).items():
-        for what, attr, _ in HEADROOM_QUANTITIES:
+        for what, attr, _ in quantities:
             v = layer.stats.get(attr)
             if v is not None and math.isfinite(v) and v > 0 and limit / v < headroom:
                 close.append((limit / v, name, what))

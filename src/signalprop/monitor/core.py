@@ -59,11 +59,12 @@ from ..probe.rows import layer_stats
 from ..probe.state import preserved
 from ..probe.stats import Part
 from ..records import FORMATS, Alert, LogitStats, MonitorReport, MonitorStep, evolve
-from ..statistics import HEADROOM, MAX
+from ..statistics import HEADROOM, MAX, STATISTICS
 from ..words import module_label
 from . import alerts as A
 from . import divergence as D
 from .logit_alerts import attention_closing_in, logit_alerts
+from .loss_scale import LossScale, check_scaler
 from .optimizer import check_optimizer, update_spike_alerts
 from .precision_alerts import closing_in, output_closing_in, precision_alerts
 from .relative_update import RelativeUpdate
@@ -194,7 +195,7 @@ class Monitor:
                  bounds: tuple[float, float] = (1e-6, 1e3), trend: float = 100.0, update_ratio: bool = True,
                  max_history: int | None = None, grad_every: int | None = None, group: Any = None,
                  skip: Any = None, histograms: bool = True, dump_on_nonfinite: Any = None,
-                 optimizer: Any = None, loss_fn: Any = None) -> None:
+                 optimizer: Any = None, loss_fn: Any = None, scaler: Any = None) -> None:
         check_model(unwrap(model) if isinstance(model, nn.Module) else model, "monitor")
         check_materialised(unwrap(model).named_modules(), "monitor")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
@@ -211,6 +212,8 @@ class Monitor:
                             f"TensorBoard SummaryWriter), got {type(writer).__name__}")
         if dump_on_nonfinite is not None and not isinstance(dump_on_nonfinite, (str, os.PathLike)):
             raise TypeError(f"dump_on_nonfinite takes a folder path, got {type(dump_on_nonfinite).__name__}")
+        if scaler is not None:
+            check_scaler(scaler)
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable as loss_fn(output, targets), got {type(loss_fn).__name__}")
         if not isinstance(histograms, bool):
@@ -262,6 +265,9 @@ class Monitor:
         self._sampled_out_absmax: float | None = None  # the output's largest |entry| at the last sample
         self._low_format: str | None = None  # the format a sample's rows computed in under autocast entered inside forward
         self.skipped: list[int] = []  # steps whose optimizer step was skipped (skip=)
+        # steps whose optimizer step the GradScaler skipped (its scaled gradients overflowed: monitor.loss_scale)
+        self.scaler_skipped: list[int] = []
+        self._scale = LossScale(scaler) if scaler is not None else None
         self._skip_now: int | None = None  # the step whose optimizer step skip= is to skip, until the next step()
         self._skip_opt: Any = None
         self._skip_orig: Any = None
@@ -607,45 +613,73 @@ class Monitor:
             logit_sums = self._logits if sampled and self._logits is not None else []
             rel = self._relative_scalars()
             absmax = [c.out_absmax for c in self._calls[:1] if c.out_absmax is not None]
+            # the GradScaler's scale, last: the backward's gradients are that many times the true ones
+            scale_t = [t for t in (self._scale.tensor(),) if t is not None] if self._scale is not None else []
+            unscaled = self._scale is not None and self._scale.unscaled()  # unscale_() divided the .grad already
             more: list[torch.Tensor | Part | float] = [*(pn.scalars if pn is not None else []),
-                                                *(upd[0] if upd is not None else []), *logit_sums, *absmax, *rel]
+                                                *(upd[0] if upd is not None else []), *logit_sums, *absmax, *rel,
+                                                *scale_t]
             kinds += (pn.kinds if pn is not None else []) + (upd[1] if upd is not None else []) \
-                + ([SUM, SUM, MAX, SUM, SUM] if logit_sums else []) + [MAX] * len(absmax) + [NORM] * len(rel)
+                + ([SUM, SUM, MAX, SUM, SUM] if logit_sums else []) + [MAX] * len(absmax) + [NORM] * len(rel) \
+                + [MAX] * len(scale_t)
             if sampled:
                 assert rec is not None
                 vals, ex = finalise(rec.rows, extra + more, self.red, kinds, rec.batched())
             else:
                 vals, ex = [], gather(extra + more, kinds, self.red) if extra or more else []
+        rest = list(ex)
+        scale = rest.pop() if scale_t else None
+        scale = scale if scale is not None and math.isfinite(scale) and scale > 0 else None
+        # the scaler lowers its scale only after an optimizer step it skipped: the previous step's
+        fell = self._scale is not None and self._scale.fell(scale)
+        # the true gradients: the backward's (rows, the output's) were scaled, .grad unless unscale_() ran
+        row_div = scale or 1.0
+        param_div = 1.0 if unscaled else row_div
         n = len(gnorms)
-        gvals = ex[:n]
+        gvals = [v / param_div for v in ex[:n]]
         loss_v = ex[n] if loss_t is not None else (float(loss) if isinstance(loss, (int, float)) else None)
         i = n + (1 if loss_t is not None else 0)
-        out_v = ex[i] if outs else None
+        out_v = ex[i] / row_div if outs else None
         out_numel = ex[i + 1] if outs else 0.0
-        rest = ex[i + (2 if outs else 0):]
-        grad_norm = math.sqrt(sum(v * v for v in gvals)) if read_grads and gvals else None
+        rest = rest[i + (2 if outs else 0):]
+        # non-finite gradients from a finite loss under a GradScaler still scaling (>= 1): its routine overflow
+        loss_finite = loss_v is None or math.isfinite(loss_v)
+        finite = loss_finite and all(math.isfinite(v) for v in gvals)
+        overflow = not finite and loss_finite and scale is not None and scale >= 1
+        grad_norm = math.sqrt(sum(v * v for v in gvals)) if read_grads and gvals and not overflow else None
         new: list[Alert] = []
+        if fell:
+            self._scaler_skip(k - 1)
 
         # 1. the update of the previous step's optimizer step, when it was saved
         m = len(pn.scalars) if pn is not None else 0
         u = len(upd[0]) if upd is not None else 0
         logits = _logit_stats(rest[m + u:m + u + 5]) if logit_sums else None
-        relative = RelativeUpdate.ratio(*rest[len(rest) - 2:])
+        # (of the previous optimizer step: none when the GradScaler skipped it)
+        relative = None if fell else RelativeUpdate.ratio(*rest[len(rest) - 2:])
         out_absmax = rest[len(rest) - len(rel) - 1] if absmax else None
-        if upd is not None:
+        if upd is not None and fell:  # the weights saved before a step the scaler skipped: saved again now
+            self._snapshot_due = cast(Any, self._updates.snapshot).sample
+            self._updates.snapshot = None
+        elif upd is not None:
             new += self._finish_update(rest[m:m + u])
         # 2. non-finite watch (the loss and output gradient every step, parameter gradients when read)
-        finite = (loss_v is None or math.isfinite(loss_v)) and all(math.isfinite(v) for v in gvals)
-        if not finite and not self._nonfinite_seen:
+        if overflow:
+            self._scaler_skip(k)
+        elif not finite and not self._nonfinite_seen:
             self._nonfinite_seen = True
             new.append(self._locate(k, loss_v, gvals, params, out_v))
+            if scale is not None and loss_finite:
+                new[-1] = evolve(new[-1], message=f"{new[-1].message}; the GradScaler's scale is down to "
+                                 f"{scale:g}: these gradients are non-finite without loss scaling, not a scaled "
+                                 "overflow")
             if self._dump_dir is not None and not self._dumped:
                 new[-1] = self._dump(k, loss_v, new[-1])
         elif finite:
             self._nonfinite_seen = False
         # 3. loss and gradient-norm rules (the gradient-norm one on steps that read gradients)
-        if finite:
-            worst = self._worst_growth(params, gvals) if read_grads else None
+        if finite or overflow:
+            worst = self._worst_growth(params, gvals) if read_grads and not overflow else None
             new += A.scalar_alerts(k, loss_v, grad_norm, self.losses, self.grad_norms, worst, relative,
                                    self.relative_updates)
         self.steps.append(k)
@@ -657,7 +691,7 @@ class Monitor:
         if sampled:
             assert rec is not None and pn is not None
             out_rms = out_v / math.sqrt(max(out_numel, 1.0)) if out_v else None
-            sample = self._sample(k, loss_v, grad_norm, rec, vals, pn, rest, out_rms)
+            sample = self._sample(k, loss_v, grad_norm, rec, vals, pn, rest, out_rms, scale, param_div, overflow)
             if logits is not None:
                 sample = evolve(sample, output_logits=logits)
             if finite and not sample.incomplete:
@@ -682,12 +716,13 @@ class Monitor:
             self._snapshot_due = None
         if sampled and self.update_ratio and finite and k % self.every == 0:
             self._snapshot_due = k
-        if read_grads:
+        if read_grads and not overflow:
             self._prev_gvals = dict(zip(params, gvals))
         if self.agc is not None:
             from ..clip import agc_
 
-            agc_(self.model.parameters(), clipping=self.agc)
+            # gradients still multiplied by the loss scale: their ratio to the weights is too
+            agc_(self.model.parameters(), clipping=self.agc * param_div)
         if self._skip_opt is not None and any(a.kind in SKIP_ON for a in new):
             # the optimizer's next step() (this step's) is skipped: decided from the values this step's one
             # host transfer already read, so skipping adds no synchronisation with the device
@@ -786,8 +821,16 @@ class Monitor:
         return where
 
     def _sample(self, k: int, loss: float | None, grad_norm: float | None, rec: Recorder, vals: list[dict[str, Any]],
-                pn: ParamNorms, rest: list[float], out_rms: float | None) -> MonitorStep:
+                pn: ParamNorms, rest: list[float], out_rms: float | None, scale: float | None = None,
+                param_div: float = 1.0, overflow: bool = False) -> MonitorStep:
+        """The sampled step's record; under a GradScaler (``scale``) the
+        backward's statistics divided by the scale, the parameters' gradients
+        by ``param_div`` (1 once ``unscale_`` ran), and no verdict on a step
+        whose scaled gradients overflowed."""
         rows = rec.rows
+        if scale is not None:
+            scaled = [s.name for s in STATISTICS if s.unit == "gradient"]
+            vals = [{**v, **{key: v[key] / scale for key in scaled if v.get(key) is not None}} for v in vals]
         self._low_format = rec.low_format  # the format this sample's rows put out, if one was low
         if rec.low_format is not None and self._call_format() is None:
             # autocast entered inside the forward: the modules that ran in float32 around it are not at
@@ -795,15 +838,24 @@ class Monitor:
             vals = [v if r.low else {key: x for key, x in v.items() if key not in HEADROOM}
                     for r, v in zip(rows, vals)]
         m = len(pn.scalars)
-        pgrads = pn.values(rest[:m])
+        pgrads = {mod: (g / param_div, gw / param_div) for mod, (g, gw) in pn.values(rest[:m]).items()}
         if not out_rms:  # no root output to compare with (submodules called directly): the last row with a gradient
             out_rms = next((v["grad_rms"] for v in reversed(vals) if v.get("grad_rms")), None)
         layers = layer_stats(rows, vals, pgrads, out_rms or 1.0)
         why = missing_gradients(rows)
+        if overflow:
+            why = (f"the GradScaler's scaled gradients overflowed at scale {scale:g} (routine: it skips this "
+                   "optimizer step and halves its scale)")
         if why:  # no verdict from rows that could not see their gradients
-            return MonitorStep(k, loss, "incomplete", tuple(layers), (), grad_norm, out_rms, incomplete=why)
+            return MonitorStep(k, loss, "incomplete", tuple(layers), (), grad_norm, out_rms, incomplete=why,
+                               loss_scale=scale)
         verdict, problems, layers, _ = diagnose(layers, None, self.bounds, self.trend)
-        return MonitorStep(k, loss, verdict, tuple(layers), tuple(problems), grad_norm, out_rms)
+        return MonitorStep(k, loss, verdict, tuple(layers), tuple(problems), grad_norm, out_rms, loss_scale=scale)
+
+    def _scaler_skip(self, k: int) -> None:
+        """Step ``k``'s optimizer step was skipped by the GradScaler (listed once)."""
+        if k >= 0 and (not self.scaler_skipped or self.scaler_skipped[-1] < k):
+            self.scaler_skipped.append(k)
 
     # -- update / weight ratio -------------------------------------------------
     def _finish_update(self, vals: list[float]) -> list[Alert]:
@@ -874,9 +926,13 @@ class Monitor:
                          "finite: the loss function turned it non-finite (log of 0, division by 0)",
                          f"clamp the loss's argument (e.g. log(p + eps)) or use a fused loss; {fix}",
                          "forward")
+        # a float16 run's finite loss with non-finite gradients: what a GradScaler's routine overflow looks like
+        scaled = ("; if a GradScaler scales this loss, this is its routine overflow (it skips the step): pass "
+                  "sp.monitor(..., scaler=scaler)") if self._scale is None and loss is not None and \
+            math.isfinite(loss) and self._format() == "float16" else ""
         if out_v is not None and not math.isfinite(out_v):
             return Alert(k, "non-finite", "(loss)", f"step {k}: the gradient of the loss at the model's output is "
-                         "non-finite while the forward pass is finite", f"look at the loss function; {fix}",
+                         f"non-finite while the forward pass is finite{scaled}", f"look at the loss function; {fix}",
                          "backward")
         bad = [p for p, v in zip(params, gvals) if not math.isfinite(v)]
         # the last module in execution order is where the backward pass reaches first
@@ -888,7 +944,7 @@ class Monitor:
         return Alert(k, "non-finite", where or "(root)",
                      f"step {k}: non-finite gradients in {len(bad)} parameter tensor(s), the output-nearest in "
                      f"{label}" + (f" ({self._param_names.get(worst)})" if worst is not None else "")
-                     + (f"; loss {loss}" if loss is not None else ""), fix, "backward")
+                     + (f"; loss {loss}" if loss is not None else "") + scaled, fix, "backward")
 
     def _culprit(self) -> _Call | None:
         """The one forward call of the step to replay: the first whose output's
@@ -959,7 +1015,7 @@ class Monitor:
                 "alerts": [a.to_dict() for a in self.alerts],
                 "alerted": sorted([list(x) for x in self._alerted]),
                 "last_scalar_alert": dict(self._last_scalar_alert), "nonfinite_seen": self._nonfinite_seen,
-                "skipped": list(self.skipped)}
+                "skipped": list(self.skipped), "scaler_skipped": list(self.scaler_skipped)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict` (before the first ``step`` of the
@@ -987,6 +1043,7 @@ class Monitor:
         self._last_scalar_alert = {str(k): int(v) for k, v in state["last_scalar_alert"].items()}
         self._nonfinite_seen = bool(state["nonfinite_seen"])
         self.skipped = [int(x) for x in state.get("skipped", [])]
+        self.scaler_skipped = [int(x) for x in state.get("scaler_skipped", [])]
         # the step in progress (the first of the resumed run, perhaps already past its forward) under its
         # restored number: recorded if that step is a sampled one, not otherwise
         if not self.sampled and self._rec is not None:
@@ -1001,7 +1058,7 @@ class Monitor:
         """Everything seen so far, as a record with ``save_html``, ``to_json``, ``to_dict``."""
         return MonitorReport(self._model_name, self.every, tuple(self.steps), tuple(self.losses),
                              tuple(self.grad_norms), tuple(self.history), tuple(self.alerts), tuple(self.skipped),
-                             self.bounds, tuple(self.relative_updates))
+                             self.bounds, tuple(self.relative_updates), tuple(self.scaler_skipped))
 
     def layer_series(self, attr: str = "grad_rms") -> dict[str, list[tuple[int, float | None]]]:
         """Per layer name: (step, value) over the sampled steps."""
@@ -1016,7 +1073,7 @@ def monitor(model: nn.Module, every: int = 50, *, writer: Any = None, agc: float
             bounds: tuple[float, float] = (1e-6, 1e3), trend: float = 100.0, update_ratio: bool = True,
             max_history: int | None = None, grad_every: int | None = None, group: Any = None,
             skip: Any = None, histograms: bool = True, dump_on_nonfinite: Any = None, optimizer: Any = None,
-            loss_fn: Any = None) -> Monitor:
+            loss_fn: Any = None, scaler: Any = None) -> Monitor:
     """Watch ``model`` during training.
 
     ::
@@ -1075,6 +1132,16 @@ def monitor(model: nn.Module, every: int = 50, *, writer: Any = None, agc: float
     Dumping is off by default; on, each forward call also notes Python's
     and NumPy's random states (a few microseconds).
 
+    ``scaler``: the ``torch.amp.GradScaler`` of a float16 run (call ``step``
+    after ``scaler.scale(loss).backward()`` and before ``scaler.step(opt)``).
+    The gradient statistics are then divided by its scale; the gradients it
+    overflows on purpose (its routine back-off: that step is skipped and the
+    scale halved) are listed in ``mon.scaler_skipped`` rather than alerted,
+    the update of a step it skipped is not measured, and the gradients'
+    float16 headroom is left to it (see :mod:`signalprop.monitor.loss_scale`).
+    Without it, a GradScaler run's routine overflows are non-finite alerts.
+    The Lightning and HF callbacks pass their trainer's scaler themselves.
+
     Under ``torch.distributed`` (DDP -- pass the wrapper or the module --, or
     FSDP2's ``fully_shard``), every statistic is combined over ``group``
     (default: the world) in one all-reduce per step, so every rank holds the
@@ -1084,7 +1151,8 @@ def monitor(model: nn.Module, every: int = 50, *, writer: Any = None, agc: float
     """
     return Monitor(model, every, writer=writer, agc=agc, bounds=bounds, trend=trend, update_ratio=update_ratio,
                    max_history=max_history, grad_every=grad_every, group=group, skip=skip,
-                   histograms=histograms, dump_on_nonfinite=dump_on_nonfinite, optimizer=optimizer, loss_fn=loss_fn)
+                   histograms=histograms, dump_on_nonfinite=dump_on_nonfinite, optimizer=optimizer, loss_fn=loss_fn,
+                   scaler=scaler)
 
 
 __all__ = ["Monitor", "monitor"]

@@ -51,7 +51,7 @@ import statistics
 from collections.abc import Sequence
 
 from ..records import FORMATS, Alert, LayerStats, MonitorStep
-from .alerts import BASELINE_SAMPLES, HEADROOM, HEADROOM_QUANTITIES, overflow_alerts
+from .alerts import BASELINE_SAMPLES, HEADROOM, headroom_quantities, overflow_alerts
 
 GROWTH = 4.0
 DOUBLED = 2.0
@@ -118,7 +118,7 @@ def trend_alerts(current: MonitorStep, history: Sequence[MonitorStep], limit: fl
     closing: list[tuple[float, str, str, str, float, float, float]] = []
     samples = _Samples(history, current)
     for layer in current.layers:
-        for what, key, phase in HEADROOM_QUANTITIES:
+        for what, key, phase in headroom_quantities(current):
             v = layer.stats.get(key)
             if v is None or not math.isfinite(v) or v <= 0:
                 continue
@@ -152,7 +152,7 @@ def closing_in(current: MonitorStep, history: Sequence[MonitorStep], limit: floa
         return False
     prev = _Samples([], history[-1])
     for layer in current.layers:
-        for _, key, _ in HEADROOM_QUANTITIES:
+        for _, key, _ in headroom_quantities(current):
             v = layer.stats.get(key)
             if v is None or not math.isfinite(v) or v <= 0 or not 0 < math.log2(limit / v) < FAR:
                 continue

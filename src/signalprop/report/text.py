@@ -46,6 +46,11 @@ def init_summary_text(s: Any, width: int | None = None) -> str:
     return "\n".join(parts)
 
 
+def _steps(ks: tuple[int, ...], most: int = 12) -> str:
+    """Step numbers, the first ``most`` of them and how many more."""
+    return ", ".join(map(str, ks[:most])) + (f" and {len(ks) - most} more" if len(ks) > most else "")
+
+
 def monitor_text(r: Any, width: int | None = None) -> str:
     """What ``print(MonitorReport)`` shows: steps seen, the alerts (each a
     heading line -- step, kind, module -- with its message and fix wrapped
@@ -66,6 +71,10 @@ def monitor_text(r: Any, width: int | None = None) -> str:
         parts.append("\n".join(lines))
     else:
         parts.append("no alerts")
+    skips = [f"{why}: {_steps(ks)}" for why, ks in (("by skip=", r.skipped), (
+        "by the GradScaler, its scaled gradients overflowing", r.scaler_skipped)) if ks]
+    if skips:
+        parts.append("\n".join(wrap_words("optimizer steps skipped " + "; ".join(skips), width)))
     if r.history:
         parts.append("\n".join(_table(["sampled step", "loss", "grad norm", "verdict", "problems"],
                                       [[h.step, h.loss, h.grad_norm, h.verdict, len(h.problems)] for h in r.history],

@@ -1,0 +1,79 @@
+"""Training under a ``torch.amp.GradScaler`` (``monitor(..., scaler=)``).
+
+Loss scaling multiplies the loss by the scaler's scale S (65536 to start)
+before the backward, so every gradient the backward computes is S times the
+true one, and the scaler raises S until the scaled gradients overflow
+float16: then it skips that optimizer step and halves S.  An overflow is the
+scaler doing its job, not a divergence.  Given the scaler, the monitor
+
+* reads S in the step's one host transfer (its tensor, no extra sync) and
+  divides the per-layer gradient statistics by it -- the backward's always,
+  the parameters' gradients unless ``scaler.unscale_(optimizer)`` already
+  did -- so history, TensorBoard and the verdicts see true gradients whatever
+  S is at the moment;
+* calls non-finite gradients at a finite loss a **loss-scale overflow**:
+  no alert, the step is listed in ``scaler_skipped`` and its sample has no
+  verdict.  Only at ``S < 1``, where no loss scaling is left to blame, are
+  they the ``non-finite`` alert they are without a scaler -- the scaler
+  halves S at every overflow, so gradients that are non-finite at any scale
+  reach it within ``log2(S)`` skipped steps (16 from the default), while the
+  weights are kept safe by the skips;
+* knows the optimizer step that follows a step was skipped when S fell
+  between the two ``step()`` calls (the scaler lowers S only on a skipped
+  step), also on steps whose gradients it does not read: that step's update
+  (the relative update, the update after a sample) is not measured, rather
+  than measured as 0 ("the weights barely moved");
+* leaves the gradients' float16 headroom to the scaler (it probes the limit
+  by design); the activations' headroom is judged as before.
+
+Call ``step()`` after ``scaler.scale(loss).backward()`` (and
+``scaler.unscale_(optimizer)`` if the loop clips) and before
+``scaler.step(optimizer)``, as without a scaler before ``optimizer.step()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def check_scaler(scaler: Any) -> None:
+    if not (callable(getattr(scaler, "get_scale", None)) and callable(getattr(scaler, "is_enabled", None))):
+        raise TypeError(f"scaler takes the torch.amp.GradScaler that scales this run's loss (it has get_scale() and "
+                        f"is_enabled()), got {type(scaler).__name__}")
+
+
+class LossScale:
+    """The scale of one ``GradScaler`` as the monitor reads it at each step."""
+
+    def __init__(self, scaler: Any) -> None:
+        check_scaler(scaler)
+        self.scaler = scaler
+        self.last: float | None = None  # the scale read at the previous step()
+
+    def tensor(self) -> torch.Tensor | None:
+        """The scale as a tensor on its device (read with the step's other
+        values), or None: a disabled scaler, or one that has not scaled yet."""
+        if not self.scaler.is_enabled():
+            return None
+        s = getattr(self.scaler, "_scale", None)
+        if isinstance(s, torch.Tensor):
+            return s.detach().reshape(-1)[0]
+        return None  # a scaler of another make: not read (get_scale() would synchronise)
+
+    def unscaled(self) -> bool:
+        """Whether ``unscale_`` has already divided the parameters' gradients
+        by the scale (the scaler's per-optimizer stage since this step's
+        backward)."""
+        states = getattr(self.scaler, "_per_optimizer_states", None)
+        if not isinstance(states, dict):
+            return False
+        return any(getattr(s.get("stage"), "name", None) == "UNSCALED" for s in states.values()
+                   if isinstance(s, dict))
+
+    def fell(self, scale: float | None) -> bool:
+        """Whether the scale fell since the previous step (the scaler skipped
+        that step's optimizer step); remembers ``scale`` for the next."""
+        last, self.last = self.last, scale
+        return scale is not None and last is not None and scale < last

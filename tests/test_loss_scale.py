@@ -1,0 +1,242 @@
+"""The monitor under a ``torch.amp.GradScaler`` (``monitor(..., scaler=)``,
+:mod:`signalprop.monitor.loss_scale`): routine loss-scale overflows are not
+alerts, gradient statistics are the true (unscaled) ones, the update of a
+step the scaler skipped is not measured, and gradients that are non-finite
+at any scale are still alerted.  The oracle for "skipped" is the scaler
+itself: it lowers its scale after exactly the steps it skipped."""
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import signalprop as sp
+from signalprop.records import MonitorReport, MonitorStep
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(32, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 10))
+
+
+def _batch(step):
+    g = torch.Generator().manual_seed(2600 + step)
+    return torch.randn(64, 32, generator=g) * 3, torch.randint(0, 10, (64,), generator=g)
+
+
+def _amp_run(scaler_arg: bool, steps=40, unscale=True, every=5, **kw):
+    """A float16-autocast run whose GradScaler grows its scale every 3 steps
+    (``growth_interval=3`` stands in for a long run's 2000), so it overflows
+    and backs off several times: routine loss scaling.  Returns the model,
+    the monitor and the steps the scaler skipped (its scale fell after them)."""
+    model = _mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", growth_interval=3, init_scale=2.0 ** 17)
+    mon = sp.monitor(model, every=every, scaler=scaler if scaler_arg else None, optimizer=opt, **kw)
+    skipped = []
+    for k in range(steps):
+        x, y = _batch(k)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        scaler.scale(loss).backward()
+        if unscale:
+            scaler.unscale_(opt)
+        mon.step(loss)
+        before = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        if scaler.get_scale() < before:
+            skipped.append(k)
+    mon.close()
+    return model, mon, skipped
+
+
+def test_routine_overflows_are_listed_not_alerted():
+    """With ``scaler=``: no alert over 40 steps of routine back-off, the
+    skipped steps listed are exactly the scaler's (at least 3 here, or the
+    test would not test), no sample judged on an overflowed step, and the
+    relative update after each skipped step is not measured (None, not the
+    0 of weights that did not move).  Without it the same run raises
+    non-finite alerts (what the argument is for)."""
+    _, mon, skipped = _amp_run(True)
+    assert len(skipped) >= 3
+    assert mon.alerts == []
+    assert mon.scaler_skipped == skipped
+    assert mon.report().scaler_skipped == tuple(skipped)
+    assert f"by the GradScaler, its scaled gradients overflowing: {skipped[0]}, " in str(mon.report()).replace("\n", " ")
+    for h in mon.history:
+        if h.step in skipped:
+            assert h.verdict == "incomplete" and "GradScaler" in h.incomplete
+        else:
+            assert h.verdict == "healthy"
+            assert h.loss_scale is not None and h.loss_scale >= 2.0 ** 16
+    for k in skipped:
+        if k + 1 in mon.steps:
+            assert mon.relative_updates[mon.steps.index(k + 1)] is None
+    assert all(v is None or v > 0 for v in mon.relative_updates)
+    _, plain, _ = _amp_run(False)
+    bad = [a for a in plain.alerts if a.kind == "non-finite"]
+    assert bad and "pass sp.monitor(..., scaler=scaler)" in bad[0].message
+
+
+def test_the_update_after_a_skipped_step_is_measured_at_the_next():
+    """every=1: a sample's update is measured over the step after it; where
+    the scaler skipped that step, the update is measured over the next step
+    the scaler took instead -- never 0, no update-too-small alert."""
+    _, mon, skipped = _amp_run(True, steps=24, every=1)
+    assert skipped
+    ratios = [h for h in mon.history if h.update_ratios]
+    assert ratios
+    for h in ratios:
+        assert all(v > 0 for _, v in h.update_ratios), h.step
+    assert not any(a.kind == "update-too-small" for a in mon.alerts)
+
+
+@pytest.mark.parametrize("unscale", [True, False])
+def test_gradient_statistics_are_the_true_gradients(unscale):
+    """float32, a scale of 2**10 (a power of two: scaling is exact) against
+    the same step without a scaler: every row's gradient RMS and max, the
+    parameters' gradient RMS, the output gradient and the global gradient
+    norm agree to float32 rounding, whether or not ``unscale_`` ran before
+    ``step``; the forward statistics are untouched."""
+    reports = []
+    for scaled in (False, True):
+        model = _mlp(1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+        mon = sp.monitor(model, every=1, scaler=scaler if scaled else None)
+        x, y = _batch(0)
+        loss = F.cross_entropy(model(x), y)
+        (scaler.scale(loss) if scaled else loss).backward()
+        if scaled and unscale:
+            scaler.unscale_(opt)
+        mon.step(loss)
+        mon.close()
+        reports.append(mon)
+    a, b = reports[0].history[0], reports[1].history[0]
+    assert b.loss_scale == 2.0 ** 10 and a.loss_scale is None
+    assert b.grad_norm == pytest.approx(a.grad_norm, rel=1e-6)
+    assert b.output_grad_rms == pytest.approx(a.output_grad_rms, rel=1e-6)
+    assert len(a.layers) == len(b.layers) == 5
+    for la, lb in zip(a.layers, b.layers):
+        assert lb.grad_rms == pytest.approx(la.grad_rms, rel=1e-6)
+        assert lb.forward_second_moment == la.forward_second_moment
+        if la.param_grad_rms is not None:
+            assert lb.param_grad_rms == pytest.approx(la.param_grad_rms, rel=1e-6)
+        for key in ("grad_absmax",):
+            if key in la.stats:
+                assert lb.stats[key] == pytest.approx(la.stats[key], rel=1e-6)
+    assert reports[1].grad_norms[0] == pytest.approx(reports[0].grad_norms[0], rel=1e-6)
+
+
+class _NanGrad(torch.autograd.Function):
+    """Identity forward, NaN backward: gradients that are non-finite at any scale."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * math.nan
+
+
+def test_gradients_non_finite_at_any_scale_are_alerted():
+    """A NaN that only the backward makes (the loss stays finite): the scaler
+    skips and halves its scale from 8 each step; the overflows above scale 1
+    are routine for the monitor, the first below 1 is a non-finite alert
+    that says the scale is down (4 skipped steps before it).  Every step the
+    scaler skipped is listed, the alerted one too (seen at the next step,
+    whose scale is lower again)."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    mon = sp.monitor(model, every=100, scaler=scaler, grad_every=1)
+    for k in range(8):
+        x, y = _batch(k)
+        out = model(x)
+        loss = F.cross_entropy(_NanGrad.apply(out) if k >= 2 else out, y)
+        opt.zero_grad()
+        scaler.scale(loss).backward()
+        mon.step(loss)
+        scaler.step(opt)
+        scaler.update()
+    mon.close()
+    bad = [a for a in mon.alerts if a.kind == "non-finite"]
+    assert len(bad) == 1 and bad[0].step == 6
+    assert "scale is down to 0.5" in bad[0].message
+    assert mon.scaler_skipped == [2, 3, 4, 5, 6]
+
+
+def test_a_non_finite_loss_is_alerted_under_a_scaler():
+    """Loss scaling cannot cure a forward that overflows: a NaN in the input
+    gives a non-finite loss, alerted at once with a scaler at 65536 (the
+    scaler skips that step too: listed)."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu")
+    mon = sp.monitor(model, every=100, scaler=scaler)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for k in range(3):
+            x, y = _batch(k)
+            if k == 1:
+                x[0, 0] = math.nan
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            scaler.scale(loss).backward()
+            mon.step(loss)
+            scaler.step(opt)
+            scaler.update()
+    mon.close()
+    assert [a.step for a in mon.alerts if a.kind == "non-finite"] == [1]
+    assert mon.scaler_skipped == [1]
+
+
+def test_gradient_headroom_is_left_to_the_scaler():
+    """The float16 run's gradients, scaled up to the format's limit by the
+    scaler on purpose, raise no overflow-risk alert with ``scaler=``; without
+    it they do (the scaler probes 65504 every few steps)."""
+    _, mon, _ = _amp_run(True, steps=30, every=1)
+    assert not any(a.kind == "overflow-risk" for a in mon.alerts)
+    _, plain, _ = _amp_run(False, steps=30, every=1)
+    assert any(a.kind == "overflow-risk" and a.phase == "backward" for a in plain.alerts)
+
+
+def test_the_records_and_the_checkpoint_keep_the_scale():
+    _, mon, skipped = _amp_run(True, steps=20)
+    h = mon.history[1]
+    assert MonitorStep.from_dict(h.to_dict()).loss_scale == h.loss_scale
+    assert mon.report().to_dict()["scaler_skipped"] == skipped
+    fresh = sp.monitor(_mlp(), every=5)
+    fresh.load_state_dict(mon.state_dict())
+    assert fresh.scaler_skipped == skipped
+    fresh.close()
+    assert isinstance(mon.report(), MonitorReport)
+
+
+def test_scaler_argument_is_checked():
+    with pytest.raises(TypeError, match="GradScaler"):
+        sp.monitor(_mlp(), scaler=object())
+
+
+def test_the_headroom_rule_skips_gradients_of_a_scaled_sample():
+    """The rule itself: a gradient 1/2 of float16's largest value is within
+    the 16x headroom (an overflow-risk alert) in a sample without a loss
+    scale; in a sample under a GradScaler (``loss_scale`` set) the scaler
+    owns that range and only the output's headroom is judged."""
+    from signalprop.monitor.alerts import overflow_alerts
+    from signalprop.probe.rows import _BLANK
+    from signalprop.records import evolve
+
+    layer = evolve(_BLANK, name="fc", kind="Linear", stats={"grad_absmax": 32752.0, "forward_absmax": 1.0})
+    plain = MonitorStep(0, 1.0, "healthy", (layer,), (), 1.0)
+    assert [a.phase for a in overflow_alerts(plain, 65504.0)] == ["backward"]
+    assert overflow_alerts(evolve(plain, loss_scale=1.0), 65504.0) == []
+    loud = evolve(layer, stats={"grad_absmax": 32752.0, "forward_absmax": 32752.0})
+    assert [a.phase for a in overflow_alerts(MonitorStep(0, 1.0, "healthy", (loud,), (), 1.0, loss_scale=1.0),
+                                             65504.0)] == ["forward"]
