@@ -485,3 +485,63 @@ def test_an_optimizer_of_another_model_and_a_dump_path_that_is_a_file_are_refuse
         sp.monitor(m, dump_on_nonfinite=f)
     sp.monitor(m, skip=torch.optim.SGD(m.parameters(), lr=0.1), dump_on_nonfinite=tmp_path / "new").close()
     assert not m._forward_pre_hooks and not m._forward_hooks
+
+
+# -- a KeyboardInterrupt inside a sampled forward --------------------------------------------------------
+
+
+class _Interruptible(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+        self.stop = False
+
+    def forward(self, x, depth=0):
+        h = torch.tanh(self.a(x)) if depth == 0 else x
+        if self.stop:
+            self.stop = False
+            raise KeyboardInterrupt
+        if depth == 1:  # a call of the model inside its own forward: still running, not interrupted
+            return h
+        h = h + self(h, depth=1)
+        return self.b(h)
+
+
+def test_a_forward_interrupted_by_ctrl_c_is_not_the_sample():
+    """Ctrl-C inside the sampled forward (the loop catches it and goes on):
+    torch runs no forward hook for a KeyboardInterrupt, so the previous
+    version kept the interrupted pass's rows (without gradients) and
+    recorded the loop's own calls after it (a metric's F.gelu) in the
+    sample, with the functional-recording mode left on torch's stack.  Now
+    the next call of the model drops them: the sample holds the training
+    pass alone, every row with its gradient, one saved call for a replay,
+    and no mode is left entered.  The model calls itself inside its forward
+    (a nested call is still running, not interrupted): those rows stay."""
+    torch.manual_seed(0)
+    model = _Interruptible()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = sp.monitor(model, every=5)
+    x, y = _data(0)
+    model.stop = True
+    with pytest.raises(KeyboardInterrupt):
+        model(x)
+    F.gelu(torch.randn(8))  # the loop's own code after catching the interrupt
+    loss = F.cross_entropy(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    assert len(mon._calls) == 1  # the step's call; not the interrupted one, nor the nested one
+    mon.step(loss)
+    h = mon.history[0]
+    assert [layer.name for layer in h.layers] == ["a", "tanh", "b"]
+    assert all(layer.grad_rms is not None and layer.grad_rms > 0 for layer in h.layers)
+    assert h.verdict == "healthy"
+    assert torch._C._len_torch_function_stack() == 0
+    # interrupted again, and the loop ends there: close() leaves no mode entered
+    for _ in range(4):
+        mon.step(F.cross_entropy(model(x), y))
+    model.stop = True
+    with pytest.raises(KeyboardInterrupt):
+        model(x)
+    assert torch._C._len_torch_function_stack() == 1
+    mon.close()
+    assert torch._C._len_torch_function_stack() == 0

@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 from typing import Any, cast
@@ -102,6 +103,34 @@ class _Call:
         self.out_numel = 0
         self.out_absmax: torch.Tensor | None = None  # a low-precision output's largest |entry|, read every step
         self.extra_rng: dict[str, Any] | None = None  # Python's and NumPy's, when dumping (monitor.dump)
+
+
+_CALL_IMPL = nn.Module._call_impl.__code__
+
+
+def _call_frame() -> Any:
+    """The frame of the ``Module._call_impl`` whose hook is running (a few
+    frames up), or None where torch calls hooks some other way (compiled code)."""
+    f: Any = sys._getframe(2)
+    for _ in range(8):
+        if f is None or f.f_code is _CALL_IMPL:
+            return f
+        f = f.f_back
+    return None
+
+
+def _still_running(frames: list[Any]) -> int:
+    """How many of ``frames`` (the calls entered, outermost first) are still
+    on the stack: the rest were left by an exception that ran no forward
+    hook (KeyboardInterrupt, SystemExit: torch's ``always_call`` hooks run
+    for ``Exception`` only).  A call whose frame was not found counts as
+    running."""
+    on = set()
+    f: Any = sys._getframe(1)
+    while f is not None:
+        on.add(id(f))
+        f = f.f_back
+    return next((i for i, fr in enumerate(frames) if fr is not None and id(fr) not in on), len(frames))
 
 
 def _autocast_state() -> list[tuple[str, torch.dtype]]:
@@ -282,6 +311,8 @@ class Monitor:
         self._snapshot_due: int | None = None  # a sampled step whose following update is still to measure
         self._nonfinite_seen = False
         self._paused = False
+        # the root's calls entered and not yet left: (frame of Module._call_impl, len(_calls) at entry)
+        self._open: list[tuple[Any, int]] = []
         self._closed = False
         self._alerted: set[tuple[str, str]] = set()
         self._written_updates: set[int] = set()
@@ -352,6 +383,8 @@ class Monitor:
 
     def close(self) -> None:
         """Remove every hook and drop every saved reference; history and alerts stay."""
+        self._exit_mode()  # a sampled forward interrupted (KeyboardInterrupt) left it entered
+        self._open.clear()
         if self._skip_opt is not None:  # the optimizer's own step back
             del self._skip_opt.step
             self._skip_opt = self._skip_orig = None
@@ -422,10 +455,32 @@ class Monitor:
     def _root_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self._replaying:
             return
+        frame = _call_frame()
+        interrupted = bool(self._open) and _still_running([f for f, _ in self._open]) < len(self._open)
         try:
+            if interrupted:
+                self._interrupted(args)
+            self._open.append((frame, len(self._calls)))
+            if len(self._open) > 1:  # the model called inside its own forward: part of the outer call
+                return
             self._root_pre_guarded(args, kwargs)
         except Exception as e:  # a guest in the forward: its failure skips the sample, never the step
             self._fail(e)
+
+    def _interrupted(self, args: tuple[Any, ...]) -> None:
+        """An earlier call of the model never returned (a KeyboardInterrupt
+        inside its forward, caught by the loop; torch ran no hook): its saved
+        call, its rows and whatever the loop ran after it under the sample's
+        recording are not this step's -- dropped, and this call is recorded
+        in their place when the step is sampled."""
+        live = _still_running([f for f, _ in self._open])
+        del self._calls[self._open[live][1]:]
+        del self._open[live:]
+        self._exit_mode()
+        if self._rec is not None and not self._open:
+            self._arm()
+            if self._rec is not None:
+                self._rec.entered(self.model, args)
 
     def _root_pre_guarded(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         rec = self._rec
@@ -463,6 +518,10 @@ class Monitor:
     def _root_post(self, module: nn.Module, args: Any, out: Any) -> None:
         if self._replaying:
             return
+        if self._open:
+            self._open.pop()
+            if self._open:  # a call inside the model's own forward returned: the outer one goes on
+                return
         try:
             self._root_post_guarded(out)
         except Exception as e:
@@ -556,6 +615,7 @@ class Monitor:
 
     def _next_step(self) -> None:
         self._exit_mode()
+        self._open.clear()
         self._logits = None
         if self._rec is not None:
             self._rec.detach()
