@@ -545,3 +545,64 @@ def test_a_forward_interrupted_by_ctrl_c_is_not_the_sample():
     assert torch._C._len_torch_function_stack() == 1
     mon.close()
     assert torch._C._len_torch_function_stack() == 0
+
+
+# -- a GAN: another loss's pass through the model before its own ----------------------------------------
+
+
+def _gan(order, steps=6, every=2):
+    """G and D with a monitor on D; each iteration D's step then G's, G's
+    loss passing through D after D's ``mon.step``.  ``order``: "late" zeroes
+    D's gradients just before D's backward (after D's forwards), "early" at
+    the iteration's start (PyTorch's DCGAN example).  Returns D's monitor and
+    per iteration the gradient RMS at D's output in each of D's own passes."""
+    torch.manual_seed(0)
+    G = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 16))
+    D = nn.Sequential(nn.Linear(16, 32), nn.LeakyReLU(0.2), nn.Linear(32, 1))
+    og, od = torch.optim.Adam(G.parameters(), 1e-3), torch.optim.Adam(D.parameters(), 1e-3)
+    md = sp.monitor(D, every=every)
+    seen = []
+    g = torch.Generator().manual_seed(5)
+    for _ in range(steps):
+        real, z = torch.randn(64, 16, generator=g), torch.randn(64, 8, generator=g)
+        if order == "early":
+            od.zero_grad()
+        fake = G(z)
+        d_real, d_fake = D(real), D(fake.detach())
+        d_real.retain_grad()
+        d_fake.retain_grad()
+        ld = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+        if order == "late":
+            od.zero_grad()
+        ld.backward()
+        md.step(ld)
+        od.step()
+        seen.append([t.grad.pow(2).mean().sqrt().item() for t in (d_real, d_fake)])
+        lg = F.softplus(-D(fake)).mean()
+        og.zero_grad()
+        lg.backward()
+        og.step()
+    md.close()
+    return md, seen
+
+
+@pytest.mark.parametrize("order", ["early", "late"])
+def test_a_gan_discriminators_sample_is_of_its_own_loss(order):
+    """The previous version sampled D's first forward after its ``mon.step``
+    -- the generator's pass through D, whose gradient D's optimizer never
+    uses -- and reported it with D's loss.  Zeroed before D's forwards
+    (early), that pass is replaced as soon as D's own forward begins; zeroed
+    after them (late), the sample that caught it has no verdict and says
+    why, and from the next step on the monitor samples each step's last
+    forward.  Every sample with a verdict is one of D's own passes: its
+    output row's gradient RMS equals that pass's (autograd, retain_grad)."""
+    md, seen = _gan(order)
+    judged = [h for h in md.history if not h.incomplete]
+    assert len(judged) >= 2
+    for h in judged:
+        assert any(h.layers[-1].grad_rms == pytest.approx(v, rel=1e-5) for v in seen[h.step]), h.step
+    if order == "late":
+        assert md.history[1].step == 2 and "zeroed" in md.history[1].incomplete
+        assert [h.step for h in md.history] == [0, 2, 3, 4]
+    else:
+        assert not any(h.incomplete for h in md.history)

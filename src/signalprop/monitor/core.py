@@ -41,6 +41,7 @@ import math
 import os
 import sys
 import warnings
+import weakref
 from collections.abc import Iterator
 from typing import Any, cast
 
@@ -131,6 +132,18 @@ def _still_running(frames: list[Any]) -> int:
         on.add(id(f))
         f = f.f_back
     return next((i for i, fr in enumerate(frames) if fr is not None and id(fr) not in on), len(frames))
+
+
+def _witness(rows: list[Any]) -> nn.Parameter | None:
+    """A trainable parameter of the recorded pass that its backward reached
+    early (the last row's, nearest the output), whose ``.grad`` tells
+    whether gradients were zeroed since."""
+    for r in reversed(rows):
+        if r.bwd and r.module is not None:
+            for p in r.module._parameters.values():
+                if p is not None and p.requires_grad:
+                    return p
+    return None
 
 
 def _autocast_state() -> list[tuple[str, torch.dtype]]:
@@ -313,6 +326,10 @@ class Monitor:
         self._paused = False
         # the root's calls entered and not yet left: (frame of Module._call_impl, len(_calls) at entry)
         self._open: list[tuple[Any, int]] = []
+        # a parameter of the sampled pass and its .grad when a later forward began: a .grad replaced by the
+        # step's end was zeroed in between, so the sampled backward is not in this step's gradient
+        self._grad_ref: tuple[nn.Parameter, Any] | None = None
+        self._last_pass = False  # sample the step's last forward that fed a backward (see _root_pre_guarded)
         self._closed = False
         self._alerted: set[tuple[str, str]] = set()
         self._written_updates: set[int] = set()
@@ -484,13 +501,19 @@ class Monitor:
 
     def _root_pre_guarded(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         rec = self._rec
-        if rec is not None and not self._recording and rec.rows and torch.is_grad_enabled() and \
-                not any(r.bwd for r in rec.rows):
-            # the forward recorded so far fed no backward (an evaluation pass with gradients on, a forward
-            # abandoned before its backward): measure this one instead -- the sample is of the pass that trains
-            self._arm()
-            if self._rec is not None:  # attached inside the root's call: the root has entered already
-                self._rec.entered(self.model, args)
+        if rec is not None and not self._recording and rec.rows and torch.is_grad_enabled():
+            fed = any(r.bwd for r in rec.rows)
+            witness = _witness(rec.rows) if fed and not self._last_pass else None
+            if not fed or self._last_pass or (witness is not None and witness.grad is None):
+                # the forward recorded so far fed no backward (an evaluation pass with gradients on, a forward
+                # abandoned before its backward), or its gradients were zeroed since (a GAN's generator pass
+                # through this model, then this model's own step), or the step's last pass is the one sampled:
+                # measure this one instead -- the sample is of the pass that trains
+                self._arm()
+                if self._rec is not None:  # attached inside the root's call: the root has entered already
+                    self._rec.entered(self.model, args)
+            elif witness is not None and self._grad_ref is None:
+                self._grad_ref = (witness, weakref.ref(witness.grad))
         self._exit_mode()  # one a forward that raised left behind
         if self._recording and torch.is_grad_enabled() and self._rec is not None:
             # the largest |value| statistics only where a low-precision format computes (autocast's dtype
@@ -616,6 +639,7 @@ class Monitor:
     def _next_step(self) -> None:
         self._exit_mode()
         self._open.clear()
+        self._grad_ref = None
         self._logits = None
         if self._rec is not None:
             self._rec.detach()
@@ -751,7 +775,9 @@ class Monitor:
         if sampled:
             assert rec is not None and pn is not None
             out_rms = out_v / math.sqrt(max(out_numel, 1.0)) if out_v else None
-            sample = self._sample(k, loss_v, grad_norm, rec, vals, pn, rest, out_rms, scale, param_div, overflow)
+            why = (f"the GradScaler's scaled gradients overflowed at scale {scale:g} (routine: it skips this "
+                   "optimizer step and halves its scale)") if overflow else self._zeroed(k)
+            sample = self._sample(k, loss_v, grad_norm, rec, vals, pn, rest, out_rms, scale, param_div, why)
             if logits is not None:
                 sample = evolve(sample, output_logits=logits)
             if finite and not sample.incomplete:
@@ -882,11 +908,11 @@ class Monitor:
 
     def _sample(self, k: int, loss: float | None, grad_norm: float | None, rec: Recorder, vals: list[dict[str, Any]],
                 pn: ParamNorms, rest: list[float], out_rms: float | None, scale: float | None = None,
-                param_div: float = 1.0, overflow: bool = False) -> MonitorStep:
+                param_div: float = 1.0, why: str = "") -> MonitorStep:
         """The sampled step's record; under a GradScaler (``scale``) the
         backward's statistics divided by the scale, the parameters' gradients
-        by ``param_div`` (1 once ``unscale_`` ran), and no verdict on a step
-        whose scaled gradients overflowed."""
+        by ``param_div`` (1 once ``unscale_`` ran); ``why``: the reason the
+        sample gets no verdict, when the step itself gave one."""
         rows = rec.rows
         if scale is not None:
             scaled = [s.name for s in STATISTICS if s.unit == "gradient"]
@@ -902,15 +928,32 @@ class Monitor:
         if not out_rms:  # no root output to compare with (submodules called directly): the last row with a gradient
             out_rms = next((v["grad_rms"] for v in reversed(vals) if v.get("grad_rms")), None)
         layers = layer_stats(rows, vals, pgrads, out_rms or 1.0)
-        why = missing_gradients(rows)
-        if overflow:
-            why = (f"the GradScaler's scaled gradients overflowed at scale {scale:g} (routine: it skips this "
-                   "optimizer step and halves its scale)")
+        why = why or missing_gradients(rows)
         if why:  # no verdict from rows that could not see their gradients
             return MonitorStep(k, loss, "incomplete", tuple(layers), (), grad_norm, out_rms, incomplete=why,
                                loss_scale=scale)
         verdict, problems, layers, _ = diagnose(layers, None, self.bounds, self.trend)
         return MonitorStep(k, loss, verdict, tuple(layers), tuple(problems), grad_norm, out_rms, loss_scale=scale)
+
+    def _zeroed(self, k: int) -> str:
+        """Why the sample is not of this step's gradient, or "": the sampled
+        pass's gradients were zeroed after its backward (its parameter's
+        ``.grad`` replaced by the step's end), so the step's gradient comes
+        from later passes -- another loss's pass through this model came
+        first (a GAN's generator step through its discriminator, after the
+        discriminator's ``mon.step``).  From then on the monitor samples each
+        step's last forward that fed a backward, and the next step is sampled."""
+        if self._grad_ref is None:
+            return ""
+        p, ref = self._grad_ref
+        if p.grad is not None and ref() is p.grad:
+            return ""
+        self._last_pass = True
+        self._dense_until = max(self._dense_until, k + 1)
+        return ("the sampled forward's gradients were zeroed before this step's backward, so they are not in this "
+                "step's gradient: another loss's pass through this model came first (a GAN's generator step through "
+                "its discriminator after the discriminator's mon.step); the monitor samples each step's last forward "
+                "from the next step on")
 
     def _scaler_skip(self, k: int) -> None:
         """Step ``k``'s optimizer step was skipped by the GradScaler (listed once)."""
