@@ -110,6 +110,47 @@ def test_skip_applies_to_the_alerting_steps_own_optimizer_step():
     _same(a, b)
 
 
+class _NanBackward(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss whose gradients are NaN."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * math.nan
+
+
+def test_skip_keeps_a_nan_gradient_from_a_finite_loss_out_of_the_weights():
+    """A NaN made by the backward alone (the loss is finite) at step 3 on the
+    CPU: the monitor read the gradients every 5th step there, so step 3's
+    NaN went to the weights and was seen in step 4's loss, too late for
+    ``skip=``.  With ``skip=`` every step's gradients are read: step 3's
+    optimizer step is skipped and the weights stay finite (and equal to the
+    loop skipping that step by hand)."""
+    def loop(model, opt, mon, takes):
+        for k in range(6):
+            x, y = _data(k)
+            out = model(x)
+            loss = F.cross_entropy(_NanBackward.apply(out) if k == 3 else out, y)
+            opt.zero_grad()
+            loss.backward()
+            if mon is not None:
+                mon.step(loss)
+            if takes(k):
+                opt.step()
+
+    a, b = _mlp(), _mlp()
+    loop(a, torch.optim.SGD(a.parameters(), lr=0.1), None, lambda k: k != 3)
+    opt_b = torch.optim.SGD(b.parameters(), lr=0.1)
+    with sp.monitor(b, every=50, skip=opt_b) as mon:
+        loop(b, opt_b, mon, lambda k: True)
+    assert mon.grad_every == 1 and mon.skipped == [3]
+    assert all(torch.isfinite(p).all() for p in b.parameters())
+    _same(a, b)
+
+
 # -- sparse gradients ----------------------------------------------------------------------------------
 
 

@@ -293,7 +293,10 @@ class Monitor:
         self.max_history = max_history
         self.optimizer = optimizer  # for the update over the learning rate and Adam's second-moment lag
         on_gpu = any(p.is_cuda for p in model.parameters())
-        self.grad_every = grad_every if grad_every is not None else (1 if on_gpu else grad_interval(every))
+        # with skip=, every step's gradients: a NaN gradient from a finite loss at a step that did not read them
+        # would reach the weights before the next step's loss showed it
+        self.grad_every = grad_every if grad_every is not None else (
+            1 if on_gpu or skip is not None else grad_interval(every))
         self.history: list[MonitorStep] = []
         self.alerts: list[Alert] = []
         self.steps: list[int] = []
@@ -1203,10 +1206,12 @@ def monitor(model: nn.Module, every: int = 50, *, writer: Any = None, agc: float
     gradient norm (the global norm series ``mon.grad_norms`` and the
     non-finite watch on gradients; no alert rule judges it, see
     :mod:`signalprop.monitor.divergence`) on every n-th step and on sampled
-    steps; default 1 for models on a GPU, 4 to 6 on the CPU (a memory-bound
-    pass there: the smallest divisor of ``every`` from 4 to 6, so that the
-    sampled steps are among the reads, else 4; the loss is read every step,
-    and a non-finite gradient shows in the next step's loss at the latest).
+    steps; default 1 for models on a GPU and with ``skip``, 4 to 6 on the CPU
+    (a memory-bound pass there: the smallest divisor of ``every`` from 4 to
+    6, so that the sampled steps are among the reads, else 4; the loss is
+    read every step, and a non-finite gradient shows in the next step's loss
+    at the latest -- after the optimizer step, which is why ``skip`` reads
+    every step's gradients).
     ``update_ratio``: measure ||dw|| / ||w|| of an optimizer step after each
     sample (that of the step after the sample: one copy of the trainable
     weights is kept for one step -- on the CPU, up to 512 MiB of it until the
