@@ -6,7 +6,6 @@ at any scale are still alerted.  The oracle for "skipped" is the scaler
 itself: it lowers its scale after exactly the steps it skipped."""
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import signalprop as sp
+from _faults import NanBackward
 from signalprop.records import MonitorReport, MonitorStep
 
 
@@ -133,16 +133,23 @@ def test_gradient_statistics_are_the_true_gradients(unscale):
     assert reports[1].grad_norms[0] == pytest.approx(reports[0].grad_norms[0], rel=1e-6)
 
 
-class _NanGrad(torch.autograd.Function):
-    """Identity forward, NaN backward: gradients that are non-finite at any scale."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * math.nan
+def _scaled(steps, init_scale, loss_of, **kw):
+    """SGD steps under a GradScaler starting at ``init_scale``, monitored;
+    ``loss_of(k, model, x, y)``: step k's loss."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    mon = sp.monitor(model, every=100, scaler=scaler, **kw)
+    for k in range(steps):
+        x, y = _batch(k)
+        loss = loss_of(k, model, x, y)
+        opt.zero_grad()
+        scaler.scale(loss).backward()
+        mon.step(loss)
+        scaler.step(opt)
+        scaler.update()
+    mon.close()
+    return mon
 
 
 def test_gradients_non_finite_at_any_scale_are_alerted():
@@ -152,20 +159,11 @@ def test_gradients_non_finite_at_any_scale_are_alerted():
     that says the scale is down (4 skipped steps before it).  Every step the
     scaler skipped is listed, the alerted one too (seen at the next step,
     whose scale is lower again)."""
-    model = _mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
-    mon = sp.monitor(model, every=100, scaler=scaler, grad_every=1)
-    for k in range(8):
-        x, y = _batch(k)
+    def loss_of(k, model, x, y):
         out = model(x)
-        loss = F.cross_entropy(_NanGrad.apply(out) if k >= 2 else out, y)
-        opt.zero_grad()
-        scaler.scale(loss).backward()
-        mon.step(loss)
-        scaler.step(opt)
-        scaler.update()
-    mon.close()
+        return F.cross_entropy(NanBackward.apply(out) if k >= 2 else out, y)
+
+    mon = _scaled(8, 8.0, loss_of, grad_every=1)
     bad = [a for a in mon.alerts if a.kind == "non-finite"]
     assert len(bad) == 1 and bad[0].step == 6
     assert "scale is down to 0.5" in bad[0].message
@@ -176,23 +174,12 @@ def test_a_non_finite_loss_is_alerted_under_a_scaler():
     """Loss scaling cannot cure a forward that overflows: a NaN in the input
     gives a non-finite loss, alerted at once with a scaler at 65536 (the
     scaler skips that step too: listed)."""
-    model = _mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    scaler = torch.amp.GradScaler("cpu")
-    mon = sp.monitor(model, every=100, scaler=scaler)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        for k in range(3):
-            x, y = _batch(k)
-            if k == 1:
-                x[0, 0] = math.nan
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            scaler.scale(loss).backward()
-            mon.step(loss)
-            scaler.step(opt)
-            scaler.update()
-    mon.close()
+    def loss_of(k, model, x, y):
+        if k == 1:
+            x[0, 0] = math.nan
+        return F.cross_entropy(model(x), y)
+
+    mon = _scaled(3, 2.0 ** 16, loss_of)
     assert [a.step for a in mon.alerts if a.kind == "non-finite"] == [1]
     assert mon.scaler_skipped == [1]
 

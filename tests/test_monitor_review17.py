@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 import signalprop as sp
 import signalprop.monitor.core as core
+from _faults import NanBackward
 
 
 def _data(step, n=32):
@@ -110,18 +111,6 @@ def test_skip_applies_to_the_alerting_steps_own_optimizer_step():
     _same(a, b)
 
 
-class _NanBackward(torch.autograd.Function):
-    """Identity forward, NaN backward: a finite loss whose gradients are NaN."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * math.nan
-
-
 def test_skip_keeps_a_nan_gradient_from_a_finite_loss_out_of_the_weights():
     """A NaN made by the backward alone (the loss is finite) at step 3 on the
     CPU: the monitor read the gradients every 5th step there, so step 3's
@@ -133,7 +122,7 @@ def test_skip_keeps_a_nan_gradient_from_a_finite_loss_out_of_the_weights():
         for k in range(6):
             x, y = _data(k)
             out = model(x)
-            loss = F.cross_entropy(_NanBackward.apply(out) if k == 3 else out, y)
+            loss = F.cross_entropy(NanBackward.apply(out) if k == 3 else out, y)
             opt.zero_grad()
             loss.backward()
             if mon is not None:
