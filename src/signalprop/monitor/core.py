@@ -803,6 +803,9 @@ class Monitor:
         if self._snapshot_due is not None and finite:
             self._updates.take(self._snapshot_due, k, self.optimizer)
             self._snapshot_due = None
+            if self._updates.no_room:
+                self._warn("the update after a sample is not measured: a copy of the trained weights would not fit "
+                           "beside the training's peak GPU memory", kind="no room for the update's copy")
         if sampled and self.update_ratio and finite and k % self.every == 0:
             self._snapshot_due = k
         if read_grads and not overflow:

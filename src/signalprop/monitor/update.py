@@ -9,7 +9,8 @@ the next ``mon.step`` (:meth:`UpdateMeter.scalars`, each difference formed
 in the copy and measured in one pass), the values coming back with that
 step's one transfer (:meth:`UpdateMeter.finish`).  One copy of the trained
 weights is held for one step (on the CPU, up to :data:`KEEP_CPU_BYTES`, until
-the next sample's copy is made in it).
+the next sample's copy is made in it); on a GPU only where it fits beside
+the training's peak memory (:func:`copy_fits`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,21 @@ from .optimizer import adam_lag, learning_rates
 # back to the OS), up to 16 ms on top of the copy's 10, measured on a 100 x 512 MLP; copied into the
 # kept tensors, none.  A GPU's caching allocator keeps its memory already: the copy is let go there.
 KEEP_CPU_BYTES = 512 << 20
+# The copy is held through the next step's forward and backward, where the training's memory peaks: on a GPU it
+# is taken only while the peak allocated so far plus the copy stays within this share of the device's memory
+# (an out-of-memory error in the user's next forward would be the monitor's doing)
+GPU_ROOM = 0.9
+
+
+def copy_fits(params: list[nn.Parameter]) -> bool:
+    """Whether a copy of ``params`` fits beside the training's peak memory
+    on each GPU they are on (see :data:`GPU_ROOM`); always on the CPU."""
+    need: dict[torch.device, int] = {}
+    for p in params:
+        if p.is_cuda:
+            need[p.device] = need.get(p.device, 0) + local(p).numel() * p.element_size()
+    return all(torch.cuda.max_memory_allocated(d) + n <= GPU_ROOM * torch.cuda.get_device_properties(d).total_memory
+               for d, n in need.items())
 
 
 class Snapshot:
@@ -77,6 +93,7 @@ class UpdateMeter:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.snapshot: Snapshot | None = None
+        self.no_room = False  # the last take() found no room for the copy beside the training's peak (GPU)
         self._spare: list[torch.Tensor] | None = None  # the last copies, to copy into (KEEP_CPU_BYTES)
         # each module's trainable parameters' fan-ins, for the parameters (names and shapes) they were found for
         self._fan_ins: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[Any, ...], list[int]]] = \
@@ -116,6 +133,10 @@ class UpdateMeter:
                  for name, m, names, fan_ins in self.trained_modules()]
         params = [p for _, ps, _ in found for p in ps]
         if not params:  # nothing is trained (a frozen model being probed): no update to measure
+            self.snapshot = None
+            return
+        self.no_room = not copy_fits(params)
+        if self.no_room:
             self.snapshot = None
             return
         spare, self._spare = self._spare, None
