@@ -227,3 +227,111 @@ def test_the_headroom_rule_skips_gradients_of_a_scaled_sample():
     loud = evolve(layer, stats={"grad_absmax": 32752.0, "forward_absmax": 32752.0})
     assert [a.phase for a in overflow_alerts(MonitorStep(0, 1.0, "healthy", (loud,), (), 1.0, loss_scale=1.0),
                                              65504.0)] == ["forward"]
+
+
+def test_two_optimizers_on_one_scaler_only_one_unscaled():
+    """The AMP recipe for several optimizers: one scaler; the loop unscales
+    the first optimizer's gradients (to clip them) and not the second's
+    before ``mon.step``.  Given ``optimizer=`` the first, the monitor divides
+    only the others' by the scale: the gradient norm and the last layer's
+    parameter-gradient RMS equal the true ones (computed from ``.grad`` and
+    the scale by hand); the previous version was 1024x off (the scale)."""
+    model = _mlp()
+    opt1 = torch.optim.SGD(model[0].parameters(), lr=1e-2)
+    opt2 = torch.optim.SGD([p for m in list(model)[1:] for p in m.parameters()], lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    mon = sp.monitor(model, every=1, scaler=scaler, optimizer=opt1)
+    for k in range(3):
+        x, y = _batch(k)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.cross_entropy(model(x), y)
+        opt1.zero_grad()
+        opt2.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt1)
+        s = scaler.get_scale()
+        true = math.sqrt(sum(float(p.grad.double().square().sum()) for p in model[0].parameters())
+                         + sum(float(p.grad.double().square().sum()) / s ** 2 for p in opt2.param_groups[0]["params"]))
+        last = math.sqrt(float(torch.cat([p.grad.double().flatten() for p in model[4].parameters()])
+                               .square().mean())) / s
+        mon.step(loss)
+        assert mon.grad_norms[-1] == pytest.approx(true, rel=1e-5)
+        assert mon.history[-1].layers[-1].param_grad_rms == pytest.approx(last, rel=1e-5)
+        scaler.step(opt1)
+        scaler.step(opt2)
+        scaler.update()
+    mon.close()
+
+
+def test_a_scaler_shared_by_two_models_lists_only_their_own_skips():
+    """A GAN whose G and D share one scaler (as the AMP docs show): the scale
+    falls when D's step is skipped, but G's step ran -- G's monitor lists
+    none of D's skips (its weights moved), D's lists exactly the scaler's
+    skips of D's optimizer (the oracle: its per-optimizer found_inf)."""
+    torch.manual_seed(0)
+    G = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 16))
+    D = nn.Sequential(nn.Linear(16, 64), nn.LeakyReLU(0.2), nn.Linear(64, 1))
+    oG, oD = torch.optim.Adam(G.parameters(), 2e-3), torch.optim.Adam(D.parameters(), 2e-3)
+    sc = torch.amp.GradScaler("cpu", growth_interval=2, init_scale=2.0 ** 14)
+    mD, mG = sp.monitor(D, every=4, scaler=sc), sp.monitor(G, every=4, scaler=sc)
+    bce = nn.BCEWithLogitsLoss()
+    skipped: dict[str, list[int]] = {"D": [], "G": []}
+
+    def step(name, opt, mon, loss, k):
+        sc.scale(loss).backward()
+        mon.step(loss)
+        sc.step(opt)
+        if sum(float(v) for v in sc._per_optimizer_states[id(opt)]["found_inf_per_device"].values()):
+            skipped[name].append(k)
+
+    for k in range(30):
+        g = torch.Generator().manual_seed(k)
+        real, z = torch.randn(64, 16, generator=g) * 30 + 2, torch.randn(64, 8, generator=g)
+        oD.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            fake = G(z)
+            lD = bce(D(real), torch.ones(64, 1)) + bce(D(fake.detach()), torch.zeros(64, 1))
+        step("D", oD, mD, lD, k)
+        oG.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            lG = bce(D(fake), torch.ones(64, 1))
+        step("G", oG, mG, lG, k)
+        sc.update()
+    mD.close()
+    mG.close()
+    assert len(skipped["D"]) >= 3 and skipped["G"] == []
+    assert mG.scaler_skipped == []
+    assert mD.scaler_skipped == [k for k in skipped["D"] if k < 29]
+    assert mD.alerts == [] and mG.alerts == []
+
+
+def test_a_resumed_monitor_sees_a_skip_just_before_the_checkpoint():
+    """The scale the last step read is kept with the monitor's state: a run
+    resumed right after a step the scaler skipped (its gradients were not
+    read there) lists that step, as the uninterrupted run does."""
+    def run(stop=None, state=None, steps=16):
+        model = _mlp()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        scaler = torch.amp.GradScaler("cpu", growth_interval=3, init_scale=2.0 ** 17)
+        mon = sp.monitor(model, every=50, scaler=scaler, grad_every=50)
+        for k in range(steps):
+            if k == stop:  # resume: a new monitor (the model, optimizer and scaler carry on)
+                state = mon.state_dict()
+                mon.close()
+                mon = sp.monitor(model, every=50, scaler=scaler, grad_every=50)
+                mon.load_state_dict(state)
+            x, y = _batch(k)
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            scaler.scale(loss).backward()
+            mon.step(loss)
+            scaler.step(opt)
+            scaler.update()
+        mon.close()
+        return mon
+
+    whole = run()
+    assert whole.scaler_skipped
+    k = whole.scaler_skipped[0]
+    assert run(stop=k + 1).scaler_skipped == whole.scaler_skipped

@@ -580,7 +580,7 @@ def test_a_forward_interrupted_by_ctrl_c_is_not_the_sample():
 # -- a GAN: another loss's pass through the model before its own ----------------------------------------
 
 
-def _gan(order, steps=6, every=2):
+def _gan(order, steps=6, every=2, set_to_none=True):
     """G and D with a monitor on D; each iteration D's step then G's, G's
     loss passing through D after D's ``mon.step``.  ``order``: "late" zeroes
     D's gradients just before D's backward (after D's forwards), "early" at
@@ -596,14 +596,14 @@ def _gan(order, steps=6, every=2):
     for _ in range(steps):
         real, z = torch.randn(64, 16, generator=g), torch.randn(64, 8, generator=g)
         if order == "early":
-            od.zero_grad()
+            od.zero_grad(set_to_none=set_to_none)
         fake = G(z)
         d_real, d_fake = D(real), D(fake.detach())
         d_real.retain_grad()
         d_fake.retain_grad()
         ld = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
         if order == "late":
-            od.zero_grad()
+            od.zero_grad(set_to_none=set_to_none)
         ld.backward()
         md.step(ld)
         od.step()
@@ -617,7 +617,8 @@ def _gan(order, steps=6, every=2):
 
 
 @pytest.mark.parametrize("order", ["early", "late"])
-def test_a_gan_discriminators_sample_is_of_its_own_loss(order):
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_a_gan_discriminators_sample_is_of_its_own_loss(order, set_to_none):
     """The previous version sampled D's first forward after its ``mon.step``
     -- the generator's pass through D, whose gradient D's optimizer never
     uses -- and reported it with D's loss.  Zeroed before D's forwards
@@ -625,13 +626,16 @@ def test_a_gan_discriminators_sample_is_of_its_own_loss(order):
     after them (late), the sample that caught it has no verdict and says
     why, and from the next step on the monitor samples each step's last
     forward.  Every sample with a verdict is one of D's own passes: its
-    output row's gradient RMS equals that pass's (autograd, retain_grad)."""
-    md, seen = _gan(order)
+    output row's gradient RMS equals that pass's (autograd, retain_grad).
+    Zeroed in place (``set_to_none=False``) the reset is read off the
+    gradient's entries: the early order's first sample after it has no
+    verdict either."""
+    md, seen = _gan(order, set_to_none=set_to_none)
     judged = [h for h in md.history if not h.incomplete]
     assert len(judged) >= 2
     for h in judged:
         assert any(h.layers[-1].grad_rms == pytest.approx(v, rel=1e-5) for v in seen[h.step]), h.step
-    if order == "late":
+    if order == "late" or not set_to_none:
         assert md.history[1].step == 2 and "zeroed" in md.history[1].incomplete
         assert [h.step for h in md.history] == [0, 2, 3, 4]
     else:
@@ -682,3 +686,94 @@ def test_the_updates_copy_is_taken_only_where_it_fits(monkeypatch):
     assert len([w for w in caught if "would not fit" in str(w.message)]) == 1
     assert mon.history and not any(h.update_ratios for h in mon.history)
     _same(a, b)
+
+
+def test_after_ctrl_c_the_mode_stack_is_the_users():
+    """After a KeyboardInterrupt in a sampled forward the recording mode is
+    still on torch's stack (no hook ran).  Unrelated code run meanwhile (a
+    notebook's next cell: another model, F.gelu, softmax) is not recorded;
+    the retried call made inside a mode the user entered after it (``with
+    torch.device("meta")``) takes the recording mode off from under the
+    user's, which stays in force and leaves at its own ``with`` exit (the
+    previous version popped the user's mode instead: new tensors were no
+    longer made on meta)."""
+    torch.manual_seed(0)
+    model = _Interruptible()
+    mon = sp.monitor(model, every=1)
+    x, y = _data(0)
+    model.stop = True
+    with pytest.raises(KeyboardInterrupt):
+        model(x)
+    rows = len(mon._rec.rows)
+    other = nn.Sequential(nn.Linear(8, 8), nn.GELU())
+    F.softmax(F.gelu(other(x)), -1).sum().backward()
+    assert len(mon._rec.rows) == rows
+    with torch.device("meta"):
+        out = model(x)
+        assert torch.zeros(1).device.type == "meta"
+        assert torch._C._len_torch_function_stack() == 1
+    assert torch._C._len_torch_function_stack() == 0
+    loss = F.cross_entropy(out, y)
+    loss.backward()
+    mon.step(loss)
+    assert mon.history[0].verdict == "healthy" and [r.name for r in mon.history[0].layers] == ["a", "tanh", "b"]
+    mon.close()
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_whole_model_under_activation_checkpointing_is_measured(reentrant):
+    """``checkpoint(model, x)`` around the root call: the backward recomputes
+    the model's forward, a second call of the model.  The non-reentrant
+    recomputation replaced the recorded forward (no gradient reached it:
+    every sample "incomplete"); now the sample is the forward, its rows'
+    gradients those of the same run without checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    def run(ckpt):
+        model = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        mon = sp.monitor(model, every=2)
+        for k in range(4):
+            x, y = _data(k)
+            x.requires_grad_(True)
+            out = checkpoint(model, x, use_reentrant=reentrant) if ckpt else model(x)
+            loss = F.cross_entropy(out, y)
+            opt.zero_grad()
+            loss.backward()
+            mon.step(loss)
+            opt.step()
+        mon.close()
+        return mon
+
+    plain, ckpt = run(False), run(True)
+    assert [h.verdict for h in ckpt.history] == ["healthy", "healthy"]
+    for a, b in zip(plain.history, ckpt.history):
+        assert [r.grad_rms for r in b.layers] == pytest.approx([r.grad_rms for r in a.layers], rel=1e-6)
+
+
+@pytest.mark.parametrize("how", ["reassigned", "create_graph"])
+def test_a_gradient_replaced_without_zeroing_is_not_a_reset(how):
+    """Gradient accumulation whose ``.grad`` is replaced by a new tensor
+    without being zeroed -- the loop averages it (``p.grad = p.grad / 2``),
+    or ``backward(create_graph=True)`` accumulates out of place -- keeps its
+    sample (a first version of the reset check took any new ``.grad`` object
+    for a reset)."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = sp.monitor(model, every=2)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Using backward\\(\\) with create_graph=True")
+        for k in range(4):
+            opt.zero_grad()
+            for j in range(2):
+                x, y = _data(2 * k + j)
+                F.cross_entropy(model(x), y).backward(create_graph=how == "create_graph")
+            if how == "reassigned":
+                for p in model.parameters():
+                    p.grad = p.grad / 2
+            mon.step(None)
+            opt.step()
+    mon.close()
+    for p in model.parameters():
+        p.grad = None  # create_graph's reference cycle
+    assert [h.verdict for h in mon.history] == ["healthy", "healthy"]

@@ -37,12 +37,12 @@ written (unless ``agc`` is set, which is its job), modes are left alone.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import sys
 import warnings
-import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import torch
@@ -72,6 +72,8 @@ from .precision_alerts import closing_in, output_closing_in, precision_alerts
 from .relative_update import RelativeUpdate
 from .update import UpdateMeter, with_update
 
+# entries of the witness parameter's .grad read for an in-place zero_grad (a prefix: zeroed means all of it)
+ZERO_PROBE = 4096
 MAX_REPLAY_CALLS = 64  # forward calls per step kept for replay (gradient accumulation)
 # Reading every gradient is one fused kernel on a GPU (~1% of a step) but a
 # memory-bound pass on a CPU (~4% of a step of a 100 x 512 MLP on 2 cores):
@@ -329,9 +331,14 @@ class Monitor:
         self._paused = False
         # the root's calls entered and not yet left: (frame of Module._call_impl, len(_calls) at entry)
         self._open: list[tuple[Any, int]] = []
-        # a parameter of the sampled pass and its .grad when a later forward began: a .grad replaced by the
-        # step's end was zeroed in between, so the sampled backward is not in this step's gradient
-        self._grad_ref: tuple[nn.Parameter, Any] | None = None
+        self._recomputing = 0  # calls of the model during a backward that recompute the recorded forward
+        # a hook on a parameter of the sampled pass, from the next forward on: a gradient arriving there while its
+        # .grad is None means the sampled pass's gradient was zeroed since (it is not in this step's gradient)
+        self._witness_hook: Any = None
+        self._zeroed_seen = False
+        # zero_grad(set_to_none=False) zeroes .grad in place: the largest |entry| of its first entries when the
+        # next gradient arrives (0: zeroed), read with the step's values
+        self._zero_probe: torch.Tensor | None = None
         self._last_pass = False  # sample the step's last forward that fed a backward (see _root_pre_guarded)
         self._closed = False
         self._alerted: set[tuple[str, str]] = set()
@@ -405,6 +412,7 @@ class Monitor:
         """Remove every hook and drop every saved reference; history and alerts stay."""
         self._exit_mode()  # a sampled forward interrupted (KeyboardInterrupt) left it entered
         self._open.clear()
+        self._drop_witness()
         if self._skip_opt is not None:  # the optimizer's own step back
             del self._skip_opt.step
             self._skip_opt = self._skip_orig = None
@@ -465,6 +473,7 @@ class Monitor:
             # (the largest |value| statistics: measured unless the root's forward starts outside any
             # low-precision format, see _root_pre_guarded)
             self._rec = Recorder(self.model, unit_vectors=self.red is not None, safe=True)
+            self._rec.running = self._forward_alive
             self._rec.attach()
             self._recording = True
             # the root's post-hook after the recorder's: a bare module is itself a row, and the recorder
@@ -474,6 +483,12 @@ class Monitor:
 
     def _root_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self._replaying:
+            return
+        if self._rec is not None and self._rec.rows and not self._recording and \
+                torch._C._current_graph_task_id() != -1:
+            # called during a backward, after the recorded forward: activation checkpointing (non-reentrant)
+            # recomputing that forward -- its rows get their gradients through the original graph
+            self._recomputing += 1
             return
         frame = _call_frame()
         interrupted = bool(self._open) and _still_running([f for f, _ in self._open]) < len(self._open)
@@ -486,6 +501,28 @@ class Monitor:
             self._root_pre_guarded(args, kwargs)
         except Exception as e:  # a guest in the forward: its failure skips the sample, never the step
             self._fail(e)
+
+    def _arrives(self, p: nn.Parameter, g: torch.Tensor) -> None:
+        """A gradient reaches the witness parameter: with its ``.grad`` gone
+        (``zero_grad()``) since the sampled pass's backward filled it."""
+        if p.grad is None:
+            self._zeroed_seen = True
+        elif self._zero_probe is None and not self._zeroed_seen:
+            with torch.no_grad():
+                self._zero_probe = p.grad.detach().reshape(-1)[:ZERO_PROBE].abs().amax().float()
+
+    def _drop_witness(self) -> None:
+        if self._witness_hook is not None:
+            self._witness_hook.remove()
+            self._witness_hook = None
+        self._zeroed_seen = False
+        self._zero_probe = None
+
+    def _forward_alive(self) -> bool:
+        """Whether the model's outermost call is still running (True where
+        the loop calls its submodules rather than the model): the recording
+        mode records nothing after a KeyboardInterrupt left that call."""
+        return not self._open or _still_running([self._open[0][0]]) == 1
 
     def _interrupted(self, args: tuple[Any, ...]) -> None:
         """An earlier call of the model never returned (a KeyboardInterrupt
@@ -515,8 +552,8 @@ class Monitor:
                 self._arm()
                 if self._rec is not None:  # attached inside the root's call: the root has entered already
                     self._rec.entered(self.model, args)
-            elif witness is not None and self._grad_ref is None:
-                self._grad_ref = (witness, weakref.ref(witness.grad))
+            elif witness is not None and self._witness_hook is None:
+                self._witness_hook = witness.register_hook(Hook(functools.partial(self._arrives, witness)))
         self._exit_mode()  # one a forward that raised left behind
         if self._recording and torch.is_grad_enabled() and self._rec is not None:
             # the largest |value| statistics only where a low-precision format computes (autocast's dtype
@@ -543,6 +580,9 @@ class Monitor:
 
     def _root_post(self, module: nn.Module, args: Any, out: Any) -> None:
         if self._replaying:
+            return
+        if self._recomputing:
+            self._recomputing -= 1
             return
         if self._open:
             self._open.pop()
@@ -642,7 +682,8 @@ class Monitor:
     def _next_step(self) -> None:
         self._exit_mode()
         self._open.clear()
-        self._grad_ref = None
+        self._recomputing = 0
+        self._drop_witness()
         self._logits = None
         if self._rec is not None:
             self._rec.detach()
@@ -702,28 +743,37 @@ class Monitor:
             absmax = [c.out_absmax for c in self._calls[:1] if c.out_absmax is not None]
             # the GradScaler's scale, last: the backward's gradients are that many times the true ones
             scale_t = [t for t in (self._scale.tensor(),) if t is not None] if self._scale is not None else []
-            unscaled = self._scale is not None and self._scale.unscaled()  # unscale_() divided the .grad already
+            probe = [self._zero_probe] if sampled and self._zero_probe is not None else []
+            # the parameters whose .grad unscale_() divided already
+            unscaled = self._scale.unscaled([self.optimizer, self._skip_opt]) if self._scale is not None else None
             more: list[torch.Tensor | Part | float] = [*(pn.scalars if pn is not None else []),
                                                 *(upd[0] if upd is not None else []), *logit_sums, *absmax, *rel,
-                                                *scale_t]
+                                                *scale_t, *probe]
             kinds += (pn.kinds if pn is not None else []) + (upd[1] if upd is not None else []) \
                 + ([SUM, SUM, MAX, SUM, SUM] if logit_sums else []) + [MAX] * len(absmax) + [NORM] * len(rel) \
-                + [MAX] * len(scale_t)
+                + [MAX] * len(scale_t) + [MAX] * len(probe)
             if sampled:
                 assert rec is not None
                 vals, ex = finalise(rec.rows, extra + more, self.red, kinds, rec.batched())
             else:
                 vals, ex = [], gather(extra + more, kinds, self.red) if extra or more else []
         rest = list(ex)
+        if probe and rest.pop() == 0:  # the witness's .grad was all zeros when the next gradient arrived
+            self._zeroed_seen = True
         scale = rest.pop() if scale_t else None
         scale = scale if scale is not None and math.isfinite(scale) and scale > 0 else None
-        # the scaler lowers its scale only after an optimizer step it skipped: the previous step's
-        fell = self._scale is not None and self._scale.fell(scale)
+        # the scaler lowers its scale only after an optimizer step it skipped: the previous step's, if this
+        # model's weights did not move in it (the scaler may be shared with another model's optimizer)
+        moved = RelativeUpdate.ratio(*rest[len(rest) - 2:])
+        fell = self._scale is not None and self._scale.fell(scale) and not moved
         # the true gradients: the backward's (rows, the output's) were scaled, .grad unless unscale_() ran
         row_div = scale or 1.0
-        param_div = 1.0 if unscaled else row_div
+
+        def param_div(p: nn.Parameter) -> float:
+            return 1.0 if unscaled is None or unscaled(p) else row_div
+
         n = len(gnorms)
-        gvals = [v / param_div for v in ex[:n]]
+        gvals = [v / param_div(p) for v, p in zip(ex[:n], params)]
         loss_v = ex[n] if loss_t is not None else (float(loss) if isinstance(loss, (int, float)) else None)
         i = n + (1 if loss_t is not None else 0)
         out_v = ex[i] / row_div if outs else None
@@ -814,7 +864,11 @@ class Monitor:
             from ..clip import agc_
 
             # gradients still multiplied by the loss scale: their ratio to the weights is too
-            agc_(self.model.parameters(), clipping=self.agc * param_div)
+            by_div: dict[float, list[nn.Parameter]] = {}
+            for p in self.model.parameters():
+                by_div.setdefault(param_div(p), []).append(p)
+            for div, ps in by_div.items():
+                agc_(ps, clipping=self.agc * div)
         if self._skip_opt is not None and any(a.kind in SKIP_ON for a in new):
             # the optimizer's next step() (this step's) is skipped: decided from the values this step's one
             # host transfer already read, so skipping adds no synchronisation with the device
@@ -914,10 +968,10 @@ class Monitor:
 
     def _sample(self, k: int, loss: float | None, grad_norm: float | None, rec: Recorder, vals: list[dict[str, Any]],
                 pn: ParamNorms, rest: list[float], out_rms: float | None, scale: float | None = None,
-                param_div: float = 1.0, why: str = "") -> MonitorStep:
+                param_div: Callable[[nn.Parameter], float] = lambda p: 1.0, why: str = "") -> MonitorStep:
         """The sampled step's record; under a GradScaler (``scale``) the
         backward's statistics divided by the scale, the parameters' gradients
-        by ``param_div`` (1 once ``unscale_`` ran); ``why``: the reason the
+        by ``param_div`` of the module's first (1 once ``unscale_`` ran); ``why``: the reason the
         sample gets no verdict, when the step itself gave one."""
         rows = rec.rows
         if scale is not None:
@@ -930,7 +984,10 @@ class Monitor:
             vals = [v if r.low else {key: x for key, x in v.items() if key not in HEADROOM}
                     for r, v in zip(rows, vals)]
         m = len(pn.scalars)
-        pgrads = {mod: (g / param_div, gw / param_div) for mod, (g, gw) in pn.values(rest[:m]).items()}
+        pgrads = {}
+        for mod, (g, gw) in pn.values(rest[:m]).items():
+            div = param_div(next(p for p in mod.parameters(recurse=False)))
+            pgrads[mod] = (g / div, gw / div)
         if not out_rms:  # no root output to compare with (submodules called directly): the last row with a gradient
             out_rms = next((v["grad_rms"] for v in reversed(vals) if v.get("grad_rms")), None)
         layers = layer_stats(rows, vals, pgrads, out_rms or 1.0)
@@ -943,16 +1000,15 @@ class Monitor:
 
     def _zeroed(self, k: int) -> str:
         """Why the sample is not of this step's gradient, or "": the sampled
-        pass's gradients were zeroed after its backward (its parameter's
-        ``.grad`` replaced by the step's end), so the step's gradient comes
+        pass's gradients were zeroed after its backward (a later backward
+        found its parameter's ``.grad`` gone, or all zeros where
+        ``zero_grad(set_to_none=False)`` zeroed it in place: the first
+        :data:`ZERO_PROBE` entries read), so the step's gradient comes
         from later passes -- another loss's pass through this model came
         first (a GAN's generator step through its discriminator, after the
         discriminator's ``mon.step``).  From then on the monitor samples each
         step's last forward that fed a backward, and the next step is sampled."""
-        if self._grad_ref is None:
-            return ""
-        p, ref = self._grad_ref
-        if p.grad is not None and ref() is p.grad:
+        if not self._zeroed_seen:
             return ""
         self._last_pass = True
         self._dense_until = max(self._dense_until, k + 1)
@@ -1124,7 +1180,8 @@ class Monitor:
                 "alerts": [a.to_dict() for a in self.alerts],
                 "alerted": sorted([list(x) for x in self._alerted]),
                 "last_scalar_alert": dict(self._last_scalar_alert), "nonfinite_seen": self._nonfinite_seen,
-                "skipped": list(self.skipped), "scaler_skipped": list(self.scaler_skipped)}
+                "skipped": list(self.skipped), "scaler_skipped": list(self.scaler_skipped),
+                "loss_scale": self._scale.last if self._scale is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict` (before the first ``step`` of the
@@ -1153,6 +1210,8 @@ class Monitor:
         self._nonfinite_seen = bool(state["nonfinite_seen"])
         self.skipped = [int(x) for x in state.get("skipped", [])]
         self.scaler_skipped = [int(x) for x in state.get("scaler_skipped", [])]
+        if self._scale is not None and state.get("loss_scale") is not None:
+            self._scale.last = float(state["loss_scale"])  # a fall at the resumed run's first step is a skip
         # the step in progress (the first of the resumed run, perhaps already past its forward) under its
         # restored number: recorded if that step is a sampled one, not otherwise
         if not self.sampled and self._rec is not None:

@@ -9,8 +9,10 @@ scaler doing its job, not a divergence.  Given the scaler, the monitor
 * reads S in the step's one host transfer (its tensor, no extra sync) and
   divides the per-layer gradient statistics by it -- the backward's always,
   the parameters' gradients unless ``scaler.unscale_(optimizer)`` already
-  did -- so history, TensorBoard and the verdicts see true gradients whatever
-  S is at the moment;
+  did (per optimizer where the monitor knows them: ``optimizer=``,
+  ``skip=``; with several optimizers on one scaler and only some unscaled,
+  pass the one this model trains) -- so history, TensorBoard and the
+  verdicts see true gradients whatever S is at the moment;
 * calls non-finite gradients at a finite loss a **loss-scale overflow**:
   no alert, the step is listed in ``scaler_skipped`` and its sample has no
   verdict.  Only at ``S < 1``, where no loss scaling is left to blame, are
@@ -19,10 +21,12 @@ scaler doing its job, not a divergence.  Given the scaler, the monitor
   reach it within ``log2(S)`` skipped steps (16 from the default), while the
   weights are kept safe by the skips;
 * knows the optimizer step that follows a step was skipped when S fell
-  between the two ``step()`` calls (the scaler lowers S only on a skipped
-  step), also on steps whose gradients it does not read: that step's update
-  (the relative update, the update after a sample) is not measured, rather
-  than measured as 0 ("the weights barely moved");
+  between the two ``step()`` calls (the scaler lowers S only after a skipped
+  step) and this model's sampled weights did not change at all (one scaler
+  shared by a GAN's two optimizers falls when either skips), also on steps
+  whose gradients it does not read: that step's update (the relative
+  update, the update after a sample) is not measured, rather than measured
+  as 0 ("the weights barely moved");
 * leaves the gradients' float16 headroom to the scaler (it probes the limit
   by design); the activations' headroom is judged as before.
 
@@ -33,6 +37,7 @@ Call ``step()`` after ``scaler.scale(loss).backward()`` (and
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -62,15 +67,22 @@ class LossScale:
             return s.detach().reshape(-1)[0]
         return None  # a scaler of another make: not read (get_scale() would synchronise)
 
-    def unscaled(self) -> bool:
-        """Whether ``unscale_`` has already divided the parameters' gradients
-        by the scale (the scaler's per-optimizer stage since this step's
-        backward)."""
+    def unscaled(self, optimizers: Sequence[Any]) -> Callable[[Any], bool]:
+        """Which parameters' gradients ``unscale_`` has already divided by the
+        scale since this step's backward (the scaler's stage per optimizer):
+        a parameter of one of the known ``optimizers`` if that optimizer was
+        unscaled; any other parameter if an optimizer not known here was
+        (with none known: every parameter once any optimizer was)."""
         states = getattr(self.scaler, "_per_optimizer_states", None)
-        if not isinstance(states, dict):
-            return False
-        return any(getattr(s.get("stage"), "name", None) == "UNSCALED" for s in states.values()
-                   if isinstance(s, dict))
+        done = {i for i, s in states.items() if isinstance(s, dict)
+                and getattr(s.get("stage"), "name", None) == "UNSCALED"} if isinstance(states, dict) else set()
+        if not done:
+            return lambda p: False
+        known = {id(o): o for o in optimizers if o is not None}
+        mine = {p for i, o in known.items() if i in done for g in o.param_groups for p in g["params"]}
+        held = {p for o in known.values() for g in o.param_groups for p in g["params"]}
+        others = bool(done - known.keys())
+        return lambda p: p in mine or (others and p not in held)
 
     def fell(self, scale: float | None) -> bool:
         """Whether the scale fell since the previous step (the scaler skipped

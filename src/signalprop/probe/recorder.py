@@ -15,7 +15,7 @@ import math
 import re
 import types
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -391,6 +391,22 @@ def calls_functional_activations(model: nn.Module, leaves: list[nn.Module] | Non
     return bool(functional_callers(model, leaves, named))
 
 
+def _leave(mode: TorchFunctionMode) -> None:
+    """Take ``mode`` off torch's function-mode stack wherever it is: on top
+    when the forward that entered it returned; below modes the user entered
+    after it when that forward never returned (a KeyboardInterrupt, for
+    which torch runs no hook) -- those stay, in their order (``__exit__``
+    pops the top, whichever mode it is)."""
+    above = []
+    while torch._C._len_torch_function_stack():
+        top = torch._C._pop_torch_function_stack()
+        if top is mode:
+            break
+        above.append(top)
+    for m in reversed(above):
+        torch._C._push_on_torch_function_stack(m)
+
+
 class _ScopedCapture:
     """The context of a pass that records functional calls: the recording
     mode (:class:`_FunctionalCapture`) is entered when one of the modules
@@ -416,7 +432,7 @@ class _ScopedCapture:
         self.r._scope = None
         if self.depth:
             self.depth = 0
-            self.mode.__exit__(None, None, None)
+            _leave(self.mode)
 
     def push(self) -> None:
         if not self.depth:
@@ -427,7 +443,7 @@ class _ScopedCapture:
         if self.depth:
             self.depth -= 1
             if not self.depth:
-                self.mode.__exit__(None, None, None)
+                _leave(self.mode)
 
     def lift(self) -> bool:
         """Take the recording mode off the top of torch's mode stack while
@@ -458,6 +474,8 @@ class _FunctionalCapture(TorchFunctionMode):
         if self.r.busy:  # the recorder's own computation inside a forward hook: not the model's
             return out
         kind = self.attn.get(func)
+        if (kind is not None or func in self.fns) and self.r.running is not None and not self.r.running():
+            return out  # the forward that entered the mode never returned: the calls after it are not the model's
         # inside nn.MultiheadAttention its own row measures the attention (Recorder._fused_attention)
         if kind is not None and self.r.stats and isinstance(out, torch.Tensor) and \
                 not (self.r.stack and self.r.stack[-1] in self.r._fused_names):
@@ -709,6 +727,9 @@ class Recorder:
         self._edge_rows: list[Row] = []
         self._fused_names: set[str] = set()  # MultiheadAttention modules: they measure their own attention
         self.busy = False  # computing a statistic with torch functions inside the forward (not recorded)
+        # whether the forward being recorded is still running (the monitor's, which a KeyboardInterrupt can leave
+        # without a hook); None: always (check runs the forward itself)
+        self.running: Callable[[], bool] | None = None
 
     def set_headroom(self, on: bool) -> None:
         """Measure the largest |value| statistics (``headroom``, see
