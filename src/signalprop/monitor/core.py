@@ -51,12 +51,12 @@ from torch import nn
 from ..formats import name_of
 from ..probe.attention import logits_of, output_logit_sums
 from ..probe.diagnose import diagnose
-from ..probe.distributed import GRAD_NORM, MEAN, NORM, SUM, Reduction, norm_kind, resolve_group, unwrap
+from ..probe.distributed import GRAD_NORM, MEAN, NORM, SUM, Reduction, local, norm_kind, resolve_group, unwrap
 from ..probe.gather import finalise, gather
 from ..probe.inputs import CallArgs, ModelError
 from ..probe.norms import ParamNorms, norms
 from ..probe.pipeline import check_limits, check_materialised, check_model, run_pass
-from ..probe.recorder import Hook, Recorder, first_float_tensor
+from ..probe.recorder import Hook, Recorder, model_output
 from ..probe.rows import layer_stats
 from ..probe.state import preserved
 from ..probe.stats import Part
@@ -630,7 +630,7 @@ class Monitor:
         if not self._calls:
             return
         call = self._calls[-1]
-        y = first_float_tensor(out)
+        y = model_output(out)  # the logits, not the loss a model called with labels= returns first
         if y is not None and name_of(y.dtype) is not None and call.out_absmax is None:
             with torch.no_grad():  # one reduction (no |y| copy), in low-precision runs only: the output's headroom
                 call.out_absmax = torch.linalg.vector_norm(y.detach(), float("inf")).float()
@@ -1060,7 +1060,9 @@ class Monitor:
             named = [(n, p) for n, p in self.model.named_parameters()]
             pvals = gather(norms([p.detach() for _, p in named]),
                             [norm_kind(p) for _, p in named], self.red) if named else []
-        bad_w = [n for (n, _), v in zip(named, pvals) if not math.isfinite(v)]
+        # a norm past float32's range (entries ~1e19 and up) is not yet a non-finite weight: the entries say
+        bad_w = [n for (n, p), v in zip(named, pvals) if not math.isfinite(v)
+                 and not bool(torch.isfinite(local(p.detach())).all())]
         if bad_w:
             return Alert(k, "non-finite", bad_w[0].rpartition(".")[0] or bad_w[0],
                          f"step {k}: the weights themselves are non-finite ({len(bad_w)} tensor(s), first "

@@ -283,15 +283,11 @@ def measure(kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[st
 
 def logits_of(out: Any) -> torch.Tensor | None:
     """The output's logits: a ``logits`` field (HF ``ModelOutput``), else its
-    first floating tensor, when that has a class dimension (2-D or more, the
-    last of size >= 2)."""
-    from .recorder import first_float_tensor
+    first floating tensor that is not a 0-d loss (:func:`~.recorder.model_output`),
+    when that has a class dimension (2-D or more, the last of size >= 2)."""
+    from .recorder import model_output
 
-    y = getattr(out, "logits", None)
-    if not isinstance(y, torch.Tensor):
-        y = out.get("logits") if isinstance(out, dict) else None
-    if not isinstance(y, torch.Tensor):
-        y = first_float_tensor(out)
+    y = model_output(out)
     return y if y is not None and y.dim() >= 2 and y.shape[-1] >= 2 and y.is_floating_point() else None
 
 

@@ -106,6 +106,44 @@ def first_float_tensor(obj: Any, _depth: int = 0) -> torch.Tensor | None:
     return None
 
 
+def _float_tensors(obj: Any, _depth: int = 0) -> Iterator[torch.Tensor]:
+    """The floating-point tensors of a (nested) output, in order."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point() or obj.is_complex():
+            yield obj
+        return
+    if _depth > 6:
+        return
+    if isinstance(obj, dict):
+        items: Iterator[Any] = iter(obj.values())
+    elif isinstance(obj, (tuple, list)):
+        items = iter(obj)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        items = (getattr(obj, f.name) for f in dataclasses.fields(obj))
+    else:
+        return
+    for v in items:
+        yield from _float_tensors(v, _depth + 1)
+
+
+def model_output(obj: Any) -> torch.Tensor | None:
+    """The tensor that stands for a model's output: its ``logits`` (HF
+    ``ModelOutput``, a dict), else its first floating tensor that is not a
+    0-d scalar -- a model called with ``labels=`` returns its loss first,
+    whose gradient (1) says nothing of the output's --, else the first."""
+    y = getattr(obj, "logits", None)
+    if not isinstance(y, torch.Tensor) and isinstance(obj, dict):
+        y = obj.get("logits")
+    if isinstance(y, torch.Tensor) and y.is_floating_point():
+        return y
+    first = None
+    for t in _float_tensors(obj):
+        if t.dim() > 0:
+            return t
+        first = first if first is not None else t
+    return first
+
+
 @dataclass(slots=True)
 class Row:
     """Raw record of one call; statistics are 0-d tensors until finalised."""

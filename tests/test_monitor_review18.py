@@ -1,0 +1,90 @@
+"""Review 18 of the monitor (a helper fine-tuning small HF models as
+practitioners do): the output a model called with ``labels=`` stands for,
+compiled submodules, parameters of non-leaf modules, zero-initialised
+layers, and the blame for an overflowing forward.  Each test failed on the
+version before its fix."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import signalprop as sp
+
+
+def _llama():
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=100, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg).train()
+
+
+def test_a_model_called_with_labels_is_judged_by_its_logits():
+    """HF models called with ``labels=`` return their loss first; the
+    monitor took that 0-d loss for the output, whose gradient is 1, so every
+    relative gradient was the raw one (a healthy converging run read
+    "vanishing").  Now the reference is the logits: the sample equals that of
+    the same step with the loss computed outside the model from ``.logits``."""
+    x = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(1))
+    samples = {}
+    for how in ("labels", "external"):
+        m = _llama()
+        with sp.monitor(m, every=1) as mon:
+            if how == "labels":
+                loss = m(input_ids=x, labels=x).loss
+            else:
+                logits = m(input_ids=x).logits
+                loss = F.cross_entropy(logits[:, :-1].reshape(-1, 100), x[:, 1:].reshape(-1))
+            loss.backward()
+            mon.step(loss)
+        samples[how] = mon.history[0]
+    a, b = samples["labels"], samples["external"]
+    assert a.output_grad_rms == pytest.approx(b.output_grad_rms, rel=1e-6)
+    assert a.output_grad_rms < 0.01  # the logits' gradient, not the loss's own (1.0)
+    for ra, rb in zip(a.layers, b.layers, strict=True):
+        if rb.relative_grad_rms is None:
+            assert ra.relative_grad_rms is None
+        else:
+            assert ra.relative_grad_rms == pytest.approx(rb.relative_grad_rms, rel=1e-6), ra.name
+    assert a.verdict == b.verdict == "healthy"
+
+
+def test_model_output_prefers_logits_then_a_tensor_over_a_scalar():
+    from signalprop.probe.recorder import model_output
+
+    loss, logits, hidden = torch.tensor(2.0), torch.randn(2, 3, 5), torch.randn(2, 3, 4)
+    assert model_output({"loss": loss, "hidden": hidden, "logits": logits}) is logits
+    assert model_output((loss, hidden)) is hidden
+    assert model_output([loss]) is loss
+    assert model_output(torch.arange(3)) is None
+
+
+def test_finite_weights_whose_norm_overflows_are_not_called_non_finite():
+    """Weights of ~1e20 are finite, but their sum of squares passes float32's
+    range: the previous version read the infinite norm as "the weights
+    themselves are non-finite (an earlier optimizer step overflowed them)".
+    The forward that overflows is named instead."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Linear(16, 4))
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    with sp.monitor(m, every=50) as mon:
+        for k in range(3):
+            if k == 2:
+                with torch.no_grad():
+                    m[2].weight.mul_(1e20)
+                    m[3].weight.mul_(1e20)
+            x, y = torch.randn(32, 8), torch.randint(0, 4, (32,))
+            loss = F.cross_entropy(m(x), y)
+            opt.zero_grad()
+            loss.backward()
+            assert all(bool(torch.isfinite(p).all()) for p in m.parameters())
+            mon.step(loss)
+            opt.step()
+    bad = [a for a in mon.alerts if a.kind == "non-finite"]
+    assert len(bad) == 1 and bad[0].step == 2
+    assert "weights themselves" not in bad[0].message and bad[0].layer == "3"
+    assert bad[0].phase == "forward" and not math.isfinite(mon.losses[2])
