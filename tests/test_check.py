@@ -621,8 +621,10 @@ def test_row_gradients_equal_tensor_hooks_on_each_output():
 
 def test_a_compiled_submodule_gets_per_module_hooks_and_no_warning():
     """torch warns when a torch.compile'd module runs under global module
-    hooks; a model holding one is hooked module by module instead, and its
-    inner layers are still rows."""
+    hooks; a model holding one is hooked module by module instead.  The
+    compiled module is one row, named by its own class, its inside not
+    hooked: hooks there are traced into its compiled code (with functional
+    capture dynamo raised on them: tests/test_monitor_review18.py)."""
     import warnings
 
     torch.manual_seed(0)
@@ -632,7 +634,7 @@ def test_a_compiled_submodule_gets_per_module_hooks_and_no_warning():
         warnings.simplefilter("always")
         r = sp.check(m, x_of(16, 8))
     assert not [w for w in caught if "hooks" in str(w.message)], [str(w.message) for w in caught]
-    assert [layer.name for layer in r.layers] == ["0", "1._orig_mod.0", "1._orig_mod.1", "2"]
+    assert [layer.name for layer in r.layers] == ["0", "1", "2"] and r.layers[1].kind == "Sequential"
     assert all(layer.grad_rms is not None for layer in r.layers)
     _no_hooks(m)
 

@@ -88,3 +88,67 @@ def test_finite_weights_whose_norm_overflows_are_not_called_non_finite():
     assert len(bad) == 1 and bad[0].step == 2
     assert "weights themselves" not in bad[0].message and bad[0].layer == "3"
     assert bad[0].phase == "forward" and not math.isfinite(mon.losses[2])
+
+
+class _MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x):
+        return self.down(F.gelu(self.up(x)))  # a functional activation: the recorder's mode is on around it
+
+
+class _Blocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.norm = nn.LayerNorm(16)
+        self.mlp = _MLP()
+        self.out = nn.Linear(16, 2)
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = h + self.mlp(self.norm(h))
+        return self.out(F.gelu(h))
+
+
+# dynamo reads .grad of non-leaf tensors while it traces (its own warning, unmonitored runs too)
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")
+def test_a_compiled_submodule_is_one_row_and_training_goes_on():
+    """``torch.compile`` on one submodule whose forward calls F.gelu: the
+    monitor's hooks inside it were traced by dynamo, which raised into the
+    training loop at step 0.  Now the compiled module is one row (named by
+    its own class), measured from its output, its inside left alone and run
+    without the recording mode; the run trains as it does unmonitored, bit
+    for bit, and ``check`` reads it the same way."""
+    def run(monitored):
+        torch.manual_seed(0)
+        m = _Blocks()
+        m.mlp = torch.compile(m.mlp, backend="aot_eager")
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        mon = sp.monitor(m, every=2) if monitored else None
+        for k in range(4):
+            g = torch.Generator().manual_seed(k)
+            x, y = torch.randn(32, 8, generator=g), torch.randint(0, 2, (32,), generator=g)
+            loss = F.cross_entropy(m(x), y)
+            opt.zero_grad()
+            loss.backward()
+            if mon is not None:
+                mon.step(loss)
+            opt.step()
+        if mon is not None:
+            mon.close()
+        return m, mon
+
+    plain, _ = run(False)
+    watched, mon = run(True)
+    for a, b in zip(plain.parameters(), watched.parameters()):
+        assert torch.equal(a, b)
+    h = mon.history[0]
+    assert h.verdict == "healthy"
+    rows = {r.name: r for r in h.layers}
+    assert rows["mlp"].kind == "_MLP" and rows["mlp"].grad_rms > 0
+    assert not any(n.startswith("mlp.") for n in rows)
+    report = sp.check(watched, torch.randn(16, 8))
+    assert "mlp" in [r.name for r in report.layers]

@@ -17,7 +17,7 @@ import types
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import nn
@@ -184,6 +184,19 @@ _LOW_DTYPES = frozenset(getattr(torch, n) for n in FORMATS if formats.name_of(ge
 FUSED = (nn.MultiheadAttention,)
 
 
+def compiled(m: nn.Module) -> bool:
+    """Whether ``m`` is a ``torch.compile``'d module (its ``OptimizedModule``
+    wrapper): recorded as one row, its inside left alone -- hooks inside it
+    would be traced into its compiled code (dynamo raised on them)."""
+    return type(m).__name__ == "OptimizedModule" and isinstance(getattr(m, "_orig_mod", None), nn.Module)
+
+
+def outside_compiled(named: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """``named`` without the modules inside a compiled module."""
+    inside = {id(c) for _, m in named if compiled(m) for c in m.modules() if c is not m}
+    return [(n, m) for n, m in named if id(m) not in inside] if inside else named
+
+
 def _inert(*args: Any, **kwargs: Any) -> None:
     """What a copied or pickled model keeps of a signalprop hook: nothing."""
 
@@ -229,7 +242,7 @@ def leaf_modules(model: nn.Module, named: list[tuple[str, nn.Module]] | None = N
     fused ones (MultiheadAttention) as a whole.  ``named``: the model's
     ``named_modules()`` list when the caller already has it."""
     mods = [m for _, m in (named if named is not None else model.named_modules())]
-    hidden = {id(c) for m in mods if isinstance(m, FUSED) for c in m.modules() if c is not m}
+    hidden = {id(c) for m in mods if isinstance(m, FUSED) or compiled(m) for c in m.modules() if c is not m}
     # parametrize registers its container as a child module (no getattr: a module without one
     # would go through nn.Module.__getattr__'s AttributeError, ~1 us each)
     hidden |= {id(c) for m in mods if isinstance(p := m._modules.get("parametrizations"), nn.Module)
@@ -240,7 +253,7 @@ def leaf_modules(model: nn.Module, named: list[tuple[str, nn.Module]] | None = N
         # activation calls are the rows (functional capture), not its one output
         return []
     return [m for m in mods if id(m) not in hidden
-            and (isinstance(m, FUSED) or not _has_own_children(m))]
+            and (isinstance(m, FUSED) or compiled(m) or not _has_own_children(m))]
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
@@ -735,8 +748,10 @@ class Recorder:
         self._dsts: dict[int, weakref.ref[torch.Tensor]] | None = {} if (safe or precision) and not exact else None
         self.stack: list[str] = []  # names of modules currently inside forward (functional capture only)
         self.leaf_depth = 0
+        self._lifted: list[nn.Module] = []  # compiled leaves running with the recording mode taken off
         self._handles: list[Any] = []
-        self._modules = list(model.named_modules()) if named is None else named  # one traversal, shared below
+        # one traversal, shared below; a compiled submodule's inside is not hooked (see compiled())
+        self._modules = outside_compiled(list(model.named_modules()) if named is None else named)
         self._names = {m: n for n, m in self._modules}
         self._leaves = leaf_modules(model, self._modules)
         self._callers = functional_callers(model, self._leaves, self._modules) if capture_functional else set()
@@ -788,7 +803,7 @@ class Recorder:
     def _leaf_info(self, m: nn.Module) -> _Leaf:
         act = _act.from_module(m)
         has_params = any(p is not None for p in m._parameters.values())
-        name, kind = self._names.get(m, "?"), type(m).__name__
+        name, kind = self._names.get(m, "?"), type(m._orig_mod if compiled(m) else m).__name__
         return _Leaf(name, kind, act, *_traits(act),
                      feature_dim(m),
                      role_of(name, kind, m, (), self._positional) if has_params else None)
@@ -798,10 +813,15 @@ class Recorder:
         self.stack.append(self._names.get(m, "?"))
         if m in self._info:
             self.leaf_depth += 1
+            if self._scope is not None and compiled(m) and self._scope.lift():
+                self._lifted.append(m)  # compiled code runs without the recording mode (as it was compiled)
         elif self._scope is not None and m in self._callers:
             self._scope.push()
 
     def _post(self, m: nn.Module, args: Any, out: Any) -> Any:
+        if self._lifted and self._lifted[-1] is m:
+            self._lifted.pop()
+            cast(_ScopedCapture, self._scope).restore()
         if self.stack:  # empty when attached inside a forward already running (the monitor's re-arm)
             self.stack.pop()
         if self._scope is not None and m in self._callers:
