@@ -152,3 +152,43 @@ def test_a_compiled_submodule_is_one_row_and_training_goes_on():
     assert not any(n.startswith("mlp.") for n in rows)
     report = sp.check(watched, torch.randn(16, 8))
     assert "mlp" in [r.name for r in report.layers]
+
+
+class _LoRA(nn.Module):
+    """A frozen base layer plus a low-rank update B(A(x)), B zero-initialised (PEFT's default)."""
+
+    def __init__(self, base, r=4):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.lora_A = nn.Linear(base.in_features, r, bias=False)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False)
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x):
+        return self.base(x) + 2.0 * self.lora_B(self.lora_A(x))
+
+
+def test_an_exact_zero_before_a_zero_initialised_layer_is_not_vanishing():
+    """LoRA's B starts at 0, so the gradient reaching A's output is exactly 0
+    until B moves -- by design.  The first sample read "vanishing: exactly 0
+    (it underflows)" (the frozen base gives no earlier row a gradient);
+    now it is healthy, in check too, while the same rows with no all-zero
+    layer after them (B's weights read as non-zero) stay vanishing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_LoRA(nn.Linear(16, 32)), nn.Tanh(), _LoRA(nn.Linear(32, 4)))
+    x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+    with sp.monitor(model, every=1) as mon:
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        mon.step(loss)
+    h = mon.history[0]
+    rows = {r.name: r for r in h.layers}
+    assert rows["0.lora_A"].grad_rms == 0 and rows["2.lora_A"].grad_rms == 0
+    assert h.verdict == "healthy", [p.message for p in h.problems]
+    assert sp.check(model, x, loss_fn=lambda out: F.cross_entropy(out, y)).verdict == "healthy"
+    from signalprop.probe.diagnose import diagnose
+    from signalprop.records import evolve
+
+    # the same rows without the zero layer after them: an exact 0 nothing explains
+    layers = [evolve(r, grad_to_weight=1.0) if r.name.endswith("lora_B") else r for r in h.layers]
+    assert diagnose(layers, None, (1e-6, 1e3), 100.0)[0] == "vanishing"

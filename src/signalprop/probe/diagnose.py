@@ -130,8 +130,16 @@ def _bound_evidence(layers: list[LayerStats], lo: float, hi: float) -> list[_Evi
         out.append(_Evidence("exploding", "bound", set(big), too_big(set(big)), max(big.values()) / hi, too_big))
     small: dict[int, float] = {}
     best_before = 0.0
-    for layer, g in zip(layers, eff):
-        if g is None:
+    # a module whose parameters are all 0 (LoRA's B, a zero-initialised residual branch or output layer) passes
+    # no gradient back until they move: an exact 0 before one is by design, not a vanishing gradient
+    zero_after = [False] * len(layers)
+    for i in range(len(layers) - 2, -1, -1):
+        nxt = layers[i + 1]  # ||grad|| / ||w|| is inf for a finite gradient only where ||w|| is 0
+        zero_after[i] = zero_after[i + 1] or (nxt.grad_to_weight is not None and math.isinf(nxt.grad_to_weight)
+                                              and nxt.param_grad_rms is not None
+                                              and math.isfinite(nxt.param_grad_rms))
+    for i, (layer, g) in enumerate(zip(layers, eff)):
+        if g is None or (g == 0 and zero_after[i]):
             continue
         if g < lo and best_before < lo:
             small[layer.index] = g
