@@ -192,3 +192,54 @@ def test_an_exact_zero_before_a_zero_initialised_layer_is_not_vanishing():
     # the same rows without the zero layer after them: an exact 0 nothing explains
     layers = [evolve(r, grad_to_weight=1.0) if r.name.endswith("lora_B") else r for r in h.layers]
     assert diagnose(layers, None, (1e-6, 1e3), 100.0)[0] == "vanishing"
+
+
+class _ParamLoRA(nn.Module):
+    """An adapter held as parameters of the wrapper itself (not as layers): the wrapper is not a row."""
+
+    def __init__(self, base, r=4):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.A = nn.Parameter(torch.randn(r, base.in_features) / base.in_features ** 0.5)
+        self.B = nn.Parameter(torch.randn(base.out_features, r) * 0.1)
+
+    def forward(self, x):
+        return self.base(x) + x @ self.A.t() @ self.B.t()
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self, reentrant):
+        super().__init__()
+        self.block = nn.Sequential(_ParamLoRA(nn.Linear(16, 16)), nn.Tanh(), _ParamLoRA(nn.Linear(16, 16)))
+        self.head = nn.Linear(16, 4)
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        return self.head(checkpoint(self.block, x, use_reentrant=self.reentrant))
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad=True:UserWarning")
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_adapters_held_by_a_wrapper_that_got_no_gradient_are_incomplete(reentrant):
+    """Reentrant checkpointing of a block whose input does not require grad
+    runs it without autograd: its adapters -- parameters of the wrapper
+    modules, which are not rows (rows are leaf modules) -- got no gradient
+    and do not train, yet the sample was "healthy" on the head's row alone.
+    Now "incomplete", naming the wrappers; non-reentrant checkpointing trains
+    them and stays healthy."""
+    torch.manual_seed(0)
+    model = _Checkpointed(reentrant)
+    x, y = torch.randn(32, 16), torch.randint(0, 4, (32,))
+    with sp.monitor(model, every=1) as mon:
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        mon.step(loss)
+    got = [p.grad is not None for n, p in model.named_parameters() if n.endswith((".A", ".B"))]
+    h = mon.history[0]
+    if reentrant:
+        assert not any(got)
+        assert h.verdict == "incomplete" and "block.0, block.2" in h.incomplete
+    else:
+        assert all(got) and h.verdict == "healthy"

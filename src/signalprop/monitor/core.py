@@ -201,7 +201,27 @@ def _head(values: list[float | None]) -> int:
     return len(values)
 
 
-def missing_gradients(rows: list[Any]) -> str:
+def _trainable_own(m: nn.Module) -> list[nn.Parameter]:
+    return [p for p in m._parameters.values() if p is not None and p.requires_grad]
+
+
+def _wrapper_islands(rows: list[Any], named: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """Modules that are not rows but hold trainable parameters of their own
+    (an adapter's low-rank matrices on the layer it wraps, a class token)
+    whose every row ran without autograd while none of those parameters got
+    a gradient: the same island as a row's, one level up."""
+    mods = {id(r.module) for r in rows if r.module is not None}
+    out = []
+    for name, m in named:
+        if not name or id(m) in mods or not _trainable_own(m):
+            continue
+        inside = [r for r in rows if r.name.startswith(name + ".")]
+        if inside and not any(r.wants_grad for r in inside) and all(p.grad is None for p in _trainable_own(m)):
+            out.append((name, m))
+    return out
+
+
+def missing_gradients(rows: list[Any], named: list[tuple[str, nn.Module]] | None = None) -> str:
     """Why a recorded pass cannot be judged, or "": no row received a
     gradient although some required one (the pass fed no backward), or
     trainable layers ran without autograd (their gradients never exist:
@@ -209,19 +229,21 @@ def missing_gradients(rows: list[Any]) -> str:
     outside the recorded pass).  Anywhere in the pass, the first layers too:
     a reentrantly checkpointed first block, whose input does not require
     grad, gets no gradient at all.  Layers whose parameters are all frozen
-    need none."""
+    need none.  ``named``: the model's modules, for trainable parameters held
+    by modules that are not rows (:func:`_wrapper_islands`)."""
     if not any(r.wants_grad for r in rows):
         return ""  # nothing in the pass requires grad (a frozen model): nothing was missed
     if not any(r.bwd for r in rows):
         return ("no gradient reached the recorded forward pass: it did not feed this step's backward (a forward "
                 "without backward, or an evaluation pass with gradients on and no training pass after it)")
-    islands = [r for r in rows if not r.wants_grad and r.module is not None
-               and any(p.requires_grad for p in r.module._parameters.values() if p is not None)]
+    islands = [(r.name, r.module) for r in rows if not r.wants_grad and r.module is not None
+               and _trainable_own(r.module)]
+    islands += _wrapper_islands(rows, named) if named is not None else []
     if not islands:
         return ""
-    names = list(dict.fromkeys(r.name or "(root)" for r in islands))
+    names = list(dict.fromkeys(n or "(root)" for n, _ in islands))
     said = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-    trainable = [p for r in islands for p in r.module._parameters.values() if p is not None and p.requires_grad]
+    trainable = [p for _, m in islands for p in _trainable_own(m)]
     if all(p.grad is None for p in trainable):
         return (f"{len(names)} trainable layer(s) ran without autograd and got no gradient at all ({said}), so "
                 "they are not measured and do not train: a block under reentrant activation checkpointing whose "
@@ -991,7 +1013,7 @@ class Monitor:
         if not out_rms:  # no root output to compare with (submodules called directly): the last row with a gradient
             out_rms = next((v["grad_rms"] for v in reversed(vals) if v.get("grad_rms")), None)
         layers = layer_stats(rows, vals, pgrads, out_rms or 1.0)
-        why = why or missing_gradients(rows)
+        why = why or missing_gradients(rows, list(self.model.named_modules()))
         if why:  # no verdict from rows that could not see their gradients
             return MonitorStep(k, loss, "incomplete", tuple(layers), (), grad_norm, out_rms, incomplete=why,
                                loss_scale=scale)
