@@ -334,3 +334,80 @@ def test_hf_checkpoint_carries_the_monitor(tmp_path, restore):
     assert cb is not first and first.monitor.steps == [0, 1, 2, 3]
     assert cb.monitor.steps[-2:] == [4, 5] and cb.monitor.steps[:4] == [0, 1, 2, 3]
     assert [h.step for h in cb.monitor.history] == [0, 2, 4]
+
+
+class _LitGAN(__import__("lightning.pytorch", fromlist=["LightningModule"]).LightningModule):
+    """Manual optimization: D's step, then G's, each with its own optimizer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        torch.manual_seed(0)
+        self.G = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 8))
+        self.D = nn.Sequential(nn.Linear(8, 32), nn.LeakyReLU(0.2), nn.Linear(32, 1))
+        self.d_losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        x = batch[0]
+        og, od = self.optimizers()
+        fake = self.G(torch.randn(x.shape[0], 8, generator=torch.Generator().manual_seed(batch_idx)))
+        d_loss = nn.functional.softplus(-self.D(x)).mean() + nn.functional.softplus(self.D(fake.detach())).mean()
+        od.zero_grad()
+        self.manual_backward(d_loss)
+        od.step()
+        g_loss = nn.functional.softplus(-self.D(fake)).mean()
+        og.zero_grad()
+        self.manual_backward(g_loss)
+        og.step()
+        self.d_losses.append(float(d_loss.detach()))
+
+    def configure_optimizers(self):
+        return [torch.optim.Adam(self.G.parameters(), 1e-3), torch.optim.Adam(self.D.parameters(), 1e-3)]
+
+
+@_lightning_warnings
+def test_lightning_manual_gan_records_the_first_optimizers_loss(tmp_path):
+    """Two optimizers stepped by hand in one batch: the step closes at the
+    first (D's) with its loss.  The previous version left G's loss of the
+    batch in the callback and added it to the next batch's D loss."""
+    import lightning.pytorch as pl
+
+    from signalprop.integrations.lightning import SignalpropCallback
+
+    cb = SignalpropCallback(every=EVERY, module="D")
+    module = _LitGAN()
+    data = torch.utils.data.TensorDataset(torch.randn(96, 8, generator=torch.Generator().manual_seed(3)))
+    trainer = pl.Trainer(max_steps=12, accelerator="cpu", devices=1, logger=False, callbacks=[cb],
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         default_root_dir=str(tmp_path))
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=16))
+    assert len(module.d_losses) == 6
+    assert cb.monitor.losses == pytest.approx(module.d_losses, rel=1e-6)
+
+
+@_lightning_warnings
+def test_lightning_a_second_fit_continues_the_monitor(tmp_path):
+    """``trainer.fit`` again on the same module (more steps after a first fit,
+    a ``validate`` between): the monitor continues its step count, baselines
+    and alerts, as a resume from a checkpoint does, instead of starting at
+    step 0 again (its TensorBoard steps were written twice)."""
+    import lightning.pytorch as pl
+
+    from signalprop.integrations.lightning import SignalpropCallback
+
+    cb = SignalpropCallback(every=EVERY, grad_every=1)
+    module = _LitMLP(0.05)
+    data = torch.utils.data.TensorDataset(*map(torch.cat, zip(*_batches(12))))
+    loader = torch.utils.data.DataLoader(data, batch_size=16)
+    kw = dict(accelerator="cpu", devices=1, logger=False, callbacks=[cb], enable_progress_bar=False,
+              enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path))
+    trainer = pl.Trainer(max_steps=4, **kw)
+    trainer.fit(module, loader)
+    first = cb.monitor
+    trainer.fit_loop.epoch_loop.max_steps = 8
+    trainer.fit(module, loader)
+    assert cb.monitor is not first and cb.monitor.steps == list(range(8))
+    assert [h.step for h in cb.monitor.history][:2] == [0, 2]
+    other = _LitMLP(0.05)  # another module: a monitor of its own, from step 0
+    pl.Trainer(max_steps=2, **kw).fit(other, loader)
+    assert cb.monitor.steps == [0, 1]

@@ -158,7 +158,7 @@ def test_gradients_non_finite_at_any_scale_are_alerted():
     are routine for the monitor, the first below 1 is a non-finite alert
     that says the scale is down (4 skipped steps before it).  Every step the
     scaler skipped is listed, the alerted one too (seen at the next step,
-    whose scale is lower again)."""
+    whose scale is lower again) and the last (seen at ``close()``)."""
     def loss_of(k, model, x, y):
         out = model(x)
         return F.cross_entropy(NanBackward.apply(out) if k >= 2 else out, y)
@@ -167,7 +167,7 @@ def test_gradients_non_finite_at_any_scale_are_alerted():
     bad = [a for a in mon.alerts if a.kind == "non-finite"]
     assert len(bad) == 1 and bad[0].step == 6
     assert "scale is down to 0.5" in bad[0].message
-    assert mon.scaler_skipped == [2, 3, 4, 5, 6]
+    assert mon.scaler_skipped == [2, 3, 4, 5, 6, 7]
 
 
 def test_a_non_finite_loss_is_alerted_under_a_scaler():
@@ -301,7 +301,7 @@ def test_a_scaler_shared_by_two_models_lists_only_their_own_skips():
     mG.close()
     assert len(skipped["D"]) >= 3 and skipped["G"] == []
     assert mG.scaler_skipped == []
-    assert mD.scaler_skipped == [k for k in skipped["D"] if k < 29]
+    assert mD.scaler_skipped == skipped["D"]
     assert mD.alerts == [] and mG.alerts == []
 
 
@@ -335,3 +335,34 @@ def test_a_resumed_monitor_sees_a_skip_just_before_the_checkpoint():
     assert whole.scaler_skipped
     k = whole.scaler_skipped[0]
     assert run(stop=k + 1).scaler_skipped == whole.scaler_skipped
+
+
+class _Writer:
+    """What a SummaryWriter is asked to write: scalars by tag."""
+
+    def __init__(self):
+        self.scalars: dict[str, list[tuple[int, float]]] = {}
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.setdefault(tag, []).append((step, value))
+
+    def add_text(self, tag, text, step):
+        pass
+
+
+def test_tensorboard_and_html_show_the_scale_and_the_skips():
+    """The scale each step read (``signalprop/loss_scale``) and a 1 at each
+    step the scaler skipped (``signalprop/scaler_skipped``, at that step's
+    number) go to the writer; the HTML report lists the skipped steps and
+    says why a sample has no verdict (it showed neither)."""
+    from signalprop.report.monitor_html import render_monitor_html
+
+    w = _Writer()
+    _, mon, skipped = _amp_run(True, steps=30, writer=w, histograms=False)
+    assert [s for s, _ in w.scalars["signalprop/scaler_skipped"]] == skipped
+    scales = dict(w.scalars["signalprop/loss_scale"])
+    assert len(scales) == 30 and all(v >= 2.0 ** 16 for v in scales.values())
+    assert all(scales[k + 1] == scales[k] / 2 for k in skipped if k + 1 in scales)
+    page = render_monitor_html(mon.report())
+    assert "Optimizer steps skipped" in page and ", ".join(map(str, skipped)) in page
+    assert "GradScaler&#x27;s scaled gradients overflowed" in page or all(h.step not in skipped for h in mon.history)

@@ -30,6 +30,7 @@ when this module is.
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Any
 
 try:
@@ -40,6 +41,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 import torch
 
 from ..monitor import Monitor
+from ..monitor.loss_scale import scale_of
 from ..records import Alert
 
 log = logging.getLogger("lightning.pytorch.callbacks.signalprop")
@@ -95,6 +97,7 @@ class SignalpropCallback(pl.Callback):
         self._losses: list[torch.Tensor] = []
         self._stepped = False
         self._writer: Any = None
+        self._watched: Any = None  # a weak reference to the module the last fit watched
 
     def _target(self, pl_module: pl.LightningModule) -> torch.nn.Module:
         return pl_module.get_submodule(self.module) if self.module else pl_module
@@ -113,7 +116,12 @@ class SignalpropCallback(pl.Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)  # "16-mixed": its gradients arrive scaled
         if scaler is not None and "scaler" not in kwargs:
             kwargs["scaler"] = scaler
-        self.monitor = Monitor(self._target(pl_module), self.every, writer=self._writer, agc=self.agc, **kwargs)
+        target = self._target(pl_module)
+        if self.monitor is not None and not self._restored and self._watched is not None and self._watched() is target:
+            # a second fit of the same module (more epochs after a first fit): the monitor goes on
+            self._restored = self.monitor.state_dict()
+        self._watched = weakref.ref(target)
+        self.monitor = Monitor(target, self.every, writer=self._writer, agc=self.agc, **kwargs)
         if self._restored:
             self.monitor.load_state_dict(self._restored)
             self._restored = None
@@ -133,15 +141,14 @@ class SignalpropCallback(pl.Callback):
         self._stepped = False
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        loss = loss.detach()
-        if scaler is not None and scaler.is_enabled():  # the loss arrives multiplied by the GradScaler's scale
-            loss = loss / scaler.get_scale()
-        self._losses.append(loss)
+        scale = scale_of(getattr(trainer.precision_plugin, "scaler", None))
+        # the loss arrives multiplied by the GradScaler's scale: divided on its device (no host sync)
+        self._losses.append(loss.detach() / scale if scale is not None else loss.detach())
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if self.monitor is None or self._stepped:
-            return  # a second optimizer of the same batch: the step is already closed
+            self._losses = []  # a second optimizer of the same batch (a GAN's): the step is already closed
+            return
         self._stepped = True
         # losses arrive divided by accumulate_grad_batches: their sum is the step's mean loss
         loss = torch.stack(self._losses).sum() if self._losses else None

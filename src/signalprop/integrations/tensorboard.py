@@ -138,6 +138,13 @@ def write_step(writer: Any, mon: Any, step: int, alerts: list[Any]) -> None:
     _add(now, "signalprop/loss", mon.losses[-1])
     _add(now, "signalprop/grad_norm", mon.grad_norms[-1])
     _add(now, "signalprop/relative_update", mon.relative_updates[-1] if mon.relative_updates else None)
+    scale = getattr(mon, "_scale", None)
+    if scale is not None and scale.last is not None:  # a GradScaler's: its scale, and each step it skipped (1)
+        _add(now, "signalprop/loss_scale", scale.last)
+    for skipped in getattr(mon, "scaler_skipped", [])[-2:]:  # this step's and the previous one's, found now
+        if skipped not in mon._written_skips:
+            mon._written_skips.add(skipped)
+            _write_scalars(writer, [("signalprop/scaler_skipped", 1.0)], skipped)
     h = mon.history[-1] if mon.history else None
     if h is not None and h.step == step:
         seen = set()

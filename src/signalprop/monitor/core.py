@@ -365,6 +365,7 @@ class Monitor:
         self._closed = False
         self._alerted: set[tuple[str, str]] = set()
         self._written_updates: set[int] = set()
+        self._written_skips: set[int] = set()  # scaler-skipped steps written to the writer
         self._last_scalar_alert: dict[str, int] = {}
         self._prev_gvals: dict[nn.Parameter, float] = {}
         self._cuda_devices: list[int] = []
@@ -432,6 +433,11 @@ class Monitor:
 
     def close(self) -> None:
         """Remove every hook and drop every saved reference; history and alerts stay."""
+        if self._scale is not None and self.steps and not self._closed:
+            try:
+                self._last_skip()
+            except Exception as e:
+                self._warn("the GradScaler's last step was not read", e)
         self._exit_mode()  # a sampled forward interrupted (KeyboardInterrupt) left it entered
         self._open.clear()
         self._drop_witness()
@@ -1038,6 +1044,16 @@ class Monitor:
                 "step's gradient: another loss's pass through this model came first (a GAN's generator step through "
                 "its discriminator after the discriminator's mon.step); the monitor samples each step's last forward "
                 "from the next step on")
+
+    def _last_skip(self) -> None:
+        """Whether the GradScaler skipped the last step's optimizer step,
+        which no later ``step()`` will see: its scale fell since and this
+        model's sampled weights did not move (read once, at ``close()``)."""
+        scale = cast(LossScale, self._scale).tensor()
+        rel = [float(v) for v in self._relative_scalars()]
+        if cast(LossScale, self._scale).fell(float(scale) if scale is not None else None) and \
+                not RelativeUpdate.ratio(*rel):
+            self._scaler_skip(self.steps[-1])
 
     def _scaler_skip(self, k: int) -> None:
         """Step ``k``'s optimizer step was skipped by the GradScaler (listed once)."""

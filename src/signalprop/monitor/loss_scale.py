@@ -43,6 +43,16 @@ from typing import Any
 import torch
 
 
+def scale_of(scaler: Any) -> torch.Tensor | None:
+    """A GradScaler's scale as a 0-d tensor on its device (no host sync), or
+    None: no scaler, a disabled one, one that has not scaled yet, or one of
+    another make (whose ``get_scale()`` would synchronise)."""
+    if scaler is None or not callable(getattr(scaler, "is_enabled", None)) or not scaler.is_enabled():
+        return None
+    s = getattr(scaler, "_scale", None)
+    return s.detach().reshape(-1)[0] if isinstance(s, torch.Tensor) else None
+
+
 def check_scaler(scaler: Any) -> None:
     if not (callable(getattr(scaler, "get_scale", None)) and callable(getattr(scaler, "is_enabled", None))):
         raise TypeError(f"scaler takes the torch.amp.GradScaler that scales this run's loss (it has get_scale() and "
@@ -60,12 +70,7 @@ class LossScale:
     def tensor(self) -> torch.Tensor | None:
         """The scale as a tensor on its device (read with the step's other
         values), or None: a disabled scaler, or one that has not scaled yet."""
-        if not self.scaler.is_enabled():
-            return None
-        s = getattr(self.scaler, "_scale", None)
-        if isinstance(s, torch.Tensor):
-            return s.detach().reshape(-1)[0]
-        return None  # a scaler of another make: not read (get_scale() would synchronise)
+        return scale_of(self.scaler)
 
     def unscaled(self, optimizers: Sequence[Any]) -> Callable[[Any], bool]:
         """Which parameters' gradients ``unscale_`` has already divided by the
