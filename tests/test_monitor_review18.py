@@ -243,3 +243,86 @@ def test_adapters_held_by_a_wrapper_that_got_no_gradient_are_incomplete(reentran
         assert h.verdict == "incomplete" and "block.0, block.2" in h.incomplete
     else:
         assert all(got) and h.verdict == "healthy"
+
+
+# -- check on the same fine-tuning patterns (a helper's review of check) --------------------------------
+
+
+class _FakeQuant(nn.Module):
+    def forward(self, x):
+        return torch.round(x * 16) / 16  # no straight-through estimator: its derivative is 0
+
+
+def test_a_zero_layer_excuses_only_the_exact_zeros_that_feed_it():
+    """An exact-0 gradient is excused only on the run of rows right before
+    the all-zero module; a rounding step that cuts every gradient before it
+    stays vanishing when a zero-initialised LoRA head sits further on (a
+    first version excused every exact 0 before any zero module)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), _FakeQuant(), nn.Linear(64, 48), nn.Tanh(),
+                          _LoRA(nn.Linear(48, 10)))
+    report = sp.check(model, torch.randn(128, 32))
+    assert report.verdict == "vanishing" and report.layers[0].grad_rms == 0
+    assert "zero derivative" in report.problems[0].message
+    assert {r.name: r for r in report.layers}["5.lora_A"].grad_rms == 0
+    assert report.problems[0].layer == "0 .. 1"  # the rows the rounding cuts, not the adapter's
+
+
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")
+def test_check_reads_a_compiled_zero_head_and_checkpointed_blocks_as_the_plain_model():
+    """A compiled module with all-zero weights reads as the plain one does
+    (its row had no parameter statistics: a false "vanishing"), and a model
+    whose blocks run under non-reentrant activation checkpointing in train
+    mode gets the rows of the plain model, not the backward's recomputation
+    as extra rows (18 more on a 2-layer HF model)."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Ckpt(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return checkpoint(self.inner, x, use_reentrant=False)
+
+    def make(wrap):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Sequential(nn.Linear(32, 32), nn.Tanh()), nn.Linear(32, 4))
+        nn.init.zeros_(m[3].weight)
+        nn.init.zeros_(m[3].bias)
+        if wrap == "compiled":
+            m[3] = torch.compile(m[3], backend="aot_eager")
+        if wrap == "checkpointed":
+            m[2] = Ckpt(m[2])
+        return m.train()
+
+    x = torch.randn(64, 16)
+    plain = sp.check(make(None), x)
+    compiled = sp.check(make("compiled"), x)
+    assert plain.verdict == compiled.verdict == "healthy"
+    ck = sp.check(make("checkpointed"), x)
+    assert [r.grad_rms for r in ck.layers] == pytest.approx([r.grad_rms for r in plain.layers], rel=1e-6)
+
+
+def test_check_with_labels_reads_the_logits_and_refuses_what_it_cannot_use():
+    """``labels=`` in the inputs: the report equals the one without them (the
+    output is the logits, not the 0-d loss, whose gradient made every
+    relative gradient the raw one).  ``targets`` without ``loss_fn``, a model
+    on the meta device, and reentrant checkpointing in train mode are
+    refused with what to do (they were ignored, or torch's own message)."""
+    m = _llama()
+    x = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(1))
+    with_labels = sp.check(m, {"input_ids": x, "labels": x})
+    without = sp.check(m, {"input_ids": x})
+    assert [r.relative_grad_rms for r in with_labels.layers] == [r.relative_grad_rms for r in without.layers]
+    with pytest.raises(ValueError, match="pass loss_fn as well"):
+        sp.check(nn.Linear(4, 2), torch.randn(3, 4), targets=torch.zeros(3))
+    with torch.device("meta"):
+        lazy = nn.Linear(4, 2)
+    with pytest.raises(ValueError, match="meta device"):
+        sp.check(lazy, torch.randn(3, 4))
+    m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    from signalprop.probe.inputs import ModelError
+
+    with pytest.raises(ModelError, match="reentrant activation checkpointing"):
+        sp.check(m.train(), {"input_ids": x})

@@ -1014,7 +1014,9 @@ class Monitor:
         m = len(pn.scalars)
         pgrads = {}
         for mod, (g, gw) in pn.values(rest[:m]).items():
-            div = param_div(next(p for p in mod.parameters(recurse=False)))
+            first = next(mod.parameters(recurse=False), None)
+            first = first if first is not None else next(mod.parameters(), None)  # a compiled row's: inside it
+            div = param_div(first) if first is not None else 1.0
             pgrads[mod] = (g / div, gw / div)
         if not out_rms:  # no root output to compare with (submodules called directly): the last row with a gradient
             out_rms = next((v["grad_rms"] for v in reversed(vals) if v.get("grad_rms")), None)

@@ -106,6 +106,27 @@ def _effective(layers: list[LayerStats]) -> tuple[list[float | None], list[int |
     return out, via
 
 
+def _zero_fed(layers: list[LayerStats], eff: list[float | None]) -> set[int]:
+    """The rows whose gradient is exactly 0 because they feed a module whose
+    parameters are all 0 (LoRA's B, a zero-initialised residual branch or
+    output layer), which passes no gradient back until they move -- by
+    design, not a vanishing gradient: the run of exact-0 rows (rows without
+    a gradient in between) right before such a module, and no further (a
+    row with a gradient ends it: an exact 0 before that has another cause)."""
+    out: set[int] = set()
+    for i, layer in enumerate(layers):
+        # ||grad|| / ||w|| is inf for a finite parameter gradient only where ||w|| is 0
+        if not (layer.grad_to_weight is not None and math.isinf(layer.grad_to_weight)
+                and layer.param_grad_rms is not None and math.isfinite(layer.param_grad_rms)):
+            continue
+        j = i - 1
+        while j >= 0 and (eff[j] is None or eff[j] == 0):
+            if eff[j] == 0:
+                out.add(j)
+            j -= 1
+    return out
+
+
 def _bound_evidence(layers: list[LayerStats], lo: float, hi: float) -> list[_Evidence]:
     out = []
     eff, via = _effective(layers)
@@ -130,16 +151,9 @@ def _bound_evidence(layers: list[LayerStats], lo: float, hi: float) -> list[_Evi
         out.append(_Evidence("exploding", "bound", set(big), too_big(set(big)), max(big.values()) / hi, too_big))
     small: dict[int, float] = {}
     best_before = 0.0
-    # a module whose parameters are all 0 (LoRA's B, a zero-initialised residual branch or output layer) passes
-    # no gradient back until they move: an exact 0 before one is by design, not a vanishing gradient
-    zero_after = [False] * len(layers)
-    for i in range(len(layers) - 2, -1, -1):
-        nxt = layers[i + 1]  # ||grad|| / ||w|| is inf for a finite gradient only where ||w|| is 0
-        zero_after[i] = zero_after[i + 1] or (nxt.grad_to_weight is not None and math.isinf(nxt.grad_to_weight)
-                                              and nxt.param_grad_rms is not None
-                                              and math.isfinite(nxt.param_grad_rms))
+    excused = _zero_fed(layers, eff)
     for i, (layer, g) in enumerate(zip(layers, eff)):
-        if g is None or (g == 0 and zero_after[i]):
+        if g is None or i in excused:
             continue
         if g < lo and best_before < lo:
             small[layer.index] = g
@@ -149,7 +163,8 @@ def _bound_evidence(layers: list[LayerStats], lo: float, hi: float) -> list[_Evi
         """Why, quoting the smallest figure among ``rows`` (the first such row on a tie)."""
         i = min(rows & small.keys() or small.keys(), key=lambda k: (small[k], k))
         m, row = small[i], layers[i]
-        at = (f"At {_label(row)} the gradient is exactly 0 (it underflows; the lower bound is {sci(lo)} times the "
+        at = (f"At {_label(row)} the gradient is exactly 0 (it underflows, or an operation with a zero derivative "
+              f"such as rounding cuts it; the lower bound is {sci(lo)} times the "
               "RMS at the model's output)" if m == 0 else
               f"At {_label(row)} the gradient's RMS is {m:.3g} times the RMS at the model's output, below the lower "
               f"bound {sci(lo)}")
@@ -360,7 +375,8 @@ def _time_problem(layer: LayerStats, lo: float) -> Problem:
         "or truncate backpropagation through time to the steps that are reached"
     cli = fix.replace("(sp.init.orthogonal_ on weight_hh)", "(--init orthogonal)").replace(
         "set the forget-gate bias to 1", "in the model's code, set the forget-gate bias to 1")
-    smallest = (f"exactly 0 (it underflows), below the lower bound {sci(lo)} times that at its best-reached step"
+    smallest = (f"exactly 0 (it underflows, or an operation with a zero derivative cuts it), below the lower bound "
+                f"{sci(lo)} times that at its best-reached step"
                 if r == 0 else f"{r:.2g} times that at its best-reached step, below the lower bound {sci(lo)}")
     return Problem(
         layer.name, "vanishing",

@@ -6,13 +6,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from .distributed import REPLICA_NORM, local, norm_kind
-from .recorder import Row
+from .recorder import Row, compiled
 from .stats import Part, dottable
 
 
@@ -24,7 +24,9 @@ def module_params(rows: list[Row]) -> list[tuple[nn.Module, list[nn.Parameter]]]
         if m is None or id(m) in seen:
             continue
         seen.add(id(m))
-        ps = [p for p in m._parameters.values() if p is not None]
+        # a compiled module's row stands for all of its inside (recorder.compiled)
+        ps = list(cast(nn.Module, m._orig_mod).parameters()) if compiled(m) else \
+            [p for p in m._parameters.values() if p is not None]
         if ps:
             out.append((m, ps))
     return out

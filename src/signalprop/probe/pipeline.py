@@ -26,7 +26,7 @@ from .gather import finalise, has_nonfinite
 from .inputs import COTANGENT_SEED, ModelError, call_model, cotangent, prepare_inputs, shapes, tensors_of
 from .norms import ParamNorms
 from .predict import predictions
-from .recorder import Recorder, Row, first_float_tensor
+from .recorder import Recorder, Row, model_output
 from .rows import layer_stats
 from .stats import Part, acc
 
@@ -132,7 +132,7 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
         # as passed (its values and finite share are measured all the same, its gradient is not)
         read = leaves[:1] if input_leaves else [t for t in tensors_of(inputs) if t.is_floating_point()][:1]
         out = _forward(caller if caller is not None else model, x, inputs, rec)
-        y = first_float_tensor(out)
+        y = model_output(out)  # the logits, not the loss a model called with labels= returns first
         if y is None:
             raise ValueError(f"{type(model).__name__} returned {type(out).__name__} with no floating-point "
                              "tensor: nothing to backpropagate")
@@ -169,6 +169,12 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
                 grads = _backward_synced(root, cot, params, leaves, y if loss_fn is not None else None,
                                          red, caller is not None and is_ddp(caller) or is_sharded(model))
         except RuntimeError as e:
+            if "incompatible with .grad()" in str(e):  # torch.utils.checkpoint(use_reentrant=True) in train mode
+                raise ModelError("the model uses reentrant activation checkpointing (torch.utils.checkpoint with "
+                                 "use_reentrant=True; HF's activation_checkpointing_enable()), which recomputes blocks "
+                                 "outside the pass check measures: turn it off for check "
+                                 "(model.activation_checkpointing_disable() in HF), use use_reentrant=False, or check "
+                                 "the model in eval mode") from e
             raise ModelError(f"backward failed on inputs of shape {shapes(inputs)}: {e}") from e
     finally:
         rec.detach()

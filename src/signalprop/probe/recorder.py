@@ -749,6 +749,7 @@ class Recorder:
         self.stack: list[str] = []  # names of modules currently inside forward (functional capture only)
         self.leaf_depth = 0
         self._lifted: list[nn.Module] = []  # compiled leaves running with the recording mode taken off
+        self._task, self._task_skips = -1, False  # the backward seen last, and whether its module calls are skipped
         self._handles: list[Any] = []
         # one traversal, shared below; a compiled submodule's inside is not hooked (see compiled())
         self._modules = outside_compiled(list(model.named_modules()) if named is None else named)
@@ -810,6 +811,8 @@ class Recorder:
 
     # -- hooks ----------------------------------------------------------------
     def _pre(self, m: nn.Module, args: Any) -> None:
+        if self._recomputing():
+            return
         self.stack.append(self._names.get(m, "?"))
         if m in self._info:
             self.leaf_depth += 1
@@ -819,6 +822,8 @@ class Recorder:
             self._scope.push()
 
     def _post(self, m: nn.Module, args: Any, out: Any) -> Any:
+        if self._recomputing():
+            return None
         if self._lifted and self._lifted[-1] is m:
             self._lifted.pop()
             cast(_ScopedCapture, self._scope).restore()
@@ -838,6 +843,20 @@ class Recorder:
                 scope.restore()
         return self._leaf_post(m, args, out, info)
 
+    def _recomputing(self) -> bool:
+        """Whether this module call runs during a backward that follows the
+        recorded forward: activation checkpointing recomputing it (its rows
+        get their gradients through the recorded ones).  Decided once per
+        backward, by whether rows were recorded before it began: the
+        recomputation of a forward that ran without autograd (reentrant
+        checkpointing of the whole model) is the pass there is to record."""
+        task = torch._C._current_graph_task_id()
+        if task == -1:
+            return False
+        if task != self._task:
+            self._task, self._task_skips = task, bool(self.rows)
+        return self._task_skips
+
     def entered(self, m: nn.Module, args: Any) -> None:
         """``m``'s forward had started when the recorder was attached (the
         monitor re-arming inside the root's pre-hook, after a forward that fed
@@ -856,7 +875,9 @@ class Recorder:
 
     def _leaf_post_any(self, m: nn.Module, args: Any, out: Any) -> Any:
         info = self._info.get(m)
-        return self._leaf_post(m, args, out, info) if info is not None else None
+        if info is None or self._recomputing():
+            return None
+        return self._leaf_post(m, args, out, info)
 
     def _leaf_post(self, m: nn.Module, args: Any, out: Any, info: _Leaf | None = None) -> Any:
         """One leaf call: its row and its statistics (the whole per-row cost
@@ -1055,7 +1076,7 @@ class Recorder:
                                   register_module_forward_hook(g(self._post_any))]
         elif per_module:
             for m in self._leaves:
-                self._handles.append(m.register_forward_hook(Hook(g(self._leaf_post))))
+                self._handles.append(m.register_forward_hook(Hook(g(self._leaf_post_any))))
         else:
             self._handles.append(register_module_forward_hook(g(self._leaf_post_any)))
         for m in fused:  # after the hooks above: the module's row exists when these run
