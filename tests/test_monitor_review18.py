@@ -326,3 +326,33 @@ def test_check_with_labels_reads_the_logits_and_refuses_what_it_cannot_use():
 
     with pytest.raises(ModelError, match="reentrant activation checkpointing"):
         sp.check(m.train(), {"input_ids": x})
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.b(F.gelu(self.a(x)))
+
+
+class _Sub(_Net):
+    def forward(self, x):
+        return super().forward(x)
+
+
+class _Delegates(_Net):
+    def forward(self, x, scale=1.0):
+        return _Net.forward(self, x) * scale
+
+
+@pytest.mark.parametrize("cls", [_Sub, _Delegates])
+def test_a_forward_that_reaches_its_base_classs_keeps_its_functional_rows(cls):
+    """A subclass whose forward calls ``super().forward()`` (or the base's by
+    name) lost the F.gelu its base calls: only the class's own forward was
+    read for activation calls (a subclassed Llama attention lost its
+    attention rows, and q/k x30 read healthy)."""
+    torch.manual_seed(0)
+    r = sp.check(cls(), torch.randn(8, 16))
+    assert [(row.name, row.kind) for row in r.layers] == [("a", "Linear"), ("gelu", "F.gelu"), ("b", "Linear")]

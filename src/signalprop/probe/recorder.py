@@ -387,6 +387,20 @@ def _unwrapped(f: Any) -> Any:
 _CLASS_CALLS: weakref.WeakKeyDictionary[type, tuple[weakref.ref[Any], bool]] = weakref.WeakKeyDictionary()
 
 
+def _base_calls_activation(cls: type, code: types.CodeType) -> bool:
+    """Whether a forward that reaches its base class's (``super().forward(...)``,
+    ``Base.forward(self, ...)``: a subclass of an HF attention module) reaches
+    one that may call an activation as a function."""
+    if "super" not in code.co_names and "forward" not in code.co_names:
+        return False
+    for base in cls.__mro__[1:]:
+        if base is nn.Module or (base.__module__ or "").startswith("torch."):
+            break
+        if "forward" in vars(base):
+            return _class_calls_activation(base)
+    return False
+
+
 def _class_calls_activation(cls: type) -> bool:
     """Whether ``cls.forward`` (or a method or helper it calls) may call an
     activation as a function; forwards without Python code count as calling one."""
@@ -396,7 +410,8 @@ def _class_calls_activation(cls: type) -> bool:
         return known[1]
     f = _unwrapped(forward)  # the function a decorator (HF's kernel hub, say) wraps
     fwd = getattr(f, "__code__", None)
-    hit = fwd is None or _code_calls_activation(fwd, f.__globals__) or _method_calls_activation(cls, fwd)
+    hit = fwd is None or _code_calls_activation(fwd, f.__globals__) or _method_calls_activation(cls, fwd) or \
+        _base_calls_activation(cls, fwd)
     try:
         _CLASS_CALLS[cls] = (weakref.ref(forward), hit)
     except TypeError:  # a class or a forward that cannot be weakly referenced: asked each time
