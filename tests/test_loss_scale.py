@@ -142,14 +142,18 @@ def _scaled(steps, init_scale, loss_of, **kw):
     mon = sp.monitor(model, every=100, scaler=scaler, **kw)
     for k in range(steps):
         x, y = _batch(k)
-        loss = loss_of(k, model, x, y)
-        opt.zero_grad()
-        scaler.scale(loss).backward()
-        mon.step(loss)
-        scaler.step(opt)
-        scaler.update()
+        _scaled_step(model, opt, scaler, mon, loss_of(k, model, x, y))
     mon.close()
     return mon
+
+
+def _scaled_step(model, opt, scaler, mon, loss):
+    """One step of a loss-scaled loop, ``mon.step`` between the backward and the scaler's step."""
+    opt.zero_grad()
+    scaler.scale(loss).backward()
+    mon.step(loss)
+    scaler.step(opt)
+    scaler.update()
 
 
 def test_gradients_non_finite_at_any_scale_are_alerted():
@@ -323,11 +327,7 @@ def test_a_resumed_monitor_sees_a_skip_just_before_the_checkpoint():
             x, y = _batch(k)
             with torch.autocast("cpu", dtype=torch.float16):
                 loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            scaler.scale(loss).backward()
-            mon.step(loss)
-            scaler.step(opt)
-            scaler.update()
+            _scaled_step(model, opt, scaler, mon, loss)
         mon.close()
         return mon
 

@@ -84,26 +84,10 @@ _DIGITS = re.compile(r"\d+")
 _NUMBERED = re.compile(r"(?<![^.])\d+(?![^.])")  # a path component that is all digits (ASCII or not)
 
 
-def first_float_tensor(obj: Any, _depth: int = 0) -> torch.Tensor | None:
+def first_float_tensor(obj: Any) -> torch.Tensor | None:
     """The first floating-point tensor in a (nested) output: tensors, tuples,
     lists, dicts (HuggingFace ``ModelOutput`` is one) and dataclasses."""
-    if isinstance(obj, torch.Tensor):
-        return obj if obj.is_floating_point() or obj.is_complex() else None
-    if _depth > 6:
-        return None
-    if isinstance(obj, dict):
-        items: Iterator[Any] = iter(obj.values())
-    elif isinstance(obj, (tuple, list)):
-        items = iter(obj)
-    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        items = (getattr(obj, f.name) for f in dataclasses.fields(obj))
-    else:
-        return None
-    for v in items:
-        t = first_float_tensor(v, _depth + 1)
-        if t is not None:
-            return t
-    return None
+    return next(_float_tensors(obj), None)
 
 
 def _float_tensors(obj: Any, _depth: int = 0) -> Iterator[torch.Tensor]:
