@@ -18,7 +18,7 @@ scaler doing its job, not a divergence.  Given the scaler, the monitor
   verdict.  Only at ``S < 1``, where no loss scaling is left to blame, are
   they the ``non-finite`` alert they are without a scaler -- the scaler
   halves S at every overflow, so gradients that are non-finite at any scale
-  reach it within ``log2(S)`` skipped steps (16 from the default), while the
+  reach it after ``log2(S) + 1`` skipped steps (17 from the default), while the
   weights are kept safe by the skips;
 * knows the optimizer step that follows a step was skipped when S fell
   between the two ``step()`` calls (the scaler lowers S only after a skipped
