@@ -26,6 +26,17 @@ def _mlp():
     return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
 
 
+def _train(model, opt, mon, steps):
+    """``steps`` plain steps on :func:`_data`, ``mon.step`` between the backward and the optimizer's step."""
+    for k in range(steps):
+        x, y = _data(k)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        mon.step(loss)
+        opt.step()
+
+
 def _same(a, b):
     for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(p, q), n
@@ -212,13 +223,7 @@ def test_a_failure_at_every_step_warns_once(monkeypatch):
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.warns(RuntimeWarning, match="was not measured") as rec, sp.monitor(model, every=2, grad_every=1) as mon:
-        for k in range(5):
-            x, y = _data(k)
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            mon.step(loss)
-            opt.step()
+        _train(model, opt, mon, 5)
     assert len([w for w in rec if "signalprop" in str(w.message)]) == 1
     assert mon.steps == list(range(5)) and mon.losses == [None] * 5
 
@@ -246,13 +251,7 @@ def _sampled(model, steps=2):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's own: "None of the inputs have requires_grad=True"
         with sp.monitor(model, every=1) as mon:
-            for k in range(steps):
-                x, y = _data(k)
-                loss = F.cross_entropy(model(x), y)
-                opt.zero_grad()
-                loss.backward()
-                mon.step(loss)
-                opt.step()
+            _train(model, opt, mon, steps)
     return mon
 
 

@@ -66,7 +66,7 @@ from ..words import module_label
 from . import alerts as A
 from . import divergence as D
 from .logit_alerts import attention_closing_in, logit_alerts
-from .loss_scale import LossScale, check_scaler
+from .loss_scale import LossScale
 from .optimizer import check_optimizer, update_spike_alerts
 from .precision_alerts import closing_in, output_closing_in, precision_alerts
 from .relative_update import RelativeUpdate
@@ -213,10 +213,11 @@ def _wrapper_islands(rows: list[Any], named: list[tuple[str, nn.Module]]) -> lis
     mods = {id(r.module) for r in rows if r.module is not None}
     out = []
     for name, m in named:
-        if not name or id(m) in mods or not _trainable_own(m):
+        own = _trainable_own(m) if name and id(m) not in mods else []
+        if not own:
             continue
         inside = [r for r in rows if r.name.startswith(name + ".")]
-        if inside and not any(r.wants_grad for r in inside) and all(p.grad is None for p in _trainable_own(m)):
+        if inside and not any(r.wants_grad for r in inside) and all(p.grad is None for p in own):
             out.append((name, m))
     return out
 
@@ -278,8 +279,7 @@ class Monitor:
                             f"TensorBoard SummaryWriter), got {type(writer).__name__}")
         if dump_on_nonfinite is not None and not isinstance(dump_on_nonfinite, (str, os.PathLike)):
             raise TypeError(f"dump_on_nonfinite takes a folder path, got {type(dump_on_nonfinite).__name__}")
-        if scaler is not None:
-            check_scaler(scaler)
+        scale = LossScale(scaler) if scaler is not None else None  # checks it
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable as loss_fn(output, targets), got {type(loss_fn).__name__}")
         if not isinstance(histograms, bool):
@@ -336,7 +336,7 @@ class Monitor:
         self.skipped: list[int] = []  # steps whose optimizer step was skipped (skip=)
         # steps whose optimizer step the GradScaler skipped (its scaled gradients overflowed: monitor.loss_scale)
         self.scaler_skipped: list[int] = []
-        self._scale = LossScale(scaler) if scaler is not None else None
+        self._scale = scale
         self._skip_now: int | None = None  # the step whose optimizer step skip= is to skip, until the next step()
         self._skip_opt: Any = None
         self._skip_orig: Any = None
@@ -512,17 +512,16 @@ class Monitor:
     def _root_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self._replaying:
             return
-        if self._rec is not None and self._rec.rows and not self._recording and \
-                torch._C._current_graph_task_id() != -1:
+        if self._rec is not None and not self._recording and self._rec.recomputing():
             # called during a backward, after the recorded forward: activation checkpointing (non-reentrant)
             # recomputing that forward -- its rows get their gradients through the original graph
             self._recomputing += 1
             return
         frame = _call_frame()
-        interrupted = bool(self._open) and _still_running([f for f, _ in self._open]) < len(self._open)
+        live = _still_running([f for f, _ in self._open]) if self._open else 0
         try:
-            if interrupted:
-                self._interrupted(args)
+            if live < len(self._open):
+                self._interrupted(live, args)
             self._open.append((frame, len(self._calls)))
             if len(self._open) > 1:  # the model called inside its own forward: part of the outer call
                 return
@@ -552,13 +551,13 @@ class Monitor:
         mode records nothing after a KeyboardInterrupt left that call."""
         return not self._open or _still_running([self._open[0][0]]) == 1
 
-    def _interrupted(self, args: tuple[Any, ...]) -> None:
+    def _interrupted(self, live: int, args: tuple[Any, ...]) -> None:
         """An earlier call of the model never returned (a KeyboardInterrupt
         inside its forward, caught by the loop; torch ran no hook): its saved
         call, its rows and whatever the loop ran after it under the sample's
         recording are not this step's -- dropped, and this call is recorded
-        in their place when the step is sampled."""
-        live = _still_running([f for f, _ in self._open])
+        in their place when the step is sampled.  ``live``: how many of the
+        calls entered are still running."""
         del self._calls[self._open[live][1]:]
         del self._open[live:]
         self._exit_mode()
@@ -793,7 +792,7 @@ class Monitor:
         # the scaler lowers its scale only after an optimizer step it skipped: the previous step's, if this
         # model's weights did not move in it (the scaler may be shared with another model's optimizer)
         moved = RelativeUpdate.ratio(*rest[len(rest) - 2:])
-        fell = self._scale is not None and self._scale.fell(scale) and not moved
+        prev_skipped = self._scale is not None and self._scale.skipped(scale, moved)
         # the true gradients: the backward's (rows, the output's) were scaled, .grad unless unscale_() ran
         row_div = scale or 1.0
 
@@ -813,7 +812,7 @@ class Monitor:
         overflow = not finite and loss_finite and scale is not None and scale >= 1
         grad_norm = math.sqrt(sum(v * v for v in gvals)) if read_grads and gvals and not overflow else None
         new: list[Alert] = []
-        if fell:
+        if prev_skipped:
             self._scaler_skip(k - 1)
 
         # 1. the update of the previous step's optimizer step, when it was saved
@@ -821,9 +820,9 @@ class Monitor:
         u = len(upd[0]) if upd is not None else 0
         logits = _logit_stats(rest[m + u:m + u + 5]) if logit_sums else None
         # (of the previous optimizer step: none when the GradScaler skipped it)
-        relative = None if fell else RelativeUpdate.ratio(*rest[len(rest) - 2:])
+        relative = None if prev_skipped else moved
         out_absmax = rest[len(rest) - len(rel) - 1] if absmax else None
-        if upd is not None and fell:  # the weights saved before a step the scaler skipped: saved again now
+        if upd is not None and prev_skipped:  # the weights saved before a step the scaler skipped: saved again now
             self._snapshot_due = cast(Any, self._updates.snapshot).sample
             self._updates.snapshot = None
         elif upd is not None:
@@ -1051,10 +1050,10 @@ class Monitor:
         """Whether the GradScaler skipped the last step's optimizer step,
         which no later ``step()`` will see: its scale fell since and this
         model's sampled weights did not move (read once, at ``close()``)."""
-        scale = cast(LossScale, self._scale).tensor()
-        rel = [float(v) for v in self._relative_scalars()]
-        if cast(LossScale, self._scale).fell(float(scale) if scale is not None else None) and \
-                not RelativeUpdate.ratio(*rel):
+        ls = cast(LossScale, self._scale)
+        scale = ls.tensor()
+        moved = RelativeUpdate.ratio(*[float(v) for v in self._relative_scalars()])
+        if ls.skipped(float(scale) if scale is not None else None, moved):
             self._scaler_skip(self.steps[-1])
 
     def _scaler_skip(self, k: int) -> None:

@@ -89,8 +89,12 @@ class LossScale:
         others = bool(done - known.keys())
         return lambda p: p in mine or (others and p not in held)
 
-    def fell(self, scale: float | None) -> bool:
-        """Whether the scale fell since the previous step (the scaler skipped
-        that step's optimizer step); remembers ``scale`` for the next."""
+    def skipped(self, scale: float | None, moved: float | None) -> bool:
+        """Whether the scaler skipped this model's optimizer step before this
+        read: the scale fell since the previous read (the scaler lowers it only
+        after a step it skipped) and the model's sampled weights did not move
+        (``moved``, the relative update over that step: 0 or unknown) -- a
+        scaler shared with another model's optimizer falls when either skips.
+        Remembers ``scale`` for the next read."""
         last, self.last = self.last, scale
-        return scale is not None and last is not None and scale < last
+        return scale is not None and last is not None and scale < last and not moved

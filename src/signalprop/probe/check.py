@@ -77,11 +77,6 @@ def check(model: nn.Module, inputs: Any, *, loss_fn: Callable[..., torch.Tensor]
     params = list(dict.fromkeys(p for _, m in named for p in m._parameters.values() if p is not None))
     if not params:
         raise ValueError(f"{type(model).__name__} has no parameters: nothing to diagnose")
-    meta = next((n for n, m in named for p in m._parameters.values() if p is not None and p.is_meta), None)
-    if meta is not None:
-        raise ValueError(f"{type(model).__name__}'s parameters are on the meta device (no values, {meta or '(root)'} "
-                         "first): load or initialise its weights first (model.to_empty(device='cpu') then an "
-                         "initialiser, or load_state_dict(..., assign=True))")
     fmt = resolve(dtype) if dtype is not None else None
     if batch_size(inputs) == 0:
         raise ValueError(f"empty batch: inputs have shape {shapes(inputs)}; pass at least one example")

@@ -53,13 +53,18 @@ def check_model(model: Any, fn: str) -> None:
 
 def check_materialised(named: Iterable[tuple[str, nn.Module]], fn: str) -> None:
     """A lazy module (``nn.LazyLinear``, ``LazyConv2d``) has no shape until its
-    first forward: refused with the module's name (``named``: the model's
+    first forward, and parameters on the meta device have no values:
+    refused with the module's name (``named``: the model's
     ``named_modules()``) rather than torch's error from deep inside the pass."""
     for name, m in named:
         if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params():
             raise ValueError(f"{fn}() needs the model's parameters, but {name or '(root)'} ({type(m).__name__}) is "
                              "lazy and not initialised yet: run one forward pass (model(x)) first, then call "
                              f"{fn}()")
+        if any(p is not None and p.is_meta for p in m._parameters.values()):
+            raise ValueError(f"{fn}() needs the model's parameters, but {name or '(root)'}'s are on the meta device "
+                             "(no values): load or initialise the weights first (model.to_empty(device='cpu') then "
+                             "an initialiser, or load_state_dict(..., assign=True))")
 
 
 def check_limits(bounds: tuple[float, float], trend: float) -> None:

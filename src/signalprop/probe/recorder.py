@@ -810,7 +810,7 @@ class Recorder:
 
     # -- hooks ----------------------------------------------------------------
     def _pre(self, m: nn.Module, args: Any) -> None:
-        if self._recomputing():
+        if self.recomputing():
             return
         self.stack.append(self._names.get(m, "?"))
         if m in self._info:
@@ -821,7 +821,7 @@ class Recorder:
             self._scope.push()
 
     def _post(self, m: nn.Module, args: Any, out: Any) -> Any:
-        if self._recomputing():
+        if self.recomputing():
             return None
         if self._lifted and self._lifted[-1] is m:
             self._lifted.pop()
@@ -842,7 +842,7 @@ class Recorder:
                 scope.restore()
         return self._leaf_post(m, args, out, info)
 
-    def _recomputing(self) -> bool:
+    def recomputing(self) -> bool:
         """Whether this module call runs during a backward that follows the
         recorded forward: activation checkpointing recomputing it (its rows
         get their gradients through the recorded ones).  Decided once per
@@ -874,7 +874,7 @@ class Recorder:
 
     def _leaf_post_any(self, m: nn.Module, args: Any, out: Any) -> Any:
         info = self._info.get(m)
-        if info is None or self._recomputing():
+        if info is None or self.recomputing():
             return None
         return self._leaf_post(m, args, out, info)
 
