@@ -641,52 +641,6 @@ def test_a_gan_discriminators_sample_is_of_its_own_loss(order, set_to_none):
         assert not any(h.incomplete for h in md.history)
 
 
-# -- the update's copy of the weights on a full GPU ------------------------------------------------------
-
-
-class _FakeCuda:
-    """A parameter as copy_fits sees one: its device, size and entry size."""
-
-    is_cuda = True
-
-    def __init__(self, numel, device="cuda:0"):
-        self.device, self._n = torch.device(device), numel
-
-    def numel(self):
-        return self._n
-
-    def element_size(self):
-        return 4
-
-
-def test_the_updates_copy_is_taken_only_where_it_fits(monkeypatch):
-    """The copy of the trained weights after a sample is held through the
-    next forward and backward, the training's peak: on a GPU whose peak so
-    far plus the copy passes 90% of its memory it is not taken (an
-    out-of-memory error in the user's forward would be the monitor's).  The
-    rule on a faked 10 GB device, then the monitor with no room: one
-    warning, no update measured, training as without it."""
-    from types import SimpleNamespace
-
-    import signalprop.monitor.update as U
-
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=10e9))
-    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: 7e9)
-    assert U.copy_fits([_FakeCuda(400_000_000)])  # 1.6 GB: 8.6 of 10
-    assert not U.copy_fits([_FakeCuda(300_000_000), _FakeCuda(300_000_000)])  # 2.4 GB: 9.4 of 10
-    assert U.copy_fits([_FakeCuda(300_000_000), _FakeCuda(300_000_000, "cuda:1")])  # one copy a device
-    monkeypatch.setattr(U, "copy_fits", lambda params: False)
-    a, b = _mlp(), _mlp()
-    _nan_loop(a, torch.optim.SGD(a.parameters(), lr=0.1), takes=lambda k, loss: k != 2)
-    opt_b = torch.optim.SGD(b.parameters(), lr=0.1)
-    with pytest.warns(RuntimeWarning, match="would not fit beside the training's peak GPU memory") as caught:
-        with sp.monitor(b, every=2) as mon:
-            _nan_loop(b, opt_b, mon, takes=lambda k, loss: k != 2)
-    assert len([w for w in caught if "would not fit" in str(w.message)]) == 1
-    assert mon.history and not any(h.update_ratios for h in mon.history)
-    _same(a, b)
-
-
 def test_after_ctrl_c_the_mode_stack_is_the_users():
     """After a KeyboardInterrupt in a sampled forward the recording mode is
     still on torch's stack (no hook ran).  Unrelated code run meanwhile (a

@@ -7,7 +7,7 @@ ones (stacked), non-contiguous and half-precision ones (fused)."""
 import pytest
 import torch
 
-from signalprop.probe.norms import copies_and_norms, difference_norms_, norms
+from signalprop.probe.norms import norms
 from signalprop.probe.stats import Part
 
 
@@ -42,33 +42,3 @@ def test_norms_equal_the_oracle():
         assert _value(n) == pytest.approx(_oracle(t), rel=_tol(t))
 
 
-def test_copies_and_their_norms():
-    """The copies equal the tensors and are their own storage (changing a
-    tensor later leaves its copy as it was); each norm is the tensor's."""
-    ts = _tensors()
-    copies, ns = copies_and_norms(ts)
-    for t, c, n in zip(ts, copies, ns):
-        assert torch.equal(c, t) and c.data_ptr() != t.data_ptr()
-        assert _value(n) == pytest.approx(_oracle(t), rel=_tol(t))
-    before = copies[0].clone()
-    ts[0].add_(1.0)
-    assert torch.equal(copies[0], before)
-
-
-def test_difference_norms_overwrite_the_copies_with_the_differences():
-    """||before - now|| of each pair (a small step, 1e-3 of the weights, as an
-    optimizer takes: the difference is formed exactly where both are
-    float32, so its norm is as accurate as any norm); ``before`` holds the
-    differences afterwards."""
-    ts = _tensors()
-    copies, _ = copies_and_norms(ts)
-    g = torch.Generator().manual_seed(1)
-    steps = [1e-3 * torch.randn(t.shape, generator=g).to(t.dtype) for t in ts]
-    for t, s in zip(ts, steps):
-        t.add_(s)
-    expected = [_oracle(c.double() - t.double()) for c, t in zip(copies, ts)]
-    got = difference_norms_(copies, ts)
-    for i, (n, e) in enumerate(zip(got, expected)):
-        assert _value(n) == pytest.approx(e, rel=_tol(ts[i])), i
-    # the copies now hold before - now (float32 rounding of the sum and difference: 1e-6 absolute)
-    assert torch.allclose(copies[0], -steps[0], atol=1e-6) and torch.allclose(copies[1], -steps[1], atol=1e-12)

@@ -274,3 +274,116 @@ def test_the_sample_is_float32_whatever_the_default_dtype():
         torch.set_default_dtype(before)
     assert a.dtype == b.dtype == torch.float32
     assert RelativeUpdate.ratio(float(a), float(b)) == pytest.approx(0.1, rel=1e-4)
+
+
+class _CNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 64, 3, padding=1), nn.Conv2d(64, 64, 3, padding=1)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.c2(F.relu(self.c1(x)))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+def test_each_modules_update_agrees_with_the_exact_one(model, opt_name):
+    """The per-module update of each sample (the step after it), estimated
+    from the relative update's sampled entries, against the exact
+    ||w after - w before|| / ||w before|| of that optimizer step (every
+    weight copied here, the oracle).  A tensor of at most PER_TENSOR entries
+    is read whole: exact to float32 rounding.  A larger one: every value
+    within 25% and the median within 5% (measured over 4 seeds of an MLP,
+    a CNN, an embedding model and a transformer layer under SGD, Adam and
+    AdamW: medians 0-4%, the worst 16%, on layers behind ReLUs whose dead
+    units leave whole rows or input channels unchanged)."""
+    torch.manual_seed(0)
+    m = _net() if model == "mlp" else _CNN()
+    opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) if opt_name == "sgd" else \
+        torch.optim.Adam(m.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(1)
+    exact, sizes = {}, {}
+    with sp.monitor(m, every=3) as mon:
+        for k in range(31):
+            if model == "mlp":
+                x, y = torch.randn(64, 300, generator=g), torch.randint(0, 10, (64,), generator=g)
+            else:
+                x, y = torch.randn(16, 3, 12, 12, generator=g), torch.randint(0, 10, (16,), generator=g)
+            loss = F.cross_entropy(m(x), y)
+            opt.zero_grad()
+            loss.backward()
+            mon.step(loss)
+            before = {n: p.detach().clone() for n, p in m.named_parameters()}
+            opt.step()
+            if k % 3 == 1:  # the step after sample k - 1
+                for name, mod in m.named_children():
+                    ps = [(f"{name}.{n}", p) for n, p in mod.named_parameters()]
+                    if ps:
+                        d = sum(float((p.detach() - before[n]).double().pow(2).sum()) for n, p in ps)
+                        w = sum(float(before[n].double().pow(2).sum()) for n, _ in ps)
+                        exact[(k - 1, name)] = math.sqrt(d / w)
+                        sizes[name] = max(p.numel() for _, p in ps)
+    errors = []
+    for h in mon.history:
+        for name, r in h.update_ratios:
+            e = exact[(h.step, name)]
+            if sizes[name] <= PER_TENSOR:
+                assert r == pytest.approx(e, rel=1e-5), (h.step, name)
+            else:
+                assert abs(r / e - 1) < 0.25, (h.step, name, r, e)
+                errors.append(abs(r / e - 1))
+    assert len(mon.history) == 11 and len(errors) >= 10  # 10 updates (the last sample's is not taken)
+    assert statistics.median(errors) < 0.05
+
+
+def test_float64_parameters_are_read_in_float64():
+    """A float64 model's sample, difference and norms stay float64: an update
+    of 1e-12 of a weight read whole is measured to 1e-9 (float32 could not
+    even see it), and a per-tensor norm equals the exact one."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(40, 50, dtype=torch.float64))
+    r = RelativeUpdate()
+    r.scalars([w])
+    before = w.detach().clone()
+    with torch.no_grad():
+        w.add_(1e-12 * torch.randn(40, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))
+    a, b = r.scalars([w])
+    assert a.dtype == torch.float64
+    exact = float((w.detach() - before).norm() / before.norm())
+    assert RelativeUpdate.ratio(float(a), float(b)) == pytest.approx(exact, rel=1e-9)
+    (d, s), = r.per_tensor([w])[0]
+    assert float(d.tensor()) == pytest.approx(float((w.detach() - before).norm()), rel=1e-9)
+    assert float(s.tensor()) == pytest.approx(float(before.norm()), rel=1e-12)
+
+
+def test_a_complex_parameters_update_is_measured():
+    """A complex weight is read as its real and imaginary parts (the same
+    norm): its module's update after a sample equals the exact
+    ||w after - w before|| / ||w before|| (read whole: to float32 rounding)."""
+
+    class Complex(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(8, 8, dtype=torch.cfloat) / 3)
+            self.out = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.out((x.to(torch.cfloat) @ self.w).abs())
+
+    torch.manual_seed(0)
+    m = Complex()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    x = torch.randn(16, 8)
+    with sp.monitor(m, every=2) as mon:
+        for k in range(4):
+            loss = m(x).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            mon.step(loss)
+            before = m.w.detach().clone()
+            opt.step()
+            if k == 1:
+                exact = float((m.w.detach() - before).abs().norm() / before.abs().norm())
+    assert dict(mon.history[0].update_ratios)[""] == pytest.approx(exact, rel=1e-5)
+    assert all(v is not None and v > 0 for v in mon.relative_updates[1:])

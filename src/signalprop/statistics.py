@@ -52,7 +52,7 @@ SAME = "same"        # identical on every rank (a layer's number of units): not 
 REDUCTIONS = (SUM, NORM, GRAD_NORM, GRAD_SQ, REPLICA_NORM, SHARD_NORM, MEAN, ANY, MAX, GRAD_MAX, MIN, GRAD_MIN, SAME)
 
 # "update": measured by the monitor on a module's parameters over the optimizer step after a sample
-# (no kernel: the monitor computes it from a copy of the weights and the optimizer's state), written on
+# (no kernel: the monitor computes it from the weights' sampled entries and the optimizer's state), written on
 # the sampled step's first row of that module once the step is taken
 Phase = Literal["forward", "backward", "update"]
 Kernel = Callable[[Any, "int | None"], Any]

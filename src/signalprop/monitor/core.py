@@ -16,13 +16,12 @@ What runs when:
   rules), with the real loss's gradient.  Between samples no module hook
   but the root's is installed.
 * **The two steps after a sample**: when ``update_ratio`` is on, the
-  weights are saved at the first step after the sample (before its
-  optimizer step; one copy, held for one step) and compared at the next, which
-  gives each module's ||w after - w before|| / ||w before|| of that
-  optimizer step, recorded with the sample.  Copying every weight is a
-  memory-bound pass as long as a plain step's own reads of them: on the
-  step after the sample rather than on the sample itself, no single step
-  pays for both the layer statistics and the copy.
+  modules (and the optimizer's learning rates and Adam state) are taken at
+  the first step after the sample, before its optimizer step, and that
+  optimizer step's ||w after - w before|| / ||w before|| of each module is
+  read at the next from the sampled entries the relative update reads at
+  every step (:mod:`.relative_update`; no copy of the weights), recorded
+  with the sample.
 
 When the loss or a gradient first turns non-finite, the step is replayed
 from its saved arguments, RNG and autocast state with check's exact pass, so
@@ -747,7 +746,9 @@ class Monitor:
             self._warn("a sample was skipped: the recorder failed", rec.errors[0])
             rec = None
         sampled = rec is not None and bool(rec.rows)
-        if sampled or (self.optimizer is not None and self._optimizer_params() != self._opt_params):
+        # (also where a sample's update is taken this step: the relative update reads its parameters as they are)
+        if sampled or self._snapshot_due is not None or \
+                (self.optimizer is not None and self._optimizer_params() != self._opt_params):
             self._refresh_params()
         read_grads = sampled or k % self.grad_every == 0
         params = [p for p in self._param_names if p.grad is not None] if read_grads else []
@@ -764,9 +765,10 @@ class Monitor:
                      + [GRAD_NORM, SUM] * len(outs))
             pn = ParamNorms.of(rec.rows, dict(zip(params, grads)),  # type: ignore[union-attr]
                                known={id(g): n for g, n in zip(grads, gnorms)}) if sampled else None
-            upd = self._updates.scalars() if self._updates.snapshot is not None else None
-            logit_sums = self._logits if sampled and self._logits is not None else []
             rel = self._relative_scalars()
+            # the update of the optimizer step since the last step, from the samples the relative update just read
+            upd = self._updates.scalars(self._relative) if self._updates.snapshot is not None else None
+            logit_sums = self._logits if sampled and self._logits is not None else []
             absmax = [c.out_absmax for c in self._calls[:1] if c.out_absmax is not None]
             # the GradScaler's scale, last: the backward's gradients are that many times the true ones
             scale_t = [t for t in (self._scale.tensor(),) if t is not None] if self._scale is not None else []
@@ -880,9 +882,6 @@ class Monitor:
         if self._snapshot_due is not None and finite:
             self._updates.take(self._snapshot_due, k, self.optimizer)
             self._snapshot_due = None
-            if self._updates.no_room:
-                self._warn("the update after a sample is not measured: a copy of the trained weights would not fit "
-                           "beside the training's peak GPU memory", kind="no room for the update's copy")
         if sampled and self.update_ratio and finite and k % self.every == 0:
             self._snapshot_due = k
         if read_grads and not overflow:
@@ -1066,6 +1065,8 @@ class Monitor:
         """The update of the step the snapshot was taken before: its alerts,
         and the sample it belongs to given its ratios and per-module statistics."""
         u = self._updates.finish(vals)
+        if u is None:
+            return []
         kinds: dict[str, str] = {}
         for j in range(len(self.history) - 1, -1, -1):
             if self.history[j].step == u.sample:

@@ -1,8 +1,8 @@
 """What the optimizer did to each layer: the update it applied, Adam's lagging second moment, update spikes.
 
-Measured on the step after each sample, with the copy of the weights the
-update/weight ratio already takes there (one copy, held one step; see
-:mod:`signalprop.monitor.core`):
+Measured on the step after each sample, from the sampled entries the
+update/weight ratio reads there (no copy of the weights; see
+:mod:`signalprop.monitor.update`):
 
 * **update RMS**: ||w after - w before|| / sqrt(n) per module -- the step the
   optimizer *applied* (Adam's m/sqrt(v) times the learning rate plus weight

@@ -1,16 +1,18 @@
-"""The exact update of one optimizer step, per module: ||w after - w before||
+"""The update of one optimizer step, per module: ||w after - w before||
 over ||w before||, the update's RMS (and over the learning rate) and, for
 Adam-family optimizers, the second-moment lag (:mod:`.optimizer`).
 
-The monitor measures it for the step after each regular sample: the trained
-weights are copied before that step's optimizer step (:meth:`UpdateMeter.take`,
-the copies' norms taken with them) and compared with the weights after it at
-the next ``mon.step`` (:meth:`UpdateMeter.scalars`, each difference formed
-in the copy and measured in one pass), the values coming back with that
-step's one transfer (:meth:`UpdateMeter.finish`).  One copy of the trained
-weights is held for one step (on the CPU, up to :data:`KEEP_CPU_BYTES`, until
-the next sample's copy is made in it); on a GPU only where it fits beside
-the training's peak memory (:func:`copy_fits`).
+The monitor measures it for the step after each regular sample, from the
+sampled entries the relative update reads at every step
+(:mod:`.relative_update`: at most 4,096 entries a tensor, exact for a tensor
+that small): the modules, learning rates and Adam's lag are taken before
+that step's optimizer step (:meth:`UpdateMeter.take`), each tensor's
+difference and size are read from the relative update's two samples at the
+next ``mon.step`` (:meth:`UpdateMeter.scalars`), the values coming back
+with that step's one transfer (:meth:`UpdateMeter.finish`).  No copy of the
+weights is made: the cost and the memory do not grow with the model (a
+copy of every trained weight took ~2% of a 10-step window on a 100 x 512
+MLP, and on a GPU it had to fit beside the training's peak memory).
 """
 
 from __future__ import annotations
@@ -25,49 +27,26 @@ from torch import nn
 
 from ..layers import param_fan_ins
 from ..probe.distributed import local, norm_kind
-from ..probe.norms import copies_and_norms, difference_norms_, same_layout
 from ..probe.stats import Part
 from ..records import evolve
 from ..statistics import MAX
 from . import alerts as A
 from .optimizer import adam_lag, learning_rates
-
-# On the CPU the copies (once read, differences) are kept for the next sample's copy, up to this many
-# bytes: a 100 MB copy made anew at each sample faulted in 0-16k pages (glibc gives large freed blocks
-# back to the OS), up to 16 ms on top of the copy's 10, measured on a 100 x 512 MLP; copied into the
-# kept tensors, none.  A GPU's caching allocator keeps its memory already: the copy is let go there.
-KEEP_CPU_BYTES = 512 << 20
-# The copy is held through the next step's forward and backward, where the training's memory peaks: on a GPU it
-# is taken only while the peak allocated so far plus the copy stays within this share of the device's memory
-# (an out-of-memory error in the user's next forward would be the monitor's doing)
-GPU_ROOM = 0.9
-
-
-def copy_fits(params: list[nn.Parameter]) -> bool:
-    """Whether a copy of ``params`` fits beside the training's peak memory
-    on each GPU they are on (see :data:`GPU_ROOM`); always on the CPU."""
-    need: dict[torch.device, int] = {}
-    for p in params:
-        if p.is_cuda:
-            need[p.device] = need.get(p.device, 0) + local(p).numel() * p.element_size()
-    return all(torch.cuda.max_memory_allocated(d) + n <= GPU_ROOM * torch.cuda.get_device_properties(d).total_memory
-               for d, n in need.items())
+from .relative_update import RelativeUpdate
 
 
 class Snapshot:
-    """The weights saved before step ``k``'s optimizer step, to measure its
-    update for the sample at step ``sample``: per module with trainable
-    parameters (name, parameters, their saved copies, fan-ins, learning
-    rates), Adam's second-moment lag of those parameters (0-d device tensors
-    by index into the flattened parameter list, read with the update) and
-    the copies' norms (||w before||, in that flattened order, taken with them)."""
+    """What is known before step ``k``'s optimizer step, to measure its update
+    for the sample at step ``sample``: per module with trainable parameters
+    (name, parameters, fan-ins, learning rates), and Adam's second-moment lag
+    of those parameters (0-d device tensors by index into the flattened
+    parameter list, read with the update)."""
 
-    __slots__ = ("sample", "k", "mods", "lag", "w_norms")
+    __slots__ = ("sample", "k", "mods", "lag")
 
-    def __init__(self, sample: int, k: int,
-                 mods: list[tuple[str, list[nn.Parameter], list[torch.Tensor], list[int], list[float | None]]],
-                 lag: dict[int, tuple[torch.Tensor, torch.Tensor]], w_norms: list[torch.Tensor | Part]) -> None:
-        self.sample, self.k, self.mods, self.lag, self.w_norms = sample, k, mods, lag, w_norms
+    def __init__(self, sample: int, k: int, mods: list[tuple[str, list[nn.Parameter], list[int], list[float | None]]],
+                 lag: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.sample, self.k, self.mods, self.lag = sample, k, mods, lag
 
 
 @dataclass(frozen=True)
@@ -87,22 +66,21 @@ class Update:
 
 
 class UpdateMeter:
-    """Takes the copy, reads the differences and turns the gathered values
-    into an :class:`Update` (the module docstring's three steps)."""
+    """Takes what the update needs before the optimizer step, reads the
+    differences and turns the gathered values into an :class:`Update` (the
+    module docstring's three steps)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.snapshot: Snapshot | None = None
-        self.no_room = False  # the last take() found no room for the copy beside the training's peak (GPU)
-        self._spare: list[torch.Tensor] | None = None  # the last copies, to copy into (KEEP_CPU_BYTES)
         # each module's trainable parameters' fan-ins, for the parameters (names and shapes) they were found for
         self._fan_ins: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[Any, ...], list[int]]] = \
             weakref.WeakKeyDictionary()
 
     def close(self) -> None:
-        """Let the model, its modules and any saved copy go."""
+        """Let the model, its modules and the snapshot go."""
         self.model = None  # type: ignore[assignment]
-        self.snapshot = self._spare = None
+        self.snapshot = None
         self._fan_ins = weakref.WeakKeyDictionary()
 
     def trained_modules(self) -> list[tuple[str, nn.Module, list[str], list[int]]]:
@@ -123,51 +101,46 @@ class UpdateMeter:
         return mods
 
     def take(self, sample: int, k: int, optimizer: Any = None) -> None:
-        """Save the trainable weights before step ``k``'s optimizer step, to
-        measure its update for the sample at step ``sample``; their norms
-        (||w before||) are taken with the copies, in one pass (see
-        :func:`~signalprop.probe.norms.copies_and_norms`).  ``optimizer``:
-        read for the learning rates and Adam's state, when given."""
+        """Before step ``k``'s optimizer step: the modules whose update is
+        measured for the sample at step ``sample``, and with ``optimizer``
+        its learning rates and Adam's state."""
         lrs = learning_rates(optimizer) if optimizer is not None else {}
-        found = [(name, [cast(nn.Parameter, m._parameters[n]) for n in names], fan_ins)
-                 for name, m, names, fan_ins in self.trained_modules()]
-        params = [p for _, ps, _ in found for p in ps]
+        mods: list[tuple[str, list[nn.Parameter], list[int], list[float | None]]] = \
+            [(name, [cast(nn.Parameter, m._parameters[n]) for n in names], fan_ins, [])
+             for name, m, names, fan_ins in self.trained_modules()]
+        params = [p for _, ps, _, _ in mods for p in ps]
         if not params:  # nothing is trained (a frozen model being probed): no update to measure
             self.snapshot = None
             return
-        self.no_room = not copy_fits(params)
-        if self.no_room:
-            self.snapshot = None
-            return
-        spare, self._spare = self._spare, None
-        copies, w_norms = copies_and_norms(params, spare if spare is not None and same_layout(spare, params)
-                                           else None)
-        mods, i = [], 0
-        for name, ps, fan_ins in found:
-            mods.append((name, ps, copies[i:i + len(ps)], fan_ins, [lrs.get(p) for p in ps]))
-            i += len(ps)
+        for _, ps, _, rates in mods:
+            rates.extend(lrs.get(p) for p in ps)
         lag = adam_lag(optimizer, params, local) if optimizer is not None else {}
-        self.snapshot = Snapshot(sample, k, mods, lag, w_norms)
+        self.snapshot = Snapshot(sample, k, mods, lag)
 
-    def scalars(self) -> tuple[list[torch.Tensor | Part], list[str]]:
-        """||w after - w before|| and ||w before|| of every saved tensor, and how each combines across ranks."""
+    def scalars(self, relative: RelativeUpdate | None) -> tuple[list[torch.Tensor | Part | float], list[str]]:
+        """||w after - w before|| and ||w before|| of every parameter of the
+        snapshot, from the relative update's last two samples (``relative``,
+        read at this step), Adam's lag, and last whether the samples did not
+        span the step on this rank (the parameters changed, or the relative
+        update is off: no update is measured then); and how each combines
+        across ranks.  As many values on every rank."""
         snap = cast(Snapshot, self.snapshot)
-        before = [b for _, _, bs, _, _ in snap.mods for b in bs]
-        params = [p for _, ps, _, _, _ in snap.mods for p in ps]
-        diffs = difference_norms_(before, params)  # the copies, ours and used once, become -update
+        params = [p for _, ps, _, _ in snap.mods for p in ps]
+        pairs, missing = relative.per_tensor(params) if relative is not None else ([(0.0, 0.0)] * len(params), True)
         kinds = [norm_kind(p) for p in params]
         lag = sorted(snap.lag.items())
-        return (diffs + snap.w_norms + [a for _, (a, _) in lag] + [b for _, (_, b) in lag],
-                kinds + kinds + [norm_kind(params[i]) for i, _ in lag] + [MAX] * len(lag))
+        return ([d for d, _ in pairs] + [w for _, w in pairs] + [a for _, (a, _) in lag] + [b for _, (_, b) in lag]
+                + [float(missing)],
+                kinds + kinds + [norm_kind(params[i]) for i, _ in lag] + [MAX] * len(lag) + [MAX])
 
-    def finish(self, vals: list[float]) -> Update:
-        """The update from :meth:`scalars`' values as gathered; the snapshot is let go."""
+    def finish(self, vals: list[float]) -> Update | None:
+        """The update from :meth:`scalars`' values as gathered (None where a
+        rank's samples did not span the step); the snapshot is let go."""
         snap = cast(Snapshot, self.snapshot)
         self.snapshot = None
-        done = [c for _, _, cs, _, _ in snap.mods for c in cs]  # the differences, read: the next copy's memory
-        if all(c.is_cpu for c in done) and sum(c.numel() * c.element_size() for c in done) <= KEEP_CPU_BYTES:
-            self._spare = done
-        n = sum(len(ps) for _, ps, _, _, _ in snap.mods)
+        if vals[-1] > 0:
+            return None
+        n = sum(len(ps) for _, ps, _, _ in snap.mods)
         d, w = vals[:n], vals[n:2 * n]
         lag_idx = sorted(snap.lag)
         lag_l2 = dict(zip(lag_idx, vals[2 * n:2 * n + len(lag_idx)]))
@@ -177,7 +150,7 @@ class UpdateMeter:
         i = 0
         weight_layers = set()
         judged = set()
-        for name, ps, _, fan_ins, lrs in snap.mods:
+        for name, ps, fan_ins, lrs in snap.mods:
             dd = math.sqrt(sum(x * x for x in d[i:i + len(ps)]))
             ww = math.sqrt(sum(x * x for x in w[i:i + len(ps)]))
             ratios.append((name, dd / ww if ww > 0 else (0.0 if dd == 0 else math.inf)))

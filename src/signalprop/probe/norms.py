@@ -4,7 +4,6 @@ devices until the pass is gathered."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -115,86 +114,6 @@ def _roots(sums: list[torch.Tensor]) -> list[Part]:
         for k, j in enumerate(js):
             out[j] = Part(roots, k)
     return out  # type: ignore[return-value]
-
-
-def _in_cache(t: torch.Tensor) -> bool:
-    """A tensor whose sum of squares is taken while it is still in cache (a
-    BLAS dot right after the op that wrote it): a large float tensor on the CPU."""
-    return t.numel() >= _DOT_NORM_MIN and dottable(t)
-
-
-def _merged(n: int, hot: list[int], sums: list[torch.Tensor], rest: list[int],
-            tensors: list[torch.Tensor]) -> list[torch.Tensor | Part]:
-    """``n`` norms: the roots of ``sums`` at the indices ``hot`` (sums of
-    squares taken in cache), :func:`norms` of ``tensors[i]`` at the others."""
-    out: list[torch.Tensor | Part | None] = [None] * n
-    for i, norm in zip(rest, norms([tensors[i] for i in rest]) if rest else []):
-        out[i] = norm
-    for i, root in zip(hot, _roots(sums)):
-        out[i] = root
-    return out  # type: ignore[return-value]
-
-
-def copies_and_norms(tensors: Sequence[torch.Tensor], into: Sequence[torch.Tensor] | None = None,
-                     ) -> tuple[list[torch.Tensor], list[torch.Tensor | Part]]:
-    """Copies of ``tensors`` (a DTensor's own shard) and their norms, still on
-    their devices.  On the CPU each large copy's sum of squares is taken right
-    after it is made, while it is in cache: on 100 weights of 512 x 512 the
-    copies take 9.6 ms and the norms 2.2 ms more, where a second pass over
-    the weights took 11 ms.  Elsewhere :func:`norms` of the copies (one fused
-    kernel per device and dtype on a GPU).  ``into``: tensors of the same
-    shapes, dtypes and devices to copy into (see :func:`same_layout`) rather
-    than new ones."""
-    copies: list[torch.Tensor] = []
-    hot: list[int] = []
-    sums: list[torch.Tensor] = []
-    rest: list[int] = []
-    with torch.no_grad():
-        for i, t in enumerate(tensors):
-            c = local(t.detach()).clone() if into is None else into[i].copy_(local(t.detach()))
-            copies.append(c)
-            if _in_cache(c):
-                v = c.view(-1)
-                hot.append(i)
-                sums.append(torch.dot(v, v))
-            else:
-                rest.append(i)
-        return copies, _merged(len(copies), hot, sums, rest, copies)
-
-
-def same_layout(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
-    """Whether ``a[i]`` can take a copy of ``b[i]`` (a DTensor's own shard) for every i, contiguous."""
-    if len(a) != len(b):
-        return False
-    for x, y in zip(a, b):
-        y = local(y)
-        if x.shape != y.shape or x.dtype != y.dtype or x.device != y.device or not x.is_contiguous():
-            return False
-    return True
-
-
-def difference_norms_(before: list[torch.Tensor], now: Sequence[torch.Tensor]) -> list[torch.Tensor | Part]:
-    """``||before[i] - now[i]||`` for each pair, still on the device;
-    ``before`` (copies of the caller's own) is overwritten with the
-    differences, so no third tensor is made.  On the CPU each large
-    difference's sum of squares is taken right after it is formed, while it
-    is in cache (as :func:`copies_and_norms`); the others in one fused
-    subtraction and :func:`norms` (all of them on a GPU)."""
-    now = [local(t.detach()) for t in now]
-    hot: list[int] = []
-    sums: list[torch.Tensor] = []
-    rest: list[int] = []
-    with torch.no_grad():
-        for i, (b, t) in enumerate(zip(before, now)):
-            if _in_cache(b) and t.dtype == b.dtype and t.is_contiguous():
-                v = b.sub_(t).view(-1)
-                hot.append(i)
-                sums.append(torch.dot(v, v))
-            else:
-                rest.append(i)
-        if rest:
-            torch._foreach_sub_([before[i] for i in rest], [now[i] for i in rest])
-        return _merged(len(before), hot, sums, rest, before)
 
 
 @dataclass
