@@ -2,6 +2,7 @@
 NaN, alerts before divergence, hooks removed, AGC against the paper's formula."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -358,6 +359,65 @@ def test_agc_equals_the_papers_formula(clipping, eps):
         assert torch.equal(a, b)
         clipped_some |= not np.allclose(w, g.numpy())
     assert clipped_some
+
+
+@pytest.mark.parametrize("clipping,eps", [(0.05, 1e-3), (1e-4, 1e-3)])
+def test_agc_of_a_sparse_gradient_equals_the_dense_formula(clipping, eps):
+    """An nn.Embedding(sparse=True) gradient (uncoalesced: a token met twice
+    is two entries of one row) is clipped as its dense equivalent is by
+    agc_reference_ (float64, to 1e-12), stays sparse, and some rows clip
+    while others do not; a 3-D parameter's sparse gradient with two sparse
+    dimensions (units spanning index rows) is clipped as the dense one too.
+    The monitor's agc= on such a model measures every step (before, the
+    sparse norm raised inside mon.step and no step was measured)."""
+    torch.manual_seed(0)
+    e = nn.Embedding(20, 6, sparse=True).double()
+    with torch.no_grad():
+        e.weight.mul_(torch.logspace(-3, 1, 20, dtype=torch.float64).view(-1, 1))
+    ids = torch.tensor([[1, 3, 3, 7], [7, 12, 19, 1]])
+    (e(ids) * torch.randn(2, 4, 6, dtype=torch.float64)).sum().backward()
+    assert e.weight.grad.is_sparse and not e.weight.grad.is_coalesced()
+    dense = e.weight.grad.to_dense()
+    agc_([e.weight], clipping=clipping, eps=eps)
+    assert e.weight.grad.is_sparse
+    ref = nn.Parameter(e.weight.detach().clone())
+    ref.grad = dense.clone()
+    agc_reference_([ref], clipping=clipping, eps=eps)
+    torch.testing.assert_close(e.weight.grad.to_dense(), ref.grad, rtol=1e-12, atol=0)
+    assert not torch.equal(ref.grad, dense) and not torch.equal(ref.grad[1], torch.zeros(6, dtype=torch.float64))
+    w3 = nn.Parameter(torch.randn(4, 3, 5, dtype=torch.float64))
+    g3 = torch.randn(4, 3, 5, dtype=torch.float64) * 10
+    g3[1] = 0
+    w3.grad = g3.to_sparse(2)
+    r3 = nn.Parameter(w3.detach().clone())
+    r3.grad = g3.clone()
+    agc_([w3], clipping=clipping, eps=eps)
+    agc_reference_([r3], clipping=clipping, eps=eps)
+    assert w3.grad.is_sparse
+    torch.testing.assert_close(w3.grad.to_dense(), r3.grad, rtol=1e-12, atol=0)
+
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.e, self.out = nn.Embedding(50, 8, sparse=True), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.out(self.e(x).mean(1))
+
+    m = Bag()
+    opts = [torch.optim.SparseAdam(list(m.e.parameters()), lr=1e-2), torch.optim.SGD(m.out.parameters(), lr=0.1)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with sp.monitor(m, every=2, agc=0.01) as mon:
+            for _ in range(4):
+                loss = m(torch.randint(0, 50, (8, 5))).pow(2).mean()
+                for o in opts:
+                    o.zero_grad()
+                loss.backward()
+                mon.step(loss)
+                for o in opts:
+                    o.step()
+    assert mon.steps == [0, 1, 2, 3] and len(mon.history) == 2
 
 
 def test_monitor_agc_clips_before_the_optimizer():

@@ -16,7 +16,7 @@ and a few ``torch._foreach`` kernels for all of them.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -69,6 +69,28 @@ def _scales(w_norm: torch.Tensor, g_norm: torch.Tensor, clipping: float, eps: fl
     return torch.where(g_norm > max_norm, max_norm / g_norm.clamp_min(_MIN_GRAD_NORM), one)
 
 
+def _sparse_agc_(p: torch.Tensor, clipping: float, eps: float) -> None:
+    """:func:`agc_` for a sparse COO gradient (``nn.Embedding(sparse=True)``):
+    coalesced (a row met twice in the batch is one unit), each unit that has
+    entries clipped against its own weight's norm; units without entries
+    have a zero gradient, which clipping leaves alone.  ``p.grad`` becomes
+    the coalesced tensor.  A gradient whose units span several index rows
+    (more than one sparse dimension, or a vector parameter) is clipped as
+    the dense formula does and stored sparse again."""
+    g = cast(torch.Tensor, p.grad).coalesce()
+    if g.sparse_dim() != 1 or p.dim() < 2:
+        d = g.to_dense()
+        d.mul_(_scales(unitwise_norm(p), unitwise_norm(d), clipping, eps))
+        p.grad = d.to_sparse(g.sparse_dim())
+        return
+    rows = g.indices()[0]
+    vals = g.values()
+    w_norm = unitwise_norm(p.detach().index_select(0, rows), keepdim=False)
+    g_norm = unitwise_norm(vals, keepdim=False)
+    vals.mul_(_scales(w_norm, g_norm, clipping, eps).view((-1,) + (1,) * (vals.dim() - 1)))
+    p.grad = g
+
+
 def _unit_norms(ts: list[torch.Tensor], order: list[int], stacked: list[list[int]]) -> torch.Tensor:
     """The unit norms of ``ts`` as one vector: each matrix's rows (``order``),
     then each group of equal-shaped vectors (``stacked``), stacked and reduced
@@ -103,7 +125,12 @@ def agc_(parameters: Iterable[torch.Tensor] | torch.Tensor, clipping: float = 0.
     ``agc_(p for n, p in model.named_parameters() if not n.startswith("fc."))``.
     """
     _check(clipping, eps)
-    ps = _with_grads(parameters)
+    ps = []
+    for p in _with_grads(parameters):
+        if p.grad is not None and p.grad.is_sparse:
+            _sparse_agc_(p, clipping, eps)
+        else:
+            ps.append(p)
     if not ps:
         return
     gs: list[torch.Tensor] = [p.grad for p in ps]  # type: ignore[misc]
