@@ -346,7 +346,7 @@ class Monitor:
         self._calls: list[_Call] = []
         self._rec: Recorder | None = None
         self._recording = False
-        self._updates = UpdateMeter(model)  # the exact update of the step after each regular sample
+        self._updates = UpdateMeter(model)  # each module's update of the step after each regular sample
         self._snapshot_due: int | None = None  # a sampled step whose following update is still to measure
         self._nonfinite_seen = False
         self._paused = False
@@ -458,7 +458,7 @@ class Monitor:
             self._rec.release()
         self._rec = None
         self._calls.clear()
-        self._updates.close()  # the copy of the weights and the trained modules it had found
+        self._updates.close()  # the trained modules it had found
         self.optimizer = None
         # the model (a DDP wrapper holds its process group) and the group itself: a closed
         # monitor kept alive to read its history must not keep them past destroy_process_group,
@@ -1316,12 +1316,11 @@ def monitor(model: nn.Module, every: int = 50, *, writer: Any = None, agc: float
     read every step, and a non-finite gradient shows in the next step's loss
     at the latest -- after the optimizer step, which is why ``skip`` reads
     every step's gradients).
-    ``update_ratio``: measure ||dw|| / ||w|| of an optimizer step after each
-    sample (that of the step after the sample: one copy of the trainable
-    weights is kept for one step -- on the CPU, up to 512 MiB of it until the
-    next sample's copy is made in it --, taken there so that the sampled
-    step does not also pay for it; recorded with the sample, alerted at the
-    step whose update it is).  ``max_history``: keep at most this many
+    ``update_ratio``: measure each module's ||dw|| / ||w|| of an optimizer
+    step after each sample (that of the step after the sample, from the
+    entries of each tensor the relative update samples at every step, see
+    :mod:`signalprop.monitor.relative_update`: no copy of the weights;
+    recorded with the sample, alerted at the step whose update it is).  ``max_history``: keep at most this many
     sampled steps (the first ones, the baseline, always stay).  ``bounds`` and
     ``trend`` as in :func:`signalprop.check`.  ``skip``: an optimizer whose
     ``step()`` the monitor skips on a step that raised a batch-spike,

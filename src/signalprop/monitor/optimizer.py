@@ -124,8 +124,8 @@ def _lag_chunk(chunk: list[Any], local: Any, out: dict[int, tuple[torch.Tensor, 
     (no square root, no infinity norm: neither is vectorised on a CPU); its sum and largest entry per
     tensor, then their roots."""
     with torch.no_grad():
-        gs = [_wide(_sample(local(g))) for _, g, _, _, _, _ in chunk]
-        vs = [_wide(_sample(local(v))) for _, _, v, _, _, _ in chunk]
+        gs = [_wide(_sample(_real(local(g)))) for _, g, _, _, _, _ in chunk]
+        vs = [_wide(_sample(_real(local(v)))) for _, _, v, _, _, _ in chunk]
         # a sampled tensor's sum of g^2 / v stands for its whole: scaled by entries / entries read
         scale = [local(g).numel() / max(x.numel(), 1) for (_, g, *_), x in zip(chunk, gs)]
         corr: list[Any] = []
@@ -145,6 +145,12 @@ def _lag_chunk(chunk: list[Any], local: Any, out: dict[int, tuple[torch.Tensor, 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _real(t: torch.Tensor) -> torch.Tensor:
+    """A complex tensor as its real and imaginary parts, as Adam steps them
+    (``torch.optim.Adam`` keeps a second moment per part of a complex parameter)."""
+    return torch.view_as_real(t) if t.is_complex() else t
 
 
 def _sample(t: torch.Tensor) -> torch.Tensor:

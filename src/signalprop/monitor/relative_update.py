@@ -1,33 +1,31 @@
 """The relative update of every step, ``||w_t - w_{t-1}|| / ||w_{t-1}||`` over
 the trained parameters, read at each ``Monitor.step`` without copying the
-weights.
+weights, and each tensor's own update from the same samples.
 
 Each parameter contributes a fixed sample of at most ``PER_TENSOR = 4096``
-of its entries: ``CHUNKS = 64`` runs of 64 contiguous entries spread evenly
-over the flattened tensor (one strided view; reading it touches 16 KiB of a
+of its entries: ``CHUNKS = 64`` runs of 64 contiguous entries spread over
+the flattened tensor (one strided view; reading it touches 16 KiB of a
 tensor, not the tensor), the whole tensor when it is smaller.  For a weight
-matrix a run is part of a row: the sample spans 64 output units.  The
-sample of the previous step is kept and the norms of the difference and of
-the previous sample are taken with each tensor's entries weighted by
-``sqrt(numel / sampled)``, so that each tensor counts by its size in
-``||dw||^2`` and ``||w||^2``; the weighting is applied after the
-subtraction (two float32 values an optimizer step apart differ exactly).
-The samples are read in float32 (float64 for float64 parameters), whatever
-the default dtype.  The positions are fixed, not drawn: an
-update that touches few rows (an embedding under SGD with sparse
-gradients) reads 0 most steps and a large change when a sampled row is hit.
-A parameter whose layout has no single view (overlapping or gapped strides)
-is left out; a ``channels_last`` or transposed one is read in storage order.
-Measured against the exact ratio, the worst of 20-25 steps for each of 8
-seeds (SGD with momentum / Adam): an MLP 3.2% / 4.7%, an embedding model
-3.3% / 4.5%, a CNN of 64-channel 3 x 3 convolutions 5.9% / 1.5%
-(``tests/test_relative_update.py`` holds one seed of the MLP's).  Other
-layouts were tried: 256 runs of 16 entries, with or without a spacing
-that moves the runs' offsets inside a row, read the MLP and the embedding
-model better (2.0-3.1%) but the CNN worse (6.5% / 4.9%; 25.6% unspaced,
-where every run sat at the same input channels) at 0.35 ms more a step on
-the 100 x 512 MLP; this layout's spacing, ``(n - RUN) / (CHUNKS - 1)``,
-already moves a 512-wide matrix's runs by 64 columns a run.
+matrix a run is part of a row; the spacing of the runs is chosen so that
+they start at columns spread over a row (:func:`_spacing`: spacing them by
+the tensor's length over 63 put every run at the same columns wherever that
+was a multiple of the row).  A ``channels_last`` or transposed parameter is
+read in storage order; one whose layout has no single view (a slice of a
+larger buffer) by index (``torch.take``).  The sample of the previous step
+is kept and the norms of the difference and of the previous sample are
+taken with each tensor's entries weighted by ``sqrt(numel / sampled)``, so
+that each tensor counts by its size in ``||dw||^2`` and ``||w||^2``; the
+weighting is applied after the subtraction (two float32 values an optimizer
+step apart differ exactly).  The samples are read in float32 (float64 for
+float64 parameters; a complex one as its real and imaginary parts),
+whatever the default dtype.  The positions are fixed, not drawn: an update
+that touches few rows (an embedding under SGD with sparse gradients) reads
+0 most steps and a large change when a sampled row is hit.  Measured
+against the exact ratio (an earlier layout, the worst of 20-25 steps for
+each of 8 seeds, SGD with momentum / Adam): an MLP 3.2% / 4.7%, an
+embedding model 3.3% / 4.5%, a CNN of 64-channel 3 x 3 convolutions 5.9% /
+1.5%; ``tests/test_relative_update.py`` holds one seed of the MLP's, within
+5% on every step.
 
 What the step costs: two concatenations of the views into a buffer kept
 between steps (two buffers in turn: this step's sample and the previous
@@ -41,20 +39,26 @@ ratio is unchanged).
 Each tensor's own ``||dw||`` and ``||w||`` (:meth:`RelativeUpdate.per_tensor`,
 the per-module update after each sample, :mod:`.update`) come from the same
 two samples: each tensor's sampled sum of squares times ``numel / sampled``
-(exact for a tensor read whole).  Against the exact per-module update over
+(exact for a tensor read whole).  When the trained parameters change (a
+layer frozen or unfrozen, a tensor replaced) the samples are laid out anew
+and the tensors sampled before keep their previous sample, so their update
+over that step is still read.  A sampled tensor of which fewer than
+``MIN_CHANGED`` runs moved while the model's weights did gets no value (a
+few rows moved: an embedding's).  Against the exact per-module update over
 4 seeds of an MLP, a CNN, an embedding model and a transformer layer under
-SGD with momentum, Adam and AdamW: medians 0-4%, the worst 16% (layers
-behind ReLUs, whose dead units leave whole rows or input channels
-unchanged); ``tests/test_relative_update.py`` holds one seed of the MLP's
-and the CNN's.
+SGD with momentum, Adam and AdamW: medians 0.5-3.7%, the worst 15% (a layer
+behind ReLUs under SGD, whose dead units leave whole rows unchanged);
+``tests/test_relative_update.py`` holds one seed of the MLP's and the CNN's.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any, cast
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -62,37 +66,101 @@ from ..probe.stats import Part
 
 PER_TENSOR = 4096
 CHUNKS = 64
-
-
 RUN = PER_TENSOR // CHUNKS
+# A sampled tensor's update is estimated only where at least this many of its CHUNKS runs moved (or no
+# parameter of the model moved at all: a skipped step, a rate of 0): an update that moves a few rows (an
+# embedding of 20,000 rows of which a batch touches 160, under SGD or SparseAdam) moves one run of 64 in
+# some steps and none in others, and its estimate read 0 or up to twice the truth; a layer behind ReLUs
+# whose dead units' rows stay put keeps most runs moving
+MIN_CHANGED = 16
+# the runs' spacing is at least this share of the largest that fits (the runs reach that far down the tensor's rows)
+REACH = 0.75
 
 
-def _flat(t: torch.Tensor) -> torch.Tensor | None:
+def _flat(t: torch.Tensor) -> tuple[torch.Tensor, int] | None:
     """``t``'s entries as a 1-D view in storage order (a ``channels_last``
-    weight or a transposed parameter is permuted into it first); None where
-    no view reads them all (overlapping or gapped strides)."""
+    weight or a transposed parameter is permuted into it first) and the
+    length of a row in that order (the entries under one index of the
+    leading dimension); None where no view reads them all (overlapping or
+    gapped strides)."""
     if not t.is_contiguous():
         strides = t.stride()
         order = sorted(range(t.dim()), key=lambda i: (-strides[i], -t.shape[i]))
         t = t.permute(order)
         if not t.is_contiguous():
             return None
-    return t.view(-1)
+    n = t.numel()
+    return t.view(-1), (n // t.shape[0] if t.dim() > 1 and t.shape[0] > 0 else n)
+
+
+@functools.lru_cache(maxsize=1024)
+def _spacing(n: int, row: int) -> int:
+    """The distance between the starts of consecutive runs in a tensor of
+    ``n`` entries whose rows are ``row`` long.  The largest that fits,
+    ``(n - RUN) / (CHUNKS - 1)``, puts every run at the same columns wherever
+    it is a multiple of the row (a Linear(100, 64): all 64 runs on inputs
+    0-63, 36 of the 100 never read, the update read 50% low under SGD with
+    inputs on different scales); so the spacing is chosen between ``REACH``
+    of that and that (at least ``RUN``: no entry read twice) to cover the
+    row's columns evenly: the shortest stretch of columns no run reads, then
+    the fewest runs on the least-read column, then the most on the
+    most-read, then the longest reach."""
+    base = (n - RUN) // (CHUNKS - 1)
+    if row >= n or row <= RUN:
+        return base
+    low = max(RUN, math.ceil(REACH * base))
+    steps = np.unique(np.linspace(low, base, num=min(64, base - low + 1)).round().astype(np.int64))
+    starts = (steps[:, None] * np.arange(CHUNKS)[None, :]) % row
+    cols = (starts[:, :, None] + np.arange(RUN)[None, None, :]).reshape(len(steps), -1) % row
+    hits = np.stack([np.bincount(c, minlength=row) for c in cols])
+    gaps = [_longest_zero_stretch(h) for h in hits]
+    best = min(range(len(steps)), key=lambda i: (gaps[i], -hits[i].min(), hits[i].max(), -steps[i]))
+    return int(steps[best])
+
+
+def _longest_zero_stretch(h: np.ndarray) -> int:
+    """The longest circular stretch of zeros in ``h``."""
+    if h.all():
+        return 0
+    if not h.any():
+        return len(h)
+    z = np.concatenate([h, h]) == 0
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], z.astype(np.int8), [0]])))
+    return int(min(len(h), (edges[1::2] - edges[::2]).max()))
+
+
+def _positions(n: int, row: int) -> tuple[int, int]:
+    """``(number of runs, spacing)`` of a tensor of ``n`` entries: one run of all of it when it is small."""
+    return (1, 0) if n <= PER_TENSOR else (CHUNKS, _spacing(n, row))
 
 
 def _view(t: torch.Tensor) -> torch.Tensor | None:
     """The sampled entries of ``t`` as one view of ``RUN`` columns: ``CHUNKS``
-    evenly spaced runs of ``RUN`` contiguous entries, or all of ``t`` when it
-    is smaller (1-D when its size is not a multiple of ``RUN``).  A view, so
-    that it reads the tensor's current values at every step; None where the
-    tensor's layout has none (it is left out of both norms)."""
-    flat = _flat(t)
-    if flat is None:
+    runs of ``RUN`` contiguous entries spread over the flattened tensor (see
+    :func:`_spacing`), or all of ``t`` when it is smaller (1-D when its size
+    is not a multiple of ``RUN``).  A view, so that it reads the tensor's
+    current values at every step; None where the tensor's layout has none
+    (:func:`_taken` reads it then)."""
+    found = _flat(t)
+    if found is None:
         return None
+    flat, row = found
     n = flat.numel()
     if n <= PER_TENSOR:
         return flat.view(-1, RUN) if n % RUN == 0 else flat
-    return flat.as_strided((CHUNKS, RUN), ((n - RUN) // (CHUNKS - 1), 1), flat.storage_offset())
+    return flat.as_strided((CHUNKS, RUN), (_spacing(n, row), 1), flat.storage_offset())
+
+
+def _taken(t: torch.Tensor) -> torch.Tensor:
+    """The logical (row-major) indices of the entries :func:`_view` would
+    sample, for a tensor whose layout has no single view (a slice of a larger
+    buffer): read with ``torch.take`` at every step."""
+    n = t.numel()
+    runs, step = _positions(n, n // t.shape[0] if t.dim() > 1 and t.shape[0] > 0 else n)
+    if runs == 1:
+        return torch.arange(n, device=t.device)
+    starts = torch.arange(runs, device=t.device) * step
+    return (starts[:, None] + torch.arange(RUN, device=t.device)).reshape(-1)
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:
@@ -102,24 +170,32 @@ def _local(p: torch.Tensor) -> torch.Tensor:
 
 
 class _Group:
-    """One device's (and precision's) sampled views, two buffers the samples
-    are read into in turn (this step's and the previous step's: no tensor is
-    allocated per step), the difference of the two, and what weights each
-    sampled entry: ``sqrt(numel / sampled)`` of its tensor per entry (for the
-    whole model's two norms), ``numel / sampled`` per tensor (for each
-    tensor's) and the tensors' sample sizes in the buffer's order."""
+    """One device's (and precision's) samples, read into one buffer in turn
+    with the previous step's (no tensor is allocated per step): views of
+    ``RUN`` columns (``wide``, one concatenation), other views (``narrow``,
+    another) and tensors read by index (``taken``), in that order; the
+    difference of the two samples; what weights each sampled entry,
+    ``sqrt(numel / sampled)`` of its tensor per entry (for the whole model's
+    two norms) and ``numel / sampled`` per tensor (for each tensor's); and
+    each tensor's place in the buffer."""
 
-    __slots__ = ("wide", "narrow", "split", "weights", "scale", "rows", "lengths", "bufs", "diff", "tmp", "size")
+    __slots__ = ("wide", "narrow", "taken", "split", "weights", "scale", "rows", "lengths", "spans", "bufs",
+                 "diff", "tmp", "size")
 
-    def __init__(self, wide: list[torch.Tensor], narrow: list[torch.Tensor], weights: torch.Tensor,
-                 scale: torch.Tensor, lengths: list[int]) -> None:
-        self.wide, self.narrow = wide, narrow
+    def __init__(self, wide: list[torch.Tensor], narrow: list[torch.Tensor],
+                 taken: list[tuple[torch.Tensor, torch.Tensor]], weights: torch.Tensor, scale: torch.Tensor,
+                 lengths: list[int]) -> None:
+        self.wide, self.narrow, self.taken = wide, narrow, taken
         self.split = sum(v.numel() for v in wide)
         self.weights, self.scale = weights, scale
         dev = weights.device
         # sample sizes: in rows of RUN for the wide views (their entries are summed a row at a time first)
         self.rows = torch.tensor([n // RUN for n in lengths[:len(wide)]], dtype=torch.long, device=dev)
         self.lengths = torch.tensor(lengths[len(wide):], dtype=torch.long, device=dev)
+        starts = [0]
+        for n in lengths:
+            starts.append(starts[-1] + n)
+        self.spans = list(zip(starts[:-1], starts[1:]))
         self.bufs = [torch.empty_like(weights) for _ in range(2)]
         self.diff = torch.empty_like(weights)
         self.tmp = torch.empty_like(weights)
@@ -133,8 +209,14 @@ class _Group:
         buf = self.bufs[0]
         if self.wide:  # one concatenation of the views of RUN columns, one of the others, into place
             torch.cat(self.wide, out=buf[:self.split].view(-1, RUN))
+        at = self.split
         if self.narrow:
-            torch.cat(self.narrow, out=buf[self.split:])
+            end = at + sum(v.numel() for v in self.narrow)
+            torch.cat(self.narrow, out=buf[at:end])
+            at = end
+        for t, idx in self.taken:
+            buf[at:at + idx.numel()] = torch.take(t, idx)
+            at += idx.numel()
         self.size = _sq(torch.mul(buf, self.weights, out=self.tmp))
         return buf
 
@@ -142,18 +224,23 @@ class _Group:
     def prev(self) -> torch.Tensor:
         return self.bufs[1]
 
-    def per_tensor(self, t: torch.Tensor) -> torch.Tensor:
+    def per_tensor(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each tensor's estimated sum of squares of ``t`` (a buffer in this
         group's layout), in float64: its sampled entries' sum of squares
-        times numel / sampled."""
+        times numel / sampled; and how many of its runs of ``RUN`` entries
+        hold a nonzero value (of the sampled views of ``RUN`` columns; a
+        tensor read whole counts as ``CHUNKS``)."""
         sq = t * t
-        parts = []
+        parts, runs = [], []
         if self.wide:
             rows = sq[:self.split].view(-1, RUN).sum(1)
             parts.append(torch.segment_reduce(rows, "sum", lengths=self.rows))
-        if self.narrow:
+            moved = torch.segment_reduce((rows > 0).float(), "sum", lengths=self.rows)
+            runs.append(moved.masked_fill_(self.scale[:len(self.wide)] <= 1, float(CHUNKS)))  # read whole: exact
+        if self.lengths.numel():
             parts.append(torch.segment_reduce(sq[self.split:], "sum", lengths=self.lengths))
-        return torch.cat(parts).double() * self.scale
+            runs.append(torch.full((self.lengths.numel(),), float(CHUNKS), device=t.device))
+        return torch.cat(parts).double() * self.scale, torch.cat(runs)
 
 
 def _sq(t: torch.Tensor) -> torch.Tensor:
@@ -163,41 +250,63 @@ def _sq(t: torch.Tensor) -> torch.Tensor:
     return torch.dot(t, t) if t.is_cpu else torch.linalg.vector_norm(t).square()
 
 
+_Key = tuple[torch.device, torch.dtype]
+
+
 class RelativeUpdate:
     """The sampled entries of the trained parameters, step after step."""
 
     def __init__(self) -> None:
-        self._key: list[tuple[int, int]] = []  # (id, data_ptr) of each tensor: the views below are of these
-        self._groups: dict[tuple[torch.device, torch.dtype], _Group] = {}
-        # each parameter's group and place in it (by id); the parameters left out (no single view) have none
-        self._where: dict[int, tuple[tuple[torch.device, torch.dtype], int]] = {}
-        self._fresh = False  # the last scalars() call read a difference (not a first or rebuilt sample)
+        self._key: list[tuple[int, int]] = []  # (id, data_ptr) of each tensor: the samples below are of these
+        self._groups: dict[_Key, _Group] = {}
+        # each parameter's group and place in it (by id)
+        self._where: dict[int, tuple[_Key, int]] = {}
+        # the parameters (by id) whose two samples span the step the last scalars() call measured
+        self._spanned: set[int] = set()
 
     def _rebuild(self, params: Sequence[nn.Parameter], tensors: Sequence[torch.Tensor]) -> None:
-        """The views of each tensor's sample (those of ``RUN`` columns concatenated
-        in one call, the rest after them), grouped by device and by the
-        precision they are read in (float64 for float64 parameters, else
-        float32, whatever the default dtype), each sampled entry's weight
-        ``sqrt(numel / sampled)`` in the same order; the first sample read."""
-        found: dict[tuple[torch.device, torch.dtype], tuple[list[Any], list[Any]]] = {}
+        """The samples of each tensor (views of ``RUN`` columns concatenated
+        in one call, the other views in another, tensors without a view read
+        by index), grouped by device and by the precision they are read in
+        (float64 for float64 parameters, else float32, whatever the default
+        dtype), each sampled entry's weight ``sqrt(numel / sampled)`` in the
+        same order; the first sample read.  A tensor sampled before, with the
+        same storage and size, keeps its previous sample: its difference over
+        this step is read as before (a layer frozen or unfrozen does not cost
+        the others their update)."""
+        old = {i: (self._groups[key], self._groups[key].spans[j]) for i, (key, j) in self._where.items()}
+        old_ptr = dict(self._key)
+        ptr = {id(p): t.data_ptr() for p, t in zip(params, tensors)}
+        found: dict[_Key, tuple[list[Any], list[Any], list[Any]]] = {}
         for p, t in zip(params, tensors):
-            v = _view(t)
-            if v is None:
-                continue
             key = (t.device, torch.float64 if t.dtype == torch.float64 else torch.float32)
-            found.setdefault(key, ([], []))[0 if v.dim() == 2 else 1].append((p, v, t.numel()))
-        self._groups, self._where = {}, {}
-        for key, (wide, narrow) in found.items():
-            ordered = wide + narrow
-            weights = torch.cat([torch.full((v.numel(),), math.sqrt(n / v.numel()), dtype=key[1])
-                                 for _, v, n in ordered]).to(key[0])
-            scale = torch.tensor([n / v.numel() for _, v, n in ordered], dtype=torch.float64, device=key[0])
-            g = _Group([v for _, v, _ in wide], [v for _, v, _ in narrow], weights, scale,
-                       [v.numel() for _, v, _ in ordered])
-            g.read()
+            v = _view(t)
+            lists = found.setdefault(key, ([], [], []))
+            if v is None:
+                lists[2].append((p, (t, _taken(t)), t.numel()))
+            else:
+                lists[0 if v.dim() == 2 else 1].append((p, v, t.numel()))
+        self._groups, self._where, self._spanned = {}, {}, set()
+        for key, (wide, narrow, taken) in found.items():
+            ordered = wide + narrow + taken
+            sizes = [v.numel() for _, v, _ in wide + narrow] + [idx.numel() for _, (_, idx), _ in taken]
+            weights = torch.cat([torch.full((k,), math.sqrt(n / k), dtype=key[1])
+                                 for k, (_, _, n) in zip(sizes, ordered)]).to(key[0])
+            scale = torch.tensor([n / k for k, (_, _, n) in zip(sizes, ordered)], dtype=torch.float64,
+                                 device=key[0])
+            g = _Group([v for _, v, _ in wide], [v for _, v, _ in narrow], [v for _, v, _ in taken], weights,
+                       scale, sizes)
+            now = g.read()
+            for i, (q, _, _) in enumerate(ordered):
+                self._where[id(q)] = (key, i)
+                was = old.get(id(q))
+                if was is not None and old_ptr.get(id(q)) == ptr[id(q)] and was[1][1] - was[1][0] == sizes[i]:
+                    a, b = g.spans[i]
+                    before = was[0].bufs[0]
+                    g.prev[a:b] = before[was[1][0]:was[1][1]].to(g.prev.device, g.prev.dtype)
+                    torch.sub(now[a:b], g.prev[a:b], out=g.diff[a:b])
+                    self._spanned.add(id(q))
             self._groups[key] = g
-            for i, (p, _, _) in enumerate(ordered):
-                self._where[id(p)] = (key, i)
 
     def scalars(self, params: Sequence[nn.Parameter]) -> list[torch.Tensor | float]:
         """``[||dw||, ||w||]`` estimated since the previous call (the weights'
@@ -205,7 +314,6 @@ class RelativeUpdate:
         ``[0.0, 0.0]`` on the first call, whenever the parameters changed
         (another set, or a tensor's storage replaced) and without any: always
         two values, so that every rank sends as many to the all-reduce."""
-        self._fresh = False
         ps, tensors, key = [], [], []
         for p in params:
             if p.is_floating_point() or p.is_complex():
@@ -217,13 +325,11 @@ class RelativeUpdate:
                     tensors.append(t)
                     key.append((id(p), t.data_ptr()))
         if not tensors:
-            self._key, self._groups, self._where = key, {}, {}
+            self._key, self._groups, self._where, self._spanned = key, {}, {}, set()
             return [0.0, 0.0]
         if key != self._key:
-            self._key = key
             self._rebuild(ps, tensors)
-            return [0.0, 0.0]
-        if not self._groups:
+            self._key = key
             return [0.0, 0.0]
         diff: list[torch.Tensor] = []
         size: list[torch.Tensor] = []
@@ -232,40 +338,42 @@ class RelativeUpdate:
             now = g.read()
             torch.sub(now, g.prev, out=g.diff)  # exact where the two are within 2x of each other (Sterbenz)
             diff.append(_sq(torch.mul(g.diff, g.weights, out=g.tmp)))
-        self._fresh = True
+        self._spanned = set(self._where)
         if len(diff) == 1:
             return [diff[0].sqrt(), size[0].sqrt()]
         first = diff[0].device
         return [torch.stack([x.to(first, torch.float64) for x in diff]).sum().sqrt(),
                 torch.stack([x.to(first, torch.float64) for x in size]).sum().sqrt()]
 
-    def per_tensor(self, params: Sequence[nn.Parameter]) -> tuple[list[tuple[Part | float, Part | float]], bool]:
-        """``(||dw||, ||w||)`` of each of ``params`` over the optimizer step the
-        last :meth:`scalars` call measured (float64 on the parameter's device,
-        as entries of one vector per group, read with the step's transfer;
-        estimated from its sampled entries, exact for a tensor read whole; 0
-        for a parameter this rank holds no entry of), and whether any is
-        missing (that call measured no step, or a parameter has no sample):
-        a pair for every parameter either way, so that every rank sends as
-        many values.  Read before the next :meth:`scalars`."""
-        zero: list[tuple[Part | float, Part | float]] = [(0.0, 0.0)] * len(params)
-        if not self._fresh:
-            return zero, True
-        out = list(zero)
-        roots: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
-        for j, p in enumerate(params):
+    def per_tensor(self, params: Sequence[nn.Parameter]) -> list[tuple[Part | float, Part | float, float, Part | float]]:
+        """``(||dw||, ||w||, read, changed)`` of each of ``params`` over the
+        optimizer step the last :meth:`scalars` call measured: the norms in
+        float64 on the parameter's device, as entries of one vector per group
+        (read with the step's transfer), estimated from its sampled entries
+        (exact for a tensor read whole), 0 for a parameter this rank holds no
+        entry of; ``read`` 1.0 where this rank's two samples span that step
+        (or it holds no entry), else 0.0 (its parameters changed: no value);
+        ``changed`` how many of its ``CHUNKS`` runs moved (``CHUNKS`` for a
+        tensor read whole: see :data:`MIN_CHANGED`).  As many values on
+        every rank.  Read before the next :meth:`scalars`."""
+        out: list[tuple[Part | float, Part | float, float, Part | float]] = []
+        done: dict[_Key, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        for p in params:
             where = self._where.get(id(p))
-            if where is None:
-                if _local(p.detach()).numel() > 0:
-                    return zero, True  # not sampled (a layout with no single view)
-                continue  # an empty shard: nothing here
+            if where is None:  # an empty shard here (1: nothing to add), or a parameter not sampled
+                out.append((0.0, 0.0, 0.0 if _local(p.detach()).numel() > 0 else 1.0, float(CHUNKS)))
+                continue
+            if id(p) not in self._spanned:
+                out.append((0.0, 0.0, 0.0, float(CHUNKS)))
+                continue
             key, i = where
-            if key not in roots:
+            if key not in done:
                 g = self._groups[key]
-                roots[key] = (g.per_tensor(g.diff).sqrt_(), g.per_tensor(g.prev).sqrt_())
-            d, w = roots[key]
-            out[j] = (Part(d, i), Part(w, i))
-        return out, False
+                d2, moved = g.per_tensor(g.diff)
+                done[key] = (d2.sqrt_(), g.per_tensor(g.prev)[0].sqrt_(), moved)
+            d, w, moved = done[key]
+            out.append((Part(d, i), Part(w, i), 1.0, Part(moved, i)))
+        return out
 
     @staticmethod
     def ratio(diff: float, size: float) -> float | None:

@@ -29,10 +29,10 @@ from ..layers import param_fan_ins
 from ..probe.distributed import local, norm_kind
 from ..probe.stats import Part
 from ..records import evolve
-from ..statistics import MAX
+from ..statistics import MAX, MIN
 from . import alerts as A
 from .optimizer import adam_lag, learning_rates
-from .relative_update import RelativeUpdate
+from .relative_update import CHUNKS, MIN_CHANGED, RelativeUpdate
 
 
 class Snapshot:
@@ -120,28 +120,32 @@ class UpdateMeter:
     def scalars(self, relative: RelativeUpdate | None) -> tuple[list[torch.Tensor | Part | float], list[str]]:
         """||w after - w before|| and ||w before|| of every parameter of the
         snapshot, from the relative update's last two samples (``relative``,
-        read at this step), Adam's lag, and last whether the samples did not
-        span the step on this rank (the parameters changed, or the relative
-        update is off: no update is measured then); and how each combines
+        read at this step), Adam's lag, and last whether each parameter's
+        samples span the step on every rank (1, else 0) and how many of its
+        runs moved (see :data:`~.relative_update.MIN_CHANGED`: a module with
+        a parameter outside either gets no update); and how each combines
         across ranks.  As many values on every rank."""
         snap = cast(Snapshot, self.snapshot)
         params = [p for _, ps, _, _ in snap.mods for p in ps]
-        pairs, missing = relative.per_tensor(params) if relative is not None else ([(0.0, 0.0)] * len(params), True)
+        got = relative.per_tensor(params) if relative is not None else \
+            [(0.0, 0.0, 0.0, float(CHUNKS))] * len(params)
         kinds = [norm_kind(p) for p in params]
         lag = sorted(snap.lag.items())
-        return ([d for d, _ in pairs] + [w for _, w in pairs] + [a for _, (a, _) in lag] + [b for _, (_, b) in lag]
-                + [float(missing)],
-                kinds + kinds + [norm_kind(params[i]) for i, _ in lag] + [MAX] * len(lag) + [MAX])
+        return ([d for d, _, _, _ in got] + [w for _, w, _, _ in got] + [a for _, (a, _) in lag]
+                + [b for _, (_, b) in lag] + [r for _, _, r, _ in got] + [c for _, _, _, c in got],
+                kinds + kinds + [norm_kind(params[i]) for i, _ in lag] + [MAX] * len(lag) + [MIN] * (2 * len(params)))
 
     def finish(self, vals: list[float]) -> Update | None:
-        """The update from :meth:`scalars`' values as gathered (None where a
-        rank's samples did not span the step); the snapshot is let go."""
+        """The update from :meth:`scalars`' values as gathered, of the modules
+        whose parameters' samples all span the step (None where none does);
+        the snapshot is let go."""
         snap = cast(Snapshot, self.snapshot)
         self.snapshot = None
-        if vals[-1] > 0:
-            return None
         n = sum(len(ps) for _, ps, _, _ in snap.mods)
+        read, changed = vals[len(vals) - 2 * n:len(vals) - n], vals[len(vals) - n:]
         d, w = vals[:n], vals[n:2 * n]
+        # where nothing moved (a step the optimizer skipped, a rate of 0) no run did either: that is the value
+        moved = any(x > 0 for x in d)
         lag_idx = sorted(snap.lag)
         lag_l2 = dict(zip(lag_idx, vals[2 * n:2 * n + len(lag_idx)]))
         lag_top = dict(zip(lag_idx, vals[2 * n + len(lag_idx):2 * n + 2 * len(lag_idx)]))
@@ -151,6 +155,11 @@ class UpdateMeter:
         weight_layers = set()
         judged = set()
         for name, ps, fan_ins, lrs in snap.mods:
+            if min(read[i:i + len(ps)]) < 1 or moved and any(c < MIN_CHANGED for c in changed[i:i + len(ps)]):
+                # a parameter changed since the weights were read, or (while others moved) fewer than MIN_CHANGED of
+                # a sampled parameter's runs did: no value
+                i += len(ps)
+                continue
             dd = math.sqrt(sum(x * x for x in d[i:i + len(ps)]))
             ww = math.sqrt(sum(x * x for x in w[i:i + len(ps)]))
             ratios.append((name, dd / ww if ww > 0 else (0.0 if dd == 0 else math.inf)))
@@ -160,7 +169,7 @@ class UpdateMeter:
             if A.established(ps, w[i:i + len(ps)], fan_ins):
                 judged.add(name)
             i += len(ps)
-        return Update(snap.sample, snap.k, ratios, per_module, weight_layers, judged)
+        return Update(snap.sample, snap.k, ratios, per_module, weight_layers, judged) if ratios else None
 
 
 def update_stats(ps: list[nn.Parameter], d: list[float], lrs: list[float | None], first: int,
