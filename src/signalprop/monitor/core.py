@@ -965,7 +965,7 @@ class Monitor:
         if self._relative is None:
             return [0.0, 0.0]  # always two values: every rank sends as many to the all-reduce
         try:
-            return self._relative.scalars([p for p in self._param_names if p.requires_grad])
+            return self._relative.scalars(list(self._param_names))
         except Exception as e:  # an exotic parameter (a subclass without strided views): no relative update
             self._relative = None
             self._warn("the relative update per step is not measured", e)

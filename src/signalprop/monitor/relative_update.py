@@ -39,12 +39,15 @@ ratio is unchanged).
 Each tensor's own ``||dw||`` and ``||w||`` (:meth:`RelativeUpdate.per_tensor`,
 the per-module update after each sample, :mod:`.update`) come from the same
 two samples: each tensor's sampled sum of squares times ``numel / sampled``
-(exact for a tensor read whole).  When the trained parameters change (a
-layer frozen or unfrozen, a tensor replaced) the samples are laid out anew
-and the tensors sampled before keep their previous sample, so their update
-over that step is still read.  A sampled tensor of which fewer than
-``MIN_CHANGED`` runs moved while the model's weights did gets no value (a
-few rows moved: an embedding's).  Against the exact per-module update over
+(exact for a tensor read whole).  A parameter once trained stays sampled
+while the model holds it (a layer frozen after its step, a GAN's halves
+trained in turn, keep the update they took); the whole model's ratio is
+over the parameters trained at both of its reads.  When the sampled
+parameters change (a layer trained for the first time, a tensor replaced)
+the samples are laid out anew and the tensors sampled before keep their
+previous sample, so their update over that step is still read.  A sampled
+tensor of which 1 to ``MIN_CHANGED - 1`` runs moved gets no value (a few
+rows moved: an embedding's); one of which none moved reads 0.  Against the exact per-module update over
 4 seeds of an MLP, a CNN, an embedding model and a transformer layer under
 SGD with momentum, Adam and AdamW: medians 0.5-3.7%, the worst 15% (a layer
 behind ReLUs under SGD, whose dead units leave whole rows unchanged);
@@ -56,7 +59,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,12 +70,13 @@ from ..probe.stats import Part
 PER_TENSOR = 4096
 CHUNKS = 64
 RUN = PER_TENSOR // CHUNKS
-# A sampled tensor's update is estimated only where at least this many of its CHUNKS runs moved (or no
-# parameter of the model moved at all: a skipped step, a rate of 0): an update that moves a few rows (an
-# embedding of 20,000 rows of which a batch touches 160, under SGD or SparseAdam) moves one run of 64 in
-# some steps and none in others, and its estimate read 0 or up to twice the truth; a layer behind ReLUs
-# whose dead units' rows stay put keeps most runs moving
-MIN_CHANGED = 16
+# A sampled tensor of which 1 to MIN_CHANGED - 1 of its CHUNKS runs moved gets no estimate: an update that
+# moves a few rows (an embedding of 20,000 rows of which a batch touches 160, under SGD or SparseAdam) moves
+# one run of 64 in some steps, and its estimate read up to twice the truth; a layer behind ReLUs keeps 4 or
+# more runs moving until about 94% of its units are dead (at 90%, 10% off the exact update).  None moved
+# reads 0: exact for a layer the optimizer does not hold or a rate of 0 (the update-too-small alert's
+# cases), below the truth for an embedding of which the batch touched none of the 64 sampled rows.
+MIN_CHANGED = 4
 # the runs' spacing is at least this share of the largest that fits (the runs reach that far down the tensor's rows)
 REACH = 0.75
 
@@ -104,13 +108,19 @@ def _spacing(n: int, row: int) -> int:
     of that and that (at least ``RUN``: no entry read twice) to cover the
     row's columns evenly: the shortest stretch of columns no run reads, then
     the fewest runs on the least-read column, then the most on the
-    most-read, then the longest reach."""
+    most-read, then the longest reach (a row longer than the sample: the
+    runs' starts spread over it, the widest gap between them least).  At
+    most 64 spacings are weighed, on arrays of at most 64 x 4096 entries."""
     base = (n - RUN) // (CHUNKS - 1)
     if row >= n or row <= RUN:
         return base
     low = max(RUN, math.ceil(REACH * base))
     steps = np.unique(np.linspace(low, base, num=min(64, base - low + 1)).round().astype(np.int64))
     starts = (steps[:, None] * np.arange(CHUNKS)[None, :]) % row
+    if row > PER_TENSOR:  # the runs cannot cover a row this long: the starts spread over it, the widest gap least
+        ordered = np.sort(starts, axis=1)
+        widest = np.maximum(np.diff(ordered, axis=1).max(axis=1), ordered[:, 0] + row - ordered[:, -1])
+        return int(steps[min(range(len(steps)), key=lambda i: (widest[i], -steps[i]))])
     cols = (starts[:, :, None] + np.arange(RUN)[None, None, :]).reshape(len(steps), -1) % row
     hits = np.stack([np.bincount(c, minlength=row) for c in cols])
     gaps = [_longest_zero_stretch(h) for h in hits]
@@ -179,15 +189,17 @@ class _Group:
     two norms) and ``numel / sampled`` per tensor (for each tensor's); and
     each tensor's place in the buffer."""
 
-    __slots__ = ("wide", "narrow", "taken", "split", "weights", "scale", "rows", "lengths", "spans", "bufs",
-                 "diff", "tmp", "size")
+    __slots__ = ("wide", "narrow", "taken", "split", "base", "weights", "mask", "scale", "rows", "lengths", "spans",
+                 "bufs", "diff", "tmp")
 
     def __init__(self, wide: list[torch.Tensor], narrow: list[torch.Tensor],
                  taken: list[tuple[torch.Tensor, torch.Tensor]], weights: torch.Tensor, scale: torch.Tensor,
                  lengths: list[int]) -> None:
         self.wide, self.narrow, self.taken = wide, narrow, taken
         self.split = sum(v.numel() for v in wide)
-        self.weights, self.scale = weights, scale
+        self.base, self.scale = weights, scale
+        self.weights = weights.clone()  # the base weights, 0 over the tensors left out of this step's two norms
+        self.mask: list[bool] = [True] * len(lengths)
         dev = weights.device
         # sample sizes: in rows of RUN for the wide views (their entries are summed a row at a time first)
         self.rows = torch.tensor([n // RUN for n in lengths[:len(wide)]], dtype=torch.long, device=dev)
@@ -199,12 +211,19 @@ class _Group:
         self.bufs = [torch.empty_like(weights) for _ in range(2)]
         self.diff = torch.empty_like(weights)
         self.tmp = torch.empty_like(weights)
-        self.size: torch.Tensor | None = None  # ||w||^2 estimated from the last read
+
+    def set_mask(self, mask: list[bool]) -> None:
+        """Which tensors count in the two norms (those trained at both reads)."""
+        if mask != self.mask:
+            self.mask = mask
+            self.weights.copy_(self.base)
+            for keep, (a, b) in zip(mask, self.spans):
+                if not keep:
+                    self.weights[a:b] = 0
 
     def read(self) -> torch.Tensor:
         """This step's sample (the values as they are, weighted only in the
-        norms), in the buffer the step before last used, and its weighted
-        sum of squares kept in ``size``."""
+        norms), in the buffer the step before last used."""
         self.bufs.reverse()
         buf = self.bufs[0]
         if self.wide:  # one concatenation of the views of RUN columns, one of the others, into place
@@ -217,7 +236,6 @@ class _Group:
         for t, idx in self.taken:
             buf[at:at + idx.numel()] = torch.take(t, idx)
             at += idx.numel()
-        self.size = _sq(torch.mul(buf, self.weights, out=self.tmp))
         return buf
 
     @property
@@ -257,12 +275,16 @@ class RelativeUpdate:
     """The sampled entries of the trained parameters, step after step."""
 
     def __init__(self) -> None:
-        self._key: list[tuple[int, int]] = []  # (id, data_ptr) of each tensor: the samples below are of these
+        # (id, data_ptr, shape, strides) of each tensor: the samples below are of these
+        self._key: list[tuple[int, int, torch.Size, tuple[int, ...]]] = []
         self._groups: dict[_Key, _Group] = {}
         # each parameter's group and place in it (by id)
         self._where: dict[int, tuple[_Key, int]] = {}
         # the parameters (by id) whose two samples span the step the last scalars() call measured
         self._spanned: set[int] = set()
+        self._ids: dict[_Key, list[int]] = {}  # each group's parameters (by id), in its order
+        self._trained: set[int] = set()  # the parameters (by id) trained at some call while the model held them
+        self._was_trained: set[int] = set()  # those that required a gradient at the last call
 
     def _rebuild(self, params: Sequence[nn.Parameter], tensors: Sequence[torch.Tensor]) -> None:
         """The samples of each tensor (views of ``RUN`` columns concatenated
@@ -275,8 +297,8 @@ class RelativeUpdate:
         this step is read as before (a layer frozen or unfrozen does not cost
         the others their update)."""
         old = {i: (self._groups[key], self._groups[key].spans[j]) for i, (key, j) in self._where.items()}
-        old_ptr = dict(self._key)
-        ptr = {id(p): t.data_ptr() for p, t in zip(params, tensors)}
+        old_ptr = {k[0]: k[1:] for k in self._key}
+        ptr = {id(p): (t.data_ptr(), t.shape, t.stride()) for p, t in zip(params, tensors)}
         found: dict[_Key, tuple[list[Any], list[Any], list[Any]]] = {}
         for p, t in zip(params, tensors):
             key = (t.device, torch.float64 if t.dtype == torch.float64 else torch.float32)
@@ -286,7 +308,7 @@ class RelativeUpdate:
                 lists[2].append((p, (t, _taken(t)), t.numel()))
             else:
                 lists[0 if v.dim() == 2 else 1].append((p, v, t.numel()))
-        self._groups, self._where, self._spanned = {}, {}, set()
+        self._groups, self._where, self._spanned, self._ids = {}, {}, set(), {}
         for key, (wide, narrow, taken) in found.items():
             ordered = wide + narrow + taken
             sizes = [v.numel() for _, v, _ in wide + narrow] + [idx.numel() for _, (_, idx), _ in taken]
@@ -307,23 +329,32 @@ class RelativeUpdate:
                     torch.sub(now[a:b], g.prev[a:b], out=g.diff[a:b])
                     self._spanned.add(id(q))
             self._groups[key] = g
+            self._ids[key] = [id(q) for q, _, _ in ordered]
 
     def scalars(self, params: Sequence[nn.Parameter]) -> list[torch.Tensor | float]:
         """``[||dw||, ||w||]`` estimated since the previous call (the weights'
-        change over one optimizer step when called once a step);
-        ``[0.0, 0.0]`` on the first call, whenever the parameters changed
-        (another set, or a tensor's storage replaced) and without any: always
-        two values, so that every rank sends as many to the all-reduce."""
+        change over one optimizer step when called once a step), over the
+        parameters of ``params`` (the model's) that require a gradient now
+        and did at the previous call; ``[0.0, 0.0]`` on the first call, where
+        no parameter was trained at both, and without any: always two
+        values, so that every rank sends as many to the all-reduce.  A
+        parameter once trained stays sampled while the model holds it (a
+        layer frozen between two steps, or a GAN's two halves trained in
+        turn, keeps the update it took: :meth:`per_tensor`)."""
+        present = {id(p) for p in params}
+        self._trained = {i for i in self._trained if i in present} | {id(p) for p in params if p.requires_grad}
         ps, tensors, key = [], [], []
         for p in params:
-            if p.is_floating_point() or p.is_complex():
+            if id(p) in self._trained and (p.is_floating_point() or p.is_complex()):
                 t = _local(p.detach())
                 if t.is_complex():  # its real and imaginary parts: the same norms
                     t = torch.view_as_real(t)
                 if t.numel() > 0:  # an empty shard (FSDP2, first dim < ranks): nothing here
                     ps.append(p)
                     tensors.append(t)
-                    key.append((id(p), t.data_ptr()))
+                    key.append((id(p), t.data_ptr(), t.shape, t.stride()))  # p.data = p.data[:n]: same address
+        now_trained = {id(p) for p in ps if p.requires_grad}
+        both, self._was_trained = now_trained & self._was_trained, now_trained
         if not tensors:
             self._key, self._groups, self._where, self._spanned = key, {}, {}, set()
             return [0.0, 0.0]
@@ -333,12 +364,15 @@ class RelativeUpdate:
             return [0.0, 0.0]
         diff: list[torch.Tensor] = []
         size: list[torch.Tensor] = []
-        for g in self._groups.values():
-            size.append(cast(torch.Tensor, g.size))  # the previous sample's
+        for k, g in self._groups.items():
+            g.set_mask([i in both for i in self._ids[k]])
             now = g.read()
+            size.append(_sq(torch.mul(g.prev, g.weights, out=g.tmp)))  # the previous sample's
             torch.sub(now, g.prev, out=g.diff)  # exact where the two are within 2x of each other (Sterbenz)
             diff.append(_sq(torch.mul(g.diff, g.weights, out=g.tmp)))
         self._spanned = set(self._where)
+        if not both:
+            return [0.0, 0.0]
         if len(diff) == 1:
             return [diff[0].sqrt(), size[0].sqrt()]
         first = diff[0].device

@@ -122,9 +122,9 @@ class UpdateMeter:
         snapshot, from the relative update's last two samples (``relative``,
         read at this step), Adam's lag, and last whether each parameter's
         samples span the step on every rank (1, else 0) and how many of its
-        runs moved (see :data:`~.relative_update.MIN_CHANGED`: a module with
-        a parameter outside either gets no update); and how each combines
-        across ranks.  As many values on every rank."""
+        runs moved on the rank where most did (see
+        :data:`~.relative_update.MIN_CHANGED`: a module with a parameter
+        outside either gets no update); and how each combines across ranks.  As many values on every rank."""
         snap = cast(Snapshot, self.snapshot)
         params = [p for _, ps, _, _ in snap.mods for p in ps]
         got = relative.per_tensor(params) if relative is not None else \
@@ -133,7 +133,8 @@ class UpdateMeter:
         lag = sorted(snap.lag.items())
         return ([d for d, _, _, _ in got] + [w for _, w, _, _ in got] + [a for _, (a, _) in lag]
                 + [b for _, (_, b) in lag] + [r for _, _, r, _ in got] + [c for _, _, _, c in got],
-                kinds + kinds + [norm_kind(params[i]) for i, _ in lag] + [MAX] * len(lag) + [MIN] * (2 * len(params)))
+                kinds + kinds + [norm_kind(params[i]) for i, _ in lag] + [MAX] * len(lag) + [MIN] * len(params)
+                + [MAX] * len(params))  # runs moved: on the rank whose shard moved most (FSDP)
 
     def finish(self, vals: list[float]) -> Update | None:
         """The update from :meth:`scalars`' values as gathered, of the modules
@@ -144,8 +145,6 @@ class UpdateMeter:
         n = sum(len(ps) for _, ps, _, _ in snap.mods)
         read, changed = vals[len(vals) - 2 * n:len(vals) - n], vals[len(vals) - n:]
         d, w = vals[:n], vals[n:2 * n]
-        # where nothing moved (a step the optimizer skipped, a rate of 0) no run did either: that is the value
-        moved = any(x > 0 for x in d)
         lag_idx = sorted(snap.lag)
         lag_l2 = dict(zip(lag_idx, vals[2 * n:2 * n + len(lag_idx)]))
         lag_top = dict(zip(lag_idx, vals[2 * n + len(lag_idx):2 * n + 2 * len(lag_idx)]))
@@ -155,9 +154,9 @@ class UpdateMeter:
         weight_layers = set()
         judged = set()
         for name, ps, fan_ins, lrs in snap.mods:
-            if min(read[i:i + len(ps)]) < 1 or moved and any(c < MIN_CHANGED for c in changed[i:i + len(ps)]):
-                # a parameter changed since the weights were read, or (while others moved) fewer than MIN_CHANGED of
-                # a sampled parameter's runs did: no value
+            if min(read[i:i + len(ps)]) < 1 or any(0 < c < MIN_CHANGED for c in changed[i:i + len(ps)]):
+                # a parameter changed since the weights were read, or a sampled parameter of which only a few runs
+                # moved (on every rank): no value
                 i += len(ps)
                 continue
             dd = math.sqrt(sum(x * x for x in d[i:i + len(ps)]))
