@@ -67,6 +67,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..probe.distributed import local
 from ..probe.stats import Part
 
 PER_TENSOR = 4096
@@ -95,8 +96,13 @@ def _flat(t: torch.Tensor) -> tuple[torch.Tensor, int] | None:
         t = t.permute(order)
         if not t.is_contiguous():
             return None
+    return t.view(-1), _row(t)
+
+
+def _row(t: torch.Tensor) -> int:
+    """The entries under one index of ``t``'s leading dimension (all of a 1-D tensor)."""
     n = t.numel()
-    return t.view(-1), (n // t.shape[0] if t.dim() > 1 and t.shape[0] > 0 else n)
+    return n // t.shape[0] if t.dim() > 1 and t.shape[0] > 0 else n
 
 
 @functools.lru_cache(maxsize=1024)
@@ -141,11 +147,6 @@ def _longest_zero_stretch(h: np.ndarray) -> int:
     return int(min(len(h), (edges[1::2] - edges[::2]).max()))
 
 
-def _positions(n: int, row: int) -> tuple[int, int]:
-    """``(number of runs, spacing)`` of a tensor of ``n`` entries: one run of all of it when it is small."""
-    return (1, 0) if n <= PER_TENSOR else (CHUNKS, _spacing(n, row))
-
-
 def _view(t: torch.Tensor) -> torch.Tensor | None:
     """The sampled entries of ``t`` as one view of ``RUN`` columns: ``CHUNKS``
     runs of ``RUN`` contiguous entries spread over the flattened tensor (see
@@ -168,17 +169,10 @@ def _taken(t: torch.Tensor) -> torch.Tensor:
     sample, for a tensor whose layout has no single view (a slice of a larger
     buffer): read with ``torch.take`` at every step."""
     n = t.numel()
-    runs, step = _positions(n, n // t.shape[0] if t.dim() > 1 and t.shape[0] > 0 else n)
-    if runs == 1:
+    if n <= PER_TENSOR:
         return torch.arange(n, device=t.device)
-    starts = torch.arange(runs, device=t.device) * step
+    starts = torch.arange(CHUNKS, device=t.device) * _spacing(n, _row(t))
     return (starts[:, None] + torch.arange(RUN, device=t.device)).reshape(-1)
-
-
-def _local(p: torch.Tensor) -> torch.Tensor:
-    """The tensor this rank holds (a DTensor's local shard under FSDP2)."""
-    to_local = getattr(p, "to_local", None)
-    return to_local() if callable(to_local) else p
 
 
 class _Group:
@@ -186,24 +180,26 @@ class _Group:
     with the previous step's (no tensor is allocated per step): views of
     ``RUN`` columns (``wide``, one concatenation), other views (``narrow``,
     another) and tensors read by index (``taken``), in that order; the
-    difference of the two samples; what weights each sampled entry,
-    ``sqrt(numel / sampled)`` of its tensor per entry (for the whole model's
-    two norms) and ``numel / sampled`` per tensor (for each tensor's); and
-    each tensor's place in the buffer."""
+    difference of the two samples; the weight of each sampled entry,
+    ``sqrt(numel / sampled)`` of its tensor (applied as it is read, so that
+    sums of squares count each tensor by its size); which of the views of
+    ``RUN`` columns are whole tensors; and each tensor's place in the
+    buffer."""
 
-    __slots__ = ("wide", "narrow", "taken", "split", "weights", "mask", "kept", "scale", "rows", "lengths", "spans",
+    __slots__ = ("wide", "narrow", "taken", "split", "weights", "mask", "kept", "whole", "rows", "lengths", "spans",
                  "bufs", "diff", "tmp")
 
     def __init__(self, wide: list[torch.Tensor], narrow: list[torch.Tensor],
-                 taken: list[tuple[torch.Tensor, torch.Tensor]], weights: torch.Tensor, scale: torch.Tensor,
+                 taken: list[tuple[torch.Tensor, torch.Tensor]], weights: torch.Tensor, whole: list[bool],
                  lengths: list[int]) -> None:
         self.wide, self.narrow, self.taken = wide, narrow, taken
         self.split = sum(v.numel() for v in wide)
-        self.weights, self.scale = weights, scale
+        self.weights = weights
         # which tensors count in this step's two norms (as 1.0 / 0.0 per entry; None: all of them)
         self.mask: torch.Tensor | None = None
         self.kept: list[bool] = [True] * len(lengths)
         dev = weights.device
+        self.whole = torch.tensor(whole[:len(wide)], dtype=torch.bool, device=dev)
         # sample sizes: in rows of RUN for the wide views (their entries are summed a row at a time first)
         self.rows = torch.tensor([n // RUN for n in lengths[:len(wide)]], dtype=torch.long, device=dev)
         self.lengths = torch.tensor(lengths[len(wide):], dtype=torch.long, device=dev)
@@ -254,23 +250,32 @@ class _Group:
     def prev(self) -> torch.Tensor:
         return self.bufs[1]
 
-    def per_tensor(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each tensor's estimated sum of squares of ``t`` (a buffer in this
-        group's layout, weighted), in float64: its sampled entries' sum of
-        squares times numel / sampled; and how many of its runs of ``RUN`` entries
-        hold a nonzero value (of the sampled views of ``RUN`` columns; a
-        tensor read whole counts as ``CHUNKS``)."""
+    def sums(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each tensor's sum of squares of ``t`` (a buffer in this group's
+        layout, weighted: each tensor's estimated sum of squares), in
+        float64; and the sums of the runs of the views of ``RUN`` columns
+        (None without any), for :meth:`moved`."""
         sq = t * t
-        parts, runs = [], []
+        parts = []
+        rows = None
         if self.wide:
             rows = sq[:self.split].view(-1, RUN).sum(1)
             parts.append(torch.segment_reduce(rows, "sum", lengths=self.rows))
-            moved = torch.segment_reduce((rows > 0).float(), "sum", lengths=self.rows)
-            runs.append(moved.masked_fill_(self.scale[:len(self.wide)] <= 1, float(CHUNKS)))  # read whole: exact
         if self.lengths.numel():
             parts.append(torch.segment_reduce(sq[self.split:], "sum", lengths=self.lengths))
-            runs.append(torch.full((self.lengths.numel(),), float(CHUNKS), device=t.device))
-        return torch.cat(parts).double(), torch.cat(runs)
+        return torch.cat(parts).double(), rows
+
+    def moved(self, rows: torch.Tensor | None) -> torch.Tensor:
+        """How many of each tensor's runs hold a nonzero value, from the run
+        sums :meth:`sums` gave for the difference (a tensor read whole, or
+        not a view of ``RUN`` columns, counts as ``CHUNKS``)."""
+        runs = []
+        if rows is not None:
+            moved = torch.segment_reduce((rows > 0).float(), "sum", lengths=self.rows)
+            runs.append(moved.masked_fill_(self.whole, float(CHUNKS)))  # read whole: exact
+        if self.lengths.numel():
+            runs.append(torch.full((self.lengths.numel(),), float(CHUNKS), device=self.weights.device))
+        return torch.cat(runs)
 
 
 def _sq(t: torch.Tensor) -> torch.Tensor:
@@ -306,8 +311,8 @@ class RelativeUpdate:
         dtype), each sampled entry's weight ``sqrt(numel / sampled)`` in the
         same order; the first sample read.  A tensor sampled before, with the
         same storage and size, keeps its previous sample: its difference over
-        this step is read as before (a layer frozen or unfrozen does not cost
-        the others their update)."""
+        this step is read as before (a layer trained for the first time does
+        not cost the others their update)."""
         old = {i: (self._groups[key], self._groups[key].spans[j]) for i, (key, j) in self._where.items()}
         old_ptr = {k[0]: k[1:] for k in self._key}
         ptr = {id(p): (t.data_ptr(), t.shape, t.stride()) for p, t in zip(params, tensors)}
@@ -326,10 +331,8 @@ class RelativeUpdate:
             sizes = [v.numel() for _, v, _ in wide + narrow] + [idx.numel() for _, (_, idx), _ in taken]
             weights = torch.cat([torch.full((k,), math.sqrt(n / k), dtype=key[1])
                                  for k, (_, _, n) in zip(sizes, ordered)]).to(key[0])
-            scale = torch.tensor([n / k for k, (_, _, n) in zip(sizes, ordered)], dtype=torch.float64,
-                                 device=key[0])
             g = _Group([v for _, v, _ in wide], [v for _, v, _ in narrow], [v for _, v, _ in taken], weights,
-                       scale, sizes)
+                       [k == n for k, (_, _, n) in zip(sizes, ordered)], sizes)
             now = g.read()
             for i, (q, _, _) in enumerate(ordered):
                 self._where[id(q)] = (key, i)
@@ -358,7 +361,7 @@ class RelativeUpdate:
         ps, tensors, key = [], [], []
         for p in params:
             if id(p) in self._trained and (p.is_floating_point() or p.is_complex()):
-                t = _local(p.detach())
+                t = local(p.detach())
                 if t.is_complex():  # its real and imaginary parts: the same norms
                     t = torch.view_as_real(t)
                 if t.numel() > 0:  # an empty shard (FSDP2, first dim < ranks): nothing here
@@ -408,7 +411,7 @@ class RelativeUpdate:
         for p in params:
             where = self._where.get(id(p))
             if where is None:  # an empty shard here (1: nothing to add), or a parameter not sampled
-                out.append((0.0, 0.0, 0.0 if _local(p.detach()).numel() > 0 else 1.0, float(CHUNKS)))
+                out.append((0.0, 0.0, 0.0 if local(p.detach()).numel() > 0 else 1.0, float(CHUNKS)))
                 continue
             if id(p) not in self._spanned:
                 out.append((0.0, 0.0, 0.0, float(CHUNKS)))
@@ -416,8 +419,8 @@ class RelativeUpdate:
             key, i = where
             if key not in done:
                 g = self._groups[key]
-                d2, moved = g.per_tensor(g.diff)
-                done[key] = (d2.sqrt_(), g.per_tensor(g.prev)[0].sqrt_(), moved)
+                d2, rows = g.sums(g.diff)
+                done[key] = (d2.sqrt_(), g.sums(g.prev)[0].sqrt_(), g.moved(rows))
             d, w, moved = done[key]
             out.append((Part(d, i), Part(w, i), 1.0, Part(moved, i)))
         return out
