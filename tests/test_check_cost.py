@@ -18,11 +18,13 @@ class Count(TorchDispatchMode):
         self.ops = 0
         self.syncs = 0
         self.copies = []  # (numel, dtype) of every _to_copy output
+        self.names = []  # every op, in order
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self.ops += 1
         name = str(func)
+        self.names.append(name)
         if name in SYNC_OPS:
             self.syncs += 1
         if name.startswith("aten._to_copy") and isinstance(out, torch.Tensor):
@@ -66,6 +68,33 @@ def test_no_float32_copies_of_bf16_activations():
     _, c, _ = _counts(20, torch.bfloat16, batch=64, width=64)
     full = 64 * 64
     assert not [n for n, d in c.copies if d == torch.float32 and n >= full]
+
+
+def test_no_copy_of_linear_outputs_on_sequence_inputs():
+    """A Linear on a 3-D input returns a view of its matmul's result; check
+    reads its gradient at that result's node instead of measuring a copy (a
+    copy of every Linear output of a transformer: as much memory again as
+    those activations); a BatchNorm's running statistics are saved and put
+    back by two list ops, not a clone and a copy per buffer."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(inplace=True), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4))
+    x = torch.randn(4, 8, 16)
+    plain, c = Count(), Count()
+    with plain:  # the in-place ReLU on a view makes the backward copy its gradient once: the model's own
+        y = m(x.requires_grad_())
+        y.backward(torch.randn_like(y))
+    m.zero_grad(set_to_none=True)
+    with c:
+        r = sp.check(m, x.detach())
+    assert all(layer.grad_rms for layer in r.layers)
+    assert c.names.count("aten.clone.default") == plain.names.count("aten.clone.default") == 1
+    bn = nn.Sequential(*[nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)) for _ in range(6)])
+    c = Count()
+    with c:
+        sp.check(bn, torch.randn(2, 4, 8, 8))
+    assert "aten.clone.default" not in c.names and c.names.count("aten._foreach_copy_.default") == 2
 
 
 def test_cotangent_is_drawn_on_the_output_device_and_dtype():

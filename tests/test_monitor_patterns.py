@@ -415,6 +415,69 @@ def test_skip_keeps_a_nan_steps_gradients_from_the_weights():
         sp.monitor(b, skip=3)
 
 
+@pytest.mark.parametrize("scheduler_first", [False, True])
+def test_skip_beside_an_lr_scheduler(scheduler_first):
+    """skip= and a torch LR scheduler on the same optimizer, made in either
+    order.  A scheduler made after the monitor rebinds ``optimizer.step``'s
+    function to the optimizer to count its calls (the monitor's method,
+    rebound so, raised AttributeError at the first step); one made before
+    warns at its step() when ``step`` was replaced without its mark.  Both
+    train as the loop that skips the NaN step by hand does, with no warning,
+    and close() leaves the scheduler's own wrapper in place."""
+    def train(m, opt, sched, mon=None, skip_by_hand=None):
+        for k in range(8):
+            x, y = _data(k)
+            if k == 5:
+                x[0, 0] = math.nan
+            loss = F.cross_entropy(m(x), y)
+            opt.zero_grad()
+            loss.backward()
+            if mon is not None:
+                mon.step(loss)
+            if k != skip_by_hand:
+                opt.step()
+            sched.step()
+
+    a, b = _twins()
+    opt_a = torch.optim.SGD(a.parameters(), lr=0.05, momentum=0.9)
+    train(a, opt_a, torch.optim.lr_scheduler.StepLR(opt_a, 3, 0.5), skip_by_hand=5)
+    opt_b = torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sched = torch.optim.lr_scheduler.StepLR(opt_b, 3, 0.5) if scheduler_first else None
+        mon = sp.monitor(b, every=4, skip=opt_b)
+        sched = sched or torch.optim.lr_scheduler.StepLR(opt_b, 3, 0.5)
+        train(b, opt_b, sched, mon)
+        mon.close()
+        assert mon.skipped == [5]
+        _same(a, b)
+        assert opt_a.param_groups[0]["lr"] == opt_b.param_groups[0]["lr"] == 0.0125
+        assert getattr(opt_b.step, "_wrapped_by_lr_sched", False)  # the scheduler's wrapper stays
+        opt_b.step()
+        sched.step()  # and it still counts the optimizer's steps: no warning
+
+
+def test_two_monitors_skip_one_optimizer():
+    """Two monitors with skip= on one optimizer, closed in either order: each
+    close() takes its own guard out (the first close deleted the optimizer's
+    step, the second's guard with it, and the second close() raised)."""
+    for first in (0, 1):
+        m = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        mons = [sp.monitor(m, every=2, skip=opt), sp.monitor(m, every=3, skip=opt)]
+        mons[first].close()
+        mons[1 - first]._skip_now = 0  # as an alert would set it
+        before = [p.detach().clone() for p in m.parameters()]
+        for p in m.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step()  # the open monitor still skips
+        assert all(torch.equal(p, q) for p, q in zip(m.parameters(), before))
+        mons[1 - first].close()
+        assert "step" not in vars(opt)
+        opt.step()
+        assert not all(torch.equal(p, q) for p, q in zip(m.parameters(), before))
+
+
 def test_overflow_risk_is_alerted_for_a_float16_run_near_its_limit():
     """A half-precision model whose largest activation is within 16x of
     float16's 65504 (its first layer's weights x3000): the sample names the

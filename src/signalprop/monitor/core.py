@@ -40,7 +40,9 @@ import functools
 import math
 import os
 import sys
+import types
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
@@ -408,8 +410,7 @@ class Monitor:
 
                 self._histograms = HistogramTap(self)
         if skip is not None:  # last: a monitor that failed to start leaves the optimizer as it was
-            self._skip_opt, self._skip_orig = skip, skip.step
-            skip.step = self._guarded_step
+            self._skip_opt, self._skip_orig = skip, _SkipGuard(self, skip)
 
     # -- context manager -------------------------------------------------------
     def __enter__(self) -> Monitor:
@@ -418,17 +419,18 @@ class Monitor:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _guarded_step(self, *args: Any, **kwargs: Any) -> Any:
-        """The ``skip=`` optimizer's ``step``: skipped once after an alert that
-        calls for it (the gradients of a spike or a NaN never reach the weights).
-        The step is listed in ``skipped`` here, when its optimizer step is
-        skipped: a loop that skipped it itself (a NaN guard, a GradScaler on
-        overflow) never calls this, and the next ``step()`` drops the skip."""
-        if self._skip_now is not None:
-            self.skipped.append(self._skip_now)
-            self._skip_now = None
-            return None
-        return self._skip_orig(*args, **kwargs)
+    def _skips(self) -> bool:
+        """Whether the ``skip=`` optimizer's step now is to be skipped (once
+        after an alert that calls for it: the gradients of a spike or a NaN
+        never reach the weights).  The step is listed in ``skipped`` here,
+        when its optimizer step is skipped: a loop that skipped it itself (a
+        NaN guard, a GradScaler on overflow) never calls it, and the next
+        ``step()`` drops the skip."""
+        if self._skip_now is None:
+            return False
+        self.skipped.append(self._skip_now)
+        self._skip_now = None
+        return True
 
     def close(self) -> None:
         """Remove every hook and drop every saved reference; history and alerts stay."""
@@ -440,8 +442,8 @@ class Monitor:
         self._exit_mode()  # a sampled forward interrupted (KeyboardInterrupt) left it entered
         self._open.clear()
         self._drop_witness()
-        if self._skip_opt is not None:  # the optimizer's own step back
-            del self._skip_opt.step
+        if self._skip_orig is not None:  # the optimizer's own step back
+            self._skip_orig.remove()
             self._skip_opt = self._skip_orig = None
         for h in self._handles:
             h.remove()
@@ -1277,6 +1279,57 @@ class Monitor:
             for layer in h.layers:
                 out.setdefault(layer.name, []).append((h.step, getattr(layer, attr)))
         return out
+
+
+class _SkipGuard:
+    """The ``skip=`` optimizer's ``step`` while a monitor runs: a method of
+    the optimizer (an instance attribute) that asks the monitor whether to
+    skip and otherwise calls the step it replaced.  A method of the
+    optimizer's own, not the monitor's: torch's LR schedulers rebind
+    ``optimizer.step``'s function to the optimizer to count its calls (a
+    monitor's method rebound so raised inside the loop), and a guard installed
+    over a scheduler's wrapper keeps its mark (else the scheduler warns that
+    ``step`` was overridden).  :meth:`remove` puts the replaced step back
+    where the guard is still the optimizer's ``step``; where something wrapped
+    it since (a scheduler made later, a second monitor), the guard stays in
+    that chain and only passes calls on."""
+
+    def __init__(self, mon: Monitor, opt: Any) -> None:
+        self.opt = opt
+        had = "step" in vars(opt)
+        self.prev = vars(opt)["step"] if had else None  # an instance attribute replaced (a wrapper), or none
+        orig = opt.step  # as the optimizer calls it now: its class's step bound, or that wrapper
+        mon_ref = weakref.ref(mon)
+        live = [True]
+        self.live = live
+
+        def step(_opt: Any, *args: Any, **kwargs: Any) -> Any:
+            m = mon_ref() if live[0] else None
+            if m is not None and m._skips():
+                return None
+            return orig(*args, **kwargs)
+
+        if getattr(orig, "_wrapped_by_lr_sched", False):
+            step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+        step._signalprop_guard = self  # type: ignore[attr-defined]
+        self.method = types.MethodType(step, opt)
+        opt.step = self.method
+
+    def remove(self) -> None:
+        self.live[0] = False
+        d = vars(self.opt)
+        if d.get("step") is not self.method:
+            return
+        prev = self.prev
+        while prev is not None:  # guards removed while this one was over them go too
+            g = getattr(prev, "_signalprop_guard", None)
+            if g is None or g.live[0]:
+                break
+            prev = g.prev
+        if prev is not None:
+            d["step"] = prev
+        else:
+            del d["step"]
 
 
 def monitor(model: nn.Module, every: int = 50, *, writer: Any = None, agc: float | None = None,

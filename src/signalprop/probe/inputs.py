@@ -5,6 +5,7 @@ random cotangent that starts the backward pass when no loss is given."""
 from __future__ import annotations
 
 import inspect
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -53,22 +54,46 @@ def batch_size(inputs: Any) -> int | None:
     return None if t is None or t.dim() == 0 else int(t.shape[0])
 
 
+# a class's forward -> the names of its parameters after self: inspect.signature of an HF forward (a
+# decorated function of a dozen parameters) cost ~0.1 ms a call, the same answer every time
+_PARAMS: weakref.WeakKeyDictionary[Any, tuple[str, ...]] = weakref.WeakKeyDictionary()
+
+
+def _forward_params(model: nn.Module) -> tuple[str, ...] | None:
+    """The parameter names of ``model.forward`` (bound: without ``self``), or
+    None where it has no signature; kept per function for a forward defined
+    on the class, asked anew for one set on the instance."""
+    fwd = model.forward
+    func = getattr(fwd, "__func__", None) if getattr(fwd, "__self__", None) is model else None
+    if func is not None:
+        try:
+            known = _PARAMS.get(func)
+        except TypeError:  # a function that cannot be weakly referenced
+            func = None
+        else:
+            if known is not None:
+                return known
+    try:
+        names = tuple(inspect.signature(fwd).parameters)
+    except (TypeError, ValueError):
+        return None
+    if func is not None:
+        _PARAMS[func] = names
+    return names
+
+
 def without_cache(model: nn.Module, inputs: Any) -> Any:
     """A diagnostic pass never needs a key/value cache, and a cache updated in
     place (HF RWKV's state in eval mode, say) breaks the backward pass: models
     whose forward takes ``use_cache`` get ``use_cache=False`` unless the
     caller set it."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return inputs
-    if "use_cache" not in params:
+    params = _forward_params(model)
+    if params is None or "use_cache" not in params:
         return inputs
     if isinstance(inputs, dict):
         return inputs if "use_cache" in inputs else {**inputs, "use_cache": False}
-    names = list(params)
-    if isinstance(inputs, torch.Tensor) and names:
-        return {names[0]: inputs, "use_cache": False}
+    if isinstance(inputs, torch.Tensor) and params:
+        return {params[0]: inputs, "use_cache": False}
     return inputs
 
 

@@ -576,17 +576,19 @@ def _grad_hook(row: Row, exact: bool | S.GradBatches, g: torch.Tensor, kernels: 
 
 
 def _grad_prehook(row: Row, exact: bool | S.GradBatches, nr: int, grads: tuple[torch.Tensor | None, ...],
-                  kernels: list[Statistic] | None = None) -> None:
+                  kernels: list[Statistic] | None = None, shape: tuple[int, ...] | None = None) -> None:
     """:func:`_grad_hook` as a pre-hook of the autograd node that produced a
     row's output (its ``nr``-th output): the engine calls it with the
     gradients of the node's outputs, after any tensor hooks on them, so it
     sees what a tensor hook registered on the output would -- also when the
     output is modified in place later (the node is the one before that op).
     Registering it measured 6.5 us per row inside a forward against 13 us for
-    ``Tensor.register_hook`` (which builds a handle and a hook dict in Python)."""
+    ``Tensor.register_hook`` (which builds a handle and a hook dict in Python).
+    ``shape``: the row's output shape, where the node made the tensor the
+    output is a view of (see :meth:`Recorder._internal_view`)."""
     g = grads[nr]
     if g is not None:
-        _grad_hook(row, exact, g, kernels)
+        _grad_hook(row, exact, g if shape is None else g.reshape(shape), kernels)
 
 
 def _safe_grad_hook(errors: list[BaseException], row: Row, exact: bool | S.GradBatches, g: torch.Tensor,
@@ -599,10 +601,11 @@ def _safe_grad_hook(errors: list[BaseException], row: Row, exact: bool | S.GradB
 
 
 def _safe_grad_prehook(errors: list[BaseException], row: Row, exact: bool | S.GradBatches, nr: int,
-                       grads: tuple[torch.Tensor | None, ...], kernels: list[Statistic] | None = None) -> None:
+                       grads: tuple[torch.Tensor | None, ...], kernels: list[Statistic] | None = None,
+                       shape: tuple[int, ...] | None = None) -> None:
     """:func:`_grad_prehook` whose failure is kept in ``errors``."""
     try:
-        _grad_prehook(row, exact, nr, grads, kernels)
+        _grad_prehook(row, exact, nr, grads, kernels, shape)
     except Exception as e:
         errors.append(e)
 
@@ -679,6 +682,29 @@ def _traits(act: _act.Activation | None) -> tuple[tuple[float, float] | None, bo
     return _act.saturation_band(act), act.rectifier, _act.nonnegative(act)
 
 
+# torch's Linear layers: F.linear on an input of 3 or more dimensions returns a view of the 2-D matmul result
+# it made, which nothing else reads
+_LINEARS = (nn.Linear,)
+
+
+def _whole_view(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a view of all of its base, made by one view op from
+    the base's current history."""
+    base, fn = t._base, t.grad_fn
+    return base is not None and fn is not None and base.grad_fn is not None and base.numel() == t.numel() \
+        and len(fn.next_functions) == 1 and fn.next_functions[0][0] is base.grad_fn
+
+
+# torch's leaf modules whose forward computes attention weights (a softmax over scores, SDPA): the
+# recording mode stays on inside them (see _FunctionalCapture._attention)
+_WEIGHING = (nn.Softmax, nn.Softmax2d, nn.MultiheadAttention)
+
+
+def _own_hooks(m: nn.Module) -> bool:
+    """Whether ``m`` has forward hooks of its own (which run inside its call)."""
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
 class _Leaf(NamedTuple):
     """What a leaf module's rows share on every call, worked out once per pass
     (a named tuple: thousands are made per pass)."""
@@ -691,6 +717,9 @@ class _Leaf(NamedTuple):
     nonnegative: bool  # a rectifier whose outputs are >= 0 (ReLU): one reduction finds its dead units
     feature_dim: int | None  # set by weight layers: units along -1 (Linear) or 1 (convolutions)
     role: str | None  # None: depends on the output's shape (no parameters)
+    # run with the recording mode taken off (see Recorder._pre): a compiled module, or one of torch's own
+    # leaves that computes no attention weights and has no hooks of its own
+    lifted: bool
 
 
 class Recorder:
@@ -747,7 +776,7 @@ class Recorder:
         self._dsts: dict[int, weakref.ref[torch.Tensor]] | None = {} if (safe or precision) and not exact else None
         self.stack: list[str] = []  # names of modules currently inside forward (functional capture only)
         self.leaf_depth = 0
-        self._lifted: list[nn.Module] = []  # compiled leaves running with the recording mode taken off
+        self._lifted: list[nn.Module] = []  # leaves running with the recording mode taken off (_Leaf.lifted)
         self._task, self._task_skips = -1, False  # the backward seen last, and whether its module calls are skipped
         self._handles: list[Any] = []
         # one traversal, shared below; a compiled submodule's inside is not hooked (see compiled())
@@ -776,6 +805,7 @@ class Recorder:
         self._roles: dict[tuple[str, str, tuple[int, ...]], str] = {}
         self._positional = positional_containers(self._modules)
         self._capture_left = capture_budget if self._grad_batches is not None else 0
+        self._bases: dict[int, weakref.ref[torch.Tensor]] = {}  # see _internal_view
         self.edges: list[GradientEdge] = []  # see captured()
         self._edge_rows: list[Row] = []
         self._fused_names: set[str] = set()  # MultiheadAttention modules: they measure their own attention
@@ -806,26 +836,32 @@ class Recorder:
         name, kind = self._names.get(m, "?"), type(m._orig_mod if compiled(m) else m).__name__
         return _Leaf(name, kind, act, *_traits(act),
                      feature_dim(m),
-                     role_of(name, kind, m, (), self._positional) if has_params else None)
+                     role_of(name, kind, m, (), self._positional) if has_params else None,
+                     compiled(m) or (type(m).__module__.startswith("torch.nn.modules.")
+                                     and not isinstance(m, _WEIGHING) and not _own_hooks(m)))
 
     # -- hooks ----------------------------------------------------------------
     def _pre(self, m: nn.Module, args: Any) -> None:
         if self.recomputing():
             return
         self.stack.append(self._names.get(m, "?"))
-        if m in self._info:
+        info = self._info.get(m)
+        if info is not None:
             self.leaf_depth += 1
-            if self._scope is not None and compiled(m) and self._scope.lift():
-                self._lifted.append(m)  # compiled code runs without the recording mode (as it was compiled)
+            # compiled code runs without the recording mode (as it was compiled); torch's own leaves
+            # (a Linear inside an attention module) make no call the mode records, and each of their ops
+            # would pass through it
+            if info.lifted and self._scope is not None and self._scope.lift():
+                self._lifted.append(m)
         elif self._scope is not None and m in self._callers:
             self._scope.push()
 
     def _post(self, m: nn.Module, args: Any, out: Any) -> Any:
         if self.recomputing():
             return None
-        if self._lifted and self._lifted[-1] is m:
+        lifted = bool(self._lifted) and self._lifted[-1] is m  # a leaf that ran with the mode off (see _pre)
+        if lifted:
             self._lifted.pop()
-            cast(_ScopedCapture, self._scope).restore()
         if self.stack:  # empty when attached inside a forward already running (the monitor's re-arm)
             self.stack.pop()
         if self._scope is not None and m in self._callers:
@@ -835,11 +871,11 @@ class Recorder:
             return None
         self.leaf_depth -= 1
         scope = self._scope
-        if scope is not None and scope.lift():
+        if lifted or (scope is not None and scope.lift()):  # measured with the mode off, then put back
             try:
                 return self._leaf_post(m, args, out, info)
             finally:
-                scope.restore()
+                cast(_ScopedCapture, scope).restore()
         return self._leaf_post(m, args, out, info)
 
     def recomputing(self) -> bool:
@@ -884,11 +920,16 @@ class Recorder:
         if info is None:
             info = self._info[m]
         replaced = None
+        via_base = False
         if self.stats and isinstance(out, torch.Tensor) and out.requires_grad and out._is_view():
             # An in-place op on a view (ReLU(inplace=True) after a Linear on
             # 3-D input) rebases the view's history, and a gradient hook on
-            # it would never fire; a non-view copy of the output keeps it.
-            out = replaced = out.clone()
+            # its node would never fire.  A Linear's view of its own matmul
+            # result is read at that result's node instead, which stays in the
+            # graph; any other view is measured on a non-view copy of the output.
+            via_base = self._internal_view(m, out)
+            if not via_base:
+                out = replaced = out.clone()
         if info.feature_dim is not None:
             self._feature_dim = info.feature_dim
         t = out if isinstance(out, torch.Tensor) and (out.is_floating_point() or out.is_complex()) \
@@ -899,7 +940,7 @@ class Recorder:
             if self.stats:
                 if self._dsts is not None:
                     self._input_written(row, t, args)
-                self._measure(row, t, info.band, info.rectifier, info.nonnegative, args)
+                self._measure(row, t, info.band, info.rectifier, info.nonnegative, args, via_base)
                 if self.precision and info.role is not None and id(m) not in self._weighed:
                     self._weighed.add(id(m))
                     _weights_into(row.fwd, m)
@@ -911,6 +952,26 @@ class Recorder:
                     with torch.no_grad():
                         row.input_second_moment = float(x.detach().float().pow(2).mean())
         return replaced
+
+    def _internal_view(self, m: nn.Module, t: torch.Tensor) -> bool:
+        """Whether ``t``, a view output of ``m``, is a whole view of a tensor
+        that only views read: a Linear's output on a 3-D input (its matmul's
+        2-D result, viewed back, which no code can reach but through the
+        view), and the output of a later module that rewrote such a view in
+        place (``ReLU(inplace=True)``).  The gradient at the base's node as it
+        is now is then the gradient with respect to ``t``, and that node stays
+        in the graph when the view is rewritten later (a hook on the view's
+        own node would never fire), so the output needs no copy -- a copy of
+        every Linear output of a transformer, as much memory again as those
+        activations."""
+        if not _whole_view(t):
+            return False
+        base = cast(torch.Tensor, t._base)
+        if type(m) in _LINEARS:
+            self._bases[id(base)] = weakref.ref(base)
+            return True
+        ref = self._bases.get(id(base))
+        return ref is not None and ref() is base
 
     def _read(self, row: Row, t: torch.Tensor, args: Any) -> None:
         """Where the row read from and wrote to (``src``, ``dst``), and the
@@ -991,7 +1052,10 @@ class Recorder:
         return row
 
     def _measure(self, row: Row, t: torch.Tensor, band: tuple[float, float] | None, rectifier: bool,
-                 nonnegative: bool, args: Any) -> None:
+                 nonnegative: bool, args: Any, via_base: bool = False) -> None:
+        """``t``'s statistics into ``row``, and its gradient's hooked or
+        captured; ``via_base``: ``t`` is a view of a tensor nothing else reads
+        (see :meth:`_internal_view`), whose node the gradient is read at."""
         # no graph is recorded for the statistics, so no detach() copy of the handle is needed
         # (grad mode switched directly: torch.no_grad() costs more than the reductions on small rows)
         if t.dtype in _LOW_DTYPES:
@@ -1027,19 +1091,23 @@ class Recorder:
         if t.requires_grad:
             # the hook holds the row only, not the recorder (nor through it the model): a step's
             # graph kept alive by its loss tensor does not keep the model alive with it
-            fn = t.grad_fn
+            node = cast(torch.Tensor, t._base) if via_base else t
+            fn, nr = node.grad_fn, node.output_nr
             row.wants_grad = True
             how = self.exact or self._grad_batches or False  # the hook holds the batches, not the recorder
             kw: dict[str, Any] = {"kernels": self._bk}
+            if via_base:
+                kw["shape"] = row.shape  # the base's gradient, read in the output's shape
             if fn is not None and self._capture_left > 0 and S.Batches.fits(t):
                 # the caller's autograd.grad returns this gradient with the parameters' (no Python runs
                 # per row in the backward); the edge is the node that made t, as for the pre-hook below
+                # (a batch reads every gradient flat: the base's shape is the output's entries)
                 self._capture_left -= t.numel() * t.element_size()
-                self.edges.append(GradientEdge(fn, t.output_nr))
+                self.edges.append(GradientEdge(fn, nr))
                 self._edge_rows.append(row)
             elif fn is not None:  # a pre-hook of the node that made t: see _grad_prehook
-                fn.register_prehook(functools.partial(_safe_grad_prehook, self.errors, row, how, t.output_nr, **kw)
-                                    if self.safe else functools.partial(_grad_prehook, row, how, t.output_nr, **kw))
+                fn.register_prehook(functools.partial(_safe_grad_prehook, self.errors, row, how, nr, **kw)
+                                    if self.safe else functools.partial(_grad_prehook, row, how, nr, **kw))
             else:  # a leaf that requires grad (a module that returns its input or a parameter)
                 t.register_hook(functools.partial(_safe_grad_hook, self.errors, row, how, **kw) if self.safe
                                 else functools.partial(_grad_hook, row, how, **kw))

@@ -49,7 +49,7 @@ def preserved(model: nn.Module, modules: list[nn.Module] | None = None, python_s
     mods = list(model.modules()) if modules is None else modules  # one traversal (4,000 modules in a 2,000-layer net)
     params = list(dict.fromkeys(p for m in mods for p in m._parameters.values() if p is not None))
     bufs = list(dict.fromkeys(b for m in mods for b in m._buffers.values() if b is not None))
-    buffers = [(b, b.detach().clone()) for b in bufs]
+    saved_bufs = _copies(bufs)
     grads = [p.grad for p in params]
     flags = [p.requires_grad for p in params]
     versions = [p._version for p in params]
@@ -84,9 +84,7 @@ def preserved(model: nn.Module, modules: list[nn.Module] | None = None, python_s
                         else:
                             v.clear()
                             v.update(c)
-            with torch.no_grad():
-                for b, saved_b in buffers:
-                    b.copy_(saved_b)
+            _put_back(bufs, saved_bufs)
             # set only what changed: a module's attribute write goes through its
             # __setattr__, a parameter's .grad through a checked setter (4,000 modules
             # of a deep net cost ~10 ms to restore unconditionally)
@@ -98,6 +96,34 @@ def preserved(model: nn.Module, modules: list[nn.Module] | None = None, python_s
             for m, t in modes:
                 if m.training is not t:
                     m.training = t
+
+
+def _plain(ts: list[torch.Tensor]) -> bool:
+    """Whether ``ts`` are plain strided tensors, which torch's list ops copy in one call."""
+    return all(type(t) is torch.Tensor and t.layout == torch.strided for t in ts)
+
+
+def _copies(bufs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A copy of each buffer (same dtype, device and layout): plain tensors copied by
+    one list op, where a clone each cost two dispatched ops (a ResNet's BatchNorm
+    statistics, three buffers a layer, ~0.3 ms of a small model's check)."""
+    with torch.no_grad():
+        if not _plain(bufs):
+            return [b.detach().clone() for b in bufs]
+        out = [torch.empty_like(b) for b in bufs]
+        if out:
+            torch._foreach_copy_(out, bufs)
+        return out
+
+
+def _put_back(bufs: list[torch.Tensor], saved: list[torch.Tensor]) -> None:
+    """The values of :func:`_copies` written back into the buffers, in place."""
+    with torch.no_grad():
+        if bufs and _plain(bufs):
+            torch._foreach_copy_(bufs, saved)
+        else:
+            for b, c in zip(bufs, saved):
+                b.copy_(c)
 
 
 def _restore_mapping(now: dict[str, Any], was: dict[str, Any]) -> None:
