@@ -117,13 +117,16 @@ def test_lsuv_refuses_non_finite_inputs_and_writes_nothing():
     assert _same(m, snap) and all(torch.isfinite(p).all() for p in m.parameters())
 
 
+@pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("how", ["weight_norm", "spectral_norm"])
-def test_parametrised_weights_are_initialised_through_their_parametrisation(how):
+def test_parametrised_weights_are_initialised_through_their_parametrisation(how, bias):
+    """Also without a bias: a parametrised Linear then has no parameter of its
+    own, and its weight was skipped without a word."""
     from torch.nn.utils import parametrizations as P
 
     wrap = getattr(P, how)
     torch.manual_seed(0)
-    m = nn.Sequential(*[wrap(nn.Linear(32, 32)) if i % 2 == 0 else nn.Tanh() for i in range(8)])
+    m = nn.Sequential(*[wrap(nn.Linear(32, 32, bias=bias)) if i % 2 == 0 else nn.Tanh() for i in range(8)])
     x = torch.randn(64, 32, generator=torch.Generator().manual_seed(1))
     s = sp.init.apply_(m, "orthogonal", generator=torch.Generator().manual_seed(0))
     w = m[0].weight.detach()

@@ -16,6 +16,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.nn.utils.prune
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -76,6 +77,107 @@ def _monitored_equals_plain(forward, steps=6, every=2, cls=EncHead, **kw):
     _same(a, b)
     assert torch.equal(rng_a, torch.get_rng_state())
     return mon
+
+
+class _DropConnect(nn.Module):
+    """A weight-dropout parametrization: each evaluation of the weight draws a mask."""
+
+    def forward(self, w):
+        return F.dropout(w, 0.2, self.training)
+
+
+def _parametrized(kind):
+    def make():
+        m = EncHead()
+        if kind == "spectral_norm":  # a power iteration updating two buffers at each evaluation in train mode
+            nn.utils.parametrizations.spectral_norm(m.enc[0])
+        elif kind == "dropconnect":
+            nn.utils.parametrize.register_parametrization(m.enc[2], "weight", _DropConnect())
+        else:  # pruning: weight = weight_orig * weight_mask, a plain attribute a pre-hook recomputes
+            nn.utils.prune.l1_unstructured(m.enc[0], "weight", amount=0.5)
+        return m
+    return make
+
+
+@pytest.mark.parametrize("kind", ["spectral_norm", "dropconnect", "prune"])
+def test_weights_computed_from_other_tensors_are_not_evaluated(kind):
+    """A Linear whose weight torch computes from other tensors
+    (``torch.nn.utils.parametrize``, pruning): the monitor looked up its
+    bias's fan-in through the weight, which ran the parametrization outside
+    the forward at every update -- a spectral norm's power iteration moved
+    its buffers, a weight dropout drew from the global RNG, and training came
+    out different.  Bit-identical now, every sample with its gradients; check
+    reads such models too (a pruned Linear raised KeyError: 'weight')."""
+    mon = _monitored_equals_plain(lambda m, x: m(x), cls=_parametrized(kind))
+    assert mon.history and all(not h.incomplete for h in mon.history)
+    m = _parametrized(kind)()
+    r = sp.check(m, _data(0)[0])
+    assert r.verdict in ("healthy", "vanishing") and all(layer.grad_rms for layer in r.layers)
+
+
+def test_a_parametrized_layer_is_measured_with_the_tensors_its_weight_is_made_of():
+    """weight_norm (parametrize) keeps a Linear's trained tensors under its
+    ``parametrizations`` container: its row's parameter-gradient RMS was the
+    bias's alone (None without a bias), and the same layer under reentrant
+    checkpointing, which ran without autograd and got no gradient, was a
+    parameterless row: the sample said "healthy".  Both now count
+    ``original0`` and ``original1`` as the layer's."""
+    class M(nn.Module):
+        def __init__(self, bias):
+            super().__init__()
+            self.a = nn.Linear(8, 16)
+            self.b = nn.utils.parametrizations.weight_norm(nn.Linear(16, 16, bias=bias))
+            self.c = nn.Linear(16, 3)
+
+        def forward(self, x, reentrant=False):
+            h = torch.tanh(self.a(x))
+            if reentrant:
+                return self.c(checkpoint(lambda t: torch.tanh(self.b(t)), h, use_reentrant=True))
+            return self.c(torch.tanh(self.b(h)))
+
+    x, y = _data(0)
+    for bias in (True, False):
+        torch.manual_seed(0)
+        m = M(bias)
+        r = sp.check(m, x, loss_fn=F.cross_entropy, targets=y)
+        F.cross_entropy(m(x), y).backward()
+        g = torch.cat([p.grad.reshape(-1) for n, p in m.named_parameters() if n.startswith("b.")])
+        row = next(layer for layer in r.layers if layer.name == "b")
+        assert row.param_grad_rms == pytest.approx(float(g.pow(2).mean().sqrt()), rel=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's note that no input of the checkpointed block requires grad
+        with sp.monitor(m, every=1) as mon:
+            loss = F.cross_entropy(m(x, reentrant=True), y)
+            loss.backward()
+            mon.step(loss)
+    assert mon.history[0].incomplete and "b" in mon.history[0].incomplete
+
+
+def test_a_maml_loop_reads_no_grad_of_fast_weights():
+    """torch.func.functional_call with fast weights made from the parameters
+    (MAML): the monitor's witness of zeroed gradients was one of those
+    non-leaf tensors, and reading its ``.grad`` made torch warn at every
+    sampled step; every sample is judged, without a warning."""
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    m = EncHead()
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with sp.monitor(m, every=1) as mon:
+            for k in range(3):
+                (x, y), (x2, y2) = _data(2 * k), _data(2 * k + 1)
+                opt.zero_grad()
+                params = dict(m.named_parameters())
+                grads = torch.autograd.grad(F.cross_entropy(functional_call(m, params, (x,)), y),
+                                            list(params.values()), create_graph=True)
+                fast = {n: p - 0.1 * g for (n, p), g in zip(params.items(), grads)}
+                loss = F.cross_entropy(functional_call(m, fast, (x2,)), y2)
+                loss.backward()
+                mon.step(loss)
+                opt.step()
+    assert len(mon.history) == 3 and all(not h.incomplete for h in mon.history)
 
 
 def test_submodules_called_without_the_roots_forward():

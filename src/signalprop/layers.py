@@ -130,7 +130,7 @@ def module_specs(m: nn.Module) -> list[ParamSpec] | None:
         if t is not None and id(t) not in seen:
             seen.add(id(t))
             own[n] = t
-    if not own:
+    if not own and not isinstance(m._modules.get("parametrizations"), nn.Module):  # (a parametrised weight counts)
         return []
     specs: list[ParamSpec] = []
     if isinstance(m, (nn.Linear, nn.Bilinear, CONV)):
@@ -198,13 +198,38 @@ def param_specs(model: nn.Module) -> tuple[list[tuple[str, ParamSpec]], list[str
     return known, unknown
 
 
+def own_parameters(m: nn.Module) -> list[nn.Parameter]:
+    """``m``'s own parameters and, where ``torch.nn.utils.parametrize``
+    computes one of its tensors (``weight_norm``, ``spectral_norm``,
+    ``orthogonal``), the parameters that tensor is computed from: a
+    parametrised Linear's trained weight is its ``parametrizations.weight``'s
+    ``original0`` and ``original1``, not a parameter of its own."""
+    ps = [p for p in m._parameters.values() if p is not None]
+    pz = m._modules.get("parametrizations")  # read off the dict: a getattr miss costs ~1 us a module
+    if isinstance(pz, nn.Module):
+        seen = set(map(id, ps))
+        ps += [p for p in pz.parameters() if id(p) not in seen]
+    return ps
+
+
+# layers with a weight of known wiring (module_specs reads it)
+_WEIGHTED = UNIT_LAYERS + (nn.Embedding, nn.EmbeddingBag)
+
+
 def param_fan_ins(module: nn.Module) -> dict[str, int]:
     """Fan-in of each of a module's own parameters, by name: its real wiring
     where the module is known (a ``ConvTranspose`` weight's fan-in is not its
     ``shape[1] * prod(k)``), torch's tensor rule for the others."""
+    own = [(n, p) for n, p in module._parameters.items() if p is not None]
+    if "weight" not in module._parameters and isinstance(module, _WEIGHTED):
+        # its weight is computed from other tensors (torch.nn.utils.parametrize, pruning, the hook-based
+        # weight_norm and spectral_norm): reading it would run that computation -- a power iteration that
+        # updates buffers, a dropout draw -- outside the model's forward; its own parameters are a bias
+        # (fan-in 1) and the tensors the weight is made from (torch's rule)
+        return {n: 1 if n == "bias" else tensor_fans(p)[0] for n, p in own}
     specs = module_specs(module)
     known = {s.name: s.fan_in for s in specs} if specs is not None else {}
-    return {n: known.get(n, tensor_fans(p)[0]) for n, p in module._parameters.items() if p is not None}
+    return {n: known.get(n, tensor_fans(p)[0]) for n, p in own}
 
 
 def fans(tensor_or_module: torch.Tensor | nn.Module, name: str | None = None) -> tuple[int, int]:
@@ -219,7 +244,8 @@ def fans(tensor_or_module: torch.Tensor | nn.Module, name: str | None = None) ->
     if not isinstance(tensor_or_module, nn.Module):
         raise TypeError(f"fans() takes a tensor or an nn.Module, got {type(tensor_or_module).__name__}")
     if type(tensor_or_module) is nn.Linear and name in (None, "weight"):  # the common case, 1 us instead of 9
-        w = tensor_or_module._parameters["weight"]
+        # (not a parameter where the weight is computed from others: pruning, parametrizations)
+        w = tensor_or_module._parameters.get("weight")
         if w is not None:
             return int(w.shape[1]), int(w.shape[0])
     specs = module_specs(tensor_or_module)

@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from ..formats import name_of
+from ..layers import own_parameters
 from ..probe.attention import logits_of, output_logit_sums
 from ..probe.diagnose import diagnose
 from ..probe.distributed import GRAD_NORM, MEAN, NORM, SUM, Reduction, local, norm_kind, resolve_group, unwrap
@@ -140,11 +141,14 @@ def _still_running(frames: list[Any]) -> int:
 def _witness(rows: list[Any]) -> nn.Parameter | None:
     """A trainable parameter of the recorded pass that its backward reached
     early (the last row's, nearest the output), whose ``.grad`` tells
-    whether gradients were zeroed since."""
+    whether gradients were zeroed since.  A leaf only: inside
+    ``torch.func.functional_call`` a module holds the tensors it was called
+    with (a MAML loop's fast weights, made from the parameters), whose
+    ``.grad`` torch never fills and warns about reading."""
     for r in reversed(rows):
         if r.bwd and r.module is not None:
             for p in r.module._parameters.values():
-                if p is not None and p.requires_grad:
+                if p is not None and p.requires_grad and p.is_leaf:
                     return p
     return None
 
@@ -203,7 +207,7 @@ def _head(values: list[float | None]) -> int:
 
 
 def _trainable_own(m: nn.Module) -> list[nn.Parameter]:
-    return [p for p in m._parameters.values() if p is not None and p.requires_grad]
+    return [p for p in own_parameters(m) if p.requires_grad]
 
 
 def _wrapper_islands(rows: list[Any], named: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:

@@ -10,6 +10,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from ..layers import own_parameters
 from .distributed import REPLICA_NORM, local, norm_kind
 from .recorder import Row, compiled
 from .stats import Part, dottable
@@ -24,8 +25,7 @@ def module_params(rows: list[Row]) -> list[tuple[nn.Module, list[nn.Parameter]]]
             continue
         seen.add(id(m))
         # a compiled module's row stands for all of its inside (recorder.compiled)
-        ps = list(cast(nn.Module, m._orig_mod).parameters()) if compiled(m) else \
-            [p for p in m._parameters.values() if p is not None]
+        ps = list(cast(nn.Module, m._orig_mod).parameters()) if compiled(m) else own_parameters(m)
         if ps:
             out.append((m, ps))
     return out
