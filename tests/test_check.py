@@ -665,3 +665,28 @@ def test_a_model_without_child_modules_shows_its_activation_calls():
     r = sp.check(NoChildren(), x_of(128, 64))
     assert r.verdict == "saturated" and [p.layer for p in r.problems] == ["tanh"]
     assert [layer.kind for layer in sp.check(nn.Linear(8, 4), x_of(16, 8)).layers] == ["Linear"]
+
+
+def test_rows_the_loss_does_not_reach_are_said():
+    """A two-head model whose loss reads one head: the other head's rows get
+    no gradient and cannot be judged on it -- said in the notes, with the
+    rows, rather than left as blanks in a "healthy" table; a loss over both
+    heads leaves no such note."""
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.trunk = nn.Sequential(nn.Linear(8, 16), nn.Tanh())
+            self.a, self.b = nn.Linear(16, 3), nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+
+        def forward(self, x):
+            h = self.trunk(x)
+            return self.a(h), self.b(h)
+
+    torch.manual_seed(0)
+    m, x, y = TwoHeads(), x_of(16, 8), torch.randint(0, 3, (16,), generator=torch.Generator().manual_seed(2))
+    r = sp.check(m, x, loss_fn=lambda o, t: F.cross_entropy(o[0], t), targets=y)
+    said = [n for n in r.summary.notes if "got no gradient" in n]
+    assert len(said) == 1 and "3 rows got no gradient (b.0, b.1, b.2): the loss does not depend" in said[0]
+    assert [layer.name for layer in r.layers if layer.grad_rms is None] == ["b.0", "b.1", "b.2"]
+    both = sp.check(m, x, loss_fn=lambda o, t: F.cross_entropy(o[0], t) + F.cross_entropy(o[1], t), targets=y)
+    assert not [n for n in both.summary.notes if "got no gradient" in n]
