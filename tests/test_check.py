@@ -690,3 +690,77 @@ def test_rows_the_loss_does_not_reach_are_said():
     assert [layer.name for layer in r.layers if layer.grad_rms is None] == ["b.0", "b.1", "b.2"]
     both = sp.check(m, x, loss_fn=lambda o, t: F.cross_entropy(o[0], t) + F.cross_entropy(o[1], t), targets=y)
     assert not [n for n in both.summary.notes if "got no gradient" in n]
+
+
+def _index_weighted(t, dim):
+    """sum_i i * g_i over a gradient's entries in its own order (per row of a batch with ``dim``)."""
+    if dim is None:
+        f = t.reshape(-1).double()
+        return (f * torch.arange(f.numel(), dtype=torch.float64)).sum()
+    b = t.reshape(t.shape[0], -1).double()
+    return (b * torch.arange(b.shape[1], dtype=torch.float64)).sum(dim=1)
+
+
+def test_a_view_rewritten_in_place_is_read_in_its_own_order():
+    """A Linear's 3-D output, transposed and rewritten in place by the next
+    module (ReLU(inplace=True) on h.transpose(1, 2)): that row's gradient
+    cannot be read at the Linear's matmul result -- it would come in the
+    matmul's order -- so it is read on a copy, and a statistic that weighs
+    each entry by its position (declared here) equals a tensor hook's on a
+    copy of each output, as the other rows' do."""
+    from signalprop import statistics as ST
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act, self.fc2 = nn.Linear(6, 5), nn.ReLU(inplace=True), nn.Linear(3, 4)
+
+        def forward(self, x):
+            return self.fc2(self.act(self.fc(x).transpose(1, 2)))
+
+    st = ST.register(ST.Statistic("grad_index_weighted", "backward", "gradient", "sum of i * g_i",
+                                  (("grad_index_weighted", ST.SUM),), lambda d: float(d["grad_index_weighted"]),
+                                  "grad_index_weighted", "i g", kernel=_index_weighted))
+    try:
+        torch.manual_seed(0)
+        m = M()
+        x = torch.randn(2, 3, 6, generator=torch.Generator().manual_seed(1))
+        r = sp.check(m, x, loss_fn=lambda y: y.pow(2).sum())
+        grads = {}
+
+        def keep(mod, args, out):
+            c = out.clone()
+            c.register_hook(lambda g, name={v: k for k, v in m.named_modules()}[mod]: grads.__setitem__(name, g))
+            return c
+
+        handles = [mod.register_forward_hook(keep) for mod in (m.fc, m.act, m.fc2)]
+        try:
+            m(x).pow(2).sum().backward()
+        finally:
+            for h in handles:
+                h.remove()
+        for layer in r.layers:
+            assert layer.stats["grad_index_weighted"] == pytest.approx(
+                float(_index_weighted(grads[layer.name], None)), rel=1e-5), layer.name
+    finally:
+        ST.unregister(st.name)
+
+
+def test_buffers_with_the_conjugate_bit_are_put_back():
+    """A complex buffer registered as a conjugate view (its conjugate bit
+    set), beside a BatchNorm in train mode: torch's list copy refuses such
+    views, so the buffers come back one by one -- all of them, bit for bit."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.bn = nn.Linear(4, 4), nn.BatchNorm1d(4)
+            self.register_buffer("k", torch.randn(3, dtype=torch.complex64).conj())
+
+        def forward(self, x):
+            return self.bn(self.fc(x)) * self.k.real.sum()
+
+    m = M()
+    before = {n: b.clone() for n, b in m.named_buffers()}
+    sp.check(m, x_of(16, 4))
+    assert all(torch.equal(b, before[n]) for n, b in m.named_buffers())
+    assert m.k.is_conj()

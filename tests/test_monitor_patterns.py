@@ -559,6 +559,40 @@ def test_skip_beside_an_lr_scheduler(scheduler_first):
         sched.step()  # and it still counts the optimizer's steps: no warning
 
 
+def test_a_copy_of_a_skip_optimizer_steps_itself():
+    """skip= given an optimizer wrapper of the user's own (a Lookahead-style
+    class, not a torch Optimizer, whose state keeps the guard), then
+    deep-copied with its model: the copy's step() moves the copy, not the
+    original; the original's guard still skips."""
+    class Wrapper:
+        def __init__(self, opt):
+            self.opt, self.n = opt, 0
+
+        def step(self, *a, **k):
+            self.n += 1
+            return self.opt.step(*a, **k)
+
+        @property
+        def param_groups(self):
+            return self.opt.param_groups
+
+    import copy
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    opt = Wrapper(torch.optim.SGD(m.parameters(), lr=0.1))
+    with sp.monitor(m, every=1, skip=opt) as mon:
+        m2, opt2 = copy.deepcopy((m, opt))
+        for p in m2.parameters():
+            p.grad = torch.ones_like(p)
+        opt2.step()
+        assert (opt.n, opt2.n) == (0, 1)
+        assert not torch.equal(m2[0].weight, m[0].weight)
+        mon._skip_now = 0  # as an alert would set it
+        opt.step()
+        assert opt.n == 0 and mon.skipped == [0]
+
+
 def test_two_monitors_skip_one_optimizer():
     """Two monitors with skip= on one optimizer, closed in either order: each
     close() takes its own guard out (the first close deleted the optimizer's

@@ -1300,20 +1300,21 @@ class _SkipGuard:
 
     def __init__(self, mon: Monitor, opt: Any) -> None:
         self.opt = opt
-        had = "step" in vars(opt)
-        self.prev = vars(opt)["step"] if had else None  # an instance attribute replaced (a wrapper), or none
-        orig = opt.step  # as the optimizer calls it now: its class's step bound, or that wrapper
+        prev = vars(opt).get("step")  # an instance attribute replaced (a scheduler's wrapper), or none
+        self.prev = prev
         mon_ref = weakref.ref(mon)
         live = [True]
         self.live = live
 
         def step(_opt: Any, *args: Any, **kwargs: Any) -> Any:
+            if _opt is not opt:  # a copy of the optimizer (copy.deepcopy copies this method): its own step
+                return type(_opt).step(_opt, *args, **kwargs)
             m = mon_ref() if live[0] else None
             if m is not None and m._skips():
                 return None
-            return orig(*args, **kwargs)
+            return prev(*args, **kwargs) if prev is not None else type(opt).step(opt, *args, **kwargs)
 
-        if getattr(orig, "_wrapped_by_lr_sched", False):
+        if getattr(prev, "_wrapped_by_lr_sched", False):
             step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
         step._signalprop_guard = self  # type: ignore[attr-defined]
         self.method = types.MethodType(step, opt)

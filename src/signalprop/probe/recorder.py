@@ -688,10 +688,12 @@ _LINEARS = (nn.Linear,)
 
 
 def _whole_view(t: torch.Tensor) -> bool:
-    """Whether ``t`` is a view of all of its base, made by one view op from
-    the base's current history."""
+    """Whether ``t`` is a view of all of its base in the base's own order (a
+    reshape: a transposed view's gradient, read at the base, would come in
+    the base's order), made by one view op from the base's current history."""
     base, fn = t._base, t.grad_fn
     return base is not None and fn is not None and base.grad_fn is not None and base.numel() == t.numel() \
+        and t.is_contiguous() and base.is_contiguous() and t.storage_offset() == base.storage_offset() \
         and len(fn.next_functions) == 1 and fn.next_functions[0][0] is base.grad_fn
 
 

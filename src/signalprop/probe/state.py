@@ -99,8 +99,10 @@ def preserved(model: nn.Module, modules: list[nn.Module] | None = None, python_s
 
 
 def _plain(ts: list[torch.Tensor]) -> bool:
-    """Whether ``ts`` are plain strided tensors, which torch's list ops copy in one call."""
-    return all(type(t) is torch.Tensor and t.layout == torch.strided for t in ts)
+    """Whether ``ts`` are plain strided tensors, which torch's list ops copy in
+    one call (not views with the conjugate or negative bit set, which they refuse)."""
+    return all(type(t) is torch.Tensor and t.layout == torch.strided and not t.is_conj() and not t.is_neg()
+               for t in ts)
 
 
 def _copies(bufs: list[torch.Tensor]) -> list[torch.Tensor]:
