@@ -728,9 +728,11 @@ def test_a_view_rewritten_in_place_is_read_in_its_own_order():
         r = sp.check(m, x, loss_fn=lambda y: y.pow(2).sum())
         grads = {}
 
+        names = {v: k for k, v in m.named_modules()}
+
         def keep(mod, args, out):
             c = out.clone()
-            c.register_hook(lambda g, name={v: k for k, v in m.named_modules()}[mod]: grads.__setitem__(name, g))
+            c.register_hook(lambda g, name=names[mod]: grads.__setitem__(name, g))
             return c
 
         handles = [mod.register_forward_hook(keep) for mod in (m.fc, m.act, m.fc2)]
