@@ -592,7 +592,7 @@ def test_row_gradients_equal_tensor_hooks_on_each_output(shape):
     modified in place afterwards), here taken as the oracle on a second,
     hooked pass over the same model and batch.  On a 3-D input a Linear's
     output is a view of its matmul's result, which the ReLU(inplace=True)
-    after it rewrites: read at the matmul's node, not copied."""
+    after it rewrites: measured on a copy that flows on in its place."""
     torch.manual_seed(0)
     m = _Tricky()
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
@@ -703,11 +703,11 @@ def _index_weighted(t, dim):
 
 def test_a_view_rewritten_in_place_is_read_in_its_own_order():
     """A Linear's 3-D output, transposed and rewritten in place by the next
-    module (ReLU(inplace=True) on h.transpose(1, 2)): that row's gradient
-    cannot be read at the Linear's matmul result -- it would come in the
-    matmul's order -- so it is read on a copy, and a statistic that weighs
-    each entry by its position (declared here) equals a tensor hook's on a
-    copy of each output, as the other rows' do."""
+    module (ReLU(inplace=True) on h.transpose(1, 2)): a statistic that
+    weighs each gradient entry by its position (declared here) equals a
+    tensor hook's on a copy of each output -- the gradient is read in the
+    output's own order, not the matmul result's it is a view of (a version
+    that read views at their base's node got this one wrong)."""
     from signalprop import statistics as ST
 
     class M(nn.Module):

@@ -70,26 +70,13 @@ def test_no_float32_copies_of_bf16_activations():
     assert not [n for n, d in c.copies if d == torch.float32 and n >= full]
 
 
-def test_no_copy_of_linear_outputs_on_sequence_inputs():
-    """A Linear on a 3-D input returns a view of its matmul's result; check
-    reads its gradient at that result's node instead of measuring a copy (a
-    copy of every Linear output of a transformer: as much memory again as
-    those activations); a BatchNorm's running statistics are saved and put
-    back by two list ops, not a clone and a copy per buffer."""
+def test_buffers_are_saved_and_put_back_by_list_ops():
+    """A BatchNorm's running statistics (three buffers a layer) are saved and
+    put back by two list ops, not a clone and a copy per buffer (a sixth of a
+    small ResNet's extra ops)."""
     from torch import nn
 
     torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(inplace=True), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4))
-    x = torch.randn(4, 8, 16)
-    plain, c = Count(), Count()
-    with plain:  # the in-place ReLU on a view makes the backward copy its gradient once: the model's own
-        y = m(x.requires_grad_())
-        y.backward(torch.randn_like(y))
-    m.zero_grad(set_to_none=True)
-    with c:
-        r = sp.check(m, x.detach())
-    assert all(layer.grad_rms for layer in r.layers)
-    assert c.names.count("aten.clone.default") == plain.names.count("aten.clone.default") == 1
     bn = nn.Sequential(*[nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)) for _ in range(6)])
     c = Count()
     with c:

@@ -231,9 +231,11 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
     if unreached and len(unreached) < len(rec.rows):  # (none reached at all is an error raised above)
         start = "the loss" if loss_fn is not None else "the output the backward starts from (the model's first " \
             "floating-point output)"
+        one = len(unreached) == 1
         notes.append(f"{count(len(unreached), 'row')} got no gradient ({', '.join(unreached[:3])}"
-                     f"{', ...' if len(unreached) > 3 else ''}): {start} does not depend on their outputs (another "
-                     "head, an unused branch), so their gradients are not judged")
+                     f"{', ...' if len(unreached) > 3 else ''}): {start} does not depend on "
+                     f"{'its output' if one else 'their outputs'} (another head, an unused branch), so "
+                     f"{'its gradient is' if one else 'their gradients are'} not judged")
     summary = Summary(model=type(model).__name__, rows=len(layers), backprop=backprop, output_grad_rms=out_rms,
                       bounds=(float(bounds[0]), float(bounds[1])), trend_limit=float(trend),
                       training_mode=model.training, theory=pred is not None, input=inp,

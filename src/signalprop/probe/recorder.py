@@ -576,19 +576,17 @@ def _grad_hook(row: Row, exact: bool | S.GradBatches, g: torch.Tensor, kernels: 
 
 
 def _grad_prehook(row: Row, exact: bool | S.GradBatches, nr: int, grads: tuple[torch.Tensor | None, ...],
-                  kernels: list[Statistic] | None = None, shape: tuple[int, ...] | None = None) -> None:
+                  kernels: list[Statistic] | None = None) -> None:
     """:func:`_grad_hook` as a pre-hook of the autograd node that produced a
     row's output (its ``nr``-th output): the engine calls it with the
     gradients of the node's outputs, after any tensor hooks on them, so it
     sees what a tensor hook registered on the output would -- also when the
     output is modified in place later (the node is the one before that op).
     Registering it measured 6.5 us per row inside a forward against 13 us for
-    ``Tensor.register_hook`` (which builds a handle and a hook dict in Python).
-    ``shape``: the row's output shape, where the node made the tensor the
-    output is a view of (see :meth:`Recorder._internal_view`)."""
+    ``Tensor.register_hook`` (which builds a handle and a hook dict in Python)."""
     g = grads[nr]
     if g is not None:
-        _grad_hook(row, exact, g if shape is None else g.reshape(shape), kernels)
+        _grad_hook(row, exact, g, kernels)
 
 
 def _safe_grad_hook(errors: list[BaseException], row: Row, exact: bool | S.GradBatches, g: torch.Tensor,
@@ -601,11 +599,10 @@ def _safe_grad_hook(errors: list[BaseException], row: Row, exact: bool | S.GradB
 
 
 def _safe_grad_prehook(errors: list[BaseException], row: Row, exact: bool | S.GradBatches, nr: int,
-                       grads: tuple[torch.Tensor | None, ...], kernels: list[Statistic] | None = None,
-                       shape: tuple[int, ...] | None = None) -> None:
+                       grads: tuple[torch.Tensor | None, ...], kernels: list[Statistic] | None = None) -> None:
     """:func:`_grad_prehook` whose failure is kept in ``errors``."""
     try:
-        _grad_prehook(row, exact, nr, grads, kernels, shape)
+        _grad_prehook(row, exact, nr, grads, kernels)
     except Exception as e:
         errors.append(e)
 
@@ -680,21 +677,6 @@ def _traits(act: _act.Activation | None) -> tuple[tuple[float, float] | None, bo
     if act is None:
         return None, False, False
     return _act.saturation_band(act), act.rectifier, _act.nonnegative(act)
-
-
-# torch's Linear layers: F.linear on an input of 3 or more dimensions returns a view of the 2-D matmul result
-# it made, which nothing else reads
-_LINEARS = (nn.Linear,)
-
-
-def _whole_view(t: torch.Tensor) -> bool:
-    """Whether ``t`` is a view of all of its base in the base's own order (a
-    reshape: a transposed view's gradient, read at the base, would come in
-    the base's order), made by one view op from the base's current history."""
-    base, fn = t._base, t.grad_fn
-    return base is not None and fn is not None and base.grad_fn is not None and base.numel() == t.numel() \
-        and t.is_contiguous() and base.is_contiguous() and t.storage_offset() == base.storage_offset() \
-        and len(fn.next_functions) == 1 and fn.next_functions[0][0] is base.grad_fn
 
 
 # torch's leaf modules whose forward computes attention weights (a softmax over scores, SDPA): the
@@ -807,7 +789,6 @@ class Recorder:
         self._roles: dict[tuple[str, str, tuple[int, ...]], str] = {}
         self._positional = positional_containers(self._modules)
         self._capture_left = capture_budget if self._grad_batches is not None else 0
-        self._bases: dict[int, weakref.ref[torch.Tensor]] = {}  # see _internal_view
         self.edges: list[GradientEdge] = []  # see captured()
         self._edge_rows: list[Row] = []
         self._fused_names: set[str] = set()  # MultiheadAttention modules: they measure their own attention
@@ -922,16 +903,11 @@ class Recorder:
         if info is None:
             info = self._info[m]
         replaced = None
-        via_base = False
         if self.stats and isinstance(out, torch.Tensor) and out.requires_grad and out._is_view():
             # An in-place op on a view (ReLU(inplace=True) after a Linear on
             # 3-D input) rebases the view's history, and a gradient hook on
-            # its node would never fire.  A Linear's view of its own matmul
-            # result is read at that result's node instead, which stays in the
-            # graph; any other view is measured on a non-view copy of the output.
-            via_base = self._internal_view(m, out)
-            if not via_base:
-                out = replaced = out.clone()
+            # it would never fire; a non-view copy of the output keeps it.
+            out = replaced = out.clone()
         if info.feature_dim is not None:
             self._feature_dim = info.feature_dim
         t = out if isinstance(out, torch.Tensor) and (out.is_floating_point() or out.is_complex()) \
@@ -942,7 +918,7 @@ class Recorder:
             if self.stats:
                 if self._dsts is not None:
                     self._input_written(row, t, args)
-                self._measure(row, t, info.band, info.rectifier, info.nonnegative, args, via_base)
+                self._measure(row, t, info.band, info.rectifier, info.nonnegative, args)
                 if self.precision and info.role is not None and id(m) not in self._weighed:
                     self._weighed.add(id(m))
                     _weights_into(row.fwd, m)
@@ -954,26 +930,6 @@ class Recorder:
                     with torch.no_grad():
                         row.input_second_moment = float(x.detach().float().pow(2).mean())
         return replaced
-
-    def _internal_view(self, m: nn.Module, t: torch.Tensor) -> bool:
-        """Whether ``t``, a view output of ``m``, is a whole view of a tensor
-        that only views read: a Linear's output on a 3-D input (its matmul's
-        2-D result, viewed back, which no code can reach but through the
-        view), and the output of a later module that rewrote such a view in
-        place (``ReLU(inplace=True)``).  The gradient at the base's node as it
-        is now is then the gradient with respect to ``t``, and that node stays
-        in the graph when the view is rewritten later (a hook on the view's
-        own node would never fire), so the output needs no copy -- a copy of
-        every Linear output of a transformer, as much memory again as those
-        activations."""
-        if not _whole_view(t):
-            return False
-        base = cast(torch.Tensor, t._base)
-        if type(m) in _LINEARS:
-            self._bases[id(base)] = weakref.ref(base)
-            return True
-        ref = self._bases.get(id(base))
-        return ref is not None and ref() is base
 
     def _read(self, row: Row, t: torch.Tensor, args: Any) -> None:
         """Where the row read from and wrote to (``src``, ``dst``), and the
@@ -1054,10 +1010,7 @@ class Recorder:
         return row
 
     def _measure(self, row: Row, t: torch.Tensor, band: tuple[float, float] | None, rectifier: bool,
-                 nonnegative: bool, args: Any, via_base: bool = False) -> None:
-        """``t``'s statistics into ``row``, and its gradient's hooked or
-        captured; ``via_base``: ``t`` is a view of a tensor nothing else reads
-        (see :meth:`_internal_view`), whose node the gradient is read at."""
+                 nonnegative: bool, args: Any) -> None:
         # no graph is recorded for the statistics, so no detach() copy of the handle is needed
         # (grad mode switched directly: torch.no_grad() costs more than the reductions on small rows)
         if t.dtype in _LOW_DTYPES:
@@ -1093,23 +1046,19 @@ class Recorder:
         if t.requires_grad:
             # the hook holds the row only, not the recorder (nor through it the model): a step's
             # graph kept alive by its loss tensor does not keep the model alive with it
-            node = cast(torch.Tensor, t._base) if via_base else t
-            fn, nr = node.grad_fn, node.output_nr
+            fn = t.grad_fn
             row.wants_grad = True
             how = self.exact or self._grad_batches or False  # the hook holds the batches, not the recorder
             kw: dict[str, Any] = {"kernels": self._bk}
-            if via_base:
-                kw["shape"] = row.shape  # the base's gradient, read in the output's shape
             if fn is not None and self._capture_left > 0 and S.Batches.fits(t):
                 # the caller's autograd.grad returns this gradient with the parameters' (no Python runs
                 # per row in the backward); the edge is the node that made t, as for the pre-hook below
-                # (a batch reads every gradient flat: the base's shape is the output's entries)
                 self._capture_left -= t.numel() * t.element_size()
-                self.edges.append(GradientEdge(fn, nr))
+                self.edges.append(GradientEdge(fn, t.output_nr))
                 self._edge_rows.append(row)
             elif fn is not None:  # a pre-hook of the node that made t: see _grad_prehook
-                fn.register_prehook(functools.partial(_safe_grad_prehook, self.errors, row, how, nr, **kw)
-                                    if self.safe else functools.partial(_grad_prehook, row, how, nr, **kw))
+                fn.register_prehook(functools.partial(_safe_grad_prehook, self.errors, row, how, t.output_nr, **kw)
+                                    if self.safe else functools.partial(_grad_prehook, row, how, t.output_nr, **kw))
             else:  # a leaf that requires grad (a module that returns its input or a parameter)
                 t.register_hook(functools.partial(_safe_grad_hook, self.errors, row, how, **kw) if self.safe
                                 else functools.partial(_grad_hook, row, how, **kw))
