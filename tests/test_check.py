@@ -766,3 +766,107 @@ def test_buffers_with_the_conjugate_bit_are_put_back():
     sp.check(m, x_of(16, 4))
     assert all(torch.equal(b, before[n]) for n, b in m.named_buffers())
     assert m.k.is_conj()
+
+
+def test_a_buffer_resized_by_the_forward_comes_back():
+    """torch.ao's observers resize their empty min/max buffers on the first
+    forward (a QAT Linear's): the buffers were copied back without their
+    shape, which raised, and nothing after them was put back; now check
+    reports, and every buffer has its shape and values again."""
+    import torch.ao.nn.qat as qat
+    from torch.ao.quantization import get_default_qat_qconfig
+
+    class Obs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(16, 8)
+            self.register_buffer("seen", torch.tensor([]))
+
+        def forward(self, x):
+            y = self.lin(x)
+            with torch.no_grad():
+                self.seen.resize_(y.shape[1]).copy_(y.amax(0))
+            return y
+
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8)
+    lin.qconfig = get_default_qat_qconfig("x86")
+    for m in (Obs(), nn.Sequential(qat.Linear.from_float(lin), nn.ReLU())):
+        m.train()
+        before = {n: (b.shape, b.clone()) for n, b in m.named_buffers()}
+        first = next(iter(m.parameters()))
+        first.grad = torch.ones_like(first)
+        assert sp.check(m, x_of(32, 16)).verdict in ("healthy", "dead")
+        after = dict(m.named_buffers())
+        assert set(after) == set(before)
+        assert all(after[n].shape == s and torch.equal(after[n], v) for n, (s, v) in before.items())
+        assert torch.equal(first.grad, torch.ones_like(first))
+
+
+def test_a_child_module_added_or_swapped_by_the_forward_is_taken_back():
+    """A head built on the first forward (``self.head = nn.Linear(...)`` inside
+    forward), a child swapped for another: the model comes back with the
+    children it had."""
+    class Lazy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.a = nn.Linear(8, 8), nn.Tanh()
+
+        def forward(self, x):
+            if not hasattr(self, "head"):
+                self.head = nn.Linear(8, 2)
+            self.a = nn.ReLU()
+            return self.head(self.a(self.body(x)))
+
+    m = Lazy()
+    a = m.a
+    sp.check(m, x_of(16, 8))  # (the children made during the pass are not hooked: not rows)
+    assert [n for n, _ in m.named_modules()] == ["", "body", "a"] and m.a is a
+    assert len(list(m.parameters())) == 2
+
+
+def test_spectrum_refuses_what_has_no_first_example():
+    """spectrum=True reads the first example's Jacobian, dim 0 the batch: a
+    1-D input and a 0-d output (a loss returned by forward) are refused with
+    the reason, where a 1-D input gave a 1 x 1 'Jacobian' and a 0-d output
+    an IndexError; the plain check of the same models works."""
+    class Scalar(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.a(x).pow(2).mean()
+
+    with pytest.raises(ValueError, match="give it a batch dimension"):
+        sp.check(nn.Sequential(nn.Linear(16, 4)), torch.randn(16), spectrum=True)
+    with pytest.raises(ValueError, match=r"has shape \(\): return per-example outputs"):
+        sp.check(Scalar(), x_of(16, 8), spectrum=True)
+    assert sp.check(Scalar(), x_of(16, 8)).layers
+
+
+def test_an_output_that_no_row_reaches_is_said():
+    """The output depends only on a parameter used outside any module call:
+    no row gets a gradient, and the notes say so (the report was "healthy"
+    with nothing said)."""
+    class Outside(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(8, 4)
+            self.p = nn.Parameter(torch.ones(4))
+
+        def forward(self, x):
+            self.a(x)
+            return self.p * torch.ones(x.shape[0], 4)
+
+    r = sp.check(Outside(), x_of(16, 8))
+    assert any(n.startswith("1 row got no gradient (a)") for n in r.summary.notes)
+
+
+def test_sparse_and_nested_inputs_are_refused_with_the_reason():
+    x = x_of(16, 8)
+    with pytest.raises(ValueError, match="got a sparse_coo tensor: pass x.to_dense"):
+        sp.check(nn.Linear(8, 4), x.to_sparse())
+    nested = torch.nested.nested_tensor([torch.randn(3, 8), torch.randn(5, 8)], layout=torch.jagged)
+    with pytest.raises(ValueError, match="got a nested tensor"):
+        sp.check(nn.Linear(8, 4), nested)

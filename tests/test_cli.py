@@ -73,6 +73,13 @@ def test_check_user_factory(tmp_path, monkeypatch, capsys):
     assert "Conv2d" in capsys.readouterr().out
     assert main(["check", "mymodels:make"]) == 2
     assert "--input-shape" in capsys.readouterr().err
+    # a data-dependent init runs the model: a forward that fails on the inputs is the same input error
+    # (exit 2, one line) as without --init, not a traceback from inside the initializer (exit 1)
+    for init in ("critical", "lsuv"):
+        assert main(["check", "mymodels:make", "--input-shape", "4,8,8", "--init", init]) == 2
+        err = capsys.readouterr().err
+        assert f"init '{init}' runs the model, but its forward failed on inputs of shape (64, 4, 8, 8)" in err
+        assert "Traceback" not in err
     assert main(["check", "mlp:depth=3,colour=red"]) == 2
     assert main(["check", "nosuchmodule:f"]) == 2
 

@@ -238,6 +238,8 @@ def _initialize(model: nn.Module, init: str, inputs: Any, generator: torch.Gener
     from .. import init as spi
 
     res = cast(Any, None if residual in (None, "none") else residual)  # "fixup" / "skipinit", checked there
+    if init in ("critical", "lsuv"):
+        _runs(model, inputs, init)
     if init == "default":
         return spi.scale_residual_(model, res) if res else None
     if init == "critical":
@@ -250,6 +252,23 @@ def _initialize(model: nn.Module, init: str, inputs: Any, generator: torch.Gener
     # Named schemes as their papers define them (Xavier: gain 1; Kaiming: sqrt(2)), so
     # comparisons show what each scheme itself buys; critical_ is where the activation enters.
     return spi.apply_(model, init, generator=generator, residual=res)
+
+
+def _runs(model: nn.Module, inputs: Any, init: str) -> None:
+    """A data-dependent initializer runs the model: a forward that fails on
+    these inputs (a wrong input shape) is the caller's input error, said as
+    check says it, not a traceback from inside the initializer.  One forward
+    without gradients; the model comes back as it was (BatchNorm statistics,
+    RNG)."""
+    from ..probe.inputs import call_model, shapes
+    from ..probe.state import preserved
+
+    try:
+        with preserved(model), torch.no_grad():
+            call_model(model, inputs)
+    except Exception as e:
+        raise ValueError(f"init {init!r} runs the model, but its forward failed on inputs of shape "
+                         f"{shapes(inputs)}: {type(e).__name__}: {e}") from e
 
 
 def build(spec: str, *, batch: int = 64, seed: int = 0, init: str | None = None,

@@ -14,7 +14,7 @@ from torch import nn
 from ..formats import resolve
 from ..records import Report, evolve
 from .distributed import Reduction, resolve_group, unwrap
-from .inputs import CallArgs, ModelError, batch_size, shapes, without_cache
+from .inputs import CallArgs, ModelError, batch_size, shapes, tensors_of, without_cache
 from .pipeline import check_limits, check_materialised, check_model, rng_states, run_pass, set_rng_states
 from .state import preserved
 
@@ -78,6 +78,7 @@ def check(model: nn.Module, inputs: Any, *, loss_fn: Callable[..., torch.Tensor]
     if not params:
         raise ValueError(f"{type(model).__name__} has no parameters: nothing to diagnose")
     fmt = resolve(dtype) if dtype is not None else None
+    _dense_inputs(inputs)
     if batch_size(inputs) == 0:
         raise ValueError(f"empty batch: inputs have shape {shapes(inputs)}; pass at least one example")
 
@@ -120,6 +121,18 @@ def check(model: nn.Module, inputs: Any, *, loss_fn: Callable[..., torch.Tensor]
                 "that may record the write (HF RWKV rescales weights on its first forward in eval mode)")
         report = evolve(report, summary=evolve(report.summary, notes=(*report.summary.notes, note)))
     return report
+
+
+def _dense_inputs(inputs: Any) -> None:
+    """Refuse input tensors that are not dense (strided): the pass reads the
+    input's norm, sum and shape, which sparse and nested tensors do not have."""
+    for t in tensors_of(inputs):
+        if t.is_nested:
+            raise ValueError("check takes dense input tensors, got a nested tensor (torch.nested): pass a padded "
+                             "batch (x.to_padded_tensor(0.0)) with the mask the model takes")
+        if t.layout != torch.strided:
+            raise ValueError(f"check takes dense input tensors, got a {str(t.layout).removeprefix('torch.')} "
+                             "tensor: pass x.to_dense()")
 
 
 def _sets_requires_grad_on_input(e: ModelError) -> bool:

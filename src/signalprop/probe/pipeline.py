@@ -228,7 +228,7 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
                      "model would: dead units after them are not judged; check in train mode (model.train()) "
                      "to see what training sees")
     unreached = [r.name for r in rec.rows if r.wants_grad and not r.bwd]
-    if unreached and len(unreached) < len(rec.rows):  # (none reached at all is an error raised above)
+    if unreached:  # (all of them: the output depends on parameters used outside any recorded call)
         start = "the loss" if loss_fn is not None else "the output the backward starts from (the model's first " \
             "floating-point output)"
         one = len(unreached) == 1

@@ -2,7 +2,9 @@
 
 The Jacobian is that of the first example's output with respect to the
 first example's input, evaluated inside the real batch (so batch-dependent
-layers such as BatchNorm in train mode are differentiated as they run).
+layers such as BatchNorm in train mode are differentiated as they run); the
+first dimension of the input and of the output is taken as the batch (a
+sequence-first RNN's would be its time steps: pass such inputs batch first).
 Small maps are differentiated exactly (one reverse pass per output
 coordinate); large ones are read with Lanczos on J^T J, using only
 Jacobian-vector products, never forming J.
@@ -80,12 +82,21 @@ def _example_map(model: torch.nn.Module, inputs: Any) -> tuple[Callable[[torch.T
 
     x, rebuild = _split_input(model, inputs)
     x = x.detach()
+    if x.dim() < 2:
+        raise ValueError(f"spectrum=True takes the input's first dimension as the batch and reads the first "
+                         f"example's Jacobian, but the input has shape {tuple(x.shape)}: give it a batch "
+                         "dimension (x.unsqueeze(0) for one example)")
 
     def f(x0: torch.Tensor) -> torch.Tensor:
         xb = torch.cat([x0.unsqueeze(0), x[1:]], 0)
         y = first_float_tensor(call_model(model, rebuild(xb)))
         if y is None:
             raise ValueError("model output has no floating-point tensor")
+        if y.dim() == 0 or y.shape[0] != x.shape[0]:
+            raise ValueError(f"spectrum=True reads the first example's output (the output's first dimension "
+                             f"taken as the batch, {x.shape[0]} like the input's), but the model's first "
+                             f"floating-point output has shape {tuple(y.shape)}: return per-example outputs "
+                             "(not a loss or a pooled value), batch first")
         return y[0].reshape(-1)
 
     return f, x[0].clone()

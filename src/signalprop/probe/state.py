@@ -59,7 +59,7 @@ def preserved(model: nn.Module, modules: list[nn.Module] | None = None, python_s
     # per module of a class defined outside torch (torch's own layers keep no Python state a forward changes):
     # its attributes (a copy of its __dict__, made in C), its parameter and buffer mappings where it has any,
     # and copies of the containers among its own attributes (see _containers)
-    attrs = [(m, vars(m).copy(), dict(m._parameters), dict(m._buffers), conts)
+    attrs = [(m, vars(m).copy(), dict(m._parameters), dict(m._buffers), dict(m._modules), conts)
              for m in mods if (conts := _containers(m)) is not None] if python_state else []
     written: list[str] = []
     with torch.random.fork_rng(devices=devices):
@@ -70,13 +70,14 @@ def preserved(model: nn.Module, modules: list[nn.Module] | None = None, python_s
             if idx:
                 names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
                 written += [names.get(id(params[i]), "?") for i in idx]
-            for m, saved, ps, bs, conts in attrs:
+            for m, saved, ps, bs, ms, conts in attrs:
                 d = vars(m)
                 if not written and (len(d) != len(saved) or not all(map(operator.is_, d.values(), saved.values()))):
                     d.clear()
                     d.update(saved)
                 _restore_mapping(m._parameters, ps)
                 _restore_mapping(m._buffers, bs)
+                _restore_mapping(m._modules, ms)  # a child the forward added or swapped (a head built lazily)
                 if not written:
                     for v, c in conts:  # refilled in place: others may hold a reference to the container
                         if isinstance(v, list):
@@ -84,18 +85,20 @@ def preserved(model: nn.Module, modules: list[nn.Module] | None = None, python_s
                         else:
                             v.clear()
                             v.update(c)
-            _put_back(bufs, saved_bufs)
-            # set only what changed: a module's attribute write goes through its
-            # __setattr__, a parameter's .grad through a checked setter (4,000 modules
-            # of a deep net cost ~10 ms to restore unconditionally)
-            for p, g, f in zip(params, grads, flags):
-                if p.grad is not g:
-                    p.grad = g
-                if p.requires_grad != f:
-                    p.requires_grad_(f)
-            for m, t in modes:
-                if m.training is not t:
-                    m.training = t
+            try:
+                _put_back(bufs, saved_bufs)
+            finally:  # what follows is put back also when a buffer cannot be
+                # set only what changed: a module's attribute write goes through its
+                # __setattr__, a parameter's .grad through a checked setter (4,000 modules
+                # of a deep net cost ~10 ms to restore unconditionally)
+                for p, g, f in zip(params, grads, flags):
+                    if p.grad is not g:
+                        p.grad = g
+                    if p.requires_grad != f:
+                        p.requires_grad_(f)
+                for m, t in modes:
+                    if m.training is not t:
+                        m.training = t
 
 
 def _plain(ts: list[torch.Tensor]) -> bool:
@@ -119,8 +122,14 @@ def _copies(bufs: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _put_back(bufs: list[torch.Tensor], saved: list[torch.Tensor]) -> None:
-    """The values of :func:`_copies` written back into the buffers, in place."""
+    """The values of :func:`_copies` written back into the buffers, in place;
+    a buffer the forward resized in place (torch.ao's observers resize their
+    empty ``min_val``/``max_val`` on the first forward) given its shape back
+    first, with the strides it was copied with."""
     with torch.no_grad():
+        resized = [i for i, (b, c) in enumerate(zip(bufs, saved)) if b.shape != c.shape]
+        for i in resized:
+            bufs[i].set_(bufs[i].untyped_storage(), bufs[i].storage_offset(), saved[i].shape, saved[i].stride())
         if bufs and _plain(bufs):
             torch._foreach_copy_(bufs, saved)
         else:
