@@ -826,10 +826,13 @@ def test_a_child_module_added_or_swapped_by_the_forward_is_taken_back():
 
 
 def test_spectrum_refuses_what_has_no_first_example():
-    """spectrum=True reads the first example's Jacobian, dim 0 the batch: a
-    1-D input and a 0-d output (a loss returned by forward) are refused with
-    the reason, where a 1-D input gave a 1 x 1 'Jacobian' and a 0-d output
-    an IndexError; the plain check of the same models works."""
+    """spectrum=True reads the first example's Jacobian, dim 0 the batch: an
+    unbatched 1-D input (the output's first dimension is not the input's)
+    and a 0-d output (a loss returned by forward) are refused with the
+    reason, where the first gave a 1 x 1 'Jacobian' and the second an
+    IndexError; the plain check of the same models works.  A batch of
+    scalars (B,) is a batch, and an HF model called with labels= is read at
+    its logits, as check reads it (it met the loss)."""
     class Scalar(nn.Module):
         def __init__(self):
             super().__init__()
@@ -838,11 +841,29 @@ def test_spectrum_refuses_what_has_no_first_example():
         def forward(self, x):
             return self.a(x).pow(2).mean()
 
-    with pytest.raises(ValueError, match="give it a batch dimension"):
+    class Timesteps(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(1, 8)
+
+        def forward(self, t):
+            return self.a(t[:, None])
+
+    with pytest.raises(ValueError, match=r"has shape \(4,\): an unbatched input"):
         sp.check(nn.Sequential(nn.Linear(16, 4)), torch.randn(16), spectrum=True)
-    with pytest.raises(ValueError, match=r"has shape \(\): return per-example outputs"):
+    with pytest.raises(ValueError, match=r"has shape \(\): an unbatched input, or an output that is not batch"):
         sp.check(Scalar(), x_of(16, 8), spectrum=True)
     assert sp.check(Scalar(), x_of(16, 8)).layers
+    j = sp.check(Timesteps(), torch.rand(6), spectrum=True).spectrum
+    assert (j.n_in, j.n_out) == (1, 8)
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    gpt = transformers.GPT2LMHeadModel(cfg)
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    a = sp.check(gpt, {"input_ids": ids, "labels": ids}, spectrum=True).spectrum
+    b = sp.check(gpt, {"input_ids": ids}, spectrum=True).spectrum
+    assert a.singular_values == b.singular_values and a.n_out == 6 * 64
 
 
 def test_an_output_that_no_row_reaches_is_said():
@@ -864,9 +885,86 @@ def test_an_output_that_no_row_reaches_is_said():
 
 
 def test_sparse_and_nested_inputs_are_refused_with_the_reason():
+    """A sparse or nested first input, whose batch size and statistics the
+    pass reads, is refused with the reason; a sparse side argument (a GCN's
+    adjacency beside dense features) is the model's business and runs."""
+    class GCN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(8, 4)
+
+        def forward(self, x, adj):
+            return torch.sparse.mm(adj, self.a(x))
+
     x = x_of(16, 8)
-    with pytest.raises(ValueError, match="got a sparse_coo tensor: pass x.to_dense"):
+    with pytest.raises(ValueError, match="a sparse_coo tensor here: pass x.to_dense"):
         sp.check(nn.Linear(8, 4), x.to_sparse())
     nested = torch.nested.nested_tensor([torch.randn(3, 8), torch.randn(5, 8)], layout=torch.jagged)
-    with pytest.raises(ValueError, match="got a nested tensor"):
+    with pytest.raises(ValueError, match="a nested tensor"):
         sp.check(nn.Linear(8, 4), nested)
+    adj = (torch.rand(16, 16, generator=torch.Generator().manual_seed(3)) < 0.2).float().to_sparse()
+    assert sp.check(GCN(), (x, adj)).layers[0].grad_rms
+
+
+def test_buffers_moved_resized_or_expanded_come_back_in_place():
+    """A buffer that is a strided view of another, resized by the forward,
+    comes back as that view (set back with its copy's strides it wrote into
+    its base's first entries); an expanded (stride-0) buffer is left alone
+    where untouched and put back where written (copying into it raised);
+    a buffer moved onto a smaller storage (b.data = ...) is set back onto
+    its own; children appended to a ModuleList or swapped in a Sequential
+    by the forward are taken back."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.register_buffer("base", torch.arange(12.0))
+            self.register_buffer("v", self.base[::2])
+            self.register_buffer("e", torch.arange(3.0)[:, None].expand(3, 4))
+            self.register_buffer("d", torch.arange(6.0))
+            self.heads, self.seq = nn.ModuleList(), nn.Sequential(nn.Tanh())
+
+        def forward(self, x):
+            with torch.no_grad():
+                self.v.resize_(3)
+                self.e.as_strided((3,), (1,)).mul_(2)
+                self.d.data = torch.zeros(2)
+            self.heads.append(nn.Linear(4, 4))
+            self.seq[0] = nn.ReLU()
+            return self.seq(self.lin(x))
+
+    m = M()
+    before = {n: (b.clone(), b.stride(), b.untyped_storage().data_ptr()) for n, b in m.named_buffers()}
+    tanh = m.seq[0]
+    sp.check(m, x_of(8, 4))
+    for n, b in m.named_buffers():
+        v, stride, ptr = before[n]
+        assert torch.equal(b, v) and b.stride() == stride and b.untyped_storage().data_ptr() == ptr, n
+    assert m.v._base is m.base or m.v.untyped_storage().data_ptr() == m.base.untyped_storage().data_ptr()
+    assert len(m.heads) == 0 and m.seq[0] is tanh
+
+
+def test_children_stay_with_the_attributes_that_name_them():
+    """A forward that builds its head on the first call, records that it did
+    and writes a parameter in place: the parameters cannot be put back, so
+    the attributes stay as the forward set them -- and so do the children
+    they refer to (taking the head back alone broke the next forward)."""
+    class Built(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(8, 8)
+            self.built = False
+
+        def forward(self, x):
+            if not self.built:
+                self.head = nn.Linear(8, 2)
+                self.built = True
+                with torch.no_grad():
+                    self.a.weight.mul_(0.5)
+            return self.head(self.a(x))
+
+    m = Built()
+    r = sp.check(m, x_of(8, 8))
+    assert any("wrote 1 of its parameters" in n for n in r.summary.notes)
+    assert m.built and isinstance(m.head, nn.Linear)
+    m(x_of(8, 8))  # the next forward runs

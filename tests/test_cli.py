@@ -80,6 +80,13 @@ def test_check_user_factory(tmp_path, monkeypatch, capsys):
         err = capsys.readouterr().err
         assert f"init '{init}' runs the model, but its forward failed on inputs of shape (64, 4, 8, 8)" in err
         assert "Traceback" not in err
+    # a lazy layer is refused as check refuses it, whichever init runs first
+    (tmp_path / "lazy.py").write_text("import torch\n"
+                                      "def make():\n"
+                                      "    return torch.nn.Sequential(torch.nn.LazyLinear(4), torch.nn.Tanh())\n")
+    for init in ("critical", "lsuv", "kaiming_normal"):
+        assert main(["check", "lazy:make", "--input-shape", "8", "--init", init]) == 2
+        assert "is lazy and not initialised yet" in capsys.readouterr().err, init
     assert main(["check", "mlp:depth=3,colour=red"]) == 2
     assert main(["check", "nosuchmodule:f"]) == 2
 

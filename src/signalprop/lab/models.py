@@ -236,8 +236,10 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
 def _initialize(model: nn.Module, init: str, inputs: Any, generator: torch.Generator,
                 act: str | None = None, residual: str | None = None) -> Any:
     from .. import init as spi
+    from ..probe.pipeline import check_materialised
 
     res = cast(Any, None if residual in (None, "none") else residual)  # "fixup" / "skipinit", checked there
+    check_materialised(list(model.named_modules()), "init")  # a lazy layer: refused as check refuses it
     if init in ("critical", "lsuv"):
         _runs(model, inputs, init)
     if init == "default":

@@ -124,15 +124,21 @@ def check(model: nn.Module, inputs: Any, *, loss_fn: Callable[..., torch.Tensor]
 
 
 def _dense_inputs(inputs: Any) -> None:
-    """Refuse input tensors that are not dense (strided): the pass reads the
-    input's norm, sum and shape, which sparse and nested tensors do not have."""
-    for t in tensors_of(inputs):
+    """Refuse a first input tensor (whose shape gives the batch size) or a
+    first floating one (whose norm and sum the pass reads) that is not
+    dense: sparse and nested tensors have neither.  Other arguments may be
+    anything the model takes (a GCN's sparse adjacency)."""
+    ts = tensors_of(inputs)
+    read = [t for t in ts[:1] + [t for t in ts if t.is_floating_point()][:1]]
+    for t in read:
         if t.is_nested:
-            raise ValueError("check takes dense input tensors, got a nested tensor (torch.nested): pass a padded "
-                             "batch (x.to_padded_tensor(0.0)) with the mask the model takes")
+            raise ValueError("check reads the batch size and the statistics of the first input tensor, which is "
+                             "a nested tensor (torch.nested) here: pass a padded batch (x.to_padded_tensor(0.0)) "
+                             "with the mask the model takes")
         if t.layout != torch.strided:
-            raise ValueError(f"check takes dense input tensors, got a {str(t.layout).removeprefix('torch.')} "
-                             "tensor: pass x.to_dense()")
+            raise ValueError("check reads the batch size and the statistics of the first input tensor, which is "
+                             f"a {str(t.layout).removeprefix('torch.')} tensor here: pass x.to_dense(), or pass "
+                             "the dense input first")
 
 
 def _sets_requires_grad_on_input(e: ModelError) -> bool:

@@ -78,25 +78,24 @@ def _split_input(model: torch.nn.Module, inputs: Any) -> tuple[torch.Tensor, Cal
 
 def _example_map(model: torch.nn.Module, inputs: Any) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
     from .inputs import call_model
-    from .recorder import first_float_tensor
+    from .recorder import model_output
 
     x, rebuild = _split_input(model, inputs)
     x = x.detach()
-    if x.dim() < 2:
-        raise ValueError(f"spectrum=True takes the input's first dimension as the batch and reads the first "
-                         f"example's Jacobian, but the input has shape {tuple(x.shape)}: give it a batch "
-                         "dimension (x.unsqueeze(0) for one example)")
+    if x.dim() == 0:
+        raise ValueError("spectrum=True takes the input's first dimension as the batch, but the input is a 0-d "
+                         "tensor")
 
     def f(x0: torch.Tensor) -> torch.Tensor:
         xb = torch.cat([x0.unsqueeze(0), x[1:]], 0)
-        y = first_float_tensor(call_model(model, rebuild(xb)))
+        y = model_output(call_model(model, rebuild(xb)))  # the logits, as check reads them (not a loss)
         if y is None:
             raise ValueError("model output has no floating-point tensor")
         if y.dim() == 0 or y.shape[0] != x.shape[0]:
-            raise ValueError(f"spectrum=True reads the first example's output (the output's first dimension "
-                             f"taken as the batch, {x.shape[0]} like the input's), but the model's first "
-                             f"floating-point output has shape {tuple(y.shape)}: return per-example outputs "
-                             "(not a loss or a pooled value), batch first")
+            raise ValueError(f"spectrum=True reads the first example's output, the output's first dimension "
+                             f"taken as the batch ({x.shape[0]}, as the input's), but the model's output has "
+                             f"shape {tuple(y.shape)}: an unbatched input, or an output that is not batch first "
+                             "(a loss, a pooled value, examples flattened into rows)")
         return y[0].reshape(-1)
 
     return f, x[0].clone()

@@ -50,6 +50,7 @@ def preserved(model: nn.Module, modules: list[nn.Module] | None = None, python_s
     params = list(dict.fromkeys(p for m in mods for p in m._parameters.values() if p is not None))
     bufs = list(dict.fromkeys(b for m in mods for b in m._buffers.values() if b is not None))
     saved_bufs = _copies(bufs)
+    layouts = [_layout(b) for b in bufs]  # where each buffer's entries live (a forward may resize or move them)
     grads = [p.grad for p in params]
     flags = [p.requires_grad for p in params]
     versions = [p._version for p in params]
@@ -59,8 +60,11 @@ def preserved(model: nn.Module, modules: list[nn.Module] | None = None, python_s
     # per module of a class defined outside torch (torch's own layers keep no Python state a forward changes):
     # its attributes (a copy of its __dict__, made in C), its parameter and buffer mappings where it has any,
     # and copies of the containers among its own attributes (see _containers)
-    attrs = [(m, vars(m).copy(), dict(m._parameters), dict(m._buffers), dict(m._modules), conts)
+    attrs = [(m, vars(m).copy(), dict(m._parameters), dict(m._buffers), conts)
              for m in mods if (conts := _containers(m)) is not None] if python_state else []
+    # every module's children, torch's containers too (a forward that appends to a ModuleList, swaps a
+    # Sequential's layer or builds a head on its first call)
+    children = [(m, dict(m._modules)) for m in mods] if python_state else []
     written: list[str] = []
     with torch.random.fork_rng(devices=devices):
         try:
@@ -70,14 +74,13 @@ def preserved(model: nn.Module, modules: list[nn.Module] | None = None, python_s
             if idx:
                 names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
                 written += [names.get(id(params[i]), "?") for i in idx]
-            for m, saved, ps, bs, ms, conts in attrs:
+            for m, saved, ps, bs, conts in attrs:
                 d = vars(m)
                 if not written and (len(d) != len(saved) or not all(map(operator.is_, d.values(), saved.values()))):
                     d.clear()
                     d.update(saved)
                 _restore_mapping(m._parameters, ps)
                 _restore_mapping(m._buffers, bs)
-                _restore_mapping(m._modules, ms)  # a child the forward added or swapped (a head built lazily)
                 if not written:
                     for v, c in conts:  # refilled in place: others may hold a reference to the container
                         if isinstance(v, list):
@@ -85,8 +88,11 @@ def preserved(model: nn.Module, modules: list[nn.Module] | None = None, python_s
                         else:
                             v.clear()
                             v.update(c)
+            if not written:  # (left as the forward set them, as the attributes that may refer to them are)
+                for m, ms in children:
+                    _restore_mapping(m._modules, ms)
             try:
-                _put_back(bufs, saved_bufs)
+                _put_back(bufs, saved_bufs, layouts)
             finally:  # what follows is put back also when a buffer cannot be
                 # set only what changed: a module's attribute write goes through its
                 # __setattr__, a parameter's .grad through a checked setter (4,000 modules
@@ -121,19 +127,48 @@ def _copies(bufs: list[torch.Tensor]) -> list[torch.Tensor]:
         return out
 
 
-def _put_back(bufs: list[torch.Tensor], saved: list[torch.Tensor]) -> None:
+Layout = tuple[Any, int, Any, torch.Size, tuple[int, ...]]
+
+
+def _layout(b: torch.Tensor) -> Layout:
+    """Where a buffer's entries live: its storage (and that storage's address),
+    offset, shape and strides."""
+    st = b.untyped_storage()
+    return st, st.data_ptr(), b.storage_offset(), b.shape, b.stride()
+
+
+def _overlaps(b: torch.Tensor) -> bool:
+    """Whether several of ``b``'s entries are one memory location (an
+    expanded buffer, stride 0): it cannot be written entry by entry."""
+    return any(st == 0 and n > 1 for st, n in zip(b.stride(), b.shape))
+
+
+def _put_back(bufs: list[torch.Tensor], saved: list[torch.Tensor], layouts: list[Layout]) -> None:
     """The values of :func:`_copies` written back into the buffers, in place;
     a buffer the forward resized in place (torch.ao's observers resize their
-    empty ``min_val``/``max_val`` on the first forward) given its shape back
-    first, with the strides it was copied with."""
+    empty ``min_val``/``max_val`` on the first forward) or moved to other
+    storage (``b.data = ...``) set back onto its own storage, offset, shape
+    and strides first (a view of another buffer stays that view).  An
+    expanded buffer, which cannot be written, is left alone where its values
+    did not change, else its storage's first entry set (what every entry
+    of a stride-0 dimension reads)."""
     with torch.no_grad():
-        resized = [i for i, (b, c) in enumerate(zip(bufs, saved)) if b.shape != c.shape]
-        for i in resized:
-            bufs[i].set_(bufs[i].untyped_storage(), bufs[i].storage_offset(), saved[i].shape, saved[i].stride())
-        if bufs and _plain(bufs):
-            torch._foreach_copy_(bufs, saved)
+        for b, (st, ptr, off, shape, stride) in zip(bufs, layouts):
+            if b.shape != shape or b.stride() != stride or b.storage_offset() != off or \
+                    b.untyped_storage().data_ptr() != ptr:
+                b.set_(st, off, shape, stride)
+        pairs = list(zip(bufs, saved))
+        spread = [(b, c) for b, c in pairs if _overlaps(b)]
+        if spread:
+            pairs = [(b, c) for b, c in pairs if not _overlaps(b)]
+            for b, c in spread:
+                if not torch.equal(b, c):  # write each distinct location once: through a view without repeats
+                    idx = [slice(0, 1) if st == 0 else slice(None) for st in b.stride()]
+                    b[tuple(idx)].copy_(c[tuple(idx)])
+        if pairs and _plain([b for b, _ in pairs]):
+            torch._foreach_copy_([b for b, _ in pairs], [c for _, c in pairs])
         else:
-            for b, c in zip(bufs, saved):
+            for b, c in pairs:
                 b.copy_(c)
 
 
