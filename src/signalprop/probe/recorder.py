@@ -681,7 +681,7 @@ def _traits(act: _act.Activation | None) -> tuple[tuple[float, float] | None, bo
 
 # torch's leaf modules whose forward computes attention weights (a softmax over scores, SDPA): the
 # recording mode stays on inside them (see _FunctionalCapture._attention)
-_WEIGHING = (nn.Softmax, nn.Softmax2d, nn.MultiheadAttention)
+_WEIGHING = (nn.Softmax, nn.Softmin, nn.Softmax2d, nn.MultiheadAttention)  # (softmin: a softmax of -x)
 
 
 def _own_hooks(m: nn.Module) -> bool:
