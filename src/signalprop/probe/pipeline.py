@@ -179,7 +179,7 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
                                  "use_reentrant=True; HF's activation_checkpointing_enable()), which recomputes blocks "
                                  "outside the pass check measures: turn it off for check "
                                  "(model.activation_checkpointing_disable() in HF), use use_reentrant=False, or check "
-                                 "the model in eval mode") from e
+                                 "an HF model in eval mode (HF checkpoints only in training)") from e
             raise ModelError(f"backward failed on inputs of shape {shapes(inputs)}: {e}") from e
     finally:
         rec.detach()
