@@ -484,31 +484,35 @@ def test_state_dict_resumes_the_step_count_baselines_and_alerts():
         fresh.load_state_dict({"step": 3})
 
 
+def _train_with_a_nan_batch(m, opt, mon=None, skip_by_hand=None, sched=None):
+    """8 steps whose 6th batch holds a NaN; the optimizer step of ``skip_by_hand`` left out."""
+    for k in range(8):
+        x, y = _data(k)
+        if k == 5:
+            x[0, 0] = math.nan
+        loss = F.cross_entropy(m(x), y)
+        opt.zero_grad()
+        loss.backward()
+        if mon is not None:
+            mon.step(loss)
+        if k != skip_by_hand:
+            opt.step()
+        if sched is not None:
+            sched.step()
+
+
 def test_skip_keeps_a_nan_steps_gradients_from_the_weights():
     """monitor(..., skip=opt): the optimizer step of the step whose loss turned
     NaN (a corrupted batch) is skipped, and training goes on finite --
     bit-identical to the same loop that skips that step by hand; the
     optimizer's own step() comes back at close()."""
-    def train(m, opt, mon=None, skip_by_hand=None):
-        for k in range(8):
-            x, y = _data(k)
-            if k == 5:
-                x[0, 0] = math.nan
-            loss = F.cross_entropy(m(x), y)
-            opt.zero_grad()
-            loss.backward()
-            if mon is not None:
-                mon.step(loss)
-            if k != skip_by_hand:
-                opt.step()
-
     a, b = _twins()
     opt_a = torch.optim.SGD(a.parameters(), lr=0.05, momentum=0.9)
-    train(a, opt_a, skip_by_hand=5)
+    _train_with_a_nan_batch(a, opt_a, skip_by_hand=5)
     opt_b = torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9)
     original = opt_b.step
     with sp.monitor(b, every=4, skip=opt_b) as mon:
-        train(b, opt_b, mon)
+        _train_with_a_nan_batch(b, opt_b, mon)
     assert mon.skipped == [5] and mon.report().skipped == (5,)
     assert all(torch.isfinite(p).all() for p in b.parameters())
     _same(a, b)
@@ -526,30 +530,16 @@ def test_skip_beside_an_lr_scheduler(scheduler_first):
     warns at its step() when ``step`` was replaced without its mark.  Both
     train as the loop that skips the NaN step by hand does, with no warning,
     and close() leaves the scheduler's own wrapper in place."""
-    def train(m, opt, sched, mon=None, skip_by_hand=None):
-        for k in range(8):
-            x, y = _data(k)
-            if k == 5:
-                x[0, 0] = math.nan
-            loss = F.cross_entropy(m(x), y)
-            opt.zero_grad()
-            loss.backward()
-            if mon is not None:
-                mon.step(loss)
-            if k != skip_by_hand:
-                opt.step()
-            sched.step()
-
     a, b = _twins()
     opt_a = torch.optim.SGD(a.parameters(), lr=0.05, momentum=0.9)
-    train(a, opt_a, torch.optim.lr_scheduler.StepLR(opt_a, 3, 0.5), skip_by_hand=5)
+    _train_with_a_nan_batch(a, opt_a, skip_by_hand=5, sched=torch.optim.lr_scheduler.StepLR(opt_a, 3, 0.5))
     opt_b = torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sched = torch.optim.lr_scheduler.StepLR(opt_b, 3, 0.5) if scheduler_first else None
         mon = sp.monitor(b, every=4, skip=opt_b)
         sched = sched or torch.optim.lr_scheduler.StepLR(opt_b, 3, 0.5)
-        train(b, opt_b, sched, mon)
+        _train_with_a_nan_batch(b, opt_b, mon, sched=sched)
         mon.close()
         assert mon.skipped == [5]
         _same(a, b)
