@@ -129,8 +129,7 @@ def _dense_inputs(inputs: Any) -> None:
     dense: sparse and nested tensors have neither.  Other arguments may be
     anything the model takes (a GCN's sparse adjacency)."""
     ts = tensors_of(inputs)
-    read = [t for t in ts[:1] + [t for t in ts if t.is_floating_point()][:1]]
-    for t in read:
+    for t in ts[:1] + [t for t in ts if t.is_floating_point()][:1]:
         if t.is_nested:
             raise ValueError("check reads the batch size and the statistics of the first input tensor, which is "
                              "a nested tensor (torch.nested) here: pass a padded batch (x.to_padded_tensor(0.0)) "

@@ -26,7 +26,10 @@ def preserved(model: nn.Module, modules: list[nn.Module] | None = None, python_s
     under each parameter and buffer name: a forward that reassigns a buffer
     (``self.steps = self.steps + 1``, an EMA) or registers a new one (HF's
     dynamic RoPE recomputes ``inv_freq`` for a longer input) gets the
-    original tensor back and loses the new name.  ``python_state`` (on by
+    original tensor back and loses the new name; a buffer resized or moved
+    in place is set back onto its own storage, shape and strides.  With
+    ``python_state``, each module's children too (a head built on the first
+    call, a ModuleList appended to), unless parameters were written (below).  ``python_state`` (on by
     default): also each module's plain Python attributes (a step counter, a
     cache list or dict a ``forward`` keeps, ``max_seq_len_cached``): values
     put back, lists, dicts and sets refilled in place (so references to them
@@ -155,9 +158,9 @@ def _put_back(bufs: list[torch.Tensor], saved: list[torch.Tensor], layouts: list
     empty ``min_val``/``max_val`` on the first forward) or moved to other
     storage (``b.data = ...``) set back onto its own storage, offset, shape
     and strides first (a view of another buffer stays that view).  An
-    expanded buffer, which cannot be written, is left alone where its values
-    did not change, else its storage's first entry set (what every entry
-    of a stride-0 dimension reads)."""
+    expanded buffer (stride 0), which cannot be written entry by entry, is
+    left alone where its values did not change, else written through a view
+    that reads each of its memory locations once."""
     with torch.no_grad():
         for b, (st, ptr, off, shape, stride) in zip(bufs, layouts):
             if b.shape != shape or b.stride() != stride or b.storage_offset() != off or \
