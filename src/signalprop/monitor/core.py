@@ -344,7 +344,7 @@ class Monitor:
         self._scale = scale
         self._skip_now: int | None = None  # the step whose optimizer step skip= is to skip, until the next step()
         self._skip_opt: Any = None
-        self._skip_orig: Any = None
+        self._skip_guard: _SkipGuard | None = None
         self._replaying = False  # the monitor's own replay of a step: the root hooks stand aside
         self._mode: Any = None  # the recorder's functional-capture mode while the sampled forward runs
         self._logits: list[torch.Tensor | float] | None = None  # the sampled forward's output-logit sums
@@ -414,7 +414,7 @@ class Monitor:
 
                 self._histograms = HistogramTap(self)
         if skip is not None:  # last: a monitor that failed to start leaves the optimizer as it was
-            self._skip_opt, self._skip_orig = skip, _SkipGuard(self, skip)
+            self._skip_opt, self._skip_guard = skip, _SkipGuard(self, skip)
 
     # -- context manager -------------------------------------------------------
     def __enter__(self) -> Monitor:
@@ -446,9 +446,9 @@ class Monitor:
         self._exit_mode()  # a sampled forward interrupted (KeyboardInterrupt) left it entered
         self._open.clear()
         self._drop_witness()
-        if self._skip_orig is not None:  # the optimizer's own step back
-            self._skip_orig.remove()
-            self._skip_opt = self._skip_orig = None
+        if self._skip_guard is not None:  # the optimizer's own step back
+            self._skip_guard.remove()
+            self._skip_opt = self._skip_guard = None
         for h in self._handles:
             h.remove()
         self._handles.clear()
