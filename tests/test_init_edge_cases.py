@@ -173,3 +173,86 @@ def test_tensor_initializers_take_the_modules_fans():
     assert float(w.std()) == pytest.approx(1 / math.sqrt(f[0]), rel=0.15)
     assert f[0] != torch.nn.init._calculate_fan_in_and_fan_out(conv.weight)[0]  # torch's rule differs here
     sp.init.xavier_uniform_(torch.empty(16, 2, 4, 4), fans=f)
+
+
+@pytest.mark.parametrize("how", ["prune", "hook_weight_norm", "hook_spectral_norm"])
+def test_weights_a_forward_hook_computes_are_skipped_and_said(how):
+    """Pruning and the hook-based weight_norm/spectral_norm compute a layer's
+    weight from other parameters at each forward: a write into the weight
+    never reached them (the next forward made it anew) while the summary
+    listed it as initialised.  The parameters it is made from are listed as
+    skipped, by every initializer, and left as they were."""
+    import warnings
+
+    import torch.nn.utils.prune as prune
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch deprecates the hook-based forms
+        if how == "prune":
+            prune.l1_unstructured(m[2], "weight", amount=0.5)
+        elif how == "hook_weight_norm":
+            nn.utils.weight_norm(m[2])
+        else:
+            nn.utils.spectral_norm(m[2])
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
+    m(x)
+    hidden = {n: p.detach().clone() for n, p in m[2].named_parameters() if n != "bias"}
+    for run in (lambda: sp.init.apply_(m, "orthogonal", generator=torch.Generator().manual_seed(0)),
+                lambda: sp.init.critical_(m, x, generator=torch.Generator().manual_seed(0)),
+                lambda: sp.init.lsuv_(m, x, generator=torch.Generator().manual_seed(0))):
+        s = run()
+        assert all(torch.equal(p, hidden[n]) for n, p in m[2].named_parameters() if n != "bias")
+        assert any(k.startswith("2") for k in s.skipped), s.skipped
+        assert "2.weight" not in [r.name for r in s.params]
+
+
+def test_lsuv_without_a_generator_draws_from_the_global_rng():
+    """Without generator=, LSUV's orthogonal start comes from the global RNG,
+    which it advances as torch.nn.init does: two models initialised one
+    after the other differ (the RNG was put back after the draw, so every
+    call drew the same weights: an ensemble of copies)."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 8)
+    a, b = (nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2)) for _ in range(2))
+    state = torch.get_rng_state()
+    sp.init.lsuv_(a, x)
+    assert not torch.equal(state, torch.get_rng_state())
+    sp.init.lsuv_(b, x)
+    assert not torch.equal(a[0].weight, b[0].weight)
+
+
+def test_init_arguments_of_the_wrong_kind_are_refused_with_the_reason():
+    m = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+    x = torch.randn(16, 8)
+    with pytest.raises(TypeError, match="generator= takes a torch.Generator"):
+        sp.init.apply_(m, "orthogonal", generator=0)
+    with pytest.raises(TypeError, match="max_iter a whole number"):
+        sp.init.lsuv_(m, x, max_iter=2.5)
+    with pytest.raises(TypeError, match="target and tol are numbers"):
+        sp.init.lsuv_(m, x, target="1")
+    with pytest.raises(ValueError, match="0 < target < inf"):
+        sp.init.lsuv_(m, x, target=math.inf)
+
+
+def test_an_embeddings_padding_row_stays_zero():
+    """torch's own init leaves an Embedding's padding_idx row at zero (the
+    padding token reads it); apply_ keeps it so, and says so."""
+    for cls in (nn.Embedding, nn.EmbeddingBag):
+        m = nn.Sequential(cls(10, 8, padding_idx=3))
+        s = sp.init.apply_(m, "xavier_normal", generator=torch.Generator().manual_seed(0))
+        assert torch.equal(m[0].weight[3], torch.zeros(8)) and m[0].weight[4].abs().sum() > 0
+        assert any("padding_idx" in n for n in s.notes)
+
+
+def test_critical_says_which_biases_beside_a_tied_weight_it_left():
+    """Three layers share one weight but each has its own bias: the weight is
+    drawn once, by the first; the others' biases are not drawn, and are now
+    listed as skipped (they were counted as done)."""
+    torch.manual_seed(0)
+    a, b, c = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+    b.weight = c.weight = a.weight
+    m = nn.Sequential(a, nn.Tanh(), b, nn.Tanh(), c)
+    s = sp.init.critical_(m, torch.randn(64, 16), generator=torch.Generator().manual_seed(0))
+    assert {"2.bias", "4.bias"} <= set(s.skipped)

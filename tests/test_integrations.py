@@ -411,3 +411,90 @@ def test_lightning_a_second_fit_continues_the_monitor(tmp_path):
     other = _LitMLP(0.05)  # another module: a monitor of its own, from step 0
     pl.Trainer(max_steps=2, **kw).fit(other, loader)
     assert cb.monitor.steps == [0, 1]
+
+
+def test_hf_train_again_after_an_interrupted_train(tmp_path):
+    """A train() that ends in an exception (an interrupt, an OOM) never
+    reaches on_train_end: the next train() with the same callback and model
+    closes that monitor and takes its loss hook off first (both hooks summed
+    the losses: the monitor read twice the Trainer's loss, and the old
+    monitor kept every step's inputs)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+
+    from signalprop.integrations.transformers import SignalpropCallback
+
+    class Interrupt(TrainerCallback):
+        armed = True
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.armed and state.global_step == 3:
+                raise KeyboardInterrupt
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=2))
+    cb, stop = SignalpropCallback(every=2, grad_every=1), Interrupt()
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, report_to=[],
+                             logging_steps=1, save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(model=model, args=args, train_dataset=_Tokens(32), callbacks=[cb, stop]).train()
+    first = cb.monitor
+    stop.armed = False
+    trainer = Trainer(model=model, args=args, train_dataset=_Tokens(32), callbacks=[cb, stop])
+    trainer.train()
+    assert first._closed and cb.monitor is not first and cb.monitor.steps == [0, 1, 2, 3]
+    logged = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert cb.monitor.losses == pytest.approx(logged, abs=1e-4)
+    assert not model._forward_hooks and not model._forward_pre_hooks
+
+
+@_lightning_warnings
+def test_lightning_a_logger_that_fails_does_not_stop_the_fit(tmp_path):
+    """A logger whose log_metrics raises (a rejected metric name, a network
+    error) becomes one warning; the fit goes on and the values stay in the
+    monitor's history."""
+    import warnings
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    class Strict(CSVLogger):
+        def log_metrics(self, metrics, step=None):
+            raise ValueError("metric rejected")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cb, _, _ = _fit(tmp_path, 0.05, Strict(str(tmp_path)), accumulate=1, steps=4)
+    assert cb.monitor.steps == [0, 1, 2, 3] and cb.monitor.history
+    said = [str(w.message) for w in caught if "signalprop monitor" in str(w.message)]
+    assert said and all("failed" in s and "training is unaffected" in s for s in said)
+
+
+def test_a_failing_writer_keeps_the_steps_alerts():
+    """A writer that raises (a closed connection): the step was measured, its
+    alerts are returned and the warning says the writer failed (it said the
+    step was not measured and returned no alert)."""
+    import warnings
+
+    class Gone:
+        def add_scalar(self, *a, **k):
+            raise ConnectionError("writer gone")
+
+        add_text = add_histogram = add_scalars = add_custom_scalars = add_scalar
+
+    m = _mlp()
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    returned = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with sp.monitor(m, every=2, writer=Gone(), histograms=False) as mon:
+            for k, (x, y) in enumerate(_batches(4)):
+                if k == 2:
+                    x = x.clone()
+                    x[0, 0] = float("nan")
+                loss = nn.functional.cross_entropy(m(x), y)
+                opt.zero_grad()
+                loss.backward()
+                returned.append([a.kind for a in mon.step(loss)])
+                opt.step()
+    assert returned[2] == ["non-finite"] and len(mon.history) == 2
+    said = [str(w.message) for w in caught if "signalprop monitor" in str(w.message)]
+    assert said and "the writer failed" in said[0] and "not measured" not in " ".join(said)

@@ -95,7 +95,7 @@ def test_lsuv_restores_weights_on_failure():
     with pytest.raises(RuntimeError, match="boom"):
         sp.init.lsuv_(m, torch.randn(8, 4))
     assert torch.equal(m.l.weight, w)
-    with pytest.raises(ValueError, match="need target > 0"):
+    with pytest.raises(ValueError, match="need 0 < target < inf"):
         sp.init.lsuv_(m, torch.randn(8, 4), tol=2.0)
 
 

@@ -120,8 +120,13 @@ def _rnn_spec(m: nn.RNNBase, pname: str, t: torch.Tensor) -> ParamSpec:
     return ParamSpec(pname, t, 1, int(t.shape[0]) // gates, "bias", gates)
 
 
-def module_specs(m: nn.Module) -> list[ParamSpec] | None:
-    """Specs of a module's own (non-recursive) parameters, or None if unknown."""
+def module_specs(m: nn.Module, computed: bool = True) -> list[ParamSpec] | None:
+    """Specs of a module's own (non-recursive) parameters, or None if unknown.
+    ``computed=False``: leave out a weight that is neither a parameter nor
+    parametrised -- one a forward pre-hook computes from other parameters
+    (pruning's ``weight_orig * weight_mask``, the hook-based ``weight_norm``
+    and ``spectral_norm``), which a write would not reach (the next forward
+    computes it anew)."""
     # the module's own parameters as named_parameters(recurse=False) gives them (a tensor under two names
     # once), read from _parameters directly: the generator cost 10 us a call, 20 ms on a 2,000-layer net
     own: dict[str, nn.Parameter] = {}
@@ -133,6 +138,10 @@ def module_specs(m: nn.Module) -> list[ParamSpec] | None:
     if not own and not isinstance(m._modules.get("parametrizations"), nn.Module):  # (a parametrised weight counts)
         return []
     specs: list[ParamSpec] = []
+    if not computed and "weight" not in own and isinstance(m, _WEIGHTED) and \
+            not isinstance(m._modules.get("parametrizations"), nn.Module):
+        b = own.get("bias")
+        return [ParamSpec("bias", b, 1, int(b.shape[0]), "bias")] if b is not None else []
     if isinstance(m, (nn.Linear, nn.Bilinear, CONV)):
         w = m.weight
         if isinstance(m, nn.Bilinear):
@@ -189,12 +198,14 @@ def param_specs(model: nn.Module) -> tuple[list[tuple[str, ParamSpec]], list[str
     for mname, m in model.named_modules():
         if isinstance(m, ParametrizationList):  # its owner's parametrised weight stands for it
             continue
-        specs = module_specs(m)
+        specs = module_specs(m, computed=False)
         prefix = f"{mname}." if mname else ""
         if specs is None:
             unknown += [prefix + n for n, _ in m.named_parameters(recurse=False)]
             continue
         known += [(prefix + s.name, s) for s in specs]
+        covered = {s.name for s in specs}  # (a pruned layer's weight_orig: its weight is computed from it)
+        unknown += [prefix + n for n, _ in m.named_parameters(recurse=False) if n not in covered]
     return known, unknown
 
 

@@ -90,6 +90,9 @@ def check_generator(model: nn.Module, generator: torch.Generator | None) -> None
     model's parameters cannot fill them."""
     if generator is None:
         return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator= takes a torch.Generator (torch.Generator().manual_seed({generator!r}) for a "
+                        f"seed), got {type(generator).__name__}")
     devices = {p.device.type for p in model.parameters()}
     if devices and generator.device.type not in devices:
         raise ValueError(f"generator= is a {generator.device.type} generator but the model's parameters are on "

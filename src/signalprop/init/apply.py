@@ -180,6 +180,11 @@ def apply_(model: nn.Module, scheme: str, *, activation: Any = None,
             continue
         first[key] = full
         run, recs = _plan_param(full, spec, name, std_naive, g, owner)
+        pad = getattr(owner, "padding_idx", None) if spec.name == "weight" and \
+            isinstance(owner, (nn.Embedding, nn.EmbeddingBag)) else None
+        if pad is not None:  # torch's own init zeroes the padding row, which the padding token then reads
+            run = _keeping_row_zero(run, owner, pad)
+            notes.append(f"{full}: row {pad} (padding_idx) kept at zero, as torch's own init leaves it")
         plan.append(run)
         records += recs
     with torch.no_grad():
@@ -188,6 +193,17 @@ def apply_(model: nn.Module, scheme: str, *, activation: Any = None,
     if activation is not None and name in SCHEMES and SCHEMES[name].uses_activation:
         notes.append(f"gain {g:.6g} = signalprop.init.gain({activation!r})")
     return _with_residual(InitSummary(scheme, tuple(records), tuple(skipped), notes=tuple(notes)), model, residual)
+
+
+def _keeping_row_zero(run: Callable[[torch.Generator | None], object], owner: nn.Module, row: int
+                      ) -> Callable[[torch.Generator | None], object]:
+    """``run``, then row ``row`` of ``owner``'s weight set to zero (an embedding's padding row)."""
+    def wrapped(gen: torch.Generator | None) -> None:
+        run(gen)
+        with writable(owner, "weight") as w:
+            w[row].zero_()
+
+    return wrapped
 
 
 def _with_residual(summary: InitSummary, model: nn.Module, residual: str | None) -> InitSummary:

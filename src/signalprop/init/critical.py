@@ -85,6 +85,18 @@ def _draw_into(layer: WeightLayer, w: torch.Tensor, sigma_w2: float, sigma_b2: f
     return kind + (" (mean-annihilating)" if centered else "")
 
 
+def _drawn_biases(drawn: dict[int, str], model: nn.Module) -> list[torch.Tensor]:
+    """The biases of the layers whose weights were drawn (named in ``drawn``'s values)."""
+    mods = dict(model.named_modules())
+    out = []
+    for name in drawn.values():
+        m = mods.get(name.rpartition(".")[0] if name.endswith(".weight") else name)
+        b = getattr(m, "bias", None) if m is not None else None
+        if isinstance(b, torch.Tensor):
+            out.append(b)
+    return out
+
+
 @transactional
 def critical_(model: nn.Module, inputs: Any = None, *, activation: Any = None,
               generator: torch.Generator | None = None, isometry: float = 0.25,
@@ -160,10 +172,19 @@ def critical_(model: nn.Module, inputs: Any = None, *, activation: Any = None,
         names_of.setdefault(id(p), []).append(n)
     records, layer_recs = [], []
     drawn_ids: dict[int, str] = {}
+    left: list[str] = []  # parameters of planned layers that were not drawn after all
     for layer, sw2, sb2, mean, point, why in plan:
+        if "weight" not in layer.module._parameters and not is_parametrized(layer.module):
+            # a weight a forward pre-hook computes from other parameters (pruning, the hook-based weight_norm
+            # and spectral_norm): a write would not reach it; those parameters are listed as skipped
+            left += [f"{layer.name}.{n}" for n, p in layer.module.named_parameters(recurse=False)]
+            continue
         wid = id(layer.module.weight) if not is_parametrized(layer.module) else id(layer.module)
         if wid in drawn_ids:  # two layers share one weight: drawn once, by the first
             notes.append(f"{layer.name}.weight is tied to {drawn_ids[wid]}: initialised once, as {drawn_ids[wid]}")
+            if getattr(layer.module, "bias", None) is not None and \
+                    id(layer.module.bias) not in {id(p) for p in _drawn_biases(drawn_ids, model)}:
+                left.append(f"{layer.name}.bias")  # its own bias, beside the tied weight: left as it was
             continue
         drawn_ids[wid] = f"{layer.name}.weight"
         others = [n for n in names_of.get(id(layer.module.weight), []) if n != f"{layer.name}.weight"]
@@ -187,7 +208,8 @@ def critical_(model: nn.Module, inputs: Any = None, *, activation: Any = None,
     done = {id(p) for layer in layers for p in layer.module.parameters(recurse=False)}
     specs, unknown = param_specs(model)
     drawn = {f"{layer.name}.{p}" if layer.name else p for layer in layers for p in ("weight", "bias")}  # parametrised too
-    skipped = unknown + [n for n, s in specs if id(s.tensor) not in done and n not in drawn]
+    skipped = list(dict.fromkeys(unknown + [n for n, s in specs if id(s.tensor) not in done and n not in drawn]
+                                 + left))
     if residual is not None:
         from .residual import scale_residual_
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..layers import CONV_TRANSPOSE, WEIGHT_LAYERS
 from ..records import InitSummary, LayerInit
-from ._transaction import check_generator, transactional, writable
+from ._transaction import check_generator, is_parametrized, transactional, writable
 from .orthogonal import _orthogonal_fill
 
 
@@ -62,8 +62,12 @@ def lsuv_(model: nn.Module, inputs: Any, *, target: float = 1.0, tol: float = 0.
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"lsuv_ takes an nn.Module, got {type(model).__name__}")
-    if not (target > 0 and 0 < tol < 1 and max_iter >= 1):
-        raise ValueError(f"need target > 0, 0 < tol < 1 and max_iter >= 1; got target={target}, tol={tol}, "
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (target, tol)) or \
+            not isinstance(max_iter, int) or isinstance(max_iter, bool):
+        raise TypeError(f"target and tol are numbers and max_iter a whole number; got target={target!r}, "
+                        f"tol={tol!r}, max_iter={max_iter!r}")
+    if not (0 < target < math.inf and 0 < tol < 1 and max_iter >= 1):
+        raise ValueError(f"need 0 < target < inf, 0 < tol < 1 and max_iter >= 1; got target={target}, tol={tol}, "
                          f"max_iter={max_iter}")
     from ..probe.inputs import tensors_of
 
@@ -74,7 +78,10 @@ def lsuv_(model: nn.Module, inputs: Any, *, target: float = 1.0, tol: float = 0.
         raise ValueError(f"lsuv_: the calibration inputs contain NaN/Inf ({int((~torch.isfinite(bad[0])).sum())} "
                          f"entries of a tensor of shape {tuple(bad[0].shape)}): LSUV would scale the weights by them")
     names = {m: n for n, m in model.named_modules()}
-    layers = [m for m in model.modules() if isinstance(m, WEIGHT_LAYERS)]
+    weighted = [m for m in model.modules() if isinstance(m, WEIGHT_LAYERS)]
+    # a weight a forward pre-hook computes from other parameters (pruning, the hook-based weight_norm and
+    # spectral_norm) is made anew at each forward: a rescale would not reach it (those layers are skipped)
+    layers = [m for m in weighted if "weight" in m._parameters or is_parametrized(m, "weight")]
     if not layers:
         raise ValueError(f"{type(model).__name__} has no Linear or Conv layers for LSUV")
     scale: dict[nn.Module, float] = {m: 1.0 for m in layers}
@@ -125,14 +132,14 @@ def lsuv_(model: nn.Module, inputs: Any, *, target: float = 1.0, tol: float = 0.
         return new.to(out.dtype)
 
     passes = 0
+    if orthogonal:  # drawn before the RNG is set aside for the calibration passes: the draws advance it
+        with torch.no_grad():
+            for m in layers:
+                with writable(m, "weight") as w:
+                    _orthogonal_fill(w, 1.0, generator)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()  # type: ignore[union-attr]
     with preserved(model, writes_parameters=True):  # weights come back on failure through @transactional
-        if orthogonal:
-            with torch.no_grad():
-                for m in layers:
-                    with writable(m, "weight") as w:
-                        _orthogonal_fill(w, 1.0, generator)
-                    if getattr(m, "bias", None) is not None:
-                        m.bias.zero_()  # type: ignore[union-attr]
         handles = [m.register_forward_hook(hook) for m in layers]
         try:
             for _ in range(max_iter + 1):
@@ -150,5 +157,5 @@ def lsuv_(model: nn.Module, inputs: Any, *, target: float = 1.0, tol: float = 0.
                  for m in order)
     notes = [] if not changed else [f"tolerance still missed after {passes} passes in "
                                     f"{', '.join(names.get(m, '?') for m in changed)}"]
-    skipped = tuple(names.get(m, "?") for m in layers if m not in order)
+    skipped = tuple(names.get(m, "?") for m in weighted if m not in order)
     return InitSummary("lsuv", layers=recs, skipped=skipped, notes=tuple(notes), forward_passes=passes)

@@ -155,7 +155,11 @@ class SignalpropCallback(pl.Callback):
         self._losses = []
         new = self.monitor.step(loss)
         if isinstance(self._writer, _LoggerWriter):
-            self._writer.flush()
+            try:
+                self._writer.flush()
+            except Exception as e:  # the logger's own failure (a rejected name, a network error): not the run's
+                self.monitor._warn("the logger failed to record this step's values; they are in the history", e,
+                                   kind="the logger failed")
         if trainer.is_global_zero:
             for a in new:
                 _log_alert(a)

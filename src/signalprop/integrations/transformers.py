@@ -130,6 +130,10 @@ class SignalpropCallback(TrainerCallback, ExportableState):
     def _start(self, state: Any, model: torch.nn.Module | None, optimizer: Any = None) -> None:
         if model is None:
             raise ValueError("SignalpropCallback: the Trainer passed no model")
+        # a train() that ended in an exception (an interrupt, an OOM) never reached on_train_end, for which
+        # the Trainer has no event: its monitor and loss hook go before the next train() starts its own
+        self._stop()
+        self._losses = []
         kwargs = dict(self.monitor_kwargs)
         # fp16 training: accelerate's optimizer wrapper holds the GradScaler that scales the gradients
         scaler = getattr(optimizer, "scaler", None)
@@ -171,10 +175,14 @@ class SignalpropCallback(TrainerCallback, ExportableState):
                 log.warning("signalprop: %s", a)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
+        """The loss hook off the model and the monitor closed (its history stays)."""
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        if self.monitor is not None:
+        if self.monitor is not None and not self.monitor._closed:
             self.monitor.close()
 
 

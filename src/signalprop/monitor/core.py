@@ -912,7 +912,11 @@ class Monitor:
         if self.writer is not None:
             from ..integrations.tensorboard import write_step
 
-            write_step(self.writer, self, k, new)
+            try:
+                write_step(self.writer, self, k, new)
+            except Exception as e:  # the step was measured and its alerts stand: only the writing failed
+                self._warn(f"the writer failed at step {k}; its values are in the history", e,
+                           kind="the writer failed")
         self._next_step()
         return new
 
