@@ -135,11 +135,10 @@ def module_specs(m: nn.Module, computed: bool = True) -> list[ParamSpec] | None:
         if t is not None and id(t) not in seen:
             seen.add(id(t))
             own[n] = t
-    if not own and not isinstance(m._modules.get("parametrizations"), nn.Module):  # (a parametrised weight counts)
+    if not own and not _parametrized(m):  # (a parametrised weight counts)
         return []
     specs: list[ParamSpec] = []
-    if not computed and "weight" not in own and isinstance(m, _WEIGHTED) and \
-            not isinstance(m._modules.get("parametrizations"), nn.Module):
+    if not computed and computed_weight(m):
         b = own.get("bias")
         return [ParamSpec("bias", b, 1, int(b.shape[0]), "bias")] if b is not None else []
     if isinstance(m, (nn.Linear, nn.Bilinear, CONV)):
@@ -216,7 +215,7 @@ def own_parameters(m: nn.Module) -> list[nn.Parameter]:
     parametrised Linear's trained weight is its ``parametrizations.weight``'s
     ``original0`` and ``original1``, not a parameter of its own."""
     ps = [p for p in m._parameters.values() if p is not None]
-    pz = m._modules.get("parametrizations")  # read off the dict: a getattr miss costs ~1 us a module
+    pz = m._modules.get("parametrizations")  # read off the dict, as _parametrized does
     if isinstance(pz, nn.Module):
         seen = set(map(id, ps))
         ps += [p for p in pz.parameters() if id(p) not in seen]
@@ -225,6 +224,22 @@ def own_parameters(m: nn.Module) -> list[nn.Parameter]:
 
 # layers with a weight of known wiring (module_specs reads it)
 _WEIGHTED = UNIT_LAYERS + (nn.Embedding, nn.EmbeddingBag)
+
+
+def _parametrized(m: nn.Module) -> bool:
+    """Whether ``torch.nn.utils.parametrize`` computes one of ``m``'s tensors:
+    its ``parametrizations`` container, read off the dict (a getattr miss
+    costs ~1 us a module)."""
+    return isinstance(m._modules.get("parametrizations"), nn.Module)
+
+
+def computed_weight(m: nn.Module) -> bool:
+    """Whether a weight layer's weight is neither a parameter nor parametrised:
+    a forward pre-hook computes it from other parameters (pruning's
+    ``weight_orig * weight_mask``, the hook-based ``weight_norm`` and
+    ``spectral_norm``), so a write into it does not reach the model (the
+    next forward computes it anew)."""
+    return "weight" not in m._parameters and isinstance(m, _WEIGHTED) and not _parametrized(m)
 
 
 def param_fan_ins(module: nn.Module) -> dict[str, int]:

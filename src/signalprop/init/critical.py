@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .. import activations as _act
-from ..layers import CONV_TRANSPOSE, fans, param_specs
+from ..layers import CONV_TRANSPOSE, computed_weight, fans, param_specs
 from ..records import InitSummary, LayerInit, ParamInit
 from ..theory.critical import CriticalPoint, critical_point
 from ._transaction import check_generator, is_parametrized, transactional, writable
@@ -83,18 +83,6 @@ def _draw_into(layer: WeightLayer, w: torch.Tensor, sigma_w2: float, sigma_b2: f
                     b.sub_(mean * w.sum(dim=tuple(range(1, w.dim()))))
                 kind += " (mean removed through the bias)"
     return kind + (" (mean-annihilating)" if centered else "")
-
-
-def _drawn_biases(drawn: dict[int, str], model: nn.Module) -> list[torch.Tensor]:
-    """The biases of the layers whose weights were drawn (named in ``drawn``'s values)."""
-    mods = dict(model.named_modules())
-    out = []
-    for name in drawn.values():
-        m = mods.get(name.rpartition(".")[0] if name.endswith(".weight") else name)
-        b = getattr(m, "bias", None) if m is not None else None
-        if isinstance(b, torch.Tensor):
-            out.append(b)
-    return out
 
 
 @transactional
@@ -172,21 +160,22 @@ def critical_(model: nn.Module, inputs: Any = None, *, activation: Any = None,
         names_of.setdefault(id(p), []).append(n)
     records, layer_recs = [], []
     drawn_ids: dict[int, str] = {}
+    drawn_biases: set[int] = set()  # drawn with their layer's weight
     left: list[str] = []  # parameters of planned layers that were not drawn after all
     for layer, sw2, sb2, mean, point, why in plan:
-        if "weight" not in layer.module._parameters and not is_parametrized(layer.module):
-            # a weight a forward pre-hook computes from other parameters (pruning, the hook-based weight_norm
-            # and spectral_norm): a write would not reach it; those parameters are listed as skipped
+        bias = getattr(layer.module, "bias", None)
+        if computed_weight(layer.module):  # a write would not reach it: the parameters it is made from are skipped
             left += [f"{layer.name}.{n}" for n, p in layer.module.named_parameters(recurse=False)]
             continue
         wid = id(layer.module.weight) if not is_parametrized(layer.module) else id(layer.module)
         if wid in drawn_ids:  # two layers share one weight: drawn once, by the first
             notes.append(f"{layer.name}.weight is tied to {drawn_ids[wid]}: initialised once, as {drawn_ids[wid]}")
-            if getattr(layer.module, "bias", None) is not None and \
-                    id(layer.module.bias) not in {id(p) for p in _drawn_biases(drawn_ids, model)}:
+            if bias is not None and id(bias) not in drawn_biases:
                 left.append(f"{layer.name}.bias")  # its own bias, beside the tied weight: left as it was
             continue
         drawn_ids[wid] = f"{layer.name}.weight"
+        if bias is not None:
+            drawn_biases.add(id(bias))
         others = [n for n in names_of.get(id(layer.module.weight), []) if n != f"{layer.name}.weight"]
         if others:
             notes.append(f"{layer.name}.weight is tied to {', '.join(others)}: drawing it sets those too")

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..layers import CONV_TRANSPOSE, WEIGHT_LAYERS
+from ..layers import CONV_TRANSPOSE, WEIGHT_LAYERS, computed_weight
 from ..records import InitSummary, LayerInit
-from ._transaction import check_generator, is_parametrized, transactional, writable
+from ._transaction import check_generator, transactional, writable
 from .orthogonal import _orthogonal_fill
 
 
@@ -79,9 +79,7 @@ def lsuv_(model: nn.Module, inputs: Any, *, target: float = 1.0, tol: float = 0.
                          f"entries of a tensor of shape {tuple(bad[0].shape)}): LSUV would scale the weights by them")
     names = {m: n for n, m in model.named_modules()}
     weighted = [m for m in model.modules() if isinstance(m, WEIGHT_LAYERS)]
-    # a weight a forward pre-hook computes from other parameters (pruning, the hook-based weight_norm and
-    # spectral_norm) is made anew at each forward: a rescale would not reach it (those layers are skipped)
-    layers = [m for m in weighted if "weight" in m._parameters or is_parametrized(m, "weight")]
+    layers = [m for m in weighted if not computed_weight(m)]  # a rescale would not reach those: skipped
     if not layers:
         raise ValueError(f"{type(model).__name__} has no Linear or Conv layers for LSUV")
     scale: dict[nn.Module, float] = {m: 1.0 for m in layers}

@@ -166,14 +166,13 @@ def _put_back(bufs: list[torch.Tensor], saved: list[torch.Tensor], layouts: list
             if b.shape != shape or b.stride() != stride or b.storage_offset() != off or \
                     b.untyped_storage().data_ptr() != ptr:
                 b.set_(st, off, shape, stride)
-        pairs = list(zip(bufs, saved))
-        spread = [(b, c) for b, c in pairs if _overlaps(b)]
-        if spread:
-            pairs = [(b, c) for b, c in pairs if not _overlaps(b)]
-            for b, c in spread:
-                if not torch.equal(b, c):  # write each distinct location once: through a view without repeats
-                    idx = [slice(0, 1) if st == 0 else slice(None) for st in b.stride()]
-                    b[tuple(idx)].copy_(c[tuple(idx)])
+        pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for b, c in zip(bufs, saved):
+            if not _overlaps(b):
+                pairs.append((b, c))
+            elif not torch.equal(b, c):  # each distinct location written once: through a view without repeats
+                idx = tuple(slice(0, 1) if st == 0 else slice(None) for st in b.stride())
+                b[idx].copy_(c[idx])
         if pairs and _plain([b for b, _ in pairs]):
             torch._foreach_copy_([b for b, _ in pairs], [c for _, c in pairs])
         else:
