@@ -108,9 +108,12 @@ def _forward(model: nn.Module, x: Any, inputs: Any, rec: Recorder) -> Any:
 
 
 # Bytes of small outputs (see stats.Batches.fits) whose gradients one pass takes back from its own backward
-# instead of through a hook per row (see Recorder.captured): they are all held until the backward ends, at
-# most as many bytes again as the outputs themselves, which the graph holds already; beyond it rows are hooked
-CAPTURE_BYTES = 1 << 28
+# instead of through a hook per row (see Recorder.captured): they are all held until the backward ends, and
+# the pages they take are faulted in anew on every call -- 256 MB of them (a 2,000 x 64 MLP at batch 256)
+# cost 80 ms more in the backward than hooks on those rows did, while below a few MB the faults are noise
+# and an edge costs a third of a hook's registration (the whole of a small model's rows); beyond it rows
+# are hooked
+CAPTURE_BYTES = 1 << 22
 
 
 def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: tuple[float, float],
