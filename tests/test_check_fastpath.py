@@ -10,6 +10,7 @@ to 1e-12 (the same nodes, only the summation order differs)."""
 import functools
 import gc
 import importlib
+import weakref
 
 import numpy as np
 import pytest
@@ -474,7 +475,10 @@ def test_the_per_class_answer_is_kept_once_per_class():
     sp.check(nn.Sequential(traced, nn.Linear(8, 2)), x)
     gm_class = type(traced)
     assert gm_class in R._CLASS_CALLS
+    gone = weakref.ref(gm_class)
     n = len(R._CLASS_CALLS)
     del traced, gm_class
     gc.collect()
-    assert len(R._CLASS_CALLS) == n - 1
+    # the entry does not keep the class alive, and goes with it (a count alone also moved with the other
+    # classes earlier tests let go, which this collection frees too)
+    assert gone() is None and len(R._CLASS_CALLS) <= n - 1

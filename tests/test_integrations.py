@@ -498,3 +498,129 @@ def test_a_failing_writer_keeps_the_steps_alerts():
     assert returned[2] == ["non-finite"] and len(mon.history) == 2
     said = [str(w.message) for w in caught if "signalprop monitor" in str(w.message)]
     assert said and "the writer failed" in said[0] and "not measured" not in " ".join(said)
+
+
+@_lightning_warnings
+def test_lightning_two_callbacks_watch_a_gans_two_networks(tmp_path):
+    """One callback per network of a GAN stepped by hand (D's optimizer, then
+    G's): both share a Trainer and its checkpoints (a state key per watched
+    module: the previous version's Trainer refused two callbacks), each step
+    closes at its own network's optimizer with that network's loss, and G's
+    samples hold G's gradients (closed at D's step, before G's backward,
+    they held none).  Each monitor gets its network's optimizer."""
+    import lightning.pytorch as pl
+
+    from signalprop.integrations.lightning import SignalpropCallback
+
+    cbs = [SignalpropCallback(every=2, module="G"), SignalpropCallback(every=2, module="D")]
+    module = _LitGAN()
+    data = torch.utils.data.TensorDataset(torch.randn(96, 8, generator=torch.Generator().manual_seed(3)))
+    trainer = pl.Trainer(max_steps=12, accelerator="cpu", devices=1, logger=False, callbacks=cbs,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         default_root_dir=str(tmp_path))
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=16))
+    g, d = (cb.monitor for cb in cbs)
+    assert g.steps == d.steps == list(range(6))
+    assert d.losses == pytest.approx(module.d_losses, rel=1e-6)
+    assert all(x is not None and x > 0 for x in g.losses) and g.losses != pytest.approx(d.losses)
+    for h in g.history:
+        assert not h.incomplete and all(lay.grad_rms for lay in h.layers)
+    for mon in (g, d):  # Adam's second-moment lag: read from the optimizer the callback found
+        assert any(lay.adam_lag_rms is not None for h in mon.history for lay in h.layers)
+    assert cbs[0].state_key != cbs[1].state_key
+    trainer.save_checkpoint(tmp_path / "gan.ckpt")
+    saved = torch.load(tmp_path / "gan.ckpt", weights_only=True)["callbacks"]
+    assert {saved[cb.state_key]["step"] for cb in cbs} == {6}
+
+
+@pytest.mark.parametrize("which", ["lightning", "hf"])
+@pytest.mark.parametrize("bad,error", [({"every": 0}, ValueError), ({"agc": -1.0}, ValueError),
+                                       ({"evry": 5}, TypeError), ({"max_history": 2}, ValueError),
+                                       ({"histograms": "yes"}, TypeError)])
+def test_callbacks_check_their_arguments_when_built(which, bad, error):
+    """A wrong monitor argument fails when the callback is built, with the
+    monitor's own message, not when training starts (minutes later, after
+    the data and the model have loaded)."""
+    if which == "lightning":
+        from signalprop.integrations.lightning import SignalpropCallback
+    else:
+        from signalprop.integrations.transformers import SignalpropCallback
+    kw = {"every": 5, **bad}
+    with pytest.raises(error) as got:
+        SignalpropCallback(**kw)
+    if error is TypeError and "evry" in bad:  # a keyword the monitor does not take: named, with the ones it does
+        assert "SignalpropCallback() got an unexpected keyword argument 'evry'" in str(got.value)
+        assert "every, writer, agc" in str(got.value)
+        return
+    with pytest.raises(error) as direct:
+        sp.monitor(_mlp(), **kw)
+    assert str(got.value) == str(direct.value)
+
+
+@_lightning_warnings
+def test_lightning_resume_from_a_checkpoint_without_the_monitor(tmp_path):
+    """A checkpoint saved before the callback was added holds no monitor
+    state: the resumed fit's monitor counts on from the trainer's step
+    (it counted from 0 again, and its steps overlapped the first run's)."""
+    import lightning.pytorch as pl
+
+    from signalprop.integrations.lightning import SignalpropCallback
+
+    data = torch.utils.data.TensorDataset(*map(torch.cat, zip(*_batches(12))))
+    kw = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+              enable_checkpointing=False, default_root_dir=str(tmp_path))
+    trainer = pl.Trainer(max_steps=4, **kw)
+    trainer.fit(_LitMLP(0.05), torch.utils.data.DataLoader(data, batch_size=16))
+    trainer.save_checkpoint(tmp_path / "plain.ckpt")
+    cb = SignalpropCallback(every=EVERY, grad_every=1)
+    pl.Trainer(max_steps=8, callbacks=[cb], **kw).fit(_LitMLP(0.05), torch.utils.data.DataLoader(data, batch_size=16),
+                                                      ckpt_path=str(tmp_path / "plain.ckpt"))
+    assert cb.monitor.steps == [4, 5, 6, 7]
+    assert [h.step for h in cb.monitor.history] == [4, 6]
+
+
+def test_hf_resume_from_a_checkpoint_without_the_monitor(tmp_path):
+    """The HF callback added to a run resumed from a checkpoint saved without
+    it counts on from the Trainer's global step, and the Trainer's next
+    checkpoint is saved (the Trainer's state read from the old checkpoint
+    had no entry for the callback, and saving raised KeyError)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+    from signalprop.integrations.transformers import SignalpropCallback
+
+    def train(steps, callbacks, resume=None):
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=2))
+        args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4,
+                                 learning_rate=1e-3, report_to=[], save_strategy="steps", save_steps=4,
+                                 use_cpu=True, disable_tqdm=True, seed=0)
+        Trainer(model=model, args=args, train_dataset=_Tokens(48), callbacks=callbacks).train(
+            resume_from_checkpoint=resume)
+
+    train(4, [])
+    cb = SignalpropCallback(every=EVERY, grad_every=1)
+    train(8, [cb], str(tmp_path / "checkpoint-4"))  # saving checkpoint-8 raised KeyError in the Trainer
+    assert cb.monitor.steps == [4, 5, 6, 7] and [h.step for h in cb.monitor.history] == [4, 6]
+    # the Trainer's optimizer, passed on: Adam's second-moment lag is measured
+    assert any(lay.adam_lag_rms is not None for h in cb.monitor.history for lay in h.layers)
+
+
+def test_start_at_numbers_steps_from_the_given_count():
+    """Monitor.start_at: the first step() is that step (sampled when it is a
+    multiple of every), before the first step only, and a count >= 0."""
+    m = _mlp()
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    mon = sp.monitor(m, every=2, histograms=False)
+    with pytest.raises(ValueError, match="step count"):
+        mon.start_at(-1)
+    mon.start_at(7)
+    for x, y in _batches(3):
+        loss = nn.functional.cross_entropy(m(x), y)
+        opt.zero_grad()
+        loss.backward()
+        mon.step(loss)
+        opt.step()
+    assert mon.steps == [7, 8, 9] and [h.step for h in mon.history] == [8]
+    with pytest.raises(RuntimeError, match="before this monitor's first step"):
+        mon.start_at(0)
+    mon.close()

@@ -10,7 +10,9 @@
     cb.monitor.report().save_html("monitor.html")
 
 A checkpoint carries the monitor (``state_dict``/``load_state_dict``): a
-``fit(ckpt_path=...)`` continues its step count, alert baselines and alerts.
+``fit(ckpt_path=...)`` continues its step count, alert baselines and alerts;
+from a checkpoint saved without it, the step count continues from the
+trainer's.
 
 Hook points: the monitor is created when training starts (after the
 sanity check, on the module's final device) and closed when it ends; each
@@ -41,6 +43,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 import torch
 
 from ..monitor import Monitor
+from ..monitor.core import check_options
 from ..monitor.loss_scale import scale_of
 from ..records import Alert
 
@@ -87,6 +90,12 @@ class SignalpropCallback(pl.Callback):
                  log_scalars: bool = True, **monitor_kwargs: Any) -> None:
         if "writer" in monitor_kwargs:
             raise TypeError("SignalpropCallback writes to the trainer's logger; pass log_scalars=False to turn it off")
+        # a wrong argument fails here, not when fit starts
+        check_options(every, agc=agc, who=type(self).__name__, **monitor_kwargs)
+        if module is not None and not isinstance(module, str):
+            raise TypeError(f"module takes the name of the submodule to watch (\"net\"), got {type(module).__name__}")
+        if not isinstance(log_scalars, bool):
+            raise TypeError(f"log_scalars must be True or False, got {log_scalars!r}")
         self.every = every
         self.agc = agc
         self.module = module
@@ -98,6 +107,15 @@ class SignalpropCallback(pl.Callback):
         self._stepped = False
         self._writer: Any = None
         self._watched: Any = None  # a weak reference to the module the last fit watched
+        self._params: set[int] = set()  # ids of the watched module's parameters
+        self._steps_it: dict[int, bool] = {}  # by optimizer id: whether it holds any of them
+
+    @property
+    def state_key(self) -> str:
+        """The key of this callback's state in a checkpoint: with ``module``,
+        one per watched submodule, so that callbacks watching a GAN's two
+        networks share a Trainer (and a checkpoint)."""
+        return type(self).__qualname__ if self.module is None else self._generate_state_key(module=self.module)
 
     def _target(self, pl_module: pl.LightningModule) -> torch.nn.Module:
         return pl_module.get_submodule(self.module) if self.module else pl_module
@@ -121,10 +139,20 @@ class SignalpropCallback(pl.Callback):
             # a second fit of the same module (more epochs after a first fit): the monitor goes on
             self._restored = self.monitor.state_dict()
         self._watched = weakref.ref(target)
+        self._params = {id(p) for p in target.parameters()}
+        self._steps_it = {}
+        if "optimizer" not in kwargs and "skip" not in kwargs:
+            # the optimizer that trains the watched module, when one does: the update statistics it
+            # makes possible (the update over the learning rate, Adam's second-moment lag)
+            mine = [o for o in trainer.optimizers if self._steps(o)]
+            if len(mine) == 1:
+                kwargs["optimizer"] = mine[0]
         self.monitor = Monitor(target, self.every, writer=self._writer, agc=self.agc, **kwargs)
         if self._restored:
             self.monitor.load_state_dict(self._restored)
             self._restored = None
+        elif trainer.global_step > 0:  # resumed from a checkpoint saved without this callback's state
+            self.monitor.start_at(trainer.global_step)
 
     def state_dict(self) -> dict[str, Any]:
         """The monitor's state (step count, alert baselines, alerts), saved in
@@ -145,9 +173,22 @@ class SignalpropCallback(pl.Callback):
         # the loss arrives multiplied by the GradScaler's scale: divided on its device (no host sync)
         self._losses.append(loss.detach() / scale if scale is not None else loss.detach())
 
+    def _steps(self, optimizer: Any) -> bool:
+        """Whether ``optimizer`` holds any of the watched module's parameters."""
+        key = id(optimizer)
+        if key not in self._steps_it:
+            groups = getattr(optimizer, "param_groups", None) or []
+            self._steps_it[key] = any(id(p) in self._params for g in groups for p in g.get("params", []))
+        return self._steps_it[key]
+
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if self.monitor is None or self._stepped:
-            self._losses = []  # a second optimizer of the same batch (a GAN's): the step is already closed
+            self._losses = []  # a second optimizer of the same batch: the step is already closed
+            return
+        if not self._steps(optimizer) and any(self._steps(o) for o in trainer.optimizers):
+            # another network's optimizer (a GAN's discriminator, this callback watching the generator): the
+            # step closes at the watched module's own, and the losses so far were the other network's
+            self._losses = []
             return
         self._stepped = True
         # losses arrive divided by accumulate_grad_batches: their sum is the step's mean loss

@@ -47,6 +47,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 import torch
 
 from ..monitor import Monitor
+from ..monitor.core import check_options
 
 log = logging.getLogger("transformers.signalprop")
 
@@ -77,7 +78,8 @@ class SignalpropCallback(TrainerCallback, ExportableState):
     ``report()``.  Checkpoints carry the monitor's state
     (``TrainerState.stateful_callbacks``): ``train(resume_from_checkpoint=...)``
     continues its step count, alert baselines and alerts, in this same
-    callback object.
+    callback object; from a checkpoint saved without them, the step count
+    continues from the Trainer's.
     """
 
     def __new__(cls, *args: Any, _key: str | None = None, **kwargs: Any) -> SignalpropCallback:
@@ -98,6 +100,8 @@ class SignalpropCallback(TrainerCallback, ExportableState):
                  **monitor_kwargs: Any) -> None:
         if getattr(self, "_key", None) is not None and _key is not None:
             return  # the live callback handed back by __new__: keep it as it is
+        check_options(every, agc=agc, writer=writer, who=type(self).__name__,
+                      **monitor_kwargs)  # a wrong argument fails here, not in train()
         self._key = uuid.uuid4().hex
         _LIVE[self._key] = self
         self._restored: dict[str, Any] | None = None
@@ -139,6 +143,9 @@ class SignalpropCallback(TrainerCallback, ExportableState):
         scaler = getattr(optimizer, "scaler", None)
         if scaler is not None and "scaler" not in kwargs:
             kwargs["scaler"] = scaler
+        if optimizer is not None and "optimizer" not in kwargs and "skip" not in kwargs:
+            # the statistics of the optimizer's own update (over the learning rate, Adam's second-moment lag)
+            kwargs["optimizer"] = optimizer
         self.monitor = Monitor(model, self.every, writer=self.writer if state.is_world_process_zero else None,
                                agc=self.agc, **kwargs)
         self._hook = model.register_forward_hook(self._keep_loss, with_kwargs=True)
@@ -150,6 +157,13 @@ class SignalpropCallback(TrainerCallback, ExportableState):
             # resumed from a checkpoint: the Trainer restores callbacks only with
             # restore_callback_states_from_checkpoint=True, so the monitor's saved state is read here
             self._restored = self._saved_state(getattr(state, "stateful_callbacks", None) or {})
+            if self._restored is None and self.monitor is not None:  # a checkpoint saved without this callback
+                self.monitor.start_at(int(state.global_step))
+        stateful = getattr(state, "stateful_callbacks", None)
+        if isinstance(stateful, dict) and type(self).__name__ not in stateful:
+            # a run resumed from a checkpoint saved without this callback: the Trainer's state read from it has
+            # no entry for it, and the Trainer's next checkpoint raised KeyError looking one up (transformers 5)
+            stateful[type(self).__name__] = self.state()
 
     def _saved_state(self, stateful: dict[str, Any]) -> dict[str, Any] | None:
         saved = stateful.get(type(self).__name__)

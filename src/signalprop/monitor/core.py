@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import math
 import os
 import sys
@@ -260,6 +261,58 @@ def missing_gradients(rows: list[Any], named: list[tuple[str, nn.Module]] | None
             "use_reentrant=False)) or torch.no_grad() inside forward")
 
 
+def check_options(every: int = 50, *, writer: Any = None, agc: float | None = None,
+                  bounds: tuple[float, float] = (1e-6, 1e3), trend: float = 100.0, update_ratio: bool = True,
+                  max_history: int | None = None, grad_every: int | None = None, group: Any = None,
+                  skip: Any = None, histograms: bool = True, dump_on_nonfinite: Any = None,
+                  optimizer: Any = None, loss_fn: Any = None, scaler: Any = None, who: str = "monitor",
+                  **unknown: Any) -> LossScale | None:
+    """The checks :class:`Monitor` makes of its arguments other than the
+    model, with the same errors, and a ``TypeError`` naming ``who`` for a
+    keyword the monitor does not take: the Lightning and HF callbacks make
+    them when they are built, not when training starts.  Returns the
+    ``scaler``'s reader (None without one)."""
+    if unknown:
+        takes = [n for n in inspect.signature(check_options).parameters if n not in ("who", "unknown")]
+        raise TypeError(f"{who}() got an unexpected keyword argument {next(iter(unknown))!r}; the monitor's "
+                        f"arguments are {', '.join(takes)}")
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"every must be a positive integer (sample one step in `every`), got {every!r}")
+    if grad_every is not None and (isinstance(grad_every, bool) or not isinstance(grad_every, int)
+                                   or grad_every < 1):
+        raise ValueError(f"grad_every must be a positive integer or None, got {grad_every!r}")
+    if agc is not None and not (isinstance(agc, (int, float)) and agc > 0 and math.isfinite(agc)):
+        raise ValueError(f"agc must be a positive clipping factor such as 0.01, or None; got {agc!r}")
+    check_limits(bounds, trend)
+    if writer is not None and not (callable(getattr(writer, "add_scalar", None))
+                                   and callable(getattr(writer, "add_text", None))):
+        raise TypeError(f"writer must have add_scalar(tag, value, step) and add_text(tag, text, step) (a "
+                        f"TensorBoard SummaryWriter), got {type(writer).__name__}")
+    if dump_on_nonfinite is not None and not isinstance(dump_on_nonfinite, (str, os.PathLike)):
+        raise TypeError(f"dump_on_nonfinite takes a folder path, got {type(dump_on_nonfinite).__name__}")
+    scale = LossScale(scaler) if scaler is not None else None  # checks it
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable as loss_fn(output, targets), got {type(loss_fn).__name__}")
+    if not isinstance(histograms, bool):
+        raise TypeError(f"histograms must be True or False, got {histograms!r}")
+    if not isinstance(update_ratio, bool):
+        raise TypeError(f"update_ratio must be True or False, got {update_ratio!r}")
+    if max_history is not None and (isinstance(max_history, bool) or not isinstance(max_history, int)
+                                    or max_history <= A.BASELINE_SAMPLES):
+        raise ValueError(f"max_history must be None or an integer > {A.BASELINE_SAMPLES} (the first "
+                         f"{A.BASELINE_SAMPLES} samples are every layer's baseline and stay, and at least one more "
+                         f"is kept), got {max_history!r}")
+    if skip is not None and not callable(getattr(skip, "step", None)):
+        raise TypeError(f"skip takes the optimizer whose step to skip on a spike, surge or NaN/Inf (it has a "
+                        f"step() method), got {type(skip).__name__}")
+    if optimizer is not None:
+        check_optimizer(optimizer, "optimizer")
+    if dump_on_nonfinite is not None and os.path.exists(dump_on_nonfinite) and not os.path.isdir(dump_on_nonfinite):
+        raise ValueError(f"dump_on_nonfinite takes a folder to write into, and {os.fspath(dump_on_nonfinite)!r} "
+                         "is a file")
+    return scale
+
+
 class Monitor:
     """Watches a model during training; see :func:`monitor` and the module docstring."""
 
@@ -270,44 +323,15 @@ class Monitor:
                  optimizer: Any = None, loss_fn: Any = None, scaler: Any = None) -> None:
         check_model(unwrap(model) if isinstance(model, nn.Module) else model, "monitor")
         check_materialised(unwrap(model).named_modules(), "monitor")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a positive integer (sample one step in `every`), got {every!r}")
-        if grad_every is not None and (isinstance(grad_every, bool) or not isinstance(grad_every, int)
-                                       or grad_every < 1):
-            raise ValueError(f"grad_every must be a positive integer or None, got {grad_every!r}")
-        if agc is not None and not (isinstance(agc, (int, float)) and agc > 0 and math.isfinite(agc)):
-            raise ValueError(f"agc must be a positive clipping factor such as 0.01, or None; got {agc!r}")
-        check_limits(bounds, trend)
-        if writer is not None and not (callable(getattr(writer, "add_scalar", None))
-                                       and callable(getattr(writer, "add_text", None))):
-            raise TypeError(f"writer must have add_scalar(tag, value, step) and add_text(tag, text, step) (a "
-                            f"TensorBoard SummaryWriter), got {type(writer).__name__}")
-        if dump_on_nonfinite is not None and not isinstance(dump_on_nonfinite, (str, os.PathLike)):
-            raise TypeError(f"dump_on_nonfinite takes a folder path, got {type(dump_on_nonfinite).__name__}")
-        scale = LossScale(scaler) if scaler is not None else None  # checks it
-        if loss_fn is not None and not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable as loss_fn(output, targets), got {type(loss_fn).__name__}")
-        if not isinstance(histograms, bool):
-            raise TypeError(f"histograms must be True or False, got {histograms!r}")
-        if not isinstance(update_ratio, bool):
-            raise TypeError(f"update_ratio must be True or False, got {update_ratio!r}")
-        if max_history is not None and (isinstance(max_history, bool) or not isinstance(max_history, int)
-                                        or max_history <= A.BASELINE_SAMPLES):
-            raise ValueError(f"max_history must be None or an integer > {A.BASELINE_SAMPLES} (the first "
-                             f"{A.BASELINE_SAMPLES} samples are every layer's baseline and stay, and at least one more "
-                             f"is kept), got {max_history!r}")
+        scale = check_options(every, writer=writer, agc=agc, bounds=bounds, trend=trend, update_ratio=update_ratio,
+                              max_history=max_history, grad_every=grad_every, group=group, skip=skip,
+                              histograms=histograms, dump_on_nonfinite=dump_on_nonfinite, optimizer=optimizer,
+                              loss_fn=loss_fn, scaler=scaler)
         if not any(True for _ in model.parameters()):
             raise ValueError(f"{type(model).__name__} has no parameters: nothing to monitor")
-        if skip is not None and not callable(getattr(skip, "step", None)):
-            raise TypeError(f"skip takes the optimizer whose step to skip on a spike, surge or NaN/Inf (it has a "
-                            f"step() method), got {type(skip).__name__}")
-        if optimizer is not None:
-            check_optimizer(optimizer, "optimizer")
-        elif skip is not None and isinstance(getattr(skip, "param_groups", None), list) and hasattr(skip, "state"):
+        if optimizer is None and skip is not None and isinstance(getattr(skip, "param_groups", None), list) \
+                and hasattr(skip, "state"):
             optimizer = skip
-        if dump_on_nonfinite is not None and os.path.exists(dump_on_nonfinite) and not os.path.isdir(dump_on_nonfinite):
-            raise ValueError(f"dump_on_nonfinite takes a folder to write into, and {os.fspath(dump_on_nonfinite)!r} "
-                             "is a file")
         model = unwrap(model)  # DDP calls the module it wraps: its hooks fire, its names are the model's
         self.model = model
         self._model_name = type(model).__name__
@@ -1264,6 +1288,23 @@ class Monitor:
         self.scaler_skipped = [int(x) for x in state.get("scaler_skipped", [])]
         if self._scale is not None and state.get("loss_scale") is not None:
             self._scale.last = float(state["loss_scale"])  # a fall at the resumed run's first step is a skip
+        self._renumbered()
+
+    def start_at(self, step: int) -> None:
+        """Number this monitor's steps from ``step`` on (before its first
+        ``step()``): a run resumed from a checkpoint that holds no monitor
+        state (saved before the monitor was added) continues the trainer's
+        step count rather than starting at 0 again, so its history and a
+        writer's steps do not overlap the first run's.  Baselines and alerts
+        start afresh; :meth:`load_state_dict` continues them too."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"start_at takes a step count (an integer >= 0), got {step!r}")
+        if self.steps or self.history:
+            raise RuntimeError("start_at must come before this monitor's first step")
+        self._step = step
+        self._renumbered()
+
+    def _renumbered(self) -> None:
         # the step in progress (the first of the resumed run, perhaps already past its forward) under its
         # restored number: recorded if that step is a sampled one, not otherwise
         if not self.sampled and self._rec is not None:
