@@ -356,3 +356,28 @@ def test_line_bar_time_left_follows_the_pace_not_the_first_slow_step(monkeypatch
     assert lines[1].startswith("work: 1/1000") and "left" not in lines[1]
     assert lines[2].startswith("work: 11/1000") and lines[2].endswith("about 16m29s left")  # 989 units x 1 s
     assert lines[-1].startswith("work: 311/1000") and lines[-1].endswith("about 22m58s left")  # 689 x 2 s
+
+
+def test_check_with_dropout_gives_one_report_per_seed(tmp_path, monkeypatch, capsys):
+    """A factory's model in train mode draws dropout masks during the pass:
+    they come from --seed, so the same command gives the same JSON whatever
+    the process's RNG held (it starts from a random seed in each process,
+    and the reports differed run to run); another seed gives other masks."""
+    import torch
+
+    (tmp_path / "dropmodels.py").write_text(
+        "import torch\n"
+        "def make():\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Dropout(0.5),\n"
+        "                               torch.nn.Linear(32, 4))\n")
+    monkeypatch.chdir(tmp_path)
+    texts = []
+    for k, seed in enumerate(["0", "0", "1"]):
+        torch.manual_seed(100 + k)  # the process's RNG elsewhere each time
+        before = torch.get_rng_state()
+        j = tmp_path / f"r{k}.json"
+        main(["check", "dropmodels:make", "--input-shape", "16", "--seed", seed, "--json", str(j)])
+        assert torch.equal(torch.get_rng_state(), before)  # the caller's RNG as it was
+        texts.append(j.read_text())
+    capsys.readouterr()
+    assert texts[0] == texts[1] and texts[0] != texts[2]

@@ -203,6 +203,8 @@ def _format(text: str) -> str:
 
 
 def cmd_check(args: argparse.Namespace, out: Console) -> int:
+    import torch
+
     from . import check
     from .lab.models import build
     from .report.terminal import renderable
@@ -211,7 +213,12 @@ def cmd_check(args: argparse.Namespace, out: Console) -> int:
     if not 0 < args.low < args.high:
         raise UsageError(f"--low and --high must satisfy 0 < low < high, got {args.low} and {args.high}")
     built = build(args.model, batch=args.batch, seed=args.seed, init=args.init, input_shape=_shape(args.input_shape))
-    report = check(built.model, built.inputs, bounds=(args.low, args.high), spectrum=args.spectrum, dtype=args.dtype)
+    with torch.random.fork_rng(devices=[]):
+        # the pass's own random draws (a factory's model in train mode: its dropout masks) from --seed, as the
+        # inputs are: one seed, one report (the process's RNG starts from a random seed)
+        torch.manual_seed(args.seed)
+        report = check(built.model, built.inputs, bounds=(args.low, args.high), spectrum=args.spectrum,
+                       dtype=args.dtype)
     out.print(f"[bold]signalprop check[/bold] {escape(built.spec)}" +
               (f" (init: {escape(args.init)})" if args.init else ""))
     out.print(renderable(report, out.width, surface="cli"))  # fixes as flags (--init critical), not Python
@@ -444,7 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default: {DEFAULT_MODEL})")
     c.add_argument("--input-shape", help="shape of one example, e.g. 3,32,32 (factories without inputs)")
     c.add_argument("--batch", type=_positive_int, default=64, help="batch size of the random example inputs (default 64)")
-    c.add_argument("--seed", type=int, default=0, help="seed for inputs and initialization (default 0)")
+    c.add_argument("--seed", type=int, default=0,
+                   help="seed for inputs, initialization and the pass's random draws such as dropout masks "
+                        "(default 0)")
     c.add_argument("--init", help="re-initialize first: an apply_ scheme, critical, lsuv or default")
     c.add_argument("--json", metavar="PATH", help="write the full report as JSON")
     c.add_argument("--html", metavar="PATH", help="write a self-contained HTML report")
