@@ -78,7 +78,10 @@ def _draw_into(layer: WeightLayer, w: torch.Tensor, sigma_w2: float, sigma_b2: f
                 if transposed:  # weight (in, out / groups, *k): output channel g * (out / groups) + j
                     groups = getattr(m, "groups", 1)
                     per_group = w.reshape(groups, w.shape[0] // groups, *w.shape[1:])
-                    b.sub_(mean * per_group.sum(dim=(1,) + tuple(range(3, per_group.dim()))).reshape(-1))
+                    # an output entry sums the taps of its phase only (a 1/stride share of them per
+                    # dimension, the phase set by its position): the bias removes their mean over phases
+                    share = 1.0 / math.prod(getattr(m, "stride", (1,)))
+                    b.sub_(mean * share * per_group.sum(dim=(1,) + tuple(range(3, per_group.dim()))).reshape(-1))
                 else:
                     b.sub_(mean * w.sum(dim=tuple(range(1, w.dim()))))
                 kind += " (mean removed through the bias)"
