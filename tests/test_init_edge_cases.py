@@ -256,3 +256,41 @@ def test_critical_says_which_biases_beside_a_tied_weight_it_left():
     m = nn.Sequential(a, nn.Tanh(), b, nn.Tanh(), c)
     s = sp.init.critical_(m, torch.randn(64, 16), generator=torch.Generator().manual_seed(0))
     assert {"2.bias", "4.bias"} <= set(s.skipped)
+
+
+def test_lsuv_leaves_layers_it_does_not_calibrate_as_they_were_and_lists_them():
+    """nn.MultiheadAttention reads its out_proj's weight directly (the
+    Linear's forward never runs): LSUV cannot calibrate it, and leaves it as
+    it was -- it redrew it orthogonal and zeroed its bias while the summary
+    said "left untouched".  Every parameter left as it was is listed (the
+    embedding, the attention's in_proj, the norm: unlisted before), the
+    calibrated layer's are not; on a chain of Linear layers the draws are
+    those of before (execution order is module order)."""
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(50, 16)
+            self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.ln = nn.LayerNorm(16)
+            self.fc = nn.Linear(16, 4)
+
+        def forward(self, x):
+            h = self.emb(x)
+            return self.fc(self.ln(self.mha(h, h, h)[0]))
+
+    torch.manual_seed(0)
+    m = Attn()
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    s = sp.init.lsuv_(m, torch.randint(0, 50, (8, 10)), generator=torch.Generator().manual_seed(0))
+    assert set(s.skipped) == set(before) - {"fc.weight", "fc.bias"}
+    assert all(torch.equal(p, before[n]) for n, p in m.named_parameters() if not n.startswith("fc."))
+    assert not torch.equal(m.fc.weight, before["fc.weight"])
+    chain = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    sp.init.lsuv_(chain, torch.randn(32, 8), max_iter=1, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    for lin in (chain[0], chain[2]):  # orthogonal directions as drawn in module order, each layer rescaled
+        q = torch.empty_like(lin.weight)
+        sp.init.orthogonal_(q, generator=g)
+        w = lin.weight.detach()
+        cos = (w * q).sum() / (w.norm() * q.norm())
+        assert float(cos) == pytest.approx(1.0, abs=1e-6)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..layers import CONV_TRANSPOSE, WEIGHT_LAYERS, computed_weight
+from ..layers import CONV_TRANSPOSE, WEIGHT_LAYERS, computed_weight, own_parameters, param_specs
 from ..records import InitSummary, LayerInit
 from ._transaction import check_generator, transactional, writable
 from .orthogonal import _orthogonal_fill
@@ -129,16 +129,34 @@ def lsuv_(model: nn.Module, inputs: Any, *, target: float = 1.0, tol: float = 0.
         status[m] = "rescaled"
         return new.to(out.dtype)
 
-    passes = 0
-    if orthogonal:  # drawn before the RNG is set aside for the calibration passes: the draws advance it
+    # The orthogonal start is drawn at each layer's first call, so a layer whose forward never runs (an
+    # nn.MultiheadAttention's out_proj, whose weight the attention reads directly) is left as it was, as the
+    # summary says, not redrawn and never calibrated.  Without generator=, the draws come from a generator
+    # seeded by one draw of the global RNG, taken now: the calibration passes put the global RNG back after
+    # them (a dropout in the model does not move it), and the draws still advance it.
+    seed = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64)) if orthogonal and generator is None else 0
+    own: dict[torch.device, torch.Generator] = {}
+    drawn: set[nn.Module] = set()
+
+    def draw(m: nn.Module, args: Any) -> None:
+        if not orthogonal or m in drawn:
+            return
+        drawn.add(m)
         with torch.no_grad():
-            for m in layers:
-                with writable(m, "weight") as w:
-                    _orthogonal_fill(w, 1.0, generator)
-                if getattr(m, "bias", None) is not None:
-                    m.bias.zero_()  # type: ignore[union-attr]
+            with writable(m, "weight") as w:
+                g = generator
+                if g is None:
+                    g = own.get(w.device)
+                    if g is None:
+                        g = own[w.device] = torch.Generator(w.device).manual_seed(seed)
+                _orthogonal_fill(w, 1.0, g)
+            if getattr(m, "bias", None) is not None:
+                m.bias.zero_()  # type: ignore[union-attr]
+
+    passes = 0
     with preserved(model, writes_parameters=True):  # weights come back on failure through @transactional
-        handles = [m.register_forward_hook(hook) for m in layers]
+        handles = [m.register_forward_pre_hook(draw) for m in layers]
+        handles += [m.register_forward_hook(hook) for m in layers]
         try:
             for _ in range(max_iter + 1):
                 seen: set[nn.Module] = set()
@@ -155,5 +173,11 @@ def lsuv_(model: nn.Module, inputs: Any, *, target: float = 1.0, tol: float = 0.
                  for m in order)
     notes = [] if not changed else [f"tolerance still missed after {passes} passes in "
                                     f"{', '.join(names.get(m, '?') for m in changed)}"]
-    skipped = tuple(names.get(m, "?") for m in weighted if m not in order)
+    # every parameter left as it was: those of layers whose forward never ran or whose weight is computed,
+    # and those of modules LSUV does not scale (embeddings, norms, an attention's in_proj_weight)
+    done = {id(p) for m in order for p in own_parameters(m)}
+    calibrated = {f"{names[m]}.{p}" if names.get(m) else p for m in order for p in ("weight", "bias")}
+    specs, unknown = param_specs(model)
+    skipped = tuple(dict.fromkeys(unknown + [n for n, sp_ in specs if id(sp_.tensor) not in done
+                                             and n not in calibrated]))
     return InitSummary("lsuv", layers=recs, skipped=skipped, notes=tuple(notes), forward_passes=passes)
