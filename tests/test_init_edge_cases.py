@@ -294,3 +294,27 @@ def test_lsuv_leaves_layers_it_does_not_calibrate_as_they_were_and_lists_them():
         w = lin.weight.detach()
         cos = (w * q).sum() / (w.norm() * q.norm())
         assert float(cos) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_generator_keeps_the_global_rng_with_an_orthogonal_parametrisation():
+    """torch's orthogonal parametrisation completes a non-square weight to a
+    square one with Gaussian columns drawn from the global RNG when a weight
+    is assigned: with generator=, every initializer leaves the global RNG as
+    it was (it moved), and the weights it writes do not depend on it."""
+    from torch.nn.utils.parametrizations import orthogonal
+
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    for run in (lambda m: sp.init.apply_(m, "orthogonal", generator=torch.Generator().manual_seed(0)),
+                lambda m: sp.init.critical_(m, x, generator=torch.Generator().manual_seed(0)),
+                lambda m: sp.init.lsuv_(m, x, generator=torch.Generator().manual_seed(0))):
+        weights = []
+        for seed in (0, 123):
+            m = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+            orthogonal(m[0])
+            orthogonal(m[2])
+            torch.manual_seed(seed)
+            state = torch.get_rng_state()
+            run(m)
+            assert torch.equal(state, torch.get_rng_state())
+            weights.append(m[0].weight.detach().clone())
+        assert torch.equal(*weights)

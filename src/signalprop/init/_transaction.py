@@ -77,7 +77,12 @@ def writable(module: nn.Module, name: str = "weight") -> Iterator[torch.Tensor]:
     buf = getattr(module, name).detach().clone()
     yield buf
     try:
-        with torch.no_grad():
+        # a right_inverse may draw from the global RNG (torch's orthogonal parametrisation completes a
+        # non-square weight to a square one with Gaussian columns the weight never shows): the weight comes
+        # from the initializer's draws alone, so those draws are not allowed to move the caller's RNG
+        devices = [buf.device.index if buf.device.index is not None else torch.cuda.current_device()] \
+            if buf.is_cuda else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
             setattr(module, name, buf)
     except NotImplementedError as e:
         raise ValueError(f"{type(module).__name__}.{name} is parametrised by a parametrisation without "
