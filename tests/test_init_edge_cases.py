@@ -318,3 +318,42 @@ def test_a_generator_keeps_the_global_rng_with_an_orthogonal_parametrisation():
             assert torch.equal(state, torch.get_rng_state())
             weights.append(m[0].weight.detach().clone())
         assert torch.equal(*weights)
+
+
+def test_a_parametrised_bias_is_initialised_through_its_parametrisation():
+    """A bias under torch.nn.utils.parametrize: apply_ left it as it was and
+    listed it nowhere, critical_ and lsuv_ wrote its computed value (a copy
+    the next forward recomputes) and called it drawn.  All three now write
+    it through the parametrisation's right_inverse: apply_ zeroes it as
+    torch's schemes' biases (listed in its params), critical_ draws it
+    N(0, sigma_b^2) minus the sigmoid's mean through the weights, lsuv_
+    zeroes it and, with mean_correction, moves it to centre the output."""
+    import torch.nn.utils.parametrize as P
+
+    class Shift(nn.Module):  # invertible, so what is written is what the forward computes
+        def forward(self, b):
+            return b + 1.0
+
+        def right_inverse(self, b):
+            return b - 1.0
+
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
+    for name in ("apply", "critical", "lsuv"):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(8, 16), nn.Sigmoid(), nn.Linear(16, 4))
+        P.register_parametrization(m[2], "bias", Shift())
+        ref = nn.Sequential(nn.Linear(8, 16), nn.Sigmoid(), nn.Linear(16, 4))
+        ref.load_state_dict({k.replace("parametrizations.bias.original", "bias"): v + (1.0 if "bias.original" in k
+                                                                                      else 0.0)
+                             for k, v in m.state_dict().items()})
+        g = {"generator": torch.Generator().manual_seed(0)}
+        runs = {"apply": lambda mod: sp.init.apply_(mod, "xavier_uniform", **g),
+                "critical": lambda mod: sp.init.critical_(mod, x, **g),
+                "lsuv": lambda mod: sp.init.lsuv_(mod, x, mean_correction=True, **g)}
+        s = runs[name](m)
+        g = {"generator": torch.Generator().manual_seed(0)}
+        runs[name](ref)  # the same model with a plain bias: the values to reach
+        assert torch.allclose(m[2].bias, ref[2].bias, atol=1e-6), name
+        assert "2.bias" not in s.skipped
+        if name == "apply":
+            assert "2.bias" in [r.name for r in s.params]

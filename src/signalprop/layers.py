@@ -122,11 +122,11 @@ def _rnn_spec(m: nn.RNNBase, pname: str, t: torch.Tensor) -> ParamSpec:
 
 def module_specs(m: nn.Module, computed: bool = True) -> list[ParamSpec] | None:
     """Specs of a module's own (non-recursive) parameters, or None if unknown.
-    ``computed=False``: leave out a weight that is neither a parameter nor
-    parametrised -- one a forward pre-hook computes from other parameters
-    (pruning's ``weight_orig * weight_mask``, the hook-based ``weight_norm``
-    and ``spectral_norm``), which a write would not reach (the next forward
-    computes it anew)."""
+    ``computed=False`` (init's view): leave out a weight that is neither a
+    parameter nor parametrised -- one a forward pre-hook computes from other
+    parameters (pruning's ``weight_orig * weight_mask``, the hook-based
+    ``weight_norm`` and ``spectral_norm``), which a write would not reach
+    (the next forward computes it anew) -- and include a parametrised bias."""
     # the module's own parameters as named_parameters(recurse=False) gives them (a tensor under two names
     # once), read from _parameters directly: the generator cost 10 us a call, 20 ms on a 2,000-layer net
     own: dict[str, nn.Parameter] = {}
@@ -182,6 +182,11 @@ def module_specs(m: nn.Module, computed: bool = True) -> list[ParamSpec] | None:
     else:
         return None
     b = own.get("bias")
+    if b is None and not computed and _parametrized(m) and "bias" in m._modules["parametrizations"]._modules:
+        # a parametrised bias, as its weight is: the value its parametrisation computes (init writes it back
+        # through right_inverse); not read elsewhere (a monitor must not run a parametrisation outside the
+        # model's forward: a weight dropout draws, a spectral norm iterates)
+        b = m.bias
     if b is not None:
         specs.append(ParamSpec("bias", b, 1, int(b.shape[0]), "bias"))
     return specs

@@ -68,8 +68,8 @@ def _draw_into(layer: WeightLayer, w: torch.Tensor, sigma_w2: float, sigma_b2: f
             g = math.sqrt(sigma_w2 / fan_in * max(rows, cols))
             w.copy_((g * q).reshape(w.shape))
             kind = "orthogonal"
-        b = getattr(m, "bias", None)
-        if b is not None:
+    if has_bias:
+        with torch.no_grad(), writable(m, "bias") as b:  # through its parametrisation when there is one
             if sigma_b2 > 0:
                 b.normal_(0.0, math.sqrt(sigma_b2), generator=generator)
             else:

@@ -121,10 +121,11 @@ def lsuv_(model: nn.Module, inputs: Any, *, target: float = 1.0, tol: float = 0.
                 new = (out.float() - bv) * sy + bv
             else:
                 new = out.float() * sy
-            if mean_correction and b is not None:
-                mu = _per_channel(new, dim)[1]
-                b.sub_(mu.to(b.dtype))
-                new = new - _view(mu, new, dim)
+        if mean_correction and b is not None:
+            mu = _per_channel(new, dim)[1]
+            with torch.no_grad(), writable(m, "bias") as bw:  # (a parametrised bias: through its parametrisation)
+                bw.sub_(mu.to(bw.dtype))
+            new = new - _view(mu, new, dim)
         scale[m] *= float(s.mean())
         status[m] = "rescaled"
         return new.to(out.dtype)
@@ -151,7 +152,8 @@ def lsuv_(model: nn.Module, inputs: Any, *, target: float = 1.0, tol: float = 0.
                         g = own[w.device] = torch.Generator(w.device).manual_seed(seed)
                 _orthogonal_fill(w, 1.0, g)
             if getattr(m, "bias", None) is not None:
-                m.bias.zero_()  # type: ignore[union-attr]
+                with writable(m, "bias") as b:
+                    b.zero_()
 
     passes = 0
     with preserved(model, writes_parameters=True):  # weights come back on failure through @transactional
