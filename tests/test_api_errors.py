@@ -19,6 +19,7 @@ X = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
 CASES = [
     ("trend nan", lambda m: sp.check(m, X, trend=float("nan")), "trend must be > 1"),
     ("bounds inf", lambda m: sp.check(m, X, bounds=(1e-6, float("inf"))), "0 < low < high"),
+    ("monitor agc True", lambda m: sp.monitor(m, agc=True), "agc must be a positive clipping factor"),
     ("isometry", lambda m: sp.init.critical_(m, isometry=-1), "isometry must be a positive number"),
     ("q_star", lambda m: sp.init.critical_(m, q_star=0.0), "q_star must be a positive number"),
     ("normal(1e400)", lambda m: sp.init.apply_(m, "normal(1e400)"), "positive finite number, got inf"),
@@ -73,3 +74,12 @@ def test_generator_on_another_device_is_refused():
     m = _mlp().to("meta")  # parameters on a device no CPU generator can fill
     with pytest.raises(ValueError, match="cpu generator but the model's parameters are on meta"):
         sp.init.apply_(m, "xavier_normal", generator=torch.Generator())
+
+
+def test_limits_that_are_not_numbers_are_refused_by_name():
+    """A string for trend or a bound was compared with a number inside
+    ("'<' not supported between instances of 'int' and 'str'"): the error
+    now names the arguments, for check and monitor alike."""
+    for call in (lambda m: sp.check(m, X, trend="x"), lambda m: sp.monitor(m, bounds=(1e-6, "1e3"))):
+        with pytest.raises(TypeError, match="bounds and trend are numbers"):
+            call(_mlp())

@@ -624,3 +624,74 @@ def test_start_at_numbers_steps_from_the_given_count():
     with pytest.raises(RuntimeError, match="before this monitor's first step"):
         mon.start_at(0)
     mon.close()
+
+
+@_lightning_warnings
+def test_lightning_callback_state_across_versions_and_optimizers(tmp_path):
+    """A checkpoint saved under the class's name (before the key named the
+    watched module) still resumes a callback with module=, and a GAN's run
+    resumed from a checkpoint without the callbacks numbers its monitors by
+    the batches that stepped, as the run with them throughout does (the
+    trainer's global_step counts both optimizers' steps: twice as many)."""
+    import warnings
+
+    import lightning.pytorch as pl
+
+    from signalprop.integrations.lightning import SignalpropCallback
+
+    class Before(SignalpropCallback):
+        @property
+        def state_key(self):
+            return "SignalpropCallback"
+
+    kw = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+              enable_checkpointing=False, default_root_dir=str(tmp_path))
+    data = torch.utils.data.TensorDataset(*map(torch.cat, zip(*_batches(12))))
+    old = Before(every=EVERY, grad_every=1, module="net")
+    trainer = pl.Trainer(max_steps=4, callbacks=[old], **kw)
+    trainer.fit(_LitMLP(0.05), torch.utils.data.DataLoader(data, batch_size=16))
+    trainer.save_checkpoint(tmp_path / "old.ckpt")
+    cb = SignalpropCallback(every=EVERY, grad_every=1, module="net")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's own: the saved key is not a callback's key now
+        pl.Trainer(max_steps=8, callbacks=[cb], **kw).fit(_LitMLP(0.05), torch.utils.data.DataLoader(data, batch_size=16),
+                                                          ckpt_path=str(tmp_path / "old.ckpt"))
+    assert cb.monitor.steps == list(range(8)) and [h.step for h in cb.monitor.history] == [0, 2, 4, 6]
+
+    gan = torch.utils.data.TensorDataset(torch.randn(96, 8, generator=torch.Generator().manual_seed(3)))
+    trainer = pl.Trainer(max_steps=8, **kw)
+    trainer.fit(_LitGAN(), torch.utils.data.DataLoader(gan, batch_size=16))
+    trainer.save_checkpoint(tmp_path / "gan.ckpt")
+    assert trainer.global_step == 8  # 4 batches, two optimizer steps each
+    cbs = [SignalpropCallback(every=2, module="G"), SignalpropCallback(every=2, module="D")]
+    pl.Trainer(max_steps=12, callbacks=cbs, **kw).fit(_LitGAN(), torch.utils.data.DataLoader(gan, batch_size=16),
+                                                      ckpt_path=str(tmp_path / "gan.ckpt"))
+    assert cbs[0].monitor.steps == cbs[1].monitor.steps == [4, 5]
+
+
+def test_hf_two_callbacks_resume_their_own_states(tmp_path):
+    """Two HF callbacks added to a run resumed from a checkpoint without
+    them, then resumed again: each continues its own monitor (the Trainer's
+    save overwrote one callback's state with the other's, and a resume read
+    the states taken when the run began, none)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+    from signalprop.integrations.transformers import SignalpropCallback
+
+    def train(steps, callbacks, resume=None):
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=2))
+        args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4,
+                                 learning_rate=1e-3, report_to=[], save_strategy="steps", save_steps=4,
+                                 use_cpu=True, disable_tqdm=True, seed=0)
+        Trainer(model=model, args=args, train_dataset=_Tokens(64), callbacks=callbacks).train(
+            resume_from_checkpoint=resume)
+
+    train(4, [])
+    a, b = SignalpropCallback(every=2, grad_every=1), SignalpropCallback(every=3, grad_every=1)
+    train(8, [a, b], str(tmp_path / "checkpoint-4"))
+    assert [h.step for h in a.monitor.history] == [4, 6] and [h.step for h in b.monitor.history] == [6]
+    c, d = SignalpropCallback(every=2, grad_every=1), SignalpropCallback(every=3, grad_every=1)
+    train(12, [c, d], str(tmp_path / "checkpoint-8"))
+    assert [h.step for h in c.monitor.history] == [4, 6, 8, 10]
+    assert [h.step for h in d.monitor.history] == [6, 9]

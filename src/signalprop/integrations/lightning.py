@@ -117,6 +117,12 @@ class SignalpropCallback(pl.Callback):
         networks share a Trainer (and a checkpoint)."""
         return type(self).__qualname__ if self.module is None else self._generate_state_key(module=self.module)
 
+    @property
+    def _legacy_state_key(self) -> Any:
+        # a checkpoint saved before the key named the module holds the state under the class's name: Lightning
+        # reads it from there when the key above is missing (it also warns that the callback is not present)
+        return type(self).__qualname__
+
     def _target(self, pl_module: pl.LightningModule) -> torch.nn.Module:
         return pl_module.get_submodule(self.module) if self.module else pl_module
 
@@ -151,8 +157,13 @@ class SignalpropCallback(pl.Callback):
         if self._restored:
             self.monitor.load_state_dict(self._restored)
             self._restored = None
-        elif trainer.global_step > 0:  # resumed from a checkpoint saved without this callback's state
-            self.monitor.start_at(trainer.global_step)
+        else:  # resumed from a checkpoint saved without this callback's state: the trainer's count goes on
+            # (the batches that stepped, Lightning's logging step: global_step counts every optimizer's steps,
+            # twice a batch in a GAN, where the monitor steps once)
+            done = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "_batches_that_stepped", None)
+            done = done if isinstance(done, int) else trainer.global_step
+            if done > 0:
+                self.monitor.start_at(done)
 
     def state_dict(self) -> dict[str, Any]:
         """The monitor's state (step count, alert baselines, alerts), saved in

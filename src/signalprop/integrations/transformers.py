@@ -153,23 +153,49 @@ class SignalpropCallback(TrainerCallback, ExportableState):
     def on_train_begin(self, args: Any, state: Any, control: Any, model: torch.nn.Module | None = None,
                        **kwargs: Any) -> None:
         self._start(state, model, kwargs.get("optimizer"))
-        if self._restored is None and getattr(state, "global_step", 0) > 0:
-            # resumed from a checkpoint: the Trainer restores callbacks only with
-            # restore_callback_states_from_checkpoint=True, so the monitor's saved state is read here
-            self._restored = self._saved_state(getattr(state, "stateful_callbacks", None) or {})
-            if self._restored is None and self.monitor is not None:  # a checkpoint saved without this callback
-                self.monitor.start_at(int(state.global_step))
         stateful = getattr(state, "stateful_callbacks", None)
-        if isinstance(stateful, dict) and type(self).__name__ not in stateful:
-            # a run resumed from a checkpoint saved without this callback: the Trainer's state read from it has
-            # no entry for it, and the Trainer's next checkpoint raised KeyError looking one up (transformers 5)
-            stateful[type(self).__name__] = self.state()
+        if getattr(state, "global_step", 0) > 0:
+            # resumed from a checkpoint: its saved state, read here (the Trainer restores callbacks only with
+            # restore_callback_states_from_checkpoint=True, and from a list of several callbacks' states it
+            # takes the first ones, the states saved when the first run began)
+            saved = self._saved_state(stateful if isinstance(stateful, dict) else {})
+            if saved is not None:
+                self._restored = saved
+            elif self._restored is None and self.monitor is not None:  # saved without this callback
+                self.monitor.start_at(int(state.global_step))
+        if isinstance(stateful, dict):
+            self._register(stateful)
+
+    def _register(self, stateful: dict[str, Any]) -> None:
+        """An entry for this callback in the Trainer's ``stateful_callbacks``
+        where its state read from a checkpoint saved without this callback
+        has none (the Trainer's next save raised KeyError looking it up), or
+        only another live callback's of this class (the Trainer's save then
+        overwrote one callback's state with the other's): a list, to which
+        each save appends every callback's state."""
+        name = type(self).__name__
+        entry = stateful.get(name)
+        if entry is None:
+            stateful[name] = self.state()
+            return
+        entries = entry if isinstance(entry, list) else [entry]
+        keys = {e.get("args", {}).get("_key") for e in entries if isinstance(e, dict)}
+        if self._key not in keys and any(_LIVE.get(k) not in (None, self) for k in keys):
+            stateful[name] = [*entries, self.state()]
 
     def _saved_state(self, stateful: dict[str, Any]) -> dict[str, Any] | None:
+        """This callback's monitor state in a checkpoint's ``stateful_callbacks``:
+        the entry saved by this callback object (its key), else by a callback
+        with its arguments, else any; the latest of them (the Trainer appends
+        each save's states to a list when a run has several callbacks of this
+        class, after the states taken when the run began)."""
         saved = stateful.get(type(self).__name__)
-        entries = saved if isinstance(saved, list) else [saved] if saved else []
-        mine = [e for e in entries if e.get("args", {}).get("_key") == self._key] or entries[:1]
-        return mine[0].get("attributes", {}).get("_restored") if mine else None
+        entries = [e for e in (saved if isinstance(saved, list) else [saved]) if isinstance(e, dict)]
+        ours = {k: v for k, v in self.state()["args"].items() if k != "_key"}
+        mine = [e for e in entries if e.get("args", {}).get("_key") == self._key] or \
+            [e for e in entries if {k: v for k, v in e.get("args", {}).items() if k != "_key"} == ours] or entries
+        states = [e.get("attributes", {}).get("_restored") for e in mine]
+        return next((st for st in reversed(states) if st), None)
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.monitor is None:  # rebuilt by a checkpoint restore after on_train_begin

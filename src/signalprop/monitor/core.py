@@ -281,7 +281,8 @@ def check_options(every: int = 50, *, writer: Any = None, agc: float | None = No
     if grad_every is not None and (isinstance(grad_every, bool) or not isinstance(grad_every, int)
                                    or grad_every < 1):
         raise ValueError(f"grad_every must be a positive integer or None, got {grad_every!r}")
-    if agc is not None and not (isinstance(agc, (int, float)) and agc > 0 and math.isfinite(agc)):
+    if agc is not None and not (isinstance(agc, (int, float)) and not isinstance(agc, bool) and agc > 0
+                                and math.isfinite(agc)):
         raise ValueError(f"agc must be a positive clipping factor such as 0.01, or None; got {agc!r}")
     check_limits(bounds, trend)
     if writer is not None and not (callable(getattr(writer, "add_scalar", None))

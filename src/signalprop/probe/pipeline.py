@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from collections.abc import Iterable
 from typing import Any, cast
 
@@ -72,6 +73,8 @@ def check_limits(bounds: tuple[float, float], trend: float) -> None:
     if not (isinstance(bounds, (tuple, list)) and len(bounds) == 2):
         raise ValueError(f"bounds must be (low, high), got {bounds!r}")
     lo, hi = bounds
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (lo, hi, trend)):
+        raise TypeError(f"bounds and trend are numbers, got bounds={bounds!r} and trend={trend!r}")
     if not (0 < lo < hi < math.inf):
         raise ValueError(f"bounds must satisfy 0 < low < high, got {bounds}")
     if not 1 < trend < math.inf:
