@@ -346,13 +346,11 @@ def test_a_parametrised_bias_is_initialised_through_its_parametrisation():
         ref.load_state_dict({k.replace("parametrizations.bias.original", "bias"): v + (1.0 if "bias.original" in k
                                                                                       else 0.0)
                              for k, v in m.state_dict().items()})
-        g = {"generator": torch.Generator().manual_seed(0)}
-        runs = {"apply": lambda mod: sp.init.apply_(mod, "xavier_uniform", **g),
-                "critical": lambda mod: sp.init.critical_(mod, x, **g),
-                "lsuv": lambda mod: sp.init.lsuv_(mod, x, mean_correction=True, **g)}
-        s = runs[name](m)
-        g = {"generator": torch.Generator().manual_seed(0)}
-        runs[name](ref)  # the same model with a plain bias: the values to reach
+        runs = {"apply": lambda mod, g: sp.init.apply_(mod, "xavier_uniform", generator=g),
+                "critical": lambda mod, g: sp.init.critical_(mod, x, generator=g),
+                "lsuv": lambda mod, g: sp.init.lsuv_(mod, x, mean_correction=True, generator=g)}
+        s = runs[name](m, torch.Generator().manual_seed(0))
+        runs[name](ref, torch.Generator().manual_seed(0))  # the same model with a plain bias: the values to reach
         assert torch.allclose(m[2].bias, ref[2].bias, atol=1e-6), name
         assert "2.bias" not in s.skipped
         if name == "apply":

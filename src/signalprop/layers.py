@@ -47,6 +47,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -181,14 +182,15 @@ def module_specs(m: nn.Module, computed: bool = True) -> list[ParamSpec] | None:
         return specs
     else:
         return None
-    b = own.get("bias")
-    if b is None and not computed and _parametrized(m) and "bias" in m._modules["parametrizations"]._modules:
+    bias: torch.Tensor | None = own.get("bias")
+    pz = m._modules.get("parametrizations")
+    if bias is None and not computed and pz is not None and "bias" in pz._modules:
         # a parametrised bias, as its weight is: the value its parametrisation computes (init writes it back
         # through right_inverse); not read elsewhere (a monitor must not run a parametrisation outside the
         # model's forward: a weight dropout draws, a spectral norm iterates)
-        b = m.bias
-    if b is not None:
-        specs.append(ParamSpec("bias", b, 1, int(b.shape[0]), "bias"))
+        bias = cast(torch.Tensor, m.bias)
+    if bias is not None:
+        specs.append(ParamSpec("bias", bias, 1, int(bias.shape[0]), "bias"))
     return specs
 
 
