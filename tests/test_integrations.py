@@ -695,3 +695,28 @@ def test_hf_two_callbacks_resume_their_own_states(tmp_path):
     train(12, [c, d], str(tmp_path / "checkpoint-8"))
     assert [h.step for h in c.monitor.history] == [4, 6, 8, 10]
     assert [h.step for h in d.monitor.history] == [6, 9]
+
+
+@_lightning_warnings
+def test_lightning_gan_resume_keeps_which_forward_to_sample(tmp_path):
+    """A discriminator's monitor learns, from a sample whose forward's
+    gradients the generator's step zeroed, to sample each step's last
+    forward; a checkpoint carries that (a resumed run's first sample was
+    incomplete again)."""
+    import lightning.pytorch as pl
+
+    from signalprop.integrations.lightning import SignalpropCallback
+
+    kw = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+              enable_checkpointing=False, default_root_dir=str(tmp_path))
+    gan = torch.utils.data.TensorDataset(torch.randn(96, 8, generator=torch.Generator().manual_seed(3)))
+    first = SignalpropCallback(every=2, module="D")
+    trainer = pl.Trainer(max_steps=8, callbacks=[first], **kw)
+    trainer.fit(_LitGAN(), torch.utils.data.DataLoader(gan, batch_size=16))
+    assert any(h.incomplete for h in first.monitor.history)  # what it learned from
+    trainer.save_checkpoint(tmp_path / "d.ckpt")
+    cb = SignalpropCallback(every=2, module="D")
+    pl.Trainer(max_steps=16, callbacks=[cb], **kw).fit(_LitGAN(), torch.utils.data.DataLoader(gan, batch_size=16),
+                                                       ckpt_path=str(tmp_path / "d.ckpt"))
+    resumed = [h for h in cb.monitor.history if h.step >= 4]
+    assert resumed and not any(h.incomplete for h in resumed), [(h.step, h.incomplete[:40]) for h in resumed]

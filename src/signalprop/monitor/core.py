@@ -1258,7 +1258,10 @@ class Monitor:
                 "alerted": sorted([list(x) for x in self._alerted]),
                 "last_scalar_alert": dict(self._last_scalar_alert), "nonfinite_seen": self._nonfinite_seen,
                 "skipped": list(self.skipped), "scaler_skipped": list(self.scaler_skipped),
-                "loss_scale": self._scale.last if self._scale is not None else None}
+                "loss_scale": self._scale.last if self._scale is not None else None,
+                # learned from a sample whose forward's gradients were zeroed before the step's backward (a GAN's
+                # discriminator): which forward of a step to sample
+                "last_pass": self._last_pass}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict` (before the first ``step`` of the
@@ -1287,6 +1290,7 @@ class Monitor:
         self._nonfinite_seen = bool(state["nonfinite_seen"])
         self.skipped = [int(x) for x in state.get("skipped", [])]
         self.scaler_skipped = [int(x) for x in state.get("scaler_skipped", [])]
+        self._last_pass = bool(state.get("last_pass", False))
         if self._scale is not None and state.get("loss_scale") is not None:
             self._scale.last = float(state["loss_scale"])  # a fall at the resumed run's first step is a skip
         self._renumbered()
