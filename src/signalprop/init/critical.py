@@ -52,6 +52,10 @@ def _draw_into(layer: WeightLayer, w: torch.Tensor, sigma_w2: float, sigma_b2: f
     out_ch, in_ch = w.shape[0], w.shape[1]
     fan_in = fans(m)[0]  # the module's real wiring (ConvTranspose: input channels per group x taps / stride)
     transposed = isinstance(m, CONV_TRANSPOSE)
+    # a strided ConvTranspose's output entries sum different taps by position (their phase): a bias, one number
+    # a channel, cannot remove a mean that alternates with the phase, so the weights annihilate it, per phase
+    phased = transposed and mean is not None and (not has_bias or math.prod(getattr(m, "stride", (1,))) > 1)
+    centered = centered or phased
     with torch.no_grad():
         if w.dim() > 2 and not transposed and out_ch >= in_ch and getattr(m, "groups", 1) == 1:
             # Xiao et al. (2018): orthogonal centre tap; per-unit second moment scales by g^2 in/out
@@ -68,20 +72,23 @@ def _draw_into(layer: WeightLayer, w: torch.Tensor, sigma_w2: float, sigma_b2: f
             g = math.sqrt(sigma_w2 / fan_in * max(rows, cols))
             w.copy_((g * q).reshape(w.shape))
             kind = "orthogonal"
+            if transposed and phased:
+                # weight (in, out / groups, *k): an output entry sums, over its group's input channels, the
+                # taps of its phase; with every column centred over those channels each phase's sum is 0
+                groups = getattr(m, "groups", 1)
+                per = w.view(groups, w.shape[0] // groups, -1)
+                per.sub_(per.mean(dim=1, keepdim=True))
     if has_bias:
         with torch.no_grad(), writable(m, "bias") as b:  # through its parametrisation when there is one
             if sigma_b2 > 0:
                 b.normal_(0.0, math.sqrt(sigma_b2), generator=generator)
             else:
                 b.zero_()
-            if mean is not None:
+            if mean is not None and not phased:
                 if transposed:  # weight (in, out / groups, *k): output channel g * (out / groups) + j
                     groups = getattr(m, "groups", 1)
                     per_group = w.reshape(groups, w.shape[0] // groups, *w.shape[1:])
-                    # an output entry sums the taps of its phase only (a 1/stride share of them per
-                    # dimension, the phase set by its position): the bias removes their mean over phases
-                    share = 1.0 / math.prod(getattr(m, "stride", (1,)))
-                    b.sub_(mean * share * per_group.sum(dim=(1,) + tuple(range(3, per_group.dim()))).reshape(-1))
+                    b.sub_(mean * per_group.sum(dim=(1,) + tuple(range(3, per_group.dim()))).reshape(-1))
                 else:
                     b.sub_(mean * w.sum(dim=tuple(range(1, w.dim()))))
                 kind += " (mean removed through the bias)"
