@@ -355,3 +355,48 @@ def test_a_parametrised_bias_is_initialised_through_its_parametrisation():
         assert "2.bias" not in s.skipped
         if name == "apply":
             assert "2.bias" in [r.name for r in s.params]
+
+
+def test_parametrised_tensors_that_cannot_be_written_are_left_and_listed():
+    """A parametrisation without right_inverse (a positivity constraint's
+    softplus) cannot be assigned through: each initializer leaves that tensor
+    as it was and lists it in skipped (apply_ raised torch's RuntimeError;
+    since the parametrised bias was written, critical_ and lsuv_ refused the
+    model); a LayerNorm weight under a parametrisation is listed too (it was
+    neither set nor listed); and with a parametrised weight and bias apply_
+    writes both (it took the bias for the weight's tied twin and left it)."""
+    import torch.nn.utils.parametrize as P
+
+    class Positive(nn.Module):
+        def forward(self, t):
+            return nn.functional.softplus(t)
+
+    class Shift(nn.Module):
+        def forward(self, b):
+            return b + 1.0
+
+        def right_inverse(self, b):
+            return b - 1.0
+
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
+    runs = (lambda m: sp.init.apply_(m, "xavier_uniform", generator=torch.Generator().manual_seed(0)),
+            lambda m: sp.init.critical_(m, x, generator=torch.Generator().manual_seed(0)),
+            lambda m: sp.init.lsuv_(m, x, mean_correction=True, generator=torch.Generator().manual_seed(0)))
+    for where in ("weight", "bias"):
+        for run in runs:
+            torch.manual_seed(0)
+            m = nn.Sequential(nn.Linear(8, 16), nn.Sigmoid(), nn.Linear(16, 4))
+            P.register_parametrization(m[2], where, Positive())
+            kept = getattr(m[2], where).detach().clone()
+            s = run(m)
+            assert f"2.{where}" in s.skipped
+            assert torch.equal(getattr(m[2], where), kept)
+            assert not torch.equal(m[0].weight, torch.zeros_like(m[0].weight))
+    m = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4))
+    P.register_parametrization(m[1], "weight", Shift())
+    assert "1.weight" in sp.init.apply_(m, "xavier_uniform", generator=torch.Generator().manual_seed(0)).skipped
+    m = nn.Sequential(nn.Linear(8, 4))
+    nn.utils.parametrizations.weight_norm(m[0])
+    P.register_parametrization(m[0], "bias", Shift())
+    s = sp.init.apply_(m, "xavier_uniform", generator=torch.Generator().manual_seed(0))
+    assert not s.notes and torch.allclose(m[0].bias, torch.zeros(4), atol=1e-6)

@@ -184,7 +184,7 @@ def module_specs(m: nn.Module, computed: bool = True) -> list[ParamSpec] | None:
         return None
     bias: torch.Tensor | None = own.get("bias")
     pz = m._modules.get("parametrizations")
-    if bias is None and not computed and pz is not None and "bias" in pz._modules:
+    if bias is None and not computed and pz is not None and "bias" in pz._modules and settable(m, "bias"):
         # a parametrised bias, as its weight is: the value its parametrisation computes (init writes it back
         # through right_inverse); not read elsewhere (a monitor must not run a parametrisation outside the
         # model's forward: a weight dropout draws, a spectral norm iterates)
@@ -212,6 +212,9 @@ def param_specs(model: nn.Module) -> tuple[list[tuple[str, ParamSpec]], list[str
         known += [(prefix + s.name, s) for s in specs]
         covered = {s.name for s in specs}  # (a pruned layer's weight_orig: its weight is computed from it)
         unknown += [prefix + n for n, _ in m.named_parameters(recurse=False) if n not in covered]
+        pz = m._modules.get("parametrizations")  # parametrised tensors the specs leave out (a norm's, or one
+        if pz is not None:  # without right_inverse): named under the tensor they compute
+            unknown += [prefix + n for n in pz._modules if n not in covered]
     return known, unknown
 
 
@@ -241,12 +244,27 @@ def _parametrized(m: nn.Module) -> bool:
 
 
 def computed_weight(m: nn.Module) -> bool:
-    """Whether a weight layer's weight is neither a parameter nor parametrised:
-    a forward pre-hook computes it from other parameters (pruning's
-    ``weight_orig * weight_mask``, the hook-based ``weight_norm`` and
-    ``spectral_norm``), so a write into it does not reach the model (the
-    next forward computes it anew)."""
-    return "weight" not in m._parameters and isinstance(m, _WEIGHTED) and not _parametrized(m)
+    """Whether a write into a weight layer's weight cannot reach the model:
+    it is neither a parameter nor parametrised -- a forward pre-hook computes
+    it from other parameters (pruning's ``weight_orig * weight_mask``, the
+    hook-based ``weight_norm`` and ``spectral_norm``; the next forward
+    computes it anew) -- or a parametrisation computes it that cannot be
+    inverted (no ``right_inverse``: a positivity constraint's softplus)."""
+    if not isinstance(m, _WEIGHTED):
+        return False
+    if _parametrized(m):
+        return not settable(m, "weight")
+    return "weight" not in m._parameters
+
+
+def settable(m: nn.Module, name: str) -> bool:
+    """Whether ``m.<name>`` can be assigned: a plain attribute, or computed by
+    ``torch.nn.utils.parametrize`` through parametrisations that all have a
+    ``right_inverse`` (the assignment runs them backwards; torch raises
+    without one)."""
+    pz = m._modules.get("parametrizations")
+    chain = pz._modules.get(name) if pz is not None else None
+    return chain is None or all(hasattr(p, "right_inverse") for p in chain._modules.values())
 
 
 def param_fan_ins(module: nn.Module) -> dict[str, int]:

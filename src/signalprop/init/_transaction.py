@@ -84,7 +84,9 @@ def writable(module: nn.Module, name: str = "weight") -> Iterator[torch.Tensor]:
             if buf.is_cuda else []
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             setattr(module, name, buf)
-    except NotImplementedError as e:
+    except (NotImplementedError, RuntimeError) as e:  # torch raises RuntimeError for a missing right_inverse
+        if isinstance(e, RuntimeError) and "right_inverse" not in str(e):
+            raise
         raise ValueError(f"{type(module).__name__}.{name} is parametrised by a parametrisation without "
                          "right_inverse: its underlying parameters cannot be set from a weight; initialise them "
                          "directly") from e

@@ -174,7 +174,9 @@ def apply_(model: nn.Module, scheme: str, *, activation: Any = None,
     notes = []
     for full, spec in specs:
         owner = owners.get(full[: len(full) - len(spec.name)], model)
-        key = id(spec.tensor) if not is_parametrized(owner, spec.name) else id(owner)
+        # a parametrised tensor is computed anew at each read: known by its owner and name (weight and bias
+        # both parametrised are two tensors, not one tied)
+        key: Any = id(spec.tensor) if not is_parametrized(owner, spec.name) else (id(owner), spec.name)
         if key in first:  # a tied tensor (GPT-2's lm_head and wte): drawn once, by its first user
             notes.append(f"{full} is the same tensor as {first[key]} (tied): initialised once, as {first[key]}")
             continue

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .. import activations as _act
-from ..layers import CONV_TRANSPOSE, computed_weight, fans, param_specs
+from ..layers import CONV_TRANSPOSE, computed_weight, fans, param_specs, settable
 from ..records import InitSummary, LayerInit, ParamInit
 from ..theory.critical import CriticalPoint, critical_point
 from ._transaction import check_generator, is_parametrized, transactional, writable
@@ -47,7 +47,8 @@ def _draw(layer: WeightLayer, sigma_w2: float, sigma_b2: float, mean: float | No
 def _draw_into(layer: WeightLayer, w: torch.Tensor, sigma_w2: float, sigma_b2: float, mean: float | None,
                generator: torch.Generator | None) -> str:
     m = layer.module
-    has_bias = getattr(m, "bias", None) is not None
+    # a bias computed by a parametrisation that cannot be inverted is left as it was (and listed as skipped)
+    has_bias = getattr(m, "bias", None) is not None and settable(m, "bias")
     centered = mean is not None and not has_bias
     out_ch, in_ch = w.shape[0], w.shape[1]
     fan_in = fans(m)[0]  # the module's real wiring (ConvTranspose: input channels per group x taps / stride)
@@ -206,7 +207,8 @@ def critical_(model: nn.Module, inputs: Any = None, *, activation: Any = None,
             notes.append(c.note)
     done = {id(p) for layer in layers for p in layer.module.parameters(recurse=False)}
     specs, unknown = param_specs(model)
-    drawn = {f"{layer.name}.{p}" if layer.name else p for layer in layers for p in ("weight", "bias")}  # parametrised too
+    drawn = {f"{layer.name}.{p}" if layer.name else p for layer in layers for p in ("weight", "bias")
+             if settable(layer.module, p)}  # parametrised too
     skipped = list(dict.fromkeys(unknown + [n for n, s in specs if id(s.tensor) not in done and n not in drawn]
                                  + left))
     if residual is not None:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..layers import CONV_TRANSPOSE, WEIGHT_LAYERS, computed_weight, own_parameters, param_specs
+from ..layers import CONV_TRANSPOSE, WEIGHT_LAYERS, computed_weight, own_parameters, param_specs, settable
 from ..records import InitSummary, LayerInit
 from ._transaction import check_generator, transactional, writable
 from .orthogonal import _orthogonal_fill
@@ -121,7 +121,7 @@ def lsuv_(model: nn.Module, inputs: Any, *, target: float = 1.0, tol: float = 0.
                 new = (out.float() - bv) * sy + bv
             else:
                 new = out.float() * sy
-        if mean_correction and b is not None:
+        if mean_correction and b is not None and settable(m, "bias"):
             mu = _per_channel(new, dim)[1]
             with torch.no_grad(), writable(m, "bias") as bw:  # (a parametrised bias: through its parametrisation)
                 bw.sub_(mu.to(bw.dtype))
@@ -151,7 +151,7 @@ def lsuv_(model: nn.Module, inputs: Any, *, target: float = 1.0, tol: float = 0.
                     if g is None:
                         g = own[w.device] = torch.Generator(w.device).manual_seed(seed)
                 _orthogonal_fill(w, 1.0, g)
-            if getattr(m, "bias", None) is not None:
+            if getattr(m, "bias", None) is not None and settable(m, "bias"):
                 with writable(m, "bias") as b:
                     b.zero_()
 
@@ -178,7 +178,8 @@ def lsuv_(model: nn.Module, inputs: Any, *, target: float = 1.0, tol: float = 0.
     # every parameter left as it was: those of layers whose forward never ran or whose weight is computed,
     # and those of modules LSUV does not scale (embeddings, norms, an attention's in_proj_weight)
     done = {id(p) for m in order for p in own_parameters(m)}
-    calibrated = {f"{names[m]}.{p}" if names.get(m) else p for m in order for p in ("weight", "bias")}
+    calibrated = {f"{names[m]}.{p}" if names.get(m) else p for m in order for p in ("weight", "bias")
+                  if settable(m, p)}
     specs, unknown = param_specs(model)
     skipped = tuple(dict.fromkeys(unknown + [n for n, sp_ in specs if id(sp_.tensor) not in done
                                              and n not in calibrated]))
