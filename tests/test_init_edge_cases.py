@@ -400,3 +400,43 @@ def test_parametrised_tensors_that_cannot_be_written_are_left_and_listed():
     P.register_parametrization(m[0], "bias", Shift())
     s = sp.init.apply_(m, "xavier_uniform", generator=torch.Generator().manual_seed(0))
     assert not s.notes and torch.allclose(m[0].bias, torch.zeros(4), atol=1e-6)
+
+
+def test_lsuv_per_channel_on_a_grouped_transposed_convolution():
+    """per_channel=True scales each output channel; a grouped ConvTranspose
+    keeps output channel g * (out / groups) + j in column j of group g's
+    rows (it raised a shape error). Every output channel's variance ends
+    within the tolerance of the target (measured on the calibration batch)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.ConvTranspose2d(8, 12, 4, stride=2, groups=2), nn.ReLU(), nn.Conv2d(12, 4, 1))
+    x = torch.randn(16, 8, 12, 12, generator=torch.Generator().manual_seed(1))
+    sp.init.lsuv_(m, x, per_channel=True, tol=0.05, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        var = m[0](x).var(dim=(0, 2, 3), unbiased=False)
+    assert torch.all((var - 1.0).abs() <= 0.05 + 1e-4), var
+
+
+def test_lsuv_reports_a_layer_it_drew_but_could_not_calibrate():
+    """A Linear returning a tuple (a router's logits and auxiliary loss) is
+    given its orthogonal start but cannot be calibrated: the summary says
+    so in its row (it listed the changed weight as left as it was)."""
+    class Routed(nn.Linear):
+        def forward(self, x):
+            y = super().forward(x)
+            return y, y.abs().mean()
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = Routed(8, 8)
+            self.b = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)[0]))
+
+    torch.manual_seed(0)
+    m = Net()
+    s = sp.init.lsuv_(m, torch.randn(32, 8), generator=torch.Generator().manual_seed(0))
+    assert "a.weight" not in s.skipped
+    row = next(r for r in s.layers if r.name == "a")
+    assert "not calibrated" in row.note

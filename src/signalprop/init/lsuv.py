@@ -87,7 +87,12 @@ def lsuv_(model: nn.Module, inputs: Any, *, target: float = 1.0, tol: float = 0.
     status: dict[nn.Module, str] = {}
 
     def hook(m: nn.Module, args: Any, out: Any) -> Any:
-        if not isinstance(out, torch.Tensor) or m in seen:
+        if not isinstance(out, torch.Tensor):
+            if orthogonal and m not in order:  # its orthogonal start was drawn: said, not listed as left as it was
+                order.append(m)
+                status[m] = "orthogonal start only: its output is not a tensor, not calibrated"
+            return None
+        if m in seen:
             return None  # a shared module is calibrated on its first call of each pass
         seen.add(m)
         if m not in order:
@@ -112,9 +117,15 @@ def lsuv_(model: nn.Module, inputs: Any, *, target: float = 1.0, tol: float = 0.
         s = torch.sqrt(target / var)
         b = getattr(m, "bias", None)
         with torch.no_grad(), writable(m, "weight") as w:  # through a parametrisation when there is one
-            out_dim = 1 if isinstance(m, CONV_TRANSPOSE) else 0
-            sw = _view(s, w, out_dim) if per_channel else s
-            w.mul_(sw.to(w.dtype))
+            groups = getattr(m, "groups", 1)
+            if per_channel and isinstance(m, CONV_TRANSPOSE) and groups > 1:
+                # weight (in, out / groups, *k): output channel g * (out / groups) + j is column j of group g's rows
+                wg = w.view(groups, w.shape[0] // groups, *w.shape[1:])
+                wg.mul_(s.view(groups, 1, w.shape[1], *[1] * (w.dim() - 2)).to(w.dtype))
+            else:
+                out_dim = 1 if isinstance(m, CONV_TRANSPOSE) else 0
+                sw = _view(s, w, out_dim) if per_channel else s
+                w.mul_(sw.to(w.dtype))
             sy = _view(s, out, dim) if per_channel else s
             if b is not None:
                 bv = _view(b.detach().float(), out, dim)
