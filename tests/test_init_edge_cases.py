@@ -440,3 +440,31 @@ def test_lsuv_reports_a_layer_it_drew_but_could_not_calibrate():
     assert "a.weight" not in s.skipped
     row = next(r for r in s.layers if r.name == "a")
     assert "not calibrated" in row.note
+
+
+def test_a_failed_initializer_puts_back_a_tensor_a_parametrisation_replaced():
+    """torch's orthogonal parametrisation keeps the weight in a buffer that
+    each assignment replaces with a new tensor: an initializer that fails
+    afterwards put the old values back into the old tensor, which the
+    module no longer held, and the weight stayed changed."""
+    from torch.nn.utils.parametrizations import orthogonal
+
+    class FailsSecond(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(16, 16)
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            if self.calls >= 2:
+                raise RuntimeError("fails on the second pass")
+            return self.lin(x)
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), FailsSecond())
+    orthogonal(m[0])
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(RuntimeError, match="second pass"):
+        sp.init.lsuv_(m, torch.randn(64, 16), generator=torch.Generator().manual_seed(1))
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())

@@ -19,7 +19,8 @@ _ACTIVE: set[int] = set()  # models already inside a transaction (apply_("critic
 @contextmanager
 def all_or_nothing(model: nn.Module) -> Iterator[None]:
     """Snapshot every parameter and buffer (a shared tensor once); on any
-    exception -- KeyboardInterrupt included -- copy them back and re-raise.
+    exception -- KeyboardInterrupt included -- copy them back, put back any
+    that was replaced by another tensor, and re-raise.
     Nested on the same model (one initializer calling another), the outer
     snapshot is the one kept: no second copy of the weights."""
     if id(model) in _ACTIVE:
@@ -27,10 +28,16 @@ def all_or_nothing(model: nn.Module) -> Iterator[None]:
         return
     seen: set[int] = set()
     saved = []
-    for t in [*model.parameters(), *model.buffers()]:
-        if id(t) not in seen:
-            seen.add(id(t))
-            saved.append((t, t.detach().clone()))
+    slots = []  # (the dict that holds it, its name, the tensor): a write that replaces a tensor is undone too
+    for m in model.modules():
+        for d in (m._parameters, m._buffers):
+            for name, t in d.items():
+                if t is None:
+                    continue
+                slots.append((d, name, t))
+                if id(t) not in seen:
+                    seen.add(id(t))
+                    saved.append((t, t.detach().clone()))
     _ACTIVE.add(id(model))
     try:
         yield
@@ -38,6 +45,9 @@ def all_or_nothing(model: nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for t, s in saved:
                 t.copy_(s)
+            for d, name, t in slots:  # (torch's orthogonal parametrisation assigns its buffer `base` anew)
+                if d.get(name) is not t:
+                    d[name] = t
         raise
     finally:
         _ACTIVE.discard(id(model))
