@@ -13,6 +13,13 @@ import torch
 from torch import nn
 
 
+def _parametrisations(mods: list[nn.Module]) -> set[int]:
+    """ids of the modules inside ``torch.nn.utils.parametrize`` containers (the parametrisations themselves)."""
+    from torch.nn.utils.parametrize import ParametrizationList
+
+    return {id(sub) for m in mods if isinstance(m, ParametrizationList) for sub in m.modules()}
+
+
 @contextmanager
 def preserved(model: nn.Module, modules: list[nn.Module] | None = None, python_state: bool = True,
               writes_parameters: bool = False) -> Iterator[list[str]]:
@@ -51,7 +58,10 @@ def preserved(model: nn.Module, modules: list[nn.Module] | None = None, python_s
     """
     mods = list(model.modules()) if modules is None else modules  # one traversal (4,000 modules in a 2,000-layer net)
     params = list(dict.fromkeys(p for m in mods for p in m._parameters.values() if p is not None))
-    bufs = list(dict.fromkeys(b for m in mods for b in m._buffers.values() if b is not None))
+    # with writes_parameters, a parametrisation's buffers are the weights' state, not the forward's (torch's
+    # orthogonal parametrisation keeps the weight in one, which a write through it replaces): not put back
+    weights = _parametrisations(mods) if writes_parameters else set()
+    bufs = list(dict.fromkeys(b for m in mods if id(m) not in weights for b in m._buffers.values() if b is not None))
     saved_bufs = _copies(bufs)
     layouts = [_layout(b) for b in bufs]  # where each buffer's entries live (a forward may resize or move them)
     grads = [p.grad for p in params]
@@ -64,7 +74,7 @@ def preserved(model: nn.Module, modules: list[nn.Module] | None = None, python_s
     # its attributes (a copy of its __dict__, made in C), its parameter and buffer mappings where it has any,
     # and copies of the containers among its own attributes (see _containers)
     attrs = [(m, vars(m).copy(), dict(m._parameters), dict(m._buffers), conts)
-             for m in mods if (conts := _containers(m)) is not None] if python_state else []
+             for m in mods if id(m) not in weights and (conts := _containers(m)) is not None] if python_state else []
     # every module's children, torch's containers too (a forward that appends to a ModuleList, swaps a
     # Sequential's layer or builds a head on its first call)
     children = [(m, dict(m._modules) if m._modules else None) for m in mods] if python_state else []
