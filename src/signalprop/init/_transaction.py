@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
@@ -28,9 +28,10 @@ def all_or_nothing(model: nn.Module) -> Iterator[None]:
         return
     seen: set[int] = set()
     saved = []
-    slots = []  # (the dict that holds it, its name, the tensor): a write that replaces a tensor is undone too
+    # (the dict that holds it, its name, the tensor): a write that replaces a tensor is undone too
+    slots: list[tuple[dict[str, Any], str, torch.Tensor]] = []
     for m in model.modules():
-        for d in (m._parameters, m._buffers):
+        for d in cast(tuple[dict[str, Any], ...], (m._parameters, m._buffers)):
             for name, t in d.items():
                 if t is None:
                     continue
