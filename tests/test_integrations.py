@@ -579,27 +579,29 @@ def test_lightning_resume_from_a_checkpoint_without_the_monitor(tmp_path):
     assert [h.step for h in cb.monitor.history] == [4, 6]
 
 
+def _hf_train(tmp_path, steps, callbacks, resume=None, examples=48):
+    """A tiny GPT-2 trained by the HF Trainer, saving a checkpoint every 4 steps into ``tmp_path``."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=2))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4,
+                             learning_rate=1e-3, report_to=[], save_strategy="steps", save_steps=4,
+                             use_cpu=True, disable_tqdm=True, seed=0)
+    Trainer(model=model, args=args, train_dataset=_Tokens(examples), callbacks=callbacks).train(
+        resume_from_checkpoint=resume)
+
+
 def test_hf_resume_from_a_checkpoint_without_the_monitor(tmp_path):
     """The HF callback added to a run resumed from a checkpoint saved without
     it counts on from the Trainer's global step, and the Trainer's next
     checkpoint is saved (the Trainer's state read from the old checkpoint
     had no entry for the callback, and saving raised KeyError)."""
-    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
-
     from signalprop.integrations.transformers import SignalpropCallback
 
-    def train(steps, callbacks, resume=None):
-        torch.manual_seed(0)
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=2))
-        args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4,
-                                 learning_rate=1e-3, report_to=[], save_strategy="steps", save_steps=4,
-                                 use_cpu=True, disable_tqdm=True, seed=0)
-        Trainer(model=model, args=args, train_dataset=_Tokens(48), callbacks=callbacks).train(
-            resume_from_checkpoint=resume)
-
-    train(4, [])
+    _hf_train(tmp_path, 4, [])
     cb = SignalpropCallback(every=EVERY, grad_every=1)
-    train(8, [cb], str(tmp_path / "checkpoint-4"))  # saving checkpoint-8 raised KeyError in the Trainer
+    _hf_train(tmp_path, 8, [cb], str(tmp_path / "checkpoint-4"))  # saving checkpoint-8 raised KeyError in the Trainer
     assert cb.monitor.steps == [4, 5, 6, 7] and [h.step for h in cb.monitor.history] == [4, 6]
     # the Trainer's optimizer, passed on: Adam's second-moment lag is measured
     assert any(lay.adam_lag_rms is not None for h in cb.monitor.history for lay in h.layers)
@@ -674,25 +676,14 @@ def test_hf_two_callbacks_resume_their_own_states(tmp_path):
     them, then resumed again: each continues its own monitor (the Trainer's
     save overwrote one callback's state with the other's, and a resume read
     the states taken when the run began, none)."""
-    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
-
     from signalprop.integrations.transformers import SignalpropCallback
 
-    def train(steps, callbacks, resume=None):
-        torch.manual_seed(0)
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=2))
-        args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4,
-                                 learning_rate=1e-3, report_to=[], save_strategy="steps", save_steps=4,
-                                 use_cpu=True, disable_tqdm=True, seed=0)
-        Trainer(model=model, args=args, train_dataset=_Tokens(64), callbacks=callbacks).train(
-            resume_from_checkpoint=resume)
-
-    train(4, [])
+    _hf_train(tmp_path, 4, [], examples=64)
     a, b = SignalpropCallback(every=2, grad_every=1), SignalpropCallback(every=3, grad_every=1)
-    train(8, [a, b], str(tmp_path / "checkpoint-4"))
+    _hf_train(tmp_path, 8, [a, b], str(tmp_path / "checkpoint-4"), examples=64)
     assert [h.step for h in a.monitor.history] == [4, 6] and [h.step for h in b.monitor.history] == [6]
     c, d = SignalpropCallback(every=2, grad_every=1), SignalpropCallback(every=3, grad_every=1)
-    train(12, [c, d], str(tmp_path / "checkpoint-8"))
+    _hf_train(tmp_path, 12, [c, d], str(tmp_path / "checkpoint-8"), examples=64)
     assert [h.step for h in c.monitor.history] == [4, 6, 8, 10]
     assert [h.step for h in d.monitor.history] == [6, 9]
 
