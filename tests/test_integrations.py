@@ -711,3 +711,36 @@ def test_lightning_gan_resume_keeps_which_forward_to_sample(tmp_path):
                                                        ckpt_path=str(tmp_path / "d.ckpt"))
     resumed = [h for h in cb.monitor.history if h.step >= 4]
     assert resumed and not any(h.incomplete for h in resumed), [(h.step, h.incomplete[:40]) for h in resumed]
+
+
+@_lightning_warnings
+def test_lightning_follows_an_optimizer_made_anew(tmp_path):
+    """The trainer makes its optimizers anew mid-fit (strategy.setup_optimizers,
+    as after unfreezing a backbone): the optimizer the callback gave the
+    monitor follows, so the update statistics read the one that steps (they
+    read the abandoned optimizer's Adam state)."""
+    import lightning.pytorch as pl
+
+    from signalprop.integrations.lightning import SignalpropCallback
+
+    class Anew(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                trainer.strategy.setup_optimizers(trainer)
+
+    seen = []
+
+    class Watch(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            seen.append(cb.monitor.optimizer is optimizer)
+
+    class Adam(_LitMLP):
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    cb = SignalpropCallback(every=2, grad_every=1)
+    data = torch.utils.data.TensorDataset(*map(torch.cat, zip(*_batches(4))))
+    pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, callbacks=[cb, Anew(), Watch()],
+               enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+               default_root_dir=str(tmp_path)).fit(Adam(0.0), torch.utils.data.DataLoader(data, batch_size=16))
+    assert len(seen) == 8 and all(seen)

@@ -109,6 +109,7 @@ class SignalpropCallback(pl.Callback):
         self._watched: Any = None  # a weak reference to the module the last fit watched
         self._params: set[int] = set()  # ids of the watched module's parameters
         self._steps_it: dict[int, bool] = {}  # by optimizer id: whether it holds any of them
+        self._chosen = False  # the monitor's optimizer is the one this callback found (not the user's)
 
     @property
     def state_key(self) -> str:
@@ -153,6 +154,7 @@ class SignalpropCallback(pl.Callback):
             mine = [o for o in trainer.optimizers if self._steps(o)]
             if len(mine) == 1:
                 kwargs["optimizer"] = mine[0]
+        self._chosen = kwargs.get("optimizer") is not None and "optimizer" not in self.monitor_kwargs
         self.monitor = Monitor(target, self.every, writer=self._writer, agc=self.agc, **kwargs)
         if self._restored:
             self.monitor.load_state_dict(self._restored)
@@ -202,6 +204,10 @@ class SignalpropCallback(pl.Callback):
             self._losses = []
             return
         self._stepped = True
+        if self._chosen and self.monitor.optimizer is not optimizer and self._steps(optimizer):
+            # the trainer made its optimizers anew (strategy.setup_optimizers, after unfreezing a backbone): the
+            # update statistics follow the one that steps now, not the abandoned one's state
+            self.monitor.optimizer = optimizer
         # losses arrive divided by accumulate_grad_batches: their sum is the step's mean loss
         loss = torch.stack(self._losses).sum() if self._losses else None
         self._losses = []
