@@ -744,3 +744,32 @@ def test_lightning_follows_an_optimizer_made_anew(tmp_path):
                enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                default_root_dir=str(tmp_path)).fit(Adam(0.0), torch.utils.data.DataLoader(data, batch_size=16))
     assert len(seen) == 8 and all(seen)
+
+
+@_lightning_warnings
+def test_lightning_two_callbacks_write_apart_to_one_logger(tmp_path):
+    """Two callbacks (a GAN's networks) writing to one TensorBoard logger:
+    each one's tags start signalprop.<module>/, read back with TensorBoard's
+    reader (both wrote signalprop/loss and the same layer names, "0", "1",
+    "2", into one series); a single callback keeps signalprop/."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from signalprop.integrations.lightning import SignalpropCallback
+
+    gan = torch.utils.data.TensorDataset(torch.randn(96, 8, generator=torch.Generator().manual_seed(3)))
+    cbs = [SignalpropCallback(every=2, module="G"), SignalpropCallback(every=2, module="D")]
+    logger = TensorBoardLogger(str(tmp_path), name="gan")
+    pl.Trainer(max_steps=8, accelerator="cpu", devices=1, logger=logger, callbacks=cbs, enable_progress_bar=False,
+               enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1,
+               default_root_dir=str(tmp_path)).fit(_LitGAN(), torch.utils.data.DataLoader(gan, batch_size=16))
+    logger.experiment.flush()
+    acc = EventAccumulator(logger.log_dir)
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert "signalprop.G/loss" in tags and "signalprop.D/loss" in tags and "signalprop/loss" not in tags
+    assert any(t.startswith("signalprop.G/grad_rms/") for t in tags)
+    g_loss = [e.value for e in acc.Scalars("signalprop.G/loss")]
+    d_loss = [e.value for e in acc.Scalars("signalprop.D/loss")]
+    assert len(g_loss) == len(d_loss) == 4 and g_loss != d_loss

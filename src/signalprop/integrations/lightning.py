@@ -23,7 +23,9 @@ unscaled the gradients, before the optimizer.  With ``agc`` the gradients are
 clipped there, before the optimizer uses them.  Scalars go to the trainer's
 logger (a TensorBoard logger's ``SummaryWriter`` directly, any other logger
 through ``log_metrics``); alerts are logged as warnings on the
-``lightning.pytorch.callbacks.signalprop`` logger of rank zero.
+``lightning.pytorch.callbacks.signalprop`` logger of rank zero.  With
+several callbacks in one Trainer (``module="G"`` and ``module="D"``), each
+one's tags start ``signalprop.<module>/`` instead of ``signalprop/``.
 
 Requires ``lightning`` (``pip install 'signalprop[lightning]'``), imported
 when this module is.
@@ -75,6 +77,29 @@ class _LoggerWriter:
         self._pending = {}
 
 
+class _Tagged:
+    """A writer whose tags name the watched module: ``signalprop/...`` becomes
+    ``signalprop.<module>/...`` (its own section in TensorBoard), for several
+    callbacks writing to one logger (a GAN's two networks: their layers'
+    names, the loss and the gradient norm would share one series)."""
+
+    def __init__(self, writer: Any, module: str) -> None:
+        self.writer = writer
+        self.root = f"signalprop.{module}/"
+
+    def _tag(self, tag: str) -> str:
+        return self.root + tag.removeprefix("signalprop/")
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.writer.add_scalar(self._tag(tag), value, step)
+
+    def add_text(self, tag: str, text: str, step: int) -> None:
+        self.writer.add_text(self._tag(tag), text, step)
+
+    def add_histogram_raw(self, tag: str, *args: Any, **kwargs: Any) -> None:
+        self.writer.add_histogram_raw(self._tag(tag), *args, **kwargs)
+
+
 class SignalpropCallback(pl.Callback):
     """Watch a LightningModule during ``fit`` with :func:`signalprop.monitor`.
 
@@ -106,6 +131,7 @@ class SignalpropCallback(pl.Callback):
         self._losses: list[torch.Tensor] = []
         self._stepped = False
         self._writer: Any = None
+        self._logger_writer: _LoggerWriter | None = None  # the one to flush after each step
         self._watched: Any = None  # a weak reference to the module the last fit watched
         self._params: set[int] = set()  # ids of the watched module's parameters
         self._steps_it: dict[int, bool] = {}  # by optimizer id: whether it holds any of them
@@ -137,6 +163,10 @@ class SignalpropCallback(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._writer = self._make_writer(trainer)
+        self._logger_writer = self._writer if isinstance(self._writer, _LoggerWriter) else None
+        if self._writer is not None and self.module and \
+                any(isinstance(c, SignalpropCallback) and c is not self for c in getattr(trainer, "callbacks", [])):
+            self._writer = _Tagged(self._writer, self.module)
         kwargs = dict(self.monitor_kwargs)
         scaler = getattr(trainer.precision_plugin, "scaler", None)  # "16-mixed": its gradients arrive scaled
         if scaler is not None and "scaler" not in kwargs:
@@ -212,9 +242,9 @@ class SignalpropCallback(pl.Callback):
         loss = torch.stack(self._losses).sum() if self._losses else None
         self._losses = []
         new = self.monitor.step(loss)
-        if isinstance(self._writer, _LoggerWriter):
+        if self._logger_writer is not None:
             try:
-                self._writer.flush()
+                self._logger_writer.flush()
             except Exception as e:  # the logger's own failure (a rejected name, a network error): not the run's
                 self.monitor._warn("the logger failed to record this step's values; they are in the history", e,
                                    kind="the logger failed")
