@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 import signalprop as sp
 import signalprop.monitor.core as core
 from _faults import NanBackward
+from _loops import train_steps
 
 
 def _data(step, n=32):
@@ -48,17 +49,14 @@ def _same(a, b):
 def _nan_loop(model, opt, mon=None, takes=lambda k, loss: math.isfinite(loss.item())):
     """Six steps, a NaN in step 2's batch; ``takes(k, loss)``: whether the loop
     takes step k's optimizer step (by default it guards against NaN itself)."""
-    for k in range(6):
-        x, y = _data(k)
-        if k == 2:
-            x[0, 0] = math.nan
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        if mon is not None:
-            mon.step(loss)
-        if takes(k, loss):
-            opt.step()
+    def batches():
+        for k in range(6):
+            x, y = _data(k)
+            if k == 2:
+                x[0, 0] = math.nan
+            yield x, y
+
+    train_steps(model, opt, batches(), mon, takes)
 
 
 def test_a_skip_the_loop_took_itself_does_not_swallow_the_next_update():

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import signalprop as sp
+from _loops import train_steps
 from signalprop.monitor.optimizer import UPDATE_SPIKE
 
 TEACHER = torch.randn(8, 3, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
@@ -138,19 +139,16 @@ def test_skip_skips_one_bad_batch_and_says_so():
     monitor calls it a batch-spike (not divergence), skip= keeps its gradient
     from the weights (bit-identical to skipping that step by hand), the
     alert says the step was skipped and the report lists it."""
-    def train(m, opt, mon=None, skip_by_hand=None):
+    def batches():
         for k in range(80):
             x, y = _data(k)
             if k == 60:
                 y = (y + 1) % 3
                 x = x * 4
-            loss = F.cross_entropy(m(x), y)
-            opt.zero_grad()
-            loss.backward()
-            if mon is not None:
-                mon.step(loss)
-            if k != skip_by_hand:
-                opt.step()
+            yield x, y
+
+    def train(m, opt, mon=None, skip_by_hand=None):
+        train_steps(m, opt, batches(), mon, lambda k, loss: k != skip_by_hand)
 
     a, b = _net(), _net()
     opt_a = torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9)

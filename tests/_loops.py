@@ -1,0 +1,30 @@
+"""The monitored training step the monitor's loop tests share (not collected:
+no ``test_`` prefix)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def train_steps(model: nn.Module, opt: torch.optim.Optimizer, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                mon: Any = None, takes: Callable[[int, torch.Tensor], bool] = lambda k, loss: True,
+                sched: Any = None) -> None:
+    """One step per ``(x, y)`` batch: cross-entropy of ``model(x)``, zero_grad,
+    backward, ``mon.step(loss)`` when a monitor is given, the optimizer step
+    where ``takes(k, loss)`` (a loop that skips a step by hand, or guards
+    against NaN itself), then ``sched.step()`` when a scheduler is given."""
+    for k, (x, y) in enumerate(batches):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        if mon is not None:
+            mon.step(loss)
+        if takes(k, loss):
+            opt.step()
+        if sched is not None:
+            sched.step()
