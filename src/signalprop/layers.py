@@ -218,6 +218,18 @@ def param_specs(model: nn.Module) -> tuple[list[tuple[str, ParamSpec]], list[str
     return known, unknown
 
 
+def left_as_they_were(model: nn.Module, written: list[tuple[str, nn.Module]]) -> list[str]:
+    """The parameters of ``model`` (named as :func:`param_specs` names them)
+    that an initializer which wrote the modules ``written`` (name, module)
+    left as they were: every one of another module, those :func:`param_specs`
+    does not know, and a tensor of a written module that cannot be assigned
+    (:func:`settable`)."""
+    done = {id(p) for _, m in written for p in own_parameters(m)}
+    names = {f"{n}.{p}" if n else p for n, m in written for p in ("weight", "bias") if settable(m, p)}
+    specs, unknown = param_specs(model)
+    return list(dict.fromkeys(unknown + [n for n, s in specs if id(s.tensor) not in done and n not in names]))
+
+
 def own_parameters(m: nn.Module) -> list[nn.Parameter]:
     """``m``'s own parameters and, where ``torch.nn.utils.parametrize``
     computes one of its tensors (``weight_norm``, ``spectral_norm``,

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .. import activations as _act
-from ..layers import CONV_TRANSPOSE, computed_weight, fans, param_specs, settable
+from ..layers import CONV_TRANSPOSE, computed_weight, fans, left_as_they_were, settable
 from ..records import InitSummary, LayerInit, ParamInit
 from ..theory.critical import CriticalPoint, critical_point
 from ._transaction import check_generator, is_parametrized, transactional, writable
@@ -49,14 +49,13 @@ def _draw_into(layer: WeightLayer, w: torch.Tensor, sigma_w2: float, sigma_b2: f
     m = layer.module
     # a bias computed by a parametrisation that cannot be inverted is left as it was (and listed as skipped)
     has_bias = getattr(m, "bias", None) is not None and settable(m, "bias")
-    centered = mean is not None and not has_bias
     out_ch, in_ch = w.shape[0], w.shape[1]
     fan_in = fans(m)[0]  # the module's real wiring (ConvTranspose: input channels per group x taps / stride)
     transposed = isinstance(m, CONV_TRANSPOSE)
     # a strided ConvTranspose's output entries sum different taps by position (their phase): a bias, one number
     # a channel, cannot remove a mean that alternates with the phase, so the weights annihilate it, per phase
     phased = transposed and mean is not None and (not has_bias or math.prod(getattr(m, "stride", (1,))) > 1)
-    centered = centered or phased
+    centered = mean is not None and not has_bias or phased
     with torch.no_grad():
         if w.dim() > 2 and not transposed and out_ch >= in_ch and getattr(m, "groups", 1) == 1:
             # Xiao et al. (2018): orthogonal centre tap; per-unit second moment scales by g^2 in/out
@@ -73,7 +72,7 @@ def _draw_into(layer: WeightLayer, w: torch.Tensor, sigma_w2: float, sigma_b2: f
             g = math.sqrt(sigma_w2 / fan_in * max(rows, cols))
             w.copy_((g * q).reshape(w.shape))
             kind = "orthogonal"
-            if transposed and phased:
+            if phased:
                 # weight (in, out / groups, *k): an output entry sums, over its group's input channels, the
                 # taps of its phase; with every column centred over those channels each phase's sum is 0
                 groups = getattr(m, "groups", 1)
@@ -205,12 +204,7 @@ def critical_(model: nn.Module, inputs: Any = None, *, activation: Any = None,
                          "theory uses Var[phi]")
         if c.note:
             notes.append(c.note)
-    done = {id(p) for layer in layers for p in layer.module.parameters(recurse=False)}
-    specs, unknown = param_specs(model)
-    drawn = {f"{layer.name}.{p}" if layer.name else p for layer in layers for p in ("weight", "bias")
-             if settable(layer.module, p)}  # parametrised too
-    skipped = list(dict.fromkeys(unknown + [n for n, s in specs if id(s.tensor) not in done and n not in drawn]
-                                 + left))
+    skipped = list(dict.fromkeys(left_as_they_were(model, [(layer.name, layer.module) for layer in layers]) + left))
     if residual is not None:
         from .residual import scale_residual_
 

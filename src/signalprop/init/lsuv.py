@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..layers import CONV_TRANSPOSE, WEIGHT_LAYERS, computed_weight, own_parameters, param_specs, settable
+from ..layers import CONV_TRANSPOSE, WEIGHT_LAYERS, computed_weight, left_as_they_were, settable
 from ..records import InitSummary, LayerInit
 from ._transaction import check_generator, transactional, writable
 from .orthogonal import _orthogonal_fill
@@ -188,10 +188,5 @@ def lsuv_(model: nn.Module, inputs: Any, *, target: float = 1.0, tol: float = 0.
                                     f"{', '.join(names.get(m, '?') for m in changed)}"]
     # every parameter left as it was: those of layers whose forward never ran or whose weight is computed,
     # and those of modules LSUV does not scale (embeddings, norms, an attention's in_proj_weight)
-    done = {id(p) for m in order for p in own_parameters(m)}
-    calibrated = {f"{names[m]}.{p}" if names.get(m) else p for m in order for p in ("weight", "bias")
-                  if settable(m, p)}
-    specs, unknown = param_specs(model)
-    skipped = tuple(dict.fromkeys(unknown + [n for n, sp_ in specs if id(sp_.tensor) not in done
-                                             and n not in calibrated]))
+    skipped = tuple(left_as_they_were(model, [(names.get(m, ""), m) for m in order]))
     return InitSummary("lsuv", layers=recs, skipped=skipped, notes=tuple(notes), forward_passes=passes)

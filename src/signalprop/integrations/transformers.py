@@ -125,11 +125,15 @@ class SignalpropCallback(TrainerCallback, ExportableState):
         """What the Trainer saves in a checkpoint: the arguments to rebuild
         this callback (JSON values; a ``writer`` is not saved) and the
         monitor's :meth:`~signalprop.monitor.Monitor.state_dict`."""
-        kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in self.monitor_kwargs.items()}
-        kwargs = {k: v for k, v in kwargs.items() if _json_value(v)}  # a process group is not saved: given again
-        return {"args": {"every": self.every, "agc": self.agc, "_key": self._key, **kwargs},
+        return {"args": {**self._arguments(), "_key": self._key},
                 "attributes": {"_restored": self.monitor.state_dict() if self.monitor is not None
                                else self._restored}}
+
+    def _arguments(self) -> dict[str, Any]:
+        """The arguments a checkpoint saves to rebuild this callback (JSON values), but its key."""
+        kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in self.monitor_kwargs.items()}
+        kwargs = {k: v for k, v in kwargs.items() if _json_value(v)}  # a process group is not saved: given again
+        return {"every": self.every, "agc": self.agc, **kwargs}
 
     def _start(self, state: Any, model: torch.nn.Module | None, optimizer: Any = None) -> None:
         if model is None:
@@ -191,7 +195,7 @@ class SignalpropCallback(TrainerCallback, ExportableState):
         class, after the states taken when the run began)."""
         saved = stateful.get(type(self).__name__)
         entries = [e for e in (saved if isinstance(saved, list) else [saved]) if isinstance(e, dict)]
-        ours = {k: v for k, v in self.state()["args"].items() if k != "_key"}
+        ours = self._arguments()  # (not state(): that also copies the monitor's whole state)
         mine = [e for e in entries if e.get("args", {}).get("_key") == self._key] or \
             [e for e in entries if {k: v for k, v in e.get("args", {}).items() if k != "_key"} == ours] or entries
         states = [e.get("attributes", {}).get("_restored") for e in mine]
