@@ -3,12 +3,22 @@ no ``test_`` prefix)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def corrupted(data: Callable[[int], tuple[torch.Tensor, torch.Tensor]], steps: int, at: int, value: float
+              ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``data(k)`` for each of ``steps`` steps, step ``at``'s first input entry set to ``value`` (NaN, inf)."""
+    for k in range(steps):
+        x, y = data(k)
+        if k == at:
+            x[0, 0] = value
+        yield x, y
 
 
 def train_steps(model: nn.Module, opt: torch.optim.Optimizer, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],

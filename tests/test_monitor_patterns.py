@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import signalprop as sp
-from _loops import train_steps
+from _loops import corrupted, train_steps
 
 
 class EncHead(nn.Module):
@@ -364,15 +364,8 @@ def test_a_nonfinite_step_replays_the_forward_once_and_leaves_the_run_unchanged(
     the forward's Python state, and fires the user's own hooks once."""
     steps = 6
 
-    def batches():
-        for k in range(steps):
-            x, y = _data(k)
-            if k == 2:
-                x[0, 0] = math.inf  # a corrupted batch: the loss turns NaN at step 2
-            yield x, y
-
-    def train(m, mon=None):
-        train_steps(m, torch.optim.SGD(m.parameters(), lr=0.01), batches(), mon)
+    def train(m, mon=None):  # a corrupted batch: the loss turns NaN at step 2
+        train_steps(m, torch.optim.SGD(m.parameters(), lr=0.01), corrupted(_data, steps, 2, math.inf), mon)
 
     a, b = _twins(Stateful)
     train(a)
@@ -482,17 +475,9 @@ def test_state_dict_resumes_the_step_count_baselines_and_alerts():
         fresh.load_state_dict({"step": 3})
 
 
-def _nan_batches():
-    for k in range(8):
-        x, y = _data(k)
-        if k == 5:
-            x[0, 0] = math.nan
-        yield x, y
-
-
 def _train_with_a_nan_batch(m, opt, mon=None, skip_by_hand=None, sched=None):
     """8 steps whose 6th batch holds a NaN; the optimizer step of ``skip_by_hand`` left out."""
-    train_steps(m, opt, _nan_batches(), mon, lambda k, loss: k != skip_by_hand, sched)
+    train_steps(m, opt, corrupted(_data, 8, 5, math.nan), mon, lambda k, loss: k != skip_by_hand, sched)
 
 
 def test_skip_keeps_a_nan_steps_gradients_from_the_weights():

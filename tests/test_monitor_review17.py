@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 import signalprop as sp
 import signalprop.monitor.core as core
 from _faults import NanBackward
-from _loops import train_steps
+from _loops import corrupted, train_steps
 
 
 def _data(step, n=32):
@@ -49,14 +49,7 @@ def _same(a, b):
 def _nan_loop(model, opt, mon=None, takes=lambda k, loss: math.isfinite(loss.item())):
     """Six steps, a NaN in step 2's batch; ``takes(k, loss)``: whether the loop
     takes step k's optimizer step (by default it guards against NaN itself)."""
-    def batches():
-        for k in range(6):
-            x, y = _data(k)
-            if k == 2:
-                x[0, 0] = math.nan
-            yield x, y
-
-    train_steps(model, opt, batches(), mon, takes)
+    train_steps(model, opt, corrupted(_data, 6, 2, math.nan), mon, takes)
 
 
 def test_a_skip_the_loop_took_itself_does_not_swallow_the_next_update():
