@@ -29,8 +29,11 @@ with every layer as a series (:func:`layout`).
 
 from __future__ import annotations
 
+import functools
+import io
 import math
 import re
+import struct
 import weakref
 from typing import Any
 
@@ -108,6 +111,69 @@ def _is_torch_writer(writer: Any) -> bool:
     return type(writer).__module__.startswith("torch.utils.tensorboard") and hasattr(writer, "_get_file_writer")
 
 
+_CHECKSUMMED: weakref.WeakSet[Any] = weakref.WeakSet()  # record writers looked at (given the C checksum or not)
+
+
+def _masked_crc32c(data: bytes) -> int:
+    """The masked CRC-32C that TensorFlow's record format stores (TensorBoard's
+    ``masked_crc32c``), from google-crc32c's C implementation."""
+    import google_crc32c
+
+    x = google_crc32c.value(data)
+    return (((x >> 15) | (x << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _write_record(out: Any, data: bytes) -> None:
+    """One record as TensorBoard's ``RecordWriter.write`` frames it: length,
+    its masked CRC, the data, the data's masked CRC."""
+    header = struct.pack("<Q", len(data))
+    out.write(header + struct.pack("<I", _masked_crc32c(header)) + data + struct.pack("<I", _masked_crc32c(data)))
+
+
+def _same_records(record_writer_type: Any) -> bool:
+    """Whether :func:`_write_record` frames records byte for byte as
+    ``record_writer_type`` (TensorBoard's RecordWriter) does, on payloads of
+    several lengths."""
+    ours, theirs = io.BytesIO(), io.BytesIO()
+    reference = record_writer_type(theirs)
+    for n in (0, 1, 7, 255, 4099):
+        payload = bytes((i * 131 + n) % 256 for i in range(n))
+        reference.write(payload)
+        _write_record(ours, payload)
+    return ours.getvalue() == theirs.getvalue()
+
+
+def fast_checksums(writer: Any) -> None:
+    """Frame the records of ``writer`` -- PyTorch's ``SummaryWriter`` only --
+    with google-crc32c's C checksum instead of TensorBoard's pure-Python
+    one (installed with ``signalprop[tensorboard]``).
+
+    TensorBoard without TensorFlow checksums every record in Python, ~0.2 us
+    a byte, on its writer thread while holding the GIL: a sampled step's
+    histograms (~500 kB on a 100-layer MLP) cost the training ~0.2 of a step.
+    The files are the same bytes: the replacement is used only where it
+    frames test records exactly as the writer's own ``RecordWriter`` does,
+    and only for this writer's records (nothing else in the process
+    changes).  Without google-crc32c's C build, or with a TensorBoard laid
+    out otherwise, the writer is left as it is."""
+    if not _is_torch_writer(writer):
+        return
+    try:
+        record_writer = writer._get_file_writer().event_writer._async_writer._writer
+        if record_writer in _CHECKSUMMED:
+            return
+        _CHECKSUMMED.add(record_writer)
+        import google_crc32c
+
+        if google_crc32c.implementation != "c" or "write" in vars(record_writer):
+            return
+        if not _same_records(type(record_writer)):
+            return
+        record_writer.write = functools.partial(_write_record, record_writer._writer)
+    except (ImportError, AttributeError, TypeError):
+        return
+
+
 def _add(out: list[tuple[str, float]], tag: str, value: float | None) -> None:
     if value is not None and math.isfinite(value):
         out.append((tag, float(value)))
@@ -134,6 +200,7 @@ def _write_scalars(writer: Any, scalars: list[tuple[str, float]], step: int) -> 
 def write_step(writer: Any, mon: Any, step: int, alerts: list[Any]) -> None:
     """What ``mon.step`` learned at ``step``."""
     write_layout(writer)
+    fast_checksums(writer)
     now: list[tuple[str, float]] = []
     _add(now, "signalprop/loss", mon.losses[-1])
     _add(now, "signalprop/grad_norm", mon.grad_norms[-1])
