@@ -536,7 +536,8 @@ def test_lightning_two_callbacks_watch_a_gans_two_networks(tmp_path):
 @pytest.mark.parametrize("which", ["lightning", "hf"])
 @pytest.mark.parametrize("bad,error", [({"every": 0}, ValueError), ({"agc": -1.0}, ValueError),
                                        ({"evry": 5}, TypeError), ({"max_history": 2}, ValueError),
-                                       ({"histograms": "yes"}, TypeError)])
+                                       ({"histograms": "yes"}, TypeError),
+                                       ({"group": "world"}, TypeError)])
 def test_callbacks_check_their_arguments_when_built(which, bad, error):
     """A wrong monitor argument fails when the callback is built, with the
     monitor's own message, not when training starts (minutes later, after

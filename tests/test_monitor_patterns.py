@@ -427,6 +427,8 @@ def test_arguments_are_checked_at_construction():
         sp.monitor(m, writer=object())
     with pytest.raises(TypeError, match="update_ratio"):
         sp.monitor(m, update_ratio="yes")
+    with pytest.raises(TypeError, match="group takes a torch.distributed process group"):
+        sp.monitor(m, group=0)  # a rank, not a group: used to fail only at the first sample's reduction
     m.compile(backend="eager")
     with pytest.raises(ValueError, match="compiled in place"):
         sp.monitor(m)

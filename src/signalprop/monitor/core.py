@@ -308,6 +308,10 @@ def check_options(every: int = 50, *, writer: Any = None, agc: float | None = No
                         f"step() method), got {type(skip).__name__}")
     if optimizer is not None:
         check_optimizer(optimizer, "optimizer")
+    if group is not None and not (torch.distributed.is_available()
+                                  and isinstance(group, torch.distributed.ProcessGroup)):
+        raise TypeError(f"group takes a torch.distributed process group (dist.new_group(...), dist.group.WORLD) "
+                        f"or None for the default one, got {type(group).__name__}")
     if dump_on_nonfinite is not None and os.path.exists(dump_on_nonfinite) and not os.path.isdir(dump_on_nonfinite):
         raise ValueError(f"dump_on_nonfinite takes a folder to write into, and {os.fspath(dump_on_nonfinite)!r} "
                          "is a file")
