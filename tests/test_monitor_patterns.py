@@ -675,3 +675,50 @@ def test_overflow_risk_is_alerted_under_autocast_entered_inside_forward():
         layers = {layer.name: layer for layer in mon.history[-1].layers}
         assert layers["net.0"].stats.get("forward_absmax") is not None
         assert layers["post"].stats.get("forward_absmax") is None
+
+
+class TwoHeads(nn.Module):
+    """A shared encoder and two heads; the training loss reads the first only."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(8, 32), nn.Tanh())
+        self.head = nn.Linear(32, 3)
+        self.aux = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 2))
+
+    def forward(self, x):
+        h = self.enc(x)
+        return self.head(h), self.aux(h)
+
+
+def test_a_sample_says_which_rows_the_loss_does_not_reach(tmp_path):
+    """A sample whose loss reads one of two heads: the other head's rows have
+    no gradient. The sample keeps its verdict from the rows that have one and
+    says, as check does, which rows were left out and why (before, those
+    rows' gradient columns were just blank); the note travels through
+    to_dict/from_dict and the text report."""
+    from signalprop.records import MonitorStep
+
+    torch.manual_seed(0)
+    m = TwoHeads()
+    with sp.monitor(m, every=2) as mon:
+        _run(m, 4, lambda mm, x: mm(x)[0], mon)
+    assert [h.step for h in mon.history] == [0, 2]
+    for h in mon.history:
+        assert h.verdict != "incomplete" and not h.incomplete
+        assert len(h.notes) == 1 and h.notes[0].startswith("3 rows got no gradient (aux.0, aux.1, aux.2)")
+        assert "the loss does not depend on their outputs" in h.notes[0]
+        assert all(lay.grad_rms is None for lay in h.layers if lay.name.startswith("aux"))
+        assert MonitorStep.from_dict(json.loads(json.dumps(h.to_dict()))).notes == h.notes
+    x, y = _data(0)
+    report = sp.check(m, x, loss_fn=lambda out, t: F.cross_entropy(out[0], t), targets=y)
+    assert mon.history[0].notes[0] in report.summary.notes  # the same words as check's
+    text = str(mon.report())
+    assert text.count("3 rows got no gradient") == 1 and "note (step 0)" in text
+    assert "3 rows got no gradient" in mon.report().save_html(tmp_path / "r.html").read_text()
+    # a loss that reads both heads: nothing left out, no note
+    torch.manual_seed(0)
+    m = TwoHeads()
+    with sp.monitor(m, every=2) as mon:
+        _run(m, 2, lambda mm, x: (lambda out: out[0] + out[1].sum(1, keepdim=True))(mm(x)), mon)
+    assert mon.history[0].notes == ()

@@ -576,11 +576,14 @@ class MonitorStep:
     output_logits: LogitStats | None = None  # of the sampled forward's output, when it has a class dimension
     # the GradScaler's scale at this step (monitor(..., scaler=)): the gradient statistics are divided by it
     loss_scale: float | None = None
+    # what the verdict leaves out and why (rows the loss does not reach, dead units not judged), as check's notes
+    notes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return _clean({"step": self.step, "loss": self.loss, "verdict": self.verdict, "grad_norm": self.grad_norm,
                        "output_grad_rms": self.output_grad_rms, "update_ratios": dict(self.update_ratios),
-                       "incomplete": self.incomplete, "problems": [p.to_dict() for p in self.problems],
+                       "incomplete": self.incomplete, "notes": list(self.notes),
+                       "problems": [p.to_dict() for p in self.problems],
                        "loss_scale": self.loss_scale,
                        "output_logits": asdict(self.output_logits) if self.output_logits is not None else None,
                        "layers": [layer.to_dict() for layer in self.layers]})
@@ -592,6 +595,7 @@ class MonitorStep:
         return _from_dict(cls, d, layers=tuple(LayerStats.from_dict(x) for x in d.get("layers", ())),
                           output_logits=_from_dict(LogitStats, lg) if lg else None,
                           problems=tuple(Problem.from_dict(x) for x in d.get("problems", ())),
+                          notes=tuple(d.get("notes", ())),
                           update_ratios=tuple((k, _unclean(v)) for k, v in d.get("update_ratios", {}).items()))
 
 

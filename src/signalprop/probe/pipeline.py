@@ -233,15 +233,10 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
                      f"(first: {stale[0].name}) pass the signal unnormalised, as neither training nor a trained "
                      "model would: dead units after them are not judged; check in train mode (model.train()) "
                      "to see what training sees")
-    unreached = [r.name for r in rec.rows if r.wants_grad and not r.bwd]
-    if unreached:  # (all of them: the output depends on parameters used outside any recorded call)
-        start = "the loss" if loss_fn is not None else "the output the backward starts from (the model's first " \
-            "floating-point output)"
-        one = len(unreached) == 1
-        notes.append(f"{count(len(unreached), 'row')} got no gradient ({', '.join(unreached[:3])}"
-                     f"{', ...' if len(unreached) > 3 else ''}): {start} does not depend on "
-                     f"{'its output' if one else 'their outputs'} (another head, an unused branch), so "
-                     f"{'its gradient is' if one else 'their gradients are'} not judged")
+    unreached = unreached_note(rec.rows, "the loss" if loss_fn is not None else "the output the backward starts "
+                               "from (the model's first floating-point output)")
+    if unreached:
+        notes.append(unreached)
     summary = Summary(model=type(model).__name__, rows=len(layers), backprop=backprop, output_grad_rms=out_rms,
                       bounds=(float(bounds[0]), float(bounds[1])), trend_limit=float(trend),
                       training_mode=model.training, theory=pred is not None, input=inp,
@@ -250,6 +245,21 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
     return Report(verdict, tuple(layers), tuple(problems), summary)
 
 
+
+
+def unreached_note(rows: list[Row], start: str) -> str:
+    """Which rows that wanted a gradient got none although others did, and
+    why they are not judged, or "": ``start``, where the backward began (the
+    loss), does not depend on their outputs (another head, an unused
+    branch)."""
+    unreached = [r.name for r in rows if r.wants_grad and not r.bwd]
+    if not unreached:
+        return ""
+    one = len(unreached) == 1
+    return (f"{count(len(unreached), 'row')} got no gradient ({', '.join(unreached[:3])}"
+            f"{', ...' if len(unreached) > 3 else ''}): {start} does not depend on "
+            f"{'its output' if one else 'their outputs'} (another head, an unused branch), so "
+            f"{'its gradient is' if one else 'their gradients are'} not judged")
 
 
 def _stale_batchnorm(rows: list[Row]) -> list[Row]:

@@ -49,7 +49,8 @@ def render_monitor_html(r: Any, standalone: bool = True) -> str:
     hist = "".join(f"<tr><td>{h.step}</td><td>{'-' if h.loss is None else f'{h.loss:.4g}'}</td>"
                    f"<td>{'-' if h.grad_norm is None else f'{h.grad_norm:.3g}'}</td>"
                    f"<td>{html.escape(h.verdict)}</td><td>{len(h.problems)}</td>"
-                   f"<td>{html.escape(h.incomplete)}</td></tr>" for h in r.history)
+                   f"<td>{html.escape(h.incomplete)}</td><td>{html.escape(' '.join(h.notes))}</td></tr>"
+                   for h in r.history)
     skips = "".join(f"<li>{html.escape(why)}: {html.escape(', '.join(map(str, ks)))}</li>" for why, ks in (
         ("by skip=", r.skipped), ("by the GradScaler, its scaled gradients overflowing", r.scaler_skipped)) if ks)
     body = (f"<h2>signalprop monitor: {html.escape(r.model)}</h2>"
@@ -59,7 +60,7 @@ def render_monitor_html(r: Any, standalone: bool = True) -> str:
             + (f"<h3>Optimizer steps skipped</h3><ul>{skips}</ul>" if skips else "")
             + f"{figure_section(r)}"
             f"<h3>Sampled steps</h3><table border=1 cellspacing=0><tr><th>step</th><th>loss</th>"
-            f"<th>gradient norm</th><th>verdict</th><th>problems</th><th>no verdict because</th></tr>{hist}</table>"
+            f"<th>gradient norm</th><th>verdict</th><th>problems</th><th>no verdict because</th><th>notes</th></tr>{hist}</table>"
             f"{_last_sample_table(r)}")
     if not standalone:  # styles scoped to this element: a notebook page holds other cells
         return f"<div class='sp-monitor'><style>{_NOTEBOOK_STYLE}</style>{embedded_library(notebook=True)}{body}</div>"

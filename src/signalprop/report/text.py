@@ -79,4 +79,13 @@ def monitor_text(r: Any, width: int | None = None) -> str:
         parts.append("\n".join(_table(["sampled step", "loss", "grad norm", "verdict", "problems"],
                                       [[h.step, h.loss, h.grad_norm, h.verdict, len(h.problems)] for h in r.history],
                                       width)))
+        noted = [h for h in r.history if h.notes]
+        if noted:  # what a sample's verdict left out; the same note at consecutive samples said once
+            lines, last = [], None
+            for h in noted:
+                if h.notes != last:
+                    for n in h.notes:
+                        lines += wrap_words(f"note (step {h.step}): {n}", width)
+                last = h.notes
+            parts.append("\n".join(lines))
     return "\n\n".join(parts)
