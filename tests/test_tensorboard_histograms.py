@@ -263,3 +263,53 @@ def test_histograms_match_numpy_and_drop_non_finite_values():
         assert h.sum == pytest.approx(float(v.sum()), rel=1e-5, abs=1e-4)
     assert hc.num == 2 and hc.min == hc.max == 3.0 and sum(hc.bucket_counts) == 2
     assert hd is None
+
+
+class _Gen(nn.Sequential):
+    pass
+
+
+def test_monitors_sharing_a_writer_keep_their_own_series(tmp_path):
+    """Two open monitors on one SummaryWriter (a GAN's G and D): each writes
+    its own section -- the second, without tag=, under signalprop.<model
+    class>/ with a warning that says so -- so their losses and same-named
+    layers ("0", "2", ...) do not share series; tag= names a section, a tag
+    another open monitor uses is refused, and a closed monitor frees its
+    section. Oracle: each model's own losses, kept by the loop."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path))
+    torch.manual_seed(0)
+    g_model, d_model = _Gen(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 2)), _mlp()
+    g = torch.Generator().manual_seed(1)
+    losses: dict[str, list[float]] = {"G": [], "D": []}
+    mon_g = sp.monitor(g_model, every=2, writer=writer)
+    with pytest.warns(UserWarning, match=r"this one's tags start signalprop\.Sequential/"):
+        mon_d = sp.monitor(d_model, every=2, writer=writer)
+    with pytest.raises(ValueError, match="own tag="):
+        sp.monitor(nn.Linear(2, 2), writer=writer, tag="Sequential")
+    with pytest.raises(ValueError, match="tag takes a name"):
+        sp.monitor(nn.Linear(2, 2), writer=writer, tag="a/b")
+    opts = {k: torch.optim.SGD(m.parameters(), lr=0.1) for k, m in (("G", g_model), ("D", d_model))}
+    for _ in range(4):
+        for k, m, mon in (("G", g_model, mon_g), ("D", d_model, mon_d)):
+            x, y = torch.randn(16, 8, generator=g), torch.randint(0, 2, (16,), generator=g)
+            loss = F.cross_entropy(m(x), y)
+            opts[k].zero_grad()
+            loss.backward()
+            mon.step(loss)
+            opts[k].step()
+            losses[k].append(loss.item())
+    mon_g.close()
+    mon_d.close()
+    with sp.monitor(nn.Linear(2, 2), writer=writer, tag="probe") as mon_t:  # a tag names the section
+        assert mon_t.writer.root == "signalprop.probe/"
+    mon_again = sp.monitor(d_model, writer=writer)  # both closed: signalprop/ is free again, no warning
+    mon_again.close()
+    writer.close()
+    acc = _read(tmp_path)
+    for tag, want in (("signalprop/loss", losses["G"]), ("signalprop.Sequential/loss", losses["D"])):
+        assert [e.value for e in acc.Scalars(tag)] == pytest.approx(want, rel=1e-6), tag
+    assert [e.step for e in acc.Histograms("signalprop.Sequential/weight/0.weight")] == [0, 2]
+    assert [e.step for e in acc.Histograms("signalprop/weight/0.weight")] == [0, 2]
+    assert {t.split("/")[0] for t in acc.Tags()["scalars"]} == {"signalprop", "signalprop.Sequential"}

@@ -48,6 +48,7 @@ from ..monitor import Monitor
 from ..monitor.core import check_options
 from ..monitor.loss_scale import scale_of
 from ..records import Alert
+from .tensorboard import Tagged
 
 log = logging.getLogger("lightning.pytorch.callbacks.signalprop")
 
@@ -75,29 +76,6 @@ class _LoggerWriter:
         if self._pending:
             self.logger.log_metrics(self._pending, step=self._step)
         self._pending = {}
-
-
-class _Tagged:
-    """A writer whose tags name the watched module: ``signalprop/...`` becomes
-    ``signalprop.<module>/...`` (its own section in TensorBoard), for several
-    callbacks writing to one logger (a GAN's two networks: their layers'
-    names, the loss and the gradient norm would share one series)."""
-
-    def __init__(self, writer: Any, module: str) -> None:
-        self.writer = writer
-        self.root = f"signalprop.{module}/"
-
-    def _tag(self, tag: str) -> str:
-        return self.root + tag.removeprefix("signalprop/")
-
-    def add_scalar(self, tag: str, value: float, step: int) -> None:
-        self.writer.add_scalar(self._tag(tag), value, step)
-
-    def add_text(self, tag: str, text: str, step: int) -> None:
-        self.writer.add_text(self._tag(tag), text, step)
-
-    def add_histogram_raw(self, tag: str, *args: Any, **kwargs: Any) -> None:
-        self.writer.add_histogram_raw(self._tag(tag), *args, **kwargs)
 
 
 class SignalpropCallback(pl.Callback):
@@ -166,7 +144,7 @@ class SignalpropCallback(pl.Callback):
         self._logger_writer = self._writer if isinstance(self._writer, _LoggerWriter) else None
         if self._writer is not None and self.module and \
                 any(isinstance(c, SignalpropCallback) and c is not self for c in getattr(trainer, "callbacks", [])):
-            self._writer = _Tagged(self._writer, self.module)
+            self._writer = Tagged(self._writer, self.module)
         kwargs = dict(self.monitor_kwargs)
         scaler = getattr(trainer.precision_plugin, "scaler", None)  # "16-mixed": its gradients arrive scaled
         if scaler is not None and "scaler" not in kwargs:

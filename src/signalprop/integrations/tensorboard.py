@@ -80,9 +80,44 @@ def write_layout(writer: Any) -> None:
     writer.add_custom_scalars(layout())
 
 
+class Tagged:
+    """A writer whose tags name what is watched: ``signalprop/...`` becomes
+    ``signalprop.<name>/...`` (its own section in TensorBoard), for several
+    monitors writing to one writer (a GAN's two networks: their losses,
+    gradient norms and same-named layers would share one series).  The
+    writes below reach the writer inside as they would unwrapped (one event
+    a step for PyTorch's ``SummaryWriter``)."""
+
+    def __init__(self, writer: Any, name: str) -> None:
+        self.writer = writer
+        self.root = f"signalprop.{name}/"
+
+    def _tag(self, tag: str) -> str:
+        return self.root + tag.removeprefix("signalprop/")
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.writer.add_scalar(self._tag(tag), value, step)
+
+    def add_text(self, tag: str, text: str, step: int) -> None:
+        self.writer.add_text(self._tag(tag), text, step)
+
+    def add_histogram_raw(self, tag: str, *args: Any, **kwargs: Any) -> None:
+        self.writer.add_histogram_raw(self._tag(tag), *args, **kwargs)
+
+
+def inner(writer: Any) -> Any:
+    """The writer a :class:`Tagged` one writes to; any other as it is."""
+    return writer.writer if isinstance(writer, Tagged) else writer
+
+
+def root(writer: Any) -> str:
+    """The start of ``writer``'s tags: ``signalprop/``, or a :class:`Tagged` one's."""
+    return writer.root if isinstance(writer, Tagged) else "signalprop/"
+
+
 def writes_histograms(writer: Any) -> bool:
     """Whether ``writer`` can take the monitor's histograms (``add_histogram_raw``)."""
-    return callable(getattr(writer, "add_histogram_raw", None))
+    return callable(getattr(inner(writer), "add_histogram_raw", None))
 
 
 def write_histograms(writer: Any, items: list[tuple[int, str, Any]]) -> None:
@@ -91,6 +126,9 @@ def write_histograms(writer: Any, items: list[tuple[int, str, Any]]) -> None:
     any other writer through ``add_histogram_raw``."""
     if not items:
         return
+    if isinstance(writer, Tagged):
+        items = [(k, writer._tag(tag), h) for k, tag, h in items]
+        writer = writer.writer
     if _is_torch_writer(writer):
         from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
 
@@ -156,6 +194,7 @@ def fast_checksums(writer: Any) -> None:
     and only for this writer's records (nothing else in the process
     changes).  Without google-crc32c's C build, or with a TensorBoard laid
     out otherwise, the writer is left as it is."""
+    writer = inner(writer)
     if not _is_torch_writer(writer):
         return
     try:
@@ -187,6 +226,9 @@ def _write_scalars(writer: Any, scalars: list[tuple[str, float]], step: int) -> 
     TensorBoard reads both alike."""
     if not scalars:
         return
+    if isinstance(writer, Tagged):
+        scalars = [(writer._tag(t), v) for t, v in scalars]
+        writer = writer.writer
     if _is_torch_writer(writer):
         from tensorboard.compat.proto.summary_pb2 import Summary
 

@@ -40,6 +40,7 @@ import functools
 import inspect
 import math
 import os
+import re
 import sys
 import types
 import warnings
@@ -265,7 +266,8 @@ def check_options(every: int = 50, *, writer: Any = None, agc: float | None = No
                   bounds: tuple[float, float] = (1e-6, 1e3), trend: float = 100.0, update_ratio: bool = True,
                   max_history: int | None = None, grad_every: int | None = None, group: Any = None,
                   skip: Any = None, histograms: bool = True, dump_on_nonfinite: Any = None,
-                  optimizer: Any = None, loss_fn: Any = None, scaler: Any = None, who: str = "monitor",
+                  optimizer: Any = None, loss_fn: Any = None, scaler: Any = None, tag: str | None = None,
+                  who: str = "monitor",
                   **unknown: Any) -> LossScale | None:
     """The checks :class:`Monitor` makes of its arguments other than the
     model, with the same errors, and a ``TypeError`` naming ``who`` for a
@@ -289,6 +291,9 @@ def check_options(every: int = 50, *, writer: Any = None, agc: float | None = No
                                    and callable(getattr(writer, "add_text", None))):
         raise TypeError(f"writer must have add_scalar(tag, value, step) and add_text(tag, text, step) (a "
                         f"TensorBoard SummaryWriter), got {type(writer).__name__}")
+    if tag is not None and not (isinstance(tag, str) and re.fullmatch(r"[A-Za-z0-9_.-]+", tag)):
+        raise ValueError(f"tag takes a name for this monitor's TensorBoard section (letters, digits, '_', '.', '-'; "
+                         f"its tags then start signalprop.<tag>/), got {tag!r}")
     if dump_on_nonfinite is not None and not isinstance(dump_on_nonfinite, (str, os.PathLike)):
         raise TypeError(f"dump_on_nonfinite takes a folder path, got {type(dump_on_nonfinite).__name__}")
     scale = LossScale(scaler) if scaler is not None else None  # checks it
@@ -318,6 +323,38 @@ def check_options(every: int = 50, *, writer: Any = None, agc: float | None = No
     return scale
 
 
+_WRITING: weakref.WeakSet[Monitor] = weakref.WeakSet()  # open monitors with a writer: the sections in use
+
+
+def _own_section(writer: Any, tag: str | None, model_name: str) -> Any:
+    """``writer`` as the monitor writes to it: its tags under
+    ``signalprop.<tag>/`` with ``tag`` (a :class:`~signalprop.integrations.tensorboard.Tagged`
+    writer); without one under ``signalprop/``, unless another open monitor
+    writes there on the same writer -- then under ``signalprop.<model class>/``
+    (numbered if that is taken too), with a warning that says so: two
+    monitors' losses and same-named layers would otherwise share series.  A
+    ``tag`` another open monitor uses on this writer is refused."""
+    from ..integrations.tensorboard import Tagged, inner, root
+
+    base = inner(writer)
+    taken = {root(m.writer) for m in list(_WRITING) if m.writer is not None and inner(m.writer) is base}
+    if tag is not None:
+        writer = Tagged(base, tag)
+        if writer.root in taken:
+            raise ValueError(f"another open monitor writes to this writer under {writer.root}: give each monitor "
+                             "its own tag=")
+        return writer
+    if root(writer) not in taken:
+        return writer
+    name, k = model_name, 2
+    while f"signalprop.{name}/" in taken:
+        name, k = f"{model_name}{k}", k + 1
+    writer = Tagged(base, name)
+    warnings.warn(f"another open monitor writes to this writer under signalprop/: this one's tags start "
+                  f"{writer.root} (pass tag= to name its section)", UserWarning, stacklevel=4)
+    return writer
+
+
 class Monitor:
     """Watches a model during training; see :func:`monitor` and the module docstring."""
 
@@ -325,13 +362,13 @@ class Monitor:
                  bounds: tuple[float, float] = (1e-6, 1e3), trend: float = 100.0, update_ratio: bool = True,
                  max_history: int | None = None, grad_every: int | None = None, group: Any = None,
                  skip: Any = None, histograms: bool = True, dump_on_nonfinite: Any = None,
-                 optimizer: Any = None, loss_fn: Any = None, scaler: Any = None) -> None:
+                 optimizer: Any = None, loss_fn: Any = None, scaler: Any = None, tag: str | None = None) -> None:
         check_model(unwrap(model) if isinstance(model, nn.Module) else model, "monitor")
         check_materialised(unwrap(model).named_modules(), "monitor")
         scale = check_options(every, writer=writer, agc=agc, bounds=bounds, trend=trend, update_ratio=update_ratio,
                               max_history=max_history, grad_every=grad_every, group=group, skip=skip,
                               histograms=histograms, dump_on_nonfinite=dump_on_nonfinite, optimizer=optimizer,
-                              loss_fn=loss_fn, scaler=scaler)
+                              loss_fn=loss_fn, scaler=scaler, tag=tag)
         if not any(True for _ in model.parameters()):
             raise ValueError(f"{type(model).__name__} has no parameters: nothing to monitor")
         if optimizer is None and skip is not None and isinstance(getattr(skip, "param_groups", None), list) \
@@ -343,7 +380,7 @@ class Monitor:
         g = resolve_group(group)
         self.red = Reduction(g) if g is not None else None
         self.every = every
-        self.writer = writer
+        self.writer = _own_section(writer, tag, type(model).__name__) if writer is not None else None
         self.agc = agc
         self.bounds = (float(bounds[0]), float(bounds[1]))
         self.trend = float(trend)
@@ -435,6 +472,8 @@ class Monitor:
         """The construction's steps after the root hooks: the recorder armed, the
         histogram tap, the skip guard on the optimizer's step (last)."""
         self._arm()
+        if self.writer is not None:
+            _WRITING.add(self)
         if histograms and writer is not None:
             from ..integrations.tensorboard import writes_histograms
 
@@ -473,6 +512,7 @@ class Monitor:
             except Exception as e:
                 self._warn("the GradScaler's last step was not read", e)
         self._exit_mode()  # a sampled forward interrupted (KeyboardInterrupt) left it entered
+        _WRITING.discard(self)  # its section of the writer is free for a later monitor
         self._open.clear()
         self._drop_witness()
         if self._skip_guard is not None:  # the optimizer's own step back
@@ -1397,7 +1437,7 @@ def monitor(model: nn.Module, every: int = 50, *, writer: Any = None, agc: float
             bounds: tuple[float, float] = (1e-6, 1e3), trend: float = 100.0, update_ratio: bool = True,
             max_history: int | None = None, grad_every: int | None = None, group: Any = None,
             skip: Any = None, histograms: bool = True, dump_on_nonfinite: Any = None, optimizer: Any = None,
-            loss_fn: Any = None, scaler: Any = None) -> Monitor:
+            loss_fn: Any = None, scaler: Any = None, tag: str | None = None) -> Monitor:
     """Watch ``model`` during training.
 
     ::
@@ -1420,7 +1460,10 @@ def monitor(model: nn.Module, every: int = 50, *, writer: Any = None, agc: float
     ``histograms`` on and a writer that has ``add_histogram_raw``, per-layer
     histograms of activations, their gradients, weights, gradients and
     updates on sampled steps; see :mod:`signalprop.monitor.histograms`;
-    ``histograms=False``: none).  ``grad_every``: read every parameter's
+    ``histograms=False``: none).  ``tag``: this monitor's section of the
+    writer, its tags starting ``signalprop.<tag>/`` (default ``signalprop/``;
+    a second open monitor on one writer without a tag gets
+    ``signalprop.<model class>/`` and a warning).  ``grad_every``: read every parameter's
     gradient norm (the global norm series ``mon.grad_norms`` and the
     non-finite watch on gradients; no alert rule judges it, see
     :mod:`signalprop.monitor.divergence`) on every n-th step and on sampled
@@ -1477,7 +1520,7 @@ def monitor(model: nn.Module, every: int = 50, *, writer: Any = None, agc: float
     return Monitor(model, every, writer=writer, agc=agc, bounds=bounds, trend=trend, update_ratio=update_ratio,
                    max_history=max_history, grad_every=grad_every, group=group, skip=skip,
                    histograms=histograms, dump_on_nonfinite=dump_on_nonfinite, optimizer=optimizer, loss_fn=loss_fn,
-                   scaler=scaler)
+                   scaler=scaler, tag=tag)
 
 
 __all__ = ["Monitor", "monitor"]
