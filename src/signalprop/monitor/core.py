@@ -48,6 +48,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -767,7 +768,10 @@ class Monitor:
         self._targets = targets
         k = self._step
         try:
-            return self._close_step(k, loss, loss_t)
+            # the measurements of a run going non-finite overflow on purpose: numpy's warnings about it are
+            # not the user's (and under a warnings-as-errors filter they would abort the step's alerts)
+            with np.errstate(all="ignore"):
+                return self._close_step(k, loss, loss_t)
         except Exception as e:
             self._warn(f"step {k} was not measured", e, kind="a step was not measured")
             self._updates.snapshot = self._snapshot_due = None
@@ -1055,7 +1059,7 @@ class Monitor:
             if loss.numel() != 1:
                 raise ValueError(f"step() takes the scalar loss, got a tensor of shape {tuple(loss.shape)}")
             return loss.detach().reshape(()).float() if loss.dtype != torch.float64 else loss.detach().reshape(())
-        if loss is None or isinstance(loss, (int, float)):
+        if loss is None or (isinstance(loss, (int, float)) and not isinstance(loss, bool)):
             return None
         raise TypeError(f"step() takes the loss as a tensor, a float or None, got {type(loss).__name__}")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any, cast
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -233,11 +234,15 @@ def predictions(rows: list[Row], inp: InputStats | None, cot_ms: float,
     if not all(math.isfinite(x) for x in (inp.second_moment, inp.mean, *(x for t in terms for x in t))):
         return None  # an input or a weight past float range (the exact pass after a NaN/Inf): nothing to predict
     try:
-        # widths only enter through n_out / n_in, the backward fan ratio: one unit of input, the rest relative
-        p = propagate([1] * (len(chain) + 1), [_exact(r) for r in chain], sw2, sb2, q0=inp.second_moment,
-                      mean_coupling=[(t[2] * f, t[3] * f) for t, (f, _) in zip(terms, cover)], m0=inp.mean,
-                      fan_ratio=[fo / fi * b / f for (fi, fo), (f, b) in zip(fan, cover)])
+        # widths only enter through n_out / n_in, the backward fan ratio: one unit of input, the rest relative;
+        # finite but huge weights (the exact pass just before a NaN) overflow the recursion: no prediction then
+        with np.errstate(all="ignore"):
+            p = propagate([1] * (len(chain) + 1), [_exact(r) for r in chain], sw2, sb2, q0=inp.second_moment,
+                          mean_coupling=[(t[2] * f, t[3] * f) for t, (f, _) in zip(terms, cover)], m0=inp.mean,
+                          fan_ratio=[fo / fi * b / f for (fi, fo), (f, b) in zip(fan, cover)])
     except ValueError:
+        return None
+    if not all(np.isfinite(np.asarray(v, dtype=float)).all() for v in (p.q, p.post, p.grad_pre, p.grad_post)):
         return None
     out: dict[int, tuple[float, float]] = {}
     for l_idx, (w, a) in enumerate(chain):
