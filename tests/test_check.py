@@ -968,3 +968,46 @@ def test_children_stay_with_the_attributes_that_name_them():
     assert any("wrote 1 of its parameters" in n for n in r.summary.notes)
     assert m.built and isinstance(m.head, nn.Linear)
     m(x_of(8, 8))  # the next forward runs
+
+
+class _CentresInPlace(nn.Module):
+    """A forward that edits its input in place, as plain PyTorch allows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
+
+    def forward(self, x):
+        x.sub_(x.mean(1, keepdim=True))
+        return self.net(x)
+
+
+def test_inputs_as_the_model_would_take_them():
+    """Inputs plain PyTorch takes, check takes too (found by an outside
+    stress test): a forward that edits its input in place (check's input
+    leaf, which requires grad, was refused by autograd and the error blamed
+    the model); an input made under inference_mode; a channels_last batch
+    under dtype= (a torch warning, an error under warnings-as-errors). The
+    user's tensor is never written. Raw Python lists of numbers get a clear
+    error (it was a 112,000-character message listing each float)."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 16)
+    keep = x.clone()
+    r = sp.check(_CentresInPlace(), x)
+    assert r.verdict == "healthy" and torch.equal(x, keep)
+    first = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(16, 4))
+    assert sp.check(first, x).layers[0].forward_second_moment == pytest.approx(x.clamp(min=0).square().mean().item(),
+                                                                              rel=1e-5)
+    assert torch.equal(x, keep)
+    # the theory column still sees the chain start at the input the model was fed
+    mlp = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh())
+    assert sp.check(mlp, x).layers[1].predicted_second_moment is not None
+    with torch.inference_mode():
+        xi = torch.randn(8, 16)
+    assert sp.check(mlp, xi).verdict == "healthy"
+    cnn = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+    xc = torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last)
+    assert sp.check(cnn.to(memory_format=torch.channels_last), xc, dtype="fp16").verdict == "healthy"
+    with pytest.raises(TypeError, match=r"torch.tensor") as e:
+        sp.check(mlp, [[0.0] * 16] * 1000)
+    assert len(str(e.value)) < 300

@@ -135,7 +135,8 @@ def counts(t: Any, dim: int | None = None) -> Any:
         return None
     idt, mask = iv
     edges, order = _edge_bits(t.dtype, t.device)
-    idx = torch.bucketize(t.view(idt).bitwise_and(mask), edges, right=True)
+    # contiguous: a channels_last batch's bits in logical order (bucketize copies, and warns, otherwise)
+    idx = torch.bucketize(t.view(idt).bitwise_and(mask).contiguous(), edges, right=True)
     nb = edges.numel() + 1
     rows = 1 if dim is None else t.shape[0]
     if dim is not None:

@@ -128,6 +128,11 @@ def _dense_inputs(inputs: Any) -> None:
     first floating one (whose norm and sum the pass reads) that is not
     dense: sparse and nested tensors have neither.  Other arguments may be
     anything the model takes (a GCN's sparse adjacency)."""
+    if isinstance(inputs, (int, float, complex)) or (isinstance(inputs, list) and inputs and all(
+            isinstance(v, (list, int, float, complex)) for v in inputs)):
+        raise TypeError(f"check takes the model's input as a tensor (or a tuple of its positional arguments, a "
+                        f"dict of its keyword arguments), got Python {type(inputs).__name__}s of numbers: convert "
+                        "them with torch.tensor(...) first")
     ts = tensors_of(inputs)
     for t in ts[:1] + [t for t in ts if t.is_floating_point()][:1]:
         if t.is_nested:

@@ -97,28 +97,42 @@ def without_cache(model: nn.Module, inputs: Any) -> Any:
     return inputs
 
 
-def prepare_inputs(inputs: Any) -> tuple[Any, list[torch.Tensor]]:
+def prepare_inputs(inputs: Any) -> tuple[Any, list[torch.Tensor], list[torch.Tensor]]:
     """Floating input tensors become leaves that require grad, so the gradient
-    reaches (and is measured at) the input; integer ones (token ids) stay."""
+    reaches (and is measured at) the input; integer ones (token ids) stay.
+    The model is fed a copy of each leaf (returned third, in order), so that
+    a forward that edits its input in place (``ReLU(inplace=True)`` first,
+    ``x.sub_(mean)``) works as it does on the user's own tensor: autograd
+    refuses in-place edits of a leaf that requires grad.  An inference
+    tensor (made under ``torch.inference_mode()``) is copied into an
+    ordinary one first."""
     leaves: list[torch.Tensor] = []
+    fed: list[torch.Tensor] = []
 
     def conv(v: Any) -> Any:
         if isinstance(v, torch.Tensor) and v.is_floating_point():
-            leaf = v.detach().requires_grad_(True)
+            leaf = (v.clone() if v.is_inference() else v.detach()).requires_grad_(True)
             leaves.append(leaf)
-            return leaf
+            fed.append(leaf.clone())
+            return fed[-1]
         return v
 
     if isinstance(inputs, CallArgs):
-        return CallArgs(tuple(conv(v) for v in inputs.args), {k: conv(v) for k, v in inputs.kwargs.items()}), leaves
-    if isinstance(inputs, dict):
-        return {k: conv(v) for k, v in inputs.items()}, leaves
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(conv(v) for v in inputs), leaves
-    return conv(inputs), leaves
+        out: Any = CallArgs(tuple(conv(v) for v in inputs.args), {k: conv(v) for k, v in inputs.kwargs.items()})
+    elif isinstance(inputs, dict):
+        out = {k: conv(v) for k, v in inputs.items()}
+    elif isinstance(inputs, (tuple, list)):
+        out = type(inputs)(conv(v) for v in inputs)
+    else:
+        out = conv(inputs)
+    return out, leaves, fed
 
 
-def shapes(inputs: Any) -> str:
+def shapes(inputs: Any, most: int = 16) -> str:
+    """The shapes of ``inputs`` as a message shows them; a sequence of more
+    than ``most`` arguments is cut short, with its length."""
+    if isinstance(inputs, (tuple, list)) and len(inputs) > most:
+        return f"{shapes(type(inputs)(inputs[:most]))}, ... ({len(inputs)} arguments)"
     if isinstance(inputs, CallArgs):
         return ", ".join(x for x in (shapes(inputs.args), shapes(inputs.kwargs)) if x)
     if isinstance(inputs, torch.Tensor):

@@ -138,10 +138,12 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
                    capture_budget=CAPTURE_BYTES if red is None else 0, precision=precision)
     rec.attach()
     try:
-        x, leaves = prepare_inputs(inputs) if input_leaves else (inputs, [])
+        x, leaves, fed = prepare_inputs(inputs) if input_leaves else (inputs, [], [])
         # the input the statistics read: the first floating leaf, or without leaves the first floating input
         # as passed (its values and finite share are measured all the same, its gradient is not)
         read = leaves[:1] if input_leaves else [t for t in tensors_of(inputs) if t.is_floating_point()][:1]
+        # where the first row reads it: the copy the model was fed (see prepare_inputs)
+        read_ptr = fed[0].data_ptr() if fed else read[0].data_ptr() if read else 0
         out = _forward(caller if caller is not None else model, x, inputs, rec)
         y = model_output(out)  # the logits, not the loss a model called with labels= returns first
         if y is None:
@@ -210,8 +212,7 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
     # the theory's gradients are scaled to the last row's: the square of its reported grad_rms, so the last
     # row's prediction matches the record it sits in
     last_g = vals[-1].get("grad_rms") if vals else None
-    pred = predictions(rec.rows, inp, last_g ** 2 if last_g else 0.0, pnorms.weight_norms,
-                       read[0].data_ptr() if read else 0)
+    pred = predictions(rec.rows, inp, last_g ** 2 if last_g else 0.0, pnorms.weight_norms, read_ptr)
     pgrads = pnorms.values(ex[:k])
     layers = layer_stats(rec.rows, vals, pgrads, out_rms, pred)
     if out_grad is None or out_rms == 0:  # the loss does not reach the first output tensor
@@ -220,7 +221,7 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
         layers = layer_stats(rec.rows, vals, pgrads, out_rms, pred)
     origin = _backward_origin(rec.rows, layers) if exact else None
     culprit = _own_code_origin(rec, layers, origin) if exact else None
-    merges = _unrecorded_merges(rec.rows, read[0].data_ptr() if read else 0)
+    merges = _unrecorded_merges(rec.rows, read_ptr)
     stale = _stale_batchnorm(rec.rows)
     verdict, problems, layers, judged = diagnose(layers, inp, bounds, trend, backward_origin=origin, culprit=culprit,
                                                  residual=merges,

@@ -281,7 +281,7 @@ def _locate(model: nn.Module, inputs: CallArgs, loss_fn: Any) -> Origin | None:
     params = [p for p in model.parameters() if p.requires_grad]
 
     def forward() -> Any:
-        x, leaves = prepare_inputs(inputs)
+        x, leaves, _ = prepare_inputs(inputs)
         with torch.enable_grad():
             out = call_model(model, x)
             y = first_float_tensor(out)
