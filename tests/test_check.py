@@ -1011,3 +1011,38 @@ def test_inputs_as_the_model_would_take_them():
     with pytest.raises(TypeError, match=r"torch.tensor") as e:
         sp.check(mlp, [[0.0] * 16] * 1000)
     assert len(str(e.value)) < 300
+
+
+class _SqrtAfterHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+
+    def forward(self, x):
+        return torch.sqrt(self.net(x).abs() * 0)  # finite forward; the derivative of sqrt at 0 is inf
+
+
+def test_a_nan_gradient_from_past_the_last_layer_is_not_blamed_on_it():
+    """The gradient arriving at the last layer non-finite while the forward is
+    finite: nothing after the last layer was recorded, and the last layer was
+    named as the one whose backward made it. Now a NaN among the targets is
+    laid on the loss (oracle: the output is finite and the loss's gradient at
+    it is not), and an operation in the model's own forward after its last
+    layer on that code, with or without a loss."""
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 8), torch.randn(32, 4)
+    m = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    y_bad = y.clone()
+    y_bad[3, 1] = float("nan")
+    out = m(x)
+    out.retain_grad()
+    F.mse_loss(out, y_bad).backward()
+    assert torch.isfinite(out).all() and not torch.isfinite(out.grad).all()
+    m.zero_grad(set_to_none=True)
+    r = sp.check(m, x, loss_fn=F.mse_loss, targets=y_bad)
+    assert r.verdict == "non-finite" and len(r.problems) == 1
+    assert "from the loss is already non-finite" in r.problems[0].message and "targets" in r.problems[0].suggestion
+    for loss_fn, targets in ((None, None), (F.mse_loss, y)):
+        r = sp.check(_SqrtAfterHead(), x, loss_fn=loss_fn, targets=targets)
+        assert [p.layer for p in r.problems] == ["(root)"]
+        assert "own forward code, after net.2" in r.problems[0].message

@@ -545,6 +545,14 @@ def _nonfinite_problem(layers: list[LayerStats], inp: InputStats | None, origin:
                        "look at that module's arithmetic (log/div/sqrt of bad values, overflow in low "
                        "precision); torch.autograd.detect_anomaly helps", fwd.index, fwd.index)
     bad = [layer for layer in layers if (layer.grad_nonfinite_fraction or 0) > 0]
+    if bad and origin == -1:  # pipeline.AFTER_THE_ROWS: no layer made it, it came in with the loss's gradient
+        o = bad[-1]
+        return Problem(o.name, "non-finite",
+                       f"The gradient arriving at {_label(o)} from the loss is already non-finite, while the forward "
+                       f"pass is finite: no layer made the NaN/Inf, the loss did ({count(len(bad), 'layer')} carry it "
+                       "back).",
+                       "look at the loss and its targets: NaN/Inf among the targets (check the loader), a log or "
+                       "division at 0 inside the loss (clamp its argument or add an epsilon)", o.index, o.index)
     if bad:
         o = layers[origin] if origin is not None else bad[-1]
         return Problem(o.name, "non-finite",

@@ -221,6 +221,11 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
         layers = layer_stats(rec.rows, vals, pgrads, out_rms, pred)
     origin = _backward_origin(rec.rows, layers) if exact else None
     culprit = _own_code_origin(rec, layers, origin) if exact else None
+    if origin == AFTER_THE_ROWS and (out_grad is None or math.isfinite(ex[-3])):
+        # the gradient at the model's output is finite (the loss's, or check's finite seed): what turned it
+        # non-finite on the way to the last layer is the model's own code after that layer
+        carrier = [layer for layer in layers if (layer.grad_nonfinite_fraction or 0) > 0][-1]
+        culprit = ("", "backward", carrier.name, type(model).__name__)
     merges = _unrecorded_merges(rec.rows, read_ptr)
     stale = _stale_batchnorm(rec.rows)
     verdict, problems, layers, judged = diagnose(layers, inp, bounds, trend, backward_origin=origin, culprit=culprit,
@@ -323,7 +328,7 @@ def _own_code_origin(rec: Recorder, layers: list[LayerStats], backward: int | No
         phase = "forward"
     elif backward is not None:
         bad = [layer.index for layer in layers if (layer.grad_nonfinite_fraction or 0) > 0]
-        if not bad or backward == bad[-1] or rows[backward].src == rows[bad[-1]].dst:
+        if not bad or backward in (bad[-1], AFTER_THE_ROWS) or rows[backward].src == rows[bad[-1]].dst:
             return None
         before, after = rows[bad[-1]], rows[backward]
         phase = "backward"
@@ -340,12 +345,17 @@ def _own_code_origin(rec: Recorder, layers: list[LayerStats], backward: int | No
     return name, phase, before.name, type(module).__name__ if module is not None else ""
 
 
+AFTER_THE_ROWS = -1  # a backward origin past the last recorded row (see _backward_origin)
+
+
 def _backward_origin(rows: list[Row], layers: list[LayerStats]) -> int | None:
     """The row whose backward turned a finite incoming gradient into a
     non-finite outgoing one: a consumer of the output of the latest row (in
     execution order) whose gradient is non-finite, itself with a finite
     gradient -- or, when no recorded row read that output directly, the next
-    row executed after it."""
+    row executed after it.  :data:`AFTER_THE_ROWS` when no row after it has a
+    finite gradient: the gradient arrived non-finite from what follows the
+    recorded rows (the loss and its targets, or code after the last layer)."""
     bad = [layer.index for layer in layers if (layer.grad_nonfinite_fraction or 0) > 0]
     if not bad or any(layer.nonfinite_fraction > 0 for layer in layers):
         return None
@@ -355,7 +365,7 @@ def _backward_origin(rows: list[Row], layers: list[LayerStats]) -> int | None:
     for s in finite:
         if produced is not None and any(ref() is produced for ref in s.inputs):
             return s.index
-    return finite[0].index if finite else r.index
+    return finite[0].index if finite else AFTER_THE_ROWS
 
 
 def _backward_synced(root: torch.Tensor, cot: torch.Tensor | None, params: list[nn.Parameter],
