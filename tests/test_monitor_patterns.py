@@ -761,3 +761,38 @@ def test_a_run_going_non_finite_raises_no_warning_of_the_monitors_own(lr):
                     break
     assert first_bad is not None  # the run does diverge (else this test guards nothing)
     assert any(a.kind == "non-finite" and a.step <= first_bad for a in mon.alerts)
+
+
+def test_frozen_layers_are_said_to_have_no_gradient():
+    """Rows without a gradient for lack of anything to train are named, not
+    left blank under a verdict (found by an outside stress test): a frozen
+    teacher called with gradients on (distillation) -- every row; a frozen
+    backbone under a trained head (linear probing) -- the backbone's rows. A
+    Flatten on the input, which needs no gradient either, is not worth a word."""
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+    teacher = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3)).requires_grad_(False)
+    opt = torch.optim.SGD(student.parameters(), lr=0.05)
+    with sp.monitor(teacher, every=2) as mon:
+        for k in range(3):
+            x, y = _data(k)
+            loss = F.cross_entropy(student(x), y) + F.mse_loss(student(x), teacher(x))
+            opt.zero_grad()
+            loss.backward()
+            mon.step(loss)
+            opt.step()
+    assert [h.step for h in mon.history] == [0, 2]
+    for h in mon.history:
+        assert all(lay.grad_rms is None for lay in h.layers)
+        assert h.notes == ("no layer of this pass required a gradient (every parameter it used is frozen): only its "
+                           "forward statistics are measured and judged",)
+    probe = nn.Sequential(nn.Flatten(), nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+    probe[1].requires_grad_(False)
+    probe[3].requires_grad_(False)
+    with sp.monitor(probe, every=2) as mon:
+        _run(probe, 2, lambda mm, x: mm(x), mon)
+    (note,) = mon.history[0].notes
+    assert note.startswith("5 rows got no gradient (0, 1, 2, ...)") and "(frozen: 1, 3)" in note
+    with sp.monitor(nn.Sequential(nn.Flatten(), nn.Linear(8, 3)), every=2) as mon:
+        _run(mon.model, 2, lambda mm, x: mm(x), mon)
+    assert mon.history[0].notes == ()

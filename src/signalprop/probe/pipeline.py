@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from ..layers import BATCHNORMS
+from ..layers import BATCHNORMS, own_parameters
 from ..records import InputStats, LayerStats, Report, Summary
 from ..words import count
 from .causes import explain
@@ -266,6 +266,26 @@ def unreached_note(rows: list[Row], start: str) -> str:
             f"{', ...' if len(unreached) > 3 else ''}): {start} does not depend on "
             f"{'its output' if one else 'their outputs'} (another head, an unused branch), so "
             f"{'its gradient is' if one else 'their gradients are'} not judged")
+
+
+def frozen_note(rows: list[Row]) -> str:
+    """What a training pass leaves unmeasured for lack of anything to train,
+    or "": every row (a frozen model called with gradients on: a teacher, an
+    EMA copy), or the rows before and around frozen layers (a frozen
+    backbone under a trained head), whose outputs required no gradient.
+    Rows without parameters alone (a ``Flatten`` on the input) need no
+    word."""
+    none = [r for r in rows if not r.wants_grad]
+    frozen = [r.name for r in none if r.module is not None and own_parameters(r.module)]
+    if not frozen:
+        return ""
+    if len(none) == len(rows):
+        return ("no layer of this pass required a gradient (every parameter it used is frozen): only its forward "
+                "statistics are measured and judged")
+    names = [r.name for r in none]
+    return (f"{count(len(names), 'row')} got no gradient ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): "
+            f"nothing in or before them trains (frozen: {', '.join(frozen[:3])}{', ...' if len(frozen) > 3 else ''}), "
+            "so no gradient is computed there; their forward statistics are judged")
 
 
 def _stale_batchnorm(rows: list[Row]) -> list[Row]:
