@@ -796,3 +796,38 @@ def test_frozen_layers_are_said_to_have_no_gradient():
     with sp.monitor(nn.Sequential(nn.Flatten(), nn.Linear(8, 3)), every=2) as mon:
         _run(mon.model, 2, lambda mm, x: mm(x), mon)
     assert mon.history[0].notes == ()
+
+
+def test_a_model_only_called_under_no_grad_is_said_to_give_no_sample():
+    """A monitor on a model the loop only evaluates under torch.no_grad() (an
+    EMA copy) has no training pass to sample: one warning says so at the
+    first step due for a sample (before, the report just read "sampled=0"),
+    and training is as without the monitor."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    def train(watch: bool):
+        torch.manual_seed(0)
+        model = EncHead()
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.99))
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        mon = sp.monitor(ema, every=5) if watch else None
+        for k in range(12):
+            x, y = _data(k)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            if mon is not None:
+                mon.step(loss)
+            opt.step()
+            ema.update_parameters(model)
+            with torch.no_grad():
+                ema(x)
+        if mon is not None:
+            mon.close()
+        return ema, mon
+
+    with pytest.warns(RuntimeWarning, match="step 0 was due for a sample, but no forward of AveragedModel") as got:
+        ema, mon = train(True)
+    assert len([w for w in got if "due for a sample" in str(w.message)]) == 1  # once, not at steps 5 and 10
+    assert mon.history == [] and len(mon.steps) == 12
+    _same(ema, train(False)[0])

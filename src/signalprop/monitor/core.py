@@ -825,6 +825,11 @@ class Monitor:
             self._warn("a sample was skipped: the recorder failed", rec.errors[0])
             rec = None
         sampled = rec is not None and bool(rec.rows)
+        if self.regular and not sampled and rec is not None:
+            self._warn(f"step {k} was due for a sample, but no forward of {self._model_name} with gradients enabled "
+                       "ran in it (called under torch.no_grad() or inference_mode -- an EMA copy evaluated that way "
+                       "-- or not called): no layer is measured until one does, only the loss and gradient norms",
+                       kind="no forward to sample")
         # (also where a sample's update is taken this step: the relative update reads its parameters as they are)
         if sampled or self._snapshot_due is not None or \
                 (self.optimizer is not None and self._optimizer_params() != self._opt_params):
