@@ -1046,3 +1046,28 @@ def test_a_nan_gradient_from_past_the_last_layer_is_not_blamed_on_it():
         r = sp.check(_SqrtAfterHead(), x, loss_fn=loss_fn, targets=targets)
         assert [p.layer for p in r.problems] == ["(root)"]
         assert "own forward code, after net.2" in r.problems[0].message
+
+
+def test_a_gradient_whose_rms_underflows_is_not_called_exactly_zero():
+    """A 30-layer sigmoid MLP (PyTorch's default init): the first layer's
+    gradient entries are ~1e-26, all non-zero, so their float32 sum of squares
+    underflows and the RMS reads 0. The verdict (vanishing) stands; the
+    message no longer says the gradient "is exactly 0" but that its RMS
+    underflows, with its largest entry (oracle: autograd in float64)."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(30):
+        layers += [nn.Linear(32, 32), nn.Sigmoid()]
+    m = nn.Sequential(*layers)
+    x = torch.randn(16, 32)
+    r = sp.check(m, x)
+    first = r.layers[0]
+    assert r.verdict == "vanishing" and first.grad_rms == 0.0 and first.grad_absmax > 0
+    xd = x.double().requires_grad_()
+    h = m.double()[0](xd)
+    h.retain_grad()
+    m[1:](h).backward(torch.randn(16, 32, dtype=torch.float64))
+    assert (h.grad != 0).all()  # the oracle: not one entry is 0
+    m.float()
+    msg = next(p.message for p in r.problems if p.kind == "vanishing")
+    assert "RMS underflows to 0" in msg and "largest entry is" in msg and "exactly 0" not in msg

@@ -163,7 +163,11 @@ def _bound_evidence(layers: list[LayerStats], lo: float, hi: float) -> list[_Evi
         """Why, quoting the smallest figure among ``rows`` (the first such row on a tie)."""
         i = min(rows & small.keys() or small.keys(), key=lambda k: (small[k], k))
         m, row = small[i], layers[i]
-        at = (f"At {_label(row)} the gradient is exactly 0 (it underflows, or an operation with a zero derivative "
+        peak = row.grad_absmax
+        at = (f"At {_label(row)} the gradient's RMS underflows to 0 (its sum of squares is below the smallest "
+              f"float; its largest entry is {peak:.2g}), below the lower bound {sci(lo)} times the RMS at the "
+              "model's output" if m == 0 and peak else
+              f"At {_label(row)} the gradient is exactly 0 (it underflows, or an operation with a zero derivative "
               f"such as rounding cuts it; the lower bound is {sci(lo)} times the "
               "RMS at the model's output)" if m == 0 else
               f"At {_label(row)} the gradient's RMS is {m:.3g} times the RMS at the model's output, below the lower "
