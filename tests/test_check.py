@@ -1071,3 +1071,42 @@ def test_a_gradient_whose_rms_underflows_is_not_called_exactly_zero():
     m.float()
     msg = next(p.message for p in r.problems if p.kind == "vanishing")
     assert "RMS underflows to 0" in msg and "largest entry is" in msg and "exactly 0" not in msg
+
+
+class _ReZero(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.f = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d))
+        self.alpha = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return x + self.alpha * self.f(x)
+
+
+def test_rezero_branches_gated_by_a_zero_parameter_are_not_vanishing():
+    """ReZero (Bachlechner et al. 2020): each block's branch is scaled by its
+    own alpha, 0 at initialisation, so the branch's rows get an exact-0
+    gradient by design -- the stream carries the gradient to the input (0.33
+    of the output's, measured by autograd here) and alpha gets one. It was
+    called vanishing; like a zero-initialised module (LoRA's B), a zero
+    parameter the block's own code multiplies by excuses it, in check and in
+    the monitor."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[_ReZero(32) for _ in range(6)], nn.Linear(32, 10))
+    x = torch.randn(64, 32)
+    r = sp.check(model, x)
+    assert r.verdict == "healthy", [p.message for p in r.problems]
+    assert all(layer.grad_rms == 0 for layer in r.layers if ".f." in f".{layer.name}")
+    xi = x.clone().requires_grad_()
+    out = model(xi)
+    g = torch.randn(out.shape)
+    out.backward(g)
+    assert xi.grad.norm() / g.norm() > 0.2 and model[0].alpha.grad != 0  # the oracle
+    model.zero_grad()
+    with sp.monitor(model, every=1) as mon:
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        loss = model(x).square().mean()
+        loss.backward()
+        mon.step(loss)
+        opt.step()
+    assert mon.history[0].verdict == "healthy"

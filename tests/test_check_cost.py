@@ -81,7 +81,8 @@ def test_buffers_are_saved_and_put_back_by_list_ops():
     c = Count()
     with c:
         sp.check(bn, torch.randn(2, 4, 8, 8))
-    assert "aten.clone.default" not in c.names and c.names.count("aten._foreach_copy_.default") == 2
+    # one clone: the copy of the input leaf the model is fed (probe.inputs.prepare_inputs), none per buffer
+    assert c.names.count("aten.clone.default") == 1 and c.names.count("aten._foreach_copy_.default") == 2
 
 
 def test_cotangent_is_drawn_on_the_output_device_and_dtype():

@@ -60,7 +60,7 @@ from ..probe.distributed import GRAD_NORM, MEAN, NORM, SUM, Reduction, local, no
 from ..probe.gather import finalise, gather
 from ..probe.inputs import CallArgs, ModelError
 from ..probe.norms import ParamNorms, norms
-from ..probe.pipeline import check_limits, check_materialised, check_model, frozen_note, run_pass, unreached_note
+from ..probe.pipeline import check_limits, check_materialised, check_model, frozen_note, run_pass, unreached_note, zero_gates
 from ..probe.recorder import Hook, Recorder, model_output
 from ..probe.rows import layer_stats
 from ..probe.state import preserved
@@ -1111,7 +1111,8 @@ class Monitor:
         if why:  # no verdict from rows that could not see their gradients
             return MonitorStep(k, loss, "incomplete", tuple(layers), (), grad_norm, out_rms, incomplete=why,
                                loss_scale=scale)
-        verdict, problems, layers, judged = diagnose(layers, None, self.bounds, self.trend)
+        verdict, problems, layers, judged = diagnose(layers, None, self.bounds, self.trend,
+                                                     zero_gated=zero_gates(self.model, rows, layers))
         notes = [*judged["notes"], unreached_note(rows, "the loss"), frozen_note(rows)]
         return MonitorStep(k, loss, verdict, tuple(layers), tuple(problems), grad_norm, out_rms, loss_scale=scale,
                            notes=tuple(n for n in notes if n))

@@ -106,14 +106,18 @@ def _effective(layers: list[LayerStats]) -> tuple[list[float | None], list[int |
     return out, via
 
 
-def _zero_fed(layers: list[LayerStats], eff: list[float | None]) -> set[int]:
+def _zero_fed(layers: list[LayerStats], eff: list[float | None], gated: frozenset[str] = frozenset()) -> set[int]:
     """The rows whose gradient is exactly 0 because they feed a module whose
     parameters are all 0 (LoRA's B, a zero-initialised residual branch or
     output layer), which passes no gradient back until they move -- by
     design, not a vanishing gradient: the run of exact-0 rows (rows without
     a gradient in between) right before such a module, and no further (a
-    row with a gradient ends it: an exact 0 before that has another cause)."""
-    out: set[int] = set()
+    row with a gradient ends it: an exact 0 before that has another cause).
+    Likewise the exact-0 rows inside a module of ``gated``, which scales
+    them by an all-zero parameter of its own in its own code (ReZero's
+    alpha, a LayerScale started at 0)."""
+    out: set[int] = {i for i, (layer, g) in enumerate(zip(layers, eff))
+                     if g == 0 and any(g_ == "" or layer.name.startswith(g_ + ".") for g_ in gated)}
     for i, layer in enumerate(layers):
         # ||grad|| / ||w|| is inf for a finite parameter gradient only where ||w|| is 0
         if not (layer.grad_to_weight is not None and math.isinf(layer.grad_to_weight)
@@ -127,7 +131,8 @@ def _zero_fed(layers: list[LayerStats], eff: list[float | None]) -> set[int]:
     return out
 
 
-def _bound_evidence(layers: list[LayerStats], lo: float, hi: float) -> list[_Evidence]:
+def _bound_evidence(layers: list[LayerStats], lo: float, hi: float,
+                    gated: frozenset[str] = frozenset()) -> list[_Evidence]:
     out = []
     eff, via = _effective(layers)
     big = {layer.index: g for layer, g in zip(layers, eff) if g is not None and g > hi}
@@ -151,7 +156,7 @@ def _bound_evidence(layers: list[LayerStats], lo: float, hi: float) -> list[_Evi
         out.append(_Evidence("exploding", "bound", set(big), too_big(set(big)), max(big.values()) / hi, too_big))
     small: dict[int, float] = {}
     best_before = 0.0
-    excused = _zero_fed(layers, eff)
+    excused = _zero_fed(layers, eff, gated)
     for i, (layer, g) in enumerate(zip(layers, eff)):
         if g is None or i in excused:
             continue
@@ -582,7 +587,8 @@ def _main_trend(trends: list[SeriesTrend], layers: list[LayerStats]) -> dict[str
 
 def diagnose(layers: list[LayerStats], inp: InputStats | None, bounds: tuple[float, float], trend: float,
              backward_origin: int | None = None, dead_unjudged_from: int | None = None,
-             culprit: tuple[str, str, str, str] | None = None, residual: bool = False
+             culprit: tuple[str, str, str, str] | None = None, residual: bool = False,
+             zero_gated: frozenset[str] = frozenset()
              ) -> tuple[Verdict, list[Problem], list[LayerStats], dict[str, Any]]:
     """The verdict, the problems (worst first), the rows with their own
     verdicts, and the model-level numbers for :class:`~signalprop.records.Summary`.
@@ -593,6 +599,8 @@ def diagnose(layers: list[LayerStats], inp: InputStats | None, bounds: tuple[flo
     ``residual``: the model sums branches into a stream between its rows
     (residual blocks): a signal growing with depth is then the stream's, and
     the fix is the branches' scale.
+    ``zero_gated``: modules (not rows) that hold an all-zero parameter of
+    their own: an exact-0 gradient inside them is by design (see :func:`_zero_fed`).
     Pure: ``layers`` is not modified."""
     lo, hi = bounds
     # rectifier rows whose every output is 0 (a fact at any batch size): nothing passes back through them
@@ -601,7 +609,7 @@ def diagnose(layers: list[LayerStats], inp: InputStats | None, bounds: tuple[flo
     act = _dominant_activation(layers)
     series = _series(layers)
     ev_series, trends = _series_evidence(series, trend)
-    ev = _bound_evidence(layers, lo, hi) + ev_series
+    ev = _bound_evidence(layers, lo, hi, zero_gated) + ev_series
     through_time = {layer.index for layer in layers if _vanishes_in_time(layer, lo)}
     if through_time:
         ev.append(_Evidence("vanishing", "time", set(through_time), "", 1.0))

@@ -229,7 +229,7 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
     merges = _unrecorded_merges(rec.rows, read_ptr)
     stale = _stale_batchnorm(rec.rows)
     verdict, problems, layers, judged = diagnose(layers, inp, bounds, trend, backward_origin=origin, culprit=culprit,
-                                                 residual=merges,
+                                                 residual=merges, zero_gated=zero_gates(model, rec.rows, layers),
                                                  dead_unjudged_from=stale[0].index if stale else None)
     if problems:  # the parameters behind a problem, where its mechanism leaves a mark (see .causes)
         problems = explain(problems, layers, rec.rows, model, bounds, dict(zip(params, grads[:n_p])))
@@ -266,6 +266,19 @@ def unreached_note(rows: list[Row], start: str) -> str:
             f"{', ...' if len(unreached) > 3 else ''}): {start} does not depend on "
             f"{'its output' if one else 'their outputs'} (another head, an unused branch), so "
             f"{'its gradient is' if one else 'their gradients are'} not judged")
+
+
+def zero_gates(model: nn.Module, rows: list[Row], layers: list[LayerStats]) -> frozenset[str]:
+    """The modules that are not rows and hold an all-zero parameter of their
+    own (ReZero's ``alpha``, a LayerScale started at 0), which their own
+    code multiplies their rows' outputs by: the exact-0 gradients inside
+    them are by design.  Looked for only when some row's gradient is exactly
+    0 (reading a parameter's values is a transfer on a GPU)."""
+    if not any(layer.grad_rms == 0 for layer in layers):
+        return frozenset()
+    rows_at = {id(r.module) for r in rows if r.module is not None}
+    return frozenset(name for name, m in model.named_modules() if id(m) not in rows_at
+                     and any(p.numel() and not bool(p.detach().any()) for p in own_parameters(m)))
 
 
 def frozen_note(rows: list[Row]) -> str:
