@@ -21,7 +21,10 @@ The thresholds of the sampled rules and the reasons for them:
   silent on one batch, so only a layer that has almost entirely stopped is news.
 * update/weight ratio: the usual band is 1e-4 to 1e-2 per step; above
   ``UPDATE_HIGH = 0.1`` an optimizer step rewrites a tenth of a layer's
-  weights, which no stable run does for long.  Below the band is common and
+  weights, which no stable run does for long (the run's first optimizer
+  step is not judged: Adam's moves every entry by the learning rate, SGD's
+  follows the run's largest gradients; a rate that stays too high shows at
+  the next sample).  Below the band is common and
   intended (fine-tuning at small learning rates), so it is only alerted when
   the median weight layer moves less than ``UPDATE_LOW = 1e-7``.
 * overflow risk (:func:`overflow_alerts`): a module's largest output or
@@ -87,8 +90,8 @@ def scalar_alerts(step: int, loss: float | None, grad_norm: float | None, losses
                          "gradients and larger steps, and the loss turns non-finite within tens of steps",
                          "lower the learning rate (with a warm-up: the rate reached about here is past the stable "
                          "one; a longer warm-up), or clip (sp.clip.agc_, monitor(..., agc=0.01))"))
-    u = D.unlearning(losses, loss) if loss is not None else None
-    if u is not None and u.alarming:
+    u = D.unlearned(losses, loss) if loss is not None else None
+    if u is not None:
         out.append(Alert(step, "loss-spike", "(loss)",
                          f"the loss ({u.level:.4g}, median of the last {D.SMOOTH} steps) has given back "
                          f"{u.share:.0%} of what training had gained: it started at {u.start:.4g} and had reached "
@@ -97,7 +100,7 @@ def scalar_alerts(step: int, loss: float | None, grad_norm: float | None, losses
                          "lower the learning rate (with a warm-up: the rate reached about here is past the stable "
                          "one), or clip (sp.clip.agc_, monitor(..., agc=0.01)); if several batches in a row were "
                          "bad, check the data", "forward"))
-    x = D.loss_explosion(losses, loss) if loss is not None and not (u is not None and u.alarming) else None
+    x = D.loss_explosion(losses, loss) if loss is not None and u is None else None
     if x is not None:
         out.append(Alert(step, "loss-spike", "(loss)",
                          f"the loss ({x.level:.4g}, median of the last {D.SMOOTH} steps) is {times(x.level / x.start)} "

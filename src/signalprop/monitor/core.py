@@ -1163,7 +1163,10 @@ class Monitor:
             if self.history[j].step == u.sample:
                 kinds = {layer.name: layer.kind for layer in self.history[j].layers}  # to name Linear #18
                 break
-        out = A.update_alerts(u.k, u.ratios, u.weight_layers, u.judged, kinds)
+        # the run's first optimizer step is not judged too large: Adam's first step moves every entry by the
+        # learning rate whatever the gradient (bias correction), SGD's follows the largest gradients of the run
+        # (the loss at its highest); the next sample judges the rate the run keeps
+        out = A.update_alerts(u.k, u.ratios, u.weight_layers, set() if u.sample == 0 else u.judged, kinds)
         for j in range(len(self.history) - 1, -1, -1):
             if self.history[j].step == u.sample:
                 h = self.history[j]
