@@ -870,3 +870,54 @@ def test_the_first_optimizer_step_is_not_judged_too_large():
     assert dict(mon.history[0].update_ratios)["b"] > 0.1  # the premise: the first step is that large
     assert sum(losses[-5:]) < 0.7 * sum(losses[:5])  # and the run learns
     assert not [a for a in mon.alerts if a.kind == "update-too-large"]
+
+
+class _Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 32)
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, ids, mask):
+        return self.head(self.enc(self.emb(ids), src_key_padding_mask=mask))
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")  # torch's own, monitored or not
+def test_a_frozen_encoder_on_torchs_fused_path_trains_as_without_the_monitor():
+    """A frozen nn.TransformerEncoder in eval mode with a padding mask (a
+    distillation teacher) packs its batch into a nested tensor for torch's
+    fused attention path, which refuses to run while a TorchFunctionMode is
+    on: the monitor's recording mode made MultiheadAttention raise inside
+    the user's forward and stopped training (found by an outside stress
+    test). The mode is now off for such a call and nested outputs get no row:
+    training is bit-identical, and check takes the encoder with a trainable
+    head (the fused path off for its pass)."""
+    ids = torch.randint(0, 20, (4, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(4, 8, dtype=torch.bool)
+    mask[:, 6:] = True
+
+    def train(watch):
+        torch.manual_seed(0)
+        teacher, student = _Encoder().eval().requires_grad_(False), _Encoder()
+        opt = torch.optim.SGD(student.parameters(), lr=0.01)
+        mon = sp.monitor(teacher, every=2) if watch else None
+        for _ in range(4):
+            loss = F.mse_loss(student(ids, mask), teacher(ids, mask))
+            opt.zero_grad()
+            loss.backward()
+            if mon is not None:
+                mon.step(loss)
+            opt.step()
+        if mon is not None:
+            mon.close()
+        return student, mon
+
+    student, mon = train(True)
+    _same(student, train(False)[0])
+    assert [h.step for h in mon.history] == [0, 2]
+    torch.manual_seed(0)
+    m = _Encoder().eval().requires_grad_(False)
+    m.head.requires_grad_(True)
+    assert sp.check(m, (ids, mask)).verdict == "healthy"
+    assert torch.backends.mha.get_fastpath_enabled()  # put back after the pass

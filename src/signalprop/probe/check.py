@@ -87,7 +87,7 @@ def check(model: nn.Module, inputs: Any, *, loss_fn: Callable[..., torch.Tensor]
     inner = unwrap(model)
     caller = model if red is not None and inner is not model else None
     call_inputs = without_cache(inner, inputs)
-    with preserved(model, [m for _, m in named]) as written, _collector_paused():
+    with preserved(model, [m for _, m in named]) as written, _collector_paused(), _attention_fast_path_off():
         rng = rng_states(params)
         known = (params, named) if inner is model else None  # the traversal above, not another
         grads = True  # the input made a leaf that requires grad, so its gradient is measured too
@@ -148,6 +148,23 @@ def _dense_inputs(inputs: Any) -> None:
 def _sets_requires_grad_on_input(e: ModelError) -> bool:
     cause = e.__cause__
     return isinstance(cause, RuntimeError) and "requires_grad flags of leaf variables" in str(cause)
+
+
+@contextlib.contextmanager
+def _attention_fast_path_off() -> Iterator[None]:
+    """PyTorch's fused attention fast path off for the pass, back as it was
+    after.  The pass's recording mode already keeps ``MultiheadAttention``
+    off it, but a frozen ``nn.TransformerEncoder`` in eval mode with a
+    padding mask still packed its input into a nested tensor for it, which
+    ``MultiheadAttention`` then refused ("does not support NestedTensor
+    outside of its fast path").  Off, the encoder runs as training runs it."""
+    mha = torch.backends.mha
+    was = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(was)
 
 
 @contextlib.contextmanager

@@ -527,6 +527,8 @@ class _FunctionalCapture(TorchFunctionMode):
         if (kind is not None or func in self.fns) and self.r.running is not None and not self.r.running():
             return out  # the forward that entered the mode never returned: the calls after it are not the model's
         # inside nn.MultiheadAttention its own row measures the attention (Recorder._fused_attention)
+        if isinstance(out, torch.Tensor) and out.is_nested:
+            return out  # torch's fused path for a packed batch (a frozen encoder in eval mode): no row there
         if kind is not None and self.r.stats and isinstance(out, torch.Tensor) and \
                 not (self.r.stack and self.r.stack[-1] in self.r._fused_names):
             self._attention(kind, args, kwargs, out)
@@ -554,6 +556,10 @@ class _FunctionalCapture(TorchFunctionMode):
         row = self.r.record(f"{parent}.attention" if parent else "attention",
                             "F.scaled_dot_product_attention" if kind == "sdpa" else "F.softmax", None, None, out, args)
         row.fwd.update(stats)
+
+
+def _nested_arg(args: Any) -> bool:
+    return any(isinstance(a, torch.Tensor) and a.is_nested for a in args)
 
 
 def _grad_hook(row: Row, exact: bool | S.GradBatches, g: torch.Tensor, kernels: list[Statistic] | None = None) -> None:
@@ -834,7 +840,10 @@ class Recorder:
             # compiled code runs without the recording mode (as it was compiled); torch's own leaves
             # (a Linear inside an attention module) make no call the mode records, and each of their ops
             # would pass through it
-            if info.lifted and self._scope is not None and self._scope.lift():
+            # a MultiheadAttention given a nested tensor (a frozen nn.TransformerEncoder in eval mode packs a
+            # padded batch so) must take torch's fused fast path, which refuses while a mode is on: off for it
+            if (info.lifted or (isinstance(m, nn.MultiheadAttention) and _nested_arg(args))) \
+                    and self._scope is not None and self._scope.lift():
                 self._lifted.append(m)
         elif self._scope is not None and m in self._callers:
             self._scope.push()
@@ -912,7 +921,7 @@ class Recorder:
             self._feature_dim = info.feature_dim
         t = out if isinstance(out, torch.Tensor) and (out.is_floating_point() or out.is_complex()) \
             else first_float_tensor(out)
-        if t is not None:
+        if t is not None and not t.is_nested:  # (a nested output: torch's fused path for a packed batch)
             row = self._row(info.name, info.kind, m, info.act, t, info.role)
             self._read(row, t, args)
             if self.stats:
