@@ -1110,3 +1110,34 @@ def test_rezero_branches_gated_by_a_zero_parameter_are_not_vanishing():
         mon.step(loss)
         opt.step()
     assert mon.history[0].verdict == "healthy"
+
+
+class _BNBlock(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.c2, self.b2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(self.b2(self.c2(torch.relu(self.b1(self.c1(x))))) + x)
+
+
+def test_uncalibrated_batchnorm_in_eval_mode_is_the_first_fix():
+    """A fresh BatchNorm ResNet checked in eval mode: its never-updated running
+    statistics pass the signal unnormalised, and the stream grows through the
+    16 blocks -- true of that computation, and the note said why, but the fix
+    offered was Fixup's residual scaling. The first fix is now to calibrate
+    those layers (or check in train mode, where it is healthy)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                      *[_BNBlock(16) for _ in range(16)])
+    for mod in m.modules():
+        if isinstance(mod, nn.Conv2d):
+            nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
+    x = torch.randn(8, 3, 16, 16)
+    assert sp.check(m.train(), x).verdict == "healthy"
+    r = sp.check(m.eval(), x)
+    assert r.verdict == "exploding"
+    for p in r.problems:
+        if p.kind in ("exploding", "vanishing"):
+            assert p.suggestion.startswith("first calibrate the 33 BatchNorm layers in eval mode"), p.suggestion

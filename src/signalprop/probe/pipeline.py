@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from ..layers import BATCHNORMS, own_parameters
-from ..records import InputStats, LayerStats, Report, Summary
+from ..records import InputStats, LayerStats, Report, Summary, evolve
 from ..words import count
 from .causes import explain
 from .diagnose import diagnose
@@ -233,6 +233,14 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
                                                  dead_unjudged_from=stale[0].index if stale else None)
     if problems:  # the parameters behind a problem, where its mechanism leaves a mark (see .causes)
         problems = explain(problems, layers, rec.rows, model, bounds, dict(zip(params, grads[:n_p])))
+    if stale:  # a signal growing or fading after never-updated BatchNorm layers: their running statistics first
+        first_stale = stale[0].index
+        lead = (f"first calibrate the {count(len(stale), 'BatchNorm layer')} in eval mode whose running statistics "
+                f"were never updated (from {stale[0].name}): check in train mode (model.train()), or run a few "
+                "training batches; if it persists, ")
+        problems = [evolve(p, suggestion=lead + p.suggestion,
+                           cli_suggestion=lead + p.cli_suggestion if p.cli_suggestion else "")
+                    if p.kind in ("exploding", "vanishing") and p.last >= first_stale else p for p in problems]
     notes = judged.pop("notes")
     if stale:
         notes.append(f"{count(len(stale), 'BatchNorm layer')} in eval mode with running statistics never updated "
