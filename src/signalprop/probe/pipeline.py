@@ -43,7 +43,11 @@ def check_model(model: Any, fn: str) -> None:
                          "measured; pass the model you traced")
     if type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
         raise ValueError(f"{fn}() needs the Python module: torch.compile's wrapper runs compiled code without "
-                         f"module hooks; pass model._orig_mod (the {type(model._orig_mod).__name__} it wraps)")
+                         f"module hooks; pass model._orig_mod (the {type(model._orig_mod).__name__} it wraps) -- "
+                         "calls through the wrapper then trace its hooks, with graph breaks and recompilations "
+                         "on measured steps; to keep the compiled speed, compile the blocks instead "
+                         "(model.blocks[i] = torch.compile(model.blocks[i])): each compiled block is measured as "
+                         "one layer")
     if getattr(model, "_compiled_call_impl", None) is not None:
         raise ValueError(f"{fn}() needs the Python module: this {type(model).__name__} was compiled in place "
                          "(model.compile()), which runs compiled code through the hooks a measurement needs; "
