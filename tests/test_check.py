@@ -1012,6 +1012,16 @@ def test_inputs_as_the_model_would_take_them():
         sp.check(mlp, [[0.0] * 16] * 1000)
     assert len(str(e.value)) < 300
 
+    class Sums(nn.Module):  # takes a list of tensors: a list of arguments holding a list is not raw data
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(16, 4)
+
+        def forward(self, xs):
+            return self.lin(sum(xs))
+
+    assert sp.check(Sums(), [[x, x]]).verdict == "healthy"
+
 
 class _SqrtAfterHead(nn.Module):
     def __init__(self) -> None:
@@ -1020,6 +1030,16 @@ class _SqrtAfterHead(nn.Module):
 
     def forward(self, x):
         return torch.sqrt(self.net(x).abs() * 0)  # finite forward; the derivative of sqrt at 0 is inf
+
+
+class _ClsReg(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.cls, self.reg = nn.Linear(8, 16), nn.Linear(16, 4), nn.Linear(16, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.body(x))
+        return self.cls(h), self.reg(h)
 
 
 def test_a_nan_gradient_from_past_the_last_layer_is_not_blamed_on_it():
@@ -1046,6 +1066,14 @@ def test_a_nan_gradient_from_past_the_last_layer_is_not_blamed_on_it():
         r = sp.check(_SqrtAfterHead(), x, loss_fn=loss_fn, targets=targets)
         assert [p.layer for p in r.problems] == ["(root)"]
         assert "own forward code, after net.2" in r.problems[0].message
+    # a second head's NaN target: the gradient at the first output is finite, yet no code follows the
+    # second head -- the loss's (the second head does not feed the first output)
+    torch.manual_seed(0)
+    two = _ClsReg()
+    vals = torch.randn(32, 1)
+    vals[3] = float("nan")
+    r = sp.check(two, x, loss_fn=lambda out, t: F.mse_loss(out[0], t[0]) + F.mse_loss(out[1], t[1]), targets=(y, vals))
+    assert "from the loss is already non-finite" in r.problems[0].message, r.problems[0].message
 
 
 def test_a_gradient_whose_rms_underflows_is_not_called_exactly_zero():
@@ -1110,6 +1138,29 @@ def test_rezero_branches_gated_by_a_zero_parameter_are_not_vanishing():
         mon.step(loss)
         opt.step()
     assert mon.history[0].verdict == "healthy"
+
+
+class _TokenThenRound(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.token = nn.Parameter(torch.zeros(16))  # a zero token added (an MAE mask token): gates nothing
+        self.block = nn.Sequential(nn.Linear(16, 16))
+        self.block.shift = nn.Parameter(torch.zeros(16))  # a zero bias of a block's own: gates nothing either
+        self.head = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
+
+    def forward(self, x):
+        return self.head(torch.round(self.block(x + self.token) + self.block.shift))
+
+
+def test_a_zero_token_or_bias_does_not_excuse_a_real_vanishing_gradient():
+    """Only a zero gate excuses exact-0 gradients (a single number, or a
+    parameter named as a gate); an all-zero token added at the model's root
+    or a zero bias of a block's own does not -- round() cuts the gradient at
+    the block here, a real vanishing gradient (an outside review found the
+    first version calling it healthy)."""
+    torch.manual_seed(0)
+    r = sp.check(_TokenThenRound(), torch.randn(32, 16))
+    assert r.verdict == "vanishing" and r.layers[0].grad_rms == 0
 
 
 class _BNBlock(nn.Module):

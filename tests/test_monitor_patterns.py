@@ -801,8 +801,9 @@ def test_frozen_layers_are_said_to_have_no_gradient():
 def test_a_model_only_called_under_no_grad_is_said_to_give_no_sample():
     """A monitor on a model the loop only evaluates under torch.no_grad() (an
     EMA copy) has no training pass to sample: one warning says so at the
-    first step due for a sample (before, the report just read "sampled=0"),
-    and training is as without the monitor."""
+    first step due for a sample after the monitor's first (before, the report
+    just read "sampled=0"), and training is as without the monitor. A monitor
+    made between its first step's forward and backward is not warned."""
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     def train(watch: bool):
@@ -826,11 +827,19 @@ def test_a_model_only_called_under_no_grad_is_said_to_give_no_sample():
             mon.close()
         return ema, mon
 
-    with pytest.warns(RuntimeWarning, match="step 0 was due for a sample, but no forward of AveragedModel") as got:
+    # not at step 0: a monitor may be made after its first step's forward ran
+    with pytest.warns(RuntimeWarning, match="step 5 was due for a sample, but no forward of AveragedModel") as got:
         ema, mon = train(True)
-    assert len([w for w in got if "due for a sample" in str(w.message)]) == 1  # once, not at steps 5 and 10
+    assert len([w for w in got if "due for a sample" in str(w.message)]) == 1  # once, not at step 10 again
     assert mon.history == [] and len(mon.steps) == 12
     _same(ema, train(False)[0])
+    torch.manual_seed(0)
+    m = EncHead()
+    x, y = _data(0)
+    loss = F.cross_entropy(m(x), y)
+    with sp.monitor(m, every=5) as late:  # made after step 0's forward: nothing to warn about
+        loss.backward()
+        late.step(loss)
 
 
 class _ClassifyAndRegress(nn.Module):

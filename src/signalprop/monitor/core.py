@@ -430,6 +430,7 @@ class Monitor:
         # .grad is None means the sampled pass's gradient was zeroed since (it is not in this step's gradient)
         self._witness_hook: Any = None
         self._zeroed_seen = False
+        self._closed_steps = 0  # steps this monitor closed (its first may have run its forward before it existed)
         # zero_grad(set_to_none=False) zeroes .grad in place: the largest |entry| of its first entries when the
         # next gradient arrives (0: zeroed), read with the step's values
         self._zero_probe: torch.Tensor | None = None
@@ -785,6 +786,7 @@ class Monitor:
             return []
 
     def _next_step(self) -> None:
+        self._closed_steps += 1
         self._exit_mode()
         self._open.clear()
         self._recomputing = 0
@@ -825,7 +827,7 @@ class Monitor:
             self._warn("a sample was skipped: the recorder failed", rec.errors[0])
             rec = None
         sampled = rec is not None and bool(rec.rows)
-        if self.regular and not sampled and rec is not None:
+        if self.regular and not sampled and rec is not None and self._closed_steps:
             self._warn(f"step {k} was due for a sample, but no forward of {self._model_name} with gradients enabled "
                        "ran in it (called under torch.no_grad() or inference_mode -- an EMA copy evaluated that way "
                        "-- or not called): no layer is measured until one does, only the loss and gradient norms",

@@ -123,13 +123,19 @@ def check(model: nn.Module, inputs: Any, *, loss_fn: Callable[..., torch.Tensor]
     return report
 
 
+def _numbers(v: Any) -> bool:
+    """Whether ``v`` is a number or a (nested, non-empty) list of numbers only: raw data, not arguments."""
+    if isinstance(v, list):
+        return bool(v) and all(_numbers(x) for x in v)
+    return isinstance(v, (int, float, complex)) and not isinstance(v, bool)
+
+
 def _dense_inputs(inputs: Any) -> None:
     """Refuse a first input tensor (whose shape gives the batch size) or a
     first floating one (whose norm and sum the pass reads) that is not
     dense: sparse and nested tensors have neither.  Other arguments may be
     anything the model takes (a GCN's sparse adjacency)."""
-    if isinstance(inputs, (int, float, complex)) or (isinstance(inputs, list) and inputs and all(
-            isinstance(v, (list, int, float, complex)) for v in inputs)):
+    if isinstance(inputs, (int, float, complex)) or (isinstance(inputs, list) and inputs and _numbers(inputs)):
         raise TypeError(f"check takes the model's input as a tensor (or a tuple of its positional arguments, a "
                         f"dict of its keyword arguments), got Python {type(inputs).__name__}s of numbers: convert "
                         "them with torch.tensor(...) first")
@@ -158,7 +164,10 @@ def _attention_fast_path_off() -> Iterator[None]:
     padding mask still packed its input into a nested tensor for it, which
     ``MultiheadAttention`` then refused ("does not support NestedTensor
     outside of its fast path").  Off, the encoder runs as training runs it."""
-    mha = torch.backends.mha
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):  # torch < 2.3: no switch (nor this encoder path)
+        yield
+        return
     was = mha.get_fastpath_enabled()
     mha.set_fastpath_enabled(False)
     try:

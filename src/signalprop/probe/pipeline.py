@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import re
 from collections.abc import Iterable
 from typing import Any, cast
 
@@ -227,9 +228,13 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
     culprit = _own_code_origin(rec, layers, origin) if exact else None
     if origin == AFTER_THE_ROWS and (out_grad is None or math.isfinite(ex[-3])):
         # the gradient at the model's output is finite (the loss's, or check's finite seed): what turned it
-        # non-finite on the way to the last layer is the model's own code after that layer
+        # non-finite on the way to the last layer is the model's own code after that layer -- when that layer's
+        # output feeds the output the gradient was read at (else the loss reached it through another output,
+        # a second head's targets: the loss's, as said by diagnose)
         carrier = [layer for layer in layers if (layer.grad_nonfinite_fraction or 0) > 0][-1]
-        culprit = ("", "backward", carrier.name, type(model).__name__)
+        made = rec.rows[carrier.index].output
+        if loss_fn is None or (out_grad is not None and made is not None and _feeds(made(), y)):
+            culprit = ("", "backward", carrier.name, type(model).__name__)
     merges = _unrecorded_merges(rec.rows, read_ptr)
     stale = _stale_batchnorm(rec.rows)
     verdict, problems, layers, judged = diagnose(layers, inp, bounds, trend, backward_origin=origin, culprit=culprit,
@@ -280,17 +285,25 @@ def unreached_note(rows: list[Row], start: str) -> str:
             f"{'its gradient is' if one else 'their gradients are'} not judged")
 
 
+# the names a multiplicative gate on a block's branch goes by (ReZero's alpha, LayerScale's gamma, ...)
+_GATE_NAME = re.compile(r"(alpha|gamma|gate|scale|resweight|rezero|layer_?scale|ls\d*)", re.IGNORECASE)
+
+
 def zero_gates(model: nn.Module, rows: list[Row], layers: list[LayerStats]) -> frozenset[str]:
-    """The modules that are not rows and hold an all-zero parameter of their
-    own (ReZero's ``alpha``, a LayerScale started at 0), which their own
-    code multiplies their rows' outputs by: the exact-0 gradients inside
-    them are by design.  Looked for only when some row's gradient is exactly
-    0 (reading a parameter's values is a transfer on a GPU)."""
+    """The blocks (modules that are not rows, nor the model itself) holding
+    an all-zero gate of their own -- a single number (ReZero's ``alpha``) or
+    a parameter named as a gate (``gamma``, ``layer_scale``, ...) -- which
+    their own code multiplies their branch by: the exact-0 gradients inside
+    them are by design.  An all-zero parameter of another name (a token or
+    bias added, a ``mask_token``) gates nothing, and the model's own does
+    not excuse every row.  Looked for only when some row's gradient is
+    exactly 0 (reading a parameter's values is a transfer on a GPU)."""
     if not any(layer.grad_rms == 0 for layer in layers):
         return frozenset()
     rows_at = {id(r.module) for r in rows if r.module is not None}
-    return frozenset(name for name, m in model.named_modules() if id(m) not in rows_at
-                     and any(p.numel() and not bool(p.detach().any()) for p in own_parameters(m)))
+    return frozenset(name for name, m in model.named_modules() if name and id(m) not in rows_at
+                     and any(p is not None and p.numel() and (p.numel() == 1 or _GATE_NAME.fullmatch(k))
+                             and not bool(p.detach().any()) for k, p in m._parameters.items()))
 
 
 def frozen_note(rows: list[Row]) -> str:
@@ -391,6 +404,29 @@ def _own_code_origin(rec: Recorder, layers: list[LayerStats], backward: int | No
 
 
 AFTER_THE_ROWS = -1  # a backward origin past the last recorded row (see _backward_origin)
+
+
+def _feeds(t: torch.Tensor | None, y: torch.Tensor, most: int = 100_000) -> bool:
+    """Whether ``y`` was computed from ``t``: ``t``'s autograd node among
+    ``y``'s ancestors (at most ``most`` nodes walked; read only on the
+    exact pass after a NaN/Inf)."""
+    if t is None:
+        return False
+    if t is y:
+        return True
+    want, start = t.grad_fn, y.grad_fn
+    if want is None or start is None:
+        return False
+    seen, todo = {start}, [start]
+    while todo and len(seen) < most:
+        node = todo.pop()
+        if node is want:
+            return True
+        for nxt, _ in node.next_functions:
+            if nxt is not None and nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return False
 
 
 def _backward_origin(rows: list[Row], layers: list[LayerStats]) -> int | None:
