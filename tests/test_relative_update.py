@@ -520,6 +520,30 @@ def test_layers_the_optimizer_does_not_hold_read_zero_and_are_alerted():
     ratios = dict(mon.history[0].update_ratios)
     assert ratios["0"] == ratios["2"] == ratios["4"] == 0.0 and ratios["6"] > 0
     assert [(a.step, a.kind) for a in mon.alerts] == [(1, "update-too-small")]
+    assert mon.alerts[0].suggestion.startswith("check that the optimizer holds these parameters")
+
+
+def test_mon_step_once_per_micro_batch_is_named_in_the_alert():
+    """Gradient accumulation with mon.step called after each micro-batch's
+    backward (the docstring asks for once per optimizer step): the update
+    read after a sample spans no optimizer step and is exactly 0. The alert
+    it raises names that misuse (found by an outside stress test: the alert
+    said only "raise the learning rate")."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(1)
+    with sp.monitor(m, every=8) as mon:
+        for k in range(8):
+            loss = F.cross_entropy(m(torch.randn(16, 16, generator=g)), torch.randint(0, 4, (16,), generator=g)) / 4
+            loss.backward()
+            mon.step(loss)
+            if k % 4 == 3:
+                opt.step()
+                opt.zero_grad()
+    assert dict(mon.history[0].update_ratios)["0"] == 0.0
+    (a,) = [a for a in mon.alerts if a.kind == "update-too-small"]
+    assert "once per optimizer step" in a.suggestion and "not once per micro-batch" in a.suggestion
 
 
 def test_a_gans_halves_trained_in_turn_keep_their_update():

@@ -253,9 +253,14 @@ def update_alerts(step: int, ratios: Sequence[tuple[str, float]], weight_layers:
     weights = [r for r, n in finite if n in weight_layers]
     if weights and statistics.median(weights) < UPDATE_LOW:
         med = statistics.median(weights)
+        # not moved at all: no optimizer step reached them between the two reads -- parameters the optimizer
+        # does not hold, or mon.step called between the micro-batches of one optimizer step
         out.append(Alert(step, "update-too-small", "(model)",
                          f"The weights barely moved. The median weight layer changed by {med:.3g} of its norm in one "
                          f"step, below {UPDATE_LOW:g}, where the usual band is 1e-4 to 1e-2.",
+                         "check that the optimizer holds these parameters; with gradient accumulation, call mon.step "
+                         "once per optimizer step (after the last micro-batch's backward), not once per micro-batch"
+                         if med == 0 else
                          "raise the learning rate, or check that the optimizer holds these parameters", "update"))
     return out
 
