@@ -1192,3 +1192,16 @@ def test_uncalibrated_batchnorm_in_eval_mode_is_the_first_fix():
     for p in r.problems:
         if p.kind in ("exploding", "vanishing"):
             assert p.suggestion.startswith("first calibrate the 33 BatchNorm layers in eval mode"), p.suggestion
+
+
+def test_a_huge_finite_weight_is_not_said_to_have_rms_inf():
+    """A weight scaled by 1e21 is finite (RMS 7.4e19, float64 oracle), but the
+    squares of its float32 entries overflow: the problem said "RMS inf"."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10))
+    with torch.no_grad():
+        m[4].weight.mul_(1e21)
+    r = sp.check(m, torch.randn(16, 32))
+    rms = m[4].weight.double().pow(2).mean().sqrt().item()
+    msg = r.problems[0].message
+    assert "RMS inf" not in msg and f"RMS {rms:.3g}" in msg, msg

@@ -74,8 +74,10 @@ def _label(layer: LayerStats) -> str:
 
 
 def _rms(t: torch.Tensor) -> float:
+    """The RMS of a weight a problem names, in float64: the squares of a float32 weight of ~1e20 overflow
+    float32, and its RMS read "inf" (this runs for the few weights a problem names)."""
     with torch.no_grad():
-        return float(t.detach().float().pow(2).mean().sqrt()) if t.numel() else 0.0
+        return float(t.detach().double().pow(2).mean().sqrt()) if t.numel() else 0.0
 
 
 def _ties(model: nn.Module) -> dict[int, list[str]]:
