@@ -117,7 +117,7 @@ def _zero_fed(layers: list[LayerStats], eff: list[float | None], gated: frozense
     them by an all-zero parameter of its own in its own code (ReZero's
     alpha, a LayerScale started at 0)."""
     out: set[int] = {i for i, (layer, g) in enumerate(zip(layers, eff))
-                     if g == 0 and any(g_ == "" or layer.name.startswith(g_ + ".") for g_ in gated)}
+                     if g == 0 and any(layer.name.startswith(block + ".") for block in gated)}
     for i, layer in enumerate(layers):
         # ||grad|| / ||w|| is inf for a finite parameter gradient only where ||w|| is 0
         if not (layer.grad_to_weight is not None and math.isinf(layer.grad_to_weight)
@@ -599,8 +599,9 @@ def diagnose(layers: list[LayerStats], inp: InputStats | None, bounds: tuple[flo
     ``residual``: the model sums branches into a stream between its rows
     (residual blocks): a signal growing with depth is then the stream's, and
     the fix is the branches' scale.
-    ``zero_gated``: modules (not rows) that hold an all-zero parameter of
-    their own: an exact-0 gradient inside them is by design (see :func:`_zero_fed`).
+    ``zero_gated``: blocks (not rows, nor the model) that hold an all-zero
+    gate of their own (:func:`signalprop.probe.pipeline.zero_gates`): an
+    exact-0 gradient inside them is by design (see :func:`_zero_fed`).
     Pure: ``layers`` is not modified."""
     lo, hi = bounds
     # rectifier rows whose every output is 0 (a fact at any batch size): nothing passes back through them

@@ -242,16 +242,15 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
                                                  dead_unjudged_from=stale[0].index if stale else None)
     if problems:  # the parameters behind a problem, where its mechanism leaves a mark (see .causes)
         problems = explain(problems, layers, rec.rows, model, bounds, dict(zip(params, grads[:n_p])))
-    if stale:  # a signal growing or fading after never-updated BatchNorm layers: their running statistics first
-        first_stale = stale[0].index
+    notes = judged.pop("notes")
+    if stale:
+        # a signal growing or fading after never-updated BatchNorm layers: their running statistics first
         lead = (f"first calibrate the {count(len(stale), 'BatchNorm layer')} in eval mode whose running statistics "
                 f"were never updated (from {stale[0].name}): check in train mode (model.train()), or run a few "
                 "training batches; if it persists, ")
         problems = [evolve(p, suggestion=lead + p.suggestion,
                            cli_suggestion=lead + p.cli_suggestion if p.cli_suggestion else "")
-                    if p.kind in ("exploding", "vanishing") and p.last >= first_stale else p for p in problems]
-    notes = judged.pop("notes")
-    if stale:
+                    if p.kind in ("exploding", "vanishing") and p.last >= stale[0].index else p for p in problems]
         notes.append(f"{count(len(stale), 'BatchNorm layer')} in eval mode with running statistics never updated "
                      f"(first: {stale[0].name}) pass the signal unnormalised, as neither training nor a trained "
                      "model would: dead units after them are not judged; check in train mode (model.train()) "
