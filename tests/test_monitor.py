@@ -672,3 +672,39 @@ def test_update_ratios_name_a_module_wrapped_after_the_monitor_started():
             opt.step()
     assert [n for n, _ in mon.history[2].update_ratios] == ["0", "2.0"]
     assert mon.history[2].layers[-1].name == "2.0" and mon.history[2].layers[-1].update_rms > 0
+
+
+@pytest.mark.parametrize("when", [0, 3])
+def test_a_parametrised_layers_update_is_its_own_not_a_second_modules(when):
+    """``spectral_norm`` (torch.nn.utils.parametrizations) moves a Linear's
+    trained weight into ``0.parametrizations.weight.original``.  That
+    tensor's update is the Linear's: ``0`` is listed once, with the update
+    of its weight and bias together (plain SGD, float64: ||lr g|| / ||w||
+    to 1e-9 over ``original`` and the bias), whether the parametrisation
+    was there from the start or registered mid-run (the bug listed the
+    container as a second module and left ``0`` with its bias's update)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x = torch.randn(10, 6, dtype=torch.float64)
+    expected = None
+    with sp.monitor(m, every=2) as mon:
+        for step in range(7):  # sample 4's update is step 5's optimizer step, read at step 6
+            if step == when:
+                torch.nn.utils.parametrizations.spectral_norm(m[0])
+            opt = torch.optim.SGD(m.parameters(), lr=0.1)
+            loss = m(x).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            if step == 5:
+                ps = [m[0].parametrizations.weight.original, m[0].bias]
+                expected = math.sqrt(sum(float((0.1 * p.grad).pow(2).sum()) for p in ps)
+                                     / sum(float(p.detach().pow(2).sum()) for p in ps))
+            mon.step(loss)
+            opt.step()
+    measured = [h for h in mon.history if h.update_ratios]
+    assert [h.step for h in measured] == [0, 2, 4]
+    for h in measured:
+        assert [n for n, _ in h.update_ratios] == ["0", "2"], h.step
+    assert dict(measured[-1].update_ratios)["0"] == pytest.approx(expected, rel=1e-9)
+    first = next(layer for layer in measured[-1].layers if layer.name == "0")
+    assert first.update_rms > 0

@@ -881,6 +881,53 @@ def test_the_first_optimizer_step_is_not_judged_too_large():
     assert not [a for a in mon.alerts if a.kind == "update-too-large"]
 
 
+def _adam_run(lr: float, steps: int, raised: tuple[int, float] | None = None
+              ) -> tuple[list[tuple[int, float]], list[int], list[float]]:
+    """A 256-wide ReLU MLP (PyTorch's default init, weight RMS 0.036) under
+    Adam with ``every=1`` and the optimizer known, its rate set to
+    ``raised[1]`` from step ``raised[0]`` on: each sample's update ratio of
+    the middle layer, the steps of update-too-large alerts, the losses."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(1)
+    x_all = torch.randn(1024, 32, generator=gen)
+    y_all = x_all[:, :10].argmax(1)
+    losses = []
+    with sp.monitor(model, every=1, optimizer=opt) as mon:
+        for k in range(steps):
+            if raised is not None and k == raised[0]:
+                opt.param_groups[0]["lr"] = raised[1]
+            i = torch.randint(0, 1024, (64,), generator=gen)
+            loss = F.cross_entropy(model(x_all[i]), y_all[i])
+            opt.zero_grad()
+            loss.backward()
+            mon.step(loss)
+            opt.step()
+            losses.append(loss.item())
+    ratios = [(h.step, dict(h.update_ratios)["2"]) for h in mon.history if h.update_ratios]
+    return ratios, [a.step for a in mon.alerts if a.kind == "update-too-large"], losses
+
+
+def test_adams_first_steps_are_not_judged_too_large_until_its_first_moment_fills():
+    """Adam's bias-corrected m / sqrt(v) is about +-1 per entry until its
+    first moment averages 1 / (1 - beta1) = 10 gradients: every weight moves
+    by about the learning rate, whatever the gradient.  With ``every=1`` a
+    healthy run at lr 1e-2 moved the middle layer by more than 0.1 of its
+    norm on its second to fourth steps and update-too-large fired there
+    (found by an outside review); the first 9 steps' updates are not judged
+    now.  The same run with its rate raised 20x at step 12, once the
+    moments have filled, is still named at once."""
+    ratios, alerted, losses = _adam_run(1e-2, 40)
+    assert all(r > 0.1 for k, r in ratios if 1 <= k <= 3)  # the premise (0.14, 0.12, 0.10 here)
+    assert max(r for k, r in ratios if k >= 20) < 0.1  # healthy: its steps shrink as the moments fill
+    assert sum(losses[-5:]) < 0.5 * sum(losses[:5])
+    assert alerted == []
+    ratios, alerted, _ = _adam_run(1e-2, 16, raised=(12, 0.2))
+    assert dict(ratios)[12] > 0.1
+    assert alerted and alerted[0] == 12, alerted
+
+
 class _Encoder(nn.Module):
     def __init__(self):
         super().__init__()

@@ -24,7 +24,9 @@ The thresholds of the sampled rules and the reasons for them:
   weights, which no stable run does for long (the run's first optimizer
   step is not judged: Adam's moves every entry by the learning rate, SGD's
   follows the run's largest gradients; a rate that stays too high shows at
-  the next sample).  Below the band is common and
+  the next sample.  With the optimizer known to be Adam-family, no step is
+  judged until its first moment averages ``1 / (1 - beta1)`` gradients:
+  :func:`.optimizer.first_moment_filling`).  Below the band is common and
   intended (fine-tuning at small learning rates), so it is only alerted when
   the median weight layer moves less than ``UPDATE_LOW = 1e-7``.
 * overflow risk (:func:`overflow_alerts`): a module's largest output or

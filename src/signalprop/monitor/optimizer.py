@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -97,6 +97,43 @@ def _adam_terms(opt: Any, params: Sequence[nn.Parameter]) -> list[tuple[int, tor
         beta2 = float(beta2) if not isinstance(beta2, torch.Tensor) else float(beta2.item())
         out.append((i, p.grad.detach(), v.detach(), beta2, float(g.get("eps", 1e-8)), st.get("step", 0)))
     return out
+
+
+def first_moment_filling(opt: Any, k: int) -> bool:
+    """Whether the coming optimizer step of an Adam-family optimizer (one
+    whose groups have ``betas``) averages fewer than ``1 / (1 - beta1)``
+    gradients in its first moment (10 at beta1 = 0.9): until then Adam's
+    bias-corrected ``m / sqrt(v)`` is about +-1 per entry whatever the
+    gradient's noise, so the step moves every weight by about the learning
+    rate -- as on its first step -- and its size says nothing yet about the
+    rate the run keeps (an ``every=1`` monitor saw a healthy Adam run's second
+    and third steps above the update-too-large bound, which its tenth is
+    not).  The count is the optimizer's own (``state["step"]`` of the
+    group's most advanced parameter: a resumed run is past it at once) when
+    it is a number or a CPU tensor, else ``k``, the monitor's steps (reading
+    a device tensor would wait for the device)."""
+    for group in opt.param_groups:
+        betas = group.get("betas")
+        if not isinstance(betas, (tuple, list)) or not betas:
+            continue
+        b1 = betas[0]
+        b1 = float(b1) if isinstance(b1, (int, float)) or (isinstance(b1, torch.Tensor) and b1.is_cpu) else 0.9
+        if not 0 < b1 < 1:
+            continue
+        done: float | None = 0.0  # steps taken by the group's most advanced parameter (none: 0)
+        for p in group["params"]:
+            st = opt.state.get(p)
+            step = st.get("step") if st else None
+            if isinstance(step, torch.Tensor):
+                if not step.is_cpu:
+                    done = None
+                    break
+                step = float(step)
+            if isinstance(step, (int, float)):
+                done = max(cast(float, done), float(step))
+        if (k if done is None else done) + 1 < 1 / (1 - b1):
+            return True
+    return False
 
 
 def adam_lag(opt: Any, params: Sequence[nn.Parameter], local: Any) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:

@@ -25,13 +25,13 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from ..layers import param_fan_ins
+from ..layers import param_fan_ins, tensor_fans
 from ..probe.distributed import local, norm_kind
 from ..probe.stats import Part
 from ..records import evolve
 from ..statistics import MAX, MIN
 from . import alerts as A
-from .optimizer import adam_lag, learning_rates
+from .optimizer import adam_lag, first_moment_filling, learning_rates
 from .relative_update import CHUNKS, MIN_CHANGED, RelativeUpdate
 
 
@@ -42,11 +42,12 @@ class Snapshot:
     of those parameters (0-d device tensors by index into the flattened
     parameter list, read with the update)."""
 
-    __slots__ = ("sample", "k", "mods", "lag")
+    __slots__ = ("sample", "k", "mods", "lag", "filling")
 
     def __init__(self, sample: int, k: int, mods: list[tuple[str, list[nn.Parameter], list[int], list[float | None]]],
-                 lag: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+                 lag: dict[int, tuple[torch.Tensor, torch.Tensor]], filling: bool = False) -> None:
         self.sample, self.k, self.mods, self.lag = sample, k, mods, lag
+        self.filling = filling  # Adam's first moment still filling (see optimizer.first_moment_filling)
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,8 @@ class Update:
     step it was taken at, each module's ||dw|| / ||w||, each module's
     update statistics, the modules with a weight matrix, and those whose
     weights are at an initialization's scale (their ratio may be judged too
-    large; see :func:`.alerts.established`)."""
+    large; see :func:`.alerts.established`; none while Adam's first moment
+    is still filling, see :func:`.optimizer.first_moment_filling`)."""
 
     sample: int
     k: int
@@ -83,21 +85,35 @@ class UpdateMeter:
         self.snapshot = None
         self._fan_ins = weakref.WeakKeyDictionary()
 
-    def trained_modules(self) -> list[tuple[str, nn.Module, list[str], list[int]]]:
-        """The modules with trainable parameters of their own: name, module,
-        the names of those parameters and their fan-ins.  The modules are
-        walked at each snapshot (a module wrapped or moved keeps its name
-        right); the fan-ins are worked out once per module and parameter set."""
+    def trained_modules(self) -> list[tuple[str, list[nn.Parameter], list[int]]]:
+        """The modules with trainable parameters of their own: name, those
+        parameters and their fan-ins.  A module whose tensor
+        ``torch.nn.utils.parametrize`` computes (``spectral_norm``,
+        ``weight_norm``, ``orthogonal``) owns the parameters it is computed
+        from (its ``parametrizations`` container is not listed on its own):
+        the weight's update is the layer's, not a second module's beside a
+        bias-only one.  The modules are walked at each snapshot (a module
+        wrapped, moved or parametrised keeps its name right); the fan-ins are
+        worked out once per module and parameter set."""
         mods = []
+        hidden: list[str] = []  # the parametrizations containers met so far, as name prefixes
         for name, m in self.model.named_modules():
+            if hidden and any(name == h or name.startswith(h + ".") for h in hidden):
+                continue
             named = [(n, p) for n, p in m._parameters.items() if p is not None and p.requires_grad]
+            pz = m._modules.get("parametrizations")  # read off the dict, as layers.own_parameters does
+            if isinstance(pz, nn.Module):
+                hidden.append(f"{name}.parametrizations" if name else "parametrizations")
+                seen = {id(p) for _, p in named}
+                named += [(f"parametrizations.{n}", p) for n, p in pz.named_parameters()
+                          if p.requires_grad and id(p) not in seen]
             if named:
                 key = tuple((n, p.shape) for n, p in named)
                 known = self._fan_ins.get(m)
                 if known is None or known[0] != key:
-                    fi = param_fan_ins(m)
-                    known = self._fan_ins[m] = (key, [fi[n] for n, _ in named])
-                mods.append((name, m, [n for n, _ in named], known[1]))
+                    fi = param_fan_ins(m)  # the originals a parametrisation reads: torch's tensor rule
+                    known = self._fan_ins[m] = (key, [fi[n] if n in fi else tensor_fans(p)[0] for n, p in named])
+                mods.append((name, [p for _, p in named], known[1]))
         return mods
 
     def take(self, sample: int, k: int, optimizer: Any = None) -> None:
@@ -106,8 +122,7 @@ class UpdateMeter:
         its learning rates and Adam's state."""
         lrs = learning_rates(optimizer) if optimizer is not None else {}
         mods: list[tuple[str, list[nn.Parameter], list[int], list[float | None]]] = \
-            [(name, [cast(nn.Parameter, m._parameters[n]) for n in names], fan_ins, [])
-             for name, m, names, fan_ins in self.trained_modules()]
+            [(name, ps, fan_ins, []) for name, ps, fan_ins in self.trained_modules()]
         params = [p for _, ps, _, _ in mods for p in ps]
         if not params:  # nothing is trained (a frozen model being probed): no update to measure
             self.snapshot = None
@@ -115,7 +130,7 @@ class UpdateMeter:
         for _, ps, _, rates in mods:
             rates.extend(lrs.get(p) for p in ps)
         lag = adam_lag(optimizer, params, local) if optimizer is not None else {}
-        self.snapshot = Snapshot(sample, k, mods, lag)
+        self.snapshot = Snapshot(sample, k, mods, lag, optimizer is not None and first_moment_filling(optimizer, k))
 
     def scalars(self, relative: RelativeUpdate | None) -> tuple[list[torch.Tensor | Part | float], list[str]]:
         """||w after - w before|| and ||w before|| of every parameter of the
@@ -165,7 +180,7 @@ class UpdateMeter:
             per_module[name] = update_stats(ps, d[i:i + len(ps)], lrs, i, lag_l2, lag_top)
             if any(p.dim() >= 2 for p in ps):
                 weight_layers.add(name)
-            if A.established(ps, w[i:i + len(ps)], fan_ins):
+            if not snap.filling and A.established(ps, w[i:i + len(ps)], fan_ins):
                 judged.add(name)
             i += len(ps)
         return Update(snap.sample, snap.k, ratios, per_module, weight_layers, judged) if ratios else None
