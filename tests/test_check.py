@@ -1081,7 +1081,10 @@ def test_a_gradient_whose_rms_underflows_is_not_called_exactly_zero():
     gradient entries are ~1e-26, all non-zero, so their float32 sum of squares
     underflows and the RMS reads 0. The verdict (vanishing) stands; the
     message no longer says the gradient "is exactly 0" but that its RMS
-    underflows, with its largest entry (oracle: autograd in float64)."""
+    underflows, with its largest entry (oracle: autograd in float64).  No
+    exact pass is run for it: its largest entry is below the bound times the
+    output's RMS, so it vanishes whatever its RMS (a float64 pass would cost
+    a second pass on every deep vanishing net)."""
     torch.manual_seed(0)
     layers: list[nn.Module] = []
     for _ in range(30):
@@ -1205,3 +1208,25 @@ def test_a_huge_finite_weight_is_not_said_to_have_rms_inf():
     rms = m[4].weight.double().pow(2).mean().sqrt().item()
     msg = r.problems[0].message
     assert "RMS inf" not in msg and f"RMS {rms:.3g}" in msg, msg
+
+
+@pytest.mark.parametrize("scale", [1e25, 1e-20, 1e-25])
+def test_a_loss_scaled_far_out_of_float32s_squares_gets_the_same_report(scale):
+    """check judges every gradient relative to the RMS at the output, so a
+    loss multiplied by a constant leaves the report as it was.  Its float32
+    sums of squares did not: by 1e25 the output gradient's overflowed (the
+    relative gradients all 0, "vanishing"), by 1e-20 the rows' underflowed
+    to 0 with entries of 1e-24 ("vanishing", quoting a largest entry half the
+    output's RMS).  Both now go to the exact pass (float64).  Compared with
+    scale 1 to 1e-5 (float32 rounding of the scaled gradients)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4))
+    x = torch.randn(64, 16)
+    base = sp.check(m, x, loss_fn=lambda out: out.pow(2).mean())
+    r = sp.check(m, x, loss_fn=lambda out: out.pow(2).mean() * scale)
+    assert (r.verdict, r.problems) == (base.verdict, base.problems) == ("healthy", ())
+    assert r.summary.output_grad_rms == pytest.approx(base.summary.output_grad_rms * scale, rel=1e-5)
+    for a, b in zip(r.layers, base.layers):
+        assert a.grad_rms == pytest.approx(b.grad_rms * scale, rel=1e-5), a.name
+        assert a.grad_rms / r.summary.output_grad_rms == pytest.approx(b.grad_rms / base.summary.output_grad_rms,
+                                                                      rel=1e-5)

@@ -351,14 +351,15 @@ def _attention_problem(layer: LayerStats) -> Problem:
     ent, top = layer.stats["attn_entropy"], layer.stats["attn_logit_max"]
     return Problem(
         module, "saturated",
-        f"Attention in {module} is saturated. Its logits q·k/√d reach {top:.3g} and each query's attention "
+        f"Attention in {module} is saturated. Its logits (q·k times the attention's scale, as its softmax "
+        f"takes them) reach {top:.3g} and each query's attention "
         f"entropy is {ent:.1%} of uniform attention's (the lowest head "
         f"{layer.stats.get('attn_entropy_min_head', ent):.1%}; saturated means under "
         f"{ATTN_ENTROPY_SATURATED:.0%} with logits of {ATTN_LOGIT_SATURATED:g} or more), so the softmax is one-hot "
         "and passes almost no gradient to the queries and keys.",
         "q and k are too large: initialise the query/key projections smaller (std 1/sqrt(d_model) or below, "
         "as GPT-2's 0.02), normalise q and k before their product (QK-layernorm), and check the attention scale "
-        "is 1/sqrt(head_dim)", layer.index, layer.index)
+        "(1/sqrt(head_dim), unless the initialisation folds it into the query weights as T5's does)", layer.index, layer.index)
 
 
 def _vanishes_in_time(layer: LayerStats, lo: float) -> bool:

@@ -155,6 +155,21 @@ def finalise(rows: list[Row], extra: list[torch.Tensor | Part | float], red: Red
     return out, exv
 
 
+def underflowed(vals: list[dict[str, Any]], floor: float) -> bool:
+    """Whether a row's float32 gradient sum of squares underflowed to 0
+    although its largest entry is at least ``floor`` (entries below ~1e-19,
+    whose squares are below the smallest float): its RMS read 0 where the
+    exact pass, in float64, reads it.  ``floor``: the lower bound of the
+    verdict times the output's gradient RMS -- a row whose largest entry is
+    below it vanishes whatever its RMS (a deep sigmoid net's first layers),
+    and is not worth a second pass; one above it may be healthy (a loss
+    scaled by 1e-20, every gradient ~1e-24)."""
+    for d in vals:
+        if d.get("grad_rms") == 0.0 and d.get("grad_absmax", 0.0) >= floor and d.get("grad_absmax", 0.0) > 0.0:
+            return True
+    return False
+
+
 def has_nonfinite(vals: list[dict[str, Any]], extra: list[float]) -> bool:
     """Whether any gathered value is NaN or infinite: read off their sum
     (one C loop per row), which is non-finite exactly then -- or when finite

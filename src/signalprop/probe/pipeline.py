@@ -24,7 +24,7 @@ from ..words import count
 from .causes import explain
 from .diagnose import diagnose
 from .distributed import GRAD_NORM, MEAN, NORM, SUM, Reduction, is_ddp, is_sharded
-from .gather import finalise, has_nonfinite
+from .gather import finalise, has_nonfinite, underflowed
 from .inputs import COTANGENT_SEED, ModelError, call_model, cotangent, prepare_inputs, shapes, tensors_of
 from .norms import ParamNorms
 from .predict import predictions
@@ -124,6 +124,11 @@ def _forward(model: nn.Module, x: Any, inputs: Any, rec: Recorder) -> Any:
 CAPTURE_BYTES = 1 << 22
 
 
+def _exact_acc(t: torch.Tensor) -> torch.dtype:
+    """The exact pass's accumulation dtype (see :func:`.stats.exact_moments`): float64, complex128 for a complex tensor."""
+    return torch.complex128 if t.is_complex() else torch.float64
+
+
 def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: tuple[float, float],
          trend: float, exact: bool, red: Reduction | None = None, caller: nn.Module | None = None,
          known: tuple[list[nn.Parameter], list[tuple[str, nn.Module]]] | None = None,
@@ -202,12 +207,21 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
     out_grad = cot if cot is not None else (grads[-1] if len(grads) > n_p + n_l else None)
     with torch.no_grad():
         extra: list[torch.Tensor | Part | float] = [*pnorms.scalars, *_input_scalars(read, input_grads, exact),
-            torch.linalg.vector_norm(out_grad, dtype=acc(out_grad)) if out_grad is not None else 0.0,
+            torch.linalg.vector_norm(out_grad, dtype=_exact_acc(out_grad) if exact else acc(out_grad))
+            if out_grad is not None else 0.0,
             root.float().sum() if loss_fn is not None else 0.0,
             float(out_grad.numel()) if out_grad is not None else 0.0]
     kinds = pnorms.kinds + _INPUT_KINDS[:len(extra) - len(pnorms.scalars) - 3] + [GRAD_NORM, MEAN, SUM]
     vals, ex = finalise(rec.rows, extra, red, kinds, rec.batched())
     if not exact and has_nonfinite(vals, ex):
+        return None
+    if red is None and out_grad is not None and ex[-3] == 0 and out_grad.numel():
+        # float32's sum of squares underflowed (a loss scaled by 1e-25: every relative gradient was then 0,
+        # "vanishing"; an overflow sends the pass to the exact one): the norm every row is judged against,
+        # again in float64, as the exact pass reads it
+        with torch.no_grad():
+            ex[-3] = float(torch.linalg.vector_norm(out_grad, dtype=_exact_acc(out_grad)))
+    if not exact and underflowed(vals, bounds[0] * ex[-3] / math.sqrt(max(ex[-1], 1.0))):
         return None
     k = len(pnorms.scalars)
     inp = _input_stats(read, input_grads, ex[k:-3])
