@@ -17,8 +17,8 @@ of its flattened values, k the smallest stride >= numel / SAMPLE that shares
 no factor with the last dimension, so the sample runs through every column
 (unit) rather than one residue class of them.  No random numbers are drawn:
 the training's RNG is untouched.  The histograms of all tensors of a step are
-computed together on their device (:func:`histograms`: one segmented
-min/max, one bincount) and come to the host as one small tensor; unsampled
+computed together on their device (:func:`histograms`: per sample
+length one batched min/max and one bincount) and come to the host as one small tensor; unsampled
 steps add no hook, no host transfer (the update's samples are taken on the
 device at the step after the sample and sent with the next sample's, or at
 ``close``).
@@ -83,12 +83,33 @@ class Histogram:
 
 def histograms(samples: list[torch.Tensor], bins: int = BINS) -> list[Histogram | None]:
     """The histograms of ``samples`` (1-D tensors on one device), computed
-    together as the rows of one NaN-padded matrix: the non-finite entries are
+    together as the rows of one matrix per sample length (most are
+    :data:`SAMPLE` long: stacked, not padded): the non-finite entries are
     left out; None for a sample without a finite entry.  One transfer to the
     host."""
     if not samples:
         return []
-    v = torch.nn.utils.rnn.pad_sequence([s.float() for s in samples], batch_first=True, padding_value=math.nan)
+    groups: dict[int, list[int]] = {}
+    for i, s in enumerate(samples):
+        groups.setdefault(s.numel(), []).append(i)
+    parts = [_histogram_rows(torch.stack([samples[i].float() for i in idx]), bins) for idx in groups.values()]
+    host = (torch.cat(parts) if len(parts) > 1 else parts[0]).cpu().double().numpy()
+    # the right edges of each row's buckets, as columns after its statistics: one conversion to Python floats
+    edges = host[:, 2:3] + host[:, 3:4] * np.arange(bins + 1)
+    out: list[Histogram | None] = [None] * len(samples)
+    order = [i for idx in groups.values() for i in idx]
+    for i, row in zip(order, np.concatenate([host, edges], 1).tolist()):
+        lo, hi, _, _, n, total, squares = row[:7]
+        if n:
+            out[i] = Histogram(lo, hi, int(n), total, squares, tuple(row[7 + bins:]), (0.0, *row[7:7 + bins]))
+    return out
+
+
+def _histogram_rows(v: torch.Tensor, bins: int) -> torch.Tensor:
+    """Per row of ``v``: min, max, the first bucket's left edge, the bucket
+    width, the number of finite entries, their sum and sum of squares, then
+    the ``bins`` bucket counts (equal buckets over [min, max]; numpy's rule
+    for a single value: [v - 0.5, v + 0.5]), non-finite entries left out."""
     ok = torch.isfinite(v)
     inf = torch.tensor(math.inf, device=v.device)
     lo = torch.where(ok, v, inf).amin(1)
@@ -97,23 +118,15 @@ def histograms(samples: list[torch.Tensor], bins: int = BINS) -> list[Histogram 
     num = ok.sum(1, dtype=torch.float32)
     total = zeroed.sum(1)
     squares = zeroed.square().sum(1)
-    # equal buckets over [min, max] (numpy's rule for a single value: [v - 0.5, v + 0.5])
     flat = hi <= lo
     left = torch.where(flat, lo - 0.5, lo)
     width = torch.where(flat, torch.ones_like(lo), (hi - lo) / bins)
-    b = ((zeroed - left[:, None]) / width[:, None]).floor_().clamp_(0, bins - 1).long()
-    m = len(samples)
-    b += torch.arange(m, device=v.device)[:, None] * bins
-    b.masked_fill_(~ok, m * bins)  # the non-finite entries and the padding: one bin past the last, dropped
-    counts = torch.bincount(b.reshape(-1), minlength=m * bins + 1)[:-1].reshape(m, bins)
-    host = torch.cat([torch.stack([lo, hi, left, width, num, total, squares], 1), counts.float()],
-                     1).cpu().double().numpy()
-    limits = (host[:, 2:3] + host[:, 3:4] * np.arange(bins + 1)).tolist()
-    out: list[Histogram | None] = []
-    for row, lim in zip(host.tolist(), limits):
-        lo_, hi_, _, _, n, s, sq, *c = row
-        out.append(Histogram(lo_, hi_, int(n), s, sq, tuple(lim), (0.0, *c)) if n else None)
-    return out
+    m = v.shape[0]
+    b = ((zeroed - left[:, None]) / width[:, None]).floor_().clamp_(0, bins - 1).to(torch.int32)
+    b += torch.arange(0, m * bins, bins, device=v.device, dtype=torch.int32)[:, None]
+    b.masked_fill_(~ok, m * bins)  # the non-finite entries: one bin past the last, dropped
+    counts = torch.bincount(b.view(-1), minlength=m * bins + 1)[:-1].view(m, bins)
+    return torch.cat([torch.stack([lo, hi, left, width, num, total, squares], 1), counts.float()], 1)
 
 
 def _grad_sample(store: dict[str, torch.Tensor], name: str, g: torch.Tensor) -> None:
