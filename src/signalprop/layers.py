@@ -183,7 +183,7 @@ def module_specs(m: nn.Module, computed: bool = True) -> list[ParamSpec] | None:
     else:
         return None
     bias: torch.Tensor | None = own.get("bias")
-    pz = m._modules.get("parametrizations")
+    pz = parametrizations(m)
     if bias is None and not computed and pz is not None and "bias" in pz._modules and settable(m, "bias"):
         # a parametrised bias, as its weight is: the value its parametrisation computes (init writes it back
         # through right_inverse); not read elsewhere (a monitor must not run a parametrisation outside the
@@ -212,7 +212,7 @@ def param_specs(model: nn.Module) -> tuple[list[tuple[str, ParamSpec]], list[str
         known += [(prefix + s.name, s) for s in specs]
         covered = {s.name for s in specs}  # (a pruned layer's weight_orig: its weight is computed from it)
         unknown += [prefix + n for n, _ in m.named_parameters(recurse=False) if n not in covered]
-        pz = m._modules.get("parametrizations")  # parametrised tensors the specs leave out (a norm's, or one
+        pz = parametrizations(m)  # parametrised tensors the specs leave out (a norm's, or one
         if pz is not None:  # without right_inverse): named under the tensor they compute
             unknown += [prefix + n for n in pz._modules if n not in covered]
     return known, unknown
@@ -230,6 +230,15 @@ def left_as_they_were(model: nn.Module, written: list[tuple[str, nn.Module]]) ->
     return list(dict.fromkeys(unknown + [n for n, s in specs if id(s.tensor) not in done and n not in names]))
 
 
+def parametrizations(m: nn.Module) -> nn.Module | None:
+    """``m``'s ``torch.nn.utils.parametrize`` container, or None: read off its
+    ``_modules`` dict (a getattr miss costs ~1 us a module), which a
+    ``torch.jit.script``ed module holds as a wrapper without ``get``."""
+    mods = m._modules
+    pz = mods.get("parametrizations") if isinstance(mods, dict) else None
+    return pz if isinstance(pz, nn.Module) else None
+
+
 def own_parameters(m: nn.Module) -> list[nn.Parameter]:
     """``m``'s own parameters and, where ``torch.nn.utils.parametrize``
     computes one of its tensors (``weight_norm``, ``spectral_norm``,
@@ -237,8 +246,8 @@ def own_parameters(m: nn.Module) -> list[nn.Parameter]:
     parametrised Linear's trained weight is its ``parametrizations.weight``'s
     ``original0`` and ``original1``, not a parameter of its own."""
     ps = [p for p in m._parameters.values() if p is not None]
-    pz = m._modules.get("parametrizations")  # read off the dict, as _parametrized does
-    if isinstance(pz, nn.Module):
+    pz = parametrizations(m)
+    if pz is not None:
         seen = set(map(id, ps))
         ps += [p for p in pz.parameters() if id(p) not in seen]
     return ps
@@ -252,7 +261,7 @@ def _parametrized(m: nn.Module) -> bool:
     """Whether ``torch.nn.utils.parametrize`` computes one of ``m``'s tensors:
     its ``parametrizations`` container, read off the dict (a getattr miss
     costs ~1 us a module)."""
-    return isinstance(m._modules.get("parametrizations"), nn.Module)
+    return parametrizations(m) is not None
 
 
 def computed_weight(m: nn.Module) -> bool:
@@ -274,7 +283,7 @@ def settable(m: nn.Module, name: str) -> bool:
     ``torch.nn.utils.parametrize`` through parametrisations that all have a
     ``right_inverse`` (the assignment runs them backwards; torch raises
     without one)."""
-    pz = m._modules.get("parametrizations")
+    pz = parametrizations(m)
     chain = pz._modules.get(name) if pz is not None else None
     return chain is None or all(hasattr(p, "right_inverse") for p in chain._modules.values())
 

@@ -15,7 +15,9 @@ T = TypeVar("T")
 Verdict = Literal["healthy", "vanishing", "exploding", "saturated", "dead", "non-finite", "incomplete"]
 """Every verdict a row, a problem or a report can carry, worst first in
 :data:`SEVERITY` order.  ``"incomplete"``: a monitored sample without the
-data for a verdict (its rows got no gradient); ``check`` never returns it."""
+data for a verdict (its rows got no gradient); from ``check``, a pass whose
+gradient at the output is exactly 0 everywhere (no backward signal) and
+whose forward shows no problem."""
 VERDICTS: tuple[str, ...] = get_args(Verdict)
 SEVERITY: tuple[str, ...] = ("non-finite", "exploding", "vanishing", "saturated", "dead", "incomplete", "healthy")
 

@@ -60,7 +60,16 @@ from ..probe.distributed import GRAD_NORM, MEAN, NORM, SUM, Reduction, local, no
 from ..probe.gather import finalise, gather
 from ..probe.inputs import CallArgs, ModelError
 from ..probe.norms import ParamNorms, norms
-from ..probe.pipeline import check_limits, check_materialised, check_model, frozen_note, run_pass, unreached_note, zero_gates
+from ..probe.pipeline import (
+    check_limits,
+    check_materialised,
+    check_model,
+    frozen_note,
+    run_pass,
+    transformed_note,
+    unreached_note,
+    zero_gates,
+)
 from ..probe.recorder import Hook, Recorder, model_output
 from ..probe.rows import layer_stats
 from ..probe.state import preserved
@@ -827,7 +836,11 @@ class Monitor:
             self._warn("a sample was skipped: the recorder failed", rec.errors[0])
             rec = None
         sampled = rec is not None and bool(rec.rows)
-        if self.regular and not sampled and rec is not None and self._closed_steps:
+        if self.regular and not sampled and rec is not None and rec.transformed:
+            self._warn(f"step {k} was due for a sample, but {self._model_name}'s forward ran inside torch.func "
+                       f"transforms (vmap, grad: {rec.transformed} calls), whose per-sample views no statistic reads: "
+                       "no layer is measured, only the loss and gradient norms", kind="forward inside torch.func")
+        elif self.regular and not sampled and rec is not None and self._closed_steps:
             self._warn(f"step {k} was due for a sample, but no forward of {self._model_name} with gradients enabled "
                        "ran in it (called under torch.no_grad() or inference_mode -- an EMA copy evaluated that way "
                        "-- or not called): no layer is measured until one does, only the loss and gradient norms",
@@ -1110,12 +1123,17 @@ class Monitor:
             out_rms = next((v["grad_rms"] for v in reversed(vals) if v.get("grad_rms")), None)
         layers = layer_stats(rows, vals, pgrads, out_rms or 1.0)
         why = why or missing_gradients(rows, list(self.model.named_modules()))
+        if not why and not any(layer.grad_rms for layer in layers) \
+                and any(layer.grad_rms is not None for layer in layers):
+            why = ("every gradient of the sampled pass is exactly 0, at the model's output too: there is no backward "
+                   "signal to judge (a loss of exactly 0 -- every example of the batch masked out, a saturated "
+                   "softmax -- or a loss that does not depend on the output)")
         if why:  # no verdict from rows that could not see their gradients
             return MonitorStep(k, loss, "incomplete", tuple(layers), (), grad_norm, out_rms, incomplete=why,
                                loss_scale=scale)
         verdict, problems, layers, judged = diagnose(layers, None, self.bounds, self.trend,
                                                      zero_gated=zero_gates(self.model, rows, layers))
-        notes = [*judged["notes"], unreached_note(rows, "the loss"), frozen_note(rows)]
+        notes = [*judged["notes"], unreached_note(rows, "the loss"), frozen_note(rows), transformed_note(rec.transformed)]
         return MonitorStep(k, loss, verdict, tuple(layers), tuple(problems), grad_norm, out_rms, loss_scale=scale,
                            notes=tuple(n for n in notes if n))
 

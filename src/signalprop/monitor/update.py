@@ -25,7 +25,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from ..layers import param_fan_ins, tensor_fans
+from ..layers import param_fan_ins, parametrizations, tensor_fans
 from ..probe.distributed import local, norm_kind
 from ..probe.stats import Part
 from ..records import evolve
@@ -101,8 +101,8 @@ class UpdateMeter:
             if hidden and any(name == h or name.startswith(h + ".") for h in hidden):
                 continue
             named = [(n, p) for n, p in m._parameters.items() if p is not None and p.requires_grad]
-            pz = m._modules.get("parametrizations")  # read off the dict, as layers.own_parameters does
-            if isinstance(pz, nn.Module):
+            pz = parametrizations(m)
+            if pz is not None:
                 hidden.append(f"{name}.parametrizations" if name else "parametrizations")
                 seen = {id(p) for _, p in named}
                 named += [(f"parametrizations.{n}", p) for n, p in pz.named_parameters()

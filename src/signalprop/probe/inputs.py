@@ -122,17 +122,24 @@ def prepare_inputs(inputs: Any) -> tuple[Any, list[torch.Tensor], list[torch.Ten
     elif isinstance(inputs, dict):
         out = {k: conv(v) for k, v in inputs.items()}
     elif isinstance(inputs, (tuple, list)):
-        out = type(inputs)(conv(v) for v in inputs)
+        out = rebuilt(inputs, [conv(v) for v in inputs])
     else:
         out = conv(inputs)
     return out, leaves, fed
+
+
+def rebuilt(seq: tuple[Any, ...] | list[Any], items: list[Any]) -> Any:
+    """A sequence of ``seq``'s type holding ``items``: a named tuple (a
+    ``typing.NamedTuple`` batch) takes them as its fields, a tuple or list
+    (or a subclass) as one iterable."""
+    return type(seq)(*items) if isinstance(seq, tuple) and hasattr(seq, "_fields") else type(seq)(items)
 
 
 def shapes(inputs: Any, most: int = 16) -> str:
     """The shapes of ``inputs`` as a message shows them; a sequence of more
     than ``most`` arguments is cut short, with its length."""
     if isinstance(inputs, (tuple, list)) and len(inputs) > most:
-        return f"{shapes(type(inputs)(inputs[:most]))}, ... ({len(inputs)} arguments)"
+        return f"{shapes(list(inputs[:most]))}, ... ({len(inputs)} arguments)"
     if isinstance(inputs, CallArgs):
         return ", ".join(x for x in (shapes(inputs.args), shapes(inputs.kwargs)) if x)
     if isinstance(inputs, torch.Tensor):

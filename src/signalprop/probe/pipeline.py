@@ -201,6 +201,11 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
             raise ModelError(f"backward failed on inputs of shape {shapes(inputs)}: {e}") from e
     finally:
         rec.detach()
+    if not rec.rows and rec.transformed:
+        raise ValueError(f"check measured no layer of {type(model).__name__}: its forward ran inside torch.func "
+                         f"transforms (vmap, grad: {rec.transformed} calls), whose per-sample views no statistic "
+                         "reads; check the model the transform maps over (one member of an ensemble, with one set "
+                         "of its parameters)")
     n_p, n_l = len(params), len(leaves)
     pnorms = ParamNorms.of(rec.rows, dict(zip(params, grads[:n_p])))
     input_grads = [g for g in grads[n_p:n_p + n_l] if g is not None]
@@ -234,7 +239,12 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
     pred = predictions(rec.rows, inp, last_g ** 2 if last_g else 0.0, pnorms.weight_norms, read_ptr)
     pgrads = pnorms.values(ex[:k])
     layers = layer_stats(rec.rows, vals, pgrads, out_rms, pred)
-    if out_grad is None or out_rms == 0:  # the loss does not reach the first output tensor
+    # the gradient at the output is exactly 0 and so is every row's (a loss of exactly 0 from a saturated
+    # softmax, one constant in the output, a batch masked out): no backward signal, so none is judged
+    silent = out_grad is not None and out_rms == 0 and not any(layer.grad_rms for layer in layers)
+    if silent:
+        layers = [evolve(layer, relative_grad_rms=None) for layer in layers]
+    elif out_grad is None or out_rms == 0:  # the loss does not reach the first output tensor
         last = next((layer.grad_rms for layer in reversed(layers) if layer.grad_rms), None)
         out_rms = last or 1.0
         layers = layer_stats(rec.rows, vals, pgrads, out_rms, pred)
@@ -256,6 +266,8 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
                                                  dead_unjudged_from=stale[0].index if stale else None)
     if problems:  # the parameters behind a problem, where its mechanism leaves a mark (see .causes)
         problems = explain(problems, layers, rec.rows, model, bounds, dict(zip(params, grads[:n_p])))
+    elif silent:  # nothing wrong in the forward, and no backward signal to judge: no verdict, not "healthy"
+        verdict = "incomplete"
     notes = judged.pop("notes")
     if stale:
         # a signal growing or fading after never-updated BatchNorm layers: their running statistics first
@@ -271,8 +283,15 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
                      "to see what training sees")
     unreached = unreached_note(rec.rows, "the loss" if loss_fn is not None else "the output the backward starts "
                                "from (the model's first floating-point output)")
-    if unreached:
+    if silent:
+        notes.append(f"the gradient of {'the loss' if loss_fn is not None else 'the seed'} at the model's output "
+                     "is exactly 0, and so is every layer's: there is no backward signal (a loss of exactly 0, as a "
+                     "saturated softmax gives; a loss that does not depend on the output; every example masked "
+                     "out), so no gradient is judged")
+    elif unreached:
         notes.append(unreached)
+    if rec.transformed:
+        notes.append(transformed_note(rec.transformed))
     summary = Summary(model=type(model).__name__, rows=len(layers), backprop=backprop, output_grad_rms=out_rms,
                       bounds=(float(bounds[0]), float(bounds[1])), trend_limit=float(trend),
                       training_mode=model.training, theory=pred is not None, input=inp,
@@ -296,6 +315,17 @@ def unreached_note(rows: list[Row], start: str) -> str:
             f"{', ...' if len(unreached) > 3 else ''}): {start} does not depend on "
             f"{'its output' if one else 'their outputs'} (another head, an unused branch), so "
             f"{'its gradient is' if one else 'their gradients are'} not judged")
+
+
+def transformed_note(n: int) -> str:
+    """What ``n`` module or activation calls made inside ``torch.func``
+    transforms (``vmap``, ``grad``: an ensemble's ``vmap`` of
+    ``functional_call``) leave out, or "": their outputs are the transform's
+    per-sample views, which no statistic can be read from."""
+    if not n:
+        return ""
+    return (f"{count(n, 'call')} inside torch.func transforms (vmap, grad) are not measured: their outputs are the "
+            "transform's per-sample views, which no statistic reads")
 
 
 # the names a multiplicative gate on a block's branch goes by (ReZero's alpha, LayerScale's gamma, ...)

@@ -204,13 +204,13 @@ def _transposed_terms(m: nn.Module) -> list[float]:
 
 def predictions(rows: list[Row], inp: InputStats | None, cot_ms: float,
                 weight_norms: dict[int, tuple[torch.Tensor, bool]] | None = None, input_ptr: int = 0
-                ) -> dict[int, tuple[float, float]] | None:
+                ) -> dict[int, tuple[float, float | None]] | None:
     """Per row index, ``(predicted_second_moment, predicted_grad_rms)`` of
     each weight and activation row, from each layer's measured weights
     (sigma_w2, sigma_b2 and the coupling of the input's mean through the row
     sums, so a bias that cancels sigmoid's mean is predicted as such), the
     gradients scaled to ``cot_ms``, the measured mean square of the gradient
-    at the last row; None when the model is not a plain chain of Linear/Conv
+    at the last row (no gradient predicted where it is 0); None when the model is not a plain chain of Linear/Conv
     layers and elementwise activations -- normalisation, attention, residual
     branches and pooling are outside what the theory predicts, and no number
     is shown there, nor where an operation no row recorded sits between two
@@ -244,12 +244,15 @@ def predictions(rows: list[Row], inp: InputStats | None, cot_ms: float,
         return None
     if not all(np.isfinite(np.asarray(v, dtype=float)).all() for v in (p.q, p.post, p.grad_pre, p.grad_post)):
         return None
-    out: dict[int, tuple[float, float]] = {}
+    out: dict[int, tuple[float, float | None]] = {}
+    # no gradient predicted without a measured one at the last row to scale to (a loss whose gradient there is
+    # exactly 0, an output the backward does not start from): None, not 0
+    known = cot_ms > 0
     for l_idx, (w, a) in enumerate(chain):
-        out[w.index] = (float(p.q[l_idx]), math.sqrt(p.grad_pre[l_idx] * cot_ms) if a is not None
-                        else math.sqrt(p.grad_post[l_idx] * cot_ms))
+        out[w.index] = (float(p.q[l_idx]), None if not known else math.sqrt(p.grad_pre[l_idx] * cot_ms)
+                        if a is not None else math.sqrt(p.grad_post[l_idx] * cot_ms))
         if a is not None:
-            out[a.index] = (float(p.post[l_idx]), math.sqrt(p.grad_post[l_idx] * cot_ms))
+            out[a.index] = (float(p.post[l_idx]), math.sqrt(p.grad_post[l_idx] * cot_ms) if known else None)
     return out
 
 

@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 
 from .. import activations as _act
 from .. import formats
-from ..layers import feature_dim
+from ..layers import feature_dim, parametrizations
 from ..records import FORMATS
 from ..statistics import HEADROOM, Statistic, kernels
 from . import attention
@@ -181,6 +181,17 @@ def outside_compiled(named: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.M
     return [(n, m) for n, m in named if id(m) not in inside] if inside else named
 
 
+_WRAPPED = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+
+
+def transformed(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a ``torch.func`` transform's wrapper (a ``vmap``
+    batch, a ``grad`` level): one sample's view of a computation whose
+    values the transform holds, which no statistic can be read from (an
+    in-place copy of it is refused) -- not measured."""
+    return _WRAPPED is not None and bool(_WRAPPED(t))
+
+
 def _inert(*args: Any, **kwargs: Any) -> None:
     """What a copied or pickled model keeps of a signalprop hook: nothing."""
 
@@ -226,10 +237,13 @@ def leaf_modules(model: nn.Module, named: list[tuple[str, nn.Module]] | None = N
     fused ones (MultiheadAttention) as a whole.  ``named``: the model's
     ``named_modules()`` list when the caller already has it."""
     mods = [m for _, m in (named if named is not None else model.named_modules())]
-    hidden = {id(c) for m in mods if isinstance(m, FUSED) or compiled(m) for c in m.modules() if c is not m}
+    # fused (MultiheadAttention), compiled and scripted modules are one row each: what is inside them runs
+    # as one computation (a torch.jit.script'ed block's children are compiled code no hook reaches)
+    hidden = {id(c) for m in mods if isinstance(m, FUSED) or compiled(m) or isinstance(m, torch.jit.ScriptModule)
+              for c in m.modules() if c is not m}
     # parametrize registers its container as a child module (no getattr: a module without one
     # would go through nn.Module.__getattr__'s AttributeError, ~1 us each)
-    hidden |= {id(c) for m in mods if isinstance(p := m._modules.get("parametrizations"), nn.Module)
+    hidden |= {id(c) for m in mods if (p := parametrizations(m)) is not None
                for c in p.modules()}  # weight computations, not layers
     if len(mods) == 1 and not _has_own_children(model) and not (type(model).__module__ or "").startswith("torch.") \
             and _class_calls_activation(type(model)):
@@ -237,7 +251,8 @@ def leaf_modules(model: nn.Module, named: list[tuple[str, nn.Module]] | None = N
         # activation calls are the rows (functional capture), not its one output
         return []
     return [m for m in mods if id(m) not in hidden
-            and (isinstance(m, FUSED) or compiled(m) or not _has_own_children(m))]
+            and (isinstance(m, FUSED) or compiled(m) or isinstance(m, torch.jit.ScriptModule)
+                 or not _has_own_children(m))]
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
@@ -418,7 +433,7 @@ def functional_callers(model: nn.Module, leaves: list[nn.Module] | None = None,
     leaf_ids = set(map(id, leaves if leaves is not None else leaf_modules(model, named)))
     out: set[nn.Module] = set()
     for _, m in named if named is not None else model.named_modules():
-        if id(m) in leaf_ids:
+        if id(m) in leaf_ids or isinstance(m, torch.jit.ScriptModule):  # (scripted code calls no Python torch function)
             continue
         if _class_calls_activation(type(m)):
             out.add(m)
@@ -529,15 +544,23 @@ class _FunctionalCapture(TorchFunctionMode):
         # inside nn.MultiheadAttention its own row measures the attention (Recorder._fused_attention)
         if isinstance(out, torch.Tensor) and out.is_nested:
             return out  # torch's fused path for a packed batch (a frozen encoder in eval mode): no row there
-        if kind is not None and self.r.stats and isinstance(out, torch.Tensor) and \
-                not (self.r.stack and self.r.stack[-1] in self.r._fused_names):
-            self._attention(kind, args, kwargs, out)
+        if isinstance(out, torch.Tensor) and transformed(out):  # inside torch.func.vmap/grad: not measured
+            self.r.transformed += 1
             return out
-        name = self.fns.get(func) if self.r.leaf_depth == 0 else None
-        if name is not None and isinstance(out, torch.Tensor):
-            parent = self.r.stack[-1] if self.r.stack else ""
-            self.r.record(f"{parent}.{name}" if parent else name, f"F.{name}", None,
-                          _act.from_call(name, args, kwargs), out, args)
+        try:
+            if kind is not None and self.r.stats and isinstance(out, torch.Tensor) and \
+                    not (self.r.stack and self.r.stack[-1] in self.r._fused_names):
+                self._attention(kind, args, kwargs, out)
+                return out
+            name = self.fns.get(func) if self.r.leaf_depth == 0 else None
+            if name is not None and isinstance(out, torch.Tensor):
+                parent = self.r.stack[-1] if self.r.stack else ""
+                self.r.record(f"{parent}.{name}" if parent else name, f"F.{name}", None,
+                              _act.from_call(name, args, kwargs), out, args)
+        except Exception as e:  # a guest in the user's forward (the monitor's) never raises into it
+            if not self.r.safe:
+                raise
+            self.r.errors.append(e)
         return out
 
     def _attention(self, kind: str, args: Any, kwargs: dict[str, Any], out: torch.Tensor) -> None:
@@ -750,6 +773,7 @@ class Recorder:
         self.model = model
         self.safe = safe
         self.errors: list[BaseException] = []
+        self.transformed = 0  # calls inside torch.func transforms, not measured (see transformed())
         # exact mode: whether each non-leaf module's output held a NaN/Inf (a NaN made by its own code)
         self.parent_nonfinite: dict[str, bool] = {}
         self.alive: list[torch.Tensor] = []  # exact mode: every row's output, kept until the recorder goes
@@ -921,6 +945,9 @@ class Recorder:
             self._feature_dim = info.feature_dim
         t = out if isinstance(out, torch.Tensor) and (out.is_floating_point() or out.is_complex()) \
             else first_float_tensor(out)
+        if t is not None and transformed(t):
+            self.transformed += 1
+            return replaced
         if t is not None and not t.is_nested:  # (a nested output: torch's fused path for a packed batch)
             row = self._row(info.name, info.kind, m, info.act, t, info.role)
             self._read(row, t, args)

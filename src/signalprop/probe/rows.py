@@ -30,7 +30,7 @@ def _dead(r: Row, v: dict[str, Any], m2: float) -> float | None:
 
 
 def layer_stats(rows: list[Row], vals: list[dict[str, Any]], pgrads: dict[nn.Module, tuple[float, float]],
-                 out_rms: float, pred: dict[int, tuple[float, float]] | None = None) -> list[LayerStats]:
+                 out_rms: float, pred: dict[int, tuple[float, float | None]] | None = None) -> list[LayerStats]:
     """One record per row; ``pred``: the theory column by row index (see
     :func:`~.predict.predictions`)."""
     # the declared statistics without a field of their own, kept in LayerStats.stats

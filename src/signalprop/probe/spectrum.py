@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ..records import JacobianReading
+from .inputs import rebuilt
 
 EXACT_MAX_ENTRIES = 1 << 21  # n_in * n_out up to ~2M entries: exact
 EXACT_MAX_OUT = 1024  # ...and at most this many reverse passes
@@ -60,7 +61,7 @@ def _split_input(model: torch.nn.Module, inputs: Any) -> tuple[torch.Tensor, Cal
     elif isinstance(inputs, (tuple, list)):
         for i, v in enumerate(inputs):
             if isinstance(v, torch.Tensor) and v.is_floating_point():
-                return v, lambda x, i=i: type(inputs)(x if j == i else a for j, a in enumerate(inputs))
+                return v, lambda x, i=i: rebuilt(inputs, [x if j == i else a for j, a in enumerate(inputs)])
     elif isinstance(inputs, dict):
         for k, v in inputs.items():
             if isinstance(v, torch.Tensor) and v.is_floating_point():

@@ -193,6 +193,8 @@ def _put_back(bufs: list[torch.Tensor], saved: list[torch.Tensor], layouts: list
 def _restore_mapping(now: dict[str, Any], was: dict[str, Any]) -> None:
     """``now`` (a module's ``_parameters`` or ``_buffers``) holding exactly the
     objects of ``was`` again, refilled in place only when one differs."""
+    if not isinstance(now, dict):  # a torch.jit.script'ed module's (a wrapper its compiled code reads): as it was
+        return
     if len(now) != len(was) or any(now.get(k, now) is not v for k, v in was.items()):
         now.clear()
         now.update(was)
