@@ -242,3 +242,108 @@ def test_output_logits_that_shrink_as_the_loss_falls_are_not_divergence():
     assert logz[0] > 100 and logz[0] - min(logz) > 50  # the premise: it moved 50 nats, toward 0
     assert losses[-1] < 0.2 * losses[0] and all(math.isfinite(v) for v in losses)
     assert not [a for a in mon.alerts if a.kind == "output-logit-divergence"]
+
+
+class _LoRALinear(nn.Module):
+    """A hand-written LoRA adapter on a frozen Linear; ``detached``: the bug
+    that cuts the adapter's branch out of the graph."""
+
+    def __init__(self, base: nn.Linear, detached: bool = False, rank: int = 4) -> None:
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.detached = detached
+        self.A = nn.Parameter(torch.randn(rank, base.in_features) / math.sqrt(base.in_features))
+        self.B = nn.Parameter(torch.zeros(base.out_features, rank))
+
+    def forward(self, x):
+        d = x @ self.A.t() @ self.B.t()
+        return self.base(x) + (d.detach() if self.detached else d)
+
+
+def _lora_notes(model: nn.Module) -> list[tuple[str, tuple[str, ...]]]:
+    torch.manual_seed(1)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+    with sp.monitor(model, every=5) as mon:
+        for _ in range(10):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            mon.step(loss)
+            opt.step()
+    return [(h.verdict, h.notes) for h in mon.history]
+
+
+def test_trainable_parameters_without_a_gradient_are_named():
+    """A LoRA adapter whose branch is detached by a bug gets no gradient and
+    does not train.  Inside a trainable MLP every sample was "healthy" with
+    no word; with a second, working adapter as the only other trainable part
+    the note said "every parameter it used is frozen", which was false (the
+    working adapter's matrices got gradients, outside any row).  Now both say
+    which trainable parameters got no gradient, and the second says where
+    the ones that train are."""
+    torch.manual_seed(0)
+    middle = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), _LoRALinear(nn.Linear(64, 64), detached=True), nn.Tanh(),
+                           nn.Linear(64, 4))
+    for verdict, notes in _lora_notes(middle):
+        assert verdict == "healthy" and len(notes) == 1
+        assert notes[0].startswith("2 trainable parameters got no gradient in this step (2.A, 2.B)")
+    two = nn.Sequential(_LoRALinear(nn.Linear(16, 64), detached=True), nn.Tanh(), _LoRALinear(nn.Linear(64, 4)))
+    for _, notes in _lora_notes(two):
+        assert not any("every parameter it used is frozen" in n for n in notes)
+        assert any("2 trainable parameters got one (2.A, 2.B)" in n for n in notes)
+        assert any(n.startswith("2 trainable parameters got no gradient in this step (0.A, 0.B)") for n in notes)
+    working = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), _LoRALinear(nn.Linear(64, 64)), nn.Tanh(), nn.Linear(64, 4))
+    assert all(notes == () for _, notes in _lora_notes(working))  # the control: nothing to say
+
+
+class _SelfDistil(nn.Module):
+    """BYOL/self-distillation style: the target is the online encoder's own
+    output on another view, computed under no_grad inside the forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.online = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 8))
+        self.pred = nn.Linear(8, 8)
+
+    def forward(self, a, b):
+        with torch.no_grad():
+            target = self.online(b)
+        return F.mse_loss(self.pred(self.online(a)), target)
+
+
+def test_a_layer_also_called_under_no_grad_is_not_an_island():
+    """A layer called under no_grad besides its training call -- a logging
+    probe of ``model[0]`` before the step's forward, a self-distillation
+    target -- made every sample "incomplete" ("ran without autograd inside
+    the forward"), and the target's layers were called frozen.  Its gradient
+    is measured by its training call's row: the samples are judged, and the
+    note says what those extra rows are."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+    with sp.monitor(m, every=5) as mon:
+        for _ in range(10):
+            with torch.no_grad():
+                m[0](x).norm()  # a probe of the first layer, for a log
+            loss = F.cross_entropy(m(x), y)
+            opt.zero_grad()
+            loss.backward()
+            mon.step(loss)
+            opt.step()
+    assert [h.verdict for h in mon.history] == ["healthy", "healthy"]
+    torch.manual_seed(0)
+    s = _SelfDistil()
+    opt = torch.optim.SGD(s.parameters(), lr=0.05)
+    a = torch.randn(64, 16)
+    with sp.monitor(s, every=5) as mon:
+        for _ in range(10):
+            loss = s(a, a + 0.1 * torch.randn(64, 16))
+            opt.zero_grad()
+            loss.backward()
+            mon.step(loss)
+            opt.step()
+    for h in mon.history:
+        assert h.verdict == "healthy" and not h.incomplete
+        assert len(h.notes) == 1 and "ran without autograd (online.0, online.1, online.2) besides" in h.notes[0]

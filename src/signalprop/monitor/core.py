@@ -76,7 +76,7 @@ from ..probe.state import preserved
 from ..probe.stats import Part
 from ..records import FORMATS, Alert, LogitStats, MonitorReport, MonitorStep, evolve
 from ..statistics import HEADROOM, MAX, STATISTICS
-from ..words import module_label
+from ..words import count, module_label
 from . import alerts as A
 from . import divergence as D
 from .logit_alerts import attention_closing_in, logit_alerts
@@ -254,8 +254,11 @@ def missing_gradients(rows: list[Any], named: list[tuple[str, nn.Module]] | None
     if not any(r.bwd for r in rows):
         return ("no gradient reached the recorded forward pass: it did not feed this step's backward (a forward "
                 "without backward, or an evaluation pass with gradients on and no training pass after it)")
+    # a module whose gradient another call of this pass measured is no island: its call under no_grad was
+    # besides the training one (a BYOL target computed with the online encoder, a logging probe of a layer)
+    measured = {id(r.module) for r in rows if r.bwd and r.module is not None}
     islands = [(r.name, r.module) for r in rows if not r.wants_grad and r.module is not None
-               and _trainable_own(r.module)]
+               and id(r.module) not in measured and _trainable_own(r.module)]
     islands += _wrapper_islands(rows, named) if named is not None else []
     if not islands:
         return ""
@@ -1133,9 +1136,39 @@ class Monitor:
                                loss_scale=scale)
         verdict, problems, layers, judged = diagnose(layers, None, self.bounds, self.trend,
                                                      zero_gated=zero_gates(self.model, rows, layers))
-        notes = [*judged["notes"], unreached_note(rows, "the loss"), frozen_note(rows), transformed_note(rec.transformed)]
+        notes = [*judged["notes"], unreached_note(rows, "the loss"), *self._frozen_or_untrained(rows),
+                 transformed_note(rec.transformed)]
         return MonitorStep(k, loss, verdict, tuple(layers), tuple(problems), grad_norm, out_rms, loss_scale=scale,
                            notes=tuple(n for n in notes if n))
+
+    def _frozen_or_untrained(self, rows: list[Any]) -> list[str]:
+        """The sample's note on what does not train: the rows nothing before
+        them trains (:func:`~signalprop.probe.pipeline.frozen_note`) -- unless
+        trainable parameters outside the rows got gradients (a LoRA adapter's
+        matrices applied in its own code: "every parameter it used is frozen"
+        would be false) -- and the trainable parameters that got no gradient
+        while others did (a detached branch, an expert no token reached:
+        they do not train this step)."""
+        trainable = [(n, p) for p, n in self._param_names.items() if p.requires_grad]
+        got = [n for n, p in trainable if p.grad is not None]
+        # the parameters of rows the loss does not reach are named by unreached_note already
+        unreached = {id(p) for r in rows if r.wants_grad and not r.bwd and r.module is not None
+                     for p in own_parameters(r.module)}
+        none = [n for n, p in trainable if p.grad is None and id(p) not in unreached]
+        out = []
+        frozen = frozen_note(rows)
+        if frozen and not any(r.wants_grad for r in rows) and got:
+            frozen = (f"no recorded layer's output required a gradient, yet {count(len(got), 'trainable parameter')} "
+                      f"got one ({', '.join(got[:3])}{', ...' if len(got) > 3 else ''}): they are used outside the "
+                      "recorded layers (an adapter's matrices applied in its parent's own code), so no gradient is "
+                      "measured layer by layer")
+        if frozen:
+            out.append(frozen)
+        if none and got:
+            out.append(f"{count(len(none), 'trainable parameter')} got no gradient in this step "
+                       f"({', '.join(none[:3])}{', ...' if len(none) > 3 else ''}): they do not train (a branch the "
+                       "loss does not reach -- a detach(), an expert no example was routed to, an unused head)")
+        return out
 
     def _zeroed(self, k: int) -> str:
         """Why the sample is not of this step's gradient, or "": the sampled

@@ -356,6 +356,12 @@ def frozen_note(rows: list[Row]) -> str:
     backbone under a trained head), whose outputs required no gradient.
     Rows without parameters alone (a ``Flatten`` on the input) need no
     word."""
+    measured = {id(r.module) for r in rows if r.bwd and r.module is not None}
+    besides = [r.name for r in rows if not r.wants_grad and r.module is not None and id(r.module) in measured]
+    if besides:  # calls under no_grad of layers that a training call of the same pass also ran (a BYOL target)
+        return (f"{count(len(besides), 'row')} ran without autograd ({', '.join(besides[:3])}"
+                f"{', ...' if len(besides) > 3 else ''}) besides their layers' training calls, whose rows carry "
+                "the gradient; their forward statistics are judged")
     none = [r for r in rows if not r.wants_grad]
     frozen = [r.name for r in none if r.module is not None and own_parameters(r.module)]
     if not frozen:
