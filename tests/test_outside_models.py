@@ -347,3 +347,69 @@ def test_a_layer_also_called_under_no_grad_is_not_an_island():
     for h in mon.history:
         assert h.verdict == "healthy" and not h.incomplete
         assert len(h.notes) == 1 and "ran without autograd (online.0, online.1, online.2) besides" in h.notes[0]
+
+
+def _too_small(model: nn.Module, opt: torch.optim.Optimizer, batches, steps: int, loss_of) -> list[int]:
+    with sp.monitor(model, every=10, optimizer=opt) as mon:
+        for k in range(steps):
+            loss = loss_of(model, *batches(k))
+            opt.zero_grad()
+            loss.backward()
+            mon.step(loss)
+            opt.step()
+    return [a.step for a in mon.alerts if a.kind == "update-too-small"]
+
+
+def test_weights_not_meant_to_move_are_not_too_small():
+    """update-too-small fired at step 1 on a backbone the optimizer holds at
+    rate 0 (linear probing through the optimizer), and at step ~290 on a
+    noiseless regression whose loss had converged to 1e-12 (its weights stop
+    by design).  Neither is a rate too small now; the control, the same
+    regression trained at a rate of 1e-9, still is."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 4))
+    opt = torch.optim.SGD([{"params": m[0].parameters(), "lr": 0.0}, {"params": m[2].parameters(), "lr": 0.0},
+                           {"params": m[4].parameters()}], lr=0.1, momentum=0.9)
+    x, y = torch.randn(256, 16), torch.randint(0, 4, (256,))
+    assert _too_small(m, opt, lambda k: (x, y), 30, lambda mod, a, b: F.cross_entropy(mod(a), b)) == []
+
+    def regression(lr: float) -> list[int]:
+        torch.manual_seed(0)
+        r = nn.Sequential(nn.Linear(32, 128), nn.Linear(128, 128), nn.Linear(128, 1))
+        xs = torch.randn(4096, 32)
+        ys = xs @ torch.randn(32, 1) / 4
+
+        def batch(k):
+            i = torch.randint(0, 4096, (128,), generator=torch.Generator().manual_seed(k))
+            return xs[i], ys[i]
+        return _too_small(r, torch.optim.SGD(r.parameters(), lr=lr, momentum=0.9), batch, 350,
+                          lambda mod, a, b: F.mse_loss(mod(a), b))
+
+    assert regression(0.03) == []  # converges to ~1e-13 by step 300 (the weights stop moving)
+    assert regression(1e-9)  # the control: a rate far too small is still named
+
+
+class _OneExpertMoE(nn.Module):
+    """Top-1 routing that sends every example to expert 0 (a collapsed
+    router): experts 1-4 get no gradient and do not move."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(16, 32)
+        self.experts = nn.ModuleList(nn.Linear(32, 32) for _ in range(5))
+        self.out = nn.Linear(32, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        return self.out(torch.tanh(self.experts[0](h)))
+
+
+def test_experts_without_a_gradient_are_not_too_small():
+    """Four of seven weight layers got no gradient (no example routed to
+    them): their zero update made the median "barely moved" at step 1.
+    Layers without a gradient that step are not meant to move."""
+    torch.manual_seed(0)
+    m = _OneExpertMoE()
+    x, y = torch.randn(256, 16), torch.randint(0, 4, (256,))
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    assert _too_small(m, opt, lambda k: (x, y), 30, lambda mod, a, b: F.cross_entropy(mod(a), b)) == []

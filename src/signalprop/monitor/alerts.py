@@ -28,7 +28,10 @@ The thresholds of the sampled rules and the reasons for them:
   judged until its first moment averages ``1 / (1 - beta1)`` gradients:
   :func:`.optimizer.first_moment_filling`).  Below the band is common and
   intended (fine-tuning at small learning rates), so it is only alerted when
-  the median weight layer moves less than ``UPDATE_LOW = 1e-7``.
+  the median weight layer moves less than ``UPDATE_LOW = 1e-7`` -- among the
+  layers meant to move (not those the optimizer holds at rate 0, nor those
+  without a gradient that step), and not once the loss has fallen to
+  ``CONVERGED = 1e-6`` of where it started (a noiseless fit's weights stop).
 * overflow risk (:func:`overflow_alerts`): a module's largest output or
   output-gradient entry within ``HEADROOM = 16`` (four doublings) of the
   largest finite value of the format it computes in -- 65504 in float16,
@@ -234,11 +237,15 @@ def _layers(n: int) -> str:
 
 
 def update_alerts(step: int, ratios: Sequence[tuple[str, float]], weight_layers: set[str],
-                  judged: set[str] | None = None, kinds: Mapping[str, str] | None = None) -> list[Alert]:
+                  judged: set[str] | None = None, kinds: Mapping[str, str] | None = None,
+                  converged: bool = False) -> list[Alert]:
     """The update/weight ratio of the optimizer step taken at ``step``;
     ``judged``: the modules whose ratio may be too large (see
     :func:`established`; default all); ``kinds``: each module's class, to
-    name an unnamed Sequential child as ``Linear #18``."""
+    name an unnamed Sequential child as ``Linear #18``; ``converged``: the
+    loss has fallen by :data:`CONVERGED` of where it started (a noiseless
+    fit reaching 1e-14), so weights that barely move are the fit's end, not
+    a rate too small."""
     out: list[Alert] = []
     finite = [(r, n) for n, r in ratios if math.isfinite(r)]
     if not finite:
@@ -253,7 +260,7 @@ def update_alerts(step: int, ratios: Sequence[tuple[str, float]], weight_layers:
                          f"({'1 module' if len(high) == 1 else f'{len(high)} modules'} above it).",
                          "lower the learning rate for this group (or use warm-up); clip (sp.clip.agc_)", "update"))
     weights = [r for r, n in finite if n in weight_layers]
-    if weights and statistics.median(weights) < UPDATE_LOW:
+    if weights and not converged and statistics.median(weights) < UPDATE_LOW:
         med = statistics.median(weights)
         # not moved at all: no optimizer step reached them between the two reads -- parameters the optimizer
         # does not hold, or mon.step called between the micro-batches of one optimizer step
@@ -265,6 +272,16 @@ def update_alerts(step: int, ratios: Sequence[tuple[str, float]], weight_layers:
                          if med == 0 else
                          "raise the learning rate, or check that the optimizer holds these parameters", "update"))
     return out
+
+
+# a loss at this share of where it started (or below) has converged: its weights stop moving by design
+CONVERGED = 1e-6
+
+
+def converged(losses: Sequence[float | None], start: float | None) -> bool:
+    """Whether the last finite loss is at most ``CONVERGED`` times ``start`` (a positive starting level)."""
+    last = next((v for v in reversed(losses) if v is not None and math.isfinite(v)), None)
+    return start is not None and start > 0 and last is not None and abs(last) <= CONVERGED * start
 
 
 # input_absmax is measured only where no module wrote the input: the tensor a parent's own code made

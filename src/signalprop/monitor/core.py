@@ -1219,7 +1219,8 @@ class Monitor:
         # the run's first optimizer step is not judged too large: Adam's first step moves every entry by the
         # learning rate whatever the gradient (bias correction), SGD's follows the largest gradients of the run
         # (the loss at its highest); the next sample judges the rate the run keeps
-        out = A.update_alerts(u.k, u.ratios, u.weight_layers, set() if u.sample == 0 else u.judged, kinds)
+        out = A.update_alerts(u.k, u.ratios, u.weight_layers, set() if u.sample == 0 else u.judged, kinds,
+                              A.converged(self.losses, D.start_level(self.losses)))
         for j in range(len(self.history) - 1, -1, -1):
             if self.history[j].step == u.sample:
                 h = self.history[j]

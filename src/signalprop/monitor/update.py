@@ -42,12 +42,15 @@ class Snapshot:
     of those parameters (0-d device tensors by index into the flattened
     parameter list, read with the update)."""
 
-    __slots__ = ("sample", "k", "mods", "lag", "filling")
+    __slots__ = ("sample", "k", "mods", "lag", "filling", "ungraded")
 
     def __init__(self, sample: int, k: int, mods: list[tuple[str, list[nn.Parameter], list[int], list[float | None]]],
                  lag: dict[int, tuple[torch.Tensor, torch.Tensor]], filling: bool = False) -> None:
         self.sample, self.k, self.mods, self.lag = sample, k, mods, lag
         self.filling = filling  # Adam's first moment still filling (see optimizer.first_moment_filling)
+        # the modules none of whose parameters has a gradient for this step (an expert no example was routed
+        # to): their weights are not meant to move in it
+        self.ungraded = {name for name, ps, _, _ in mods if all(p.grad is None for p in ps)}
 
 
 @dataclass(frozen=True)
@@ -178,7 +181,10 @@ class UpdateMeter:
             ww = math.sqrt(sum(x * x for x in w[i:i + len(ps)]))
             ratios.append((name, dd / ww if ww > 0 else (0.0 if dd == 0 else math.inf)))
             per_module[name] = update_stats(ps, d[i:i + len(ps)], lrs, i, lag_l2, lag_top)
-            if any(p.dim() >= 2 for p in ps):
+            # a module the optimizer holds at rate 0 (a backbone probed linearly through the optimizer), or
+            # without a gradient this step, is not meant to move: not among the weight layers whose median must
+            if any(p.dim() >= 2 for p in ps) and not (lrs and all(lr == 0.0 for lr in lrs)) \
+                    and name not in snap.ungraded:
                 weight_layers.add(name)
             if not snap.filling and A.established(ps, w[i:i + len(ps)], fan_ins):
                 judged.add(name)
