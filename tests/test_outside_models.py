@@ -413,3 +413,40 @@ def test_experts_without_a_gradient_are_not_too_small():
     x, y = torch.randn(256, 16), torch.randint(0, 4, (256,))
     opt = torch.optim.SGD(m.parameters(), lr=0.05)
     assert _too_small(m, opt, lambda k: (x, y), 30, lambda mod, a, b: F.cross_entropy(mod(a), b)) == []
+
+
+class _ScaledLinear(nn.Linear):
+    """An equalized-learning-rate style layer: its forward multiplies the stored weight by 3."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight * 3.0, self.bias)
+
+
+def _theory_net(second: type[nn.Linear] = nn.Linear, between: bool = False) -> nn.Sequential:
+    torch.manual_seed(0)
+    mods: list[nn.Module] = [nn.Linear(256, 256), nn.Tanh(), second(256, 256)]
+    mods += [nn.Identity()] if between else []
+    mods += [nn.Tanh(), nn.Linear(256, 16)]
+    return nn.Sequential(*mods)
+
+
+def test_the_theory_column_is_empty_where_a_layer_is_not_what_its_class_computes():
+    """The theory column read a Linear subclass that multiplies its weight
+    in forward, or one whose output a user's forward hook scales, as W x + b
+    and showed numbers up to 76x off the measurement.  It is empty there now
+    (never a wrong number); an Identity placeholder between a Linear and its
+    activation, which passes the signal on unchanged, no longer empties it:
+    the same predictions as without the placeholder (to 1e-12)."""
+    x = torch.randn(512, 256, generator=torch.Generator().manual_seed(1))
+    plain = sp.check(_theory_net(), x)
+    assert all(layer.predicted_second_moment is not None for layer in plain.layers)
+    scaled = sp.check(_theory_net(_ScaledLinear), x)
+    assert all(layer.predicted_second_moment is None for layer in scaled.layers)
+    hooked = _theory_net()
+    hooked[2].register_forward_hook(lambda mod, args, out: out * 5)
+    assert all(layer.predicted_second_moment is None for layer in sp.check(hooked, x).layers)
+    with_id = sp.check(_theory_net(between=True), x)
+    got = [v for layer in with_id.layers if layer.kind != "Identity"
+           for v in (layer.predicted_second_moment, layer.predicted_grad_rms)]
+    want = [v for layer in plain.layers for v in (layer.predicted_second_moment, layer.predicted_grad_rms)]
+    assert got == pytest.approx(want, rel=1e-12)

@@ -16,17 +16,32 @@ from torch import nn
 from ..layers import CONV, CONV_TRANSPOSE, CONVS, fans
 from ..records import InputStats
 from ..theory import propagate
-from .recorder import Row
+from .recorder import Hook, Row
 from .stats import acc, dottable
 
 _WEIGHT = (nn.Linear,) + CONVS
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
+def _as_torch(m: nn.Module | None) -> bool:
+    """Whether ``m`` computes what its torch class does, as the theory
+    assumes: the class's ``forward`` is torch's own (a subclass's could
+    apply a weight multiplier, as equalized learning rates do) and no hook
+    of the user's sits on it (one returning ``out * 5``), signalprop's own
+    recording hooks aside."""
+    if m is None:
+        return False
+    if any(not isinstance(h, Hook) for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())):
+        return False
+    base = next((c for c in type(m).__mro__ if (c.__module__ or "").startswith("torch.nn.modules.")), None)
+    return base is not None and getattr(type(m), "forward", None) is getattr(base, "forward", None)
+
+
 def _identity(r: Row) -> bool:
     """A row that passes its input on unchanged: Identity, (Un)Flatten, dropout in eval mode."""
     m = r.module
-    return isinstance(m, (nn.Identity, nn.Flatten, nn.Unflatten)) or (isinstance(m, _DROPOUT) and not m.training)
+    return (isinstance(m, (nn.Identity, nn.Flatten, nn.Unflatten)) or (isinstance(m, _DROPOUT) and not m.training)) \
+        and _as_torch(m)
 
 
 def _chain(rows: list[Row], input_ptr: int) -> list[tuple[Row, Row | None]] | None:
@@ -46,13 +61,19 @@ def _chain(rows: list[Row], input_ptr: int) -> list[tuple[Row, Row | None]] | No
             prev = r.dst
             i += 1
             continue
-        if not isinstance(r.module, _WEIGHT):
+        if not isinstance(r.module, _WEIGHT) or not _as_torch(r.module):
             return None
-        nxt = rows[i + 1] if i + 1 < len(rows) else None
-        if nxt is not None and nxt.act is not None and nxt.src == r.dst:
+        # the activation after it, past rows that pass the signal on unchanged (an Identity placeholder,
+        # dropout in eval mode)
+        j, at = i + 1, r.dst
+        while j < len(rows) and _identity(rows[j]) and rows[j].src == at:
+            at = rows[j].dst
+            j += 1
+        nxt = rows[j] if j < len(rows) else None
+        if nxt is not None and nxt.act is not None and nxt.src == at and (nxt.module is None or _as_torch(nxt.module)):
             out.append((r, nxt))
             prev = nxt.dst
-            i += 2
+            i = j + 1
         else:
             out.append((r, None))
             prev = r.dst
