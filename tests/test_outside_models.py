@@ -450,3 +450,50 @@ def test_the_theory_column_is_empty_where_a_layer_is_not_what_its_class_computes
            for v in (layer.predicted_second_moment, layer.predicted_grad_rms)]
     want = [v for layer in plain.layers for v in (layer.predicted_second_moment, layer.predicted_grad_rms)]
     assert got == pytest.approx(want, rel=1e-12)
+
+
+class _HookScaled(nn.Module):
+    """A tensor hook in the forward scales the gradient at ``a``'s output by 1e-9."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 256)
+        self.b = nn.Linear(256, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        h.register_hook(lambda g: g * 1e-9)
+        return self.b(torch.relu(h))
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 1e-9
+
+
+class _FunctionScaled(_HookScaled):
+    """The same scaling as an autograd.Function: the oracle."""
+
+    def forward(self, x):
+        return self.b(torch.relu(_ScaleGrad.apply(self.a(x))))
+
+
+def test_a_tensor_hook_that_scales_a_gradient_is_seen():
+    """check took small rows' gradients as the backward returned them, before
+    a tensor hook the forward put on the output afterwards: the layer read
+    "healthy" at 1e9 times its true gradient.  Such a row is read after the
+    hook now: the same rows (to 1e-6) as the same scaling written as an
+    autograd.Function, and "vanishing"."""
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    hooked = sp.check(_HookScaled(), x)
+    torch.manual_seed(0)
+    oracle = sp.check(_FunctionScaled(), x)
+    assert hooked.verdict == oracle.verdict == "vanishing"
+    assert [layer.grad_rms for layer in hooked.layers] == pytest.approx([layer.grad_rms for layer in oracle.layers],
+                                                                        rel=1e-6)

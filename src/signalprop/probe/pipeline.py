@@ -183,6 +183,7 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
         grads: tuple[torch.Tensor | None, ...]
         try:
             if red is None:
+                rec.settle_edges()
                 # tensors and gradient edges in one list: the engine takes both (typed as either)
                 grads = torch.autograd.grad(root, cast(Any, [*wrt, *rec.edges]), grad_outputs=cot,
                                             allow_unused=True)

@@ -821,6 +821,7 @@ class Recorder:
         self._capture_left = capture_budget if self._grad_batches is not None else 0
         self.edges: list[GradientEdge] = []  # see captured()
         self._edge_rows: list[Row] = []
+        self._edge_tensors: list[torch.Tensor] = []  # the edges' tensors, until the backward (see settle_edges)
         self._fused_names: set[str] = set()  # MultiheadAttention modules: they measure their own attention
         self.busy = False  # computing a statistic with torch functions inside the forward (not recorded)
         # whether the forward being recorded is still running (the monitor's, which a KeyboardInterrupt can leave
@@ -1092,6 +1093,7 @@ class Recorder:
                 self._capture_left -= t.numel() * t.element_size()
                 self.edges.append(GradientEdge(fn, t.output_nr))
                 self._edge_rows.append(row)
+                self._edge_tensors.append(t)
             elif fn is not None:  # a pre-hook of the node that made t: see _grad_prehook
                 fn.register_prehook(functools.partial(_safe_grad_prehook, self.errors, row, how, t.output_nr, **kw)
                                     if self.safe else functools.partial(_grad_prehook, row, how, t.output_nr, **kw))
@@ -1195,6 +1197,24 @@ class Recorder:
             r.inputs = []
             r.inputs_finite = []
         self.alive.clear()
+
+    def settle_edges(self) -> None:
+        """Before the backward: the rows whose output got a tensor hook of
+        the user's after the row was recorded (``h.register_hook(lambda g:
+        g * 1e-9)`` in the forward) take their gradient through a pre-hook
+        of the node that made it, which sees the hooked gradient, as
+        training's does -- a captured edge reads it before the hook (the
+        layer was "healthy" at 1e9 times its true gradient)."""
+        how = self.exact or self._grad_batches or False
+        keep: list[tuple[GradientEdge, Row]] = []
+        for edge, row, t in zip(self.edges, self._edge_rows, self._edge_tensors):
+            if t._backward_hooks:
+                edge.node.register_prehook(functools.partial(_grad_prehook, row, how, edge.output_nr,
+                                                             kernels=self._bk))
+            else:
+                keep.append((edge, row))
+        self.edges, self._edge_rows = [e for e, _ in keep], [r for _, r in keep]
+        self._edge_tensors = []
 
     def captured(self, grads: Sequence[torch.Tensor | None]) -> None:
         """Take the gradients of :attr:`edges`, in order, as the backward
