@@ -497,3 +497,36 @@ def test_a_tensor_hook_that_scales_a_gradient_is_seen():
     assert hooked.verdict == oracle.verdict == "vanishing"
     assert [layer.grad_rms for layer in hooked.layers] == pytest.approx([layer.grad_rms for layer in oracle.layers],
                                                                         rel=1e-6)
+
+
+class _MaskedLogProbs(nn.Module):
+    def __init__(self, fill: float = -math.inf) -> None:
+        super().__init__()
+        self.l = nn.Linear(32, 10)
+        self.ls = nn.LogSoftmax(-1)
+        self.fill = fill
+
+    def forward(self, x, mask):
+        return self.ls(self.l(x).masked_fill(mask, self.fill))
+
+
+def test_minus_infinity_as_a_mask_is_not_a_failure():
+    """Action masking: logits set to -inf on the excluded classes, then a
+    LogSoftmax module, which keeps them -inf; the loss reads the allowed
+    classes only and every gradient is finite.  check said "non-finite"
+    (the same masking without the LogSoftmax module was "healthy").  A row
+    whose non-finite entries are all -inf, in a pass otherwise finite, is a
+    mask now: the verdict is the finite entries', a note says so, and the
+    row keeps its share.  The control, +inf as the fill, makes NaN there and
+    is still non-finite."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 32)
+    mask = torch.zeros(64, 10, dtype=torch.bool)
+    mask[:, 5:] = True
+    y = torch.randint(0, 5, (64,))
+    r = sp.check(_MaskedLogProbs(), (x, mask), loss_fn=F.nll_loss, targets=y)
+    assert (r.verdict, r.problems) == ("healthy", ())
+    assert r.layers[-1].nonfinite_fraction == pytest.approx(0.5)
+    assert any("-inf entries and nothing worse (ls" in n for n in r.summary.notes)
+    bad = sp.check(_MaskedLogProbs(math.inf), (x, mask), loss_fn=F.nll_loss, targets=y)
+    assert bad.verdict == "non-finite"

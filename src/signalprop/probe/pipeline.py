@@ -260,6 +260,12 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
         made = rec.rows[carrier.index].output
         if loss_fn is None or (out_grad is not None and made is not None and _feeds(made(), y)):
             culprit = ("", "backward", carrier.name, type(model).__name__)
+    masked = _masked_rows(rec.rows, layers, ex, inp) if exact else set()
+    held: dict[int, float] = {}
+    if masked:  # -inf as a mask, not a failure: diagnosed as the finite entries' statistics, the share kept
+        culprit, origin = None, None
+        held = {layer.index: layer.nonfinite_fraction for layer in layers if layer.index in masked}
+        layers = [evolve(layer, nonfinite_fraction=0.0) if layer.index in masked else layer for layer in layers]
     merges = _unrecorded_merges(rec.rows, read_ptr)
     stale = _stale_batchnorm(rec.rows)
     verdict, problems, layers, judged = diagnose(layers, inp, bounds, trend, backward_origin=origin, culprit=culprit,
@@ -270,6 +276,14 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
     elif silent:  # nothing wrong in the forward, and no backward signal to judge: no verdict, not "healthy"
         verdict = "incomplete"
     notes = judged.pop("notes")
+    if held:
+        layers = [evolve(layer, nonfinite_fraction=held[layer.index]) if layer.index in held else layer
+                  for layer in layers]
+        names = [layer.name for layer in layers if layer.index in held]
+        notes.append(f"{count(len(names), 'row')} hold -inf entries and nothing worse ({', '.join(names[:3])}"
+                     f"{', ...' if len(names) > 3 else ''}: masked logits or log-probabilities), while the "
+                     f"{'loss' if loss_fn is not None else 'output'} and every gradient are finite: a mask, not a "
+                     "failure; their statistics are over the finite entries")
     if stale:
         # a signal growing or fading after never-updated BatchNorm layers: their running statistics first
         lead = (f"first calibrate the {count(len(stale), 'BatchNorm layer')} in eval mode whose running statistics "
@@ -316,6 +330,28 @@ def unreached_note(rows: list[Row], start: str) -> str:
             f"{', ...' if len(unreached) > 3 else ''}): {start} does not depend on "
             f"{'its output' if one else 'their outputs'} (another head, an unused branch), so "
             f"{'its gradient is' if one else 'their gradients are'} not judged")
+
+
+def _masked_rows(rows: list[Row], layers: list[LayerStats], ex: list[float], inp: InputStats | None) -> set[int]:
+    """The exact pass's rows whose non-finite outputs are all -inf -- a mask
+    (``logits.masked_fill(mask, -inf)`` before a ``LogSoftmax``, which keeps
+    them -inf) -- when nothing else is non-finite: the input, the loss, the
+    output's gradient, every row's gradient and every parameter gradient
+    finite, and every row's output free of NaN and +inf.  Empty otherwise
+    (then the NaN/Inf is a failure, located as ever)."""
+    bad = [layer for layer in layers if layer.nonfinite_fraction > 0]
+    if not bad or (inp is not None and inp.nonfinite_fraction > 0) or not all(map(math.isfinite, ex)) \
+            or any((layer.grad_nonfinite_fraction or 0) > 0 for layer in layers):
+        return set()
+    for layer in bad:
+        ref = rows[layer.index].output
+        t = ref() if ref is not None else None
+        if t is None or t.is_complex():
+            return set()
+        with torch.no_grad():
+            if bool((torch.isnan(t) | (t == math.inf)).any()):
+                return set()
+    return {layer.index for layer in bad}
 
 
 def transformed_note(n: int) -> str:
