@@ -530,3 +530,27 @@ def test_minus_infinity_as_a_mask_is_not_a_failure():
     assert any("-inf entries and nothing worse (ls" in n for n in r.summary.notes)
     bad = sp.check(_MaskedLogProbs(math.inf), (x, mask), loss_fn=F.nll_loss, targets=y)
     assert bad.verdict == "non-finite"
+
+
+def test_a_share_hovering_about_its_limit_down_a_deep_net_is_one_problem():
+    """A 300-layer ReLU MLP (width 64, Kaiming-normal, zero biases): the
+    dead share of its ReLU rows drifts up to about 50% and hovers there, so
+    rows past the limit alternate with rows under it.  Each run of them was
+    a problem of its own (56 boxes, a 368-line report, one fix repeated).
+    Rows of one role are one problem now, spanning the first to the last."""
+    torch.manual_seed(0)
+    mods: list[nn.Module] = [nn.Linear(32, 64)]
+    for _ in range(300):
+        mods += [nn.ReLU(), nn.Linear(64, 64)]
+    m = nn.Sequential(*mods, nn.ReLU(), nn.Linear(64, 10))
+    for mod in m:
+        if isinstance(mod, nn.Linear):
+            nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
+            nn.init.zeros_(mod.bias)
+    r = sp.check(m, torch.randn(64, 32))
+    dead = [layer.index for layer in r.layers if layer.verdict == "dead"]
+    assert len(dead) > 10 and {r.layers[i].kind for i in dead} == {"ReLU"}  # the premise: many, not adjacent
+    assert any(b - a > 4 for a, b in zip(dead, dead[1:]))
+    problems = [p for p in r.problems if p.kind == "dead"]
+    assert len(problems) == 1 and (problems[0].first, problems[0].last) == (dead[0], dead[-1])
+    assert problems[0].message.startswith(f"{len(dead)} ReLU layers")

@@ -413,6 +413,45 @@ def _runs(rows: list[int], gap: int = 2) -> list[list[int]]:
     return runs
 
 
+def _measured(layers: list[LayerStats], kind: str) -> list[int]:
+    """The rows a share of ``kind`` ("dead", "saturated") is measured on."""
+    attr = "dead_fraction" if kind == "dead" else "saturation"
+    return [layer.index for layer in layers if getattr(layer, attr) is not None]
+
+
+def _runs_among(rows: list[int], eligible: list[int], gap: int = 2) -> list[list[int]]:
+    """:func:`_runs` counted along ``eligible`` (the rows a share is measured
+    on: a deep ReLU net's ReLU rows, every other row): flagged rows with at
+    most ``gap`` eligible rows between them are one run, so a depth where the
+    dead share hovers about its limit (52%, 39%, 53%) is one problem, not one
+    per layer."""
+    pos = {i: k for k, i in enumerate(eligible)}
+    runs: list[list[int]] = []
+    for i in sorted(rows):
+        if runs and i in pos and runs[-1][-1] in pos and pos[i] - pos[runs[-1][-1]] <= gap + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
+def _by_role(rows: list[int], layers: list[LayerStats], kind: str) -> list[list[int]]:
+    """Flagged rows of one role (the same module position in repeated blocks:
+    every ReLU of a deep MLP) as one group, however far apart -- a share
+    that hovers about its limit down a deep net (52%, 39%, 53%, ...) is one
+    problem, not one per layer; rows without a role in runs along the rows
+    the share is measured on (:func:`_runs_among`).  In order of their first row."""
+    by: dict[str, list[int]] = {}
+    loose: list[int] = []
+    for i in rows:
+        role = layers[i].role
+        if role:
+            by.setdefault(role, []).append(i)
+        else:
+            loose.append(i)
+    return sorted([*by.values(), *_runs_among(loose, _measured(layers, kind))], key=lambda g: g[0])
+
+
 def _dominant_activation(layers: list[LayerStats]) -> str | None:
     acts = [layer.activation.split("(")[0] for layer in layers if layer.activation and layer.activation != "linear"]
     return Counter(acts).most_common(1)[0][0] if acts else None
@@ -642,7 +681,8 @@ def diagnose(layers: list[LayerStats], inp: InputStats | None, bounds: tuple[flo
             if kind == "saturated":  # one problem per saturated attention, named by its module
                 problems += [_attention_problem(out[i]) for i in rows if _attention_saturated(out[i])]
                 rows = [i for i in rows if not _attention_saturated(out[i])]
-            problems += [_problem(kind, run, ev, out, act, residual) for run in _runs(rows)]
+            groups = _by_role(rows, out, kind) if kind in ("dead", "saturated") else _runs(rows)
+            problems += [_problem(kind, run, ev, out, act, residual) for run in groups]
     problems.sort(key=lambda p: (SEVERITY.index(p.kind), p.first))
     verdict: Verdict = problems[0].kind if problems else "healthy"
     judged = {"activation": act, "series": tuple(trends), "notes": notes,
