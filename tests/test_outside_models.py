@@ -554,3 +554,49 @@ def test_a_share_hovering_about_its_limit_down_a_deep_net_is_one_problem():
     problems = [p for p in r.problems if p.kind == "dead"]
     assert len(problems) == 1 and (problems[0].first, problems[0].last) == (dead[0], dead[-1])
     assert problems[0].message.startswith(f"{len(dead)} ReLU layers")
+
+
+class _GRULoop(nn.Module):
+    """A GRUCell unrolled in a Python loop, the output read at the last step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell = nn.GRUCell(16, 64)
+        self.out = nn.Linear(64, 4)
+
+    def forward(self, x):
+        h = torch.zeros(x.shape[1], 64)
+        for t in range(x.shape[0]):
+            h = self.cell(x[t], h)
+        return self.out(h)
+
+
+class _ListMLP(nn.Module):
+    """An MLP of raw parameters: F.linear on a ParameterList, torch.tanh between."""
+
+    def __init__(self, depth: int = 12, width: int = 64, std: float = 0.02) -> None:
+        super().__init__()
+        self.w = nn.ParameterList(nn.Parameter(torch.randn(width, width) * std) for _ in range(depth))
+
+    def forward(self, x):
+        for w in self.w:
+            x = torch.tanh(F.linear(x, w))
+        return x
+
+
+def test_vanishing_in_a_cells_calls_or_raw_parameters_gets_a_fix_that_applies():
+    """An unrolled GRUCell's vanishing gradient was "at cell" (which of the
+    30 calls?) with the fix critical_(model, inputs), which leaves GRUCell
+    untouched; an MLP of F.linear on a ParameterList got the same fix, which
+    raises (no Linear or Conv layers).  The problem now names the calls and
+    a fix for recurrent cells, or, where no layer is one signalprop.init
+    sets, says how to scale the raw weights."""
+    torch.manual_seed(0)
+    r = sp.check(_GRULoop(), torch.randn(30, 8, 16))
+    p = next(p for p in r.problems if p.kind == "vanishing")
+    assert p.layer.startswith("cell (calls 1–") and "(calls 1–" in p.message
+    assert "orthogonal" in p.suggestion and "critical_" not in p.suggestion
+    torch.manual_seed(0)
+    r = sp.check(_ListMLP(), torch.randn(32, 64))
+    p = next(p for p in r.problems if p.kind == "vanishing")
+    assert "critical_" not in p.suggestion and "outside Linear/Conv modules" in p.suggestion

@@ -63,7 +63,11 @@ def check(model: nn.Module, inputs: Any, *, loss_fn: Callable[..., torch.Tensor]
     Models whose ``forward`` takes ``use_cache`` run with ``use_cache=False``
     unless ``inputs`` sets it.  The model comes back exactly as it was
     (parameters, buffers, ``.grad``, ``requires_grad``, train/eval mode,
-    global RNG state), also on errors; the pass runs in the model's current mode.
+    global RNG state), also on errors; the pass runs in the model's current
+    mode.  The one exception is a forward that writes its own parameters in
+    place (``nn.Embedding(max_norm=...)`` renormalising rows, a ``clamp_``
+    under ``no_grad``): those writes cannot be told from the values they
+    replace once made, and the report's notes name the parameters written.
     """
     check_model(model, "check")
     check_limits(bounds, trend)

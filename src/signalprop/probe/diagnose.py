@@ -58,9 +58,20 @@ def _g(layer: LayerStats) -> float | None:
     return g if g is not None and not math.isnan(g) else None
 
 
+def _call_of(layer: LayerStats) -> int:
+    """Which call of its module the row is, from 1 (a module called several
+    times in one forward -- a cell unrolled over time, a shared block --
+    has one row per call, the k-th's role ending in ``@k-1``)."""
+    role = layer.role or ""
+    tail = role.rsplit("@", 1)[1] if "@" in role else ""
+    return int(tail) + 1 if tail.isdigit() else 1
+
+
 def _label(layer: LayerStats) -> str:
-    """The row's module as a reader finds it (``Linear #18``, ``encoder.layer.0.attn``)."""
-    return module_label(layer.name, layer.kind)
+    """The row's module as a reader finds it (``Linear #18``, ``encoder.layer.0.attn``; a module's later calls
+    with their number: ``cell (call 30)``)."""
+    k = _call_of(layer)
+    return module_label(layer.name, layer.kind) + (f" (call {k})" if k > 1 else "")
 
 
 @dataclass
@@ -480,12 +491,16 @@ def _init_advice(act: str | None, cli: bool = False) -> str:
 
 def _span(layers: list[LayerStats], run: list[int]) -> str:
     a, b = layers[run[0]], layers[run[-1]]
+    if a is not b and a.name == b.name:  # one module's calls: which ones
+        return f"{a.name} (calls {_call_of(a)}–{_call_of(b)})"
     return a.name if a is b else f"{a.name} .. {b.name}"
 
 
 def _where(layers: list[LayerStats], run: list[int]) -> str:
-    """``in layers 0–99``, ``at transformer.ln_f``, ``from A to B``."""
+    """``in layers 0–99``, ``at transformer.ln_f``, ``from A to B``, ``at cell (calls 1–30)``."""
     a, b = layers[run[0]], layers[run[-1]]
+    if a is not b and a.name == b.name:
+        return f"at {module_label(a.name, a.kind)} (calls {_call_of(a)}–{_call_of(b)})"
     span = span_label(a.name, a.kind, b.name, b.kind)
     return span if span.startswith("from ") else (f"in {span}" if span.startswith("layers ") else f"at {span}")
 
@@ -558,11 +573,30 @@ def _problem(kind: Verdict, run: list[int], ev: list[_Evidence], layers: list[La
         grows_with_depth = any(e.rule in ("forward", "series") for e in mine)
         if kind == "exploding" and residual and grows_with_depth:
             fix, cli = _RESIDUAL_FIX, _RESIDUAL_FIX_CLI
+        elif kind == "vanishing" and any(layer.kind in _CELLS for layer in rows):
+            fix = cli = _CELL_FIX
+        elif kind == "vanishing" and not any(layer.kind in _INITIALISED for layer in layers):
+            fix = cli = _UNINITIALISABLE_FIX
         elif kind == "vanishing":
             fix, cli = _init_advice(act), _init_advice(act, cli=True)
         else:
             fix, cli = _EXPLODING_FIX, _EXPLODING_FIX_CLI
     return Problem(span, kind, msg, fix, run[0], run[-1], cli_suggestion=cli)
+
+
+# recurrent cells a forward unrolls in a Python loop (signalprop.init leaves their weights alone)
+_CELLS = frozenset({"RNNCell", "GRUCell", "LSTMCell"})
+_CELL_FIX = ("the gradient fades through the cell's steps: start the recurrent weights orthogonal "
+             "(torch.nn.init.orthogonal_ on weight_hh), an LSTM's forget-gate bias at 1 or more, use gated cells "
+             "(GRU/LSTM) rather than a plain RNN cell, or train on shorter sequences (truncated backpropagation "
+             "through time)")
+# the row kinds signalprop.init sets (the re-initialisation advice applies only where there are some)
+_INITIALISED = frozenset({"Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
+                          "ConvTranspose3d"})
+_UNINITIALISABLE_FIX = ("the weights that scale the signal are used outside Linear/Conv modules (F.linear on a "
+                        "ParameterList, say), which signalprop.init does not set: scale them as "
+                        "torch.nn.init's xavier/kaiming would for the activation, or add residual connections / "
+                        "normalization")
 
 
 def _nonfinite_problem(layers: list[LayerStats], inp: InputStats | None, origin: int | None,

@@ -70,7 +70,9 @@ def check_materialised(named: Iterable[tuple[str, nn.Module]], fn: str) -> None:
         if any(p is not None and p.is_meta for p in m._parameters.values()):
             raise ValueError(f"{fn}() needs the model's parameters, but {name or '(root)'}'s are on the meta device "
                              "(no values): load or initialise the weights first (model.to_empty(device='cpu') then "
-                             "an initialiser, or load_state_dict(..., assign=True))")
+                             "an initialiser, or load_state_dict(..., assign=True)); a stateless template that "
+                             "torch.func.functional_call fills (torch's model-ensembling recipe) holds no values by "
+                             "design: keep it out of the model's registered modules (in a plain list attribute)")
 
 
 def check_limits(bounds: tuple[float, float], trend: float) -> None:
