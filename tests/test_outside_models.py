@@ -600,3 +600,36 @@ def test_vanishing_in_a_cells_calls_or_raw_parameters_gets_a_fix_that_applies():
     r = sp.check(_ListMLP(), torch.randn(32, 64))
     p = next(p for p in r.problems if p.kind == "vanishing")
     assert "critical_" not in p.suggestion and "outside Linear/Conv modules" in p.suggestion
+
+
+def test_a_physics_informed_loss_is_sampled_at_its_own_backward():
+    """A PINN: the loss holds du/dt, a torch.autograd.grad(create_graph=True)
+    through the model, and a second forward at the boundary.  That
+    derivative's backward reached the sampled rows first: the monitor took
+    it for the loss's, found the witness's .grad empty, said the gradients
+    were zeroed (a GAN's pattern), switched to the boundary forward and
+    alerted "vanishing" on a run that trains.  A create_graph backward fills
+    no .grad to watch, and the loss's backward, arriving later, replaces
+    its gradients: the last row's is dL/du, read off autograd (1e-6)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    t = torch.linspace(0, 2, 64).unsqueeze(1).requires_grad_(True)
+    losses, first = [], None
+    with sp.monitor(model, every=10, optimizer=opt) as mon:
+        for k in range(40):
+            u = model(t)
+            du = torch.autograd.grad(u.sum(), t, create_graph=True)[0]
+            loss = (du + u).pow(2).mean() + (model(torch.zeros(1, 1)) - 1).pow(2).mean()
+            opt.zero_grad()  # after the forward, as the README's loop has it
+            loss.backward()
+            mon.step(loss)
+            opt.step()
+            losses.append(loss.item())
+            if k == 0:
+                first = float((2 * (du + u) / 64).detach().pow(2).mean().sqrt())
+    assert losses[-1] < 0.5 * losses[0]
+    assert [(h.step, h.verdict, h.layers[0].shape) for h in mon.history] == \
+        [(k, "healthy", (64, 32)) for k in (0, 10, 20, 30)]
+    assert mon.alerts == []
+    assert mon.history[0].layers[-1].grad_rms == pytest.approx(first, rel=1e-6)

@@ -657,8 +657,12 @@ class Monitor:
     def _root_pre_guarded(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         rec = self._rec
         if rec is not None and not self._recording and rec.rows and torch.is_grad_enabled():
-            fed = any(r.bwd for r in rec.rows)
-            witness = _witness(rec.rows) if fed and not self._last_pass else None
+            # a backward with create_graph=True through the pass (a PINN's du/dt, a gradient penalty) makes a
+            # derivative the loss is built from: the pass feeds the loss, whose backward comes later, and that
+            # derivative's backward fills no .grad (no witness reads it)
+            derivative = any(r.through for r in rec.rows)
+            fed = derivative or any(r.bwd for r in rec.rows)
+            witness = _witness(rec.rows) if fed and not self._last_pass and not derivative else None
             if not fed or self._last_pass or (witness is not None and witness.grad is None):
                 # the forward recorded so far fed no backward (an evaluation pass with gradients on, a forward
                 # abandoned before its backward), or its gradients were zeroed since (a GAN's generator pass

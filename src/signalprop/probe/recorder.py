@@ -157,6 +157,10 @@ class Row:
     ver: int = -1  # the output's version counter when the call returned (see Recorder._read)
     in_shape: tuple[int, ...] | None = None  # the first floating input's shape (a convolution's borders: predict)
     wants_grad: bool = False  # the output required grad when the call ran (a gradient hook is on it)
+    # a backward with create_graph=True passed through: the loss's own (backward(create_graph=True), for a
+    # Hessian-vector product) or a derivative the loss is built from (a PINN's du/dt, a gradient penalty), whose
+    # gradient the loss's backward, arriving later, replaces; either way it fills no .grad the monitor can watch
+    through: bool = False
     low: bool = False  # the output was in a low-precision format (float16, bfloat16, FP8)
 
 
@@ -590,6 +594,8 @@ def _grad_hook(row: Row, exact: bool | S.GradBatches, g: torch.Tensor, kernels: 
     output.  ``exact``: True for the exact pass; the pass's
     :class:`~.stats.GradBatches` to copy a small gradient into, to be reduced
     with others (one op here instead of three)."""
+    if g.requires_grad:  # a create_graph backward (see Row.through): recorded, and replaced by a later arrival
+        row.through = True
     # hooks run without grad mode unless the backward builds a graph (create_graph=True)
     prev = torch.is_grad_enabled()
     torch._C._set_grad_enabled(False)
