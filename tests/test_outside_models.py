@@ -633,3 +633,141 @@ def test_a_physics_informed_loss_is_sampled_at_its_own_backward():
         [(k, "healthy", (64, 32)) for k in (0, 10, 20, 30)]
     assert mon.alerts == []
     assert mon.history[0].layers[-1].grad_rms == pytest.approx(first, rel=1e-6)
+
+
+class _SharedReLU(nn.Module):
+    """A deep ReLU MLP whose one activation module is called at every layer."""
+
+    def __init__(self, depth: int = 60) -> None:
+        super().__init__()
+        self.inp = nn.Linear(32, 64)
+        self.layers = nn.ModuleList(nn.Linear(64, 64) for _ in range(depth))
+        self.act = nn.ReLU()
+        for lin in [self.inp, *self.layers]:
+            nn.init.kaiming_normal_(lin.weight, nonlinearity="relu")
+            nn.init.zeros_(lin.bias)
+        with torch.no_grad():
+            for lin in self.layers:
+                lin.bias[:40] = -3.0  # 40 of 64 units pushed toward dead
+
+    def forward(self, x):
+        x = self.inp(x)
+        for lin in self.layers:
+            x = self.act(lin(x))
+        return x
+
+
+def test_one_activation_called_at_every_layer_is_one_problem_too():
+    """(Review) Grouping by role put each call of a shared ReLU module in a
+    group of its own (a module's k-th call has role ``...@k``): one problem
+    per dead call.  Its calls are one role: one problem, naming the calls."""
+    torch.manual_seed(0)
+    r = sp.check(_SharedReLU(), torch.randn(256, 32))
+    dead = [p for p in r.problems if p.kind == "dead"]
+    assert len([layer for layer in r.layers if layer.verdict == "dead"]) > 5  # the premise
+    assert len(dead) == 1 and dead[0].layer.startswith("act (calls ")
+
+
+def test_a_float16_overflow_to_minus_infinity_is_not_a_mask():
+    """(Review) A float16 layer whose outputs overflow to -inf from finite
+    inputs, then a ReLU that zeroes them: every gradient stays finite, and
+    the -inf-as-mask rule called it "healthy".  A row that makes -inf from
+    finite inputs is a failure: non-finite, at that layer."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    with torch.no_grad():
+        m[0].weight.mul_(30)
+        m[2].weight[:8] = -m[2].weight[:8].abs() * 3000
+    m = m.half()
+    x = torch.randn(128, 32).half()
+    r = sp.check(m, x)
+    assert r.verdict == "non-finite" and r.problems[0].layer == "2"
+
+
+def test_a_stateless_param_group_does_not_keep_adams_first_moment_filling():
+    """(Review) A frozen backbone kept in its own Adam group has no state:
+    its step count stayed 0 and update-too-large was never judged for any
+    group.  A group without state takes no step to fill: the rate the rest
+    keeps is judged once their first moment has filled."""
+    def alerts(frozen_group: bool) -> list[int]:
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10))
+        m[0].requires_grad_(False)
+        rest = list(m[2].parameters()) + list(m[4].parameters())
+        groups = [{"params": list(m[0].parameters()), "lr": 1e-5}, {"params": rest}] if frozen_group else rest
+        opt = torch.optim.Adam(groups, lr=3.0)
+        x, y = torch.randn(256, 32), torch.randint(0, 10, (256,))
+        with sp.monitor(m, every=5, optimizer=opt) as mon:
+            for _ in range(30):
+                loss = F.cross_entropy(m(x), y)
+                opt.zero_grad()
+                loss.backward()
+                mon.step(loss)
+                opt.step()
+        return [a.step for a in mon.alerts if a.kind == "update-too-large"]
+
+    assert alerts(True) == alerts(False) != []
+
+
+class _HookThenInplace(_HookScaled):
+    """The 1e-9 hook on a's output, then an in-place ReLU on that output."""
+
+    def forward(self, x):
+        h = self.a(x)
+        h.register_hook(lambda g: g * 1e-9)
+        return self.b(torch.relu_(h))
+
+
+def test_a_tensor_hook_before_an_in_place_op_is_seen_too():
+    """(Review) An in-place op after the hook clears the tensor's hook dict
+    but not the node's: the hook was missed again, 1e9x off.  A row whose
+    output was written since it was recorded is read after the node's hooks."""
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    r = sp.check(_HookThenInplace(), x)
+    torch.manual_seed(0)
+    oracle = sp.check(_FunctionScaled(), x)
+    assert r.verdict == "vanishing"
+    assert r.layers[0].grad_rms == pytest.approx(oracle.layers[0].grad_rms, rel=1e-6)
+
+
+def test_a_loss_scale_where_squares_turn_subnormal_reads_the_exact_rms():
+    """(Review) Below a largest entry of 1.08e-19 every float32 square is
+    subnormal or 0: at a loss scaled by 10^-18.72 the first layer's RMS read
+    9x low with no exact pass (a little further down it reads 0, which did
+    send the pass to the exact one).  Such rows go to the exact pass now: the
+    relative gradients are the unscaled loss's (1e-5)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(32, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(),
+                      nn.Linear(256, 10))
+    x, y = torch.randn(256, 32), torch.randint(0, 10, (256,))
+    ref = sp.check(m, x, loss_fn=F.cross_entropy, targets=y)
+    r = sp.check(m, x, loss_fn=lambda o, t: F.cross_entropy(o, t) * 10 ** -18.72, targets=y)
+    assert [a.relative_grad_rms for a in r.layers] == pytest.approx([b.relative_grad_rms for b in ref.layers],
+                                                                   rel=1e-5)
+
+
+class _MyLinear(nn.Linear):
+    """A Linear subclass without a forward of its own: signalprop.init sets it."""
+
+
+class _BackwardHooked(nn.Sequential):
+    pass
+
+
+def test_fixes_and_theory_follow_what_layers_are_not_their_names():
+    """(Review) A model of Linear subclasses was told its weights are "used
+    outside Linear/Conv modules", though critical_ sets them; the theory
+    column ignored a module backward hook that scales the gradient.  The
+    fix is chosen by isinstance, and the column is empty under such a hook."""
+    torch.manual_seed(0)
+    mods: list[nn.Module] = []
+    for _ in range(30):
+        mods += [_MyLinear(32, 32), nn.Sigmoid()]
+    r = sp.check(nn.Sequential(*mods), torch.randn(64, 32))
+    p = next(p for p in r.problems if p.kind == "vanishing")
+    assert "critical_" in p.suggestion and "outside Linear/Conv" not in p.suggestion
+    m = _theory_net()
+    m[2].register_full_backward_pre_hook(lambda mod, go: (go[0] * 1e-6,))
+    x = torch.randn(512, 256, generator=torch.Generator().manual_seed(1))
+    assert all(layer.predicted_grad_rms is None for layer in sp.check(m, x).layers)

@@ -65,6 +65,7 @@ from ..probe.pipeline import (
     check_materialised,
     check_model,
     frozen_note,
+    initialisable,
     run_pass,
     transformed_note,
     unreached_note,
@@ -1139,7 +1140,8 @@ class Monitor:
             return MonitorStep(k, loss, "incomplete", tuple(layers), (), grad_norm, out_rms, incomplete=why,
                                loss_scale=scale)
         verdict, problems, layers, judged = diagnose(layers, None, self.bounds, self.trend,
-                                                     zero_gated=zero_gates(self.model, rows, layers))
+                                                     zero_gated=zero_gates(self.model, rows, layers),
+                                                     initialisable=initialisable(self.model))
         notes = [*judged["notes"], unreached_note(rows, "the loss"), *self._frozen_or_untrained(rows),
                  transformed_note(rec.transformed)]
         return MonitorStep(k, loss, verdict, tuple(layers), tuple(problems), grad_norm, out_rms, loss_scale=scale,
@@ -1157,7 +1159,7 @@ class Monitor:
         got = [n for n, p in trainable if p.grad is not None]
         # the parameters of rows the loss does not reach are named by unreached_note already
         unreached = {id(p) for r in rows if r.wants_grad and not r.bwd and r.module is not None
-                     for p in own_parameters(r.module)}
+                     for p in r.module.parameters()}  # (a fused or scripted row's children's too)
         none = [n for n, p in trainable if p.grad is None and id(p) not in unreached]
         out = []
         frozen = frozen_note(rows)
@@ -1190,8 +1192,9 @@ class Monitor:
         self._dense_until = max(self._dense_until, k + 1)
         return ("the sampled forward's gradients were zeroed before this step's backward, so they are not in this "
                 "step's gradient: another loss's pass through this model came first (a GAN's generator step through "
-                "its discriminator after the discriminator's mon.step); the monitor samples each step's last forward "
-                "from the next step on")
+                "its discriminator after the discriminator's mon.step), or a step interrupted after its backward "
+                "(KeyboardInterrupt) was run again; the monitor samples each step's last forward from the next "
+                "step on")
 
     def _last_skip(self) -> None:
         """Whether the GradScaler skipped the last step's optimizer step,

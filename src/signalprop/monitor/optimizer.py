@@ -120,18 +120,25 @@ def first_moment_filling(opt: Any, k: int) -> bool:
         b1 = float(b1) if isinstance(b1, (int, float)) or (isinstance(b1, torch.Tensor) and b1.is_cpu) else 0.9
         if not 0 < b1 < 1:
             continue
-        done: float | None = 0.0  # steps taken by the group's most advanced parameter (none: 0)
+        done: float | None = None  # steps taken by the group's most advanced parameter
+        device = False  # a count on a device, which reading would wait for
         for p in group["params"]:
             st = opt.state.get(p)
             step = st.get("step") if st else None
             if isinstance(step, torch.Tensor):
                 if not step.is_cpu:
-                    done = None
+                    device = True
                     break
                 step = float(step)
             if isinstance(step, (int, float)):
-                done = max(cast(float, done), float(step))
-        if (k if done is None else done) + 1 < 1 / (1 - b1):
+                done = max(done or 0.0, float(step))
+        if done is None and not device:
+            # no state in this group: before the run's first step (the monitor's count says), or a group no
+            # gradient reaches (a frozen backbone in its own group), which takes no step to fill
+            if k > 0:
+                continue
+            done = 0.0
+        if (k if device else cast(float, done)) + 1 < 1 / (1 - b1):
             return True
     return False
 

@@ -37,6 +37,7 @@ same for users):
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -455,7 +456,7 @@ def _by_role(rows: list[int], layers: list[LayerStats], kind: str) -> list[list[
     by: dict[str, list[int]] = {}
     loose: list[int] = []
     for i in rows:
-        role = layers[i].role
+        role = re.sub(r"@\d+$", "", layers[i].role or "")  # a module's k-th call is of its role too
         if role:
             by.setdefault(role, []).append(i)
         else:
@@ -532,7 +533,7 @@ _EXPLODING_FIX_CLI = ("weights are too large: rescale them with --init critical 
 
 
 def _problem(kind: Verdict, run: list[int], ev: list[_Evidence], layers: list[LayerStats], act: str | None,
-             residual: bool = False) -> Problem:
+             residual: bool = False, initialisable: bool = True) -> Problem:
     """One problem in three parts: what (the message's first sentence), why
     (its second: the number judged and what it is relative to), the fix
     (``suggestion``; ``cli_suggestion`` where the command line says it
@@ -575,7 +576,7 @@ def _problem(kind: Verdict, run: list[int], ev: list[_Evidence], layers: list[La
             fix, cli = _RESIDUAL_FIX, _RESIDUAL_FIX_CLI
         elif kind == "vanishing" and any(layer.kind in _CELLS for layer in rows):
             fix = cli = _CELL_FIX
-        elif kind == "vanishing" and not any(layer.kind in _INITIALISED for layer in layers):
+        elif kind == "vanishing" and not initialisable:
             fix = cli = _UNINITIALISABLE_FIX
         elif kind == "vanishing":
             fix, cli = _init_advice(act), _init_advice(act, cli=True)
@@ -590,9 +591,6 @@ _CELL_FIX = ("the gradient fades through the cell's steps: start the recurrent w
              "(torch.nn.init.orthogonal_ on weight_hh), an LSTM's forget-gate bias at 1 or more, use gated cells "
              "(GRU/LSTM) rather than a plain RNN cell, or train on shorter sequences (truncated backpropagation "
              "through time)")
-# the row kinds signalprop.init sets (the re-initialisation advice applies only where there are some)
-_INITIALISED = frozenset({"Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
-                          "ConvTranspose3d"})
 _UNINITIALISABLE_FIX = ("the weights that scale the signal are used outside Linear/Conv modules (F.linear on a "
                         "ParameterList, say), which signalprop.init does not set: scale them as "
                         "torch.nn.init's xavier/kaiming would for the activation, or add residual connections / "
@@ -662,7 +660,7 @@ def _main_trend(trends: list[SeriesTrend], layers: list[LayerStats]) -> dict[str
 def diagnose(layers: list[LayerStats], inp: InputStats | None, bounds: tuple[float, float], trend: float,
              backward_origin: int | None = None, dead_unjudged_from: int | None = None,
              culprit: tuple[str, str, str, str] | None = None, residual: bool = False,
-             zero_gated: frozenset[str] = frozenset()
+             zero_gated: frozenset[str] = frozenset(), initialisable: bool = True
              ) -> tuple[Verdict, list[Problem], list[LayerStats], dict[str, Any]]:
     """The verdict, the problems (worst first), the rows with their own
     verdicts, and the model-level numbers for :class:`~signalprop.records.Summary`.
@@ -673,6 +671,9 @@ def diagnose(layers: list[LayerStats], inp: InputStats | None, bounds: tuple[flo
     ``residual``: the model sums branches into a stream between its rows
     (residual blocks): a signal growing with depth is then the stream's, and
     the fix is the branches' scale.
+    ``initialisable``: whether the model has a layer :mod:`signalprop.init`
+    sets (a Linear or convolution, subclasses included): a vanishing problem's
+    fix is a re-initialisation only then.
     ``zero_gated``: blocks (not rows, nor the model) that hold an all-zero
     gate of their own (:func:`signalprop.probe.pipeline.zero_gates`): an
     exact-0 gradient inside them is by design (see :func:`_zero_fed`).
@@ -716,7 +717,7 @@ def diagnose(layers: list[LayerStats], inp: InputStats | None, bounds: tuple[flo
                 problems += [_attention_problem(out[i]) for i in rows if _attention_saturated(out[i])]
                 rows = [i for i in rows if not _attention_saturated(out[i])]
             groups = _by_role(rows, out, kind) if kind in ("dead", "saturated") else _runs(rows)
-            problems += [_problem(kind, run, ev, out, act, residual) for run in groups]
+            problems += [_problem(kind, run, ev, out, act, residual, initialisable) for run in groups]
     problems.sort(key=lambda p: (SEVERITY.index(p.kind), p.first))
     verdict: Verdict = problems[0].kind if problems else "healthy"
     judged = {"activation": act, "series": tuple(trends), "notes": notes,

@@ -155,17 +155,25 @@ def finalise(rows: list[Row], extra: list[torch.Tensor | Part | float], red: Red
     return out, exv
 
 
+SQRT_TINY = 1.0842e-19  # sqrt(torch.finfo(torch.float32).tiny), rounded down
+
+
 def underflowed(vals: list[dict[str, Any]], floor: float) -> bool:
-    """Whether a row's float32 gradient sum of squares underflowed to 0
-    although its largest entry is at least ``floor`` (entries below ~1e-19,
-    whose squares are below the smallest float): its RMS read 0 where the
-    exact pass, in float64, reads it.  ``floor``: the lower bound of the
+    """Whether a row's float32 gradient sum of squares underflowed -- its
+    largest entry below ``SQRT_TINY``, so every square is subnormal or 0 (a
+    gradient of a loss scaled by 1e-19: its RMS read low, or 0) -- although
+    that entry is at least ``floor``: the exact pass, in float64, reads it
+    (a float64 model's pass is repeated needlessly then, never wrongly).
+    ``floor``: the lower bound of the
     verdict times the output's gradient RMS -- a row whose largest entry is
     below it vanishes whatever its RMS (a deep sigmoid net's first layers),
     and is not worth a second pass; one above it may be healthy (a loss
     scaled by 1e-20, every gradient ~1e-24)."""
     for d in vals:
-        if d.get("grad_rms") == 0.0 and d.get("grad_absmax", 0.0) >= floor and d.get("grad_absmax", 0.0) > 0.0:
+        top = d.get("grad_absmax", 0.0)
+        # below the square root of float32's smallest normal (1.08e-19) every square is subnormal or 0: the sum
+        # loses its digits well before it reads 0 (23x low at a loss scaled by 1e-19)
+        if 0.0 < top < SQRT_TINY and top >= floor:
             return True
     return False
 

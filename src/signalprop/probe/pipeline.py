@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from ..layers import BATCHNORMS, own_parameters
+from ..layers import BATCHNORMS, WEIGHT_LAYERS, own_parameters
 from ..records import InputStats, LayerStats, Report, Summary, evolve
 from ..words import count
 from .causes import explain
@@ -272,7 +272,8 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
     stale = _stale_batchnorm(rec.rows)
     verdict, problems, layers, judged = diagnose(layers, inp, bounds, trend, backward_origin=origin, culprit=culprit,
                                                  residual=merges, zero_gated=zero_gates(model, rec.rows, layers),
-                                                 dead_unjudged_from=stale[0].index if stale else None)
+                                                 dead_unjudged_from=stale[0].index if stale else None,
+                                                 initialisable=initialisable(model))
     if problems:  # the parameters behind a problem, where its mechanism leaves a mark (see .causes)
         problems = explain(problems, layers, rec.rows, model, bounds, dict(zip(params, grads[:n_p])))
     elif silent:  # nothing wrong in the forward, and no backward signal to judge: no verdict, not "healthy"
@@ -330,7 +331,8 @@ def unreached_note(rows: list[Row], start: str) -> str:
     one = len(unreached) == 1
     return (f"{count(len(unreached), 'row')} got no gradient ({', '.join(unreached[:3])}"
             f"{', ...' if len(unreached) > 3 else ''}): {start} does not depend on "
-            f"{'its output' if one else 'their outputs'} (another head, an unused branch), so "
+            f"{'its output' if one else 'their outputs'} (another head -- one another loss or backward trains --, "
+            "an unused branch), so "
             f"{'its gradient is' if one else 'their gradients are'} not judged")
 
 
@@ -346,14 +348,25 @@ def _masked_rows(rows: list[Row], layers: list[LayerStats], ex: list[float], inp
             or any((layer.grad_nonfinite_fraction or 0) > 0 for layer in layers):
         return set()
     for layer in bad:
-        ref = rows[layer.index].output
+        row = rows[layer.index]
+        ref = row.output
         t = ref() if ref is not None else None
         if t is None or t.is_complex():
+            return set()
+        # a row that made -inf out of finite inputs (a float16 overflow) is a failure, not a mask; one that
+        # passes a mask on keeps it (a LogSoftmax of masked logits: its input holds the -inf)
+        if not row.inputs_finite or all(bool(f) for f in row.inputs_finite):
             return set()
         with torch.no_grad():
             if bool((torch.isnan(t) | (t == math.inf)).any()):
                 return set()
     return {layer.index for layer in bad}
+
+
+def initialisable(model: nn.Module) -> bool:
+    """Whether ``model`` has a layer :mod:`signalprop.init` sets (a Linear or
+    a convolution, subclasses included), for which a re-initialisation is a fix."""
+    return any(isinstance(m, WEIGHT_LAYERS) for m in model.modules())
 
 
 def transformed_note(n: int) -> str:
@@ -397,21 +410,23 @@ def frozen_note(rows: list[Row]) -> str:
     word."""
     measured = {id(r.module) for r in rows if r.bwd and r.module is not None}
     besides = [r.name for r in rows if not r.wants_grad and r.module is not None and id(r.module) in measured]
+    said = []
     if besides:  # calls under no_grad of layers that a training call of the same pass also ran (a BYOL target)
-        return (f"{count(len(besides), 'row')} ran without autograd ({', '.join(besides[:3])}"
-                f"{', ...' if len(besides) > 3 else ''}) besides their layers' training calls, whose rows carry "
-                "the gradient; their forward statistics are judged")
-    none = [r for r in rows if not r.wants_grad]
+        said.append(f"{count(len(besides), 'row')} ran without autograd ({', '.join(besides[:3])}"
+                    f"{', ...' if len(besides) > 3 else ''}) besides their layers' training calls, whose rows carry "
+                    "the gradient; their forward statistics are judged")
+    none = [r for r in rows if not r.wants_grad and not (r.module is not None and id(r.module) in measured)]
     frozen = [r.name for r in none if r.module is not None and own_parameters(r.module)]
-    if not frozen:
-        return ""
-    if len(none) == len(rows):
-        return ("no layer of this pass required a gradient (every parameter it used is frozen): only its forward "
-                "statistics are measured and judged")
-    names = [r.name for r in none]
-    return (f"{count(len(names), 'row')} got no gradient ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): "
-            f"nothing in or before them trains (frozen: {', '.join(frozen[:3])}{', ...' if len(frozen) > 3 else ''}), "
-            "so no gradient is computed there; their forward statistics are judged")
+    if frozen and len(none) == len(rows):
+        said.append("no layer of this pass required a gradient (every parameter it used is frozen): only its "
+                    "forward statistics are measured and judged")
+    elif frozen:
+        names = [r.name for r in none]
+        said.append(f"{count(len(names), 'row')} got no gradient ({', '.join(names[:3])}"
+                    f"{', ...' if len(names) > 3 else ''}): nothing in or before them trains (frozen: "
+                    f"{', '.join(frozen[:3])}{', ...' if len(frozen) > 3 else ''}), so no gradient is computed "
+                    "there; their forward statistics are judged")
+    return "; ".join(said)
 
 
 def _stale_batchnorm(rows: list[Row]) -> list[Row]:

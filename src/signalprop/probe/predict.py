@@ -27,11 +27,13 @@ def _as_torch(m: nn.Module | None) -> bool:
     """Whether ``m`` computes what its torch class does, as the theory
     assumes: the class's ``forward`` is torch's own (a subclass's could
     apply a weight multiplier, as equalized learning rates do) and no hook
-    of the user's sits on it (one returning ``out * 5``), signalprop's own
-    recording hooks aside."""
+    of the user's sits on it (a forward hook returning ``out * 5``, a
+    backward hook scaling its gradient), signalprop's own recording hooks
+    aside."""
     if m is None:
         return False
-    if any(not isinstance(h, Hook) for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())):
+    if any(not isinstance(h, Hook) for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())) \
+            or m._backward_hooks or m._backward_pre_hooks:  # (one scaling its gradient: the column's backward)
         return False
     base = next((c for c in type(m).__mro__ if (c.__module__ or "").startswith("torch.nn.modules.")), None)
     return base is not None and getattr(type(m), "forward", None) is getattr(base, "forward", None)

@@ -161,6 +161,7 @@ class Row:
     # Hessian-vector product) or a derivative the loss is built from (a PINN's du/dt, a gradient penalty), whose
     # gradient the loss's backward, arriving later, replaces; either way it fills no .grad the monitor can watch
     through: bool = False
+    bwd_graph: dict[str, Any] = field(default_factory=dict)  # that backward's statistics (see Recorder.batched)
     low: bool = False  # the output was in a low-precision format (float16, bfloat16, FP8)
 
 
@@ -594,18 +595,20 @@ def _grad_hook(row: Row, exact: bool | S.GradBatches, g: torch.Tensor, kernels: 
     output.  ``exact``: True for the exact pass; the pass's
     :class:`~.stats.GradBatches` to copy a small gradient into, to be reduced
     with others (one op here instead of three)."""
-    if g.requires_grad:  # a create_graph backward (see Row.through): recorded, and replaced by a later arrival
+    d = row.bwd
+    if g.requires_grad or torch.is_grad_enabled():  # a create_graph backward (see Row.through): kept aside
         row.through = True
+        d = row.bwd_graph
     # hooks run without grad mode unless the backward builds a graph (create_graph=True)
     prev = torch.is_grad_enabled()
     torch._C._set_grad_enabled(False)
     try:
         if exact is True:
-            row.bwd.update(S.exact_moments(g, "grad", kernels=kernels))
+            d.update(S.exact_moments(g, "grad", kernels=kernels))
         elif exact is not False and S.Batches.fits(g):
-            exact.add(row.bwd, g)
+            exact.add(d, g)
         else:
-            S.grad_moments_into(row.bwd, g, kernels)
+            S.grad_moments_into(d, g, kernels)
     finally:
         torch._C._set_grad_enabled(prev)
 
@@ -1214,7 +1217,9 @@ class Recorder:
         how = self.exact or self._grad_batches or False
         keep: list[tuple[GradientEdge, Row]] = []
         for edge, row, t in zip(self.edges, self._edge_rows, self._edge_tensors):
-            if t._backward_hooks:
+            # (an in-place op after the hook -- ReLU(inplace=True) -- clears t's hooks, not the node's: a
+            # write since the row was recorded counts as a hook)
+            if t._backward_hooks or _version(t) != row.ver:
                 edge.node.register_prehook(functools.partial(_grad_prehook, row, how, edge.output_nr,
                                                              kernels=self._bk))
             else:
@@ -1241,6 +1246,13 @@ class Recorder:
         if self._grad_batches is not None:  # the gradients the backward copied, measured now
             with torch.no_grad():
                 self._grad_batches.flush()
+        # a pass only create_graph backwards reached (the loss's own backward(create_graph=True), for a
+        # Hessian-vector product): their gradients are the pass's; where the loss's backward came after a
+        # derivative's (a PINN's du/dt), a row it did not reach has none
+        if not any(r.bwd for r in self.rows):
+            for r in self.rows:
+                if r.bwd_graph:
+                    r.bwd = r.bwd_graph
         return self._batches.done if self._batches is not None else []
 
     def functional_mode(self) -> _ScopedCapture | None:
