@@ -7,6 +7,7 @@ come from :mod:`signalprop.layers`, the one source init uses too."""
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, cast
 
 import numpy as np
@@ -35,8 +36,24 @@ def _as_torch(m: nn.Module | None) -> bool:
     if any(not isinstance(h, Hook) for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())) \
             or m._backward_hooks or m._backward_pre_hooks:  # (one scaling its gradient: the column's backward)
         return False
-    base = next((c for c in type(m).__mro__ if (c.__module__ or "").startswith("torch.nn.modules.")), None)
-    return base is not None and getattr(type(m), "forward", None) is getattr(base, "forward", None)
+    return _torch_forward(type(m))
+
+
+# by class: (its forward when asked, the answer); weak, so a class made at run time is not kept
+_TORCH_FORWARD: weakref.WeakKeyDictionary[type, tuple[Any, bool]] = weakref.WeakKeyDictionary()
+
+
+def _torch_forward(cls: type) -> bool:
+    """Whether ``cls.forward`` is that of the torch class it derives from
+    (read once per class, again if its forward is replaced)."""
+    fwd = getattr(cls, "forward", None)
+    known = _TORCH_FORWARD.get(cls)
+    if known is not None and known[0] is fwd:
+        return known[1]
+    base = next((c for c in cls.__mro__ if (c.__module__ or "").startswith("torch.nn.modules.")), None)
+    out = base is not None and fwd is getattr(base, "forward", None)
+    _TORCH_FORWARD[cls] = (fwd, out)
+    return out
 
 
 def _identity(r: Row) -> bool:
