@@ -771,3 +771,17 @@ def test_fixes_and_theory_follow_what_layers_are_not_their_names():
     m[2].register_full_backward_pre_hook(lambda mod, go: (go[0] * 1e-6,))
     x = torch.randn(512, 256, generator=torch.Generator().manual_seed(1))
     assert all(layer.predicted_grad_rms is None for layer in sp.check(m, x).layers)
+
+
+def test_check_names_trainable_parameters_its_backward_does_not_reach():
+    """A collapsed router sends every example to expert 0: experts 1-4 get
+    no gradient and would not train, and check said nothing (they are not
+    called, so they have no row).  The note names them, as the monitor's does."""
+    torch.manual_seed(0)
+    m = _OneExpertMoE()
+    r = sp.check(m, torch.randn(64, 16))
+    notes = [n for n in r.summary.notes if "trainable parameters got no gradient" in n]
+    assert len(notes) == 1 and notes[0].startswith("8 trainable parameters got no gradient (experts.1.weight, "
+                                                   "experts.1.bias, experts.2.weight, ...)")
+    assert not any("trainable parameters got no gradient" in n  # the control: every parameter used
+                   for n in sp.check(nn.Sequential(nn.Linear(16, 8), nn.Tanh()), torch.randn(64, 16)).summary.notes)

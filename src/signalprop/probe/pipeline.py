@@ -308,6 +308,9 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
                      "out), so no gradient is judged")
     elif unreached:
         notes.append(unreached)
+    untrained = _untrained_note(model, rec.rows, params, grads[:n_p]) if not silent else ""
+    if untrained:
+        notes.append(untrained)
     if rec.transformed:
         notes.append(transformed_note(rec.transformed))
     summary = Summary(model=type(model).__name__, rows=len(layers), backprop=backprop, output_grad_rms=out_rms,
@@ -367,6 +370,27 @@ def initialisable(model: nn.Module) -> bool:
     """Whether ``model`` has a layer :mod:`signalprop.init` sets (a Linear or
     a convolution, subclasses included), for which a re-initialisation is a fix."""
     return any(isinstance(m, WEIGHT_LAYERS) for m in model.modules())
+
+
+def _untrained_note(model: nn.Module, rows: list[Row], params: list[nn.Parameter],
+                    grads: tuple[torch.Tensor | None, ...]) -> str:
+    """The trainable parameters the pass's backward did not reach while it
+    reached others, or "": experts no example was routed to, a branch cut by
+    a ``detach()``, a module the forward did not call -- they would not
+    train on this batch.  Those of rows the loss does not reach are named by
+    :func:`unreached_note` already."""
+    missing = {id(p) for p, g in zip(params, grads) if g is None}
+    if not missing or len(missing) == len(params):
+        return ""
+    missing -= {id(p) for r in rows if r.wants_grad and not r.bwd and r.module is not None
+                for p in r.module.parameters()}
+    if not missing:
+        return ""
+    names = [n for n, p in model.named_parameters() if id(p) in missing]
+    return (f"{count(len(names), 'trainable parameter')} got no gradient ({', '.join(names[:3])}"
+            f"{', ...' if len(names) > 3 else ''}): the backward does not reach them (an expert no example was "
+            "routed to, a branch cut by a detach(), a module the forward did not call), so they would not train "
+            "on this batch")
 
 
 def transformed_note(n: int) -> str:
