@@ -785,3 +785,100 @@ def test_check_names_trainable_parameters_its_backward_does_not_reach():
                                                    "experts.1.bias, experts.2.weight, ...)")
     assert not any("trainable parameters got no gradient" in n  # the control: every parameter used
                    for n in sp.check(nn.Sequential(nn.Linear(16, 8), nn.Tanh()), torch.randn(64, 16)).summary.notes)
+
+
+class _MaskFill(nn.Module):
+    """A module that fills a mask itself: -inf where ``mask`` is set."""
+
+    def forward(self, x, mask):
+        return torch.where(mask, torch.full_like(x, -math.inf), x)
+
+
+class _MaskedHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = nn.Linear(32, 10)
+        self.fill = _MaskFill()
+        self.ls = nn.LogSoftmax(-1)
+
+    def forward(self, x, mask):
+        return self.ls(self.fill(self.l(x), mask))
+
+
+def test_a_mask_filled_by_a_module_of_its_own_is_a_mask():
+    """(Second review) The float16-overflow rule ("a row that makes -inf from
+    finite inputs is a failure") called a float32 module that fills the mask
+    itself "non-finite".  Only a low-precision row making -inf from finite
+    inputs has overflowed; this one is a mask, as inline masking is."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 32)
+    mask = torch.zeros(64, 10, dtype=torch.bool)
+    mask[:, 5:] = True
+    y = torch.randint(0, 5, (64,))
+    r = sp.check(_MaskedHead(), (x, mask), loss_fn=F.nll_loss, targets=y)
+    assert (r.verdict, r.problems) == ("healthy", ())
+    assert any("-inf entries and nothing worse (fill, ls:" in n for n in r.summary.notes)
+
+
+def test_an_adam_group_added_mid_run_is_filling_at_its_first_step():
+    """(Second review) A body unfrozen at step 20 through add_param_group: its
+    first Adam step moves every entry by the learning rate, and the
+    stateless-group rule made that update-too-large.  A group without state
+    whose parameters have gradients is at its first step: not judged."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    head, body = list(m[4].parameters()), list(m[0].parameters()) + list(m[2].parameters())
+    for p in body:
+        p.requires_grad_(False)
+    opt = torch.optim.Adam(head, lr=1e-2)
+    ratios = {}
+    with sp.monitor(m, every=1, optimizer=opt) as mon:
+        for k in range(26):
+            if k == 20:
+                for p in body:
+                    p.requires_grad_(True)
+                opt.add_param_group({"params": body})
+            g = torch.Generator().manual_seed(k)
+            x = torch.randn(128, 32, generator=g)
+            loss = F.cross_entropy(m(x), x[:, :10].argmax(1))
+            opt.zero_grad()
+            loss.backward()
+            mon.step(loss)
+            opt.step()
+    ratios = {h.step: dict(h.update_ratios) for h in mon.history if h.update_ratios}
+    assert ratios[20]["2"] > 0.1  # the premise: the body's first step is that large
+    assert not [a for a in mon.alerts if a.kind == "update-too-large"]
+
+
+class _TwoStacks(nn.Module):
+    """An encoder and a decoder stack sharing one ReLU module; only the first
+    and last three layers are pushed dead (bias -3 on 56 of 64 units)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(64, 64) for _ in range(14))
+        self.act = nn.ReLU()
+        for k, lin in enumerate(self.layers):
+            nn.init.kaiming_normal_(lin.weight, nonlinearity="relu")
+            nn.init.zeros_(lin.bias)
+            if k < 3 or k >= 11:
+                with torch.no_grad():
+                    lin.bias[:56] = -3.0
+
+    def forward(self, x):
+        for lin in self.layers:
+            x = self.act(lin(x))
+        return x
+
+
+def test_one_activation_shared_by_two_stacks_far_apart_is_two_problems():
+    """(Second review) Grouping a module's calls as one role merged dead calls
+    of an encoder and of a decoder, healthy in between, into one problem.
+    Calls of a role are one problem only when close, or when the calls
+    between hover near the limit too."""
+    torch.manual_seed(0)
+    r = sp.check(_TwoStacks(), torch.randn(256, 64))
+    dead = [p for p in r.problems if p.kind == "dead"]
+    between = [layer.dead_fraction for layer in r.layers if layer.kind == "ReLU"][3:11]
+    assert max(between) < 0.5 and min(between) < 0.25  # the premise: the calls between are healthy
+    assert len(dead) == 2 and dead[0].last < dead[1].first

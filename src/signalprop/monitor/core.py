@@ -1173,7 +1173,8 @@ class Monitor:
         if none and got:
             out.append(f"{count(len(none), 'trainable parameter')} got no gradient in this step "
                        f"({', '.join(none[:3])}{', ...' if len(none) > 3 else ''}): they do not train (a branch the "
-                       "loss does not reach -- a detach(), an expert no example was routed to, an unused head)")
+                       "loss does not reach -- a detach(), an expert no example was routed to, a mask token without "
+                       "a mask, an unused head)")
         return out
 
     def _zeroed(self, k: int) -> str:

@@ -111,7 +111,9 @@ def first_moment_filling(opt: Any, k: int) -> bool:
     not).  The count is the optimizer's own (``state["step"]`` of the
     group's most advanced parameter: a resumed run is past it at once) when
     it is a number or a CPU tensor, else ``k``, the monitor's steps (reading
-    a device tensor would wait for the device)."""
+    a device tensor would wait for the device); a group without state is at
+    its first step where a parameter has a gradient (one added or unfrozen
+    mid-run), and skipped where none has (it takes no step)."""
     for group in opt.param_groups:
         betas = group.get("betas")
         if not isinstance(betas, (tuple, list)) or not betas:
@@ -133,9 +135,10 @@ def first_moment_filling(opt: Any, k: int) -> bool:
             if isinstance(step, (int, float)):
                 done = max(done or 0.0, float(step))
         if done is None and not device:
-            # no state in this group: before the run's first step (the monitor's count says), or a group no
-            # gradient reaches (a frozen backbone in its own group), which takes no step to fill
-            if k > 0:
+            # no state in this group: about to take its first step where a parameter has a gradient (the run's
+            # start, a group added or unfrozen mid-run), else a group no gradient reaches (a frozen backbone in
+            # its own group), which takes no step to fill
+            if not any(p.grad is not None for p in group["params"]):
                 continue
             done = 0.0
         if (k if device else cast(float, done)) + 1 < 1 / (1 - b1):

@@ -449,19 +449,45 @@ def _runs_among(rows: list[int], eligible: list[int], gap: int = 2) -> list[list
 
 def _by_role(rows: list[int], layers: list[LayerStats], kind: str) -> list[list[int]]:
     """Flagged rows of one role (the same module position in repeated blocks:
-    every ReLU of a deep MLP) as one group, however far apart -- a share
-    that hovers about its limit down a deep net (52%, 39%, 53%, ...) is one
-    problem, not one per layer; rows without a role in runs along the rows
-    the share is measured on (:func:`_runs_among`).  In order of their first row."""
+    every ReLU of a deep MLP; a module's calls, ``@k`` stripped) in runs along
+    that role's own rows: two flagged rows are one problem when at most
+    :data:`ROLE_GAP` rows of the role lie between them, or when every row
+    between is at half the limit or more -- a share that hovers about its
+    limit down a deep net (52%, 39%, 53%, ...) is one problem, not one per
+    layer, while an encoder's and a decoder's uses of one activation module,
+    healthy in between, stay two.
+    Rows without a role in runs along the rows the share is measured on
+    (:func:`_runs_among`).  In order of their first row."""
+    def key(layer: LayerStats) -> str:
+        return re.sub(r"@\d+$", "", layer.role or "")  # a module's k-th call is of its role too
+
     by: dict[str, list[int]] = {}
     loose: list[int] = []
     for i in rows:
-        role = re.sub(r"@\d+$", "", layers[i].role or "")  # a module's k-th call is of its role too
+        role = key(layers[i])
         if role:
             by.setdefault(role, []).append(i)
         else:
             loose.append(i)
-    return sorted([*by.values(), *_runs_among(loose, _measured(layers, kind))], key=lambda g: g[0])
+    groups = _runs_among(loose, _measured(layers, kind))
+    attr, limit = ("dead_fraction", DEAD_SHARE) if kind == "dead" else ("saturation", SATURATED_SHARE)
+    for role, flagged in by.items():
+        mine = [layer.index for layer in layers if key(layer) == role]
+        pos = {i: k for k, i in enumerate(mine)}
+        run = [flagged[0]]
+        for i in flagged[1:]:
+            between = [layers[j] for j in mine[pos[run[-1]] + 1:pos[i]]]
+            # close (a few rows of the role apart), or every row between near the limit too (hovering about it)
+            if len(between) <= ROLE_GAP or all((getattr(b, attr) or 0.0) >= limit / 2 for b in between):
+                run.append(i)
+            else:
+                groups.append(run)
+                run = [i]
+        groups.append(run)
+    return sorted(groups, key=lambda g: g[0])
+
+
+ROLE_GAP = 4  # rows of a role between two flagged ones that still make one problem (see _by_role)
 
 
 def _dominant_activation(layers: list[LayerStats]) -> str | None:

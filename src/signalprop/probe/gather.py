@@ -155,15 +155,15 @@ def finalise(rows: list[Row], extra: list[torch.Tensor | Part | float], red: Red
     return out, exv
 
 
-SQRT_TINY = 1.0842e-19  # sqrt(torch.finfo(torch.float32).tiny), rounded down
+RMS_EXACT = 1e-20  # a float32 gradient RMS below it is read again in float64 (see underflowed)
 
 
 def underflowed(vals: list[dict[str, Any]], floor: float) -> bool:
-    """Whether a row's float32 gradient sum of squares underflowed -- its
-    largest entry below ``SQRT_TINY``, so every square is subnormal or 0 (a
-    gradient of a loss scaled by 1e-19: its RMS read low, or 0) -- although
-    that entry is at least ``floor``: the exact pass, in float64, reads it
-    (a float64 model's pass is repeated needlessly then, never wrongly).
+    """Whether a row's float32 gradient sum of squares may have lost its
+    digits to subnormal squares -- its RMS read below ``RMS_EXACT``, or 0
+    (a gradient of a loss scaled by 1e-19) -- although its largest entry is
+    at least ``floor``: the exact pass, in float64, reads it (a float64
+    model's pass is repeated needlessly then, never wrongly).
     ``floor``: the lower bound of the
     verdict times the output's gradient RMS -- a row whose largest entry is
     below it vanishes whatever its RMS (a deep sigmoid net's first layers),
@@ -171,9 +171,10 @@ def underflowed(vals: list[dict[str, Any]], floor: float) -> bool:
     scaled by 1e-20, every gradient ~1e-24)."""
     for d in vals:
         top = d.get("grad_absmax", 0.0)
-        # below the square root of float32's smallest normal (1.08e-19) every square is subnormal or 0: the sum
-        # loses its digits well before it reads 0 (23x low at a loss scaled by 1e-19)
-        if 0.0 < top < SQRT_TINY and top >= floor:
+        # squares near float32's subnormals: each rounds to a multiple of 1.4e-45, so an RMS under RMS_EXACT
+        # (squares under 1e-40) may be off by more than 1e-5 -- 9x low at a loss scaled by 10^-18.72 -- and
+        # one that reads 0 is certainly off
+        if 0.0 < top and top >= floor and d.get("grad_rms", 0.0) < RMS_EXACT:
             return True
     return False
 

@@ -344,8 +344,9 @@ def _masked_rows(rows: list[Row], layers: list[LayerStats], ex: list[float], inp
     (``logits.masked_fill(mask, -inf)`` before a ``LogSoftmax``, which keeps
     them -inf) -- when nothing else is non-finite: the input, the loss, the
     output's gradient, every row's gradient and every parameter gradient
-    finite, and every row's output free of NaN and +inf.  Empty otherwise
-    (then the NaN/Inf is a failure, located as ever)."""
+    finite, and every row's output free of NaN and +inf; and no row in a
+    low-precision format made them from finite inputs (an overflow).  Empty
+    otherwise (then the NaN/Inf is a failure, located as ever)."""
     bad = [layer for layer in layers if layer.nonfinite_fraction > 0]
     if not bad or (inp is not None and inp.nonfinite_fraction > 0) or not all(map(math.isfinite, ex)) \
             or any((layer.grad_nonfinite_fraction or 0) > 0 for layer in layers):
@@ -356,9 +357,12 @@ def _masked_rows(rows: list[Row], layers: list[LayerStats], ex: list[float], inp
         t = ref() if ref is not None else None
         if t is None or t.is_complex():
             return set()
-        # a row that made -inf out of finite inputs (a float16 overflow) is a failure, not a mask; one that
-        # passes a mask on keeps it (a LogSoftmax of masked logits: its input holds the -inf)
-        if not row.inputs_finite or all(bool(f) for f in row.inputs_finite):
+        # a low-precision row that made -inf out of finite inputs overflowed (float16's 65504): a failure, not a
+        # mask -- a float32 one that far out would have overflowed the weights' norms too (checked above);
+        # a row that fills a mask itself (torch.where(mask, x, -inf)) or passes one on (a LogSoftmax of
+        # masked logits) keeps it; called with keyword arguments only, its inputs are not known
+        made = bool(row.inputs_finite) and all(bool(f) for f in row.inputs_finite)
+        if made and row.low:
             return set()
         with torch.no_grad():
             if bool((torch.isnan(t) | (t == math.inf)).any()):
@@ -388,9 +392,9 @@ def _untrained_note(model: nn.Module, rows: list[Row], params: list[nn.Parameter
         return ""
     names = [n for n, p in model.named_parameters() if id(p) in missing]
     return (f"{count(len(names), 'trainable parameter')} got no gradient ({', '.join(names[:3])}"
-            f"{', ...' if len(names) > 3 else ''}): the backward does not reach them (an expert no example was "
-            "routed to, a branch cut by a detach(), a module the forward did not call), so they would not train "
-            "on this batch")
+            f"{', ...' if len(names) > 3 else ''}): the backward does not reach them (a branch this input does not "
+            "take -- an expert no example was routed to, a mask token without a mask --, a branch cut by a "
+            "detach(), a module the forward did not call), so they would not train on this batch")
 
 
 def transformed_note(n: int) -> str:
