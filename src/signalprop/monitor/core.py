@@ -66,9 +66,11 @@ from ..probe.pipeline import (
     check_model,
     frozen_note,
     initialisable,
+    measured_modules,
     run_pass,
     transformed_note,
     unreached_note,
+    untrained_note,
     zero_gates,
 )
 from ..probe.recorder import Hook, Recorder, model_output
@@ -257,7 +259,7 @@ def missing_gradients(rows: list[Any], named: list[tuple[str, nn.Module]] | None
                 "without backward, or an evaluation pass with gradients on and no training pass after it)")
     # a module whose gradient another call of this pass measured is no island: its call under no_grad was
     # besides the training one (a BYOL target computed with the online encoder, a logging probe of a layer)
-    measured = {id(r.module) for r in rows if r.bwd and r.module is not None}
+    measured = measured_modules(rows)
     islands = [(r.name, r.module) for r in rows if not r.wants_grad and r.module is not None
                and id(r.module) not in measured and _trainable_own(r.module)]
     islands += _wrapper_islands(rows, named) if named is not None else []
@@ -661,7 +663,7 @@ class Monitor:
             # a backward with create_graph=True through the pass (a PINN's du/dt, a gradient penalty) makes a
             # derivative the loss is built from: the pass feeds the loss, whose backward comes later, and that
             # derivative's backward fills no .grad (no witness reads it)
-            derivative = any(r.through for r in rec.rows)
+            derivative = any(r.bwd_graph for r in rec.rows)
             fed = derivative or any(r.bwd for r in rec.rows)
             witness = _witness(rec.rows) if fed and not self._last_pass and not derivative else None
             if not fed or self._last_pass or (witness is not None and witness.grad is None):
@@ -1157,10 +1159,6 @@ class Monitor:
         they do not train this step)."""
         trainable = [(n, p) for p, n in self._param_names.items() if p.requires_grad]
         got = [n for n, p in trainable if p.grad is not None]
-        # the parameters of rows the loss does not reach are named by unreached_note already
-        unreached = {id(p) for r in rows if r.wants_grad and not r.bwd and r.module is not None
-                     for p in r.module.parameters()}  # (a fused or scripted row's children's too)
-        none = [n for n, p in trainable if p.grad is None and id(p) not in unreached]
         out = []
         frozen = frozen_note(rows)
         if frozen and not any(r.wants_grad for r in rows) and got:
@@ -1170,11 +1168,9 @@ class Monitor:
                       "measured layer by layer")
         if frozen:
             out.append(frozen)
-        if none and got:
-            out.append(f"{count(len(none), 'trainable parameter')} got no gradient in this step "
-                       f"({', '.join(none[:3])}{', ...' if len(none) > 3 else ''}): they do not train (a branch the "
-                       "loss does not reach -- a detach(), an expert no example was routed to, a mask token without "
-                       "a mask, an unused head)")
+        untrained = untrained_note(trainable, {id(p) for _, p in trainable if p.grad is None}, rows, " in this step")
+        if untrained:
+            out.append(untrained)
         return out
 
     def _zeroed(self, k: int) -> str:

@@ -59,13 +59,21 @@ def _g(layer: LayerStats) -> float | None:
     return g if g is not None and not math.isnan(g) else None
 
 
-def _call_of(layer: LayerStats) -> int:
-    """Which call of its module the row is, from 1 (a module called several
-    times in one forward -- a cell unrolled over time, a shared block --
-    has one row per call, the k-th's role ending in ``@k-1``)."""
+_CALL = re.compile(r"@(\d+)$")  # a role's call suffix (see _role_call)
+
+
+def _role_call(layer: LayerStats) -> tuple[str, int]:
+    """The row's role without its call suffix, and which call of its module
+    the row is, from 1 (a module called several times in one forward -- a
+    cell unrolled over time, a shared block -- has one row per call, the
+    k-th's role ending in ``@k-1``)."""
     role = layer.role or ""
-    tail = role.rsplit("@", 1)[1] if "@" in role else ""
-    return int(tail) + 1 if tail.isdigit() else 1
+    m = _CALL.search(role)
+    return (role[:m.start()], int(m.group(1)) + 1) if m else (role, 1)
+
+
+def _call_of(layer: LayerStats) -> int:
+    return _role_call(layer)[1]
 
 
 def _label(layer: LayerStats) -> str:
@@ -458,13 +466,10 @@ def _by_role(rows: list[int], layers: list[LayerStats], kind: str) -> list[list[
     healthy in between, stay two.
     Rows without a role in runs along the rows the share is measured on
     (:func:`_runs_among`).  In order of their first row."""
-    def key(layer: LayerStats) -> str:
-        return re.sub(r"@\d+$", "", layer.role or "")  # a module's k-th call is of its role too
-
     by: dict[str, list[int]] = {}
     loose: list[int] = []
     for i in rows:
-        role = key(layers[i])
+        role = _role_call(layers[i])[0]  # a module's k-th call is of its role too
         if role:
             by.setdefault(role, []).append(i)
         else:
@@ -472,7 +477,7 @@ def _by_role(rows: list[int], layers: list[LayerStats], kind: str) -> list[list[
     groups = _runs_among(loose, _measured(layers, kind))
     attr, limit = ("dead_fraction", DEAD_SHARE) if kind == "dead" else ("saturation", SATURATED_SHARE)
     for role, flagged in by.items():
-        mine = [layer.index for layer in layers if key(layer) == role]
+        mine = [layer.index for layer in layers if _role_call(layer)[0] == role]
         pos = {i: k for k, i in enumerate(mine)}
         run = [flagged[0]]
         for i in flagged[1:]:

@@ -30,7 +30,7 @@ from .norms import ParamNorms
 from .predict import predictions
 from .recorder import Recorder, Row, model_output
 from .rows import layer_stats
-from .stats import Part, acc
+from .stats import Part, acc, exact_acc
 
 
 def check_model(model: Any, fn: str) -> None:
@@ -126,11 +126,6 @@ def _forward(model: nn.Module, x: Any, inputs: Any, rec: Recorder) -> Any:
 CAPTURE_BYTES = 1 << 22
 
 
-def _exact_acc(t: torch.Tensor) -> torch.dtype:
-    """The exact pass's accumulation dtype (see :func:`.stats.exact_moments`): float64, complex128 for a complex tensor."""
-    return torch.complex128 if t.is_complex() else torch.float64
-
-
 def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: tuple[float, float],
          trend: float, exact: bool, red: Reduction | None = None, caller: nn.Module | None = None,
          known: tuple[list[nn.Parameter], list[tuple[str, nn.Module]]] | None = None,
@@ -215,7 +210,7 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
     out_grad = cot if cot is not None else (grads[-1] if len(grads) > n_p + n_l else None)
     with torch.no_grad():
         extra: list[torch.Tensor | Part | float] = [*pnorms.scalars, *_input_scalars(read, input_grads, exact),
-            torch.linalg.vector_norm(out_grad, dtype=_exact_acc(out_grad) if exact else acc(out_grad))
+            torch.linalg.vector_norm(out_grad, dtype=exact_acc(out_grad) if exact else acc(out_grad))
             if out_grad is not None else 0.0,
             root.float().sum() if loss_fn is not None else 0.0,
             float(out_grad.numel()) if out_grad is not None else 0.0]
@@ -228,7 +223,7 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
         # "vanishing"; an overflow sends the pass to the exact one): the norm every row is judged against,
         # again in float64, as the exact pass reads it
         with torch.no_grad():
-            ex[-3] = float(torch.linalg.vector_norm(out_grad, dtype=_exact_acc(out_grad)))
+            ex[-3] = float(torch.linalg.vector_norm(out_grad, dtype=exact_acc(out_grad)))
     if not exact and underflowed(vals, bounds[0] * ex[-3] / math.sqrt(max(ex[-1], 1.0))):
         return None
     k = len(pnorms.scalars)
@@ -308,7 +303,9 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
                      "out), so no gradient is judged")
     elif unreached:
         notes.append(unreached)
-    untrained = _untrained_note(model, rec.rows, params, grads[:n_p]) if not silent else ""
+    untrained = "" if silent else untrained_note(
+        [(n, p) for n, p in model.named_parameters() if p.requires_grad],
+        {id(p) for p, g in zip(params, grads[:n_p]) if g is None}, rec.rows)
     if untrained:
         notes.append(untrained)
     if rec.transformed:
@@ -376,25 +373,30 @@ def initialisable(model: nn.Module) -> bool:
     return any(isinstance(m, WEIGHT_LAYERS) for m in model.modules())
 
 
-def _untrained_note(model: nn.Module, rows: list[Row], params: list[nn.Parameter],
-                    grads: tuple[torch.Tensor | None, ...]) -> str:
-    """The trainable parameters the pass's backward did not reach while it
-    reached others, or "": experts no example was routed to, a branch cut by
-    a ``detach()``, a module the forward did not call -- they would not
-    train on this batch.  Those of rows the loss does not reach are named by
-    :func:`unreached_note` already."""
-    missing = {id(p) for p, g in zip(params, grads) if g is None}
-    if not missing or len(missing) == len(params):
+def untrained_note(named: list[tuple[str, nn.Parameter]], missing: set[int], rows: list[Row], when: str = "") -> str:
+    """The trainable parameters (``named``) the backward did not reach while
+    it reached others (``missing``: their ids), or "": experts no example was
+    routed to, a branch cut by a ``detach()``, a mask token without a mask, a
+    module the forward did not call -- they do not train on this batch.
+    Those of rows the loss does not reach are named by :func:`unreached_note`
+    already.  ``when``: said after "got no gradient" (the monitor's " in this
+    step")."""
+    if not missing or len(missing) == len(named):
         return ""
-    missing -= {id(p) for r in rows if r.wants_grad and not r.bwd and r.module is not None
-                for p in r.module.parameters()}
-    if not missing:
+    missing = missing - {id(p) for r in rows if r.wants_grad and not r.bwd and r.module is not None
+                         for p in r.module.parameters()}  # (a fused or scripted row's children's too)
+    names = [n for n, p in named if id(p) in missing]
+    if not names:
         return ""
-    names = [n for n, p in model.named_parameters() if id(p) in missing]
-    return (f"{count(len(names), 'trainable parameter')} got no gradient ({', '.join(names[:3])}"
+    return (f"{count(len(names), 'trainable parameter')} got no gradient{when} ({', '.join(names[:3])}"
             f"{', ...' if len(names) > 3 else ''}): the backward does not reach them (a branch this input does not "
             "take -- an expert no example was routed to, a mask token without a mask --, a branch cut by a "
             "detach(), a module the forward did not call), so they would not train on this batch")
+
+
+def measured_modules(rows: list[Row]) -> set[int]:
+    """The ids of the modules whose gradient some row of the pass measured."""
+    return {id(r.module) for r in rows if r.bwd and r.module is not None}
 
 
 def transformed_note(n: int) -> str:
@@ -436,7 +438,7 @@ def frozen_note(rows: list[Row]) -> str:
     backbone under a trained head), whose outputs required no gradient.
     Rows without parameters alone (a ``Flatten`` on the input) need no
     word."""
-    measured = {id(r.module) for r in rows if r.bwd and r.module is not None}
+    measured = measured_modules(rows)
     besides = [r.name for r in rows if not r.wants_grad and r.module is not None and id(r.module) in measured]
     said = []
     if besides:  # calls under no_grad of layers that a training call of the same pass also ran (a BYOL target)

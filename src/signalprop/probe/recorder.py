@@ -157,11 +157,11 @@ class Row:
     ver: int = -1  # the output's version counter when the call returned (see Recorder._read)
     in_shape: tuple[int, ...] | None = None  # the first floating input's shape (a convolution's borders: predict)
     wants_grad: bool = False  # the output required grad when the call ran (a gradient hook is on it)
-    # a backward with create_graph=True passed through: the loss's own (backward(create_graph=True), for a
-    # Hessian-vector product) or a derivative the loss is built from (a PINN's du/dt, a gradient penalty), whose
-    # gradient the loss's backward, arriving later, replaces; either way it fills no .grad the monitor can watch
-    through: bool = False
-    bwd_graph: dict[str, Any] = field(default_factory=dict)  # that backward's statistics (see Recorder.batched)
+    # the statistics of a backward with create_graph=True that passed through, kept aside from ``bwd``: the
+    # loss's own (backward(create_graph=True), for a Hessian-vector product) or a derivative the loss is built
+    # from (a PINN's du/dt, a gradient penalty); either way it fills no .grad the monitor can watch, and only a
+    # pass no other backward reached takes them (see Recorder.batched)
+    bwd_graph: dict[str, Any] = field(default_factory=dict)
     low: bool = False  # the output was in a low-precision format (float16, bfloat16, FP8)
 
 
@@ -595,10 +595,8 @@ def _grad_hook(row: Row, exact: bool | S.GradBatches, g: torch.Tensor, kernels: 
     output.  ``exact``: True for the exact pass; the pass's
     :class:`~.stats.GradBatches` to copy a small gradient into, to be reduced
     with others (one op here instead of three)."""
-    d = row.bwd
-    if g.requires_grad or torch.is_grad_enabled():  # a create_graph backward (see Row.through): kept aside
-        row.through = True
-        d = row.bwd_graph
+    # a create_graph backward (see Row.bwd_graph): kept aside
+    d = row.bwd_graph if g.requires_grad or torch.is_grad_enabled() else row.bwd
     # hooks run without grad mode unless the backward builds a graph (create_graph=True)
     prev = torch.is_grad_enabled()
     torch._C._set_grad_enabled(False)

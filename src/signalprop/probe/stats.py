@@ -43,6 +43,11 @@ def acc(t: torch.Tensor) -> torch.dtype:
     return _COMPLEX_ACC.get(t.dtype, torch.float32)
 
 
+def exact_acc(t: torch.Tensor) -> torch.dtype:
+    """The exact pass's dtype (:func:`exact_moments`): float64, complex128 for a complex tensor."""
+    return torch.complex128 if t.is_complex() else torch.float64
+
+
 def dottable(t: torch.Tensor) -> bool:
     """A contiguous float32/float64 tensor on the CPU, whose sum of squares is
     one BLAS dot product (2-2.5x faster there than ``vector_norm``'s
@@ -138,7 +143,7 @@ def exact_moments(t: torch.Tensor, prefix: str, bounded: bool = False,
     non-finite share: the slow path, run only when a pass met NaN/Inf (or a
     float32 overflow of the fast norm); a complex tensor in complex128, its
     sum kept as its modulus (see :func:`forward_moments_into`)."""
-    x = t.detach().to(torch.complex128) if t.is_complex() else t.detach().double()
+    x = t.detach().to(exact_acc(t))
     finite = torch.isfinite(x)
     xf = torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device))
     out: dict[str, torch.Tensor | float] = {f"{prefix}_norm": torch.linalg.vector_norm(xf),
