@@ -111,7 +111,8 @@ def grad_interval(every: int) -> int:
 class _Call:
     """One forward call of the root module during the current step."""
 
-    __slots__ = ("args", "rng", "cuda_rng", "autocast", "out_norm", "out_numel", "extra_rng", "out_absmax")
+    __slots__ = ("args", "rng", "cuda_rng", "autocast", "out_norm", "out_numel", "extra_rng", "out_absmax",
+                 "sampled", "out_graph")
 
     def __init__(self, args: CallArgs, rng: torch.Tensor, cuda_rng: list[tuple[int, torch.Tensor]],
                  autocast: list[tuple[str, torch.dtype]]) -> None:
@@ -123,6 +124,8 @@ class _Call:
         self.out_numel = 0
         self.out_absmax: torch.Tensor | None = None  # a low-precision output's largest |entry|, read every step
         self.extra_rng: dict[str, Any] | None = None  # Python's and NumPy's, when dumping (monitor.dump)
+        self.sampled = False  # the call the step's sample measured (its output's gradient is the sample's)
+        self.out_graph = False  # out_norm came from a backward with create_graph=True
 
 
 _CALL_IMPL = nn.Module._call_impl.__code__
@@ -151,6 +154,19 @@ def _still_running(frames: list[Any]) -> int:
         on.add(id(f))
         f = f.f_back
     return next((i for i, fr in enumerate(frames) if fr is not None and id(fr) not in on), len(frames))
+
+
+def _in_transform() -> bool:
+    """Whether this runs inside a ``torch.func`` transform (vmap, grad, jacrev): a call there is a
+    transform's view of the model (a Jacobian penalty), neither the step's training forward nor replayable."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _grads_have_graph(params: Any) -> bool:
+    """Whether the first parameter with a ``.grad`` has one that requires grad: the loss's own
+    ``backward(create_graph=True)`` filled it (see :func:`signalprop.probe.recorder._grad_built_graph`)."""
+    g = next((p.grad for p in params if p.grad is not None), None)
+    return g is not None and g.requires_grad
 
 
 def _witness(rows: list[Any]) -> nn.Parameter | None:
@@ -595,6 +611,8 @@ class Monitor:
             self._rec.running = self._forward_alive
             self._rec.attach()
             self._recording = True
+            for c in self._calls:  # measured anew from the next call (see _root_pre_guarded)
+                c.sampled = False
             # the root's post-hook after the recorder's: a bare module is itself a row, and the recorder
             # must measure its output before the monitor detaches it (hooks run in the order registered)
             self._handles[1].remove()
@@ -658,6 +676,11 @@ class Monitor:
                 self._rec.entered(self.model, args)
 
     def _root_pre_guarded(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if _in_transform():
+            # the model inside torch.func (a Jacobian penalty after the training forward): a transform's view,
+            # which no statistic reads and no replay can repeat -- neither sampled instead nor kept as a call
+            # (where every call of a step is one, the recorder armed for it counts them: see _close_step)
+            return
         rec = self._rec
         if rec is not None and not self._recording and rec.rows and torch.is_grad_enabled():
             # a backward with create_graph=True through the pass (a PINN's du/dt, a gradient penalty) makes a
@@ -695,6 +718,7 @@ class Monitor:
         self._calls.append(_Call(CallArgs(tuple(args), dict(kwargs)), torch.get_rng_state(),
                                  [(d, torch.cuda.get_rng_state(d)) for d in self._cuda_devices],
                                  _autocast_state()))
+        self._calls[-1].sampled = self._recording
         if self._dump_dir is not None and not self._dumped:
             from .dump import extra_rng_state
 
@@ -749,7 +773,7 @@ class Monitor:
             self._recording = False
             y = logits_of(out)
             self._logits = output_logit_sums(y) if y is not None else None
-        if not self._calls:
+        if not self._calls or _in_transform():  # (a call inside torch.func: see _root_pre_guarded)
             return
         call = self._calls[-1]
         y = model_output(out)  # the logits, not the loss a model called with labels= returns first
@@ -758,11 +782,16 @@ class Monitor:
                 call.out_absmax = torch.linalg.vector_norm(y.detach(), float("inf")).float()
         if y is not None and y.requires_grad and call.out_norm is None:
             call.out_numel = y.numel()
+            mon = weakref.ref(self)  # (the graph a kept loss holds does not hold the monitor)
 
             def hook(g: torch.Tensor, call: _Call = call) -> None:
+                graph = g.requires_grad or torch.is_grad_enabled()
+                if call.out_graph and not graph and (m := mon()) is not None and _grads_have_graph(m._param_names):
+                    return  # the loss's backward(create_graph=True) came first; this one runs through its gradients
                 with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
                     call.out_norm = torch.linalg.vector_norm(g, dtype=torch.float32 if g.dtype in (
                         torch.float16, torch.bfloat16) else g.dtype)
+                call.out_graph = graph
 
             y.register_hook(hook)
 
@@ -866,7 +895,9 @@ class Monitor:
         with torch.no_grad():
             grads = [cast(torch.Tensor, p.grad) for p in params]  # sparse ones: norms() reads their values
             gnorms = norms(grads) if params else []
-            outs = [c for c in self._calls if c.out_norm is not None][:1]
+            # the output gradient of the call the sample measured (a penalty's forward may come first)
+            outs = ([c for c in self._calls if c.sampled and c.out_norm is not None][:1] if sampled else []) or \
+                [c for c in self._calls if c.out_norm is not None][:1]
             extra: list[torch.Tensor | Part | float] = [*gnorms, *([loss_t] if loss_t is not None else []),
                                                  *[x for c in outs for x in (cast(torch.Tensor, c.out_norm),
                                                                              float(c.out_numel))]]

@@ -162,6 +162,10 @@ class Row:
     # from (a PINN's du/dt, a gradient penalty); either way it fills no .grad the monitor can watch, and only a
     # pass no other backward reached takes them (see Recorder.batched)
     bwd_graph: dict[str, Any] = field(default_factory=dict)
+    # a backward without create_graph reached the row after one with it (``bwd_graph`` filled): 1; 2 when the
+    # module's parameters' .grad then held a graph -- the create_graph backward was the loss's own
+    # (``backward(create_graph=True)``) and this one runs through its gradients (a Hessian-vector product)
+    after_graph: int = 0
     low: bool = False  # the output was in a low-precision format (float16, bfloat16, FP8)
 
 
@@ -596,7 +600,12 @@ def _grad_hook(row: Row, exact: bool | S.GradBatches, g: torch.Tensor, kernels: 
     :class:`~.stats.GradBatches` to copy a small gradient into, to be reduced
     with others (one op here instead of three)."""
     # a create_graph backward (see Row.bwd_graph): kept aside
-    d = row.bwd_graph if g.requires_grad or torch.is_grad_enabled() else row.bwd
+    if g.requires_grad or torch.is_grad_enabled():
+        d = row.bwd_graph
+    else:
+        d = row.bwd
+        if row.bwd_graph and not row.after_graph:  # (create_graph runs only: see Row.after_graph)
+            row.after_graph = 2 if _grad_built_graph(row.module) else 1
     # hooks run without grad mode unless the backward builds a graph (create_graph=True)
     prev = torch.is_grad_enabled()
     torch._C._set_grad_enabled(False)
@@ -609,6 +618,17 @@ def _grad_hook(row: Row, exact: bool | S.GradBatches, g: torch.Tensor, kernels: 
             S.grad_moments_into(d, g, kernels)
     finally:
         torch._C._set_grad_enabled(prev)
+
+
+def _grad_built_graph(module: nn.Module | None) -> bool:
+    """Whether a trainable leaf parameter of ``module`` has a ``.grad`` that
+    requires grad: a ``backward(create_graph=True)`` filled it (the loss's
+    own backward, before a Hessian-vector product) -- a ``torch.autograd.grad``
+    (a PINN's du/dt, a gradient penalty) fills no ``.grad``."""
+    if module is None:
+        return False
+    return any(p is not None and p.is_leaf and p.grad is not None and p.grad.requires_grad
+               for p in module._parameters.values())
 
 
 def _grad_prehook(row: Row, exact: bool | S.GradBatches, nr: int, grads: tuple[torch.Tensor | None, ...],
@@ -1246,8 +1266,13 @@ class Recorder:
                 self._grad_batches.flush()
         # a pass only create_graph backwards reached (the loss's own backward(create_graph=True), for a
         # Hessian-vector product): their gradients are the pass's; where the loss's backward came after a
-        # derivative's (a PINN's du/dt), a row it did not reach has none
-        if not any(r.bwd for r in self.rows):
+        # derivative's (a PINN's du/dt), a row it did not reach has none; where the loss's own
+        # backward(create_graph=True) came first (its gradients in .grad with a graph) and a backward through
+        # those gradients followed (the Hessian-vector product's, which fills no .grad), the loss's are the pass's
+        if any(r.after_graph == 2 for r in self.rows):
+            for r in self.rows:
+                r.bwd = r.bwd_graph
+        elif not any(r.bwd for r in self.rows):
             for r in self.rows:
                 if r.bwd_graph:
                     r.bwd = r.bwd_graph
