@@ -3,10 +3,14 @@
 forward, a Jacobian penalty through ``torch.func`` after it.  The sample
 must be of the loss's forward and backward: its rows, its output gradient,
 its verdict.  Oracle: the gradient at the model's output from autograd.
-Each test fails on the code before its fix (session 24)."""
+Also what an outside test of such loops found: a replay that advanced the
+forward's own generators, two backwards through one forward, a user's hook
+on the output.  Each test fails on the code before its fix (session 24)."""
 
+import random
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -126,3 +130,116 @@ def test_a_jacobian_penalty_through_torch_func_after_the_forward_keeps_the_sampl
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), plain_model.state_dict().values()))
     assert [(h.step, h.verdict) for h in mon.history] == [(0, "healthy"), (5, "healthy")]
     assert [r.shape for r in mon.history[0].layers] == [(32, 64), (32, 64), (32, 64), (32, 64), (32, 1)]
+
+
+class _Noisy(nn.Module):
+    """Draws from a generator of its own, Python's and NumPy's global ones (noise injection, a LayerDrop coin)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(8, 32), nn.Linear(32, 3)
+        self.gen = torch.Generator().manual_seed(123)
+        self.rng = np.random.default_rng(7)
+
+    def forward(self, x):
+        h = torch.tanh(self.l1(x)) + 0.1 * torch.randn(32, 32, generator=self.gen)
+        h = h * (0.5 + random.random()) * float(0.5 + np.random.rand()) * float(0.5 + self.rng.random())
+        return self.l2(h)
+
+
+def _noisy_run(monitored: bool) -> tuple[list[float], dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    model = _Noisy()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = sp.monitor(model, every=100) if monitored else None
+    losses = []
+    for k in range(6):
+        g = torch.Generator().manual_seed(k)
+        x, y = torch.randn(32, 8, generator=g), torch.randint(0, 3, (32,), generator=g)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        if k == 2:
+            loss = loss * float("nan")  # one bad step, which the loop's own guard skips
+        opt.zero_grad()
+        loss.backward()
+        if mon is not None:
+            mon.step(loss)
+        if torch.isfinite(loss):
+            opt.step()
+        losses.append(loss.item())
+    if mon is not None:
+        assert any(a.kind == "non-finite" for a in mon.alerts)  # the replay ran
+        mon.close()
+    return losses, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_the_nonfinite_replay_puts_back_every_generator_the_forward_draws_from():
+    """The replay of a non-finite step runs the forward again: it put back
+    torch's global generators only, so a forward that draws from a
+    generator of its own (torch's or NumPy's), Python's ``random`` or NumPy's trained differently
+    after a NaN step the loop skipped (losses 1.1513 -> 1.1602)."""
+    plain_losses, plain_state = _noisy_run(False)
+    losses, state = _noisy_run(True)
+    assert [round(v, 12) for v in losses if v == v] == [round(v, 12) for v in plain_losses if v == v]
+    assert all(torch.equal(state[k], plain_state[k]) for k in plain_state)
+
+
+def test_check_puts_back_python_numpy_and_a_modules_own_generators():
+    model, x = _Noisy(), torch.randn(32, 8)
+    random.seed(1)
+    np.random.seed(1)
+    before = (random.getstate(), np.random.get_state()[1].copy(), model.gen.get_state(), model.rng.bit_generator.state)
+    sp.check(model, x)
+    assert random.getstate() == before[0]
+    assert np.array_equal(np.random.get_state()[1], before[1])
+    assert torch.equal(model.gen.get_state(), before[2])
+    assert model.rng.bit_generator.state == before[3]
+
+
+def test_two_backwards_through_the_sampled_forward_are_said_not_judged():
+    """``l1.backward(retain_graph=True); l2.backward()``: each row's
+    statistics were the last backward's gradient alone (7.9x below the sum
+    that .grad holds), judged "healthy".  The sample is ``incomplete``, with
+    the reason; one backward of the sum is measured as before."""
+    for two in (True, False):
+        model, (x, y) = _net(), _data()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        with sp.monitor(model, every=5, optimizer=opt) as mon:
+            for _ in range(6):
+                opt.zero_grad()
+                out = model(x)
+                l1, l2 = ((out - y) ** 2).mean(), 0.5 * out.pow(2).mean()
+                if two:
+                    l1.backward(retain_graph=True)
+                    l2.backward()
+                else:
+                    (l1 + l2).backward()
+                mon.step(l1 + l2)
+                opt.step()
+        first = mon.history[0]
+        if two:
+            assert first.verdict == "incomplete" and "2 backward passes" in first.incomplete
+        else:
+            assert first.verdict == "healthy" and first.incomplete == ""
+        assert mon.alerts == []
+
+
+def test_the_output_gradient_is_read_after_a_users_hook_on_the_output():
+    """A tensor hook of the user's on the model's output (``out.register_hook(lambda g: g * 10)``):
+    the rows read the gradient after it, the output gradient was read before it -- the last row's
+    relative gradient 10 for the same tensor.  Both after it now."""
+    model, (x, y) = _net(), _data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with sp.monitor(model, every=5, optimizer=opt) as mon:
+        for _ in range(2):
+            opt.zero_grad()
+            out = model(x)
+            out.register_hook(lambda g: g * 10)
+            loss = ((out - y) ** 2).mean()
+            loss.backward()
+            mon.step(loss)
+            opt.step()
+    first = mon.history[0]
+    assert first.output_grad_rms == pytest.approx(10 * _output_grad_rms(_net(), x, y), rel=1e-5)
+    assert first.layers[-1].relative_grad_rms == pytest.approx(1.0, rel=1e-6)

@@ -559,8 +559,11 @@ class LogitStats:
 @dataclass(frozen=True)
 class MonitorStep:
     """One sampled training step: the same per-layer statistics as
-    :func:`signalprop.check` (forward and backward of the step's first
-    forward pass; parameter-gradient RMS of the accumulated ``.grad``), its
+    :func:`signalprop.check` (forward and backward of the forward pass that
+    fed the step's first backward -- the last of several that fed it, as two
+    views through one encoder do; a later forward where the gradients were
+    zeroed in between, as in SAM's second pass; parameter-gradient RMS of the accumulated
+    ``.grad``), its
     verdict and problems, the loss and the global gradient norm.
     ``update_ratios``: per module with parameters, ||w after - w before|| /
     ||w before|| of the optimizer step that followed (filled in at the next

@@ -10,7 +10,11 @@ What runs when:
   and dtype) and the gradient norm at the output in **one** host transfer.
   That is the non-finite watch and the loss/gradient-norm series.
 * **Sampled steps** (``every``): check's :class:`~signalprop.probe.recorder.Recorder`
-  is attached before the step's first forward and removed after it, so the
+  is attached before the step's first forward and removed after it (and
+  attached again for the next forward while the recorded one has fed no
+  backward: the sample is of the last forward before the step's first
+  backward, or of a later forward where the gradients were zeroed in
+  between, as in SAM's second pass), so the
   forward and backward of that pass are measured layer by layer exactly as
   :func:`signalprop.check` measures them (same statistics, same verdict
   rules), with the real loss's gradient.  Between samples no module hook
@@ -292,6 +296,23 @@ def missing_gradients(rows: list[Any], named: list[tuple[str, nn.Module]] | None
     return (f"{len(names)} trainable layer(s) ran without autograd inside the forward ({said}), so their gradients "
             "cannot be measured: reentrant activation checkpointing (use torch.utils.checkpoint.checkpoint(..., "
             "use_reentrant=False)) or torch.no_grad() inside forward")
+
+
+def repeated_backwards(rows: list[Any]) -> str:
+    """Why a sample has no verdict when several backwards ran through its
+    forward (``loss1.backward(retain_graph=True); loss2.backward()``): each
+    row's statistics are of the last backward's gradient, while ``.grad``
+    and the optimizer hold their sum, whose RMS no single backward's gives;
+    "" otherwise.  (A backward through the loss's own gradients -- a
+    Hessian-vector product -- is told apart: see ``Row.after_graph``.)"""
+    if any(r.after_graph == 2 for r in rows):
+        return ""
+    n = max((r.bwd_calls for r in rows), default=0)
+    if n < 2:
+        return ""
+    return (f"{n} backward passes ran through the sampled forward (backward(retain_graph=True) on several losses): "
+            "each layer's gradient statistics would be the last backward's alone, while .grad and the optimizer "
+            "hold their sum -- backpropagate the losses' sum once to have the step measured")
 
 
 def check_options(every: int = 50, *, writer: Any = None, agc: float | None = None,
@@ -784,16 +805,25 @@ class Monitor:
             call.out_numel = y.numel()
             mon = weakref.ref(self)  # (the graph a kept loss holds does not hold the monitor)
 
-            def hook(g: torch.Tensor, call: _Call = call) -> None:
+            def hook(g: torch.Tensor | None, call: _Call = call) -> None:
+                if g is None:
+                    return
                 graph = g.requires_grad or torch.is_grad_enabled()
-                if call.out_graph and not graph and (m := mon()) is not None and _grads_have_graph(m._param_names):
-                    return  # the loss's backward(create_graph=True) came first; this one runs through its gradients
-                with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
-                    call.out_norm = torch.linalg.vector_norm(g, dtype=torch.float32 if g.dtype in (
-                        torch.float16, torch.bfloat16) else g.dtype)
-                call.out_graph = graph
+                try:  # inside the training's backward: a failure here is a missing value, never the step's
+                    if call.out_graph and not graph and (m := mon()) is not None and _grads_have_graph(m._param_names):
+                        return  # the loss's backward(create_graph=True) came first; this one runs through its gradients
+                    with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
+                        call.out_norm = torch.linalg.vector_norm(g, dtype=torch.float32 if g.dtype in (
+                            torch.float16, torch.bfloat16) else g.dtype)
+                    call.out_graph = graph
+                except Exception:
+                    call.out_norm = None
 
-            y.register_hook(hook)
+            fn = y.grad_fn
+            if fn is not None:  # a pre-hook of the node that made y: after any tensor hook on y, as the rows'
+                fn.register_prehook(lambda grads, nr=y.output_nr: hook(grads[nr]))
+            else:
+                y.register_hook(hook)
 
     # -- the step --------------------------------------------------------------
     def step(self, loss: Any = None, *, targets: Any = None) -> list[Alert]:
@@ -1163,7 +1193,7 @@ class Monitor:
         if not out_rms:  # no root output to compare with (submodules called directly): the last row with a gradient
             out_rms = next((v["grad_rms"] for v in reversed(vals) if v.get("grad_rms")), None)
         layers = layer_stats(rows, vals, pgrads, out_rms or 1.0)
-        why = why or missing_gradients(rows, list(self.model.named_modules()))
+        why = why or missing_gradients(rows, list(self.model.named_modules())) or repeated_backwards(rows)
         if not why and not any(layer.grad_rms for layer in layers) \
                 and any(layer.grad_rms is not None for layer in layers):
             why = ("every gradient of the sampled pass is exactly 0, at the model's output too: there is no backward "

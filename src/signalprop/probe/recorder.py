@@ -166,6 +166,9 @@ class Row:
     # module's parameters' .grad then held a graph -- the create_graph backward was the loss's own
     # (``backward(create_graph=True)``) and this one runs through its gradients (a Hessian-vector product)
     after_graph: int = 0
+    # backwards without create_graph that reached the row: more than 1 where the loop called backward() on
+    # several losses of one forward (retain_graph=True) -- .grad holds their sum, ``bwd`` the last one's
+    bwd_calls: int = 0
     low: bool = False  # the output was in a low-precision format (float16, bfloat16, FP8)
 
 
@@ -604,6 +607,7 @@ def _grad_hook(row: Row, exact: bool | S.GradBatches, g: torch.Tensor, kernels: 
         d = row.bwd_graph
     else:
         d = row.bwd
+        row.bwd_calls += 1
         if row.bwd_graph and not row.after_graph:  # (create_graph runs only: see Row.after_graph)
             row.after_graph = 2 if _grad_built_graph(row.module) else 1
     # hooks run without grad mode unless the backward builds a graph (create_graph=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import operator
+import random
+import sys
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,7 +31,9 @@ def preserved(model: nn.Module, modules: list[nn.Module] | None = None, python_s
     Buffers' values are copied and put back (BatchNorm running statistics
     change in train mode), and so are the ``.grad`` references,
     ``requires_grad`` flags, each module's ``training`` flag, the global RNG
-    states (dropout draws from them) and which tensor each module holds
+    states (dropout draws from them; Python's and NumPy's too, and those of
+    the ``torch.Generator`` and ``numpy.random.Generator`` objects among the
+    attributes of modules of classes defined outside ``torch.nn``) and which tensor each module holds
     under each parameter and buffer name: a forward that reassigns a buffer
     (``self.steps = self.steps + 1``, an EMA) or registers a new one (HF's
     dynamic RoPE recomputes ``inv_freq`` for a longer input) gets the
@@ -78,11 +82,29 @@ def preserved(model: nn.Module, modules: list[nn.Module] | None = None, python_s
     # every module's children, torch's containers too (a forward that appends to a ModuleList, swaps a
     # Sequential's layer or builds a head on its first call)
     children = [(m, dict(m._modules) if m._modules else None) for m in mods] if python_state else []
+    # random generators the forward may draw from besides torch's global ones (which fork_rng puts back):
+    # Python's and NumPy's global ones (a LayerDrop coin, a NumPy augmentation) and torch.Generators a
+    # module holds (noise injection) -- the states, not the objects, change
+    np_mod = sys.modules.get("numpy")
+    np_gen = np_mod.random.Generator if np_mod is not None else None
+    found = list(dict.fromkeys(v for _, saved, _, _, _ in attrs for v in saved.values()
+                               if type(v) is torch.Generator or (np_gen is not None and type(v) is np_gen)))
+    torch_gens = [(g, g.get_state()) for g in found if type(g) is torch.Generator]
+    np_gens = [(g, g.bit_generator.state) for g in found if type(g) is not torch.Generator]
+    py_state = random.getstate()
+    np_state = np_mod.random.get_state() if np_mod is not None else None
     written: list[str] = []
     with torch.random.fork_rng(devices=devices):
         try:
             yield written
         finally:
+            random.setstate(py_state)
+            if np_mod is not None:
+                np_mod.random.set_state(np_state)
+            for g, st in torch_gens:
+                g.set_state(st)
+            for g, st in np_gens:
+                g.bit_generator.state = st
             idx = [] if writes_parameters else [i for i, (p, v) in enumerate(zip(params, versions)) if p._version != v]
             if idx:
                 names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
