@@ -130,6 +130,30 @@ def test_a_jacobian_penalty_through_torch_func_after_the_forward_keeps_the_sampl
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), plain_model.state_dict().values()))
     assert [(h.step, h.verdict) for h in mon.history] == [(0, "healthy"), (5, "healthy")]
     assert [r.shape for r in mon.history[0].layers] == [(32, 64), (32, 64), (32, 64), (32, 64), (32, 1)]
+    # the output gradient is the training output's (the transform's call registered none of its own)
+    assert mon.history[0].output_grad_rms == pytest.approx(_output_grad_rms(_net(), *_data()), rel=1e-5)
+
+
+def test_a_jacobian_penalty_through_torch_func_before_the_forward_keeps_the_sample():
+    """The penalty computed first: the transform's call of the model ended
+    the recording armed for the step, the training forward after it was not
+    recorded, and every sample was lost with a warning that the forward ran
+    inside torch.func."""
+    model, (x, y) = _net(), _data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with sp.monitor(model, every=5, optimizer=opt) as mon:
+            for _ in range(6):
+                opt.zero_grad()
+                params = dict(model.named_parameters())
+                jac = vmap(jacrev(lambda xi: functional_call(model, params, (xi,))))(x[:4])
+                loss = ((model(x) - y) ** 2).mean() + 1e-3 * jac.pow(2).sum()
+                loss.backward()
+                mon.step(loss)
+                opt.step()
+    assert [(h.step, h.verdict, len(h.layers)) for h in mon.history] == [(0, "healthy", 5), (5, "healthy", 5)]
+    assert mon.history[0].output_grad_rms == pytest.approx(_output_grad_rms(_net(), x, y), rel=1e-5)
 
 
 class _Noisy(nn.Module):
@@ -223,6 +247,58 @@ def test_two_backwards_through_the_sampled_forward_are_said_not_judged():
         else:
             assert first.verdict == "healthy" and first.incomplete == ""
         assert mon.alerts == []
+
+
+@pytest.mark.parametrize("loop", ["saliency", "zeroed between"])
+def test_backwards_that_leave_grad_as_the_last_ones_are_still_judged(loop):
+    """Two backwards through the sampled forward where ``.grad`` holds the
+    last one's alone are no repeat: a saliency map's ``autograd.grad`` (it
+    fills no .grad) before the loss's backward, and a GAN's two losses
+    through one fake batch with ``zero_grad()`` between their backwards (an
+    outside review found both made "incomplete" by the first version of the
+    rule).  The rows are the loss's: the last row's gradient is dL/dy."""
+    model, (x, y) = _net(), _data()
+    want = _output_grad_rms(model, x, y)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with sp.monitor(model, every=5, optimizer=opt) as mon:
+        for _ in range(6):
+            opt.zero_grad()
+            xin = x.clone().requires_grad_(True)
+            out = model(xin)
+            loss = ((out - y) ** 2).mean()
+            if loop == "saliency":
+                torch.autograd.grad(loss, xin, retain_graph=True)
+            else:
+                (-out.mean()).backward(retain_graph=True)  # another model's loss through these outputs
+                opt.zero_grad()
+            loss.backward()
+            mon.step(loss)
+            opt.step()
+    assert [h.verdict for h in mon.history] == ["healthy", "healthy"]
+    assert mon.history[0].layers[-1].grad_rms == pytest.approx(want, rel=1e-5)
+
+
+def test_a_gradient_penalty_backward_after_create_graph_is_a_second_backward():
+    """``loss.backward(create_graph=True)`` and then a penalty on the
+    gradients backpropagated into ``.grad`` too: .grad holds both (the last
+    layer's weight gradient 6.8 against the loss's 0.10), the rows one.  Not
+    a Hessian-vector product (which fills no .grad): two backwards, the
+    sample ``incomplete``."""
+    model, (x, y) = _net(), _data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Using backward\\(\\) with create_graph=True")
+        with sp.monitor(model, every=5, optimizer=opt) as mon:
+            for _ in range(2):
+                opt.zero_grad()
+                loss = ((model(x) - y) ** 2).mean()
+                loss.backward(create_graph=True)
+                (10 * sum(p.grad.pow(2).sum() for p in model.parameters())).backward()
+                for p in model.parameters():
+                    p.grad = p.grad.detach()
+                mon.step(loss)
+                opt.step()
+    assert mon.history[0].verdict == "incomplete" and "2 backward passes" in mon.history[0].incomplete
 
 
 def test_the_output_gradient_is_read_after_a_users_hook_on_the_output():

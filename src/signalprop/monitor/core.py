@@ -303,10 +303,10 @@ def repeated_backwards(rows: list[Any]) -> str:
     forward (``loss1.backward(retain_graph=True); loss2.backward()``): each
     row's statistics are of the last backward's gradient, while ``.grad``
     and the optimizer hold their sum, whose RMS no single backward's gives;
-    "" otherwise.  (A backward through the loss's own gradients -- a
-    Hessian-vector product -- is told apart: see ``Row.after_graph``.)"""
-    if any(r.after_graph == 2 for r in rows):
-        return ""
+    "" otherwise.  Only backwards that fill ``.grad`` count, from its last
+    zeroing on (a saliency map's ``autograd.grad`` does not; nor does a GAN's
+    discriminator loss whose gradients ``zero_grad()`` cleared before the
+    generator's backward): see ``Row.bwd_calls``."""
     n = max((r.bwd_calls for r in rows), default=0)
     if n < 2:
         return ""
@@ -787,14 +787,14 @@ class Monitor:
             self._paused = False
             self._arm()
             return
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or _in_transform():  # (a call inside torch.func: see _root_pre_guarded)
             return
         if self._recording and self._rec is not None:
             self._rec.detach()  # the step's first forward is the sampled one; its gradient hooks stay
             self._recording = False
             y = logits_of(out)
             self._logits = output_logit_sums(y) if y is not None else None
-        if not self._calls or _in_transform():  # (a call inside torch.func: see _root_pre_guarded)
+        if not self._calls:
             return
         call = self._calls[-1]
         y = model_output(out)  # the logits, not the loss a model called with labels= returns first

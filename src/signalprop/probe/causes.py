@@ -268,6 +268,20 @@ def _producer(rows: Sequence[Row], layers: Sequence[LayerStats], j: int) -> Laye
                  and layers[k].kind not in PASS_THROUGH_NAMES), None)
 
 
+# A weight multiplies the gradient passing back through it by at most its spectral norm, and that by at most
+# its Frobenius norm ||W||; the RMS ratio the gain is read as differs from the norm ratio by the square root of
+# the widths' ratio, and a convolution's input entry sums up to its kernel's taps: 10x that norm is beyond any
+# layer of ordinary shape.  A gain above it is made between the rows by something no row recorded -- a product
+# of two branches written in the forward (Mamba's x * B * silu(z)), whose factor came from another layer --
+# and the weight is not named for it (its RMS 0.106 was blamed for a 1e5 jump)
+_WEIGHT_GAIN_SLACK = 10.0
+
+
+def _norm(w: torch.Tensor) -> float:
+    """||w||, the Frobenius norm (float64: see :func:`_rms`)."""
+    return _rms(w) * math.sqrt(w.numel())
+
+
 def _one_layer_gain(problems: list[Problem], layers: Sequence[LayerStats], rows: Sequence[Row], hi: float,
                     ties: Mapping[int, list[str]], modules: Mapping[str, nn.Module]) -> list[Problem]:
     exploding = [p for p in problems if p.kind == "exploding" and p.first >= 0 and not p.parameters]
@@ -284,7 +298,7 @@ def _one_layer_gain(problems: list[Problem], layers: Sequence[LayerStats], rows:
         if prod is None or not prod.relative_grad_rms:
             continue
         gain = prod.relative_grad_rms / g_out
-        if gain > _one_layer_limit(hi) and (best is None or gain > best[0]):
+        if gain > _one_layer_limit(hi) and (best is None or gain > best[0]) and gain <= _WEIGHT_GAIN_SLACK * _norm(w):
             best = (gain, j, prod)
     if best is None:
         return problems

@@ -30,12 +30,18 @@ class CallArgs:
     kwargs: dict[str, Any]
 
 
+def _sequence(inputs: Any) -> bool:
+    """Whether ``inputs`` are several arguments: a tuple or list -- not a
+    ``PackedSequence``, a named tuple that is one argument (an RNN's input)."""
+    return isinstance(inputs, (tuple, list)) and not isinstance(inputs, nn.utils.rnn.PackedSequence)
+
+
 def call_model(model: nn.Module, inputs: Any) -> Any:
     if isinstance(inputs, CallArgs):
         return model(*inputs.args, **inputs.kwargs)
     if isinstance(inputs, dict):
         return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
+    if _sequence(inputs):
         return model(*inputs)
     return model(inputs)
 
@@ -45,6 +51,8 @@ def tensors_of(inputs: Any) -> list[torch.Tensor]:
         return tensors_of(inputs.args) + tensors_of(inputs.kwargs)
     if isinstance(inputs, torch.Tensor):
         return [inputs]
+    if isinstance(inputs, nn.utils.rnn.PackedSequence):
+        return [inputs.data]
     values = inputs.values() if isinstance(inputs, dict) else inputs if isinstance(inputs, (tuple, list)) else ()
     return [v for v in values if isinstance(v, torch.Tensor)]
 
@@ -110,6 +118,8 @@ def prepare_inputs(inputs: Any) -> tuple[Any, list[torch.Tensor], list[torch.Ten
     fed: list[torch.Tensor] = []
 
     def conv(v: Any) -> Any:
+        if isinstance(v, nn.utils.rnn.PackedSequence):  # its data, as a tensor's
+            return v._replace(data=conv(v.data))
         if isinstance(v, torch.Tensor) and v.is_floating_point():
             leaf = (v.clone() if v.is_inference() else v.detach()).requires_grad_(True)
             leaves.append(leaf)
@@ -121,7 +131,7 @@ def prepare_inputs(inputs: Any) -> tuple[Any, list[torch.Tensor], list[torch.Ten
         out: Any = CallArgs(tuple(conv(v) for v in inputs.args), {k: conv(v) for k, v in inputs.kwargs.items()})
     elif isinstance(inputs, dict):
         out = {k: conv(v) for k, v in inputs.items()}
-    elif isinstance(inputs, (tuple, list)):
+    elif _sequence(inputs):
         out = rebuilt(inputs, [conv(v) for v in inputs])
     else:
         out = conv(inputs)
@@ -138,6 +148,8 @@ def rebuilt(seq: tuple[Any, ...] | list[Any], items: list[Any]) -> Any:
 def shapes(inputs: Any, most: int = 16) -> str:
     """The shapes of ``inputs`` as a message shows them; a sequence of more
     than ``most`` arguments is cut short, with its length."""
+    if isinstance(inputs, nn.utils.rnn.PackedSequence):
+        return f"PackedSequence{tuple(inputs.data.shape)}"
     if isinstance(inputs, (tuple, list)) and len(inputs) > most:
         return f"{shapes(list(inputs[:most]))}, ... ({len(inputs)} arguments)"
     if isinstance(inputs, CallArgs):

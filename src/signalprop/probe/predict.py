@@ -70,32 +70,40 @@ def _chain(rows: list[Row], input_ptr: int) -> list[tuple[Row, Row | None]] | No
     ``x.mean((2, 3))``, a residual sum, a scaling -- ends the theory rather
     than leaving it to predict through what it cannot see."""
     out: list[tuple[Row, Row | None]] = []
-    prev = input_ptr
+    prev, before = input_ptr, None  # the address the next row must read, and the row that wrote it
+
+    def reads(r: Row, ptr: int, w: Row | None) -> bool:
+        # r reads all of what w wrote at ptr: the same address and as many entries -- a view that starts
+        # there and covers part of it (a token pick h[:, 0], chunk(2)[0], h[:8]) changes what reaches r
+        return bool(r.src) and r.src == ptr and (w is None or r.in_shape is None
+                                                 or math.prod(r.in_shape) == math.prod(w.shape))
+
     i = 0
     while i < len(rows):
         r = rows[i]
-        if not r.src or r.src != prev:
+        if not reads(r, prev, before):
             return None
         if _identity(r):
-            prev = r.dst
+            prev, before = r.dst, r
             i += 1
             continue
         if not isinstance(r.module, _WEIGHT) or not _as_torch(r.module):
             return None
         # the activation after it, past rows that pass the signal on unchanged (an Identity placeholder,
         # dropout in eval mode)
-        j, at = i + 1, r.dst
-        while j < len(rows) and _identity(rows[j]) and rows[j].src == at:
-            at = rows[j].dst
+        j, at, w = i + 1, r.dst, r
+        while j < len(rows) and _identity(rows[j]) and reads(rows[j], at, w):
+            at, w = rows[j].dst, rows[j]
             j += 1
         nxt = rows[j] if j < len(rows) else None
-        if nxt is not None and nxt.act is not None and nxt.src == at and (nxt.module is None or _as_torch(nxt.module)):
+        if nxt is not None and nxt.act is not None and reads(nxt, at, w) and \
+                (nxt.module is None or _as_torch(nxt.module)):
             out.append((r, nxt))
-            prev = nxt.dst
+            prev, before = nxt.dst, nxt
             i = j + 1
         else:
             out.append((r, None))
-            prev = r.dst
+            prev, before = r.dst, r
             i += 1
     return out or None
 

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple, cast
 
 import torch
 from torch import nn
-from torch.autograd.graph import GradientEdge
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.nn.utils.rnn import PackedSequence
 from torch.overrides import TorchFunctionMode
@@ -62,21 +62,30 @@ def positional_containers(named: list[tuple[str, nn.Module]]) -> frozenset[str]:
     Sequentials in ``blocks``): their indices are positions within the block,
     not repeats.  A chain that is not itself one of several alike (an
     ``nn.Sequential`` MLP, at the top or as one stage of a model) is not one:
-    its layers are the repeats."""
+    its layers are the repeats.  Nor is a chain named inside each of several
+    blocks (``blocks.3.mlp = Sequential(Linear, GELU, Linear)``): there is one
+    such chain per block, so its indices are positions too -- read as
+    repeats, the sawtooth between a block's first and second Linear
+    compounded into a "vanishing" trend across 4 healthy pre-LN blocks."""
     modules = dict(named)
     out = set()
+    mixed: dict[str, list[str]] = {}  # the containers of numbered children of several classes, by role
     for name, m in named:
-        parent, _, last = name.rpartition(".")
-        if not _DIGITS.fullmatch(last):
-            continue
         kinds = {type(c) for k, c in m._modules.items() if c is not None and _DIGITS.fullmatch(k)}
         if len(kinds) < 2:
+            continue
+        parent, _, last = name.rpartition(".")
+        if not _DIGITS.fullmatch(last):
+            mixed.setdefault(_NUMBERED.sub("#", name), []).append(name)
             continue
         up = modules.get(parent)
         alike = sum(1 for k, c in (up._modules.items() if up is not None else ())
                     if _DIGITS.fullmatch(k) and type(c) is type(m))
         if alike > 1:
             out.add(name)
+    for role, names in mixed.items():
+        if len(names) > 1 and role != names[0]:  # one chain in each of several repeated blocks
+            out.update(names)
     return frozenset(out)
 
 
@@ -162,12 +171,14 @@ class Row:
     # from (a PINN's du/dt, a gradient penalty); either way it fills no .grad the monitor can watch, and only a
     # pass no other backward reached takes them (see Recorder.batched)
     bwd_graph: dict[str, Any] = field(default_factory=dict)
-    # a backward without create_graph reached the row after one with it (``bwd_graph`` filled): 1; 2 when the
-    # module's parameters' .grad then held a graph -- the create_graph backward was the loss's own
-    # (``backward(create_graph=True)``) and this one runs through its gradients (a Hessian-vector product)
+    # a backward without create_graph that fills no .grad reached the row after one with it (``bwd_graph``
+    # filled): 1; 2 when the module's parameters' .grad then held a graph -- the create_graph backward was the
+    # loss's own (``backward(create_graph=True)``) and this one runs through its gradients (a Hessian-vector
+    # product).  Counted in the monitor's recorder only (see _count_backward)
     after_graph: int = 0
-    # backwards without create_graph that reached the row: more than 1 where the loop called backward() on
-    # several losses of one forward (retain_graph=True) -- .grad holds their sum, ``bwd`` the last one's
+    # the backwards that filled .grad since it was last empty and reached the row: more than 1 where the loop
+    # called backward() on several losses of one forward (retain_graph=True) -- .grad holds their sum, the
+    # row's statistics the last one's (the monitor's recorder only)
     bwd_calls: int = 0
     low: bool = False  # the output was in a low-precision format (float16, bfloat16, FP8)
 
@@ -241,7 +252,20 @@ def _has_own_children(m: nn.Module) -> bool:
     spectral_norm): a parametrised Linear is still one layer.  Read off the
     ``_modules`` dict (``named_children()`` builds a generator and a set per
     module)."""
-    return any(c is not None and n != "parametrizations" for n, c in m._modules.items())
+    return any(c is not None and n != "parametrizations" and not _quantisation_hook(c) for n, c in m._modules.items())
+
+
+def _quantisation_hook(m: nn.Module) -> bool:
+    """Whether ``m`` is a fake-quantiser or observer of ``torch.ao.quantization``
+    (what ``prepare_qat`` puts under a Linear as ``weight_fake_quant`` and
+    ``activation_post_process``): part of the layer it sits in, not a layer
+    -- a QAT Linear is one row, as a parametrised one is."""
+    mod = type(m).__module__ or ""
+    if not mod.startswith("torch.ao."):
+        return False
+    from torch.ao.quantization import FakeQuantizeBase, ObserverBase
+
+    return isinstance(m, (FakeQuantizeBase, ObserverBase))
 
 
 def leaf_modules(model: nn.Module, named: list[tuple[str, nn.Module]] | None = None) -> list[nn.Module]:
@@ -257,6 +281,7 @@ def leaf_modules(model: nn.Module, named: list[tuple[str, nn.Module]] | None = N
     # would go through nn.Module.__getattr__'s AttributeError, ~1 us each)
     hidden |= {id(c) for m in mods if (p := parametrizations(m)) is not None
                for c in p.modules()}  # weight computations, not layers
+    hidden |= {id(c) for m in mods if _quantisation_hook(m) for c in m.modules()}  # parts of their layers
     if len(mods) == 1 and not _has_own_children(model) and not (type(model).__module__ or "").startswith("torch.") \
             and _class_calls_activation(type(model)):
         # a model of one module of its own class computing with raw parameters (F.linear, torch.tanh): its
@@ -603,13 +628,7 @@ def _grad_hook(row: Row, exact: bool | S.GradBatches, g: torch.Tensor, kernels: 
     :class:`~.stats.GradBatches` to copy a small gradient into, to be reduced
     with others (one op here instead of three)."""
     # a create_graph backward (see Row.bwd_graph): kept aside
-    if g.requires_grad or torch.is_grad_enabled():
-        d = row.bwd_graph
-    else:
-        d = row.bwd
-        row.bwd_calls += 1
-        if row.bwd_graph and not row.after_graph:  # (create_graph runs only: see Row.after_graph)
-            row.after_graph = 2 if _grad_built_graph(row.module) else 1
+    d = row.bwd_graph if g.requires_grad or torch.is_grad_enabled() else row.bwd
     # hooks run without grad mode unless the backward builds a graph (create_graph=True)
     prev = torch.is_grad_enabled()
     torch._C._set_grad_enabled(False)
@@ -624,15 +643,35 @@ def _grad_hook(row: Row, exact: bool | S.GradBatches, g: torch.Tensor, kernels: 
         torch._C._set_grad_enabled(prev)
 
 
-def _grad_built_graph(module: nn.Module | None) -> bool:
-    """Whether a trainable leaf parameter of ``module`` has a ``.grad`` that
-    requires grad: a ``backward(create_graph=True)`` filled it (the loss's
-    own backward, before a Hessian-vector product) -- a ``torch.autograd.grad``
-    (a PINN's du/dt, a gradient penalty) fills no ``.grad``."""
-    if module is None:
-        return False
-    return any(p is not None and p.is_leaf and p.grad is not None and p.grad.requires_grad
-               for p in module._parameters.values())
+def _count_backward(row: Row, g: torch.Tensor) -> None:
+    """Which backward reached ``row`` (the monitor's recorder: training may run
+    several): read from a trainable parameter of the row's module, whose
+    ``.grad`` this backward will fill or not -- ``torch.autograd.grad`` fills
+    none (a PINN's du/dt, a saliency map, a Hessian-vector product), and the
+    module's own parameters are filled after the row's gradient passes.
+
+    * A backward that fills ``.grad`` counts in ``row.bwd_calls``, from 0
+      again where ``.grad`` is empty (zeroed since the last one: a GAN's
+      discriminator and generator losses through one fake batch).
+    * One that fills none, after a ``create_graph`` backward filled ``.grad``
+      with a graph, runs through the loss's gradients (a Hessian-vector
+      product): ``row.after_graph`` 2 (see ``Row.after_graph``).
+
+    Rows without parameters of their own are not counted (the rows of a
+    module that holds a weight decide)."""
+    m = row.module
+    p = next((q for q in m._parameters.values() if q is not None and q.requires_grad and q.is_leaf),
+             None) if m is not None else None
+    if p is None:
+        return
+    try:
+        fills = bool(torch._C._will_engine_execute_node(get_gradient_edge(p).node))
+    except RuntimeError:  # refused under torch.autograd.grad with p among its inputs: it fills no .grad
+        fills = False
+    if fills:
+        row.bwd_calls = 1 if p.grad is None else row.bwd_calls + 1
+    elif not (g.requires_grad or torch.is_grad_enabled()) and row.bwd_graph and not row.after_graph:
+        row.after_graph = 2 if p.grad is not None and p.grad.requires_grad else 1
 
 
 def _grad_prehook(row: Row, exact: bool | S.GradBatches, nr: int, grads: tuple[torch.Tensor | None, ...],
@@ -651,8 +690,11 @@ def _grad_prehook(row: Row, exact: bool | S.GradBatches, nr: int, grads: tuple[t
 
 def _safe_grad_hook(errors: list[BaseException], row: Row, exact: bool | S.GradBatches, g: torch.Tensor,
                     kernels: list[Statistic] | None = None) -> None:
-    """:func:`_grad_hook` whose failure is kept in ``errors`` (a recorder's ``safe`` mode)."""
+    """:func:`_grad_hook` whose failure is kept in ``errors`` (a recorder's
+    ``safe`` mode: the monitor's, which also tells the backwards apart, see
+    :func:`_count_backward`)."""
     try:
+        _count_backward(row, g)
         _grad_hook(row, exact, g, kernels)
     except Exception as e:
         errors.append(e)
@@ -660,8 +702,11 @@ def _safe_grad_hook(errors: list[BaseException], row: Row, exact: bool | S.GradB
 
 def _safe_grad_prehook(errors: list[BaseException], row: Row, exact: bool | S.GradBatches, nr: int,
                        grads: tuple[torch.Tensor | None, ...], kernels: list[Statistic] | None = None) -> None:
-    """:func:`_grad_prehook` whose failure is kept in ``errors``."""
+    """:func:`_grad_prehook` whose failure is kept in ``errors`` (see :func:`_safe_grad_hook`)."""
     try:
+        g = grads[nr]
+        if g is not None:
+            _count_backward(row, g)
         _grad_prehook(row, exact, nr, grads, kernels)
     except Exception as e:
         errors.append(e)
