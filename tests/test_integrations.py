@@ -580,6 +580,35 @@ def test_lightning_resume_from_a_checkpoint_without_the_monitor(tmp_path):
     assert [h.step for h in cb.monitor.history] == [4, 6]
 
 
+@_lightning_warnings
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`:UserWarning")  # the checkpoint callback
+def test_lightning_resume_from_a_mid_run_checkpoint_without_the_monitor(tmp_path):
+    """The same from a checkpoint ModelCheckpoint saved at a batch's end
+    (``every_n_train_steps``): it holds the batches that stepped before that
+    batch (3 of 4), which Lightning moves on by one as it resumes; read when
+    training started, the monitor's steps were one behind Lightning's own
+    (3, 4, ...: step 3 written twice to a shared logger).  Read at the first
+    batch, they are Lightning's."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from signalprop.integrations.lightning import SignalpropCallback
+
+    data = torch.utils.data.TensorDataset(*map(torch.cat, zip(*_batches(12))))
+    kw = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+              default_root_dir=str(tmp_path))
+    ck = ModelCheckpoint(dirpath=str(tmp_path / "ck"), every_n_train_steps=4, save_top_k=-1)
+    pl.Trainer(max_steps=4, callbacks=[ck], **kw).fit(_LitMLP(0.05), torch.utils.data.DataLoader(data, batch_size=16))
+    (path,) = list((tmp_path / "ck").glob("*.ckpt"))
+    saved = torch.load(path, weights_only=False)["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"]
+    assert saved == 3  # what makes this case: the count before the batch that saved it
+    cb = SignalpropCallback(every=EVERY, grad_every=1)
+    pl.Trainer(max_steps=8, callbacks=[cb], enable_checkpointing=False, **kw).fit(
+        _LitMLP(0.05), torch.utils.data.DataLoader(data, batch_size=16), ckpt_path=str(path))
+    assert cb.monitor.steps == [4, 5, 6, 7]
+    assert [h.step for h in cb.monitor.history] == [4, 6]
+
+
 def _hf_train(tmp_path, steps, callbacks, resume=None, examples=48):
     """A tiny GPT-2 trained by the HF Trainer, saving a checkpoint every 4 steps into ``tmp_path``."""
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments

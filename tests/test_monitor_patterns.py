@@ -470,7 +470,7 @@ def test_state_dict_resumes_the_step_count_baselines_and_alerts():
         resumed.load_state_dict(state)
         assert resumed._step == 7 and not resumed.sampled
         _run(m, 3, lambda mm, x: mm(x), resumed)
-    assert [h.step for h in resumed.history] == [0, 2, 4, 8]
+    assert [h.step for h in resumed.history] == [0, 2, 4, 6, 8]  # the baseline, the last samples (6), the new one
     assert resumed.history[0].layers == mon.history[0].layers
     assert resumed.steps[-3:] == [7, 8, 9] and resumed.steps[:7] == list(range(7))
     with sp.monitor(m) as fresh, pytest.raises(ValueError, match="state_dict"):

@@ -111,7 +111,7 @@ def test_a_jacobian_penalty_through_torch_func_after_the_forward_keeps_the_sampl
             opt.zero_grad()
             loss = ((model(x) - y) ** 2).mean()
             params = dict(model.named_parameters())
-            jac = vmap(jacrev(lambda xi: functional_call(model, params, (xi,))))(x[:4])
+            jac = vmap(jacrev(lambda xi, params=params: functional_call(model, params, (xi,))))(x[:4])
             loss = loss + 1e-3 * jac.pow(2).sum()
             loss.backward()
             if mon is not None:
@@ -147,7 +147,7 @@ def test_a_jacobian_penalty_through_torch_func_before_the_forward_keeps_the_samp
             for _ in range(6):
                 opt.zero_grad()
                 params = dict(model.named_parameters())
-                jac = vmap(jacrev(lambda xi: functional_call(model, params, (xi,))))(x[:4])
+                jac = vmap(jacrev(lambda xi, params=params: functional_call(model, params, (xi,))))(x[:4])
                 loss = ((model(x) - y) ** 2).mean() + 1e-3 * jac.pow(2).sum()
                 loss.backward()
                 mon.step(loss)
@@ -319,3 +319,53 @@ def test_the_output_gradient_is_read_after_a_users_hook_on_the_output():
     first = mon.history[0]
     assert first.output_grad_rms == pytest.approx(10 * _output_grad_rms(_net(), x, y), rel=1e-5)
     assert first.layers[-1].relative_grad_rms == pytest.approx(1.0, rel=1e-6)
+
+
+def _resume_run(model, opt, start, stop, state=None):
+    mon = sp.monitor(model, every=5, optimizer=opt)
+    if state is not None:
+        mon.load_state_dict(state)
+    for s in range(start, stop):
+        g = torch.Generator().manual_seed(1000 + s)
+        x = torch.randn(32, 8, generator=g)
+        loss = (model(x) - torch.sin(x.sum(1, keepdim=True)).repeat(1, 2)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        mon.step(loss)
+        opt.step()
+    return mon
+
+
+def _grown_head() -> tuple[nn.Module, torch.optim.Optimizer]:
+    """An MLP whose read-out starts 1000x small: its updates grow ~400x over 200 steps, gradually."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Dropout(0.1), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))
+    with torch.no_grad():
+        model[5].weight.mul_(1e-3)
+        model[5].bias.zero_()
+    return model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+
+def test_a_resumed_monitor_compares_updates_with_the_last_samples():
+    """An outside test of checkpoints: a monitor resumed from
+    ``state_dict()`` at step 150 alerted ``update-spike`` at step 151 (23.8x
+    the median of its last samples) where the same run without the break
+    said nothing: the state kept the 3 baseline samples only (steps 0-10),
+    against which a layer whose update grew gradually since is a spike.  It
+    keeps the last samples the rules compare with too."""
+    model, opt = _grown_head()
+    whole = _resume_run(model, opt, 0, 200)
+    model2, opt2 = _grown_head()
+    first = _resume_run(model2, opt2, 0, 150)
+    state = first.state_dict()
+    first.close()
+    rng = torch.get_rng_state()
+    model3, opt3 = _grown_head()
+    model3.load_state_dict(model2.state_dict())
+    opt3.load_state_dict(opt2.state_dict())
+    torch.set_rng_state(rng)
+    resumed = _resume_run(model3, opt3, 150, 200, state)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model3.state_dict().values()))
+    after = [(a.step, a.kind, a.layer) for a in whole.alerts if a.step >= 150]
+    assert [(a.step, a.kind, a.layer) for a in resumed.alerts if a.step >= 150] == after
+    assert [h.step for h in resumed.history][:3] == [0, 5, 10] and resumed.history[3].step == 110

@@ -108,6 +108,7 @@ class SignalpropCallback(pl.Callback):
         self._restored: dict[str, Any] | None = None  # a checkpoint's monitor state, applied when training starts
         self._losses: list[torch.Tensor] = []
         self._stepped = False
+        self._count_pending = False  # the step count of a resumed fit, to be read at its first batch
         self._writer: Any = None
         self._logger_writer: _LoggerWriter | None = None  # the one to flush after each step
         self._watched: Any = None  # a weak reference to the module the last fit watched
@@ -167,13 +168,9 @@ class SignalpropCallback(pl.Callback):
         if self._restored:
             self.monitor.load_state_dict(self._restored)
             self._restored = None
-        else:  # resumed from a checkpoint saved without this callback's state: the trainer's count goes on
-            # (the batches that stepped, Lightning's logging step: global_step counts every optimizer's steps,
-            # twice a batch in a GAN, where the monitor steps once)
-            done = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "_batches_that_stepped", None)
-            done = done if isinstance(done, int) else trainer.global_step
-            if done > 0:
-                self.monitor.start_at(done)
+        else:  # resumed from a checkpoint saved without this callback's state: the trainer's count goes on,
+            # read at the first batch (see on_train_batch_start)
+            self._count_pending = True
 
     def state_dict(self) -> dict[str, Any]:
         """The monitor's state (step count, alert baselines, alerts), saved in
@@ -188,6 +185,16 @@ class SignalpropCallback(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         self._stepped = False
+        if self._count_pending:
+            # the batches that stepped, Lightning's logging step, as it numbers this batch (global_step counts
+            # every optimizer's steps, twice a batch in a GAN, where the monitor steps once).  Read here, not
+            # when training starts: a checkpoint saved at a batch's end holds the count before that batch,
+            # which Lightning moves on by one as it resumes (the monitor's steps were one behind its own)
+            self._count_pending = False
+            done = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "_batches_that_stepped", None)
+            done = done if isinstance(done, int) else trainer.global_step
+            if done > 0 and self.monitor is not None and not self.monitor.steps:
+                self.monitor.start_at(done)
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         scale = scale_of(getattr(trainer.precision_plugin, "scaler", None))

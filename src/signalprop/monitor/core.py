@@ -88,8 +88,8 @@ from . import alerts as A
 from . import divergence as D
 from .logit_alerts import attention_closing_in, logit_alerts
 from .loss_scale import LossScale
-from .optimizer import check_optimizer, update_spike_alerts
-from .precision_alerts import closing_in, output_closing_in, precision_alerts
+from .optimizer import SPIKE_BASELINE, check_optimizer, update_spike_alerts
+from .precision_alerts import RECENT, closing_in, output_closing_in, precision_alerts
 from .relative_update import RelativeUpdate
 from .update import UpdateMeter, with_update
 
@@ -228,6 +228,11 @@ def _logit_stats(v: list[float]) -> LogitStats:
     """:class:`LogitStats` from the gathered :func:`~signalprop.probe.attention.output_logit_sums`."""
     sq, n, top, lse, positions = v
     return LogitStats(math.sqrt(sq / max(n, 1.0)), top, lse / max(positions, 1.0))
+
+
+# the samples after the baseline that a saved state keeps (see Monitor.state_dict): as many as any rule
+# compares a new sample with
+RECENT_SAMPLES = max(SPIKE_BASELINE, RECENT + 1)
 
 
 def _head(values: list[float | None]) -> int:
@@ -1421,8 +1426,9 @@ class Monitor:
         updates: what the divergence rules read), the alerts so
         far and which ones were said.  Saved with a checkpoint by the
         Lightning and HF callbacks.  The history between the baseline and
-        the last sample is not kept (``report()`` of a resumed run starts
-        with the baseline samples)."""
+        the last :data:`RECENT_SAMPLES` samples (the most any rule compares a
+        new sample with) is not kept: ``report()`` of a resumed run starts
+        with those."""
         keep = list(range(min(len(self.steps), max(_head(self.losses), _head(self.grad_norms)))))
         # the tail every rule reads: the un-learning rule's best level comes from the last LEARNED_WINDOW steps
         tail = max(A.WINDOW, D.LEARNED_WINDOW + D.WARMUP)
@@ -1432,6 +1438,10 @@ class Monitor:
                 "grad_norms": [self.grad_norms[i] for i in keep],
                 "relative_updates": [self.relative_updates[i] for i in keep],
                 "baseline": [h.to_dict() for h in self.history[:A.BASELINE_SAMPLES]],
+                # the last samples the rules compare a new one with (a layer's update against the median of
+                # its last SPIKE_BASELINE: against the baseline alone, an update grown gradually since was a
+                # "spike" at the first sample after a resume)
+                "recent": [h.to_dict() for h in self.history[A.BASELINE_SAMPLES:][-RECENT_SAMPLES:]],
                 "alerts": [a.to_dict() for a in self.alerts],
                 "alerted": sorted([list(x) for x in self._alerted]),
                 "last_scalar_alert": dict(self._last_scalar_alert), "nonfinite_seen": self._nonfinite_seen,
@@ -1461,7 +1471,7 @@ class Monitor:
             raise ValueError(f"load_state_dict: {len(rel)} relative updates for {len(self.steps)} steps; pass what "
                              "Monitor.state_dict() returned")
         self.relative_updates = [None if x is None else float(x) for x in rel]
-        self.history = [MonitorStep.from_dict(h) for h in state["baseline"]]
+        self.history = [MonitorStep.from_dict(h) for h in [*state["baseline"], *state.get("recent", [])]]
         self.alerts = [Alert.from_dict(a) for a in state["alerts"]]
         self._alerted = {(str(a), str(b)) for a, b in state["alerted"]}
         self._last_scalar_alert = {str(k): int(v) for k, v in state["last_scalar_alert"].items()}

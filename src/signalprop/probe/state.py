@@ -144,10 +144,10 @@ def preserved(model: nn.Module, modules: list[nn.Module] | None = None, python_s
                 random.setstate(py_state)
                 if np_mod is not None:
                     np_mod.random.set_state(np_state)
-                for g, st in torch_gens:
-                    g.set_state(st)
-                for g, st in np_gens:
-                    g.bit_generator.state = st
+                for gen, st in torch_gens:
+                    gen.set_state(st)
+                for npg, nst in np_gens:
+                    npg.bit_generator.state = nst
 
 
 def _plain(ts: list[torch.Tensor]) -> bool:
