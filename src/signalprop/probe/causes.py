@@ -47,6 +47,7 @@ from ..layers import PASS_THROUGH_NAMES, fans, is_norm_kind, tensor_fans
 from ..records import LayerStats, Problem
 from ..words import module_label, sci
 from .diagnose import _effective
+from .predict import _as_torch
 from .recorder import Row
 
 SMALL_NORM_WEIGHT = 0.1  # torch initialises norm weights to 1; under 0.1 each norm shrinks the signal 10x or more
@@ -273,7 +274,9 @@ def _producer(rows: Sequence[Row], layers: Sequence[LayerStats], j: int) -> Laye
 # the widths' ratio, and a convolution's input entry sums up to its kernel's taps: 10x that norm is beyond any
 # layer of ordinary shape.  A gain above it is made between the rows by something no row recorded -- a product
 # of two branches written in the forward (Mamba's x * B * silu(z)), whose factor came from another layer --
-# and the weight is not named for it (its RMS 0.106 was blamed for a 1e5 jump)
+# and the weight is not named for it (its RMS 0.106 was blamed for a 1e5 jump).  Not where the layer computes
+# something else than its torch class with the weight (a run-time multiplier, equalised learning rates): its
+# weight does not bound what it does, and the layer is still the one to name
 _WEIGHT_GAIN_SLACK = 10.0
 
 
@@ -298,7 +301,8 @@ def _one_layer_gain(problems: list[Problem], layers: Sequence[LayerStats], rows:
         if prod is None or not prod.relative_grad_rms:
             continue
         gain = prod.relative_grad_rms / g_out
-        if gain > _one_layer_limit(hi) and (best is None or gain > best[0]) and gain <= _WEIGHT_GAIN_SLACK * _norm(w):
+        if gain > _one_layer_limit(hi) and (best is None or gain > best[0]) \
+                and (not _as_torch(rows[j].module) or gain <= _WEIGHT_GAIN_SLACK * _norm(w)):
             best = (gain, j, prod)
     if best is None:
         return problems

@@ -216,13 +216,41 @@ def _extremes(v: list[float]) -> tuple[float, float]:
     return drop, growth
 
 
-def _median_trend(v: list[float]) -> float:
+def _median_trend(v: list[float], period: int = 1) -> float:
     """First-to-last change of v as the median step ratio to the power of the
-    number of steps: exp(median(log v[k] - log v[k+1]) * (n - 1))."""
-    steps = sorted(math.log(a / b) for a, b in zip(v, v[1:]))
+    number of steps: exp(median(log v[k] - log v[k+1]) * (n - 1)).  With a
+    ``period`` p (the rows of one block, see :func:`_period`), each step is
+    read between a row and the row at its position in the next block, per
+    row: (log v[k] - log v[k+p]) / p."""
+    n = len(v)
+    steps = sorted(math.log(v[k] / v[k + period]) / period for k in range(n - period))
     k = len(steps)
     med = steps[k // 2] if k % 2 else 0.5 * (steps[k // 2 - 1] + steps[k // 2])
-    return math.exp(min(700.0, max(-700.0, med * k)))
+    return math.exp(min(700.0, max(-700.0, med * (n - 1))))
+
+
+def _period(rows: list[LayerStats]) -> int:
+    """How many rows of a series lie in each block, where a block holds
+    several in a chain of its own (``blocks.#.mlp = Sequential(Linear, GELU,
+    Linear)``: ``blocks.0.mlp.0``, ``blocks.0.mlp.2``, ``blocks.1.mlp.0``, ...):
+    the rows with the same name but for their last number are one block's,
+    and each block must hold as many, in order; else 1.  Neighbours inside a
+    block hold different positions -- in a pre-LN residual block the first
+    Linear reads the normalised stream and the second writes into it, ~3x
+    apart -- and that sawtooth, read as steps between neighbours,
+    compounded into "vanishing 971x" over 4 healthy blocks; a block to the
+    next at one position is a step of ``period`` layers.  A top-level
+    ``nn.Sequential`` (one chain, no block) is 1: its layers are the repeats."""
+    keys = []
+    for layer in rows:
+        parts = layer.name.split(".")
+        last = max((j for j, c in enumerate(parts) if c.isdigit()), default=None)
+        keys.append(".".join(parts[:last] + parts[last + 1:]) if last is not None else layer.name)
+    sizes = Counter(keys)
+    if len(sizes) < 2 or len(set(sizes.values())) != 1:
+        return 1
+    p = next(iter(sizes.values()))
+    return p if p > 1 and all(keys[k] == keys[k - k % p] for k in range(len(keys))) else 1
 
 
 def _series(layers: list[LayerStats]) -> list[tuple[str, list[LayerStats]]]:
@@ -257,20 +285,23 @@ def _series_evidence(series: list[tuple[str, list[LayerStats]]], trend: float) -
         # A long product of Jacobians changes the gradient a little at every block; the
         # median step across blocks measures that, and one odd block (the first block of a
         # pre-norm transformer sees the embedding-scale stream) does not move it.
-        up = _median_trend(g)  # > 1: larger toward the input
-        fup = _median_trend(m)  # > 1: forward signal smaller deeper (m is in execution order)
+        period = _period(rows)
+        up = _median_trend(g, period)  # > 1: larger toward the input
+        fup = _median_trend(m, period)  # > 1: forward signal smaller deeper (m is in execution order)
         rows_all = {layer.index for layer in rows}
+        step = "the median step between neighbours" if period == 1 else \
+            f"the median step per layer, read from each to its place in the next block ({period} a block)"
         if up < 1 / trend:
             out.append(_Evidence("vanishing", "series", rows_all,
                                  f"Over the {n} repeated {label} the gradient's RMS shrinks {times(1 / up)} from the "
-                                 f"last ({b}) back to the first ({a}) -- the median step between neighbours, "
+                                 f"last ({b}) back to the first ({a}) -- {step}, "
                                  f"{(1 / up) ** (1 / (n - 1)):.3g}x, over {n - 1} steps -- more than the "
                                  f"{trend:g}x allowed across depth: a long product of layer Jacobians that shrink it.",
                                  1 / (up * trend)))
         if up > trend:
             out.append(_Evidence("exploding", "series", rows_all,
                                  f"Over the {n} repeated {label} the gradient's RMS grows {times(up)} from the last "
-                                 f"({b}) back to the first ({a}) -- the median step between neighbours, "
+                                 f"({b}) back to the first ({a}) -- {step}, "
                                  f"{up ** (1 / (n - 1)):.3g}x, over {n - 1} steps -- more than the {trend:g}x "
                                  "allowed across depth: a long product of layer Jacobians that enlarge it.",
                                  up / trend))

@@ -63,25 +63,34 @@ def _identity(r: Row) -> bool:
         and _as_torch(m)
 
 
-def _chain(rows: list[Row], input_ptr: int) -> list[tuple[Row, Row | None]] | None:
+def _chain(rows: list[Row], input_ptr: int) -> tuple[list[tuple[Row, Row | None]], int] | None:
     """[(weight row, activation row or None)], or None if rows are not such a
     chain: every row must read what the row before it wrote (the input for
     the first), so an operation no row recorded -- pooling written as
     ``x.mean((2, 3))``, a residual sum, a scaling -- ends the theory rather
-    than leaving it to predict through what it cannot see."""
+    than leaving it to predict through what it cannot see.  Also returned:
+    how many of the pairs come before the last row that reads only part of
+    what the row before it wrote (a view that starts at its address: a token
+    pick ``h[:, 0]``, ``chunk(2)[0]``, a batch slice) -- their entries'
+    moments carry on through it, but the gradient reaches only the part
+    read, so no gradient is predicted before it."""
     out: list[tuple[Row, Row | None]] = []
     prev, before = input_ptr, None  # the address the next row must read, and the row that wrote it
+    cut = 0
 
-    def reads(r: Row, ptr: int, w: Row | None) -> bool:
-        # r reads all of what w wrote at ptr: the same address and as many entries -- a view that starts
-        # there and covers part of it (a token pick h[:, 0], chunk(2)[0], h[:8]) changes what reaches r
-        return bool(r.src) and r.src == ptr and (w is None or r.in_shape is None
-                                                 or math.prod(r.in_shape) == math.prod(w.shape))
+    def reads(r: Row, ptr: int, w: Row | None, pair: int) -> bool:
+        # r reads what w wrote at ptr: the same address; a view of part of it moves the cut past ``pair``
+        nonlocal cut
+        if not r.src or r.src != ptr:
+            return False
+        if w is not None and r.in_shape is not None and math.prod(r.in_shape) != math.prod(w.shape):
+            cut = pair + 1
+        return True
 
     i = 0
     while i < len(rows):
         r = rows[i]
-        if not reads(r, prev, before):
+        if not reads(r, prev, before, len(out) - 1):
             return None
         if _identity(r):
             prev, before = r.dst, r
@@ -92,11 +101,11 @@ def _chain(rows: list[Row], input_ptr: int) -> list[tuple[Row, Row | None]] | No
         # the activation after it, past rows that pass the signal on unchanged (an Identity placeholder,
         # dropout in eval mode)
         j, at, w = i + 1, r.dst, r
-        while j < len(rows) and _identity(rows[j]) and reads(rows[j], at, w):
+        while j < len(rows) and _identity(rows[j]) and reads(rows[j], at, w, len(out)):
             at, w = rows[j].dst, rows[j]
             j += 1
         nxt = rows[j] if j < len(rows) else None
-        if nxt is not None and nxt.act is not None and reads(nxt, at, w) and \
+        if nxt is not None and nxt.act is not None and reads(nxt, at, w, len(out)) and \
                 (nxt.module is None or _as_torch(nxt.module)):
             out.append((r, nxt))
             prev, before = nxt.dst, nxt
@@ -105,7 +114,7 @@ def _chain(rows: list[Row], input_ptr: int) -> list[tuple[Row, Row | None]] | No
             out.append((r, None))
             prev, before = r.dst, r
             i += 1
-    return out or None
+    return (out, cut) if out else None
 
 
 def _whole(t: torch.Tensor) -> torch.Tensor:
@@ -266,9 +275,10 @@ def predictions(rows: list[Row], inp: InputStats | None, cot_ms: float,
     read).  The backward factor of a layer is sigma_w2 * fan_out / fan_in with
     the fans of :func:`signalprop.layers.fans` (a stride s makes an input
     entry feed 1/s of the outputs a stride of 1 would)."""
-    chain = _chain(rows, input_ptr)
-    if chain is None or inp is None:
+    found = _chain(rows, input_ptr)
+    if found is None or inp is None:
         return None
+    chain, cut = found
     mods = [cast(nn.Module, w.module) for w, _ in chain]
     fan = [fans(m) for m in mods]
     with torch.no_grad():
@@ -297,10 +307,11 @@ def predictions(rows: list[Row], inp: InputStats | None, cot_ms: float,
     # exactly 0, an output the backward does not start from): None, not 0
     known = cot_ms > 0
     for l_idx, (w, a) in enumerate(chain):
-        out[w.index] = (float(p.q[l_idx]), None if not known else math.sqrt(p.grad_pre[l_idx] * cot_ms)
+        grad = known and l_idx >= cut  # (before a row that reads part of its input: none, see _chain)
+        out[w.index] = (float(p.q[l_idx]), None if not grad else math.sqrt(p.grad_pre[l_idx] * cot_ms)
                         if a is not None else math.sqrt(p.grad_post[l_idx] * cot_ms))
         if a is not None:
-            out[a.index] = (float(p.post[l_idx]), math.sqrt(p.grad_post[l_idx] * cot_ms) if known else None)
+            out[a.index] = (float(p.post[l_idx]), math.sqrt(p.grad_post[l_idx] * cot_ms) if grad else None)
     return out
 
 

@@ -62,30 +62,22 @@ def positional_containers(named: list[tuple[str, nn.Module]]) -> frozenset[str]:
     Sequentials in ``blocks``): their indices are positions within the block,
     not repeats.  A chain that is not itself one of several alike (an
     ``nn.Sequential`` MLP, at the top or as one stage of a model) is not one:
-    its layers are the repeats.  Nor is a chain named inside each of several
-    blocks (``blocks.3.mlp = Sequential(Linear, GELU, Linear)``): there is one
-    such chain per block, so its indices are positions too -- read as
-    repeats, the sawtooth between a block's first and second Linear
-    compounded into a "vanishing" trend across 4 healthy pre-LN blocks."""
+    its layers are the repeats (a chain named inside each block,
+    ``blocks.3.mlp``, too: see ``diagnose._period`` for how its series is read)."""
     modules = dict(named)
     out = set()
-    mixed: dict[str, list[str]] = {}  # the containers of numbered children of several classes, by role
     for name, m in named:
-        kinds = {type(c) for k, c in m._modules.items() if c is not None and _DIGITS.fullmatch(k)}
-        if len(kinds) < 2:
-            continue
         parent, _, last = name.rpartition(".")
         if not _DIGITS.fullmatch(last):
-            mixed.setdefault(_NUMBERED.sub("#", name), []).append(name)
+            continue
+        kinds = {type(c) for k, c in m._modules.items() if c is not None and _DIGITS.fullmatch(k)}
+        if len(kinds) < 2:
             continue
         up = modules.get(parent)
         alike = sum(1 for k, c in (up._modules.items() if up is not None else ())
                     if _DIGITS.fullmatch(k) and type(c) is type(m))
         if alike > 1:
             out.add(name)
-    for role, names in mixed.items():
-        if len(names) > 1 and role != names[0]:  # one chain in each of several repeated blocks
-            out.update(names)
     return frozenset(out)
 
 
