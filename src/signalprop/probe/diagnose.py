@@ -285,7 +285,8 @@ def _series_evidence(series: list[tuple[str, list[LayerStats]]], trend: float) -
         # A long product of Jacobians changes the gradient a little at every block; the
         # median step across blocks measures that, and one odd block (the first block of a
         # pre-norm transformer sees the embedding-scale stream) does not move it.
-        period = _period(rows)
+        # (a block index and a position in its chain: two numbered parts of the name at least)
+        period = _period(rows) if role.partition("|")[0].count("#") >= 2 else 1
         up = _median_trend(g, period)  # > 1: larger toward the input
         fup = _median_trend(m, period)  # > 1: forward signal smaller deeper (m is in execution order)
         rows_all = {layer.index for layer in rows}

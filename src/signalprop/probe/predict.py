@@ -83,7 +83,8 @@ def _chain(rows: list[Row], input_ptr: int) -> tuple[list[tuple[Row, Row | None]
         nonlocal cut
         if not r.src or r.src != ptr:
             return False
-        if w is not None and r.in_shape is not None and math.prod(r.in_shape) != math.prod(w.shape):
+        if w is not None and r.in_shape is not None and r.in_shape != w.shape \
+                and math.prod(r.in_shape) != math.prod(w.shape):
             cut = pair + 1
         return True
 
