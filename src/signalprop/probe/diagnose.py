@@ -216,41 +216,51 @@ def _extremes(v: list[float]) -> tuple[float, float]:
     return drop, growth
 
 
-def _median_trend(v: list[float], period: int = 1) -> float:
+def _median_trend(v: list[float], pairs: list[tuple[int, int]] | None = None) -> float:
     """First-to-last change of v as the median step ratio to the power of the
-    number of steps: exp(median(log v[k] - log v[k+1]) * (n - 1)).  With a
-    ``period`` p (the rows of one block, see :func:`_period`), each step is
-    read between a row and the row at its position in the next block, per
-    row: (log v[k] - log v[k+p]) / p."""
+    number of steps: exp(median(log v[k] - log v[k+1]) * (n - 1)).  With
+    ``pairs`` (see :func:`_block_steps`), each step is read from row k to
+    row j, per row: (log v[k] - log v[j]) / (j - k)."""
     n = len(v)
-    steps = sorted(math.log(v[k] / v[k + period]) / period for k in range(n - period))
+    steps = sorted(math.log(v[a] / v[b]) / (b - a) for a, b in (pairs or zip(range(n - 1), range(1, n))))
     k = len(steps)
     med = steps[k // 2] if k % 2 else 0.5 * (steps[k // 2 - 1] + steps[k // 2])
     return math.exp(min(700.0, max(-700.0, med * (n - 1))))
 
 
-def _period(rows: list[LayerStats]) -> int:
-    """How many rows of a series lie in each block, where a block holds
-    several in a chain of its own (``blocks.#.mlp = Sequential(Linear, GELU,
-    Linear)``: ``blocks.0.mlp.0``, ``blocks.0.mlp.2``, ``blocks.1.mlp.0``, ...):
-    the rows with the same name but for their last number are one block's,
-    and each block must hold as many, in order; else 1.  Neighbours inside a
-    block hold different positions -- in a pre-LN residual block the first
-    Linear reads the normalised stream and the second writes into it, ~3x
-    apart -- and that sawtooth, read as steps between neighbours,
-    compounded into "vanishing 971x" over 4 healthy blocks; a block to the
-    next at one position is a step of ``period`` layers.  A top-level
-    ``nn.Sequential`` (one chain, no block) is 1: its layers are the repeats."""
-    keys = []
+def _block_steps(rows: list[LayerStats]) -> list[tuple[int, int]] | None:
+    """Where each block holds several rows of a series in a chain of its own
+    (``blocks.#.mlp = Sequential(Linear, GELU, Linear)``: ``blocks.0.mlp.0``,
+    ``blocks.0.mlp.2``, ``blocks.1.mlp.0``, ...; the rows with the same name
+    but for its last number are one block's), the steps of the series: from
+    each row to the row at its place (the same last number) in the next
+    block, as (k, j) pairs; None where no block holds two (a top-level
+    ``nn.Sequential`` is one chain: its layers are the repeats).  Neighbours
+    inside a block hold different places -- in a pre-LN residual block the
+    first Linear reads the normalised stream and the second writes into it,
+    ~3x apart -- and that sawtooth, read as steps between neighbours,
+    compounded into "vanishing 971x" over 4 healthy blocks.  Blocks may hold
+    chains of different lengths; a row whose place the next block lacks
+    makes no step."""
+    keys, places = [], []
     for layer in rows:
         parts = layer.name.split(".")
         last = max((j for j, c in enumerate(parts) if c.isdigit()), default=None)
         keys.append(".".join(parts[:last] + parts[last + 1:]) if last is not None else layer.name)
-    sizes = Counter(keys)
-    if len(sizes) < 2 or len(set(sizes.values())) != 1:
-        return 1
-    p = next(iter(sizes.values()))
-    return p if p > 1 and all(keys[k] == keys[k - k % p] for k in range(len(keys))) else 1
+        places.append(parts[last] if last is not None else "")
+    blocks: list[list[int]] = []  # runs of rows with one key, in order
+    for k, key in enumerate(keys):
+        if blocks and keys[blocks[-1][0]] == key:
+            blocks[-1].append(k)
+        else:
+            blocks.append([k])
+    if len(blocks) < 2 or max(len(b) for b in blocks) < 2:
+        return None
+    pairs = []
+    for here, there in zip(blocks, blocks[1:]):
+        at = {places[j]: j for j in there}
+        pairs += [(k, at[places[k]]) for k in here if places[k] in at]
+    return pairs or None
 
 
 def _series(layers: list[LayerStats]) -> list[tuple[str, list[LayerStats]]]:
@@ -285,13 +295,13 @@ def _series_evidence(series: list[tuple[str, list[LayerStats]]], trend: float) -
         # A long product of Jacobians changes the gradient a little at every block; the
         # median step across blocks measures that, and one odd block (the first block of a
         # pre-norm transformer sees the embedding-scale stream) does not move it.
-        # (a block index and a position in its chain: two numbered parts of the name at least)
-        period = _period(rows) if role.partition("|")[0].count("#") >= 2 else 1
-        up = _median_trend(g, period)  # > 1: larger toward the input
-        fup = _median_trend(m, period)  # > 1: forward signal smaller deeper (m is in execution order)
+        # (a block index and a place in its chain: two numbered parts of the name at least)
+        pairs = _block_steps(rows) if role.partition("|")[0].count("#") >= 2 else None
+        up = _median_trend(g, pairs)  # > 1: larger toward the input
+        fup = _median_trend(m, pairs)  # > 1: forward signal smaller deeper (m is in execution order)
         rows_all = {layer.index for layer in rows}
-        step = "the median step between neighbours" if period == 1 else \
-            f"the median step per layer, read from each to its place in the next block ({period} a block)"
+        step = "the median step between neighbours" if pairs is None else \
+            "the median step per layer, read from each to its place in the next block"
         if up < 1 / trend:
             out.append(_Evidence("vanishing", "series", rows_all,
                                  f"Over the {n} repeated {label} the gradient's RMS shrinks {times(1 / up)} from the "

@@ -63,7 +63,7 @@ def positional_containers(named: list[tuple[str, nn.Module]]) -> frozenset[str]:
     not repeats.  A chain that is not itself one of several alike (an
     ``nn.Sequential`` MLP, at the top or as one stage of a model) is not one:
     its layers are the repeats (a chain named inside each block,
-    ``blocks.3.mlp``, too: see ``diagnose._period`` for how its series is read)."""
+    ``blocks.3.mlp``, too: see ``diagnose._block_steps`` for how its series is read)."""
     modules = dict(named)
     out = set()
     for name, m in named:
