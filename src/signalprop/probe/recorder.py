@@ -660,6 +660,8 @@ def _count_backward(row: Row, g: torch.Tensor) -> None:
         fills = bool(torch._C._will_engine_execute_node(get_gradient_edge(p).node))
     except RuntimeError:  # refused under torch.autograd.grad with p among its inputs: it fills no .grad
         fills = False
+    except Exception:  # (a torch without this engine query, a tensor subclass it refuses): not told apart
+        return
     if fills:
         row.bwd_calls = 1 if p.grad is None else row.bwd_calls + 1
     elif not (g.requires_grad or torch.is_grad_enabled()) and row.bwd_graph and not row.after_graph:
