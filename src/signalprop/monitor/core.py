@@ -77,7 +77,7 @@ from ..probe.pipeline import (
     untrained_note,
     zero_gates,
 )
-from ..probe.recorder import Hook, Recorder, model_output
+from ..probe.recorder import Hook, Recorder, builds_graph, model_output
 from ..probe.rows import layer_stats
 from ..probe.state import preserved
 from ..probe.stats import Part
@@ -168,7 +168,8 @@ def _in_transform() -> bool:
 
 def _grads_have_graph(params: Any) -> bool:
     """Whether the first parameter with a ``.grad`` has one that requires grad: the loss's own
-    ``backward(create_graph=True)`` filled it (see :func:`signalprop.probe.recorder._grad_built_graph`)."""
+    ``backward(create_graph=True)`` filled it (the rows read theirs from their own modules' parameters:
+    ``signalprop.probe.recorder._count_backward``)."""
     g = next((p.grad for p in params if p.grad is not None), None)
     return g is not None and g.requires_grad
 
@@ -813,7 +814,7 @@ class Monitor:
             def hook(g: torch.Tensor | None, call: _Call = call) -> None:
                 if g is None:
                     return
-                graph = g.requires_grad or torch.is_grad_enabled()
+                graph = builds_graph(g)
                 try:  # inside the training's backward: a failure here is a missing value, never the step's
                     if call.out_graph and not graph and (m := mon()) is not None and _grads_have_graph(m._param_names):
                         return  # the loss's backward(create_graph=True) came first; this one runs through its gradients

@@ -620,7 +620,7 @@ def _grad_hook(row: Row, exact: bool | S.GradBatches, g: torch.Tensor, kernels: 
     :class:`~.stats.GradBatches` to copy a small gradient into, to be reduced
     with others (one op here instead of three)."""
     # a create_graph backward (see Row.bwd_graph): kept aside
-    d = row.bwd_graph if g.requires_grad or torch.is_grad_enabled() else row.bwd
+    d = row.bwd_graph if builds_graph(g) else row.bwd
     # hooks run without grad mode unless the backward builds a graph (create_graph=True)
     prev = torch.is_grad_enabled()
     torch._C._set_grad_enabled(False)
@@ -633,6 +633,13 @@ def _grad_hook(row: Row, exact: bool | S.GradBatches, g: torch.Tensor, kernels: 
             S.grad_moments_into(d, g, kernels)
     finally:
         torch._C._set_grad_enabled(prev)
+
+
+def builds_graph(g: torch.Tensor) -> bool:
+    """Whether the backward that passes the gradient ``g`` to a hook builds a
+    graph (``create_graph=True``): hooks run without grad mode otherwise, and
+    ``g`` then requires no grad."""
+    return g.requires_grad or torch.is_grad_enabled()
 
 
 def _count_backward(row: Row, g: torch.Tensor) -> None:
@@ -664,7 +671,7 @@ def _count_backward(row: Row, g: torch.Tensor) -> None:
         return
     if fills:
         row.bwd_calls = 1 if p.grad is None else row.bwd_calls + 1
-    elif not (g.requires_grad or torch.is_grad_enabled()) and row.bwd_graph and not row.after_graph:
+    elif not builds_graph(g) and row.bwd_graph and not row.after_graph:
         row.after_graph = 2 if p.grad is not None and p.grad.requires_grad else 1
 
 
