@@ -313,3 +313,53 @@ def test_monitors_sharing_a_writer_keep_their_own_series(tmp_path):
     assert [e.step for e in acc.Histograms("signalprop.Sequential/weight/0.weight")] == [0, 2]
     assert [e.step for e in acc.Histograms("signalprop/weight/0.weight")] == [0, 2]
     assert {t.split("/")[0] for t in acc.Tags()["scalars"]} == {"signalprop", "signalprop.Sequential"}
+
+
+class _HistogramWriter:
+    """A writer that draws histograms: each ``add_histogram_raw`` call kept as (tag, step, max)."""
+
+    def __init__(self):
+        self.hist = []
+
+    def add_scalar(self, tag, v, step):
+        pass
+
+    def add_text(self, tag, text, step):
+        pass
+
+    def add_histogram_raw(self, tag, min, max, num, sum, sum_squares, bucket_limits, bucket_counts, global_step):
+        self.hist.append((tag, global_step, max))
+
+
+def test_a_samples_histograms_are_written_at_the_next_step_as_they_were_at_its_mon_step():
+    """The sampled step only takes its samples; their histograms are written
+    at the next ``mon.step`` (or at ``close``), so the sampled step does not
+    also pay for them.  The gradients are sampled as ``mon.step`` saw them:
+    clipped in place after it, the histogram still shows the unclipped
+    values (a view read one step later would show the clipped ones)."""
+    model = _mlp()
+    w = _HistogramWriter()
+    g = torch.Generator().manual_seed(1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = {}
+    with sp.monitor(model, every=EVERY, writer=w, update_ratio=False) as mon:
+        for step in range(3):
+            x, y = torch.randn(32, 8, generator=g), torch.randint(0, 2, (32,), generator=g)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            seen[step] = float(model[4].weight.grad.max())
+            mon.step(loss)
+            written = {k for _, k, _ in w.hist}
+            if step == 0:  # the sampled step: nothing written yet
+                assert not written
+            if step == 1:
+                assert written == {0}
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+            opt.step()
+        assert {k for _, k, _ in w.hist} == {0}  # step 2 is sampled: written at close
+    assert {k for _, k, _ in w.hist} == {0, 2}
+    for k in (0, 2):
+        grad_max = [m for tag, s, m in w.hist if tag == "signalprop/grad/4.weight" and s == k]
+        # 4.weight has 64 entries: sampled whole, so its histogram's max is the gradient's max
+        assert grad_max == [pytest.approx(seen[k], rel=1e-6)]

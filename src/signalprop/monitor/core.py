@@ -585,7 +585,7 @@ class Monitor:
             tap, self._histograms = self._histograms, None
             tap.close()
             try:
-                tap.flush(self.writer)  # the last sample's update
+                tap.flush(self.writer)  # the last sample's histograms and update
             except Exception as e:
                 self._warn("the last histograms were not written", e)
         if self._rec is not None:
