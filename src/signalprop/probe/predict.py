@@ -212,9 +212,12 @@ def _weight_terms(modules: list[nn.Module],
             order.append(idx)
             continue
         step = max(1, _STACK_ENTRIES // max(shape[0] * shape[1], 1))
+        # one buffer that every chunk reuses (a fresh one per chunk was fresh memory to fault in)
+        buf = torch.empty(min(step, len(idx)), *shape, dtype=ws[idx[0]].dtype, device=ws[idx[0]].device)
         for k in range(0, len(idx), step):
             chunk = idx[k:k + step]
-            W = torch.stack([ws[i] for i in chunk])  # (layers, rows, fan_in)
+            W = buf if len(chunk) == buf.shape[0] else buf[:len(chunk)]
+            torch.stack([ws[i] for i in chunk], out=W)  # (layers, rows, fan_in)
             a = acc(W)
             n = shape[0]
             w2 = torch.linalg.vector_norm(W, dim=(1, 2), dtype=a).square() / n
