@@ -33,8 +33,11 @@ def _as_torch(m: nn.Module | None) -> bool:
     aside."""
     if m is None:
         return False
-    if any(not isinstance(h, Hook) for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())) \
-            or m._backward_hooks or m._backward_pre_hooks:  # (one scaling its gradient: the column's backward)
+    # (the hook dicts are read only when not empty: the pass's own hooks are global ones on most models)
+    if (m._forward_hooks or m._forward_pre_hooks) and \
+            any(not isinstance(h, Hook) for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())):
+        return False
+    if m._backward_hooks or m._backward_pre_hooks:  # (one scaling its gradient: the column's backward)
         return False
     return _torch_forward(type(m))
 
