@@ -67,6 +67,8 @@ def positional_containers(named: list[tuple[str, nn.Module]]) -> frozenset[str]:
     modules = dict(named)
     out = set()
     for name, m in named:
+        if not m._modules:  # a leaf (most modules of a deep net): no positions inside
+            continue
         parent, _, last = name.rpartition(".")
         if not _DIGITS.fullmatch(last):
             continue
@@ -1145,11 +1147,13 @@ class Recorder:
         if t.dtype in _LOW_DTYPES:
             row.low = True
             self._low_precision(t)
+        batches = self._batches
+        small = batches is not None and S.Batches.fits(t)  # copied now, measured with others
         prev = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
         try:
-            if self._batches is not None and S.Batches.fits(t):  # small: copied now, measured with others
-                self._batches.add(row.fwd, t, band, rectifier, nonnegative, self._feature_dim)
+            if batches is not None and small:
+                batches.add(row.fwd, t, band, rectifier, nonnegative, self._feature_dim)
             else:
                 flat = None
                 if self.exact:
@@ -1178,7 +1182,7 @@ class Recorder:
             fn = t.grad_fn
             row.wants_grad = True
             how = self.exact or self._grad_batches or False  # the hook holds the batches, not the recorder
-            if fn is not None and self._capture_left > 0 and S.Batches.fits(t):
+            if fn is not None and self._capture_left > 0 and small:  # (a budget only where there are batches)
                 # the caller's autograd.grad returns this gradient with the parameters' (no Python runs
                 # per row in the backward); the edge is the node that made t, as for the pre-hook below
                 self._capture_left -= t.numel() * t.element_size()
