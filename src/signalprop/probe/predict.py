@@ -17,6 +17,7 @@ from torch import nn
 from ..layers import CONV, CONV_TRANSPOSE, CONVS, fans
 from ..records import InputStats
 from ..theory import propagate
+from .distributed import _dtensor_types
 from .recorder import Hook, Row
 from .stats import acc, dottable
 
@@ -122,8 +123,10 @@ def _chain(rows: list[Row], input_ptr: int) -> tuple[list[tuple[Row, Row | None]
 
 
 def _whole(t: torch.Tensor) -> torch.Tensor:
-    """A sharded parameter (FSDP2's ``DTensor``) gathered whole; others as they are."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+    """A sharded parameter (FSDP2's ``DTensor``) gathered whole; others as they are
+    (told by type: a ``hasattr`` miss raised and caught an AttributeError per weight)."""
+    types = _dtensor_types()
+    return t.full_tensor() if types is not None and isinstance(t, types[0]) else t  # type: ignore[attr-defined]
 
 
 # weights stacked at most this many entries at a time (4 MB in float32; 64 MB chunks measured no faster): a
