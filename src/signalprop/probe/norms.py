@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..layers import own_parameters
-from .distributed import REPLICA_NORM, local, norm_kind
+from .distributed import REPLICA_NORM, _dtensor_types, local, norm_kind
 from .recorder import Row, compiled
 from .stats import Part, dottable
 
@@ -67,7 +67,8 @@ def norms(tensors: list[torch.Tensor], squares: dict[int, torch.Tensor] | None =
     stacks: dict[tuple[Any, Any], list[int]] = {}
     dots: list[int] = []
     sums: list[torch.Tensor] = []
-    tensors = [local(t) for t in tensors]  # a DTensor's own shard (FSDP2): combined across ranks later
+    if _dtensor_types() is not None:
+        tensors = [local(t) for t in tensors]  # a DTensor's own shard (FSDP2): combined across ranks later
     if not all(t.layout == torch.strided for t in tensors):  # a sparse gradient: its values
         tensors = [grad_values(t) for t in tensors]
     for i, t in enumerate(tensors):
@@ -138,15 +139,17 @@ class ParamNorms:
         monitor's per-step gradient norms), so no tensor is read twice."""
         mods: list[tuple[nn.Module, int, list[int]]] = []
         tensors: list[torch.Tensor] = []
+        # by id: a tensor's own __hash__ is a Python method, called twice a parameter by the lookups below
+        by_id = {id(p): g for p, g in grads.items() if g is not None}
         for m, ps in module_params(rows):
-            have = [p for p in ps if grads.get(p) is not None]
+            have = [(p, g) for p in ps if (g := by_id.get(id(p))) is not None]
             if not have:
                 continue
             idx = []
-            for p in have:
+            for p, g in have:
                 idx.append(len(tensors))
-                tensors += [grads[p], p]  # type: ignore[list-item]
-            mods.append((m, sum(p.numel() for p in have), idx))
+                tensors += [g, p]
+            mods.append((m, sum(p.numel() for p, _ in have), idx))
         known = known or {}
         todo = [i for i, t in enumerate(tensors) if id(t) not in known]
         out: list[torch.Tensor | Part | None] = [known.get(id(t)) for t in tensors]
@@ -155,7 +158,8 @@ class ParamNorms:
             for i, n in zip(todo, norms([tensors[i] for i in todo], squares) if todo else []):
                 out[i] = n
         squared = {todo[j]: sq for j, sq in squares.items()}
-        kinds = [norm_kind(t) for t in tensors]
+        # (no tensor is a DTensor before torch.distributed.tensor is imported: all replicas then)
+        kinds = [norm_kind(t) for t in tensors] if _dtensor_types() is not None else [REPLICA_NORM] * len(tensors)
         whole: dict[int, tuple[torch.Tensor, bool]] = {}
         for _, _, idx in mods:
             for i in idx:
