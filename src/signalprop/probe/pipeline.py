@@ -303,9 +303,10 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
                      "out), so no gradient is judged")
     elif unreached:
         notes.append(unreached)
-    untrained = "" if silent else untrained_note(
-        [(n, p) for n, p in model.named_parameters() if p.requires_grad],
-        {id(p) for p, g in zip(params, grads[:n_p]) if g is None}, rec.rows)
+    missing = {id(p) for p, g in zip(params, grads[:n_p]) if g is None}
+    # (the names are looked up only when some parameter got no gradient: a walk over every module)
+    untrained = "" if silent or not missing else untrained_note(
+        [(n, p) for n, p in model.named_parameters() if p.requires_grad], missing, rec.rows)
     if untrained:
         notes.append(untrained)
     if rec.transformed:

@@ -17,6 +17,7 @@ from torch import nn
 from ..layers import CONV, CONV_TRANSPOSE, CONVS, fans
 from ..records import InputStats
 from ..theory import propagate
+from .distributed import _dtensor_types
 from .recorder import Hook, Row
 from .stats import acc, dottable
 
@@ -33,8 +34,11 @@ def _as_torch(m: nn.Module | None) -> bool:
     aside."""
     if m is None:
         return False
-    if any(not isinstance(h, Hook) for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())) \
-            or m._backward_hooks or m._backward_pre_hooks:  # (one scaling its gradient: the column's backward)
+    # (the hook dicts are read only when not empty: the pass's own hooks are global ones on most models)
+    if (m._forward_hooks or m._forward_pre_hooks) and \
+            any(not isinstance(h, Hook) for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())):
+        return False
+    if m._backward_hooks or m._backward_pre_hooks:  # (one scaling its gradient: the column's backward)
         return False
     return _torch_forward(type(m))
 
@@ -119,8 +123,10 @@ def _chain(rows: list[Row], input_ptr: int) -> tuple[list[tuple[Row, Row | None]
 
 
 def _whole(t: torch.Tensor) -> torch.Tensor:
-    """A sharded parameter (FSDP2's ``DTensor``) gathered whole; others as they are."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+    """A sharded parameter (FSDP2's ``DTensor``) gathered whole; others as they are
+    (told by type: a ``hasattr`` miss raised and caught an AttributeError per weight)."""
+    types = _dtensor_types()
+    return t.full_tensor() if types is not None and isinstance(t, types[0]) else t  # type: ignore[attr-defined]
 
 
 # weights stacked at most this many entries at a time (4 MB in float32; 64 MB chunks measured no faster): a
@@ -212,9 +218,12 @@ def _weight_terms(modules: list[nn.Module],
             order.append(idx)
             continue
         step = max(1, _STACK_ENTRIES // max(shape[0] * shape[1], 1))
+        # one buffer that every chunk reuses (a fresh one per chunk was fresh memory to fault in)
+        buf = torch.empty(min(step, len(idx)), *shape, dtype=ws[idx[0]].dtype, device=ws[idx[0]].device)
         for k in range(0, len(idx), step):
             chunk = idx[k:k + step]
-            W = torch.stack([ws[i] for i in chunk])  # (layers, rows, fan_in)
+            W = buf if len(chunk) == buf.shape[0] else buf[:len(chunk)]
+            torch.stack([ws[i] for i in chunk], out=W)  # (layers, rows, fan_in)
             a = acc(W)
             n = shape[0]
             w2 = torch.linalg.vector_norm(W, dim=(1, 2), dtype=a).square() / n

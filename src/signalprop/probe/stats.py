@@ -387,9 +387,6 @@ class _Slots:
         if self.cap < self.max:
             self._alloc(min(self.max, 2 * self.cap))
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.views[i]
-
 
 class _Bucket:
     """Outputs of one shape, dtype, device and activation traits, copied into
@@ -412,7 +409,7 @@ class _Bucket:
         self.z: torch.Tensor | None = None
 
     def add(self, d: dict[str, Any], y: torch.Tensor) -> None:
-        self.slots[len(self.dicts)].copy_(y)
+        self.slots.views[len(self.dicts)].copy_(y)
         self.dicts.append(d)
         if len(self.dicts) == self.slots.cap:
             self.flush()
@@ -514,7 +511,7 @@ class GradBatches:
         if b is None:
             b = self._buckets[key] = (_Slots(g, _buffer_rows(g)), [])
         slots, dicts = b
-        slots[len(dicts)].copy_(g)
+        slots.views[len(dicts)].copy_(g)
         d["grad_n"] = float(max(g.numel(), 1))  # at once: a row's bwd shows the gradient has arrived
         dicts.append(d)
         if len(dicts) == slots.cap:
