@@ -292,10 +292,7 @@ class HistogramTap:
         self.grads.clear()
 
 
-def strided_sample_at(t: torch.Tensor, stride: int, n: int = SAMPLE, copy: bool = True) -> torch.Tensor:
+def strided_sample_at(t: torch.Tensor, stride: int, n: int = SAMPLE) -> torch.Tensor:
     """:func:`strided_sample` with a given stride (the same entries of a
-    parameter before and after its update); ``copy=False``: a view, for a
-    tensor that stays as it is until the sample is read (call under
-    ``no_grad``)."""
-    view = t.reshape(-1)[::stride][:n]
-    return view.clone() if copy else view
+    parameter before and after its update), copied (call under ``no_grad``)."""
+    return t.reshape(-1)[::stride][:n].clone()
