@@ -25,6 +25,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import signalprop as sp
+import signalprop.statistics as S
 
 WORLD = 2
 BATCH = 64  # 32 per rank: dead shares are reported from 32 samples per unit on
@@ -146,6 +147,33 @@ def _exits_without_teardown(rank: int, target, *args) -> None:
     os._exit(0)
 
 
+# Reduction.gather's values of every form (floats, 0-d tensors of two dtypes, entries of batch vectors, rows
+# of a matrix, an empty tensor) and every kind, different on each rank: (value on rank r, kind)
+GATHER_CASES = [
+    (lambda r: 3.0 + r, S.SUM), (lambda r: torch.tensor(2.0 + r), S.NORM), (lambda r: torch.tensor(1.0 + r), S.MEAN),
+    (lambda r: torch.tensor(4.0 * (r + 1), dtype=torch.float64), S.GRAD_SQ), (lambda r: float(r), S.ANY),
+    (lambda r: torch.tensor([1.0 - r, 0.0, 2.0]), S.ANY), (lambda r: torch.tensor(5.0 - 4 * r), S.MAX),
+    (lambda r: torch.tensor(5.0 - 4 * r), S.MIN), (lambda r: torch.tensor(6.0 + r), S.GRAD_MAX),
+    (lambda r: torch.tensor(6.0 + r), S.GRAD_MIN), (lambda r: torch.tensor(3.0), S.REPLICA_NORM),
+    (lambda r: torch.tensor(1.0 + r), S.SHARD_NORM), (lambda r: torch.tensor(2.0 * (r + 1)), S.GRAD_NORM),
+    (lambda r: torch.zeros(0), S.SUM),
+]
+
+
+def _gather_kinds(rank: int) -> list[float]:
+    from signalprop.probe.distributed import Reduction
+    from signalprop.probe.stats import Part
+
+    values: list = []
+    vec = torch.tensor([10.0 + rank, 20.0 + rank, 30.0 + rank])  # a batch vector: its entries as Parts
+    mat = torch.tensor([[1.0, 2.0], [3.0 + rank, 4.0]])
+    for make, _ in GATHER_CASES:
+        values.append(make(rank))
+    values += [Part(vec, 2), Part(vec, 0), Part(mat, 1)]
+    kinds = [k for _, k in GATHER_CASES] + [S.SUM, S.NORM, S.MAX]
+    return Reduction(torch.distributed.group.WORLD).gather(values, kinds)
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
@@ -217,6 +245,7 @@ def _worker(rank: int, port: int, out: str) -> None:
                         fully_shard(sub)
                 model = fully_shard(m)
             res[key] = _planted_nan(model, boom, half)
+        res["gather_kinds"] = _gather_kinds(rank)
     finally:
         Path(out, f"rank{rank}.json").write_text(json.dumps(res))
         # rank 0 hosts the rendezvous store: nobody leaves before everyone has finished with it
@@ -314,6 +343,18 @@ def test_an_empty_shard_on_one_rank_does_not_break_the_reduction(ranks):
 def test_nan_on_one_rank_is_named_alike_on_every_rank(ranks):
     for key in ("nan_ddp", "nan_fsdp"):
         assert [res[key] for res in ranks] == [["3|3|forward"]] * WORLD, key
+
+
+def test_the_reduction_combines_every_form_of_value_by_its_kind(ranks):
+    """Each kind's rule from the module docstring, worked by hand over the two
+    ranks' values (rank r's in GATHER_CASES), for values handed as floats,
+    0-d tensors, entries of a batch vector and a row of a matrix."""
+    w = WORLD
+    want = [3 + 4, math.sqrt(2**2 + 3**2), (1 + 2) / w, (4 + 8) / w**2, 1, 2, 5, 1, 7 / w, 6 / w,
+            math.sqrt((9 + 9) / w), math.sqrt(1 + 4), math.sqrt(4 + 16) / w, 0.0,
+            30 + 31, math.sqrt(10**2 + 11**2), 4.0]
+    for res in ranks:
+        assert res["gather_kinds"] == pytest.approx(want, rel=1e-12)
 
 
 def test_one_all_reduce_per_step(ranks):

@@ -31,6 +31,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -50,8 +51,14 @@ from ..statistics import (
     SHARD_NORM,
     SUM,
 )
+from .stats import Part
 
 _SQUARED = (NORM, GRAD_NORM, REPLICA_NORM, SHARD_NORM)
+_BLOCK = (MAX, GRAD_MAX, MIN, GRAD_MIN)  # each rank's value in its own slot of a block of world
+
+
+def _flag(t: torch.Tensor) -> torch.Tensor:
+    return (t != 0).to(t.dtype)
 
 
 _DTENSOR: list[tuple[type, type]] = []
@@ -131,26 +138,82 @@ class Reduction:
         backend = str(torch.distributed.get_backend(group)).lower()
         self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
 
-    def gather(self, values: Sequence[torch.Tensor | float], kinds: Sequence[str]) -> list[float]:
-        """Each value combined across ranks according to its kind, as floats."""
+    def gather(self, values: Sequence[torch.Tensor | Part | float], kinds: Sequence[str]) -> list[float]:
+        """Each value combined across ranks according to its kind, as floats.
+
+        The values are laid into one float64 buffer with one indexed copy per
+        source -- a batch vector's entries (:class:`~.stats.Part`) together,
+        0-d tensors stacked by device and dtype, the floats as one tensor --
+        rather than a conversion per value (a sampled step of a 100-row model
+        holds ~1,000 of them: ~10 ms one at a time on the CPU); then, by kind,
+        squared, turned into flags, or spread into a block of ``world``
+        slots."""
         if len(values) != len(kinds):
             raise ValueError(f"{len(values)} values but {len(kinds)} kinds")
-        parts = []
-        for v, k in zip(values, kinds):
-            t = local(v).detach() if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=torch.float64)
-            t = t.to(self.device, torch.float64).reshape(-1)
-            if k in _SQUARED:
-                t = t * t
-            elif k == ANY:
-                t = (t != 0).to(torch.float64)
-            elif k in (MAX, GRAD_MAX, MIN, GRAD_MIN):
-                block = torch.zeros(self.world, t.numel(), dtype=torch.float64, device=self.device)
-                block[self.rank] = t
-                t = block.reshape(-1)
-            parts.append(t)
-        sizes = [p.numel() for p in parts]
-        buf = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=self.device)
+        sizes: list[int] = []
+        floats: tuple[list[int], list[float]] = ([], [])
+        singles: dict[tuple[Any, Any], tuple[list[int], list[torch.Tensor]]] = {}
+        parts: dict[int, tuple[torch.Tensor, list[int], list[int]]] = {}
+        others: list[tuple[int, torch.Tensor]] = []
+        at = 0
+        for v in values:
+            if type(v) is Part and v.vec.dim() == 1:
+                e = parts.get(id(v.vec))
+                if e is None:
+                    e = parts[id(v.vec)] = (local(v.vec).detach(), [], [])
+                e[1].append(at)
+                e[2].append(v.i)
+                n = 1
+            elif isinstance(v, (torch.Tensor, Part)):
+                t = local(v.tensor() if isinstance(v, Part) else v).detach()
+                n = t.numel()
+                if n == 1:
+                    same = singles.setdefault((t.device, t.dtype), ([], []))
+                    same[0].append(at)
+                    same[1].append(t.reshape(()))
+                elif n:
+                    others.append((at, t.reshape(-1)))
+            else:
+                floats[0].append(at)
+                floats[1].append(float(v))
+                n = 1
+            sizes.append(n)
+            at += n
+        dev, f64 = self.device, torch.float64
+        x = torch.zeros(at, dtype=f64, device=dev)
+
+        def put(where: list[int], t: torch.Tensor) -> None:
+            x[torch.tensor(where, dtype=torch.long, device=dev)] = t.to(dev, f64)
+
+        if floats[0]:
+            put(floats[0], torch.tensor(floats[1], dtype=f64))
+        for where, ts in singles.values():
+            put(where, torch.stack(ts))
+        for vec, where, idx in parts.values():
+            put(where, vec[torch.tensor(idx, dtype=torch.long, device=vec.device)])
+        for a, t in others:
+            x[a:a + t.numel()] = t.to(dev, f64)
+        # by kind, over the entries at once: squares, flags, and each maximum's block of world slots (this
+        # rank's filled, zeros elsewhere)
+        kind = np.array(kinds, dtype=object)
+        n_in = np.array(sizes, dtype=np.int64)
+        block = np.isin(kind, _BLOCK)
+        n_out = np.where(block, self.world * n_in, n_in)
+        owner = np.repeat(np.arange(len(kinds)), n_in)  # the value each entry of x belongs to
+        start_in, start_out = np.cumsum(n_in) - n_in, np.cumsum(n_out) - n_out
+        for mask, op in ((np.isin(kind, _SQUARED), torch.Tensor.square), (kind == ANY, _flag)):
+            if mask.any():
+                at_ = torch.from_numpy(np.flatnonzero(mask[owner])).to(dev)
+                x[at_] = op(x[at_])
+        total = int(n_out.sum())
+        if total == at:
+            buf = x
+        else:
+            dest = start_out[owner] + np.arange(at) - start_in[owner] + np.where(block, self.rank * n_in, 0)[owner]
+            buf = torch.zeros(total, dtype=f64, device=dev)
+            buf[torch.from_numpy(dest).to(dev)] = x
         torch.distributed.all_reduce(buf, group=self.group)
+        sizes = n_out.tolist()
         flat = buf.cpu().tolist()
         out: list[float] = []
         i = 0

@@ -94,7 +94,7 @@ def gather(scalars: list[Any], kinds: list[str] | None = None, red: Reduction | 
     the process group instead, each by its kind (one all-reduce)."""
     if red is not None:
         assert kinds is not None
-        return red.gather([v.tensor() if isinstance(v, Part) else v for v in scalars], kinds)
+        return red.gather(scalars, kinds)
     out: list[Any] = [0.0] * len(scalars)
     pending = Pending()
     for i, v in enumerate(scalars):
