@@ -1602,8 +1602,9 @@ def monitor(model: nn.Module, every: int = 50, *, writer: Any = None, agc: float
     text, a custom-scalars layout with one chart per statistic and, with
     ``histograms`` on and a writer that has ``add_histogram_raw``, per-layer
     histograms of activations, their gradients, weights, gradients and
-    updates on sampled steps; see :mod:`signalprop.monitor.histograms`;
-    ``histograms=False``: none).  ``tag``: this monitor's section of the
+    updates on sampled steps, each sample's written at the next step and the
+    last one's at ``close`` -- use ``with`` or call ``close()`` to have it;
+    see :mod:`signalprop.monitor.histograms`; ``histograms=False``: none).  ``tag``: this monitor's section of the
     writer, its tags starting ``signalprop.<tag>/`` (default ``signalprop/``;
     a second open monitor on one writer without a tag gets
     ``signalprop.<model class>/`` and a warning).  ``grad_every``: read every parameter's

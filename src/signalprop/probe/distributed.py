@@ -180,38 +180,48 @@ class Reduction:
             sizes.append(n)
             at += n
         dev, f64 = self.device, torch.float64
-        x = torch.zeros(at, dtype=f64, device=dev)
-
-        def put(where: list[int], t: torch.Tensor) -> None:
-            x[torch.tensor(where, dtype=torch.long, device=dev)] = t.to(dev, f64)
-
-        if floats[0]:
-            put(floats[0], torch.tensor(floats[1], dtype=f64))
-        for where, ts in singles.values():
-            put(where, torch.stack(ts))
-        for vec, where, idx in parts.values():
-            put(where, vec[torch.tensor(idx, dtype=torch.long, device=vec.device)])
-        for a, t in others:
-            x[a:a + t.numel()] = t.to(dev, f64)
         # by kind, over the entries at once: squares, flags, and each maximum's block of world slots (this
-        # rank's filled, zeros elsewhere)
+        # rank's filled, zeros elsewhere); every index computed on the host and sent in one transfer (on a GPU,
+        # one wait rather than one per index tensor)
         kind = np.array(kinds, dtype=object)
         n_in = np.array(sizes, dtype=np.int64)
         block = np.isin(kind, _BLOCK)
         n_out = np.where(block, self.world * n_in, n_in)
         owner = np.repeat(np.arange(len(kinds)), n_in)  # the value each entry of x belongs to
         start_in, start_out = np.cumsum(n_in) - n_in, np.cumsum(n_out) - n_out
-        for mask, op in ((np.isin(kind, _SQUARED), torch.Tensor.square), (kind == ANY, _flag)):
-            if mask.any():
-                at_ = torch.from_numpy(np.flatnonzero(mask[owner])).to(dev)
-                x[at_] = op(x[at_])
         total = int(n_out.sum())
+        dest = start_out[owner] + np.arange(at) - start_in[owner] + np.where(block, self.rank * n_in, 0)[owner]
+        here = [(vec, where, idx) for vec, where, idx in parts.values() if vec.device == dev]
+        away = [(vec, where, idx) for vec, where, idx in parts.values() if vec.device != dev]
+        lists = [np.asarray(v, dtype=np.int64) for v in (
+            floats[0], *(where for where, _ in singles.values()), *(where for _, where, _ in here + away),
+            *(idx for _, _, idx in here), np.flatnonzero(np.isin(kind, _SQUARED)[owner]),
+            np.flatnonzero((kind == ANY)[owner]), dest)]
+        index = iter(torch.from_numpy(np.concatenate(lists)).to(dev).split([len(v) for v in lists]))
+        x = torch.zeros(at, dtype=f64, device=dev)
+        if floats[0]:
+            x[next(index)] = torch.tensor(floats[1], dtype=f64).to(dev)
+        else:
+            next(index)
+        for _, ts in singles.values():
+            x[next(index)] = torch.stack(ts).to(dev, f64)
+        into = [next(index) for _ in parts]
+        picked = [vec[i] for (vec, _, _), i in zip(here, [next(index) for _ in here])]
+        picked += [vec[torch.tensor(idx, dtype=torch.long, device=vec.device)] for vec, _, idx in away]
+        for where, entries in zip(into, picked):  # the parts on the reduction's device first, then the others
+            x[where] = entries.to(dev, f64)
+        for a_, t in others:
+            x[a_:a_ + t.numel()] = t.to(dev, f64)
+        squared, flags, dest_ = next(index), next(index), next(index)
+        if squared.numel():
+            x[squared] = x[squared].square()
+        if flags.numel():
+            x[flags] = _flag(x[flags])
         if total == at:
             buf = x
         else:
-            dest = start_out[owner] + np.arange(at) - start_in[owner] + np.where(block, self.rank * n_in, 0)[owner]
             buf = torch.zeros(total, dtype=f64, device=dev)
-            buf[torch.from_numpy(dest).to(dev)] = x
+            buf[dest_] = x
         torch.distributed.all_reduce(buf, group=self.group)
         sizes = n_out.tolist()
         flat = buf.cpu().tolist()
