@@ -191,20 +191,20 @@ class Reduction:
         start_in, start_out = np.cumsum(n_in) - n_in, np.cumsum(n_out) - n_out
         total = int(n_out.sum())
         dest = start_out[owner] + np.arange(at) - start_in[owner] + np.where(block, self.rank * n_in, 0)[owner]
+        # the floats as one tensor, the 0-d tensors stacked per device and dtype: each a block of values
+        stacked = [(where, torch.stack(ts)) for where, ts in singles.values()]
+        if floats[0]:
+            stacked.append((floats[0], torch.tensor(floats[1], dtype=f64)))
         here = [(vec, where, idx) for vec, where, idx in parts.values() if vec.device == dev]
         away = [(vec, where, idx) for vec, where, idx in parts.values() if vec.device != dev]
         lists = [np.asarray(v, dtype=np.int64) for v in (
-            floats[0], *(where for where, _ in singles.values()), *(where for _, where, _ in here + away),
+            *(where for where, _ in stacked), *(where for _, where, _ in here + away),
             *(idx for _, _, idx in here), np.flatnonzero(np.isin(kind, _SQUARED)[owner]),
             np.flatnonzero((kind == ANY)[owner]), dest)]
         index = iter(torch.from_numpy(np.concatenate(lists)).to(dev).split([len(v) for v in lists]))
         x = torch.zeros(at, dtype=f64, device=dev)
-        if floats[0]:
-            x[next(index)] = torch.tensor(floats[1], dtype=f64).to(dev)
-        else:
-            next(index)
-        for _, ts in singles.values():
-            x[next(index)] = torch.stack(ts).to(dev, f64)
+        for _, values_ in stacked:
+            x[next(index)] = values_.to(dev, f64)
         into = [next(index) for _ in parts]
         picked = [vec[i] for (vec, _, _), i in zip(here, [next(index) for _ in here])]
         picked += [vec[torch.tensor(idx, dtype=torch.long, device=vec.device)] for vec, _, idx in away]
@@ -223,12 +223,11 @@ class Reduction:
             buf = torch.zeros(total, dtype=f64, device=dev)
             buf[dest_] = x
         torch.distributed.all_reduce(buf, group=self.group)
-        sizes = n_out.tolist()
         flat = buf.cpu().tolist()
         out: list[float] = []
         i = 0
         w = float(self.world)
-        for k, n in zip(kinds, sizes):
+        for k, n in zip(kinds, n_out.tolist()):  # each value's entries in the reduced buffer
             seg = flat[i:i + n]
             i += n
             s = seg[0] if seg else 0.0
