@@ -35,13 +35,13 @@ from signalprop.clip import agc_, agc_reference_
 from signalprop.lab.models import DeepMLP
 
 
-def _mlp() -> tuple[nn.Module, Callable[[nn.Module], torch.Tensor], str]:
+def _mlp(depth: int = 100, width: int = 512, batch: int = 256) -> tuple[nn.Module, Callable[[nn.Module], torch.Tensor], str]:
     torch.manual_seed(0)
-    m = DeepMLP(100, 512, "tanh", 512, 10)
-    x = torch.randn(256, 512)
+    m = DeepMLP(depth, width, "tanh", width, 10)
+    x = torch.randn(batch, width)
     sp.init.critical_(m, x, generator=torch.Generator().manual_seed(0))
-    y = torch.randint(0, 10, (256,), generator=torch.Generator().manual_seed(1))
-    return m, lambda mod: F.cross_entropy(mod(x), y), "MLP 100 x 512, tanh, batch 256"
+    y = torch.randint(0, 10, (batch,), generator=torch.Generator().manual_seed(1))
+    return m, lambda mod: F.cross_entropy(mod(x), y), f"MLP {depth} x {width}, tanh, batch {batch}"
 
 
 def _gpt2(layers: int) -> tuple[nn.Module, Callable[[nn.Module], torch.Tensor], str]:
@@ -115,6 +115,20 @@ def case(build: Callable[[], tuple[nn.Module, Any, str]], rounds: int, every: in
             "amortised_ratio": statistics.median(sum(m) for m in m_all) / plain_window,
             "first_window_ratio": sum(first) / plain_window,
             "targets": {"amortised": 1.05, "sampled": 1.3}}
+
+
+def case_long_run(steps: int = 3200, window: int = 200) -> dict[str, Any]:
+    """Whether a step costs more as the run grows: a small MLP sampled at
+    every step (its history grows by a sample a step), the median step time
+    over ``window`` steps near the end against the same near the start.  The
+    rules read a bounded part of the history: ~1 (before, 10 -> 73 ms a
+    step over 3,500 steps)."""
+    m, loss_of, name = _mlp(10, 32, 16)
+    loop = _Loop(m, loss_of, sp.monitor(m, every=1, update_ratio=True))
+    times = loop.run(steps)
+    early, late = statistics.median(times[window // 2:window]), statistics.median(times[-window:])
+    return {"model": name, "every": 1, "steps": steps, "early_step_median_s": early, "late_step_median_s": late,
+            "late_over_early": late / early, "target_ratio": 1.1}
 
 
 def case_agc(repeat: int) -> dict[str, Any]:
@@ -192,6 +206,8 @@ def main(out: Path, repeat: int) -> dict[str, Any]:
         tb = case(_mlp, max(3, repeat), writer=writer)
         writer.close()
     rows = {"mlp_100x512": case(_mlp, max(3, repeat)), "mlp_100x512_every10": case(_mlp, max(6, 2 * repeat), 10),
+            "mlp_50x256_every10": case(lambda: _mlp(50, 256, 128), max(10, 4 * repeat), 10),
+            "long_run_every1": case_long_run(),
             "mlp_100x512_tensorboard": tb,
             "ddp_2_ranks": case_ddp(max(3, repeat)),
             "gpt2_small_seq128": case(lambda: _gpt2(12), 2, 10),

@@ -444,6 +444,91 @@ def test_max_history_keeps_the_baseline_and_the_latest():
     assert [h.step for h in mon.history] == [0, 1, 2, 8]
 
 
+def test_the_history_is_bounded_by_default(monkeypatch):
+    """Without max_history the samples kept hold at most HISTORY_ROWS rows
+    (here 60: 12 samples of EncHead's 5 rows; at least HISTORY_MIN, 8),
+    the baseline and the latest; max_history still overrides it."""
+    from signalprop.monitor import core
+
+    monkeypatch.setattr(core, "HISTORY_ROWS", 60)
+    monkeypatch.setattr(core, "HISTORY_MIN", 8)
+    torch.manual_seed(0)
+    m = EncHead()
+    with sp.monitor(m, every=1) as mon:
+        _run(m, 30, lambda mm, x: mm(x), mon)
+    rows = len(mon.history[-1].layers)
+    assert rows == 5
+    assert [h.step for h in mon.history] == [0, 1, 2, *range(30 - (max(8, 60 // rows) - 3), 30)]
+    monkeypatch.setattr(core, "HISTORY_ROWS", 10)  # 2 samples' rows: HISTORY_MIN holds
+    with sp.monitor(m, every=1) as mon:
+        _run(m, 30, lambda mm, x: mm(x), mon)
+    assert [h.step for h in mon.history] == [0, 1, 2, *range(25, 30)]
+    with sp.monitor(m, every=1, max_history=20) as mon:
+        _run(m, 30, lambda mm, x: mm(x), mon)
+    assert len(mon.history) == 20 and mon.history[-1].step == 29
+
+
+def test_the_update_spike_baseline_is_each_layers_last_updates_whatever_max_history_keeps():
+    """A learning rate warming up 10% a step (updates growing ~1.2x a sample,
+    never 10x their last ones) and, once, a step whose gradients are 40x: with
+    ``max_history=4`` the update-spike rule still compares each update with
+    the layer's last 8, as without a limit -- the spike at step 33 alerted
+    there and nothing else.  (The previous version read the baseline off the
+    kept samples, the first three and the last: the warm-up was a "spike" at
+    step 23 and the real one was named at 37.)  Step 33's update is the one
+    measured for the sample at 32 (every=2: a sample measures the next step's
+    update)."""
+    def spikes(max_history, spike_at=None):
+        torch.manual_seed(0)
+        m = EncHead()
+        opt = torch.optim.SGD(m.parameters(), lr=0.002)
+        with sp.monitor(m, every=2, max_history=max_history) as mon:
+            for k in range(40):
+                x, y = _data(k)
+                loss = F.cross_entropy(m(x), y)
+                opt.zero_grad()
+                loss.backward()
+                if k == spike_at:
+                    for p in m.parameters():
+                        p.grad.mul_(40)
+                mon.step(loss)
+                opt.step()
+                for g in opt.param_groups:
+                    g["lr"] *= 1.1
+        return [a.step for a in mon.alerts if a.kind == "update-spike"]
+
+    for max_history in (None, 4):
+        assert spikes(max_history) == [], max_history
+        assert spikes(max_history, spike_at=33) == [33], max_history
+
+
+def test_the_sample_rules_read_the_first_and_last_samples_with_a_verdict():
+    """What the drift, logit and precision rules get of the history (see
+    ``Monitor._complete_ends``) is, for any mix of samples with and without
+    a verdict, what they read of the whole list: all of it while it is
+    short, else its first BASELINE_SAMPLES + 1 and last RECENT + 1."""
+    import random
+
+    from signalprop.monitor.alerts import BASELINE_SAMPLES
+    from signalprop.monitor.precision_alerts import RECENT
+    from signalprop.records import evolve
+
+    torch.manual_seed(0)
+    m = EncHead()
+    with sp.monitor(m, every=1) as mon:
+        _run(m, 3, lambda mm, x: mm(x), mon)
+    h = mon.history[0]
+    rng = random.Random(0)
+    for n in range(0, 40):
+        for _ in range(20):
+            mon.history = [evolve(h, step=i, incomplete="no gradients" if rng.random() < 0.3 else "")
+                           for i in range(n)]
+            full = mon._complete_history()
+            head, tail = BASELINE_SAMPLES + 1, RECENT + 1
+            want = full if len(full) <= head + tail else full[:head] + full[-tail:]
+            assert [x.step for x in mon._complete_ends()] == [x.step for x in want]
+
+
 def test_per_step_series_are_bounded(monkeypatch):
     """The first steps (the alerts' reference level) and the latest stay."""
     from signalprop.monitor import core

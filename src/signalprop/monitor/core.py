@@ -88,7 +88,7 @@ from . import alerts as A
 from . import divergence as D
 from .logit_alerts import attention_closing_in, logit_alerts
 from .loss_scale import LossScale
-from .optimizer import SPIKE_BASELINE, check_optimizer, update_spike_alerts
+from .optimizer import SPIKE_BASELINE, UpdateBaselines, check_optimizer
 from .precision_alerts import RECENT, closing_in, output_closing_in, precision_alerts
 from .relative_update import RelativeUpdate
 from .update import UpdateMeter, with_update
@@ -214,6 +214,12 @@ SKIP_ON = ("batch-spike", "loss-spike", "grad-surge", "non-finite")
 # per-step series (steps, losses, grad_norms) keep at most this many steps: the first ones (the level
 # training started at, which the alerts compare with) and the most recent; ~10 MB of Python floats
 MAX_SERIES = 100_000
+# without max_history, the samples kept hold at most this many rows in all (a row measured ~0.9 KB: ~0.5 GB),
+# and at least HISTORY_MIN samples: a 100-row model keeps 5,242 samples, one of 2,000 rows 262; unbounded, a
+# monitor left on a long run grew by a sample's rows at every sample (GPT-2's ~150 rows every 10 steps: 13 GB
+# over a million steps)
+HISTORY_ROWS = 1 << 19
+HISTORY_MIN = 64
 
 
 def _format_of(autocast: list[tuple[str, torch.dtype]], params: Any) -> str | None:
@@ -452,6 +458,7 @@ class Monitor:
         self.grad_every = grad_every if grad_every is not None else (
             1 if on_gpu or skip is not None else grad_interval(every))
         self.history: list[MonitorStep] = []
+        self._update_baselines = UpdateBaselines()  # each layer's last updates (the update-spike rule)
         self.alerts: list[Alert] = []
         self.steps: list[int] = []
         self.losses: list[float | None] = []
@@ -926,8 +933,8 @@ class Monitor:
             self._refresh_params()
         read_grads = sampled or k % self.grad_every == 0
         params = [p for p in self._param_names if p.grad is not None] if read_grads else []
-        self._cuda_devices = sorted({p.device.index for p in self._param_names
-                                     if p.device.type == "cuda" and p.device.index is not None})
+        # (is_cuda and get_device() are read in C: .device built a torch.device per parameter at every step)
+        self._cuda_devices = sorted({p.get_device() for p in self._param_names if p.is_cuda})
         with torch.no_grad():
             grads = [cast(torch.Tensor, p.grad) for p in params]  # sparse ones: norms() reads their values
             gnorms = norms(grads) if params else []
@@ -1039,7 +1046,7 @@ class Monitor:
             if logits is not None:
                 sample = evolve(sample, output_logits=logits)
             if finite and not sample.incomplete:
-                complete = self._complete_history()
+                complete = self._complete_ends()
                 new += A.sampled_alerts(sample, complete, self.trend) + logit_alerts(sample, complete)
                 fmt = self._format()
                 new += precision_alerts(sample, complete, fmt, self.every)
@@ -1047,7 +1054,9 @@ class Monitor:
                         attention_closing_in(sample, complete):
                     self._dense_until = k + self.every
             self.history.append(sample)
-            if self.max_history is not None and len(self.history) > self.max_history:
+            keep = self.max_history if self.max_history is not None else \
+                max(HISTORY_MIN, HISTORY_ROWS // max(len(sample.layers), 1))
+            while len(self.history) > keep:
                 del self.history[A.BASELINE_SAMPLES]  # the baseline samples stay
             self._sampled_out_absmax = out_absmax
         elif out_absmax is not None and self._sampled_out_absmax and finite and \
@@ -1108,6 +1117,30 @@ class Monitor:
     def _complete_history(self) -> list[MonitorStep]:
         """The samples that carry a verdict: the baseline of the drift rules."""
         return [h for h in self.history if not h.incomplete]
+
+    def _complete_ends(self) -> list[MonitorStep]:
+        """What the sample rules read of :meth:`_complete_history`: all of it
+        while it holds at most ``BASELINE_SAMPLES + 1`` + ``RECENT + 1``
+        samples, else its first ``BASELINE_SAMPLES + 1`` and last
+        ``RECENT + 1`` (the drift, logit and precision rules compare a sample
+        with the first ones and the last few, and ask at most whether
+        ``BASELINE_SAMPLES`` are there), found from both ends: the whole list,
+        rebuilt at every sample, grew with the run (2.7 ms a sample after
+        4,000 samples)."""
+        h, head_n, tail_n = self.history, A.BASELINE_SAMPLES + 1, RECENT + 1
+        head: list[MonitorStep] = []
+        i = 0
+        while i < len(h) and len(head) < head_n:
+            if not h[i].incomplete:
+                head.append(h[i])
+            i += 1
+        tail: list[MonitorStep] = []
+        j = len(h) - 1
+        while j >= i and len(tail) < tail_n:
+            if not h[j].incomplete:
+                tail.append(h[j])
+            j -= 1
+        return head + tail[::-1]
 
     def _trim_series(self) -> None:
         """Keep the per-step series bounded (:data:`MAX_SERIES` steps): the
@@ -1300,8 +1333,8 @@ class Monitor:
                     per_module = u.per_module
                     attr = "update_lr_rms" if any("update_lr_rms" in v for v in per_module.values()) else "update_rms"
                     cur = [(m, v[attr]) for m, v in per_module.items() if attr in v]
-                    before = [x for x in self._complete_history() if x.step < u.sample]
-                    out += update_spike_alerts(u.k, cur, before, attr)
+                    out += self._update_baselines.alerts(u.k, cur, attr)
+                    self._update_baselines.add(self.history[j].layers)
                 break
         return out
 
@@ -1473,6 +1506,9 @@ class Monitor:
                              "Monitor.state_dict() returned")
         self.relative_updates = [None if x is None else float(x) for x in rel]
         self.history = [MonitorStep.from_dict(h) for h in [*state["baseline"], *state.get("recent", [])]]
+        self._update_baselines = UpdateBaselines()
+        for h in self._complete_history():
+            self._update_baselines.add(h.layers)
         self.alerts = [Alert.from_dict(a) for a in state["alerts"]]
         self._alerted = {(str(a), str(b)) for a, b in state["alerted"]}
         self._last_scalar_alert = {str(k): int(v) for k, v in state["last_scalar_alert"].items()}
@@ -1622,7 +1658,11 @@ def monitor(model: nn.Module, every: int = 50, *, writer: Any = None, agc: float
     entries of each tensor the relative update samples at every step, see
     :mod:`signalprop.monitor.relative_update`: no copy of the weights;
     recorded with the sample, alerted at the step whose update it is).  ``max_history``: keep at most this many
-    sampled steps (the first ones, the baseline, always stay).  ``bounds`` and
+    sampled steps (the first ones, the baseline, always stay, and the latest); by default as many as hold
+    :data:`HISTORY_ROWS` rows in all (~0.5 GB; a 100-row model keeps its last 5,242 samples, at least
+    :data:`HISTORY_MIN`), so that a monitor left on a long run does not grow without bound: pass a larger
+    number to keep more.  The alert rules read the first samples and the last few, and each layer's update
+    baseline is kept apart.  ``bounds`` and
     ``trend`` as in :func:`signalprop.check`.  ``skip``: an optimizer whose
     ``step()`` the monitor skips on a step that raised a batch-spike,
     loss-spike or non-finite alert (as OLMo-core's skip-step optimizers

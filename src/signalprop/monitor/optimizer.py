@@ -21,7 +21,7 @@ update/weight ratio reads there (no copy of the weights; see
   loss spikes, and StableAdamW divides the learning rate by max(1, RMS_t).
   For parameters with ``exp_avg_sq`` in their optimizer state (Adam, AdamW,
   NAdam, RAdam, fused or not); others have none.
-* **update spikes** (:func:`update_spike_alerts`): a layer's update RMS over
+* **update spikes** (:class:`UpdateBaselines`): a layer's update RMS over
   the learning rate ``UPDATE_SPIKE = 10`` times the median of its own last
   ``SPIKE_BASELINE = 8`` measured updates (at least ``SPIKE_MIN_SAMPLES = 3``):
   a step an order of magnitude beyond the layer's own recent ones.  Relative
@@ -38,13 +38,14 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections import deque
 from collections.abc import Sequence
 from typing import Any, cast
 
 import torch
 from torch import nn
 
-from ..records import Alert, MonitorStep
+from ..records import Alert
 from ..words import module_label
 
 UPDATE_SPIKE = 10.0
@@ -209,44 +210,65 @@ def _sample(t: torch.Tensor) -> torch.Tensor:
     return flat if n <= LAG_SAMPLE else flat[::-(-n // LAG_SAMPLE)]
 
 
-def update_spike_alerts(step: int, current: Sequence[tuple[str, float]], history: Sequence[MonitorStep],
-                        attr: str, spike: float = UPDATE_SPIKE) -> list[Alert]:
-    """A layer whose update (``attr``: ``update_lr_rms`` when the learning rate
-    is known, else ``update_rms``) of the optimizer step at ``step`` is
-    ``spike`` times the median of its last ``SPIKE_BASELINE`` measured ones
-    in ``history`` (the samples before this one; their first row of each
-    module holds the value).  One alert, naming the layer that jumped most
-    and how many did."""
-    past: dict[str, list[float]] = {}
-    kinds: dict[str, str] = {}
-    for h in history:
-        seen = set()
-        for layer in h.layers:
+class UpdateBaselines:
+    """Each layer's last ``SPIKE_BASELINE`` measured updates (both
+    ``update_lr_rms`` and ``update_rms``), kept as the samples' updates
+    arrive: what :meth:`alerts` compares a new update with.  Kept rather
+    than read off the history at each sample, which made that read grow with
+    the run (the samples times their rows at every sample: a 10-row MLP
+    sampled every step slowed from 10 to 73 ms a step over 3,500 steps).
+    A layer's baseline is its last updates whatever ``max_history`` drops;
+    :meth:`Monitor.load_state_dict` refills it from the restored samples."""
+
+    ATTRS = ("update_lr_rms", "update_rms")
+
+    def __init__(self) -> None:
+        self._past: dict[str, dict[str, deque[float]]] = {a: {} for a in self.ATTRS}
+        self._kinds: dict[str, str] = {}
+
+    def add(self, layers: Sequence[Any]) -> None:
+        """A sample's rows, its update statistics on the first row of each
+        module (see :func:`~.update.with_update`): their positive finite
+        updates join each layer's baseline."""
+        seen: set[str] = set()
+        for layer in layers:
             if layer.name in seen:
                 continue
             seen.add(layer.name)
-            kinds[layer.name] = layer.kind
-            v = layer.stats.get(attr)
-            if v is not None and math.isfinite(v) and v > 0:
-                past.setdefault(layer.name, []).append(v)
-    jumped: list[tuple[float, str, float, float]] = []
-    for name, v in current:
-        base = past.get(name, [])[-SPIKE_BASELINE:]
-        if len(base) < SPIKE_MIN_SAMPLES or not math.isfinite(v):
-            continue
-        b = statistics.median(base)
-        if b > 0 and v > spike * b:
-            jumped.append((v / b, name, v, b))
-    if not jumped:
-        return []
-    f, name, v, b = max(jumped)
-    what = "update RMS over the learning rate" if attr == "update_lr_rms" else "update RMS"
-    label = module_label(name, kinds.get(name))
-    return [Alert(step, "update-spike", name,
-                  f"the optimizer step changed {label}'s weights {f:.3g}x more than its last steps did ({what} "
-                  f"{v:.3g} against a median {b:.3g} over its last {min(len(past.get(name, [])), SPIKE_BASELINE)} "
-                  f"samples; {len(jumped)} layer(s) above {spike:g}x): large runs show update spikes like this "
-                  "ahead of loss spikes",
-                  "lower the learning rate or clip the update (sp.clip.agc_, monitor(..., agc=0.01)); with Adam, "
-                  "a larger eps or a higher beta2 keeps the second moment from lagging, or use an update "
-                  "clipped by its RMS (StableAdamW, Adafactor's update clipping)", "update")]
+            self._kinds[layer.name] = layer.kind
+            for attr in self.ATTRS:
+                v = layer.stats.get(attr)
+                if v is not None and math.isfinite(v) and v > 0:
+                    past = self._past[attr].get(layer.name)
+                    if past is None:
+                        past = self._past[attr][layer.name] = deque(maxlen=SPIKE_BASELINE)
+                    past.append(v)
+
+    def alerts(self, step: int, current: Sequence[tuple[str, float]], attr: str,
+               spike: float = UPDATE_SPIKE) -> list[Alert]:
+        """A layer whose update (``attr``: ``update_lr_rms`` when the learning
+        rate is known, else ``update_rms``) of the optimizer step at ``step``
+        is ``spike`` times the median of its baseline (at least
+        ``SPIKE_MIN_SAMPLES`` updates; the samples added before this one).
+        One alert, naming the layer that jumped most and how many did."""
+        past = self._past[attr]
+        jumped: list[tuple[float, str, float, float, int]] = []
+        for name, v in current:
+            base = past.get(name)
+            if base is None or len(base) < SPIKE_MIN_SAMPLES or not math.isfinite(v):
+                continue
+            b = statistics.median(base)
+            if b > 0 and v > spike * b:
+                jumped.append((v / b, name, v, b, len(base)))
+        if not jumped:
+            return []
+        f, name, v, b, n = max(jumped)
+        what = "update RMS over the learning rate" if attr == "update_lr_rms" else "update RMS"
+        label = module_label(name, self._kinds.get(name))
+        return [Alert(step, "update-spike", name,
+                      f"the optimizer step changed {label}'s weights {f:.3g}x more than its last steps did ({what} "
+                      f"{v:.3g} against a median {b:.3g} over its last {n} samples; {len(jumped)} layer(s) above "
+                      f"{spike:g}x): large runs show update spikes like this ahead of loss spikes",
+                      "lower the learning rate or clip the update (sp.clip.agc_, monitor(..., agc=0.01)); with Adam, "
+                      "a larger eps or a higher beta2 keeps the second moment from lagging, or use an update "
+                      "clipped by its RMS (StableAdamW, Adafactor's update clipping)", "update")]
