@@ -49,6 +49,54 @@ def test_unlearning_alerts_within_smooth_steps_of_giving_back_the_threshold():
         assert step > 150  # nothing during the healthy part
 
 
+def test_the_unlearning_rules_quick_exit_never_changes_its_answer():
+    """``unlearned`` first asks whether the level rose RISE-fold out of the
+    last WINDOW losses (the cheap half of the rule) and only then reads the
+    last LEARNED_WINDOW.  Its answer equals the rule written out in full
+    (every step's ``unlearning``, persistence over UNLEARN_PERSIST steps) on
+    learning runs with catapults, climbs, bad batches, missing and
+    non-finite losses, at every step; the runs alarm often enough that both
+    answers are exercised."""
+    def full(losses, loss):
+        u = D.unlearning(losses, loss)
+        if u is None or not u.alarming:
+            return None
+        seq = [*losses, loss]
+        for j in range(2, D.UNLEARN_PERSIST + 1):
+            i = len(seq) - j
+            if i < 1 or seq[i] is None:
+                return None
+            before = D.unlearning(seq[:i], seq[i])
+            if before is None or not before.alarming:
+                return None
+        return u
+
+    rng = np.random.default_rng(0)
+    alarms = 0
+    for seed in range(12):
+        losses = _learning(int(rng.integers(20, 320)), seed)
+        for _ in range(4):  # episodes: a climb (x1.05-1.3 a step), a catapult that recovers, bad batches
+            kind = rng.integers(3)
+            if kind == 0:
+                for _ in range(int(rng.integers(3, 30))):
+                    losses.append(losses[-1] * float(rng.uniform(1.05, 1.3)))
+            elif kind == 1:
+                top = losses[0] * float(rng.uniform(0.5, 0.95))
+                losses += [top] * int(rng.integers(1, 6)) + _learning(int(rng.integers(10, 80)), seed + 100)
+            else:
+                losses += [losses[-1] * float(rng.uniform(3, 30))] + _learning(30, seed + 200, start=losses[-1])
+        series: list[float | None] = [float(v) for v in losses]
+        for i in rng.choice(len(series), size=len(series) // 20, replace=False):
+            series[int(i)] = None if rng.random() < 0.5 else float("nan")
+        for t in range(len(series)):
+            if series[t] is None:
+                continue
+            want = full(series[:t], series[t])
+            assert D.unlearned(series[:t], series[t]) == want, (seed, t)
+            alarms += want is not None
+    assert alarms >= 20, alarms
+
+
 def test_a_catapult_that_undoes_most_progress_alerts_before_any_loss_exceeds_the_start():
     """The episode seen 10-40 steps before divergence: for four steps the loss
     gives back 85-90% of its progress -- never rising above the level training

@@ -131,6 +131,8 @@ def unlearned(losses: Sequence[float | None], loss: float) -> Unlearning | None:
     the ``UNLEARN_PERSIST - 1`` steps before (for several steps in a row the
     run has given the progress back), else None.  The steps before are
     judged only when this one is alarming."""
+    if not _risen(losses, loss):  # (not alarming: most steps end here)
+        return None
     u = unlearning(losses, loss)
     if u is None or not u.alarming:
         return None
@@ -143,6 +145,21 @@ def unlearned(losses: Sequence[float | None], loss: float) -> Unlearning | None:
         if before is None or not before.alarming:
             return None
     return u
+
+
+def _risen(losses: Sequence[float | None], loss: float) -> bool:
+    """Whether the loss's level is ``RISE`` times the median of the
+    ``WINDOW`` finite losses before it, or there are too few to tell: the half
+    of :attr:`Unlearning.alarming` that the last ``WINDOW`` losses decide, read
+    before :func:`unlearning`, whose best level takes the last
+    ``LEARNED_WINDOW`` (a quarter of a millisecond of Python at every step).
+    The same losses and arithmetic as there: a False here is a False there."""
+    if not math.isfinite(loss):
+        return False
+    recent = last_finite(losses, WINDOW) + [loss]
+    if len(recent) < SMOOTH:
+        return True
+    return _median3(recent[-3], recent[-2], recent[-1]) >= RISE * statistics.median(recent[:-1])
 
 
 def unlearning(losses: Sequence[float | None], loss: float) -> Unlearning | None:
