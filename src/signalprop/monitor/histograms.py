@@ -40,7 +40,7 @@ from torch.nn.modules.module import register_module_forward_hook
 
 from ..probe.distributed import local
 from ..probe.norms import grad_values
-from ..probe.recorder import Hook, first_float_tensor, leaf_modules
+from ..probe.recorder import Hook, first_float_tensor, leaf_modules, transformed
 
 SAMPLE = 1024  # entries kept per tensor for its histogram (30 buckets of ~34 entries on average)
 BINS = 30  # TensorBoard's own default bucket count for a histogram
@@ -163,7 +163,9 @@ class HistogramTap:
         model = mon.model
         named = list(model.named_modules())
         self._leaves = {m: n for n, m in named if m in set(leaf_modules(model, named))}
-        self._params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        # (complex parameters left out, as complex activations are: a histogram of real values would cast away
+        # their imaginary part, with a warning of torch's)
+        self._params = [(n, p) for n, p in model.named_parameters() if p.requires_grad and not p.is_complex()]
         self.errors: list[BaseException] = []
         self.acts: dict[str, torch.Tensor] = {}
         self.grads: dict[str, torch.Tensor] = {}
@@ -181,6 +183,10 @@ class HistogramTap:
         mon = self.mon
         if mon._replaying or not torch.is_grad_enabled() or not mon.regular or self._hook is not None \
                 or getattr(module, "_compiled_call_impl", None) is not None:
+            return
+        if torch._C._functorch.peek_interpreter_stack() is not None:
+            # the model called inside torch.func (a Jacobian penalty): a transform's per-example view, not the
+            # training forward (as the monitor's own sample: core._in_transform)
             return
         if self._captured == mon._step and (self.grads or not self.acts):
             return  # the step's training forward is sampled already
@@ -201,7 +207,9 @@ class HistogramTap:
             return
         try:
             t = first_float_tensor(out)
-            if t is None or t.is_complex():
+            # (a call inside torch.vmap/grad in the forward: the transform's wrapper, which leaves the transform
+            # only to fail when its histogram is computed -- all of the sample's histograms lost with it)
+            if t is None or t.is_complex() or transformed(t):
                 return
             with torch.no_grad():
                 self.acts[name] = strided_sample(t)
