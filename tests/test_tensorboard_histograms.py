@@ -439,3 +439,35 @@ def test_complex_parameters_are_left_out_of_the_histograms(tmp_path):
     writer.close()
     assert not _read(tmp_path).Tags()["histograms"]
     assert [h.step for h in mon.history] == [0, 2]
+
+
+def test_a_module_replaced_mid_run_is_drawn_with_its_own_values(tmp_path):
+    """A head replaced between two samples (fine-tuning onto new classes):
+    the histograms after it are of the new head's weights and activations.
+    The tap's module and parameter lists were read once, when the monitor
+    started: the old head's weights kept being drawn under the name, and the
+    new head's outputs never."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    model = _mlp()
+    writer = SummaryWriter(str(tmp_path))
+    g = torch.Generator().manual_seed(1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with sp.monitor(model, every=EVERY, writer=writer) as mon:
+        for k in range(6):
+            if k == 3:
+                model[4] = nn.Linear(32, 2)
+                nn.init.constant_(model[4].weight, 5.0)  # far from anything the old head held
+                opt.add_param_group({"params": model[4].parameters()})
+            x, y = torch.randn(32, 8, generator=g), torch.randint(0, 2, (32,), generator=g)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            mon.step(loss)
+            opt.step()
+    writer.close()
+    acc = _read(tmp_path)
+    weight = {e.step: e.histogram_value for e in acc.Histograms("signalprop/weight/4.weight")}
+    assert weight[2].max < 1 and weight[4].min > 4  # the old head at step 2, the new one at step 4
+    assert [e.step for e in acc.Histograms("signalprop/activation/4")] == [0, 2, 4]
+    assert [e.step for e in acc.Histograms("signalprop/update/4.weight")] == [0, 2, 4]

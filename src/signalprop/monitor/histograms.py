@@ -161,18 +161,14 @@ class HistogramTap:
     def __init__(self, mon: Any) -> None:
         self.mon = mon
         model = mon.model
-        named = list(model.named_modules())
-        self._leaves = {m: n for n, m in named if m in set(leaf_modules(model, named))}
-        # (complex parameters left out, as complex activations are: a histogram of real values would cast away
-        # their imaginary part, with a warning of torch's)
-        self._params = [(n, p) for n, p in model.named_parameters() if p.requires_grad and not p.is_complex()]
+        self._leaves: dict[nn.Module, str] = {}  # the model's leaf modules, read anew at each sampled forward
         self.errors: list[BaseException] = []
         self.acts: dict[str, torch.Tensor] = {}
         self.grads: dict[str, torch.Tensor] = {}
         self._hook: Any = None
         self._captured: int | None = None  # the step whose forward was sampled
         # the sampled step's weight samples (step, [(name, param, stride, sample)]) until its update is taken
-        self._before: tuple[int, list[tuple[str, nn.Parameter, int, torch.Tensor]]] | None = None
+        self._before: tuple[int, list[tuple[str, nn.Parameter, int, torch.Tensor, torch.Size]]] | None = None
         self._updates: list[tuple[int, list[tuple[str, torch.Tensor]]]] = []  # update samples waiting to be written
         self._pending: list[tuple[int, str, torch.Tensor]] = []  # the last sample's, written at the next step
         self._handles = [model.register_forward_pre_hook(Hook(self._root_pre)),
@@ -194,6 +190,11 @@ class HistogramTap:
         self.acts.clear()
         self.grads.clear()
         self._captured = mon._step
+        # read at each sample: a module replaced or added since (a new head, an adapter) is sampled, not the one
+        # it replaced
+        named = list(module.named_modules())
+        leaves = set(leaf_modules(module, named))
+        self._leaves = {m: n for n, m in named if m in leaves}
         self._hook = register_module_forward_hook(self._leaf_post)
 
     def _root_post(self, module: nn.Module, args: Any, out: Any) -> None:
@@ -236,7 +237,9 @@ class HistogramTap:
             if self._before is not None and step > self._before[0]:
                 k, before = self._before
                 self._before = None
-                self._updates.append((k, [(n, strided_sample_at(p, stride) - b) for n, p, stride, b in before]))
+                # (a parameter whose tensor was resized since -- model surgery -- has no update to draw)
+                self._updates.append((k, [(n, strided_sample_at(p, stride) - b) for n, p, stride, b, shape in before
+                                          if local(p).shape == shape]))
             if self._pending and self._pending[0][0] < step:
                 pending, self._pending = self._pending, []
                 self._write(writer, pending)
@@ -251,11 +254,16 @@ class HistogramTap:
             entries += [(step, f"signalprop/activation/{n or '(root)'}", s) for n, s in self.acts.items()]
             entries += [(step, f"signalprop/activation_grad/{n or '(root)'}", s) for n, s in self.grads.items()]
             before = []
-            for n, p in self._params:
+            # the model's parameters now (a module replaced since the monitor started has its new ones); complex
+            # ones left out, as complex activations are: a histogram of real values would cast away their
+            # imaginary part, with a warning of torch's
+            for n, p in self.mon.model.named_parameters():
+                if not p.requires_grad or p.is_complex():
+                    continue
                 w = local(p)
                 stride = stride_for(w.numel(), w.shape[-1] if w.dim() else 1)
                 ws = strided_sample_at(w, stride)
-                before.append((n, p, stride, ws))
+                before.append((n, p, stride, ws, w.shape))
                 entries.append((step, f"signalprop/weight/{n}", ws))
                 if p.grad is not None and p.grad.layout != torch.strided:
                     # a sparse gradient (nn.Embedding(sparse=True)): the entries of the rows it holds
