@@ -977,3 +977,35 @@ def test_a_frozen_encoder_on_torchs_fused_path_trains_as_without_the_monitor():
     m.head.requires_grad_(True)
     assert sp.check(m, (ids, mask)).verdict == "healthy"
     assert torch.backends.mha.get_fastpath_enabled()  # put back after the pass
+
+
+class _FlatInPlace(nn.Module):
+    """Features flattened by a module (``nn.Flatten``: a view of its input),
+    an in-place activation on the flat view -- which rectifies the features
+    themselves -- and the features used again."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.flat = nn.Flatten()
+        self.act = nn.ReLU(inplace=True)
+        self.head = nn.Linear(8, 3)
+        self.side = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.fc(x.reshape(len(x), 2, 4))
+        f = self.act(self.flat(h))
+        return self.head(f) + self.side(h.reshape(len(h), -1))
+
+
+def test_a_layer_whose_output_is_a_view_of_its_input_is_left_as_it_is():
+    """A sampled forward replaced a view output with a copy (so that an
+    in-place op after it could not move its gradient hook): where the view
+    is of the layer's input, the in-place op then rectified the copy and not
+    the features the forward uses again, and the monitored run trained
+    differently.  Such an output is left alone; its row says why it has no
+    gradient rather than that the loss does not reach it."""
+    mon = _monitored_equals_plain(lambda m, x: m(x), cls=_FlatInPlace)
+    assert [h.verdict for h in mon.history] == ["healthy"] * 3
+    assert all(any("flat" in n and "a view of its input" in n for n in h.notes) for h in mon.history)
+    assert not any("does not depend on its output" in n for h in mon.history for n in h.notes)

@@ -175,6 +175,9 @@ class Row:
     # row's statistics the last one's (the monitor's recorder only)
     bwd_calls: int = 0
     low: bool = False  # the output was in a low-precision format (float16, bfloat16, FP8)
+    # the output is a view of the call's input, left as it is (see Recorder._leaf_post): an in-place op on it
+    # after the call (ReLU(inplace=True)) moves its history, and its gradient hook never fires
+    aliased: bool = False
 
 
 # torch's dtypes of the low-precision formats (float16, bfloat16, FP8): a set, tested once a row
@@ -284,6 +287,19 @@ def leaf_modules(model: nn.Module, named: list[tuple[str, nn.Module]] | None = N
     return [m for m in mods if id(m) not in hidden
             and (isinstance(m, FUSED) or compiled(m) or isinstance(m, torch.jit.ScriptModule)
                  or not _has_own_children(m))]
+
+
+def _aliases(out: torch.Tensor, args: Any) -> bool:
+    """Whether ``out`` shares its storage with a tensor among a call's
+    positional arguments (one level into tuples and lists): a view of the
+    input, whose base the caller holds."""
+    ptr = out.untyped_storage().data_ptr()
+    items = args if isinstance(args, (tuple, list)) else (args,)
+    for a in items:
+        for t in (a if isinstance(a, (tuple, list)) else (a,)):
+            if isinstance(t, torch.Tensor) and not t.is_nested and t.untyped_storage().data_ptr() == ptr:
+                return True
+    return False
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
@@ -1031,10 +1047,16 @@ class Recorder:
         if info is None:
             info = self._info[m]
         replaced = None
-        if self.stats and isinstance(out, torch.Tensor) and out.requires_grad and out._is_view():
+        aliased = False
+        if self.stats and isinstance(out, torch.Tensor) and out.requires_grad and out._is_view() \
+                and not (aliased := _aliases(out, args)):
             # An in-place op on a view (ReLU(inplace=True) after a Linear on
             # 3-D input) rebases the view's history, and a gradient hook on
             # it would never fire; a non-view copy of the output keeps it.
+            # Not where the output is a view of the call's input (nn.Flatten,
+            # nn.Identity on a transposed tensor): the caller holds that
+            # input, which an in-place op on the output changes too -- on a
+            # copy it would not, and the training would not be the same.
             out = replaced = out.clone()
         if info.feature_dim is not None:
             self._feature_dim = info.feature_dim
@@ -1045,6 +1067,7 @@ class Recorder:
             return replaced
         if t is not None and not t.is_nested:  # (a nested output: torch's fused path for a packed batch)
             row = self._row(info.name, info.kind, m, info.act, t, info.role)
+            row.aliased = aliased
             self._read(row, t, args)
             if self.stats:
                 if self._dsts is not None:
