@@ -1009,3 +1009,67 @@ def test_a_layer_whose_output_is_a_view_of_its_input_is_left_as_it_is():
     assert [h.verdict for h in mon.history] == ["healthy"] * 3
     assert all(any("flat" in n and "a view of its input" in n for n in h.notes) for h in mon.history)
     assert not any("does not depend on its output" in n for h in mon.history for n in h.notes)
+
+
+def _history_with_checks(where, steps=8):
+    """The monitor's samples of a loop that calls ``sp.check`` on a held-out
+    batch at ``where`` (or never: None) on every other step."""
+    torch.manual_seed(0)
+    model = EncHead()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    held_out = _data(999)[0]
+    with sp.monitor(model, every=2) as mon:
+        for k in range(steps):
+            x, y = _data(k)
+            if where == "before the forward" and k % 2 == 0:
+                sp.check(model, held_out)
+            out = model(x)
+            if where == "after the forward" and k % 2 == 0:
+                sp.check(model, held_out)
+            loss = F.cross_entropy(out, y)
+            opt.zero_grad()
+            loss.backward()
+            if where == "after the backward" and k % 2 == 0:
+                sp.check(model, held_out)
+            mon.step(loss)
+            opt.step()
+    return [(h.step, h.verdict, h.incomplete, h.output_grad_rms, [layer.grad_rms for layer in h.layers],
+             [layer.stats.get("forward_second_moment") for layer in h.layers]) for h in mon.history]
+
+
+@pytest.mark.parametrize("where", ["before the forward", "after the forward", "after the backward"])
+def test_sp_check_inside_a_monitored_loop_is_no_forward_of_the_training(where):
+    """``sp.check(model, x)`` on a held-out batch inside the loop runs a
+    forward and a backward of its own through the watched model: the monitor
+    took the one before the training forward as the step's sample (then
+    called the training's backward a zeroing of its gradients: "incomplete",
+    and every step sampled from then on), and the one after it in its place
+    (check's random cotangent measured as the loss's gradient).  The samples
+    are now those of the same loop without the checks."""
+    assert _history_with_checks(where) == _history_with_checks(None)
+
+
+def test_a_monitors_replay_of_a_nan_step_is_no_forward_of_another_monitors():
+    """Two monitors on one model (or one on a submodule): the replay one of
+    them runs to locate a NaN went through the other's hooks as a forward of
+    the step, which then read its samples wrongly (an "incomplete" sample
+    with gradients said to be zeroed, a false "exploding" alert)."""
+    torch.manual_seed(0)
+    model = EncHead()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    mons = [sp.monitor(model, every=2), sp.monitor(model, every=3), sp.monitor(model.enc, every=2)]
+    for k in range(8):
+        x, y = _data(k)
+        if k == 5:
+            x[0, 0] = float("nan")
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        for mon in mons:
+            mon.step(loss)
+        if torch.isfinite(loss):
+            opt.step()
+    for mon in mons:
+        mon.close()
+        assert [(a.step, a.kind) for a in mon.alerts] == [(5, "non-finite")]
+        assert not any(h.incomplete for h in mon.history)

@@ -62,7 +62,7 @@ from ..probe.attention import logits_of, output_logit_sums
 from ..probe.diagnose import diagnose
 from ..probe.distributed import GRAD_NORM, MEAN, NORM, SUM, Reduction, local, norm_kind, resolve_group, unwrap
 from ..probe.gather import finalise, gather
-from ..probe.inputs import CallArgs, ModelError
+from ..probe.inputs import CallArgs, ModelError, in_own_pass
 from ..probe.norms import ParamNorms, norms
 from ..probe.pipeline import (
     check_limits,
@@ -646,7 +646,9 @@ class Monitor:
             self._handles[1] = self.model.register_forward_hook(Hook(self._root_post), always_call=True)
 
     def _root_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if self._replaying:
+        if self._replaying or in_own_pass():
+            # (signalprop's own pass through the model: sp.check inside the loop, another monitor's replay of a NaN
+            # step -- no forward of the training's, and the post-hook below stands aside as this one does)
             return
         if self._rec is not None and not self._recording and self._rec.recomputing():
             # called during a backward, after the recorded forward: activation checkpointing (non-reentrant)
@@ -668,6 +670,8 @@ class Monitor:
     def _arrives(self, p: nn.Parameter, g: torch.Tensor) -> None:
         """A gradient reaches the witness parameter: with its ``.grad`` gone
         (``zero_grad()``) since the sampled pass's backward filled it."""
+        if in_own_pass():  # the backward of signalprop's own pass (sp.check in the loop): not the training's
+            return
         if p.grad is None:
             self._zeroed_seen = True
         elif self._zero_probe is None and not self._zeroed_seen:
@@ -752,7 +756,7 @@ class Monitor:
             self._calls[-1].extra_rng = extra_rng_state()
 
     def _root_post(self, module: nn.Module, args: Any, out: Any) -> None:
-        if self._replaying:
+        if self._replaying or in_own_pass():
             return
         if self._recomputing:
             self._recomputing -= 1

@@ -39,6 +39,7 @@ from torch import nn
 from torch.nn.modules.module import register_module_forward_hook
 
 from ..probe.distributed import local
+from ..probe.inputs import in_own_pass
 from ..probe.norms import grad_values
 from ..probe.recorder import Hook, first_float_tensor, leaf_modules, transformed
 
@@ -177,7 +178,7 @@ class HistogramTap:
     # -- capture during the sampled forward --------------------------------------
     def _root_pre(self, module: nn.Module, args: Any) -> None:
         mon = self.mon
-        if mon._replaying or not torch.is_grad_enabled() or not mon.regular or self._hook is not None \
+        if mon._replaying or in_own_pass() or not torch.is_grad_enabled() or not mon.regular or self._hook is not None \
                 or getattr(module, "_compiled_call_impl", None) is not None:
             return
         if torch._C._functorch.peek_interpreter_stack() is not None:
@@ -198,13 +199,13 @@ class HistogramTap:
         self._hook = register_module_forward_hook(self._leaf_post)
 
     def _root_post(self, module: nn.Module, args: Any, out: Any) -> None:
-        if self._hook is not None:
+        if self._hook is not None and not in_own_pass():
             self._hook.remove()
             self._hook = None
 
     def _leaf_post(self, m: nn.Module, args: Any, out: Any) -> None:
         name = self._leaves.get(m)
-        if name is None or name in self.acts:  # not ours, or a module's second call
+        if name is None or name in self.acts or in_own_pass():  # not ours, a module's second call, or sp.check's
             return
         try:
             t = first_float_tensor(out)

@@ -25,7 +25,7 @@ from .causes import explain
 from .diagnose import diagnose
 from .distributed import GRAD_NORM, MEAN, NORM, SUM, Reduction, is_ddp, is_sharded
 from .gather import finalise, has_nonfinite, underflowed
-from .inputs import COTANGENT_SEED, ModelError, call_model, cotangent, prepare_inputs, shapes, tensors_of
+from .inputs import COTANGENT_SEED, ModelError, as_own_pass, call_model, cotangent, prepare_inputs, shapes, tensors_of
 from .norms import ParamNorms
 from .predict import predictions
 from .recorder import Recorder, Row, model_output
@@ -126,6 +126,7 @@ def _forward(model: nn.Module, x: Any, inputs: Any, rec: Recorder) -> Any:
 CAPTURE_BYTES = 1 << 22
 
 
+@as_own_pass
 def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: tuple[float, float],
          trend: float, exact: bool, red: Reduction | None = None, caller: nn.Module | None = None,
          known: tuple[list[nn.Parameter], list[tuple[str, nn.Module]]] | None = None,

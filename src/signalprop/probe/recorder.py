@@ -33,6 +33,7 @@ from ..records import FORMATS
 from ..statistics import HEADROOM, Statistic, kernels
 from . import attention
 from . import stats as S
+from .inputs import in_own_pass
 
 
 def role_of(name: str, kind: str, module: nn.Module | None, shape: tuple[int, ...],
@@ -1290,6 +1291,8 @@ class Recorder:
         errors = self.errors
 
         def guarded(*args: Any) -> Any:
+            if in_own_pass():  # a monitor's recorder: signalprop's own pass through the model (sp.check) is not its
+                return None
             try:
                 return hook(*args)
             except Exception as e:  # a guest in the user's forward never raises into it
