@@ -1073,3 +1073,41 @@ def test_a_monitors_replay_of_a_nan_step_is_no_forward_of_another_monitors():
         mon.close()
         assert [(a.step, a.kind) for a in mon.alerts] == [(5, "non-finite")]
         assert not any(h.incomplete for h in mon.history)
+
+
+@pytest.mark.parametrize("writer", [False, True])
+def test_a_monitor_never_closed_does_not_keep_its_model_alive(tmp_path, writer):
+    """A monitor the loop never closes (a notebook cell run again, no
+    ``with``) whose last step armed the next sample: its recorder's hooks
+    are torch's process-wide module hooks, which held the recorder, the
+    monitor and the model for the life of the process (and ran on every
+    module call of every model).  They hold it weakly: the model goes when
+    the caller lets it go."""
+    import gc
+    import weakref
+
+    from torch.nn.modules import module as torch_module
+    from torch.utils.tensorboard import SummaryWriter
+
+    model = EncHead()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    w = SummaryWriter(str(tmp_path)) if writer else None
+    mon = sp.monitor(model, every=2, writer=w)
+    for k in range(4):  # step 4 is armed for a sample when the loop ends
+        x, y = _data(k)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        mon.step(loss)
+        opt.step()
+    assert mon._rec is not None and torch_module._global_forward_hooks  # armed: its global hooks are on
+    handles = list(mon._rec._handles)  # (a handle holds the hook's id, not the hook)
+    refs = [weakref.ref(m) for m in model.modules()]
+    del model, opt, mon, loss
+    gc.collect()
+    assert all(r() is None for r in refs), [type(r()).__name__ for r in refs if r() is not None]
+    EncHead()(_data(0)[0])  # the hooks left behind do nothing
+    for h in handles:  # (they stay registered: not in this suite's later tests)
+        h.remove()
+    if w is not None:
+        w.close()
