@@ -1111,3 +1111,18 @@ def test_a_monitor_never_closed_does_not_keep_its_model_alive(tmp_path, writer):
         h.remove()
     if w is not None:
         w.close()
+
+
+def test_numpy_integers_are_integers_to_the_monitor():
+    """``every=np.int64(5)`` (a config read with NumPy, a sweep's grid) was
+    refused as not "a positive integer"; it is one, and the monitor keeps a
+    plain int (its state_dict is plain JSON values)."""
+    import numpy as np
+
+    model = EncHead()
+    with sp.monitor(model, every=np.int64(2), grad_every=np.int32(1), max_history=np.int64(10)) as mon:
+        _run(model, 4, lambda m, x: m(x), mon)
+    assert type(mon.every) is int and [h.step for h in mon.history] == [0, 2]
+    json.dumps(mon.state_dict())
+    with pytest.raises(ValueError, match="every must be a positive integer"):
+        sp.monitor(model, every=np.int64(0))

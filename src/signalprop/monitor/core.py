@@ -43,6 +43,7 @@ import contextlib
 import functools
 import inspect
 import math
+import numbers
 import os
 import re
 import sys
@@ -337,9 +338,10 @@ def check_options(every: int = 50, *, writer: Any = None, agc: float | None = No
         takes = [n for n in inspect.signature(check_options).parameters if n not in ("who", "unknown")]
         raise TypeError(f"{who}() got an unexpected keyword argument {next(iter(unknown))!r}; the monitor's "
                         f"arguments are {', '.join(takes)}")
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+    # (numbers.Integral: a NumPy integer from a config or a sweep is one)
+    if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
         raise ValueError(f"every must be a positive integer (sample one step in `every`), got {every!r}")
-    if grad_every is not None and (isinstance(grad_every, bool) or not isinstance(grad_every, int)
+    if grad_every is not None and (isinstance(grad_every, bool) or not isinstance(grad_every, numbers.Integral)
                                    or grad_every < 1):
         raise ValueError(f"grad_every must be a positive integer or None, got {grad_every!r}")
     if agc is not None and not (isinstance(agc, (int, float)) and not isinstance(agc, bool) and agc > 0
@@ -362,7 +364,7 @@ def check_options(every: int = 50, *, writer: Any = None, agc: float | None = No
         raise TypeError(f"histograms must be True or False, got {histograms!r}")
     if not isinstance(update_ratio, bool):
         raise TypeError(f"update_ratio must be True or False, got {update_ratio!r}")
-    if max_history is not None and (isinstance(max_history, bool) or not isinstance(max_history, int)
+    if max_history is not None and (isinstance(max_history, bool) or not isinstance(max_history, numbers.Integral)
                                     or max_history <= A.BASELINE_SAMPLES):
         raise ValueError(f"max_history must be None or an integer > {A.BASELINE_SAMPLES} (the first "
                          f"{A.BASELINE_SAMPLES} samples are every layer's baseline and stay, and at least one more "
@@ -433,6 +435,10 @@ class Monitor:
         if optimizer is None and skip is not None and isinstance(getattr(skip, "param_groups", None), list) \
                 and hasattr(skip, "state"):
             optimizer = skip
+        # plain ints (a NumPy integer would reach the state_dict, which is plain JSON values)
+        every = int(every)
+        grad_every = int(grad_every) if grad_every is not None else None
+        max_history = int(max_history) if max_history is not None else None
         model = unwrap(model)  # DDP calls the module it wraps: its hooks fire, its names are the model's
         self.model = model
         self._model_name = type(model).__name__
