@@ -1062,3 +1062,152 @@ def test_a_frozen_encoder_on_torchs_fused_path_trains_as_without_the_monitor():
     m.head.requires_grad_(True)
     assert sp.check(m, (ids, mask)).verdict == "healthy"
     assert torch.backends.mha.get_fastpath_enabled()  # put back after the pass
+
+
+class _FlatInPlace(nn.Module):
+    """Features flattened by a module (``nn.Flatten``: a view of its input),
+    an in-place activation on the flat view -- which rectifies the features
+    themselves -- and the features used again."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.flat = nn.Flatten()
+        self.act = nn.ReLU(inplace=True)
+        self.head = nn.Linear(8, 3)
+        self.side = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.fc(x.reshape(len(x), 2, 4))
+        f = self.act(self.flat(h))
+        return self.head(f) + self.side(h.reshape(len(h), -1))
+
+
+def test_a_layer_whose_output_is_a_view_of_its_input_is_left_as_it_is():
+    """A sampled forward replaced a view output with a copy (so that an
+    in-place op after it could not move its gradient hook): where the view
+    is of the layer's input, the in-place op then rectified the copy and not
+    the features the forward uses again, and the monitored run trained
+    differently.  Such an output is left alone; its row says why it has no
+    gradient rather than that the loss does not reach it."""
+    mon = _monitored_equals_plain(lambda m, x: m(x), cls=_FlatInPlace)
+    assert [h.verdict for h in mon.history] == ["healthy"] * 3
+    assert all(any("flat" in n and "a view of its input" in n for n in h.notes) for h in mon.history)
+    assert not any("does not depend on its output" in n for h in mon.history for n in h.notes)
+
+
+def _history_with_checks(where, steps=8):
+    """The monitor's samples of a loop that calls ``sp.check`` on a held-out
+    batch at ``where`` (or never: None) on every other step."""
+    torch.manual_seed(0)
+    model = EncHead()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    held_out = _data(999)[0]
+    with sp.monitor(model, every=2) as mon:
+        for k in range(steps):
+            x, y = _data(k)
+            if where == "before the forward" and k % 2 == 0:
+                sp.check(model, held_out)
+            out = model(x)
+            if where == "after the forward" and k % 2 == 0:
+                sp.check(model, held_out)
+            loss = F.cross_entropy(out, y)
+            opt.zero_grad()
+            loss.backward()
+            if where == "after the backward" and k % 2 == 0:
+                sp.check(model, held_out)
+            mon.step(loss)
+            opt.step()
+    return [(h.step, h.verdict, h.incomplete, h.output_grad_rms, [layer.grad_rms for layer in h.layers],
+             [layer.stats.get("forward_second_moment") for layer in h.layers]) for h in mon.history]
+
+
+@pytest.mark.parametrize("where", ["before the forward", "after the forward", "after the backward"])
+def test_sp_check_inside_a_monitored_loop_is_no_forward_of_the_training(where):
+    """``sp.check(model, x)`` on a held-out batch inside the loop runs a
+    forward and a backward of its own through the watched model: the monitor
+    took the one before the training forward as the step's sample (then
+    called the training's backward a zeroing of its gradients: "incomplete",
+    and every step sampled from then on), and the one after it in its place
+    (check's random cotangent measured as the loss's gradient).  The samples
+    are now those of the same loop without the checks."""
+    assert _history_with_checks(where) == _history_with_checks(None)
+
+
+def test_a_monitors_replay_of_a_nan_step_is_no_forward_of_another_monitors():
+    """Two monitors on one model (or one on a submodule): the replay one of
+    them runs to locate a NaN went through the other's hooks as a forward of
+    the step, which then read its samples wrongly (an "incomplete" sample
+    with gradients said to be zeroed, a false "exploding" alert)."""
+    torch.manual_seed(0)
+    model = EncHead()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    mons = [sp.monitor(model, every=2), sp.monitor(model, every=3), sp.monitor(model.enc, every=2)]
+    for k in range(8):
+        x, y = _data(k)
+        if k == 5:
+            x[0, 0] = float("nan")
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        for mon in mons:
+            mon.step(loss)
+        if torch.isfinite(loss):
+            opt.step()
+    for mon in mons:
+        mon.close()
+        assert [(a.step, a.kind) for a in mon.alerts] == [(5, "non-finite")]
+        assert not any(h.incomplete for h in mon.history)
+
+
+@pytest.mark.parametrize("writer", [False, True])
+def test_a_monitor_never_closed_does_not_keep_its_model_alive(tmp_path, writer):
+    """A monitor the loop never closes (a notebook cell run again, no
+    ``with``) whose last step armed the next sample: its recorder's hooks
+    are torch's process-wide module hooks, which held the recorder, the
+    monitor and the model for the life of the process (and ran on every
+    module call of every model).  They hold it weakly: the model goes when
+    the caller lets it go."""
+    import gc
+    import weakref
+
+    from torch.nn.modules import module as torch_module
+    from torch.utils.tensorboard import SummaryWriter
+
+    model = EncHead()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    w = SummaryWriter(str(tmp_path)) if writer else None
+    mon = sp.monitor(model, every=2, writer=w)
+    for k in range(4):  # step 4 is armed for a sample when the loop ends
+        x, y = _data(k)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        mon.step(loss)
+        opt.step()
+    assert mon._rec is not None and torch_module._global_forward_hooks  # armed: its global hooks are on
+    handles = list(mon._rec._handles)  # (a handle holds the hook's id, not the hook)
+    refs = [weakref.ref(m) for m in model.modules()]
+    del model, opt, mon, loss
+    gc.collect()
+    assert all(r() is None for r in refs), [type(r()).__name__ for r in refs if r() is not None]
+    EncHead()(_data(0)[0])  # the hooks left behind do nothing
+    for h in handles:  # (they stay registered: not in this suite's later tests)
+        h.remove()
+    if w is not None:
+        w.close()
+
+
+def test_numpy_integers_are_integers_to_the_monitor():
+    """``every=np.int64(5)`` (a config read with NumPy, a sweep's grid) was
+    refused as not "a positive integer"; it is one, and the monitor keeps a
+    plain int (its state_dict is plain JSON values)."""
+    import numpy as np
+
+    model = EncHead()
+    with sp.monitor(model, every=np.int64(2), grad_every=np.int32(1), max_history=np.int64(10)) as mon:
+        _run(model, 4, lambda m, x: m(x), mon)
+    assert type(mon.every) is int and [h.step for h in mon.history] == [0, 2]
+    json.dumps(mon.state_dict())
+    with pytest.raises(ValueError, match="every must be a positive integer"):
+        sp.monitor(model, every=np.int64(0))

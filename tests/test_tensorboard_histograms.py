@@ -363,3 +363,111 @@ def test_a_samples_histograms_are_written_at_the_next_step_as_they_were_at_its_m
         grad_max = [m for tag, s, m in w.hist if tag == "signalprop/grad/4.weight" and s == k]
         # 4.weight has 64 entries: sampled whole, so its histogram's max is the gradient's max
         assert grad_max == [pytest.approx(seen[k], rel=1e-6)]
+
+
+class _VmapInside(nn.Module):
+    """A forward that maps its first layer over the batch with ``torch.vmap``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 16)
+        self.out = nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.out(torch.vmap(lambda r: torch.tanh(self.fc(r)))(x))
+
+
+def _jacobian_penalty(model, x, y):
+    """A Jacobian penalty through the model inside ``torch.func`` before the training forward."""
+    params = dict(model.named_parameters())
+    jac = torch.func.vmap(torch.func.jacrev(lambda xi: torch.func.functional_call(model, params, (xi,))))(x[:4])
+    return F.cross_entropy(model(x), y) + 1e-3 * jac.square().sum()
+
+
+@pytest.mark.parametrize("case", ["vmap inside forward", "jacobian penalty"])
+def test_calls_inside_torch_func_leave_the_samples_histograms_written(tmp_path, case):
+    """A module called inside a ``torch.func`` transform puts out the
+    transform's wrapper tensor: sampled, it failed when the histograms were
+    computed, and every histogram of the sample was lost with a warning.
+    Those calls are not sampled (as the monitor's rows leave them out); the
+    training forward's are."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    torch.manual_seed(0)
+    model = _VmapInside() if case == "vmap inside forward" else _mlp()
+    writer = SummaryWriter(str(tmp_path))
+    g = torch.Generator().manual_seed(1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with sp.monitor(model, every=EVERY, writer=writer) as mon:
+        for _ in range(4):
+            x, y = torch.randn(16, 8, generator=g), torch.randint(0, 2, (16,), generator=g)
+            loss = F.cross_entropy(model(x), y) if case == "vmap inside forward" else _jacobian_penalty(model, x, y)
+            opt.zero_grad()
+            loss.backward()
+            mon.step(loss)
+            opt.step()
+    writer.close()
+    tags = set(_read(tmp_path).Tags()["histograms"])
+    leaves, params = (("out",), ("fc.weight", "out.weight")) if case == "vmap inside forward" else (LEAVES, PARAMS)
+    want = {f"signalprop/{q}/{n}" for q in ("activation", "activation_grad") for n in leaves} | \
+        {f"signalprop/{q}/{n}" for q in ("weight", "grad", "update") for n in params}
+    assert want <= tags, sorted(want - tags)
+    if case == "vmap inside forward":  # the mapped layer's per-example views: not sampled
+        assert "signalprop/activation/fc" not in tags
+
+
+def test_complex_parameters_are_left_out_of_the_histograms(tmp_path):
+    """A complex-valued layer's weights, gradients and updates get no
+    histogram (as its complex outputs get none): casting them to real lost
+    their imaginary part, with torch's warning (an error under this suite's
+    filter: the sample's histograms were lost)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16, dtype=torch.cfloat), nn.Linear(16, 2, dtype=torch.cfloat))
+    writer = SummaryWriter(str(tmp_path))
+    g = torch.Generator().manual_seed(1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with sp.monitor(model, every=EVERY, writer=writer) as mon:
+        for _ in range(4):
+            x, y = torch.randn(16, 8, generator=g), torch.randint(0, 2, (16,), generator=g)
+            loss = F.cross_entropy(model(x.to(torch.cfloat)).abs(), y)
+            opt.zero_grad()
+            loss.backward()
+            mon.step(loss)
+            opt.step()
+    writer.close()
+    assert not _read(tmp_path).Tags()["histograms"]
+    assert [h.step for h in mon.history] == [0, 2]
+
+
+def test_a_module_replaced_mid_run_is_drawn_with_its_own_values(tmp_path):
+    """A head replaced between two samples (fine-tuning onto new classes):
+    the histograms after it are of the new head's weights and activations.
+    The tap's module and parameter lists were read once, when the monitor
+    started: the old head's weights kept being drawn under the name, and the
+    new head's outputs never."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    model = _mlp()
+    writer = SummaryWriter(str(tmp_path))
+    g = torch.Generator().manual_seed(1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with sp.monitor(model, every=EVERY, writer=writer) as mon:
+        for k in range(6):
+            if k == 3:
+                model[4] = nn.Linear(32, 2)
+                nn.init.constant_(model[4].weight, 5.0)  # far from anything the old head held
+                opt.add_param_group({"params": model[4].parameters()})
+            x, y = torch.randn(32, 8, generator=g), torch.randint(0, 2, (32,), generator=g)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            mon.step(loss)
+            opt.step()
+    writer.close()
+    acc = _read(tmp_path)
+    weight = {e.step: e.histogram_value for e in acc.Histograms("signalprop/weight/4.weight")}
+    assert weight[2].max < 1 and weight[4].min > 4  # the old head at step 2, the new one at step 4
+    assert [e.step for e in acc.Histograms("signalprop/activation/4")] == [0, 2, 4]
+    assert [e.step for e in acc.Histograms("signalprop/update/4.weight")] == [0, 2, 4]

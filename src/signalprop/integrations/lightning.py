@@ -99,7 +99,7 @@ class SignalpropCallback(pl.Callback):
             raise TypeError(f"module takes the name of the submodule to watch (\"net\"), got {type(module).__name__}")
         if not isinstance(log_scalars, bool):
             raise TypeError(f"log_scalars must be True or False, got {log_scalars!r}")
-        self.every = every
+        self.every = int(every)  # (a NumPy integer from a config: the checkpoint's values are plain)
         self.agc = agc
         self.module = module
         self.log_scalars = log_scalars

@@ -105,7 +105,7 @@ class SignalpropCallback(TrainerCallback, ExportableState):
         self._key = uuid.uuid4().hex
         _LIVE[self._key] = self
         self._restored: dict[str, Any] | None = None
-        self.every = every
+        self.every = int(every)  # (a NumPy integer from a config: the checkpoint's values are plain)
         self.agc = agc
         self.writer = writer
         self.monitor_kwargs = monitor_kwargs

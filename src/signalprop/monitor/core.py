@@ -43,6 +43,7 @@ import contextlib
 import functools
 import inspect
 import math
+import numbers
 import os
 import re
 import sys
@@ -62,7 +63,7 @@ from ..probe.attention import logits_of, output_logit_sums
 from ..probe.diagnose import diagnose
 from ..probe.distributed import GRAD_NORM, MEAN, NORM, SUM, Reduction, local, norm_kind, resolve_group, unwrap
 from ..probe.gather import finalise, gather
-from ..probe.inputs import CallArgs, ModelError
+from ..probe.inputs import CallArgs, ModelError, in_own_pass
 from ..probe.norms import ParamNorms, norms
 from ..probe.pipeline import (
     check_limits,
@@ -343,9 +344,10 @@ def check_options(every: int = 50, *, writer: Any = None, agc: float | None = No
         takes = [n for n in inspect.signature(check_options).parameters if n not in ("who", "unknown")]
         raise TypeError(f"{who}() got an unexpected keyword argument {next(iter(unknown))!r}; the monitor's "
                         f"arguments are {', '.join(takes)}")
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+    # (numbers.Integral: a NumPy integer from a config or a sweep is one)
+    if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
         raise ValueError(f"every must be a positive integer (sample one step in `every`), got {every!r}")
-    if grad_every is not None and (isinstance(grad_every, bool) or not isinstance(grad_every, int)
+    if grad_every is not None and (isinstance(grad_every, bool) or not isinstance(grad_every, numbers.Integral)
                                    or grad_every < 1):
         raise ValueError(f"grad_every must be a positive integer or None, got {grad_every!r}")
     if agc is not None and not (isinstance(agc, (int, float)) and not isinstance(agc, bool) and agc > 0
@@ -368,7 +370,7 @@ def check_options(every: int = 50, *, writer: Any = None, agc: float | None = No
         raise TypeError(f"histograms must be True or False, got {histograms!r}")
     if not isinstance(update_ratio, bool):
         raise TypeError(f"update_ratio must be True or False, got {update_ratio!r}")
-    if max_history is not None and (isinstance(max_history, bool) or not isinstance(max_history, int)
+    if max_history is not None and (isinstance(max_history, bool) or not isinstance(max_history, numbers.Integral)
                                     or max_history <= A.BASELINE_SAMPLES):
         raise ValueError(f"max_history must be None or an integer > {A.BASELINE_SAMPLES} (the first "
                          f"{A.BASELINE_SAMPLES} samples are every layer's baseline and stay, and at least one more "
@@ -439,6 +441,10 @@ class Monitor:
         if optimizer is None and skip is not None and isinstance(getattr(skip, "param_groups", None), list) \
                 and hasattr(skip, "state"):
             optimizer = skip
+        # plain ints (a NumPy integer would reach the state_dict, which is plain JSON values)
+        every = int(every)
+        grad_every = int(grad_every) if grad_every is not None else None
+        max_history = int(max_history) if max_history is not None else None
         model = unwrap(model)  # DDP calls the module it wraps: its hooks fire, its names are the model's
         self.model = model
         self._model_name = type(model).__name__
@@ -653,7 +659,9 @@ class Monitor:
             self._handles[1] = self.model.register_forward_hook(Hook(self._root_post), always_call=True)
 
     def _root_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if self._replaying:
+        if self._replaying or in_own_pass():
+            # (signalprop's own pass through the model: sp.check inside the loop, another monitor's replay of a NaN
+            # step -- no forward of the training's, and the post-hook below stands aside as this one does)
             return
         if self._rec is not None and not self._recording and self._rec.recomputing():
             # called during a backward, after the recorded forward: activation checkpointing (non-reentrant)
@@ -675,6 +683,8 @@ class Monitor:
     def _arrives(self, p: nn.Parameter, g: torch.Tensor) -> None:
         """A gradient reaches the witness parameter: with its ``.grad`` gone
         (``zero_grad()``) since the sampled pass's backward filled it."""
+        if in_own_pass():  # the backward of signalprop's own pass (sp.check in the loop): not the training's
+            return
         if p.grad is None:
             self._zeroed_seen = True
         elif self._zero_probe is None and not self._zeroed_seen:
@@ -759,7 +769,7 @@ class Monitor:
             self._calls[-1].extra_rng = extra_rng_state()
 
     def _root_post(self, module: nn.Module, args: Any, out: Any) -> None:
-        if self._replaying:
+        if self._replaying or in_own_pass():
             return
         if self._recomputing:
             self._recomputing -= 1

@@ -39,8 +39,9 @@ from torch import nn
 from torch.nn.modules.module import register_module_forward_hook
 
 from ..probe.distributed import local
+from ..probe.inputs import in_own_pass
 from ..probe.norms import grad_values
-from ..probe.recorder import Hook, first_float_tensor, leaf_modules
+from ..probe.recorder import Hook, first_float_tensor, leaf_modules, transformed, weakly
 
 SAMPLE = 1024  # entries kept per tensor for its histogram (30 buckets of ~34 entries on average)
 BINS = 30  # TensorBoard's own default bucket count for a histogram
@@ -161,16 +162,14 @@ class HistogramTap:
     def __init__(self, mon: Any) -> None:
         self.mon = mon
         model = mon.model
-        named = list(model.named_modules())
-        self._leaves = {m: n for n, m in named if m in set(leaf_modules(model, named))}
-        self._params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self._leaves: dict[nn.Module, str] = {}  # the model's leaf modules, read anew at each sampled forward
         self.errors: list[BaseException] = []
         self.acts: dict[str, torch.Tensor] = {}
         self.grads: dict[str, torch.Tensor] = {}
         self._hook: Any = None
         self._captured: int | None = None  # the step whose forward was sampled
         # the sampled step's weight samples (step, [(name, param, stride, sample)]) until its update is taken
-        self._before: tuple[int, list[tuple[str, nn.Parameter, int, torch.Tensor]]] | None = None
+        self._before: tuple[int, list[tuple[str, nn.Parameter, int, torch.Tensor, torch.Size]]] | None = None
         self._updates: list[tuple[int, list[tuple[str, torch.Tensor]]]] = []  # update samples waiting to be written
         self._pending: list[tuple[int, str, torch.Tensor]] = []  # the last sample's, written at the next step
         self._handles = [model.register_forward_pre_hook(Hook(self._root_pre)),
@@ -179,8 +178,12 @@ class HistogramTap:
     # -- capture during the sampled forward --------------------------------------
     def _root_pre(self, module: nn.Module, args: Any) -> None:
         mon = self.mon
-        if mon._replaying or not torch.is_grad_enabled() or not mon.regular or self._hook is not None \
+        if mon._replaying or in_own_pass() or not torch.is_grad_enabled() or not mon.regular or self._hook is not None \
                 or getattr(module, "_compiled_call_impl", None) is not None:
+            return
+        if torch._C._functorch.peek_interpreter_stack() is not None:
+            # the model called inside torch.func (a Jacobian penalty): a transform's per-example view, not the
+            # training forward (as the monitor's own sample: core._in_transform)
             return
         if self._captured == mon._step and (self.grads or not self.acts):
             return  # the step's training forward is sampled already
@@ -188,20 +191,27 @@ class HistogramTap:
         self.acts.clear()
         self.grads.clear()
         self._captured = mon._step
-        self._hook = register_module_forward_hook(self._leaf_post)
+        # read at each sample: a module replaced or added since (a new head, an adapter) is sampled, not the one
+        # it replaced
+        named = list(module.named_modules())
+        leaves = set(leaf_modules(module, named))
+        self._leaves = {m: n for n, m in named if m in leaves}
+        self._hook = register_module_forward_hook(weakly(self._leaf_post))
 
     def _root_post(self, module: nn.Module, args: Any, out: Any) -> None:
-        if self._hook is not None:
+        if self._hook is not None and not in_own_pass():
             self._hook.remove()
             self._hook = None
 
     def _leaf_post(self, m: nn.Module, args: Any, out: Any) -> None:
         name = self._leaves.get(m)
-        if name is None or name in self.acts:  # not ours, or a module's second call
+        if name is None or name in self.acts or in_own_pass():  # not ours, a module's second call, or sp.check's
             return
         try:
             t = first_float_tensor(out)
-            if t is None or t.is_complex():
+            # (a call inside torch.vmap/grad in the forward: the transform's wrapper, which leaves the transform
+            # only to fail when its histogram is computed -- all of the sample's histograms lost with it)
+            if t is None or t.is_complex() or transformed(t):
                 return
             with torch.no_grad():
                 self.acts[name] = strided_sample(t)
@@ -228,7 +238,9 @@ class HistogramTap:
             if self._before is not None and step > self._before[0]:
                 k, before = self._before
                 self._before = None
-                self._updates.append((k, [(n, strided_sample_at(p, stride) - b) for n, p, stride, b in before]))
+                # (a parameter whose tensor was resized since -- model surgery -- has no update to draw)
+                self._updates.append((k, [(n, strided_sample_at(p, stride) - b) for n, p, stride, b, shape in before
+                                          if local(p).shape == shape]))
             if self._pending and self._pending[0][0] < step:
                 pending, self._pending = self._pending, []
                 self._write(writer, pending)
@@ -243,11 +255,16 @@ class HistogramTap:
             entries += [(step, f"signalprop/activation/{n or '(root)'}", s) for n, s in self.acts.items()]
             entries += [(step, f"signalprop/activation_grad/{n or '(root)'}", s) for n, s in self.grads.items()]
             before = []
-            for n, p in self._params:
+            # the model's parameters now (a module replaced since the monitor started has its new ones); complex
+            # ones left out, as complex activations are: a histogram of real values would cast away their
+            # imaginary part, with a warning of torch's
+            for n, p in self.mon.model.named_parameters():
+                if not p.requires_grad or p.is_complex():
+                    continue
                 w = local(p)
                 stride = stride_for(w.numel(), w.shape[-1] if w.dim() else 1)
                 ws = strided_sample_at(w, stride)
-                before.append((n, p, stride, ws))
+                before.append((n, p, stride, ws, w.shape))
                 entries.append((step, f"signalprop/weight/{n}", ws))
                 if p.grad is not None and p.grad.layout != torch.strided:
                     # a sparse gradient (nn.Embedding(sparse=True)): the entries of the rows it holds

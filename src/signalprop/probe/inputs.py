@@ -4,11 +4,14 @@ random cotangent that starts the backward pass when no loss is given."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 import weakref
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 from torch import nn
@@ -36,6 +39,42 @@ def _sequence(inputs: Any) -> bool:
     return isinstance(inputs, (tuple, list)) and not isinstance(inputs, nn.utils.rnn.PackedSequence)
 
 
+# signalprop's own passes through a model running now (check, a monitor's replay of a NaN step, LSUV): a
+# process-wide count, not per thread (nn.DataParallel runs a model's hooks in its worker threads)
+_OWN_PASSES = [0]
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+@contextlib.contextmanager
+def own_pass() -> Iterator[None]:
+    """While signalprop runs a model itself (forward and backward): a
+    monitor watching the model (:func:`in_own_pass`) leaves these calls
+    alone -- ``sp.check(model, x)`` inside a monitored loop, or another
+    monitor's replay of a NaN step, is no forward of the training's."""
+    _OWN_PASSES[0] += 1
+    try:
+        yield
+    finally:
+        _OWN_PASSES[0] -= 1
+
+
+def in_own_pass() -> bool:
+    """Whether one of signalprop's own passes runs (see :func:`own_pass`)."""
+    return _OWN_PASSES[0] > 0
+
+
+def as_own_pass(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """``fn`` run as one of signalprop's own passes (:func:`own_pass`)."""
+    @functools.wraps(fn)
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with own_pass():
+            return fn(*args, **kwargs)
+    return run
+
+
+@as_own_pass
 def call_model(model: nn.Module, inputs: Any) -> Any:
     if isinstance(inputs, CallArgs):
         return model(*inputs.args, **inputs.kwargs)

@@ -25,7 +25,7 @@ from .causes import explain
 from .diagnose import diagnose
 from .distributed import GRAD_NORM, MEAN, NORM, SUM, Reduction, is_ddp, is_sharded
 from .gather import finalise, has_nonfinite, underflowed
-from .inputs import COTANGENT_SEED, ModelError, call_model, cotangent, prepare_inputs, shapes, tensors_of
+from .inputs import COTANGENT_SEED, ModelError, as_own_pass, call_model, cotangent, prepare_inputs, shapes, tensors_of
 from .norms import ParamNorms
 from .predict import predictions
 from .recorder import Recorder, Row, model_output
@@ -126,6 +126,7 @@ def _forward(model: nn.Module, x: Any, inputs: Any, rec: Recorder) -> Any:
 CAPTURE_BYTES = 1 << 22
 
 
+@as_own_pass
 def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: tuple[float, float],
          trend: float, exact: bool, red: Reduction | None = None, caller: nn.Module | None = None,
          known: tuple[list[nn.Parameter], list[tuple[str, nn.Module]]] | None = None,
@@ -326,15 +327,26 @@ def unreached_note(rows: list[Row], start: str) -> str:
     why they are not judged, or "": ``start``, where the backward began (the
     loss), does not depend on their outputs (another head, an unused
     branch)."""
-    unreached = [r.name for r in rows if r.wants_grad and not r.bwd]
-    if not unreached:
-        return ""
-    one = len(unreached) == 1
-    return (f"{count(len(unreached), 'row')} got no gradient ({', '.join(unreached[:3])}"
-            f"{', ...' if len(unreached) > 3 else ''}): {start} does not depend on "
-            f"{'its output' if one else 'their outputs'} (another head -- one another loss or backward trains --, "
-            "an unused branch), so "
-            f"{'its gradient is' if one else 'their gradients are'} not judged")
+    unreached = [r.name for r in rows if r.wants_grad and not r.bwd and not r.aliased]
+    # a row whose output is a view of its input (nn.Flatten): an in-place op after it moves the view's history
+    # and its gradient cannot be read (a copy of the output would change what the in-place op writes)
+    views = [r.name for r in rows if r.wants_grad and not r.bwd and r.aliased]
+    out = []
+    if unreached:
+        one = len(unreached) == 1
+        out.append(f"{count(len(unreached), 'row')} got no gradient ({', '.join(unreached[:3])}"
+                   f"{', ...' if len(unreached) > 3 else ''}): {start} does not depend on "
+                   f"{'its output' if one else 'their outputs'} (another head -- one another loss or backward "
+                   "trains --, an unused branch), so "
+                   f"{'its gradient is' if one else 'their gradients are'} not judged")
+    if views:
+        one = len(views) == 1
+        out.append(f"{count(len(views), 'row')} got no gradient ({', '.join(views[:3])}"
+                   f"{', ...' if len(views) > 3 else ''}): {'its output is a view' if one else 'their outputs are views'}"
+                   f" of {'its' if one else 'their'} input, which an in-place operation after "
+                   f"{'it' if one else 'them'} (ReLU(inplace=True)) rewrote -- its gradient is out of reach there -- "
+                   f"or {start} does not depend on {'it' if one else 'them'}; not judged")
+    return "; ".join(out)
 
 
 def _masked_rows(rows: list[Row], layers: list[LayerStats], ex: list[float], inp: InputStats | None) -> set[int]:

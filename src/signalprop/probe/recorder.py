@@ -33,6 +33,7 @@ from ..records import FORMATS
 from ..statistics import HEADROOM, Statistic, kernels
 from . import attention
 from . import stats as S
+from .inputs import in_own_pass
 
 
 def role_of(name: str, kind: str, module: nn.Module | None, shape: tuple[int, ...],
@@ -175,6 +176,9 @@ class Row:
     # row's statistics the last one's (the monitor's recorder only)
     bwd_calls: int = 0
     low: bool = False  # the output was in a low-precision format (float16, bfloat16, FP8)
+    # the output is a view of the call's input, left as it is (see Recorder._leaf_post): an in-place op on it
+    # after the call (ReLU(inplace=True)) moves its history, and its gradient hook never fires
+    aliased: bool = False
 
 
 # torch's dtypes of the low-precision formats (float16, bfloat16, FP8): a set, tested once a row
@@ -207,6 +211,23 @@ def transformed(t: torch.Tensor) -> bool:
     values the transform holds, which no statistic can be read from (an
     in-place copy of it is refused) -- not measured."""
     return _WRAPPED is not None and bool(_WRAPPED(t))
+
+
+def weakly(method: Any) -> Any:
+    """``method`` (a bound method) as one of torch's process-wide module
+    hooks: holding its object weakly, a no-op once it is gone.  A monitor
+    never closed (a notebook cell run again, no ``with``) whose next sample
+    was armed left its recorder's global hooks registered: they kept the
+    model and the monitor alive, and ran on every module call of every model
+    in the process.  (The hook stays registered, a no-op: removing it from
+    a finaliser could run inside a forward.)"""
+    ref = weakref.WeakMethod(method)
+
+    def hook(*args: Any) -> Any:
+        m = ref()
+        return m(*args) if m is not None else None
+
+    return hook
 
 
 def _inert(*args: Any, **kwargs: Any) -> None:
@@ -284,6 +305,19 @@ def leaf_modules(model: nn.Module, named: list[tuple[str, nn.Module]] | None = N
     return [m for m in mods if id(m) not in hidden
             and (isinstance(m, FUSED) or compiled(m) or isinstance(m, torch.jit.ScriptModule)
                  or not _has_own_children(m))]
+
+
+def _aliases(out: torch.Tensor, args: Any) -> bool:
+    """Whether ``out`` shares its storage with a tensor among a call's
+    positional arguments (one level into tuples and lists): a view of the
+    input, whose base the caller holds."""
+    ptr = out.untyped_storage().data_ptr()
+    items = args if isinstance(args, (tuple, list)) else (args,)
+    for a in items:
+        for t in (a if isinstance(a, (tuple, list)) else (a,)):
+            if isinstance(t, torch.Tensor) and not t.is_nested and t.untyped_storage().data_ptr() == ptr:
+                return True
+    return False
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
@@ -1031,10 +1065,16 @@ class Recorder:
         if info is None:
             info = self._info[m]
         replaced = None
-        if self.stats and isinstance(out, torch.Tensor) and out.requires_grad and out._is_view():
+        aliased = False
+        if self.stats and isinstance(out, torch.Tensor) and out.requires_grad and out._is_view() \
+                and not (aliased := _aliases(out, args)):
             # An in-place op on a view (ReLU(inplace=True) after a Linear on
             # 3-D input) rebases the view's history, and a gradient hook on
             # it would never fire; a non-view copy of the output keeps it.
+            # Not where the output is a view of the call's input (nn.Flatten,
+            # nn.Identity on a transposed tensor): the caller holds that
+            # input, which an in-place op on the output changes too -- on a
+            # copy it would not, and the training would not be the same.
             out = replaced = out.clone()
         if info.feature_dim is not None:
             self._feature_dim = info.feature_dim
@@ -1045,6 +1085,7 @@ class Recorder:
             return replaced
         if t is not None and not t.is_nested:  # (a nested output: torch's fused path for a packed batch)
             row = self._row(info.name, info.kind, m, info.act, t, info.role)
+            row.aliased = aliased
             self._read(row, t, args)
             if self.stats:
                 if self._dsts is not None:
@@ -1219,7 +1260,7 @@ class Recorder:
         fused = [m for m in self._leaves if isinstance(m, nn.MultiheadAttention)] if self.stats else []
         self._fused_names = {self._names[m] for m in fused}
         if self.exact:  # the slow pass after a NaN: every enclosing module's output checked too
-            self._handles.append(register_module_forward_hook(g(self._parent_post)))
+            self._handles.append(register_module_forward_hook(g(weakly(self._parent_post))))
         per_module = any(m._forward_hooks for m in self._leaves) or \
             any(type(m).__name__ == "OptimizedModule" for _, m in self._modules)
         if self.capture_functional:
@@ -1228,13 +1269,13 @@ class Recorder:
                     self._handles.append(m.register_forward_pre_hook(Hook(g(self._pre))))
                     self._handles.append(m.register_forward_hook(Hook(g(self._post))))
             else:
-                self._handles += [register_module_forward_pre_hook(g(self._pre_any)),
-                                  register_module_forward_hook(g(self._post_any))]
+                self._handles += [register_module_forward_pre_hook(g(weakly(self._pre_any))),
+                                  register_module_forward_hook(g(weakly(self._post_any)))]
         elif per_module:
             for m in self._leaves:
                 self._handles.append(m.register_forward_hook(Hook(g(self._leaf_post_any))))
         else:
-            self._handles.append(register_module_forward_hook(g(self._leaf_post_any)))
+            self._handles.append(register_module_forward_hook(g(weakly(self._leaf_post_any))))
         for m in fused:  # after the hooks above: the module's row exists when these run
             self._handles.append(m.register_forward_hook(Hook(g(self._fused_attention)), with_kwargs=True))
 
@@ -1267,6 +1308,8 @@ class Recorder:
         errors = self.errors
 
         def guarded(*args: Any) -> Any:
+            if in_own_pass():  # a monitor's recorder: signalprop's own pass through the model (sp.check) is not its
+                return None
             try:
                 return hook(*args)
             except Exception as e:  # a guest in the user's forward never raises into it
