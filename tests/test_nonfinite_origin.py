@@ -43,6 +43,75 @@ def test_a_nan_made_in_the_backward_of_a_parents_code_is_named_by_that_parent():
     assert p.message.startswith("The backward pass turns a finite gradient non-finite in Blk #2"), p.message
 
 
+class _After(nn.Module):
+    """Layers, then an operation in the model's own code after the last one
+    (an x-dependent term scaled by 0: inf * 0 = NaN where x * x overflows)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 3))
+
+    def forward(self, x):
+        return self.net(x) + (x * x).sum(1, keepdim=True) * 0
+
+
+class _Wrap(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = _After()
+
+    def forward(self, x):
+        return self.body(x) * 2
+
+
+def _overflowing_input():
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+    x[0, 0] = 1e25  # finite; its square is not
+    return x
+
+
+@pytest.mark.parametrize("loss", [False, True], ids=["no-loss", "loss"])
+def test_a_nan_made_after_the_last_layer_is_named_not_called_healthy(loss):
+    """No row's output holds the NaN: the model's own code after its last
+    layer made it.  The previous version called the model healthy without a
+    loss (no statistic read the output) and, with one, blamed the loss's
+    gradient; a NaN made in a submodule's code after its last layer names
+    that submodule.  A -inf mask on the output (masked logits) stays no
+    failure."""
+    kw = {"loss_fn": torch.nn.functional.cross_entropy, "targets": torch.randint(0, 3, (64,))} if loss else {}
+    r = sp.check(_After(), _overflowing_input(), **kw)
+    p = r.problems[0]
+    assert r.verdict == "non-finite" and p.layer == "(root)", (r.verdict, p.message)
+    assert p.message.startswith("The forward signal turns non-finite in the model (_After)'s own forward code, "
+                                "after net.2"), p.message
+    p = sp.check(_Wrap(), _overflowing_input(), **kw).problems[0]
+    assert p.layer == "body" and "in body's own forward code" in p.message, p.message
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.net(x).masked_fill(torch.arange(3) == 2, float("-inf"))
+
+    assert sp.check(Masked(), torch.randn(16, 8)).verdict == "healthy"
+
+
+def test_the_monitor_names_a_nan_made_after_the_last_layer_in_the_forward():
+    """The monitor's replay of the step says the same: the forward, the
+    model's own code (it said the forward was finite and blamed the loss's
+    gradient)."""
+    m = _After()
+    with sp.monitor(m, every=2) as mon:
+        loss = torch.nn.functional.cross_entropy(m(_overflowing_input()), torch.randint(0, 3, (64,)))
+        loss.backward()
+        mon.step(loss)
+    a = next(a for a in mon.alerts if a.kind == "non-finite")
+    assert a.phase == "forward" and a.layer == "(root)" and "own forward code" in a.message, a.message
+
+
 def test_a_nan_made_by_a_module_is_still_that_module():
     """The control: a NaN made by a leaf module (a log inside its own forward
     with no submodules) stays named by it."""

@@ -1379,7 +1379,10 @@ class Monitor:
                            kind="a forward could not be replayed")
         p = next((p for p in report.problems if p.kind == "non-finite"), None) if report is not None else None
         if p is not None and report is not None:
-            forward = p.layer == "input" or any(layer.nonfinite_fraction > 0 for layer in report.layers)
+            # (a NaN/Inf made by a module's own code after the last row leaves every row finite: its message says
+            # where the forward signal turned, as every forward finding's does)
+            forward = p.layer == "input" or any(layer.nonfinite_fraction > 0 for layer in report.layers) or \
+                p.message.startswith("The forward signal")
             if forward or out_v is None or math.isfinite(out_v):  # else the loss's own gradient: said below
                 return Alert(k, "non-finite", p.layer, f"step {k}: {p.message}", f"{p.suggestion}; {fix}",
                              "forward" if forward else "backward")

@@ -23,12 +23,12 @@ from ..records import InputStats, LayerStats, Report, Summary, evolve
 from ..words import count
 from .causes import explain
 from .diagnose import diagnose
-from .distributed import GRAD_NORM, MEAN, NORM, SUM, Reduction, is_ddp, is_sharded
+from .distributed import GRAD_NORM, MAX, MEAN, NORM, SUM, Reduction, is_ddp, is_sharded
 from .gather import finalise, has_nonfinite, underflowed
 from .inputs import COTANGENT_SEED, ModelError, as_own_pass, call_model, cotangent, prepare_inputs, shapes, tensors_of
 from .norms import ParamNorms
 from .predict import predictions
-from .recorder import Recorder, Row, model_output
+from .recorder import Recorder, Row, model_output, written_after
 from .rows import layer_stats
 from .stats import Part, acc, exact_acc
 
@@ -216,9 +216,17 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
             root.float().sum() if loss_fn is not None else 0.0,
             float(out_grad.numel()) if out_grad is not None else 0.0]
     kinds = pnorms.kinds + _INPUT_KINDS[:len(extra) - len(pnorms.scalars) - 3] + [GRAD_NORM, MEAN, SUM]
+    # the output's largest entry where no row measured its values (code after the last layer made it, or wrote
+    # it in place): NaN or +inf there is a failure no row shows (-inf, a mask, is not)
+    unseen = written_after(y, rec.rows)
+    if unseen:
+        with torch.no_grad():
+            extra.append(_largest(y))
+        kinds.append(MAX)
     vals, ex = finalise(rec.rows, extra, red, kinds, rec.batched())
     if not exact and has_nonfinite(vals, ex):
         return None
+    out_bad = unseen and not math.isfinite(ex.pop())
     if red is None and out_grad is not None and ex[-3] == 0 and out_grad.numel():
         # float32's sum of squares underflowed (a loss scaled by 1e-25: every relative gradient was then 0,
         # "vanishing"; an overflow sends the pass to the exact one): the norm every row is judged against,
@@ -264,6 +272,11 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
         culprit, origin = None, None
         held = {layer.index: layer.nonfinite_fraction for layer in layers if layer.index in masked}
         layers = [evolve(layer, nonfinite_fraction=0.0) if layer.index in masked else layer for layer in layers]
+    if out_bad and rec.rows and (inp is None or not inp.nonfinite_fraction) and \
+            not any(layer.nonfinite_fraction > 0 for layer in layers):
+        # every row finite, the output not: code after the last row made the NaN/Inf -- the forward's, before
+        # whatever the backward then carried (the loss's gradient is non-finite because the output is)
+        culprit, origin = _after_the_rows(rec, type(model).__name__), None
     merges = _unrecorded_merges(rec.rows, read_ptr)
     stale = _stale_batchnorm(rec.rows)
     verdict, problems, layers, judged = diagnose(layers, inp, bounds, trend, backward_origin=origin, culprit=culprit,
@@ -550,6 +563,25 @@ def _own_code_origin(rec: Recorder, layers: list[LayerStats], backward: int | No
 
 
 AFTER_THE_ROWS = -1  # a backward origin past the last recorded row (see _backward_origin)
+
+
+def _largest(y: torch.Tensor) -> torch.Tensor | float:
+    """``y``'s largest entry (of its real and imaginary parts): NaN where one
+    is NaN, +inf where one is +inf, finite where the others are -inf (a mask)."""
+    if y.numel() == 0 or not (y.is_floating_point() or y.is_complex()):
+        return 0.0
+    t = torch.view_as_real(y.detach()) if y.is_complex() else y.detach()
+    return t.amax().float()
+
+
+def _after_the_rows(rec: Recorder, root: str) -> tuple[str, str, str, str]:
+    """The culprit (see :func:`_own_code_origin`) of a NaN/Inf in the
+    model's output made after every row: the innermost module whose output
+    held it (the exact pass reads each enclosing module's), else the root."""
+    bad = [n for n, f in rec.parent_nonfinite.items() if f]
+    name = max(bad, key=lambda n: len(_ancestors(n)) if n else 0, default="")
+    module = dict(rec.model.named_modules()).get(name)
+    return name, "forward", rec.rows[-1].name, type(module).__name__ if module is not None else root
 
 
 def _feeds(t: torch.Tensor | None, y: torch.Tensor, most: int = 100_000) -> bool:

@@ -320,6 +320,15 @@ def _aliases(out: torch.Tensor, args: Any) -> bool:
     return False
 
 
+def written_after(y: torch.Tensor, rows: list[Row]) -> bool:
+    """Whether ``y`` holds values no row measured: no row's output starts
+    where it does with its version (made by code after the rows, a view
+    of a row's output at an offset, or a row's output written in place
+    since)."""
+    p, v = _ptr(y), _version(y)
+    return not any(r.dst == p and r.ver == v for r in rows)
+
+
 def _tensors(obj: Any) -> list[torch.Tensor]:
     """Floating tensors among a call's positional arguments (one level deep)."""
     items = obj if isinstance(obj, (tuple, list)) else (obj,)
