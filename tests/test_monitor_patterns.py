@@ -231,6 +231,29 @@ def test_a_grad_enabled_eval_pass_is_not_the_sample():
         assert la.grad_rms == pytest.approx(lb.grad_rms, rel=1e-6)
 
 
+def test_a_second_forward_before_the_backward_that_gets_no_gradient_is_not_the_sample():
+    """The training forward, then a second pass of the model with gradients
+    on whose output is detached (a target computed without torch.no_grad),
+    then the backward: the sample is the training pass -- its forward
+    statistics those of the training input, every row with a gradient --
+    where the previous version sampled the second pass and called every
+    sample "incomplete".  The run is unchanged."""
+    def forward(m, x):
+        out = m(x)
+        m(x + 1.0).detach()
+        return out
+
+    mon = _monitored_equals_plain(forward)
+    ref = _monitored_equals_plain(lambda m, x: m(x))
+    assert len(mon.history) == len(ref.history) == 3
+    for h in mon.history:
+        assert h.verdict != "incomplete" and not h.incomplete, h.incomplete
+        assert all(layer.grad_rms is not None and layer.grad_rms > 0 for layer in h.layers)
+    for la, lb in zip(mon.history[0].layers, ref.history[0].layers):  # step 0: the same weights in both runs
+        assert la.forward_second_moment == pytest.approx(lb.forward_second_moment, rel=1e-6)
+        assert la.grad_rms == pytest.approx(lb.grad_rms, rel=1e-6)
+
+
 def test_a_forward_abandoned_before_its_backward_does_not_become_the_sample():
     """A forward whose backward never comes (an exception in the user's loss
     code, skipped by the loop): the step's training forward is sampled."""
@@ -1167,7 +1190,9 @@ def test_a_monitor_never_closed_does_not_keep_its_model_alive(tmp_path, writer):
     are torch's process-wide module hooks, which held the recorder, the
     monitor and the model for the life of the process (and ran on every
     module call of every model).  They hold it weakly: the model goes when
-    the caller lets it go."""
+    the caller lets it go, and remove themselves at the next module call
+    (left registered, they made ``torch.compile(module)`` warn of global
+    hooks in the rest of the process)."""
     import gc
     import weakref
 
@@ -1186,14 +1211,15 @@ def test_a_monitor_never_closed_does_not_keep_its_model_alive(tmp_path, writer):
         mon.step(loss)
         opt.step()
     assert mon._rec is not None and torch_module._global_forward_hooks  # armed: its global hooks are on
-    handles = list(mon._rec._handles)  # (a handle holds the hook's id, not the hook)
+    ours = {h.id for h in mon._rec._handles}  # (a handle holds the hook's id, not the hook)
+    before = ours & (set(torch_module._global_forward_hooks) | set(torch_module._global_forward_pre_hooks))
     refs = [weakref.ref(m) for m in model.modules()]
     del model, opt, mon, loss
     gc.collect()
     assert all(r() is None for r in refs), [type(r()).__name__ for r in refs if r() is not None]
-    EncHead()(_data(0)[0])  # the hooks left behind do nothing
-    for h in handles:  # (they stay registered: not in this suite's later tests)
-        h.remove()
+    EncHead()(_data(0)[0])  # the hooks left behind do nothing, and remove themselves at that call
+    after = ours & (set(torch_module._global_forward_hooks) | set(torch_module._global_forward_pre_hooks))
+    assert before and not after, (before, after)
     if w is not None:
         w.close()
 

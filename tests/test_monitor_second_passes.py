@@ -369,3 +369,5 @@ def test_a_resumed_monitor_compares_updates_with_the_last_samples():
     after = [(a.step, a.kind, a.layer) for a in whole.alerts if a.step >= 150]
     assert [(a.step, a.kind, a.layer) for a in resumed.alerts if a.step >= 150] == after
     assert [h.step for h in resumed.history][:3] == [0, 5, 10] and resumed.history[3].step == 110
+    whole.close()  # (armed for their next sample: their recorders' global hooks would outlive the test)
+    resumed.close()

@@ -489,6 +489,9 @@ class Monitor:
         self._warned: set[str] = set()
         self._calls: list[_Call] = []
         self._rec: Recorder | None = None
+        # the recording a later forward of the step displaced before either met the backward (see
+        # _root_pre_guarded), with its sampled calls and logit sums: the sample if only it gets gradients
+        self._fallback: tuple[Recorder, list[_Call], Any] | None = None
         self._recording = False
         self._updates = UpdateMeter(model)  # each module's update of the step after each regular sample
         self._snapshot_due: int | None = None  # a sampled step whose following update is still to measure
@@ -605,6 +608,7 @@ class Monitor:
             self._rec.detach()
             self._rec.release()
         self._rec = None
+        self._drop_fallback()
         self._calls.clear()
         self._updates.close()  # the trained modules it had found
         self.optimizer = None
@@ -737,7 +741,12 @@ class Monitor:
                 # the forward recorded so far fed no backward (an evaluation pass with gradients on, a forward
                 # abandoned before its backward), or its gradients were zeroed since (a GAN's generator pass
                 # through this model, then this model's own step), or the step's last pass is the one sampled:
-                # measure this one instead -- the sample is of the pass that trains
+                # measure this one instead -- the sample is of the pass that trains.  Where it fed no backward
+                # *yet*, it is kept: a second forward before the backward (a target computed with gradients on
+                # and detached, a metric's pass) gets none, and the first is then the sample (see _close_step)
+                self._drop_fallback()
+                if not fed and not self._last_pass:
+                    self._fallback = (rec, [c for c in self._calls if c.sampled], self._logits)
                 self._arm()
                 if self._rec is not None:  # attached inside the root's call: the root has entered already
                     self._rec.entered(self.model, args)
@@ -886,12 +895,39 @@ class Monitor:
             self._next_step()
             return []
 
+    def _drop_fallback(self) -> None:
+        if self._fallback is not None:
+            self._fallback[0].release()
+            self._fallback = None
+
+    def _take_fallback(self, rec: Recorder | None) -> Recorder | None:
+        """The step's sample: ``rec`` (the last forward recorded), or the one it
+        displaced where only that one's rows got gradients (``rec``'s forward
+        fed no backward: a target or metric pass with gradients on, after the
+        training forward)."""
+        fb, self._fallback = self._fallback, None
+        if fb is None:
+            return rec
+        prev, calls, logits = fb
+        if rec is None or not rec.rows or any(r.bwd for r in rec.rows) or prev.errors or \
+                not any(r.bwd for r in prev.rows):
+            prev.release()
+            return rec
+        rec.detach()
+        rec.release()
+        self._rec = prev
+        for c in self._calls:
+            c.sampled = any(c is d for d in calls)
+        self._logits = logits
+        return prev
+
     def _next_step(self) -> None:
         self._closed_steps += 1
         self._exit_mode()
         self._open.clear()
         self._recomputing = 0
         self._drop_witness()
+        self._drop_fallback()
         self._logits = None
         if self._rec is not None:
             self._rec.detach()
@@ -924,6 +960,7 @@ class Monitor:
             # training_step calling self.net(x) does): what the step ran is recorded all the same
             rec.detach()
             self._recording = False
+        rec = self._take_fallback(rec)
         if rec is not None and rec.errors:
             self._warn("a sample was skipped: the recorder failed", rec.errors[0])
             rec = None

@@ -41,7 +41,7 @@ from torch.nn.modules.module import register_module_forward_hook
 from ..probe.distributed import local
 from ..probe.inputs import in_own_pass
 from ..probe.norms import grad_values
-from ..probe.recorder import Hook, first_float_tensor, leaf_modules, transformed, weakly
+from ..probe.recorder import Hook, first_float_tensor, leaf_modules, register_weakly, transformed
 
 SAMPLE = 1024  # entries kept per tensor for its histogram (30 buckets of ~34 entries on average)
 BINS = 30  # TensorBoard's own default bucket count for a histogram
@@ -196,7 +196,7 @@ class HistogramTap:
         named = list(module.named_modules())
         leaves = set(leaf_modules(module, named))
         self._leaves = {m: n for n, m in named if m in leaves}
-        self._hook = register_module_forward_hook(weakly(self._leaf_post))
+        self._hook = register_weakly(register_module_forward_hook, self._leaf_post)
 
     def _root_post(self, module: nn.Module, args: Any, out: Any) -> None:
         if self._hook is not None and not in_own_pass():

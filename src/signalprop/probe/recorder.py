@@ -213,21 +213,32 @@ def transformed(t: torch.Tensor) -> bool:
     return _WRAPPED is not None and bool(_WRAPPED(t))
 
 
-def weakly(method: Any) -> Any:
-    """``method`` (a bound method) as one of torch's process-wide module
-    hooks: holding its object weakly, a no-op once it is gone.  A monitor
-    never closed (a notebook cell run again, no ``with``) whose next sample
-    was armed left its recorder's global hooks registered: they kept the
-    model and the monitor alive, and ran on every module call of every model
-    in the process.  (The hook stays registered, a no-op: removing it from
-    a finaliser could run inside a forward.)"""
+def register_weakly(register: Callable[[Any], Any], method: Any,
+                    wrap: Callable[[Any], Any] | None = None) -> Any:
+    """``register`` (one of torch's process-wide module-hook registrations)
+    of ``method`` (a bound method, through ``wrap`` when given), holding its
+    object weakly; the handle.  A monitor never closed (a notebook cell run
+    again, no ``with``) whose next sample was armed left its recorder's
+    global hooks registered: they kept the model and the monitor alive, and
+    ran on every module call of every model in the process.  Once the object
+    is gone the hook removes itself at its next call: torch runs the global
+    hooks of a module call from a copy of the registry (these are not
+    ``always_call`` hooks, the one loop over the registry itself), where a
+    finaliser could run in the middle of anything."""
     ref = weakref.WeakMethod(method)
+    box: list[Any] = []
 
     def hook(*args: Any) -> Any:
         m = ref()
-        return m(*args) if m is not None else None
+        if m is None:
+            if box:
+                box.pop().remove()
+            return None
+        return m(*args)
 
-    return hook
+    handle = register(wrap(hook) if wrap is not None else hook)
+    box.append(handle)
+    return handle
 
 
 def _inert(*args: Any, **kwargs: Any) -> None:
@@ -1269,7 +1280,7 @@ class Recorder:
         fused = [m for m in self._leaves if isinstance(m, nn.MultiheadAttention)] if self.stats else []
         self._fused_names = {self._names[m] for m in fused}
         if self.exact:  # the slow pass after a NaN: every enclosing module's output checked too
-            self._handles.append(register_module_forward_hook(g(weakly(self._parent_post))))
+            self._handles.append(register_weakly(register_module_forward_hook, self._parent_post, g))
         per_module = any(m._forward_hooks for m in self._leaves) or \
             any(type(m).__name__ == "OptimizedModule" for _, m in self._modules)
         if self.capture_functional:
@@ -1278,13 +1289,13 @@ class Recorder:
                     self._handles.append(m.register_forward_pre_hook(Hook(g(self._pre))))
                     self._handles.append(m.register_forward_hook(Hook(g(self._post))))
             else:
-                self._handles += [register_module_forward_pre_hook(g(weakly(self._pre_any))),
-                                  register_module_forward_hook(g(weakly(self._post_any)))]
+                self._handles += [register_weakly(register_module_forward_pre_hook, self._pre_any, g),
+                                  register_weakly(register_module_forward_hook, self._post_any, g)]
         elif per_module:
             for m in self._leaves:
                 self._handles.append(m.register_forward_hook(Hook(g(self._leaf_post_any))))
         else:
-            self._handles.append(register_module_forward_hook(g(weakly(self._leaf_post_any))))
+            self._handles.append(register_weakly(register_module_forward_hook, self._leaf_post_any, g))
         for m in fused:  # after the hooks above: the module's row exists when these run
             self._handles.append(m.register_forward_hook(Hook(g(self._fused_attention)), with_kwargs=True))
 
