@@ -450,6 +450,9 @@ def test_arguments_are_checked_at_construction():
         sp.monitor(m, writer=object())
     with pytest.raises(TypeError, match="update_ratio"):
         sp.monitor(m, update_ratio="yes")
+    sched = torch.optim.lr_scheduler.StepLR(torch.optim.SGD(m.parameters(), lr=0.1), 10)
+    with pytest.raises(TypeError, match=r"skip=scheduler.optimizer"):  # a scheduler has a step() too
+        sp.monitor(m, skip=sched)
     with pytest.raises(TypeError, match="group takes a torch.distributed process group"):
         sp.monitor(m, group=0)  # a rank, not a group: used to fail only at the first sample's reduction
     m.compile(backend="eager")

@@ -378,6 +378,11 @@ def check_options(every: int = 50, *, writer: Any = None, agc: float | None = No
     if skip is not None and not callable(getattr(skip, "step", None)):
         raise TypeError(f"skip takes the optimizer whose step to skip on a spike, surge or NaN/Inf (it has a "
                         f"step() method), got {type(skip).__name__}")
+    if skip is not None and isinstance(skip, (torch.optim.lr_scheduler.LRScheduler,
+                                              torch.optim.lr_scheduler.ReduceLROnPlateau)):
+        # (a scheduler has a step() too: skipping it would leave the weights' update alone)
+        raise TypeError(f"skip takes the optimizer whose step to skip, got the learning-rate scheduler "
+                        f"{type(skip).__name__}: pass its optimizer (skip=scheduler.optimizer)")
     if optimizer is not None:
         check_optimizer(optimizer, "optimizer")
     if group is not None and not (torch.distributed.is_available()
