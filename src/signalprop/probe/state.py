@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import operator
 import random
@@ -113,11 +114,7 @@ def preserved(model: nn.Module, modules: list[nn.Module] | None = None, python_s
                 _restore_mapping(m._buffers, bs)
                 if not written:
                     for v, c in conts:  # refilled in place: others may hold a reference to the container
-                        if isinstance(v, list):
-                            v[:] = c
-                        else:
-                            v.clear()
-                            v.update(c)
+                        _refill(v, c)
             if not written:  # (left as the forward set them, as the attributes that may refer to them are)
                 for m, ms in children:  # compared in C, by identity and in order: ~0.1 us a module
                     now = m._modules
@@ -226,21 +223,28 @@ def _restore_mapping(now: dict[str, Any], was: dict[str, Any]) -> None:
 
 # what nn.Module keeps for itself (parameters, buffers, children, hooks, flags): restored above or left alone
 _OWN = frozenset(vars(nn.Module())) | {"training"}
-_CONTAINERS = (list, dict, set)
+# the containers a forward fills in place, by exact type: the collections' own subclasses (a history in a
+# deque(maxlen=...), a defaultdict(int) of counts) refill as their bases do, keeping maxlen and the default
+# factory; other subclasses are left alone (HF's ModelOutput, an OrderedDict, refuses update())
+_CONTAINERS = frozenset({list, dict, set, collections.OrderedDict, collections.defaultdict, collections.Counter,
+                         collections.deque})
+# how deep containers held in containers are copied too (a dict of per-layer lists a forward appends to)
+_NESTED = 3
 
 
 # torch.nn's own classes (they live as long as torch): no Python state that a forward changes
 _TORCH_CLASSES: set[type] = set()
-# per other class, the names of its instances' own attributes that held a list, dict or set (read off the
+# per other class, the names of its instances' own attributes that held a container (read off the
 # first instance seen; held weakly: a class let go -- torch.fx makes one per traced module -- takes its
 # entry with it)
 _CONTAINER_NAMES: weakref.WeakKeyDictionary[type, tuple[str, ...]] = weakref.WeakKeyDictionary()
 
 
 def _containers(m: nn.Module) -> list[tuple[Any, Any]] | None:
-    """(container, shallow copy) of each list, dict or set among ``m``'s own
-    attributes (a cache a ``forward`` appends to), or None for a module of
-    torch's own classes: the names looked up once per class."""
+    """(container, shallow copy) of each container among ``m``'s own
+    attributes (a cache a ``forward`` appends to) and of the containers held
+    in those (a dict of lists), or None for a module of torch's own classes:
+    the names looked up once per class."""
     typ = type(m)
     if typ in _TORCH_CLASSES:
         return None
@@ -255,4 +259,30 @@ def _containers(m: nn.Module) -> list[tuple[Any, Any]] | None:
         except TypeError:  # a class that cannot be weakly referenced: asked each time
             pass
     d = vars(m)
-    return [(v, copy.copy(v)) for k in names if type(v := d.get(k)) in _CONTAINERS]
+    out: list[tuple[Any, Any]] = []
+    for k in names:
+        if type(v := d.get(k)) in _CONTAINERS:
+            _copy_into(v, out, _NESTED)
+    return out
+
+
+def _copy_into(v: Any, out: list[tuple[Any, Any]], depth: int) -> None:
+    """``(v, shallow copy of v)`` appended to ``out``, then the same for the
+    containers ``v`` holds, ``depth`` levels down (a cycle ends there)."""
+    out.append((v, copy.copy(v)))
+    if depth:
+        for x in (v.values() if isinstance(v, dict) else v):
+            if type(x) in _CONTAINERS:
+                _copy_into(x, out, depth - 1)
+
+
+def _refill(v: Any, c: Any) -> None:
+    """Container ``v`` holding what its copy ``c`` holds again, in place."""
+    if isinstance(v, list):
+        v[:] = c
+    elif isinstance(v, collections.deque):
+        v.clear()
+        v.extend(c)
+    else:
+        v.clear()
+        v.update(c)
