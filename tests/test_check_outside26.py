@@ -1,6 +1,7 @@
 """What an outside stress test of ``check`` on models it was not built on
 found (session 26).  Each test fails on the code before its fix."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -84,3 +85,72 @@ def test_a_trend_through_alike_blocks_of_a_hybrid_is_still_found():
     rep = sp.check(_Hybrid(10, 0.1, residual=False), torch.randn(64, 64))
     assert rep.verdict == "vanishing"
     assert any("layers.*.pre" in p.message for p in rep.problems), [p.message for p in rep.problems]
+
+
+class _CapturesOnFirstCall(nn.Module):
+    """What HF transformers 5 does: the first forward registers output-capturing
+    forward hooks on the layers and records that in a Python attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+        self.captured: list[torch.Tensor] = []
+
+    def forward(self, x):
+        if not getattr(self, "_hooks_installed", False):
+            for layer in self.layers:
+                layer.register_forward_hook(lambda m, a, out: self.captured.append(out))
+            self._hooks_installed = True
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def _hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_hooks_a_forward_registers_are_removed_with_the_attribute_that_records_them():
+    """check put the attribute back but left the hooks: the next forward
+    registered a second set, and every check one more (HF's DPT, LLaMA, ...)."""
+    torch.manual_seed(0)
+    m = _CapturesOnFirstCall()
+    x = torch.randn(4, 8)
+    sp.check(m, x)
+    sp.check(m, x)
+    assert _hooks(m) == 0 and not hasattr(m, "_hooks_installed") and m.captured == []
+    m(x)
+    assert _hooks(m) == 3 and len(m.captured) == 3
+
+
+def test_hooks_of_the_users_own_stay_and_removed_ones_come_back():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    seen = []
+    handle = m[0].register_forward_hook(lambda mod, a, out: seen.append(1))
+
+    def remover(mod, args):
+        handle.remove()
+
+    m[2].register_forward_pre_hook(remover)
+    sp.check(m, torch.randn(4, 8))
+    assert len(m[0]._forward_hooks) == 1 and len(m[2]._forward_pre_hooks) == 1 and seen == [1]
+
+
+def test_an_hf_model_checked_before_its_first_forward_gets_no_second_set_of_hooks():
+    """HF registers its output-capturing hooks on the first forward that collects outputs (hidden states:
+    DPT's neck always asks for them)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2)
+    m = transformers.LlamaForCausalLM(cfg)
+    batch = {"input_ids": torch.randint(0, 64, (2, 8)), "output_hidden_states": True}
+    m(**batch)
+    once = _hooks(m)
+    assert once > 0
+    m2 = transformers.LlamaForCausalLM(cfg)
+    sp.check(m2, batch)
+    assert _hooks(m2) == 0
+    m2(**batch)
+    assert _hooks(m2) == once

@@ -40,7 +40,9 @@ def preserved(model: nn.Module, modules: list[nn.Module] | None = None, python_s
     dynamic RoPE recomputes ``inv_freq`` for a longer input) gets the
     original tensor back and loses the new name; a buffer resized or moved
     in place is set back onto its own storage, shape and strides.  With
-    ``python_state``, each module's children too (a head built on the first
+    ``python_state``, each module's forward and backward hooks (a forward
+    that registers some, as HF's first forward that collects hidden states
+    does, and records that in an attribute) and children too (a head built on the first
     call, a ModuleList appended to), unless parameters were written (below).  ``python_state`` (on by
     default): also each module's plain Python attributes (a step counter, a
     cache list or dict a ``forward`` keeps, ``max_seq_len_cached``): values
@@ -83,6 +85,12 @@ def preserved(model: nn.Module, modules: list[nn.Module] | None = None, python_s
     # every module's children, torch's containers too (a forward that appends to a ModuleList, swaps a
     # Sequential's layer or builds a head on its first call)
     children = [(m, dict(m._modules) if m._modules else None) for m in mods] if python_state else []
+    # each module's forward and backward hooks, where it has any (HF's output-capturing hooks are registered by
+    # the first forward, which records that in a Python attribute: that attribute put back alone, every later
+    # forward registered them once more)
+    # (attributes read in an or-chain: ~0.2 us a module, half of map(attrgetter) and any())
+    hooks = {id(m): [dict(d) for d in _HOOKS(m)] for m in mods if m._forward_hooks or m._forward_pre_hooks
+             or m._backward_hooks or m._backward_pre_hooks} if python_state else None
     # random generators the forward may draw from besides torch's global ones (which fork_rng puts back):
     # Python's and NumPy's global ones (a LayerDrop coin, a NumPy augmentation) and the torch and NumPy
     # generators a module holds as attributes (noise injection) -- the states, not the objects, change
@@ -124,6 +132,8 @@ def preserved(model: nn.Module, modules: list[nn.Module] | None = None, python_s
                     elif len(now) != len(ms) or not all(map(operator.is_, now.values(), ms.values())):
                         now.clear()
                         now.update(ms)
+                if hooks is not None:
+                    _restore_hooks(mods, hooks)
             try:
                 _put_back(bufs, saved_bufs, layouts)
             finally:  # what follows is put back also when a buffer cannot be
@@ -209,6 +219,27 @@ def _put_back(bufs: list[torch.Tensor], saved: list[torch.Tensor], layouts: list
         else:
             for b, c in pairs:
                 b.copy_(c)
+
+
+_HOOKS = operator.attrgetter("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _restore_hooks(mods: list[nn.Module], hooks: dict[int, list[dict[int, Any]]]) -> None:
+    """Each module's hook dicts holding exactly the hooks they held before
+    (``hooks``: copies, by ``id`` of the module, of those that had any):
+    hooks a forward registered removed, hooks it removed back in their
+    order."""
+    for m in mods:
+        was = hooks.get(id(m)) if hooks else None
+        if was is None:
+            if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+                for d in _HOOKS(m):
+                    d.clear()
+            continue
+        for d, w in zip(_HOOKS(m), was):
+            if len(d) != len(w) or list(d) != list(w) or not all(map(operator.is_, d.values(), w.values())):
+                d.clear()
+                d.update(w)
 
 
 def _restore_mapping(now: dict[str, Any], was: dict[str, Any]) -> None:
