@@ -154,3 +154,36 @@ def test_an_hf_model_checked_before_its_first_forward_gets_no_second_set_of_hook
     assert _hooks(m2) == 0
     m2(**batch)
     assert _hooks(m2) == once
+
+
+class _TrainOnlyBackward(torch.autograd.Function):
+    """HF Reformer's reversible layers: their backward asserts the model is in training mode."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        raise AssertionError("If you want to train this model, make sure to use model.train()")
+
+
+class _Reversible(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.b(_TrainOnlyBackward.apply(self.a(x)))
+
+
+def test_an_error_raised_in_a_custom_backward_is_named_as_the_backwards():
+    """A RuntimeError from the backward was a ModelError naming the backward;
+    any other exception (Reformer's AssertionError in eval mode) came out bare."""
+    torch.manual_seed(0)
+    m = _Reversible()
+    m.a.weight.grad = torch.ones_like(m.a.weight)
+    with pytest.raises(sp.probe.ModelError, match=r"backward failed on inputs of shape \(4, 8\): AssertionError: If "
+                                                  r"you want to train"):
+        sp.check(m, torch.randn(4, 8))
+    assert torch.equal(m.a.weight.grad, torch.ones_like(m.a.weight)) and m.b.weight.grad is None
