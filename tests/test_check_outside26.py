@@ -187,3 +187,27 @@ def test_an_error_raised_in_a_custom_backward_is_named_as_the_backwards():
                                                   r"you want to train"):
         sp.check(m, torch.randn(4, 8))
     assert torch.equal(m.a.weight.grad, torch.ones_like(m.a.weight)) and m.b.weight.grad is None
+
+
+class _MaybeLogged(nn.Module):
+    def __init__(self, keep_log: bool) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        if keep_log:
+            self.log: list[torch.Size] = []
+
+    def forward(self, x):
+        if hasattr(self, "log"):
+            self.log.append(x.shape)
+        return self.fc(x)
+
+
+def test_a_list_only_some_instances_of_a_class_hold_comes_back():
+    """The names of a class's container attributes were read off the first
+    instance seen: a second one holding a list the first did not (set under
+    a flag of ``__init__``) kept what the pass appended."""
+    torch.manual_seed(0)
+    m = nn.Sequential(_MaybeLogged(False), _MaybeLogged(True))
+    log = m[1].log
+    sp.check(m, torch.randn(4, 8))
+    assert m[1].log is log and log == []

@@ -265,10 +265,11 @@ _NESTED = 3
 
 # torch.nn's own classes (they live as long as torch): no Python state that a forward changes
 _TORCH_CLASSES: set[type] = set()
-# per other class, the names of its instances' own attributes that held a container (read off the
-# first instance seen; held weakly: a class let go -- torch.fx makes one per traced module -- takes its
-# entry with it)
-_CONTAINER_NAMES: weakref.WeakKeyDictionary[type, tuple[str, ...]] = weakref.WeakKeyDictionary()
+# per other class, the names of its instances' own attributes that held a container and how many
+# attributes the first instance seen had (an instance with another count -- a list set only under a flag
+# of its __init__ -- is read again and its names added; held weakly: a class let go -- torch.fx makes one
+# per traced module -- takes its entry with it)
+_CONTAINER_NAMES: weakref.WeakKeyDictionary[type, tuple[tuple[str, ...], int]] = weakref.WeakKeyDictionary()
 
 
 def _containers(m: nn.Module) -> list[tuple[Any, Any]] | None:
@@ -279,17 +280,20 @@ def _containers(m: nn.Module) -> list[tuple[Any, Any]] | None:
     typ = type(m)
     if typ in _TORCH_CLASSES:
         return None
-    names = _CONTAINER_NAMES.get(typ)
-    if names is None:
-        if (typ.__module__ or "").startswith("torch.nn."):
+    d = vars(m)
+    known = _CONTAINER_NAMES.get(typ)
+    if known is None or known[1] != len(d):  # a first instance, or one with other attributes than the first's
+        if known is None and (typ.__module__ or "").startswith("torch.nn."):
             _TORCH_CLASSES.add(typ)
             return None
-        names = tuple(k for k, v in vars(m).items() if k not in _OWN and type(v) in _CONTAINERS)
+        found = tuple(k for k, v in d.items() if k not in _OWN and type(v) in _CONTAINERS)
+        # (the names of every instance seen, under the first one's count of attributes)
+        known = (tuple(dict.fromkeys(known[0] + found)), known[1]) if known is not None else (found, len(d))
         try:
-            _CONTAINER_NAMES[typ] = names
+            _CONTAINER_NAMES[typ] = known
         except TypeError:  # a class that cannot be weakly referenced: asked each time
             pass
-    d = vars(m)
+    names = known[0]
     out: list[tuple[Any, Any]] = []
     for k in names:
         if type(v := d.get(k)) in _CONTAINERS:
