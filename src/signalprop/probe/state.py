@@ -40,9 +40,9 @@ def preserved(model: nn.Module, modules: list[nn.Module] | None = None, python_s
     dynamic RoPE recomputes ``inv_freq`` for a longer input) gets the
     original tensor back and loses the new name; a buffer resized or moved
     in place is set back onto its own storage, shape and strides.  With
-    ``python_state``, each module's forward and backward hooks (a forward
-    that registers some, as HF's first forward that collects hidden states
-    does, and records that in an attribute) and children too (a head built on the first
+    ``python_state``, each module's forward and backward hooks (those a
+    forward registers are removed: HF's first forward that collects hidden
+    states registers some and records that in an attribute) and children too (a head built on the first
     call, a ModuleList appended to), unless parameters were written (below).  ``python_state`` (on by
     default): also each module's plain Python attributes (a step counter, a
     cache list or dict a ``forward`` keeps, ``max_seq_len_cached``): values
@@ -89,7 +89,7 @@ def preserved(model: nn.Module, modules: list[nn.Module] | None = None, python_s
     # the first forward, which records that in a Python attribute: that attribute put back alone, every later
     # forward registered them once more)
     # (attributes read in an or-chain: ~0.2 us a module, half of map(attrgetter) and any())
-    hooks = {id(m): [dict(d) for d in _HOOKS(m)] for m in mods if m._forward_hooks or m._forward_pre_hooks
+    hooks = {id(m): [frozenset(d) for d in _HOOKS(m)] for m in mods if m._forward_hooks or m._forward_pre_hooks
              or m._backward_hooks or m._backward_pre_hooks} if python_state else None
     # random generators the forward may draw from besides torch's global ones (which fork_rng puts back):
     # Python's and NumPy's global ones (a LayerDrop coin, a NumPy augmentation) and the torch and NumPy
@@ -224,11 +224,13 @@ def _put_back(bufs: list[torch.Tensor], saved: list[torch.Tensor], layouts: list
 _HOOKS = operator.attrgetter("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
-def _restore_hooks(mods: list[nn.Module], hooks: dict[int, list[dict[int, Any]]]) -> None:
-    """Each module's hook dicts holding exactly the hooks they held before
-    (``hooks``: copies, by ``id`` of the module, of those that had any):
-    hooks a forward registered removed, hooks it removed back in their
-    order."""
+def _restore_hooks(mods: list[nn.Module], hooks: dict[int, list[frozenset[int]]]) -> None:
+    """The hooks registered on each module since ``hooks`` was taken (the
+    handle ids each module's hook dicts held then, by ``id`` of the module,
+    for those that had any) removed.  Hooks removed meanwhile stay removed:
+    their owner removed them (the monitor's own, standing aside while it
+    replays a step inside :func:`preserved`), and no handle would remove
+    them again."""
     for m in mods:
         was = hooks.get(id(m)) if hooks else None
         if was is None:
@@ -236,10 +238,10 @@ def _restore_hooks(mods: list[nn.Module], hooks: dict[int, list[dict[int, Any]]]
                 for d in _HOOKS(m):
                     d.clear()
             continue
-        for d, w in zip(_HOOKS(m), was):
-            if len(d) != len(w) or list(d) != list(w) or not all(map(operator.is_, d.values(), w.values())):
-                d.clear()
-                d.update(w)
+        for d, keys in zip(_HOOKS(m), was):
+            if len(d) > len(keys) or not keys.issuperset(d):
+                for k in [k for k in d if k not in keys]:
+                    del d[k]
 
 
 def _restore_mapping(now: dict[str, Any], was: dict[str, Any]) -> None:
