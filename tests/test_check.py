@@ -1,5 +1,6 @@
 """signalprop.check: known pathologies, theory beside measurement, guarantees, module kinds."""
 
+import collections
 import dataclasses
 import json
 import math
@@ -292,6 +293,38 @@ def test_reassigned_and_registered_buffers_and_python_state_come_back():
     assert m.steps is steps and m.ema is ema and float(m.steps) == 0.0  # the objects held before, as they were
     assert "cached" not in m._buffers and not hasattr(m, "extra")
     assert m.seen == 0 and m.log is log and log == []
+
+
+class _Histories(nn.Module):
+    """Python state kept in the collections' own containers and in containers
+    held by a container: a deque(maxlen=...) history, a defaultdict of counts,
+    an OrderedDict, a dict of per-call lists."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 2)
+        self.history = collections.deque([0], maxlen=4)
+        self.counts = collections.defaultdict(int)
+        self.seen = collections.OrderedDict(first=1)
+        self.calls = {"shapes": [], "inner": {"n": [0]}}
+
+    def forward(self, x):
+        self.history.append(x.shape[0])
+        self.counts["forward"] += 1
+        self.seen["last"] = x.shape
+        self.calls["shapes"].append(x.shape)
+        self.calls["inner"]["n"].append(1)
+        return self.a(x)
+
+
+def test_state_in_deques_defaultdicts_and_nested_containers_comes_back():
+    m = _Histories()
+    history, counts, shapes = m.history, m.counts, m.calls["shapes"]
+    sp.check(m, x_of(16, 8))
+    assert m.history is history and list(history) == [0] and history.maxlen == 4
+    assert m.counts is counts and dict(counts) == {} and counts.default_factory is int
+    assert list(m.seen.items()) == [("first", 1)]
+    assert m.calls["shapes"] is shapes and shapes == [] and m.calls["inner"] == {"n": [0]}
 
 
 def test_a_forward_that_writes_its_parameters_is_said_in_the_report():

@@ -67,6 +67,13 @@ CASES = {
     "conv2d-zero-pad-8x8": (lambda: _stack(lambda: nn.Conv2d(32, 32, 3, padding=1), nn.Tanh, 3), (16, 32, 8, 8)),
     "conv1d-zero-pad-stride2": (lambda: _stack(lambda: nn.Conv1d(48, 48, 3, stride=2, padding=1), nn.ReLU, 3),
                                 (16, 48, 24)),
+    # a transposed convolution's borders: a DCGAN generator's first layer on a 1 x 1 input gives each output
+    # one of its 16 taps (the column was 16x off), a padding that crops, an output_padding that adds a border
+    "convtranspose2d-dcgan": (lambda: nn.Sequential(nn.ConvTranspose2d(32, 64, 4, 1, 0), nn.ReLU(),
+                                                    nn.ConvTranspose2d(64, 64, 4, 2, 1), nn.ReLU(),
+                                                    nn.ConvTranspose2d(64, 32, 3, 2, 1, output_padding=1), nn.Tanh()),
+                              (16, 32, 1, 1)),
+    "convtranspose1d-unpadded": (lambda: _stack(lambda: nn.ConvTranspose1d(48, 48, 3), nn.ReLU, 3), (16, 48, 4)),
 }
 
 

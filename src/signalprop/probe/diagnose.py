@@ -264,12 +264,74 @@ def _block_steps(rows: list[LayerStats]) -> list[tuple[int, int]] | None:
 
 
 def _series(layers: list[LayerStats]) -> list[tuple[str, list[LayerStats]]]:
+    """Rows of one role (3 or more) whose blocks hold the same computation:
+    see :func:`_alike_blocks`."""
     by_role: dict[str, list[LayerStats]] = defaultdict(list)
     for layer in layers:
         g = _g(layer)
         if layer.role and g is not None and 0 < g < math.inf and 0 < layer.forward_second_moment < math.inf:
             by_role[layer.role].append(layer)
-    return [(r, rows) for r, rows in by_role.items() if len(rows) >= MIN_SERIES]
+    contents: dict[str, set[str]] | None = None
+    out = []
+    for r, rows in by_role.items():
+        if len(rows) < MIN_SERIES:
+            continue
+        if contents is None and _block_at(r) is not None:
+            contents = _block_contents(layers)
+        out += [(r, part) for part in (_alike_blocks(r, rows, contents) if contents is not None else [rows])
+                if len(part) >= MIN_SERIES]
+    return out
+
+
+def _block_at(role: str) -> int | None:
+    """Where in the role's name its repeated block is numbered (the first
+    ``#``), when the row sits inside that block rather than being it."""
+    parts = role.partition("|")[0].split(".")
+    i = parts.index("#") if "#" in parts else None
+    return i if i is not None and i < len(parts) - 1 else None
+
+
+def _block_contents(layers: list[LayerStats]) -> dict[str, set[str]]:
+    """Per repeated block (the name up to its number), what its rows are:
+    their roles' names inside the block (numbers as ``#``: an expert list's
+    rows are one entry however many experts the routing reached) and kinds."""
+    out: dict[str, set[str]] = defaultdict(set)
+    for layer in layers:
+        role = _role_call(layer)[0]
+        name, kind, _ = role.split("|", 2) if role.count("|") >= 2 else (role, layer.kind, "")
+        parts = name.split(".")
+        if "#" not in parts:
+            continue
+        i = parts.index("#")
+        out[".".join(layer.name.split(".")[:i + 1])].add(f"{'.'.join(parts[i + 1:])}|{kind}")
+    return out
+
+
+def _alike_blocks(role: str, rows: list[LayerStats], contents: dict[str, set[str]]) -> list[list[LayerStats]]:
+    """``rows`` of one role split by what their blocks compute: a hybrid's
+    blocks alternate mixers (Jamba's Mamba and attention layers, each with
+    an ``input_layernorm``), and the norm before a Mamba mixer gets a
+    gradient ~100x smaller than the one before attention -- a sawtooth whose
+    median step, read as a trend, made 4 healthy layers "vanishing
+    1,000,000x".  Rows are compared only with rows of blocks holding the same
+    rows (by role), or all of another's and more: a block that adds a branch
+    (T5's relative position bias in its first block, a ResNet stage's first
+    block with its shortcut) computes the same chain, one that swaps a module
+    (Mamba for attention, a dense MLP for experts) does not.  One list where
+    the role has no block around it."""
+    i = _block_at(role)
+    if i is None:
+        return [rows]
+    groups: list[tuple[set[str], list[LayerStats]]] = []
+    for layer in rows:
+        key = contents.get(".".join(layer.name.split(".")[:i + 1]), set())
+        for first, members in groups:  # (compared with the group's first block)
+            if key <= first or first <= key:
+                members.append(layer)
+                break
+        else:
+            groups.append((key, [layer]))
+    return [members for _, members in groups]
 
 
 def _role_label(role: str) -> str:

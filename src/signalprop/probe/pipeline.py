@@ -190,14 +190,16 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
             else:
                 grads = _backward_synced(root, cot, params, leaves, y if loss_fn is not None else None,
                                          red, caller is not None and is_ddp(caller) or is_sharded(model))
-        except RuntimeError as e:
-            if "incompatible with .grad()" in str(e):  # torch.utils.checkpoint(use_reentrant=True) in train mode
+        except Exception as e:  # also what a custom autograd Function's backward raises (HF Reformer's assert)
+            # torch.utils.checkpoint(use_reentrant=True) in train mode
+            if isinstance(e, RuntimeError) and "incompatible with .grad()" in str(e):
                 raise ModelError("the model uses reentrant activation checkpointing (torch.utils.checkpoint with "
                                  "use_reentrant=True; HF's activation_checkpointing_enable()), which recomputes blocks "
                                  "outside the pass check measures: turn it off for check "
                                  "(model.activation_checkpointing_disable() in HF), use use_reentrant=False, or check "
                                  "an HF model in eval mode (HF checkpoints only in training)") from e
-            raise ModelError(f"backward failed on inputs of shape {shapes(inputs)}: {e}") from e
+            raise ModelError(f"backward failed on inputs of shape {shapes(inputs)}: "
+                             f"{'' if isinstance(e, RuntimeError) else type(e).__name__ + ': '}{e}") from e
     finally:
         rec.detach()
     if not rec.rows and rec.transformed:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..layers import CONV, CONV_TRANSPOSE, CONVS, fans
+from ..layers import CONV_TRANSPOSE, CONVS, fans
 from ..records import InputStats
 from ..theory import propagate
 from .distributed import _dtensor_types
@@ -332,11 +332,16 @@ def _coverage(r: Row) -> tuple[float, float]:
     inside the input), and without padding an input at the border feeds fewer
     outputs than ``kernel / stride`` (backward: the mean number it feeds over
     that): per spatial dimension, from the count of (output, tap) pairs that
-    land inside the input, and their product over the dimensions.  Exact for
-    inputs whose second moment is the same at every position; 1 where the
-    input's shape is unknown."""
+    land inside the input, and their product over the dimensions.  A
+    transposed convolution is the same wiring read the other way: input ``i``
+    feeds output ``i * stride - padding + tap * dilation``, its padding crops
+    the outputs, and an output at the border sums fewer than the
+    ``kernel / stride`` taps of the interior (a DCGAN generator's first layer
+    on a 1 x 1 input: one of 16 in 2D) while an input whose taps are cropped
+    feeds fewer than ``kernel`` outputs.  Exact for inputs whose second moment
+    is the same at every position; 1 where the input's shape is unknown."""
     m = r.module
-    if not isinstance(m, CONV) or r.in_shape is None:
+    if not isinstance(m, CONVS) or r.in_shape is None:
         return 1.0, 1.0
     k, s, dil = cast(tuple[int, ...], m.kernel_size), cast(tuple[int, ...], m.stride), \
         cast(tuple[int, ...], m.dilation)
@@ -352,7 +357,14 @@ def _coverage(r: Row) -> tuple[float, float]:
     else:
         pad = cast(tuple[int, ...], m.padding)
     fwd = bwd = 1.0
+    transposed = isinstance(m, CONV_TRANSPOSE)
     for ni, no, ki, si, pi, di in zip(n_in, n_out, k, s, pad, dil):
+        if transposed:  # (input, tap) pairs whose output lies inside the output
+            pos = torch.arange(ni)[:, None] * si - pi + torch.arange(ki)[None, :] * di
+            pairs = float(((pos >= 0) & (pos < no)).sum())
+            fwd *= pairs / (no * ki / si)
+            bwd *= (pairs / ni) / ki
+            continue
         if m.padding_mode == "zeros":
             pos = torch.arange(no)[:, None] * si - pi + torch.arange(ki)[None, :] * di
             pairs = float(((pos >= 0) & (pos < ni)).sum())

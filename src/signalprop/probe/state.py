@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import operator
 import random
@@ -39,7 +40,9 @@ def preserved(model: nn.Module, modules: list[nn.Module] | None = None, python_s
     dynamic RoPE recomputes ``inv_freq`` for a longer input) gets the
     original tensor back and loses the new name; a buffer resized or moved
     in place is set back onto its own storage, shape and strides.  With
-    ``python_state``, each module's children too (a head built on the first
+    ``python_state``, each module's forward and backward hooks (those a
+    forward registers are removed: HF's first forward that collects hidden
+    states registers some and records that in an attribute) and children too (a head built on the first
     call, a ModuleList appended to), unless parameters were written (below).  ``python_state`` (on by
     default): also each module's plain Python attributes (a step counter, a
     cache list or dict a ``forward`` keeps, ``max_seq_len_cached``): values
@@ -82,6 +85,12 @@ def preserved(model: nn.Module, modules: list[nn.Module] | None = None, python_s
     # every module's children, torch's containers too (a forward that appends to a ModuleList, swaps a
     # Sequential's layer or builds a head on its first call)
     children = [(m, dict(m._modules) if m._modules else None) for m in mods] if python_state else []
+    # each module's forward and backward hooks, where it has any (HF's output-capturing hooks are registered by
+    # the first forward, which records that in a Python attribute: that attribute put back alone, every later
+    # forward registered them once more)
+    # (attributes read in an or-chain: ~0.2 us a module, half of map(attrgetter) and any())
+    hooks = {id(m): [frozenset(d) for d in _HOOKS(m)] for m in mods if m._forward_hooks or m._forward_pre_hooks
+             or m._backward_hooks or m._backward_pre_hooks} if python_state else None
     # random generators the forward may draw from besides torch's global ones (which fork_rng puts back):
     # Python's and NumPy's global ones (a LayerDrop coin, a NumPy augmentation) and the torch and NumPy
     # generators a module holds as attributes (noise injection) -- the states, not the objects, change
@@ -113,11 +122,7 @@ def preserved(model: nn.Module, modules: list[nn.Module] | None = None, python_s
                 _restore_mapping(m._buffers, bs)
                 if not written:
                     for v, c in conts:  # refilled in place: others may hold a reference to the container
-                        if isinstance(v, list):
-                            v[:] = c
-                        else:
-                            v.clear()
-                            v.update(c)
+                        _refill(v, c)
             if not written:  # (left as the forward set them, as the attributes that may refer to them are)
                 for m, ms in children:  # compared in C, by identity and in order: ~0.1 us a module
                     now = m._modules
@@ -127,6 +132,8 @@ def preserved(model: nn.Module, modules: list[nn.Module] | None = None, python_s
                     elif len(now) != len(ms) or not all(map(operator.is_, now.values(), ms.values())):
                         now.clear()
                         now.update(ms)
+                if hooks is not None:
+                    _restore_hooks(mods, hooks)
             try:
                 _put_back(bufs, saved_bufs, layouts)
             finally:  # what follows is put back also when a buffer cannot be
@@ -214,6 +221,29 @@ def _put_back(bufs: list[torch.Tensor], saved: list[torch.Tensor], layouts: list
                 b.copy_(c)
 
 
+_HOOKS = operator.attrgetter("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _restore_hooks(mods: list[nn.Module], hooks: dict[int, list[frozenset[int]]]) -> None:
+    """The hooks registered on each module since ``hooks`` was taken (the
+    handle ids each module's hook dicts held then, by ``id`` of the module,
+    for those that had any) removed.  Hooks removed meanwhile stay removed:
+    their owner removed them (the monitor's own, standing aside while it
+    replays a step inside :func:`preserved`), and no handle would remove
+    them again."""
+    for m in mods:
+        was = hooks.get(id(m)) if hooks else None
+        if was is None:
+            if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+                for d in _HOOKS(m):
+                    d.clear()
+            continue
+        for d, keys in zip(_HOOKS(m), was):
+            if len(d) > len(keys) or not keys.issuperset(d):
+                for k in [k for k in d if k not in keys]:
+                    del d[k]
+
+
 def _restore_mapping(now: dict[str, Any], was: dict[str, Any]) -> None:
     """``now`` (a module's ``_parameters`` or ``_buffers``) holding exactly the
     objects of ``was`` again, refilled in place only when one differs."""
@@ -226,33 +256,70 @@ def _restore_mapping(now: dict[str, Any], was: dict[str, Any]) -> None:
 
 # what nn.Module keeps for itself (parameters, buffers, children, hooks, flags): restored above or left alone
 _OWN = frozenset(vars(nn.Module())) | {"training"}
-_CONTAINERS = (list, dict, set)
+# the containers a forward fills in place, by exact type: the collections' own subclasses (a history in a
+# deque(maxlen=...), a defaultdict(int) of counts) refill as their bases do, keeping maxlen and the default
+# factory; other subclasses are left alone (HF's ModelOutput, an OrderedDict, refuses update())
+_CONTAINERS = frozenset({list, dict, set, collections.OrderedDict, collections.defaultdict, collections.Counter,
+                         collections.deque})
+# how deep containers held in containers are copied too (a dict of per-layer lists a forward appends to)
+_NESTED = 3
 
 
 # torch.nn's own classes (they live as long as torch): no Python state that a forward changes
 _TORCH_CLASSES: set[type] = set()
-# per other class, the names of its instances' own attributes that held a list, dict or set (read off the
-# first instance seen; held weakly: a class let go -- torch.fx makes one per traced module -- takes its
-# entry with it)
-_CONTAINER_NAMES: weakref.WeakKeyDictionary[type, tuple[str, ...]] = weakref.WeakKeyDictionary()
+# per other class, the names of its instances' own attributes that held a container and how many
+# attributes the first instance seen had (an instance with another count -- a list set only under a flag
+# of its __init__ -- is read again and its names added; held weakly: a class let go -- torch.fx makes one
+# per traced module -- takes its entry with it)
+_CONTAINER_NAMES: weakref.WeakKeyDictionary[type, tuple[tuple[str, ...], int]] = weakref.WeakKeyDictionary()
 
 
 def _containers(m: nn.Module) -> list[tuple[Any, Any]] | None:
-    """(container, shallow copy) of each list, dict or set among ``m``'s own
-    attributes (a cache a ``forward`` appends to), or None for a module of
-    torch's own classes: the names looked up once per class."""
+    """(container, shallow copy) of each container among ``m``'s own
+    attributes (a cache a ``forward`` appends to) and of the containers held
+    in those (a dict of lists), or None for a module of torch's own classes:
+    the names looked up once per class."""
     typ = type(m)
     if typ in _TORCH_CLASSES:
         return None
-    names = _CONTAINER_NAMES.get(typ)
-    if names is None:
-        if (typ.__module__ or "").startswith("torch.nn."):
+    d = vars(m)
+    known = _CONTAINER_NAMES.get(typ)
+    if known is None or known[1] != len(d):  # a first instance, or one with other attributes than the first's
+        if known is None and (typ.__module__ or "").startswith("torch.nn."):
             _TORCH_CLASSES.add(typ)
             return None
-        names = tuple(k for k, v in vars(m).items() if k not in _OWN and type(v) in _CONTAINERS)
+        found = tuple(k for k, v in d.items() if k not in _OWN and type(v) in _CONTAINERS)
+        # (the names of every instance seen, under the first one's count of attributes)
+        known = (tuple(dict.fromkeys(known[0] + found)), known[1]) if known is not None else (found, len(d))
         try:
-            _CONTAINER_NAMES[typ] = names
+            _CONTAINER_NAMES[typ] = known
         except TypeError:  # a class that cannot be weakly referenced: asked each time
             pass
-    d = vars(m)
-    return [(v, copy.copy(v)) for k in names if type(v := d.get(k)) in _CONTAINERS]
+    names = known[0]
+    out: list[tuple[Any, Any]] = []
+    for k in names:
+        if type(v := d.get(k)) in _CONTAINERS:
+            _copy_into(v, out, _NESTED)
+    return out
+
+
+def _copy_into(v: Any, out: list[tuple[Any, Any]], depth: int) -> None:
+    """``(v, shallow copy of v)`` appended to ``out``, then the same for the
+    containers ``v`` holds, ``depth`` levels down (a cycle ends there)."""
+    out.append((v, copy.copy(v)))
+    if depth:
+        for x in (v.values() if isinstance(v, dict) else v):
+            if type(x) in _CONTAINERS:
+                _copy_into(x, out, depth - 1)
+
+
+def _refill(v: Any, c: Any) -> None:
+    """Container ``v`` holding what its copy ``c`` holds again, in place."""
+    if isinstance(v, list):
+        v[:] = c
+    elif isinstance(v, collections.deque):
+        v.clear()
+        v.extend(c)
+    else:
+        v.clear()
+        v.update(c)
