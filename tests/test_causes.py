@@ -218,3 +218,26 @@ def test_hf_gpt2_with_a_large_tied_embedding_names_wte_and_lm_head():
     assert r.verdict == "exploding" and p.layer == "lm_head"
     assert set(p.parameters) == {"transformer.wte.weight", "lm_head.weight"} and "(tied)" in p.message
     assert not any(q.layer == "transformer.drop" for q in r.problems)
+
+
+def test_weights_drawn_far_below_their_fans_scale_are_named_as_the_cause_of_vanishing():
+    """An MLP whose Linear weights are drawn at std 1e-4 (RMS x sqrt(fan-in)
+    ~0.006; HF SAM's vision encoder draws 1e-10 from its config): the
+    vanishing problem names those weights and says to redraw them at their
+    fans' scale, not the activation's generic advice.  The control, a
+    sigmoid stack at torch's default scale, vanishes for its activation and
+    keeps that advice."""
+    torch.manual_seed(0)
+    m = nn.Sequential(*[layer for _ in range(6) for layer in (nn.Linear(64, 64), nn.Tanh())], nn.Linear(64, 4))
+    with torch.no_grad():
+        for mod in m:
+            if isinstance(mod, nn.Linear):
+                mod.weight.normal_(0.0, 1e-4)
+    r = sp.check(m, torch.randn(32, 64))
+    p = next(p for p in r.problems if p.kind == "vanishing")
+    assert "drawn at RMS x sqrt(fan-in)" in p.message and "redraw the weights at their fans' scale" in p.suggestion
+    assert p.parameters and all(n.endswith(".weight") for n in p.parameters), p.parameters
+    torch.manual_seed(0)
+    control = nn.Sequential(*[layer for _ in range(40) for layer in (nn.Linear(32, 32), nn.Sigmoid())])
+    q = next(p for p in sp.check(control, torch.randn(32, 32)).problems if p.kind == "vanishing")
+    assert "fans' scale" not in q.suggestion and not q.parameters, q.suggestion

@@ -65,6 +65,7 @@ def explain(problems: Sequence[Problem], layers: Sequence[LayerStats], rows: Seq
     out = list(problems)
     ties = _ties(model)
     out = _collapsing_norms(out, layers, rows, bounds[0])
+    out = _tiny_weights(out, layers, rows)
     out = _zero_parameters_into_a_norm(out, layers, rows, model, bounds[1], grads)
     out = _one_layer_gain(out, layers, rows, bounds[1], ties, dict(model.named_modules()))
     return out
@@ -119,6 +120,49 @@ def _collapsing_norms(problems: list[Problem], layers: Sequence[LayerStats], row
             out.append(p)
             continue
         out.append(_norm_problem(p, layers, rows, small, product, lo))
+    return out
+
+
+# a weight layer drawn at RMS x sqrt(fan-in) below this multiplies the signal, and the gradient passing back, by
+# 100x less than a scale-keeping one (1; HF's std 0.02 on a 768-wide layer gives 0.55, torch's default ~0.58)
+TINY_FAN_SCALE = 0.01
+
+
+def _tiny_weights(problems: list[Problem], layers: Sequence[LayerStats], rows: Sequence[Row]) -> list[Problem]:
+    """A vanishing problem whose weight layers are, by their median, drawn
+    far below their fans' scale (:data:`TINY_FAN_SCALE`; HF SAM's vision
+    encoder at its config's ``initializer_range`` 1e-10): named as that, with
+    the fix, instead of the activation's generic advice."""
+    out = []
+    for p in problems:
+        if p.kind != "vanishing" or p.first < 0 or p.parameters:
+            out.append(p)
+            continue
+        seen: set[int] = set()
+        scaled: list[tuple[Row, float]] = []
+        for r in rows[p.first:p.last + 1]:
+            if r.module is None or id(r.module) in seen:
+                continue
+            seen.add(id(r.module))
+            g = _fan_scale(r)
+            if g is not None:
+                scaled.append((r, g))
+        gs = sorted(g for _, g in scaled)
+        if not gs or gs[len(gs) // 2] >= TINY_FAN_SCALE:
+            out.append(p)
+            continue
+        tiny = [(r, g) for r, g in scaled if g < TINY_FAN_SCALE]
+        names = tuple(f"{r.name}.weight" if r.name else "weight" for r, _ in tiny)
+        what = p.message.split(". ", 1)[0] + "."
+        why = (f"{len(tiny)} of its {len(scaled)} weight layers are drawn at RMS x sqrt(fan-in) "
+               f"{gs[len(gs) // 2]:.2g} (median; 1 keeps the signal's scale, torch's default is about 0.58, a std of "
+               f"0.02 on a 768-wide layer 0.55), first {names[0]}: each multiplies the gradient passing back through "
+               "it by about that much.")
+        fix = ("redraw the weights at their fans' scale: sp.init.apply_(model, 'kaiming_normal') (or "
+               "'xavier_normal' for tanh/sigmoid nets); for a model built from a config, check its initializer "
+               "scale (HF's initializer_range) before creating the model")
+        cli = "re-initialise with --init kaiming_normal (or --init critical)"
+        out.append(replace(p, message=f"{what} {why}", suggestion=fix, cli_suggestion=cli, parameters=names))
     return out
 
 
