@@ -254,6 +254,35 @@ def test_a_second_forward_before_the_backward_that_gets_no_gradient_is_not_the_s
         assert la.grad_rms == pytest.approx(lb.grad_rms, rel=1e-6)
 
 
+@pytest.mark.parametrize("passes", ["a target and a metric", "a pass that raised"])
+def test_several_forwards_after_the_training_one_that_get_no_gradient_are_not_the_sample(passes):
+    """As above with more than one such pass after the training forward
+    (targets for two views, a target and a metric's pass) or one that
+    raised in its first layer (the loop caught it): the previous version
+    kept only the last recording displaced -- the first extra pass's, with no
+    gradient either -- and called every sample "incomplete" (or, after the
+    pass that raised, measured no sample at all and warned that no forward
+    with gradients ran).  The run is unchanged."""
+    def forward(m, x):
+        out = m(x)
+        if passes == "a pass that raised":
+            with pytest.raises(RuntimeError):
+                m(x[:, :5])  # the wrong width: the first layer raises
+        else:
+            m(x + 1.0).detach()  # a target
+            m(x - 1.0).argmax(-1)  # a metric's pass
+        return out
+
+    mon = _monitored_equals_plain(forward)
+    ref = _monitored_equals_plain(lambda m, x: m(x))
+    assert len(mon.history) == len(ref.history) == 3
+    for h in mon.history:
+        assert h.verdict != "incomplete" and not h.incomplete, h.incomplete
+    for la, lb in zip(mon.history[0].layers, ref.history[0].layers):  # step 0: the same weights in both runs
+        assert la.forward_second_moment == pytest.approx(lb.forward_second_moment, rel=1e-6)
+        assert la.grad_rms == pytest.approx(lb.grad_rms, rel=1e-6)
+
+
 def test_a_forward_abandoned_before_its_backward_does_not_become_the_sample():
     """A forward whose backward never comes (an exception in the user's loss
     code, skipped by the loop): the step's training forward is sampled."""
