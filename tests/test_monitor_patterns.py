@@ -523,6 +523,35 @@ def test_the_history_is_bounded_by_default(monkeypatch):
     assert len(mon.history) == 20 and mon.history[-1].step == 29
 
 
+@pytest.mark.parametrize("bound", ["max_history", "default"])
+def test_a_bounded_history_keeps_the_first_samples_with_a_verdict(monkeypatch, bound):
+    """The first sample without a verdict (step 0's loss does not depend on
+    the output: no backward signal), the history bounded to 8 samples: the
+    drift rules' baseline stays the first three samples with one (steps 1-3);
+    the previous version kept the first three samples whatever their verdict
+    and read the third baseline sample off the latest ones, anew at each
+    drop (step 25's at step 29)."""
+    from signalprop.monitor import core
+
+    kw = {"max_history": 8} if bound == "max_history" else {}
+    if bound == "default":
+        monkeypatch.setattr(core, "HISTORY_ROWS", 1)
+        monkeypatch.setattr(core, "HISTORY_MIN", 8)
+    torch.manual_seed(0)
+    m = EncHead()
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    with sp.monitor(m, every=1, **kw) as mon:
+        for k in range(30):
+            x, y = _data(k)
+            loss = F.cross_entropy(m(x) * (0.0 if k == 0 else 1.0), y)
+            opt.zero_grad()
+            loss.backward()
+            mon.step(loss)
+            opt.step()
+            assert [h.step for h in mon._complete_ends()][:3] == ([1, 2, 3] if k >= 3 else list(range(1, k + 1)))
+    assert [h.step for h in mon.history] == [1, 2, 3, *range(25, 30)]
+
+
 def test_the_update_spike_baseline_is_each_layers_last_updates_whatever_max_history_keeps():
     """A learning rate warming up 10% a step (updates growing ~1.2x a sample,
     never 10x their last ones) and, once, a step whose gradients are 40x: with

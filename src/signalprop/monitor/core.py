@@ -1123,7 +1123,7 @@ class Monitor:
             keep = self.max_history if self.max_history is not None else \
                 max(HISTORY_MIN, HISTORY_ROWS // max(len(sample.layers), 1))
             while len(self.history) > keep:
-                del self.history[A.BASELINE_SAMPLES]  # the baseline samples stay
+                del self.history[self._trim_at()]  # the baseline samples stay
             self._sampled_out_absmax = out_absmax
         elif out_absmax is not None and self._sampled_out_absmax and finite and \
                 output_closing_in(out_absmax, self._sampled_out_absmax, self._format()):
@@ -1183,6 +1183,21 @@ class Monitor:
     def _complete_history(self) -> list[MonitorStep]:
         """The samples that carry a verdict: the baseline of the drift rules."""
         return [h for h in self.history if not h.incomplete]
+
+    def _trim_at(self) -> int:
+        """The sample a bounded history drops: the first without a verdict
+        ahead of the first ``BASELINE_SAMPLES`` with one, else the one after
+        those.  Those are the drift rules' baseline (see :meth:`_complete_ends`),
+        which stays; dropping the sample after the first ``BASELINE_SAMPLES``
+        whatever their verdict let a run whose first sample had none (a
+        GradScaler's first overflow, a first step without gradients) take
+        its third baseline sample from the latest ones, anew at each drop."""
+        n = 0
+        for i, h in enumerate(self.history):
+            if h.incomplete or n == A.BASELINE_SAMPLES:
+                return i
+            n += 1
+        return A.BASELINE_SAMPLES
 
     def _complete_ends(self) -> list[MonitorStep]:
         """What the sample rules read of :meth:`_complete_history`: all of it
