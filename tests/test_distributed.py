@@ -114,6 +114,33 @@ class _NaNOnOneRank(nn.Module):
         return x * float("nan") if self.armed and self.rank == 1 else x
 
 
+class _AfterTheRows(nn.Module):
+    """Layers, then the model's own code: on rank 1 the output is made after
+    the last layer (a NaN in it when ``nan``), on rank 0 it is the last
+    layer's output itself -- which rank's output a row measured differs."""
+
+    def __init__(self, rank: int, nan: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+        self.rank, self.nan = rank, nan
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.net(x)
+        if self.rank == 1:
+            y = y + torch.where(torch.arange(3) == 0, float("nan") if self.nan else 0.0, 0.0)
+        return y
+
+
+def _after_the_rows(rank: int, shard: slice, nan: bool) -> str:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    x, y = _data(0)
+    r = sp.check(DDP(_AfterTheRows(rank, nan)), x[shard],
+                 loss_fn=lambda out: nn.functional.mse_loss(out.nan_to_num(), y[shard]))
+    return f"{r.verdict}|{r.problems[0].layer if r.problems else ''}"
+
+
 def _planted_nan(model: nn.Module, boom: _NaNOnOneRank, shard: slice) -> list[str]:
     mon = sp.monitor(model, every=EVERY, grad_every=1)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -245,6 +272,8 @@ def _worker(rank: int, port: int, out: str) -> None:
                         fully_shard(sub)
                 model = fully_shard(m)
             res[key] = _planted_nan(model, boom, half)
+        # the output's largest entry where no row measured it: on both ranks alike, a NaN on rank 1 seen by both
+        res["after_rows"] = [_after_the_rows(rank, half, nan) for nan in (False, True)]
         res["gather_kinds"] = _gather_kinds(rank)
     finally:
         Path(out, f"rank{rank}.json").write_text(json.dumps(res))
@@ -343,6 +372,17 @@ def test_an_empty_shard_on_one_rank_does_not_break_the_reduction(ranks):
 def test_nan_on_one_rank_is_named_alike_on_every_rank(ranks):
     for key in ("nan_ddp", "nan_fsdp"):
         assert [res[key] for res in ranks] == [["3|3|forward"]] * WORLD, key
+
+
+def test_an_output_made_after_the_rows_on_one_rank_only(ranks):
+    """check reads the output's largest entry where no row measured it (the
+    model's own code after its last layer); which rank's output that is may
+    differ (here rank 1's only): the all-reduce got an extra value from that
+    rank alone and gloo aborted the process, and a NaN there on rank 1 was
+    dropped by the maximum over ranks (both called the model healthy, where
+    one process on rank 1's half names the root)."""
+    for r, res in enumerate(ranks):
+        assert res["after_rows"] == ["healthy|", "non-finite|(root)"], (r, res["after_rows"])
 
 
 def test_the_reduction_combines_every_form_of_value_by_its_kind(ranks):

@@ -254,6 +254,35 @@ def test_a_second_forward_before_the_backward_that_gets_no_gradient_is_not_the_s
         assert la.grad_rms == pytest.approx(lb.grad_rms, rel=1e-6)
 
 
+@pytest.mark.parametrize("passes", ["a target and a metric", "a pass that raised"])
+def test_several_forwards_after_the_training_one_that_get_no_gradient_are_not_the_sample(passes):
+    """As above with more than one such pass after the training forward
+    (targets for two views, a target and a metric's pass) or one that
+    raised in its first layer (the loop caught it): the previous version
+    kept only the last recording displaced -- the first extra pass's, with no
+    gradient either -- and called every sample "incomplete" (or, after the
+    pass that raised, measured no sample at all and warned that no forward
+    with gradients ran).  The run is unchanged."""
+    def forward(m, x):
+        out = m(x)
+        if passes == "a pass that raised":
+            with pytest.raises(RuntimeError):
+                m(x[:, :5])  # the wrong width: the first layer raises
+        else:
+            m(x + 1.0).detach()  # a target
+            m(x - 1.0).argmax(-1)  # a metric's pass
+        return out
+
+    mon = _monitored_equals_plain(forward)
+    ref = _monitored_equals_plain(lambda m, x: m(x))
+    assert len(mon.history) == len(ref.history) == 3
+    for h in mon.history:
+        assert h.verdict != "incomplete" and not h.incomplete, h.incomplete
+    for la, lb in zip(mon.history[0].layers, ref.history[0].layers):  # step 0: the same weights in both runs
+        assert la.forward_second_moment == pytest.approx(lb.forward_second_moment, rel=1e-6)
+        assert la.grad_rms == pytest.approx(lb.grad_rms, rel=1e-6)
+
+
 def test_a_forward_abandoned_before_its_backward_does_not_become_the_sample():
     """A forward whose backward never comes (an exception in the user's loss
     code, skipped by the loop): the step's training forward is sampled."""
@@ -492,6 +521,35 @@ def test_the_history_is_bounded_by_default(monkeypatch):
     with sp.monitor(m, every=1, max_history=20) as mon:
         _run(m, 30, lambda mm, x: mm(x), mon)
     assert len(mon.history) == 20 and mon.history[-1].step == 29
+
+
+@pytest.mark.parametrize("bound", ["max_history", "default"])
+def test_a_bounded_history_keeps_the_first_samples_with_a_verdict(monkeypatch, bound):
+    """The first sample without a verdict (step 0's loss does not depend on
+    the output: no backward signal), the history bounded to 8 samples: the
+    drift rules' baseline stays the first three samples with one (steps 1-3);
+    the previous version kept the first three samples whatever their verdict
+    and read the third baseline sample off the latest ones, anew at each
+    drop (step 25's at step 29)."""
+    from signalprop.monitor import core
+
+    kw = {"max_history": 8} if bound == "max_history" else {}
+    if bound == "default":
+        monkeypatch.setattr(core, "HISTORY_ROWS", 1)
+        monkeypatch.setattr(core, "HISTORY_MIN", 8)
+    torch.manual_seed(0)
+    m = EncHead()
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    with sp.monitor(m, every=1, **kw) as mon:
+        for k in range(30):
+            x, y = _data(k)
+            loss = F.cross_entropy(m(x) * (0.0 if k == 0 else 1.0), y)
+            opt.zero_grad()
+            loss.backward()
+            mon.step(loss)
+            opt.step()
+            assert [h.step for h in mon._complete_ends()][:3] == ([1, 2, 3] if k >= 3 else list(range(1, k + 1)))
+    assert [h.step for h in mon.history] == [1, 2, 3, *range(25, 30)]
 
 
 def test_the_update_spike_baseline_is_each_layers_last_updates_whatever_max_history_keeps():

@@ -99,6 +99,30 @@ def test_a_nan_made_after_the_last_layer_is_named_not_called_healthy(loss):
     assert sp.check(Masked(), torch.randn(16, 8)).verdict == "healthy"
 
 
+def test_a_complex_output_conjugated_after_the_last_layer_is_read():
+    """The output's largest entry is read where no row's output is the
+    model's, of a complex output too: a lazily conjugated one (``z.conj()``,
+    which ``view_as_real`` refuses) made check raise; a NaN in its imaginary
+    part is named as in a real output."""
+
+    class Conj(nn.Module):
+        def __init__(self, nan=False):
+            super().__init__()
+            self.net, self.nan = nn.Linear(8, 6), nan
+
+        def forward(self, x):
+            y = self.net(x)
+            z = torch.complex(y[:, :3], y[:, 3:] + (float("nan") if self.nan else 0.0) * (x[:, :3] > 5))
+            return z.conj()
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 8)
+    assert sp.check(Conj(), x).verdict == "healthy"
+    x[0, :3] = 6.0
+    r = sp.check(Conj(nan=True), x)
+    assert r.verdict == "non-finite" and r.problems[0].layer == "(root)", (r.verdict, r.problems)
+
+
 def test_the_monitor_names_a_nan_made_after_the_last_layer_in_the_forward():
     """The monitor's replay of the step says the same: the forward, the
     model's own code (it said the forward was finite and blamed the loss's

@@ -471,3 +471,33 @@ def test_a_module_replaced_mid_run_is_drawn_with_its_own_values(tmp_path):
     assert weight[2].max < 1 and weight[4].min > 4  # the old head at step 2, the new one at step 4
     assert [e.step for e in acc.Histograms("signalprop/activation/4")] == [0, 2, 4]
     assert [e.step for e in acc.Histograms("signalprop/update/4.weight")] == [0, 2, 4]
+
+
+@pytest.mark.parametrize("extra", [1, 2])
+def test_forwards_after_the_training_one_that_get_no_gradient_are_not_drawn(extra):
+    """The training forward, then ``extra`` passes of the model with
+    gradients on whose outputs get none (a target on inputs 100x larger, a
+    metric's pass): the activation histograms are the training pass's, as the
+    monitor's sample is -- the previous version drew the last pass's
+    activations beside the training pass's gradients (its gradient hooks
+    wrote into the same dict)."""
+    def run(passes):
+        model = _mlp()
+        w = _HistogramWriter()
+        g = torch.Generator().manual_seed(1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with sp.monitor(model, every=EVERY, writer=w) as mon:
+            for _ in range(3):
+                x, y = torch.randn(32, 8, generator=g), torch.randint(0, 2, (32,), generator=g)
+                out = model(x)
+                for k in range(passes):
+                    model(x * 100.0 * (k + 1)).detach()
+                loss = F.cross_entropy(out, y)
+                opt.zero_grad()
+                loss.backward()
+                mon.step(loss)
+                opt.step()
+        assert all(not h.incomplete for h in mon.history)
+        return sorted(w.hist)
+
+    assert run(extra) == run(0)

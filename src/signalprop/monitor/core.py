@@ -97,6 +97,9 @@ from .update import UpdateMeter, with_update
 # entries of the witness parameter's .grad read for an in-place zero_grad (a prefix: zeroed means all of it)
 ZERO_PROBE = 4096
 MAX_REPLAY_CALLS = 64  # forward calls per step kept for replay (gradient accumulation)
+# recordings a step's later forwards displaced before any backward reached them, kept until the step closes
+# (see Monitor._take_fallback): a target pass and a metric pass after the training forward are two
+MAX_FALLBACKS = 8
 # Reading every gradient is one fused kernel on a GPU (~1% of a step) but a
 # memory-bound pass on a CPU (~4% of a step of a 100 x 512 MLP on 2 cores):
 # there the gradient norms are read every 4th step (and on every sampled
@@ -494,9 +497,10 @@ class Monitor:
         self._warned: set[str] = set()
         self._calls: list[_Call] = []
         self._rec: Recorder | None = None
-        # the recording a later forward of the step displaced before either met the backward (see
-        # _root_pre_guarded), with its sampled calls and logit sums: the sample if only it gets gradients
-        self._fallback: tuple[Recorder, list[_Call], Any] | None = None
+        # the recordings later forwards of the step displaced before any backward reached them (see
+        # _root_pre_guarded), oldest first, each with its sampled calls and logit sums: the sample is the latest
+        # whose rows got gradients where the last one's got none
+        self._fallback: list[tuple[Recorder, list[_Call], Any]] = []
         self._recording = False
         self._updates = UpdateMeter(model)  # each module's update of the step after each regular sample
         self._snapshot_due: int | None = None  # a sampled step whose following update is still to measure
@@ -749,10 +753,16 @@ class Monitor:
                 # measure this one instead -- the sample is of the pass that trains.  Where it fed no backward
                 # *yet*, it is kept: a second forward before the backward (a target computed with gradients on
                 # and detached, a metric's pass) gets none, and the first is then the sample (see _close_step)
-                self._drop_fallback()
-                if not fed and not self._last_pass:
-                    self._fallback = (rec, [c for c in self._calls if c.sampled], self._logits)
+                if fed or self._last_pass:
+                    self._drop_fallback()
+                    keep = None
+                else:
+                    keep = (rec, [c for c in self._calls if c.sampled], self._logits)
                 self._arm()
+                if keep is not None and self._rec is not rec:  # (not where no new recording was armed)
+                    self._fallback.append(keep)
+                    if len(self._fallback) > MAX_FALLBACKS:
+                        self._fallback.pop(0)[0].release()
                 if self._rec is not None:  # attached inside the root's call: the root has entered already
                     self._rec.entered(self.model, args)
             elif witness is not None and self._witness_hook is None:
@@ -901,25 +911,29 @@ class Monitor:
             return []
 
     def _drop_fallback(self) -> None:
-        if self._fallback is not None:
-            self._fallback[0].release()
-            self._fallback = None
+        fbs, self._fallback = self._fallback, []
+        for fb in fbs:
+            fb[0].release()
 
     def _take_fallback(self, rec: Recorder | None) -> Recorder | None:
-        """The step's sample: ``rec`` (the last forward recorded), or the one it
-        displaced where only that one's rows got gradients (``rec``'s forward
-        fed no backward: a target or metric pass with gradients on, after the
-        training forward)."""
-        fb, self._fallback = self._fallback, None
-        if fb is None:
+        """The step's sample: ``rec`` (the last forward recorded), or the
+        latest one it and the forwards before it displaced where only that
+        one's rows got gradients (``rec``'s forward fed no backward, or
+        recorded nothing -- it raised before its first layer: target or
+        metric passes with gradients on after the training forward)."""
+        fbs, self._fallback = self._fallback, []
+        pick = None
+        if rec is None or not any(r.bwd for r in rec.rows):
+            pick = next((fb for fb in reversed(fbs) if not fb[0].errors and any(r.bwd for r in fb[0].rows)), None)
+        for fb in fbs:
+            if fb is not pick:
+                fb[0].release()
+        if pick is None:
             return rec
-        prev, calls, logits = fb
-        if rec is None or not rec.rows or any(r.bwd for r in rec.rows) or prev.errors or \
-                not any(r.bwd for r in prev.rows):
-            prev.release()
-            return rec
-        rec.detach()
-        rec.release()
+        prev, calls, logits = pick
+        if rec is not None:
+            rec.detach()
+            rec.release()
         self._rec = prev
         for c in self._calls:
             c.sampled = any(c is d for d in calls)
@@ -1109,7 +1123,7 @@ class Monitor:
             keep = self.max_history if self.max_history is not None else \
                 max(HISTORY_MIN, HISTORY_ROWS // max(len(sample.layers), 1))
             while len(self.history) > keep:
-                del self.history[A.BASELINE_SAMPLES]  # the baseline samples stay
+                del self.history[self._trim_at()]  # the baseline samples stay
             self._sampled_out_absmax = out_absmax
         elif out_absmax is not None and self._sampled_out_absmax and finite and \
                 output_closing_in(out_absmax, self._sampled_out_absmax, self._format()):
@@ -1169,6 +1183,21 @@ class Monitor:
     def _complete_history(self) -> list[MonitorStep]:
         """The samples that carry a verdict: the baseline of the drift rules."""
         return [h for h in self.history if not h.incomplete]
+
+    def _trim_at(self) -> int:
+        """The sample a bounded history drops: the first without a verdict
+        ahead of the first ``BASELINE_SAMPLES`` with one, else the one after
+        those.  Those are the drift rules' baseline (see :meth:`_complete_ends`),
+        which stays; dropping the sample after the first ``BASELINE_SAMPLES``
+        whatever their verdict let a run whose first sample had none (a
+        GradScaler's first overflow, a first step without gradients) take
+        its third baseline sample from the latest ones, anew at each drop."""
+        n = 0
+        for i, h in enumerate(self.history):
+            if h.incomplete or n == A.BASELINE_SAMPLES:
+                return i
+            n += 1
+        return A.BASELINE_SAMPLES
 
     def _complete_ends(self) -> list[MonitorStep]:
         """What the sample rules read of :meth:`_complete_history`: all of it

@@ -166,6 +166,10 @@ class HistogramTap:
         self.errors: list[BaseException] = []
         self.acts: dict[str, torch.Tensor] = {}
         self.grads: dict[str, torch.Tensor] = {}
+        # the samples of the step's earlier forwards that no gradient had reached when a later one was sampled
+        # (their gradient hooks fill their own dicts): drawn if only theirs get gradients, as the monitor's
+        # sample is (a target or metric pass with gradients on after the training forward)
+        self._earlier: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
         self._hook: Any = None
         self._captured: int | None = None  # the step whose forward was sampled
         # the sampled step's weight samples (step, [(name, param, stride, sample)]) until its update is taken
@@ -187,9 +191,13 @@ class HistogramTap:
             return
         if self._captured == mon._step and (self.grads or not self.acts):
             return  # the step's training forward is sampled already
-        # first forward of the sampled step, or an earlier one fed no backward: sample this one
-        self.acts.clear()
-        self.grads.clear()
+        # first forward of the sampled step, or an earlier one fed no backward (yet): sample this one, the
+        # earlier one's kept (new dicts: the gradient hooks a forward registered fill its own)
+        if self._captured == mon._step and self.acts:
+            self._earlier = [*self._earlier[-7:], (self.acts, self.grads)]
+        else:
+            self._earlier = []
+        self.acts, self.grads = {}, {}
         self._captured = mon._step
         # read at each sample: a module replaced or added since (a new head, an adapter) is sampled, not the one
         # it replaced
@@ -244,16 +252,18 @@ class HistogramTap:
             if self._pending and self._pending[0][0] < step:
                 pending, self._pending = self._pending, []
                 self._write(writer, pending)
+            acts, grads, earlier = self.acts, self.grads, self._earlier
+            self.acts, self.grads, self._earlier = {}, {}, []
             if not self.mon.regular:
-                self.acts.clear()
-                self.grads.clear()
                 return
             errors, self.errors = self.errors, []
             if errors:
                 raise errors[0]
+            if not grads:  # the last forward sampled got no gradient: the latest earlier one that did
+                acts, grads = next(((a, g) for a, g in reversed(earlier) if g), (acts, grads))
             entries: list[tuple[int, str, torch.Tensor]] = []
-            entries += [(step, f"signalprop/activation/{n or '(root)'}", s) for n, s in self.acts.items()]
-            entries += [(step, f"signalprop/activation_grad/{n or '(root)'}", s) for n, s in self.grads.items()]
+            entries += [(step, f"signalprop/activation/{n or '(root)'}", s) for n, s in acts.items()]
+            entries += [(step, f"signalprop/activation_grad/{n or '(root)'}", s) for n, s in grads.items()]
             before = []
             # the model's parameters now (a module replaced since the monitor started has its new ones); complex
             # ones left out, as complex activations are: a histogram of real values would cast away their
@@ -275,8 +285,6 @@ class HistogramTap:
                     entries.append((step, f"signalprop/grad/{n}", strided_sample_at(local(p.grad), stride)))
             self._before = (step, before)
             self._pending = entries
-            self.acts.clear()
-            self.grads.clear()
 
     def flush(self, writer: Any) -> None:
         """Write the histograms and updates still waiting (at the monitor's ``close``)."""
@@ -307,6 +315,7 @@ class HistogramTap:
         self._before = None
         self.acts.clear()
         self.grads.clear()
+        self._earlier = []
 
 
 def strided_sample_at(t: torch.Tensor, stride: int, n: int = SAMPLE) -> torch.Tensor:

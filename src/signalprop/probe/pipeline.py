@@ -23,7 +23,7 @@ from ..records import InputStats, LayerStats, Report, Summary, evolve
 from ..words import count
 from .causes import explain
 from .diagnose import diagnose
-from .distributed import GRAD_NORM, MAX, MEAN, NORM, SUM, Reduction, is_ddp, is_sharded
+from .distributed import GRAD_NORM, MEAN, NORM, SUM, Reduction, is_ddp, is_sharded
 from .gather import finalise, has_nonfinite, underflowed
 from .inputs import COTANGENT_SEED, ModelError, as_own_pass, call_model, cotangent, prepare_inputs, shapes, tensors_of
 from .norms import ParamNorms
@@ -219,16 +219,20 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
             float(out_grad.numel()) if out_grad is not None else 0.0]
     kinds = pnorms.kinds + _INPUT_KINDS[:len(extra) - len(pnorms.scalars) - 3] + [GRAD_NORM, MEAN, SUM]
     # the output's largest entry where no row measured its values (code after the last layer made it, or wrote
-    # it in place): NaN or +inf there is a failure no row shows (-inf, a mask, is not)
+    # it in place): NaN or +inf there is a failure no row shows (-inf, a mask, is not).  Across a process group
+    # every rank sends one (0 where its rows saw the output: which rank's output is a row's may differ, and the
+    # all-reduce must have the same entries on every rank), summed: a NaN on any rank reaches all of them (the
+    # maximum of the ranks' values, read in Python, drops a NaN that follows a number)
     unseen = written_after(y, rec.rows)
-    if unseen:
+    read_out = unseen or red is not None
+    if read_out:
         with torch.no_grad():
-            extra.append(_largest(y))
-        kinds.append(MAX)
+            extra.append(_largest(y) if unseen else 0.0)
+        kinds.append(SUM)
     vals, ex = finalise(rec.rows, extra, red, kinds, rec.batched())
     if not exact and has_nonfinite(vals, ex):
         return None
-    out_bad = unseen and not math.isfinite(ex.pop())
+    out_bad = read_out and not math.isfinite(ex.pop())
     if red is None and out_grad is not None and ex[-3] == 0 and out_grad.numel():
         # float32's sum of squares underflowed (a loss scaled by 1e-25: every relative gradient was then 0,
         # "vanishing"; an overflow sends the pass to the exact one): the norm every row is judged against,
@@ -572,7 +576,9 @@ def _largest(y: torch.Tensor) -> torch.Tensor | float:
     is NaN, +inf where one is +inf, finite where the others are -inf (a mask)."""
     if y.numel() == 0 or not (y.is_floating_point() or y.is_complex()):
         return 0.0
-    t = torch.view_as_real(y.detach()) if y.is_complex() else y.detach()
+    t = y.detach()
+    if t.is_complex():  # (.real and .imag: views also of a lazily conjugated tensor, which view_as_real refuses)
+        return torch.maximum(t.real.amax(), t.imag.amax()).float()
     return t.amax().float()
 
 
