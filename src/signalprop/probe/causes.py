@@ -139,14 +139,12 @@ def _tiny_weights(problems: list[Problem], layers: Sequence[LayerStats], rows: S
             out.append(p)
             continue
         seen: set[int] = set()
-        scaled: list[tuple[Row, float]] = []
+        span = []
         for r in rows[p.first:p.last + 1]:
-            if r.module is None or id(r.module) in seen:
-                continue
-            seen.add(id(r.module))
-            g = _fan_scale(r)
-            if g is not None:
-                scaled.append((r, g))
+            if r.module is not None and id(r.module) not in seen:
+                seen.add(id(r.module))
+                span.append(r)
+        scaled = _fan_scales(span)
         gs = sorted(g for _, g in scaled)
         if not gs or gs[len(gs) // 2] >= TINY_FAN_SCALE:
             out.append(p)
@@ -164,6 +162,34 @@ def _tiny_weights(problems: list[Problem], layers: Sequence[LayerStats], rows: S
         cli = "re-initialise with --init kaiming_normal (or --init critical)"
         out.append(replace(p, message=f"{what} {why}", suggestion=fix, cli_suggestion=cli, parameters=names))
     return out
+
+
+def _fan_scales(rows: Sequence[Row]) -> list[tuple[Row, float]]:
+    """(row, RMS x sqrt(fan-in)) of the weight layers among ``rows`` (see
+    :func:`_fan_scale`), their norms computed together and read in one
+    transfer per device and dtype: a deep net's vanishing span holds
+    hundreds of weight layers, and a read each was a host sync each (the
+    bound of tests/test_check_cost.py)."""
+    items: list[tuple[Row, torch.Tensor, int]] = []
+    for r in rows:
+        w = getattr(r.module, "weight", None)
+        if not isinstance(w, torch.Tensor) or w.dim() < 2 or w.numel() == 0 or is_norm_kind(r.kind):
+            continue
+        try:
+            fan_in = fans(r.module)[0]  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            fan_in = tensor_fans(w)[0]
+        items.append((r, w, fan_in))
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, (_, w, _) in enumerate(items):
+        groups.setdefault((w.device, w.dtype), []).append(i)
+    norms = [0.0] * len(items)
+    with torch.no_grad():
+        for idx in groups.values():
+            got = torch.stack(torch._foreach_norm([items[i][1].detach() for i in idx])).double().tolist()
+            for i, v in zip(idx, got):
+                norms[i] = v
+    return [(r, n / math.sqrt(w.numel()) * math.sqrt(max(fan_in, 1))) for (r, w, fan_in), n in zip(items, norms)]
 
 
 def _norm_problem(p: Problem, layers: Sequence[LayerStats], rows: Sequence[Row],
