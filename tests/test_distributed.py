@@ -184,6 +184,9 @@ GATHER_CASES = [
     (lambda r: torch.tensor(6.0 + r), S.GRAD_MIN), (lambda r: torch.tensor(3.0), S.REPLICA_NORM),
     (lambda r: torch.tensor(1.0 + r), S.SHARD_NORM), (lambda r: torch.tensor(2.0 * (r + 1)), S.GRAD_NORM),
     (lambda r: torch.zeros(0), S.SUM),
+    # a NaN on the second rank, after a number: NaN, as one process's amax/amin over both ranks' data
+    (lambda r: torch.tensor(1.0 if r == 0 else math.nan), S.MAX),
+    (lambda r: torch.tensor(1.0 if r == 0 else math.nan), S.MIN),
 ]
 
 
@@ -391,10 +394,10 @@ def test_the_reduction_combines_every_form_of_value_by_its_kind(ranks):
     0-d tensors, entries of a batch vector and a row of a matrix."""
     w = WORLD
     want = [3 + 4, math.sqrt(2**2 + 3**2), (1 + 2) / w, (4 + 8) / w**2, 1, 2, 5, 1, 7 / w, 6 / w,
-            math.sqrt((9 + 9) / w), math.sqrt(1 + 4), math.sqrt(4 + 16) / w, 0.0,
+            math.sqrt((9 + 9) / w), math.sqrt(1 + 4), math.sqrt(4 + 16) / w, 0.0, math.nan, math.nan,
             30 + 31, math.sqrt(10**2 + 11**2), 4.0]
     for res in ranks:
-        assert res["gather_kinds"] == pytest.approx(want, rel=1e-12)
+        assert res["gather_kinds"] == pytest.approx(want, rel=1e-12, nan_ok=True)
 
 
 def test_one_all_reduce_per_step(ranks):

@@ -246,13 +246,13 @@ class Reduction:
             elif k == SUM:
                 out.append(s)
             elif k == MAX:
-                out.append(max(seg) if seg else 0.0)
+                out.append(_extreme(max, seg))
             elif k == MIN:
-                out.append(min(seg) if seg else 0.0)
+                out.append(_extreme(min, seg))
             elif k == GRAD_MIN:
-                out.append(min(seg) / w if seg else 0.0)
+                out.append(_extreme(min, seg) / w)
             elif k == GRAD_MAX:
-                out.append(max(seg) / w if seg else 0.0)
+                out.append(_extreme(max, seg) / w)
             else:
                 raise ValueError(f"unknown reduction kind {k!r}")
         return out
@@ -274,4 +274,13 @@ class Reduction:
 
 
 # Row statistics' raw values (probe.stats) and how each combines: read off their declarations
+def _extreme(pick: Any, seg: list[float]) -> float:
+    """``pick`` (max or min) of the ranks' values, NaN where one is NaN (as
+    torch.amax over the concatenated batch gives): Python's max and min drop
+    a NaN that follows a number; 0.0 without values."""
+    if not seg:
+        return 0.0
+    return math.nan if any(x != x for x in seg) else float(pick(seg))
+
+
 ROW_KINDS = RAW_REDUCTION
