@@ -165,8 +165,9 @@ def _tiny_weights(problems: list[Problem], layers: Sequence[LayerStats], rows: S
 
 
 def _fan_scales(rows: Sequence[Row]) -> list[tuple[Row, float]]:
-    """(row, RMS x sqrt(fan-in)) of the weight layers among ``rows`` (see
-    :func:`_fan_scale`), their norms computed together and read in one
+    """(row, RMS x sqrt(fan-in)) of the weight layers among ``rows``: 1 keeps
+    the input's scale (LeCun), sqrt(2) for ReLU (He).  The norms are
+    computed together, in float64 (see :func:`_rms`), and read in one
     transfer per device and dtype: a deep net's vanishing span holds
     hundreds of weight layers, and a read each was a host sync each (the
     bound of tests/test_check_cost.py)."""
@@ -186,7 +187,7 @@ def _fan_scales(rows: Sequence[Row]) -> list[tuple[Row, float]]:
     norms = [0.0] * len(items)
     with torch.no_grad():
         for idx in groups.values():
-            got = torch.stack(torch._foreach_norm([items[i][1].detach() for i in idx])).double().tolist()
+            got = torch.stack(torch._foreach_norm([items[i][1].detach() for i in idx], 2, dtype=torch.float64)).tolist()
             for i, v in zip(idx, got):
                 norms[i] = v
     return [(r, n / math.sqrt(w.numel()) * math.sqrt(max(fan_in, 1))) for (r, w, fan_in), n in zip(items, norms)]
@@ -211,7 +212,7 @@ def _norm_problem(p: Problem, layers: Sequence[LayerStats], rows: Sequence[Row],
     drawn = (f"{len(small)} {kinds} layers have weights γ drawn around {mean:.2g} with std {std:.2g} (median RMS "
              f"{rms:.2g}; torch's default is 1)")
     # weight layers drawn far below their fans' scale shrink the signal too (HF draws convolutions at 0.02)
-    scales = sorted(g for g in (_fan_scale(r) for r in rows[p.first:] if r.module is not None) if g is not None)
+    scales = sorted(g for _, g in _fan_scales(rows[p.first:]))
     low = [g for g in scales if g < SMALL_NORM_WEIGHT * 3]
     also = (f"; {len(low)} weight layers among them, drawn at RMS x sqrt(fan-in) {low[len(low) // 2]:.2g} (median; 1 "
             "keeps the scale), shrink it further" if low else "")
@@ -233,18 +234,6 @@ def _norm_problem(p: Problem, layers: Sequence[LayerStats], rows: Sequence[Row],
            "and bias to 0")
     return replace(p, layer=first.name, message=f"{what} {why[:-1]}{also}.", suggestion=fix, cli_suggestion=cli,
                    parameters=names)
-
-
-def _fan_scale(r: Row) -> float | None:
-    """A weight layer's RMS x sqrt(fan-in): 1 keeps its input's scale (LeCun), sqrt(2) for ReLU (He)."""
-    w = getattr(r.module, "weight", None)
-    if not isinstance(w, torch.Tensor) or w.dim() < 2 or is_norm_kind(r.kind):
-        return None
-    try:
-        fan_in = fans(r.module)[0]  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        fan_in = tensor_fans(w)[0]
-    return _rms(w) * math.sqrt(max(fan_in, 1))
 
 
 def _stale(m: nn.Module | None) -> bool:
