@@ -42,6 +42,7 @@ from ..probe.distributed import local
 from ..probe.inputs import in_own_pass
 from ..probe.norms import grad_values
 from ..probe.recorder import Hook, first_float_tensor, leaf_modules, register_weakly, transformed
+from .core import MAX_FALLBACKS
 
 SAMPLE = 1024  # entries kept per tensor for its histogram (30 buckets of ~34 entries on average)
 BINS = 30  # TensorBoard's own default bucket count for a histogram
@@ -194,7 +195,7 @@ class HistogramTap:
         # first forward of the sampled step, or an earlier one fed no backward (yet): sample this one, the
         # earlier one's kept (new dicts: the gradient hooks a forward registered fill its own)
         if self._captured == mon._step and self.acts:
-            self._earlier = [*self._earlier[-7:], (self.acts, self.grads)]
+            self._earlier = [*self._earlier[1 - MAX_FALLBACKS:], (self.acts, self.grads)]  # as many as the monitor keeps
         else:
             self._earlier = []
         self.acts, self.grads = {}, {}
