@@ -204,6 +204,26 @@ def _gather_kinds(rank: int) -> list[float]:
     return Reduction(torch.distributed.group.WORLD).gather(values, kinds)
 
 
+# the cases of one value each (a float or a one-entry tensor): few enough to be packed one by one
+FEW_CASES = [i for i, (make, _) in enumerate(GATHER_CASES) if not isinstance(v := make(0), torch.Tensor) or v.numel() == 1]
+
+
+def _gather_few(rank: int) -> dict:
+    """The single-valued cases gathered as a step that is not sampled hands
+    them (packed one by one), and whether that buffer is the one the general
+    packing lays out, entry for entry."""
+    from signalprop.probe.distributed import FEW, Reduction
+
+    values = [GATHER_CASES[i][0](rank) for i in FEW_CASES]
+    kinds = [GATHER_CASES[i][1] for i in FEW_CASES]
+    assert len(values) <= FEW
+    red = Reduction(torch.distributed.group.WORLD)
+    few, general = red._pack_few(values, kinds), red._pack(values, kinds)
+    assert few is not None
+    return {"values": red.gather(values, kinds), "same_buffer": few[1] == general[1] and few[0].shape == general[0].shape
+            and torch.allclose(few[0], general[0], rtol=0, atol=0, equal_nan=True)}
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
@@ -278,6 +298,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         # the output's largest entry where no row measured it: on both ranks alike, a NaN on rank 1 seen by both
         res["after_rows"] = [_after_the_rows(rank, half, nan) for nan in (False, True)]
         res["gather_kinds"] = _gather_kinds(rank)
+        res["gather_few"] = _gather_few(rank)
     finally:
         Path(out, f"rank{rank}.json").write_text(json.dumps(res))
         # rank 0 hosts the rendezvous store: nobody leaves before everyone has finished with it
@@ -398,6 +419,9 @@ def test_the_reduction_combines_every_form_of_value_by_its_kind(ranks):
             30 + 31, math.sqrt(10**2 + 11**2), 4.0]
     for res in ranks:
         assert res["gather_kinds"] == pytest.approx(want, rel=1e-12, nan_ok=True)
+        # a few single values (a step that is not sampled) are packed one by one: the same buffer, the same values
+        assert res["gather_few"]["same_buffer"]
+        assert res["gather_few"]["values"] == pytest.approx([want[i] for i in FEW_CASES], rel=1e-12, nan_ok=True)
 
 
 def test_one_all_reduce_per_step(ranks):

@@ -588,3 +588,64 @@ def test_a_gans_halves_trained_in_turn_keep_their_update():
         for name, r in h.update_ratios:
             assert r == pytest.approx(exact[(h.step, name)], rel=1e-5)
     assert all(v is None for v in mon.relative_updates)
+
+
+def test_the_scan_kept_between_steps_reads_what_a_fresh_scan_reads(monkeypatch):
+    """Each call re-reads the parameters only when one of them changed since
+    the last (its address, shape, strides or requires_grad); the oracle is
+    the same object with that shortcut off, over a run that freezes and
+    unfreezes a layer, replaces a tensor, shrinks one in place, re-lays one
+    out and adds and removes parameters: the same two norms and per-tensor
+    updates at every step, bit for bit."""
+    import signalprop.monitor.relative_update as R
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(300, 64), nn.ReLU(), nn.Linear(64, 64), nn.Linear(64, 10))
+    extra = nn.Parameter(torch.randn(5000))
+    fast, slow = RelativeUpdate(), RelativeUpdate()
+    scans = {"fresh": 0, "read": 0}
+    real = R.local
+
+    def counted(t):  # a fresh scan reads each parameter through local()
+        scans["read"] += 1
+        return real(t)
+
+    def params():
+        return list(m.parameters()) + ([extra] if 6 <= step < 12 else [])
+
+    def change(step):
+        with torch.no_grad():
+            if step == 2:
+                m[2].weight.requires_grad_(False)
+            elif step == 4:
+                m[2].weight.requires_grad_(True)
+            elif step == 8:
+                m[0].weight.data = m[0].weight.detach().clone()
+            elif step == 10:
+                m[3].bias.data = m[3].bias.data[:8]
+            elif step == 14:
+                m[2].weight.data = m[2].weight.detach().t().contiguous().t()
+            for p in params():
+                if p.requires_grad:
+                    p.add_(0.01 * torch.randn_like(p))
+
+    got, want = [], []
+    for step in range(18):
+        change(step)
+        ps = params()
+        monkeypatch.setattr(R, "local", counted)
+        read = scans["read"]
+        got.append((fast.scalars(ps), fast.per_tensor(ps)))
+        scans["fresh"] += scans["read"] > read
+        monkeypatch.setattr(R, "local", real)
+        with monkeypatch.context() as mp:
+            mp.setattr(R, "any_dtensor", lambda tensors: True)  # no shortcut: a fresh scan every call
+            want.append((slow.scalars(ps), slow.per_tensor(ps)))
+
+    def plain(x):
+        return [plain(v) for v in x] if isinstance(x, (list, tuple)) else \
+            float(x.vec[x.i]) if hasattr(x, "vec") else float(x)
+
+    assert plain(got) == plain(want)
+    # a fresh scan at the first call and at each of the 7 changes (steps 2, 4, 6, 8, 10, 12, 14), none between
+    assert scans["fresh"] == 8

@@ -67,7 +67,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..probe.distributed import local
+from ..probe.distributed import any_dtensor, local
 from ..probe.stats import Part
 
 PER_TENSOR = 4096
@@ -302,6 +302,10 @@ class RelativeUpdate:
         self._ids: dict[_Key, list[int]] = {}  # each group's parameters (by id), in its order
         self._trained: set[int] = set()  # the parameters (by id) trained at some call while the model held them
         self._was_trained: set[int] = set()  # those that required a gradient at the last call
+        # each parameter's (requires_grad, address, shape, strides) at the last call, and what its scan found
+        self._sig: list[tuple[Any, ...]] | None = None
+        self._scan: tuple[list[nn.Parameter], list[torch.Tensor], list[Any], set[int]] = ([], [], [], set())
+        self._masked: set[int] | None = None  # the set the groups' masks were last set from
 
     def _rebuild(self, params: Sequence[nn.Parameter], tensors: Sequence[torch.Tensor]) -> None:
         """The samples of each tensor (views of ``RUN`` columns concatenated
@@ -326,6 +330,7 @@ class RelativeUpdate:
             else:
                 lists[0 if v.dim() == 2 else 1].append((p, v, t.numel()))
         self._groups, self._where, self._spanned, self._ids = {}, {}, set(), {}
+        self._masked = None
         for key, (wide, narrow, taken) in found.items():
             ordered = wide + narrow + taken
             sizes = [v.numel() for _, v, _ in wide + narrow] + [idx.numel() for _, (_, idx), _ in taken]
@@ -356,20 +361,29 @@ class RelativeUpdate:
         parameter once trained stays sampled while the model holds it (a
         layer frozen between two steps, or a GAN's two halves trained in
         turn, keeps the update it took: :meth:`per_tensor`)."""
-        present = {id(p) for p in params}
-        self._trained = {i for i in self._trained if i in present} | {id(p) for p in params if p.requires_grad}
-        ps, tensors, key = [], [], []
-        for p in params:
-            if id(p) in self._trained and (p.is_floating_point() or p.is_complex()):
-                t = local(p.detach())
-                if t.is_complex():  # its real and imaginary parts: the same norms
-                    t = torch.view_as_real(t)
-                if t.numel() > 0:  # an empty shard (FSDP2, first dim < ranks): nothing here
-                    ps.append(p)
-                    tensors.append(t)
-                    key.append((id(p), t.data_ptr(), t.shape, t.stride()))  # p.data = p.data[:n]: same address
-        now_trained = {id(p) for p in ps if p.requires_grad}
-        both, self._was_trained = now_trained & self._was_trained, now_trained
+        # the parameters as they were at the previous call (none is a DTensor, whose address is its shard's):
+        # then the scan below would find what it found then, and what follows is as it was
+        sig = [(id(p), p.requires_grad, p.data_ptr(), p.shape, p.stride()) for p in params] \
+            if not any_dtensor(params) else None
+        if sig is not None and sig == self._sig:
+            ps, tensors, key, now_trained = self._scan
+            both = self._was_trained = now_trained
+        else:
+            present = {id(p) for p in params}
+            self._trained = {i for i in self._trained if i in present} | {id(p) for p in params if p.requires_grad}
+            ps, tensors, key = [], [], []
+            for p in params:
+                if id(p) in self._trained and (p.is_floating_point() or p.is_complex()):
+                    t = local(p.detach())
+                    if t.is_complex():  # its real and imaginary parts: the same norms
+                        t = torch.view_as_real(t)
+                    if t.numel() > 0:  # an empty shard (FSDP2, first dim < ranks): nothing here
+                        ps.append(p)
+                        tensors.append(t)
+                        key.append((id(p), t.data_ptr(), t.shape, t.stride()))  # p.data = p.data[:n]: same address
+            now_trained = {id(p) for p in ps if p.requires_grad}
+            both, self._was_trained = now_trained & self._was_trained, now_trained
+            self._sig, self._scan = sig, (ps, tensors, key, now_trained)
         if not tensors:
             self._key, self._groups, self._where, self._spanned = key, {}, {}, set()
             return [0.0, 0.0]
@@ -380,13 +394,16 @@ class RelativeUpdate:
         diff: list[torch.Tensor] = []
         size: list[torch.Tensor] = []
         for k, g in self._groups.items():
-            g.set_mask([i in both for i in self._ids[k]])
+            if both is not self._masked:
+                g.set_mask([i in both for i in self._ids[k]])
             now = g.read()
             torch.sub(now, g.prev, out=g.diff)
             d2, w2 = g.norms2()
             diff.append(d2)
             size.append(w2)  # the previous sample's
-        self._spanned = set(self._where)
+        self._masked = both
+        if len(self._spanned) != len(self._where):  # (a subset of it)
+            self._spanned = set(self._where)
         if not both:
             return [0.0, 0.0]
         if len(diff) == 1:
