@@ -527,6 +527,7 @@ class Monitor:
         self._cuda_devices: list[int] = []
         self._param_names: dict[nn.Parameter, str] = {}
         self._owner: dict[nn.Parameter, str] = {}
+        self._modules: list[tuple[str, nn.Module]] = []
         self._opt_params = -1  # how many parameters the known optimizer's groups held at the last refresh
         self._refresh_params()
         for what, opt in (("skip", skip), ("optimizer", optimizer if optimizer is not skip else None)):
@@ -628,6 +629,7 @@ class Monitor:
         self.red = None
         self._param_names.clear()
         self._owner.clear()
+        self._modules.clear()
         self._prev_gvals.clear()
         self._relative = None  # its views hold every trained parameter's storage
         self._closed = True
@@ -968,7 +970,8 @@ class Monitor:
         the gradient norm and the non-finite watch from then on."""
         model = self.model
         self._param_names = {p: n for n, p in model.named_parameters()}
-        self._owner = {p: mn for mn, m in model.named_modules() for p in m.parameters(recurse=False)}
+        self._modules = list(model.named_modules())  # (the walk a sample's judgement reads too)
+        self._owner = {p: mn for mn, m in self._modules for p in m.parameters(recurse=False)}
         self._opt_params = self._optimizer_params()
 
     def _close_step(self, k: int, loss: Any, loss_t: torch.Tensor | None) -> list[Alert]:
@@ -1313,7 +1316,8 @@ class Monitor:
         if not out_rms:  # no root output to compare with (submodules called directly): the last row with a gradient
             out_rms = next((v["grad_rms"] for v in reversed(vals) if v.get("grad_rms")), None)
         layers = layer_stats(rows, vals, pgrads, out_rms or 1.0)
-        why = why or missing_gradients(rows, list(self.model.named_modules())) or repeated_backwards(rows)
+        # (the modules as _refresh_params read them at this sampled step)
+        why = why or missing_gradients(rows, self._modules) or repeated_backwards(rows)
         if not why and not any(layer.grad_rms for layer in layers) \
                 and any(layer.grad_rms is not None for layer in layers):
             why = ("every gradient of the sampled pass is exactly 0, at the model's output too: there is no backward "
