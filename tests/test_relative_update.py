@@ -595,8 +595,8 @@ def test_the_scan_kept_between_steps_reads_what_a_fresh_scan_reads(monkeypatch):
     the last (its address, shape, strides or requires_grad); the oracle is
     the same object with that shortcut off, over a run that freezes and
     unfreezes a layer, replaces a tensor, shrinks one in place, re-lays one
-    out and adds and removes parameters: the same two norms and per-tensor
-    updates at every step, bit for bit."""
+    out, adds and removes parameters and views a frozen one as integers: the
+    same two norms and per-tensor updates at every step, bit for bit."""
     import signalprop.monitor.relative_update as R
 
     torch.manual_seed(0)
@@ -625,19 +625,24 @@ def test_the_scan_kept_between_steps_reads_what_a_fresh_scan_reads(monkeypatch):
                 m[3].bias.data = m[3].bias.data[:8]
             elif step == 14:
                 m[2].weight.data = m[2].weight.detach().t().contiguous().t()
+            elif step == 15:
+                m[3].weight.requires_grad_(False)
+            elif step == 16:  # the same address, shape and strides, another dtype: no longer sampled
+                m[3].weight.data = m[3].weight.data.view(torch.int32)
             for p in params():
                 if p.requires_grad:
                     p.add_(0.01 * torch.randn_like(p))
 
     got, want = [], []
-    for step in range(18):
+    for step in range(19):
         change(step)
         ps = params()
         monkeypatch.setattr(R, "local", counted)
         read = scans["read"]
-        got.append((fast.scalars(ps), fast.per_tensor(ps)))
+        now = fast.scalars(ps)
         scans["fresh"] += scans["read"] > read
         monkeypatch.setattr(R, "local", real)
+        got.append((now, fast.per_tensor(ps)))
         with monkeypatch.context() as mp:
             mp.setattr(R, "any_dtensor", lambda tensors: True)  # no shortcut: a fresh scan every call
             want.append((slow.scalars(ps), slow.per_tensor(ps)))
@@ -647,5 +652,34 @@ def test_the_scan_kept_between_steps_reads_what_a_fresh_scan_reads(monkeypatch):
             float(x.vec[x.i]) if hasattr(x, "vec") else float(x)
 
     assert plain(got) == plain(want)
-    # a fresh scan at the first call and at each of the 7 changes (steps 2, 4, 6, 8, 10, 12, 14), none between
-    assert scans["fresh"] == 8
+    # a fresh scan at the first call and at each of the 9 changes (steps 2, 4, 6, 8, 10, 12, 14, 15, 16), none
+    # between
+    assert scans["fresh"] == 10
+
+
+def test_a_frozen_sparse_parameter_leaves_the_relative_update_measured():
+    """A fixed sparse matrix kept as a frozen parameter (graph networks) has no
+    address to compare between steps: each step then reads the parameters
+    afresh, and the update of the trained ones is measured as before (it was
+    switched off, with a warning, by the first version of the shortcut)."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(16, 4)
+            self.adjacency = nn.Parameter(torch.eye(16).to_sparse(), requires_grad=False)
+
+        def forward(self, x):
+            return self.lin(torch.sparse.mm(self.adjacency, x.t()).t())
+
+    torch.manual_seed(0)
+    m = Net()
+    opt = torch.optim.SGD([m.lin.weight, m.lin.bias], lr=0.1)
+    with sp.monitor(m, every=10) as mon:  # (a warning would be an error here: pyproject's filterwarnings)
+        for _ in range(4):
+            x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+            loss = F.cross_entropy(m(x), y)
+            opt.zero_grad()
+            loss.backward()
+            mon.step(loss)
+            opt.step()
+    assert mon.relative_updates[0] is None and all(0.01 < r < 1 for r in mon.relative_updates[1:])

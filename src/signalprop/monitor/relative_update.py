@@ -288,6 +288,19 @@ def _sq(t: torch.Tensor) -> torch.Tensor:
 _Key = tuple[torch.device, torch.dtype]
 
 
+def _signature(params: Sequence[nn.Parameter]) -> list[tuple[Any, ...]] | None:
+    """What :meth:`RelativeUpdate.scalars` reads of each parameter to sample it:
+    its ``requires_grad``, dtype, conjugate and negative bits, address, shape
+    and strides; None where a parameter has no address (a frozen sparse matrix,
+    an mkldnn or nested tensor: a fresh scan each call, which leaves those out
+    unless trained)."""
+    try:
+        return [(id(p), p.requires_grad, p.dtype, p.is_conj(), p.is_neg(), p.data_ptr(), p.shape, p.stride())
+                for p in params]
+    except (RuntimeError, NotImplementedError, ValueError):
+        return None
+
+
 class RelativeUpdate:
     """The sampled entries of the trained parameters, step after step."""
 
@@ -363,8 +376,7 @@ class RelativeUpdate:
         turn, keeps the update it took: :meth:`per_tensor`)."""
         # the parameters as they were at the previous call (none is a DTensor, whose address is its shard's):
         # then the scan below would find what it found then, and what follows is as it was
-        sig = [(id(p), p.requires_grad, p.data_ptr(), p.shape, p.stride()) for p in params] \
-            if not any_dtensor(params) else None
+        sig = _signature(params) if not any_dtensor(params) else None
         if sig is not None and sig == self._sig:
             ps, tensors, key, now_trained = self._scan
             both = self._was_trained = now_trained

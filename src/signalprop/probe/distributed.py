@@ -178,7 +178,7 @@ class Reduction:
         for v, k in zip(values, kinds):
             if isinstance(v, torch.Tensor):
                 t = local(v).detach()
-                if t.numel() != 1:
+                if t.numel() != 1 or t.device != dev:  # (another device's: copied with its kind, in _pack)
                     return None
                 t = t.reshape(1).to(dev, f64)
                 if k in _SQUARED:
