@@ -1246,18 +1246,12 @@ def test_a_monitor_never_closed_does_not_keep_its_model_alive(tmp_path, writer):
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     w = SummaryWriter(str(tmp_path)) if writer else None
     mon = sp.monitor(model, every=2, writer=w)
-    for k in range(4):  # step 4 is armed for a sample when the loop ends
-        x, y = _data(k)
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        mon.step(loss)
-        opt.step()
+    train_steps(model, opt, (_data(k) for k in range(4)), mon)  # step 4 is armed for a sample when the loop ends
     assert mon._rec is not None and torch_module._global_forward_hooks  # armed: its global hooks are on
     ours = {h.id for h in mon._rec._handles}  # (a handle holds the hook's id, not the hook)
     before = ours & (set(torch_module._global_forward_hooks) | set(torch_module._global_forward_pre_hooks))
     refs = [weakref.ref(m) for m in model.modules()]
-    del model, opt, mon, loss
+    del model, opt, mon
     gc.collect()
     assert all(r() is None for r in refs), [type(r()).__name__ for r in refs if r() is not None]
     EncHead()(_data(0)[0])  # the hooks left behind do nothing, and remove themselves at that call

@@ -25,15 +25,16 @@ def _mlp() -> nn.Sequential:
     return nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))
 
 
-def _train(model, writer, steps=6, **kw):
-    """SGD steps under the monitor; the weights before each step, as the test's own record."""
+def _train(model, writer, steps=6, batch=32, loss_of=None, **kw):
+    """SGD steps under the monitor (``loss_of(model, x, y)``, cross-entropy by
+    default); the weights before each step, as the test's own record."""
     g = torch.Generator().manual_seed(1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     weights = []
     with sp.monitor(model, every=EVERY, writer=writer, **kw) as mon:
         for _ in range(steps):
-            x, y = torch.randn(32, 8, generator=g), torch.randint(0, 2, (32,), generator=g)
-            loss = F.cross_entropy(model(x), y)
+            x, y = torch.randn(batch, 8, generator=g), torch.randint(0, 2, (batch,), generator=g)
+            loss = F.cross_entropy(model(x), y) if loss_of is None else loss_of(model, x, y)
             opt.zero_grad()
             loss.backward()
             weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
@@ -396,16 +397,7 @@ def test_calls_inside_torch_func_leave_the_samples_histograms_written(tmp_path, 
     torch.manual_seed(0)
     model = _VmapInside() if case == "vmap inside forward" else _mlp()
     writer = SummaryWriter(str(tmp_path))
-    g = torch.Generator().manual_seed(1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with sp.monitor(model, every=EVERY, writer=writer) as mon:
-        for _ in range(4):
-            x, y = torch.randn(16, 8, generator=g), torch.randint(0, 2, (16,), generator=g)
-            loss = F.cross_entropy(model(x), y) if case == "vmap inside forward" else _jacobian_penalty(model, x, y)
-            opt.zero_grad()
-            loss.backward()
-            mon.step(loss)
-            opt.step()
+    _train(model, writer, steps=4, batch=16, loss_of=None if case == "vmap inside forward" else _jacobian_penalty)
     writer.close()
     tags = set(_read(tmp_path).Tags()["histograms"])
     leaves, params = (("out",), ("fc.weight", "out.weight")) if case == "vmap inside forward" else (LEAVES, PARAMS)
@@ -426,16 +418,8 @@ def test_complex_parameters_are_left_out_of_the_histograms(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16, dtype=torch.cfloat), nn.Linear(16, 2, dtype=torch.cfloat))
     writer = SummaryWriter(str(tmp_path))
-    g = torch.Generator().manual_seed(1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with sp.monitor(model, every=EVERY, writer=writer) as mon:
-        for _ in range(4):
-            x, y = torch.randn(16, 8, generator=g), torch.randint(0, 2, (16,), generator=g)
-            loss = F.cross_entropy(model(x.to(torch.cfloat)).abs(), y)
-            opt.zero_grad()
-            loss.backward()
-            mon.step(loss)
-            opt.step()
+    mon, _ = _train(model, writer, steps=4, batch=16,
+                    loss_of=lambda m, x, y: F.cross_entropy(m(x.to(torch.cfloat)).abs(), y))
     writer.close()
     assert not _read(tmp_path).Tags()["histograms"]
     assert [h.step for h in mon.history] == [0, 2]

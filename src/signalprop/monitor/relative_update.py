@@ -315,7 +315,7 @@ class RelativeUpdate:
         self._ids: dict[_Key, list[int]] = {}  # each group's parameters (by id), in its order
         self._trained: set[int] = set()  # the parameters (by id) trained at some call while the model held them
         self._was_trained: set[int] = set()  # those that required a gradient at the last call
-        # each parameter's (requires_grad, address, shape, strides) at the last call, and what its scan found
+        # each parameter's signature at the last call (see _signature), and what its scan found
         self._sig: list[tuple[Any, ...]] | None = None
         self._scan: tuple[list[nn.Parameter], list[torch.Tensor], list[Any], set[int]] = ([], [], [], set())
         self._masked: set[int] | None = None  # the set the groups' masks were last set from
