@@ -9,6 +9,7 @@ assert properties, not steps: the trajectories are chaotic (another CPU
 diverges at another step)."""
 
 import numpy as np
+import pytest
 
 from signalprop.lab.training_runs import RunSpec, run, train
 from signalprop.monitor import divergence as D
@@ -49,14 +50,17 @@ def test_unlearning_alerts_within_smooth_steps_of_giving_back_the_threshold():
         assert step > 150  # nothing during the healthy part
 
 
-def test_the_unlearning_rules_quick_exit_never_changes_its_answer():
+@pytest.mark.parametrize("offset", [0.0, -3.0])
+def test_the_unlearning_rules_quick_exit_never_changes_its_answer(offset):
     """``unlearned`` first asks whether the level rose RISE-fold out of the
     last WINDOW losses (the cheap half of the rule) and only then reads the
     last LEARNED_WINDOW.  Its answer equals the rule written out in full
     (every step's ``unlearning``, persistence over UNLEARN_PERSIST steps) on
     learning runs with catapults, climbs, bad batches, missing and
     non-finite losses, at every step; the runs alarm often enough that both
-    answers are exercised."""
+    answers are exercised.  Also for the same losses moved below 0
+    (``offset``), where the rise is measured above the lowest loss and
+    against the window's spread."""
     def full(losses, loss):
         u = D.unlearning(losses, loss)
         if u is None or not u.alarming:
@@ -85,7 +89,7 @@ def test_the_unlearning_rules_quick_exit_never_changes_its_answer():
                 losses += [top] * int(rng.integers(1, 6)) + _learning(int(rng.integers(10, 80)), seed + 100)
             else:
                 losses += [losses[-1] * float(rng.uniform(3, 30))] + _learning(30, seed + 200, start=losses[-1])
-        series: list[float | None] = [float(v) for v in losses]
+        series: list[float | None] = [float(v) + offset for v in losses]
         for i in rng.choice(len(series), size=len(series) // 20, replace=False):
             series[int(i)] = None if rng.random() < 0.5 else float("nan")
         for t in range(len(series)):
@@ -94,7 +98,40 @@ def test_the_unlearning_rules_quick_exit_never_changes_its_answer():
             want = full(series[:t], series[t])
             assert D.unlearned(series[:t], series[t]) == want, (seed, t)
             alarms += want is not None
-    assert alarms >= 20, alarms
+    assert alarms >= (20 if offset == 0 else 10), alarms
+
+
+def _noisy_around_zero(n, seed, start=0.3, end=0.1, noise=0.15):
+    """A healthy loss with no floor at 0 (a Gaussian likelihood with a learned
+    variance): decaying from ``start`` to ``end`` with additive batch noise, so
+    single batches fall below 0."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(n)
+    return [float(v) for v in end + (start - end) * np.exp(-t / 30) + noise * rng.standard_normal(n)]
+
+
+def test_a_loss_below_zero_is_judged_above_its_floor():
+    """The rise rule's ratio (level >= 1.5x the trailing median) assumes a
+    loss whose floor is 0: a level below a negative median passed it, and a
+    noisy loss near 0 is far from 1.5x its median on every other batch.  A
+    healthy loss with batch noise around 0.1 (which the previous version
+    alarmed at many steps of each of these 10 series) gets no alert; the same
+    climb back that alarms a positive loss alarms it moved 5 below 0; a
+    plateau reached by falling (no rise) alarms nothing; the explosion rule,
+    a growth by factors, reads no level that crossed 0."""
+    for seed in range(10):
+        assert not any(k == "loss-spike" for _, k in _alerts(_noisy_around_zero(300, seed))), seed
+    climb = _learning(150, 0)
+    for _ in range(40):
+        climb.append(climb[-1] * 1.1)
+    first = next(s for s, k in _alerts(climb) if k == "loss-spike")
+    shifted = next((s for s, k in _alerts([v - 5.0 for v in climb]) if k == "loss-spike"), None)
+    assert shifted is not None and abs(shifted - first) <= 3, (first, shifted)
+    flat = [0.0] * 16 + [-1.0 + 0.01 * np.sin(k) for k in range(60)]
+    assert D.unlearned(flat[:-1], flat[-1]) is None
+    assert not any(D.unlearned(flat[:t], flat[t]) for t in range(len(flat)))
+    crossing = [0.05] * 16 + [-0.2, -0.2, -0.1, -0.1, 0.6, 0.6, 6.0, 6.0]
+    assert all(D.loss_explosion(crossing[:t], crossing[t]) is None for t in range(len(crossing) - 2))
 
 
 def test_a_catapult_that_undoes_most_progress_alerts_before_any_loss_exceeds_the_start():

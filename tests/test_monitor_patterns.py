@@ -13,6 +13,7 @@ import json
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -297,18 +298,23 @@ class GeluBlock(nn.Module):
         self.fc = nn.Linear(8, 8)
         self.head = nn.Linear(8, 3)
         self.fail = False
+        self.reject = False
 
     def forward(self, x):
+        if self.reject:  # an input check before any layer runs
+            raise RuntimeError("bad batch (simulated)")
         h = F.gelu(self.fc(x))
         if self.fail:
             raise RuntimeError("out of memory (simulated)")
         return self.head(h)
 
 
-@pytest.mark.parametrize("how", ["raises", "abandoned"])
+@pytest.mark.parametrize("how", ["raises", "rejects", "abandoned"])
 def test_a_forward_that_raises_leaves_no_recording_mode_behind(how):
     """A sampled forward that raises inside a module whose functional calls
-    are recorded (an out-of-memory error the loop catches, say), or one whose
+    are recorded (an out-of-memory error the loop catches, say), one that
+    raises before its first layer runs (an input check: nothing recorded --
+    the retried forward was left unsampled before), or one whose
     backward never comes: the recording mode is gone as the forward ends, so
     what the loop runs before its next forward (here a functional tanh) goes
     through no mode and is not taken for a row of the sample; the retried
@@ -322,13 +328,13 @@ def test_a_forward_that_raises_leaves_no_recording_mode_behind(how):
         if calls[id(m)] != 2:
             return m(x)
         try:
-            m.fail = how == "raises"
+            m.fail, m.reject = how == "raises", how == "rejects"
             m(x)
             raise RuntimeError("the loss failed")
         except RuntimeError:
             assert not torch._C._is_torch_function_mode_enabled()
             torch.tanh(x)  # the loop's own code between the error and the next forward
-            m.fail = False
+            m.fail = m.reject = False
             return m(x)
 
     mon = _monitored_equals_plain(forward, steps=3, every=1, cls=GeluBlock)
@@ -1274,3 +1280,24 @@ def test_numpy_integers_are_integers_to_the_monitor():
     json.dumps(mon.state_dict())
     with pytest.raises(ValueError, match="every must be a positive integer"):
         sp.monitor(model, every=np.int64(0))
+
+
+def test_a_numpy_loss_is_taken_as_its_value():
+    """(Outside stress test) ``mon.step(np.float32(v))`` and
+    ``mon.step(loss.detach().numpy())`` raised TypeError into the loop while
+    ``np.float64`` (a float subclass) passed: a NumPy number or a
+    single-entry array is the loss's value; an array of several values is
+    still refused."""
+    torch.manual_seed(0)
+    m = nn.Linear(4, 2)
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    for convert in (lambda t: t.item(), lambda t: np.float32(t.item()), lambda t: t.detach().numpy(),
+                    lambda t: t.detach().reshape(1).numpy()):
+        with sp.monitor(m, every=1) as mon:
+            loss = F.cross_entropy(m(x), y)
+            m.zero_grad()
+            loss.backward()
+            mon.step(convert(loss))
+        assert mon.losses == [pytest.approx(loss.item(), rel=1e-6)]
+    with sp.monitor(m, every=1) as mon, pytest.raises(TypeError, match="scalar loss"):
+        mon.step(np.zeros(2, dtype=np.float32))

@@ -741,7 +741,14 @@ class Monitor:
             # (where every call of a step is one, the recorder armed for it counts them: see _close_step)
             return
         rec = self._rec
-        if rec is not None and not self._recording and rec.rows and torch.is_grad_enabled():
+        if rec is not None and not self._recording and not rec.rows and not rec.transformed \
+                and torch.is_grad_enabled():
+            # the sampled forward recorded nothing: it raised before its first layer ran (an input check, a
+            # batch of the wrong shape, caught by the loop and retried), so this one is measured in its place
+            self._arm()
+            if self._rec is not None:
+                self._rec.entered(self.model, args)
+        elif rec is not None and not self._recording and rec.rows and torch.is_grad_enabled():
             # a backward with create_graph=True through the pass (a PINN's du/dt, a gradient penalty) makes a
             # derivative the loss is built from: the pass feeds the loss, whose backward comes later, and that
             # derivative's backward fills no .grad (no witness reads it)
@@ -889,6 +896,10 @@ class Monitor:
         loss as ``loss_fn(output, targets)``."""
         if self._closed:
             raise RuntimeError("this monitor is closed; create a new one with sp.monitor(model)")
+        if isinstance(loss, (np.generic, np.ndarray)):  # a NumPy loss (np.float32, loss.detach().numpy()): its value
+            if loss.size != 1 or loss.dtype.kind not in "fiu":
+                raise TypeError(f"step() takes the scalar loss, got a NumPy {loss.dtype} of shape {loss.shape}")
+            loss = float(loss.reshape(()).item()) if isinstance(loss, np.ndarray) else float(loss)
         loss_t = self._loss_scalar(loss)
         # a skip is for the optimizer step of the step that raised it: one the loop did not take (it skipped
         # that step itself) is not carried over to this step's healthy update
@@ -1134,7 +1145,12 @@ class Monitor:
         # 5. the weights before this step's optimizer step, when an earlier sample waits for its update
         # (a sample sets _snapshot_due below, after this, so it is always a step before this one)
         if self._snapshot_due is not None and finite:
-            self._updates.take(self._snapshot_due, k, self.optimizer)
+            try:
+                self._updates.take(self._snapshot_due, k, self.optimizer)
+            except Exception as e:  # the update's own failure loses that update, not this step's alerts
+                self._updates.snapshot = None
+                self._warn(f"the update after the sample at step {self._snapshot_due} was not measured", e,
+                           kind="update not measured")
             self._snapshot_due = None
         if sampled and self.update_ratio and finite and k % self.every == 0:
             self._snapshot_due = k
@@ -1275,7 +1291,8 @@ class Monitor:
             return loss.detach().reshape(()).float() if loss.dtype != torch.float64 else loss.detach().reshape(())
         if loss is None or (isinstance(loss, (int, float)) and not isinstance(loss, bool)):
             return None
-        raise TypeError(f"step() takes the loss as a tensor, a float or None, got {type(loss).__name__}")
+        raise TypeError(f"step() takes the loss as a tensor, a float (Python or NumPy) or None, got "
+                        f"{type(loss).__name__}")
 
     def _worst_growth(self, params: list[nn.Parameter], gvals: list[float]) -> str | None:
         """The parameter whose gradient norm grew most since the previous step."""

@@ -40,7 +40,7 @@ import math
 import statistics
 from collections import deque
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
@@ -89,7 +89,9 @@ def _adam_terms(opt: Any, params: Sequence[nn.Parameter]) -> list[tuple[int, tor
         st = opt.state.get(p)
         g = group_of.get(p)
         if not st or g is None or p.grad is None or "exp_avg_sq" not in st or "betas" not in g \
-                or p.grad.layout != torch.strided:  # a sparse gradient: SparseAdam moves only the rows it holds
+                or p.grad.layout != torch.strided or not p.grad.numel():
+            # (a sparse gradient: SparseAdam moves only the rows it holds; an empty parameter, nn.Linear(0, k)'s
+            # weight, has no entry to compare)
             continue
         v = st["exp_avg_sq"]
         if v.shape != p.grad.shape:
@@ -100,21 +102,24 @@ def _adam_terms(opt: Any, params: Sequence[nn.Parameter]) -> list[tuple[int, tor
     return out
 
 
-def first_moment_filling(opt: Any, k: int) -> bool:
-    """Whether the coming optimizer step of an Adam-family optimizer (one
-    whose groups have ``betas``) averages fewer than ``1 / (1 - beta1)``
-    gradients in its first moment (10 at beta1 = 0.9): until then Adam's
-    bias-corrected ``m / sqrt(v)`` is about +-1 per entry whatever the
-    gradient's noise, so the step moves every weight by about the learning
-    rate -- as on its first step -- and its size says nothing yet about the
-    rate the run keeps (an ``every=1`` monitor saw a healthy Adam run's second
-    and third steps above the update-too-large bound, which its tenth is
-    not).  The count is the optimizer's own (``state["step"]`` of the
-    group's most advanced parameter: a resumed run is past it at once) when
-    it is a number or a CPU tensor, else ``k``, the monitor's steps (reading
-    a device tensor would wait for the device); a group without state is at
-    its first step where a parameter has a gradient (one added or unfrozen
-    mid-run), and skipped where none has (it takes no step)."""
+def first_moment_filling(opt: Any, k: int) -> frozenset[int]:
+    """The parameters (their ``id``) whose coming step under an Adam-family
+    optimizer (one whose groups have ``betas``) averages fewer than
+    ``1 / (1 - beta1)`` gradients in their first moment (10 at beta1 = 0.9):
+    until then Adam's bias-corrected ``m / sqrt(v)`` is about +-1 per entry
+    whatever the gradient's noise, so the step moves every weight by about
+    the learning rate -- as on its first step -- and its size says nothing
+    yet about the rate the run keeps (an ``every=1`` monitor saw a healthy
+    Adam run's second and third steps above the update-too-large bound,
+    which its tenth is not).  Each parameter's count is its own state's
+    (``state["step"]``: a resumed run is past it at once; a layer unfrozen
+    mid-run in a group whose other layers trained has none, and is at its
+    first step) when it is a number or a CPU tensor, else ``k``, the
+    monitor's steps, for the whole group (reading a device tensor would wait
+    for the device); a parameter without state is at its first step where it
+    has a gradient, and takes no step where it has none (a frozen backbone
+    in its own group)."""
+    out: set[int] = set()
     for group in opt.param_groups:
         betas = group.get("betas")
         if not isinstance(betas, (tuple, list)) or not betas:
@@ -123,7 +128,8 @@ def first_moment_filling(opt: Any, k: int) -> bool:
         b1 = float(b1) if isinstance(b1, (int, float)) or (isinstance(b1, torch.Tensor) and b1.is_cpu) else 0.9
         if not 0 < b1 < 1:
             continue
-        done: float | None = None  # steps taken by the group's most advanced parameter
+        horizon = 1 / (1 - b1)
+        steps: list[tuple[int, float]] = []
         device = False  # a count on a device, which reading would wait for
         for p in group["params"]:
             st = opt.state.get(p)
@@ -134,17 +140,15 @@ def first_moment_filling(opt: Any, k: int) -> bool:
                     break
                 step = float(step)
             if isinstance(step, (int, float)):
-                done = max(done or 0.0, float(step))
-        if done is None and not device:
-            # no state in this group: about to take its first step where a parameter has a gradient (the run's
-            # start, a group added or unfrozen mid-run), else a group no gradient reaches (a frozen backbone in
-            # its own group), which takes no step to fill
-            if not any(p.grad is not None for p in group["params"]):
-                continue
-            done = 0.0
-        if (k if device else cast(float, done)) + 1 < 1 / (1 - b1):
-            return True
-    return False
+                steps.append((id(p), float(step)))
+            elif p.grad is not None:  # no state yet: its first step comes
+                steps.append((id(p), 0.0))
+        if device:
+            if k + 1 < horizon:
+                out.update(id(p) for p in group["params"])
+            continue
+        out.update(i for i, step in steps if step + 1 < horizon)
+    return frozenset(out)
 
 
 def adam_lag(opt: Any, params: Sequence[nn.Parameter], local: Any) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:

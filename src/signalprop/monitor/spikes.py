@@ -34,11 +34,10 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .divergence import PROGRESS, WARMUP, WINDOW, last_finite, start_level
+from .divergence import MAD_TO_SIGMA, PROGRESS, WARMUP, WINDOW, last_finite, start_level
 
 SIGMAS = 6.0
 SHARE = 1.0
-MAD_TO_SIGMA = 1.4826  # the median absolute deviation of a normal distribution is 0.6745 sigma
 
 
 @dataclass(frozen=True)

@@ -45,9 +45,10 @@ class Snapshot:
     __slots__ = ("sample", "k", "mods", "lag", "filling", "ungraded")
 
     def __init__(self, sample: int, k: int, mods: list[tuple[str, list[nn.Parameter], list[int], list[float | None]]],
-                 lag: dict[int, tuple[torch.Tensor, torch.Tensor]], filling: bool = False) -> None:
+                 lag: dict[int, tuple[torch.Tensor, torch.Tensor]], filling: frozenset[int] = frozenset()) -> None:
         self.sample, self.k, self.mods, self.lag = sample, k, mods, lag
-        self.filling = filling  # Adam's first moment still filling (see optimizer.first_moment_filling)
+        # the parameters whose Adam first moment is still filling (by id, see optimizer.first_moment_filling)
+        self.filling = filling
         # the modules none of whose parameters has a gradient for this step (an expert no example was routed
         # to): their weights are not meant to move in it
         self.ungraded = {name for name, ps, _, _ in mods if all(p.grad is None for p in ps)}
@@ -133,7 +134,8 @@ class UpdateMeter:
         for _, ps, _, rates in mods:
             rates.extend(lrs.get(p) for p in ps)
         lag = adam_lag(optimizer, params, local) if optimizer is not None else {}
-        self.snapshot = Snapshot(sample, k, mods, lag, optimizer is not None and first_moment_filling(optimizer, k))
+        self.snapshot = Snapshot(sample, k, mods, lag,
+                                 first_moment_filling(optimizer, k) if optimizer is not None else frozenset())
 
     def scalars(self, relative: RelativeUpdate | None) -> tuple[list[torch.Tensor | Part | float], list[str]]:
         """||w after - w before|| and ||w before|| of every parameter of the
@@ -186,7 +188,8 @@ class UpdateMeter:
             if any(p.dim() >= 2 for p in ps) and not (lrs and all(lr == 0.0 for lr in lrs)) \
                     and name not in snap.ungraded:
                 weight_layers.add(name)
-            if not snap.filling and A.established(ps, w[i:i + len(ps)], fan_ins):
+            if not (snap.filling and any(id(p) in snap.filling for p in ps)) \
+                    and A.established(ps, w[i:i + len(ps)], fan_ins):
                 judged.add(name)
             i += len(ps)
         return Update(snap.sample, snap.k, ratios, per_module, weight_layers, judged) if ratios else None
