@@ -7,8 +7,9 @@
   one-hot and training stalls or diverges.  Alerted when a layer's maximum
   logit passes ``ATTN_LOGIT_LIMIT = 100`` -- a gap of 100 gives the
   runner-up key a weight e^-100 ~ 4e-44 of the top one's, so no gradient
-  reaches any other key -- *and* ``ATTN_GROWTH = 5`` times its own baseline
-  (a model whose logits started large, by design, is judged against that).
+  reaches any other key -- *and* ``ATTN_GROWTH = 5`` times its own baseline,
+  the lowest of its first samples' (a model whose logits started large, by
+  design, is judged against that).
   Fixes: QK-layernorm, smaller query/key initialisation, a lower learning
   rate.
 * **Output logit divergence** (Wortsman et al. 2023): the output logits
@@ -56,8 +57,15 @@ def _baseline(values: list[float | None]) -> float | None:
 
 
 def _attn_baseline(base: Sequence[MonitorStep], name: str) -> float | None:
-    """Median of layer ``name``'s largest attention logit over the baseline samples ``base``."""
-    return _baseline([bl.stats.get("attn_logit_max") for h in base for bl in h.layers if bl.name == name])
+    """The lowest of layer ``name``'s largest attention logit over the
+    baseline samples ``base``: the level before any growth.  (Their median
+    took growth that starts within the first samples for the baseline: a
+    nanoGPT at AdamW 0.02, sampled every 10 steps, read 0.2, 28 and 78 at
+    steps 0, 10 and 20, and 5x the median, 139, was reached 15 steps after
+    its logits crossed 100.)"""
+    v = [x for h in base for bl in h.layers if bl.name == name
+         if (x := bl.stats.get("attn_logit_max")) is not None and math.isfinite(x)]
+    return min(v) if v else None
 
 
 def logit_alerts(current: MonitorStep, history: Sequence[MonitorStep]) -> list[Alert]:
