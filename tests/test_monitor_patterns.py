@@ -342,6 +342,49 @@ def test_a_forward_that_raises_leaves_no_recording_mode_behind(how):
     assert all(lay.grad_rms is not None for h in mon.history for lay in h.layers)
 
 
+class _Checked(nn.Module):
+    """Refuses an input of the wrong width before any layer runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 16)
+        self.b = nn.Linear(16, 1)
+
+    def forward(self, x):
+        if x.shape[-1] != 8:
+            raise ValueError("bad batch shape")
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("every", [1, 50])
+def test_a_nan_after_a_rejected_batch_is_located_in_the_retried_call(every, tmp_path):
+    """(Outside review) A forward that raised stayed among the step's calls:
+    when the retried forward's input held a NaN, the locator replayed the
+    rejected call (a warning that it could not be replayed, then "the loss
+    function turned it non-finite") and the dump saved the rejected batch.
+    A call that raised is dropped: the input is named, and the retried
+    batch is the one saved -- on sampled and unsampled steps alike."""
+    torch.manual_seed(0)
+    m = _Checked()
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    with sp.monitor(m, every=every, dump_on_nonfinite=tmp_path) as mon:
+        for k in range(3):
+            x = torch.randn(32, 8)
+            if k == 2:
+                with pytest.raises(ValueError):
+                    m(torch.randn(32, 7))
+                x[3, 2] = math.nan
+            loss = m(x).mean()
+            opt.zero_grad()
+            loss.backward()
+            mon.step(loss)
+            opt.step()
+    bad = [a for a in mon.alerts if a.kind == "non-finite"]
+    assert len(bad) == 1 and bad[0].step == 2 and bad[0].layer == "input", bad
+    saved = torch.load(next(tmp_path.rglob("inputs.pt")), weights_only=False)
+    assert [tuple(t.shape) for t in saved["args"] if torch.is_tensor(t)] == [(32, 8)]
+
+
 class Checkpointed(nn.Module):
     def __init__(self, reentrant):
         super().__init__()
@@ -657,6 +700,54 @@ def test_skip_keeps_a_nan_steps_gradients_from_the_weights():
     assert opt_b.step == original and "step" not in vars(opt_b)
     with pytest.raises(TypeError, match="skip takes the optimizer"):
         sp.monitor(b, skip=3)
+
+
+def test_skip_keeps_every_nan_step_of_an_episode_from_the_weights():
+    """(Outside review) Two corrupted batches in a row: the non-finite alert
+    comes once per episode, and the skip followed the alert, so the second
+    step's NaN gradients reached the weights.  Every non-finite step is
+    skipped now -- as the loop that skips both by hand -- and the alert is
+    still one."""
+    def batches():
+        for k, (x, y) in enumerate(corrupted(_data, 8, 5, math.nan)):
+            if k == 6:
+                x[0, 0] = math.nan
+            yield x, y
+
+    a, b = _twins()
+    opt_a = torch.optim.SGD(a.parameters(), lr=0.05, momentum=0.9)
+    train_steps(a, opt_a, batches(), takes=lambda k, loss: k not in (5, 6))
+    opt_b = torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9)
+    with sp.monitor(b, every=4, skip=opt_b) as mon:
+        train_steps(b, opt_b, batches(), mon)
+    assert mon.skipped == [5, 6] and [a.step for a in mon.alerts if a.kind == "non-finite"] == [5]
+    assert all(torch.isfinite(p).all() for p in b.parameters())
+    _same(a, b)
+
+
+def test_skip_follows_the_alerts_as_they_are_kept():
+    """(Outside review) The skip was decided before repeated alerts were
+    dropped: a loss-spike that stays alarming (alerted once per WINDOW steps)
+    skipped every optimizer step until it was quiet, none of them shown in
+    ``alerts``.  The steps skipped now are those an alert of a skipping kind
+    was kept on."""
+    from signalprop.monitor.core import SKIP_ON
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    opt = torch.optim.SGD(m.parameters(), lr=1e-3)
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    # learning, then giving it all back and staying there (the loss passed to the monitor is synthetic)
+    values = [2.3 * 0.95 ** k for k in range(60)] + [2.3 * 1.2 ** min(k, 8) for k in range(30)]
+    with sp.monitor(m, every=50, skip=opt) as mon:
+        for v in values:
+            loss = F.cross_entropy(m(x), y)
+            opt.zero_grad()
+            loss.backward()
+            mon.step(loss.detach() * 0 + v)
+            opt.step()
+    kept = {a.step for a in mon.alerts if a.kind in SKIP_ON}
+    assert kept and set(mon.skipped) == kept, (mon.skipped, kept)
 
 
 @pytest.mark.parametrize("scheduler_first", [False, True])

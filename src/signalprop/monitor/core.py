@@ -808,9 +808,13 @@ class Monitor:
             self._recomputing -= 1
             return
         if self._open:
-            self._open.pop()
+            _, first = self._open.pop()
             if self._open:  # a call inside the model's own forward returned: the outer one goes on
                 return
+            if out is None and sys.exc_info()[1] is not None:
+                # the forward raised (torch runs an always_call hook with no result, inside its handler): no
+                # computation of the step came from it, and a replay of the step must not run it again
+                del self._calls[first:]
         try:
             self._root_post_guarded(out)
         except Exception as e:
@@ -1165,13 +1169,16 @@ class Monitor:
                 by_div.setdefault(param_div(p), []).append(p)
             for div, ps in by_div.items():
                 agc_(ps, clipping=self.agc * div)
-        if self._skip_opt is not None and any(a.kind in SKIP_ON for a in new):
+        new = self._fresh(new)
+        if self._skip_opt is not None and (any(a.kind in SKIP_ON for a in new) or (not finite and not overflow)):
             # the optimizer's next step() (this step's) is skipped: decided from the values this step's one
-            # host transfer already read, so skipping adds no synchronisation with the device
+            # host transfer already read, so skipping adds no synchronisation with the device.  On a step that
+            # raised one of those alerts (after repeats were dropped: a rule that stays alarming skips the step
+            # it is alerted on, not every step until it is quiet), and on every non-finite step, whose gradients
+            # must never reach the weights (its alert comes once per episode)
             self._skip_now = k
             new = [evolve(a, message=a.message + "; this step's optimizer step was skipped (skip=)")
                    if a.kind in SKIP_ON else a for a in new]
-        new = self._fresh(new)
         self.alerts += new
         if self.writer is not None:
             from ..integrations.tensorboard import write_step
