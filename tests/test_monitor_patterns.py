@@ -1392,3 +1392,25 @@ def test_a_numpy_loss_is_taken_as_its_value():
         assert mon.losses == [pytest.approx(loss.item(), rel=1e-6)]
     with sp.monitor(m, every=1) as mon, pytest.raises(TypeError, match="scalar loss"):
         mon.step(np.zeros(2, dtype=np.float32))
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_mon_step_after_zero_grad_is_said(set_to_none):
+    """(Outside review) ``loss.backward(); opt.step(); opt.zero_grad();
+    mon.step(loss)``: the sampled layers' gradients were measured during the
+    backward, but no parameter holds a gradient any more (None, or zeros in
+    place): the gradient norm, the parameters' gradients and skip= read
+    nothing, and nothing said so.  One warning names the order."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    with pytest.warns(RuntimeWarning, match=r"zero_grad\(\) before mon.step") as caught, \
+            sp.monitor(m, every=5) as mon:
+        for _ in range(12):
+            x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+            loss = F.cross_entropy(m(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=set_to_none)
+            mon.step(loss)
+    assert len([w for w in caught if "zero_grad" in str(w.message)]) == 1

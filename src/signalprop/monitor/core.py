@@ -1127,6 +1127,13 @@ class Monitor:
             why = (f"the GradScaler's scaled gradients overflowed at scale {scale:g} (routine: it skips this "
                    "optimizer step and halves its scale)") if overflow else self._zeroed(k)
             sample = self._sample(k, loss_v, grad_norm, rec, vals, pn, rest, out_rms, scale, param_div, why)
+            if not grad_norm and not why and any(layer.grad_rms for layer in sample.layers) and \
+                    any(p.requires_grad for p in self._param_names):
+                # the backward reached the sampled layers, but no parameter holds a gradient (or every one is 0)
+                self._warn(f"at step {k} the sampled layers got gradients but no parameter holds one: mon.step() "
+                           "came after the gradients were cleared (optimizer.zero_grad() before mon.step()?); call "
+                           "it after loss.backward() and before optimizer.step() -- the gradient norm, the "
+                           "parameters' gradients and skip= read them there", kind="step after zero_grad")
             if logits is not None:
                 sample = evolve(sample, output_logits=logits)
             if finite and not sample.incomplete:
