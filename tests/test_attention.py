@@ -201,6 +201,59 @@ def _attn_sample(k, tops):
     return MonitorStep(k, 1.0, "healthy", layers, (), 1.0)
 
 
+def test_the_attention_baseline_is_the_first_sample():
+    """The growth alert's baseline is a layer's first sample: growth under
+    way by the second and third samples does not raise the bar (0.2, 28, 78:
+    alerted past 100, where 5x their median, 139, was needed before); logits
+    that start large by design and dip are not "grown" back at their start
+    (300, 120, 60 then 310: a baseline of their lowest alerted that); a first
+    sample of exactly 0 (a query projection initialised to zero, as muP
+    does) is a baseline like any other (the alert's message divided by it,
+    and every later sample raised)."""
+    from signalprop.monitor.logit_alerts import logit_alerts
+
+    def alerted(firsts, now):
+        base = [_attn_sample(10 * i, {"a": v}) for i, v in enumerate(firsts)]
+        return [a.kind for a in logit_alerts(_attn_sample(40, {"a": now}), base)]
+
+    assert alerted([0.2, 28.0, 78.0], 105.0) == ["attention-logit-growth"]
+    assert alerted([300.0, 120.0, 60.0], 310.0) == []
+    assert alerted([300.0, 120.0, 60.0], 1600.0) == ["attention-logit-growth"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert alerted([0.0, 79.0, 90.0], 270.0) == ["attention-logit-growth"]
+
+
+def test_a_query_projection_initialised_to_zero_is_monitored_through():
+    """(Outside review) The LM with its query projections zero-initialised:
+    the first sample's logits are exactly 0.  AdamW at 0.1 grows them past
+    100; the alert comes, and every sample after it is recorded (a zero
+    baseline made each raise, and the monitor stopped sampling)."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    m = LM()
+    with torch.no_grad():
+        for b in m.blocks:
+            b.qkv.weight[:64].zero_()
+            b.qkv.bias[:64].zero_()
+    opt = torch.optim.AdamW(m.parameters(), lr=0.1, weight_decay=0.0)
+    data = (torch.arange(4096) * 7 + torch.arange(4096) // 13) % 64
+    with sp.monitor(m, every=5) as mon:  # a warning of the monitor's is an error here
+        for _ in range(30):
+            i = torch.randint(0, 4096 - 33, (16,), generator=g)
+            x = torch.stack([data[j:j + 32] for j in i])
+            y = torch.stack([data[j + 1:j + 33] for j in i])
+            loss = F.cross_entropy(m(x).reshape(-1, 64), y.reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            mon.step(loss)
+            opt.step()
+    first = max(la.stats.get("attn_logit_max") or 0.0 for la in mon.history[0].layers)
+    assert first == 0.0  # the premise
+    assert "attention-logit-growth" in [a.kind for a in mon.alerts]
+    assert {0, 5, 10, 15, 20, 25} <= {h.step for h in mon.history}  # (near the limit, more)
+
+
 def test_sampling_follows_attention_logits_near_the_limit():
     """A layer's largest logit within 80% of the level its alert needs and
     higher than at the last sample: the monitor samples every step for a

@@ -173,16 +173,23 @@ def test_a_loss_heavy_tailed_by_nature_is_not_a_run_of_bad_batches():
     rule called 7-15 batch spikes in each of these 300-step series (an
     outside stress test saw 15 on a real such run; with skip= their
     optimizer steps were skipped).  A bad batch must also be worse than any
-    of the last 128: at most 3 per series now (a heavy tail's new records),
-    and a corrupted batch 10x the loss in the same series is still called."""
+    of the last 128 after the start: at most 4 per series now (a heavy
+    tail's new records: a window's new maximum comes about ln(n) times in n
+    steps of i.i.d. noise, fewer with the other two bars), and a corrupted
+    batch 10x the loss in the same series is still called."""
     for seed in range(10):
         rng = np.random.default_rng(seed)
         t = np.arange(300)
         losses = [float(v) for v in 0.3 + 0.2 * np.exp(-t / 20) + 0.05 * np.abs(rng.standard_t(2.0, 300))]
         spikes = [s for s, k in _alerts(losses) if k == "batch-spike"]
-        assert len(spikes) <= 3, (seed, spikes)
+        assert len(spikes) <= 4, (seed, spikes)
         losses[250] = 10 * max(losses)
         assert 250 in [s for s, k in _alerts(losses) if k == "batch-spike"], seed
+    # early in a run, the bad batch is compared with the losses after the start, not with the first ones
+    # (a run's highest: in its first 128 steps a bad batch had to beat them)
+    early = _learning(80, 0, start=4.2)
+    early[60] = 0.85 * early[0]
+    assert (60, "batch-spike") in _alerts(early)
 
 
 def test_a_slowly_rising_or_never_learning_loss_is_not_divergence():

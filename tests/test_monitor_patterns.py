@@ -385,6 +385,49 @@ def test_a_nan_after_a_rejected_batch_is_located_in_the_retried_call(every, tmp_
     assert [tuple(t.shape) for t in saved["args"] if torch.is_tensor(t)] == [(32, 8)]
 
 
+class _OutOnModule(nn.Module):
+    """Leaves its output on the module and returns None."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 16)
+        self.b = nn.Linear(16, 1)
+        self.out = None
+
+    def forward(self, x):
+        self.out = self.b(torch.relu(self.a(x)))
+
+
+def test_a_forward_run_inside_the_loops_own_except_block_is_kept(tmp_path):
+    """(Outside review) A forward that raised is recognised inside torch's
+    handler (no result, an exception being handled); a forward that returns
+    None, called inside the loop's own ``except`` block (a retry), also has
+    an exception being handled -- the loop's -- and was dropped: its NaN
+    step was not dumped.  Only an exception other than the one the loop was
+    handling at the call marks a raise."""
+    torch.manual_seed(0)
+    m = _OutOnModule()
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    # (the NaN locator's replay needs an output to start the backward from: it says it could not replay)
+    with pytest.warns(RuntimeWarning, match="could not be replayed"), \
+            sp.monitor(m, every=50, dump_on_nonfinite=tmp_path) as mon:
+        for k in range(3):
+            x = torch.randn(32, 8)
+            if k == 2:
+                x[3, 2] = math.nan
+            try:
+                raise RuntimeError("the first attempt failed")
+            except RuntimeError:
+                m(x)
+                loss = m.out.mean()
+                opt.zero_grad()
+                loss.backward()
+                mon.step(loss)
+                opt.step()
+    assert [a.step for a in mon.alerts if a.kind == "non-finite"] == [2]
+    assert list(tmp_path.rglob("inputs.pt"))
+
+
 class Checkpointed(nn.Module):
     def __init__(self, reentrant):
         super().__init__()
@@ -1392,25 +1435,3 @@ def test_a_numpy_loss_is_taken_as_its_value():
         assert mon.losses == [pytest.approx(loss.item(), rel=1e-6)]
     with sp.monitor(m, every=1) as mon, pytest.raises(TypeError, match="scalar loss"):
         mon.step(np.zeros(2, dtype=np.float32))
-
-
-@pytest.mark.parametrize("set_to_none", [True, False])
-def test_mon_step_after_zero_grad_is_said(set_to_none):
-    """(Outside review) ``loss.backward(); opt.step(); opt.zero_grad();
-    mon.step(loss)``: the sampled layers' gradients were measured during the
-    backward, but no parameter holds a gradient any more (None, or zeros in
-    place): the gradient norm, the parameters' gradients and skip= read
-    nothing, and nothing said so.  One warning names the order."""
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
-    opt = torch.optim.SGD(m.parameters(), lr=0.05)
-    with pytest.warns(RuntimeWarning, match=r"zero_grad\(\) before mon.step") as caught, \
-            sp.monitor(m, every=5) as mon:
-        for _ in range(12):
-            x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
-            loss = F.cross_entropy(m(x), y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=set_to_none)
-            mon.step(loss)
-    assert len([w for w in caught if "zero_grad" in str(w.message)]) == 1

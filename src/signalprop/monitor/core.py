@@ -507,7 +507,9 @@ class Monitor:
         self._nonfinite_seen = False
         self._paused = False
         # the root's calls entered and not yet left: (frame of Module._call_impl, len(_calls) at entry)
-        self._open: list[tuple[Any, int]] = []
+        # the model's calls still running: (frame, index of its call in _calls, the exception being handled
+        # where it was called -- a call inside the loop's own except block -- or None)
+        self._open: list[tuple[Any, int, BaseException | None]] = []
         self._recomputing = 0  # calls of the model during a backward that recompute the recorded forward
         # a hook on a parameter of the sampled pass, from the next forward on: a gradient arriving there while its
         # .grad is None means the sampled pass's gradient was zeroed since (it is not in this step's gradient)
@@ -684,11 +686,11 @@ class Monitor:
             self._recomputing += 1
             return
         frame = _call_frame()
-        live = _still_running([f for f, _ in self._open]) if self._open else 0
+        live = _still_running([f for f, _, _ in self._open]) if self._open else 0
         try:
             if live < len(self._open):
                 self._interrupted(live, args)
-            self._open.append((frame, len(self._calls)))
+            self._open.append((frame, len(self._calls), sys.exc_info()[1]))
             if len(self._open) > 1:  # the model called inside its own forward: part of the outer call
                 return
             self._root_pre_guarded(args, kwargs)
@@ -808,12 +810,14 @@ class Monitor:
             self._recomputing -= 1
             return
         if self._open:
-            _, first = self._open.pop()
+            _, first, handling = self._open.pop()
             if self._open:  # a call inside the model's own forward returned: the outer one goes on
                 return
-            if out is None and sys.exc_info()[1] is not None:
-                # the forward raised (torch runs an always_call hook with no result, inside its handler): no
-                # computation of the step came from it, and a replay of the step must not run it again
+            raised = sys.exc_info()[1]
+            if out is None and raised is not None and raised is not handling:
+                # the forward raised (torch runs an always_call hook with no result, inside its handler; not the
+                # exception the loop was handling where it called the model): no computation of the step came
+                # from it, and a replay of the step must not run it again
                 del self._calls[first:]
         try:
             self._root_post_guarded(out)
@@ -1127,13 +1131,6 @@ class Monitor:
             why = (f"the GradScaler's scaled gradients overflowed at scale {scale:g} (routine: it skips this "
                    "optimizer step and halves its scale)") if overflow else self._zeroed(k)
             sample = self._sample(k, loss_v, grad_norm, rec, vals, pn, rest, out_rms, scale, param_div, why)
-            if not grad_norm and not why and any(layer.grad_rms for layer in sample.layers) and \
-                    any(p.requires_grad for p in self._param_names):
-                # the backward reached the sampled layers, but no parameter holds a gradient (or every one is 0)
-                self._warn(f"at step {k} the sampled layers got gradients but no parameter holds one: mon.step() "
-                           "came after the gradients were cleared (optimizer.zero_grad() before mon.step()?); call "
-                           "it after loss.backward() and before optimizer.step() -- the gradient norm, the "
-                           "parameters' gradients and skip= read them there", kind="step after zero_grad")
             if logits is not None:
                 sample = evolve(sample, output_logits=logits)
             if finite and not sample.incomplete:

@@ -8,8 +8,8 @@
   logit passes ``ATTN_LOGIT_LIMIT = 100`` -- a gap of 100 gives the
   runner-up key a weight e^-100 ~ 4e-44 of the top one's, so no gradient
   reaches any other key -- *and* ``ATTN_GROWTH = 5`` times its own baseline,
-  the lowest of its first samples' (a model whose logits started large, by
-  design, is judged against that).
+  its first sample's (a model whose logits started large, by design, is
+  judged against that).
   Fixes: QK-layernorm, smaller query/key initialisation, a lower learning
   rate.
 * **Output logit divergence** (Wortsman et al. 2023): the output logits
@@ -57,15 +57,21 @@ def _baseline(values: list[float | None]) -> float | None:
 
 
 def _attn_baseline(base: Sequence[MonitorStep], name: str) -> float | None:
-    """The lowest of layer ``name``'s largest attention logit over the
-    baseline samples ``base``: the level before any growth.  (Their median
-    took growth that starts within the first samples for the baseline: a
-    nanoGPT at AdamW 0.02, sampled every 10 steps, read 0.2, 28 and 78 at
-    steps 0, 10 and 20, and 5x the median, 139, was reached 15 steps after
-    its logits crossed 100.)"""
-    v = [x for h in base for bl in h.layers if bl.name == name
-         if (x := bl.stats.get("attn_logit_max")) is not None and math.isfinite(x)]
-    return min(v) if v else None
+    """Layer ``name``'s largest attention logit at the first of the baseline
+    samples ``base`` that measured it: the level the run started at.  (Their
+    median took growth that starts within the first samples for the
+    baseline: a nanoGPT at AdamW 0.02, sampled every 10 steps, read 0.2, 28
+    and 78 at steps 0, 10 and 20, and 5x the median, 139, was reached 15
+    steps after its logits crossed 100; their lowest would take a dip for
+    the start -- logits that start large by design, 300, then 60, are not
+    grown at 310.)"""
+    for h in base:
+        for bl in h.layers:
+            if bl.name == name:
+                x = bl.stats.get("attn_logit_max")
+                if x is not None and math.isfinite(x):
+                    return x
+    return None
 
 
 def logit_alerts(current: MonitorStep, history: Sequence[MonitorStep]) -> list[Alert]:
@@ -89,8 +95,9 @@ def logit_alerts(current: MonitorStep, history: Sequence[MonitorStep]) -> list[A
         _, name, top, b = max(grown)
         module = module_of(name, kinds[name])
         out.append(Alert(current.step, "attention-logit-growth", module,
-                         f"attention logits in {module} grew to {top:.3g} (q.k/sqrt(d); {top / b:.3g}x its first "
-                         f"samples' {b:.3g}, past {ATTN_LOGIT_LIMIT:g}): its softmax is turning one-hot "
+                         f"attention logits in {module} grew to {top:.3g} (q.k/sqrt(d); "
+                         f"{f'{top / b:.3g}x' if b > 0 else 'up from'} its first sample's {b:.3g}, past "
+                         f"{ATTN_LOGIT_LIMIT:g}): its softmax is turning one-hot "
                          f"({len(grown)} attention layer(s) past the limit)",
                          "add QK-layernorm (normalise q and k before their product), initialise the query/key "
                          "projections smaller, or lower the learning rate", "forward"))
