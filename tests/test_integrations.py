@@ -803,3 +803,57 @@ def test_lightning_two_callbacks_write_apart_to_one_logger(tmp_path):
     g_loss = [e.value for e in acc.Scalars("signalprop.G/loss")]
     d_loss = [e.value for e in acc.Scalars("signalprop.D/loss")]
     assert len(g_loss) == len(d_loss) == 4 and g_loss != d_loss
+
+
+class _LitNaNBatch(_LitMLP):
+    """Its 4th batch (index 3) carries a NaN."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if batch_idx == 3:
+            x = x.clone()
+            x[0, 0] = float("nan")
+        return super().training_step((x, y), batch_idx)
+
+
+@_lightning_warnings
+def test_lightning_skip_under_automatic_optimisation(tmp_path):
+    """(Outside review) ``SignalpropCallback(skip=opt)`` under Lightning's
+    automatic optimisation, whose ``optimizer.step(closure)`` runs the
+    forward, the backward and the monitor's step inside the closure: the
+    NaN batch's update was applied and the next step was skipped before its
+    closure ran, and Lightning raised ("The closure hasn't been executed").
+    The NaN step is skipped and the fit finishes with finite weights, its
+    other steps as an unmonitored fit that leaves that step out takes them."""
+    import lightning.pytorch as pl
+
+    from signalprop.integrations.lightning import SignalpropCallback
+
+    data = torch.utils.data.TensorDataset(*map(torch.cat, zip(*_batches(8))))
+
+    def fit(callbacks, skip_by_hand=False):
+        torch.manual_seed(0)
+        module = _LitNaNBatch(0.05)
+        opt = torch.optim.SGD(module.parameters(), lr=0.05)
+        module.configure_optimizers = lambda: opt
+        if skip_by_hand:
+            module.on_before_optimizer_step = lambda o: setattr(o, "_nan", module.trainer.global_step == 3)
+            plain = opt.step
+
+            def step(closure=None):
+                loss = closure()
+                return loss if opt._nan else plain(closure=lambda: loss)
+
+            opt.step = step
+        cbs = [c(opt) for c in callbacks]
+        pl.Trainer(max_steps=8, accelerator="cpu", devices=1, logger=False, callbacks=cbs, enable_progress_bar=False,
+                   enable_model_summary=False, enable_checkpointing=False,
+                   default_root_dir=str(tmp_path)).fit(module, torch.utils.data.DataLoader(data, batch_size=16))
+        return module, cbs
+
+    watched, cbs = fit([lambda opt: SignalpropCallback(every=50, skip=opt)])
+    assert cbs[0].monitor.skipped == [3] and cbs[0].monitor.steps == list(range(8))
+    assert all(torch.isfinite(p).all() for p in watched.parameters())
+    by_hand, _ = fit([], skip_by_hand=True)
+    for p, q in zip(watched.parameters(), by_hand.parameters()):
+        assert torch.equal(p, q)

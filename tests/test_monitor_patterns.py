@@ -768,6 +768,48 @@ def test_skip_keeps_every_nan_step_of_an_episode_from_the_weights():
     _same(a, b)
 
 
+@pytest.mark.parametrize("opt_name", ["sgd", "lbfgs"])
+def test_skip_with_a_closure_skips_the_step_whose_closure_went_non_finite(opt_name):
+    """(Outside review) ``optimizer.step(closure)`` -- LBFGS, and Lightning's
+    automatic optimisation, whose closure runs the forward, the backward and
+    ``mon.step``: the guard decided before the closure ran, so the NaN
+    step's update was applied and the next step was skipped with its closure
+    never called (Lightning raised).  The closure runs first now; the NaN
+    step's update is skipped, bit for bit as a loop that skips it by hand,
+    and an optimizer that calls the closure again (LBFGS) trains as it
+    would."""
+    def train(model, opt, mon=None, skip_by_hand=None):
+        for k, (x, y) in enumerate(corrupted(_data, 8, 5, math.nan)):
+            def closure(x=x, y=y, k=k):
+                opt.zero_grad()
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                if mon is not None and not closure.called:
+                    mon.step(loss)
+                closure.called = True
+                return loss
+
+            closure.called = False
+            if k == skip_by_hand:
+                closure()
+                continue
+            opt.step(closure)
+
+    def make(model):
+        if opt_name == "sgd":
+            return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        return torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=3)
+
+    a, b = _twins()
+    train(a, make(a), skip_by_hand=5)
+    opt_b = make(b)
+    with sp.monitor(b, every=4, skip=opt_b) as mon:
+        train(b, opt_b, mon)
+    assert mon.skipped == [5]
+    assert all(torch.isfinite(p).all() for p in b.parameters())
+    _same(a, b)
+
+
 def test_skip_follows_the_alerts_as_they_are_kept():
     """(Outside review) The skip was decided before repeated alerts were
     dropped: a loss-spike that stays alarming (alerted once per WINDOW steps)

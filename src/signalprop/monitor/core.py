@@ -1701,7 +1701,28 @@ class _SkipGuard:
             if _opt is not opt:  # a copy of the optimizer (copy.deepcopy copies this method): its own step
                 return type(_opt).step(_opt, *args, **kwargs)
             m = mon_ref() if live[0] else None
-            if m is not None and m._skips():
+            closure = kwargs["closure"] if "closure" in kwargs else args[0] if args else None
+            if m is not None and callable(closure):
+                # step(closure) (LBFGS; Lightning's automatic optimisation, whose closure runs the forward, the
+                # backward and mon.step): the closure's first call is this step's, so it runs first and the
+                # skip is decided from it -- decided before it, the step skipped was the previous one's, and
+                # the closure of the one it fell on never ran.  The optimizer's own first call then gets its
+                # result; any further call (LBFGS re-evaluates) runs the closure as before
+                with torch.enable_grad():
+                    first = closure()
+                if m._skips():
+                    return first
+                calls = [0]
+
+                def once(*a: Any, **k: Any) -> Any:
+                    calls[0] += 1
+                    return first if calls[0] == 1 else closure(*a, **k)
+
+                if "closure" in kwargs:
+                    kwargs = {**kwargs, "closure": once}
+                else:
+                    args = (once, *args[1:])
+            elif m is not None and m._skips():
                 return None
             return prev(*args, **kwargs) if prev is not None else type(opt).step(opt, *args, **kwargs)
 
