@@ -720,6 +720,30 @@ def test_state_dict_resumes_the_step_count_baselines_and_alerts():
         fresh.load_state_dict({"step": 3})
 
 
+def test_state_dict_keeps_the_baseline_of_samples_with_a_verdict():
+    """(Outside review) The drift rules' baseline is the first
+    BASELINE_SAMPLES samples with a verdict; the state saved the first
+    three whatever theirs, so a run whose first sample had none (a
+    GradScaler's overflow at step 0) resumed with a late sample in its
+    baseline (step 320 for 30).  The baseline saved is the rules' own."""
+    from signalprop.monitor.alerts import BASELINE_SAMPLES
+    from signalprop.records import LayerStats, MonitorStep
+
+    def sample(k, incomplete=""):
+        layer = LayerStats(0, "a", "Linear", 1, (), 1.0, 0.0, 1.0, 0.0, 1.0)
+        return MonitorStep(k, 1.0, "incomplete" if incomplete else "healthy", (layer,), (), 1.0,
+                           incomplete=incomplete)
+
+    m = nn.Linear(4, 4)
+    with sp.monitor(m, every=10) as mon:
+        mon.history = [sample(0, "the scaler's first overflow")] + [sample(10 * i) for i in range(1, 40)]
+        want = [h.step for h in mon._complete_ends()[:BASELINE_SAMPLES]]
+        state = json.loads(json.dumps(mon.state_dict()))
+    with sp.monitor(m, every=10) as resumed:
+        resumed.load_state_dict(state)
+        assert [h.step for h in resumed._complete_ends()[:BASELINE_SAMPLES]] == want == [10, 20, 30]
+
+
 def _train_with_a_nan_batch(m, opt, mon=None, skip_by_hand=None, sched=None):
     """8 steps whose 6th batch holds a NaN; the optimizer step of ``skip_by_hand`` left out."""
     train_steps(m, opt, corrupted(_data, 8, 5, math.nan), mon, lambda k, loss: k != skip_by_hand, sched)

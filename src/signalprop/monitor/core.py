@@ -1580,6 +1580,17 @@ class Monitor:
         new sample with) is not kept: ``report()`` of a resumed run starts
         with those."""
         keep = list(range(min(len(self.steps), max(_head(self.losses), _head(self.grad_norms)))))
+        # the baseline: the samples up to the BASELINE_SAMPLES-th with a verdict (the drift rules' baseline, see
+        # _complete_ends), without those before it that have none -- the first three whatever their verdict let a
+        # resumed run whose first sample had none (a GradScaler's overflow at step 0) take a late sample for one
+        base, n = [], 0
+        for h in self.history:
+            if n == A.BASELINE_SAMPLES:
+                break
+            if not h.incomplete:
+                base.append(h)
+                n += 1
+        after = self.history[self.history.index(base[-1]) + 1:] if base else self.history
         # the tail every rule reads: the un-learning rule's best level comes from the last LEARNED_WINDOW steps
         tail = max(A.WINDOW, D.LEARNED_WINDOW + D.WARMUP)
         keep += [i for i in range(max(len(self.steps) - tail, 0), len(self.steps)) if i not in keep]
@@ -1587,11 +1598,11 @@ class Monitor:
                 "steps": [self.steps[i] for i in keep], "losses": [self.losses[i] for i in keep],
                 "grad_norms": [self.grad_norms[i] for i in keep],
                 "relative_updates": [self.relative_updates[i] for i in keep],
-                "baseline": [h.to_dict() for h in self.history[:A.BASELINE_SAMPLES]],
+                "baseline": [h.to_dict() for h in base],
                 # the last samples the rules compare a new one with (a layer's update against the median of
                 # its last SPIKE_BASELINE: against the baseline alone, an update grown gradually since was a
                 # "spike" at the first sample after a resume)
-                "recent": [h.to_dict() for h in self.history[A.BASELINE_SAMPLES:][-RECENT_SAMPLES:]],
+                "recent": [h.to_dict() for h in after[-RECENT_SAMPLES:]],
                 "alerts": [a.to_dict() for a in self.alerts],
                 "alerted": sorted([list(x) for x in self._alerted]),
                 "last_scalar_alert": dict(self._last_scalar_alert), "nonfinite_seen": self._nonfinite_seen,
