@@ -13,6 +13,7 @@ import pytest
 
 from signalprop.lab.training_runs import RunSpec, run, train
 from signalprop.monitor import divergence as D
+from signalprop.monitor import spikes as S
 from signalprop.monitor.alerts import scalar_alerts
 
 
@@ -190,6 +191,13 @@ def test_a_loss_heavy_tailed_by_nature_is_not_a_run_of_bad_batches():
     early = _learning(80, 0, start=4.2)
     early[60] = 0.85 * early[0]
     assert (60, "batch-spike") in _alerts(early)
+    # the start is the first 16 finite losses, also where the run began with gaps (None: not read; NaN): a
+    # plateau at initialisation, then trained to 1.0, and a bad batch between the start's median and its top
+    rng = np.random.default_rng(0)
+    start = [4.2 + float(rng.uniform(-0.3, 0.3)) for _ in range(12)] + [4.6, 4.3, 4.5, 4.4]
+    trained = [1.0 + float(rng.uniform(-0.05, 0.05)) for _ in range(40)]
+    for lead in ([], [None, float("nan"), None, float("nan")]):
+        assert S.batch_spike(lead + start + trained, 4.55) is not None, lead
 
 
 def test_a_slowly_rising_or_never_learning_loss_is_not_divergence():

@@ -742,6 +742,15 @@ def test_state_dict_keeps_the_baseline_of_samples_with_a_verdict():
     with sp.monitor(m, every=10) as resumed:
         resumed.load_state_dict(state)
         assert [h.step for h in resumed._complete_ends()[:BASELINE_SAMPLES]] == want == [10, 20, 30]
+    # the recent samples likewise: the rules read the last ones with a verdict, which samples without one
+    # (the last 9 here) pushed out of a state that kept the last 8 whatever their verdict
+    with sp.monitor(m, every=10) as mon:
+        mon.history = [sample(10 * i, "no gradient" if i >= 11 else "") for i in range(20)]
+        tail = [h.step for h in mon._complete_ends()[BASELINE_SAMPLES + 1:]]
+        state = json.loads(json.dumps(mon.state_dict()))
+    with sp.monitor(m, every=10) as resumed:
+        resumed.load_state_dict(state)
+        assert [h.step for h in resumed._complete_ends()[BASELINE_SAMPLES + 1:]] == tail
 
 
 def _train_with_a_nan_batch(m, opt, mon=None, skip_by_hand=None, sched=None):
@@ -792,24 +801,26 @@ def test_skip_keeps_every_nan_step_of_an_episode_from_the_weights():
     _same(a, b)
 
 
-@pytest.mark.parametrize("opt_name", ["sgd", "lbfgs"])
-def test_skip_with_a_closure_skips_the_step_whose_closure_went_non_finite(opt_name):
+@pytest.mark.parametrize("opt_name,monitors", [("sgd", 1), ("lbfgs", 1), ("sgd", 2)])
+def test_skip_with_a_closure_skips_the_step_whose_closure_went_non_finite(opt_name, monitors):
     """(Outside review) ``optimizer.step(closure)`` -- LBFGS, and Lightning's
     automatic optimisation, whose closure runs the forward, the backward and
     ``mon.step``: the guard decided before the closure ran, so the NaN
     step's update was applied and the next step was skipped with its closure
-    never called (Lightning raised).  The closure runs first now; the NaN
-    step's update is skipped, bit for bit as a loop that skips it by hand,
-    and an optimizer that calls the closure again (LBFGS) trains as it
-    would."""
-    def train(model, opt, mon=None, skip_by_hand=None):
+    never called (Lightning raised).  Now the optimizer runs in its own
+    order and a skip ends the step right after its first closure call: the
+    NaN step's update is skipped, bit for bit as a loop that skips it by
+    hand, an optimizer that calls the closure again (LBFGS) trains as it
+    would, and two monitors guarding one optimizer both list the skip."""
+    def train(model, opt, mons=(), skip_by_hand=None):
         for k, (x, y) in enumerate(corrupted(_data, 8, 5, math.nan)):
-            def closure(x=x, y=y, k=k):
+            def closure(x=x, y=y):
                 opt.zero_grad()
                 loss = F.cross_entropy(model(x), y)
                 loss.backward()
-                if mon is not None and not closure.called:
-                    mon.step(loss)
+                if not closure.called:
+                    for mon in mons:
+                        mon.step(loss)
                 closure.called = True
                 return loss
 
@@ -827,10 +838,52 @@ def test_skip_with_a_closure_skips_the_step_whose_closure_went_non_finite(opt_na
     a, b = _twins()
     train(a, make(a), skip_by_hand=5)
     opt_b = make(b)
-    with sp.monitor(b, every=4, skip=opt_b) as mon:
-        train(b, opt_b, mon)
-    assert mon.skipped == [5]
+    mons = [sp.monitor(b, every=4, skip=opt_b, tag=f"m{i}") for i in range(monitors)]
+    try:
+        train(b, opt_b, mons)
+    finally:
+        for mon in mons:
+            mon.close()
+    assert [mon.skipped for mon in mons] == [[5]] * monitors
     assert all(torch.isfinite(p).all() for p in b.parameters())
+    _same(a, b)
+
+
+def test_a_closure_step_keeps_the_optimizers_own_order():
+    """(Outside review) A step pre-hook that applies weight decay before the
+    optimizer calls its closure (SAM moves the weights there too): with
+    skip= on and nothing skipped, training is bit for bit the loop's without
+    the monitor -- a first fix that ran the closure ahead of the optimizer
+    showed the closure the weights before the hook's change."""
+    def train(model, mon_on):
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+
+        def decay(o, args, kwargs):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(0.99)
+
+        opt.register_step_pre_hook(decay)
+        mon = sp.monitor(model, every=2, skip=opt) if mon_on else None
+        losses = []
+        for k in range(6):
+            x, y = _data(k)
+
+            def closure(x=x, y=y):
+                opt.zero_grad()
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                if mon is not None:
+                    mon.step(loss)
+                return loss
+
+            losses.append(float(opt.step(closure).detach()))
+        if mon is not None:
+            mon.close()
+        return losses
+
+    a, b = _twins()
+    assert train(a, False) == train(b, True)
     _same(a, b)
 
 

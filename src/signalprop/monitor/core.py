@@ -516,6 +516,7 @@ class Monitor:
         self._witness_hook: Any = None
         self._zeroed_seen = False
         self._closed_steps = 0  # steps this monitor closed (its first may have run its forward before it existed)
+        self._guard_seen = 0  # _closed_steps when the skip= optimizer's step last asked (see _SkipGuard)
         # zero_grad(set_to_none=False) zeroes .grad in place: the largest |entry| of its first entries when the
         # next gradient arrives (0: zeroed), read with the step's values
         self._zero_probe: torch.Tensor | None = None
@@ -586,6 +587,7 @@ class Monitor:
         when its optimizer step is skipped: a loop that skipped it itself (a
         NaN guard, a GradScaler on overflow) never calls it, and the next
         ``step()`` drops the skip."""
+        self._guard_seen = self._closed_steps
         if self._skip_now is None:
             return False
         self.skipped.append(self._skip_now)
@@ -1591,6 +1593,12 @@ class Monitor:
                 base.append(h)
                 n += 1
         after = self.history[self.history.index(base[-1]) + 1:] if base else self.history
+        # the recent samples: from the RECENT_SAMPLES-th last with a verdict (those the rules read, see
+        # _complete_ends), with the samples without one between them
+        start, n = len(after), 0
+        while start > 0 and n < RECENT_SAMPLES:
+            start -= 1
+            n += not after[start].incomplete
         # the tail every rule reads: the un-learning rule's best level comes from the last LEARNED_WINDOW steps
         tail = max(A.WINDOW, D.LEARNED_WINDOW + D.WARMUP)
         keep += [i for i in range(max(len(self.steps) - tail, 0), len(self.steps)) if i not in keep]
@@ -1602,7 +1610,7 @@ class Monitor:
                 # the last samples the rules compare a new one with (a layer's update against the median of
                 # its last SPIKE_BASELINE: against the baseline alone, an update grown gradually since was a
                 # "spike" at the first sample after a resume)
-                "recent": [h.to_dict() for h in after[-RECENT_SAMPLES:]],
+                "recent": [h.to_dict() for h in after[start:]],
                 "alerts": [a.to_dict() for a in self.alerts],
                 "alerted": sorted([list(x) for x in self._alerted]),
                 "last_scalar_alert": dict(self._last_scalar_alert), "nonfinite_seen": self._nonfinite_seen,
@@ -1687,6 +1695,11 @@ class Monitor:
         return out
 
 
+class _Skipped(Exception):
+    """Ends a skipped optimizer step right after its first closure call
+    (see :class:`_SkipGuard`); its args: the guard's token, the closure's result."""
+
+
 class _SkipGuard:
     """The ``skip=`` optimizer's ``step`` while a monitor runs: a method of
     the optimizer (an instance attribute) that asks the monitor whether to
@@ -1713,27 +1726,41 @@ class _SkipGuard:
                 return type(_opt).step(_opt, *args, **kwargs)
             m = mon_ref() if live[0] else None
             closure = kwargs["closure"] if "closure" in kwargs else args[0] if args else None
-            if m is not None and callable(closure):
-                # step(closure) (LBFGS; Lightning's automatic optimisation, whose closure runs the forward, the
-                # backward and mon.step): the closure's first call is this step's, so it runs first and the
-                # skip is decided from it -- decided before it, the step skipped was the previous one's, and
-                # the closure of the one it fell on never ran.  The optimizer's own first call then gets its
-                # result; any further call (LBFGS re-evaluates) runs the closure as before
-                with torch.enable_grad():
-                    first = closure()
-                if m._skips():
-                    return first
-                calls = [0]
+            if m is not None and callable(closure) and m._guard_seen == m._closed_steps:
+                # step(closure) with no mon.step() since the last optimizer step: it runs inside the closure
+                # (Lightning's automatic optimisation: forward, backward, mon.step).  The optimizer runs as it
+                # would, in its own order (its pre-hooks, SAM's perturbation, then its closure); right after its
+                # first call of the closure the skip is decided -- decided before it, the NaN step's update went
+                # through and the next step was skipped without its closure -- and a skipped step ends there,
+                # before the optimizer changed anything, returning the closure's loss
+                first = [True]
+                token = object()
 
-                def once(*a: Any, **k: Any) -> Any:
-                    calls[0] += 1
-                    return first if calls[0] == 1 else closure(*a, **k)
+                def watched(*a: Any, **k: Any) -> Any:
+                    try:
+                        out = closure(*a, **k)
+                    except _Skipped:  # another monitor's guard on this optimizer skips it: this one is asked too
+                        if first[0]:
+                            first[0] = False
+                            m._skips()
+                        raise
+                    if first[0]:
+                        first[0] = False
+                        if m._skips():
+                            raise _Skipped(token, out)
+                    return out
 
                 if "closure" in kwargs:
-                    kwargs = {**kwargs, "closure": once}
+                    kwargs = {**kwargs, "closure": watched}
                 else:
-                    args = (once, *args[1:])
-            elif m is not None and m._skips():
+                    args = (watched, *args[1:])
+                try:
+                    return prev(*args, **kwargs) if prev is not None else type(opt).step(opt, *args, **kwargs)
+                except _Skipped as e:
+                    if e.args[0] is not token:
+                        raise
+                    return e.args[1]
+            if m is not None and m._skips():  # mon.step() came first (a loop's usual order): decided there
                 return None
             return prev(*args, **kwargs) if prev is not None else type(opt).step(opt, *args, **kwargs)
 

@@ -91,8 +91,13 @@ def batch_spike(losses: Sequence[float | None], loss: float) -> Spike | None:
 
 def _tail_top(losses: Sequence[float | None]) -> float:
     """The largest of the last ``TAIL`` finite losses after the first
-    ``WARMUP`` (the start, which the spike's own bar compares with: a run's
+    ``WARMUP`` finite ones (the start, which the spike's own bar compares with: a run's
     first losses are its highest, and in its first 128 steps a bad batch
     would have had to beat them); read on a bounded slice of the series."""
-    tail = last_finite(losses[max(WARMUP, len(losses) - 4 * TAIL):], TAIL)
+    start, n = 0, 0
+    while start < len(losses) and n < WARMUP:  # past the first WARMUP finite losses (a run may start with gaps)
+        v = losses[start]
+        n += v is not None and math.isfinite(v)
+        start += 1
+    tail = last_finite(losses[max(start, len(losses) - 4 * TAIL):], TAIL)
     return max(tail) if tail else -math.inf
