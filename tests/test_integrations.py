@@ -857,3 +857,64 @@ def test_lightning_skip_under_automatic_optimisation(tmp_path):
     by_hand, _ = fit([], skip_by_hand=True)
     for p, q in zip(watched.parameters(), by_hand.parameters()):
         assert torch.equal(p, q)
+
+
+def test_hf_skip_skips_the_nan_step_only(tmp_path):
+    """(Outside review) HF Trainer with ``SignalpropCallback(skip=opt)`` and
+    one NaN batch: the monitor replays the NaN step through the model to
+    locate it, and the callback's forward hook took the replay's NaN loss
+    for the next step's -- whose healthy update was skipped too.  Only the
+    NaN step is skipped now, bit for bit as an optimizer that skips a
+    non-finite step by hand, with and without gradient accumulation."""
+    import math
+
+    from transformers import Trainer, TrainingArguments
+
+    from signalprop.integrations.transformers import SignalpropCallback
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+
+        def forward(self, x, labels=None):
+            out = self.net(x)
+            return {"loss": nn.functional.cross_entropy(out, labels), "logits": out}
+
+    class Data(torch.utils.data.Dataset):
+        def __init__(self):
+            g = torch.Generator().manual_seed(1)
+            self.x, self.y = torch.randn(160, 8, generator=g), torch.randint(0, 3, (160,), generator=g)
+            self.x[16 * 5 + 3, 0] = math.nan  # in the 6th batch of 16
+
+        def __len__(self):
+            return 160
+
+        def __getitem__(self, i):
+            return {"x": self.x[i], "labels": self.y[i]}
+
+    class SkipsNonFinite(torch.optim.SGD):
+        def step(self, closure=None):
+            if not all(torch.isfinite(p.grad).all() for g in self.param_groups for p in g["params"]
+                       if p.grad is not None):
+                return None
+            return super().step(closure)
+
+    def fit(monitored, accum):
+        m = Net()
+        opt = (torch.optim.SGD if monitored else SkipsNonFinite)(m.parameters(), lr=0.05, momentum=0.9)
+        cbs = [SignalpropCallback(every=2, skip=opt)] if monitored else []
+        args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=16,
+                                 gradient_accumulation_steps=accum, max_steps=10 // accum, use_cpu=True,
+                                 report_to=[], save_strategy="no", logging_strategy="no", dataloader_num_workers=0,
+                                 seed=0, data_seed=0, disable_tqdm=True, max_grad_norm=0)
+        Trainer(model=m, args=args, train_dataset=Data(), optimizers=(opt, None), callbacks=cbs).train()
+        return m, cbs
+
+    for accum in (1, 2):
+        by_hand, _ = fit(False, accum)
+        watched, cbs = fit(True, accum)
+        assert len(cbs[0].monitor.skipped) == 1, (accum, cbs[0].monitor.skipped)
+        for p, q in zip(by_hand.parameters(), watched.parameters()):
+            assert torch.equal(p, q), accum

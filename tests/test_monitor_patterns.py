@@ -849,6 +849,65 @@ def test_skip_with_a_closure_skips_the_step_whose_closure_went_non_finite(opt_na
     _same(a, b)
 
 
+class _CatchesClosureErrors(torch.optim.SGD):
+    """An optimizer that catches what its closure raises (and steps on)."""
+
+    def step(self, closure=None):
+        try:
+            with torch.enable_grad():
+                closure()
+        except Exception:
+            pass
+        return super().step()
+
+
+@pytest.mark.parametrize("how", ["closure raises after mon.step", "mon.step at every evaluation",
+                                 "optimizer catches closure errors"])
+def test_skip_with_a_closure_in_awkward_loops(how):
+    """(Outside review) A closure that raises after ``mon.step`` (the loop
+    catching it) at step 4, just before the NaN step; LBFGS whose closure
+    calls ``mon.step`` at each evaluation; an optimizer that catches what its
+    closure raises: each left the guard out of step with the monitor, and
+    the NaN step's update reached the weights (or a healthy step was
+    skipped).  Each trains as the loop that skips the NaN step by hand."""
+    def train(model, opt, mon=None, skip_by_hand=None):
+        for k, (x, y) in enumerate(corrupted(_data, 8, 5, math.nan)):
+            def closure(x=x, y=y, k=k):
+                opt.zero_grad()
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                if mon is not None:
+                    mon.step(loss)
+                if how.startswith("closure raises") and k == 4:
+                    raise RuntimeError("the loop's own check failed")
+                return loss
+
+            if k == skip_by_hand:
+                closure()
+                continue
+            try:
+                opt.step(closure)
+            except RuntimeError:
+                pass
+
+    def make(model):
+        if how.startswith("mon.step at every"):
+            return torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=3)
+        if how.startswith("optimizer catches"):
+            return _CatchesClosureErrors(model.parameters(), lr=0.05, momentum=0.9)
+        return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+    a, b = _twins()
+    train(a, make(a), skip_by_hand=5)
+    opt_b = make(b)
+    with sp.monitor(b, every=4, skip=opt_b) as mon:
+        train(b, opt_b, mon)
+    assert len(mon.skipped) == 1 and all(torch.isfinite(p).all() for p in b.parameters()), mon.skipped
+    if not how.startswith("mon.step at every"):  # (there the monitor counts LBFGS's evaluations as its steps)
+        assert mon.skipped == [5]
+    _same(a, b)
+
+
 def test_a_closure_step_keeps_the_optimizers_own_order():
     """(Outside review) A step pre-hook that applies weight decay before the
     optimizer calls its closure (SAM moves the weights there too): with

@@ -47,6 +47,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 import torch
 
 from ..monitor import Monitor
+from ..probe.inputs import in_own_pass
 from ..monitor.core import check_options
 
 log = logging.getLogger("transformers.signalprop")
@@ -115,7 +116,9 @@ class SignalpropCallback(TrainerCallback, ExportableState):
         self._hook: Any = None
 
     def _keep_loss(self, module: torch.nn.Module, args: Any, kwargs: dict[str, Any], out: Any) -> None:
-        if torch.is_grad_enabled():  # not an evaluation pass
+        # not an evaluation pass, nor signalprop's own pass through the model (the monitor replaying a NaN step
+        # to locate it: its loss was taken for the next step's, whose healthy update skip= then skipped too)
+        if torch.is_grad_enabled() and not in_own_pass():
             loss = _output_loss(out)
             if loss is not None:
                 self._losses.append(loss.detach().float().reshape(()))

@@ -1695,7 +1695,7 @@ class Monitor:
         return out
 
 
-class _Skipped(Exception):
+class _Skipped(BaseException):  # (not an Exception: an optimizer's `except Exception` around its closure passes it)
     """Ends a skipped optimizer step right after its first closure call
     (see :class:`_SkipGuard`); its args: the guard's token, the closure's result."""
 
@@ -1735,6 +1735,7 @@ class _SkipGuard:
                 # before the optimizer changed anything, returning the closure's loss
                 first = [True]
                 token = object()
+                raised = [False]
 
                 def watched(*a: Any, **k: Any) -> Any:
                     try:
@@ -1747,6 +1748,7 @@ class _SkipGuard:
                     if first[0]:
                         first[0] = False
                         if m._skips():
+                            raised[0] = True
                             raise _Skipped(token, out)
                     return out
 
@@ -1755,11 +1757,22 @@ class _SkipGuard:
                 else:
                     args = (watched, *args[1:])
                 try:
-                    return prev(*args, **kwargs) if prev is not None else type(opt).step(opt, *args, **kwargs)
+                    out = prev(*args, **kwargs) if prev is not None else type(opt).step(opt, *args, **kwargs)
                 except _Skipped as e:
                     if e.args[0] is not token:
                         raise
                     return e.args[1]
+                finally:
+                    # this step is decided whatever its closure did (raised after mon.step, the loop catching it;
+                    # or called mon.step at each of LBFGS's evaluations): the next step asks afresh
+                    m._guard_seen = m._closed_steps
+                if raised[0]:  # the optimizer caught the skip and stepped all the same: not skipped
+                    if m.skipped:
+                        m.skipped.pop()
+                    m._warn(f"{type(opt).__name__}.step caught the exception that ends a skipped step and updated "
+                            "the weights all the same: skip= cannot skip its steps when it is given a closure "
+                            "that calls mon.step()", kind="skip caught")
+                return out
             if m is not None and m._skips():  # mon.step() came first (a loop's usual order): decided there
                 return None
             return prev(*args, **kwargs) if prev is not None else type(opt).step(opt, *args, **kwargs)
