@@ -47,8 +47,8 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 import torch
 
 from ..monitor import Monitor
-from ..probe.inputs import in_own_pass
 from ..monitor.core import check_options
+from ..probe.inputs import in_own_pass
 
 log = logging.getLogger("transformers.signalprop")
 
