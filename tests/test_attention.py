@@ -119,10 +119,13 @@ def test_llama_eager_and_sdpa_agree_and_saturated_attention_is_named(scale, verd
             assert p.layer == "model.layers.0.self_attn" and "attention" in p.message and "QK-layernorm" in p.suggestion
 
 
-def _train(lr, qk_norm, steps, every=5):
+def _train(lr, qk_norm, steps, every=5, prepare=None):
+    """AdamW on the LM (``prepare``: called on it first, to change its initialisation)."""
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     m = LM(qk_norm=qk_norm)
+    if prepare is not None:
+        prepare(m)
     opt = torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.0)
     data = (torch.arange(4096) * 7 + torch.arange(4096) // 13) % 64  # a learnable sequence
     with sp.monitor(m, every=every) as mon:
@@ -229,25 +232,13 @@ def test_a_query_projection_initialised_to_zero_is_monitored_through():
     the first sample's logits are exactly 0.  AdamW at 0.1 grows them past
     100; the alert comes, and every sample after it is recorded (a zero
     baseline made each raise, and the monitor stopped sampling)."""
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
-    m = LM()
-    with torch.no_grad():
-        for b in m.blocks:
-            b.qkv.weight[:64].zero_()
-            b.qkv.bias[:64].zero_()
-    opt = torch.optim.AdamW(m.parameters(), lr=0.1, weight_decay=0.0)
-    data = (torch.arange(4096) * 7 + torch.arange(4096) // 13) % 64
-    with sp.monitor(m, every=5) as mon:  # a warning of the monitor's is an error here
-        for _ in range(30):
-            i = torch.randint(0, 4096 - 33, (16,), generator=g)
-            x = torch.stack([data[j:j + 32] for j in i])
-            y = torch.stack([data[j + 1:j + 33] for j in i])
-            loss = F.cross_entropy(m(x).reshape(-1, 64), y.reshape(-1))
-            opt.zero_grad()
-            loss.backward()
-            mon.step(loss)
-            opt.step()
+    def zero_queries(m):
+        with torch.no_grad():
+            for b in m.blocks:
+                b.qkv.weight[:64].zero_()
+                b.qkv.bias[:64].zero_()
+
+    mon = _train(0.1, False, 30, prepare=zero_queries)  # a warning of the monitor's is an error here
     first = max(la.stats.get("attn_logit_max") or 0.0 for la in mon.history[0].layers)
     assert first == 0.0  # the premise
     assert "attention-logit-growth" in [a.kind for a in mon.alerts]

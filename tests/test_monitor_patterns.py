@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import signalprop as sp
-from _loops import corrupted, train_steps
+from _loops import corrupted, steps_with_losses, train_steps
 
 
 class EncHead(nn.Module):
@@ -961,12 +961,7 @@ def test_skip_follows_the_alerts_as_they_are_kept():
     # learning, then giving it all back and staying there (the loss passed to the monitor is synthetic)
     values = [2.3 * 0.95 ** k for k in range(60)] + [2.3 * 1.2 ** min(k, 8) for k in range(30)]
     with sp.monitor(m, every=50, skip=opt) as mon:
-        for v in values:
-            loss = F.cross_entropy(m(x), y)
-            opt.zero_grad()
-            loss.backward()
-            mon.step(loss.detach() * 0 + v)
-            opt.step()
+        steps_with_losses(m, opt, mon, values, x, y)
     kept = {a.step for a in mon.alerts if a.kind in SKIP_ON}
     assert kept and set(mon.skipped) == kept, (mon.skipped, kept)
 

@@ -15,6 +15,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state
 
 import signalprop as sp
+from _loops import steps_with_losses
 
 
 def _state(m: nn.Module) -> dict[str, torch.Tensor]:
@@ -974,10 +975,5 @@ def test_a_failure_measuring_the_update_loses_the_update_not_the_steps_alerts(mo
     losses = [2.3 * 0.97 ** k for k in range(41)] + [50.0]
     with pytest.warns(RuntimeWarning, match="update after the sample at step 0 was not measured"), \
             sp.monitor(m, every=20, optimizer=opt) as mon:
-        for value in losses:
-            loss = F.cross_entropy(m(x), y)
-            opt.zero_grad()
-            loss.backward()
-            mon.step(loss.detach() * 0 + value)
-            opt.step()
+        steps_with_losses(m, opt, mon, losses, x, y)
     assert (41, "batch-spike") in [(a.step, a.kind) for a in mon.alerts]
