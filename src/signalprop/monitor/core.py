@@ -506,9 +506,8 @@ class Monitor:
         self._snapshot_due: int | None = None  # a sampled step whose following update is still to measure
         self._nonfinite_seen = False
         self._paused = False
-        # the root's calls entered and not yet left: (frame of Module._call_impl, len(_calls) at entry)
-        # the model's calls still running: (frame, index of its call in _calls, the exception being handled
-        # where it was called -- a call inside the loop's own except block -- or None)
+        # the root's calls entered and not yet left: (frame of Module._call_impl, len(_calls) at entry, the
+        # exception being handled where it was called -- a call inside the loop's own except block -- or None)
         self._open: list[tuple[Any, int, BaseException | None]] = []
         self._recomputing = 0  # calls of the model during a backward that recompute the recorded forward
         # a hook on a parameter of the sampled pass, from the next forward on: a gradient arriving there while its
@@ -1585,14 +1584,15 @@ class Monitor:
         # the baseline: the samples up to the BASELINE_SAMPLES-th with a verdict (the drift rules' baseline, see
         # _complete_ends), without those before it that have none -- the first three whatever their verdict let a
         # resumed run whose first sample had none (a GradScaler's overflow at step 0) take a late sample for one
-        base, n = [], 0
-        for h in self.history:
-            if n == A.BASELINE_SAMPLES:
+        base: list[MonitorStep] = []
+        end = 0  # where the samples after the baseline begin
+        for i, h in enumerate(self.history):
+            if len(base) == A.BASELINE_SAMPLES:
                 break
             if not h.incomplete:
                 base.append(h)
-                n += 1
-        after = self.history[self.history.index(base[-1]) + 1:] if base else self.history
+                end = i + 1
+        after = self.history[end:]
         # the recent samples: from the RECENT_SAMPLES-th last with a verdict (those the rules read, see
         # _complete_ends), with the samples without one between them
         start, n = len(after), 0
