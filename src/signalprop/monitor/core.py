@@ -246,17 +246,6 @@ def _logit_stats(v: list[float]) -> LogitStats:
 RECENT_SAMPLES = max(SPIKE_BASELINE, RECENT + 1)
 
 
-def _head(values: list[float | None]) -> int:
-    """How many leading entries hold the first :data:`alerts.WARMUP` finite values."""
-    seen = 0
-    for i, v in enumerate(values):
-        if v is not None and math.isfinite(v):
-            seen += 1
-            if seen == A.WARMUP:
-                return i + 1
-    return len(values)
-
-
 def _trainable_own(m: nn.Module) -> list[nn.Parameter]:
     return [p for p in own_parameters(m) if p.requires_grad]
 
@@ -1260,7 +1249,7 @@ class Monitor:
         reference), and the most recent ones."""
         if len(self.steps) <= MAX_SERIES + MAX_SERIES // 10:
             return
-        head = max(_head(self.losses), _head(self.grad_norms))
+        head = max(D.head_end(self.losses), D.head_end(self.grad_norms))
         cut = len(self.steps) - MAX_SERIES + head
         for series in (self.steps, self.losses, self.grad_norms, self.relative_updates):
             del series[head:cut]
@@ -1580,7 +1569,7 @@ class Monitor:
         the last :data:`RECENT_SAMPLES` samples (the most any rule compares a
         new sample with) is not kept: ``report()`` of a resumed run starts
         with those."""
-        keep = list(range(min(len(self.steps), max(_head(self.losses), _head(self.grad_norms)))))
+        keep = list(range(min(len(self.steps), max(D.head_end(self.losses), D.head_end(self.grad_norms)))))
         # the baseline: the samples up to the BASELINE_SAMPLES-th with a verdict (the drift rules' baseline, see
         # _complete_ends), without those before it that have none -- the first three whatever their verdict let a
         # resumed run whose first sample had none (a GradScaler's overflow at step 0) take a late sample for one

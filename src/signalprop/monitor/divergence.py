@@ -111,6 +111,17 @@ def finite(values: Sequence[float | None]) -> list[float]:
     return [v for v in values if v is not None and math.isfinite(v)]
 
 
+def head_end(values: Sequence[float | None]) -> int:
+    """How many leading entries hold the first ``WARMUP`` finite values (the start: a run may begin with gaps)."""
+    seen = 0
+    for i, v in enumerate(values):
+        if v is not None and math.isfinite(v):
+            seen += 1
+            if seen == WARMUP:
+                return i + 1
+    return len(values)
+
+
 def start_level(values: Sequence[float | None]) -> float | None:
     """Median of the first ``WARMUP`` finite values: the level training started at."""
     head: list[float] = []
@@ -156,8 +167,9 @@ def _rise_bar(trailing: float, floor: float, sigma: float) -> float:
     return max(bar, trailing + RISE_SIGMAS * sigma) if floor < 0 else bar
 
 
-def _robust_sigma(values: Sequence[float]) -> float:
-    mid = statistics.median(values)
+def robust_sigma(values: Sequence[float], mid: float) -> float:
+    """The robust standard deviation of ``values`` around their median ``mid``: 1.4826 x their median absolute
+    deviation."""
     return MAD_TO_SIGMA * statistics.median(abs(v - mid) for v in values)
 
 
@@ -198,8 +210,9 @@ def _risen(losses: Sequence[float | None], loss: float) -> bool:
     # most that one's)
     floor = min(0.0, min(recent))
     trailing = recent[:-1]
+    mid = statistics.median(trailing)
     return _median3(recent[-3], recent[-2], recent[-1]) >= _rise_bar(
-        statistics.median(trailing), floor, _robust_sigma(trailing) if floor < 0 else 0.0)
+        mid, floor, robust_sigma(trailing, mid) if floor < 0 else 0.0)
 
 
 def unlearning(losses: Sequence[float | None], loss: float) -> Unlearning | None:
@@ -221,8 +234,9 @@ def unlearning(losses: Sequence[float | None], loss: float) -> Unlearning | None
         return None
     window = recent[-(WINDOW + 1):-1]
     floor = min(0.0, min(recent))
-    return Unlearning((level - best) / progress, level, best, start, statistics.median(window), floor,
-                      _robust_sigma(window) if floor < 0 else 0.0)
+    mid = statistics.median(window)
+    return Unlearning((level - best) / progress, level, best, start, mid, floor,
+                      robust_sigma(window, mid) if floor < 0 else 0.0)
 
 
 # -- a loss that grows from the start ------------------------------------------------------------------------

@@ -50,7 +50,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .divergence import MAD_TO_SIGMA, PROGRESS, WARMUP, WINDOW, last_finite, start_level
+from .divergence import PROGRESS, WARMUP, WINDOW, head_end, last_finite, robust_sigma, start_level
 
 SIGMAS = 6.0
 SHARE = 1.0
@@ -83,7 +83,7 @@ def batch_spike(losses: Sequence[float | None], loss: float) -> Spike | None:
     progress = start - level
     if len(recent) < WARMUP or not progress >= PROGRESS * abs(start):
         return None
-    sigma = MAD_TO_SIGMA * statistics.median(abs(x - level) for x in recent)
+    sigma = robust_sigma(recent, level)
     if loss > level + SIGMAS * sigma and loss - level >= SHARE * progress and loss > _tail_top(losses):
         return Spike(loss, level, sigma, start)
     return None
@@ -94,10 +94,5 @@ def _tail_top(losses: Sequence[float | None]) -> float:
     ``WARMUP`` finite ones (the start, which the spike's own bar compares with: a run's
     first losses are its highest, and in its first 128 steps a bad batch
     would have had to beat them); read on a bounded slice of the series."""
-    start, n = 0, 0
-    while start < len(losses) and n < WARMUP:  # past the first WARMUP finite losses (a run may start with gaps)
-        v = losses[start]
-        n += v is not None and math.isfinite(v)
-        start += 1
-    tail = last_finite(losses[max(start, len(losses) - 4 * TAIL):], TAIL)
+    tail = last_finite(losses[max(head_end(losses), len(losses) - 4 * TAIL):], TAIL)
     return max(tail) if tail else -math.inf
