@@ -245,6 +245,70 @@ def test_a_query_projection_initialised_to_zero_is_monitored_through():
     assert {0, 5, 10, 15, 20, 25} <= {h.step for h in mon.history}  # (near the limit, more)
 
 
+def _grown_late(stop=None, state=None):
+    """A 1-block LM to which a second block is added at step 20 (progressive
+    growing); from step 40 its query and key weights are scaled up 1.15x a
+    step -- the mechanism of logit growth, made deterministic -- so its
+    largest logit rises from ~10 past 100 and 5x its first sample.  The
+    first block trains at 1e-3 (logits < 5).  ``stop``: the step to return
+    at (the monitor's state_dict taken there); ``state``: such a state, loaded
+    into a new monitor that goes on from ``stop``."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    m = LM(layers=1)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.0)
+    data = (torch.arange(4096) * 7 + torch.arange(4096) // 13) % 64
+    with sp.monitor(m, every=5) as mon:
+        if state is not None:
+            mon.load_state_dict(state)
+        for step in range(70):
+            if step == 20:
+                b = Block(64, 4)
+                m.blocks.append(b)
+                opt.add_param_group({"params": list(b.parameters()), "lr": 1e-3})
+            if step >= 40:
+                with torch.no_grad():
+                    m.blocks[1].qkv.weight[:128] *= 1.15
+            i = torch.randint(0, 4096 - 33, (16,), generator=g)
+            x = torch.stack([data[j:j + 32] for j in i])
+            y = torch.stack([data[j + 1:j + 33] for j in i])
+            loss = F.cross_entropy(m(x).reshape(-1, 64), y.reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            if state is None or step >= stop:  # (a resumed monitor sees the steps after its state)
+                mon.step(loss)
+            opt.step()
+            if stop is not None and state is None and step == stop:
+                return mon, mon.state_dict()
+    return mon, None
+
+
+def test_an_attention_layer_added_after_the_baseline_is_judged_against_its_first_sample():
+    """A layer that first runs after the baseline samples (a block added at
+    step 20 by progressive growing) was never judged for logit growth: its
+    baseline was looked up in the first three samples only.  Its own first
+    sample is its baseline now, kept apart from the history (whose middle is
+    trimmed) and through state_dict: the alert names it once its logits pass
+    100 and 5x that first sample, also in a run resumed from a checkpoint
+    taken before the growth (the state went through JSON, as a checkpoint
+    file would take it)."""
+    import json
+
+    mon, _ = _grown_late()
+    tops = {h.step: la.stats["attn_logit_max"] for h in mon.history for la in h.layers
+            if la.name == "blocks.1.attention"}
+    first = tops[min(tops)]
+    assert min(tops) >= 20 and first < 20  # the premise: a late layer, small at first ...
+    past = [k for k, v in sorted(tops.items()) if v > max(100.0, 5 * first)]
+    assert past  # ... that grows past the alert's bar
+    alerts = [a for a in mon.alerts if a.kind == "attention-logit-growth"]
+    assert alerts and alerts[0].layer.startswith("blocks.1") and alerts[0].step == past[0]
+    _, state = _grown_late(stop=45)
+    resumed, _ = _grown_late(stop=45, state=json.loads(json.dumps(state)))
+    again = [a for a in resumed.alerts if a.kind == "attention-logit-growth" and a.step > 45]
+    assert again and again[0].layer.startswith("blocks.1") and again[0].step == past[0]
+
+
 def test_sampling_follows_attention_logits_near_the_limit():
     """A layer's largest logit within 80% of the level its alert needs and
     higher than at the last sample: the monitor samples every step for a

@@ -87,7 +87,7 @@ from ..statistics import HEADROOM, MAX, STATISTICS
 from ..words import count, module_label
 from . import alerts as A
 from . import divergence as D
-from .logit_alerts import attention_closing_in, logit_alerts
+from .logit_alerts import attention_closing_in, first_attention_logits, logit_alerts
 from .loss_scale import LossScale
 from .optimizer import SPIKE_BASELINE, UpdateBaselines, check_optimizer
 from .precision_alerts import RECENT, closing_in, output_closing_in, precision_alerts
@@ -511,6 +511,10 @@ class Monitor:
         self._last_pass = False  # sample the step's last forward that fed a backward (see _root_pre_guarded)
         self._closed = False
         self._alerted: set[tuple[str, str]] = set()
+        # each attention layer's largest logit at the first sample with a verdict that measured it: the
+        # growth alert's baseline, kept apart from the history, whose middle is trimmed (a layer that first
+        # runs after the baseline samples -- a block added by progressive growing -- is judged against it)
+        self._attn_first: dict[str, float] = {}
         self._written_updates: set[int] = set()
         self._written_skips: set[int] = set()  # scaler-skipped steps written to the writer
         self._last_scalar_alert: dict[str, int] = {}
@@ -1125,12 +1129,15 @@ class Monitor:
                 sample = evolve(sample, output_logits=logits)
             if finite and not sample.incomplete:
                 complete = self._complete_ends()
-                new += A.sampled_alerts(sample, complete, self.trend) + logit_alerts(sample, complete)
+                new += A.sampled_alerts(sample, complete, self.trend) + \
+                    logit_alerts(sample, complete, self._attn_first)
                 fmt = self._format()
                 new += precision_alerts(sample, complete, fmt, self.every)
                 if fmt is not None and closing_in(sample, complete, FORMATS[fmt].max) or \
-                        attention_closing_in(sample, complete):
+                        attention_closing_in(sample, complete, self._attn_first):
                     self._dense_until = k + self.every
+            if not sample.incomplete:
+                first_attention_logits(sample, self._attn_first)
             self.history.append(sample)
             keep = self.max_history if self.max_history is not None else \
                 max(HISTORY_MIN, HISTORY_ROWS // max(len(sample.layers), 1))
@@ -1603,6 +1610,7 @@ class Monitor:
                 "alerts": [a.to_dict() for a in self.alerts],
                 "alerted": sorted([list(x) for x in self._alerted]),
                 "last_scalar_alert": dict(self._last_scalar_alert), "nonfinite_seen": self._nonfinite_seen,
+                "attention_baselines": dict(self._attn_first),
                 "skipped": list(self.skipped), "scaler_skipped": list(self.scaler_skipped),
                 "loss_scale": self._scale.last if self._scale is not None else None,
                 # learned from a sample whose forward's gradients were zeroed before the step's backward (a GAN's
@@ -1637,6 +1645,12 @@ class Monitor:
         self._alerted = {(str(a), str(b)) for a, b in state["alerted"]}
         self._last_scalar_alert = {str(k): int(v) for k, v in state["last_scalar_alert"].items()}
         self._nonfinite_seen = bool(state["nonfinite_seen"])
+        firsts = state.get("attention_baselines")
+        if firsts is None:  # (a state saved before they were kept: the samples it holds, in order)
+            firsts = {}
+            for h in self._complete_history():
+                first_attention_logits(h, firsts)
+        self._attn_first = {str(k): float(v) for k, v in firsts.items()}
         self.skipped = [int(x) for x in state.get("skipped", [])]
         self.scaler_skipped = [int(x) for x in state.get("scaler_skipped", [])]
         self._last_pass = bool(state.get("last_pass", False))

@@ -9,7 +9,8 @@
   runner-up key a weight e^-100 ~ 4e-44 of the top one's, so no gradient
   reaches any other key -- *and* ``ATTN_GROWTH = 5`` times its own baseline,
   its first sample's (a model whose logits started large, by design, is
-  judged against that).
+  judged against that; a layer that first runs after the baseline samples,
+  against its own first sample).
   Fixes: QK-layernorm, smaller query/key initialisation, a lower learning
   rate.
 * **Output logit divergence** (Wortsman et al. 2023): the output logits
@@ -39,7 +40,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 
 from ..probe.attention import module_of
 from ..records import Alert, MonitorStep
@@ -56,16 +57,18 @@ def _baseline(values: list[float | None]) -> float | None:
     return statistics.median(v) if v else None
 
 
-def _attn_baseline(base: Sequence[MonitorStep], name: str) -> float | None:
-    """Layer ``name``'s largest attention logit at the first of the baseline
-    samples ``base`` that measured it: the level the run started at.  (Their
-    median took growth that starts within the first samples for the
-    baseline: a nanoGPT at AdamW 0.02, sampled every 10 steps, read 0.2, 28
-    and 78 at steps 0, 10 and 20, and 5x the median, 139, was reached 15
-    steps after its logits crossed 100; their lowest would take a dip for
-    the start -- logits that start large by design, 300, then 60, are not
-    grown at 310.)"""
-    for h in base:
+def _attn_baseline(history: Sequence[MonitorStep], name: str) -> float | None:
+    """Layer ``name``'s largest attention logit at the first sample of
+    ``history`` (samples with a verdict, oldest first) that measured it: the
+    level the run started at -- the first of the baseline samples, or for a
+    layer none of them measured (a branch or a block that runs from a later
+    step on), its own first sample.  (The median of the first three took
+    growth that starts within the first samples for the baseline: a nanoGPT
+    at AdamW 0.02, sampled every 10 steps, read 0.2, 28 and 78 at steps 0,
+    10 and 20, and 5x the median, 139, was reached 15 steps after its logits
+    crossed 100; their lowest would take a dip for the start -- logits that
+    start large by design, 300, then 60, are not grown at 310.)"""
+    for h in history:
         for bl in h.layers:
             if bl.name == name:
                 x = bl.stats.get("attn_logit_max")
@@ -74,10 +77,24 @@ def _attn_baseline(base: Sequence[MonitorStep], name: str) -> float | None:
     return None
 
 
-def logit_alerts(current: MonitorStep, history: Sequence[MonitorStep]) -> list[Alert]:
+def first_attention_logits(sample: MonitorStep, firsts: MutableMapping[str, float]) -> None:
+    """Add to ``firsts`` (layer name -> largest attention logit) the layers
+    of ``sample`` (one with a verdict, the next in the run) not in it yet:
+    what :func:`_attn_baseline` finds in a history kept whole."""
+    for layer in sample.layers:
+        x = layer.stats.get("attn_logit_max")
+        if x is not None and math.isfinite(x) and layer.name not in firsts:
+            firsts[layer.name] = x
+
+
+def logit_alerts(current: MonitorStep, history: Sequence[MonitorStep],
+                 firsts: Mapping[str, float] | None = None) -> list[Alert]:
     """Attention-logit growth (the layer that grew most, and how many did)
     and output-logit divergence at ``current`` against the first samples of
-    ``history`` (samples with a verdict, without ``current``)."""
+    ``history`` (samples with a verdict, without ``current``): a layer's
+    own first sample (see :func:`_attn_baseline`), or ``firsts`` where the
+    caller keeps them (see :func:`first_attention_logits`: the monitor,
+    whose history loses its middle)."""
     out: list[Alert] = []
     base = history[:BASELINE_SAMPLES]
     if not base:
@@ -88,7 +105,7 @@ def logit_alerts(current: MonitorStep, history: Sequence[MonitorStep]) -> list[A
         top = layer.stats.get("attn_logit_max")
         if top is None or not math.isfinite(top) or top <= ATTN_LOGIT_LIMIT:
             continue
-        b = _attn_baseline(base, layer.name)
+        b = firsts.get(layer.name) if firsts is not None else _attn_baseline(history, layer.name)
         if b is not None and top > ATTN_GROWTH * b:
             grown.append((top / b if b > 0 else math.inf, layer.name, top, b))
     if grown:
@@ -114,22 +131,22 @@ def logit_alerts(current: MonitorStep, history: Sequence[MonitorStep]) -> list[A
     return out
 
 
-def attention_closing_in(current: MonitorStep, history: Sequence[MonitorStep]) -> bool:
+def attention_closing_in(current: MonitorStep, history: Sequence[MonitorStep],
+                         firsts: Mapping[str, float] | None = None) -> bool:
     """Whether an attention layer's maximum logit at ``current`` is within
     ``ATTN_NEAR`` of the level its alert needs (``ATTN_LOGIT_LIMIT``, or
     ``ATTN_GROWTH`` times its baseline where that is higher: a layer large by
     design is not sampled more), not past it, and higher than at the last
-    sample of ``history``."""
+    sample of ``history`` (``firsts``: as for :func:`logit_alerts`)."""
     if not history:
         return False
     prev = {layer.name: layer.stats.get("attn_logit_max") for layer in history[-1].layers}
-    base = history[:BASELINE_SAMPLES]
     for layer in current.layers:
         top = layer.stats.get("attn_logit_max")
         before = prev.get(layer.name)
         if top is None or before is None or not math.isfinite(top) or not math.isfinite(before) or top <= before:
             continue
-        b = _attn_baseline(base, layer.name)
+        b = firsts.get(layer.name) if firsts is not None else _attn_baseline(history, layer.name)
         bar = max(ATTN_LOGIT_LIMIT, ATTN_GROWTH * b) if b is not None else ATTN_LOGIT_LIMIT
         if ATTN_NEAR * bar < top <= bar:
             return True
