@@ -18,7 +18,7 @@ from ..layers import CONV_TRANSPOSE, CONVS, fans
 from ..records import InputStats
 from ..theory import propagate
 from .distributed import _dtensor_types
-from .recorder import Hook, Row
+from .recorder import Hook, Row, user_global_hooks
 from .stats import acc, dottable
 
 _WEIGHT = (nn.Linear,) + CONVS
@@ -28,11 +28,12 @@ _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropou
 def _as_torch(m: nn.Module | None) -> bool:
     """Whether ``m`` computes what its torch class does, as the theory
     assumes: the class's ``forward`` is torch's own (a subclass's could
-    apply a weight multiplier, as equalized learning rates do) and no hook
-    of the user's sits on it (a forward hook returning ``out * 5``, a
-    backward hook scaling its gradient), signalprop's own recording hooks
-    aside."""
-    if m is None:
+    apply a weight multiplier, as equalized learning rates do), nor
+    replaced on the instance (``m.forward = ...``, as accelerate's hooks
+    do), and no hook of the user's sits on it (a forward hook returning
+    ``out * 5``, a backward hook scaling its gradient), signalprop's own
+    recording hooks aside."""
+    if m is None or "forward" in m.__dict__:  # (a forward set on the instance: not its class's)
         return False
     # (the hook dicts are read only when not empty: the pass's own hooks are global ones on most models)
     if (m._forward_hooks or m._forward_pre_hooks) and \
@@ -286,7 +287,7 @@ def predictions(rows: list[Row], inp: InputStats | None, cot_ms: float,
     the fans of :func:`signalprop.layers.fans` (a stride s makes an input
     entry feed 1/s of the outputs a stride of 1 would)."""
     found = _chain(rows, input_ptr)
-    if found is None or inp is None:
+    if found is None or inp is None or user_global_hooks():  # (hooks on every module: see _as_torch)
         return None
     chain, cut = found
     mods = [cast(nn.Module, w.module) for w, _ in chain]

@@ -236,9 +236,24 @@ def register_weakly(register: Callable[[Any], Any], method: Any,
             return None
         return m(*args)
 
-    handle = register(wrap(hook) if wrap is not None else hook)
+    fn = wrap(hook) if wrap is not None else hook
+    fn._signalprop_hook = True  # type: ignore[attr-defined]  # (one of ours: see user_global_hooks)
+    handle = register(fn)
     box.append(handle)
     return handle
+
+
+def user_global_hooks() -> bool:
+    """Whether process-wide module hooks other than signalprop's own are
+    registered (``register_module_forward_hook`` and its kin): they run on
+    every module call and may change what it returns or passes back (a
+    global forward hook returning ``out * 3``), which nothing on the module
+    itself shows."""
+    from torch.nn.modules import module as _m
+
+    regs = (_m._global_forward_hooks, _m._global_forward_pre_hooks, _m._global_backward_hooks,
+            _m._global_backward_pre_hooks)
+    return any(not getattr(h, "_signalprop_hook", False) for reg in regs for h in reg.values())
 
 
 def _inert(*args: Any, **kwargs: Any) -> None:
@@ -972,6 +987,12 @@ class Recorder:
         self._edge_tensors: list[torch.Tensor] = []  # the edges' tensors, until the backward (see settle_edges)
         self._fused_names: set[str] = set()  # MultiheadAttention modules: they measure their own attention
         self.busy = False  # computing a statistic with torch functions inside the forward (not recorded)
+        # the last row's output, kept alive until the next row is recorded: freed, its address could be handed
+        # to a tensor the model's own code makes in between (h = fc(x); h = h - 0.5; h = h * 4: the product took
+        # the freed output's address), and the next row looked like it read the previous one's output directly
+        # -- the theory column then predicted through two operations it never saw (3.6x off).  One output at a
+        # time: the memory of one more activation at most
+        self._held: torch.Tensor | None = None
         # whether the forward being recorded is still running (the monitor's, which a KeyboardInterrupt can leave
         # without a hook); None: always (check runs the forward itself)
         self.running: Callable[[], bool] | None = None
@@ -1107,6 +1128,7 @@ class Recorder:
             row = self._row(info.name, info.kind, m, info.act, t, info.role)
             row.aliased = aliased
             self._read(row, t, args)
+            self._held = t  # (see __init__)
             if self.stats:
                 if self._dsts is not None:
                     self._input_written(row, t, args)
@@ -1178,6 +1200,7 @@ class Recorder:
         """A row for one call (a functional activation's, say), measured."""
         row = self._row(name, kind, module, act, t, None)
         self._read(row, t, args)
+        self._held = t  # (see __init__)
         if self.stats:
             if self._dsts is not None and row.dst:
                 self._dsts[row.dst] = weakref.ref(t)
@@ -1345,6 +1368,7 @@ class Recorder:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._held = None
         if self._batches is not None:
             with torch.no_grad():
                 self._batches.flush()
