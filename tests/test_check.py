@@ -343,6 +343,45 @@ def test_a_forward_that_writes_its_parameters_is_said_in_the_report():
     assert not any("in place" in n for n in sp.check(Messy(), x_of(8, 16)).summary.notes)  # none written
 
 
+class _ReassignsChildren(nn.Module):
+    """A forward that reassigns a buffer or a parameter of one of torch's own
+    layers among its children, or moves a parameter's entries (``.data =``)."""
+
+    def __init__(self, what):
+        super().__init__()
+        self.what, self.fc, self.bn, self.out = what, nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        if self.what == "buffer":
+            self.bn.running_mean = torch.full((8,), 7.0)
+        elif self.what == "parameter":
+            self.out.weight = nn.Parameter(torch.zeros(2, 8))
+        else:
+            self.out.weight.data = torch.zeros(2, 8)
+        return self.out(self.bn(self.fc(x)))
+
+
+@pytest.mark.parametrize("what", ["buffer", "parameter", "data"])
+def test_a_torch_layer_s_tensors_reassigned_by_its_parent_come_back_or_are_said(what):
+    """(Outside review) The tensors a parent's forward reassigns on torch's
+    own layers (BatchNorm's running mean, a Linear's weight as a new
+    Parameter, which an optimizer would no longer hold) were left as the
+    forward set them, and nothing was said: only modules of the user's own
+    classes had their mappings put back.  Now they are; a parameter whose
+    entries were moved (``p.data = ...``: no version bump) cannot be put
+    back and is named in the report, as an in-place write is."""
+    torch.manual_seed(0)
+    m = _ReassignsChildren(what)
+    rm, w, w_obj = m.bn.running_mean.clone(), m.out.weight.detach().clone(), m.out.weight
+    r = sp.check(m, x_of(16, 8))
+    assert torch.equal(m.bn.running_mean, rm) and m.out.weight is w_obj
+    said = any("forward wrote 1 of its parameters" in n and "out.weight" in n for n in r.summary.notes)
+    if what == "data":
+        assert said
+    else:
+        assert torch.equal(m.out.weight, w) and not said
+
+
 def test_a_lazy_module_not_yet_initialised_is_named():
     m = nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.LazyLinear(4)))
     with pytest.raises(ValueError, match=r"1\.0 \(LazyLinear\) is lazy and not initialised yet: run one forward"):

@@ -50,14 +50,16 @@ def preserved(model: nn.Module, modules: list[nn.Module] | None = None, python_s
     stay valid), attributes the pass added removed -- for the modules of
     classes defined outside ``torch.nn`` (torch's own layers keep no Python
     state that their forward changes; a 2,000-layer MLP of them costs
-    nothing more, an HF model of 40 modules ~0.05 ms).
+    nothing more, an HF model of 40 modules ~0.05 ms); of torch's own
+    layers, which tensor each holds under each parameter and buffer name
+    (a parent's forward may reassign them: ``self.bn.running_mean = ...``).
 
     Parameters' values are not copied: a pass never writes them (gradients
     are taken with ``torch.autograd.grad``, which leaves ``.grad`` alone).  A
     forward that writes its own parameters in place (HF RWKV rescales two
     weights per block on its first forward in eval mode and records it in
-    ``layers_are_rescaled``; a clamp under ``no_grad``) cannot have them put
-    back: the list this yields is filled on exit with their names, and the
+    ``layers_are_rescaled``; a clamp under ``no_grad``), or moves them to
+    other memory (``p.data = ...``), cannot have them put back: the list this yields is filled on exit with their names, and the
     Python attributes are then left as the forward set them, which may
     record that write (putting RWKV's flag back alone would make its next
     forward rescale the weights twice).  ``writes_parameters``: the caller's
@@ -74,14 +76,27 @@ def preserved(model: nn.Module, modules: list[nn.Module] | None = None, python_s
     grads = [p.grad for p in params]
     flags = [p.requires_grad for p in params]
     versions = [p._version for p in params]
+    # where each parameter's entries live: p.data = ... moves them without a version bump (a write all the same)
+    ptrs = [p.data_ptr() for p in params]
     modes = [(m, m.training) for m in mods]
     # (is_cuda and get_device() are flags read in C: .device builds a torch.device per tensor, ~1 ms a 2,000-layer net)
     devices = sorted({b.get_device() for b in [*params, *bufs] if b.is_cuda})
     # per module of a class defined outside torch (torch's own layers keep no Python state a forward changes):
     # its attributes (a copy of its __dict__, made in C), its parameter and buffer mappings where it has any,
     # and copies of the containers among its own attributes (see _containers)
-    attrs = [(m, vars(m).copy(), dict(m._parameters), dict(m._buffers), conts)
-             for m in mods if id(m) not in weights and (conts := _containers(m)) is not None] if python_state else []
+    attrs: list[tuple[nn.Module, dict[str, Any], dict[str, Any], dict[str, Any], list[tuple[Any, Any]]]] = []
+    # and per module of torch's own classes that holds parameters or buffers, those mappings: its own forward
+    # changes none, but its parent's may (self.bn.running_mean = ..., self.out.weight = nn.Parameter(...))
+    maps: list[tuple[nn.Module, dict[str, Any], dict[str, Any]]] = []
+    if python_state:
+        for m in mods:
+            if id(m) in weights:
+                continue
+            conts = _containers(m)
+            if conts is not None:
+                attrs.append((m, vars(m).copy(), dict(m._parameters), dict(m._buffers), conts))
+            elif m._parameters or m._buffers:
+                maps.append((m, dict(m._parameters), dict(m._buffers)))
     # every module's children, torch's containers too (a forward that appends to a ModuleList, swaps a
     # Sequential's layer or builds a head on its first call)
     children = [(m, dict(m._modules) if m._modules else None) for m in mods] if python_state else []
@@ -109,7 +124,8 @@ def preserved(model: nn.Module, modules: list[nn.Module] | None = None, python_s
         try:
             yield written
         finally:
-            idx = [] if writes_parameters else [i for i, (p, v) in enumerate(zip(params, versions)) if p._version != v]
+            idx = [] if writes_parameters else [i for i, (p, v, a) in enumerate(zip(params, versions, ptrs))
+                                                if p._version != v or p.data_ptr() != a]
             if idx:
                 names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
                 written += [names.get(id(params[i]), "?") for i in idx]
@@ -123,6 +139,9 @@ def preserved(model: nn.Module, modules: list[nn.Module] | None = None, python_s
                 if not written:
                     for v, c in conts:  # refilled in place: others may hold a reference to the container
                         _refill(v, c)
+            for m, ps, bs in maps:
+                _restore_mapping(m._parameters, ps)
+                _restore_mapping(m._buffers, bs)
             if not written:  # (left as the forward set them, as the attributes that may refer to them are)
                 for m, ms in children:  # compared in C, by identity and in order: ~0.1 us a module
                     now = m._modules
