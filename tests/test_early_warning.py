@@ -10,7 +10,10 @@ diverges at another step)."""
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
+import signalprop as sp
 from signalprop.lab.training_runs import RunSpec, run, train
 from signalprop.monitor import divergence as D
 from signalprop.monitor import spikes as S
@@ -198,6 +201,31 @@ def test_a_loss_heavy_tailed_by_nature_is_not_a_run_of_bad_batches():
     trained = [1.0 + float(rng.uniform(-0.05, 0.05)) for _ in range(40)]
     for lead in ([], [None, float("nan"), None, float("nan")]):
         assert S.batch_spike(lead + start + trained, 4.55) is not None, lead
+
+
+def test_a_loss_that_starts_at_zero_has_no_batch_spikes():
+    """(Outside stress test) A margin loss that most batches satisfy is
+    exactly 0 from the start, the occasional hard batch not: the start and
+    the recent median are both 0, the progress 0, and 0 >= 20% of |0| let
+    the rule speak -- "inf sigma above the median 0" at each hard batch, and
+    with skip= those, the only steps with a gradient, were skipped.  A run
+    that starts at 0 has made no progress: no spike is judged (the un-learning
+    rule already asked for progress > 0)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    x = torch.randn(32, 4)
+    with sp.monitor(m, every=10, skip=opt) as mon:
+        for s in range(40):
+            margin = 0.0 if s % 7 == 6 else 100.0
+            loss = torch.relu(m(x).abs() - margin).mean() * (1 + s / 50)
+            opt.zero_grad()
+            loss.backward()
+            mon.step(loss)
+            opt.step()
+    assert [a.kind for a in mon.alerts if a.kind == "batch-spike"] == [] and mon.skipped == []
+    losses = [0.0] * 30 + [0.3]  # the rule itself, on the series
+    assert S.batch_spike(losses[:-1], losses[-1]) is None
 
 
 def test_a_slowly_rising_or_never_learning_loss_is_not_divergence():

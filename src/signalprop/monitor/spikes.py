@@ -81,7 +81,8 @@ def batch_spike(losses: Sequence[float | None], loss: float) -> Spike | None:
     recent = last_finite(losses, WINDOW)
     level = statistics.median(recent)
     progress = start - level
-    if len(recent) < WARMUP or not progress >= PROGRESS * abs(start):
+    # (a run whose loss starts at 0 -- a margin most batches satisfy -- has made no progress to speak of)
+    if len(recent) < WARMUP or not progress >= PROGRESS * abs(start) or progress <= 0:
         return None
     sigma = robust_sigma(recent, level)
     if loss > level + SIGMAS * sigma and loss - level >= SHARE * progress and loss > _tail_top(losses):
