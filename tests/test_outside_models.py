@@ -390,6 +390,32 @@ def test_weights_not_meant_to_move_are_not_too_small():
     assert regression(1e-9)  # the control: a rate far too small is still named
 
 
+@pytest.mark.parametrize("case", ["zero loss", "loop skipped the step", "skip= skipped it", "control"])
+def test_an_optimizer_step_with_nothing_to_do_is_not_too_small(case):
+    """(Outside stress test) update-too-small at the step after a sample
+    whose optimizer step had nothing to do: every example masked out (a loss
+    of exactly 0, so no gradient), a step the loop itself did not take, and
+    a step skip= skipped (already excused).  The monitor knows each (the
+    loss it read; the optimizer it guards).  The control, a rate of 1e-9,
+    is still named."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))
+    opt = torch.optim.SGD(m.parameters(), lr=1e-9 if case == "control" else 0.1)
+    x, y = torch.randn(32, 8), torch.randint(0, 2, (32,))
+    with sp.monitor(m, every=5, skip=opt) as mon:
+        for s in range(9):
+            loss = F.cross_entropy(m(x), y) * (0.0 if s == 6 and case == "zero loss" else 1.0)
+            if s == 6 and case == "skip= skipped it":
+                loss = loss * float("nan")
+            opt.zero_grad()
+            loss.backward()
+            mon.step(loss)
+            if not (s == 6 and case == "loop skipped the step"):
+                opt.step()
+    small = [a.step for a in mon.alerts if a.kind == "update-too-small"]
+    assert small == ([1] if case == "control" else []), small  # (said once: at the first sample's update)
+
+
 class _OneExpertMoE(nn.Module):
     """Top-1 routing that sends every example to expert 0 (a collapsed
     router): experts 1-4 get no gradient and do not move."""

@@ -493,6 +493,11 @@ class Monitor:
         self._recording = False
         self._updates = UpdateMeter(model)  # each module's update of the step after each regular sample
         self._snapshot_due: int | None = None  # a sampled step whose following update is still to measure
+        # optimizer steps the skip= guard let through, and whether the step the update snapshot was taken at
+        # had anything to step with: (the count then, its gradient was exactly 0 -- a loss of exactly 0, every
+        # example masked out)
+        self._opt_steps = 0
+        self._snapshot_at: tuple[int, bool] = (0, False)
         self._nonfinite_seen = False
         self._paused = False
         # the root's calls entered and not yet left: (frame of Module._call_impl, len(_calls) at entry, the
@@ -1152,6 +1157,7 @@ class Monitor:
         if self._snapshot_due is not None and finite:
             try:
                 self._updates.take(self._snapshot_due, k, self.optimizer)
+                self._snapshot_at = (self._opt_steps, loss_v == 0.0 or grad_norm == 0.0)
             except Exception as e:  # the update's own failure loses that update, not this step's alerts
                 self._updates.snapshot = None
                 self._warn(f"the update after the sample at step {self._snapshot_due} was not measured", e,
@@ -1433,8 +1439,13 @@ class Monitor:
         # the run's first optimizer step is not judged too large: Adam's first step moves every entry by the
         # learning rate whatever the gradient (bias correction), SGD's follows the largest gradients of the run
         # (the loss at its highest); the next sample judges the rate the run keeps
-        out = A.update_alerts(u.k, u.ratios, u.weight_layers, set() if u.sample == 0 else u.judged, kinds,
-                              A.converged(self.losses, D.start_level(self.losses)))
+        # no optimizer step to judge: skip= skipped it, the loop did not call the guarded optimizer's step (a
+        # step it skips itself), or the step had no gradient (a loss of exactly 0): weights that did not move
+        # are no rate too small
+        idle = u.k in self.skipped[-8:] or (self._skip_guard is not None and self._opt_steps == self._snapshot_at[0]) \
+            or self._snapshot_at[1]
+        out = [] if idle else A.update_alerts(u.k, u.ratios, u.weight_layers, set() if u.sample == 0 else u.judged,
+                                              kinds, A.converged(self.losses, D.start_level(self.losses)))
         for j in range(len(self.history) - 1, -1, -1):
             if self.history[j].step == u.sample:
                 h = self.history[j]
@@ -1761,6 +1772,7 @@ class _SkipGuard:
                     args = (watched, *args[1:])
                 try:
                     out = prev(*args, **kwargs) if prev is not None else type(opt).step(opt, *args, **kwargs)
+                    m._opt_steps += 1
                 except _Skipped as e:
                     if e.args[0] is not token:
                         raise
@@ -1778,7 +1790,10 @@ class _SkipGuard:
                 return out
             if m is not None and m._skips():  # mon.step() came first (a loop's usual order): decided there
                 return None
-            return prev(*args, **kwargs) if prev is not None else type(opt).step(opt, *args, **kwargs)
+            out = prev(*args, **kwargs) if prev is not None else type(opt).step(opt, *args, **kwargs)
+            if m is not None:
+                m._opt_steps += 1
+            return out
 
         if getattr(prev, "_wrapped_by_lr_sched", False):
             step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
