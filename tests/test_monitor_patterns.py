@@ -12,6 +12,7 @@ without the monitor (weights, buffers, global RNG state)."""
 import json
 import math
 import warnings
+from contextlib import nullcontext as _nullcontext
 
 import numpy as np
 import pytest
@@ -192,6 +193,83 @@ def test_submodules_called_without_the_roots_forward():
         assert h.verdict != "incomplete" and not h.incomplete, h.incomplete
         assert [layer.name for layer in h.layers] == ["enc.0", "enc.1", "enc.2", "enc.3", "head"]
         assert all(layer.grad_rms is not None and layer.grad_rms > 0 for layer in h.layers)
+
+
+def test_a_nan_input_with_submodules_called_directly_is_not_blamed_on_the_loss():
+    """(Outside stress test) A NaN in the batch of a loop that calls the
+    model's submodules itself (``m.head(m.enc(x))``, a Lightning
+    training_step calling ``self.net``): the root's forward never ran, so
+    no call was saved to replay and the output was never read -- the alert
+    said "the model's output is finite: the loss function turned it
+    non-finite" and told the user to clamp the loss's argument.  What is not
+    known is now said as such; the batch is named as the first thing to check."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.head = nn.Sequential(nn.Linear(16, 32), nn.Tanh()), nn.Linear(32, 4)
+
+        def forward(self, x):
+            return self.head(self.enc(x))
+
+    torch.manual_seed(0)
+    m = M()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    X, Y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+    with sp.monitor(m, every=2) as mon:
+        for s in range(4):
+            x = X.clone()
+            if s == 3:
+                x[0, 0] = float("nan")
+            loss = F.cross_entropy(m.head(m.enc(x)), Y)
+            opt.zero_grad()
+            loss.backward()
+            mon.step(loss)
+            opt.step()
+    a = [a for a in mon.alerts if a.kind == "non-finite"]
+    assert len(a) == 1 and a[0].step == 3
+    assert "output is finite" not in a[0].message and "not known" in a[0].message
+    assert "check the batch" in a[0].suggestion
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_an_empty_batch_on_a_sampled_step_is_an_incomplete_sample(reduction):
+    """(Outside stress test) An empty batch (an empty shard of a filtered
+    loader) on a sampled step: reading the output logits' largest entry
+    failed inside the monitor (a warning once, then later empty samples
+    vanished from the history).  Each is now an incomplete sample that says
+    the batch was empty; with a mean loss (0/0: NaN), the replay runs and the
+    alert says the batch was empty -- the replay had called the empty input
+    100% non-finite.  Training is unchanged."""
+    def run(mon=None):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        with sp.monitor(m, every=2) if mon else _nullcontext() as mon_:
+            for s in range(6):
+                n = 0 if s in (2, 4) else 8
+                x, y = torch.randn(n, 16), torch.randint(0, 4, (n,))
+                loss = F.cross_entropy(m(x), y, reduction=reduction)
+                opt.zero_grad()
+                loss.backward()
+                if mon_ is not None:
+                    mon_.step(loss)
+                if torch.isfinite(loss):
+                    opt.step()
+        return m, mon_
+
+    plain, _ = run()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        watched, mon = run(True)
+    _same(plain, watched)
+    assert [h.step for h in mon.history] == [0, 2, 4]
+    for h in mon.history[1:]:
+        assert h.verdict == "incomplete" and "batch is empty" in h.incomplete
+    nonfinite = [a for a in mon.alerts if a.kind == "non-finite"]
+    if reduction == "sum":
+        assert nonfinite == []
+    else:
+        assert nonfinite and all("empty batch" in a.message for a in nonfinite)
 
 
 def test_a_bare_module_is_its_own_row():

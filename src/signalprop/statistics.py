@@ -118,6 +118,8 @@ def _extremes(prefix: str) -> Kernel:
     def kernel(t: Any, dim: int | None) -> dict[str, Any]:
         import torch
 
+        if t.numel() == 0:  # (an empty batch's: no entry, no extremes -- the statistic is absent)
+            return {}
         if t.is_complex():  # no order: the largest modulus, and its negative (so max(hi, -lo) reads it)
             hi = t.abs().amax(dim=dim)
             return {f"{prefix}_max": hi, f"{prefix}_min": -hi}

@@ -1104,7 +1104,7 @@ class Monitor:
             self._scaler_skip(k)
         elif not finite and not self._nonfinite_seen:
             self._nonfinite_seen = True
-            new.append(self._locate(k, loss_v, gvals, params, out_v))
+            new.append(self._locate(k, loss_v, gvals, params, out_v, out_numel))
             if scale is not None and loss_finite:
                 new[-1] = evolve(new[-1], message=f"{new[-1].message}; the GradScaler's scale is down to "
                                  f"{scale:g}: these gradients are non-finite without loss scaling, not a scaled "
@@ -1349,6 +1349,9 @@ class Monitor:
         layers = layer_stats(rows, vals, pgrads, out_rms or 1.0)
         # (the modules as _refresh_params read them at this sampled step)
         why = why or missing_gradients(rows, self._modules) or repeated_backwards(rows)
+        if not why and rows and all(0 in r.shape for r in rows):
+            why = ("the sampled step's batch is empty: every layer put out 0 entries, so there is nothing to "
+                   "measure (an empty shard of a filtered or bucketed loader)")
         if not why and not any(layer.grad_rms for layer in layers) \
                 and any(layer.grad_rms is not None for layer in layers):
             why = ("every gradient of the sampled pass is exactly 0, at the model's output too: there is no backward "
@@ -1461,7 +1464,7 @@ class Monitor:
 
     # -- the non-finite origin -------------------------------------------------
     def _locate(self, k: int, loss: float | None, gvals: list[float], params: list[nn.Parameter],
-                out_v: float | None) -> Alert:
+                out_v: float | None, out_numel: float = 1.0) -> Alert:
         """Replay the step's forward calls with check's exact pass to find
         where the first NaN/Inf appeared.  Under ``torch.distributed`` every
         rank replays its own calls together and the replay's statistics are
@@ -1497,6 +1500,18 @@ class Monitor:
             if forward or out_v is None or math.isfinite(out_v):  # else the loss's own gradient: said below
                 return Alert(k, "non-finite", p.layer, f"step {k}: {p.message}", f"{p.suggestion}; {fix}",
                              "forward" if forward else "backward")
+        if loss is not None and not math.isfinite(loss) and out_v is not None and out_v == 0 and out_numel == 0:
+            return Alert(k, "non-finite", "(loss)", f"step {k}: the loss is {loss} on an empty batch (the model's "
+                         "output has no entries): a mean over 0 examples is 0/0",
+                         "skip empty batches (filter the loader, or step only when the batch has examples), or "
+                         "reduce the loss by a sum", "forward")
+        if loss is not None and not math.isfinite(loss) and out_v is None and call is None:
+            # no forward of the root was seen (its submodules called directly) and none was replayed: whether the
+            # output was finite is not known
+            return Alert(k, "non-finite", "(loss)", f"step {k}: the loss is {loss}; where the first NaN/Inf "
+                         "appeared is not known: the model's own forward did not run this step (its submodules "
+                         "were called directly), so neither its output nor its layers could be replayed",
+                         f"check the batch (torch.isfinite(x).all()) and the loss's argument; {fix}", "")
         if loss is not None and not math.isfinite(loss) and (out_v is None or math.isfinite(out_v)):
             # the replayed pass's last row is the model's output: finite, but its square past float32's range
             top = report.layers[-1].stats.get("forward_absmax") if report is not None and report.layers else None

@@ -284,11 +284,14 @@ def measure(kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[st
 def logits_of(out: Any) -> torch.Tensor | None:
     """The output's logits: a ``logits`` field (HF ``ModelOutput``), else its
     first floating tensor that is not a 0-d loss (:func:`~.recorder.model_output`),
-    when that has a class dimension (2-D or more, the last of size >= 2)."""
+    when that has a class dimension (2-D or more, the last of size >= 2) and
+    entries (not an empty batch)."""
     from .recorder import model_output
 
     y = model_output(out)
-    return y if y is not None and y.dim() >= 2 and y.shape[-1] >= 2 and y.is_floating_point() else None
+    # (an empty batch has no logits to read)
+    return y if y is not None and y.dim() >= 2 and y.shape[-1] >= 2 and y.is_floating_point() and y.numel() \
+        else None
 
 
 def output_logit_sums(y: torch.Tensor) -> list[torch.Tensor | float]:

@@ -685,7 +685,9 @@ def _input_stats(leaves: list[torch.Tensor], grads: list[torch.Tensor], v: list[
     if not leaves:
         return None
     x = leaves[0]
-    n, finite = max(v[3], 1.0), max(v[2], 1.0)
-    return InputStats(second_moment=v[0] ** 2 / finite, mean=v[1] / finite, nonfinite_fraction=1.0 - v[2] / n,
+    finite = max(v[2], 1.0)
+    # (an empty input -- a monitor replaying an empty batch -- has no entry, none of them non-finite)
+    return InputStats(second_moment=v[0] ** 2 / finite, mean=v[1] / finite,
+                      nonfinite_fraction=1.0 - v[2] / v[3] if v[3] > 0 else 0.0,
                       width=int(x.shape[-1]) if x.dim() > 1 else 1,
                       grad_rms=v[4] / math.sqrt(max(v[5], 1.0)) if grads else None)

@@ -236,8 +236,8 @@ def register_weakly(register: Callable[[Any], Any], method: Any,
             return None
         return m(*args)
 
-    fn = wrap(hook) if wrap is not None else hook
-    fn._signalprop_hook = True  # type: ignore[attr-defined]  # (one of ours: see user_global_hooks)
+    fn: Any = wrap(hook) if wrap is not None else hook
+    fn._signalprop_hook = True  # (one of ours: see user_global_hooks)
     handle = register(fn)
     box.append(handle)
     return handle
