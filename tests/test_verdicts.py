@@ -96,6 +96,29 @@ def test_dead_needs_enough_samples_per_unit_and_counts_every_position():
     assert r.verdict == "dead" and r.problems[0].layer == "3"
 
 
+def test_dead_units_are_counted_over_the_batch_s_distinct_examples():
+    """(Outside review) A batch of one example repeated -- ``torch.ones``, a
+    smoke test's input; ``x[:1].expand(128, d)`` -- puts each unit on one
+    side of 0 for all 128 copies: about half the ReLU units of a healthy net
+    read dead, and 128 "samples" per unit passed the 32 the verdict needs
+    ("dead", 53%).  They are one example, and the verdict now counts
+    distinct examples (a note says how many); a layer dead whatever the
+    batch (its pre-activation entirely below 0) is still called dead, and
+    the same net on 128 distinct examples is judged as before."""
+    torch.manual_seed(0)
+    m = nn.Sequential(*[mod for _ in range(6) for mod in (nn.Linear(256, 256), nn.ReLU())])
+    x = torch.randn(128, 256, generator=gen(0))
+    assert sp.check(m, x).verdict == "healthy"
+    for batch in (torch.ones(128, 256), x[:1].expand(128, 256), x[:4].repeat(32, 1)):
+        r = sp.check(m, batch)
+        assert r.verdict == "healthy", r.problems[0].message
+        assert any("distinct example(s) among its 128" in n for n in r.summary.notes)
+    with torch.no_grad():
+        m[6].bias.fill_(-1e3)
+    r = sp.check(m, torch.ones(128, 256))
+    assert r.verdict == "dead" and r.problems[0].layer == "7"
+
+
 def test_layer_scale_branches_and_norm_hops_are_not_trends():
     """Residual blocks whose branch is scaled by 1e-6 (ConvNeXt's layer scale):
     branch gradients sit at 1e-6 relative, flat across blocks, behind a healthy

@@ -285,6 +285,7 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
         culprit, origin = _after_the_rows(rec, type(model).__name__), None
     merges = _unrecorded_merges(rec.rows, read_ptr)
     stale = _stale_batchnorm(rec.rows)
+    layers, repeated = _per_distinct_example(layers, inputs)
     verdict, problems, layers, judged = diagnose(layers, inp, bounds, trend, backward_origin=origin, culprit=culprit,
                                                  residual=merges, zero_gated=zero_gates(model, rec.rows, layers),
                                                  dead_unjudged_from=stale[0].index if stale else None,
@@ -294,6 +295,8 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
     elif silent:  # nothing wrong in the forward, and no backward signal to judge: no verdict, not "healthy"
         verdict = "incomplete"
     notes = judged.pop("notes")
+    if repeated:
+        notes.append(repeated)
     if held:
         layers = [evolve(layer, nonfinite_fraction=held[layer.index]) if layer.index in held else layer
                   for layer in layers]
@@ -397,6 +400,41 @@ def _masked_rows(rows: list[Row], layers: list[LayerStats], ex: list[float], inp
             if bool((torch.isnan(t) | (t == math.inf)).any()):
                 return set()
     return {layer.index for layer in bad}
+
+
+# inputs up to this many entries are searched for repeated examples (torch.unique over rows); larger ones only
+# for a batch of one example repeated (a comparison with the first)
+_DISTINCT_MAX = 1 << 22
+
+
+def _per_distinct_example(layers: list[LayerStats], inputs: Any) -> tuple[list[LayerStats], str]:
+    """Each rectifier row's samples per unit counted over the batch's
+    distinct examples (see :func:`~.diagnose._judge_dead`), and a note, when
+    the first input tensor repeats examples: a batch of one example repeated
+    (``torch.ones(128, d)``, a smoke test's input) puts every unit on one
+    side of 0 for all of them -- about half look dead although the batch
+    says nothing about the other examples a unit sees.  Looked for only where
+    some row has dead units."""
+    if not any(layer.dead_fraction for layer in layers):
+        return layers, ""
+    x = next((t for t in tensors_of(inputs) if t.dim() > 1 and t.shape[0] > 1), None)
+    if x is None or x.is_complex() or x.is_sparse:
+        return layers, ""
+    b = x.shape[0]
+    with torch.no_grad():
+        flat = x.detach().reshape(b, -1)
+        if bool((flat == flat[:1]).all()):
+            distinct = 1
+        elif flat.numel() <= _DISTINCT_MAX:
+            distinct = int(torch.unique(flat, dim=0).shape[0])
+        else:
+            distinct = b
+    if distinct == b:
+        return layers, ""
+    out = [evolve(layer, dead_samples=layer.dead_samples * distinct // b) if layer.dead_samples else layer
+           for layer in layers]
+    return out, (f"the batch holds {distinct} distinct example(s) among its {b}: dead units are judged on "
+                 "those (every copy of an example puts a unit on the same side of 0)")
 
 
 def initialisable(model: nn.Module) -> bool:
