@@ -63,6 +63,41 @@ def test_a_plain_deep_net_that_explodes_keeps_the_weight_scale_advice():
     assert "rescale" in r.problems[0].suggestion
 
 
+@pytest.mark.parametrize("factor", [1e-7, 1e4])
+def test_one_layer_far_off_its_fans_scale_is_named_either_way(factor):
+    """(Outside review) A 20-layer Kaiming ReLU MLP with one Linear scaled
+    by 1e4 was "exploding" with that weight named; scaled by 1e-7 it was
+    "vanishing @ rows 0-19", no parameter named, and the advice told the
+    user to switch to kaiming_normal_ -- which the net already uses (the
+    gradient is flat at ~7e-8 before the layer and drops 1.4e-7x across it).
+    The small one is named now too, with its RMS and the gain it makes."""
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(20):
+        lin = nn.Linear(256, 256)
+        nn.init.kaiming_normal_(lin.weight)
+        nn.init.zeros_(lin.bias)
+        layers += [lin, nn.ReLU()]
+    m = nn.Sequential(*layers)
+    with torch.no_grad():
+        m[20].weight.mul_(factor)
+    r = sp.check(m, torch.randn(128, 256))
+    p = r.problems[0]
+    assert r.verdict == ("vanishing" if factor < 1 else "exploding")
+    assert p.parameters == ("20.weight",) and p.layer == "20" and "Linear #20" in p.message
+    if factor < 1:
+        assert "kaiming_normal_" in p.suggestion and "re-initialise 20.weight" in p.suggestion
+
+
+def test_a_deep_sigmoid_net_keeps_its_depth_advice():
+    """The control: a vanishing gradient made by depth (30 sigmoid layers at
+    torch's default initialisation, ~0.25 per layer) names no single weight."""
+    torch.manual_seed(0)
+    m = nn.Sequential(*[mod for _ in range(30) for mod in (nn.Linear(64, 64), nn.Sigmoid())])
+    r = sp.check(m, torch.randn(64, 64))
+    assert r.verdict == "vanishing" and not r.problems[0].parameters
+
+
 # ---- causes traced to parameters (issue 26): each mechanism in a small model built here ------------------
 
 def _bn_net(gamma_std=None, blocks=12, width=16):

@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from typing import cast
 
 import torch
 from torch import nn
@@ -67,7 +68,9 @@ def explain(problems: Sequence[Problem], layers: Sequence[LayerStats], rows: Seq
     out = _collapsing_norms(out, layers, rows, bounds[0])
     out = _tiny_weights(out, layers, rows)
     out = _zero_parameters_into_a_norm(out, layers, rows, model, bounds[1], grads)
-    out = _one_layer_gain(out, layers, rows, bounds[1], ties, dict(model.named_modules()))
+    named = dict(model.named_modules())
+    out = _one_layer_gain(out, layers, rows, bounds[1], ties, named)
+    out = _one_layer_loss(out, layers, rows, bounds[0], ties, named)
     return out
 
 
@@ -379,6 +382,83 @@ def _one_layer_gain(problems: list[Problem], layers: Sequence[LayerStats], rows:
     merged = _gain_problem(covered, layers, rows, j, gain, ties, modules)
     rest = [p for p in problems if p not in covered]
     return [merged, *rest]
+
+
+def _one_layer_loss(problems: list[Problem], layers: Sequence[LayerStats], rows: Sequence[Row], lo: float,
+                    ties: Mapping[int, list[str]], modules: Mapping[str, nn.Module]) -> list[Problem]:
+    """The mirror of :func:`_one_layer_gain`: a vanishing gradient made by
+    one weight layer far below its fans' scale (a Linear multiplied by
+    1e-7 in a Kaiming net) -- the gradient drops across it by more than
+    sqrt(1 / low), as its weight accounts for (the gain about RMS x
+    sqrt(fan-out), within 10x: a dead activation or a gate after it cuts the
+    gradient without the weight being small), and the vanishing rows lie
+    before it and would be back within the bound without its loss.  They
+    were reported as a depth trend, with generic advice, and the layer was
+    not named."""
+    vanishing = [p for p in problems if p.kind == "vanishing" and p.first >= 0 and not p.parameters]
+    if not vanishing:
+        return problems
+    start = min(p.first for p in vanishing)
+    limit = math.sqrt(lo)
+    best: tuple[float, int, LayerStats] | None = None
+    for j in range(start + 1, len(rows)):
+        m = rows[j].module
+        w = getattr(m, "weight", None) if m is not None else None
+        g_out = layers[j].relative_grad_rms
+        if not isinstance(w, torch.Tensor) or w.dim() < 2 or not g_out or not _as_torch(m):
+            continue
+        prod = _producer(rows, layers, j)
+        if prod is None or prod.relative_grad_rms is None:
+            continue
+        loss = prod.relative_grad_rms / g_out
+        try:
+            fan_out = fans(cast(nn.Module, m))[1]
+        except (TypeError, ValueError):
+            fan_out = tensor_fans(w)[1]
+        expected = _rms(w) * math.sqrt(fan_out)
+        if 0 < loss < limit and expected < limit and loss <= _WEIGHT_GAIN_SLACK * expected \
+                and (best is None or loss < best[0]):
+            best = (loss, j, prod)
+    if best is None:
+        return problems
+    loss, j, prod = best
+    eff, _ = _effective(list(layers))
+
+    def lowest(p: Problem) -> float:
+        return min((v for v in eff[p.first:p.last + 1] if v is not None), default=math.inf)
+
+    covered = [p for p in vanishing if p.last <= prod.index and lo * loss <= lowest(p) < lo]
+    if not covered:
+        return problems
+    merged = _loss_problem(covered, layers, rows, j, loss, ties)
+    return [merged, *[p for p in problems if p not in covered]]
+
+
+def _loss_problem(covered: list[Problem], layers: Sequence[LayerStats], rows: Sequence[Row], j: int, loss: float,
+                  ties: Mapping[int, list[str]]) -> Problem:
+    row, module = layers[j], rows[j].module
+    assert module is not None
+    w = module.weight
+    assert isinstance(w, torch.Tensor)
+    try:
+        fan_in, fan_out = fans(module)
+    except (TypeError, ValueError):
+        fan_in, fan_out = tensor_fans(w)
+    std = _rms(w)
+    names = ties.get(id(w), [f"{row.name}.weight"])
+    own = f"{row.name}.weight"
+    what = f"The gradient vanishes toward the input behind {_label(row)}."
+    why = (f"{_label(row)}'s weight has RMS {std:.3g}: it multiplies the gradient passing back through it by "
+           f"{loss:.3g} (about RMS x sqrt(fan-out) = {std * math.sqrt(fan_out):.3g}), where 1/sqrt(fan-in) = "
+           f"{1 / math.sqrt(fan_in):.3g} would pass it on at its scale; the layers before it are cut off from "
+           "the loss.")
+    fix = (f"re-initialise {names[0]} as the layers around it are (torch.nn.init.kaiming_normal_ before a ReLU, "
+           f"xavier_normal_ before tanh: std about 1/sqrt(fan-in) = {1 / math.sqrt(fan_in):.3g}), or look for "
+           "what scaled it down (a weight multiplied or masked, a faulty checkpoint)")
+    cli = f"re-initialise with --init critical (or --init kaiming_normal), which redraws {names[0]}"
+    first = min(c.first for c in covered)
+    return Problem(own.rpartition(".")[0] or row.name, "vanishing", f"{what} {why}", fix, first, j,
+                   cli_suggestion=cli, parameters=tuple(names))
 
 
 def _gain_problem(covered: list[Problem], layers: Sequence[LayerStats], rows: Sequence[Row], j: int, gain: float,
