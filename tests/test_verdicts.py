@@ -119,6 +119,37 @@ def test_dead_units_are_counted_over_the_batch_s_distinct_examples():
     assert r.verdict == "dead" and r.problems[0].layer == "7"
 
 
+def test_relu6_is_a_rectifier_whose_dead_units_are_named():
+    """(Outside review) ReLU6 (MobileNetV2's) was not a known activation: a
+    layer of it made dead by a bias of -10 was reported "vanishing @ 0-38"
+    with depth advice.  It is a rectifier now (dead from ReLU6 #7), and the
+    theory column covers it, within 5% of the measurement here with its
+    clip at 6 in play (weights 3x Kaiming)."""
+    def net(bias_at=None, scale=1.0):
+        torch.manual_seed(0)
+        layers = []
+        for _ in range(8):
+            lin = nn.Linear(256, 256)
+            nn.init.kaiming_normal_(lin.weight)
+            with torch.no_grad():
+                lin.weight.mul_(scale)
+            layers += [lin, nn.ReLU6()]
+        m = nn.Sequential(*layers)
+        if bias_at is not None:
+            with torch.no_grad():
+                m[bias_at].bias.fill_(-10.0)
+        return m
+
+    x = torch.randn(256, 256, generator=gen(0))
+    r = sp.check(net(bias_at=6), x)
+    assert r.verdict == "dead" and r.problems[0].layer.split(" ")[0] == "7" and "ReLU6 layers (layers 7" in r.problems[0].message
+    r = sp.check(net(scale=3.0), x)
+    assert r.verdict == "healthy" and r.summary.theory
+    for layer in r.layers:
+        assert layer.forward_second_moment == pytest.approx(layer.predicted_second_moment, rel=0.05)
+        assert layer.grad_rms == pytest.approx(layer.predicted_grad_rms, rel=0.05)
+
+
 def test_layer_scale_branches_and_norm_hops_are_not_trends():
     """Residual blocks whose branch is scaled by 1e-6 (ConvNeXt's layer scale):
     branch gradients sit at 1e-6 relative, flat across blocks, behind a healthy

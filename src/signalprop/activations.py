@@ -296,6 +296,11 @@ REGISTRY: dict[str, Activation] = {
         Activation("hardtanh", _hardtanh, _dhardtanh, kinks=(-1.0, 1.0), bounded=True,
                    torch_name="hardtanh", module="Hardtanh", functional=(_F + "hardtanh",),
                    second_moment=_hardtanh_m2, deriv_second_moment=_hardtanh_dm2),
+        # MobileNetV2's: a ReLU clipped at 6 -- a rectifier (units die below 0); its zero derivative above 6 is
+        # not judged as saturation (the band of saturating activations is symmetric, and 0 is the dead side)
+        Activation("relu6", lambda x: np.clip(x, 0.0, 6.0),
+                   lambda x: np.where((x > 0.0) & (x < 6.0), 1.0, 0.0), kinks=(0.0, 6.0), rectifier=True,
+                   torch_name="relu6", module="ReLU6", functional=(_F + "relu6",)),
         Activation("mish", _mish, _dmish, torch_name="mish", module="Mish", functional=(_F + "mish",)),
         Activation("softsign", lambda x: x / (1.0 + np.abs(x)),
                    lambda x: 1.0 / (1.0 + np.abs(x)) ** 2, kinks=(0.0,), bounded=True,
