@@ -5,6 +5,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -123,10 +124,11 @@ def test_relu6_is_a_rectifier_whose_dead_units_are_named():
     """(Outside review) ReLU6 (MobileNetV2's) was not a known activation: a
     layer of it made dead by a bias of -10 was reported "vanishing @ 0-38"
     with depth advice.  It is a rectifier now (dead from ReLU6 #7), and the
-    theory column covers it, within 5% of the measurement here with its
-    clip at 6 in play (weights 3x Kaiming)."""
-    def net(bias_at=None, scale=1.0):
-        torch.manual_seed(0)
+    theory column covers it (the mean over 4 seeds at width 256 within 5%
+    of the measurement, with its clip at 6 in play: weights 3x Kaiming; one
+    seed alone strays up to ~5% by the last layer, a finite width's spread)."""
+    def net(bias_at=None, scale=1.0, seed=0):
+        torch.manual_seed(seed)
         layers = []
         for _ in range(8):
             lin = nn.Linear(256, 256)
@@ -143,11 +145,13 @@ def test_relu6_is_a_rectifier_whose_dead_units_are_named():
     x = torch.randn(256, 256, generator=gen(0))
     r = sp.check(net(bias_at=6), x)
     assert r.verdict == "dead" and r.problems[0].layer.split(" ")[0] == "7" and "ReLU6 layers (layers 7" in r.problems[0].message
-    r = sp.check(net(scale=3.0), x)
-    assert r.verdict == "healthy" and r.summary.theory
-    for layer in r.layers:
-        assert layer.forward_second_moment == pytest.approx(layer.predicted_second_moment, rel=0.05)
-        assert layer.grad_rms == pytest.approx(layer.predicted_grad_rms, rel=0.05)
+    fwd, bwd = [], []
+    for seed in range(4):
+        r = sp.check(net(scale=3.0, seed=seed), x)
+        assert r.verdict == "healthy" and r.summary.theory
+        fwd.append([la.forward_second_moment / la.predicted_second_moment for la in r.layers])
+        bwd.append([la.grad_rms / la.predicted_grad_rms for la in r.layers])
+    assert np.allclose(np.mean(fwd, 0), 1.0, atol=0.05) and np.allclose(np.mean(bwd, 0), 1.0, atol=0.05)
 
 
 def test_layer_scale_branches_and_norm_hops_are_not_trends():
