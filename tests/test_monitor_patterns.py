@@ -643,6 +643,50 @@ def test_arguments_are_checked_at_construction():
         sp.check(m, _data(0)[0])
 
 
+@pytest.mark.slow  # (two compilations: ~15 s)
+def test_a_compiled_wrapper_that_ran_before_the_monitor_is_said_to_be_the_reason():
+    """(Outside stress test) The monitor on ``model`` while the loop calls
+    ``torch.compile(model)``, as monitor(compiled)'s message advises: where
+    the wrapper had run before the monitor was made, its compiled code runs
+    without the monitor's hooks and no step is sampled.  The warning blamed
+    torch.no_grad or an EMA copy; it now says what happened and what to do
+    (gradients reached the parameters, so a forward ran), and a NaN then in
+    the batch is not blamed on the loss function.  Made before the wrapper's
+    first call, the same loop is sampled."""
+    def loop(monitor_at):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
+        cm = torch.compile(m, backend="eager")
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        X, Y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+        mon = None
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            for s in range(8):
+                if s == monitor_at:
+                    mon = sp.monitor(m, every=2)
+                x = X.clone()
+                if s == 6:
+                    x[0, 0] = float("nan")
+                loss = F.cross_entropy(cm(x), Y)
+                opt.zero_grad()
+                loss.backward()
+                if mon is not None:
+                    mon.step(loss)
+                opt.step()
+            mon.close()
+        torch._dynamo.reset()
+        return mon, [str(w.message) for w in seen if "signalprop" in str(w.message)]
+
+    mon, said = loop(2)
+    assert mon.history == [] and any("compiled before this monitor existed" in w for w in said), said
+    assert not any("EMA copy" in w for w in said)
+    nan = [a for a in mon.alerts if a.kind == "non-finite"]
+    assert nan and "output is finite" not in nan[0].message
+    mon, _ = loop(0)
+    assert [h.step for h in mon.history] == [0, 2, 4, 6] and mon.alerts[0].layer == "input"
+
+
 def test_max_history_keeps_the_baseline_and_the_latest():
     torch.manual_seed(0)
     m = EncHead()

@@ -1010,10 +1010,20 @@ class Monitor:
                        f"transforms (vmap, grad: {rec.transformed} calls), whose per-sample views no statistic reads: "
                        "no layer is measured, only the loss and gradient norms", kind="forward inside torch.func")
         elif self.regular and not sampled and rec is not None and self._closed_steps:
-            self._warn(f"step {k} was due for a sample, but no forward of {self._model_name} with gradients enabled "
-                       "ran in it (called under torch.no_grad() or inference_mode -- an EMA copy evaluated that way "
-                       "-- or not called): no layer is measured until one does, only the loss and gradient norms",
-                       kind="no forward to sample")
+            if any(p.grad is not None and p.grad.grad_fn is None for p in self._param_names) and \
+                    not torch.is_inference_mode_enabled():
+                # gradients reached the parameters, so a forward ran: through code that skips module hooks
+                self._warn(f"step {k} was due for a sample, but none of {self._model_name}'s module hooks ran in "
+                           "it although its parameters have gradients: its forward ran through code that skips "
+                           "them -- a torch.compile wrapper whose code was compiled before this monitor existed "
+                           "(create the monitor before the wrapper's first call) -- or was not called this step: no "
+                           "layer is measured, only the loss and gradient norms",
+                           kind="no forward to sample")
+            else:
+                self._warn(f"step {k} was due for a sample, but no forward of {self._model_name} with gradients "
+                           "enabled ran in it (called under torch.no_grad() or inference_mode -- an EMA copy "
+                           "evaluated that way -- or not called): no layer is measured until one does, only the "
+                           "loss and gradient norms", kind="no forward to sample")
         # (also where a sample's update is taken this step: the relative update reads its parameters as they are)
         if sampled or self._snapshot_due is not None or \
                 (self.optimizer is not None and self._optimizer_params() != self._opt_params):
@@ -1509,8 +1519,9 @@ class Monitor:
             # no forward of the root was seen (its submodules called directly) and none was replayed: whether the
             # output was finite is not known
             return Alert(k, "non-finite", "(loss)", f"step {k}: the loss is {loss}; where the first NaN/Inf "
-                         "appeared is not known: the model's own forward did not run this step (its submodules "
-                         "were called directly), so neither its output nor its layers could be replayed",
+                         "appeared is not known: the model's own forward was not seen this step (its submodules "
+                         "called directly, or compiled code that skips module hooks), so neither its output nor its "
+                         "layers could be replayed",
                          f"check the batch (torch.isfinite(x).all()) and the loss's argument; {fix}", "")
         if loss is not None and not math.isfinite(loss) and (out_v is None or math.isfinite(out_v)):
             # the replayed pass's last row is the model's output: finite, but its square past float32's range

@@ -46,7 +46,8 @@ def check_model(model: Any, fn: str) -> None:
         raise ValueError(f"{fn}() needs the Python module: torch.compile's wrapper runs compiled code without "
                          f"module hooks; pass model._orig_mod (the {type(model._orig_mod).__name__} it wraps) -- "
                          "calls through the wrapper then trace its hooks, with graph breaks and recompilations "
-                         "on measured steps; to keep the compiled speed, compile the blocks instead "
+                         "on measured steps, when the wrapper is first called after this (code it compiled before "
+                         "runs without them); to keep the compiled speed, compile the blocks instead "
                          "(model.blocks[i] = torch.compile(model.blocks[i])): each compiled block is measured as "
                          "one layer")
     if getattr(model, "_compiled_call_impl", None) is not None:
