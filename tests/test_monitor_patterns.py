@@ -272,6 +272,25 @@ def test_an_empty_batch_on_a_sampled_step_is_an_incomplete_sample(reduction):
         assert nonfinite and all("empty batch" in a.message for a in nonfinite)
 
 
+def test_a_backward_restricted_by_inputs_is_named_as_a_reason_for_rows_without_gradient():
+    """(Outside stress test) ``loss.backward(inputs=head params)``: the rows
+    before the head got no gradient, and the note gave only "the loss does
+    not depend on their outputs" -- it does; the backward was restricted."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+    with sp.monitor(m, every=2) as mon:
+        for _ in range(3):
+            loss = F.cross_entropy(m(x), y)
+            opt.zero_grad()
+            loss.backward(inputs=list(m[2].parameters()))
+            mon.step(loss)
+            opt.step()
+    notes = [n for h in mon.history for n in h.notes if "got no gradient (0, 1)" in n]
+    assert len(notes) == 2 and all("backward(inputs=...)" in n for n in notes)
+
+
 def test_a_bare_module_is_its_own_row():
     """``sp.monitor(nn.Linear(8, 3))``: the root is the only row.  Its output
     is measured before the monitor's own post-hook detaches the recorder (the

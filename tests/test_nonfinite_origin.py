@@ -191,3 +191,28 @@ def test_hf_wav2vec2_in_train_mode():
     m = transformers.Wav2Vec2Model(cfg).train()
     r = sp.check(m, torch.randn(2, 4000))
     assert r.layers and r.verdict in ("healthy", "vanishing", "exploding", "saturated", "dead")
+
+
+@pytest.mark.parametrize("micro", [4, 1])
+def test_with_gradient_accumulation_the_micro_batch_that_holds_the_bad_value_is_replayed(micro):
+    """(Outside stress test) An inf in micro-batch 3 of 4, squashed by a tanh
+    in the forward: every output and its gradient are finite, the parameter
+    gradients not.  The replay took the step's first call, whose batch is
+    clean, and blamed Linear #0's backward; the call whose inputs hold the
+    inf is replayed now and the input is named, as with one batch."""
+    torch.manual_seed(0)
+    X, Y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+    X[40, 0] = float("inf")
+    m = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    with sp.monitor(m, every=10, skip=opt) as mon:
+        opt.zero_grad()
+        n = 64 // micro
+        for i in range(micro):
+            loss = nn.functional.cross_entropy(m(X[i * n:(i + 1) * n]), Y[i * n:(i + 1) * n]) / micro
+            loss.backward()
+        mon.step(loss)
+        opt.step()
+    a = mon.alerts[0]
+    assert a.kind == "non-finite" and a.layer == "input" and a.phase == "forward", a
+    assert mon.skipped == [0]

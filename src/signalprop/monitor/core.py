@@ -63,7 +63,7 @@ from ..probe.attention import logits_of, output_logit_sums
 from ..probe.diagnose import diagnose
 from ..probe.distributed import GRAD_NORM, MEAN, NORM, SUM, Reduction, local, norm_kind, resolve_group, unwrap
 from ..probe.gather import finalise, gather
-from ..probe.inputs import CallArgs, ModelError, in_own_pass
+from ..probe.inputs import CallArgs, ModelError, in_own_pass, tensors_of
 from ..probe.norms import ParamNorms, norms
 from ..probe.pipeline import (
     check_limits,
@@ -1557,11 +1557,22 @@ class Monitor:
 
     def _culprit(self) -> _Call | None:
         """The one forward call of the step to replay: the first whose output's
-        gradient is non-finite, else the first (the replay runs the user's
-        forward once, whatever the number of micro-batches)."""
+        gradient is non-finite, else the first whose output or floating
+        inputs hold a NaN/Inf (a micro-batch with an inf that a tanh squashed
+        shows only in the parameter gradients: the first call was replayed,
+        and its clean batch blamed on a layer's backward), else the first
+        (the replay runs the user's forward once, whatever the number of
+        micro-batches)."""
         for c in self._calls:
             if c.out_norm is not None and not bool(torch.isfinite(c.out_norm)):
                 return c
+        if len(self._calls) > 1:
+            for c in self._calls:
+                if c.out_absmax is not None and not bool(torch.isfinite(c.out_absmax)):
+                    return c
+                ts = [t for t in tensors_of(c.args) if t.is_floating_point() or t.is_complex()]
+                if any(not bool(torch.isfinite(t).all()) for t in ts):
+                    return c
         return self._calls[0] if self._calls else None
 
     def _replay(self, call: _Call) -> Any:

@@ -411,13 +411,14 @@ def _one_layer_loss(problems: list[Problem], layers: Sequence[LayerStats], rows:
         if prod is None or prod.relative_grad_rms is None:
             continue
         loss = prod.relative_grad_rms / g_out
+        if not 0 < loss < limit or (best is not None and loss >= best[0]):
+            continue
         try:
             fan_out = fans(cast(nn.Module, m))[1]
         except (TypeError, ValueError):
             fan_out = tensor_fans(w)[1]
-        expected = _rms(w) * math.sqrt(fan_out)
-        if 0 < loss < limit and expected < limit and loss <= _WEIGHT_GAIN_SLACK * expected \
-                and (best is None or loss < best[0]):
+        expected = _rms(w) * math.sqrt(fan_out)  # (read only for a layer with that loss: a weight's read a few ops)
+        if expected < limit and loss <= _WEIGHT_GAIN_SLACK * expected:
             best = (loss, j, prod)
     if best is None:
         return problems

@@ -360,7 +360,8 @@ def unreached_note(rows: list[Row], start: str) -> str:
         out.append(f"{count(len(unreached), 'row')} got no gradient ({', '.join(unreached[:3])}"
                    f"{', ...' if len(unreached) > 3 else ''}): {start} does not depend on "
                    f"{'its output' if one else 'their outputs'} (another head -- one another loss or backward "
-                   "trains --, an unused branch), so "
+                   "trains --, an unused branch), or the backward was restricted to other tensors "
+                   "(backward(inputs=...)), so "
                    f"{'its gradient is' if one else 'their gradients are'} not judged")
     if views:
         one = len(views) == 1
