@@ -119,6 +119,12 @@ def test_llama_eager_and_sdpa_agree_and_saturated_attention_is_named(scale, verd
             assert p.layer == "model.layers.0.self_attn" and "attention" in p.message and "QK-layernorm" in p.suggestion
 
 
+def _batch(data, g):
+    """16 windows of 32 tokens of ``data`` and their next tokens, drawn from ``g``."""
+    i = torch.randint(0, 4096 - 33, (16,), generator=g)
+    return torch.stack([data[j:j + 32] for j in i]), torch.stack([data[j + 1:j + 33] for j in i])
+
+
 def _train(lr, qk_norm, steps, every=5, prepare=None):
     """AdamW on the LM (``prepare``: called on it first, to change its initialisation)."""
     g = torch.Generator().manual_seed(0)
@@ -130,9 +136,7 @@ def _train(lr, qk_norm, steps, every=5, prepare=None):
     data = (torch.arange(4096) * 7 + torch.arange(4096) // 13) % 64  # a learnable sequence
     with sp.monitor(m, every=every) as mon:
         for _ in range(steps):
-            i = torch.randint(0, 4096 - 33, (16,), generator=g)
-            x = torch.stack([data[j:j + 32] for j in i])
-            y = torch.stack([data[j + 1:j + 33] for j in i])
+            x, y = _batch(data, g)
             loss = F.cross_entropy(m(x).reshape(-1, 64), y.reshape(-1))
             opt.zero_grad()
             loss.backward()
@@ -269,9 +273,7 @@ def _grown_late(stop=None, state=None):
             if step >= 40:
                 with torch.no_grad():
                     m.blocks[1].qkv.weight[:128] *= 1.15
-            i = torch.randint(0, 4096 - 33, (16,), generator=g)
-            x = torch.stack([data[j:j + 32] for j in i])
-            y = torch.stack([data[j + 1:j + 33] for j in i])
+            x, y = _batch(data, g)
             loss = F.cross_entropy(m(x).reshape(-1, 64), y.reshape(-1))
             opt.zero_grad()
             loss.backward()

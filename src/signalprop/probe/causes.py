@@ -435,8 +435,11 @@ def _one_layer_loss(problems: list[Problem], layers: Sequence[LayerStats], rows:
     return [merged, *[p for p in problems if p not in covered]]
 
 
-def _loss_problem(covered: list[Problem], layers: Sequence[LayerStats], rows: Sequence[Row], j: int, loss: float,
-                  ties: Mapping[int, list[str]]) -> Problem:
+def _weight_facts(layers: Sequence[LayerStats], rows: Sequence[Row], j: int, ties: Mapping[int, list[str]]
+                  ) -> tuple[LayerStats, torch.Tensor, int, int, float, list[str], str]:
+    """Row ``j``'s record, its module's weight, fans, RMS, the names the
+    weight goes by (tied ones too) and its own name: what a problem naming
+    one weight says."""
     row, module = layers[j], rows[j].module
     assert module is not None
     w = module.weight
@@ -445,9 +448,12 @@ def _loss_problem(covered: list[Problem], layers: Sequence[LayerStats], rows: Se
         fan_in, fan_out = fans(module)
     except (TypeError, ValueError):
         fan_in, fan_out = tensor_fans(w)
-    std = _rms(w)
-    names = ties.get(id(w), [f"{row.name}.weight"])
-    own = f"{row.name}.weight"
+    return row, w, fan_in, fan_out, _rms(w), ties.get(id(w), [f"{row.name}.weight"]), f"{row.name}.weight"
+
+
+def _loss_problem(covered: list[Problem], layers: Sequence[LayerStats], rows: Sequence[Row], j: int, loss: float,
+                  ties: Mapping[int, list[str]]) -> Problem:
+    row, _, fan_in, fan_out, std, names, own = _weight_facts(layers, rows, j, ties)
     what = f"The gradient vanishes toward the input behind {_label(row)}."
     why = (f"{_label(row)}'s weight has RMS {std:.3g}: it multiplies the gradient passing back through it by "
            f"{loss:.3g} (about RMS x sqrt(fan-out) = {std * math.sqrt(fan_out):.3g}), where 1/sqrt(fan-in) = "
@@ -464,17 +470,7 @@ def _loss_problem(covered: list[Problem], layers: Sequence[LayerStats], rows: Se
 
 def _gain_problem(covered: list[Problem], layers: Sequence[LayerStats], rows: Sequence[Row], j: int, gain: float,
                   ties: Mapping[int, list[str]], modules: Mapping[str, nn.Module]) -> Problem:
-    row, module = layers[j], rows[j].module
-    assert module is not None
-    w = module.weight
-    assert isinstance(w, torch.Tensor)
-    try:
-        fan_in, fan_out = fans(module)
-    except (TypeError, ValueError):
-        fan_in, fan_out = tensor_fans(w)
-    std = _rms(w)
-    names = ties.get(id(w), [f"{row.name}.weight"])
-    own = f"{row.name}.weight"
+    row, _, fan_in, fan_out, std, names, own = _weight_facts(layers, rows, j, ties)
     others = [n for n in names if n != own]
     embedding = any(isinstance(modules.get(n.rpartition(".")[0]), nn.Embedding) for n in others)
     tied = (f" -- the same tensor as {', '.join(others)} (tied), whose scale was set for "
