@@ -382,6 +382,34 @@ def test_a_torch_layer_s_tensors_reassigned_by_its_parent_come_back_or_are_said(
         assert torch.equal(m.out.weight, w) and not said
 
 
+def test_an_rnn_s_weight_reassigned_by_its_parent_comes_back_where_the_rnn_computes_with_it():
+    """(Outside review of the fix above) A parent re-registering its LSTM's
+    recurrent weight (a DropConnect mask): the mapping was put back by
+    writing ``_parameters`` directly, and the LSTM -- which keeps its own
+    list of weights, updated by its ``__setattr__`` -- went on computing with
+    the tensor the forward had set, while its state_dict and the optimizer
+    held the original.  Put back through ``__setattr__`` now: both agree."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = nn.LSTM(8, 16, batch_first=True), nn.Linear(16, 2)
+
+        def forward(self, x):
+            self.rnn.weight_hh_l0 = nn.Parameter(self.rnn.weight_hh_l0.detach() * 0.0)
+            return self.head(self.rnn(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    m = M()
+    x = torch.randn(4, 5, 8)
+    orig = m.rnn.weight_hh_l0
+    with torch.no_grad():
+        before = m.rnn(x)[0]
+    sp.check(m, x)
+    assert m.rnn.weight_hh_l0 is orig and any(w is orig for w in m.rnn._flat_weights)
+    with torch.no_grad():
+        assert torch.equal(m.rnn(x)[0], before)
+
+
 def test_a_lazy_module_not_yet_initialised_is_named():
     m = nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.LazyLinear(4)))
     with pytest.raises(ValueError, match=r"1\.0 \(LazyLinear\) is lazy and not initialised yet: run one forward"):

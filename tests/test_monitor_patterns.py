@@ -291,6 +291,77 @@ def test_a_backward_restricted_by_inputs_is_named_as_a_reason_for_rows_without_g
     assert len(notes) == 2 and all("backward(inputs=...)" in n for n in notes)
 
 
+def test_the_monitor_keeps_no_output_alive_into_the_backward():
+    """(Outside review) The recorder held the last row's output until the
+    next row or its detach (so that a freed address is not taken for the
+    next row's input, for check's theory column); with the root's forward
+    not called (``m.head(m.body(x))``) the monitor detaches only at
+    mon.step, and the logits -- the step's largest tensor -- stayed alive
+    through the backward of every sampled step.  A monitor's recorder holds
+    nothing now (its samples have no theory column)."""
+    import gc
+    import weakref
+
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Embedding(100, 16), nn.Linear(16, 16), nn.GELU())
+            self.head = nn.Linear(16, 100)
+
+    torch.manual_seed(0)
+    m = LM()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    x, y = torch.randint(0, 100, (4, 16)), torch.randint(0, 100, (4, 16))
+    alive = []
+    with sp.monitor(m, every=1) as mon:
+        for _ in range(3):
+            logits = m.head(m.body(x))
+            ref = weakref.ref(logits)
+            loss = F.cross_entropy(logits.reshape(-1, 100), y.reshape(-1))
+            del logits
+            gc.collect()
+            alive.append(ref() is not None)
+            opt.zero_grad()
+            loss.backward()
+            mon.step(loss)
+            opt.step()
+    assert alive == [False, False, False] and len(mon.history) == 3
+
+
+def test_an_empty_batch_through_multihead_attention_and_a_position_table_is_an_incomplete_sample():
+    """(Outside review of the fix above) nn.MultiheadAttention's logits
+    were still formed on an empty batch (a reshape of 0 entries failed: a
+    warning, and the empty samples vanished); with a learned position table,
+    whose row is not empty, the sample's reason read "every gradient is
+    exactly 0".  Both say the batch is empty now."""
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.pos = nn.Embedding(50, 32), nn.Embedding(8, 32)
+            self.mha, self.fc = nn.MultiheadAttention(32, 4, batch_first=True), nn.Linear(32, 50)
+
+        def forward(self, ids):
+            h = self.emb(ids) + self.pos(torch.arange(ids.shape[1]))
+            return self.fc(h + self.mha(h, h, h, need_weights=False)[0])
+
+    torch.manual_seed(0)
+    m = Attn()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with sp.monitor(m, every=2) as mon:
+            for s in range(6):
+                n = 0 if s in (2, 4) else 8
+                x, y = torch.randint(0, 50, (n, 8)), torch.randint(0, 50, (n, 8))
+                loss = F.cross_entropy(m(x).reshape(-1, 50), y.reshape(-1), reduction="sum")
+                opt.zero_grad()
+                loss.backward()
+                mon.step(loss)
+                opt.step()
+    assert [h.step for h in mon.history] == [0, 2, 4]
+    assert all("batch is empty" in h.incomplete for h in mon.history[1:])
+
+
 def test_a_bare_module_is_its_own_row():
     """``sp.monitor(nn.Linear(8, 3))``: the root is the only row.  Its output
     is measured before the monitor's own post-hook detaches the recorder (the

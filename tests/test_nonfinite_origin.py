@@ -216,3 +216,34 @@ def test_with_gradient_accumulation_the_micro_batch_that_holds_the_bad_value_is_
     a = mon.alerts[0]
     assert a.kind == "non-finite" and a.layer == "input" and a.phase == "forward", a
     assert mon.skipped == [0]
+
+
+def test_an_additive_mask_passed_with_every_micro_batch_does_not_hide_the_bad_one():
+    """(Outside review of the fix above) An additive -inf mask passed with
+    every call made each call's inputs "non-finite", so the first, clean
+    micro-batch was replayed and fc1's gradients blamed; -inf alone is a
+    mask: the micro-batch with the +inf is replayed and the input named."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 6)
+
+        def forward(self, x, mask):
+            return self.fc2(torch.tanh(self.fc1(x))) + mask
+
+    torch.manual_seed(0)
+    m = M()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    mask = torch.zeros(16, 6)
+    mask[:, 4:] = float("-inf")
+    with sp.monitor(m, every=10, grad_every=1) as mon:
+        for s in range(3):
+            opt.zero_grad()
+            for micro in range(3):
+                x, y = torch.randn(16, 16), torch.randint(0, 4, (16,))
+                if s == 2 and micro == 2:
+                    x[0, 0] = float("inf")
+                nn.functional.cross_entropy(m(x, mask), y).backward()
+            mon.step()
+            opt.step()
+    assert [(a.step, a.layer) for a in mon.alerts] == [(2, "input")]

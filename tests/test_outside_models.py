@@ -416,6 +416,30 @@ def test_an_optimizer_step_with_nothing_to_do_is_not_too_small(case):
     assert small == ([1] if case == "control" else []), small  # (said once: at the first sample's update)
 
 
+@pytest.mark.parametrize("case", ["adam too large", "momentum too small"])
+def test_a_step_without_gradient_still_judges_the_update_it_made(case):
+    """(Outside review of the fix above) The exemption for a step with a
+    loss of exactly 0 hid every update alert on it, while Adam's first
+    moment and SGD's momentum still move the weights: every other batch
+    masked out, Adam at 0.05 (update/weight 0.15-0.22) lost its
+    update-too-large, SGD at 1e-7 with momentum its update-too-small.  Only
+    weights that did not move at all are excused now."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 4))
+    opt = torch.optim.Adam(m.parameters(), lr=0.05) if case == "adam too large" else \
+        torch.optim.SGD(m.parameters(), lr=1e-7, momentum=0.9)
+    x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+    with sp.monitor(m, every=2) as mon:
+        for s in range(12):
+            loss = F.cross_entropy(m(x), y) * (0.0 if s % 2 else 1.0)
+            opt.zero_grad()
+            loss.backward()
+            mon.step(loss)
+            opt.step()
+    kinds = {a.kind for a in mon.alerts}
+    assert ("update-too-large" if case == "adam too large" else "update-too-small") in kinds, kinds
+
+
 class _OneExpertMoE(nn.Module):
     """Top-1 routing that sends every example to expert 0 (a collapsed
     router): experts 1-4 get no gradient and do not move."""

@@ -97,27 +97,66 @@ def test_dead_needs_enough_samples_per_unit_and_counts_every_position():
     assert r.verdict == "dead" and r.problems[0].layer == "3"
 
 
-def test_dead_units_are_counted_over_the_batch_s_distinct_examples():
+def test_a_batch_of_one_example_repeated_is_one_example_for_dead_units():
     """(Outside review) A batch of one example repeated -- ``torch.ones``, a
     smoke test's input; ``x[:1].expand(128, d)`` -- puts each unit on one
     side of 0 for all 128 copies: about half the ReLU units of a healthy net
     read dead, and 128 "samples" per unit passed the 32 the verdict needs
-    ("dead", 53%).  They are one example, and the verdict now counts
-    distinct examples (a note says how many); a layer dead whatever the
-    batch (its pre-activation entirely below 0) is still called dead, and
-    the same net on 128 distinct examples is judged as before."""
+    ("dead", 53%).  They are one example: a note says so and the dead share
+    is not judged on it; a layer dead whatever the batch (its
+    pre-activation entirely below 0) is still called dead, and the same net
+    on 128 distinct examples is judged as before.  Not applied where the
+    rows of a repeated tensor need not be examples (a second review): a
+    featureless graph's node features (``torch.ones(N, 1)`` beside its
+    adjacency) and a sequence-first batch whose padded steps repeat, where
+    a dead layer stays "dead"."""
     torch.manual_seed(0)
     m = nn.Sequential(*[mod for _ in range(6) for mod in (nn.Linear(256, 256), nn.ReLU())])
     x = torch.randn(128, 256, generator=gen(0))
     assert sp.check(m, x).verdict == "healthy"
-    for batch in (torch.ones(128, 256), x[:1].expand(128, 256), x[:4].repeat(32, 1)):
+    for batch in (torch.ones(128, 256), x[:1].expand(128, 256)):
         r = sp.check(m, batch)
         assert r.verdict == "healthy", r.problems[0].message
-        assert any("distinct example(s) among its 128" in n for n in r.summary.notes)
+        assert any("one example repeated 128 times" in n for n in r.summary.notes)
     with torch.no_grad():
         m[6].bias.fill_(-1e3)
     r = sp.check(m, torch.ones(128, 256))
     assert r.verdict == "dead" and r.problems[0].layer == "7"
+
+    class GNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2, self.l3 = nn.Linear(1, 64), nn.Linear(64, 64), nn.Linear(64, 4)
+            self.r1, self.r2 = nn.ReLU(), nn.ReLU()
+
+        def forward(self, h, adj):
+            h = self.r1(self.l1(adj @ h / 10))
+            return self.l3(self.r2(self.l2(adj @ h / 10)))
+
+    torch.manual_seed(0)
+    adj = (torch.rand(256, 256, generator=gen(1)) < 0.05).float()
+    adj = ((adj + adj.T) > 0).float()
+    g = GNN()
+    with torch.no_grad():
+        g.l2.bias[:48] -= 50.0
+    r = sp.check(g, (torch.ones(256, 1), adj))
+    assert r.verdict == "dead" and "r2" in r.problems[0].layer
+
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gru, self.fc, self.act, self.out = nn.GRU(16, 64), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5)
+
+        def forward(self, s):
+            return self.out(self.act(self.fc(self.gru(s)[0])))
+
+    torch.manual_seed(0)
+    t = Tagger()
+    with torch.no_grad():
+        t.fc.bias[:48] -= 30.0
+    seq = torch.randn(48, 2, 16, generator=gen(2))
+    seq[8:] = 0.0
+    assert sp.check(t, seq).verdict == "dead"
 
 
 def test_relu6_is_a_rectifier_whose_dead_units_are_named():

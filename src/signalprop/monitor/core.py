@@ -46,6 +46,7 @@ import math
 import numbers
 import os
 import re
+import statistics
 import sys
 import types
 import warnings
@@ -114,6 +115,17 @@ def grad_interval(every: int) -> int:
     every 5th step, one read between samples rather than two; 11 ms of a
     10-step window of ~1.95 s on a 100 x 512 MLP), else :data:`GRAD_EVERY_CPU`."""
     return next((d for d in range(GRAD_EVERY_CPU, 7) if every % d == 0), GRAD_EVERY_CPU)
+
+
+def _bad_values(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds a NaN or +inf (a complex one: any non-finite
+    part); -inf alone is the usual additive mask (read with a host sync:
+    only while locating a NaN/Inf)."""
+    if t.is_complex():
+        return not bool(torch.isfinite(t).all())
+    if not t.is_floating_point():
+        return False
+    return bool((torch.isnan(t) | (t == math.inf)).any())
 
 
 class _Call:
@@ -1359,8 +1371,11 @@ class Monitor:
         layers = layer_stats(rows, vals, pgrads, out_rms or 1.0)
         # (the modules as _refresh_params read them at this sampled step)
         why = why or missing_gradients(rows, self._modules) or repeated_backwards(rows)
-        if not why and rows and all(0 in r.shape for r in rows):
-            why = ("the sampled step's batch is empty: every layer put out 0 entries, so there is nothing to "
+        # (every row empty; or the last one, with no gradient anywhere -- a learned position table's row is not
+        # empty on an empty batch)
+        if not why and rows and (all(0 in r.shape for r in rows) or
+                                 (0 in rows[-1].shape and not any(layer.grad_rms for layer in layers))):
+            why = ("the sampled step's batch is empty: the model put out 0 entries, so there is nothing to "
                    "measure (an empty shard of a filtered or bucketed loader)")
         if not why and not any(layer.grad_rms for layer in layers) \
                 and any(layer.grad_rms is not None for layer in layers):
@@ -1452,13 +1467,17 @@ class Monitor:
         # the run's first optimizer step is not judged too large: Adam's first step moves every entry by the
         # learning rate whatever the gradient (bias correction), SGD's follows the largest gradients of the run
         # (the loss at its highest); the next sample judges the rate the run keeps
-        # no optimizer step to judge: skip= skipped it, the loop did not call the guarded optimizer's step (a
-        # step it skips itself), or the step had no gradient (a loss of exactly 0): weights that did not move
-        # are no rate too small
-        idle = u.k in self.skipped[-8:] or (self._skip_guard is not None and self._opt_steps == self._snapshot_at[0]) \
-            or self._snapshot_at[1]
+        # no optimizer step to judge: skip= skipped it, or the loop did not call the guarded optimizer's step (a
+        # step it skips itself)
+        idle = u.k in self.skipped[-8:] or (self._skip_guard is not None and self._opt_steps == self._snapshot_at[0])
         out = [] if idle else A.update_alerts(u.k, u.ratios, u.weight_layers, set() if u.sample == 0 else u.judged,
                                               kinds, A.converged(self.losses, D.start_level(self.losses)))
+        if self._snapshot_at[1]:
+            # a step without gradient (a loss of exactly 0): weights that did not move at all are no rate too
+            # small -- momentum or Adam's first moment still moves them, and that update is judged as any other
+            moved = [r for n, r in u.ratios if n in u.weight_layers and math.isfinite(r)]
+            if moved and statistics.median(moved) == 0:
+                out = [a for a in out if a.kind != "update-too-small"]
         for j in range(len(self.history) - 1, -1, -1):
             if self.history[j].step == u.sample:
                 h = self.history[j]
@@ -1557,8 +1576,8 @@ class Monitor:
 
     def _culprit(self) -> _Call | None:
         """The one forward call of the step to replay: the first whose output's
-        gradient is non-finite, else the first whose output or floating
-        inputs hold a NaN/Inf (a micro-batch with an inf that a tanh squashed
+        gradient is non-finite, else the first whose floating inputs hold a
+        NaN or +inf, or whose output a NaN/Inf (a micro-batch with an inf that a tanh squashed
         shows only in the parameter gradients: the first call was replayed,
         and its clean batch blamed on a layer's backward), else the first
         (the replay runs the user's forward once, whatever the number of
@@ -1567,11 +1586,11 @@ class Monitor:
             if c.out_norm is not None and not bool(torch.isfinite(c.out_norm)):
                 return c
         if len(self._calls) > 1:
+            for c in self._calls:  # (NaN or +inf: an additive -inf mask passed with every call is no fault)
+                if any(_bad_values(t) for t in tensors_of(c.args)):
+                    return c
             for c in self._calls:
                 if c.out_absmax is not None and not bool(torch.isfinite(c.out_absmax)):
-                    return c
-                ts = [t for t in tensors_of(c.args) if t.is_floating_point() or t.is_complex()]
-                if any(not bool(torch.isfinite(t).all()) for t in ts):
                     return c
         return self._calls[0] if self._calls else None
 

@@ -240,7 +240,8 @@ def from_mha(m: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
     ``add_zero_attn``) at ``query_rows`` evenly spaced query positions, with
     its masks: what its softmax sees, whether or not it returns the weights."""
     query, key = _arg(args, kwargs, 0, "query", None), _arg(args, kwargs, 1, "key", None)
-    if not (isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor)) or query.dim() not in (2, 3):
+    if not (isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor)) or query.dim() not in (2, 3) \
+            or query.numel() == 0 or key.numel() == 0:  # (an empty batch: no logit to read)
         return None
     if query.dim() == 2:  # unbatched (L, E)
         query, key = query.unsqueeze(1), key.unsqueeze(1)

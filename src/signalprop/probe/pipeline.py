@@ -154,6 +154,7 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
         # where the first row reads it: the copy the model was fed (see prepare_inputs)
         read_ptr = fed[0].data_ptr() if fed else read[0].data_ptr() if read else 0
         out = _forward(caller if caller is not None else model, x, inputs, rec)
+        rec.forward_done()
         y = model_output(out)  # the logits, not the loss a model called with labels= returns first
         if y is None:
             raise ValueError(f"{type(model).__name__} returned {type(out).__name__} with no floating-point "
@@ -286,7 +287,7 @@ def run_pass(model: nn.Module, inputs: Any, loss_fn: Any, targets: Any, bounds: 
         culprit, origin = _after_the_rows(rec, type(model).__name__), None
     merges = _unrecorded_merges(rec.rows, read_ptr)
     stale = _stale_batchnorm(rec.rows)
-    layers, repeated = _per_distinct_example(layers, inputs)
+    layers, repeated = _per_distinct_example(layers, inputs, rec.rows, read_ptr)
     verdict, problems, layers, judged = diagnose(layers, inp, bounds, trend, backward_origin=origin, culprit=culprit,
                                                  residual=merges, zero_gated=zero_gates(model, rec.rows, layers),
                                                  dead_unjudged_from=stale[0].index if stale else None,
@@ -404,39 +405,31 @@ def _masked_rows(rows: list[Row], layers: list[LayerStats], ex: list[float], inp
     return {layer.index for layer in bad}
 
 
-# inputs up to this many entries are searched for repeated examples (torch.unique over rows); larger ones only
-# for a batch of one example repeated (a comparison with the first)
-_DISTINCT_MAX = 1 << 22
-
-
-def _per_distinct_example(layers: list[LayerStats], inputs: Any) -> tuple[list[LayerStats], str]:
-    """Each rectifier row's samples per unit counted over the batch's
-    distinct examples (see :func:`~.diagnose._judge_dead`), and a note, when
-    the first input tensor repeats examples: a batch of one example repeated
-    (``torch.ones(128, d)``, a smoke test's input) puts every unit on one
-    side of 0 for all of them -- about half look dead although the batch
-    says nothing about the other examples a unit sees.  Looked for only where
-    some row has dead units."""
-    if not any(layer.dead_fraction for layer in layers):
+def _per_distinct_example(layers: list[LayerStats], inputs: Any, rows: list[Row], read_ptr: int
+                          ) -> tuple[list[LayerStats], str]:
+    """Each rectifier row's samples per unit counted as one example's
+    positions, and a note, where the batch is one example repeated: a lone
+    input tensor whose every row along dim 0 is the same (``torch.ones(128,
+    d)``, a smoke test's input; ``x[:1].expand(128, d)``), read by the first
+    row as it is -- every copy puts each unit on the same side of 0, so
+    about half of a healthy layer's units look dead on it.  Not where the
+    model takes other tensors beside it (a graph's adjacency, a mask, a
+    context: its rows need not be examples) nor where the rows merely repeat
+    some examples (a sequence-first batch's padded steps are not copies of
+    an example).  Looked for only where some row has dead units."""
+    if not any(layer.dead_fraction for layer in layers) or not rows or not read_ptr or rows[0].src != read_ptr:
         return layers, ""
-    x = next((t for t in tensors_of(inputs) if t.dim() > 1 and t.shape[0] > 1), None)
-    if x is None or x.is_complex() or x.is_sparse:
+    ts = tensors_of(inputs)
+    if len(ts) != 1 or ts[0].dim() < 2 or ts[0].shape[0] < 2 or ts[0].is_sparse:
         return layers, ""
-    b = x.shape[0]
+    x = ts[0].detach()
     with torch.no_grad():
-        flat = x.detach().reshape(b, -1)
-        if bool((flat == flat[:1]).all()):
-            distinct = 1
-        elif flat.numel() <= _DISTINCT_MAX:
-            distinct = int(torch.unique(flat, dim=0).shape[0])
-        else:
-            distinct = b
-    if distinct == b:
-        return layers, ""
-    out = [evolve(layer, dead_samples=layer.dead_samples * distinct // b) if layer.dead_samples else layer
-           for layer in layers]
-    return out, (f"the batch holds {distinct} distinct example(s) among its {b}: dead units are judged on "
-                 "those (every copy of an example puts a unit on the same side of 0)")
+        if not torch.equal(x, x[:1].expand_as(x)):
+            return layers, ""
+    b = x.shape[0]
+    out = [evolve(layer, dead_samples=layer.dead_samples // b) if layer.dead_samples else layer for layer in layers]
+    return out, (f"the batch is one example repeated {b} times: dead units are judged on that one example (every "
+                 "copy puts a unit on the same side of 0)")
 
 
 def initialisable(model: nn.Module) -> bool:

@@ -991,7 +991,8 @@ class Recorder:
         # to a tensor the model's own code makes in between (h = fc(x); h = h - 0.5; h = h * 4: the product took
         # the freed output's address), and the next row looked like it read the previous one's output directly
         # -- the theory column then predicted through two operations it never saw (3.6x off).  One output at a
-        # time: the memory of one more activation at most
+        # time, let go when the forward returns (see forward_done).  Not in a monitor's recorder (safe): its
+        # samples have no theory column, and the loop's backward, which it does not bracket, would keep it
         self._held: torch.Tensor | None = None
         # whether the forward being recorded is still running (the monitor's, which a KeyboardInterrupt can leave
         # without a hook); None: always (check runs the forward itself)
@@ -1128,7 +1129,8 @@ class Recorder:
             row = self._row(info.name, info.kind, m, info.act, t, info.role)
             row.aliased = aliased
             self._read(row, t, args)
-            self._held = t  # (see __init__)
+            if not self.safe:
+                self._held = t  # (see __init__)
             if self.stats:
                 if self._dsts is not None:
                     self._input_written(row, t, args)
@@ -1200,7 +1202,8 @@ class Recorder:
         """A row for one call (a functional activation's, say), measured."""
         row = self._row(name, kind, module, act, t, None)
         self._read(row, t, args)
-        self._held = t  # (see __init__)
+        if not self.safe:
+            self._held = t  # (see __init__)
         if self.stats:
             if self._dsts is not None and row.dst:
                 self._dsts[row.dst] = weakref.ref(t)
@@ -1321,6 +1324,11 @@ class Recorder:
             self._handles.append(register_weakly(register_module_forward_hook, self._leaf_post_any, g))
         for m in fused:  # after the hooks above: the module's row exists when these run
             self._handles.append(m.register_forward_hook(Hook(g(self._fused_attention)), with_kwargs=True))
+
+    def forward_done(self) -> None:
+        """The forward has returned: the last row's output is no longer held
+        (see ``_held``), so the backward does not keep it alive."""
+        self._held = None
 
     def _fused_attention(self, m: nn.Module, args: Any, kwargs: dict[str, Any], out: Any) -> None:
         """``nn.MultiheadAttention``'s logits and entropies, into its row

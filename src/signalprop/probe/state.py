@@ -87,7 +87,7 @@ def preserved(model: nn.Module, modules: list[nn.Module] | None = None, python_s
     attrs: list[tuple[nn.Module, dict[str, Any], dict[str, Any], dict[str, Any], list[tuple[Any, Any]]]] = []
     # and per module of torch's own classes that holds parameters or buffers, those mappings: its own forward
     # changes none, but its parent's may (self.bn.running_mean = ..., self.out.weight = nn.Parameter(...))
-    maps: list[tuple[nn.Module, dict[str, Any], dict[str, Any]]] = []
+    maps: list[tuple[nn.Module, dict[str, Any], dict[str, Any] | None]] = []
     if python_state:
         for m in mods:
             if id(m) in weights:
@@ -96,7 +96,7 @@ def preserved(model: nn.Module, modules: list[nn.Module] | None = None, python_s
             if conts is not None:
                 attrs.append((m, vars(m).copy(), dict(m._parameters), dict(m._buffers), conts))
             elif m._parameters or m._buffers:
-                maps.append((m, dict(m._parameters), dict(m._buffers)))
+                maps.append((m, dict(m._parameters), dict(m._buffers) if m._buffers else None))
     # every module's children, torch's containers too (a forward that appends to a ModuleList, swaps a
     # Sequential's layer or builds a head on its first call)
     children = [(m, dict(m._modules) if m._modules else None) for m in mods] if python_state else []
@@ -139,9 +139,10 @@ def preserved(model: nn.Module, modules: list[nn.Module] | None = None, python_s
                 if not written:
                     for v, c in conts:  # refilled in place: others may hold a reference to the container
                         _refill(v, c)
-            for m, ps, bs in maps:
-                _restore_mapping(m._parameters, ps)
-                _restore_mapping(m._buffers, bs)
+            for m, ps, bs_or_none in maps:
+                _reassign(m, m._parameters, ps)
+                if bs_or_none is not None:
+                    _reassign(m, m._buffers, bs_or_none)
             if not written:  # (left as the forward set them, as the attributes that may refer to them are)
                 for m, ms in children:  # compared in C, by identity and in order: ~0.1 us a module
                     now = m._modules
@@ -261,6 +262,26 @@ def _restore_hooks(mods: list[nn.Module], hooks: dict[int, list[frozenset[int]]]
             if len(d) > len(keys) or not keys.issuperset(d):
                 for k in [k for k in d if k not in keys]:
                     del d[k]
+
+
+def _reassign(m: nn.Module, now: dict[str, Any], was: dict[str, Any]) -> None:
+    """``m``'s ``_parameters`` or ``_buffers`` (``now``) holding exactly the
+    objects of ``was`` again, put back through the module's own
+    ``__setattr__`` where one differs: torch's RNNs keep a second list of
+    their weights (``_flat_weights``) that their ``__setattr__`` updates,
+    and a mapping written directly left an LSTM computing with the tensor
+    the forward had set.  Compared in C (keys, then each object's identity):
+    a deep net's thousands of layers cost a few ms."""
+    if now.keys() == was.keys() and all(map(operator.is_, now.values(), was.values())):
+        return
+    for k in [k for k in now if k not in was]:
+        delattr(m, k)
+    for k, v in was.items():
+        if now.get(k, now) is not v:
+            if k not in now:
+                now[k] = v  # (an entry the forward deleted: back in its place's mapping)
+            else:
+                setattr(m, k, v)
 
 
 def _restore_mapping(now: dict[str, Any], was: dict[str, Any]) -> None:
