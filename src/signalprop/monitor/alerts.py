@@ -171,7 +171,12 @@ def sampled_alerts(current: MonitorStep, history: Sequence[MonitorStep], drift: 
         if v is None or b is None or not math.isfinite(v):
             continue
         if v > drift * b:
-            grew.append((v / b, name))
+            # and the gradient itself grew as much: a converging transformer's output gradient falls 4-10x with its
+            # loss while attention starts routing more to the first blocks (10-30x) -- healthy ViTs read 60-160x
+            # relative after a few hundred steps, and only an absolute growth says the gradient exploded
+            g, gb = layer.grad_rms, _baseline(base_hist, name, "grad_rms")
+            if g is None or not gb or g > drift * gb:
+                grew.append((v / b, name))
         elif v < b / drift:
             shrank.append((b / v if v > 0 else math.inf, name))
     if grew:
