@@ -356,12 +356,14 @@ class _ReassignsChildren(nn.Module):
             self.bn.running_mean = torch.full((8,), 7.0)
         elif self.what == "parameter":
             self.out.weight = nn.Parameter(torch.zeros(2, 8))
+        elif self.what == "new buffer":
+            self.fc.register_buffer("seen", torch.ones(1))
         else:
             self.out.weight.data = torch.zeros(2, 8)
         return self.out(self.bn(self.fc(x)))
 
 
-@pytest.mark.parametrize("what", ["buffer", "parameter", "data"])
+@pytest.mark.parametrize("what", ["buffer", "parameter", "new buffer", "data"])
 def test_a_torch_layer_s_tensors_reassigned_by_its_parent_come_back_or_are_said(what):
     """(Outside review) The tensors a parent's forward reassigns on torch's
     own layers (BatchNorm's running mean, a Linear's weight as a new
@@ -374,7 +376,7 @@ def test_a_torch_layer_s_tensors_reassigned_by_its_parent_come_back_or_are_said(
     m = _ReassignsChildren(what)
     rm, w, w_obj = m.bn.running_mean.clone(), m.out.weight.detach().clone(), m.out.weight
     r = sp.check(m, x_of(16, 8))
-    assert torch.equal(m.bn.running_mean, rm) and m.out.weight is w_obj
+    assert torch.equal(m.bn.running_mean, rm) and m.out.weight is w_obj and "seen" not in m.fc._buffers
     said = any("forward wrote 1 of its parameters" in n and "out.weight" in n for n in r.summary.notes)
     if what == "data":
         assert said

@@ -59,10 +59,11 @@ def preserved(model: nn.Module, modules: list[nn.Module] | None = None, python_s
     forward that writes its own parameters in place (HF RWKV rescales two
     weights per block on its first forward in eval mode and records it in
     ``layers_are_rescaled``; a clamp under ``no_grad``), or moves them to
-    other memory (``p.data = ...``), cannot have them put back: the list this yields is filled on exit with their names, and the
-    Python attributes are then left as the forward set them, which may
-    record that write (putting RWKV's flag back alone would make its next
-    forward rescale the weights twice).  ``writes_parameters``: the caller's
+    other memory (``p.data = ...``), cannot have them put back: the list
+    this yields is filled on exit with their names, and the Python
+    attributes are then left as the forward set them, which may record
+    that write (putting RWKV's flag back alone would make its next forward
+    rescale the weights twice).  ``writes_parameters``: the caller's
     job is to write them (LSUV): nothing is listed, attributes put back.
     """
     mods = list(model.modules()) if modules is None else modules  # one traversal (4,000 modules in a 2,000-layer net)
@@ -87,7 +88,7 @@ def preserved(model: nn.Module, modules: list[nn.Module] | None = None, python_s
     attrs: list[tuple[nn.Module, dict[str, Any], dict[str, Any], dict[str, Any], list[tuple[Any, Any]]]] = []
     # and per module of torch's own classes that holds parameters or buffers, those mappings: its own forward
     # changes none, but its parent's may (self.bn.running_mean = ..., self.out.weight = nn.Parameter(...))
-    maps: list[tuple[nn.Module, dict[str, Any], dict[str, Any] | None]] = []
+    maps: list[tuple[nn.Module, dict[str, Any], dict[str, Any]]] = []
     if python_state:
         for m in mods:
             if id(m) in weights:
@@ -96,7 +97,7 @@ def preserved(model: nn.Module, modules: list[nn.Module] | None = None, python_s
             if conts is not None:
                 attrs.append((m, vars(m).copy(), dict(m._parameters), dict(m._buffers), conts))
             elif m._parameters or m._buffers:
-                maps.append((m, dict(m._parameters), dict(m._buffers) if m._buffers else None))
+                maps.append((m, dict(m._parameters), dict(m._buffers)))
     # every module's children, torch's containers too (a forward that appends to a ModuleList, swaps a
     # Sequential's layer or builds a head on its first call)
     children = [(m, dict(m._modules) if m._modules else None) for m in mods] if python_state else []
@@ -139,10 +140,9 @@ def preserved(model: nn.Module, modules: list[nn.Module] | None = None, python_s
                 if not written:
                     for v, c in conts:  # refilled in place: others may hold a reference to the container
                         _refill(v, c)
-            for m, ps, bs_or_none in maps:
+            for m, ps, bs in maps:
                 _reassign(m, m._parameters, ps)
-                if bs_or_none is not None:
-                    _reassign(m, m._buffers, bs_or_none)
+                _reassign(m, m._buffers, bs)
             if not written:  # (left as the forward set them, as the attributes that may refer to them are)
                 for m, ms in children:  # compared in C, by identity and in order: ~0.1 us a module
                     now = m._modules
