@@ -384,24 +384,28 @@ def test_a_torch_layer_s_tensors_reassigned_by_its_parent_come_back_or_are_said(
         assert torch.equal(m.out.weight, w) and not said
 
 
-def test_an_rnn_s_weight_reassigned_by_its_parent_comes_back_where_the_rnn_computes_with_it():
+@pytest.mark.parametrize("rnn", [nn.LSTM, "subclass"])
+def test_an_rnn_s_weight_reassigned_by_its_parent_comes_back_where_the_rnn_computes_with_it(rnn):
     """(Outside review of the fix above) A parent re-registering its LSTM's
     recurrent weight (a DropConnect mask): the mapping was put back by
     writing ``_parameters`` directly, and the LSTM -- which keeps its own
     list of weights, updated by its ``__setattr__`` -- went on computing with
     the tensor the forward had set, while its state_dict and the optimizer
     held the original.  Put back through ``__setattr__`` now: both agree."""
+    class MyLSTM(nn.LSTM):  # a user's subclass: put back by the path of user classes, the same way
+        pass
+
     class M(nn.Module):
-        def __init__(self):
+        def __init__(self, rnn):
             super().__init__()
-            self.rnn, self.head = nn.LSTM(8, 16, batch_first=True), nn.Linear(16, 2)
+            self.rnn, self.head = rnn(8, 16, batch_first=True), nn.Linear(16, 2)
 
         def forward(self, x):
             self.rnn.weight_hh_l0 = nn.Parameter(self.rnn.weight_hh_l0.detach() * 0.0)
             return self.head(self.rnn(x)[0][:, -1])
 
     torch.manual_seed(0)
-    m = M()
+    m = M(MyLSTM if rnn == "subclass" else rnn)
     x = torch.randn(4, 5, 8)
     orig = m.rnn.weight_hh_l0
     with torch.no_grad():

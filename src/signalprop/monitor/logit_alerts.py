@@ -57,34 +57,30 @@ def _baseline(values: list[float | None]) -> float | None:
     return statistics.median(v) if v else None
 
 
-def _attn_baseline(history: Sequence[MonitorStep], name: str) -> float | None:
-    """Layer ``name``'s largest attention logit at the first sample of
-    ``history`` (samples with a verdict, oldest first) that measured it: the
-    level the run started at -- the first of the baseline samples, or for a
-    layer none of them measured (a branch or a block that runs from a later
-    step on), its own first sample.  (The median of the first three took
-    growth that starts within the first samples for the baseline: a nanoGPT
-    at AdamW 0.02, sampled every 10 steps, read 0.2, 28 and 78 at steps 0,
-    10 and 20, and 5x the median, 139, was reached 15 steps after its logits
-    crossed 100; their lowest would take a dip for the start -- logits that
-    start large by design, 300, then 60, are not grown at 310.)"""
-    for h in history:
-        for bl in h.layers:
-            if bl.name == name:
-                x = bl.stats.get("attn_logit_max")
-                if x is not None and math.isfinite(x):
-                    return x
-    return None
-
-
 def first_attention_logits(sample: MonitorStep, firsts: MutableMapping[str, float]) -> None:
     """Add to ``firsts`` (layer name -> largest attention logit) the layers
     of ``sample`` (one with a verdict, the next in the run) not in it yet:
-    what :func:`_attn_baseline` finds in a history kept whole."""
+    each layer's baseline is its first sample -- the first of the baseline
+    samples, or for a layer none of them measured (a branch or a block that
+    runs from a later step on), its own first sample.  (The median of the
+    first three took growth that starts within the first samples for the
+    baseline: a nanoGPT at AdamW 0.02, sampled every 10 steps, read 0.2, 28
+    and 78 at steps 0, 10 and 20, and 5x the median, 139, was reached 15
+    steps after its logits crossed 100; their lowest would take a dip for
+    the start -- logits that start large by design, 300, then 60, are not
+    grown at 310.)"""
     for layer in sample.layers:
         x = layer.stats.get("attn_logit_max")
         if x is not None and math.isfinite(x) and layer.name not in firsts:
             firsts[layer.name] = x
+
+
+def _firsts(history: Sequence[MonitorStep]) -> dict[str, float]:
+    """:func:`first_attention_logits` over ``history`` (samples with a verdict, oldest first)."""
+    out: dict[str, float] = {}
+    for h in history:
+        first_attention_logits(h, out)
+    return out
 
 
 def logit_alerts(current: MonitorStep, history: Sequence[MonitorStep],
@@ -92,20 +88,22 @@ def logit_alerts(current: MonitorStep, history: Sequence[MonitorStep],
     """Attention-logit growth (the layer that grew most, and how many did)
     and output-logit divergence at ``current`` against the first samples of
     ``history`` (samples with a verdict, without ``current``): a layer's
-    own first sample (see :func:`_attn_baseline`), or ``firsts`` where the
-    caller keeps them (see :func:`first_attention_logits`: the monitor,
-    whose history loses its middle)."""
+    own first sample (see :func:`first_attention_logits`), from ``firsts``
+    where the caller keeps them (the monitor, whose history loses its
+    middle), else from ``history``."""
     out: list[Alert] = []
     base = history[:BASELINE_SAMPLES]
     if not base:
         return out
+    if firsts is None:
+        firsts = _firsts(history)
     grown: list[tuple[float, str, float, float]] = []
     kinds = {layer.name: layer.kind for layer in current.layers}
     for layer in current.layers:
         top = layer.stats.get("attn_logit_max")
         if top is None or not math.isfinite(top) or top <= ATTN_LOGIT_LIMIT:
             continue
-        b = firsts.get(layer.name) if firsts is not None else _attn_baseline(history, layer.name)
+        b = firsts.get(layer.name)
         if b is not None and top > ATTN_GROWTH * b:
             grown.append((top / b if b > 0 else math.inf, layer.name, top, b))
     if grown:
@@ -141,12 +139,14 @@ def attention_closing_in(current: MonitorStep, history: Sequence[MonitorStep],
     if not history:
         return False
     prev = {layer.name: layer.stats.get("attn_logit_max") for layer in history[-1].layers}
+    if firsts is None:
+        firsts = _firsts(history)
     for layer in current.layers:
         top = layer.stats.get("attn_logit_max")
         before = prev.get(layer.name)
         if top is None or before is None or not math.isfinite(top) or not math.isfinite(before) or top <= before:
             continue
-        b = firsts.get(layer.name) if firsts is not None else _attn_baseline(history, layer.name)
+        b = firsts.get(layer.name)
         bar = max(ATTN_LOGIT_LIMIT, ATTN_GROWTH * b) if b is not None else ATTN_LOGIT_LIMIT
         if ATTN_NEAR * bar < top <= bar:
             return True

@@ -135,14 +135,14 @@ def preserved(model: nn.Module, modules: list[nn.Module] | None = None, python_s
                 if not written and (len(d) != len(saved) or not all(map(operator.is_, d.values(), saved.values()))):
                     d.clear()
                     d.update(saved)
-                _restore_mapping(m._parameters, ps)
-                _restore_mapping(m._buffers, bs)
+                _restore_mapping(m, m._parameters, ps)
+                _restore_mapping(m, m._buffers, bs)
                 if not written:
                     for v, c in conts:  # refilled in place: others may hold a reference to the container
                         _refill(v, c)
             for m, ps, bs in maps:
-                _reassign(m, m._parameters, ps)
-                _reassign(m, m._buffers, bs)
+                _restore_mapping(m, m._parameters, ps)
+                _restore_mapping(m, m._buffers, bs)
             if not written:  # (left as the forward set them, as the attributes that may refer to them are)
                 for m, ms in children:  # compared in C, by identity and in order: ~0.1 us a module
                     now = m._modules
@@ -264,14 +264,17 @@ def _restore_hooks(mods: list[nn.Module], hooks: dict[int, list[frozenset[int]]]
                     del d[k]
 
 
-def _reassign(m: nn.Module, now: dict[str, Any], was: dict[str, Any]) -> None:
+def _restore_mapping(m: nn.Module, now: dict[str, Any], was: dict[str, Any]) -> None:
     """``m``'s ``_parameters`` or ``_buffers`` (``now``) holding exactly the
     objects of ``was`` again, put back through the module's own
-    ``__setattr__`` where one differs: torch's RNNs keep a second list of
-    their weights (``_flat_weights``) that their ``__setattr__`` updates,
-    and a mapping written directly left an LSTM computing with the tensor
-    the forward had set.  Compared in C (keys, then each object's identity):
-    a deep net's thousands of layers cost a few ms."""
+    ``__setattr__`` where one differs: torch's RNNs (and their subclasses)
+    keep a second list of their weights (``_flat_weights``) that their
+    ``__setattr__`` updates, and a mapping written directly left an LSTM
+    computing with the tensor the forward had set.  Compared in C (keys,
+    then each object's identity): a deep net's thousands of layers cost a
+    few ms."""
+    if not isinstance(now, dict):  # a torch.jit.script'ed module's (a wrapper its compiled code reads): as it was
+        return
     if now.keys() == was.keys() and all(map(operator.is_, now.values(), was.values())):
         return
     for k in [k for k in now if k not in was]:
@@ -282,16 +285,6 @@ def _reassign(m: nn.Module, now: dict[str, Any], was: dict[str, Any]) -> None:
                 now[k] = v  # (an entry the forward deleted: back in its place's mapping)
             else:
                 setattr(m, k, v)
-
-
-def _restore_mapping(now: dict[str, Any], was: dict[str, Any]) -> None:
-    """``now`` (a module's ``_parameters`` or ``_buffers``) holding exactly the
-    objects of ``was`` again, refilled in place only when one differs."""
-    if not isinstance(now, dict):  # a torch.jit.script'ed module's (a wrapper its compiled code reads): as it was
-        return
-    if len(now) != len(was) or any(now.get(k, now) is not v for k, v in was.items()):
-        now.clear()
-        now.update(was)
 
 
 # what nn.Module keeps for itself (parameters, buffers, children, hooks, flags): restored above or left alone
