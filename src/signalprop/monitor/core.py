@@ -1577,11 +1577,11 @@ class Monitor:
     def _culprit(self) -> _Call | None:
         """The one forward call of the step to replay: the first whose output's
         gradient is non-finite, else the first whose floating inputs hold a
-        NaN or +inf, or whose output a NaN/Inf (a micro-batch with an inf that a tanh squashed
-        shows only in the parameter gradients: the first call was replayed,
-        and its clean batch blamed on a layer's backward), else the first
-        (the replay runs the user's forward once, whatever the number of
-        micro-batches)."""
+        NaN or +inf, or whose output a NaN/Inf (a micro-batch with an inf
+        that a tanh squashed shows only in the parameter gradients: the
+        first call was replayed, and its clean batch blamed on a layer's
+        backward), else the first (the replay runs the user's forward once,
+        whatever the number of micro-batches)."""
         for c in self._calls:
             if c.out_norm is not None and not bool(torch.isfinite(c.out_norm)):
                 return c
